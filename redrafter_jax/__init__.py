@@ -1,0 +1,1 @@
+"""ReDrafter speculative decoding in JAX."""

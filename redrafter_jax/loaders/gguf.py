@@ -1,0 +1,93 @@
+"""GGUF loader: config and tokenizer from the metadata, tensors dequantized with the `gguf` package."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import jax
+import numpy as np
+
+from redrafter_jax.config import ModelConfig
+from redrafter_jax.loaders import GGUF, LoadedModel, assemble_params
+from redrafter_jax.tokenizer import Tokenizer
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undoes llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate_half halves).
+
+    llama.cpp's converter reorders each head's rows from [first half; second half] to interleaved
+    pairs (0, D/2), (1, D/2+1), ...; w: [n_heads * D, ...] (weight or bias).
+    """
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _open(path: str) -> gguf.GGUFReader:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on truncated/corrupt files
+        raise ValueError(f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}") from e
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise ValueError(f"GGUF metadata is missing {key!r}")
+        return default
+    return f.contents()
+
+
+def load_gguf(path: str, dtype: str = "float32") -> LoadedModel:
+    reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError("GGUF files with per-frequency RoPE factors (rope_freqs) are not supported; "
+                         "load the Hugging Face checkpoint instead")
+    m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    n_heads = int(m("attention.head_count"))
+    n_kv = int(m("attention.head_count_kv", n_heads))
+    hidden = int(m("embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
+    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
+    bos = int(bos.contents()) if bos is not None else None
+    cfg = ModelConfig(
+        vocab_size=int(m("vocab_size", len(tokens))), hidden_size=hidden,
+        intermediate_size=int(m("feed_forward_length")), num_layers=int(m("block_count")),
+        num_heads=n_heads, num_kv_heads=n_kv,
+        head_dim=int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads))),
+        max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
+        tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
+        bos_token_id=bos, eos_token_ids=(eos,),
+        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos)), dtype=dtype)
+
+    def get(name: str) -> np.ndarray:
+        t = tensors[name]
+        try:
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"corrupt GGUF tensor {name!r} in {path}: {e}") from e
+        if arch == "llama" and ".attn_q." in name:
+            x = unpermute_rope(x, n_heads)
+        elif arch == "llama" and ".attn_k." in name:
+            x = unpermute_rope(x, n_kv)
+        return x
+
+    params = jax.device_put(assemble_params(cfg, GGUF, get))
+    tok = Tokenizer.from_gguf_vocab(
+        model=_field(reader, "tokenizer.ggml.model"), pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
+        merges=_field(reader, "tokenizer.ggml.merges"),
+        chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
+        eos_token_ids=(eos,), add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+    return LoadedModel(cfg, params, tok)

@@ -1,0 +1,124 @@
+"""Hugging Face checkpoint directory loader: config.json, safetensors (single or sharded), tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import tokenizers
+from safetensors import safe_open
+
+from redrafter_jax.config import ModelConfig, RopeScaling
+from redrafter_jax.loaders import HF, LoadedModel, assemble_params
+from redrafter_jax.tokenizer import Tokenizer
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def _read_json(path: str, required: bool = True) -> dict:
+    if not os.path.isfile(path):
+        if required:
+            raise FileNotFoundError(f"missing {os.path.basename(path)} in {os.path.dirname(path)}")
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _as_tuple(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
+
+
+def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids)."""
+    archs = c.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    rs = c.get("rope_scaling")
+    scaling = None
+    if rs:
+        kind = rs.get("rope_type", rs.get("type"))
+        if kind != "default":
+            scaling = RopeScaling(kind=kind, factor=float(rs["factor"]),
+                                  low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                                  high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                                  original_max_position=int(rs.get("original_max_position_embeddings", 8192)))
+    window = c.get("sliding_window")
+    if arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
+        window = None
+    heads = int(c["num_attention_heads"])
+    eos = _as_tuple(c.get("eos_token_id"))
+    eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
+    return ModelConfig(
+        vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
+        intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+        rope_theta=float(c.get("rope_theta", 10000.0)), rope_scaling=scaling,
+        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        attention_bias=arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False)),
+        sliding_window=int(window) if window else None,
+        bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
+        pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
+        dtype=dtype)
+
+
+def _tensor_index(directory: str) -> dict[str, str]:
+    """Tensor name -> safetensors file, from the shard index or the single file."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = _read_json(index)["weight_map"]
+    else:
+        single = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(single):
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        with safe_open(single, framework="flax") as f:
+            files = {k: "model.safetensors" for k in f.keys()}
+    return {k: os.path.join(directory, v) for k, v in files.items()}
+
+
+def load_tokenizer(directory: str, cfg: ModelConfig) -> Tokenizer:
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing tokenizer.json in {directory}")
+    tok = tokenizers.Tokenizer.from_file(path)
+    tc = _read_json(os.path.join(directory, "tokenizer_config.json"), required=False)
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    # BOS is added iff tokenizer.json's own post-processor adds it.
+    probe = tok.encode("a", add_special_tokens=True).ids
+    add_bos = cfg.bos_token_id is not None and probe[:1] == [cfg.bos_token_id]
+    tok.no_padding()
+    tok.no_truncation()
+    return Tokenizer(tok, template, cfg.bos_token_id, cfg.eos_token_ids, add_bos)
+
+
+def load_hf(directory: str, dtype: str = "float32") -> LoadedModel:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")),
+                         _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
+    index = _tensor_index(directory)
+    handles = {}
+
+    def get(name: str) -> np.ndarray:
+        path = index[name]  # KeyError -> "missing tensor" in assemble_params
+        if path not in handles:
+            try:
+                handles[path] = safe_open(path, framework="flax")
+            except Exception as e:
+                raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+        return np.asarray(handles[path].get_tensor(name))
+
+    params = jax.device_put(assemble_params(cfg, HF, get))
+    return LoadedModel(cfg, params, load_tokenizer(directory, cfg))

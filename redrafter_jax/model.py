@@ -1,0 +1,156 @@
+"""Llama-family decoder as pure functions over a params pytree.
+
+Params layout (per-layer weights stacked on a leading `layers` axis so the stack runs as one
+`lax.scan`; matrices are [in, out] so activations multiply on the left):
+    embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
+    layers: attn_norm [L, H]; wq [L, H, nh*D]; wk, wv [L, H, nkv*D]; wo [L, nh*D, H];
+            bq [L, nh*D], bk, bv [L, nkv*D] (only with attention_bias);
+            mlp_norm [L, H]; w_gate, w_up [L, H, I]; w_down [L, I, H]
+Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from redrafter_jax.cache import KVCache
+from redrafter_jax.config import ModelConfig
+
+Params = dict
+
+
+class ForwardOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, H], last layer after the final norm
+    k: jax.Array  # [layers, B, T, kv_heads, head_dim], the new tokens' keys (not in the cache)
+    v: jax.Array  # [layers, B, T, kv_heads, head_dim]
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The expected shape of every parameter: the single source loaders and init check against."""
+    n, h, d = cfg.num_layers, cfg.hidden_size, cfg.head_dim
+    q, kv, i = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
+    layers = {"attn_norm": (n, h), "wq": (n, h, q), "wk": (n, h, kv), "wv": (n, h, kv),
+              "wo": (n, q, h), "mlp_norm": (n, h), "w_gate": (n, h, i), "w_up": (n, h, i),
+              "w_down": (n, i, h)}
+    if cfg.attention_bias:
+        layers.update(bq=(n, q), bk=(n, kv), bv=(n, kv))
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (h, cfg.vocab_size)
+    return shapes
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def check_params(params: Params, cfg: ModelConfig) -> None:
+    """Raises ValueError naming the first missing, unexpected or mis-shaped parameter."""
+    flat = jax.tree_util.tree_flatten_with_path
+    expected = {jax.tree_util.keystr(p): s for p, s in flat(param_shapes(cfg), is_leaf=_is_shape)[0]}
+    got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat(params)[0]}
+    for name, shape in expected.items():
+        if name not in got:
+            raise ValueError(f"missing parameter {name} (expected shape {shape})")
+        if got[name] != shape:
+            raise ValueError(f"parameter {name} has shape {got[name]}, expected {shape}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise ValueError(f"unexpected parameters {extra}")
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
+    """Random parameters (norm weights 1), for tests and tiny models."""
+    shapes = param_shapes(cfg)
+    keys = iter(jax.random.split(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape))))
+
+    def make(path, shape):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(shape, cfg.dtype)
+        return (scale * jax.random.normal(next(keys), shape)).astype(cfg.dtype)
+
+    return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [B, T, heads, D]; positions: [B, T]. rotate_half layout."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _attention(q, k_cache, v_cache, k_new, v_new, mask):
+    """Grouped-query attention of new queries over (cache + new keys), without concatenating the cache.
+
+    q: [B, T, nh, D]; k_cache/v_cache: [B, S, nkv, D]; k_new/v_new: [B, T, nkv, D];
+    mask: [B, T, S + T] bool. Returns [B, T, nh, D].
+    """
+    b, t, nh, d = q.shape
+    nkv, s = k_new.shape[2], k_cache.shape[1]
+    q = q.reshape(b, t, nkv, nh // nkv, d) * (d ** -0.5)
+    sc = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
+    sn = jnp.einsum("btkgd,bskd->bkgts", q, k_new, preferred_element_type=jnp.float32)
+    scores = jnp.concatenate([sc, sn], axis=-1)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], v_cache)
+           + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new))
+    return out.reshape(b, t, nh, d)
+
+
+def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+                cache: KVCache, mask: jax.Array):
+    """The decoder stack without the LM head.
+
+    tokens, positions: [B, T] int32; mask: [B, T, max_len + T] bool (see cache.attention_mask).
+    Returns hidden [B, T, H] after the final norm, and the new tokens' k, v
+    [layers, B, T, kv_heads, head_dim]. The cache is only read.
+    """
+    b, t = tokens.shape
+    nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inv_freq = cfg.rope_inv_freq()
+    x = params["embed"][tokens]
+
+    def layer(x, inputs):
+        p, k_cache, v_cache = inputs
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+        if cfg.attention_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        q = apply_rope(q.reshape(b, t, nh, d), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, nkv, d), positions, inv_freq)
+        v = v.reshape(b, t, nkv, d)
+        attn = _attention(q, k_cache, v_cache, k, v, mask)
+        x = x + attn.reshape(b, t, nh * d) @ p["wo"]
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+        return x, (k, v)
+
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v))
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), k_new, v_new
+
+
+def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
+    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head)."""
+    w = params["lm_head"] if "lm_head" in params else params["embed"].T
+    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            cache: KVCache, mask: jax.Array) -> ForwardOutput:
+    """Full forward: logits and hidden states for every new token, plus their K/V."""
+    hidden, k, v = transformer(params, cfg, tokens, positions, cache, mask)
+    return ForwardOutput(lm_head(params, hidden), hidden, k, v)

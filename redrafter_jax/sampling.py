@@ -1,0 +1,61 @@
+"""Token selection from target logits: greedy, or sampling with temperature, top-k and top-p.
+
+`target_log_probs` is the one definition of the sampling distribution; the autoregressive sampler and
+the speculative verifier both use it, so both sample from exactly the same distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def target_log_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Log-probabilities [..., V] of the sampling distribution; filtered tokens get -inf.
+
+    top-k keeps the k largest logits, top-p the smallest set of largest-probability tokens whose
+    mass reaches top_p (ties at either threshold are all kept). Only for cfg.greedy == False.
+    """
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if cfg.top_p < 1:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        p = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(p, axis=-1) - p
+        # the smallest kept logit: the last sorted one whose preceding mass is still below top_p
+        n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def select(key: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Next tokens [...] int32 from logits [..., V]."""
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, target_log_probs(logits, cfg), axis=-1).astype(jnp.int32)

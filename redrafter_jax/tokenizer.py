@@ -1,0 +1,99 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus the model's chat template and special ids."""
+
+from __future__ import annotations
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+# llama.cpp's `tokenizer.ggml.pre` names of byte-level BPE pre-tokenizers, as `tokenizers` pieces.
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"""
+                 r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+_QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def _byte_level_split(regex: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+    if name in ("default", "gpt2"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name == "smollm":  # digits split one by one, then GPT-2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if name in ("llama-bpe", "llama3"):
+        return _byte_level_split(_LLAMA3_REGEX)
+    if name == "qwen2":
+        return _byte_level_split(_QWEN2_REGEX)
+    raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} "
+                     "(supported: default, gpt2, smollm, llama-bpe, qwen2)")
+
+
+class Tokenizer:
+    def __init__(self, tok: tokenizers.Tokenizer, chat_template: str | None,
+                 bos_token_id: int | None, eos_token_ids: tuple[int, ...], add_bos: bool = False):
+        self.tok = tok
+        self.chat_template = chat_template
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = eos_token_ids
+        self.add_bos = add_bos
+
+    @classmethod
+    def from_gguf_vocab(cls, model: str, pre: str, tokens: list[str], token_types: list[int],
+                        merges: list[str], chat_template: str | None, bos_token_id: int | None,
+                        eos_token_ids: tuple[int, ...], add_bos: bool) -> "Tokenizer":
+        """A byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata."""
+        if model != "gpt2":
+            raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2 byte-level BPE)")
+        vocab = {t: i for i, t in enumerate(tokens)}
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+        tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
+        tok.decoder = decoders.ByteLevel()
+        # token type 3 = control, 4 = user-defined: matched whole in text, never split by BPE.
+        special = [tokenizers.AddedToken(t, special=True, normalized=False)
+                   for t, ty in zip(tokens, token_types) if ty in (3, 4)]
+        tok.add_special_tokens(special)
+        return cls(tok, chat_template, bos_token_id, eos_token_ids, add_bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; pass a plain prompt instead")
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg):
+            raise jinja2.TemplateError(msg)
+
+        env.globals["raise_exception"] = raise_exception
+        bos = self.tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
+        eos = self.tok.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
+            eos_token=eos)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat rendered with the template, ready for the assistant's reply.
+
+        Templates write any BOS themselves, so none is added here.
+        """
+        return self.tok.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
