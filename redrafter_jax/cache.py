@@ -31,8 +31,8 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
-    if batch_size < 1 or max_len < 1:
-        raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
+    if batch_size < 1 or max_len < 0:
+        raise ValueError(f"cache needs batch_size >= 1 and max_len >= 0, got {batch_size}, {max_len}")
     shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
                    lengths=jnp.zeros((batch_size,), jnp.int32))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from redrafter_jax.cache import KVCache
+from redrafter_jax.cache import KVCache, attention_mask, init_cache
 from redrafter_jax.config import ModelConfig
 
 Params = dict
@@ -154,3 +154,12 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     """Full forward: logits and hidden states for every new token, plus their K/V."""
     hidden, k, v = transformer(params, cfg, tokens, positions, cache, mask)
     return ForwardOutput(lm_head(params, hidden), hidden, k, v)
+
+
+def forward_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> ForwardOutput:
+    """Plain causal forward over whole sequences [B, T] from position 0, with no cache."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    empty = init_cache(cfg, b, 0)
+    mask = attention_mask(empty, positions, jnp.tril(jnp.ones((t, t), bool)), cfg.sliding_window)
+    return forward(params, cfg, tokens, positions, empty, mask)

@@ -1,0 +1,27 @@
+import os
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    from redrafter_jax.loaders.embedded import default_gguf_path
+
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_path):
+    from redrafter_jax.loaders.gguf import load_gguf
+
+    return load_gguf(smollm_path)
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(smollm):
+    questions = ["What is the capital of France?", "Write a haiku about the sea.",
+                 "Give me three tips for staying focused while studying.", "What is 12 times 7?"]
+    return [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]

@@ -1,0 +1,123 @@
+"""Autoregressive generation: exactness against uncached recomputation, batching, EOS, limits, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from redrafter_jax.generate import generate
+from redrafter_jax.model import forward_causal
+from redrafter_jax.sampling import SamplingConfig
+from tests.tiny import tiny_model
+
+
+def rows(out):
+    return [np.asarray(out.tokens[b, : out.lengths[b]]).tolist() for b in range(out.tokens.shape[0])]
+
+
+def test_greedy_chat_is_coherent_and_matches_uncached_recomputation(smollm, chat_prompts):
+    cfg, params, tok = smollm.config, smollm.params, smollm.tokenizer
+    prompts = [chat_prompts[0], chat_prompts[1]]
+    out = generate(params, cfg, prompts, max_new_tokens=24)
+    texts = [tok.decode(r) for r in rows(out)]
+    assert "Paris" in texts[0]
+    assert "sea" in texts[1].lower() and "wave" in texts[1].lower()
+    for prompt, gen in zip(prompts, rows(out)):
+        # Each generated token must be the argmax of an uncached causal forward over everything before it.
+        seq = jnp.asarray([prompt + gen])
+        logits = forward_causal(params, cfg, seq).logits[0]
+        expected = np.asarray(jnp.argmax(logits[len(prompt) - 1: len(prompt) + len(gen) - 1], -1))
+        assert gen == expected.tolist()
+
+
+def test_batch_rows_equal_single_prompt_runs(smollm, chat_prompts):
+    cfg, params = smollm.config, smollm.params
+    assert len({len(p) for p in chat_prompts}) == len(chat_prompts)  # really different lengths
+    batched = rows(generate(params, cfg, chat_prompts, max_new_tokens=20))
+    for prompt, got in zip(chat_prompts, batched):
+        assert got == rows(generate(params, cfg, [prompt], max_new_tokens=20))[0]
+
+
+def test_rows_end_at_eos_or_their_own_limit(smollm, chat_prompts):
+    cfg, params = smollm.config, smollm.params
+    out = generate(params, cfg, chat_prompts[:2], max_new_tokens=[40, 7])
+    lengths = np.asarray(out.lengths)
+    toks = np.asarray(out.tokens)
+    assert toks[0, lengths[0] - 1] in cfg.eos_token_ids and lengths[0] < 40  # "The capital ... Paris."
+    assert lengths[1] == 7 and not np.isin(toks[1, :7], cfg.eos_token_ids).any()
+    assert (toks[0, lengths[0]:] == cfg.pad_token_id).all()
+
+
+def test_sampling_is_reproducible_per_key_and_topk1_is_greedy():
+    cfg, params = tiny_model()
+    prompts = [[3, 4, 5], [6, 7]]
+    s = SamplingConfig(temperature=1.0)
+    a = rows(generate(params, cfg, prompts, max_new_tokens=12, sampling=s, key=jax.random.PRNGKey(1)))
+    b = rows(generate(params, cfg, prompts, max_new_tokens=12, sampling=s, key=jax.random.PRNGKey(1)))
+    c = rows(generate(params, cfg, prompts, max_new_tokens=12, sampling=s, key=jax.random.PRNGKey(2)))
+    assert a == b and a != c
+    greedy = rows(generate(params, cfg, prompts, max_new_tokens=12))
+    top1 = rows(generate(params, cfg, prompts, max_new_tokens=12,
+                         sampling=SamplingConfig(temperature=0.7, top_k=1), key=jax.random.PRNGKey(3)))
+    assert top1 == greedy
+
+
+def exact_next_token_probs(logits, temperature, top_k, top_p):
+    """NumPy float64 statement of the sampling distribution, written independently of sampling.py."""
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(z - z.max()), 0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]
+        keep_sorted = before < top_p
+        keep = np.zeros_like(keep)
+        keep[order[keep_sorted]] = True
+        keep |= p >= p[order[keep_sorted]].min()  # ties at the threshold stay
+        p = np.where(keep, p, 0)
+        p /= p.sum()
+    return p
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.8)])
+def test_first_sampled_token_follows_target_distribution(temperature, top_k, top_p):
+    from scipy import stats
+
+    cfg, params = tiny_model(vocab_size=12, scale=1.0)
+    prompt = [3, 4, 5]
+    n = 6000
+    out = generate(params, cfg, [prompt] * n, max_new_tokens=1, key=jax.random.PRNGKey(0),
+                   sampling=SamplingConfig(temperature, top_k, top_p))
+    counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=cfg.vocab_size)
+    p = exact_next_token_probs(forward_causal(params, cfg, jnp.asarray([prompt])).logits[0, -1],
+                               temperature, top_k, top_p)
+    assert counts[p == 0].sum() == 0  # filtered tokens never appear
+    support = p > 0
+    _, pvalue = stats.chisquare(counts[support], n * p[support])
+    assert pvalue > 1e-3
+
+
+@pytest.mark.parametrize("prompts,max_new,match", [
+    ([], 4, "no prompts"),
+    ([[5, 6], []], 4, "prompt 1 is empty"),
+    ([[5] * 120], 20, "exceeds the model's context length of 128"),
+    ([[5, 99]], 4, "outside"),
+    ([[5, 6]], 0, "max_new_tokens must be >= 1"),
+])
+def test_bad_generate_inputs_raise_clear_errors(prompts, max_new, match):
+    cfg, params = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        generate(params, cfg, prompts, max_new_tokens=max_new)
+
+
+def test_sampling_without_key_and_bad_sampling_settings_raise():
+    cfg, params = tiny_model()
+    with pytest.raises(ValueError, match="explicit PRNG key"):
+        generate(params, cfg, [[3]], max_new_tokens=2, sampling=SamplingConfig(temperature=1.0))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
