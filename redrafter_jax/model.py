@@ -1,12 +1,14 @@
 """Llama-family decoder as pure functions over a params pytree.
 
-Params layout (per-layer weights stacked on a leading `layers` axis so the stack runs as one
-`lax.scan`; matrices are [in, out] so activations multiply on the left):
+Params layout (matrices are [in, out] so activations multiply on the left):
     embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
-    layers: attn_norm [L, H]; wq [L, H, nh*D]; wk, wv [L, H, nkv*D]; wo [L, nh*D, H];
-            bq [L, nh*D], bk, bv [L, nkv*D] (only with attention_bias);
-            mlp_norm [L, H]; w_gate, w_up [L, H, I]; w_down [L, I, H]
+    layers: a list with one dict per layer:
+        attn_norm [H]; wqkv [H, (nh + 2 nkv) D] (Q, K, V side by side); bqkv [(nh + 2 nkv) D] (only
+        with attention_bias); wo [nh D, H]; mlp_norm [H]; w_gate_up [H, 2 I] (gate, up); w_down [I, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
+Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
+batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
+in place run ~1.5x faster on CPU than a `lax.scan` slicing stacked weights.
 """
 
 from __future__ import annotations
@@ -30,16 +32,21 @@ class ForwardOutput(NamedTuple):
     v: jax.Array  # [layers, B, T, kv_heads, head_dim]
 
 
+def fused_splits(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Output widths of the parts of each fused per-layer weight, in order."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"wqkv": (q, kv, kv), "bqkv": (q, kv, kv), "w_gate_up": (cfg.intermediate_size,) * 2}
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """The expected shape of every parameter: the single source loaders and init check against."""
-    n, h, d = cfg.num_layers, cfg.hidden_size, cfg.head_dim
-    q, kv, i = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
-    layers = {"attn_norm": (n, h), "wq": (n, h, q), "wk": (n, h, kv), "wv": (n, h, kv),
-              "wo": (n, q, h), "mlp_norm": (n, h), "w_gate": (n, h, i), "w_up": (n, h, i),
-              "w_down": (n, i, h)}
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    qkv = sum(fused_splits(cfg)["wqkv"])
+    layer = {"attn_norm": (h,), "wqkv": (h, qkv), "wo": (cfg.num_heads * cfg.head_dim, h),
+             "mlp_norm": (h,), "w_gate_up": (h, 2 * i), "w_down": (i, h)}
     if cfg.attention_bias:
-        layers.update(bq=(n, q), bk=(n, kv), bv=(n, kv))
-    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": layers}
+        layer["bqkv"] = (qkv,)
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
     return shapes
@@ -123,24 +130,24 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     inv_freq = cfg.rope_inv_freq()
     x = params["embed"][tokens]
-
-    def layer(x, inputs):
-        p, k_cache, v_cache = inputs
+    ks, vs = [], []
+    for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+        qkv = h @ p["wqkv"]
         if cfg.attention_bias:
-            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            qkv = qkv + p["bqkv"]
+        q, k, v = jnp.split(qkv, [nh * d, (nh + nkv) * d], axis=-1)
         q = apply_rope(q.reshape(b, t, nh, d), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, nkv, d), positions, inv_freq)
         v = v.reshape(b, t, nkv, d)
-        attn = _attention(q, k_cache, v_cache, k, v, mask)
+        attn = _attention(q, cache.k[i], cache.v[i], k, v, mask)
         x = x + attn.reshape(b, t, nh * d) @ p["wo"]
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-        return x, (k, v)
-
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v))
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), k_new, v_new
+        gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
+        x = x + (jax.nn.silu(gate) * up) @ p["w_down"]
+        ks.append(k)
+        vs.append(v)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), jnp.stack(ks), jnp.stack(vs)
 
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:

@@ -1,0 +1,44 @@
+"""Benchmark reporting: markdown tables, machine description, and sections of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import sys
+
+import jax
+
+BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    fmt = lambda x: f"{x:.3g}" if isinstance(x, float) else str(x)  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def command() -> str:
+    return "python -m " + " ".join(shlex.quote(a) for a in [sys.modules["__main__"].__spec__.name] + sys.argv[1:])
+
+
+def write_section(name: str, body: str, path: str = BENCHMARKS_MD) -> None:
+    """Replaces (or appends) the section between `<!-- name:begin -->` and `<!-- name:end -->`."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

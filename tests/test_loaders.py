@@ -1,0 +1,216 @@
+"""Loaders: Hugging Face checkpoint directories written by the tests, the GGUF tokenizer, bad files."""
+
+import json
+import os
+import shutil
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from safetensors.numpy import save_file
+
+from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
+from redrafter_jax.loaders.hf import load_hf
+from redrafter_jax.model import forward_causal
+
+VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(59)]
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}<|assistant|>"
+
+ARCHS = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5,
+                    tie_word_embeddings=False),
+    "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
+}
+
+
+def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim=8, vocab=64):
+    """Random tensors under Hugging Face names, [out, in] layout."""
+    t = {"model.embed_tokens.weight": rng.normal(0, 0.5, (vocab, hidden)),
+         "model.norm.weight": rng.uniform(0.5, 1.5, hidden)}
+    if not ARCHS[arch]["tie_word_embeddings"]:
+        t["lm_head.weight"] = rng.normal(0, 0.5, (vocab, hidden))
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv * head_dim, hidden),
+                  "self_attn.v_proj.weight": (kv * head_dim, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
+                  "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+                  "mlp.down_proj.weight": (hidden, inter)}
+        if arch == "qwen2":
+            shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
+                           "self_attn.v_proj.bias": (kv * head_dim,)})
+        t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
+        t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
+        t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+def write_checkpoint(directory, arch, tensors, sharded=False, **config_overrides):
+    os.makedirs(directory, exist_ok=True)
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+                  **ARCHS[arch])
+    config.update(config_overrides)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    if sharded:
+        names = sorted(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for file, keys in shards.items():
+            save_file({k: tensors[k] for k in keys}, os.path.join(directory, file), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f)
+    else:
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(VOCAB[1:5])
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": TEMPLATE}, f)
+
+
+def params_from_hf_arrays(t, layers=2):
+    """Our params layout built directly from HF arrays: [in, out] matrices, Q/K/V and gate/up fused."""
+    def cat(i, *names):
+        xs = [t[f"model.layers.{i}.{n}"] for n in names]
+        return jnp.asarray(np.concatenate(xs, axis=0).T if xs[0].ndim == 2 else np.concatenate(xs))
+
+    def layer(i):
+        p = {"attn_norm": cat(i, "input_layernorm.weight"), "mlp_norm": cat(i, "post_attention_layernorm.weight"),
+             "wqkv": cat(i, "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+             "wo": cat(i, "self_attn.o_proj.weight"), "w_down": cat(i, "mlp.down_proj.weight"),
+             "w_gate_up": cat(i, "mlp.gate_proj.weight", "mlp.up_proj.weight")}
+        if f"model.layers.{i}.self_attn.q_proj.bias" in t:
+            p["bqkv"] = cat(i, "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+        return p
+
+    p = {"embed": jnp.asarray(t["model.embed_tokens.weight"]), "final_norm": jnp.asarray(t["model.norm.weight"]),
+         "layers": [layer(i) for i in range(layers)]}
+    if "lm_head.weight" in t:
+        p["lm_head"] = jnp.asarray(t["lm_head.weight"].T)
+    return p
+
+
+TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("sharded", [False, True])
+def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
+    tensors = hf_tensors(arch, np.random.default_rng(0))
+    write_checkpoint(tmp_path, arch, tensors, sharded=sharded)
+    m = load_hf(str(tmp_path))
+    assert m.config.attention_bias == (arch == "qwen2")
+    assert m.config.sliding_window == (5 if arch == "mistral" else None)
+    ids = jnp.asarray([TOKENS])
+    got = forward_causal(m.params, m.config, ids).logits
+    want = forward_causal(params_from_hf_arrays(tensors), m.config, ids).logits
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_hf_checkpoint_matches_transformers(tmp_path, arch):
+    """Reference: transformers' own Llama/Mistral/Qwen2 modules on the same directory (RoPE layout,
+    llama3 rope scaling, Qwen2 biases, Mistral sliding window)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tensors = hf_tensors(arch, np.random.default_rng(1))
+    write_checkpoint(tmp_path, arch, tensors)
+    m = load_hf(str(tmp_path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                           attn_implementation="eager")
+    with torch.no_grad():
+        ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
+    ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_tokenizer_and_chat_template(tmp_path):
+    write_checkpoint(tmp_path, "llama", hf_tensors("llama", np.random.default_rng(0)))
+    tok = load_hf(str(tmp_path)).tokenizer
+    assert tok.encode("w3 w4") == [8, 9]
+    ids = tok.encode_chat([{"role": "user", "content": "w1 w2"}])
+    assert ids == [3, 6, 7, 4]
+    assert tok.decode(ids, skip_special_tokens=True) == "w1 w2"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("architecture", "unsupported architecture 'GPTNeoXForCausalLM'"),
+    ("missing", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
+    ("shape", r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(48, 32\), expected \(40, 32\)"),
+    ("untied", "missing tensor 'lm_head.weight'"),
+    ("no_weights", "no model.safetensors"),
+])
+def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
+    tensors = hf_tensors("llama", np.random.default_rng(0))
+    overrides = {}
+    if case == "architecture":
+        overrides["architectures"] = ["GPTNeoXForCausalLM"]
+    elif case == "missing":
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+    elif case == "shape":
+        overrides["intermediate_size"] = 40
+    elif case == "untied":
+        del tensors["lm_head.weight"]
+    write_checkpoint(tmp_path, "llama", tensors, **overrides)
+    if case == "no_weights":
+        os.remove(tmp_path / "model.safetensors")
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_hf(str(tmp_path))
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    # llama.cpp's converter, restated: rows of each head go from [half A; half B] to interleaved pairs.
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    w = np.arange(3 * 8 * 5).reshape(24, 5)
+    np.testing.assert_array_equal(unpermute_rope(permute(w, 3), 3), w)
+    b = np.arange(24)
+    np.testing.assert_array_equal(unpermute_rope(permute(b, 3), 3), b)
+
+
+def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
+    truncated = tmp_path / "truncated.gguf"
+    with open(smollm_path, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read(5_000_000))
+    with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
+        load_gguf(str(truncated))
+    foreign = tmp_path / "foreign.gguf"
+    w = gguf.GGUFWriter(str(foreign), "mamba")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'mamba'"):
+        load_gguf(str(foreign))
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_gguf(str(tmp_path / "nope.gguf"))
+
+
+TEXTS = ["Hello, world!", "The year 2024 had 366 days.", "  indented\n\ttabs and ünïcödé — “quotes” 😀",
+         "<|im_start|>user\nHi<|im_end|>\n", "def f(x):\n    return x**2  # square"]
+
+
+def test_gguf_tokenizer_round_trips(smollm):
+    tok = smollm.tokenizer
+    for text in TEXTS:
+        assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert tok.encode("<|im_start|>") == [1]  # control tokens are matched whole
+    assert tok.encode("2024") == [tok.tok.token_to_id(c) for c in "2024"]  # smollm splits digits
+
+
+def test_gguf_tokenizer_matches_transformers(smollm, smollm_path):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(smollm_path),
+                                                     gguf_file=os.path.basename(smollm_path))
+    for text in TEXTS:
+        assert smollm.tokenizer.encode(text) == ref.encode(text, add_special_tokens=False), text
