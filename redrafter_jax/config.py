@@ -77,3 +77,90 @@ class ModelConfig:
             inv = np.where(wavelen > low_wavelen, inv / s.factor,
                            np.where(wavelen < high_wavelen, inv, blended))
         return inv.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DrafterConfig:
+    hidden_size: int  # the target's H (context and embedding width)
+    vocab_size: int  # the target's vocabulary
+    num_resblocks: int = 2
+    rnn: bool = True
+    exit_dim: int | None = None  # None: 2H, no projection (Apple's recipe)
+    share_lm_head: bool = False  # use the target's LM head (needs exit_dim == H)
+    draft_vocab_size: int | None = None  # None: the full target vocabulary
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_resblocks < 0:
+            raise ValueError(f"drafter: num_resblocks must be >= 0, got {self.num_resblocks}")
+        if self.share_lm_head and self.exit_dim != self.hidden_size:
+            raise ValueError(f"drafter: sharing the target's LM head needs exit_dim == hidden_size "
+                             f"({self.hidden_size}), got {self.exit_dim}")
+        if self.share_lm_head and self.draft_vocab_size is not None:
+            raise ValueError("drafter: a reduced draft vocabulary needs its own LM head (share_lm_head=False)")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"drafter: draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}")
+
+    @property
+    def exit(self) -> int:
+        return self.exit_dim or 2 * self.hidden_size
+
+    @property
+    def head_vocab(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    def check_target(self, cfg: ModelConfig) -> None:
+        """Raises if this drafter was not built for a target of cfg's shape."""
+        if self.hidden_size != cfg.hidden_size:
+            raise ValueError(f"drafter hidden size {self.hidden_size} does not match the target's {cfg.hidden_size}")
+        if self.vocab_size != cfg.vocab_size:
+            raise ValueError(f"drafter vocabulary {self.vocab_size} does not match the target's {cfg.vocab_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding shape: W beams of L tokens (the init token included), packed into a tree
+    of `tree_budget` slots (None: the worst case 1 + W(L-1), so no beam is ever dropped)."""
+
+    beam_width: int = 4
+    beam_length: int = 4
+    tree_budget: int | None = None
+
+    def __post_init__(self):
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if self.beam_length < 2:
+            raise ValueError(f"beam_length must be >= 2 (the init token plus at least one drafted token), "
+                             f"got {self.beam_length}")
+        if self.tree_budget is not None and not self.beam_length <= self.tree_budget <= self.max_nodes:
+            raise ValueError(f"tree_budget must be in [beam_length, 1 + W(L-1)] = [{self.beam_length}, "
+                             f"{self.max_nodes}] to hold at least one beam, got {self.tree_budget}")
+
+    @property
+    def max_nodes(self) -> int:
+        return 1 + self.beam_width * (self.beam_length - 1)
+
+    @property
+    def budget(self) -> int:
+        return self.tree_budget or self.max_nodes

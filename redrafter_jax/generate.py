@@ -1,90 +1,28 @@
 """Batched generation as one jitted function: prefill, then a single `lax.while_loop` of decode steps.
 
-Prompts of different lengths are right-padded into one [B, P] block; each row keeps its own cache
-length, so rows never need re-aligning. Decode state is a pytree carried through the loop; the host
-sees nothing until the loop ends (except an optional streaming callback).
+Autoregressive: one target step per token. Speculative (ReDrafter): each step the drafter proposes W
+beams of L tokens, the beams are packed into a tree, the target verifies the whole tree in one
+forward pass, and the longest accepted prefix plus the target's own next token are kept. Prompts of
+different lengths are right-padded into one [B, P] block and every row keeps its own cache length,
+so rows never need re-aligning. Decode state is a pytree carried through the loop; the host sees
+nothing until the loop ends (except an optional streaming callback).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from redrafter_jax import cache as kv
-from redrafter_jax.config import ModelConfig
-from redrafter_jax.model import Params, forward, lm_head, transformer
-from redrafter_jax.sampling import SamplingConfig, select
-
-# Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host.
-StreamFn = Callable[[np.ndarray, np.ndarray], None]
-
-
-@struct.dataclass
-class GenerateOutput:
-    tokens: jax.Array  # [B, max_new_tokens] int32, pad_token_id after each row's end
-    lengths: jax.Array  # [B] int32 number of generated tokens (an ending EOS included)
-    num_steps: jax.Array  # [] int32 decode loop iterations (target forward passes after the prefill)
-
-
-@struct.dataclass
-class Emitted:
-    """The output side of decode state: the token buffer and which rows are finished."""
-
-    tokens: jax.Array  # [B, N]
-    lengths: jax.Array  # [B]
-    limits: jax.Array  # [B] per-row max_new_tokens
-    done: jax.Array  # [B] bool
-
-
-def init_emitted(batch: int, max_new_tokens: int, limits: jax.Array, pad_id: int) -> Emitted:
-    return Emitted(tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-                   lengths=jnp.zeros((batch,), jnp.int32), limits=limits,
-                   done=jnp.zeros((batch,), bool))
-
-
-def emit(out: Emitted, new: jax.Array, counts: jax.Array, eos_ids: tuple[int, ...]):
-    """Appends new[b, :counts[b]] to each unfinished row, cut after the first EOS and at the row's limit.
-
-    new: [B, M] int32; counts: [B]. Returns the updated Emitted and the number appended per row [B].
-    """
-    m = new.shape[1]
-    j = jnp.arange(m)[None, :]
-    is_eos = jnp.isin(new, jnp.asarray(eos_ids, jnp.int32)) & (j < counts[:, None])
-    first_eos = jnp.min(jnp.where(is_eos, j, m), axis=1)
-    n = jnp.minimum(jnp.minimum(counts, first_eos + 1), out.limits - out.lengths)
-    n = jnp.where(out.done, 0, n)
-    rows = jnp.arange(new.shape[0])[:, None]
-    cols = jnp.where(j < n[:, None], out.lengths[:, None] + j, out.tokens.shape[1])  # OOB -> dropped
-    tokens = out.tokens.at[rows, cols].set(new, mode="drop")
-    lengths = out.lengths + n
-    done = out.done | (first_eos < n) | (lengths >= out.limits)
-    return Emitted(tokens, lengths, out.limits, done), n
-
-
-def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Array,
-            prompt_lengths: jax.Array):
-    """Runs right-padded prompts [B, P] through the model into an empty cache.
-
-    Returns the cache (lengths = prompt_lengths), the hidden state [B, H] and logits [B, V] of each
-    row's last prompt token.
-    """
-    b, p = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    causal = jnp.tril(jnp.ones((p, p), bool))
-    mask = kv.attention_mask(cache, positions, causal, cfg.sliding_window)
-    hidden, k, v = transformer(params, cfg, prompts, positions, cache, mask)
-    cache = kv.write(cache, k, v, prompt_lengths)
-    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return cache, last, lm_head(params, last)
-
-
-def _stream(stream: StreamFn | None, new: jax.Array, n: jax.Array) -> None:
-    if stream is not None:
-        jax.debug.callback(stream, new, n, ordered=True)
+from redrafter_jax.acceptance import greedy_accept
+from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
+from redrafter_jax.decode import Emitted, GenerateOutput, StreamFn, emit, prepare_prompts, start, stream_tokens
+from redrafter_jax.model import Params, forward
+from redrafter_jax.sampling import select
+from redrafter_jax.tree import pack_tree
 
 
 @struct.dataclass
@@ -96,84 +34,98 @@ class ARState:
     step: jax.Array  # [] int32
 
 
-def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
-                    sampling: SamplingConfig, max_new_tokens: int, stream: StreamFn | None):
+def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig, sampling: SamplingConfig,
+                    max_new_tokens: int, stream: StreamFn | None) -> GenerateOutput:
     b = prompts.shape[0]
-    # Slots: the padded prompt block is written whole, then one token per step. Allocated inside the
-    # program, the cache is a while-loop carry that XLA updates in place.
-    cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, 1))
-    cache, _, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
-    key, sub = jax.random.split(key)
-    first = select(sub, logits, sampling)
-    out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id), first[:, None],
-                  jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
-    _stream(stream, first[:, None], n)
+    cache, out, first, _, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens,
+                                      1, stream)
     step_mask = jnp.ones((1, 1), bool)
+    ones = jnp.ones((b,), jnp.int32)
 
     def body(s: ARState) -> ARState:
         positions = s.cache.lengths[:, None]
         mask = kv.attention_mask(s.cache, positions, step_mask, cfg.sliding_window)
         f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
-        c = kv.write(s.cache, f.k, f.v, (~s.out.done).astype(jnp.int32))
+        cache = kv.write(s.cache, f.k, f.v, (~s.out.done).astype(jnp.int32))
         key, sub = jax.random.split(s.key)
         nxt = select(sub, f.logits[:, 0], sampling)
-        out, n = emit(s.out, nxt[:, None], jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
-        _stream(stream, nxt[:, None], n)
-        return ARState(c, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
+        out, n = emit(s.out, nxt[:, None], ones, cfg.eos_token_ids)
+        stream_tokens(stream, nxt[:, None], n)
+        return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), body,
-                           ARState(cache, out, first, key, jnp.int32(0)))
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), body, ARState(cache, out, first, key, jnp.int32(0)))
     return GenerateOutput(s.out.tokens, s.out.lengths, s.step)
 
 
+@struct.dataclass
+class SpecState:
+    cache: kv.KVCache
+    out: Emitted
+    init_token: jax.Array  # [B] the target's latest token (root of the next tree), not yet in the cache
+    context: jax.Array  # [B, H] the target's hidden state that produced init_token
+    key: jax.Array
+    step: jax.Array  # [] int32
+    accepted: jax.Array  # [B, max_new_tokens] accepted drafted tokens per step, -1 once a row is done
+
+
+def _take_rows(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
+    """x[b, ..., idx[b, j], ...] along `axis` (batch first): gathers per-row indices idx [B, J]."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = idx.shape
+    return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
+
+
+def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
+                 sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
+                 stream: StreamFn | None) -> GenerateOutput:
+    b = prompts.shape[0]
+    w, length, budget = spec.beam_width, spec.beam_length, spec.budget
+    cache, out, first, context, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling,
+                                            max_new_tokens, length, stream)
+
+    def body(s: SpecState) -> SpecState:
+        draft = drafter.draft(params, s.context, s.init_token, s.cache.lengths, w, length)
+        tree = pack_tree(draft.beams, budget, cfg.pad_token_id)
+        positions = s.cache.lengths[:, None] + tree.depth
+        mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
+        f = forward(params, cfg, tree.tokens, positions, s.cache, mask)
+        acc = greedy_accept(draft.beams, tree.slot, tree.beam_valid, jnp.argmax(f.logits, axis=-1))
+        path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
+        # Commit the init token and the accepted tokens: K/V of path[:, :n+1] at each row's own offset.
+        k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
+        v = jnp.moveaxis(_take_rows(jnp.moveaxis(f.v, 0, 1), path, axis=2), 1, 0)
+        keep = acc.num_accepted + 1
+        cache = kv.write(s.cache, k, v, jnp.where(s.out.done, 0, keep))
+        out, n = emit(s.out, acc.tokens, keep, cfg.eos_token_ids)
+        stream_tokens(stream, acc.tokens, n)
+        last = _take_rows(path, acc.num_accepted[:, None], axis=1)[:, 0]  # slot of the bonus token's parent
+        active = ~s.out.done
+        return SpecState(
+            cache, out,
+            init_token=jnp.where(active, _take_rows(acc.tokens, acc.num_accepted[:, None], axis=1)[:, 0], s.init_token),
+            context=jnp.where(active[:, None], _take_rows(f.hidden, last[:, None], axis=1)[:, 0], s.context),
+            key=s.key, step=s.step + 1,
+            accepted=s.accepted.at[:, s.step].set(jnp.where(active, acc.num_accepted, -1), mode="drop"))
+
+    init = SpecState(cache, out, first, context, key, jnp.int32(0), jnp.full((b, max_new_tokens), -1, jnp.int32))
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), body, init)
+    return GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted)
+
+
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream"))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def cache_len(prompt_block: int, max_new_tokens: int, tokens_per_write: int) -> int:
-    """Cache slots for a padded prompt block, max_new_tokens, and `tokens_per_write` slots written per
-    step (a write may reach that far past the last valid slot)."""
-    return _round_up(prompt_block + max_new_tokens + tokens_per_write, 64)
-
-
-def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-                    bucket: int = 32):
-    """Validates prompts and per-row limits; returns right-padded [B, P] prompts, lengths [B], limits [B].
-
-    P is rounded up to `bucket` so that nearby prompt lengths share one compiled program.
-    """
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
-    if np.any(limits < 1):
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
-    for i, (r, lim) in enumerate(zip(rows, limits)):
-        if r.size == 0:
-            raise ValueError(f"prompt {i} is empty")
-        if r.min() < 0 or r.max() >= cfg.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
-        if r.size + lim > cfg.max_position_embeddings:
-            raise ValueError(f"prompt {i} has {r.size} tokens; with max_new_tokens={lim} that exceeds the "
-                             f"model's context length of {cfg.max_position_embeddings} tokens")
-    p = _round_up(max(r.size for r in rows), bucket)
-    block = np.full((len(rows), p), cfg.pad_token_id, np.int32)
-    for i, r in enumerate(rows):
-        block[i, :r.size] = r
-    return (jnp.asarray(block), jnp.asarray([r.size for r in rows], jnp.int32),
-            jnp.asarray(limits, jnp.int32))
+_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream"))
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
-             key: jax.Array | None = None, stream: StreamFn | None = None) -> GenerateOutput:
+             key: jax.Array | None = None, drafter: Any = None, spec: SpecConfig = SpecConfig(),
+             stream: StreamFn | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
-    Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit.
-    `key` is required when sampling. `stream`, if given, receives each step's tokens on the host.
+    Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
+    `drafter` (a `Drafter`, or anything with its `draft` method) decoding is speculative with the
+    beam/tree shape `spec`; greedy output is then identical to autoregressive greedy output. `key` is
+    required when sampling. `stream`, if given, receives each step's tokens on the host.
     """
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens)
     n = int(limits.max())
@@ -181,5 +133,15 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         if not sampling.greedy:
             raise ValueError("sampling needs an explicit PRNG key")
         key = jax.random.PRNGKey(0)
-    return _autoregressive_jit(params, block, lengths, limits, key, cfg=cfg, sampling=sampling,
-                               max_new_tokens=n, stream=stream)
+    if drafter is None:
+        return _autoregressive_jit(params, block, lengths, limits, key, cfg=cfg, sampling=sampling,
+                                   max_new_tokens=n, stream=stream)
+    if not sampling.greedy:
+        raise ValueError("speculative decoding is greedy-only so far; pass drafter=None to sample")
+    if hasattr(drafter, "config"):
+        drafter.config.check_target(cfg)
+        if spec.beam_width > drafter.config.head_vocab:
+            raise ValueError(f"beam_width {spec.beam_width} exceeds the drafter's vocabulary "
+                             f"({drafter.config.head_vocab})")
+    return _speculative_jit(params, drafter, block, lengths, limits, key, cfg=cfg, sampling=sampling, spec=spec,
+                            max_new_tokens=n, stream=stream)

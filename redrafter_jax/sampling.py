@@ -6,31 +6,10 @@ the speculative verifier both use it, so both sample from exactly the same distr
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 switch those filters off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+from redrafter_jax.config import SamplingConfig
 
 
 def target_log_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:

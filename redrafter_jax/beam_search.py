@@ -1,0 +1,62 @@
+"""Beam search with static beam width W and beam length L (the init token included), generic over
+the proposal model: it only needs a logits function of the model state and a state update."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# Start score of beams 1..W-1: finite (no inf - inf = nan), yet below any sum of L log-probs.
+_DEAD = -1e9
+
+
+class Draft(NamedTuple):
+    beams: jax.Array  # [B, W, L] int32 target ids, beams[:, :, 0] = init token, best beam first
+    scores: jax.Array  # [B, W] float32 sum of the drafter's log-probs of each beam's drafted tokens
+
+
+def top_w_of_beams(cand: jax.Array, w: int):
+    """Exact top-w over the flattened (beam, token) axes of cand [..., W, V], without a top-k over W*V.
+
+    A pair in the overall top w is in its own beam's top w, so top w per beam, then top w of the
+    W*w survivors, is exact. Returns (values [..., w], beam [..., w], token [..., w]), best first.
+    """
+    per_val, per_tok = jax.lax.top_k(cand, w)  # [..., W, w]
+    flat_val = per_val.reshape(*per_val.shape[:-2], -1)
+    val, flat = jax.lax.top_k(flat_val, w)
+    tok = jnp.take_along_axis(per_tok.reshape(flat_val.shape), flat, axis=-1)
+    return val, flat // w, tok
+
+
+def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callable[[jax.Array, jax.Array], jax.Array],
+                state: jax.Array, width: int, length: int):
+    """Beam search from one start state per row.
+
+    state: [B, S], the model state after the init token. logits_fn: [B, W, S] -> [B, W, V] logits;
+    next_state: (state [B, W, S], tokens [B, W]) -> [B, W, S]. The first step spreads beam 0's best
+    W tokens over the W beams (the others start dead). Scores are float32 sums of log-probs.
+    Returns tokens [B, W, L-1] (ids of the proposal vocabulary) and scores [B, W], best first.
+    """
+    b = state.shape[0]
+    state = jnp.broadcast_to(state[:, None], (b, width) + state.shape[1:])
+    scores = jnp.full((b, width), _DEAD, jnp.float32).at[:, 0].set(0.0)
+
+    def step(carry, _):
+        state, scores = carry
+        logp = jax.nn.log_softmax(logits_fn(state).astype(jnp.float32), axis=-1)
+        scores, parent, tok = top_w_of_beams(scores[..., None] + logp, width)
+        state = next_state(jnp.take_along_axis(state, parent[..., None], axis=1), tok)
+        return (state, scores), (parent, tok)
+
+    (_, scores), (parents, toks) = jax.lax.scan(step, (state, scores), None, length=length - 1)
+
+    # Backtrack: beam j after the last step descends from parents[t][j] at each step t.
+    def back(idx, pt):
+        parent, tok = pt
+        return jnp.take_along_axis(parent, idx, axis=1), jnp.take_along_axis(tok, idx, axis=1)
+
+    start = jnp.broadcast_to(jnp.arange(width), (b, width))
+    _, path = jax.lax.scan(back, start, (parents, toks), reverse=True)  # [L-1, B, W]
+    return jnp.moveaxis(path, 0, -1).astype(jnp.int32), scores

@@ -1,0 +1,145 @@
+"""Pieces shared by the autoregressive and speculative decode loops: prompt preparation, prefill,
+the output buffer with per-row EOS and limits, and streaming."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from redrafter_jax import cache as kv
+from redrafter_jax.config import ModelConfig
+from redrafter_jax.config import SamplingConfig
+from redrafter_jax.model import Params, lm_head, transformer
+from redrafter_jax.sampling import select
+
+# Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host.
+StreamFn = Callable[[np.ndarray, np.ndarray], None]
+
+
+@struct.dataclass
+class GenerateOutput:
+    tokens: jax.Array  # [B, max_new_tokens] int32, pad_token_id after each row's end
+    lengths: jax.Array  # [B] int32 number of generated tokens (an ending EOS included)
+    num_steps: jax.Array  # [] int32 decode loop iterations (target forward passes after the prefill)
+    # Speculative only: [B, max_new_tokens] drafted tokens accepted per row per step (-1: row was done)
+    accepted: jax.Array | None = None
+
+
+@struct.dataclass
+class Emitted:
+    """The output side of decode state: the token buffer and which rows are finished."""
+
+    tokens: jax.Array  # [B, N]
+    lengths: jax.Array  # [B]
+    limits: jax.Array  # [B] per-row max_new_tokens
+    done: jax.Array  # [B] bool
+
+
+def init_emitted(batch: int, max_new_tokens: int, limits: jax.Array, pad_id: int) -> Emitted:
+    return Emitted(tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+                   lengths=jnp.zeros((batch,), jnp.int32), limits=limits,
+                   done=jnp.zeros((batch,), bool))
+
+
+def emit(out: Emitted, new: jax.Array, counts: jax.Array, eos_ids: tuple[int, ...]):
+    """Appends new[b, :counts[b]] to each unfinished row, cut after the first EOS and at the row's limit.
+
+    new: [B, M] int32; counts: [B]. Returns the updated Emitted and the number appended per row [B].
+    """
+    m = new.shape[1]
+    j = jnp.arange(m)[None, :]
+    is_eos = jnp.isin(new, jnp.asarray(eos_ids, jnp.int32)) & (j < counts[:, None])
+    first_eos = jnp.min(jnp.where(is_eos, j, m), axis=1)
+    n = jnp.minimum(jnp.minimum(counts, first_eos + 1), out.limits - out.lengths)
+    n = jnp.where(out.done, 0, n)
+    rows = jnp.arange(new.shape[0])[:, None]
+    cols = jnp.where(j < n[:, None], out.lengths[:, None] + j, out.tokens.shape[1])  # OOB -> dropped
+    tokens = out.tokens.at[rows, cols].set(new, mode="drop")
+    lengths = out.lengths + n
+    done = out.done | (first_eos < n) | (lengths >= out.limits)
+    return Emitted(tokens, lengths, out.limits, done), n
+
+
+def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Array,
+            prompt_lengths: jax.Array):
+    """Runs right-padded prompts [B, P] through the model into an empty cache.
+
+    Returns the cache (lengths = prompt_lengths), the hidden state [B, H] and logits [B, V] of each
+    row's last prompt token.
+    """
+    b, p = prompts.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    causal = jnp.tril(jnp.ones((p, p), bool))
+    mask = kv.attention_mask(cache, positions, causal, cfg.sliding_window)
+    hidden, k, v = transformer(params, cfg, prompts, positions, cache, mask)
+    cache = kv.write(cache, k, v, prompt_lengths)
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    return cache, last, lm_head(params, last)
+
+
+def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
+          key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int, stream: StreamFn | None):
+    """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
+
+    write_len: slots one decode step writes. The cache lives inside the compiled program: as a
+    while-loop carry, XLA updates it in place. Returns (cache, emitted, first token [B], hidden state
+    [B, H] that produced it, key).
+    """
+    b = prompts.shape[0]
+    cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len))
+    cache, hidden, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
+    key, sub = jax.random.split(key)
+    first = select(sub, logits, sampling)
+    out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id), first[:, None],
+                  jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
+    stream_tokens(stream, first[:, None], n)
+    return cache, out, first, hidden, key
+
+
+def stream_tokens(stream: StreamFn | None, new: jax.Array, n: jax.Array) -> None:
+    if stream is not None:
+        jax.debug.callback(stream, new, n, ordered=True)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def cache_len(prompt_block: int, max_new_tokens: int, tokens_per_write: int) -> int:
+    """Cache slots for a padded prompt block, max_new_tokens, and `tokens_per_write` slots written per
+    step (a write may reach that far past the last valid slot)."""
+    return round_up(prompt_block + max_new_tokens + tokens_per_write, 64)
+
+
+def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
+                    bucket: int = 32):
+    """Validates prompts and per-row limits; returns right-padded [B, P] prompts, lengths [B], limits [B].
+
+    P is rounded up to `bucket` so that nearby prompt lengths share one compiled program.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
+    if np.any(limits < 1):
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    for i, (r, lim) in enumerate(zip(rows, limits)):
+        if r.size == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if r.min() < 0 or r.max() >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+        if r.size + lim > cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {r.size} tokens; with max_new_tokens={lim} that exceeds the "
+                             f"model's context length of {cfg.max_position_embeddings} tokens")
+    p = round_up(max(r.size for r in rows), bucket)
+    block = np.full((len(rows), p), cfg.pad_token_id, np.int32)
+    for i, r in enumerate(rows):
+        block[i, :r.size] = r
+    return (jnp.asarray(block), jnp.asarray([r.size for r in rows], jnp.int32),
+            jnp.asarray(limits, jnp.int32))
+
+

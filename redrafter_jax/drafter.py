@@ -1,0 +1,99 @@
+"""The recurrent drafter: an RNN over target token embeddings, conditioned on the target's last hidden
+state, then ResBlocks and an LM head (ReDrafter, arXiv 2403.09919).
+
+    s_0 = 0;  s_t = SiLU(E(x_{t-1}) W + s_{t-1} U + b)     (RNN off: s_t = s_{t-1} + E(x_{t-1}))
+    x = [c ; s_t]  (2H) -> optional projection to exit_dim -> ResBlock^n: x + SiLU(x A + a) -> LM head
+
+E is the target's (frozen) embedding. The LM head is the drafter's own, or the target's (then
+exit_dim must be H). With a reduced draft vocabulary the head scores only `draft_vocab_size` tokens,
+and params["vocab_map"] [Vd] maps draft ids back to target ids.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from redrafter_jax.beam_search import Draft, beam_search
+from redrafter_jax.config import DrafterConfig
+from redrafter_jax.model import Params, lm_head
+
+
+def param_shapes(dcfg: DrafterConfig) -> dict:
+    h, e = dcfg.hidden_size, dcfg.exit
+    shapes: dict = {"resblocks": [{"w": (e, e), "b": (e,)} for _ in range(dcfg.num_resblocks)]}
+    if dcfg.rnn:
+        shapes.update(rnn_w=(h, h), rnn_u=(h, h), rnn_b=(h,))
+    if dcfg.exit_dim is not None and dcfg.exit_dim != 2 * h:
+        shapes.update(proj_w=(2 * h, e), proj_b=(e,))
+    if not dcfg.share_lm_head:
+        shapes["lm_head"] = (e, dcfg.head_vocab)
+    return shapes
+
+
+def init_drafter(dcfg: DrafterConfig, key: jax.Array, vocab_map: jax.Array | None = None) -> Params:
+    """Random drafter params: LeCun-normal matrices, zero biases (ResBlocks start near identity).
+
+    vocab_map [draft_vocab_size] (target ids) is required with a reduced draft vocabulary.
+    """
+    shapes = param_shapes(dcfg)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = [(jax.random.normal(k, s) / jnp.sqrt(s[0])).astype(dcfg.dtype) if len(s) == 2 else jnp.zeros(s, dcfg.dtype)
+           for k, s in zip(keys, leaves)]
+    params = jax.tree_util.tree_unflatten(treedef, out)
+    if dcfg.draft_vocab_size is not None:
+        if vocab_map is None or vocab_map.shape != (dcfg.draft_vocab_size,):
+            raise ValueError(f"a reduced draft vocabulary needs vocab_map of shape ({dcfg.draft_vocab_size},)")
+        params["vocab_map"] = jnp.asarray(vocab_map, jnp.int32)
+    return params
+
+
+def rnn_step(dparams: Params, dcfg: DrafterConfig, state: jax.Array, emb: jax.Array) -> jax.Array:
+    """state, emb: [..., H] -> next state [..., H]."""
+    if not dcfg.rnn:
+        return state + emb
+    return jax.nn.silu(emb @ dparams["rnn_w"] + state @ dparams["rnn_u"] + dparams["rnn_b"])
+
+
+def draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Params, context: jax.Array,
+                 state: jax.Array) -> jax.Array:
+    """context, state: [..., H] -> float32 logits [..., head_vocab] (draft-vocabulary ids)."""
+    x = jnp.concatenate([jnp.broadcast_to(context, state.shape), state], axis=-1)
+    if "proj_w" in dparams:
+        x = x @ dparams["proj_w"] + dparams["proj_b"]
+    for rb in dparams["resblocks"]:
+        x = x + jax.nn.silu(x @ rb["w"] + rb["b"])
+    if dcfg.share_lm_head:
+        return lm_head(target_params, x)
+    return jnp.matmul(x, dparams["lm_head"], preferred_element_type=jnp.float32)
+
+
+def to_target_ids(dparams: Params, draft_ids: jax.Array) -> jax.Array:
+    return dparams["vocab_map"][draft_ids] if "vocab_map" in dparams else draft_ids
+
+
+@struct.dataclass
+class Drafter:
+    """A trained (or random) recurrent drafter: what `generate(..., drafter=...)` takes."""
+
+    params: Params
+    config: DrafterConfig = struct.field(pytree_node=False)
+
+    def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
+              width: int, length: int) -> Draft:
+        """W beams of L tokens from context [B, H] (the target hidden state that produced init_token [B]).
+        lengths (the rows' cache lengths) is unused: the drafter sees only the context."""
+        del lengths
+        p, c, embed = self.params, self.config, target_params["embed"]
+        state = rnn_step(p, c, jnp.zeros_like(context), embed[init_token])
+        ctx = context[:, None, :]
+        drafted, scores = beam_search(
+            lambda s: draft_logits(p, c, target_params, ctx, s),
+            lambda s, tok: rnn_step(p, c, s, embed[to_target_ids(p, tok)]),
+            state, width, length)
+        b = init_token.shape[0]
+        beams = jnp.concatenate([jnp.broadcast_to(init_token[:, None, None], (b, width, 1)),
+                                 to_target_ids(p, drafted)], axis=-1)
+        return Draft(beams, scores)

@@ -1,0 +1,37 @@
+"""Drafters that know the answer: for testing the acceptance machinery and bounding the speedup.
+
+Given the true continuation of every row (e.g. from autoregressive greedy decoding), the oracle's
+beam 0 is exactly what the target will say; its other beams branch off it at different depths.
+With `wrong=True` every drafted token is wrong instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from redrafter_jax.beam_search import Draft
+from redrafter_jax.model import Params
+
+
+@struct.dataclass
+class OracleDrafter:
+    sequences: jax.Array  # [B, T] each row's prompt followed by its true continuation
+    vocab_size: int = struct.field(pytree_node=False)
+    wrong: bool = struct.field(pytree_node=False, default=False)
+
+    def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
+              width: int, length: int) -> Draft:
+        del target_params, context
+        t = self.sequences.shape[1]
+        pos = jnp.minimum(lengths[:, None] + jnp.arange(length), t - 1)  # init token sits at `lengths`
+        truth = jnp.take_along_axis(self.sequences, pos, axis=1)  # [B, L]
+        beams = jnp.broadcast_to(truth[:, None, :], (truth.shape[0], width, length))
+        w = jnp.arange(width)[:, None]
+        d = jnp.arange(length)[None, :]
+        # beam w > 0 departs from the truth at depth 1 + (w - 1) % (L - 1); `wrong`: all drafted tokens differ
+        off = (d >= 1) if self.wrong else (w > 0) & (d == 1 + (w - 1) % (length - 1))
+        beams = jnp.where(off, (beams + 1 + w) % self.vocab_size, beams)
+        beams = beams.at[:, :, 0].set(init_token[:, None])
+        return Draft(beams.astype(jnp.int32), jnp.broadcast_to(-jnp.arange(width, dtype=jnp.float32), beams.shape[:2]))
