@@ -1,6 +1,7 @@
 """Benchmarks on the embedded default model; each writes its table to docs/benchmarks.md and a plot.
 
     python -m infer.benchmark ar      # autoregressive decoding: ours vs Hugging Face transformers
+    python -m infer.benchmark spec    # speculative step costs; random and oracle drafters vs autoregressive
 """
 
 from __future__ import annotations
@@ -11,12 +12,18 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from infer.report import BENCHMARKS_MD, command, machine, table, write_section
+from redrafter_jax import cache as kv
+from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
+from redrafter_jax.model import forward
+from redrafter_jax.oracle import OracleDrafter
 
 PASSAGES = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -50,13 +57,19 @@ def fixed_length_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
 
 def timed(fn, repeats: int) -> float:
     """Best wall time of `repeats` calls, after one warm-up call (compilation)."""
-    fn()
+    jax.block_until_ready(fn())
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    """n chat prompts asking about the passages (different lengths)."""
+    return [tokenizer.encode_chat([{"role": "user", "content": f"Explain this in simple words: {PASSAGES[i % len(PASSAGES)]}"}])
+            for i in range(n)]
 
 
 def bench_ar(args) -> None:
@@ -114,6 +127,113 @@ Command: `{command()}`
     plot(rows, headers, os.path.join(os.path.dirname(BENCHMARKS_MD), "ar_tokens_per_s.png"))
 
 
+DRAFTER_OPTIONS = {
+    "own head, exit 2H (Apple)": dict(),
+    "own head, exit H (projected)": dict(exit_dim=576),
+    "target's head, exit H": dict(exit_dim=576, share_lm_head=True),
+    "own head, exit 2H, 8192-token vocab": dict(draft_vocab_size=8192),
+    "own head, exit H, 4096-token vocab": dict(exit_dim=576, draft_vocab_size=4096),
+}
+
+
+def bench_spec(args) -> None:
+    model = load_default()
+    cfg, params = model.config, model.params
+    h, v = cfg.hidden_size, cfg.vocab_size
+
+    # 1. Verification: one forward of N tree tokens against a cache holding `context` tokens.
+    cache = kv.init_cache(cfg, 1, args.context + 128)
+    cache = cache.replace(lengths=jnp.full((1,), args.context, jnp.int32))
+    verify = jax.jit(lambda p, c, toks, pos, m: forward(p, cfg, toks, pos, c, m).logits)
+    costs = {}
+    for n in tqdm(args.tree_sizes, desc="verification cost"):
+        toks = jnp.zeros((1, n), jnp.int32)
+        pos = args.context + jnp.arange(n)[None]
+        mask = kv.attention_mask(cache, pos, jnp.tril(jnp.ones((n, n), bool)))
+        costs[n] = timed(lambda: verify(params, cache, toks, pos, mask), args.repeats * 3)
+    ar_step = costs[1]
+    verify_rows = [[n, 1000 * t, t / ar_step] for n, t in costs.items()]
+
+    # 2. Drafter: one beam-search draft (W x (L-1) drafter steps), per option.
+    w, length = args.beam_width, args.beam_length
+    ctx = jax.random.normal(jax.random.PRNGKey(0), (1, h))
+    g0 = jnp.zeros((1,), jnp.int32)
+    drafter_rows = []
+    for name, opts in tqdm(DRAFTER_OPTIONS.items(), desc="drafter cost"):
+        dcfg = DrafterConfig(hidden_size=h, vocab_size=v, **opts)
+        vmap = jnp.arange(dcfg.draft_vocab_size) if dcfg.draft_vocab_size else None
+        d = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
+        fn = jax.jit(lambda p, dd: dd.draft(p, ctx, g0, jnp.zeros((1,), jnp.int32), w, length).beams)
+        t = timed(lambda: fn(params, d), args.repeats * 3)
+        n_params = sum(x.size for x in jax.tree_util.tree_leaves(d.params) if x.dtype != jnp.int32)
+        drafter_rows.append([name, f"{n_params / 1e6:.1f}M", 1000 * t / (length - 1), t / (length - 1) / ar_step])
+
+    # 3. End to end: random and oracle drafters vs autoregressive, same prompts, same run.
+    spec = SpecConfig(w, length)
+    e2e_rows = []
+    for batch in tqdm(args.batch_sizes, desc="end to end"):
+        prompts = chat_prompts(model.tokenizer, batch)
+        run = lambda **kw: generate(params, cfg, prompts, max_new_tokens=args.new_tokens, **kw)  # noqa: E731
+        ar = run()
+        n_tokens = int(ar.lengths.sum())
+        t_ar = timed(lambda: run().tokens, args.repeats)
+        seqs = np.zeros((batch, max(len(p) for p in prompts) + args.new_tokens + length), np.int32)
+        for i, p in enumerate(prompts):
+            seqs[i, : len(p) + int(ar.lengths[i])] = p + np.asarray(ar.tokens[i, : ar.lengths[i]]).tolist()
+        dcfg = DrafterConfig(hidden_size=h, vocab_size=v)
+        drafters = {"random (untrained)": Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg),
+                    "oracle": OracleDrafter(jnp.asarray(seqs), v)}
+        for name, d in drafters.items():
+            out = run(drafter=d, spec=spec)
+            assert np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens)), "speculative output differs"
+            acc = np.asarray(out.accepted)
+            acc = acc[acc >= 0]
+            t = timed(lambda: run(drafter=d, spec=spec).tokens, args.repeats)
+            e2e_rows.append([batch, name, f"{w}x{length} ({spec.budget} slots)", n_tokens / t_ar, n_tokens / t,
+                             1 + acc.mean(), t_ar / t])
+
+    md1 = table(["tree tokens N", "ms per forward", "cost / one AR step"], verify_rows)
+    md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
+    md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
+    print(md1, md2, md3, sep="\n\n")
+    write_section("spec", f"""## Speculative decoding: step costs and end-to-end bounds
+
+SmolLM2-135M-Instruct, float32, batch 1 unless stated. Machine: {machine()}.
+
+Command: `{command()}`
+
+Verification: one target forward of N tree tokens against a cache of {args.context} tokens, relative to
+one autoregressive step (N = 1).
+
+{md1}
+
+Drafter: one beam-search step over W = {w} beams (a draft is L - 1 = {length - 1} such steps), per
+LM-head option, relative to one autoregressive target step.
+
+{md2}
+
+End to end, greedy, {args.new_tokens} new tokens per chat prompt: the untrained (random) drafter shows
+the cost of a speculative step when nothing is accepted; the oracle drafter (beam 0 is the true
+continuation) shows the ceiling for this W x L. Output identical to autoregressive in every run.
+
+{md3}
+""")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r[0] for r in verify_rows], [r[2] for r in verify_rows], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens verified in one forward (N)")
+    ax.set_ylabel("cost / one autoregressive step")
+    ax.set_title("Verification cost, SmolLM2-135M")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(os.path.dirname(BENCHMARKS_MD), "verification_cost.png"), dpi=120)
+
+
 def plot(rows, headers, path) -> None:
     import matplotlib
 
@@ -142,8 +262,16 @@ def main(argv=None) -> None:
     ar.add_argument("--prompt-len", type=int, default=100)
     ar.add_argument("--new-tokens", type=int, default=256)
     ar.add_argument("--repeats", type=int, default=2)
+    sp = sub.add_parser("spec", help="speculative step costs and random/oracle drafters")
+    sp.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    sp.add_argument("--context", type=int, default=256)
+    sp.add_argument("--beam-width", type=int, default=4)
+    sp.add_argument("--beam-length", type=int, default=4)
+    sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    sp.add_argument("--new-tokens", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
-    {"ar": bench_ar}[args.what](args)
+    {"ar": bench_ar, "spec": bench_spec}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
     python -m infer.generate --chat "What is the capital of France?"
     python -m infer.generate --hf path/to/llama_dir --prompt "Once upon a time" --temperature 0.8 --seed 1
+    python -m infer.generate --chat "Tell me about Rome." --drafter path/to/drafter --beam-width 4 --beam-length 4
+
+With --drafter, decoding is speculative (ReDrafter); the same prompt is then also decoded
+autoregressively, and the speedup of the first over the second is printed.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import time
 import jax
 import numpy as np
 
+from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import LoadedModel
-from redrafter_jax.sampling import SamplingConfig
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -39,8 +43,32 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     return load_default(args.dtype)
 
 
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", help="drafter checkpoint directory for speculative decoding, or 'random' "
+                                     "(an untrained drafter: exact output, little acceptance)")
+    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument("--beam-length", type=int, default=4, help="tokens per beam, the init token included")
+    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + W(L-1))")
+
+
+def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
+    """The drafter named by --drafter (None without one) and the SpecConfig from the beam options."""
+    if not args.drafter:
+        return None, None
+    spec = SpecConfig(args.beam_width, args.beam_length, args.tree_budget)
+    if args.drafter == "random":
+        from redrafter_jax.drafter import Drafter, init_drafter
+
+        dcfg = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+        return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg), spec
+    from redrafter_jax.checkpoint import load_drafter
+
+    return load_drafter(args.drafter, model.config), spec
+
+
 class Streamer:
-    """Prints row 0's text as tokens arrive; records when the first and last tokens came."""
+    """Prints row 0's text as tokens arrive (out=None: silent); records when the first and last
+    tokens came, so the decode rate excludes compilation and prefill."""
 
     def __init__(self, tokenizer, out=sys.stdout):
         self.tokenizer, self.out = tokenizer, out
@@ -53,11 +81,18 @@ class Streamer:
         self.first_time = self.first_time or now
         self.last_time = now
         self.ids.extend(int(t) for t in tokens[0, : counts[0]])
+        if self.out is None:
+            return
         text = self.tokenizer.decode(self.ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             self.out.write(text[len(self.text):])
             self.out.flush()
             self.text = text
+
+    def rate(self) -> float:
+        """Tokens/s from the first streamed token to the last."""
+        span = (self.last_time or 0) - (self.first_time or 0)
+        return (len(self.ids) - 1) / span if len(self.ids) > 1 and span > 0 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -71,23 +106,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_spec_args(p)
     args = p.parse_args(argv)
 
     model = load_model(args)
+    drafter, spec = load_drafter_arg(args, model)
     tok = model.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": args.chat}]) if args.chat else tok.encode(args.prompt)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    streamer = Streamer(tok)
-    start = time.perf_counter()
-    out = generate(model.params, model.config, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   key=jax.random.PRNGKey(args.seed), stream=streamer)
-    n = int(jax.device_get(out.lengths)[0])
-    end = time.perf_counter()
+    key = jax.random.PRNGKey(args.seed)
+
+    def run(streamer, **kw):
+        start = time.perf_counter()
+        out = generate(model.params, model.config, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       key=key, stream=streamer, **kw)
+        jax.block_until_ready(out)
+        return out, streamer.first_time - start
+
+    shown = Streamer(tok)
+    out, startup = run(shown, **({"drafter": drafter, "spec": spec} if drafter is not None else {}))
     print(flush=True)
-    decode_s = (streamer.last_time or end) - (streamer.first_time or start)
-    rate = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
-    print(f"[{n} tokens; first token after {streamer.first_time - start:.2f}s (compile + prefill); "
-          f"decoding {rate:.1f} tokens/s]", file=sys.stderr)
+    n = int(out.lengths[0])
+    print(f"[{n} tokens; first token after {startup:.2f}s (compile + prefill); decoding {shown.rate():.1f} tokens/s]",
+          file=sys.stderr)
+    if drafter is None:
+        return
+    acc = np.asarray(out.accepted[0])
+    acc = acc[acc >= 0]
+    baseline = Streamer(tok, out=None)
+    ar_out, _ = run(baseline)
+    same = np.array_equal(np.asarray(ar_out.tokens), np.asarray(out.tokens))
+    print(f"[speculative W={spec.beam_width} L={spec.beam_length} tree={spec.budget}: {len(acc)} steps, "
+          f"mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
+          f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "
+          f"output {'identical to' if same else 'differs from'} autoregressive]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""Speculative greedy decoding on the real SmolLM2: exactness, acceptance machinery, one compiled loop."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from redrafter_jax import generate as gen
+from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
+from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.oracle import OracleDrafter
+
+MAX_NEW = 40
+
+
+def rows(out):
+    return [np.asarray(out.tokens[b, : out.lengths[b]]).tolist() for b in range(out.tokens.shape[0])]
+
+
+@pytest.fixture(scope="module")
+def random_drafter(smollm):
+    dcfg = DrafterConfig(hidden_size=smollm.config.hidden_size, vocab_size=smollm.config.vocab_size)
+    return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(smollm, chat_prompts):
+    """Autoregressive greedy output of the four chat prompts; some rows end by EOS, some by length."""
+    out = rows(gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW))
+    by_eos = [r[-1] in smollm.config.eos_token_ids for r in out]
+    assert any(by_eos) and not all(by_eos)
+    return out
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(1, 2), SpecConfig(4, 4), SpecConfig(8, 5), SpecConfig(16, 3),
+                                  SpecConfig(8, 5, tree_budget=12)], ids=str)
+def test_random_drafter_output_equals_autoregressive(smollm, chat_prompts, greedy_reference, random_drafter, spec):
+    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW,
+                       drafter=random_drafter, spec=spec)
+    assert rows(out) == greedy_reference
+    single = gen.generate(smollm.params, smollm.config, chat_prompts[:1], max_new_tokens=MAX_NEW,
+                          drafter=random_drafter, spec=spec)
+    assert rows(single) == greedy_reference[:1]
+
+
+def oracle(smollm, prompts, continuations, wrong=False):
+    seqs = np.zeros((len(prompts), 512), np.int32)
+    for i, (p, c) in enumerate(zip(prompts, continuations)):
+        seqs[i, : len(p) + len(c)] = p + c
+    return OracleDrafter(jnp.asarray(seqs), smollm.config.vocab_size, wrong=wrong)
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(4, 5), SpecConfig(2, 3)], ids=str)
+def test_oracle_drafter_accepts_everything(smollm, chat_prompts, greedy_reference, spec):
+    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW,
+                       drafter=oracle(smollm, chat_prompts, greedy_reference), spec=spec)
+    assert rows(out) == greedy_reference
+    acc = np.asarray(out.accepted)
+    for r in range(len(chat_prompts)):
+        steps = acc[r][acc[r] >= 0]
+        assert len(steps) >= 1 and (steps[:-1] == spec.beam_length - 1).all(), steps
+        # every step emits n + 1 tokens; the first token comes from the prefill
+        assert 1 + np.sum(steps + 1) >= len(greedy_reference[r])
+    assert int(out.num_steps) == max(len(a[a >= 0]) for a in acc)
+
+
+def test_always_wrong_drafter_accepts_nothing_and_is_still_exact(smollm, chat_prompts, greedy_reference):
+    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW,
+                       drafter=oracle(smollm, chat_prompts, greedy_reference, wrong=True), spec=SpecConfig(4, 4))
+    assert rows(out) == greedy_reference
+    acc = np.asarray(out.accepted)
+    assert (acc[acc >= 0] == 0).all()
+    assert int(out.num_steps) == MAX_NEW - 1  # one token per step after the prefill's
+
+
+def _primitives(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        out.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _primitives(sub, out)
+    return out
+
+
+def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, chat_prompts, random_drafter):
+    cfg = smollm.config
+    block, lengths, limits = prepare_prompts(cfg, chat_prompts, 8)
+    spec = SpecConfig(4, 4)
+    fn = jax.jit(gen._speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream"))
+    kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
+    args = (smollm.params, random_drafter, block, lengths, limits, jax.random.PRNGKey(0))
+    prims = _primitives(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args).jaxpr, [])
+    assert prims.count("while") == 1
+    assert not [p for p in prims if "callback" in p]
+    args = jax.device_put(args)
+    with jax.transfer_guard("disallow"):
+        out = fn(*args, **kwargs)
+        jax.block_until_ready(out)
+
+
+def test_bad_drafter_or_settings_raise(smollm, chat_prompts, random_drafter):
+    cfg, params = smollm.config, smollm.params
+    for dcfg, match in [(DrafterConfig(hidden_size=64, vocab_size=cfg.vocab_size), "hidden size 64 does not match"),
+                        (DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=100), "vocabulary 100 does not match")]:
+        bad = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg)
+        with pytest.raises(ValueError, match=match):
+            gen.generate(params, cfg, chat_prompts[:1], max_new_tokens=4, drafter=bad)
+    with pytest.raises(ValueError, match="greedy-only"):
+        gen.generate(params, cfg, chat_prompts[:1], max_new_tokens=4, drafter=random_drafter,
+                     sampling=SamplingConfig(temperature=1.0), key=jax.random.PRNGKey(0))
