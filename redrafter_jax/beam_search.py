@@ -15,6 +15,9 @@ _DEAD = -1e9
 class Draft(NamedTuple):
     beams: jax.Array  # [B, W, L] int32 target ids, beams[:, :, 0] = init token, best beam first
     scores: jax.Array  # [B, W] float32 sum of the drafter's log-probs of each beam's drafted tokens
+    # Only when asked for (Apple's acceptance rule): [B, W, L-1, V] the drafter's log-probs over the
+    # target vocabulary at each drafted position of each beam.
+    log_probs: jax.Array | None = None
 
 
 def top_w_of_beams(cand: jax.Array, w: int):
@@ -31,13 +34,14 @@ def top_w_of_beams(cand: jax.Array, w: int):
 
 
 def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callable[[jax.Array, jax.Array], jax.Array],
-                state: jax.Array, width: int, length: int):
+                state: jax.Array, width: int, length: int, with_log_probs: bool = False):
     """Beam search from one start state per row.
 
     state: [B, S], the model state after the init token. logits_fn: [B, W, S] -> [B, W, V] logits;
     next_state: (state [B, W, S], tokens [B, W]) -> [B, W, S]. The first step spreads beam 0's best
     W tokens over the W beams (the others start dead). Scores are float32 sums of log-probs.
-    Returns tokens [B, W, L-1] (ids of the proposal vocabulary) and scores [B, W], best first.
+    Returns tokens [B, W, L-1] (ids of the proposal vocabulary), scores [B, W], best first, and with
+    with_log_probs the log-probs [B, W, L-1, V] each final beam's tokens were drawn from (else None).
     """
     b = state.shape[0]
     state = jnp.broadcast_to(state[:, None], (b, width) + state.shape[1:])
@@ -48,15 +52,19 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
         logp = jax.nn.log_softmax(logits_fn(state).astype(jnp.float32), axis=-1)
         scores, parent, tok = top_w_of_beams(scores[..., None] + logp, width)
         state = next_state(jnp.take_along_axis(state, parent[..., None], axis=1), tok)
-        return (state, scores), (parent, tok)
+        return (state, scores), (parent, tok, logp if with_log_probs else None)
 
-    (_, scores), (parents, toks) = jax.lax.scan(step, (state, scores), None, length=length - 1)
+    (_, scores), (parents, toks, logps) = jax.lax.scan(step, (state, scores), None, length=length - 1)
 
-    # Backtrack: beam j after the last step descends from parents[t][j] at each step t.
-    def back(idx, pt):
-        parent, tok = pt
-        return jnp.take_along_axis(parent, idx, axis=1), jnp.take_along_axis(tok, idx, axis=1)
+    # Backtrack: beam j after the last step descends from parents[t][j] at each step t, whose
+    # distribution at step t was logps[t][parents[t][j]].
+    def back(idx, xs):
+        parent, tok, logp = xs
+        src = jnp.take_along_axis(parent, idx, axis=1)
+        lp = None if logp is None else jnp.take_along_axis(logp, src[..., None], axis=1)
+        return src, (jnp.take_along_axis(tok, idx, axis=1), lp)
 
     start = jnp.broadcast_to(jnp.arange(width), (b, width))
-    _, path = jax.lax.scan(back, start, (parents, toks), reverse=True)  # [L-1, B, W]
-    return jnp.moveaxis(path, 0, -1).astype(jnp.int32), scores
+    _, (path, path_logp) = jax.lax.scan(back, start, (parents, toks, logps), reverse=True)  # [L-1, B, W, ...]
+    path_logp = None if path_logp is None else jnp.moveaxis(path_logp, 0, 2)
+    return jnp.moveaxis(path, 0, -1).astype(jnp.int32), scores, path_logp

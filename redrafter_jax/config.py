@@ -141,11 +141,16 @@ class DrafterConfig:
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding shape: W beams of L tokens (the init token included), packed into a tree
-    of `tree_budget` slots (None: the worst case 1 + W(L-1), so no beam is ever dropped)."""
+    of `tree_budget` slots (None: the worst case 1 + W(L-1), so no beam is ever dropped).
+
+    acceptance (used when sampling): "tree_walk" keeps the target's distribution exactly;
+    "apple_biased" is Apple's min(1, p/q) rule, which does not, offered only to measure the bias.
+    """
 
     beam_width: int = 4
     beam_length: int = 4
     tree_budget: int | None = None
+    acceptance: str = "tree_walk"
 
     def __post_init__(self):
         if self.beam_width < 1:
@@ -153,6 +158,8 @@ class SpecConfig:
         if self.beam_length < 2:
             raise ValueError(f"beam_length must be >= 2 (the init token plus at least one drafted token), "
                              f"got {self.beam_length}")
+        if self.acceptance not in ("tree_walk", "apple_biased"):
+            raise ValueError(f"acceptance must be 'tree_walk' or 'apple_biased', got {self.acceptance!r}")
         if self.tree_budget is not None and not self.beam_length <= self.tree_budget <= self.max_nodes:
             raise ValueError(f"tree_budget must be in [beam_length, 1 + W(L-1)] = [{self.beam_length}, "
                              f"{self.max_nodes}] to hold at least one beam, got {self.tree_budget}")

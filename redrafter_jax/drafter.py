@@ -82,18 +82,20 @@ class Drafter:
     config: DrafterConfig = struct.field(pytree_node=False)
 
     def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
-              width: int, length: int) -> Draft:
+              width: int, length: int, with_log_probs: bool = False) -> Draft:
         """W beams of L tokens from context [B, H] (the target hidden state that produced init_token [B]).
         lengths (the rows' cache lengths) is unused: the drafter sees only the context."""
         del lengths
         p, c, embed = self.params, self.config, target_params["embed"]
         state = rnn_step(p, c, jnp.zeros_like(context), embed[init_token])
         ctx = context[:, None, :]
-        drafted, scores = beam_search(
+        drafted, scores, logp = beam_search(
             lambda s: draft_logits(p, c, target_params, ctx, s),
             lambda s, tok: rnn_step(p, c, s, embed[to_target_ids(p, tok)]),
-            state, width, length)
+            state, width, length, with_log_probs)
         b = init_token.shape[0]
         beams = jnp.concatenate([jnp.broadcast_to(init_token[:, None, None], (b, width, 1)),
                                  to_target_ids(p, drafted)], axis=-1)
-        return Draft(beams, scores)
+        if logp is not None and "vocab_map" in p:  # draft ids -> target ids; the rest has probability 0
+            logp = jnp.full(logp.shape[:-1] + (c.vocab_size,), -jnp.inf, logp.dtype).at[..., p["vocab_map"]].set(logp)
+        return Draft(beams, scores, logp)

@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from redrafter_jax import cache as kv
-from redrafter_jax.acceptance import greedy_accept
+from redrafter_jax.acceptance import accept_longest_prefix, apple_accept
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import Emitted, GenerateOutput, StreamFn, emit, prepare_prompts, start, stream_tokens
 from redrafter_jax.model import Params, forward
-from redrafter_jax.sampling import select
+from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import pack_tree
 
 
@@ -83,13 +83,20 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
     cache, out, first, context, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling,
                                             max_new_tokens, length, stream)
 
+    apple = spec.acceptance == "apple_biased" and not sampling.greedy
+
     def body(s: SpecState) -> SpecState:
-        draft = drafter.draft(params, s.context, s.init_token, s.cache.lengths, w, length)
+        draft = drafter.draft(params, s.context, s.init_token, s.cache.lengths, w, length, with_log_probs=apple)
         tree = pack_tree(draft.beams, budget, cfg.pad_token_id)
         positions = s.cache.lengths[:, None] + tree.depth
         mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
         f = forward(params, cfg, tree.tokens, positions, s.cache, mask)
-        acc = greedy_accept(draft.beams, tree.slot, tree.beam_valid, jnp.argmax(f.logits, axis=-1))
+        key, sub = jax.random.split(s.key)
+        if apple:
+            acc = apple_accept(sub, draft.beams, tree.slot, tree.beam_valid, target_log_probs(f.logits, sampling),
+                               draft.log_probs)
+        else:  # the target's argmax, or one sample per tree node: the exact tree walk
+            acc = accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(sub, f.logits, sampling))
         path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
         # Commit the init token and the accepted tokens: K/V of path[:, :n+1] at each row's own offset.
         k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
@@ -104,7 +111,7 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
             cache, out,
             init_token=jnp.where(active, _take_rows(acc.tokens, acc.num_accepted[:, None], axis=1)[:, 0], s.init_token),
             context=jnp.where(active[:, None], _take_rows(f.hidden, last[:, None], axis=1)[:, 0], s.context),
-            key=s.key, step=s.step + 1,
+            key=key, step=s.step + 1,
             accepted=s.accepted.at[:, s.step].set(jnp.where(active, acc.num_accepted, -1), mode="drop"))
 
     init = SpecState(cache, out, first, context, key, jnp.int32(0), jnp.full((b, max_new_tokens), -1, jnp.int32))
@@ -124,8 +131,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
     `drafter` (a `Drafter`, or anything with its `draft` method) decoding is speculative with the
-    beam/tree shape `spec`; greedy output is then identical to autoregressive greedy output. `key` is
-    required when sampling. `stream`, if given, receives each step's tokens on the host.
+    beam/tree shape `spec`; greedy output is then identical to autoregressive greedy output, and
+    sampled output follows exactly the autoregressive sampling distribution. `key` is required when
+    sampling. `stream`, if given, receives each step's tokens on the host.
     """
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens)
     n = int(limits.max())
@@ -136,8 +144,6 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if drafter is None:
         return _autoregressive_jit(params, block, lengths, limits, key, cfg=cfg, sampling=sampling,
                                    max_new_tokens=n, stream=stream)
-    if not sampling.greedy:
-        raise ValueError("speculative decoding is greedy-only so far; pass drafter=None to sample")
     if hasattr(drafter, "config"):
         drafter.config.check_target(cfg)
         if spec.beam_width > drafter.config.head_vocab:

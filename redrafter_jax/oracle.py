@@ -22,7 +22,9 @@ class OracleDrafter:
     wrong: bool = struct.field(pytree_node=False, default=False)
 
     def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
-              width: int, length: int) -> Draft:
+              width: int, length: int, with_log_probs: bool = False) -> Draft:
+        if with_log_probs:
+            raise ValueError("the oracle drafter has no draft distribution (needed by Apple's acceptance rule)")
         del target_params, context
         t = self.sequences.shape[1]
         pos = jnp.minimum(lengths[:, None] + jnp.arange(length), t - 1)  # init token sits at `lengths`

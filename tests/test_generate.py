@@ -8,7 +8,7 @@ import pytest
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
 from redrafter_jax.sampling import SamplingConfig
-from tests.tiny import tiny_model
+from tests.tiny import exact_next_token_probs, tiny_model
 
 
 def rows(out):
@@ -60,26 +60,6 @@ def test_sampling_is_reproducible_per_key_and_topk1_is_greedy():
     top1 = rows(generate(params, cfg, prompts, max_new_tokens=12,
                          sampling=SamplingConfig(temperature=0.7, top_k=1), key=jax.random.PRNGKey(3)))
     assert top1 == greedy
-
-
-def exact_next_token_probs(logits, temperature, top_k, top_p):
-    """NumPy float64 statement of the sampling distribution, written independently of sampling.py."""
-    z = np.asarray(logits, np.float64) / temperature
-    keep = np.ones_like(z, bool)
-    if top_k:
-        keep &= z >= np.sort(z)[::-1][top_k - 1]
-    p = np.where(keep, np.exp(z - z.max()), 0)
-    p /= p.sum()
-    if top_p < 1:
-        order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order]) - p[order]
-        keep_sorted = before < top_p
-        keep = np.zeros_like(keep)
-        keep[order[keep_sorted]] = True
-        keep |= p >= p[order[keep_sorted]].min()  # ties at the threshold stay
-        p = np.where(keep, p, 0)
-        p /= p.sum()
-    return p
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.8)])

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import numpy as np
 
 from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import init_params
@@ -15,3 +16,23 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_laye
 def tiny_model(seed: int = 0, scale: float = 0.5, **overrides):
     cfg = dataclasses.replace(TINY, **overrides)
     return cfg, init_params(cfg, jax.random.PRNGKey(seed), scale=scale)
+
+
+def exact_next_token_probs(logits, temperature, top_k, top_p):
+    """NumPy float64 statement of the sampling distribution, written independently of sampling.py."""
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    p = np.where(keep, np.exp(z - z.max()), 0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]
+        keep_sorted = before < top_p
+        keep = np.zeros_like(keep)
+        keep[order[keep_sorted]] = True
+        keep |= p >= p[order[keep_sorted]].min()  # ties at the threshold stay
+        p = np.where(keep, p, 0)
+        p /= p.sum()
+    return p

@@ -1,0 +1,144 @@
+"""Speculative sampling preserves the target distribution (statistical tests on a tiny model), and
+Apple's rule, run through the same test, is caught being biased."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
+from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.generate import generate
+from redrafter_jax.model import forward_causal
+from tests.tiny import exact_next_token_probs, tiny_model
+
+V = 8
+PROMPT = [3, 4, 5]
+N_SAMPLES = 20000
+ALPHA = 1e-3  # significance level of each goodness-of-fit test (fixed seeds: deterministic outcome)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model(seed=3, vocab_size=V, scale=0.35, eos_token_ids=())
+
+
+def random_drafter(cfg):
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=V, num_resblocks=1)
+    params = init_drafter(dcfg, jax.random.PRNGKey(7))
+    params["lm_head"] = params["lm_head"] * 4.0  # confident drafts, as a trained drafter makes
+    return Drafter(params, dcfg)
+
+
+def adversarial_drafter(cfg, params):
+    """Proposes the target's least likely tokens: its logits are minus the target's at the context."""
+    h = cfg.hidden_size
+    dcfg = DrafterConfig(hidden_size=h, vocab_size=V, rnn=False, num_resblocks=0, exit_dim=h)
+    dparams = {"resblocks": [], "proj_w": jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))]),
+               "proj_b": jnp.zeros(h), "lm_head": -params["lm_head"]}
+    return Drafter(dparams, dcfg)
+
+
+def exact_joint(cfg, params, sampling, k=3):
+    """P(first k tokens) enumerated from the target with the independent NumPy sampling filter."""
+    probs = {}
+    for prefix_len in range(k):
+        prefixes = list(itertools.product(range(V), repeat=prefix_len))
+        seqs = jnp.asarray([PROMPT + list(p) for p in prefixes])
+        logits = np.asarray(forward_causal(params, cfg, seqs).logits[:, -1])
+        for p, lg in zip(prefixes, logits):
+            probs[p] = exact_next_token_probs(lg, sampling.temperature, sampling.top_k, sampling.top_p)
+    joint = np.zeros((V,) * k)
+    for seq in itertools.product(range(V), repeat=k):
+        joint[seq] = np.prod([probs[seq[:i]][seq[i]] for i in range(k)])
+    return joint.reshape(-1)
+
+
+def goodness_of_fit(counts, expected_p):
+    """Chi-square p-value, cells with expected count < 5 pooled; counts outside the support fail at once."""
+    n = counts.sum()
+    if counts[expected_p == 0].sum() > 0:
+        return 0.0
+    exp = n * expected_p
+    small = exp < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(exp[~small], exp[small].sum())
+    keep = exp > 0
+    return stats.chisquare(obs[keep], exp[keep]).pvalue
+
+
+def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3):
+    out = generate(params, cfg, [PROMPT] * N_SAMPLES, max_new_tokens=k, sampling=sampling,
+                   key=jax.random.PRNGKey(seed), drafter=drafter, spec=spec)
+    toks = np.asarray(out.tokens)
+    assert (np.asarray(out.lengths) == k).all()
+    return np.bincount(np.ravel_multi_index(toks.T, (V,) * k), minlength=V ** k), out
+
+
+SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), SamplingConfig(1.0, top_p=0.9)]
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=lambda s: f"T{s.temperature}-p{s.top_p}")
+@pytest.mark.parametrize("which", ["random", "adversarial"])
+def test_tree_walk_preserves_target_distribution(target, sampling, which):
+    cfg, params = target
+    drafter = random_drafter(cfg) if which == "random" else adversarial_drafter(cfg, params)
+    counts, out = sample_first_tokens(cfg, params, drafter, sampling, SpecConfig(3, 3))
+    p = exact_joint(cfg, params, sampling)
+    assert goodness_of_fit(counts, p) > ALPHA
+    if which == "random":  # the test is not vacuous: drafts really were accepted
+        acc = np.asarray(out.accepted)
+        assert (acc > 0).mean() > 0.2
+
+
+def test_apple_rule_is_detected_as_biased(target):
+    cfg, params = target
+    sampling = SamplingConfig(1.0)
+    spec = SpecConfig(3, 3, acceptance="apple_biased")
+    counts, _ = sample_first_tokens(cfg, params, random_drafter(cfg), sampling, spec)
+    assert goodness_of_fit(counts, exact_joint(cfg, params, sampling)) < 1e-6
+
+
+def test_greedy_limits_of_sampling(target):
+    """Temperature 0 and top-k 1 are greedy; a tiny temperature stays finite and is greedy too."""
+    cfg, params = target
+    drafter = random_drafter(cfg)
+    prompts = [PROMPT, [6, 2]]
+    greedy = generate(params, cfg, prompts, max_new_tokens=10)
+    for sampling in [SamplingConfig(0.0), SamplingConfig(1.0, top_k=1), SamplingConfig(1e-6)]:
+        for spec in [SpecConfig(3, 3), SpecConfig(3, 3, acceptance="apple_biased")]:
+            out = generate(params, cfg, prompts, max_new_tokens=10, sampling=sampling, key=jax.random.PRNGKey(1),
+                           drafter=drafter, spec=spec)
+            np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
+
+
+def test_apple_residual_without_mass_falls_back_to_target():
+    """Where q >= p everywhere the residual max(p - q, 0) is all zero: the token must come from p."""
+    from redrafter_jax.acceptance import apple_accept
+
+    logp = jnp.log(jnp.asarray([[[0.0, 0.5, 0.5, 0.0]] * 3]))  # [B=1, N=3, V=4]; token 0 impossible
+    beams = jnp.asarray([[[1, 3, 3]]])  # drafted token 3 has p = 0: always rejected at depth 1
+    slot = jnp.asarray([[[0, 1, 2]]])
+    q = jnp.log(jnp.asarray([[[[0.0, 0.5, 0.5, 0.0], [0.25] * 4]]]))  # q == p at the rejection point
+    for seed in range(20):
+        acc = apple_accept(jax.random.PRNGKey(seed), beams, slot, jnp.asarray([[True]]), logp, q)
+        assert int(acc.num_accepted[0]) == 0 and int(acc.tokens[0, 0]) in (1, 2)
+
+
+def test_sampled_speculative_text_on_default_model_is_fluent(smollm, chat_prompts):
+    """Sampled at T=0.7 with an untrained drafter: text the target itself finds likely, and reproducible."""
+    cfg, params = smollm.config, smollm.params
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg)
+    kw = dict(max_new_tokens=24, sampling=SamplingConfig(0.7), key=jax.random.PRNGKey(5), drafter=drafter)
+    out = generate(params, cfg, chat_prompts[1:3], **kw)
+    again = generate(params, cfg, chat_prompts[1:3], **kw)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(again.tokens))
+    for prompt, toks, n in zip(chat_prompts[1:3], np.asarray(out.tokens), np.asarray(out.lengths)):
+        seq = jnp.asarray([prompt + toks[:n].tolist()])
+        logp = jax.nn.log_softmax(forward_causal(params, cfg, seq).logits[0, len(prompt) - 1:-1] / 0.7)
+        mean = float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(toks[:n])[:, None], axis=1)))
+        assert mean > -2.0, smollm.tokenizer.decode(toks[:n])
