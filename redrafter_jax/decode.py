@@ -11,8 +11,7 @@ import numpy as np
 from flax import struct
 
 from redrafter_jax import cache as kv
-from redrafter_jax.config import ModelConfig
-from redrafter_jax.config import SamplingConfig
+from redrafter_jax.config import ModelConfig, SamplingConfig
 from redrafter_jax.model import Params, lm_head, transformer
 from redrafter_jax.sampling import select
 

@@ -62,3 +62,19 @@ def test_cached_decoding_matches_full_forward(smollm):
         cache = write(cache, f.k, f.v, jnp.asarray([hi - lo]))
         outs.append(f.logits[0])
     np.testing.assert_allclose(np.concatenate(outs), full, atol=1e-4, rtol=0)
+
+
+def test_cache_never_writes_past_max_len(smollm):
+    cfg = smollm.config
+    cache = init_cache(cfg, 2, 8)
+    kv_shape = (cfg.num_layers, 2, 6, cfg.num_kv_heads, cfg.head_dim)
+    cache = write(cache, jnp.ones(kv_shape), jnp.ones(kv_shape), jnp.asarray([6, 3]))
+    four = (cfg.num_layers, 2, 4, cfg.num_kv_heads, cfg.head_dim)
+    with pytest.raises(ValueError, match="KV cache overflow: writing would need 10 slots but max_len is 8"):
+        write(cache, jnp.zeros(four), jnp.zeros(four), jnp.asarray([4, 1]))
+    # Under jit (no check possible) the scratch part of a write past the end is dropped, not clamped
+    # back onto valid slots as a dynamic_update_slice would.
+    after = jax.jit(write)(cache, 2 * jnp.ones(four), 2 * jnp.ones(four), jnp.asarray([1, 1]))
+    np.testing.assert_array_equal(np.asarray(after.k[:, 0, :6]), 1.0)
+    np.testing.assert_array_equal(np.asarray(after.k[:, 0, 6:]), 2.0)
+    assert after.lengths.tolist() == [7, 4]

