@@ -1,5 +1,7 @@
 """Speculative greedy decoding on the real SmolLM2: exactness, acceptance machinery, one compiled loop."""
 
+import os
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -106,3 +108,15 @@ def test_bad_drafter_or_settings_raise(smollm, chat_prompts, random_drafter):
         bad = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg)
         with pytest.raises(ValueError, match=match):
             gen.generate(params, cfg, chat_prompts[:1], max_new_tokens=4, drafter=bad)
+
+
+def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, greedy_reference):
+    from redrafter_jax.checkpoint import load_drafter
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
+    drafter = load_drafter(path, smollm.config)
+    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
+                       spec=SpecConfig(4, 4))
+    assert rows(out) == greedy_reference
+    acc = np.asarray(out.accepted)
+    assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0
