@@ -127,7 +127,7 @@ Command: `{command()}`
 
 {md}
 {sampled}""")
-    plot(points, os.path.join(os.path.dirname(BENCHMARKS_MD), f"{args.section}_sweep.png"))
+    plot(points, os.path.join(os.path.dirname(BENCHMARKS_MD), f"{args.section}.png"))
 
 
 def plot(points, path) -> None:
