@@ -117,10 +117,10 @@ def main(argv=None) -> None:
         sampled = "\nSampling (exact tree walk), " + args.sweep[0] + ", tokens per step:\n\n" + table(
             ["decoding", "tokens/step"], srows) + "\n"
         print(sampled)
-    write_section(args.section, f"""## MT-Bench: speculative vs autoregressive greedy
+    source = "MT-Bench first turns" if not args.prompts else args.prompts
+    write_section(args.section, f"""## MT-Bench: speculative vs autoregressive greedy, {len(prompts)} prompts
 
-{len(prompts)} prompts ({'MT-Bench first turns' if not args.prompts else args.prompts}), {args.max_new_tokens} new
-tokens max, batch 1, float32, drafter `{args.drafter}`. Tokens/step counts the target's bonus token.
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, float32, drafter `{args.drafter}`. Tokens/step counts the target's bonus token.
 Machine: {machine()}.
 
 Command: `{command()}`

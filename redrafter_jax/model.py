@@ -28,8 +28,8 @@ Params = dict
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     hidden: jax.Array  # [B, T, H], last layer after the final norm
-    k: jax.Array  # [layers, B, T, kv_heads, head_dim], the new tokens' keys (not in the cache)
-    v: jax.Array  # [layers, B, T, kv_heads, head_dim]
+    k: jax.Array | None  # [layers, B, T, kv_heads, head_dim], the new tokens' keys (not in the cache);
+    v: jax.Array | None  # [layers, B, T, kv_heads, head_dim]    None from forward_causal
 
 
 def fused_splits(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

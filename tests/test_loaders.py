@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import gguf
 import jax.numpy as jnp

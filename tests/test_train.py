@@ -9,14 +9,13 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
 from tests.tiny import tiny_model
 from train.data import Sequences, batch_at, tokenize_chat
 from train.loss import drafter_loss
-from train.train import TrainConfig, train
+from train.train import TrainConfig, make_optimizer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,6 +75,17 @@ def test_training_reduces_loss(tmp_path):
     assert np.mean(held[-1]["loss"]) < 0.6 * np.mean(held[0]["loss"])
     assert min(held[-1]["accuracy"]) > 0.7  # every head learned the rule (chance: 1/60)
     assert (tmp_path / "training.png").exists() and (tmp_path / "drafter" / "drafter_config.json").exists()
+
+
+def test_a_run_of_one_optimizer_update_trains():
+    # 2 steps accumulated in pairs is a single update: warm-up and cosine decay must still fit
+    opt = make_optimizer(TrainConfig(steps=2, grad_accum=2, lr=0.1))
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    for _ in range(2):
+        updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+    assert np.all(np.asarray(params["w"]) < 1.0)
 
 
 TRAIN_SCRIPT = textwrap.dedent("""

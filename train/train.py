@@ -70,8 +70,13 @@ def most_frequent_tokens(seqs: Sequences, vocab_size: int, n: int, always: tuple
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     updates = max(tc.steps // tc.grad_accum, 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(int(tc.warmup_fraction * updates), 1), updates)
-    opt = optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(schedule, weight_decay=tc.weight_decay))
+    warmup = max(int(tc.warmup_fraction * updates), 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, updates + 1)
+
+    def lr(count):  # shifted by one, so no update gets the zero at the start (a one-update run still trains)
+        return schedule(count + 1)
+
+    opt = optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(lr, weight_decay=tc.weight_decay))
     return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum) if tc.grad_accum > 1 else opt
 
 
