@@ -88,6 +88,17 @@ def test_a_run_of_one_optimizer_update_trains():
     assert np.all(np.asarray(params["w"]) < 1.0)
 
 
+def test_cached_target_hidden_states_train_the_same_drafter(tmp_path):
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    runs = [train(TrainConfig(steps=6, cache_hidden=cache, **TC), dcfg, cfg, tparams, toy_sequences(), None,
+                  str(tmp_path / str(cache)), progress=False) for cache in (False, True)]
+    leaves = [jax.tree_util.tree_leaves(r.params) for r in runs]
+    assert not np.allclose(leaves[0][0], init_drafter(dcfg, jax.random.PRNGKey(0))["resblocks"][0]["b"])
+    for a, b in zip(*leaves):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 TRAIN_SCRIPT = textwrap.dedent("""
     import os, sys
     import jax, numpy as np
@@ -143,11 +154,11 @@ PARALLEL_SCRIPT = textwrap.dedent("""
     tokens, mask = batch_at(toy_sequences(), 0, tc.batch_size, tc.seq_len, 0, 0)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        opt, step, _ = make_steps(tc, dcfg, cfg, Mesh(np.asarray(devices), ("data",)))
+        opt, step, _, _ = make_steps(tc, dcfg, cfg, Mesh(np.asarray(devices), ("data",)))
         dparams = init_drafter(dcfg, jax.random.PRNGKey(0))
         state = init_state(opt, dparams)
         for _ in range(2):
-            state, metrics = step(state, split_frozen(dparams)[1], tparams, tokens, mask)
+            state, metrics = step(state, split_frozen(dparams)[1], tparams, tokens, mask, None)
         results.append((jax.device_get(state["params"]), jax.device_get(metrics)))
     (p1, m1), (p8, m8) = results
     for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):

@@ -151,14 +151,9 @@ def read_shards(directory: str) -> Sequences:
     return Sequences(toks, masks)
 
 
-def batch_at(seqs: Sequences, step: int, batch_size: int, seq_len: int, seed: int, pad_id: int):
-    """The batch of global step `step`: a pure function of (step, seed), so resuming at a step
-    continues the exact data order. Each epoch is a fresh permutation.
-
-    Returns tokens [batch, seq_len] int32 (right-padded with pad_id) and mask [batch, seq_len] int8
-    (0 on padding).
-    """
-    n = len(seqs)
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Sequence indices [batch_size] of global step `step`: a pure function of (step, seed), so resuming
+    at a step continues the exact data order. Each epoch is a fresh permutation."""
     perms: dict[int, np.ndarray] = {}
     idx = []
     for k in range(step * batch_size, (step + 1) * batch_size):
@@ -166,10 +161,21 @@ def batch_at(seqs: Sequences, step: int, batch_size: int, seq_len: int, seed: in
         if epoch not in perms:
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
         idx.append(perms[epoch][pos])
-    tokens = np.full((batch_size, seq_len), pad_id, np.int32)
-    mask = np.zeros((batch_size, seq_len), np.int8)
+    return np.asarray(idx)
+
+
+def pad_rows(seqs: Sequences, idx: np.ndarray, seq_len: int, pad_id: int):
+    """Tokens [len(idx), seq_len] int32 (cut to seq_len, right-padded with pad_id) and mask
+    [len(idx), seq_len] int8 (0 on padding) of the sequences idx."""
+    tokens = np.full((len(idx), seq_len), pad_id, np.int32)
+    mask = np.zeros((len(idx), seq_len), np.int8)
     for r, i in enumerate(idx):
         t = seqs.tokens[i][:seq_len]
         tokens[r, : len(t)] = t
         mask[r, : len(t)] = seqs.masks[i][:seq_len]
     return tokens, mask
+
+
+def batch_at(seqs: Sequences, step: int, batch_size: int, seq_len: int, seed: int, pad_id: int):
+    """The batch of global step `step` (see batch_indices): tokens and mask as in pad_rows."""
+    return pad_rows(seqs, batch_indices(len(seqs), step, batch_size, seed), seq_len, pad_id)

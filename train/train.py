@@ -7,7 +7,8 @@ Data parallel over every visible device (`jax.sharding`, batch split on a "data"
 on one device). AdamW with warm-up + cosine decay and gradient clipping (optax); optional gradient
 accumulation and bfloat16 compute. Orbax checkpoints every --save-every steps (atomic, the last
 --keep kept); rerunning the same command resumes exactly where the last checkpoint left off, since
-the data order is a pure function of (seed, step). Metrics go to <out>/metrics.jsonl and
+the data order is a pure function of (seed, step). --cache-hidden computes the frozen target's
+hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
 <out>/training.png; the final drafter (params + config + how it was trained) to <out>/drafter.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -32,7 +34,7 @@ from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.model import Params, transformer_causal
-from train.data import Sequences, batch_at
+from train.data import Sequences, batch_at, batch_indices, pad_rows
 from train.loss import drafter_loss
 
 
@@ -53,6 +55,9 @@ class TrainConfig:
     keep: int = 3
     eval_every: int = 100
     eval_batches: int = 4
+    # Compute the frozen target's hidden states of all training sequences once (host memory
+    # n x seq_len x H in compute_dtype) instead of at every step: same training, far cheaper epochs.
+    cache_hidden: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 3 or self.num_heads < 1 or self.grad_accum < 1:
@@ -87,31 +92,52 @@ def split_frozen(dparams: Params) -> tuple[Params, Params]:
 
 
 def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, mesh: Mesh):
-    """Jitted (train_step, eval_step); the batch is sharded over the mesh's "data" axis, the rest replicated."""
+    """Jitted (train_step, eval_step, target_hidden); the batch is sharded over the mesh's "data" axis,
+    the rest replicated. The steps take the target's hidden states [B, T, H], or None to compute them."""
     dtype = jnp.dtype(tc.compute_dtype)
     opt = make_optimizer(tc)
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    cast = functools.partial(jax.tree_util.tree_map, lambda x: x.astype(dtype))
 
-    def loss_fn(trainable, frozen, target_params, tokens, mask):
-        target_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), target_params)
-        hidden = jax.lax.stop_gradient(transformer_causal(target_params, target_cfg, tokens))
-        params = {**jax.tree_util.tree_map(lambda x: x.astype(dtype), trainable), **frozen}
-        return drafter_loss(params, dcfg, target_params, hidden, tokens, mask, tc.num_heads)
+    def target_hidden(target_params, tokens):
+        return jax.lax.stop_gradient(transformer_causal(cast(target_params), target_cfg, tokens))
 
-    def train_step(state, frozen, target_params, tokens, mask):
+    def loss_fn(trainable, frozen, target_params, tokens, mask, hidden):
+        if hidden is None:
+            hidden = target_hidden(target_params, tokens)
+        return drafter_loss({**cast(trainable), **frozen}, dcfg, cast(target_params), hidden, tokens, mask,
+                            tc.num_heads)
+
+    def train_step(state, frozen, target_params, tokens, mask, hidden):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], frozen, target_params, tokens, mask)
+            state["params"], frozen, target_params, tokens, mask, hidden)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def eval_step(params, frozen, target_params, tokens, mask):
-        return loss_fn(params, frozen, target_params, tokens, mask)[1]
+        return loss_fn(params, frozen, target_params, tokens, mask, None)[1]
 
-    train = jax.jit(train_step, in_shardings=(rep, rep, rep, data, data), out_shardings=(rep, rep),
+    train = jax.jit(train_step, in_shardings=(rep, rep, rep, data, data, data), out_shardings=(rep, rep),
                     donate_argnums=(0,))
     evaluate = jax.jit(eval_step, in_shardings=(rep, rep, rep, data, data), out_shardings=rep)
-    return opt, train, evaluate
+    hidden = jax.jit(target_hidden, in_shardings=(rep, data), out_shardings=data)
+    return opt, train, evaluate, hidden
+
+
+def cache_hidden_states(target_hidden, target_params, seqs: Sequences, tc: TrainConfig, pad_id: int,
+                        progress: bool = True) -> np.ndarray:
+    """The target's hidden states [n, seq_len, H] of every sequence, padded as in training batches."""
+    n = len(seqs)
+    out = None
+    for i in tqdm(range(0, n, tc.batch_size), desc="target hidden states", disable=not progress):
+        idx = np.arange(i, i + tc.batch_size) % n  # full batches keep one compiled shape
+        h = np.asarray(target_hidden(target_params, pad_rows(seqs, idx, tc.seq_len, pad_id)[0]))
+        if out is None:
+            out = np.empty((n,) + h.shape[1:], h.dtype)
+        keep = min(tc.batch_size, n - i)
+        out[i:i + keep] = h[:keep]
+    return out
 
 
 def init_state(opt, dparams: Params) -> dict:
@@ -156,7 +182,8 @@ def plot_metrics(path_jsonl: str, path_png: str) -> None:
     a.legend()
     b.set_xlabel("step")
     b.set_ylabel("held-out top-1 accuracy")
-    b.legend()
+    if held:
+        b.legend()
     fig.tight_layout()
     fig.savefig(path_png, dpi=110)
     plt.close(fig)
@@ -171,7 +198,7 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     if tc.batch_size % len(devices):
         raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {len(devices)} devices")
     mesh = Mesh(np.asarray(devices), ("data",))
-    opt, train_step, evaluate = make_steps(tc, dcfg, target_cfg, mesh)
+    opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh)
     dparams = init_drafter(dcfg, jax.random.PRNGKey(tc.seed), None if vocab_map is None else jnp.asarray(vocab_map))
     state = init_state(opt, dparams)
     _, frozen = split_frozen(dparams)
@@ -192,21 +219,25 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         frozen = {k: jnp.asarray(v, jnp.int32) for k, v in saved.get("frozen", {}).items()}
     state = jax.device_put(state, NamedSharding(mesh, P()))
 
-    log_path = os.path.join(out_dir, "metrics.jsonl")
     start = int(state["step"])
+    pad = target_cfg.pad_token_id
+    cached = (cache_hidden_states(target_hidden, target_params, train_seqs, tc, pad, progress)
+              if tc.cache_hidden and start < tc.steps else None)
+    log_path = os.path.join(out_dir, "metrics.jsonl")
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
     with open(log_path, "a") as log:
         for step in bar:
-            tokens, mask = batch_at(train_seqs, step, tc.batch_size, tc.seq_len, tc.seed, target_cfg.pad_token_id)
-            state, metrics = train_step(state, frozen, target_params, tokens, mask)
+            idx = batch_indices(len(train_seqs), step, tc.batch_size, tc.seed)
+            tokens, mask = pad_rows(train_seqs, idx, tc.seq_len, pad)
+            state, metrics = train_step(state, frozen, target_params, tokens, mask,
+                                        None if cached is None else cached[idx])
             done = step + 1
             if done % 10 == 0 or done == tc.steps:
                 m = _to_host(metrics)
                 log.write(json.dumps({"step": done, "split": "train", **m}) + "\n")
                 bar.set_postfix(loss=f"{np.mean(m['loss']):.3f}", acc0=f"{m['accuracy'][0]:.3f}")
             if eval_seqs is not None and (done % tc.eval_every == 0 or done == tc.steps):
-                e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc,
-                                   target_cfg.pad_token_id)
+                e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc, pad)
                 log.write(json.dumps({"step": done, "split": "eval", **e}) + "\n")
             if done % tc.save_every == 0 or done == tc.steps:
                 log.flush()
@@ -236,9 +267,13 @@ def main(argv=None) -> None:
     p.add_argument("--max-conversations", type=int, default=None, help="ShareGPT conversations to read")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     for f in dataclasses.fields(TrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not dataclasses.MISSING
-                       else int, default=f.default if f.default is not dataclasses.MISSING else None,
-                       required=f.default is dataclasses.MISSING)
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            p.add_argument(flag, type=int, required=True)
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
     p.add_argument("--resblocks", type=int, default=2)
     p.add_argument("--no-rnn", action="store_true")
     p.add_argument("--exit-dim", type=int, default=None)
