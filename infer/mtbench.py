@@ -75,7 +75,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sweep", nargs="+", default=["4x4"], help="W x L[:tree budget] settings")
     p.add_argument("--temperatures", type=float, nargs="*", default=[], help="also sample at these (first setting)")
-    p.add_argument("--section", default="mtbench", help="section name in docs/benchmarks.md")
+    p.add_argument("--section", default="mtbench", help="section name in the report")
+    p.add_argument("--report", default=BENCHMARKS_MD, help="markdown file the section goes to (plot beside it)")
     args = p.parse_args(argv)
 
     model = load_model(args)
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
             ["decoding", "tokens/step"], srows) + "\n"
         print(sampled)
     source = "MT-Bench first turns" if not args.prompts else args.prompts
-    write_section(args.section, f"""## MT-Bench: speculative vs autoregressive greedy, {len(prompts)} prompts
+    write_section(args.section, path=args.report, body=f"""## MT-Bench: speculative vs autoregressive greedy, {len(prompts)} prompts
 
 {len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, float32, drafter `{args.drafter}`. Tokens/step counts the target's bonus token.
 Machine: {machine()}.
@@ -127,7 +128,7 @@ Command: `{command()}`
 
 {md}
 {sampled}""")
-    plot(points, os.path.join(os.path.dirname(BENCHMARKS_MD), f"{args.section}.png"))
+    plot(points, os.path.join(os.path.dirname(os.path.abspath(args.report)), f"{args.section}.png"))
 
 
 def plot(points, path) -> None:
