@@ -95,6 +95,7 @@ def main(argv=None) -> None:
     n_tokens = sum(len(o) for o in ar)
     rows, points = [], []
     for spec in specs:
+        jax.clear_caches()  # one executable per (setting, prompt bucket): free the last setting's
         warm(drafter=drafter, spec=spec)
         outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {args.sweep[specs.index(spec)]}"),
                                   args.max_new_tokens, drafter=drafter, spec=spec)
@@ -112,6 +113,7 @@ def main(argv=None) -> None:
     if args.temperatures:
         srows = [["greedy", points[0][1]]]
         for temp in args.temperatures:
+            jax.clear_caches()
             _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens, drafter=drafter,
                                 spec=specs[0], sampling=SamplingConfig(temp), key=jax.random.PRNGKey(0))
             srows.append([f"T = {temp}", 1 + np.concatenate(acc).mean()])
