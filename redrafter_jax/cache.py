@@ -1,9 +1,12 @@
 """Fixed-shape KV cache with per-row lengths.
 
 Rows of a batch hold sequences of different lengths; each row's valid entries are positions
-[0, lengths[b]). The cache slot index of a token equals its position id, so a key's position is its
-slot index. Nothing is ever written at a slot >= max_len: `write` drops such writes under `jit`, and
-callers (`generate`) check capacity on the host before any compiled loop starts.
+[0, lengths[b]). The cache slot index of a valid token equals its position id. A forward pass writes
+its T new tokens' K/V at slots lengths[b] .. lengths[b]+T-1 before attending, without making them
+valid: the caller then validates some (`commit`) or writes others over them (`write`). Writing first,
+then reading, lets XLA update the loop-carried cache in place; reading the old cache and writing
+afterwards costs a copy of the whole cache per step. Nothing is ever written at a slot >= max_len:
+writes past it are dropped under `jit`, and callers size the cache so that cannot happen.
 """
 
 from __future__ import annotations
@@ -40,40 +43,57 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
 
 def attention_mask(cache: KVCache, positions: jax.Array, new_mask: jax.Array,
                    sliding_window: int | None = None) -> jax.Array:
-    """Mask over (cache slots + new tokens) for new tokens at `positions`.
+    """Mask over the cache slots for T new tokens written at slots lengths[b] .. lengths[b]+T-1.
 
     positions: [B, T] position ids of the new tokens; new_mask: [B, T, T] or [T, T] bool, which new
     tokens each new token sees (causal for plain decoding, a tree mask for verification).
-    Returns [B, T, max_len + T] bool.
+    Returns [B, T, max_len] bool: every valid slot, plus the new tokens' slots as new_mask allows.
     """
     b, t = positions.shape
-    slot = jnp.arange(cache.max_len)
-    cache_mask = slot[None, None, :] < cache.lengths[:, None, None]  # [B, 1, S]
-    if sliding_window is not None:
-        cache_mask = cache_mask & (positions[:, :, None] - slot[None, None, :] < sliding_window)
-        new_pos_ok = positions[:, :, None] - positions[:, None, :] < sliding_window
-        new_mask = new_mask & new_pos_ok
-    cache_mask = jnp.broadcast_to(cache_mask, (b, t, cache.max_len))
-    new_mask = jnp.broadcast_to(new_mask, (b, t, t))
-    return jnp.concatenate([cache_mask, new_mask], axis=-1)
+    slot = jnp.arange(cache.max_len)[None, :]  # [1, S]
+    j = slot - cache.lengths[:, None]  # [B, S] which new token a slot holds, if 0 <= j < T
+    is_new = (j >= 0) & (j < t)
+    jc = jnp.broadcast_to(jnp.clip(j, 0, t - 1)[:, None, :], (b, t, cache.max_len))
+    sees_new = jnp.take_along_axis(jnp.broadcast_to(new_mask, (b, t, t)), jc, axis=-1)
+    mask = (j < 0)[:, None, :] | (is_new[:, None, :] & sees_new)
+    if sliding_window is not None:  # a cached key's position is its slot; a new one's is in `positions`
+        key_pos = jnp.where(is_new, jnp.take_along_axis(positions, jc[:, 0], axis=1), slot)
+        mask = mask & (positions[:, :, None] - key_pos[:, None, :] < sliding_window)
+    return mask
+
+
+def check_room(cache: KVCache, num_new: jax.Array | int) -> None:
+    """Raises if writing num_new [B] entries would pass max_len. Only with concrete values: under `jit`
+    the callers size the cache so that it cannot happen (`decode.cache_len`)."""
+    if isinstance(cache.lengths, jax.core.Tracer) or isinstance(num_new, jax.core.Tracer):
+        return
+    need = int(jnp.max(cache.lengths + num_new))
+    if need > cache.max_len:
+        raise ValueError(f"KV cache overflow: writing would need {need} slots but max_len is {cache.max_len}")
+
+
+def scatter_rows(buf: jax.Array, new: jax.Array, lengths: jax.Array, layer: int | None = None) -> jax.Array:
+    """buf [layers, B, S, kv_heads, head_dim] with new [layers, B, T, kv_heads, head_dim] (or, given
+    `layer`, new [B, T, kv_heads, head_dim] for that layer) written at slots lengths[b] ..
+    lengths[b]+T-1 of each row. Writes past S are dropped, never clamped onto valid slots."""
+    rows = jnp.arange(buf.shape[1])[:, None]
+    slots = lengths[:, None] + jnp.arange(new.shape[-3])[None, :]  # [B, T]
+    lead = slice(None) if layer is None else layer
+    return buf.at[lead, rows, slots].set(new.astype(buf.dtype), mode="drop")
 
 
 def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, num_new: jax.Array) -> KVCache:
-    """Writes k_new/v_new [layers, B, T, kv_heads, head_dim] at slots lengths[b] .. lengths[b]+T-1.
-
-    All T entries are written (fixed shape); only the first num_new[b] become valid, so the rest are
-    scratch that later writes overwrite. Writes past max_len are dropped, never clamped onto valid
-    slots. Called eagerly, it raises before such a write.
-    """
-    t = k_new.shape[2]
+    """Writes k_new/v_new [layers, B, T, kv_heads, head_dim] at slots lengths[b] .. lengths[b]+T-1 and
+    makes the first num_new[b] of them valid; the rest are scratch that later writes overwrite.
+    Called eagerly, it raises before a write past max_len."""
     num_new = jnp.asarray(num_new, jnp.int32)
-    if not isinstance(cache.lengths, jax.core.Tracer) and not isinstance(num_new, jax.core.Tracer):
-        need = int(jnp.max(cache.lengths + num_new))
-        if need > cache.max_len:
-            raise ValueError(f"KV cache overflow: writing would need {need} slots but max_len is "
-                             f"{cache.max_len}")
-    rows = jnp.arange(cache.batch_size)[:, None]
-    slots = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    k = cache.k.at[:, rows, slots].set(k_new.astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, rows, slots].set(v_new.astype(cache.v.dtype), mode="drop")
-    return KVCache(k=k, v=v, lengths=cache.lengths + num_new)
+    check_room(cache, num_new)
+    return KVCache(k=scatter_rows(cache.k, k_new, cache.lengths), v=scatter_rows(cache.v, v_new, cache.lengths),
+                   lengths=cache.lengths + num_new)
+
+
+def commit(cache: KVCache, num_new: jax.Array) -> KVCache:
+    """Makes the first num_new[b] entries that the last forward pass wrote valid."""
+    num_new = jnp.asarray(num_new, jnp.int32)
+    check_room(cache, num_new)
+    return cache.replace(lengths=cache.lengths + num_new)

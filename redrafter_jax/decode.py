@@ -74,8 +74,8 @@ def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Ar
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     causal = jnp.tril(jnp.ones((p, p), bool))
     mask = kv.attention_mask(cache, positions, causal, cfg.sliding_window)
-    hidden, k, v = transformer(params, cfg, prompts, positions, cache, mask)
-    cache = kv.write(cache, k, v, prompt_lengths)
+    hidden, cache, _, _ = transformer(params, cfg, prompts, positions, cache, mask)
+    cache = kv.commit(cache, prompt_lengths)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     return cache, last, lm_head(params, last)
 
@@ -84,9 +84,9 @@ def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: 
           key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int, stream: StreamFn | None):
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
-    write_len: slots one decode step writes. The cache lives inside the compiled program: as a
-    while-loop carry, XLA updates it in place. Returns (cache, emitted, first token [B], hidden state
-    [B, H] that produced it, key).
+    write_len: slots one decode step writes (its forward's new tokens). The cache lives inside the
+    compiled program: as a while-loop carry, XLA updates it in place. Returns (cache, emitted, first
+    token [B], hidden state [B, H] that produced it, key).
     """
     b = prompts.shape[0]
     cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len))

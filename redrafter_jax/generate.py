@@ -46,7 +46,7 @@ def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelC
         positions = s.cache.lengths[:, None]
         mask = kv.attention_mask(s.cache, positions, step_mask, cfg.sliding_window)
         f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
-        cache = kv.write(s.cache, f.k, f.v, (~s.out.done).astype(jnp.int32))
+        cache = kv.commit(f.cache, (~s.out.done).astype(jnp.int32))
         key, sub = jax.random.split(s.key)
         nxt = select(sub, f.logits[:, 0], sampling)
         out, n = emit(s.out, nxt[:, None], ones, cfg.eos_token_ids)
@@ -81,7 +81,7 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
     b = prompts.shape[0]
     w, length, budget = spec.beam_width, spec.beam_length, spec.budget
     cache, out, first, context, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling,
-                                            max_new_tokens, length, stream)
+                                            max_new_tokens, budget, stream)
 
     apple = spec.acceptance == "apple_biased" and not sampling.greedy
 
@@ -98,11 +98,12 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
         else:  # the target's argmax, or one sample per tree node: the exact tree walk
             acc = accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(sub, f.logits, sampling))
         path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
-        # Commit the init token and the accepted tokens: K/V of path[:, :n+1] at each row's own offset.
+        # Commit the init token and the accepted tokens: K/V of path[:, :n+1] moved to each row's own
+        # offset, over the tree's scratch slots.
         k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
         v = jnp.moveaxis(_take_rows(jnp.moveaxis(f.v, 0, 1), path, axis=2), 1, 0)
         keep = acc.num_accepted + 1
-        cache = kv.write(s.cache, k, v, jnp.where(s.out.done, 0, keep))
+        cache = kv.write(f.cache, k, v, jnp.where(s.out.done, 0, keep))
         out, n = emit(s.out, acc.tokens, keep, cfg.eos_token_ids)
         stream_tokens(stream, acc.tokens, n)
         last = _take_rows(path, acc.num_accepted[:, None], axis=1)[:, 0]  # slot of the bonus token's parent

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from redrafter_jax.cache import KVCache, attention_mask, init_cache
+from redrafter_jax import cache as kv
+from redrafter_jax.cache import KVCache
 from redrafter_jax.config import ModelConfig
 
 Params = dict
@@ -28,8 +29,9 @@ Params = dict
 class ForwardOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     hidden: jax.Array  # [B, T, H], last layer after the final norm
-    k: jax.Array | None  # [layers, B, T, kv_heads, head_dim], the new tokens' keys (not in the cache);
-    v: jax.Array | None  # [layers, B, T, kv_heads, head_dim]    None from forward_causal
+    cache: KVCache | None  # holding the new K/V past each row's length (not yet valid)
+    k: jax.Array | None  # [layers, B, T, kv_heads, head_dim], the new tokens' keys;
+    v: jax.Array | None  # [layers, B, T, kv_heads, head_dim]  these three None from forward_causal
 
 
 def fused_splits(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -99,38 +101,35 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _attention(q, k_cache, v_cache, k_new, v_new, mask):
-    """Grouped-query attention of new queries over (cache + new keys), without concatenating the cache.
+def _attention(q, k_cache, v_cache, mask):
+    """Grouped-query attention of new queries over the cache (which already holds the new keys).
 
-    q: [B, T, nh, D]; k_cache/v_cache: [B, S, nkv, D]; k_new/v_new: [B, T, nkv, D];
-    mask: [B, T, S + T] bool. Returns [B, T, nh, D].
+    q: [B, T, nh, D]; k_cache/v_cache: [B, S, nkv, D]; mask: [B, T, S] bool. Returns [B, T, nh, D].
     """
     b, t, nh, d = q.shape
-    nkv, s = k_new.shape[2], k_cache.shape[1]
+    nkv = k_cache.shape[2]
     q = q.reshape(b, t, nkv, nh // nkv, d) * (d ** -0.5)
-    sc = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-    sn = jnp.einsum("btkgd,bskd->bkgts", q, k_new, preferred_element_type=jnp.float32)
-    scores = jnp.concatenate([sc, sn], axis=-1)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], v_cache)
-           + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new))
-    return out.reshape(b, t, nh, d)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(b, t, nh, d)
 
 
 def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                 cache: KVCache, mask: jax.Array):
     """The decoder stack without the LM head.
 
-    tokens, positions: [B, T] int32; mask: [B, T, max_len + T] bool (see cache.attention_mask).
-    Returns hidden [B, T, H] after the final norm, and the new tokens' k, v
-    [layers, B, T, kv_heads, head_dim]. The cache is only read.
+    tokens, positions: [B, T] int32; mask: [B, T, max_len] bool (see cache.attention_mask).
+    Each layer writes the new tokens' K/V into the cache at slots lengths[b] .. lengths[b]+T-1, then
+    attends. Returns hidden [B, T, H] after the final norm, the cache holding the new K/V (lengths
+    unchanged: nothing is made valid), and the new k, v [layers, B, T, kv_heads, head_dim].
     """
     b, t = tokens.shape
     nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kv.check_room(cache, t)
     inv_freq = cfg.rope_inv_freq()
     x = params["embed"][tokens]
-    ks, vs = [], []
+    ck, cv, ks, vs = cache.k, cache.v, [], []
     for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = h @ p["wqkv"]
@@ -140,14 +139,17 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         q = apply_rope(q.reshape(b, t, nh, d), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, nkv, d), positions, inv_freq)
         v = v.reshape(b, t, nkv, d)
-        attn = _attention(q, cache.k[i], cache.v[i], k, v, mask)
+        ck = kv.scatter_rows(ck, k, cache.lengths, layer=i)
+        cv = kv.scatter_rows(cv, v, cache.lengths, layer=i)
+        attn = _attention(q, ck[i], cv[i], mask)
         x = x + attn.reshape(b, t, nh * d) @ p["wo"]
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
         x = x + (jax.nn.silu(gate) * up) @ p["w_down"]
         ks.append(k)
         vs.append(v)
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), jnp.stack(ks), jnp.stack(vs)
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return hidden, cache.replace(k=ck, v=cv), jnp.stack(ks), jnp.stack(vs)
 
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
@@ -158,21 +160,22 @@ def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, mask: jax.Array) -> ForwardOutput:
-    """Full forward: logits and hidden states for every new token, plus their K/V."""
-    hidden, k, v = transformer(params, cfg, tokens, positions, cache, mask)
-    return ForwardOutput(lm_head(params, hidden), hidden, k, v)
+    """Full forward: logits and hidden states for every new token, the cache holding their K/V, and
+    their K/V."""
+    hidden, cache, k, v = transformer(params, cfg, tokens, positions, cache, mask)
+    return ForwardOutput(lm_head(params, hidden), hidden, cache, k, v)
 
 
 def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Hidden states [B, T, H] of whole sequences [B, T] from position 0: plain causal, no cache."""
+    """Hidden states [B, T, H] of whole sequences [B, T] from position 0: plain causal, no cache kept."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    empty = init_cache(cfg, b, 0)
-    mask = attention_mask(empty, positions, jnp.tril(jnp.ones((t, t), bool)), cfg.sliding_window)
-    return transformer(params, cfg, tokens, positions, empty, mask)[0]
+    scratch = kv.init_cache(cfg, b, t)
+    mask = kv.attention_mask(scratch, positions, jnp.tril(jnp.ones((t, t), bool)), cfg.sliding_window)
+    return transformer(params, cfg, tokens, positions, scratch, mask)[0]
 
 
 def forward_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> ForwardOutput:
-    """Logits and hidden states of whole sequences [B, T] (no cache; k and v are not returned)."""
+    """Logits and hidden states of whole sequences [B, T] (no cache; it and k, v are not returned)."""
     hidden = transformer_causal(params, cfg, tokens)
-    return ForwardOutput(lm_head(params, hidden), hidden, None, None)
+    return ForwardOutput(lm_head(params, hidden), hidden, None, None, None)

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from redrafter_jax.cache import attention_mask, init_cache, write
+from redrafter_jax.cache import attention_mask, commit, init_cache, write
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
+from tests.tiny import TINY as TINY_CFG
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n if n < 2 else",
          "Paris is the capital of"]
@@ -59,9 +60,40 @@ def test_cached_decoding_matches_full_forward(smollm):
         pos = jnp.arange(lo, hi)[None]
         mask = attention_mask(cache, pos, jnp.tril(jnp.ones((hi - lo, hi - lo), bool)))
         f = forward(params, cfg, ids[:, lo:hi], pos, cache, mask)
-        cache = write(cache, f.k, f.v, jnp.asarray([hi - lo]))
+        cache = commit(f.cache, jnp.asarray([hi - lo]))
         outs.append(f.logits[0])
-    np.testing.assert_allclose(np.concatenate(outs), full, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.concatenate(outs), full, atol=2e-4, rtol=0)  # logits ~20: float32 sums
+    with pytest.raises(ValueError, match=f"KV cache overflow: writing would need {t + 30} slots but max_len is 32"):
+        forward(params, cfg, jnp.zeros((1, 30), jnp.int32), jnp.arange(t, t + 30)[None], cache,
+                attention_mask(cache, jnp.arange(t, t + 30)[None], jnp.tril(jnp.ones((30, 30), bool))))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_attention_mask_over_cache_and_tree_matches_reference(seed):
+    """New tokens sit at slots lengths[b] + j but at their own (tree) positions; a sliding window
+    counts positions, not slots."""
+    rng = np.random.default_rng(seed)
+    b, t, s = 3, int(rng.integers(1, 6)), 16
+    lengths = rng.integers(0, s - t + 1, b)
+    parent = [-1] + [int(rng.integers(0, j)) for j in range(1, t)]  # a random tree, nodes in depth order
+    depth, tree = np.zeros(t, int), np.eye(t, dtype=bool)
+    for j in range(1, t):
+        depth[j], tree[j] = depth[parent[j]] + 1, tree[parent[j]] | np.eye(t, dtype=bool)[j]
+    positions = lengths[:, None] + depth[None]
+    window = None if seed % 3 == 0 else int(rng.integers(1, 5))
+    cache = init_cache(TINY_CFG, b, s).replace(lengths=jnp.asarray(lengths, jnp.int32))
+    got = np.asarray(attention_mask(cache, jnp.asarray(positions, jnp.int32), jnp.asarray(tree), window))
+    want = np.zeros((b, t, s), bool)
+    for r, i, slot in np.ndindex(b, t, s):
+        j = slot - lengths[r]
+        if j < 0:
+            key_pos, seen = slot, True
+        elif j < t:
+            key_pos, seen = positions[r, j], tree[i, j]
+        else:
+            continue
+        want[r, i, slot] = seen and (window is None or positions[r, i] - key_pos < window)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_cache_never_writes_past_max_len(smollm):
