@@ -146,6 +146,7 @@ def bench_spec(args) -> None:
     # cache is donated, as the decode loop updates it in place.
     state = {"cache": kv.init_cache(cfg, 1, args.context + 128).replace(
         lengths=jnp.full((1,), args.context, jnp.int32))}
+
     @functools.partial(jax.jit, donate_argnums=1)
     def verify(p, c, toks, pos, mask):
         f = forward(p, cfg, toks, pos, c, mask)

@@ -69,22 +69,25 @@ def run_all(model, prompts, max_new, **kw):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--drafter", required=True, help="drafter checkpoint directory")
+    p.add_argument("--drafter", nargs="+", required=True, help="drafter checkpoint directories (several: compared)")
     p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 first turns)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sweep", nargs="+", default=["4x4"], help="W x L[:tree budget] settings")
-    p.add_argument("--temperatures", type=float, nargs="*", default=[], help="also sample at these (first setting)")
+    p.add_argument("--temperatures", type=float, nargs="*", default=[],
+                   help="also sample at these (first drafter and setting)")
     p.add_argument("--section", default="mtbench", help="section name in the report")
+    p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     p.add_argument("--report", default=BENCHMARKS_MD, help="markdown file the section goes to (plot beside it)")
     args = p.parse_args(argv)
 
     model = load_model(args)
-    drafter = load_drafter(args.drafter, model.config)
+    drafters = {path: load_drafter(path, model.config) for path in args.drafter}
     texts = load_prompts(args.prompts)[: args.limit]
     prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    specs = [parse_spec(s) for s in args.sweep]
+    specs = dict(zip(args.sweep, map(parse_spec, args.sweep)))
     by_bucket = {round_up(len(q), 32): q for q in prompts}
+    several = len(drafters) > 1
 
     def warm(**kw):
         for q in by_bucket.values():
@@ -94,36 +97,45 @@ def main(argv=None) -> None:
     ar, ar_secs, _ = run_all(model, tqdm(prompts, desc="autoregressive"), args.max_new_tokens)
     n_tokens = sum(len(o) for o in ar)
     rows, points = [], []
-    for spec in specs:
-        jax.clear_caches()  # one executable per (setting, prompt bucket): free the last setting's
-        warm(drafter=drafter, spec=spec)
-        outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {args.sweep[specs.index(spec)]}"),
-                                  args.max_new_tokens, drafter=drafter, spec=spec)
-        diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
-        gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
-        acc_all = np.concatenate(acc)
-        speedup = ar_secs.sum() / secs.sum()
-        rows.append([f"{spec.beam_width}x{spec.beam_length}", spec.budget, 1 + acc_all.mean(), n_tokens / ar_secs.sum(),
-                     sum(map(len, outs)) / secs.sum(), speedup,
-                     f"{len(prompts) - len(diffs)}/{len(prompts)}" + (f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})" if diffs else "")])
-        points.append((spec, 1 + acc_all.mean(), speedup))
-    md = table(["W x L", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s", "speedup", "identical outputs"], rows)
+    for path, drafter in drafters.items():
+        for name, spec in specs.items():
+            jax.clear_caches()  # one executable per (setting, prompt bucket): free the last setting's
+            warm(drafter=drafter, spec=spec)
+            outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {name}"), args.max_new_tokens,
+                                      drafter=drafter, spec=spec)
+            diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
+            gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
+            tokens_per_step = 1 + np.concatenate(acc).mean()
+            speedup = ar_secs.sum() / secs.sum()
+            same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
+            if diffs:
+                same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
+            rows.append([path] * several + [name.split(":")[0], spec.budget, tokens_per_step,
+                                             n_tokens / ar_secs.sum(), sum(map(len, outs)) / secs.sum(), speedup, same])
+            label = f"{spec.beam_width}x{spec.beam_length}/{spec.budget}"
+            points.append((f"{os.path.normpath(path)} {label}" if several else label, tokens_per_step, speedup))
+    md = table(["drafter"] * several + ["W x L", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s",
+                                        "speedup", "identical outputs"], rows)
     print(md)
     sampled = ""
     if args.temperatures:
-        srows = [["greedy", points[0][1]]]
+        first_path, first_drafter = next(iter(drafters.items()))
+        first_name, first_spec = next(iter(specs.items()))
+        srows = [["greedy", rows[0][2 + several]]]
         for temp in args.temperatures:
             jax.clear_caches()
-            _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens, drafter=drafter,
-                                spec=specs[0], sampling=SamplingConfig(temp), key=jax.random.PRNGKey(0))
+            _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens,
+                                drafter=first_drafter, spec=first_spec, sampling=SamplingConfig(temp),
+                                key=jax.random.PRNGKey(0))
             srows.append([f"T = {temp}", 1 + np.concatenate(acc).mean()])
-        sampled = "\nSampling (exact tree walk), " + args.sweep[0] + ", tokens per step:\n\n" + table(
-            ["decoding", "tokens/step"], srows) + "\n"
+        sampled = (f"\nSampling (exact tree walk), {first_name}" + (f", {first_path}" if several else "")
+                   + ", tokens per step:\n\n" + table(["decoding", "tokens/step"], srows) + "\n")
         print(sampled)
     source = "MT-Bench first turns" if not args.prompts else args.prompts
-    write_section(args.section, path=args.report, body=f"""## MT-Bench: speculative vs autoregressive greedy, {len(prompts)} prompts
+    title = args.title or f"{'MT-Bench' if not args.prompts else args.prompts}: speculative vs autoregressive greedy"
+    write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, float32, drafter `{args.drafter}`. Tokens/step counts the target's bonus token.
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, float32, drafter{'s' * several} {', '.join(f'`{d}`' for d in drafters)}. Tokens/step counts the target's bonus token.
 Machine: {machine()}.
 
 Command: `{command()}`
@@ -140,13 +152,13 @@ def plot(points, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for spec, tps, speedup in points:
+    for label, tps, speedup in points:
         ax.scatter(tps, speedup)
-        ax.annotate(f"{spec.beam_width}x{spec.beam_length}/{spec.budget}", (tps, speedup), fontsize=8)
+        ax.annotate(label, (tps, speedup), fontsize=8)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("tokens per step")
     ax.set_ylabel("speedup over autoregressive")
-    ax.set_title("MT-Bench sweep (W x L / tree slots)")
+    ax.set_title("speculative decoding (W x L / tree slots)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

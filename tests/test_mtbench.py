@@ -3,7 +3,13 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+
 from infer.mtbench import load_prompts, main, parse_spec
+from redrafter_jax.checkpoint import save_drafter
+from redrafter_jax.config import DrafterConfig
+from redrafter_jax.drafter import Drafter, init_drafter
 
 DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
 
@@ -18,15 +24,21 @@ def test_sweep_settings_parse_with_and_without_budget():
     assert parse_spec("2x3").budget == 1 + 2 * 2
 
 
-def test_run_on_a_prompt_file_reports_identical_outputs(tmp_path, smollm_path):
+def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Name three primary colors."}) + "\n"
                        + json.dumps({"turns": ["What is 2 + 2?", "And 3 + 3?"]}) + "\n")
+    # a second drafter of another shape: untrained, projected to 64, a 256-token draft vocabulary
+    dcfg = DrafterConfig(hidden_size=576, vocab_size=49152, exit_dim=64, draft_vocab_size=256)
+    other = str(tmp_path / "other")
+    save_drafter(other, Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), jnp.arange(256) * 7), dcfg))
     report = tmp_path / "bench.md"
-    main(["--gguf", smollm_path, "--drafter", DRAFTER, "--prompts", str(prompts), "--max-new-tokens", "10",
-          "--sweep", "1x3", "2x3:4", "--section", "small", "--report", str(report)])
+    main(["--gguf", smollm_path, "--drafter", DRAFTER, other, "--prompts", str(prompts), "--max-new-tokens", "10",
+          "--sweep", "1x3", "2x3:4", "--section", "small", "--title", "Small run", "--report", str(report)])
     text = report.read_text()
-    assert "<!-- small:begin -->" in text and "2 prompts" in text
-    rows = [line for line in text.splitlines() if line.startswith("| 1x3") or line.startswith("| 2x3")]
-    assert len(rows) == 2 and all(line.rstrip(" |").endswith("2/2") for line in rows), rows
+    assert "<!-- small:begin -->" in text and "## Small run" in text and "2 prompts" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith((f"| {DRAFTER}", f"| {other}"))]
+    assert [(r[0].strip("| "), r[1], r[2]) for r in rows] == [(d, wl, slots) for d in (DRAFTER, other)
+                                                              for wl, slots in (("1x3", "3"), ("2x3", "4"))]
+    assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
     assert (tmp_path / "small.png").exists()

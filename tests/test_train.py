@@ -15,7 +15,7 @@ from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
 from tests.tiny import tiny_model
 from train.data import Sequences, batch_at, tokenize_chat
 from train.loss import drafter_loss
-from train.train import TrainConfig, make_optimizer, train
+from train.train import TrainConfig, make_optimizer, most_frequent_tokens, train, vocab_coverage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,6 +183,31 @@ def test_batches_are_a_pure_function_of_step_and_seed():
     assert (a[0][:, 24:] == 0).all() and (a[1][:, 24:] == 0).all()  # padding is masked
     epoch = np.concatenate([batch_at(seqs, s, 5, 24, 5, 0)[0][:, 0] for s in range(2)])
     assert sorted(epoch.tolist()) == sorted(t[0] for t in seqs.tokens)  # an epoch visits each sequence once
+
+
+def test_draft_vocabulary_keeps_the_most_frequent_targets_and_counts_its_coverage():
+    # targets (mask 1): 5 x3, 7 x2, 9 x1, 4 x1; token 1 only ever in the prompt, 3 forced in (EOS)
+    seqs = Sequences([np.asarray([1, 5, 5, 7, 9], np.int32), np.asarray([1, 1, 5, 7, 4], np.int32)],
+                     [np.asarray([0, 1, 1, 1, 1], np.int8), np.asarray([0, 0, 1, 1, 1], np.int8)])
+    vocab = most_frequent_tokens(seqs, 12, 3, always=(3,))
+    assert vocab.tolist() == [3, 5, 7]
+    assert vocab_coverage(seqs, vocab, 12) == 5 / 7
+    assert vocab_coverage(seqs, np.arange(12), 12) == 1.0
+
+
+def test_distillation_prompts_are_written_as_benchmark_prompts(tmp_path, smollm):
+    from infer.mtbench import load_prompts
+    from train.data import first_prompts, write_prompts
+
+    convs = [{"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello"}]},
+             {"conversations": [{"from": "gpt", "value": "I speak first"}, {"from": "human", "value": "x " * 400}]},
+             {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Why?"}]}]
+    kept = first_prompts(smollm.tokenizer, convs, max_prompt_len=64)
+    assert [t for t, _ in kept] == ["Hi there", "Why?"]  # the over-long first user turn is skipped
+    assert kept[0][1] == smollm.tokenizer.encode_chat([{"role": "user", "content": "Hi there"}])
+    write_prompts(str(tmp_path / "prompts.jsonl"), [t for t, _ in kept])
+    assert load_prompts(str(tmp_path / "prompts.jsonl")) == ["Hi there", "Why?"]
+    assert os.listdir(tmp_path) == ["prompts.jsonl"]  # no temporary file left
 
 
 def test_assistant_mask_covers_exactly_the_replies(smollm):

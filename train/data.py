@@ -114,8 +114,8 @@ def dataset_sequences(tokenizer: Tokenizer, conversations: list[dict], max_len: 
 
 
 def first_prompts(tokenizer: Tokenizer, conversations: list[dict], max_prompt_len: int,
-                  limit: int | None = None) -> list[list[int]]:
-    """The first user turn of each conversation as a chat prompt (too long ones skipped), at most `limit`."""
+                  limit: int | None = None) -> list[tuple[str, list[int]]]:
+    """(text, chat prompt ids) of each conversation's first user turn (too long ones skipped), at most `limit`."""
     out = []
     for c in conversations:
         if limit is not None and len(out) >= limit:
@@ -125,8 +125,16 @@ def first_prompts(tokenizer: Tokenizer, conversations: list[dict], max_prompt_le
         if first is not None:
             ids = tokenizer.encode_chat([first])
             if len(ids) <= max_prompt_len:
-                out.append(ids)
+                out.append((first["content"], ids))
     return out
+
+
+def write_prompts(path: str, texts: list[str]) -> None:
+    """A JSONL of {"prompt": text} lines, written atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": t}) + "\n" for t in texts)
+    os.replace(tmp, path)
 
 
 def write_shard(path: str, tokens: list, masks: list) -> None:

@@ -3,8 +3,9 @@
     python -m train.distill --out data/distill --num-prompts 2000 --max-new-tokens 256
 
 Writes <out>/train/shard_NNNNN.npz and <out>/eval/shard_NNNNN.npz (prompt + reply tokens, loss mask
-on the reply). Shards are written atomically and skipped when present, so an interrupted run
-continues where it stopped; a given shard index always holds the same prompts.
+on the reply) and each split's prompt texts, <out>/{train,eval}/prompts.jsonl. Shards are written
+atomically and skipped when present, so an interrupted run continues where it stopped; a given shard
+index always holds the same prompts.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def main(argv=None) -> None:
     model = load_model(args)
     train_convs, eval_convs = data.split(data.load_sharegpt(), args.eval_fraction)
     for name, convs, n in [("eval", eval_convs, args.num_eval_prompts), ("train", train_convs, args.num_prompts)]:
-        prompts = data.first_prompts(model.tokenizer, convs, args.max_prompt_tokens, limit=n)
-        write_distill_shards(model, prompts, os.path.join(args.out, name), args.shard_size, args.batch_size,
+        kept = data.first_prompts(model.tokenizer, convs, args.max_prompt_tokens, limit=n)
+        split_dir = os.path.join(args.out, name)
+        os.makedirs(split_dir, exist_ok=True)
+        # the prompt texts too, so the held-out ones can be benchmarked (`infer.mtbench --prompts`)
+        data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), [text for text, _ in kept])
+        write_distill_shards(model, [ids for _, ids in kept], split_dir, args.shard_size, args.batch_size,
                              args.max_new_tokens, desc=f"distilling {name}")
 
 

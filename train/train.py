@@ -64,11 +64,24 @@ class TrainConfig:
             raise ValueError(f"invalid training config: {self}")
 
 
-def most_frequent_tokens(seqs: Sequences, vocab_size: int, n: int, always: tuple[int, ...] = ()) -> np.ndarray:
-    """The n most frequent target tokens (loss-masked positions) as a sorted draft vocabulary."""
+def token_counts(seqs: Sequences, vocab_size: int) -> np.ndarray:
+    """[V] how often each token is a loss-masked target."""
     counts = np.zeros(vocab_size, np.int64)
     for t, m in zip(seqs.tokens, seqs.masks):
         counts += np.bincount(t[m.astype(bool)], minlength=vocab_size)
+    return counts
+
+
+def vocab_coverage(seqs: Sequences, vocab_map: np.ndarray, vocab_size: int) -> float:
+    """Fraction of the loss-masked targets inside the draft vocabulary: the ceiling on its heads' accuracy,
+    and so what a full-vocabulary head could gain at most."""
+    counts = token_counts(seqs, vocab_size)
+    return float(counts[vocab_map].sum() / max(counts.sum(), 1))
+
+
+def most_frequent_tokens(seqs: Sequences, vocab_size: int, n: int, always: tuple[int, ...] = ()) -> np.ndarray:
+    """The n most frequent target tokens (loss-masked positions) as a sorted draft vocabulary."""
+    counts = token_counts(seqs, vocab_size)
     counts[list(always)] = np.iinfo(np.int64).max
     return np.sort(np.argsort(-counts, kind="stable")[:n]).astype(np.int32)
 
@@ -296,11 +309,15 @@ def main(argv=None) -> None:
         train_seqs = data.read_shards(os.path.join(args.data, "train"))
         eval_seqs = data.read_shards(os.path.join(args.data, "eval"))
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
-    vocab_map = (most_frequent_tokens(train_seqs, dcfg.vocab_size, args.draft_vocab, model.config.eos_token_ids)
-                 if args.draft_vocab else None)
-    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map,
-          extra={"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
-                 "recipe": args.recipe})
+    extra = {"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
+             "recipe": args.recipe}
+    vocab_map = None
+    if args.draft_vocab:
+        vocab_map = most_frequent_tokens(train_seqs, dcfg.vocab_size, args.draft_vocab, model.config.eos_token_ids)
+        extra["held_out_vocab_coverage"] = vocab_coverage(eval_seqs, vocab_map, dcfg.vocab_size)
+        print(f"the {args.draft_vocab}-token draft vocabulary covers {extra['held_out_vocab_coverage']:.1%} "
+              f"of the held-out targets", file=sys.stderr)
+    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra)
 
 
 if __name__ == "__main__":
