@@ -86,10 +86,8 @@ def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, num_new: jax.Array
     """Writes k_new/v_new [layers, B, T, kv_heads, head_dim] at slots lengths[b] .. lengths[b]+T-1 and
     makes the first num_new[b] of them valid; the rest are scratch that later writes overwrite.
     Called eagerly, it raises before a write past max_len."""
-    num_new = jnp.asarray(num_new, jnp.int32)
-    check_room(cache, num_new)
-    return KVCache(k=scatter_rows(cache.k, k_new, cache.lengths), v=scatter_rows(cache.v, v_new, cache.lengths),
-                   lengths=cache.lengths + num_new)
+    return commit(cache.replace(k=scatter_rows(cache.k, k_new, cache.lengths),
+                                v=scatter_rows(cache.v, v_new, cache.lengths)), num_new)
 
 
 def commit(cache: KVCache, num_new: jax.Array) -> KVCache:
