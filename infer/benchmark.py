@@ -56,14 +56,20 @@ def fixed_length_prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return out
 
 
-def timed(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls, after one warm-up call (compilation)."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed(fns: dict, repeats: int, desc: str) -> dict:
+    """Best wall time of each function over `repeats` rounds, after one warm-up call each (compilation).
+
+    Each round calls every function once, so a slow spell of a shared machine hits all of them
+    instead of deciding the ratio between two compared functions.
+    """
+    for fn in fns.values():
         jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
@@ -94,8 +100,7 @@ def bench_ar(args) -> None:
         def ours():
             jax.block_until_ready(generate(model.params, cfg, prompts, max_new_tokens=args.new_tokens).tokens)
 
-        t_ours = timed(ours, args.repeats)
-        row = [batch, args.prompt_len, args.new_tokens, batch * args.new_tokens / t_ours]
+        fns = {"ours": ours}
         if hf is not None:
             ids = torch.tensor(prompts)
 
@@ -104,8 +109,11 @@ def bench_ar(args) -> None:
                     hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
 
-            t_hf = timed(theirs, args.repeats)
-            row += [batch * args.new_tokens / t_hf, t_hf / t_ours]
+            fns["transformers"] = theirs
+        t = timed(fns, args.repeats, f"batch {batch}")
+        row = [batch, args.prompt_len, args.new_tokens, batch * args.new_tokens / t["ours"]]
+        if hf is not None:
+            row += [batch * args.new_tokens / t["transformers"], t["transformers"] / t["ours"]]
         rows.append(row)
     headers = ["batch", "prompt tokens", "new tokens", "ours tokens/s"]
     if hf is not None:
@@ -156,12 +164,13 @@ def bench_spec(args) -> None:
         logits, state["cache"] = verify(params, state["cache"], toks, pos, mask)
         return logits
 
-    costs = {}
-    for n in tqdm(args.tree_sizes, desc="verification cost"):
+    def verify_n(n):
         toks = jnp.zeros((1, n), jnp.int32)
         pos = args.context + jnp.arange(n)[None]
         mask = kv.attention_mask(state["cache"], pos, jnp.tril(jnp.ones((n, n), bool)))
-        costs[n] = timed(lambda: verify_once(toks, pos, mask), args.repeats * 3)
+        return lambda: verify_once(toks, pos, mask)
+
+    costs = timed({n: verify_n(n) for n in args.tree_sizes}, args.repeats * 3, "verification cost")
     ar_step = costs[1]
     verify_rows = [[n, 1000 * t, t / ar_step] for n, t in costs.items()]
 
@@ -169,15 +178,17 @@ def bench_spec(args) -> None:
     w, length = args.beam_width, args.beam_length
     ctx = jax.random.normal(jax.random.PRNGKey(0), (1, h))
     g0 = jnp.zeros((1,), jnp.int32)
-    drafter_rows = []
-    for name, opts in tqdm(DRAFTER_OPTIONS.items(), desc="drafter cost"):
+    draft = jax.jit(lambda p, dd: dd.draft(p, ctx, g0, jnp.zeros((1,), jnp.int32), w, length).beams)
+    drafters, n_params = {}, {}
+    for name, opts in DRAFTER_OPTIONS.items():
         dcfg = DrafterConfig(hidden_size=h, vocab_size=v, **opts)
         vmap = jnp.arange(dcfg.draft_vocab_size) if dcfg.draft_vocab_size else None
-        d = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
-        fn = jax.jit(lambda p, dd: dd.draft(p, ctx, g0, jnp.zeros((1,), jnp.int32), w, length).beams)
-        t = timed(lambda: fn(params, d), args.repeats * 3)
-        n_params = sum(x.size for x in jax.tree_util.tree_leaves(d.params) if x.dtype != jnp.int32)
-        drafter_rows.append([name, f"{n_params / 1e6:.1f}M", 1000 * t / (length - 1), t / (length - 1) / ar_step])
+        drafters[name] = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
+        n_params[name] = sum(x.size for x in jax.tree_util.tree_leaves(drafters[name].params) if x.dtype != jnp.int32)
+    t = timed({name: functools.partial(draft, params, d) for name, d in drafters.items()}, args.repeats * 3,
+              "drafter cost")
+    drafter_rows = [[name, f"{n_params[name] / 1e6:.1f}M", 1000 * t[name] / (length - 1),
+                     t[name] / (length - 1) / ar_step] for name in drafters]
 
     # 3. End to end: random and oracle drafters vs autoregressive, same prompts, same run.
     spec = SpecConfig(w, length)
@@ -187,21 +198,22 @@ def bench_spec(args) -> None:
         run = lambda **kw: generate(params, cfg, prompts, max_new_tokens=args.new_tokens, **kw)  # noqa: E731
         ar = run()
         n_tokens = int(ar.lengths.sum())
-        t_ar = timed(lambda: run().tokens, args.repeats)
         seqs = np.zeros((batch, max(len(p) for p in prompts) + args.new_tokens + length), np.int32)
         for i, p in enumerate(prompts):
             seqs[i, : len(p) + int(ar.lengths[i])] = p + np.asarray(ar.tokens[i, : ar.lengths[i]]).tolist()
         dcfg = DrafterConfig(hidden_size=h, vocab_size=v)
         drafters = {"random (untrained)": Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg),
                     "oracle": OracleDrafter(jnp.asarray(seqs), v)}
+        tokens_per_step = {}
         for name, d in drafters.items():
             out = run(drafter=d, spec=spec)
             assert np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens)), "speculative output differs"
             acc = np.asarray(out.accepted)
-            acc = acc[acc >= 0]
-            t = timed(lambda: run(drafter=d, spec=spec).tokens, args.repeats)
-            e2e_rows.append([batch, name, f"{w}x{length} ({spec.budget} slots)", n_tokens / t_ar, n_tokens / t,
-                             1 + acc.mean(), t_ar / t])
+            tokens_per_step[name] = 1 + acc[acc >= 0].mean()
+        t = timed({"AR": run, **{name: functools.partial(run, drafter=d, spec=spec) for name, d in drafters.items()}},
+                  args.repeats, f"batch {batch}")
+        e2e_rows += [[batch, name, f"{w}x{length} ({spec.budget} slots)", n_tokens / t["AR"], n_tokens / t[name],
+                      tokens_per_step[name], t["AR"] / t[name]] for name in drafters]
 
     md1 = table(["tree tokens N", "ms per forward", "cost / one AR step"], verify_rows)
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)

@@ -13,9 +13,21 @@ import jax
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture: timings differ between CPU vendors."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     dev = jax.devices()[0]
-    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {cpu_model()})"
     return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}"
 
 
