@@ -98,7 +98,7 @@ def bench_ar(args) -> None:
         prompts = fixed_length_prompts(model.tokenizer, batch, args.prompt_len)
 
         def ours():
-            jax.block_until_ready(generate(model.params, cfg, prompts, max_new_tokens=args.new_tokens).tokens)
+            return generate(model.params, cfg, prompts, max_new_tokens=args.new_tokens).tokens
 
         fns = {"ours": ours}
         if hf is not None:

@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     if args.temperatures:
         first_path, first_drafter = next(iter(drafters.items()))
         first_name, first_spec = next(iter(specs.items()))
-        srows = [["greedy", rows[0][2 + several]]]
+        srows = [["greedy", points[0][1]]]  # the first drafter and setting, decoded greedily
         for temp in args.temperatures:
             jax.clear_caches()
             _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens,
