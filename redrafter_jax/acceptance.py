@@ -36,8 +36,9 @@ def _gather_nodes(per_slot: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 def _choose(n: jax.Array, beam_valid: jax.Array):
-    """Best beam (longest run; first, i.e. highest-scored, on ties) and its n, among valid beams."""
-    n = jnp.where(beam_valid, n, -1)
+    """Best beam (longest run; first, i.e. highest-scored, on ties) and its n. Invalid beams count as
+    accepting nothing: the root is always kept, and every beam's path starts at the root's slot."""
+    n = jnp.where(beam_valid, n, 0)
     best = jnp.argmax(n, axis=-1).astype(jnp.int32)
     return best, jnp.take_along_axis(n, best[:, None], axis=1)[:, 0].astype(jnp.int32)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 
 import numpy as np
 
@@ -140,8 +142,11 @@ class DrafterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
-    """Speculative decoding shape: W beams of L tokens (the init token included), packed into a tree
-    of `tree_budget` slots (None: the worst case 1 + W(L-1), so no beam is ever dropped).
+    """Speculative decoding shape: W beams of L tokens (the init token included) from the recurrent
+    drafter plus K context-lookup beams (`lookup.py`: the tokens that followed the most recent earlier
+    occurrences of the history's last `lookup_min_ngram`..`lookup_max_ngram` tokens), packed into a
+    tree of `tree_budget` slots (None: the worst case 1 + (W + K)(L-1), so no beam is ever dropped).
+    beam_width 0 is lookup-only decoding, which needs no drafter.
 
     acceptance (used when sampling): "tree_walk" keeps the target's distribution exactly;
     "apple_biased" is Apple's min(1, p/q) rule, which does not, offered only to measure the bias.
@@ -151,23 +156,55 @@ class SpecConfig:
     beam_length: int = 4
     tree_budget: int | None = None
     acceptance: str = "tree_walk"
+    lookup_beams: int = 0
+    lookup_min_ngram: int = 1
+    lookup_max_ngram: int = 3
 
     def __post_init__(self):
-        if self.beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        for name in ("beam_width", "beam_length", "lookup_beams", "lookup_min_ngram", "lookup_max_ngram"):
+            if not isinstance(getattr(self, name), numbers.Integral) or isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.beam_width < 0 or self.lookup_beams < 0 or self.beam_width + self.lookup_beams < 1:
+            raise ValueError(f"need beam_width >= 0 and lookup_beams >= 0 with at least one beam in all, got "
+                             f"beam_width={self.beam_width}, lookup_beams={self.lookup_beams}")
         if self.beam_length < 2:
             raise ValueError(f"beam_length must be >= 2 (the init token plus at least one drafted token), "
                              f"got {self.beam_length}")
         if self.acceptance not in ("tree_walk", "apple_biased"):
             raise ValueError(f"acceptance must be 'tree_walk' or 'apple_biased', got {self.acceptance!r}")
+        if self.acceptance == "apple_biased" and self.lookup_beams:
+            raise ValueError("Apple's acceptance rule needs the drafter's probability of every drafted token; "
+                             "lookup beams have none (use acceptance='tree_walk', which is exact)")
+        if not 1 <= self.lookup_min_ngram <= self.lookup_max_ngram:
+            raise ValueError(f"lookup n-gram lengths must satisfy 1 <= lookup_min_ngram <= lookup_max_ngram, got "
+                             f"{self.lookup_min_ngram}, {self.lookup_max_ngram}")
         if self.tree_budget is not None and not self.beam_length <= self.tree_budget <= self.max_nodes:
-            raise ValueError(f"tree_budget must be in [beam_length, 1 + W(L-1)] = [{self.beam_length}, "
+            raise ValueError(f"tree_budget must be in [beam_length, 1 + (W + K)(L-1)] = [{self.beam_length}, "
                              f"{self.max_nodes}] to hold at least one beam, got {self.tree_budget}")
 
     @property
+    def num_beams(self) -> int:
+        return self.beam_width + self.lookup_beams
+
+    @property
     def max_nodes(self) -> int:
-        return 1 + self.beam_width * (self.beam_length - 1)
+        return 1 + self.num_beams * (self.beam_length - 1)
 
     @property
     def budget(self) -> int:
         return self.tree_budget or self.max_nodes
+
+    def describe(self) -> str:
+        """Short label, the inverse of `parse`: "WxL", "+K" with lookup beams, ":N" with a tree budget."""
+        label = f"{self.beam_width}x{self.beam_length}" + (f"+{self.lookup_beams}" if self.lookup_beams else "")
+        return label + (f":{self.tree_budget}" if self.tree_budget else "")
+
+    @classmethod
+    def parse(cls, text: str, **kwargs) -> "SpecConfig":
+        """"WxL", "WxL+K" or either with ":budget" (e.g. "1x5+2:9"); kwargs set the other fields."""
+        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+))?(?::(\d+))?", text.strip())
+        if m is None:
+            raise ValueError(f"bad speculative setting {text!r}: expected WxL, WxL+K or either with :budget, "
+                             f"e.g. 4x4, 1x5+2, 0x5+4:12")
+        w, length, k, budget = m.groups()
+        return cls(int(w), int(length), int(budget) if budget else None, lookup_beams=int(k or 0), **kwargs)

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from redrafter_jax import cache as kv
+from redrafter_jax import lookup
 from redrafter_jax.acceptance import accept_longest_prefix, apple_accept
+from redrafter_jax.beam_search import Draft
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import Emitted, GenerateOutput, StreamFn, emit, prepare_prompts, start, stream_tokens
 from redrafter_jax.model import Params, forward
@@ -79,15 +81,27 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
                  stream: StreamFn | None) -> GenerateOutput:
     b = prompts.shape[0]
-    w, length, budget = spec.beam_width, spec.beam_length, spec.budget
+    length, budget = spec.beam_length, spec.budget
     cache, out, first, context, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling,
                                             max_new_tokens, budget, stream)
 
     apple = spec.acceptance == "apple_biased" and not sampling.greedy
 
+    def propose(s: SpecState) -> Draft:
+        """The recurrent drafter's W beams and the K context-lookup beams, merged by score."""
+        drafts = []
+        if spec.beam_width:
+            drafts.append(drafter.draft(params, s.context, s.init_token, s.cache.lengths, spec.beam_width, length,
+                                        with_log_probs=apple))
+        if spec.lookup_beams:
+            hist = lookup.history(prompts, prompt_lengths, s.out.tokens)
+            drafts.append(lookup.lookup_draft(hist, prompt_lengths + s.out.lengths - 1, spec.lookup_beams, length,
+                                              spec.lookup_min_ngram, spec.lookup_max_ngram))
+        return lookup.combine(drafts)
+
     def body(s: SpecState) -> SpecState:
-        draft = drafter.draft(params, s.context, s.init_token, s.cache.lengths, w, length, with_log_probs=apple)
-        tree = pack_tree(draft.beams, budget, cfg.pad_token_id)
+        draft = propose(s)
+        tree = pack_tree(draft.beams, budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
         positions = s.cache.lengths[:, None] + tree.depth
         mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
         f = forward(params, cfg, tree.tokens, positions, s.cache, mask)
@@ -126,25 +140,33 @@ _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "sp
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
-             key: jax.Array | None = None, drafter: Any = None, spec: SpecConfig = SpecConfig(),
-             stream: StreamFn | None = None) -> GenerateOutput:
+             key: jax.Array | None = None, drafter: Any = None, spec: SpecConfig | None = None,
+             stream: StreamFn | None = None, prompt_bucket: int = 32) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
-    `drafter` (a `Drafter`, or anything with its `draft` method) decoding is speculative with the
-    beam/tree shape `spec`; greedy output is then identical to autoregressive greedy output, and
-    sampled output follows exactly the autoregressive sampling distribution. `key` is required when
-    sampling. `stream`, if given, receives each step's tokens on the host.
+    `drafter` (a `Drafter`, or anything with its `draft` method) or a `spec`, decoding is speculative
+    with the beam/tree shape `spec` (default SpecConfig()); `spec.beam_width == 0` with lookup beams
+    needs no drafter. Greedy output is then identical to autoregressive greedy output, and sampled
+    output follows exactly the autoregressive sampling distribution. `key` is required when
+    sampling. `stream`, if given, receives each step's tokens on the host. Prompts are padded to a
+    multiple of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
     """
-    block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens)
+    block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
     if key is None:
         if not sampling.greedy:
             raise ValueError("sampling needs an explicit PRNG key")
         key = jax.random.PRNGKey(0)
-    if drafter is None:
+    if drafter is None and spec is None:
         return _autoregressive_jit(params, block, lengths, limits, key, cfg=cfg, sampling=sampling,
                                    max_new_tokens=n, stream=stream)
+    spec = spec or SpecConfig()
+    if spec.beam_width and drafter is None:
+        raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
+                         f"beam_width=0 with lookup_beams > 0")
+    if not spec.beam_width and drafter is not None:
+        raise ValueError("a drafter was given with beam_width 0, which would not use it")
     if hasattr(drafter, "config"):
         drafter.config.check_target(cfg)
         if spec.beam_width > drafter.config.head_vocab:

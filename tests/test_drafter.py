@@ -90,7 +90,8 @@ def test_beam_search_matches_reference(option):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(beam_width=0), "beam_width must be >= 1"),
+    (dict(beam_width=0), "at least one beam"),
+    (dict(beam_width=-1, lookup_beams=2), "beam_width >= 0"),
     (dict(beam_length=1), "beam_length must be >= 2"),
     (dict(beam_width=4, beam_length=4, tree_budget=3), "tree_budget must be in"),
     (dict(beam_width=2, beam_length=3, tree_budget=6), "tree_budget must be in"),

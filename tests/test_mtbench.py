@@ -6,7 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from infer.mtbench import load_prompts, main, parse_spec
+from infer.mtbench import load_prompts, main
 from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import Drafter, init_drafter
@@ -19,11 +19,6 @@ def test_mt_bench_has_80_first_turn_questions():
     assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)
 
 
-def test_sweep_settings_parse_with_and_without_budget():
-    assert (parse_spec("4x5:12").beam_width, parse_spec("4x5:12").beam_length, parse_spec("4x5:12").budget) == (4, 5, 12)
-    assert parse_spec("2x3").budget == 1 + 2 * 2
-
-
 def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Name three primary colors."}) + "\n"
@@ -34,11 +29,13 @@ def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path,
     save_drafter(other, Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), jnp.arange(256) * 7), dcfg))
     report = tmp_path / "bench.md"
     main(["--gguf", smollm_path, "--drafter", DRAFTER, other, "--prompts", str(prompts), "--max-new-tokens", "10",
-          "--sweep", "1x3", "2x3:4", "--section", "small", "--title", "Small run", "--report", str(report)])
+          "--sweep", "1x3", "2x3:4", "0x4+2", "--section", "small", "--title", "Small run", "--report", str(report)])
     text = report.read_text()
     assert "<!-- small:begin -->" in text and "## Small run" in text and "2 prompts" in text
-    rows = [line.split(" | ") for line in text.splitlines() if line.startswith((f"| {DRAFTER}", f"| {other}"))]
-    assert [(r[0].strip("| "), r[1], r[2]) for r in rows] == [(d, wl, slots) for d in (DRAFTER, other)
-                                                              for wl, slots in (("1x3", "3"), ("2x3", "4"))]
+    rows = [line.split(" | ") for line in text.splitlines()
+            if line.startswith((f"| {DRAFTER}", f"| {other}", "| none (lookup only)"))]
+    assert [(r[0].strip("| "), r[1], r[2], r[3]) for r in rows] == [
+        (d, wl, "0", slots) for wl, slots in (("1x3", "3"), ("2x3", "4")) for d in (DRAFTER, other)] + [
+        ("none (lookup only)", "0x4", "2", "7")]
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
     assert (tmp_path / "small.png").exists()

@@ -82,16 +82,18 @@ SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), Samp
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=lambda s: f"T{s.temperature}-p{s.top_p}")
-@pytest.mark.parametrize("which", ["random", "adversarial"])
+@pytest.mark.parametrize("which", ["random", "adversarial", "lookup", "random+lookup"])
 def test_tree_walk_preserves_target_distribution(target, sampling, which):
     cfg, params = target
-    drafter = random_drafter(cfg) if which == "random" else adversarial_drafter(cfg, params)
-    counts, out = sample_first_tokens(cfg, params, drafter, sampling, SpecConfig(3, 3))
+    drafter = {"random": random_drafter(cfg), "adversarial": adversarial_drafter(cfg, params), "lookup": None,
+               "random+lookup": random_drafter(cfg)}[which]
+    spec = SpecConfig(0 if drafter is None else 3, 3, lookup_beams=2 if "lookup" in which else 0)
+    counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec)
     p = exact_joint(cfg, params, sampling)
     assert goodness_of_fit(counts, p) > ALPHA
-    if which == "random":  # the test is not vacuous: drafts really were accepted
+    if which != "adversarial":  # the test is not vacuous: drafts really were accepted
         acc = np.asarray(out.accepted)
-        assert (acc > 0).mean() > 0.2
+        assert (acc[acc >= 0] > 0).mean() > 0.1
 
 
 def test_apple_rule_is_detected_as_biased(target):

@@ -37,14 +37,19 @@ def greedy_reference(smollm, chat_prompts):
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(1, 2), SpecConfig(4, 4), SpecConfig(8, 5), SpecConfig(16, 3),
-                                  SpecConfig(8, 5, tree_budget=12)], ids=str)
+                                  SpecConfig(8, 5, tree_budget=12), SpecConfig(0, 5, lookup_beams=1),
+                                  SpecConfig(1, 5, lookup_beams=2), SpecConfig(4, 4, lookup_beams=4, tree_budget=12)],
+                         ids=SpecConfig.describe)
 def test_random_drafter_output_equals_autoregressive(smollm, chat_prompts, greedy_reference, random_drafter, spec):
-    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW,
-                       drafter=random_drafter, spec=spec)
+    drafter = random_drafter if spec.beam_width else None  # beam_width 0: lookup beams only
+    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter, spec=spec)
     assert rows(out) == greedy_reference
     single = gen.generate(smollm.params, smollm.config, chat_prompts[:1], max_new_tokens=MAX_NEW,
-                          drafter=random_drafter, spec=spec)
+                          drafter=drafter, spec=spec)
     assert rows(single) == greedy_reference[:1]
+    if spec.lookup_beams:  # the lookups were accepted somewhere (a random drafter's beams almost never are)
+        acc = np.asarray(out.accepted)
+        assert acc[acc >= 0].mean() > 0.1
 
 
 def oracle(smollm, prompts, continuations, wrong=False):
@@ -88,7 +93,7 @@ def _primitives(jaxpr, out):
 def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, chat_prompts, random_drafter):
     cfg = smollm.config
     block, lengths, limits = prepare_prompts(cfg, chat_prompts, 8)
-    spec = SpecConfig(4, 4)
+    spec = SpecConfig(4, 4, lookup_beams=2)
     fn = jax.jit(gen._speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream"))
     kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
     args = (smollm.params, random_drafter, block, lengths, limits, jax.random.PRNGKey(0))
@@ -115,8 +120,9 @@ def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, gre
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
     drafter = load_drafter(path, smollm.config)
-    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
-                       spec=SpecConfig(4, 4))
-    assert rows(out) == greedy_reference
-    acc = np.asarray(out.accepted)
-    assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0
+    for spec in [SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2)]:
+        out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
+                           spec=spec)
+        assert rows(out) == greedy_reference
+        acc = np.asarray(out.accepted)
+        assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0

@@ -4,14 +4,18 @@
 
 Writes <out>/train/shard_NNNNN.npz and <out>/eval/shard_NNNNN.npz (prompt + reply tokens, loss mask
 on the reply) and each split's prompt texts, <out>/{train,eval}/prompts.jsonl. Shards are written
-atomically and skipped when present, so an interrupted run continues where it stopped; a given shard
-index always holds the same prompts.
+atomically and skipped when complete, so an interrupted run continues where it stopped; shard s
+always holds prompts s * shard_size .. (s + 1) * shard_size - 1, so a shard left short by an earlier,
+smaller --num-prompts is redone whole. <out>/distill.json records the settings that fix which prompts
+a shard holds and how they were answered; a rerun with other settings is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -21,23 +25,69 @@ from redrafter_jax.generate import generate
 from train import data
 
 
+def check_settings(out_dir: str, settings: dict) -> None:
+    """Records the distillation settings in out_dir/distill.json, or raises if they differ from the
+    recorded ones. A folder of shards from before this record gets it if shard 0 fits shard_size."""
+    path = os.path.join(out_dir, "distill.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"{out_dir} was distilled with other settings ("
+                             + ", ".join(f"{k}: {a} there, {b} now" for k, (a, b) in diff.items())
+                             + "): rerun with the recorded settings or choose another folder")
+        return
+    shard0 = os.path.join(out_dir, "train", "shard_00000.npz")
+    if os.path.exists(os.path.join(out_dir, "train", "shard_00001.npz")):
+        rows = shard_rows(shard0)
+        if rows != settings["shard_size"]:
+            raise ValueError(f"{out_dir} holds shards of {rows} prompts, not --shard-size {settings['shard_size']}")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(tmp, path)
+
+
+def shard_rows(path: str) -> int:
+    """Sequences in a shard (0 when it does not exist)."""
+    if not os.path.exists(path):
+        return 0
+    with np.load(path) as z:
+        return len(z["lengths"])
+
+
 def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_size: int, batch_size: int,
-                         max_new_tokens: int, desc: str = "distilling") -> None:
+                         max_new_tokens: int, prompt_block: int = 32, desc: str = "distilling",
+                         deadline: float | None = None) -> int:
+    """Distils the prompts into out_dir's shards (complete ones are skipped) until done or until the
+    time.time() `deadline` passes between shards. Every batch is padded to batch_size prompts and every
+    prompt to a multiple of prompt_block tokens, so one compiled program serves the whole run.
+    Returns the number of prompts in complete shards."""
     os.makedirs(out_dir, exist_ok=True)
     num_shards = -(-len(prompts) // shard_size)
-    for s in tqdm(range(num_shards), desc=desc):
+    done = 0
+    for s in tqdm(range(num_shards), desc=desc, disable=None):
         path = os.path.join(out_dir, f"shard_{s:05d}.npz")
-        if os.path.exists(path):
-            continue
         chunk = prompts[s * shard_size:(s + 1) * shard_size]
+        if shard_rows(path) == len(chunk):
+            done += len(chunk)
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
         toks, masks = [], []
         for i in range(0, len(chunk), batch_size):
             batch = chunk[i:i + batch_size]
-            out = jax.device_get(generate(model.params, model.config, batch, max_new_tokens=max_new_tokens))
+            padded = batch + [batch[-1]] * (batch_size - len(batch))
+            out = jax.device_get(generate(model.params, model.config, padded, max_new_tokens=max_new_tokens,
+                                          prompt_bucket=prompt_block))
             for p, row, n in zip(batch, out.tokens, out.lengths):
                 toks.append(np.asarray(list(p) + row[:n].tolist(), np.int32))
                 masks.append(np.r_[np.zeros(len(p), np.int8), np.ones(int(n), np.int8)])
         data.write_shard(path, toks, masks)
+        done += len(chunk)
+    return done
 
 
 def main(argv=None) -> None:
@@ -56,6 +106,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     model = load_model(args)
+    check_settings(args.out, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
+                              "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction})
     train_convs, eval_convs = data.split(data.load_sharegpt(), args.eval_fraction)
     for name, convs, n in [("eval", eval_convs, args.num_eval_prompts), ("train", train_convs, args.num_prompts)]:
         kept = data.first_prompts(model.tokenizer, convs, args.max_prompt_tokens, limit=n)

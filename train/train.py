@@ -268,18 +268,11 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     return drafter
 
 
-def main(argv=None) -> None:
-    from infer.generate import add_model_args, load_model
-    from train import data
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--recipe", choices=["dataset", "distill"], required=True)
-    p.add_argument("--data", help="distillation shards directory (recipe distill)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-conversations", type=int, default=None, help="ShareGPT conversations to read")
-    p.add_argument("--eval-fraction", type=float, default=0.02)
+def add_train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Flags for every TrainConfig field (but `exclude`) and for the drafter's shape."""
     for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.default is dataclasses.MISSING:
             p.add_argument(flag, type=int, required=True)
@@ -292,13 +285,46 @@ def main(argv=None) -> None:
     p.add_argument("--exit-dim", type=int, default=None)
     p.add_argument("--share-lm-head", action="store_true")
     p.add_argument("--draft-vocab", type=int, default=None, help="reduced draft vocabulary: the N most frequent tokens")
+
+
+def configs_from_args(args: argparse.Namespace, target_cfg: ModelConfig, **overrides) -> tuple[TrainConfig, DrafterConfig]:
+    """The TrainConfig (fields from args unless given in overrides) and DrafterConfig the flags describe."""
+    tc = TrainConfig(**{f.name: overrides[f.name] if f.name in overrides else getattr(args, f.name)
+                        for f in dataclasses.fields(TrainConfig)})
+    dcfg = DrafterConfig(hidden_size=target_cfg.hidden_size, vocab_size=target_cfg.vocab_size,
+                         num_resblocks=args.resblocks, rnn=not args.no_rnn, exit_dim=args.exit_dim,
+                         share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab)
+    return tc, dcfg
+
+
+def draft_vocabulary(dcfg: DrafterConfig, target_cfg: ModelConfig, train_seqs: Sequences, eval_seqs: Sequences,
+                     extra: dict) -> np.ndarray | None:
+    """The reduced draft vocabulary (None for a full one); its held-out coverage goes into `extra`."""
+    if dcfg.draft_vocab_size is None:
+        return None
+    vocab_map = most_frequent_tokens(train_seqs, dcfg.vocab_size, dcfg.draft_vocab_size, target_cfg.eos_token_ids)
+    extra["held_out_vocab_coverage"] = vocab_coverage(eval_seqs, vocab_map, dcfg.vocab_size)
+    print(f"the {dcfg.draft_vocab_size}-token draft vocabulary covers {extra['held_out_vocab_coverage']:.1%} "
+          f"of the held-out targets", file=sys.stderr)
+    return vocab_map
+
+
+def main(argv=None) -> None:
+    from infer.generate import add_model_args, load_model
+    from train import data
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--recipe", choices=["dataset", "distill"], required=True)
+    p.add_argument("--data", help="distillation shards directory (recipe distill)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-conversations", type=int, default=None, help="ShareGPT conversations to read")
+    p.add_argument("--eval-fraction", type=float, default=0.02)
+    add_train_args(p)
     args = p.parse_args(argv)
 
     model = load_model(args)
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    dcfg = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
-                         num_resblocks=args.resblocks, rnn=not args.no_rnn, exit_dim=args.exit_dim,
-                         share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab)
+    tc, dcfg = configs_from_args(args, model.config)
     if args.recipe == "dataset":
         convs_train, convs_eval = data.split(data.load_sharegpt(limit=args.max_conversations), args.eval_fraction)
         train_seqs = data.dataset_sequences(model.tokenizer, convs_train, tc.seq_len)
@@ -311,12 +337,7 @@ def main(argv=None) -> None:
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
     extra = {"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
              "recipe": args.recipe}
-    vocab_map = None
-    if args.draft_vocab:
-        vocab_map = most_frequent_tokens(train_seqs, dcfg.vocab_size, args.draft_vocab, model.config.eos_token_ids)
-        extra["held_out_vocab_coverage"] = vocab_coverage(eval_seqs, vocab_map, dcfg.vocab_size)
-        print(f"the {args.draft_vocab}-token draft vocabulary covers {extra['held_out_vocab_coverage']:.1%} "
-              f"of the held-out targets", file=sys.stderr)
+    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
     train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra)
 
 

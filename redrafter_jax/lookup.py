@@ -1,0 +1,104 @@
+"""Context-lookup beams: drafts copied from the row's own token history (prompt + generated so far).
+
+Small models repeat themselves and copy from their prompts; the recurrent drafter, which sees only
+the target's last hidden state, cannot copy. Each step, the longest suffix of the history (between
+`min_ngram` and `max_ngram` tokens, ending at the init token) is looked up in the earlier history;
+each occurrence, ranked by match length then recency, proposes the tokens that followed it. Where the
+continuation runs into the suffix itself, it repeats with the match's period (the history up to the
+end is x[..end]; an occurrence ending at e continues x[e+1], ..., x[end], x[e+1], ...), which is what
+the history says if its last (end - e) tokens loop.
+
+Everything is static-shaped: a fixed-size history per row and a vectorised match over all its
+positions, so lookup runs inside the decode loop with no host round trip. Lookup beams are a `Draft`
+with score 0 (a certain proposal ranks ahead of the drafter's beams, whose scores are log-probs) and
+-inf where a row has no match (such beams are never accepted; see `combine`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from redrafter_jax.beam_search import Draft
+
+
+def history(prompts: jax.Array, prompt_lengths: jax.Array, generated: jax.Array) -> jax.Array:
+    """Each row's prompt followed by its generated tokens: [B, P] + [B, M] -> [B, P + M].
+
+    prompts are right-padded to P; row b's generated tokens start at prompt_lengths[b].
+    """
+    b, p = prompts.shape
+    i = jnp.arange(p + generated.shape[1])[None, :]
+    gen_idx = jnp.clip(i - prompt_lengths[:, None], 0, generated.shape[1] - 1)
+    from_gen = jnp.take_along_axis(generated, gen_idx, axis=1)
+    from_prompt = jnp.pad(prompts, ((0, 0), (0, generated.shape[1])))
+    return jnp.where(i < prompt_lengths[:, None], from_prompt, from_gen)
+
+
+def _match_lengths(hist: jax.Array, end: jax.Array, max_ngram: int) -> jax.Array:
+    """[B, T]: how many tokens (up to max_ngram) ending at position e equal those ending at `end`."""
+    t = hist.shape[1]
+    e = jnp.arange(t)[None, :]
+    run = jnp.ones(hist.shape, bool)
+    total = jnp.zeros(hist.shape, jnp.int32)
+    for k in range(max_ngram):
+        ref = jnp.take_along_axis(hist, jnp.maximum(end - k, 0)[:, None], axis=1)  # [B, 1]
+        earlier = jnp.take_along_axis(hist, jnp.maximum(e - k, 0), axis=1)
+        run = run & (e - k >= 0) & (end[:, None] - k >= 0) & (earlier == ref)
+        total = total + run
+    return total
+
+
+def lookup_draft(hist: jax.Array, end: jax.Array, num_beams: int, length: int, min_ngram: int,
+                 max_ngram: int) -> Draft:
+    """Up to `num_beams` beams of `length` tokens from the history.
+
+    hist: [B, T] token history; end: [B] index of its newest token (the init token, beams[:, :, 0]).
+    Candidates are earlier positions e < end whose last n tokens equal the history's last n, for
+    the largest n in [min_ngram, max_ngram] that position allows; they rank by n, then by recency.
+    Candidates whose continuations equal a better one's are skipped, so the beams differ. Beam k
+    gets score 0, or -inf when there are fewer than k + 1 distinct matches.
+    """
+    b, t = hist.shape
+    e = jnp.arange(t)[None, :]
+    n = _match_lengths(hist, end, max_ngram)
+    found = (e < end[:, None]) & (n >= min_ngram)
+    rank = jnp.where(found, n * t + e, -1)  # longest first, then most recent
+    pool = min(t, 4 * num_beams)  # candidates examined for distinct continuations
+    key, pos = jax.lax.top_k(rank, pool)  # [B, pool]
+    ok = key >= 0
+    period = jnp.maximum(end[:, None] - pos, 1)[:, :, None]
+    j = jnp.arange(length - 1)[None, None, :]
+    cont_idx = pos[:, :, None] + 1 + j % period  # [B, pool, L-1]
+    cont = jnp.take_along_axis(hist, cont_idx.reshape(b, -1), axis=1).reshape(cont_idx.shape)
+    same = jnp.all(cont[:, :, None] == cont[:, None, :], axis=-1)  # [B, pool, pool]
+    earlier_ok = ok[:, None, :] & jnp.tril(jnp.ones((pool, pool), bool), -1)[None]
+    distinct = ok & ~jnp.any(same & earlier_ok, axis=-1)
+    order = jnp.argsort(jnp.where(distinct, 0, 1), axis=1, stable=True)[:, :num_beams]
+    cont = jnp.take_along_axis(cont, order[:, :, None], axis=1)
+    valid = jnp.take_along_axis(distinct, order, axis=1)
+    if num_beams > pool:  # a history shorter than the number of beams
+        cont = jnp.pad(cont, ((0, 0), (0, num_beams - pool), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, num_beams - pool)))
+    init = jnp.take_along_axis(hist, end[:, None], axis=1)
+    beams = jnp.concatenate([jnp.broadcast_to(init[:, :, None], (b, num_beams, 1)), cont], axis=-1)
+    return Draft(beams.astype(jnp.int32), jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32))
+
+
+def combine(drafts: list[Draft]) -> Draft:
+    """One beam set from several proposers' beams of one length: [B, sum W, L], best score first.
+
+    A stable sort by score keeps each proposer's own order. Beams with score -inf (never to be
+    accepted) become copies of the best beam, so they take no tree slots.
+    """
+    if len(drafts) == 1:
+        return drafts[0]
+    if any(d.log_probs is not None for d in drafts):
+        raise ValueError("draft log-probs cannot be combined across proposers")
+    beams = jnp.concatenate([d.beams for d in drafts], axis=1)
+    scores = jnp.concatenate([d.scores for d in drafts], axis=1)
+    order = jnp.argsort(-scores, axis=1, stable=True)
+    beams = jnp.take_along_axis(beams, order[:, :, None], axis=1)
+    scores = jnp.take_along_axis(scores, order, axis=1)
+    beams = jnp.where(jnp.isfinite(scores)[:, :, None], beams, beams[:, :1])
+    return Draft(beams, scores)

@@ -1,0 +1,154 @@
+"""Context-lookup beams against a brute-force reference, their merge with drafter beams, and exact
+decoding with them on a tiny model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from redrafter_jax import lookup
+from redrafter_jax.beam_search import Draft
+from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.generate import generate
+from redrafter_jax.tree import pack_tree
+from tests.tiny import tiny_model
+
+
+def reference(hist, end, k, length, n_min, n_max):
+    """Written from the definition: for n = n_max .. n_min, the earlier occurrences of the last n
+    tokens, most recent first (each position once, at its longest n); the first 4k of those are the
+    candidates; each continues with the tokens after it, read as if the history from there on loops;
+    the first k distinct continuations win."""
+    seq = list(hist[: end + 1])
+    positions = []
+    for n in range(n_max, n_min - 1, -1):
+        if n > len(seq):
+            continue
+        suffix = seq[-n:]
+        for e in range(end - 1, n - 2, -1):
+            if seq[e - n + 1: e + 1] == suffix and e not in positions:
+                positions.append(e)
+    beams = []
+    for e in positions[: 4 * k]:
+        extended = list(seq)
+        while len(extended) < e + length:  # the occurrence's continuation, looping over the tail
+            extended.append(extended[len(extended) - (end - e)])
+        cont = extended[e + 1: e + length]
+        if cont not in beams:
+            beams.append(cont)
+    return beams[:k]
+
+
+def run_lookup(hists, ends, k, length, n_min, n_max):
+    d = jax.jit(lookup.lookup_draft, static_argnums=(2, 3, 4, 5))(
+        jnp.asarray(hists, jnp.int32), jnp.asarray(ends, jnp.int32), k, length, n_min, n_max)
+    return np.asarray(d.beams), np.asarray(d.scores)
+
+
+@pytest.mark.parametrize("k,length,n_min,n_max", [(1, 3, 1, 3), (1, 5, 1, 3), (4, 5, 1, 3), (3, 4, 2, 4),
+                                                  (2, 8, 1, 1)])
+def test_lookup_equals_reference_on_random_histories(k, length, n_min, n_max):
+    rng = np.random.default_rng(k * 100 + length * 10 + n_max)
+    t, rows = 40, 64
+    hists = rng.integers(0, 4, (rows, t))  # a small alphabet: many matches, many repeats
+    hists[::7] = rng.integers(0, 1000, (len(hists[::7]), t))  # and rows with almost none
+    ends = rng.integers(0, t, rows)
+    ends[:4] = [0, 1, t - 1, 2]  # one-token history (never a match), short ones, a full one
+    beams, scores = run_lookup(hists, ends, k, length, n_min, n_max)
+    matched = 0
+    for r in range(rows):
+        want = reference(hists[r], ends[r], k, length, n_min, n_max)
+        valid = np.isfinite(scores[r])
+        assert valid.sum() == len(want), (r, want, beams[r])
+        assert (beams[r, :, 0] == hists[r, ends[r]]).all()
+        assert beams[r, valid, 1:].tolist() == want
+        assert (scores[r, valid] == 0).all()
+        matched += len(want)
+    assert matched > rows // 2
+
+
+def test_lookup_edge_cases():
+    #          0  1  2  3  4  5  6  7
+    hist = [[5, 6, 7, 5, 6, 0, 0, 0],  # "5 6" occurred at the very start: continue 7 5 6, then loop
+            [9, 9, 9, 9, 0, 0, 0, 0],  # period 1 at the end: 9 9 9 ...
+            [1, 2, 3, 4, 0, 0, 0, 0],  # no earlier occurrence
+            [8, 0, 0, 0, 0, 0, 0, 0]]  # one token: nothing to match
+    beams, scores = run_lookup(hist, [4, 3, 3, 0], 1, 5, 1, 3)
+    assert beams[0, 0].tolist() == [6, 7, 5, 6, 7] and scores[0, 0] == 0
+    assert beams[1, 0].tolist() == [9, 9, 9, 9, 9] and scores[1, 0] == 0
+    assert np.isneginf(scores[2:, 0]).all()
+    # The longest suffix wins over a more recent shorter one: "3 1" matches at 1, a lone "1" at 3.
+    beams, _ = run_lookup([[3, 1, 4, 1, 5, 3, 1]], [6], 1, 3, 1, 3)
+    assert beams[0, 0].tolist() == [1, 4, 1]
+    # More beams than the history has positions: the extra ones are invalid.
+    beams, scores = run_lookup([[2, 2, 2]], [2], 6, 3, 1, 3)
+    assert np.isfinite(scores[0]).sum() == 1 and beams[0, 0].tolist() == [2, 2, 2]
+
+
+def test_history_is_prompt_then_generated():
+    prompts = jnp.asarray([[1, 2, 3, 0], [4, 0, 0, 0]])
+    generated = jnp.asarray([[7, 8, 0], [9, 10, 11]])
+    h = lookup.history(prompts, jnp.asarray([3, 1]), generated)
+    assert np.asarray(h)[0, :6].tolist() == [1, 2, 3, 7, 8, 0]
+    assert np.asarray(h)[1, :4].tolist() == [4, 9, 10, 11]
+
+
+def test_combine_ranks_lookups_first_and_invalid_beams_take_no_slots():
+    drafter = Draft(jnp.asarray([[[1, 2, 3], [1, 4, 5]]]), jnp.asarray([[-0.5, -2.0]]))
+    looked = Draft(jnp.asarray([[[1, 6, 6], [1, 7, 7]]]), jnp.asarray([[0.0, -jnp.inf]]))
+    d = lookup.combine([drafter, looked])
+    assert np.asarray(d.beams)[0].tolist() == [[1, 6, 6], [1, 2, 3], [1, 4, 5], [1, 6, 6]]
+    tree = pack_tree(d.beams, 7, valid=jnp.isfinite(d.scores))
+    assert np.asarray(tree.beam_valid)[0].tolist() == [True, True, True, False]
+    assert int(tree.num_nodes[0]) == 7  # the invalid copy of beam 0 added nothing
+    with pytest.raises(ValueError, match="log-probs"):
+        lookup.combine([drafter._replace(log_probs=jnp.zeros((1, 2, 2, 8))), looked])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(vocab_size=16, eos_token_ids=(1,))
+
+
+# Repetitive prompts of different lengths, so that lookups find matches and rows end at EOS or limit.
+PROMPTS = [[3, 4, 5, 3, 4, 5, 3, 4], [2, 7, 9, 11, 2, 7], [5] * 10, [6, 8]]
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(0, 4, lookup_beams=1), SpecConfig(0, 5, lookup_beams=3),
+                                  SpecConfig(2, 3, lookup_beams=2), SpecConfig(3, 5, lookup_beams=4, tree_budget=9),
+                                  SpecConfig(1, 4, lookup_beams=2, lookup_min_ngram=2, lookup_max_ngram=4)],
+                         ids=SpecConfig.describe)
+def test_lookup_decoding_equals_autoregressive_on_tiny_model(tiny, spec):
+    cfg, params = tiny
+    drafter = None
+    if spec.beam_width:
+        dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_resblocks=1)
+        drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1)), dcfg)
+    ar = generate(params, cfg, PROMPTS, max_new_tokens=[30, 12, 30, 25])
+    sp = generate(params, cfg, PROMPTS, max_new_tokens=[30, 12, 30, 25], drafter=drafter, spec=spec)
+    assert np.array_equal(np.asarray(ar.tokens), np.asarray(sp.tokens))
+    assert np.array_equal(np.asarray(ar.lengths), np.asarray(sp.lengths))
+    assert int(sp.num_steps) < int(ar.num_steps)  # the lookups were accepted somewhere
+
+
+def test_bad_lookup_settings_raise(tiny):
+    cfg, params = tiny
+    for kwargs, match in [(dict(beam_width=0), "at least one beam"),
+                          (dict(lookup_beams=-1), "lookup_beams >= 0"),
+                          (dict(lookup_beams=1, lookup_min_ngram=0), "lookup n-gram"),
+                          (dict(lookup_beams=1, lookup_min_ngram=3, lookup_max_ngram=2), "lookup n-gram"),
+                          (dict(lookup_beams=1.5), "must be an integer"),
+                          (dict(lookup_beams=2, acceptance="apple_biased"), "lookup beams have none")]:
+        with pytest.raises(ValueError, match=match):
+            SpecConfig(**kwargs)
+    with pytest.raises(ValueError, match="needs a drafter"):
+        generate(params, cfg, PROMPTS, max_new_tokens=4, spec=SpecConfig(2, 3, lookup_beams=1))
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    with pytest.raises(ValueError, match="would not use it"):
+        generate(params, cfg, PROMPTS, max_new_tokens=4, drafter=Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg),
+                 spec=SpecConfig(0, 3, lookup_beams=1))
+    for text in ["4x", "x4", "4x4+", "4x4:a", "-1x4"]:
+        with pytest.raises(ValueError, match="bad speculative setting"):
+            SpecConfig.parse(text)
+    assert SpecConfig.parse("1x5+2:9") == SpecConfig(1, 5, 9, lookup_beams=2)

@@ -1,0 +1,58 @@
+"""The time-budgeted GPU pipeline, end to end at a tiny size on the CPU: distil, train, evaluate, resume."""
+
+import json
+import os
+
+import pytest
+
+from redrafter_jax.checkpoint import load_drafter
+from train.pipeline import main, plan_steps, write_prompt_file
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["Name three primary colors.", "What is 2 + 2?", "Write a haiku about rain.", "Who wrote Hamlet?",
+             "Give me a word that rhymes with cat.", "What is the boiling point of water?", "Say hello.",
+             "List two fruits.", "What day comes after Monday?"]
+
+
+def test_plan_fits_steps_into_the_time_left():
+    assert plan_steps(100.0, first_step=12.0, per_step=2.0, max_steps=None) == 45  # (100 - 10) / 2
+    assert plan_steps(100.0, 12.0, 2.0, max_steps=7) == 7
+    assert plan_steps(5.0, 12.0, 2.0, max_steps=None) == 1  # never zero steps
+
+
+def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
+    enc = [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts = str(tmp_path / "prompts.npz")
+    write_prompt_file(prompts, {"max_prompt_tokens": 64, "eval_fraction": 0.02},
+                      {"train": enc[:7], "eval": enc[7:], "eval_texts": QUESTIONS[7:]})
+    out, data_dir = tmp_path / "run", tmp_path / "data"
+    args = ["--gguf", smollm_path, "--out", str(out), "--data", str(data_dir), "--prompts", prompts,
+            "--minutes", "4", "--max-prompt-tokens", "64", "--max-new-tokens", "10", "--distill-batch", "4",
+            "--shard-size", "4", "--batch-size", "2", "--seq-len", "64", "--max-steps", "3", "--eval-batches", "1",
+            "--draft-vocab", "64", "--eval-prompts", "1", "--eval-new-tokens", "8", "--eval-spec", "1x3+1"]
+    main(args + ["--num-prompts", "6"])
+    log = json.loads((out / "pipeline.json").read_text())
+    assert log["distilled_prompts"] == {"train": 6, "eval": 2, "train_available": 7}
+    assert 1 <= log["plan"]["steps"] <= 3 and log["plan"]["seconds_per_step"] > 0
+    assert len(log["held_out"]["accuracy"]) == 4
+    assert log["tokens_per_step"]["1x3+1"] >= 1
+    assert set(log["stage_seconds"]) == {"load", "distill", "train", "evaluate"}
+    drafter = load_drafter(str(out / "drafter"), smollm.config)
+    assert drafter.config.draft_vocab_size == 64
+    assert json.loads((data_dir / "distill.json").read_text())["shard_size"] == 4
+
+    # Rerun: complete shards are kept, the short one (2 of 4 prompts) is redone with the 7th prompt,
+    # and the finished training is not repeated (a new --out would be needed for the new data).
+    shard0 = data_dir / "train" / "shard_00000.npz"
+    before = os.stat(shard0).st_mtime_ns
+    with pytest.raises(ValueError, match="holds a training run on 6 sequences"):
+        main(args)
+    assert os.stat(shard0).st_mtime_ns == before
+    main(args[:3] + [str(tmp_path / "run2")] + args[4:])
+    log2 = json.loads((tmp_path / "run2" / "pipeline.json").read_text())
+    assert log2["distilled_prompts"]["train"] == 7
+
+    # Other distillation settings on the same data are refused, naming what differs.
+    with pytest.raises(ValueError, match="shard_size: 4 there, 8 now"):
+        main(args[:-2] + ["--shard-size", "8"] + args[-2:])

@@ -1,0 +1,228 @@
+"""From prompts to a trained drafter in one command, within a time budget (sized for a short GPU rental).
+
+    python -m train.pipeline --minutes 8 --out runs/pipeline --data runs/distill --prompts prompts.npz
+
+1. Prompts: the first user turns of ShareGPT under the chat template (`train.data`), split into
+   training and held-out prompts and saved to --prompts; an existing --prompts file is read instead,
+   so a machine without network needs only that file (make it where the network is).
+2. Distil the prompts not yet distilled into --data (`train.distill`'s resumable shards; every prompt
+   padded to one block and every batch to one size, so one program is compiled), until all are done
+   or --distill-share of the budget is spent. Held-out prompts first.
+3. Train on every distilled reply with a learning-rate schedule fitted to the time left: a few steps
+   are timed first, then the number of steps is set so that warm-up and cosine decay end on time.
+4. Evaluate: held-out top-1 accuracy per head, and tokens per step of speculative decoding on
+   held-out prompts (--eval-spec). The drafter goes to <out>/drafter, the log to <out>/pipeline.json.
+
+Rerunning the same command resumes: complete shards are kept, and training continues from its last
+checkpoint with the plan recorded in pipeline.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from redrafter_jax.config import SpecConfig
+from redrafter_jax.decode import round_up
+from redrafter_jax.drafter import init_drafter
+from redrafter_jax.generate import generate
+from train import data
+from train.distill import check_settings, write_distill_shards
+from train.train import (add_train_args, configs_from_args, draft_vocabulary, init_state, make_steps, split_frozen,
+                         train)
+
+
+def _pack(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.concatenate([np.asarray(r, np.int32) for r in rows]), np.asarray([len(r) for r in rows], np.int64)
+
+
+def _unpack(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    return [r.tolist() for r in np.split(tokens, np.cumsum(lengths)[:-1])]
+
+
+def write_prompt_file(path: str, settings: dict, prompts: dict) -> None:
+    """Saves {"train": [ids], "eval": [ids], "eval_texts": [str]} made with `settings`, atomically."""
+    as_bytes = lambda x: np.frombuffer(json.dumps(x).encode(), np.uint8)  # noqa: E731
+    arrays = {}
+    for name in ("train", "eval"):
+        arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = _pack(prompts[name])
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, settings=as_bytes(settings), eval_texts=as_bytes(prompts["eval_texts"]), **arrays)
+    os.replace(tmp, path)
+
+
+def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fraction: float) -> dict:
+    """{"train": [ids], "eval": [ids], "eval_texts": [str]} from the prompt file at `path`, which is
+    made from ShareGPT when it does not exist. Raises if the file was made with other settings."""
+    settings = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction}
+    if os.path.exists(path):
+        with np.load(path) as z:
+            saved = json.loads(z["settings"].tobytes())
+            if saved != settings:
+                raise ValueError(f"prompt file {path} was made with {saved}, not {settings}")
+            return {"train": _unpack(z["train_tokens"], z["train_lengths"]),
+                    "eval": _unpack(z["eval_tokens"], z["eval_lengths"]),
+                    "eval_texts": json.loads(z["eval_texts"].tobytes())}
+    train_convs, eval_convs = data.split(data.load_sharegpt(), eval_fraction)
+    train_kept = data.first_prompts(tokenizer, train_convs, max_prompt_tokens)
+    eval_kept = data.first_prompts(tokenizer, eval_convs, max_prompt_tokens)
+    prompts = {"train": [ids for _, ids in train_kept], "eval": [ids for _, ids in eval_kept],
+               "eval_texts": [text for text, _ in eval_kept]}
+    write_prompt_file(path, settings, prompts)
+    return prompts
+
+
+def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, n: int = 3) -> tuple[float, float]:
+    """(seconds of the first training step, compilation included; seconds per later step)."""
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    opt, train_step, _, _ = make_steps(tc, dcfg, target_cfg, mesh)
+    vocab_map = np.zeros(dcfg.draft_vocab_size, np.int32) if dcfg.draft_vocab_size else None
+    dparams = init_drafter(dcfg, jax.random.PRNGKey(0), vocab_map)
+    state, frozen = init_state(opt, dparams), split_frozen(dparams)[1]
+    times = []
+    for step in range(n + 1):
+        tokens, mask = data.batch_at(seqs, step, tc.batch_size, tc.seq_len, tc.seed, target_cfg.pad_token_id)
+        start = time.perf_counter()
+        state, metrics = train_step(state, frozen, target_params, tokens, mask, None)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return times[0], float(np.median(times[1:]))
+
+
+def plan_steps(seconds_left: float, first_step: float, per_step: float, max_steps: int | None) -> int:
+    """Training steps that fit: one compilation (the first step's excess over a step) plus the steps."""
+    steps = int((seconds_left - (first_step - per_step)) / per_step)
+    return max(1, min(steps, max_steps or steps))
+
+
+def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, max_new_tokens: int) -> float:
+    """Mean tokens per speculative step (the bonus token included) over the prompts, decoded one by one."""
+    accepted = []
+    for p in prompts:
+        out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new_tokens,
+                                      drafter=drafter, spec=spec))
+        accepted.append(out.accepted[0][out.accepted[0] >= 0])
+    return 1 + float(np.concatenate(accepted).mean())
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    from infer.generate import add_model_args, load_model
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="the run's folder: drafter, checkpoints, metrics, pipeline.json")
+    p.add_argument("--data", default=None, help="distillation shards (default <out>/data); may hold earlier shards")
+    p.add_argument("--prompts", default=None, help="prompt file (.npz; default <out>/prompts.npz), made if absent")
+    p.add_argument("--minutes", type=float, required=True, help="time budget of the whole run")
+    p.add_argument("--distill-share", type=float, default=0.5, help="at most this share of the budget distils")
+    p.add_argument("--eval-share", type=float, default=0.1, help="share of the budget kept for the evaluation")
+    p.add_argument("--num-prompts", type=int, default=None, help="distil at most this many training prompts")
+    p.add_argument("--num-eval-prompts", type=int, default=None, help="distil at most this many held-out prompts")
+    p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--eval-fraction", type=float, default=0.02)
+    p.add_argument("--distill-batch", type=int, default=512)
+    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--max-steps", type=int, default=None, help="train at most this many steps")
+    p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts decoded to measure tokens/step")
+    p.add_argument("--eval-spec", default="1x5+2", help="setting (WxL+K) the tokens/step are measured at")
+    p.add_argument("--eval-new-tokens", type=int, default=128)
+    add_train_args(p, exclude=("steps",))
+    p.set_defaults(batch_size=32, seq_len=768, lr=2e-3, warmup_fraction=0.05, exit_dim=576, draft_vocab=4096,
+                   eval_batches=8)
+    args = p.parse_args(argv)
+    if not 0 < args.distill_share < 1 or not 0 <= args.eval_share < 1 - args.distill_share:
+        p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
+    eval_spec = SpecConfig.parse(args.eval_spec)
+
+    t0 = time.time()
+    budget = 60 * args.minutes
+    os.makedirs(args.out, exist_ok=True)
+    data_dir = args.data or os.path.join(args.out, "data")
+    log_path = os.path.join(args.out, "pipeline.json")
+    log = json.load(open(log_path)) if os.path.exists(log_path) else {}
+    log.update(command="python -m train.pipeline " + " ".join(sys.argv[1:] if argv is None else argv),
+               devices=[str(d) for d in jax.devices()])
+    stage = {}
+
+    model = load_model(args)
+    prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
+                                    args.max_prompt_tokens, args.eval_fraction)
+    stage["load"] = time.time() - t0
+
+    # 2. Distillation: held-out prompts first (they are few), then training prompts until the deadline.
+    check_settings(data_dir, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
+                              "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction})
+    block = round_up(args.max_prompt_tokens, 32)
+    deadline = t0 + args.distill_share * budget
+    distilled = {}
+    for name, limit in (("eval", args.num_eval_prompts), ("train", args.num_prompts)):
+        split_dir = os.path.join(data_dir, name)
+        os.makedirs(split_dir, exist_ok=True)
+        if name == "eval":
+            data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), prompts["eval_texts"][:limit])
+        distilled[name] = write_distill_shards(model, prompts[name][:limit], split_dir, args.shard_size,
+                                               args.distill_batch, args.max_new_tokens, block,
+                                               desc=f"distilling {name}", deadline=deadline)
+    stage["distill"] = time.time() - t0 - stage["load"]
+    train_seqs = data.read_shards(os.path.join(data_dir, "train"))
+    eval_seqs = data.read_shards(os.path.join(data_dir, "eval"))
+    log["distilled_prompts"] = {"train": len(train_seqs), "eval": len(eval_seqs),
+                                "train_available": len(prompts["train"])}
+    print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out replies", file=sys.stderr)
+
+    # 3. Training, its length fitted to the time left (a resumed run keeps its recorded plan).
+    if "plan" in log and os.path.isdir(os.path.join(args.out, "checkpoints")):
+        plan = log["plan"]
+    else:
+        probe, dcfg = configs_from_args(args, model.config, steps=1000)
+        first, per_step = time_train_steps(probe, dcfg, model.config, model.params, train_seqs)
+        left = t0 + (1 - args.eval_share) * budget - time.time()
+        steps = plan_steps(left, first, per_step, args.max_steps)
+        plan = {"steps": steps, "seconds_per_step": per_step, "first_step_seconds": first,
+                "seconds_left": left, "sequences": len(train_seqs)}
+    if plan["sequences"] != len(train_seqs):
+        raise ValueError(f"{args.out} holds a training run on {plan['sequences']} sequences, but {data_dir} now "
+                         f"has {len(train_seqs)}: use another --out")
+    log["plan"] = plan
+    _write_json(log_path, log)
+    tc, dcfg = configs_from_args(args, model.config, steps=plan["steps"], eval_every=plan["steps"],
+                                 save_every=max(plan["steps"] // 4, 1))
+    extra = {"command": log["command"], "recipe": "distill", "pipeline_minutes": args.minutes}
+    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
+    t_train = time.time()
+    drafter = train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra)
+    stage["train"] = time.time() - t_train
+
+    # 4. Evaluation.
+    t_eval = time.time()
+    held = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+    log["held_out"] = next(r for r in reversed(held) if r["split"] == "eval" and r["step"] == plan["steps"])
+    eval_prompts = prompts["eval"][: args.eval_prompts]
+    if eval_prompts:
+        log["tokens_per_step"] = {eval_spec.describe(): tokens_per_step(
+            model, drafter if eval_spec.beam_width else None, eval_prompts, eval_spec, args.eval_new_tokens)}
+    stage["evaluate"] = time.time() - t_eval
+    log["stage_seconds"] = stage
+    log["total_seconds"] = time.time() - t0
+    _write_json(log_path, log)
+    print(json.dumps({k: log[k] for k in ("distilled_prompts", "plan", "held_out", "stage_seconds", "total_seconds")
+                      if k in log} | {"tokens_per_step": log.get("tokens_per_step")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
