@@ -93,7 +93,7 @@ def test_tree_walk_preserves_target_distribution(target, sampling, which):
     assert goodness_of_fit(counts, p) > ALPHA
     if which != "adversarial":  # the test is not vacuous: drafts really were accepted
         acc = np.asarray(out.accepted)
-        assert (acc[acc >= 0] > 0).mean() > 0.1
+        assert (acc[acc >= 0] > 0).mean() > (0.1 if which == "lookup" else 0.2)
 
 
 def test_apple_rule_is_detected_as_biased(target):
