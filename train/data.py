@@ -137,6 +137,14 @@ def write_prompts(path: str, texts: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def write_json(path: str, obj) -> None:
+    """A JSON file, written atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def write_shard(path: str, tokens: list, masks: list) -> None:
     """One .npz of sequences (concatenated, with offsets), written atomically."""
     lengths = np.asarray([len(t) for t in tokens], np.int64)

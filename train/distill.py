@@ -44,10 +44,7 @@ def check_settings(out_dir: str, settings: dict) -> None:
         if rows != settings["shard_size"]:
             raise ValueError(f"{out_dir} holds shards of {rows} prompts, not --shard-size {settings['shard_size']}")
     os.makedirs(out_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(settings, f, indent=2)
-    os.replace(tmp, path)
+    data.write_json(path, settings)
 
 
 def shard_rows(path: str) -> int:
@@ -60,19 +57,16 @@ def shard_rows(path: str) -> int:
 
 def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_size: int, batch_size: int,
                          max_new_tokens: int, prompt_block: int = 32, desc: str = "distilling",
-                         deadline: float | None = None) -> int:
+                         deadline: float | None = None) -> None:
     """Distils the prompts into out_dir's shards (complete ones are skipped) until done or until the
     time.time() `deadline` passes between shards. Every batch is padded to batch_size prompts and every
-    prompt to a multiple of prompt_block tokens, so one compiled program serves the whole run.
-    Returns the number of prompts in complete shards."""
+    prompt to a multiple of prompt_block tokens, so one compiled program serves the whole run."""
     os.makedirs(out_dir, exist_ok=True)
     num_shards = -(-len(prompts) // shard_size)
-    done = 0
     for s in tqdm(range(num_shards), desc=desc, disable=None):
         path = os.path.join(out_dir, f"shard_{s:05d}.npz")
         chunk = prompts[s * shard_size:(s + 1) * shard_size]
         if shard_rows(path) == len(chunk):
-            done += len(chunk)
             continue
         if deadline is not None and time.time() > deadline:
             break
@@ -86,8 +80,6 @@ def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_si
                 toks.append(np.asarray(list(p) + row[:n].tolist(), np.int32))
                 masks.append(np.r_[np.zeros(len(p), np.int8), np.ones(int(n), np.int8)])
         data.write_shard(path, toks, masks)
-        done += len(chunk)
-    return done
 
 
 def main(argv=None) -> None:

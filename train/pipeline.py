@@ -112,13 +112,6 @@ def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, 
     return 1 + float(np.concatenate(accepted).mean())
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     from infer.generate import add_model_args, load_model
 
@@ -154,7 +147,10 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     data_dir = args.data or os.path.join(args.out, "data")
     log_path = os.path.join(args.out, "pipeline.json")
-    log = json.load(open(log_path)) if os.path.exists(log_path) else {}
+    log = {}
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            log = json.load(f)
     log.update(command="python -m train.pipeline " + " ".join(sys.argv[1:] if argv is None else argv),
                devices=[str(d) for d in jax.devices()])
     stage = {}
@@ -169,15 +165,13 @@ def main(argv=None) -> None:
                               "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction})
     block = round_up(args.max_prompt_tokens, 32)
     deadline = t0 + args.distill_share * budget
-    distilled = {}
     for name, limit in (("eval", args.num_eval_prompts), ("train", args.num_prompts)):
         split_dir = os.path.join(data_dir, name)
         os.makedirs(split_dir, exist_ok=True)
         if name == "eval":
             data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), prompts["eval_texts"][:limit])
-        distilled[name] = write_distill_shards(model, prompts[name][:limit], split_dir, args.shard_size,
-                                               args.distill_batch, args.max_new_tokens, block,
-                                               desc=f"distilling {name}", deadline=deadline)
+        write_distill_shards(model, prompts[name][:limit], split_dir, args.shard_size, args.distill_batch,
+                             args.max_new_tokens, block, desc=f"distilling {name}", deadline=deadline)
     stage["distill"] = time.time() - t0 - stage["load"]
     train_seqs = data.read_shards(os.path.join(data_dir, "train"))
     eval_seqs = data.read_shards(os.path.join(data_dir, "eval"))
@@ -199,7 +193,7 @@ def main(argv=None) -> None:
         raise ValueError(f"{args.out} holds a training run on {plan['sequences']} sequences, but {data_dir} now "
                          f"has {len(train_seqs)}: use another --out")
     log["plan"] = plan
-    _write_json(log_path, log)
+    data.write_json(log_path, log)
     tc, dcfg = configs_from_args(args, model.config, steps=plan["steps"], eval_every=plan["steps"],
                                  save_every=max(plan["steps"] // 4, 1))
     extra = {"command": log["command"], "recipe": "distill", "pipeline_minutes": args.minutes}
@@ -219,7 +213,7 @@ def main(argv=None) -> None:
     stage["evaluate"] = time.time() - t_eval
     log["stage_seconds"] = stage
     log["total_seconds"] = time.time() - t0
-    _write_json(log_path, log)
+    data.write_json(log_path, log)
     print(json.dumps({k: log[k] for k in ("distilled_prompts", "plan", "held_out", "stage_seconds", "total_seconds")
                       if k in log} | {"tokens_per_step": log.get("tokens_per_step")}, indent=1))
 
