@@ -9,6 +9,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
@@ -103,23 +104,32 @@ def test_cached_target_hidden_states_train_the_same_drafter(tmp_path):
 TRAIN_SCRIPT = textwrap.dedent("""
     import os, sys
     import jax, numpy as np
+    import orbax.checkpoint as ocp
     from redrafter_jax.config import DrafterConfig
     from tests.tiny import tiny_model
     from tests.test_train import TC, toy_sequences
     from train.train import TrainConfig, train
-    out, kill_at = sys.argv[1], int(sys.argv[2])
+    out, kill_at, during_save = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "save"
     cfg, tparams = tiny_model()
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
     def on_step(step):
-        if step == kill_at:
+        if step == kill_at and not during_save:
             os.kill(os.getpid(), 9)  # no cleanup, as when a machine is preempted
+    save = ocp.CheckpointManager.save
+    def save_then_die(self, step, *a, **k):  # killed while the checkpoint is still being written
+        result = save(self, step, *a, **k)
+        if step == kill_at and during_save:
+            os.kill(os.getpid(), 9)
+        return result
+    ocp.CheckpointManager.save = save_then_die
     train(TrainConfig(steps=12, **{**TC, "save_every": 2}), dcfg, cfg, tparams, toy_sequences(), None, out,
-          vocab_map=np.arange(2, 42, dtype=np.int32), on_step=on_step, progress=False)
+          vocab_map=np.arange(2, 42, dtype=np.int32), on_step=on_step, progress=False,
+          extra={"command": f"run {kill_at}"})
 """)
 
 
-def run_training(out, kill_at):
-    return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(kill_at)], cwd=ROOT,
+def run_training(out, kill_at, when="step"):
+    return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(kill_at), when], cwd=ROOT,
                           capture_output=True, text=True)
 
 
@@ -131,12 +141,89 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path):
     killed = run_training(tmp_path / "resumed", 7)  # killed after step 7; checkpoints at 2, 4, 6
     assert killed.returncode == -9
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "6"]  # keep = 2
+    killed = run_training(tmp_path / "resumed", 8, "save")  # resumed at 6, killed while saving 8
+    assert killed.returncode == -9
     resumed = run_training(tmp_path / "resumed", -1)
     assert resumed.returncode == 0, resumed.stderr
     a = load_drafter(str(tmp_path / "full" / "drafter"))
     b = load_drafter(str(tmp_path / "resumed" / "drafter"))
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # each logged step once, as in the uninterrupted run; the drafter knows every command that made it
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+    assert b.config == a.config
+    from redrafter_jax.checkpoint import load_drafter_config
+    assert load_drafter_config(str(tmp_path / "resumed" / "drafter"))[1]["commands"] == ["run 7", "run 8", "run -1"]
+
+
+DISTILL_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from redrafter_jax.loaders import LoadedModel
+    from tests.tiny import tiny_model
+    from train import data
+    from train.distill import write_distill_shards
+    out, kill_in_shard = sys.argv[1], int(sys.argv[2])
+    cfg, params = tiny_model()
+    savez, written = np.savez, []
+    def savez_then_die(*a, **k):  # killed with the shard's temporary file written, not yet renamed
+        savez(*a, **k)
+        written.append(1)
+        if len(written) == kill_in_shard + 1:
+            os.kill(os.getpid(), 9)
+    np.savez = savez_then_die
+    prompts = [[5 + i, 9, 12 + i % 3] for i in range(10)]
+    write_distill_shards(LoadedModel(cfg, params, None), prompts, out, shard_size=4, batch_size=2, max_new_tokens=6)
+""")
+
+
+def test_distillation_killed_mid_shard_resumes_to_the_same_data(tmp_path):
+    from train.data import read_shards
+
+    run = lambda out, kill: subprocess.run([sys.executable, "-c", DISTILL_SCRIPT, str(out), str(kill)], cwd=ROOT,  # noqa: E731
+                                           capture_output=True, text=True)
+    assert run(tmp_path / "full", -1).returncode == 0
+    assert run(tmp_path / "resumed", 1).returncode == -9
+    assert sorted(os.listdir(tmp_path / "resumed")) == ["shard_00000.npz", "shard_00001.npz.tmp"]
+    done = run(tmp_path / "resumed", -1)
+    assert done.returncode == 0, done.stderr
+    a, b = read_shards(str(tmp_path / "full")), read_shards(str(tmp_path / "resumed"))
+    assert len(a) == len(b) == 10
+    for x, y in zip(a.tokens + a.masks, b.tokens + b.masks):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_training_never_writes_into_a_folder_it_does_not_own(tmp_path):
+    from redrafter_jax.checkpoint import save_drafter
+    from tests.test_checkpoint import make, snapshot
+
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    published = tmp_path / "published"
+    save_drafter(str(published / "drafter"), make())
+    (published / "metrics.jsonl").write_text('{"step": 10, "split": "train"}\n')
+    before = snapshot(published)
+    with pytest.raises(FileExistsError, match="holds metrics.jsonl, drafter but no run.json"):
+        train(TrainConfig(steps=2, **TC), dcfg, cfg, tparams, toy_sequences(), None, str(published), progress=False)
+    assert snapshot(published) == before
+
+
+def test_resuming_with_other_data_or_settings_is_refused_naming_the_difference(tmp_path):
+    from tests.test_checkpoint import snapshot
+
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
+    run = lambda seqs, **kw: train(TrainConfig(**{**TC, "steps": 4, **kw}), dcfg, cfg, tparams, seqs, None,  # noqa: E731
+                                   str(tmp_path), progress=False)
+    run(toy_sequences(n=40))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"train_data.sequences: 40 there, 200 now"):
+        run(toy_sequences(n=200))
+    with pytest.raises(ValueError, match=r"train_data.sha256: \w+ there, \w+ now"):
+        run(toy_sequences(n=40, seed=3))
+    with pytest.raises(ValueError, match=r"train_config.lr: 0.01 there, 0.02 now"):
+        run(toy_sequences(n=40), lr=0.02)
+    assert snapshot(tmp_path) == before
 
 
 PARALLEL_SCRIPT = textwrap.dedent("""

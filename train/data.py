@@ -145,12 +145,23 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def fingerprint(seqs: Sequences) -> dict:
+    """Identifies a set of sequences: their count, total tokens and a sha256 of tokens and masks."""
+    h = hashlib.sha256()
+    for t, m in zip(seqs.tokens, seqs.masks):
+        h.update(np.int64(len(t)).tobytes())
+        h.update(np.asarray(t, np.int32).tobytes())
+        h.update(np.asarray(m, np.int8).tobytes())
+    return {"sequences": len(seqs), "tokens": int(sum(len(t) for t in seqs.tokens)), "sha256": h.hexdigest()[:16]}
+
+
 def write_shard(path: str, tokens: list, masks: list) -> None:
     """One .npz of sequences (concatenated, with offsets), written atomically."""
     lengths = np.asarray([len(t) for t in tokens], np.int64)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, tokens=np.concatenate(tokens).astype(np.int32), masks=np.concatenate(masks).astype(np.int8),
-             lengths=lengths)
+    tmp = path + ".tmp"  # not matched by read_shards' pattern, should a crash leave it behind
+    with open(tmp, "wb") as f:
+        np.savez(f, tokens=np.concatenate(tokens).astype(np.int32), masks=np.concatenate(masks).astype(np.int8),
+                 lengths=lengths)
     os.replace(tmp, path)
 
 

@@ -189,9 +189,6 @@ def main(argv=None) -> None:
         steps = plan_steps(left, first, per_step, args.max_steps)
         plan = {"steps": steps, "seconds_per_step": per_step, "first_step_seconds": first,
                 "seconds_left": left, "sequences": len(train_seqs)}
-    if plan["sequences"] != len(train_seqs):
-        raise ValueError(f"{args.out} holds a training run on {plan['sequences']} sequences, but {data_dir} now "
-                         f"has {len(train_seqs)}: use another --out")
     log["plan"] = plan
     data.write_json(log_path, log)
     tc, dcfg = configs_from_args(args, model.config, steps=plan["steps"], eval_every=plan["steps"],

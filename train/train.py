@@ -7,7 +7,9 @@ Data parallel over every visible device (`jax.sharding`, batch split on a "data"
 on one device). AdamW with warm-up + cosine decay and gradient clipping (optax); optional gradient
 accumulation and bfloat16 compute. Orbax checkpoints every --save-every steps (atomic, the last
 --keep kept); rerunning the same command resumes exactly where the last checkpoint left off, since
-the data order is a pure function of (seed, step). --cache-hidden computes the frozen target's
+the data order is a pure function of (seed, step). <out>/run.json records the settings and a
+fingerprint of the data: a rerun with other ones is refused, naming what differs, and a folder
+that holds training outputs without that record is never written into. --cache-hidden computes the frozen target's
 hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
 <out>/training.png; the final drafter (params + config + how it was trained) to <out>/drafter.
 """
@@ -34,7 +36,7 @@ from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.model import Params, transformer_causal
-from train.data import Sequences, batch_at, batch_indices, pad_rows
+from train.data import Sequences, batch_at, batch_indices, fingerprint, pad_rows, write_json
 from train.loss import drafter_loss
 
 
@@ -202,6 +204,56 @@ def plot_metrics(path_jsonl: str, path_png: str) -> None:
     plt.close(fig)
 
 
+RUN_FILE = "run.json"
+OUTPUTS = ("checkpoints", "metrics.jsonl", "training.png", "drafter")  # what train() writes into out_dir
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} there, {b} now")
+    return out
+
+
+def claim_run_dir(out_dir: str, record: dict, command: str | None) -> list[str]:
+    """Starts or resumes the training run in out_dir: writes its record (settings and data
+    fingerprint), or checks it against the one there. Refuses a folder holding training outputs
+    without a record. Returns the commands of every run of it so far, this one last."""
+    path = os.path.join(out_dir, RUN_FILE)
+    commands = [command] if command else []
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = _differences({k: v for k, v in saved.items() if k != "commands"}, record)
+        if diff:
+            raise ValueError(f"{out_dir} holds a training run with other settings or data ({'; '.join(diff)}): "
+                             f"rerun with the same ones to resume, or use another --out")
+        commands = saved.get("commands", []) + commands
+    else:
+        clash = [n for n in OUTPUTS if os.path.exists(os.path.join(out_dir, n))]
+        if clash:
+            raise FileExistsError(f"{out_dir} already holds {', '.join(clash)} but no {RUN_FILE}: it is not a "
+                                  f"training run of this program, so nothing is written there; use another --out")
+    os.makedirs(out_dir, exist_ok=True)
+    write_json(path, record | {"commands": commands})
+    return commands
+
+
+def _keep_metrics_until(path: str, step: int) -> None:
+    """Drops the metric rows logged after `step` (the checkpoint a resumed run restarts from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_params: Params,
           train_seqs: Sequences, eval_seqs: Sequences | None, out_dir: str, vocab_map: np.ndarray | None = None,
           extra: dict | None = None, on_step: Callable[[int], None] | None = None, progress: bool = True) -> Drafter:
@@ -216,20 +268,17 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     state = init_state(opt, dparams)
     _, frozen = split_frozen(dparams)
     meta = {"train_config": dataclasses.asdict(tc), "drafter_config": dataclasses.asdict(dcfg)}
-
-    os.makedirs(out_dir, exist_ok=True)
+    commands = claim_run_dir(out_dir, {**meta, "train_data": fingerprint(train_seqs),
+                                       "held_out_data": None if eval_seqs is None else fingerprint(eval_seqs)},
+                             (extra or {}).get("command"))
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True))
     if manager.latest_step() is not None:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        saved = restored["meta"]
-        if {k: saved[k] for k in ("train_config", "drafter_config")} != meta:
-            raise ValueError(f"the checkpoints in {out_dir} were made with a different training or drafter "
-                             f"config; use another --out or the same settings")
         state = restored["state"]
-        frozen = {k: jnp.asarray(v, jnp.int32) for k, v in saved.get("frozen", {}).items()}
+        frozen = {k: jnp.asarray(v, jnp.int32) for k, v in restored["meta"].get("frozen", {}).items()}
     state = jax.device_put(state, NamedSharding(mesh, P()))
 
     start = int(state["step"])
@@ -237,6 +286,7 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     cached = (cache_hidden_states(target_hidden, target_params, train_seqs, tc, pad, progress)
               if tc.cache_hidden and start < tc.steps else None)
     log_path = os.path.join(out_dir, "metrics.jsonl")
+    _keep_metrics_until(log_path, start)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
     with open(log_path, "a") as log:
         for step in bar:
@@ -264,7 +314,7 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     manager.close()
     plot_metrics(log_path, os.path.join(out_dir, "training.png"))
     drafter = Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
-    save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {})})
+    save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {}), "commands": commands})
     return drafter
 
 
