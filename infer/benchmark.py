@@ -1,4 +1,5 @@
-"""Benchmarks on the embedded default model; each writes its table to docs/benchmarks.md and a plot.
+"""Benchmarks on the embedded default model; each writes its table and a plot (see infer.report;
+--docs publishes them in docs/).
 
     python -m infer.benchmark ar      # autoregressive decoding: ours vs Hugging Face transformers
     python -m infer.benchmark spec    # speculative step costs; random and oracle drafters vs autoregressive
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infer.report import BENCHMARKS_MD, command, machine, table, write_section
+from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import cache as kv
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
@@ -122,7 +123,7 @@ def bench_ar(args) -> None:
     print(md)
     note = (f"transformers `generate` (PyTorch {torch.__version__}, {torch_threads} threads, float32, greedy)"
             if hf is not None else "transformers not installed")
-    write_section("ar", f"""## Autoregressive decoding: ours vs Hugging Face transformers
+    write_section("ar", path=args.report, body=f"""## Autoregressive decoding: ours vs Hugging Face transformers
 
 SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32), greedy, EOS ignored so every row
 generates exactly the new tokens; tokens/s counts generated tokens over the whole call (prefill
@@ -133,7 +134,7 @@ Command: `{command()}`
 
 {md}
 """)
-    plot(rows, headers, os.path.join(os.path.dirname(BENCHMARKS_MD), "ar_tokens_per_s.png"))
+    plot(rows, headers, beside(args.report, "ar_tokens_per_s.png"))
 
 
 DRAFTER_OPTIONS = {
@@ -219,7 +220,7 @@ def bench_spec(args) -> None:
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
     md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
     print(md1, md2, md3, sep="\n\n")
-    write_section("spec", f"""## Speculative decoding: step costs and end-to-end bounds
+    write_section("spec", path=args.report, body=f"""## Speculative decoding: step costs and end-to-end bounds
 
 SmolLM2-135M-Instruct, float32, batch 1 unless stated. Machine: {machine()}.
 
@@ -254,7 +255,7 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
     ax.set_title("Verification cost, SmolLM2-135M")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(os.path.dirname(BENCHMARKS_MD), "verification_cost.png"), dpi=120)
+    fig.savefig(beside(args.report, "verification_cost.png"), dpi=120)
 
 
 def plot(rows, headers, path) -> None:
@@ -293,6 +294,8 @@ def main(argv=None) -> None:
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=2)
+    for sub_parser in (ar, sp):
+        add_report_args(sub_parser)
     args = p.parse_args(argv)
     {"ar": bench_ar, "spec": bench_spec}[args.what](args)
 

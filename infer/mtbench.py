@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from infer.generate import add_model_args, load_model
-from infer.report import BENCHMARKS_MD, command, machine, table, write_section
+from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.decode import round_up
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
                    help="also sample at these (first drafter and setting)")
     p.add_argument("--section", default="mtbench", help="section name in the report")
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
-    p.add_argument("--report", default=BENCHMARKS_MD, help="markdown file the section goes to (plot beside it)")
+    add_report_args(p)
     args = p.parse_args(argv)
 
     model = load_model(args)
@@ -144,7 +144,7 @@ Command: `{command()}`
 
 {md}
 {sampled}""")
-    plot(points, os.path.join(os.path.dirname(os.path.abspath(args.report)), f"{args.section}.png"))
+    plot(points, beside(args.report, f"{args.section}.png"))
 
 
 def plot(points, path) -> None:

@@ -1,7 +1,12 @@
-"""Benchmark reporting: markdown tables, machine description, and sections of docs/benchmarks.md."""
+"""Benchmark reporting: markdown tables, machine description, and report sections.
+
+A benchmark writes its section (and plots beside it) into runs/benchmarks/benchmarks.md unless
+asked for the published docs/benchmarks.md with --docs, so a quick try never replaces published figures.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -11,6 +16,21 @@ import sys
 import jax
 
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
+SCRATCH_MD = os.path.join("runs", "benchmarks", "benchmarks.md")
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    """--report PATH (default runs/benchmarks/benchmarks.md) or --docs (the repository's docs/benchmarks.md)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--report", default=SCRATCH_MD, help=f"markdown file the tables go to, plots beside it "
+                                                            f"(default {SCRATCH_MD})")
+    where.add_argument("--docs", dest="report", action="store_const", const=BENCHMARKS_MD,
+                       help="publish: write into the repository's docs/benchmarks.md and docs/*.png")
+
+
+def beside(report: str, name: str) -> str:
+    """Path of a plot or other file that goes next to the report."""
+    return os.path.join(os.path.dirname(os.path.abspath(report)), name)
 
 
 def cpu_model() -> str:
@@ -42,15 +62,17 @@ def command() -> str:
     return "python -m " + " ".join(shlex.quote(a) for a in [sys.modules["__main__"].__spec__.name] + sys.argv[1:])
 
 
-def write_section(name: str, body: str, path: str = BENCHMARKS_MD) -> None:
-    """Replaces (or appends) the section between `<!-- name:begin -->` and `<!-- name:end -->`."""
+def write_section(name: str, body: str, path: str) -> None:
+    """Replaces (or appends) the section between `<!-- name:begin -->` and `<!-- name:end -->` of the
+    markdown file at path."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     block = f"{begin}\n{body.strip()}\n{end}"
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+    print(f"wrote section {name!r} of {path}", file=sys.stderr)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from infer.mtbench import load_prompts, main
+from infer.report import BENCHMARKS_MD
 from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import Drafter, init_drafter
@@ -19,7 +20,7 @@ def test_mt_bench_has_80_first_turn_questions():
     assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)
 
 
-def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path):
+def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Name three primary colors."}) + "\n"
                        + json.dumps({"turns": ["What is 2 + 2?", "And 3 + 3?"]}) + "\n")
@@ -27,9 +28,12 @@ def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path,
     dcfg = DrafterConfig(hidden_size=576, vocab_size=49152, exit_dim=64, draft_vocab_size=256)
     other = str(tmp_path / "other")
     save_drafter(other, Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), jnp.arange(256) * 7), dcfg))
-    report = tmp_path / "bench.md"
+    published = open(BENCHMARKS_MD, "rb").read()
+    monkeypatch.chdir(tmp_path)  # a run without --docs writes to ./runs/benchmarks, never to docs/
     main(["--gguf", smollm_path, "--drafter", DRAFTER, other, "--prompts", str(prompts), "--max-new-tokens", "10",
-          "--sweep", "1x3", "2x3:4", "0x4+2", "--section", "small", "--title", "Small run", "--report", str(report)])
+          "--sweep", "1x3", "2x3:4", "0x4+2", "--section", "small", "--title", "Small run"])
+    assert open(BENCHMARKS_MD, "rb").read() == published
+    report = tmp_path / "runs" / "benchmarks" / "benchmarks.md"
     text = report.read_text()
     assert "<!-- small:begin -->" in text and "## Small run" in text and "2 prompts" in text
     rows = [line.split(" | ") for line in text.splitlines()
@@ -38,4 +42,4 @@ def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path,
         (d, wl, "0", slots) for wl, slots in (("1x3", "3"), ("2x3", "4")) for d in (DRAFTER, other)] + [
         ("none (lookup only)", "0x4", "2", "7")]
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
-    assert (tmp_path / "small.png").exists()
+    assert (report.parent / "small.png").exists()
