@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import cache as kv
+from redrafter_jax.cli import run
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
@@ -196,8 +197,8 @@ def bench_spec(args) -> None:
     e2e_rows = []
     for batch in tqdm(args.batch_sizes, desc="end to end"):
         prompts = chat_prompts(model.tokenizer, batch)
-        run = lambda **kw: generate(params, cfg, prompts, max_new_tokens=args.new_tokens, **kw)  # noqa: E731
-        ar = run()
+        decode = lambda **kw: generate(params, cfg, prompts, max_new_tokens=args.new_tokens, **kw)  # noqa: E731
+        ar = decode()
         n_tokens = int(ar.lengths.sum())
         seqs = np.zeros((batch, max(len(p) for p in prompts) + args.new_tokens + length), np.int32)
         for i, p in enumerate(prompts):
@@ -207,11 +208,11 @@ def bench_spec(args) -> None:
                     "oracle": OracleDrafter(jnp.asarray(seqs), v)}
         tokens_per_step = {}
         for name, d in drafters.items():
-            out = run(drafter=d, spec=spec)
+            out = decode(drafter=d, spec=spec)
             assert np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens)), "speculative output differs"
             acc = np.asarray(out.accepted)
             tokens_per_step[name] = 1 + acc[acc >= 0].mean()
-        t = timed({"AR": run, **{name: functools.partial(run, drafter=d, spec=spec) for name, d in drafters.items()}},
+        t = timed({"AR": decode, **{name: functools.partial(decode, drafter=d, spec=spec) for name, d in drafters.items()}},
                   args.repeats, f"batch {batch}")
         e2e_rows += [[batch, name, f"{w}x{length} ({spec.budget} slots)", n_tokens / t["AR"], n_tokens / t[name],
                       tokens_per_step[name], t["AR"] / t[name]] for name in drafters]
@@ -301,4 +302,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

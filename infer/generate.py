@@ -19,62 +19,9 @@ import time
 import jax
 import numpy as np
 
-from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
+from redrafter_jax.cli import add_model_args, add_spec_args, load_drafter_arg, load_model, run
+from redrafter_jax.config import SamplingConfig
 from redrafter_jax.generate import generate
-from redrafter_jax.loaders import LoadedModel
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    src.add_argument("--hf", help="a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    if args.hf:
-        from redrafter_jax.loaders.hf import load_hf
-
-        return load_hf(args.hf, args.dtype)
-    if args.gguf:
-        from redrafter_jax.loaders.gguf import load_gguf
-
-        return load_gguf(args.gguf, args.dtype)
-    from redrafter_jax.loaders.embedded import load_default
-
-    return load_default(args.dtype)
-
-
-def add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", help="drafter checkpoint directory for speculative decoding, or 'random' "
-                                     "(an untrained drafter: exact output, little acceptance)")
-    p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 4 with --drafter, else 0)")
-    p.add_argument("--beam-length", type=int, default=4, help="tokens per beam, the init token included")
-    p.add_argument("--lookup-beams", type=int, default=0,
-                   help="K beams copied from the text so far (prompt + generated): where its last tokens occurred before")
-    p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
-                   help="lengths of the suffix looked up, longest first (default 1 3)")
-    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1))")
-
-
-def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
-    """The drafter named by --drafter (or None) and the SpecConfig from the beam options (None when
-    decoding is autoregressive: no drafter and no lookup beams)."""
-    if not args.drafter and not args.lookup_beams:
-        return None, None
-    width = args.beam_width if args.beam_width is not None else (4 if args.drafter else 0)
-    spec = SpecConfig(width, args.beam_length, args.tree_budget, lookup_beams=args.lookup_beams,
-                      lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
-    if not args.drafter:
-        return None, spec
-    if args.drafter == "random":
-        from redrafter_jax.drafter import Drafter, init_drafter
-
-        dcfg = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
-        return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg), spec
-    from redrafter_jax.checkpoint import load_drafter
-
-    return load_drafter(args.drafter, model.config), spec
 
 
 class Streamer:
@@ -123,11 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args)
     drafter, spec = load_drafter_arg(args, model)
     tok = model.tokenizer
-    ids = tok.encode_chat([{"role": "user", "content": args.chat}]) if args.chat else tok.encode(args.prompt)
+    flag, text = ("--chat", args.chat) if args.chat is not None else ("--prompt", args.prompt)
+    if not tok.check_text(text, flag).strip():
+        raise ValueError(f"{flag} is empty")
+    ids = tok.encode_chat([{"role": "user", "content": text}]) if flag == "--chat" else tok.encode(text)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     key = jax.random.PRNGKey(args.seed)
 
-    def run(streamer, **kw):
+    def decode(streamer, **kw):
         start = time.perf_counter()
         out = generate(model.params, model.config, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                        key=key, stream=streamer, **kw)
@@ -135,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         return out, streamer.first_time - start
 
     shown = Streamer(tok)
-    out, startup = run(shown, drafter=drafter, spec=spec)
+    out, startup = decode(shown, drafter=drafter, spec=spec)
     print(flush=True)
     n = int(out.lengths[0])
     print(f"[{n} tokens; first token after {startup:.2f}s (compile + prefill); decoding {shown.rate():.1f} tokens/s]",
@@ -145,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     acc = np.asarray(out.accepted[0])
     acc = acc[acc >= 0]
     baseline = Streamer(tok, quiet=True)
-    ar_out, _ = run(baseline)
+    ar_out, _ = decode(baseline)
     if sampling.greedy:
         same = np.array_equal(np.asarray(ar_out.tokens), np.asarray(out.tokens))
         check = f"output {'identical to' if same else 'DIFFERS from'} autoregressive"
@@ -158,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

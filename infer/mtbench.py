@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infer.generate import add_model_args, load_model
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
+from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.generate import generate
@@ -166,4 +166,4 @@ def plot(points, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -89,11 +89,14 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
 
+    MIN_TEMPERATURE = 1e-6  # below this, logits / temperature overflows float32
+
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (self.temperature == 0 or self.temperature >= self.MIN_TEMPERATURE):
+            raise ValueError(f"temperature must be 0 (greedy) or at least {self.MIN_TEMPERATURE} (smaller ones "
+                             f"overflow float32 logits), got {self.temperature}")
+        if not isinstance(self.top_k, numbers.Integral) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 

@@ -120,15 +120,27 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
 
     P is rounded up to `bucket` so that nearby prompt lengths share one compiled program.
     """
+    if isinstance(prompts, (str, bytes)) or getattr(prompts, "ndim", 2) < 2 or any(np.ndim(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a batch of token-id sequences (a list of lists, or a 2-D array); "
+                         "for a single prompt pass [ids]")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
-    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
+    limits = np.asarray(max_new_tokens)
+    if limits.dtype.kind not in "iu" or limits.ndim > 1:
+        raise ValueError(f"max_new_tokens must be an integer or one integer per prompt, got {max_new_tokens!r}")
+    if limits.ndim == 1 and limits.size != len(prompts):
+        raise ValueError(f"max_new_tokens has {limits.size} values for {len(prompts)} prompts")
+    limits = np.broadcast_to(limits.astype(np.int64), (len(prompts),))
     if np.any(limits < 1):
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
+    rows = [np.asarray(p) for p in prompts]
     for i, (r, lim) in enumerate(zip(rows, limits)):
+        if r.ndim != 1:
+            raise ValueError(f"prompt {i} must be a 1-D sequence of token ids, got shape {r.shape}")
         if r.size == 0:
             raise ValueError(f"prompt {i} is empty")
+        if r.dtype.kind not in "iu":
+            raise ValueError(f"prompt {i} has token ids of type {r.dtype}; token ids must be integers")
         if r.min() < 0 or r.max() >= cfg.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
         if r.size + lim > cfg.max_position_embeddings:

@@ -134,6 +134,18 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
     return GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted)
 
 
+def _check_types(**named) -> None:
+    for name, (value, kind) in named.items():
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+
+
+def _is_prng_key(key) -> bool:
+    if not isinstance(key, jax.Array):
+        return False
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
+
+
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream"))
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream"))
 
@@ -152,8 +164,13 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     sampling. `stream`, if given, receives each step's tokens on the host. Prompts are padded to a
     multiple of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
     """
+    _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
+    if key is not None and not _is_prng_key(key):
+        raise TypeError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got {key!r}")
+    if drafter is not None and not callable(getattr(drafter, "draft", None)):
+        raise TypeError(f"drafter must be a Drafter (e.g. checkpoint.load_drafter(path)), got {type(drafter).__name__}")
     if key is None:
         if not sampling.greedy:
             raise ValueError("sampling needs an explicit PRNG key")

@@ -67,8 +67,19 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    @staticmethod
+    def check_text(text, what: str = "text") -> str:
+        """Raises a clear error for anything but valid Unicode text (e.g. undecodable bytes on a command line)."""
+        if not isinstance(text, str):
+            raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} is not valid UTF-8 text") from None
+        return text
+
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        ids = self.tok.encode(self.check_text(text), add_special_tokens=False).ids
         if self.add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
@@ -85,6 +96,8 @@ class Tokenizer:
             raise jinja2.TemplateError(msg)
 
         env.globals["raise_exception"] = raise_exception
+        for i, m in enumerate(messages):
+            self.check_text(m.get("content"), f"message {i}'s content")
         bos = self.tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.tok.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
         return env.from_string(self.chat_template).render(

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.generate import generate
 from train import data
 
@@ -83,8 +84,6 @@ def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_si
 
 
 def main(argv=None) -> None:
-    from infer.generate import add_model_args, load_model
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True)
@@ -112,4 +111,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -29,14 +29,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
 from redrafter_jax.generate import generate
 from train import data
 from train.distill import check_settings, write_distill_shards
-from train.train import (add_train_args, configs_from_args, draft_vocabulary, init_state, make_steps, split_frozen,
-                         train)
+from train.train import add_train_args, configs_from_args, draft_vocabulary, init_state, make_steps, split_frozen, train
 
 
 def _pack(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +113,6 @@ def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, 
 
 
 def main(argv=None) -> None:
-    from infer.generate import add_model_args, load_model
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True, help="the run's folder: drafter, checkpoints, metrics, pipeline.json")
@@ -216,4 +214,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from redrafter_jax.checkpoint import save_drafter
+from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.model import Params, transformer_causal
@@ -360,7 +362,6 @@ def draft_vocabulary(dcfg: DrafterConfig, target_cfg: ModelConfig, train_seqs: S
 
 
 def main(argv=None) -> None:
-    from infer.generate import add_model_args, load_model
     from train import data
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -392,4 +393,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

