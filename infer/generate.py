@@ -107,5 +107,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{check}]", file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `redrafter-generate` console script."""
     run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 # Start score of beams 1..W-1: finite (no inf - inf = nan), yet below any sum of L log-probs.
-_DEAD = -1e9
+DEAD_SCORE = -1e9
 
 
 class Draft(NamedTuple):
@@ -34,22 +34,25 @@ def top_w_of_beams(cand: jax.Array, w: int):
 
 
 def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callable[[jax.Array, jax.Array], jax.Array],
-                state: jax.Array, width: int, length: int, with_log_probs: bool = False):
+                state: jax.Array, width: int, length: int, with_log_probs: bool = False,
+                dead_score: float = DEAD_SCORE):
     """Beam search from one start state per row.
 
     state: [B, S], the model state after the init token. logits_fn: [B, W, S] -> [B, W, V] logits;
     next_state: (state [B, W, S], tokens [B, W]) -> [B, W, S]. The first step spreads beam 0's best
-    W tokens over the W beams (the others start dead). Scores are float32 sums of log-probs.
+    W tokens over the W beams (the others start at dead_score). Scores are sums of log-probs in
+    float32, or float64 for a float64 state.
     Returns tokens [B, W, L-1] (ids of the proposal vocabulary), scores [B, W], best first, and with
     with_log_probs the log-probs [B, W, L-1, V] each final beam's tokens were drawn from (else None).
     """
     b = state.shape[0]
+    dtype = jnp.promote_types(state.dtype, jnp.float32)
     state = jnp.broadcast_to(state[:, None], (b, width) + state.shape[1:])
-    scores = jnp.full((b, width), _DEAD, jnp.float32).at[:, 0].set(0.0)
+    scores = jnp.full((b, width), dead_score, dtype).at[:, 0].set(0.0)
 
     def step(carry, _):
         state, scores = carry
-        logp = jax.nn.log_softmax(logits_fn(state).astype(jnp.float32), axis=-1)
+        logp = jax.nn.log_softmax(logits_fn(state).astype(dtype), axis=-1)
         scores, parent, tok = top_w_of_beams(scores[..., None] + logp, width)
         state = next_state(jnp.take_along_axis(state, parent[..., None], axis=1), tok)
         return (state, scores), (parent, tok, logp if with_log_probs else None)
@@ -64,7 +67,7 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
         lp = None if logp is None else jnp.take_along_axis(logp, src[..., None], axis=1)
         return src, (jnp.take_along_axis(tok, idx, axis=1), lp)
 
-    start = jnp.broadcast_to(jnp.arange(width), (b, width))
+    start = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
     _, (path, path_logp) = jax.lax.scan(back, start, (parents, toks, logps), reverse=True)  # [L-1, B, W, ...]
     path_logp = None if path_logp is None else jnp.moveaxis(path_logp, 0, 2)
     return jnp.moveaxis(path, 0, -1).astype(jnp.int32), scores, path_logp

@@ -6,6 +6,7 @@
   `overwrite=True`.
 - Portable: params are saved from host memory, so no device topology is recorded, and restored onto
   the current default device (or a given sharding): a drafter saved on a GPU loads on a CPU and back.
+- Apple's format (`redrafter_jax.apple`) is recognised and imported by `load_drafter`.
 - Checked: the config records the sha256 of every parameter file and loading verifies them, then
   checks every stored shape against the config before restoring anything.
 """
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from redrafter_jax import apple
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, param_shapes
 
@@ -144,8 +146,13 @@ def _check_shapes(directory: str, dcfg: DrafterConfig, expected: dict) -> None:
 def load_drafter(directory: str, target: ModelConfig | None = None,
                  sharding: jax.sharding.Sharding | None = None) -> Drafter:
     """Loads a drafter onto `sharding` (default: the current default device), whatever devices it was
-    saved from. With `target`, also checks it was built for a target of that shape."""
+    saved from. With `target`, also checks it was built for a target of that shape. A directory in
+    Apple's format (config.json + model.safetensors) is imported (`redrafter_jax.apple`)."""
     directory = os.path.abspath(directory)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if not os.path.exists(os.path.join(directory, CONFIG_FILE)) and apple.is_apple_drafter(directory):
+        d = apple.load_apple_drafter(directory, target)
+        return d.replace(params=jax.device_put(d.params, sharding))
     meta = _read_meta(directory)
     dcfg, _ = load_drafter_config(directory)
     if target is not None:
@@ -154,7 +161,7 @@ def load_drafter(directory: str, target: ModelConfig | None = None,
         if not isinstance(meta.get("checksums"), dict) or not meta["checksums"]:
             raise ValueError(f"drafter checkpoint {directory} has no checksums of its parameter files in {CONFIG_FILE}")
         _check_files(directory, meta["checksums"])
-    abstract = _abstract_params(dcfg, sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    abstract = _abstract_params(dcfg, sharding)
     _check_shapes(directory, dcfg, abstract)
     try:
         params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), abstract)

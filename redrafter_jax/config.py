@@ -115,6 +115,7 @@ class DrafterConfig:
     share_lm_head: bool = False  # use the target's LM head (needs exit_dim == H)
     draft_vocab_size: int | None = None  # None: the full target vocabulary
     dtype: str = "float32"
+    apple_warp: bool = False  # beam search over Apple's warped logits (drafters imported from Apple's format)
 
     def __post_init__(self):
         if self.num_resblocks < 0:

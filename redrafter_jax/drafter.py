@@ -6,7 +6,9 @@ state, then ResBlocks and an LM head (ReDrafter, arXiv 2403.09919).
 
 E is the target's (frozen) embedding. The LM head is the drafter's own, or the target's (then
 exit_dim must be H). With a reduced draft vocabulary the head scores only `draft_vocab_size` tokens,
-and params["vocab_map"] [Vd] maps draft ids back to target ids.
+and params["vocab_map"] [Vd] maps draft ids back to target ids. With `apple_warp`, beam search warps
+the logits as Apple's code does (`apple_logits`), so a drafter imported from Apple's format
+(`redrafter_jax.apple`) proposes exactly Apple's beams.
 """
 
 from __future__ import annotations
@@ -15,9 +17,21 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from redrafter_jax.beam_search import Draft, beam_search
+from redrafter_jax.beam_search import DEAD_SCORE, Draft, beam_search
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.model import Params, lm_head
+
+
+APPLE_TOP_K = 50
+APPLE_FILL = -5e4  # Apple's warped-away logits, and its dead beams' start score
+
+
+def apple_logits(logits: jax.Array) -> jax.Array:
+    """Apple's beam-search warp: logits minus their row max, every logit below the 50th largest set to
+    -5e4 (ties at the 50th kept)."""
+    logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+    kth = jax.lax.top_k(logits, min(APPLE_TOP_K, logits.shape[-1]))[0][..., -1:]
+    return jnp.where(logits >= kth, logits, APPLE_FILL)
 
 
 def param_shapes(dcfg: DrafterConfig) -> dict:
@@ -59,7 +73,8 @@ def rnn_step(dparams: Params, dcfg: DrafterConfig, state: jax.Array, emb: jax.Ar
 
 def draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Params, context: jax.Array,
                  state: jax.Array) -> jax.Array:
-    """context, state: [..., H] -> float32 logits [..., head_vocab] (draft-vocabulary ids)."""
+    """context, state: [..., H] -> logits [..., head_vocab] (draft-vocabulary ids), float32 (float64
+    for float64 params)."""
     x = jnp.concatenate([jnp.broadcast_to(context, state.shape), state], axis=-1)
     if "proj_w" in dparams:
         x = x @ dparams["proj_w"] + dparams["proj_b"]
@@ -67,7 +82,7 @@ def draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Params, co
         x = x + jax.nn.silu(x @ rb["w"] + rb["b"])
     if dcfg.share_lm_head:
         return lm_head(target_params, x)
-    return jnp.matmul(x, dparams["lm_head"], preferred_element_type=jnp.float32)
+    return jnp.matmul(x, dparams["lm_head"], preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
 
 def to_target_ids(dparams: Params, draft_ids: jax.Array) -> jax.Array:
@@ -89,10 +104,11 @@ class Drafter:
         p, c, embed = self.params, self.config, target_params["embed"]
         state = rnn_step(p, c, jnp.zeros_like(context), embed[init_token])
         ctx = context[:, None, :]
+        warp = apple_logits if c.apple_warp else (lambda x: x)
         drafted, scores, logp = beam_search(
-            lambda s: draft_logits(p, c, target_params, ctx, s),
+            lambda s: warp(draft_logits(p, c, target_params, ctx, s)),
             lambda s, tok: rnn_step(p, c, s, embed[to_target_ids(p, tok)]),
-            state, width, length, with_log_probs)
+            state, width, length, with_log_probs, APPLE_FILL if c.apple_warp else DEAD_SCORE)
         b = init_token.shape[0]
         beams = jnp.concatenate([jnp.broadcast_to(init_token[:, None, None], (b, width, 1)),
                                  to_target_ids(p, drafted)], axis=-1)
