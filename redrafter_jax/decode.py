@@ -3,7 +3,7 @@ the output buffer with per-row EOS and limits, and streaming."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,13 +80,23 @@ def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Ar
     return cache, last, lm_head(params, last)
 
 
+class Started(NamedTuple):
+    """Decode state after the prefill, before the first decode step."""
+
+    cache: kv.KVCache  # holding the prompts
+    out: Emitted  # holding each row's first token
+    first: jax.Array  # [B] the first token, not yet in the cache
+    hidden: jax.Array  # [B, H] the target's hidden state that produced it
+    key: jax.Array
+
+
 def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
-          key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int, stream: StreamFn | None):
+          key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
+          stream: StreamFn | None) -> Started:
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens). The cache lives inside the
-    compiled program: as a while-loop carry, XLA updates it in place. Returns (cache, emitted, first
-    token [B], hidden state [B, H] that produced it, key).
+    compiled program: as a while-loop carry, XLA updates it in place.
     """
     b = prompts.shape[0]
     cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len))
@@ -96,7 +106,7 @@ def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: 
     out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id), first[:, None],
                   jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
     stream_tokens(stream, first[:, None], n)
-    return cache, out, first, hidden, key
+    return Started(cache, out, first, hidden, key)
 
 
 def stream_tokens(stream: StreamFn | None, new: jax.Array, n: jax.Array) -> None:

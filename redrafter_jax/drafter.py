@@ -18,9 +18,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from redrafter_jax.beam_search import DEAD_SCORE, Draft, beam_search
-from redrafter_jax.config import DrafterConfig
+from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
 from redrafter_jax.model import Params, lm_head
-
 
 APPLE_TOP_K = 50
 APPLE_FILL = -5e4  # Apple's warped-away logits, and its dead beams' start score
@@ -91,10 +90,16 @@ def to_target_ids(dparams: Params, draft_ids: jax.Array) -> jax.Array:
 
 @struct.dataclass
 class Drafter:
-    """A trained (or random) recurrent drafter: what `generate(..., drafter=...)` takes."""
+    """A trained (or random) recurrent drafter: a `Proposer` for `generate(..., drafter=...)`."""
 
     params: Params
     config: DrafterConfig = struct.field(pytree_node=False)
+
+    def check(self, target: ModelConfig, spec: SpecConfig) -> None:
+        self.config.check_target(target)
+        if spec.beam_width > self.config.head_vocab:
+            raise ValueError(f"beam_width {spec.beam_width} exceeds the drafter's vocabulary "
+                             f"({self.config.head_vocab})")
 
     def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
               width: int, length: int, with_log_probs: bool = False) -> Draft:

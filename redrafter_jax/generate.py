@@ -10,7 +10,8 @@ nothing until the loop ends (except an optional streaming callback).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from flax import struct
 from redrafter_jax import cache as kv
 from redrafter_jax import lookup
 from redrafter_jax.acceptance import accept_longest_prefix, apple_accept
-from redrafter_jax.beam_search import Draft
+from redrafter_jax.beam_search import Draft, Proposer
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import Emitted, GenerateOutput, StreamFn, emit, prepare_prompts, start, stream_tokens
 from redrafter_jax.model import Params, forward
@@ -36,26 +37,25 @@ class ARState:
     step: jax.Array  # [] int32
 
 
+def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, sampling: SamplingConfig,
+                        stream: StreamFn | None) -> ARState:
+    """One target forward of each row's newest token; appends the next token."""
+    positions = s.cache.lengths[:, None]
+    mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool), cfg.sliding_window)
+    f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
+    cache = kv.commit(f.cache, (~s.out.done).astype(jnp.int32))
+    key, sub = jax.random.split(s.key)
+    nxt = select(sub, f.logits[:, 0], sampling)
+    out, n = emit(s.out, nxt[:, None], jnp.ones_like(nxt), cfg.eos_token_ids)
+    stream_tokens(stream, nxt[:, None], n)
+    return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
+
+
 def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig, sampling: SamplingConfig,
                     max_new_tokens: int, stream: StreamFn | None) -> GenerateOutput:
-    b = prompts.shape[0]
-    cache, out, first, _, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens,
-                                      1, stream)
-    step_mask = jnp.ones((1, 1), bool)
-    ones = jnp.ones((b,), jnp.int32)
-
-    def body(s: ARState) -> ARState:
-        positions = s.cache.lengths[:, None]
-        mask = kv.attention_mask(s.cache, positions, step_mask, cfg.sliding_window)
-        f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
-        cache = kv.commit(f.cache, (~s.out.done).astype(jnp.int32))
-        key, sub = jax.random.split(s.key)
-        nxt = select(sub, f.logits[:, 0], sampling)
-        out, n = emit(s.out, nxt[:, None], ones, cfg.eos_token_ids)
-        stream_tokens(stream, nxt[:, None], n)
-        return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
-
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), body, ARState(cache, out, first, key, jnp.int32(0)))
+    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream)
+    step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream)
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
     return GenerateOutput(s.out.tokens, s.out.lengths, s.step)
 
 
@@ -77,60 +77,66 @@ def _take_rows(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
 
 
+def propose(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array, s: SpecState,
+            spec: SpecConfig, with_log_probs: bool) -> Draft:
+    """The drafter's W beams and the K context-lookup beams, merged by score: [B, W + K, L]."""
+    drafts = []
+    if spec.beam_width:
+        drafts.append(drafter.draft(params, s.context, s.init_token, s.cache.lengths, spec.beam_width,
+                                    spec.beam_length, with_log_probs=with_log_probs))
+    if spec.lookup_beams:
+        hist = lookup.history(prompts, prompt_lengths, s.out.tokens)
+        drafts.append(lookup.lookup_draft(hist, prompt_lengths + s.out.lengths - 1, spec.lookup_beams,
+                                          spec.beam_length, spec.lookup_min_ngram, spec.lookup_max_ngram))
+    return lookup.combine(drafts)
+
+
+def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
+                     s: SpecState, *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig,
+                     stream: StreamFn | None) -> SpecState:
+    """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
+    it (plus the target's own next token) to each row's cache and output."""
+    apple = spec.acceptance == "apple_biased" and not sampling.greedy
+    draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=apple)
+    tree = pack_tree(draft.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
+    positions = s.cache.lengths[:, None] + tree.depth
+    mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
+    f = forward(params, cfg, tree.tokens, positions, s.cache, mask)
+    key, sub = jax.random.split(s.key)
+    if apple:
+        acc = apple_accept(sub, draft.beams, tree.slot, tree.beam_valid, target_log_probs(f.logits, sampling),
+                           draft.log_probs)
+    else:  # the target's argmax, or one sample per tree node: the exact tree walk
+        acc = accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(sub, f.logits, sampling))
+    path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
+    # Commit the init token and the accepted tokens: K/V of path[:, :n+1] moved to each row's own
+    # offset, over the tree's scratch slots.
+    k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
+    v = jnp.moveaxis(_take_rows(jnp.moveaxis(f.v, 0, 1), path, axis=2), 1, 0)
+    keep = acc.num_accepted + 1
+    cache = kv.write(f.cache, k, v, jnp.where(s.out.done, 0, keep))
+    out, n = emit(s.out, acc.tokens, keep, cfg.eos_token_ids)
+    stream_tokens(stream, acc.tokens, n)
+    last = _take_rows(path, acc.num_accepted[:, None], axis=1)[:, 0]  # slot of the bonus token's parent
+    active = ~s.out.done
+    return SpecState(
+        cache, out,
+        init_token=jnp.where(active, _take_rows(acc.tokens, acc.num_accepted[:, None], axis=1)[:, 0], s.init_token),
+        context=jnp.where(active[:, None], _take_rows(f.hidden, last[:, None], axis=1)[:, 0], s.context),
+        key=key, step=s.step + 1,
+        accepted=s.accepted.at[:, s.step].set(jnp.where(active, acc.num_accepted, -1), mode="drop"))
+
+
 def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
                  stream: StreamFn | None) -> GenerateOutput:
     b = prompts.shape[0]
-    length, budget = spec.beam_length, spec.budget
-    cache, out, first, context, key = start(params, cfg, prompts, prompt_lengths, limits, key, sampling,
-                                            max_new_tokens, budget, stream)
-
-    apple = spec.acceptance == "apple_biased" and not sampling.greedy
-
-    def propose(s: SpecState) -> Draft:
-        """The recurrent drafter's W beams and the K context-lookup beams, merged by score."""
-        drafts = []
-        if spec.beam_width:
-            drafts.append(drafter.draft(params, s.context, s.init_token, s.cache.lengths, spec.beam_width, length,
-                                        with_log_probs=apple))
-        if spec.lookup_beams:
-            hist = lookup.history(prompts, prompt_lengths, s.out.tokens)
-            drafts.append(lookup.lookup_draft(hist, prompt_lengths + s.out.lengths - 1, spec.lookup_beams, length,
-                                              spec.lookup_min_ngram, spec.lookup_max_ngram))
-        return lookup.combine(drafts)
-
-    def body(s: SpecState) -> SpecState:
-        draft = propose(s)
-        tree = pack_tree(draft.beams, budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
-        positions = s.cache.lengths[:, None] + tree.depth
-        mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
-        f = forward(params, cfg, tree.tokens, positions, s.cache, mask)
-        key, sub = jax.random.split(s.key)
-        if apple:
-            acc = apple_accept(sub, draft.beams, tree.slot, tree.beam_valid, target_log_probs(f.logits, sampling),
-                               draft.log_probs)
-        else:  # the target's argmax, or one sample per tree node: the exact tree walk
-            acc = accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(sub, f.logits, sampling))
-        path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
-        # Commit the init token and the accepted tokens: K/V of path[:, :n+1] moved to each row's own
-        # offset, over the tree's scratch slots.
-        k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
-        v = jnp.moveaxis(_take_rows(jnp.moveaxis(f.v, 0, 1), path, axis=2), 1, 0)
-        keep = acc.num_accepted + 1
-        cache = kv.write(f.cache, k, v, jnp.where(s.out.done, 0, keep))
-        out, n = emit(s.out, acc.tokens, keep, cfg.eos_token_ids)
-        stream_tokens(stream, acc.tokens, n)
-        last = _take_rows(path, acc.num_accepted[:, None], axis=1)[:, 0]  # slot of the bonus token's parent
-        active = ~s.out.done
-        return SpecState(
-            cache, out,
-            init_token=jnp.where(active, _take_rows(acc.tokens, acc.num_accepted[:, None], axis=1)[:, 0], s.init_token),
-            context=jnp.where(active[:, None], _take_rows(f.hidden, last[:, None], axis=1)[:, 0], s.context),
-            key=key, step=s.step + 1,
-            accepted=s.accepted.at[:, s.step].set(jnp.where(active, acc.num_accepted, -1), mode="drop"))
-
-    init = SpecState(cache, out, first, context, key, jnp.int32(0), jnp.full((b, max_new_tokens), -1, jnp.int32))
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), body, init)
+    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream)
+    step = functools.partial(speculative_step, params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
+                             spec=spec, stream=stream)
+    init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
+                     accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)
     return GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted)
 
 
@@ -152,12 +158,12 @@ _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "sp
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
-             key: jax.Array | None = None, drafter: Any = None, spec: SpecConfig | None = None,
+             key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
              stream: StreamFn | None = None, prompt_bucket: int = 32) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
-    `drafter` (a `Drafter`, or anything with its `draft` method) or a `spec`, decoding is speculative
+    `drafter` (a `Drafter`, or another `Proposer`) or a `spec`, decoding is speculative
     with the beam/tree shape `spec` (default SpecConfig()); `spec.beam_width == 0` with lookup beams
     needs no drafter. Greedy output is then identical to autoregressive greedy output, and sampled
     output follows exactly the autoregressive sampling distribution. `key` is required when
@@ -169,8 +175,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     n = int(limits.max())
     if key is not None and not _is_prng_key(key):
         raise TypeError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got {key!r}")
-    if drafter is not None and not callable(getattr(drafter, "draft", None)):
-        raise TypeError(f"drafter must be a Drafter (e.g. checkpoint.load_drafter(path)), got {type(drafter).__name__}")
+    if drafter is not None and not isinstance(drafter, Proposer):
+        raise TypeError(f"drafter must be a Drafter (e.g. checkpoint.load_drafter(path)) or another Proposer, got "
+                        f"{type(drafter).__name__}")
     if key is None:
         if not sampling.greedy:
             raise ValueError("sampling needs an explicit PRNG key")
@@ -184,10 +191,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                          f"beam_width=0 with lookup_beams > 0")
     if not spec.beam_width and drafter is not None:
         raise ValueError("a drafter was given with beam_width 0, which would not use it")
-    if hasattr(drafter, "config"):
-        drafter.config.check_target(cfg)
-        if spec.beam_width > drafter.config.head_vocab:
-            raise ValueError(f"beam_width {spec.beam_width} exceeds the drafter's vocabulary "
-                             f"({drafter.config.head_vocab})")
+    if drafter is not None:
+        drafter.check(cfg, spec)
     return _speculative_jit(params, drafter, block, lengths, limits, key, cfg=cfg, sampling=sampling, spec=spec,
                             max_new_tokens=n, stream=stream)

@@ -12,14 +12,21 @@ import jax.numpy as jnp
 from flax import struct
 
 from redrafter_jax.beam_search import Draft
+from redrafter_jax.config import ModelConfig, SpecConfig
 from redrafter_jax.model import Params
 
 
 @struct.dataclass
 class OracleDrafter:
+    """A `Proposer` whose beam 0 is the true continuation (or, with `wrong`, never right)."""
+
     sequences: jax.Array  # [B, T] each row's prompt followed by its true continuation
     vocab_size: int = struct.field(pytree_node=False)
     wrong: bool = struct.field(pytree_node=False, default=False)
+
+    def check(self, target: ModelConfig, spec: SpecConfig) -> None:
+        if self.vocab_size != target.vocab_size:
+            raise ValueError(f"oracle vocabulary {self.vocab_size} does not match the target's {target.vocab_size}")
 
     def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
               width: int, length: int, with_log_probs: bool = False) -> Draft:

@@ -3,6 +3,16 @@ import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+MODEL_FIXTURES = {"smollm_path", "smollm", "chat_prompts"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the embedded model are `slow` (it is downloaded once): `-m "not slow"` is the
+    fast unit suite, which needs no download."""
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def smollm_path():

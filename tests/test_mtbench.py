@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from infer.mtbench import load_prompts, main
 from infer.report import BENCHMARKS_MD
@@ -15,6 +16,7 @@ from redrafter_jax.drafter import Drafter, init_drafter
 DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
 
 
+@pytest.mark.slow  # downloads a data set
 def test_mt_bench_has_80_first_turn_questions():
     prompts = load_prompts(None)
     assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)

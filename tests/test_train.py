@@ -308,6 +308,7 @@ def test_assistant_mask_covers_exactly_the_replies(smollm):
     assert len(ids_cut) == 20 and (mask_cut == mask[:20]).all()
 
 
+@pytest.mark.slow  # downloads a data set
 def test_sharegpt_loads_despite_the_truncated_file():
     from train.data import load_sharegpt, split, to_messages
 

