@@ -23,7 +23,7 @@ from redrafter_jax import cache as kv
 from redrafter_jax.cli import run
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
-from redrafter_jax.generate import generate
+from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
 from redrafter_jax.model import forward
 from redrafter_jax.oracle import OracleDrafter
@@ -163,7 +163,8 @@ def bench_spec(args) -> None:
         return f.logits, f.cache
 
     def verify_once(toks, pos, mask):
-        logits, state["cache"] = verify(params, state["cache"], toks, pos, mask)
+        with matmul_precision(cfg):  # as generate() runs it
+            logits, state["cache"] = verify(params, state["cache"], toks, pos, mask)
         return logits
 
     def verify_n(n):

@@ -152,6 +152,19 @@ def _is_prng_key(key) -> bool:
     return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) or (key.dtype == jnp.uint32 and key.shape == (2,))
 
 
+def matmul_precision(cfg: ModelConfig):
+    """The matrix-product precision decoding runs at: full float32 for float32 parameters (GPUs would
+    otherwise use TF32, and a one-token step and an N-token verification would round differently,
+    flipping near-ties between greedy outputs), the backend's default for lower-precision ones."""
+    return jax.default_matmul_precision("highest" if jnp.dtype(cfg.dtype) == jnp.float32 else "default")
+
+
+def _call(fn, cfg: ModelConfig, *args, **kwargs):
+    """fn (a jitted decode loop, or its `.lower`) traced at the model's matrix-product precision."""
+    with matmul_precision(cfg):
+        return fn(*args, cfg=cfg, **kwargs)
+
+
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream"))
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream"))
 
@@ -183,8 +196,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
             raise ValueError("sampling needs an explicit PRNG key")
         key = jax.random.PRNGKey(0)
     if drafter is None and spec is None:
-        return _autoregressive_jit(params, block, lengths, limits, key, cfg=cfg, sampling=sampling,
-                                   max_new_tokens=n, stream=stream)
+        return _call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
+                     max_new_tokens=n, stream=stream)
     spec = spec or SpecConfig()
     if spec.beam_width and drafter is None:
         raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
@@ -193,5 +206,5 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         raise ValueError("a drafter was given with beam_width 0, which would not use it")
     if drafter is not None:
         drafter.check(cfg, spec)
-    return _speculative_jit(params, drafter, block, lengths, limits, key, cfg=cfg, sampling=sampling, spec=spec,
-                            max_new_tokens=n, stream=stream)
+    return _call(_speculative_jit, cfg, params, drafter, block, lengths, limits, key, sampling=sampling, spec=spec,
+                 max_new_tokens=n, stream=stream)

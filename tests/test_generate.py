@@ -102,3 +102,30 @@ def test_sampling_without_key_and_bad_sampling_settings_raise():
         SamplingConfig(temperature=1.0, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
+
+
+@pytest.mark.parametrize("dtype,expected", [("float32", "HIGHEST"), ("bfloat16", "DEFAULT")])
+def test_float32_models_decode_with_float32_matrix_products(dtype, expected):
+    """Both decode loops, target and drafter, lowered as generate() lowers them: every product of a
+    float32 model at HIGHEST precision (no TF32 on GPUs), whatever the global default."""
+    import re
+
+    from redrafter_jax import generate as gen
+    from redrafter_jax.config import DrafterConfig, SpecConfig
+    from redrafter_jax.decode import prepare_prompts
+    from redrafter_jax.drafter import Drafter, init_drafter
+
+    cfg, params = tiny_model(dtype=dtype)
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, dtype=dtype)
+    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1)), dcfg)
+    block, lengths, limits = prepare_prompts(cfg, [[5, 6, 7]], 4)
+    key = jax.random.PRNGKey(0)
+    common = dict(sampling=SamplingConfig(), max_new_tokens=4, stream=None)
+    with jax.default_matmul_precision("default"):  # the tests' global "highest" must not decide it
+        texts = [gen._call(gen._autoregressive_jit.lower, cfg, params, block, lengths, limits, key, **common),
+                 gen._call(gen._speculative_jit.lower, cfg, params, drafter, block, lengths, limits, key,
+                           spec=SpecConfig(2, 3, lookup_beams=1), **common)]
+    for text in (t.as_text() for t in texts):
+        precisions = re.findall(r"stablehlo.dot_general .*?precision = \[(\w+), (\w+)\]", text)
+        assert len(precisions) > 10
+        assert set(p for pair in precisions for p in pair) == {expected}
