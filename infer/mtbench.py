@@ -138,7 +138,7 @@ def main(argv=None) -> None:
     title = args.title or f"{'MT-Bench' if not args.prompts else args.prompts}: speculative vs autoregressive greedy"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, greedy, float32. W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token.
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, greedy, {args.dtype} (both decoders). W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token; where outputs differ, the top-2 gaps are the target's logit margin between its two best tokens at the first differing position.
 Machine: {machine()}.
 
 Command: `{command()}`

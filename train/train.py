@@ -9,8 +9,8 @@ accumulation and bfloat16 compute. Orbax checkpoints every --save-every steps (a
 --keep kept); rerunning the same command resumes exactly where the last checkpoint left off, since
 the data order is a pure function of (seed, step). <out>/run.json records the settings and a
 fingerprint of the data: a rerun with other ones is refused, naming what differs, and a folder
-that holds training outputs without that record is never written into. --cache-hidden computes the frozen target's
-hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
+that holds training outputs without that record is never written into. --cache-hidden computes
+the frozen target's hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
 <out>/training.png; the final drafter (params + config + how it was trained) to <out>/drafter.
 """
 
