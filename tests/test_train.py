@@ -319,3 +319,11 @@ def test_sharegpt_loads_despite_the_truncated_file():
     train_part, held = split(convs, 0.1)
     assert 10 < len(held) < 60 and len(train_part) + len(held) == 300
     assert split(convs, 0.1)[1] == held  # stable
+
+
+def test_training_code_does_not_import_the_inference_front_end():
+    code = ("import sys, train.train, train.distill, train.pipeline\n"
+            "print(sorted(m for m in sys.modules if m == 'infer' or m.startswith('infer.')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
