@@ -20,13 +20,16 @@ from tqdm import tqdm
 
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import cache as kv
+from redrafter_jax import generate as gen
 from redrafter_jax.cli import run
-from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
+from redrafter_jax.decode import prepare_prompts, start
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
 from redrafter_jax.model import forward
 from redrafter_jax.oracle import OracleDrafter
+from redrafter_jax.tree import pack_tree
 
 PASSAGES = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -193,7 +196,11 @@ def bench_spec(args) -> None:
     drafter_rows = [[name, f"{n_params[name] / 1e6:.1f}M", 1000 * t[name] / (length - 1),
                      t[name] / (length - 1) / ar_step] for name in drafters]
 
-    # 3. End to end: random and oracle drafters vs autoregressive, same prompts, same run.
+    # 3. One speculative step, component by component (the shipped drafter's shape, a real prefix).
+    component_rows = [[spec_text] + row for spec_text in args.component_specs
+                      for row in step_components(model, SpecConfig.parse(spec_text), args.context, args.repeats * 3)]
+
+    # 4. End to end: random and oracle drafters vs autoregressive, same prompts, same run.
     spec = SpecConfig(w, length)
     e2e_rows = []
     for batch in tqdm(args.batch_sizes, desc="end to end"):
@@ -221,7 +228,8 @@ def bench_spec(args) -> None:
     md1 = table(["tree tokens N", "ms per forward", "cost / one AR step"], verify_rows)
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
     md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
-    print(md1, md2, md3, sep="\n\n")
+    md4 = table(["W x L + K", "component", "ms", "cost / one AR step"], component_rows)
+    print(md1, md2, md4, md3, sep="\n\n")
     write_section("spec", path=args.report, body=f"""## Speculative decoding: step costs and end-to-end bounds
 
 SmolLM2-135M-Instruct, float32, batch 1 unless stated. Machine: {machine()}.
@@ -237,6 +245,13 @@ Drafter: one beam-search step over W = {w} beams (a draft is L - 1 = {length - 1
 LM-head option, relative to one autoregressive target step.
 
 {md2}
+
+One speculative step by component, batch 1, after a {args.context}-token prompt, with an untrained
+drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary); each component jitted
+on its own and timed on the same inputs; "whole step" is `generate.speculative_step` compiled as one
+program, whose parts XLA may fuse, and "AR step" the autoregressive step timed the same way.
+
+{md4}
 
 End to end, greedy, {args.new_tokens} new tokens per chat prompt: the untrained (random) drafter shows
 the cost of a speculative step when nothing is accepted; the oracle drafter (beam 0 is the true
@@ -258,6 +273,54 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(beside(args.report, "verification_cost.png"), dpi=120)
+
+
+def step_components(model, spec: SpecConfig, context: int, repeats: int) -> list[list]:
+    """[component, ms, cost / one autoregressive step] for one speculative step at batch 1."""
+    cfg, params = model.config, model.params
+    h, v = cfg.hidden_size, cfg.vocab_size
+    dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=4096)
+    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(4096) * (v // 4096)), dcfg)
+    greedy = SamplingConfig()
+    block, lengths, limits = prepare_prompts(cfg, fixed_length_prompts(model.tokenizer, 1, context), 64)
+    key = jax.random.PRNGKey(0)
+    prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None)
+    with matmul_precision(cfg):
+        p = jax.jit(prefill)(params, prompts=block, prompt_lengths=lengths, limits=limits, key=key)
+    s = gen.SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
+                      accepted=jnp.full((1, 64), -1, jnp.int32))
+    ar = gen.ARState(p.cache, p.out, p.first, p.key, jnp.int32(0))
+    parts = {
+        "propose": (lambda s: gen.propose(params, drafter, block, lengths, s, spec, False), (s,)),
+        "pack": (lambda d: pack_tree(d.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(d.scores)), None),
+        "verify": (lambda s, t: gen.verify(params, cfg, s, t), None),
+        "accept": (lambda d, t, f: gen.accept(key, d, t, f, greedy, spec), None),
+        "commit": (lambda s, f, t, a: gen.commit(s, f, t, a, key, cfg=cfg, stream=None), None),
+        "whole step": (lambda s: gen.speculative_step(params, drafter, block, lengths, s, cfg=cfg, sampling=greedy,
+                                                      spec=spec, stream=None), (s,)),
+        "AR step": (lambda a: gen.autoregressive_step(params, a, cfg=cfg, sampling=greedy, stream=None), (ar,)),
+    }
+    jitted = {name: jax.jit(fn) for name, (fn, _) in parts.items()}
+    with matmul_precision(cfg):  # each part's inputs: the outputs of the parts before it
+        d = jitted["propose"](s)
+        t = jitted["pack"](d)
+        f = jitted["verify"](s, t)
+        a = jitted["accept"](d, t, f)
+    inputs = {name: args or {"pack": (d,), "verify": (s, t), "accept": (d, t, f), "commit": (s, f, t, a)}[name]
+              for name, (_, args) in parts.items()}
+
+    def call(name):
+        def run():
+            with matmul_precision(cfg):
+                return jitted[name](*inputs[name])
+        return run
+
+    t = timed({name: call(name) for name in parts}, repeats, f"step components {spec.describe()}")
+    names = list(parts)
+    rows = [[name, 1000 * t[name], t[name] / t["AR step"]] for name in names]
+    rest = t["whole step"] - sum(t[n] for n in names[:5])
+    rows.insert(5, ["the rest (whole step - parts)", 1000 * rest, rest / t["AR step"]])
+    return rows
 
 
 def plot(rows, headers, path) -> None:
@@ -296,6 +359,8 @@ def main(argv=None) -> None:
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=2)
+    sp.add_argument("--component-specs", nargs="+", default=["1x4+1", "4x4", "8x5"],
+                    help="WxL[+K] settings whose step is timed component by component")
     for sub_parser in (ar, sp):
         add_report_args(sub_parser)
     args = p.parse_args(argv)

@@ -22,6 +22,7 @@ import numpy as np
 from redrafter_jax.cli import add_model_args, add_spec_args, load_drafter_arg, load_model, run
 from redrafter_jax.config import SamplingConfig
 from redrafter_jax.generate import generate
+from redrafter_jax.tokenizer import Tokenizer
 
 
 class Streamer:
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     add_spec_args(p)
     args = p.parse_args(argv)
 
+    flag, text = ("--chat", args.chat) if args.chat is not None else ("--prompt", args.prompt)
+    if not Tokenizer.check_text(text, flag).strip():  # before the model loads: fail fast
+        raise ValueError(f"{flag} is empty")
     model = load_model(args)
     drafter, spec = load_drafter_arg(args, model)
     tok = model.tokenizer
-    flag, text = ("--chat", args.chat) if args.chat is not None else ("--prompt", args.prompt)
-    if not tok.check_text(text, flag).strip():
-        raise ValueError(f"{flag} is empty")
     ids = tok.encode_chat([{"role": "user", "content": text}]) if flag == "--chat" else tok.encode(text)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     key = jax.random.PRNGKey(args.seed)

@@ -43,8 +43,8 @@ def is_apple_drafter(directory: str) -> bool:
 def _names(dcfg: DrafterConfig) -> dict[str, str]:
     """Apple tensor name -> our parameter path (keystr of the params tree)."""
     n = dcfg.num_resblocks
-    names = {f"lm_head.{i}.linear.{w}": f"['resblocks'][{i}]['{o}']" for i in range(n) for w, o in (("weight", "w"),
-                                                                                                    ("bias", "b"))}
+    names = {f"lm_head.{i}.linear.{w}": f"['resblocks'][{i}]['{o}']"
+             for i in range(n) for w, o in (("weight", "w"), ("bias", "b"))}
     names[f"lm_head.{n}.weight"] = "['lm_head']"
     if dcfg.rnn:
         names.update({"rnn_w.weight": "['rnn_w']", "rnn_u.weight": "['rnn_u']", "rnn_u.bias": "['rnn_b']"})

@@ -108,12 +108,17 @@ def _read_meta(directory: str) -> dict:
     return meta
 
 
-def load_drafter_config(directory: str) -> tuple[DrafterConfig, dict]:
-    meta = _read_meta(directory)
+def _config(meta: dict, directory: str) -> DrafterConfig:
     try:
-        return DrafterConfig(**meta["config"]), meta.get("extra", {})
+        return DrafterConfig(**meta["config"])
     except (TypeError, KeyError) as e:
         raise ValueError(f"drafter checkpoint {directory} has an invalid config: {e}") from None
+
+
+def load_drafter_config(directory: str) -> tuple[DrafterConfig, dict]:
+    """The config and the `extra` record (how it was made) of a drafter checkpoint."""
+    meta = _read_meta(directory)
+    return _config(meta, directory), meta.get("extra", {})
 
 
 def _check_files(directory: str, checksums: dict[str, str]) -> None:
@@ -154,7 +159,7 @@ def load_drafter(directory: str, target: ModelConfig | None = None,
         d = apple.load_apple_drafter(directory, target)
         return d.replace(params=jax.device_put(d.params, sharding))
     meta = _read_meta(directory)
-    dcfg, _ = load_drafter_config(directory)
+    dcfg = _config(meta, directory)
     if target is not None:
         dcfg.check_target(target)
     if meta["format_version"] >= 2:

@@ -19,13 +19,13 @@ from flax import struct
 
 from redrafter_jax import cache as kv
 from redrafter_jax import lookup
-from redrafter_jax.acceptance import accept_longest_prefix, apple_accept
+from redrafter_jax.acceptance import Accepted, accept_longest_prefix, apple_accept
 from redrafter_jax.beam_search import Draft, Proposer
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import Emitted, GenerateOutput, StreamFn, emit, prepare_prompts, start, stream_tokens
-from redrafter_jax.model import Params, forward
+from redrafter_jax.model import ForwardOutput, Params, forward
 from redrafter_jax.sampling import select, target_log_probs
-from redrafter_jax.tree import pack_tree
+from redrafter_jax.tree import Tree, pack_tree
 
 
 @struct.dataclass
@@ -91,26 +91,32 @@ def propose(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt
     return lookup.combine(drafts)
 
 
-def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
-                     s: SpecState, *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig,
-                     stream: StreamFn | None) -> SpecState:
-    """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
-    it (plus the target's own next token) to each row's cache and output."""
-    apple = spec.acceptance == "apple_biased" and not sampling.greedy
-    draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=apple)
-    tree = pack_tree(draft.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
+def verify(params: Params, cfg: ModelConfig, s: SpecState, tree: Tree) -> ForwardOutput:
+    """One target forward of the packed tree [B, N] at positions length + depth, under the tree mask."""
     positions = s.cache.lengths[:, None] + tree.depth
     mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
-    f = forward(params, cfg, tree.tokens, positions, s.cache, mask)
-    key, sub = jax.random.split(s.key)
-    if apple:
-        acc = apple_accept(sub, draft.beams, tree.slot, tree.beam_valid, target_log_probs(f.logits, sampling),
-                           draft.log_probs)
-    else:  # the target's argmax, or one sample per tree node: the exact tree walk
-        acc = accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(sub, f.logits, sampling))
+    return forward(params, cfg, tree.tokens, positions, s.cache, mask)
+
+
+def _apple_rule(spec: SpecConfig, sampling: SamplingConfig) -> bool:
+    return spec.acceptance == "apple_biased" and not sampling.greedy
+
+
+def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling: SamplingConfig,
+           spec: SpecConfig) -> Accepted:
+    """The longest drafted prefix the target agrees with (its argmax, or one sample per tree node:
+    the exact tree walk), or Apple's biased rule when asked for."""
+    if _apple_rule(spec, sampling):
+        return apple_accept(key, draft.beams, tree.slot, tree.beam_valid, target_log_probs(f.logits, sampling),
+                            draft.log_probs)
+    return accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(key, f.logits, sampling))
+
+
+def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.Array, *, cfg: ModelConfig,
+           stream: StreamFn | None) -> SpecState:
+    """Moves the K/V of the root and the accepted nodes from the tree's slots to each row's own
+    offset (over the scratch slots), emits the tokens, and sets up the next step's root."""
     path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
-    # Commit the init token and the accepted tokens: K/V of path[:, :n+1] moved to each row's own
-    # offset, over the tree's scratch slots.
     k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
     v = jnp.moveaxis(_take_rows(jnp.moveaxis(f.v, 0, 1), path, axis=2), 1, 0)
     keep = acc.num_accepted + 1
@@ -125,6 +131,18 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
         context=jnp.where(active[:, None], _take_rows(f.hidden, last[:, None], axis=1)[:, 0], s.context),
         key=key, step=s.step + 1,
         accepted=s.accepted.at[:, s.step].set(jnp.where(active, acc.num_accepted, -1), mode="drop"))
+
+
+def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
+                     s: SpecState, *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig,
+                     stream: StreamFn | None) -> SpecState:
+    """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
+    it (plus the target's own next token) to each row's cache and output."""
+    draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
+    tree = pack_tree(draft.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
+    f = verify(params, cfg, s, tree)
+    key, sub = jax.random.split(s.key)
+    return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream)
 
 
 def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
