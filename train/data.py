@@ -138,6 +138,19 @@ def write_prompts(path: str, texts: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between a recorded settings dict and the current one, as "key: a there, b now"
+    lines (nested dicts by dotted keys)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} there, {b} now")
+    return out
+
+
 def write_json(path: str, obj) -> None:
     """A JSON file, written atomically."""
     tmp = path + ".tmp"

@@ -33,11 +33,10 @@ def check_settings(out_dir: str, settings: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        diff = data.differences(saved, settings)
         if diff:
-            raise ValueError(f"{out_dir} was distilled with other settings ("
-                             + ", ".join(f"{k}: {a} there, {b} now" for k, (a, b) in diff.items())
-                             + "): rerun with the recorded settings or choose another folder")
+            raise ValueError(f"{out_dir} was distilled with other settings ({', '.join(diff)}): rerun with the "
+                             f"recorded settings or choose another folder")
         return
     shard0 = os.path.join(out_dir, "train", "shard_00000.npz")
     if os.path.exists(os.path.join(out_dir, "train", "shard_00001.npz")):

@@ -38,7 +38,7 @@ from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.model import Params, transformer_causal
-from train.data import Sequences, batch_at, batch_indices, fingerprint, pad_rows, write_json
+from train.data import Sequences, batch_at, batch_indices, differences, fingerprint, pad_rows, write_json
 from train.loss import drafter_loss
 
 
@@ -210,17 +210,6 @@ RUN_FILE = "run.json"
 OUTPUTS = ("checkpoints", "metrics.jsonl", "training.png", "drafter")  # what train() writes into out_dir
 
 
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a} there, {b} now")
-    return out
-
-
 def claim_run_dir(out_dir: str, record: dict, command: str | None) -> list[str]:
     """Starts or resumes the training run in out_dir: writes its record (settings and data
     fingerprint), or checks it against the one there. Refuses a folder holding training outputs
@@ -230,7 +219,7 @@ def claim_run_dir(out_dir: str, record: dict, command: str | None) -> list[str]:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        diff = _differences({k: v for k, v in saved.items() if k != "commands"}, record)
+        diff = differences({k: v for k, v in saved.items() if k != "commands"}, record)
         if diff:
             raise ValueError(f"{out_dir} holds a training run with other settings or data ({'; '.join(diff)}): "
                              f"rerun with the same ones to resume, or use another --out")
