@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, param_shapes
+from redrafter_jax.files import atomic_folder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -113,12 +113,7 @@ def save_apple_drafter(directory: str, drafter: Drafter, overwrite: bool = False
     conf = {"architectures": ["Drafter"], "dtype": c.dtype, "exit_dim": c.exit, "hidden_size": c.hidden_size,
             "model_type": MODEL_TYPE, "num_draft_layers": c.num_resblocks, "num_lookback_tokens": -1,
             "rnn": c.rnn, "transformers_version": TRANSFORMERS_VERSION, "vocab_size": c.vocab_size}
-    tmp = f"{directory}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-        json.dump(conf, f, indent=2, sort_keys=True)
-    if os.path.exists(directory):
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
+    with atomic_folder(directory) as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(conf, f, indent=2, sort_keys=True)

@@ -1,7 +1,6 @@
 """Drafter checkpoints: a directory with drafter_config.json and the params as an orbax checkpoint.
 
-- Atomic: everything is written into a temporary sibling directory that is renamed into place only
-  when complete, so a crash never leaves a half-written drafter under the real name.
+- Atomic (`files.atomic_folder`): a crash never leaves a half-written drafter under the real name.
 - Safe: a folder that holds anything but a drafter checkpoint is never replaced without
   `overwrite=True`.
 - Portable: params are saved from host memory, so no device topology is recorded, and restored onto
@@ -14,10 +13,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +23,8 @@ import orbax.checkpoint as ocp
 from redrafter_jax import apple
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, param_shapes
+from redrafter_jax.files import atomic_folder
+from redrafter_jax.wheels import sha256
 
 CONFIG_FILE = "drafter_config.json"
 PARAMS_DIR = "params"
@@ -47,11 +46,7 @@ def file_digests(root: str) -> dict[str, str]:
     for parent, _, files in os.walk(root):
         for name in files:
             path = os.path.join(parent, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            out[os.path.relpath(path, root)] = h.hexdigest()
+            out[os.path.relpath(path, root)] = sha256(path)
     return dict(sorted(out.items()))
 
 
@@ -72,10 +67,7 @@ def save_drafter(directory: str, drafter: Drafter, extra: dict | None = None, ov
         if os.listdir(directory) and not is_drafter_checkpoint(directory) and not overwrite:
             raise FileExistsError(f"refusing to replace {directory}: it holds files that are not a drafter "
                                   f"checkpoint; choose an empty or new folder, or pass overwrite=True (--overwrite)")
-    tmp = f"{directory}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(directory) as tmp:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.join(tmp, PARAMS_DIR), jax.device_get(drafter.params))  # host arrays: no device recorded
         ckpt.wait_until_finished()
@@ -83,14 +75,6 @@ def save_drafter(directory: str, drafter: Drafter, extra: dict | None = None, ov
                 "checksums": file_digests(os.path.join(tmp, PARAMS_DIR)), "extra": extra or {}}
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = f"{directory}.old-{os.getpid()}"
-    if os.path.exists(directory):
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_meta(directory: str) -> dict:

@@ -1,0 +1,28 @@
+"""Atomic folder writes: a folder is built under a temporary sibling name and renamed into place only
+when complete, so a crash never leaves a half-written folder under the real name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+
+@contextlib.contextmanager
+def atomic_folder(directory: str):
+    """Yields a fresh temporary folder; on success it replaces `directory` (the old one, if any, is
+    moved aside first and deleted after), on failure it is deleted and `directory` is untouched."""
+    directory = os.path.abspath(directory)
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{directory}.old-{os.getpid()}"
+    if os.path.exists(directory):
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
