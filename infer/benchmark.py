@@ -284,7 +284,8 @@ def step_components(model, spec: SpecConfig, context: int, repeats: int) -> list
     greedy = SamplingConfig()
     block, lengths, limits = prepare_prompts(cfg, fixed_length_prompts(model.tokenizer, 1, context), 64)
     key = jax.random.PRNGKey(0)
-    prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None)
+    prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None,
+                                mesh=None)
     with matmul_precision(cfg):
         p = jax.jit(prefill)(params, prompts=block, prompt_lengths=lengths, limits=limits, key=key)
     s = gen.SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),

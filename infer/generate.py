@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     def decode(streamer, **kw):
         start = time.perf_counter()
         out = generate(model.params, model.config, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       key=key, stream=streamer, **kw)
+                       key=key, stream=streamer, mesh=model.mesh, **kw)
         jax.block_until_ready(out)
         return out, streamer.first_time - start
 

@@ -55,7 +55,8 @@ def run_all(model, prompts, max_new, **kw):
     outs, secs, accepted = [], [], []
     for p in prompts:
         t = time.perf_counter()
-        out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new, **kw))
+        out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new, mesh=model.mesh,
+                                      **kw))
         secs.append(time.perf_counter() - t)
         outs.append(out.tokens[0, : out.lengths[0]].tolist())
         if out.accepted is not None:

@@ -22,20 +22,35 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     src.add_argument("--hf", help="a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", metavar="DxM", default=None,
+                   help="run over D x M devices: the batch split D ways, the model tensor-parallel M ways "
+                        "(e.g. 1x8, 2x4; default: one device)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="join a multi-host job first (jax.distributed): the coordinator's address with "
+                        "--num-processes and --process-id, or 'auto' to read them from the cluster (SLURM, "
+                        "Open MPI, Kubernetes, Cloud TPU); every process runs the same command")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
+    """The model the flags name, each parameter loaded straight onto its devices (its shards with --mesh)."""
+    from redrafter_jax.sharding import parse_mesh, start_processes
+
+    if args.coordinator:
+        start_processes(args.coordinator, args.num_processes, args.process_id)
+    mesh = parse_mesh(args.mesh) if args.mesh else None
     if args.hf:
         from redrafter_jax.loaders.hf import load_hf
 
-        return load_hf(args.hf, args.dtype)
+        return load_hf(args.hf, args.dtype, mesh)
     if args.gguf:
         from redrafter_jax.loaders.gguf import load_gguf
 
-        return load_gguf(args.gguf, args.dtype)
+        return load_gguf(args.gguf, args.dtype, mesh)
     from redrafter_jax.loaders.embedded import load_default
 
-    return load_default(args.dtype)
+    return load_default(args.dtype, mesh)
 
 
 DEFAULT_DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from redrafter_jax import cache as kv
 from redrafter_jax.config import ModelConfig, SamplingConfig
 from redrafter_jax.model import Params, lm_head, transformer
 from redrafter_jax.sampling import select
+from redrafter_jax.sharding import constrain_cache
 
 # Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host.
 StreamFn = Callable[[np.ndarray, np.ndarray], None]
@@ -92,14 +94,15 @@ class Started(NamedTuple):
 
 def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
           key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
-          stream: StreamFn | None) -> Started:
+          stream: StreamFn | None, mesh: Mesh | None) -> Started:
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens). The cache lives inside the
-    compiled program: as a while-loop carry, XLA updates it in place.
+    compiled program: as a while-loop carry, XLA updates it in place. On a `mesh` it is split by row
+    and KV head (`sharding.CACHE`), and the loop carry keeps that layout.
     """
     b = prompts.shape[0]
-    cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len))
+    cache = constrain_cache(kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len)), mesh)
     cache, hidden, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
     key, sub = jax.random.split(key)
     first = select(sub, logits, sampling)

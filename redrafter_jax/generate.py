@@ -15,14 +15,25 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 
 from redrafter_jax import cache as kv
-from redrafter_jax import lookup
+from redrafter_jax import lookup, sharding
 from redrafter_jax.acceptance import Accepted, accept_longest_prefix, apple_accept
 from redrafter_jax.beam_search import Draft, Proposer
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
-from redrafter_jax.decode import Emitted, GenerateOutput, StreamFn, emit, prepare_prompts, start, stream_tokens
+from redrafter_jax.decode import (
+    Emitted,
+    GenerateOutput,
+    StreamFn,
+    emit,
+    prepare_prompts,
+    round_up,
+    start,
+    stream_tokens,
+)
 from redrafter_jax.model import ForwardOutput, Params, forward
 from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
@@ -52,11 +63,11 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
 
 
 def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig, sampling: SamplingConfig,
-                    max_new_tokens: int, stream: StreamFn | None) -> GenerateOutput:
-    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream)
+                    max_new_tokens: int, stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
+    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
     step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream)
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
-    return GenerateOutput(s.out.tokens, s.out.lengths, s.step)
+    return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
 
 
 @struct.dataclass
@@ -147,15 +158,16 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
 
 def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                 stream: StreamFn | None) -> GenerateOutput:
+                 stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
     b = prompts.shape[0]
-    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream)
+    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
+              mesh)
     step = functools.partial(speculative_step, params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream)
     init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)
-    return GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted)
+    return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted), mesh)
 
 
 def _check_types(**named) -> None:
@@ -183,14 +195,30 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
         return fn(*args, cfg=cfg, **kwargs)
 
 
-_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream"))
-_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream"))
+_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream", "mesh"))
+_speculative_jit = jax.jit(_speculative,
+                           static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream", "mesh"))
+
+
+def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None, block: jax.Array,
+                   lengths: jax.Array, limits: jax.Array):
+    """Puts the target tensor-parallel, the drafter replicated and the rows split over the mesh's data
+    axis, after padding the batch with one-token rows (limit 1) to a multiple of that axis."""
+    b, rows = block.shape[0], round_up(block.shape[0], sharding.axis_size(mesh, sharding.DATA))
+    batch = jax.sharding.NamedSharding(mesh, sharding.BATCH)
+
+    def padded(x, fill):
+        return jax.device_put(np.concatenate([np.asarray(x), np.full((rows - b, *x.shape[1:]), fill, x.dtype)]), batch)
+
+    block, lengths, limits = padded(block, cfg.pad_token_id), padded(lengths, 1), padded(limits, 1)
+    return (sharding.shard_params(params, cfg, mesh), None if drafter is None else sharding.replicate(drafter, mesh),
+            block, lengths, limits)
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
              key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
-             stream: StreamFn | None = None, prompt_bucket: int = 32) -> GenerateOutput:
+             stream: StreamFn | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
@@ -200,6 +228,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     output follows exactly the autoregressive sampling distribution. `key` is required when
     sampling. `stream`, if given, receives each step's tokens on the host. Prompts are padded to a
     multiple of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
+
+    `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
+    are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
     """
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
@@ -213,9 +244,14 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         if not sampling.greedy:
             raise ValueError("sampling needs an explicit PRNG key")
         key = jax.random.PRNGKey(0)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. sharding.make_mesh(data, model)), got {mesh!r}")
+    b = block.shape[0]
     if drafter is None and spec is None:
-        return _call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
-                     max_new_tokens=n, stream=stream)
+        if mesh is not None:
+            params, _, block, lengths, limits = _place_on_mesh(mesh, cfg, params, None, block, lengths, limits)
+        return _rows(_call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
+                           max_new_tokens=n, stream=stream, mesh=mesh), b)
     spec = spec or SpecConfig()
     if spec.beam_width and drafter is None:
         raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
@@ -224,5 +260,15 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         raise ValueError("a drafter was given with beam_width 0, which would not use it")
     if drafter is not None:
         drafter.check(cfg, spec)
-    return _call(_speculative_jit, cfg, params, drafter, block, lengths, limits, key, sampling=sampling, spec=spec,
-                 max_new_tokens=n, stream=stream)
+    if mesh is not None:
+        params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
+    return _rows(_call(_speculative_jit, cfg, params, drafter, block, lengths, limits, key, sampling=sampling,
+                       spec=spec, max_new_tokens=n, stream=stream, mesh=mesh), b)
+
+
+def _rows(out: GenerateOutput, b: int) -> GenerateOutput:
+    """The first b rows of out (dropping the rows that padded the batch for a mesh)."""
+    if out.tokens.shape[0] == b:
+        return out
+    return out.replace(tokens=out.tokens[:b], lengths=out.lengths[:b],
+                       accepted=None if out.accepted is None else out.accepted[:b])

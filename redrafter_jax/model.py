@@ -1,14 +1,18 @@
 """Llama-family decoder as pure functions over a params pytree.
 
-Params layout (matrices are [in, out] so activations multiply on the left):
+Params layout (matrices are [in, out] so activations multiply on the left; nkv KV heads, each
+shared by G = nh / nkv query heads):
     embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
     layers: a list with one dict per layer:
-        attn_norm [H]; wqkv [H, (nh + 2 nkv) D] (Q, K, V side by side); bqkv [(nh + 2 nkv) D] (only
-        with attention_bias); wo [nh D, H]; mlp_norm [H]; w_gate_up [H, 2 I] (gate, up); w_down [I, H]
+        attn_norm [H]; wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V);
+        bqkv [nkv, G + 2, D] (only with attention_bias); wo [nh D, H] (query heads in order);
+        mlp_norm [H]; w_gate_up [H, 2, I] (gate, up); w_down [I, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
 batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
-in place run ~1.5x faster on CPU than a `lax.scan` slicing stacked weights.
+in place run ~1.5x faster on CPU than a `lax.scan` slicing stacked weights. Grouping Q/K/V by KV head
+and keeping gate/up on their own axis give every fused weight one axis (nkv or I) that splits into
+self-contained tensor-parallel shards (`sharding.py`).
 """
 
 from __future__ import annotations
@@ -34,20 +38,14 @@ class ForwardOutput(NamedTuple):
     v: jax.Array | None  # [layers, B, T, kv_heads, head_dim]  these three None from forward_causal
 
 
-def fused_splits(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Output widths of the parts of each fused per-layer weight, in order."""
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    return {"wqkv": (q, kv, kv), "bqkv": (q, kv, kv), "w_gate_up": (cfg.intermediate_size,) * 2}
-
-
 def param_shapes(cfg: ModelConfig) -> dict:
     """The expected shape of every parameter: the single source loaders and init check against."""
     h, i = cfg.hidden_size, cfg.intermediate_size
-    qkv = sum(fused_splits(cfg)["wqkv"])
-    layer = {"attn_norm": (h,), "wqkv": (h, qkv), "wo": (cfg.num_heads * cfg.head_dim, h),
-             "mlp_norm": (h,), "w_gate_up": (h, 2 * i), "w_down": (i, h)}
+    qkv = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
+    layer = {"attn_norm": (h,), "wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h),
+             "mlp_norm": (h,), "w_gate_up": (h, 2, i), "w_down": (i, h)}
     if cfg.attention_bias:
-        layer["bqkv"] = (qkv,)
+        layer["bqkv"] = qkv
     shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
@@ -93,10 +91,11 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [B, T, heads, D]; positions: [B, T]. rotate_half layout."""
+    """x: [B, T, ..., D] (any head axes); positions: [B, T]. rotate_half layout."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    heads = (1,) * (x.ndim - 3)
+    cos = jnp.cos(angles).reshape(*positions.shape, *heads, -1)
+    sin = jnp.sin(angles).reshape(*positions.shape, *heads, -1)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -104,15 +103,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def _attention(q, k_cache, v_cache, mask):
     """Grouped-query attention of new queries over the cache (which already holds the new keys).
 
-    q: [B, T, nh, D]; k_cache/v_cache: [B, S, nkv, D]; mask: [B, T, S] bool. Returns [B, T, nh, D].
+    q: [B, T, nkv, G, D]; k_cache/v_cache: [B, S, nkv, D]; mask: [B, T, S] bool. Returns [B, T, nkv, G, D].
     """
-    b, t, nh, d = q.shape
-    nkv = k_cache.shape[2]
-    q = q.reshape(b, t, nkv, nh // nkv, d) * (d ** -0.5)
+    q = q * (q.shape[-1] ** -0.5)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache).reshape(b, t, nh, d)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
 
 
 def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -125,27 +122,26 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     unchanged: nothing is made valid), and the new k, v [layers, B, T, kv_heads, head_dim].
     """
     b, t = tokens.shape
-    nh, nkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // cfg.num_kv_heads
     kv.check_room(cache, t)
     inv_freq = cfg.rope_inv_freq()
     x = params["embed"][tokens]
     ck, cv, ks, vs = cache.k, cache.v, [], []
     for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        qkv = h @ p["wqkv"]
+        qkv = jnp.einsum("bth,hkjd->btkjd", h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
-        q, k, v = jnp.split(qkv, [nh * d, (nh + nkv) * d], axis=-1)
-        q = apply_rope(q.reshape(b, t, nh, d), positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, nkv, d), positions, inv_freq)
-        v = v.reshape(b, t, nkv, d)
+        q = apply_rope(qkv[:, :, :, :g], positions, inv_freq)
+        k = apply_rope(qkv[:, :, :, g], positions, inv_freq)
+        v = qkv[:, :, :, g + 1]
         ck = kv.scatter_rows(ck, k, cache.lengths, layer=i)
         cv = kv.scatter_rows(cv, v, cache.lengths, layer=i)
         attn = _attention(q, ck[i], cv[i], mask)
-        x = x + attn.reshape(b, t, nh * d) @ p["wo"]
+        x = x + attn.reshape(b, t, -1) @ p["wo"]
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
-        x = x + (jax.nn.silu(gate) * up) @ p["w_down"]
+        gate_up = jnp.einsum("bth,hci->btci", h, p["w_gate_up"])
+        x = x + (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ p["w_down"]
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

@@ -75,23 +75,29 @@ def write_checkpoint(directory, arch, tensors, sharded=False, **config_overrides
         json.dump({"chat_template": TEMPLATE}, f)
 
 
-def params_from_hf_arrays(t, layers=2):
-    """Our params layout built directly from HF arrays: [in, out] matrices, Q/K/V and gate/up fused."""
-    def cat(i, *names):
-        xs = [t[f"model.layers.{i}.{n}"] for n in names]
-        return jnp.asarray(np.concatenate(xs, axis=0).T if xs[0].ndim == 2 else np.concatenate(xs))
+def params_from_hf_arrays(t, cfg):
+    """Our params layout built directly from HF arrays: [in, out] matrices, Q/K/V grouped by KV head,
+    gate/up stacked."""
+    g, d = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+
+    def qkv(i, kind):
+        q, k, v = (t[f"model.layers.{i}.self_attn.{n}_proj.{kind}"] for n in "qkv")
+        per_kv = lambda x, n: x.reshape(cfg.num_kv_heads, n, d, *x.shape[1:])  # noqa: E731
+        x = np.concatenate([per_kv(q, g), per_kv(k, 1), per_kv(v, 1)], axis=1)  # [nkv, G + 2, D, (H)]
+        return jnp.asarray(np.moveaxis(x, 3, 0) if x.ndim == 4 else x)
 
     def layer(i):
-        p = {"attn_norm": cat(i, "input_layernorm.weight"), "mlp_norm": cat(i, "post_attention_layernorm.weight"),
-             "wqkv": cat(i, "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-             "wo": cat(i, "self_attn.o_proj.weight"), "w_down": cat(i, "mlp.down_proj.weight"),
-             "w_gate_up": cat(i, "mlp.gate_proj.weight", "mlp.up_proj.weight")}
+        w = lambda n: t[f"model.layers.{i}.{n}"]  # noqa: E731
+        p = {"attn_norm": jnp.asarray(w("input_layernorm.weight")),
+             "mlp_norm": jnp.asarray(w("post_attention_layernorm.weight")), "wqkv": qkv(i, "weight"),
+             "wo": jnp.asarray(w("self_attn.o_proj.weight").T), "w_down": jnp.asarray(w("mlp.down_proj.weight").T),
+             "w_gate_up": jnp.asarray(np.stack([w("mlp.gate_proj.weight").T, w("mlp.up_proj.weight").T], axis=1))}
         if f"model.layers.{i}.self_attn.q_proj.bias" in t:
-            p["bqkv"] = cat(i, "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+            p["bqkv"] = qkv(i, "bias")
         return p
 
     p = {"embed": jnp.asarray(t["model.embed_tokens.weight"]), "final_norm": jnp.asarray(t["model.norm.weight"]),
-         "layers": [layer(i) for i in range(layers)]}
+         "layers": [layer(i) for i in range(cfg.num_layers)]}
     if "lm_head.weight" in t:
         p["lm_head"] = jnp.asarray(t["lm_head.weight"].T)
     return p
@@ -110,7 +116,7 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     assert m.config.sliding_window == (5 if arch == "mistral" else None)
     ids = jnp.asarray([TOKENS])
     got = forward_causal(m.params, m.config, ids).logits
-    want = forward_causal(params_from_hf_arrays(tensors), m.config, ids).logits
+    want = forward_causal(params_from_hf_arrays(tensors, m.config), m.config, ids).logits
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 

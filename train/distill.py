@@ -75,7 +75,7 @@ def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_si
             batch = chunk[i:i + batch_size]
             padded = batch + [batch[-1]] * (batch_size - len(batch))
             out = jax.device_get(generate(model.params, model.config, padded, max_new_tokens=max_new_tokens,
-                                          prompt_bucket=prompt_block))
+                                          prompt_bucket=prompt_block, mesh=model.mesh))
             for p, row, n in zip(batch, out.tokens, out.lengths):
                 toks.append(np.asarray(list(p) + row[:n].tolist(), np.int32))
                 masks.append(np.r_[np.zeros(len(p), np.int8), np.ones(int(n), np.int8)])

@@ -36,7 +36,16 @@ from redrafter_jax.drafter import init_drafter
 from redrafter_jax.generate import generate
 from train import data
 from train.distill import check_settings, write_distill_shards
-from train.train import add_train_args, configs_from_args, draft_vocabulary, init_state, make_steps, split_frozen, train
+from train.train import (
+    add_train_args,
+    configs_from_args,
+    draft_vocabulary,
+    init_state,
+    make_steps,
+    split_frozen,
+    train,
+    training_mesh,
+)
 
 
 def _pack(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -79,10 +88,10 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
     return prompts
 
 
-def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, n: int = 3) -> tuple[float, float]:
+def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, mesh: Mesh | None,
+                     n: int = 3) -> tuple[float, float]:
     """(seconds of the first training step, compilation included; seconds per later step)."""
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    opt, train_step, _, _ = make_steps(tc, dcfg, target_cfg, mesh)
+    opt, train_step, _, _ = make_steps(tc, dcfg, target_cfg, training_mesh(tc, mesh))
     vocab_map = np.zeros(dcfg.draft_vocab_size, np.int32) if dcfg.draft_vocab_size else None
     dparams = init_drafter(dcfg, jax.random.PRNGKey(0), vocab_map)
     state, frozen = init_state(opt, dparams), split_frozen(dparams)[1]
@@ -107,7 +116,7 @@ def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, 
     accepted = []
     for p in prompts:
         out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new_tokens,
-                                      drafter=drafter, spec=spec))
+                                      drafter=drafter, spec=spec, mesh=model.mesh))
         accepted.append(out.accepted[0][out.accepted[0] >= 0])
     return 1 + float(np.concatenate(accepted).mean())
 
@@ -182,7 +191,7 @@ def main(argv=None) -> None:
         plan = log["plan"]
     else:
         probe, dcfg = configs_from_args(args, model.config, steps=1000)
-        first, per_step = time_train_steps(probe, dcfg, model.config, model.params, train_seqs)
+        first, per_step = time_train_steps(probe, dcfg, model.config, model.params, train_seqs, model.mesh)
         left = t0 + (1 - args.eval_share) * budget - time.time()
         steps = plan_steps(left, first, per_step, args.max_steps)
         plan = {"steps": steps, "seconds_per_step": per_step, "first_step_seconds": first,
@@ -194,7 +203,8 @@ def main(argv=None) -> None:
     extra = {"command": log["command"], "recipe": "distill", "pipeline_minutes": args.minutes}
     vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
     t_train = time.time()
-    drafter = train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra)
+    drafter = train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra,
+                    mesh=model.mesh)
     stage["train"] = time.time() - t_train
 
     # 4. Evaluation.

@@ -3,11 +3,13 @@
     python -m train.train --recipe dataset --out runs/apple --steps 2000
     python -m train.distill --out data/distill && python -m train.train --recipe distill --data data/distill --out runs/distill
 
-Data parallel over every visible device (`jax.sharding`, batch split on a "data" mesh axis; works
-on one device). AdamW with warm-up + cosine decay and gradient clipping (optax); optional gradient
-accumulation and bfloat16 compute. Orbax checkpoints every --save-every steps (atomic, the last
---keep kept); rerunning the same command resumes exactly where the last checkpoint left off, since
-the data order is a pure function of (seed, step). <out>/run.json records the settings and a
+Data parallel over every visible device by default (`jax.sharding`, batch split on a "data" mesh axis;
+works on one device); --mesh DxM instead splits the batch D ways and the frozen target tensor-parallel
+M ways (`redrafter_jax.sharding`), the drafter staying replicated; --coordinator joins a multi-host job,
+each process loading only its rows of each batch. AdamW with warm-up + cosine decay and gradient
+clipping (optax); optional gradient accumulation and bfloat16 compute. Orbax checkpoints every
+--save-every steps (atomic, the last --keep kept); rerunning the same command resumes exactly where
+the last checkpoint left off, since the data order is a pure function of (seed, step). <out>/run.json records the settings and a
 fingerprint of the data: a rerun with other ones is refused, naming what differs, and a folder
 that holds training outputs without that record is never written into. --cache-hidden computes
 the frozen target's hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
@@ -38,6 +40,7 @@ from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.model import Params, transformer_causal
+from redrafter_jax.sharding import DATA, global_batch, local_rows, make_mesh, param_shardings, shard_params
 from train.data import Sequences, batch_at, batch_indices, differences, fingerprint, pad_rows, write_json
 from train.loss import drafter_loss
 
@@ -110,10 +113,13 @@ def split_frozen(dparams: Params) -> tuple[Params, Params]:
 
 def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, mesh: Mesh):
     """Jitted (train_step, eval_step, target_hidden); the batch is sharded over the mesh's "data" axis,
-    the rest replicated. The steps take the target's hidden states [B, T, H], or None to compute them."""
+    the target as `sharding.param_specs` (tensor-parallel over a "model" axis, if the mesh has one), the
+    drafter and its optimizer state replicated. The steps take the target's hidden states [B, T, H], or
+    None to compute them."""
     dtype = jnp.dtype(tc.compute_dtype)
     opt = make_optimizer(tc)
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
+    target = param_shardings(target_cfg, mesh)
     cast = functools.partial(jax.tree_util.tree_map, lambda x: x.astype(dtype))
 
     def target_hidden(target_params, tokens):
@@ -135,11 +141,20 @@ def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, me
     def eval_step(params, frozen, target_params, tokens, mask):
         return loss_fn(params, frozen, target_params, tokens, mask, None)[1]
 
-    train = jax.jit(train_step, in_shardings=(rep, rep, rep, data, data, data), out_shardings=(rep, rep),
+    train = jax.jit(train_step, in_shardings=(rep, rep, target, data, data, data), out_shardings=(rep, rep),
                     donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(rep, rep, rep, data, data), out_shardings=rep)
-    hidden = jax.jit(target_hidden, in_shardings=(rep, data), out_shardings=data)
+    evaluate = jax.jit(eval_step, in_shardings=(rep, rep, target, data, data), out_shardings=rep)
+    hidden = jax.jit(target_hidden, in_shardings=(target, data), out_shardings=data)
     return opt, train, evaluate, hidden
+
+
+def training_mesh(tc: TrainConfig, mesh: Mesh | None) -> Mesh:
+    """mesh, or by default every visible device on its data axis; checks that it splits the batch."""
+    mesh = mesh or make_mesh(jax.device_count(), 1)
+    if tc.batch_size % mesh.shape[DATA]:
+        raise ValueError(f"batch_size {tc.batch_size} is not divisible by the mesh's {mesh.shape[DATA]}-device "
+                         f"data axis")
+    return mesh
 
 
 def cache_hidden_states(target_hidden, target_params, seqs: Sequences, tc: TrainConfig, pad_id: int,
@@ -166,11 +181,19 @@ def _to_host(metrics) -> dict:
     return {k: np.asarray(v).tolist() for k, v in metrics.items()}
 
 
-def evaluate_split(evaluate, params, frozen, target_params, seqs: Sequences, tc: TrainConfig, pad_id: int) -> dict:
+def local_batch(mesh: Mesh, arrays: tuple[np.ndarray, ...], batch_size: int) -> tuple[jax.Array, ...]:
+    """This process's rows of a batch (`sharding.local_rows`) as arrays split over the data axis."""
+    return tuple(global_batch(mesh, x, batch_size) for x in arrays)
+
+
+def evaluate_split(evaluate, params, frozen, target_params, seqs: Sequences, tc: TrainConfig, pad_id: int,
+                   mesh: Mesh) -> dict:
     """Per-head loss and top-1 accuracy over the first eval_batches batches of held-out data, target-count weighted."""
     tot = {"loss": 0.0, "accuracy": 0.0, "count": 0.0}
     for i in range(tc.eval_batches):
-        tokens, mask = batch_at(seqs, i, tc.batch_size, tc.seq_len, tc.seed, pad_id)
+        rows = local_rows(mesh, tc.batch_size)
+        tokens, mask = local_batch(mesh, [x[rows] for x in batch_at(seqs, i, tc.batch_size, tc.seq_len, tc.seed,
+                                                                    pad_id)], tc.batch_size)
         m = {k: np.asarray(v) for k, v in evaluate(params, frozen, target_params, tokens, mask).items()}
         for k in ("loss", "accuracy"):
             tot[k] = tot[k] + m[k] * m["count"]
@@ -247,21 +270,27 @@ def _keep_metrics_until(path: str, step: int) -> None:
 
 def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_params: Params,
           train_seqs: Sequences, eval_seqs: Sequences | None, out_dir: str, vocab_map: np.ndarray | None = None,
-          extra: dict | None = None, on_step: Callable[[int], None] | None = None, progress: bool = True) -> Drafter:
-    """Trains (or resumes training of) a drafter into out_dir; returns the trained drafter."""
+          extra: dict | None = None, on_step: Callable[[int], None] | None = None, progress: bool = True,
+          mesh: Mesh | None = None) -> Drafter:
+    """Trains (or resumes training of) a drafter into out_dir; returns the trained drafter.
+
+    mesh (`sharding.make_mesh`): default, data parallel over every visible device. A resumed run may
+    use another mesh: checkpoints do not depend on it."""
     dcfg.check_target(target_cfg)
-    devices = jax.devices()
-    if tc.batch_size % len(devices):
-        raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {len(devices)} devices")
-    mesh = Mesh(np.asarray(devices), ("data",))
+    mesh = training_mesh(tc, mesh)
     opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh)
+    target_params = shard_params(target_params, target_cfg, mesh)
     dparams = init_drafter(dcfg, jax.random.PRNGKey(tc.seed), None if vocab_map is None else jnp.asarray(vocab_map))
     state = init_state(opt, dparams)
     _, frozen = split_frozen(dparams)
     meta = {"train_config": dataclasses.asdict(tc), "drafter_config": dataclasses.asdict(dcfg)}
-    commands = claim_run_dir(out_dir, {**meta, "train_data": fingerprint(train_seqs),
-                                       "held_out_data": None if eval_seqs is None else fingerprint(eval_seqs)},
-                             (extra or {}).get("command"))
+    # In a multi-host job every process trains (and checkpoints, through orbax); process 0 alone writes files.
+    lead = jax.process_index() == 0
+    if tc.cache_hidden and jax.process_count() > 1:
+        raise ValueError("cache_hidden keeps every sequence's hidden states on one host: not for multi-host jobs")
+    record = {**meta, "train_data": fingerprint(train_seqs),
+              "held_out_data": None if eval_seqs is None else fingerprint(eval_seqs)}
+    commands = claim_run_dir(out_dir, record, (extra or {}).get("command")) if lead else []
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True))
     if manager.latest_step() is not None:
@@ -279,19 +308,21 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     log_path = os.path.join(out_dir, "metrics.jsonl")
     _keep_metrics_until(log_path, start)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
-    with open(log_path, "a") as log:
+    rows = local_rows(mesh, tc.batch_size)
+    with open(log_path if lead else os.devnull, "a") as log:
         for step in bar:
             idx = batch_indices(len(train_seqs), step, tc.batch_size, tc.seed)
-            tokens, mask = pad_rows(train_seqs, idx, tc.seq_len, pad)
+            idx = idx[rows]  # this process's share of the batch (all of it in a single-process job)
+            tokens, mask = local_batch(mesh, pad_rows(train_seqs, idx, tc.seq_len, pad), tc.batch_size)
             state, metrics = train_step(state, frozen, target_params, tokens, mask,
-                                        None if cached is None else cached[idx])
+                                        None if cached is None else global_batch(mesh, cached[idx], tc.batch_size))
             done = step + 1
             if done % 10 == 0 or done == tc.steps:
                 m = _to_host(metrics)
                 log.write(json.dumps({"step": done, "split": "train", **m}) + "\n")
                 bar.set_postfix(loss=f"{np.mean(m['loss']):.3f}", acc0=f"{m['accuracy'][0]:.3f}")
             if eval_seqs is not None and (done % tc.eval_every == 0 or done == tc.steps):
-                e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc, pad)
+                e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc, pad, mesh)
                 log.write(json.dumps({"step": done, "split": "eval", **e}) + "\n")
             if done % tc.save_every == 0 or done == tc.steps:
                 log.flush()
@@ -303,6 +334,8 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
             if on_step is not None:
                 on_step(done)
     manager.close()
+    if not lead:
+        return Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
     plot_metrics(log_path, os.path.join(out_dir, "training.png"))
     drafter = Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
     save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {}), "commands": commands})
@@ -378,7 +411,8 @@ def main(argv=None) -> None:
     extra = {"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
              "recipe": args.recipe}
     vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
-    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra)
+    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra,
+          mesh=model.mesh)
 
 
 if __name__ == "__main__":

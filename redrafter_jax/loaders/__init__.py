@@ -1,18 +1,22 @@
 """Model loaders: GGUF files, Hugging Face checkpoint directories, and the embedded default.
 
 Both formats name the same tensors differently; `GLOBAL_TENSORS` and `LAYER_TENSORS` are the one
-table mapping our params layout to each, and `assemble_params` builds (and shape-checks) the params from either.
+table mapping our params layout to each. `assemble_params` builds every parameter straight onto its
+devices (one device, or its shards on a mesh): each device's block is read from the checkpoint on its
+own, so the host never holds more than a few tensors at a time.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple, Protocol
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
-from redrafter_jax.model import Params, fused_splits, param_shapes
+from redrafter_jax.model import Params, param_shapes
 from redrafter_jax.tokenizer import Tokenizer
 
 
@@ -20,10 +24,11 @@ class LoadedModel(NamedTuple):
     config: ModelConfig
     params: Params
     tokenizer: Tokenizer
+    mesh: Mesh | None = None  # the devices params are split over (pass it on to `generate`), None: one device
 
 
-# Our parameter -> its parts as checkpoints store them, each (Hugging Face name, GGUF name); fused
-# parameters list their parts in concatenation order; "{i}" is the layer index.
+# Our parameter -> its parts as checkpoints store them, each (Hugging Face name, GGUF name); "{i}"
+# is the layer index. Both formats store linear weights as [out, in].
 GLOBAL_TENSORS = {
     "embed": [("model.embed_tokens.weight", "token_embd.weight")],
     "final_norm": [("model.norm.weight", "output_norm.weight")],
@@ -44,41 +49,89 @@ LAYER_TENSORS = {
     "w_down": [("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight")],
 }
 HF, GGUF = 0, 1
+TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
 
 
-def assemble_params(cfg: ModelConfig, fmt: int, get: Callable[[str], np.ndarray]) -> Params:
-    """Builds params from a checkpoint's tensors.
+class Source(Protocol):
+    """A checkpoint's tensors, by the format's names, in the stored layout."""
 
-    get(name) returns the tensor stored under the format's name, in the [out, in] layout both formats
-    use for linear weights, or raises KeyError. Each part's shape is checked, parts are concatenated
-    along the output axis, and matrices other than the embedding are transposed to [in, out].
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape; KeyError if the checkpoint has no such tensor."""
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block tensor[index]: a format that can reads only that block."""
+
+
+def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes the parts of our parameter `ours` (of shape `shape`) have in a checkpoint."""
+    d = cfg.head_dim
+    lead = shape[:1] if ours == "wqkv" else ()  # the weight's input axis H; the bias has none
+    if ours in ("wqkv", "bqkv"):
+        return [(cfg.num_heads * d, *lead), (cfg.num_kv_heads * d, *lead), (cfg.num_kv_heads * d, *lead)]
+    if ours == "w_gate_up":
+        return [(cfg.intermediate_size, cfg.hidden_size)] * 2
+    return [shape[::-1] if ours in TRANSPOSED else shape]
+
+
+def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ...], source: Source) -> np.ndarray:
+    """Our parameter's block at `index` (one slice per axis of our layout), read from its stored parts."""
+    if ours in ("wqkv", "bqkv"):  # q [nh D, (H)], k and v [nkv D, (H)] -> [(H), nkv, G + 2, D]
+        *lead, heads, j, d = index
+        k0, k1, _ = heads.indices(cfg.num_kv_heads)
+        groups = []
+        for name, per_kv in zip(parts, (cfg.num_heads // cfg.num_kv_heads, 1, 1)):
+            rows = slice(k0 * per_kv * cfg.head_dim, k1 * per_kv * cfg.head_dim)
+            x = source.read(name, (rows, *lead))
+            groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:]))
+        x = np.moveaxis(np.concatenate(groups, axis=1), (0, 1, 2), (-3, -2, -1))
+        return x[(slice(None),) * len(lead) + (slice(None), j, d)]
+    if ours == "w_gate_up":  # gate, up [I, H] -> [H, 2, I]
+        h, c, i = index
+        return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]
+    if ours in TRANSPOSED:
+        return source.read(parts[0], index[::-1]).T
+    return source.read(parts[0], index)
+
+
+def _place(shape: tuple[int, ...], sharding: jax.sharding.Sharding, block) -> jax.Array:
+    """The array of `shape` laid out as `sharding`, each of this process's devices given block(index) of
+    its own. One block at a time is read, moved to its device and dropped, so the host holds one
+    shard of one parameter, not the parameter (as `jax.make_array_from_callback` would)."""
+    shards = [jax.device_put(block(index), device).block_until_ready()
+              for device, index in sharding.addressable_devices_indices_map(shape).items()]
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
+def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) -> Params:
+    """Builds params (dtype cfg.dtype) from a checkpoint, each placed directly on its devices.
+
+    shardings: a pytree like `param_shapes(cfg)` of `jax.sharding.Sharding` (e.g.
+    `sharding.param_shardings`), or None for the default device. Every stored part's shape is
+    checked before anything is read.
     """
     shapes = param_shapes(cfg)
-    splits = fused_splits(cfg)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
-    def load(ours: str, parts: list, layer: int | None, shape: tuple) -> np.ndarray:
-        widths = splits.get(ours, (shape[-1] if ours != "embed" else shape[0],))
-        arrays = []
-        for names, width in zip(parts, widths):
-            name = names[fmt].format(i=layer)
+    def load(ours: str, table: dict, layer: int | None, shape: tuple, sharding) -> jax.Array:
+        parts = [names[fmt].format(i=layer) for names in table[ours]]
+        for name, stored in zip(parts, _stored_shapes(cfg, ours, shape)):
             try:
-                x = np.asarray(get(name))
+                got = tuple(source.shape(name))
             except KeyError:
                 raise ValueError(f"checkpoint is missing tensor {name!r}") from None
-            stored = (width, shape[0]) if len(shape) == 2 and ours != "embed" else (width,) + shape[1:]
-            if x.shape != stored:
-                raise ValueError(f"tensor {name!r} has shape {x.shape}, expected {stored} for this config")
-            arrays.append(x)
-        x = np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0]
-        return (x.T if len(shape) == 2 and ours != "embed" else x).astype(cfg.dtype)
+            if got != stored:
+                raise ValueError(f"tensor {name!r} has shape {got}, expected {stored} for this config")
+        return _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), cfg.dtype))
 
     # a bar on a terminal only: dequantising a large model takes a while
     with tqdm(total=len(shapes) - 1 + len(shapes["layers"]), desc="loading weights", unit="layer", disable=None,
               leave=False) as bar:
-        params = {k: load(k, GLOBAL_TENSORS[k], None, s) for k, s in shapes.items() if k != "layers"}
+        params = {k: load(k, GLOBAL_TENSORS, None, s, shardings[k]) for k, s in shapes.items() if k != "layers"}
         bar.update(len(params))
         params["layers"] = []
-        for i, layer in enumerate(shapes["layers"]):
-            params["layers"].append({k: load(k, LAYER_TENSORS[k], i, s) for k, s in layer.items()})
+        for i, (layer, where) in enumerate(zip(shapes["layers"], shardings["layers"])):
+            params["layers"].append({k: load(k, LAYER_TENSORS, i, s, where[k]) for k, s in layer.items()})
             bar.update()
     return params

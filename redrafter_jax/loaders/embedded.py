@@ -14,7 +14,7 @@ def default_gguf_path() -> str:
     return fetch(SMOLLM2)
 
 
-def load_default(dtype: str = "float32") -> LoadedModel:
+def load_default(dtype: str = "float32", mesh=None) -> LoadedModel:
     from redrafter_jax.loaders.gguf import load_gguf
 
-    return load_gguf(default_gguf_path(), dtype)
+    return load_gguf(default_gguf_path(), dtype, mesh)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import gguf
-import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig
 from redrafter_jax.loaders import GGUF, LoadedModel, assemble_params
+from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -43,7 +45,38 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return f.contents()
 
 
-def load_gguf(path: str, dtype: str = "float32") -> LoadedModel:
+class _GGUFTensors:
+    """The `Source` of a GGUF file: each tensor dequantised whole (quantisation blocks span rows), the
+    last few kept while a parameter's shards are read from them."""
+
+    def __init__(self, reader: gguf.GGUFReader, path: str, n_heads: int, n_kv: int):
+        self.tensors = {t.name: t for t in reader.tensors}
+        self.path, self.n_heads, self.n_kv = path, n_heads, n_kv
+        self.llama = _field(reader, "general.architecture") == "llama"
+        self._dequantized = functools.lru_cache(maxsize=3)(self._dequantize)  # a fused parameter's parts
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists the fastest axis first
+
+    def _dequantize(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        try:
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ValueError(f"corrupt GGUF tensor {name!r} in {self.path}: {e}") from e
+        if self.llama and ".attn_q." in name:
+            x = unpermute_rope(x, self.n_heads)
+        elif self.llama and ".attn_k." in name:
+            x = unpermute_rope(x, self.n_kv)
+        return x
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self._dequantized(name)[index]
+
+
+def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
+    """Loads a GGUF file, dequantising one tensor at a time straight onto its devices (its shards on
+    `mesh`, if given)."""
     reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -71,23 +104,12 @@ def load_gguf(path: str, dtype: str = "float32") -> LoadedModel:
         bos_token_id=bos, eos_token_ids=(eos,),
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos)), dtype=dtype)
 
-    def get(name: str) -> np.ndarray:
-        t = tensors[name]
-        try:
-            x = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as e:
-            raise ValueError(f"corrupt GGUF tensor {name!r} in {path}: {e}") from e
-        if arch == "llama" and ".attn_q." in name:
-            x = unpermute_rope(x, n_heads)
-        elif arch == "llama" and ".attn_k." in name:
-            x = unpermute_rope(x, n_kv)
-        return x
-
-    params = jax.device_put(assemble_params(cfg, GGUF, get))
+    params = assemble_params(cfg, GGUF, _GGUFTensors(reader, path, n_heads, n_kv),
+                             None if mesh is None else param_shardings(cfg, mesh))
     tok = Tokenizer.from_gguf_vocab(
         model=_field(reader, "tokenizer.ggml.model"), pre=_field(reader, "tokenizer.ggml.pre", "default"),
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
         merges=_field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
         eos_token_ids=(eos,), add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
-    return LoadedModel(cfg, params, tok)
+    return LoadedModel(cfg, params, tok, mesh)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 import tokenizers
+from jax.sharding import Mesh
 from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, RopeScaling
 from redrafter_jax.loaders import HF, LoadedModel, assemble_params
+from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -81,7 +82,7 @@ def _tensor_index(directory: str) -> dict[str, str]:
         single = os.path.join(directory, "model.safetensors")
         if not os.path.isfile(single):
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-        with safe_open(single, framework="flax") as f:
+        with safe_open(single, framework="numpy") as f:
             files = {k: "model.safetensors" for k in f.keys()}
     return {k: os.path.join(directory, v) for k, v in files.items()}
 
@@ -103,22 +104,35 @@ def load_tokenizer(directory: str, cfg: ModelConfig) -> Tokenizer:
     return Tokenizer(tok, template, cfg.bos_token_id, cfg.eos_token_ids, add_bos)
 
 
-def load_hf(directory: str, dtype: str = "float32") -> LoadedModel:
+class _Safetensors:
+    """The `Source` of a safetensors checkpoint (one file or sharded): reads each block on its own."""
+
+    def __init__(self, index: dict[str, str]):
+        self.index, self.handles = index, {}
+
+    def _slice(self, name: str):
+        path = self.index[name]  # KeyError -> "missing tensor" in assemble_params
+        if path not in self.handles:
+            try:
+                self.handles[path] = safe_open(path, framework="numpy")
+            except Exception as e:
+                raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+        return self.handles[path].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self._slice(name)[index]
+
+
+def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
+    """Loads a checkpoint directory; with a `mesh`, each parameter's shards are read and placed
+    directly on their devices (`sharding.param_specs`), never the whole model on the host."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")),
                          _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
-    index = _tensor_index(directory)
-    handles = {}
-
-    def get(name: str) -> np.ndarray:
-        path = index[name]  # KeyError -> "missing tensor" in assemble_params
-        if path not in handles:
-            try:
-                handles[path] = safe_open(path, framework="flax")
-            except Exception as e:
-                raise ValueError(f"cannot read safetensors file {path}: {e}") from e
-        return np.asarray(handles[path].get_tensor(name))
-
-    params = jax.device_put(assemble_params(cfg, HF, get))
-    return LoadedModel(cfg, params, load_tokenizer(directory, cfg))
+    params = assemble_params(cfg, HF, _Safetensors(_tensor_index(directory)),
+                             None if mesh is None else param_shardings(cfg, mesh))
+    return LoadedModel(cfg, params, load_tokenizer(directory, cfg), mesh)

@@ -1,0 +1,126 @@
+"""Checks that need 8 simulated devices, run in a subprocess by test_sharding.py (JAX fixes the device
+count at start-up). Prints one JSON object: each check's name -> its finding."""
+
+import json
+import os
+import re
+import sys
+import tempfile
+import tracemalloc
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from redrafter_jax import generate as gen
+from redrafter_jax import sharding
+from redrafter_jax.config import SamplingConfig
+from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.loaders.hf import load_hf
+from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, train_steps
+from tests.test_loaders import hf_tensors, write_checkpoint
+from tests.test_speculative import _primitives
+from tests.tiny import tiny_model
+
+MESHES = ("1x8", "2x4", "8x1")
+
+
+def rows(out):
+    return [np.asarray(out.tokens[b, :out.lengths[b]]).tolist() for b in range(out.tokens.shape[0])]
+
+
+def generation() -> dict:
+    """Outputs on each mesh against one device: greedy at batch 1 and 4 (prompts of different lengths),
+    sampled with the same key at batch 4; autoregressive and speculative (drafter + lookup beams)."""
+    spec = dict(drafter=drafter(), spec=SPEC)
+    hot = dict(sampling=SamplingConfig(temperature=1.0), key=jax.random.PRNGKey(3))
+    cases = {"greedy/1": (1, {}), "greedy/4": (4, {}), "sampled/4": (4, hot)}
+    found = {}
+    for name, (batch, kw) in cases.items():
+        for loop, extra in (("autoregressive", {}), ("speculative", spec)):
+            def run(mesh):
+                return rows(gen.generate(PARAMS, CFG, PROMPTS[:batch], max_new_tokens=16, mesh=mesh, **kw, **extra))
+            want = run(None)
+            for m in MESHES:
+                found[f"{loop}/{name}/{m}"] = run(sharding.parse_mesh(m)) == want
+    return found
+
+
+def compiled_loop() -> dict:
+    """The speculative loop on a 2x4 mesh: its while loops, host transfers and collectives."""
+    mesh = sharding.parse_mesh("2x4")
+    block, lengths, limits = prepare_prompts(CFG, PROMPTS[:2], 8)
+    args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), block, lengths, limits)
+    kw = dict(cfg=CFG, sampling=SamplingConfig(), spec=SPEC, max_new_tokens=8,
+              stream=None, mesh=mesh)
+    key = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    jaxpr = jax.make_jaxpr(lambda *a: gen._speculative(*a, **kw))(*args, key).jaxpr
+    prims = _primitives(jaxpr, [])
+    hlo = gen._call(gen._speculative_jit.lower, CFG, *args, key, **{k: v for k, v in kw.items() if k != "cfg"})
+    text = hlo.compile().as_text()
+    with jax.transfer_guard("disallow"):
+        jax.block_until_ready(gen._call(gen._speculative_jit, CFG, *args, key,
+                                        **{k: v for k, v in kw.items() if k != "cfg"}))
+    cache = args[0]["layers"][0]["wqkv"].sharding.spec
+    return {"while_loops": prims.count("while"), "callbacks": [p for p in prims if "callback" in p],
+            "host_ops": sorted(set(re.findall(r"\b(outfeed|infeed|send|recv|host-compute)\(", text))),
+            "all_reduces": len(re.findall(r"all-reduce(?:-start)?\(", text)), "wqkv_spec": str(cache),
+            "ran_without_transfers": True}
+
+
+def errors() -> dict:
+    cfg, params = tiny_model()  # 2 KV heads
+    found = {}
+    for m in ("1x8", "3x1"):
+        try:
+            gen.generate(params, cfg, [[3, 4]], max_new_tokens=2, mesh=sharding.parse_mesh(m))
+            found[m] = "no error"
+        except ValueError as e:
+            found[m] = str(e)
+    return found
+
+
+def training() -> dict:
+    """Largest difference from one device, in drafter params and loss, after two training steps on each mesh."""
+    params1, loss1 = train_steps(sharding.make_mesh(1, 1, jax.devices()[:1]))
+    found = {}
+    for m in MESHES:
+        params, loss = train_steps(sharding.parse_mesh(m))
+        diffs = [np.max(np.abs(a - b)) for a, b in zip(jax.tree_util.tree_leaves(params1),
+                                                       jax.tree_util.tree_leaves(params))]
+        found[m] = float(max(*diffs, np.max(np.abs(loss1 - loss))))
+    return found
+
+
+def loading() -> dict:
+    """A random Llama in bfloat16, saved as two safetensors files, loaded straight onto a 2x4 mesh:
+    the host's peak allocation while loading, against the model's size."""
+    kw = dict(layers=4, hidden=256, inter=512, heads=8, kv=4, head_dim=32, vocab=4096)
+    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_tensors("llama", np.random.default_rng(0), **kw).items()}
+    with tempfile.TemporaryDirectory() as d:
+        write_checkpoint(d, "llama", tensors, sharded=True, num_hidden_layers=4, vocab_size=4096, hidden_size=256,
+                         intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                         torch_dtype="bfloat16")
+        mesh = sharding.parse_mesh("2x4")
+        tracemalloc.start()
+        m = load_hf(d, "bfloat16", mesh)
+        jax.block_until_ready(m.params)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        one = load_hf(d, "bfloat16")
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree_util.tree_leaves(m.params),
+                                                                                 jax.tree_util.tree_leaves(one.params)))
+        specs = jax.tree_util.tree_leaves(sharding.param_specs(m.config),
+                                          is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        placed = all(x.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, s), x.ndim)
+                     for x, s in zip(jax.tree_util.tree_leaves(m.params), specs))
+    return {"model_bytes": sum(v.nbytes for v in tensors.values()), "peak_host_bytes": peak, "same_params": same,
+            "placed_as_specs": placed, "dtype": str(m.params["embed"].dtype)}
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
+    jax.config.update("jax_default_matmul_precision", "highest")
+    checks = {f.__name__: f for f in (generation, compiled_loop, errors, training, loading)}
+    names = sys.argv[1:] or list(checks)
+    print(json.dumps({n: checks[n]() for n in names}))

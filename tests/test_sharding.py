@@ -1,0 +1,116 @@
+"""Generation, training and loading over device meshes: 8 simulated CPU devices in one process
+(on_eight_devices.py), and one 2x4 mesh spanning two processes joined by jax.distributed
+(two_processes.py), each compared with one device."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from redrafter_jax import generate as gen
+from redrafter_jax import sharding
+from redrafter_jax.model import param_shapes
+from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, TRAIN, drafter, train_steps
+from tests.tiny import tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def eight():
+    """The findings of every check in on_eight_devices.py (one subprocess: JAX fixes its device count)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.on_eight_devices"], cwd=ROOT, env=_env(8),
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_generation_on_every_mesh_equals_one_device(eight):
+    assert len(eight["generation"]) == 18  # {AR, spec} x {greedy 1, greedy 4, sampled 4} x 3 meshes
+    assert [case for case, same in eight["generation"].items() if not same] == []
+
+
+def test_decode_loop_on_a_mesh_is_one_while_loop_without_host_transfers(eight):
+    loop = eight["compiled_loop"]
+    assert loop["while_loops"] == 1 and loop["callbacks"] == [] and loop["host_ops"] == []
+    assert loop["ran_without_transfers"]
+    assert loop["wqkv_spec"] == "P(None, 'model')"
+    assert loop["all_reduces"] > 0  # tensor-parallel: row-parallel products are summed across "model"
+
+
+def test_model_or_mesh_that_do_not_fit_are_refused(eight):
+    assert "model axis (8 devices) must divide the model's num_kv_heads 2" in eight["errors"]["1x8"]
+    assert "a 3x1 mesh needs 3 devices, 8 given" in eight["errors"]["3x1"]
+
+
+def test_training_steps_on_every_mesh_equal_one_device(eight):
+    assert set(eight["training"]) == {"1x8", "2x4", "8x1"}
+    assert max(eight["training"].values()) < 1e-5
+
+
+def test_bf16_checkpoint_loads_onto_its_shards_without_staging_the_model(eight):
+    load = eight["loading"]
+    assert load["same_params"] and load["placed_as_specs"] and load["dtype"] == "bfloat16"
+    # the host holds one shard of one tensor at a time: far below the model's size
+    assert load["peak_host_bytes"] < load["model_bytes"] / 2, load
+
+
+def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    logs = [(tmp_path / f"out{i}", tmp_path / f"err{i}") for i in range(2)]
+    # output to files, not pipes: a process blocked on a full pipe would stall the other in a collective
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.two_processes", str(i), str(port)], cwd=ROOT,
+                              env=_env(4), stdout=open(out, "w"), stderr=open(err, "w"))
+             for i, (out, err) in enumerate(logs)]
+    codes = [p.wait(timeout=600) for p in procs]
+    assert codes == [0, 0], "".join(err.read_text()[-2000:] for _, err in logs)
+    found = [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
+
+    def rows(out):
+        return [np.asarray(out.tokens[b, :out.lengths[b]]).tolist() for b in range(len(PROMPTS))]
+
+    want = {"autoregressive": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16)),
+            "speculative": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16, drafter=drafter(), spec=SPEC))}
+    params, loss = train_steps(sharding.make_mesh(1, 1, jax.devices()[:1]))
+    for f in found:
+        assert f["autoregressive"] == want["autoregressive"] and f["speculative"] == want["speculative"]
+        for a, b in zip(f["train_params"], jax.tree_util.tree_leaves(params)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(f["train_loss"], loss, atol=1e-5)
+    # process-local loading: each process fed half of the batch, together all of it
+    halves = [set(f["train_rows"]) for f in found]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(TRAIN.batch_size))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}])
+def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
+    cfg, _ = tiny_model(**overrides)
+    specs = sharding.param_specs(cfg)
+    shapes = param_shapes(cfg)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    is_shape = lambda x: isinstance(x, tuple) and not is_spec(x)  # noqa: E731
+    assert jax.tree_util.tree_structure(specs, is_leaf=is_spec) == jax.tree_util.tree_structure(shapes,
+                                                                                                 is_leaf=is_shape)
+    for spec, shape in zip(jax.tree_util.tree_leaves(specs, is_leaf=is_spec),
+                           jax.tree_util.tree_leaves(shapes, is_leaf=is_shape)):
+        assert len(spec) <= len(shape)
+
+
+def test_bad_mesh_arguments_are_named():
+    with pytest.raises(ValueError, match="bad mesh '2by4'"):
+        sharding.parse_mesh("2by4")
+    with pytest.raises(ValueError, match="mesh axes must be >= 1"):
+        sharding.make_mesh(0, 1)
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=2, mesh="2x4")
