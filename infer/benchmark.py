@@ -84,49 +84,69 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def bench_ar(args) -> None:
-    model = load_default()
-    cfg = dataclasses.replace(model.config, eos_token_ids=())  # always generate exactly max_new_tokens
-    hf = None
+def load_transformers(device: str, hf_dir: str | None = None):
+    """The model in transformers, float32, on `device`: a Hugging Face checkpoint directory, or the
+    embedded model from the same GGUF. None without torch."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
-
-        path = default_gguf_path()
-        hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                  dtype=torch.float32).eval()
-        torch_threads = torch.get_num_threads()
     except ImportError:
-        print("transformers/torch not installed: timing ours only")
+        return None
+    path = default_gguf_path() if hf_dir is None else None
+    source = dict(pretrained_model_name_or_path=hf_dir) if hf_dir else dict(
+        pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
+    return AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32).to(device).eval()
+
+
+def ar_rows(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: int) -> tuple[list[str], list[list]]:
+    """(headers, rows): generated tokens/s of our autoregressive decoding, and of transformers `generate`
+    (hf, on its own device; None: ours only) on the same prompts, EOS ignored, best of `repeats`."""
+    cfg = dataclasses.replace(model.config, eos_token_ids=())  # always generate exactly new_tokens
     rows = []
-    for batch in tqdm(args.batch_sizes, desc="batch sizes"):
-        prompts = fixed_length_prompts(model.tokenizer, batch, args.prompt_len)
+    for batch in tqdm(batch_sizes, desc="batch sizes"):
+        prompts = fixed_length_prompts(model.tokenizer, batch, prompt_len)
 
         def ours():
-            return generate(model.params, cfg, prompts, max_new_tokens=args.new_tokens).tokens
+            return generate(model.params, cfg, prompts, max_new_tokens=new_tokens).tokens
 
         fns = {"ours": ours}
         if hf is not None:
-            ids = torch.tensor(prompts)
+            import torch
+
+            ids = torch.tensor(prompts, device=hf.device)
 
             def theirs():
-                with torch.no_grad():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+                with torch.no_grad():  # .cpu() waits for the device
+                    return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0).cpu()
 
             fns["transformers"] = theirs
-        t = timed(fns, args.repeats, f"batch {batch}")
-        row = [batch, args.prompt_len, args.new_tokens, batch * args.new_tokens / t["ours"]]
+        t = timed(fns, repeats, f"batch {batch}")
+        row = [batch, prompt_len, new_tokens, batch * new_tokens / t["ours"]]
         if hf is not None:
-            row += [batch * args.new_tokens / t["transformers"], t["transformers"] / t["ours"]]
+            row += [batch * new_tokens / t["transformers"], t["transformers"] / t["ours"]]
         rows.append(row)
     headers = ["batch", "prompt tokens", "new tokens", "ours tokens/s"]
     if hf is not None:
         headers += ["transformers tokens/s", "ours / transformers"]
+    return headers, rows
+
+
+def bench_ar(args) -> None:
+    model = load_default()
+    hf = load_transformers("cpu")
+    if hf is None:
+        print("transformers/torch not installed: timing ours only")
+    headers, rows = ar_rows(model, hf, args.batch_sizes, args.prompt_len, args.new_tokens, args.repeats)
     md = table(headers, rows)
     print(md)
-    note = (f"transformers `generate` (PyTorch {torch.__version__}, {torch_threads} threads, float32, greedy)"
-            if hf is not None else "transformers not installed")
+    if hf is not None:
+        import torch
+
+        note = (f"transformers `generate` (PyTorch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
+                f"greedy)")
+    else:
+        note = "transformers not installed"
     write_section("ar", path=args.report, body=f"""## Autoregressive decoding: ours vs Hugging Face transformers
 
 SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32), greedy, EOS ignored so every row
@@ -155,30 +175,9 @@ def bench_spec(args) -> None:
     cfg, params = model.config, model.params
     h, v = cfg.hidden_size, cfg.vocab_size
 
-    # 1. Verification: one forward of N tree tokens against a cache holding `context` tokens. The
-    # cache is donated, as the decode loop updates it in place.
-    state = {"cache": kv.init_cache(cfg, 1, args.context + 128).replace(
-        lengths=jnp.full((1,), args.context, jnp.int32))}
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def verify(p, c, toks, pos, mask):
-        f = forward(p, cfg, toks, pos, c, mask)
-        return f.logits, f.cache
-
-    def verify_once(toks, pos, mask):
-        with matmul_precision(cfg):  # as generate() runs it
-            logits, state["cache"] = verify(params, state["cache"], toks, pos, mask)
-        return logits
-
-    def verify_n(n):
-        toks = jnp.zeros((1, n), jnp.int32)
-        pos = args.context + jnp.arange(n)[None]
-        mask = kv.attention_mask(state["cache"], pos, jnp.tril(jnp.ones((n, n), bool)))
-        return lambda: verify_once(toks, pos, mask)
-
-    costs = timed({n: verify_n(n) for n in args.tree_sizes}, args.repeats * 3, "verification cost")
-    ar_step = costs[1]
-    verify_rows = [[n, 1000 * t, t / ar_step] for n, t in costs.items()]
+    # 1. Verification: one forward of N tree tokens.
+    verify_rows = verification_rows(cfg, params, args.tree_sizes, args.context, args.repeats * 3)
+    ar_step = verify_rows[0][1] / 1000
 
     # 2. Drafter: one beam-search draft (W x (L-1) drafter steps), per option.
     w, length = args.beam_width, args.beam_length
@@ -197,8 +196,9 @@ def bench_spec(args) -> None:
                      t[name] / (length - 1) / ar_step] for name in drafters]
 
     # 3. One speculative step, component by component (the shipped drafter's shape, a real prefix).
+    prompt = fixed_length_prompts(model.tokenizer, 1, args.context)[0]
     component_rows = [[spec_text] + row for spec_text in args.component_specs
-                      for row in step_components(model, SpecConfig.parse(spec_text), args.context, args.repeats * 3)]
+                      for row in step_components(cfg, params, prompt, SpecConfig.parse(spec_text), args.repeats * 3)]
 
     # 4. End to end: random and oracle drafters vs autoregressive, same prompts, same run.
     spec = SpecConfig(w, length)
@@ -275,14 +275,42 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
     fig.savefig(beside(args.report, "verification_cost.png"), dpi=120)
 
 
-def step_components(model, spec: SpecConfig, context: int, repeats: int) -> list[list]:
-    """[component, ms, cost / one autoregressive step] for one speculative step at batch 1."""
-    cfg, params = model.config, model.params
+def verification_rows(cfg, params, tree_sizes, context: int, repeats: int) -> list[list]:
+    """[N, ms, cost / one autoregressive step] of one target forward of N tree tokens against a cache of
+    `context` tokens (tree_sizes must start with 1: the autoregressive step). The cache is donated, as
+    the decode loop updates it in place."""
+    state = {"cache": kv.init_cache(cfg, 1, context + max(tree_sizes) + 64).replace(
+        lengths=jnp.full((1,), context, jnp.int32))}
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def verify(p, c, toks, pos, mask):
+        f = forward(p, cfg, toks, pos, c, mask)
+        return f.logits, f.cache
+
+    def verify_n(n):
+        toks = jnp.zeros((1, n), jnp.int32)
+        pos = context + jnp.arange(n)[None]
+        mask = kv.attention_mask(state["cache"], pos, jnp.tril(jnp.ones((n, n), bool)))
+
+        def once():
+            with matmul_precision(cfg):  # as generate() runs it
+                logits, state["cache"] = verify(params, state["cache"], toks, pos, mask)
+            return logits
+        return once
+
+    costs = timed({n: verify_n(n) for n in tree_sizes}, repeats, "verification cost")
+    return [[n, 1000 * t, t / costs[1]] for n, t in costs.items()]
+
+
+def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: int) -> list[list]:
+    """[component, ms, cost / one autoregressive step] for one speculative step at batch 1 after `prompt`,
+    with an untrained drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary)."""
     h, v = cfg.hidden_size, cfg.vocab_size
-    dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=4096)
-    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(4096) * (v // 4096)), dcfg)
+    vd = min(4096, v)
+    dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=vd)
+    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
     greedy = SamplingConfig()
-    block, lengths, limits = prepare_prompts(cfg, fixed_length_prompts(model.tokenizer, 1, context), 64)
+    block, lengths, limits = prepare_prompts(cfg, [prompt], 64)
     key = jax.random.PRNGKey(0)
     prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None,
                                 mesh=None)

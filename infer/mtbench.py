@@ -50,13 +50,14 @@ def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int])
     return j, float(top2[1] - top2[0])
 
 
-def run_all(model, prompts, max_new, **kw):
-    """Decodes each prompt alone; returns (tokens per prompt, seconds per prompt, accepted per step)."""
+def run_all(model, prompts, max_new, per_prompt=None, **kw):
+    """Decodes each prompt alone (with per_prompt[i]'s arguments too, if given); returns (tokens per
+    prompt, seconds per prompt, accepted per step)."""
     outs, secs, accepted = [], [], []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         t = time.perf_counter()
         out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new, mesh=model.mesh,
-                                      **kw))
+                                      **kw, **(per_prompt[i] if per_prompt else {})))
         secs.append(time.perf_counter() - t)
         outs.append(out.tokens[0, : out.lengths[0]].tolist())
         if out.accepted is not None:

