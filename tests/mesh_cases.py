@@ -12,8 +12,9 @@ from tests.tiny import tiny_model
 from train.data import batch_at
 from train.train import TrainConfig, init_state, local_batch, make_steps, split_frozen
 
-# 16 query heads over 8 KV heads, MLP 64, vocabulary 64: the model axis of every mesh tried divides them
-CFG, PARAMS = tiny_model(num_heads=16, num_kv_heads=8)
+# 16 query heads over 8 KV heads, MLP 64, vocabulary 64: the model axis of every mesh tried divides them;
+# one layer keeps the ~30 compiled programs cheap
+CFG, PARAMS = tiny_model(num_heads=16, num_kv_heads=8, num_layers=1)
 DRAFTER_CFG = DrafterConfig(hidden_size=CFG.hidden_size, vocab_size=CFG.vocab_size)
 PROMPTS = [np.random.default_rng(0).integers(2, CFG.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
 SPEC = SpecConfig(2, 3, lookup_beams=1)

@@ -9,11 +9,12 @@ M ways (`redrafter_jax.sharding`), the drafter staying replicated; --coordinator
 each process loading only its rows of each batch. AdamW with warm-up + cosine decay and gradient
 clipping (optax); optional gradient accumulation and bfloat16 compute. Orbax checkpoints every
 --save-every steps (atomic, the last --keep kept); rerunning the same command resumes exactly where
-the last checkpoint left off, since the data order is a pure function of (seed, step). <out>/run.json records the settings and a
-fingerprint of the data: a rerun with other ones is refused, naming what differs, and a folder
-that holds training outputs without that record is never written into. --cache-hidden computes
-the frozen target's hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
-<out>/training.png; the final drafter (params + config + how it was trained) to <out>/drafter.
+the last checkpoint left off, since the data order is a pure function of (seed, step).
+<out>/run.json records the settings and a fingerprint of the data: a rerun with other ones is
+refused, naming what differs, and a folder that holds training outputs without that record is
+never written into. --cache-hidden computes the frozen target's hidden states once instead of at
+every step. Metrics go to <out>/metrics.jsonl and <out>/training.png; the final drafter (params +
+config + how it was trained) to <out>/drafter.
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ def evaluate_split(evaluate, params, frozen, target_params, seqs: Sequences, tc:
                    mesh: Mesh) -> dict:
     """Per-head loss and top-1 accuracy over the first eval_batches batches of held-out data, target-count weighted."""
     tot = {"loss": 0.0, "accuracy": 0.0, "count": 0.0}
+    rows = local_rows(mesh, tc.batch_size)
     for i in range(tc.eval_batches):
-        rows = local_rows(mesh, tc.batch_size)
         tokens, mask = local_batch(mesh, [x[rows] for x in batch_at(seqs, i, tc.batch_size, tc.seq_len, tc.seed,
                                                                     pad_id)], tc.batch_size)
         m = {k: np.asarray(v) for k, v in evaluate(params, frozen, target_params, tokens, mask).items()}
@@ -306,7 +307,8 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     cached = (cache_hidden_states(target_hidden, target_params, train_seqs, tc, pad, progress)
               if tc.cache_hidden and start < tc.steps else None)
     log_path = os.path.join(out_dir, "metrics.jsonl")
-    _keep_metrics_until(log_path, start)
+    if lead:
+        _keep_metrics_until(log_path, start)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
     rows = local_rows(mesh, tc.batch_size)
     with open(log_path if lead else os.devnull, "a") as log:
@@ -334,11 +336,10 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
             if on_step is not None:
                 on_step(done)
     manager.close()
-    if not lead:
-        return Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
-    plot_metrics(log_path, os.path.join(out_dir, "training.png"))
     drafter = Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
-    save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {}), "commands": commands})
+    if lead:
+        plot_metrics(log_path, os.path.join(out_dir, "training.png"))
+        save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {}), "commands": commands})
     return drafter
 
 

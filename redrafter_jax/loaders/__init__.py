@@ -59,7 +59,7 @@ class Source(Protocol):
         """The stored shape; KeyError if the checkpoint has no such tensor."""
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """The block tensor[index]: a format that can reads only that block."""
+        """The block tensor[index] (formats that can, read only that block)."""
 
 
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -106,12 +106,12 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     """Builds params (dtype cfg.dtype) from a checkpoint, each placed directly on its devices.
 
     shardings: a pytree like `param_shapes(cfg)` of `jax.sharding.Sharding` (e.g.
-    `sharding.param_shardings`), or None for the default device. Every stored part's shape is
+    `sharding.param_shardings`), or None for this process's first device. Every stored part's shape is
     checked before anything is read.
     """
     shapes = param_shapes(cfg)
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
     def load(ours: str, table: dict, layer: int | None, shape: tuple, sharding) -> jax.Array:
