@@ -70,9 +70,10 @@ TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4)
              synthetic_tree_sizes=(1, 4), repeats=1)
 
 
-def oracles(prompts: list[list[int]], replies: list[list[int]], vocab: int, extra: int) -> list[dict]:
-    """Per prompt, an oracle drafter holding prompt + reply, all padded to one length (one compiled program)."""
-    width = round_up(max(map(len, prompts)), 32) + max(map(len, replies)) + extra
+def oracles(prompts: list[list[int]], replies: list[list[int]], vocab: int, beam_length: int) -> list[dict]:
+    """Per prompt, an oracle drafter holding prompt + reply, all padded to one length (one compiled program)
+    that leaves room for a beam drafted at the reply's end."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, replies)) + beam_length
     rows = np.zeros((len(prompts), width), np.int32)
     for i, (p, r) in enumerate(zip(prompts, replies)):
         rows[i, :len(p) + len(r)] = p + r
@@ -95,7 +96,8 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget) -> 
                            prompt_bucket=bucket, **kw)
 
         ar, ar_secs, _ = decode(f"{dtype} autoregressive")
-        settings = [("oracle", s, oracles(prompts, ar, model.config.vocab_size, 16)) for s in sizes.oracle_specs]
+        settings = [("oracle", s, oracles(prompts, ar, model.config.vocab_size, SpecConfig.parse(s).beam_length))
+                    for s in sizes.oracle_specs]
         settings += [(path, s, None) for path in drafter_dirs for s in sizes.drafter_specs]
         for name, spec_text, per_prompt in settings:
             if budget() <= 0:
@@ -122,19 +124,20 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
     params = init_params(cfg, jax.random.PRNGKey(0))
     verify = verification_rows(cfg, params, sizes.synthetic_tree_sizes, sizes.context, sizes.repeats)
     prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, 128).tolist()
-    ar = generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens)
-    reply = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
-    spec = SpecConfig(8, 5)
-    oracle = oracles([prompt], [reply], cfg.vocab_size, spec.beam_length)[0]
 
     def decode(**kw):
-        return generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens, **kw).tokens
+        return generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens, **kw)
 
-    out = generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens, spec=spec, **oracle)
+    ar = decode()
+    spec = SpecConfig(8, 5)
+    oracle = oracles([prompt], [np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()], cfg.vocab_size,
+                     spec.beam_length)[0]
+    out = decode(spec=spec, **oracle)
     same = np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
     acc = np.asarray(out.accepted)
     tokens_per_step = 1 + float(acc[acc >= 0].mean())
-    t = timed({"AR": decode, "oracle": lambda: decode(spec=spec, **oracle)}, sizes.repeats, "paper scale")
+    t = timed({"AR": lambda: decode().tokens, "oracle": lambda: decode(spec=spec, **oracle).tokens}, sizes.repeats,
+              "paper scale")
     speedup = t["AR"] / t["oracle"]
     return verify, [["8x5", tokens_per_step, speedup, tokens_per_step / speedup, "yes" if same else "no"]]
 

@@ -31,11 +31,11 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
 def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     model = tmp_path / "model"
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
-    device_check.main(["--tiny", "--hf", str(model), "--minutes", "1e-4", "--report", str(tmp_path / "bench.md")])
+    device_check.main(["--tiny", "--hf", str(model), "--minutes", "1e-9", "--report", str(tmp_path / "bench.md")])
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step components",
                                 "MT-Bench end to end", "paper scale"]
-    assert "Skipped for the 0.0001-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
+    assert "Skipped for the 1e-09-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 
 
 def test_device_check_refuses_a_bad_budget(tmp_path):
