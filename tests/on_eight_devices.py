@@ -118,9 +118,23 @@ def loading() -> dict:
             "placed_as_specs": placed, "dtype": str(m.params["embed"].dtype)}
 
 
+def gguf_loading() -> dict:
+    """The embedded SmolLM2 GGUF (9 heads over 3 KV heads) dequantised straight onto a 1x3 mesh, against
+    a one-device load."""
+    from redrafter_jax.loaders.embedded import default_gguf_path
+    from redrafter_jax.loaders.gguf import load_gguf
+
+    mesh = sharding.make_mesh(1, 3, jax.devices()[:3])
+    on_mesh, one = load_gguf(default_gguf_path(), mesh=mesh), load_gguf(default_gguf_path())
+    leaves = jax.tree_util.tree_leaves(on_mesh.params)
+    return {"same_params": all(np.array_equal(np.asarray(a), np.asarray(b))
+                               for a, b in zip(leaves, jax.tree_util.tree_leaves(one.params))),
+            "wqkv_shards": [list(s.data.shape) for s in on_mesh.params["layers"][0]["wqkv"].addressable_shards]}
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
     jax.config.update("jax_default_matmul_precision", "highest")
-    checks = {f.__name__: f for f in (generation, compiled_loop, errors, training, loading)}
+    checks = {f.__name__: f for f in (generation, compiled_loop, errors, training, loading, gguf_loading)}
     names = sys.argv[1:] or list(checks)
     print(json.dumps({n: checks[n]() for n in names}))

@@ -64,6 +64,12 @@ def test_bf16_checkpoint_loads_onto_its_shards_without_staging_the_model(eight):
     assert load["peak_host_bytes"] < load["model_bytes"] / 2, load
 
 
+def test_gguf_loads_onto_a_mesh_tensor_by_tensor(eight):
+    gguf = eight["gguf_loading"]
+    assert gguf["same_params"]
+    assert gguf["wqkv_shards"] == [[576, 1, 5, 64]] * 3  # one KV head (its 3 query heads, K, V) per device
+
+
 def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
