@@ -15,7 +15,7 @@ from redrafter_jax import cache as kv
 from redrafter_jax.config import ModelConfig, SamplingConfig
 from redrafter_jax.model import Params, lm_head, transformer
 from redrafter_jax.sampling import select
-from redrafter_jax.sharding import constrain_cache
+from redrafter_jax.sharding import constrain_cache, gathered
 
 # Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host.
 StreamFn = Callable[[np.ndarray, np.ndarray], None]
@@ -108,13 +108,16 @@ def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: 
     first = select(sub, logits, sampling)
     out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id), first[:, None],
                   jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
-    stream_tokens(stream, first[:, None], n)
+    stream_tokens(stream, first[:, None], n, mesh)
     return Started(cache, out, first, hidden, key)
 
 
-def stream_tokens(stream: StreamFn | None, new: jax.Array, n: jax.Array) -> None:
+def stream_tokens(stream: StreamFn | None, new: jax.Array, n: jax.Array, mesh: Mesh | None = None) -> None:
+    """Hands a step's tokens to the host. JAX orders callbacks on one device only; on a mesh they are
+    unordered, which still follows the loop (its iterations run one after another), and get the
+    tokens gathered from every row first."""
     if stream is not None:
-        jax.debug.callback(stream, new, n, ordered=True)
+        jax.debug.callback(stream, gathered(new, mesh), gathered(n, mesh), ordered=mesh is None)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -49,7 +49,7 @@ class ARState:
 
 
 def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, sampling: SamplingConfig,
-                        stream: StreamFn | None) -> ARState:
+                        stream: StreamFn | None, mesh: Mesh | None = None) -> ARState:
     """One target forward of each row's newest token; appends the next token."""
     positions = s.cache.lengths[:, None]
     mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool), cfg.sliding_window)
@@ -58,14 +58,14 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
     key, sub = jax.random.split(s.key)
     nxt = select(sub, f.logits[:, 0], sampling)
     out, n = emit(s.out, nxt[:, None], jnp.ones_like(nxt), cfg.eos_token_ids)
-    stream_tokens(stream, nxt[:, None], n)
+    stream_tokens(stream, nxt[:, None], n, mesh)
     return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
 
 def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig, sampling: SamplingConfig,
                     max_new_tokens: int, stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
-    step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream)
+    step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
 
@@ -124,7 +124,7 @@ def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling:
 
 
 def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.Array, *, cfg: ModelConfig,
-           stream: StreamFn | None) -> SpecState:
+           stream: StreamFn | None, mesh: Mesh | None = None) -> SpecState:
     """Moves the K/V of the root and the accepted nodes from the tree's slots to each row's own
     offset (over the scratch slots), emits the tokens, and sets up the next step's root."""
     path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
@@ -133,7 +133,7 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
     keep = acc.num_accepted + 1
     cache = kv.write(f.cache, k, v, jnp.where(s.out.done, 0, keep))
     out, n = emit(s.out, acc.tokens, keep, cfg.eos_token_ids)
-    stream_tokens(stream, acc.tokens, n)
+    stream_tokens(stream, acc.tokens, n, mesh)
     last = _take_rows(path, acc.num_accepted[:, None], axis=1)[:, 0]  # slot of the bonus token's parent
     active = ~s.out.done
     return SpecState(
@@ -146,14 +146,14 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
 
 def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
                      s: SpecState, *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig,
-                     stream: StreamFn | None) -> SpecState:
+                     stream: StreamFn | None, mesh: Mesh | None = None) -> SpecState:
     """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
     it (plus the target's own next token) to each row's cache and output."""
     draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
     tree = pack_tree(draft.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
     f = verify(params, cfg, s, tree)
     key, sub = jax.random.split(s.key)
-    return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream)
+    return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream, mesh=mesh)
 
 
 def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
@@ -163,7 +163,7 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
               mesh)
     step = functools.partial(speculative_step, params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
-                             spec=spec, stream=stream)
+                             spec=spec, stream=stream, mesh=mesh)
     init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)

@@ -118,6 +118,24 @@ def loading() -> dict:
             "placed_as_specs": placed, "dtype": str(m.params["embed"].dtype)}
 
 
+def command_line() -> dict:
+    """`python -m infer.generate --mesh 2x4` on a small checkpoint: the flag reaches loading and decoding."""
+    import contextlib
+    import io
+
+    from infer import generate as cli
+
+    with tempfile.TemporaryDirectory() as d:
+        kw = dict(heads=8, kv=4, inter=64, vocab=64)
+        write_checkpoint(d, "llama", hf_tensors("llama", np.random.default_rng(1), **kw), num_attention_heads=8,
+                         num_key_value_heads=4, intermediate_size=64, max_position_embeddings=256)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            cli.main(["--hf", d, "--mesh", "2x4", "--prompt", "w1 w2 w3 w1 w2", "--max-new-tokens", "12",
+                      "--drafter", "random", "--lookup-beams", "1"])
+    return {"report": next(line for line in err.getvalue().splitlines() if line.startswith("[speculative"))}
+
+
 def gguf_loading() -> dict:
     """The embedded SmolLM2 GGUF (9 heads over 3 KV heads) dequantised straight onto a 1x3 mesh, against
     a one-device load."""
@@ -135,6 +153,7 @@ def gguf_loading() -> dict:
 if __name__ == "__main__":
     assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
     jax.config.update("jax_default_matmul_precision", "highest")
-    checks = {f.__name__: f for f in (generation, compiled_loop, errors, training, loading, gguf_loading)}
+    checks = {f.__name__: f for f in (generation, compiled_loop, errors, training, loading, command_line,
+                                      gguf_loading)}
     names = sys.argv[1:] or list(checks)
     print(json.dumps({n: checks[n]() for n in names}))

@@ -64,6 +64,10 @@ def test_bf16_checkpoint_loads_onto_its_shards_without_staging_the_model(eight):
     assert load["peak_host_bytes"] < load["model_bytes"] / 2, load
 
 
+def test_generate_command_runs_on_a_mesh(eight):
+    assert "output identical to autoregressive" in eight["command_line"]["report"]
+
+
 def test_gguf_loads_onto_a_mesh_tensor_by_tensor(eight):
     gguf = eight["gguf_loading"]
     assert gguf["same_params"]
