@@ -46,7 +46,7 @@ def shared_beams(draw):
     return beams, budget
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(shared_beams())
 def test_pack_tree_matches_reference(case):
     beams, budget = case
