@@ -246,22 +246,22 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         key = jax.random.PRNGKey(0)
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. sharding.make_mesh(data, model)), got {mesh!r}")
+    speculative = drafter is not None or spec is not None
+    if speculative:
+        spec = spec or SpecConfig()
+        if spec.beam_width and drafter is None:
+            raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
+                             f"beam_width=0 with lookup_beams > 0")
+        if not spec.beam_width and drafter is not None:
+            raise ValueError("a drafter was given with beam_width 0, which would not use it")
+        if drafter is not None:
+            drafter.check(cfg, spec)
     b = block.shape[0]
-    if drafter is None and spec is None:
-        if mesh is not None:
-            params, _, block, lengths, limits = _place_on_mesh(mesh, cfg, params, None, block, lengths, limits)
-        return _rows(_call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
-                           max_new_tokens=n, stream=stream, mesh=mesh), b)
-    spec = spec or SpecConfig()
-    if spec.beam_width and drafter is None:
-        raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
-                         f"beam_width=0 with lookup_beams > 0")
-    if not spec.beam_width and drafter is not None:
-        raise ValueError("a drafter was given with beam_width 0, which would not use it")
-    if drafter is not None:
-        drafter.check(cfg, spec)
     if mesh is not None:
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
+    if not speculative:
+        return _rows(_call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
+                           max_new_tokens=n, stream=stream, mesh=mesh), b)
     return _rows(_call(_speculative_jit, cfg, params, drafter, block, lengths, limits, key, sampling=sampling,
                        spec=spec, max_new_tokens=n, stream=stream, mesh=mesh), b)
 

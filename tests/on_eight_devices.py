@@ -19,14 +19,10 @@ from redrafter_jax.decode import prepare_prompts
 from redrafter_jax.loaders.hf import load_hf
 from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, train_steps
 from tests.test_loaders import hf_tensors, write_checkpoint
-from tests.test_speculative import _primitives
+from tests.test_speculative import _primitives, rows
 from tests.tiny import tiny_model
 
 MESHES = ("1x8", "2x4", "8x1")
-
-
-def rows(out):
-    return [np.asarray(out.tokens[b, :out.lengths[b]]).tolist() for b in range(out.tokens.shape[0])]
 
 
 def generation() -> dict:

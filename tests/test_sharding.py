@@ -16,6 +16,7 @@ from redrafter_jax import generate as gen
 from redrafter_jax import sharding
 from redrafter_jax.model import param_shapes
 from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, TRAIN, drafter, train_steps
+from tests.test_speculative import rows
 from tests.tiny import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,9 +87,6 @@ def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
     codes = [p.wait(timeout=600) for p in procs]
     assert codes == [0, 0], "".join(err.read_text()[-2000:] for _, err in logs)
     found = [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
-
-    def rows(out):
-        return [np.asarray(out.tokens[b, :out.lengths[b]]).tolist() for b in range(len(PROMPTS))]
 
     want = {"autoregressive": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16)),
             "speculative": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16, drafter=drafter(), spec=SPEC))}
