@@ -21,6 +21,7 @@ from tqdm import tqdm
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import cache as kv
 from redrafter_jax import generate as gen
+from redrafter_jax import rows_matmul
 from redrafter_jax.cli import run
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import prepare_prompts, start
@@ -102,6 +103,7 @@ def ar_rows(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: i
     """(headers, rows): generated tokens/s of our autoregressive decoding, and of transformers `generate`
     (hf, on its own device; None: ours only) on the same prompts, EOS ignored, best of `repeats`."""
     cfg = dataclasses.replace(model.config, eos_token_ids=())  # always generate exactly new_tokens
+    kernel = rows_matmul.enabled(model.params, cfg.dtype, None)  # then XLA's products are timed beside it
     rows = []
     for batch in tqdm(batch_sizes, desc="batch sizes"):
         prompts = fixed_length_prompts(model.tokenizer, batch, prompt_len)
@@ -109,7 +111,13 @@ def ar_rows(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: i
         def ours():
             return generate(model.params, cfg, prompts, max_new_tokens=new_tokens).tokens
 
+        def ours_xla():
+            with rows_matmul.turned_off():
+                return ours()
+
         fns = {"ours": ours}
+        if kernel:
+            fns["ours, XLA products"] = ours_xla
         if hf is not None:
             import torch
 
@@ -123,10 +131,12 @@ def ar_rows(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: i
             fns["transformers"] = theirs
         t = timed(fns, repeats, f"batch {batch}")
         row = [batch, prompt_len, new_tokens, batch * new_tokens / t["ours"]]
+        if kernel:
+            row.append(batch * new_tokens / t["ours, XLA products"])
         if hf is not None:
             row += [batch * new_tokens / t["transformers"], t["transformers"] / t["ours"]]
         rows.append(row)
-    headers = ["batch", "prompt tokens", "new tokens", "ours tokens/s"]
+    headers = ["batch", "prompt tokens", "new tokens", "ours tokens/s"] + ["ours, XLA products tokens/s"] * kernel
     if hf is not None:
         headers += ["transformers tokens/s", "ours / transformers"]
     return headers, rows
@@ -151,8 +161,9 @@ def bench_ar(args) -> None:
 
 SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32), greedy, EOS ignored so every row
 generates exactly the new tokens; tokens/s counts generated tokens over the whole call (prefill
-included), best of {args.repeats} after a warm-up. Reference: {note}.
-Machine: {machine()}.
+included), best of {args.repeats} after a warm-up. "ours" is what generate() runs (on the CPU in float32,
+the rows kernel for decode steps); "ours, XLA products" the same decoding with XLA's matrix products.
+Reference: {note}. Machine: {machine()}.
 
 Command: `{command()}`
 
@@ -175,9 +186,13 @@ def bench_spec(args) -> None:
     cfg, params = model.config, model.params
     h, v = cfg.hidden_size, cfg.vocab_size
 
-    # 1. Verification: one forward of N tree tokens.
-    verify_rows = verification_rows(cfg, params, args.tree_sizes, args.context, args.repeats * 3)
-    ar_step = verify_rows[0][1] / 1000
+    # 1. Verification: one forward of N tree tokens, with XLA's products and (where it runs) the rows kernel.
+    variants = {"XLA products": params}
+    if rows_matmul.enabled(params, cfg.dtype, None):
+        variants["CPU rows kernel"] = gen.decoding_params(params, cfg)
+    verify_rows = verification_rows(cfg, variants, args.tree_sizes, args.context, args.repeats * 3)
+    decoding = variants[list(variants)[-1]]  # the target params as generate() decodes with them
+    ar_step = verify_rows[0][-2] / 1000
 
     # 2. Drafter: one beam-search draft (W x (L-1) drafter steps), per option.
     w, length = args.beam_width, args.beam_length
@@ -190,7 +205,7 @@ def bench_spec(args) -> None:
         vmap = jnp.arange(dcfg.draft_vocab_size) if dcfg.draft_vocab_size else None
         drafters[name] = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
         n_params[name] = sum(x.size for x in jax.tree_util.tree_leaves(drafters[name].params) if x.dtype != jnp.int32)
-    t = timed({name: functools.partial(draft, params, d) for name, d in drafters.items()}, args.repeats * 3,
+    t = timed({name: functools.partial(draft, decoding, d) for name, d in drafters.items()}, args.repeats * 3,
               "drafter cost")
     drafter_rows = [[name, f"{n_params[name] / 1e6:.1f}M", 1000 * t[name] / (length - 1),
                      t[name] / (length - 1) / ar_step] for name in drafters]
@@ -225,7 +240,8 @@ def bench_spec(args) -> None:
         e2e_rows += [[batch, name, f"{w}x{length} ({spec.budget} slots)", n_tokens / t["AR"], n_tokens / t[name],
                       tokens_per_step[name], t["AR"] / t[name]] for name in drafters]
 
-    md1 = table(["tree tokens N", "ms per forward", "cost / one AR step"], verify_rows)
+    md1 = table(["tree tokens N", *[f"{name}: {col}" for name in variants
+                                    for col in ("ms per forward", "cost / one AR step")]], verify_rows)
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
     md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
     md4 = table(["W x L + K", "component", "ms", "cost / one AR step"], component_rows)
@@ -237,7 +253,9 @@ SmolLM2-135M-Instruct, float32, batch 1 unless stated. Machine: {machine()}.
 Command: `{command()}`
 
 Verification: one target forward of N tree tokens against a cache of {args.context} tokens, relative to
-one autoregressive step (N = 1).
+one autoregressive step (N = 1) computed the same way, and timed in alternation: XLA's matrix products,
+and the CPU rows kernel (`redrafter_jax/rows_matmul.py`) that generate() uses on the CPU in float32.
+The drafter, step-component and end-to-end tables below use what generate() uses.
 
 {md1}
 
@@ -265,7 +283,9 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r[0] for r in verify_rows], [r[2] for r in verify_rows], "o-")
+    for j, name in enumerate(variants):
+        ax.plot([r[0] for r in verify_rows], [r[2 + 2 * j] for r in verify_rows], "o-", label=name)
+    ax.legend()
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tree tokens verified in one forward (N)")
     ax.set_ylabel("cost / one autoregressive step")
@@ -275,10 +295,11 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
     fig.savefig(beside(args.report, "verification_cost.png"), dpi=120)
 
 
-def verification_rows(cfg, params, tree_sizes, context: int, repeats: int) -> list[list]:
-    """[N, ms, cost / one autoregressive step] of one target forward of N tree tokens against a cache of
-    `context` tokens (tree_sizes must start with 1: the autoregressive step). The cache is donated, as
-    the decode loop updates it in place."""
+def verification_rows(cfg, variants: dict, tree_sizes, context: int, repeats: int) -> list[list]:
+    """[N, then ms and cost / one autoregressive step of each variant] of one target forward of N tree
+    tokens against a cache of `context` tokens (tree_sizes must start with 1: the autoregressive step).
+    variants: name -> target params (e.g. plain, and packed for the CPU rows kernel), timed in
+    alternation. The cache is donated, as the decode loop updates it in place."""
     state = {"cache": kv.init_cache(cfg, 1, context + max(tree_sizes) + 64).replace(
         lengths=jnp.full((1,), context, jnp.int32))}
 
@@ -287,7 +308,7 @@ def verification_rows(cfg, params, tree_sizes, context: int, repeats: int) -> li
         f = forward(p, cfg, toks, pos, c, mask)
         return f.logits, f.cache
 
-    def verify_n(n):
+    def verify_n(params, n):
         toks = jnp.zeros((1, n), jnp.int32)
         pos = context + jnp.arange(n)[None]
         mask = kv.attention_mask(state["cache"], pos, jnp.tril(jnp.ones((n, n), bool)))
@@ -298,8 +319,9 @@ def verification_rows(cfg, params, tree_sizes, context: int, repeats: int) -> li
             return logits
         return once
 
-    costs = timed({n: verify_n(n) for n in tree_sizes}, repeats, "verification cost")
-    return [[n, 1000 * t, t / costs[1]] for n, t in costs.items()]
+    t = timed({(name, n): verify_n(p, n) for n in tree_sizes for name, p in variants.items()}, repeats,
+              "verification cost")
+    return [[n, *[x for name in variants for x in (1000 * t[name, n], t[name, n] / t[name, 1])]] for n in tree_sizes]
 
 
 def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: int) -> list[list]:
@@ -310,6 +332,7 @@ def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: i
     dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=vd)
     drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
     greedy = SamplingConfig()
+    params = gen.decoding_params(params, cfg)
     block, lengths, limits = prepare_prompts(cfg, [prompt], 64)
     key = jax.random.PRNGKey(0)
     prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None,
@@ -361,9 +384,10 @@ def plot(rows, headers, path) -> None:
     rows = np.asarray(rows, dtype=float)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, rows[:, 3], 0.4, label="redrafter-jax")
-    if rows.shape[1] > 4:
-        ax.bar(x + 0.2, rows[:, 4], 0.4, label="transformers")
+    bars = [i for i, h in enumerate(headers) if h.endswith("tokens/s")]
+    for j, i in enumerate(bars):
+        width = 0.8 / len(bars)
+        ax.bar(x + (j - (len(bars) - 1) / 2) * width, rows[:, i], width, label=headers[i].removesuffix(" tokens/s"))
     ax.set_xticks(x, [f"batch {int(b)}" for b in rows[:, 0]])
     ax.set_ylabel("generated tokens/s")
     ax.set_title("Autoregressive decoding, SmolLM2-135M, CPU")

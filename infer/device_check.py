@@ -36,7 +36,7 @@ from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
 from redrafter_jax.config import ModelConfig, SpecConfig
 from redrafter_jax.decode import round_up
-from redrafter_jax.generate import generate
+from redrafter_jax.generate import decoding_params, generate
 from redrafter_jax.loaders.embedded import load_default
 from redrafter_jax.loaders.hf import load_hf
 from redrafter_jax.model import init_params
@@ -122,7 +122,8 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
     """A random-weight target of cfg's shape (weights drawn on the device): its verification cost, and
     the oracle drafter at 8 x 5 against autoregressive decoding on one random 128-token prompt."""
     params = init_params(cfg, jax.random.PRNGKey(0))
-    verify = verification_rows(cfg, params, sizes.synthetic_tree_sizes, sizes.context, sizes.repeats)
+    verify = verification_rows(cfg, {"generate": decoding_params(params, cfg)}, sizes.synthetic_tree_sizes,
+                               sizes.context, sizes.repeats)
     prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, 128).tolist()
 
     def decode(**kw):
@@ -179,7 +180,8 @@ def main(argv=None) -> None:
                         f"EOS ignored; transformers `generate` on the same device ({hf_device}):\n\n"
                         + table(*ar))
     verify = part("verification cost", lambda: verification_rows(
-        model.config, model.params, sizes.tree_sizes, sizes.context, sizes.repeats * 3))
+        model.config, {"generate": decoding_params(model.params, model.config)}, sizes.tree_sizes, sizes.context,
+        sizes.repeats * 3))
     if verify:
         results["verification"] = verify
         sections.append(f"Verification: one forward of N tree tokens after {sizes.context} tokens, {name}, "

@@ -20,7 +20,7 @@ from flax import struct
 from jax.sharding import Mesh
 
 from redrafter_jax import cache as kv
-from redrafter_jax import lookup, sharding
+from redrafter_jax import lookup, rows_matmul, sharding
 from redrafter_jax.acceptance import Accepted, accept_longest_prefix, apple_accept
 from redrafter_jax.beam_search import Draft, Proposer
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
@@ -34,7 +34,7 @@ from redrafter_jax.decode import (
     start,
     stream_tokens,
 )
-from redrafter_jax.model import ForwardOutput, Params, forward
+from redrafter_jax.model import ForwardOutput, Params, forward, pack_params
 from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
@@ -63,9 +63,10 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
 
 
 def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig, sampling: SamplingConfig,
-                    max_new_tokens: int, stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
+                    max_new_tokens: int, stream: StreamFn | None, mesh: Mesh | None = None,
+                    packed: bool = False) -> GenerateOutput:
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
-    step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
+    step = functools.partial(autoregressive_step, pack_params(params) if packed else params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
 
@@ -158,11 +159,11 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
 
 def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                 stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
+                 stream: StreamFn | None, mesh: Mesh | None = None, packed: bool = False) -> GenerateOutput:
     b = prompts.shape[0]
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
               mesh)
-    step = functools.partial(speculative_step, params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
+    step = functools.partial(speculative_step, pack_params(params) if packed else params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream, mesh=mesh)
     init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
@@ -195,9 +196,16 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
         return fn(*args, cfg=cfg, **kwargs)
 
 
-_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream", "mesh"))
+_autoregressive_jit = jax.jit(_autoregressive,
+                              static_argnames=("cfg", "sampling", "max_new_tokens", "stream", "mesh", "packed"))
 _speculative_jit = jax.jit(_speculative,
-                           static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream", "mesh"))
+                           static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream", "mesh", "packed"))
+
+
+def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> Params:
+    """The target params as the decode loops use them: tile-packed for the CPU rows kernel where
+    `rows_matmul.enabled` (generate() packs inside its program), else unchanged. For timing a step alone."""
+    return jax.jit(pack_params)(params) if rows_matmul.enabled(params, cfg.dtype, mesh) else params
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None, block: jax.Array,
@@ -259,11 +267,12 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     b = block.shape[0]
     if mesh is not None:
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
+    packed = rows_matmul.enabled(params, cfg.dtype, mesh)
     if not speculative:
         return _rows(_call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
-                           max_new_tokens=n, stream=stream, mesh=mesh), b)
+                           max_new_tokens=n, stream=stream, mesh=mesh, packed=packed), b)
     return _rows(_call(_speculative_jit, cfg, params, drafter, block, lengths, limits, key, sampling=sampling,
-                       spec=spec, max_new_tokens=n, stream=stream, mesh=mesh), b)
+                       spec=spec, max_new_tokens=n, stream=stream, mesh=mesh, packed=packed), b)
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:

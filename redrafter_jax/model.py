@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from redrafter_jax import cache as kv
+from redrafter_jax import rows_matmul
 from redrafter_jax.cache import KVCache
 from redrafter_jax.config import ModelConfig
 
@@ -84,6 +85,22 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)
 
 
+def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
+    """x [..., K] @ w [K, *out] -> [..., *out]; a `rows_matmul.Packed` weight runs the CPU rows kernel."""
+    if isinstance(w, rows_matmul.Packed):
+        return rows_matmul.matmul(x, w)
+    return jnp.tensordot(x, w, axes=1)
+
+
+def pack_params(params: Params) -> Params:
+    """The target's matrices tile-packed for the CPU rows kernel (`rows_matmul`), with the LM head
+    packed on its own when tied (the embedding stays for token lookups). For decoding only."""
+    matrices = ("wqkv", "wo", "w_gate_up", "w_down")
+    layers = [{k: rows_matmul.pack(v) if k in matrices else v for k, v in p.items()} for p in params["layers"]]
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    return {**params, "layers": layers, "lm_head": rows_matmul.pack(head)}
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -129,7 +146,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     ck, cv, ks, vs = cache.k, cache.v, [], []
     for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        qkv = jnp.einsum("bth,hkjd->btkjd", h, p["wqkv"])  # [B, T, nkv, G + 2, D]
+        qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
         q = apply_rope(qkv[:, :, :, :g], positions, inv_freq)
@@ -138,10 +155,10 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         ck = kv.scatter_rows(ck, k, cache.lengths, layer=i)
         cv = kv.scatter_rows(cv, v, cache.lengths, layer=i)
         attn = _attention(q, ck[i], cv[i], mask)
-        x = x + attn.reshape(b, t, -1) @ p["wo"]
+        x = x + linear(attn.reshape(b, t, -1), p["wo"])
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        gate_up = jnp.einsum("bth,hci->btci", h, p["w_gate_up"])
-        x = x + (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ p["w_down"]
+        gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
+        x = x + linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"])
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
@@ -151,6 +168,8 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
     """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head)."""
     w = params["lm_head"] if "lm_head" in params else params["embed"].T
+    if isinstance(w, rows_matmul.Packed):
+        return linear(hidden, w)
     return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
 
 

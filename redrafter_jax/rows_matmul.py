@@ -1,0 +1,123 @@
+"""A CPU kernel for the products of a few rows with a large weight: decode steps and tree verification.
+
+XLA:CPU runs a one-row product as a matrix-vector product at memory speed, but 2-64 rows through a
+general matrix multiply at about half that, so verifying a tree of N tokens cost ~2 one-token steps.
+`csrc/rows_matmul.cc` streams each weight once per 8 rows from a tile-packed copy ([O / 32, K, 32],
+`pack`) and sums every output in one fixed order, so a row's result does not depend on how many rows
+share the call: the one-token step and the N-token verification compute bitwise the same products.
+
+It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
+the cache folder, and used only where `enabled()` says so: float32 on the CPU, without a mesh.
+REDRAFTER_CPU_KERNEL=0 turns it off; without a compiler, decoding falls back to XLA's products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from redrafter_jax.wheels import cache_dir
+
+TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
+MAX_ROWS = 64  # more rows (a prefill, training) go to XLA's matrix multiply, which is faster there
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "rows_matmul.cc")
+TARGET = "redrafter_rows_matmul"
+
+
+@struct.dataclass
+class Packed:
+    """A weight [K, *out] stored as 32-column tiles [ceil(O / 32), K, 32] (O = prod(out), zero-padded)."""
+
+    tiles: jax.Array
+    out: tuple[int, ...] = struct.field(pytree_node=False)
+
+
+def pack(w: jax.Array) -> Packed:
+    """w [K, *out] -> Packed (a copy; done once per decode call, outside its loop)."""
+    k, out = w.shape[0], w.shape[1:]
+    o = w.size // k
+    flat = jnp.pad(w.reshape(k, o), ((0, 0), (0, -o % TILE)))
+    return Packed(flat.reshape(k, -1, TILE).transpose(1, 0, 2), tuple(out))
+
+
+def matmul(x: jax.Array, w: Packed) -> jax.Array:
+    """x [..., K] @ w -> [..., *w.out] (float32)."""
+    if not available():
+        raise RuntimeError("packed weights need the CPU rows kernel, which is unavailable (see the warning)")
+    lead, k = x.shape[:-1], x.shape[-1]
+    tiles = w.tiles.shape[0]
+    rows = x.reshape(-1, k)
+    if rows.shape[0] > MAX_ROWS:
+        y = jnp.einsum("mk,tkc->mtc", rows, w.tiles).reshape(rows.shape[0], -1)
+    else:
+        y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
+    o = functools.reduce(lambda a, b: a * b, w.out, 1)
+    return y[:, :o].reshape(*lead, *w.out)
+
+
+def _compile() -> str:
+    """Builds the kernel for this machine once (cached by source, compiler flags, CPU and jaxlib)."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not compiler:
+        raise OSError("no C++ compiler (c++ or g++, or $CXX) found")
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
+    key = hashlib.sha256("\0".join([open(SOURCE).read(), compiler, *flags, cpu, jax.__version__]).encode())
+    out = os.path.join(cache_dir(), "kernels", f"rows_matmul-{key.hexdigest()[:16]}.so")
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = f"{out}.tmp-{os.getpid()}"
+        done = subprocess.run([compiler, *flags, SOURCE, "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)  # atomic: another process never loads a half-written library
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered (once per process; warns once if it cannot be)."""
+    try:
+        lib = ctypes.cdll.LoadLibrary(_compile())
+    except OSError as e:
+        warnings.warn(f"the CPU rows kernel is unavailable ({e}); decoding uses XLA's matrix products")
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.redrafter_rows_matmul), platform="cpu")
+    return True
+
+
+def enabled(params, dtype, mesh) -> bool:
+    """Whether decoding with these target params uses the kernel: float32 weights on the CPU, no mesh,
+    REDRAFTER_CPU_KERNEL not "0" (read at each call, so a benchmark can compare both ways in one run),
+    and the kernel available."""
+    if mesh is not None or jnp.dtype(dtype) != jnp.float32 or os.environ.get("REDRAFTER_CPU_KERNEL") == "0":
+        return False
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else jax.devices()[:1]
+    return all(d.platform == "cpu" for d in devices) and available()
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Decoding inside uses XLA's products (REDRAFTER_CPU_KERNEL=0), e.g. to compare both in one run."""
+    old = os.environ.get("REDRAFTER_CPU_KERNEL")
+    os.environ["REDRAFTER_CPU_KERNEL"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["REDRAFTER_CPU_KERNEL"]
+        else:
+            os.environ["REDRAFTER_CPU_KERNEL"] = old
