@@ -66,7 +66,8 @@ def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelC
                     max_new_tokens: int, stream: StreamFn | None, mesh: Mesh | None = None,
                     packed: bool = False) -> GenerateOutput:
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
-    step = functools.partial(autoregressive_step, pack_params(params) if packed else params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
+    params = pack_params(params) if packed else params  # once, outside the loop; the prefill keeps XLA's
+    step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
 
@@ -163,7 +164,8 @@ def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: 
     b = prompts.shape[0]
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
               mesh)
-    step = functools.partial(speculative_step, pack_params(params) if packed else params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
+    params = pack_params(params) if packed else params
+    step = functools.partial(speculative_step, params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream, mesh=mesh)
     init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
