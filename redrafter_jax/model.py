@@ -12,7 +12,9 @@ Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, be
 batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
 in place run ~1.5x faster on CPU than a `lax.scan` slicing stacked weights. Grouping Q/K/V by KV head
 and keeping gate/up on their own axis give every fused weight one axis (nkv or I) that splits into
-self-contained tensor-parallel shards (`sharding.py`).
+self-contained tensor-parallel shards (`sharding.py`). Every product goes through `linear`, so that on
+the CPU the decode loops can pass the matrices tile-packed (`pack_params`) to the rows kernel
+(`rows_matmul.py`).
 """
 
 from __future__ import annotations

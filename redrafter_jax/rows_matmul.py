@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -56,13 +57,15 @@ def matmul(x: jax.Array, w: Packed) -> jax.Array:
         raise RuntimeError("packed weights need the CPU rows kernel, which is unavailable (see the warning)")
     lead, k = x.shape[:-1], x.shape[-1]
     tiles = w.tiles.shape[0]
+    if w.tiles.shape[1] != k or x.dtype != jnp.float32 or w.tiles.dtype != jnp.float32:
+        raise ValueError(f"rows_matmul needs float32 x [..., K] and weight tiles [O / 32, K, 32], got x "
+                         f"{x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}{list(w.tiles.shape)}")
     rows = x.reshape(-1, k)
     if rows.shape[0] > MAX_ROWS:
         y = jnp.einsum("mk,tkc->mtc", rows, w.tiles).reshape(rows.shape[0], -1)
     else:
         y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
-    o = functools.reduce(lambda a, b: a * b, w.out, 1)
-    return y[:, :o].reshape(*lead, *w.out)
+    return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
 
 def _compile() -> str:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from infer import device_check
+from redrafter_jax import rows_matmul
 from tests.test_loaders import hf_tensors, write_checkpoint
 
 
@@ -16,7 +17,9 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(report)])
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["device"] and found["skipped"] == []
-    assert [r[0] for r in found["autoregressive"]] == [1] and len(found["autoregressive"][0]) == 6  # with transformers
+    # batch, prompt, new tokens, ours, ours with XLA's products (where the CPU rows kernel runs), transformers, ratio
+    columns = 7 if rows_matmul.available() else 6
+    assert [r[0] for r in found["autoregressive"]] == [1] and len(found["autoregressive"][0]) == columns
     assert [r[0] for r in found["verification"]] == [1, 4] and found["verification"][0][2] == 1
     assert [r[1] for r in found["components"]][:5] == ["propose", "pack", "verify", "accept", "commit"]
     # oracle rows in both dtypes: everything accepted (L tokens per step up to the reply's end), outputs identical
