@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from redrafter_jax.wheels import cache_dir
+from redrafter_jax.wheels import sha256, writable_cache
 
 TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
 MAX_ROWS = 64  # more rows (a prefill, training) go to XLA's matrix multiply, which is faster there
@@ -76,14 +76,17 @@ def _compile() -> str:
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
     cpu = ""
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
-    key = hashlib.sha256("\0".join([open(SOURCE).read(), compiler, *flags, cpu, jax.__version__]).encode())
-    out = os.path.join(cache_dir(), "kernels", f"rows_matmul-{key.hexdigest()[:16]}.so")
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    key = hashlib.sha256("\0".join([sha256(SOURCE), compiler, *flags, cpu, jax.__version__]).encode())
+    out = os.path.join(writable_cache(), "kernels", f"rows_matmul-{key.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = f"{out}.tmp-{os.getpid()}"
         done = subprocess.run([compiler, *flags, SOURCE, "-o", tmp], capture_output=True, text=True)
         if done.returncode:
+            if os.path.exists(tmp):
+                os.remove(tmp)
             raise OSError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)  # atomic: another process never loads a half-written library
     return out

