@@ -20,13 +20,13 @@ from redrafter_jax.config import ModelConfig
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array  # [layers, B, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, B, max_len, kv_heads, head_dim]
+    k: jax.Array  # [layers, B, kv_heads, max_len, head_dim]
+    v: jax.Array  # [layers, B, kv_heads, max_len, head_dim]
     lengths: jax.Array  # [B] int32, number of valid positions per row
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @property
     def batch_size(self) -> int:
@@ -36,7 +36,7 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
     if batch_size < 1 or max_len < 0:
         raise ValueError(f"cache needs batch_size >= 1 and max_len >= 0, got {batch_size}, {max_len}")
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
                    lengths=jnp.zeros((batch_size,), jnp.int32))
 
@@ -73,13 +73,15 @@ def check_room(cache: KVCache, num_new: jax.Array | int) -> None:
 
 
 def scatter_rows(buf: jax.Array, new: jax.Array, lengths: jax.Array, layer: int | None = None) -> jax.Array:
-    """buf [layers, B, S, kv_heads, head_dim] with new [layers, B, T, kv_heads, head_dim] (or, given
+    """buf [layers, B, kv_heads, S, head_dim] with new [layers, B, T, kv_heads, head_dim] (or, given
     `layer`, new [B, T, kv_heads, head_dim] for that layer) written at slots lengths[b] ..
     lengths[b]+T-1 of each row. Writes past S are dropped, never clamped onto valid slots."""
-    rows = jnp.arange(buf.shape[1])[:, None]
-    slots = lengths[:, None] + jnp.arange(new.shape[-3])[None, :]  # [B, T]
+    b, t, heads = new.shape[-4:-1]
+    rows = jnp.arange(b)[:, None, None]
+    slots = (lengths[:, None] + jnp.arange(t)[None, :])[:, None, :]  # [B, 1, T]
     lead = slice(None) if layer is None else layer
-    return buf.at[lead, rows, slots].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[lead, rows, jnp.arange(heads)[:, None], slots].set(
+        jnp.swapaxes(new, -2, -3).astype(buf.dtype), mode="drop")
 
 
 def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, num_new: jax.Array) -> KVCache:

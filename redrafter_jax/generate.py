@@ -11,6 +11,7 @@ nothing until the loop ends (except an optional streaming callback).
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Sequence
 
 import jax
@@ -62,12 +63,12 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
     return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
 
-def _autoregressive(params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig, sampling: SamplingConfig,
-                    max_new_tokens: int, stream: StreamFn | None, mesh: Mesh | None = None,
-                    packed: bool = False) -> GenerateOutput:
+def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
+                    sampling: SamplingConfig, max_new_tokens: int, stream: StreamFn | None,
+                    mesh: Mesh | None = None) -> GenerateOutput:
+    """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
-    params = pack_params(params) if packed else params  # once, outside the loop; the prefill keeps XLA's
-    step = functools.partial(autoregressive_step, params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
+    step = functools.partial(autoregressive_step, loop_params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
 
@@ -158,14 +159,13 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
     return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream, mesh=mesh)
 
 
-def _speculative(params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
+def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                 stream: StreamFn | None, mesh: Mesh | None = None, packed: bool = False) -> GenerateOutput:
+                 stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
     b = prompts.shape[0]
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
               mesh)
-    params = pack_params(params) if packed else params
-    step = functools.partial(speculative_step, params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
+    step = functools.partial(speculative_step, loop_params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream, mesh=mesh)
     init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
@@ -198,16 +198,29 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
         return fn(*args, cfg=cfg, **kwargs)
 
 
-_autoregressive_jit = jax.jit(_autoregressive,
-                              static_argnames=("cfg", "sampling", "max_new_tokens", "stream", "mesh", "packed"))
+_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream", "mesh"))
 _speculative_jit = jax.jit(_speculative,
-                           static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream", "mesh", "packed"))
+                           static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream", "mesh"))
+
+# id(first leaf) -> (weak references to all the plain params' leaves, their packed copy)
+_PACKED: dict[int, tuple[list, Params]] = {}
 
 
 def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> Params:
     """The target params as the decode loops use them: tile-packed for the CPU rows kernel where
-    `rows_matmul.enabled` (generate() packs inside its program), else unchanged. For timing a step alone."""
-    return jax.jit(pack_params)(params) if rows_matmul.enabled(params, cfg.dtype, mesh) else params
+    `rows_matmul.enabled`, else unchanged. The packed copy is made once and kept as long as `params`
+    live, so repeated generate() calls do not pay for it again (packing the default model's 537 MB,
+    mostly page faults on the fresh copy, cost ~0.5 s per call)."""
+    if not rows_matmul.enabled(params, cfg.dtype, mesh):
+        return params
+    leaves = jax.tree_util.tree_leaves(params)
+    kept = _PACKED.get(id(leaves[0]))
+    if kept is not None and len(kept[0]) == len(leaves) and all(r() is x for r, x in zip(kept[0], leaves)):
+        return kept[1]
+    packed = jax.jit(pack_params)(params)
+    _PACKED[id(leaves[0])] = ([weakref.ref(x) for x in leaves], packed)
+    weakref.finalize(leaves[0], _PACKED.pop, id(leaves[0]), None)
+    return packed
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None, block: jax.Array,
@@ -269,12 +282,12 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     b = block.shape[0]
     if mesh is not None:
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
-    packed = rows_matmul.enabled(params, cfg.dtype, mesh)
+    loop_params = decoding_params(params, cfg, mesh)
     if not speculative:
-        return _rows(_call(_autoregressive_jit, cfg, params, block, lengths, limits, key, sampling=sampling,
-                           max_new_tokens=n, stream=stream, mesh=mesh, packed=packed), b)
-    return _rows(_call(_speculative_jit, cfg, params, drafter, block, lengths, limits, key, sampling=sampling,
-                       spec=spec, max_new_tokens=n, stream=stream, mesh=mesh, packed=packed), b)
+        return _rows(_call(_autoregressive_jit, cfg, params, loop_params, block, lengths, limits, key,
+                           sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh), b)
+    return _rows(_call(_speculative_jit, cfg, params, loop_params, drafter, block, lengths, limits, key,
+                       sampling=sampling, spec=spec, max_new_tokens=n, stream=stream, mesh=mesh), b)
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:

@@ -99,8 +99,8 @@ def pack_params(params: Params) -> Params:
     packed on its own when tied (the embedding stays for token lookups). For decoding only."""
     matrices = ("wqkv", "wo", "w_gate_up", "w_down")
     layers = [{k: rows_matmul.pack(v) if k in matrices else v for k, v in p.items()} for p in params["layers"]]
-    head = params["lm_head"] if "lm_head" in params else params["embed"].T
-    return {**params, "layers": layers, "lm_head": rows_matmul.pack(head)}
+    head = rows_matmul.pack(params["lm_head"]) if "lm_head" in params else rows_matmul.pack(params["embed"], True)
+    return {**params, "layers": layers, "lm_head": head}
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -122,13 +122,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 def _attention(q, k_cache, v_cache, mask):
     """Grouped-query attention of new queries over the cache (which already holds the new keys).
 
-    q: [B, T, nkv, G, D]; k_cache/v_cache: [B, S, nkv, D]; mask: [B, T, S] bool. Returns [B, T, nkv, G, D].
+    q: [B, T, nkv, G, D]; k_cache/v_cache: [B, nkv, S, D]; mask: [B, T, S] bool. Returns [B, T, nkv, G, D].
+    Each KV head's G x T queries form one block of rows, so both products are one batched matrix
+    product per KV head over the cache in place.
     """
-    q = q * (q.shape[-1] ** -0.5)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    b, t, nkv, g, d = q.shape
+    q = (q * d ** -0.5).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache, preferred_element_type=jnp.float32)
+    scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache)
+    return out.reshape(b, nkv, g, t, d).transpose(0, 3, 1, 2, 4)
 
 
 def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,

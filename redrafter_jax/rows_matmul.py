@@ -2,7 +2,7 @@
 
 XLA:CPU runs a one-row product as a matrix-vector product at memory speed, but 2-64 rows through a
 general matrix multiply at about half that, so verifying a tree of N tokens cost ~2 one-token steps.
-`csrc/rows_matmul.cc` streams each weight once per 8 rows from a tile-packed copy ([O / 32, K, 32],
+`csrc/rows_matmul.cc` streams each weight once per 12 rows from a tile-packed copy ([O / 32, K, 32],
 `pack`) and sums every output in one fixed order, so a row's result does not depend on how many rows
 share the call: the one-token step and the N-token verification compute bitwise the same products.
 
@@ -33,6 +33,7 @@ TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
 MAX_ROWS = 64  # more rows (a prefill, training) go to XLA's matrix multiply, which is faster there
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "rows_matmul.cc")
 TARGET = "redrafter_rows_matmul"
+PACK_TARGET = "redrafter_pack_tiles"
 
 
 @struct.dataclass
@@ -43,18 +44,24 @@ class Packed:
     out: tuple[int, ...] = struct.field(pytree_node=False)
 
 
-def pack(w: jax.Array) -> Packed:
-    """w [K, *out] -> Packed (a copy; done once per decode call, outside its loop)."""
-    k, out = w.shape[0], w.shape[1:]
-    o = w.size // k
-    flat = jnp.pad(w.reshape(k, o), ((0, 0), (0, -o % TILE)))
-    return Packed(flat.reshape(k, -1, TILE).transpose(1, 0, 2), tuple(out))
+def pack(w: jax.Array, transposed: bool = False) -> Packed:
+    """float32 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head) -> Packed: a
+    copy made by the kernel library, once per decode call, outside its loop."""
+    _check_available()
+    if w.dtype != jnp.float32 or (transposed and w.ndim != 2):
+        raise ValueError(f"rows_matmul packs float32 weights [K, *out] or, transposed, [O, K]; got "
+                         f"{w.dtype}{list(w.shape)}")
+    k, out = (w.shape[1], w.shape[:1]) if transposed else (w.shape[0], w.shape[1:])
+    o = math.prod(out)
+    shape = jax.ShapeDtypeStruct((-(-o // TILE), k, TILE), jnp.float32)
+    tiles = jax.ffi.ffi_call(PACK_TARGET, shape)(w.reshape(-1, k) if transposed else w.reshape(k, o),
+                                                 transposed=transposed)
+    return Packed(tiles, tuple(out))
 
 
 def matmul(x: jax.Array, w: Packed) -> jax.Array:
     """x [..., K] @ w -> [..., *w.out] (float32)."""
-    if not available():
-        raise RuntimeError("packed weights need the CPU rows kernel, which is unavailable (see the warning)")
+    _check_available()
     lead, k = x.shape[:-1], x.shape[-1]
     tiles = w.tiles.shape[0]
     if w.tiles.shape[1] != k or x.dtype != jnp.float32 or w.tiles.dtype != jnp.float32:
@@ -66,6 +73,11 @@ def matmul(x: jax.Array, w: Packed) -> jax.Array:
     else:
         y = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
+
+
+def _check_available() -> None:
+    if not available():
+        raise RuntimeError("packed weights need the CPU rows kernel, which is unavailable (see the warning)")
 
 
 def _compile() -> str:
@@ -101,6 +113,7 @@ def available() -> bool:
         warnings.warn(f"the CPU rows kernel is unavailable ({e}); decoding uses XLA's matrix products")
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.redrafter_rows_matmul), platform="cpu")
+    jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(lib.redrafter_pack_tiles), platform="cpu")
     return True
 
 

@@ -24,7 +24,7 @@ from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import Params, param_shapes
 
 DATA, MODEL = "data", "model"
-CACHE = P(None, DATA, None, MODEL, None)  # [layers, B, max_len, kv_heads, head_dim]
+CACHE = P(None, DATA, MODEL, None, None)  # [layers, B, kv_heads, max_len, head_dim]
 BATCH = P(DATA)  # any array whose leading axis is the batch
 
 

@@ -107,6 +107,6 @@ def test_cache_never_writes_past_max_len(smollm):
     # Under jit (no check possible) the scratch part of a write past the end is dropped, not clamped
     # back onto valid slots as a dynamic_update_slice would.
     after = jax.jit(write)(cache, 2 * jnp.ones(four), 2 * jnp.ones(four), jnp.asarray([1, 1]))
-    np.testing.assert_array_equal(np.asarray(after.k[:, 0, :6]), 1.0)
-    np.testing.assert_array_equal(np.asarray(after.k[:, 0, 6:]), 2.0)
+    np.testing.assert_array_equal(np.asarray(after.k[:, 0, :, :6]), 1.0)
+    np.testing.assert_array_equal(np.asarray(after.k[:, 0, :, 6:]), 2.0)
     assert after.lengths.tolist() == [7, 4]

@@ -1,6 +1,8 @@
 """The CPU rows kernel: the products it computes, that a row's result does not depend on how many rows
 share the call, and that decoding uses it exactly where it applies and stays exact with and without it."""
 
+import gc
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,14 +26,38 @@ def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out):
     assert packed.tiles.shape == (-(-w[0].size // 32), k, 32) and packed.out == out
     x = rng.standard_normal((70, k)).astype(np.float32)
     mm = jax.jit(rows_matmul.matmul)
-    single = np.stack([np.asarray(mm(x[i: i + 1], packed))[0] for i in range(20)])
+    single = np.stack([np.asarray(mm(x[i: i + 1], packed))[0] for i in range(26)])
     want = np.tensordot(x.astype(np.float64), w.astype(np.float64), 1)
-    np.testing.assert_allclose(single, want[:20], rtol=1e-5, atol=1e-5 * np.sqrt(k))
-    for m in (2, 3, 8, 9, 16, 20):  # one pass, a partial pass, several passes: bitwise the single rows
+    np.testing.assert_allclose(single, want[:26], rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    for m in (2, 3, 12, 13, 24, 26):  # one pass, a full pass, a partial second, three passes: bitwise the single rows
         np.testing.assert_array_equal(np.asarray(mm(x[:m], packed)), single[:m])
     # more than MAX_ROWS rows go to XLA's matrix multiply, on the same packed weight
     np.testing.assert_allclose(np.asarray(mm(x, packed)), want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
     np.testing.assert_array_equal(np.asarray(mm(x[None, :3], packed)), single[None, :3])  # leading axes kept
+
+
+def test_packing_copies_tiles_exactly_also_from_a_transposed_weight():
+    w = np.random.default_rng(0).standard_normal((9, 70)).astype(np.float32)  # 70 columns: a padded last tile
+    want = np.pad(w, ((0, 0), (0, 26))).reshape(9, 3, 32).transpose(1, 0, 2)
+    for packed in (rows_matmul.pack(jnp.asarray(w)), rows_matmul.pack(jnp.asarray(w.T), transposed=True)):
+        assert packed.out == (70,)
+        np.testing.assert_array_equal(np.asarray(packed.tiles), want)
+    with pytest.raises(ValueError, match="float32"):
+        rows_matmul.pack(jnp.asarray(w, jnp.bfloat16))
+
+
+def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
+    cfg, params = tiny_model()
+    packed = gen.decoding_params(params, cfg)
+    assert gen.decoding_params(params, cfg) is packed  # a second generate() call does not pack again
+    other = jax.tree_util.tree_map(lambda x: x + 0, params)
+    assert gen.decoding_params(other, cfg) is not packed
+    kept = len(gen._PACKED)
+    del other
+    gc.collect()
+    assert len(gen._PACKED) == kept - 1  # freed with its params
+    with rows_matmul.turned_off():
+        assert gen.decoding_params(params, cfg) is params
 
 
 def test_packed_params_give_the_same_forward():
@@ -52,11 +78,11 @@ def test_decoding_uses_the_kernel_exactly_where_it_applies():
     block, lengths, limits = prepare_prompts(cfg, [[5, 6, 7]], 4)
     key = jax.random.PRNGKey(0)
 
-    def lowered(packed):
-        return gen._call(gen._speculative_jit.lower, cfg, params, None, block, lengths, limits, key,
+    def lowered(loop_params):
+        return gen._call(gen._speculative_jit.lower, cfg, params, loop_params, None, block, lengths, limits, key,
                          sampling=SamplingConfig(), spec=SpecConfig(0, 3, lookup_beams=1), max_new_tokens=4,
-                         stream=None, packed=packed).as_text()
-    assert rows_matmul.TARGET in lowered(True) and rows_matmul.TARGET not in lowered(False)
+                         stream=None).as_text()
+    assert rows_matmul.TARGET in lowered(gen.decoding_params(params, cfg)) and rows_matmul.TARGET not in lowered(params)
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["rows kernel", "XLA products"])
