@@ -46,7 +46,7 @@ class Packed:
 
 def pack(w: jax.Array, transposed: bool = False) -> Packed:
     """float32 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head) -> Packed: a
-    copy made by the kernel library, once per decode call, outside its loop."""
+    copy made by the kernel library (`generate.decoding_params` keeps one per params)."""
     _check_available()
     if w.dtype != jnp.float32 or (transposed and w.ndim != 2):
         raise ValueError(f"rows_matmul packs float32 weights [K, *out] or, transposed, [O, K]; got "
