@@ -218,8 +218,9 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     if kept is not None and len(kept[0]) == len(leaves) and all(r() is x for r, x in zip(kept[0], leaves)):
         return kept[1]
     packed = jax.jit(pack_params)(params)
+    if kept is None:  # else this first leaf already has its finalizer (other params that share it)
+        weakref.finalize(leaves[0], _PACKED.pop, id(leaves[0]), None)
     _PACKED[id(leaves[0])] = ([weakref.ref(x) for x in leaves], packed)
-    weakref.finalize(leaves[0], _PACKED.pop, id(leaves[0]), None)
     return packed
 
 
