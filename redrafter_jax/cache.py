@@ -77,11 +77,11 @@ def scatter_rows(buf: jax.Array, new: jax.Array, lengths: jax.Array, layer: int 
     `layer`, new [B, T, kv_heads, head_dim] for that layer) written at slots lengths[b] ..
     lengths[b]+T-1 of each row. Writes past S are dropped, never clamped onto valid slots."""
     b, t, heads = new.shape[-4:-1]
+    # Index arrays broadcast to [B, T, kv_heads], the order `new` already has: no transpose of it.
     rows = jnp.arange(b)[:, None, None]
-    slots = (lengths[:, None] + jnp.arange(t)[None, :])[:, None, :]  # [B, 1, T]
+    slots = (lengths[:, None] + jnp.arange(t)[None, :])[:, :, None]  # [B, T, 1]
     lead = slice(None) if layer is None else layer
-    return buf.at[lead, rows, jnp.arange(heads)[:, None], slots].set(
-        jnp.swapaxes(new, -2, -3).astype(buf.dtype), mode="drop")
+    return buf.at[lead, rows, jnp.arange(heads), slots].set(new.astype(buf.dtype), mode="drop")
 
 
 def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, num_new: jax.Array) -> KVCache:

@@ -33,8 +33,17 @@ def target_log_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jax.nn.log_softmax(logits, axis=-1)
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first index of the maximum; logits hold no NaN) as a max and
+    then a min over indices: two plain reductions that XLA:CPU vectorises, where argmax's paired
+    (value, index) reduction runs element by element (~1 ms for a 7-token tree's logits)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
+
+
 def select(key: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Next tokens [...] int32 from logits [..., V]."""
     if cfg.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     return jax.random.categorical(key, target_log_probs(logits, cfg), axis=-1).astype(jnp.int32)

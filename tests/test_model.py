@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from redrafter_jax.cache import attention_mask, commit, init_cache, write
+from redrafter_jax.cache import attention_mask, commit, init_cache, scatter_rows, write
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
 from tests.tiny import TINY as TINY_CFG
@@ -94,6 +94,24 @@ def test_attention_mask_over_cache_and_tree_matches_reference(seed):
             continue
         want[r, i, slot] = seen and (window is None or positions[r, i] - key_pos < window)
     np.testing.assert_array_equal(got, want)
+
+
+def test_scatter_rows_puts_each_row_head_and_token_at_its_slot():
+    layers, b, heads, s, d, t = 2, 3, 2, 9, 4, 3
+    rng = np.random.default_rng(1)
+    buf = rng.normal(size=(layers, b, heads, s, d)).astype(np.float32)
+    new = rng.normal(size=(layers, b, t, heads, d)).astype(np.float32)
+    lengths = np.array([0, 4, 7])  # the last row's third token falls past the end: dropped
+    want = buf.copy()
+    for r in range(b):
+        for i in range(t):
+            if lengths[r] + i < s:
+                want[:, r, :, lengths[r] + i] = new[:, r, i]
+    np.testing.assert_array_equal(np.asarray(scatter_rows(jnp.asarray(buf), jnp.asarray(new), jnp.asarray(lengths))),
+                                  want)
+    one = scatter_rows(jnp.asarray(buf), jnp.asarray(new[1]), jnp.asarray(lengths), layer=1)
+    np.testing.assert_array_equal(np.asarray(one[1]), want[1])
+    np.testing.assert_array_equal(np.asarray(one[0]), buf[0])
 
 
 def test_cache_never_writes_past_max_len(smollm):

@@ -13,6 +13,7 @@ from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
+from redrafter_jax.sampling import argmax
 from tests.tiny import exact_next_token_probs, tiny_model
 
 V = 8
@@ -107,6 +108,18 @@ def test_apple_rule_is_detected_as_biased(target):
     spec = SpecConfig(3, 3, acceptance="apple_biased")
     counts, _ = sample_first_tokens(cfg, params, random_drafter(cfg), sampling, spec)
     assert goodness_of_fit(counts, exact_joint(cfg, params, sampling)) < 1e-6
+
+
+def test_argmax_is_first_index_of_the_maximum():
+    """The greedy choice: jnp.argmax's answer, ties going to the first index, for several shapes."""
+    rng = np.random.default_rng(0)
+    for shape in [(5,), (3, 7, 49152), (2, 1, 13)]:
+        logits = rng.integers(-3, 4, shape).astype(np.float32)  # many ties
+        logits[..., -1] = 10.0 * (rng.random(shape[:-1]) < 0.3)  # some maxima at the very end
+        np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(logits))), np.argmax(logits, axis=-1))
+        assert argmax(jnp.asarray(logits)).dtype == jnp.int32
+    with_inf = jnp.asarray([[-jnp.inf, -jnp.inf, 2.0, jnp.inf, jnp.inf]])
+    assert int(argmax(with_inf)[0]) == 3
 
 
 def test_greedy_limits_of_sampling(target):
