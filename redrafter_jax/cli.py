@@ -61,14 +61,15 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding with this drafter: a checkpoint directory (ours or Apple's format), "
                         "'default' (or the bare flag: the drafter trained for the default model, "
                         "drafters/smollm2-135m), or 'random' (untrained: exact output, little acceptance)")
-    p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 1 with --drafter, else 0)")
+    p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 2 with --drafter, else 0)")
     p.add_argument("--beam-length", type=int, default=4, help="tokens per beam, the init token included")
     p.add_argument("--lookup-beams", type=int, default=None,
                    help="K beams copied from the text so far (prompt + generated): what followed earlier "
                         "occurrences of its last tokens (default 1 with --drafter, else 0)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="lengths of the suffix looked up, longest first (default 1 3)")
-    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1))")
+    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1); with --drafter and no W or K given, "
+                        "1 + 2(L-1): two beams' worth)")
 
 
 def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
@@ -76,10 +77,16 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
     decoding is autoregressive: no drafter and no lookup beams)."""
     if not args.drafter and not args.lookup_beams:
         return None, None
-    # with a drafter, the default shape is the one that measured best on MT-Bench on the CPU: 1 x 4 + 1
-    width = args.beam_width if args.beam_width is not None else (1 if args.drafter else 0)
+    # With a drafter and no shape given, the one that measured best on MT-Bench on the CPU (2 x 4 + 1 in
+    # 7 slots): the tree holds two beams, the lookup beam and the drafter's best where the text so far
+    # has a match, else the drafter's two best (lookup beams rank first; `tree.py` drops the rest).
+    shape_given = args.beam_width is not None or args.lookup_beams is not None
+    width = args.beam_width if args.beam_width is not None else (2 if args.drafter else 0)
     lookup = args.lookup_beams if args.lookup_beams is not None else (1 if args.drafter else 0)
-    spec = SpecConfig(width, args.beam_length, args.tree_budget, lookup_beams=lookup,
+    budget = args.tree_budget
+    if budget is None and args.drafter and not shape_given:
+        budget = 1 + 2 * (args.beam_length - 1)
+    spec = SpecConfig(width, args.beam_length, budget, lookup_beams=lookup,
                       lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
     if not args.drafter:
         return None, spec
