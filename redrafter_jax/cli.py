@@ -68,7 +68,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "occurrences of its last tokens (default 1 with --drafter, else 0)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="lengths of the suffix looked up, longest first (default 1 3)")
-    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1); with --drafter and no W or K given, "
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="packed tree slots (default 1 + (W + K)(L-1); with --drafter and no W or K given, "
                         "1 + 2(L-1): two beams' worth)")
 
 
