@@ -336,7 +336,7 @@ def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: i
     block, lengths, limits = prepare_prompts(cfg, [prompt], 64)
     key = jax.random.PRNGKey(0)
     prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None,
-                                mesh=None)
+                                mesh=None, pending=spec.beam_length)
     with matmul_precision(cfg):
         p = jax.jit(prefill)(params, prompts=block, prompt_lengths=lengths, limits=limits, key=key)
     s = gen.SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),

@@ -3,10 +3,14 @@
 Rows of a batch hold sequences of different lengths; each row's valid entries are positions
 [0, lengths[b]). The cache slot index of a valid token equals its position id. A forward pass writes
 its T new tokens' K/V at slots lengths[b] .. lengths[b]+T-1 before attending, without making them
-valid: the caller then validates some (`commit`) or writes others over them (`write`). Writing first,
-then reading, lets XLA update the loop-carried cache in place; reading the old cache and writing
-afterwards costs a copy of the whole cache per step. Nothing is ever written at a slot >= max_len:
-writes past it are dropped under `jit`, and callers size the cache so that cannot happen.
+valid: the caller then validates some (`commit`) or has others written over them (`write`). Writing
+first, then reading, lets XLA update the loop-carried cache in place; reading the old cache and
+writing afterwards costs a copy of the whole cache per step. So `write` only records its entries as
+*pending* (valid, not yet in the buffers), and the next forward writes them in the same per-layer
+scatter as its own new tokens, before any layer reads the cache: a second pass over the cache per
+speculative step made XLA copy the whole cache four times per step. Nothing is ever written at a
+slot >= max_len: writes past it are dropped under `jit`, and callers size the cache so that cannot
+happen.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ class KVCache:
     k: jax.Array  # [layers, B, kv_heads, max_len, head_dim]
     v: jax.Array  # [layers, B, kv_heads, max_len, head_dim]
     lengths: jax.Array  # [B] int32, number of valid positions per row
+    # Valid entries not yet in k/v (`write`), written by the next forward: slot max_len = none.
+    pending_k: jax.Array  # [layers, B, P, kv_heads, head_dim]
+    pending_v: jax.Array  # [layers, B, P, kv_heads, head_dim]
+    pending_slots: jax.Array  # [B, P] int32
 
     @property
     def max_len(self) -> int:
@@ -33,12 +41,17 @@ class KVCache:
         return self.k.shape[1]
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
-    if batch_size < 1 or max_len < 0:
-        raise ValueError(f"cache needs batch_size >= 1 and max_len >= 0, got {batch_size}, {max_len}")
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, pending: int = 0) -> KVCache:
+    """An empty cache; `pending`: how many entries one `write` records (0 for a cache never written so)."""
+    if batch_size < 1 or max_len < 0 or pending < 0:
+        raise ValueError(f"cache needs batch_size >= 1, max_len >= 0 and pending >= 0, got {batch_size}, "
+                         f"{max_len}, {pending}")
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+    pending_shape = (cfg.num_layers, batch_size, pending, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-                   lengths=jnp.zeros((batch_size,), jnp.int32))
+                   lengths=jnp.zeros((batch_size,), jnp.int32), pending_k=jnp.zeros(pending_shape, cfg.dtype),
+                   pending_v=jnp.zeros(pending_shape, cfg.dtype),
+                   pending_slots=jnp.full((batch_size, pending), max_len, jnp.int32))
 
 
 def attention_mask(cache: KVCache, positions: jax.Array, new_mask: jax.Array,
@@ -72,24 +85,60 @@ def check_room(cache: KVCache, num_new: jax.Array | int) -> None:
         raise ValueError(f"KV cache overflow: writing would need {need} slots but max_len is {cache.max_len}")
 
 
-def scatter_rows(buf: jax.Array, new: jax.Array, lengths: jax.Array, layer: int | None = None) -> jax.Array:
+def write_slots(cache: KVCache, num_new: int) -> jax.Array:
+    """[B, P + num_new] the slots a forward writes: the pending entries', then its new tokens' at
+    lengths[b] .. lengths[b]+num_new-1."""
+    new = cache.lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+    return jnp.concatenate([cache.pending_slots, new], axis=1)
+
+
+def write_layer(cache: KVCache, k: jax.Array, v: jax.Array, k_new: jax.Array, v_new: jax.Array, slots: jax.Array,
+                layer: int) -> tuple[jax.Array, jax.Array]:
+    """Buffers k, v [layers, B, kv_heads, S, head_dim] with one layer's pending entries and its new
+    tokens' k_new, v_new [B, T, kv_heads, head_dim] written at slots [B, P + T] (`write_slots`)."""
+    k = scatter_rows(k, jnp.concatenate([cache.pending_k[layer], k_new.astype(k.dtype)], axis=1), slots, layer)
+    v = scatter_rows(v, jnp.concatenate([cache.pending_v[layer], v_new.astype(v.dtype)], axis=1), slots, layer)
+    return k, v
+
+
+def written(cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
+    """The cache with buffers k, v that hold its pending entries: nothing pending any more."""
+    return cache.replace(k=k, v=v, pending_slots=jnp.full_like(cache.pending_slots, cache.max_len))
+
+
+def scatter_rows(buf: jax.Array, new: jax.Array, slots: jax.Array, layer: int | None = None) -> jax.Array:
     """buf [layers, B, kv_heads, S, head_dim] with new [layers, B, T, kv_heads, head_dim] (or, given
-    `layer`, new [B, T, kv_heads, head_dim] for that layer) written at slots lengths[b] ..
-    lengths[b]+T-1 of each row. Writes past S are dropped, never clamped onto valid slots."""
-    b, t, heads = new.shape[-4:-1]
+    `layer`, new [B, T, kv_heads, head_dim] for that layer) written at slots [B, T] of each row.
+    Writes at slots >= S are dropped, never clamped onto valid slots; slots within a row must differ."""
+    b, _, heads = new.shape[-4:-1]
     # Index arrays broadcast to [B, T, kv_heads], the order `new` already has: no transpose of it.
     rows = jnp.arange(b)[:, None, None]
-    slots = (lengths[:, None] + jnp.arange(t)[None, :])[:, :, None]  # [B, T, 1]
     lead = slice(None) if layer is None else layer
-    return buf.at[lead, rows, jnp.arange(heads), slots].set(new.astype(buf.dtype), mode="drop")
+    return buf.at[lead, rows, jnp.arange(heads), slots[:, :, None]].set(new.astype(buf.dtype), mode="drop")
 
 
 def write(cache: KVCache, k_new: jax.Array, v_new: jax.Array, num_new: jax.Array) -> KVCache:
-    """Writes k_new/v_new [layers, B, T, kv_heads, head_dim] at slots lengths[b] .. lengths[b]+T-1 and
-    makes the first num_new[b] of them valid; the rest are scratch that later writes overwrite.
-    Called eagerly, it raises before a write past max_len."""
-    return commit(cache.replace(k=scatter_rows(cache.k, k_new, cache.lengths),
-                                v=scatter_rows(cache.v, v_new, cache.lengths)), num_new)
+    """Makes the first num_new[b] of k_new/v_new [layers, B, P, kv_heads, head_dim] valid at slots
+    lengths[b] .. lengths[b]+num_new[b]-1, as pending entries that the next forward writes (`flush`
+    writes them now). The cache must have nothing pending, as after a forward; called eagerly, it
+    raises if it has, and before a write past max_len."""
+    p = cache.pending_slots.shape[1]
+    if k_new.shape[2] != p or v_new.shape != k_new.shape:
+        raise ValueError(f"write takes k_new, v_new [layers, B, {p}, kv_heads, head_dim] (the cache's pending "
+                         f"size), got {list(k_new.shape)} and {list(v_new.shape)}")
+    if not isinstance(cache.pending_slots, jax.core.Tracer) and bool(jnp.any(cache.pending_slots < cache.max_len)):
+        raise ValueError("write on a cache with pending entries: run a forward (or flush) first")
+    num_new = jnp.asarray(num_new, jnp.int32)
+    j = jnp.arange(p, dtype=jnp.int32)[None, :]
+    slots = jnp.where(j < num_new[:, None], cache.lengths[:, None] + j, cache.max_len)
+    return commit(cache.replace(pending_k=k_new.astype(cache.k.dtype), pending_v=v_new.astype(cache.v.dtype),
+                                pending_slots=slots), num_new)
+
+
+def flush(cache: KVCache) -> KVCache:
+    """The cache with its pending entries written into the buffers."""
+    return written(cache, scatter_rows(cache.k, cache.pending_k, cache.pending_slots),
+                   scatter_rows(cache.v, cache.pending_v, cache.pending_slots))
 
 
 def commit(cache: KVCache, num_new: jax.Array) -> KVCache:

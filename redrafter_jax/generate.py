@@ -129,7 +129,8 @@ def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling:
 def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.Array, *, cfg: ModelConfig,
            stream: StreamFn | None, mesh: Mesh | None = None) -> SpecState:
     """Moves the K/V of the root and the accepted nodes from the tree's slots to each row's own
-    offset (over the scratch slots), emits the tokens, and sets up the next step's root."""
+    offset (over the scratch slots; the next forward writes them there), emits the tokens, and sets up
+    the next step's root."""
     path = _take_rows(tree.slot, acc.beam[:, None], axis=1)[:, 0]  # [B, L] slots of the chosen beam
     k = jnp.moveaxis(_take_rows(jnp.moveaxis(f.k, 0, 1), path, axis=2), 1, 0)
     v = jnp.moveaxis(_take_rows(jnp.moveaxis(f.v, 0, 1), path, axis=2), 1, 0)
@@ -164,7 +165,7 @@ def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, 
                  stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
     b = prompts.shape[0]
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
-              mesh)
+              mesh, pending=spec.beam_length)
     step = functools.partial(speculative_step, loop_params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream, mesh=mesh)
     init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),

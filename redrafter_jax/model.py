@@ -140,9 +140,10 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     """The decoder stack without the LM head.
 
     tokens, positions: [B, T] int32; mask: [B, T, max_len] bool (see cache.attention_mask).
-    Each layer writes the new tokens' K/V into the cache at slots lengths[b] .. lengths[b]+T-1, then
-    attends. Returns hidden [B, T, H] after the final norm, the cache holding the new K/V (lengths
-    unchanged: nothing is made valid), and the new k, v [layers, B, T, kv_heads, head_dim].
+    Each layer writes the cache's pending entries and the new tokens' K/V (at slots lengths[b] ..
+    lengths[b]+T-1) into the cache, then attends. Returns hidden [B, T, H] after the final norm, the
+    cache holding the new K/V (lengths unchanged: nothing is made valid) and nothing pending, and the
+    new k, v [layers, B, T, kv_heads, head_dim].
     """
     b, t = tokens.shape
     g = cfg.num_heads // cfg.num_kv_heads
@@ -150,6 +151,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     inv_freq = cfg.rope_inv_freq()
     x = params["embed"][tokens]
     ck, cv, ks, vs = cache.k, cache.v, [], []
+    slots = kv.write_slots(cache, t)
     for i, p in enumerate(params["layers"]):
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
@@ -158,8 +160,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         q = apply_rope(qkv[:, :, :, :g], positions, inv_freq)
         k = apply_rope(qkv[:, :, :, g], positions, inv_freq)
         v = qkv[:, :, :, g + 1]
-        ck = kv.scatter_rows(ck, k, cache.lengths, layer=i)
-        cv = kv.scatter_rows(cv, v, cache.lengths, layer=i)
+        ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
         attn = _attention(q, ck[i], cv[i], mask)
         x = x + linear(attn.reshape(b, t, -1), p["wo"])
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
@@ -168,7 +169,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return hidden, cache.replace(k=ck, v=cv), jnp.stack(ks), jnp.stack(vs)
+    return hidden, kv.written(cache, ck, cv), jnp.stack(ks), jnp.stack(vs)
 
 
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:

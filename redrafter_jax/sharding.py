@@ -25,6 +25,7 @@ from redrafter_jax.model import Params, param_shapes
 
 DATA, MODEL = "data", "model"
 CACHE = P(None, DATA, MODEL, None, None)  # [layers, B, kv_heads, max_len, head_dim]
+PENDING = P(None, DATA, None, MODEL, None)  # the cache's pending entries [layers, B, P, kv_heads, head_dim]
 BATCH = P(DATA)  # any array whose leading axis is the batch
 
 
@@ -127,4 +128,7 @@ def start_processes(coordinator: str, num_processes: int | None = None, process_
 
 def constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     return cache.replace(k=constrain(cache.k, mesh, CACHE), v=constrain(cache.v, mesh, CACHE),
-                         lengths=constrain(cache.lengths, mesh, BATCH))
+                         lengths=constrain(cache.lengths, mesh, BATCH),
+                         pending_k=constrain(cache.pending_k, mesh, PENDING),
+                         pending_v=constrain(cache.pending_v, mesh, PENDING),
+                         pending_slots=constrain(cache.pending_slots, mesh, BATCH))

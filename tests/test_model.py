@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from redrafter_jax.cache import attention_mask, commit, init_cache, scatter_rows, write
+from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, write
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
 from tests.tiny import TINY as TINY_CFG
@@ -101,30 +101,58 @@ def test_scatter_rows_puts_each_row_head_and_token_at_its_slot():
     rng = np.random.default_rng(1)
     buf = rng.normal(size=(layers, b, heads, s, d)).astype(np.float32)
     new = rng.normal(size=(layers, b, t, heads, d)).astype(np.float32)
-    lengths = np.array([0, 4, 7])  # the last row's third token falls past the end: dropped
+    slots = np.array([[0, 1, 2], [5, 4, 8], [7, 8, 9]])  # any order; slot 9 is past the end: dropped
     want = buf.copy()
-    for r in range(b):
-        for i in range(t):
-            if lengths[r] + i < s:
-                want[:, r, :, lengths[r] + i] = new[:, r, i]
-    np.testing.assert_array_equal(np.asarray(scatter_rows(jnp.asarray(buf), jnp.asarray(new), jnp.asarray(lengths))),
+    for r, i in np.ndindex(b, t):
+        if slots[r, i] < s:
+            want[:, r, :, slots[r, i]] = new[:, r, i]
+    np.testing.assert_array_equal(np.asarray(scatter_rows(jnp.asarray(buf), jnp.asarray(new), jnp.asarray(slots))),
                                   want)
-    one = scatter_rows(jnp.asarray(buf), jnp.asarray(new[1]), jnp.asarray(lengths), layer=1)
+    one = scatter_rows(jnp.asarray(buf), jnp.asarray(new[1]), jnp.asarray(slots), layer=1)
     np.testing.assert_array_equal(np.asarray(one[1]), want[1])
     np.testing.assert_array_equal(np.asarray(one[0]), buf[0])
 
 
 def test_cache_never_writes_past_max_len(smollm):
     cfg = smollm.config
-    cache = init_cache(cfg, 2, 8)
-    kv_shape = (cfg.num_layers, 2, 6, cfg.num_kv_heads, cfg.head_dim)
-    cache = write(cache, jnp.ones(kv_shape), jnp.ones(kv_shape), jnp.asarray([6, 3]))
-    four = (cfg.num_layers, 2, 4, cfg.num_kv_heads, cfg.head_dim)
+    cache = init_cache(cfg, 2, 8, pending=6)
+    six = (cfg.num_layers, 2, 6, cfg.num_kv_heads, cfg.head_dim)
+    cache = flush(write(cache, jnp.ones(six), jnp.ones(six), jnp.asarray([6, 3])))
     with pytest.raises(ValueError, match="KV cache overflow: writing would need 10 slots but max_len is 8"):
-        write(cache, jnp.zeros(four), jnp.zeros(four), jnp.asarray([4, 1]))
-    # Under jit (no check possible) the scratch part of a write past the end is dropped, not clamped
-    # back onto valid slots as a dynamic_update_slice would.
-    after = jax.jit(write)(cache, 2 * jnp.ones(four), 2 * jnp.ones(four), jnp.asarray([1, 1]))
+        write(cache, jnp.zeros(six), jnp.zeros(six), jnp.asarray([4, 1]))
+    with pytest.raises(ValueError, match="write on a cache with pending entries"):
+        write(write(cache, jnp.zeros(six), jnp.zeros(six), jnp.asarray([1, 1])), jnp.zeros(six), jnp.zeros(six),
+              jnp.asarray([1, 1]))
+    # Under jit (no check possible) the part of a write past the end is dropped, not clamped back onto
+    # valid slots as a dynamic_update_slice would; entries past num_new are not written at all.
+    after = flush(jax.jit(write)(cache, 2 * jnp.ones(six), 2 * jnp.ones(six), jnp.asarray([3, 1])))
     np.testing.assert_array_equal(np.asarray(after.k[:, 0, :, :6]), 1.0)
     np.testing.assert_array_equal(np.asarray(after.k[:, 0, :, 6:]), 2.0)
-    assert after.lengths.tolist() == [7, 4]
+    np.testing.assert_array_equal(np.asarray(after.v[:, 1, :, :3]), 1.0)
+    np.testing.assert_array_equal(np.asarray(after.v[:, 1, :, 3]), 2.0)
+    np.testing.assert_array_equal(np.asarray(after.v[:, 1, :, 4:]), 0.0)
+    assert after.lengths.tolist() == [9, 4]
+
+
+def test_forward_writes_pending_entries_before_attending(smollm):
+    """Entries made valid by `write` reach the buffers only with the next forward, which must write
+    them before any layer reads: its logits then match a plain causal forward. The buffers' copies
+    of those slots are zeroed first, so only the pending entries can supply them."""
+    cfg, params = smollm.config, smollm.params
+    ids = jnp.asarray([smollm.tokenizer.encode(TEXTS[0])])
+    t = ids.shape[1]
+    full = forward_causal(params, cfg, ids).logits[0]
+    def causal(n):
+        return jnp.tril(jnp.ones((n, n), bool))
+
+    cache = init_cache(cfg, 1, 32, pending=3)
+    pos = jnp.arange(5)[None]
+    cache = commit(forward(params, cfg, ids[:, :5], pos, cache, attention_mask(cache, pos, causal(5))).cache, 5)
+    pos = jnp.arange(5, 8)[None]
+    f = forward(params, cfg, ids[:, 5:8], pos, cache, attention_mask(cache, pos, causal(3)))
+    cache = write(f.cache.replace(k=f.cache.k.at[:, :, :, 5:].set(0), v=f.cache.v.at[:, :, :, 5:].set(0)),
+                  f.k, f.v, jnp.asarray([2]))  # tokens 5 and 6 valid, pending
+    pos = jnp.arange(7, t)[None]
+    f = forward(params, cfg, ids[:, 7:], pos, cache, attention_mask(cache, pos, causal(t - 7)))
+    np.testing.assert_allclose(f.logits[0], full[7:], atol=2e-4, rtol=0)
+    assert f.cache.pending_slots.tolist() == [[32, 32, 32]]
