@@ -119,7 +119,10 @@ def stream_tokens(stream: StreamFn | None, new: jax.Array, n: jax.Array, mesh: M
     unordered, which still follows the loop (its iterations run one after another), and get the
     tokens gathered from every row first."""
     if stream is not None:
-        jax.debug.callback(stream, gathered(new, mesh), gathered(n, mesh), ordered=mesh is None)
+        # As numpy arrays: JAX hands callbacks jax.Arrays, and each slice or element a callback takes of
+        # one is a dispatch (a compilation for each new slice length), run while the loop waits.
+        jax.debug.callback(lambda t, c: stream(np.asarray(t), np.asarray(c)), gathered(new, mesh), gathered(n, mesh),
+                           ordered=mesh is None)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from redrafter_jax.config import SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
 from redrafter_jax.sampling import SamplingConfig
@@ -129,3 +130,21 @@ def test_float32_models_decode_with_float32_matrix_products(dtype, expected):
         precisions = re.findall(r"stablehlo.dot_general .*?precision = \[(\w+), (\w+)\]", text)
         assert len(precisions) > 10
         assert set(p for pair in precisions for p in pair) == {expected}
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_streamed_chunks_are_numpy_and_add_up_to_the_output(speculative):
+    """Each row's streamed chunks, in order, are its output tokens; a callback gets numpy arrays (slicing
+    jax.Arrays there would dispatch, and compile, while the loop waits)."""
+    cfg, params = tiny_model()
+    prompts = [[3, 4, 5, 3, 4], [6, 7]]
+    chunks = [[], []]
+
+    def stream(tokens, counts):
+        assert isinstance(tokens, np.ndarray) and isinstance(counts, np.ndarray)
+        for b in range(2):
+            chunks[b].extend(tokens[b, : counts[b]].tolist())
+
+    spec = dict(spec=SpecConfig(0, 3, lookup_beams=2)) if speculative else {}
+    out = generate(params, cfg, prompts, max_new_tokens=[9, 5], stream=stream, **spec)
+    assert chunks == rows(out)
