@@ -98,9 +98,9 @@ def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: 
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens); pending: entries one decode
-    step's `cache.write` records. The cache lives inside the
-    compiled program: as a while-loop carry, XLA updates it in place. On a `mesh` it is split by row
-    and KV head (`sharding.CACHE`), and the loop carry keeps that layout.
+    step's `cache.write` records. The cache lives inside the compiled program: as a while-loop carry,
+    XLA updates it in place. On a `mesh` it is split by row and KV head (`sharding.CACHE`), and the
+    loop carry keeps that layout.
     """
     b = prompts.shape[0]
     cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len), pending)
