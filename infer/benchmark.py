@@ -24,7 +24,7 @@ from redrafter_jax import generate as gen
 from redrafter_jax import rows_matmul
 from redrafter_jax.cli import run
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
-from redrafter_jax.decode import prepare_prompts, start
+from redrafter_jax.decode import prepare_prompts
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
@@ -335,13 +335,11 @@ def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: i
     params = gen.decoding_params(params, cfg)
     block, lengths, limits = prepare_prompts(cfg, [prompt], 64)
     key = jax.random.PRNGKey(0)
-    prefill = functools.partial(start, cfg=cfg, sampling=greedy, max_new_tokens=64, write_len=spec.budget, stream=None,
-                                mesh=None, pending=spec.beam_length)
+    prefill = functools.partial(gen.start_speculative, cfg=cfg, sampling=greedy, spec=spec, max_new_tokens=64,
+                                stream=None)
     with matmul_precision(cfg):
-        p = jax.jit(prefill)(params, prompts=block, prompt_lengths=lengths, limits=limits, key=key)
-    s = gen.SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
-                      accepted=jnp.full((1, 64), -1, jnp.int32))
-    ar = gen.ARState(p.cache, p.out, p.first, p.key, jnp.int32(0))
+        s = jax.jit(prefill)(params, block, lengths, limits, key)
+    ar = gen.ARState(s.cache, s.out, s.init_token, s.key, jnp.int32(0))
     parts = {
         "propose": (lambda s: gen.propose(params, drafter, block, lengths, s, spec, False), (s,)),
         "pack": (lambda d: pack_tree(d.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(d.scores)), None),

@@ -3,7 +3,9 @@ the output buffer with per-row EOS and limits, and streaming."""
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+import contextlib
+import itertools
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,41 @@ from redrafter_jax.sharding import constrain_cache, gathered
 
 # Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host.
 StreamFn = Callable[[np.ndarray, np.ndarray], None]
+
+
+@struct.dataclass
+class StreamTo:
+    """Where a decode loop streams its tokens: the host callback registered under `id` ([] int32, a
+    traced argument), so one compiled loop serves every callback. With the callback as a static
+    argument, each new one (a new Streamer, a lambda in a notebook cell) compiled the loop again."""
+
+    id: jax.Array
+
+
+_RECEIVERS: dict[int, StreamFn] = {}
+_IDS = itertools.count()
+
+
+@contextlib.contextmanager
+def streaming_to(fn: StreamFn | None) -> Iterator[StreamTo | None]:
+    """A `StreamTo` (None without fn) whose tokens go to fn until the context ends; it ends only once
+    every callback of the loops run inside it has run."""
+    if fn is None:
+        yield None
+        return
+    i = next(_IDS) % 2**31
+    _RECEIVERS[i] = fn
+    try:
+        yield StreamTo(jnp.int32(i))
+    finally:
+        jax.effects_barrier()
+        del _RECEIVERS[i]
+
+
+def _deliver(i: jax.Array, tokens: jax.Array, counts: jax.Array) -> None:
+    # As numpy arrays: JAX hands callbacks jax.Arrays, and each slice or element a callback takes of
+    # one is a dispatch (a compilation for each new slice length), run while the loop waits.
+    _RECEIVERS[int(i)](np.asarray(tokens), np.asarray(counts))
 
 
 @struct.dataclass
@@ -94,7 +131,7 @@ class Started(NamedTuple):
 
 def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
           key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
-          stream: StreamFn | None, mesh: Mesh | None, pending: int = 0) -> Started:
+          stream: StreamTo | None, mesh: Mesh | None, pending: int = 0) -> Started:
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens); pending: entries one decode
@@ -114,15 +151,12 @@ def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: 
     return Started(cache, out, first, hidden, key)
 
 
-def stream_tokens(stream: StreamFn | None, new: jax.Array, n: jax.Array, mesh: Mesh | None = None) -> None:
+def stream_tokens(stream: StreamTo | None, new: jax.Array, n: jax.Array, mesh: Mesh | None = None) -> None:
     """Hands a step's tokens to the host. JAX orders callbacks on one device only; on a mesh they are
     unordered, which still follows the loop (its iterations run one after another), and get the
     tokens gathered from every row first."""
     if stream is not None:
-        # As numpy arrays: JAX hands callbacks jax.Arrays, and each slice or element a callback takes of
-        # one is a dispatch (a compilation for each new slice length), run while the loop waits.
-        jax.debug.callback(lambda t, c: stream(np.asarray(t), np.asarray(c)), gathered(new, mesh), gathered(n, mesh),
-                           ordered=mesh is None)
+        jax.debug.callback(_deliver, stream.id, gathered(new, mesh), gathered(n, mesh), ordered=mesh is None)
 
 
 def round_up(n: int, multiple: int) -> int:

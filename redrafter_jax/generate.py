@@ -29,11 +29,13 @@ from redrafter_jax.decode import (
     Emitted,
     GenerateOutput,
     StreamFn,
+    StreamTo,
     emit,
     prepare_prompts,
     round_up,
     start,
     stream_tokens,
+    streaming_to,
 )
 from redrafter_jax.model import ForwardOutput, Params, forward, pack_params
 from redrafter_jax.sampling import select, target_log_probs
@@ -50,7 +52,7 @@ class ARState:
 
 
 def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, sampling: SamplingConfig,
-                        stream: StreamFn | None, mesh: Mesh | None = None) -> ARState:
+                        stream: StreamTo | None, mesh: Mesh | None = None) -> ARState:
     """One target forward of each row's newest token; appends the next token."""
     positions = s.cache.lengths[:, None]
     mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool), cfg.sliding_window)
@@ -64,7 +66,7 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
 
 
 def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
-                    sampling: SamplingConfig, max_new_tokens: int, stream: StreamFn | None,
+                    sampling: SamplingConfig, max_new_tokens: int, stream: StreamTo | None,
                     mesh: Mesh | None = None) -> GenerateOutput:
     """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
@@ -127,7 +129,7 @@ def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling:
 
 
 def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.Array, *, cfg: ModelConfig,
-           stream: StreamFn | None, mesh: Mesh | None = None) -> SpecState:
+           stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
     """Moves the K/V of the root and the accepted nodes from the tree's slots to each row's own
     offset (over the scratch slots; the next forward writes them there), emits the tokens, and sets up
     the next step's root."""
@@ -150,7 +152,7 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
 
 def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
                      s: SpecState, *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig,
-                     stream: StreamFn | None, mesh: Mesh | None = None) -> SpecState:
+                     stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
     """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
     it (plus the target's own next token) to each row's cache and output."""
     draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
@@ -160,16 +162,24 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
     return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream, mesh=mesh)
 
 
-def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
-                 sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                 stream: StreamFn | None, mesh: Mesh | None = None) -> GenerateOutput:
-    b = prompts.shape[0]
+def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array, key: jax.Array,
+                      *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
+                      stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
+    """The speculative loop's state after the prefill: a cache with room for a tree's writes and one
+    step's accepted entries pending."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
               mesh, pending=spec.beam_length)
+    return SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
+                     accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32))
+
+
+def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
+                 sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
+                 stream: StreamTo | None, mesh: Mesh | None = None) -> GenerateOutput:
+    init = start_speculative(params, prompts, prompt_lengths, limits, key, cfg=cfg, sampling=sampling, spec=spec,
+                             max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
     step = functools.partial(speculative_step, loop_params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream, mesh=mesh)
-    init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
-                     accepted=jnp.full((b, max_new_tokens), -1, jnp.int32))
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted), mesh)
 
@@ -199,9 +209,9 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
         return fn(*args, cfg=cfg, **kwargs)
 
 
-_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "stream", "mesh"))
-_speculative_jit = jax.jit(_speculative,
-                           static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "stream", "mesh"))
+# `stream` is a traced argument (a `StreamTo` or None): a new callback does not compile the loop again.
+_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh"))
+_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh"))
 
 # id(first leaf) -> (weak references to all the plain params' leaves, their packed copy)
 _PACKED: dict[int, tuple[list, Params]] = {}
@@ -251,8 +261,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     with the beam/tree shape `spec` (default SpecConfig()); `spec.beam_width == 0` with lookup beams
     needs no drafter. Greedy output is then identical to autoregressive greedy output, and sampled
     output follows exactly the autoregressive sampling distribution. `key` is required when
-    sampling. `stream`, if given, receives each step's tokens on the host. Prompts are padded to a
-    multiple of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
+    sampling. `stream`, if given, receives each step's tokens on the host, and generate returns once
+    decoding has finished; any callback shares the compiled program. Prompts are padded to a multiple
+    of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
     are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
@@ -285,11 +296,16 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if mesh is not None:
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
     loop_params = decoding_params(params, cfg, mesh)
-    if not speculative:
-        return _rows(_call(_autoregressive_jit, cfg, params, loop_params, block, lengths, limits, key,
-                           sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh), b)
-    return _rows(_call(_speculative_jit, cfg, params, loop_params, drafter, block, lengths, limits, key,
-                       sampling=sampling, spec=spec, max_new_tokens=n, stream=stream, mesh=mesh), b)
+    with streaming_to(stream) as to:
+        if speculative:
+            out = _call(_speculative_jit, cfg, params, loop_params, drafter, block, lengths, limits, key,
+                        sampling=sampling, spec=spec, max_new_tokens=n, stream=to, mesh=mesh)
+        else:
+            out = _call(_autoregressive_jit, cfg, params, loop_params, block, lengths, limits, key,
+                        sampling=sampling, max_new_tokens=n, stream=to, mesh=mesh)
+        if to is not None:
+            jax.block_until_ready(out)
+    return _rows(out, b)
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:

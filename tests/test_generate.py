@@ -148,3 +148,20 @@ def test_streamed_chunks_are_numpy_and_add_up_to_the_output(speculative):
     spec = dict(spec=SpecConfig(0, 3, lookup_beams=2)) if speculative else {}
     out = generate(params, cfg, prompts, max_new_tokens=[9, 5], stream=stream, **spec)
     assert chunks == rows(out)
+
+
+def test_a_new_stream_callback_reuses_the_compiled_loop():
+    """The callback is not part of the compiled program: a new one (as a notebook cell makes each
+    time) runs the same loop, and gets its own call's tokens."""
+    from redrafter_jax import decode
+    from redrafter_jax import generate as gen
+
+    cfg, params = tiny_model(seed=5)
+    spec = SpecConfig(0, 3, lookup_beams=1)
+    seen = []
+    generate(params, cfg, [[3, 4, 5]], max_new_tokens=6, spec=spec, stream=lambda t, c: seen.append(("a", c[0])))
+    compiled = gen._speculative_jit._cache_size()
+    out = generate(params, cfg, [[3, 4, 5]], max_new_tokens=6, spec=spec, stream=lambda t, c: seen.append(("b", c[0])))
+    assert gen._speculative_jit._cache_size() == compiled
+    assert sum(c for who, c in seen if who == "a") == sum(c for who, c in seen if who == "b") == int(out.lengths[0])
+    assert not decode._RECEIVERS  # each call's callback is dropped when it returns
