@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="plain text to continue")
     what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="a chat reply usually ends before (EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

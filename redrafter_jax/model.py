@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from redrafter_jax import cache as kv
-from redrafter_jax import rows_matmul
+from redrafter_jax import cpu_attention, rows_matmul
 from redrafter_jax.cache import KVCache
 from redrafter_jax.config import ModelConfig
 
@@ -161,7 +161,10 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         k = apply_rope(qkv[:, :, :, g], positions, inv_freq)
         v = qkv[:, :, :, g + 1]
         ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
-        attn = _attention(q, ck[i], cv[i], mask)
+        if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(q):  # the CPU decode loops
+            attn = cpu_attention.attention(q, ck, cv, mask, i)
+        else:
+            attn = _attention(q, ck[i], cv[i], mask)
         x = x + linear(attn.reshape(b, t, -1), p["wo"])
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]

@@ -7,8 +7,9 @@ general matrix multiply at about half that, so verifying a tree of N tokens cost
 share the call: the one-token step and the N-token verification compute bitwise the same products.
 
 It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
-the cache folder, and used only where `enabled()` says so: float32 on the CPU, without a mesh.
-REDRAFTER_CPU_KERNEL=0 turns it off; without a compiler, decoding falls back to XLA's products.
+the cache folder (one library with the CPU attention kernel, `cpu_attention.py`), and used only where
+`enabled()` says so: float32 on the CPU, without a mesh. REDRAFTER_CPU_KERNEL=0 turns both off; without
+a compiler, decoding falls back to XLA's products.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from redrafter_jax.wheels import sha256, writable_cache
 
 TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
 MAX_ROWS = 64  # more rows (a prefill, training) go to XLA's matrix multiply, which is faster there
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "rows_matmul.cc")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+SOURCES = ("rows_matmul.cc", "attention.cc")  # one library; parallel.h is shared
 TARGET = "redrafter_rows_matmul"
 PACK_TARGET = "redrafter_pack_tiles"
+ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 
 
 @struct.dataclass
@@ -90,12 +93,14 @@ def _compile() -> str:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    key = hashlib.sha256("\0".join([sha256(SOURCE), compiler, *flags, cpu, jax.__version__]).encode())
+    sources = [os.path.join(CSRC, f) for f in SOURCES]
+    hashed = [sha256(f) for f in [*sources, os.path.join(CSRC, "parallel.h")]]
+    key = hashlib.sha256("\0".join([*hashed, compiler, *flags, cpu, jax.__version__]).encode())
     out = os.path.join(writable_cache(), "kernels", f"rows_matmul-{key.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = f"{out}.tmp-{os.getpid()}"
-        done = subprocess.run([compiler, *flags, SOURCE, "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, *sources, "-o", tmp], capture_output=True, text=True)
         if done.returncode:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -112,8 +117,8 @@ def available() -> bool:
     except OSError as e:
         warnings.warn(f"the CPU rows kernel is unavailable ({e}); decoding uses XLA's matrix products")
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.redrafter_rows_matmul), platform="cpu")
-    jax.ffi.register_ffi_target(PACK_TARGET, jax.ffi.pycapsule(lib.redrafter_pack_tiles), platform="cpu")
+    for target in (TARGET, PACK_TARGET, ATTENTION_TARGET):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return True
 
 

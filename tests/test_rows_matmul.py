@@ -67,8 +67,8 @@ def test_packed_params_give_the_same_forward():
     np.testing.assert_allclose(np.asarray(packed.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
 
 
-def test_decoding_uses_the_kernel_exactly_where_it_applies():
-    cfg, params = tiny_model()
+def test_decoding_uses_the_kernels_exactly_where_they_apply():
+    cfg, params = tiny_model(head_dim=16)
     assert rows_matmul.enabled(params, cfg.dtype, None)
     assert not rows_matmul.enabled(params, "bfloat16", None)
     assert not rows_matmul.enabled(params, cfg.dtype, sharding.make_mesh(1, 1))
@@ -82,12 +82,14 @@ def test_decoding_uses_the_kernel_exactly_where_it_applies():
         return gen._call(gen._speculative_jit.lower, cfg, params, loop_params, None, block, lengths, limits, key,
                          sampling=SamplingConfig(), spec=SpecConfig(0, 3, lookup_beams=1), max_new_tokens=4,
                          stream=None).as_text()
-    assert rows_matmul.TARGET in lowered(gen.decoding_params(params, cfg)) and rows_matmul.TARGET not in lowered(params)
+    kernels = lowered(gen.decoding_params(params, cfg))
+    assert rows_matmul.TARGET in kernels and rows_matmul.ATTENTION_TARGET in kernels
+    assert rows_matmul.TARGET not in lowered(params) and rows_matmul.ATTENTION_TARGET not in lowered(params)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["rows kernel", "XLA products"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["CPU kernels", "XLA products"])
 def test_speculative_output_equals_autoregressive_both_ways(kernel):
-    cfg, params = tiny_model(seed=3)
+    cfg, params = tiny_model(seed=3, head_dim=16)  # a head dim the attention kernel takes
     prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4], [9, 8, 7, 6, 5]]
     spec = SpecConfig(0, 4, lookup_beams=3)
 

@@ -6,15 +6,14 @@
 // verification compute bitwise the same products.
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <utility>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using redrafter::ParallelFor;
 
 namespace {
 
@@ -67,31 +66,6 @@ void Tile(const float* x, const float* w, float* y, int64_t m, int64_t k_dim, in
     pass[std::min(kRows, m - p * kRows) - 1](x + p * kRows * k_dim, w, y + p * kRows * o_dim, k_dim, o_dim, p == 0,
                                              lines ? next + p * k_dim * kLine : nullptr, lines);
   }
-}
-
-// Runs fn(i, after) for every i in [0, n) on the calling thread and tasks on XLA's intra-op pool.
-// Each thread claims its indices from a shared counter one ahead, so fn also learns the index it
-// will run next (`after`, n if none: the matmul prefetches that tile). The caller returns once all
-// are done; tasks that start late find none left.
-struct Work {
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  auto work = std::make_shared<Work>();
-  auto run = [=]() {
-    for (int64_t i = work->next.fetch_add(1); i < n;) {
-      const int64_t after = std::min(work->next.fetch_add(1), n);
-      fn(i, after);
-      work->done.fetch_add(1, std::memory_order_release);
-      i = after;
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([run] { run(); });
-  run();
-  while (work->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,

@@ -1,0 +1,180 @@
+// Grouped-query attention of a few new queries (a decode step's token, a draft tree's) over one layer
+// of the KV cache, read in place. XLA copied each layer's [kv_heads, S, head_dim] slice out of the
+// stacked cache before attending (two copies a layer, a step) and transposed the queries and the
+// output around its products whenever there was more than one new token; at S = 1024 attention was
+// a third of a decode step.
+//
+// Every sum runs over the slots in slot order, one query per vector lane, skipping the slots that
+// query does not see: a query's result depends only on which keys it sees and in what order, not on
+// the other queries of the call or the slots between. A draft tree puts a node's ancestors in
+// increasing slots, as the sequence puts them after verification, so a tree's verification and
+// one-token steps compute bitwise the same attention.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxQueries = 64;  // new tokens x query heads per KV head (cpu_attention.py checks)
+constexpr int64_t kSlots = 8;        // slots scored at once
+
+typedef float Vec __attribute__((vector_size(64), aligned(4)));
+typedef int32_t IVec __attribute__((vector_size(64), aligned(4)));
+
+// e^x lane by lane, for x <= 0 (Cephes' single-precision range reduction and polynomial, ~1 ulp).
+inline Vec Exp(Vec x) {
+  x = x < -87.0f ? Vec{} - 87.0f : x;
+  const IVec n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, IVec);  // x <= 0: rounds to nearest
+  const Vec nf = __builtin_convertvector(n, Vec);
+  const Vec r = x - nf * 0.693359375f - nf * -2.12194440e-4f;  // x - n ln 2, ln 2 in two parts
+  Vec p = Vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const IVec bits = (n + 127) << 23;  // 2^n
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// acc[lane][DV] = sum over the live slots i of p[i][lane] v[live[i]], for head dim D = 16 DV: lanes in
+// groups whose sums stay in registers, each group streaming the values once. A lane that does not
+// see a slot has p = 0 there and adds exactly nothing.
+template <int DV>
+void Weighted(const Vec* p, const float* v, const std::vector<int64_t>& live, int64_t queries, int64_t vecs, Vec* acc) {
+  constexpr int64_t kGroup = DV >= 24 ? 1 : 24 / DV;
+  for (int64_t l0 = 0; l0 < queries; l0 += kGroup) {
+    const int64_t n = std::min(kGroup, queries - l0);
+    Vec sums[kGroup][DV] = {};
+    for (size_t i = 0; i < live.size(); ++i) {
+      const Vec* value = reinterpret_cast<const Vec*>(v + live[i] * DV * kLanes);
+      for (int64_t l = 0; l < kGroup; ++l) {
+        const int64_t lane = l0 + std::min(l, n - 1);
+        const float w = p[i * vecs + lane / kLanes][lane % kLanes];
+        for (int64_t e = 0; e < DV; ++e) sums[l][e] += w * value[e];
+      }
+    }
+    for (int64_t l = 0; l < n; ++l)
+      for (int64_t e = 0; e < DV; ++e) acc[(l0 + l) * DV + e] = sums[l][e];
+  }
+}
+
+using WeightedFn = void (*)(const Vec*, const float*, const std::vector<int64_t>&, int64_t, int64_t, Vec*);
+template <int64_t... DV>
+constexpr auto WeightedTable(std::integer_sequence<int64_t, DV...>) {
+  return std::array<WeightedFn, sizeof...(DV)>{Weighted<DV + 1>...};
+}
+constexpr int64_t kMaxHeadDim = 256;
+constexpr auto kWeighted = WeightedTable(std::make_integer_sequence<int64_t, kMaxHeadDim / kLanes>{});
+
+// One (row, KV head): its T x G queries as lanes. qt [D][vecs] (scaled), sees [S][vecs] lane masks.
+void Head(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t t_dim, int64_t h_dim,
+          int64_t g_dim, int64_t s_dim, int64_t d_dim, float scale) {
+  const int64_t queries = t_dim * g_dim, vecs = (queries + kLanes - 1) / kLanes;
+  // q [T, H, G, D] (this row, this head at h = 0) -> lanes t * G + g.
+  std::vector<Vec> qt(d_dim * vecs, Vec{});
+  for (int64_t t = 0; t < t_dim; ++t)
+    for (int64_t g = 0; g < g_dim; ++g)
+      for (int64_t d = 0; d < d_dim; ++d) {
+        const int64_t lane = t * g_dim + g;
+        qt[d * vecs + lane / kLanes][lane % kLanes] = q[(t * h_dim * g_dim + g) * d_dim + d] * scale;
+      }
+  // The slots some query sees, and each one's lane mask.
+  std::vector<int64_t> live;
+  std::vector<IVec> sees;
+  for (int64_t s = 0; s < s_dim; ++s) {
+    bool any = false;
+    for (int64_t t = 0; t < t_dim; ++t) any |= mask[t * s_dim + s];
+    if (!any) continue;
+    live.push_back(s);
+    for (int64_t j = 0; j < vecs; ++j) sees.push_back(IVec{});
+    IVec* m = &sees[sees.size() - vecs];
+    for (int64_t t = 0; t < t_dim; ++t)
+      for (int64_t g = 0; g < g_dim; ++g) m[(t * g_dim + g) / kLanes][(t * g_dim + g) % kLanes] = mask[t * s_dim + s] ? -1 : 0;
+  }
+  // Scores, their max, then probabilities (unnormalised) and their sum: each lane in slot order.
+  std::vector<Vec> p(live.size() * vecs);
+  std::vector<Vec> top(vecs, Vec{} - INFINITY), sum(vecs, Vec{});
+  for (size_t i0 = 0; i0 < live.size(); i0 += kSlots) {  // kSlots slots at once: independent chains
+    const int64_t n = std::min<int64_t>(kSlots, live.size() - i0);
+    const float* key[kSlots];
+    for (int64_t u = 0; u < kSlots; ++u) key[u] = k + live[i0 + std::min(u, n - 1)] * d_dim;
+    for (int64_t j = 0; j < vecs; ++j) {
+      Vec acc[kSlots] = {};
+      for (int64_t d = 0; d < d_dim; ++d) {
+        const Vec qd = qt[d * vecs + j];
+        for (int64_t u = 0; u < kSlots; ++u) acc[u] += qd * key[u][d];
+      }
+      for (int64_t u = 0; u < n; ++u) {
+        Vec& score = p[(i0 + u) * vecs + j];
+        score = sees[(i0 + u) * vecs + j] ? acc[u] : Vec{} - INFINITY;
+        top[j] = score > top[j] ? score : top[j];
+      }
+    }
+  }
+  for (size_t i = 0; i < live.size(); ++i)
+    for (int64_t j = 0; j < vecs; ++j) {
+      const IVec seen = sees[i * vecs + j];
+      p[i * vecs + j] = seen ? Exp(seen ? p[i * vecs + j] - top[j] : Vec{}) : Vec{};
+      sum[j] += p[i * vecs + j];
+    }
+  // Weighted values: out[lane] = sum over the lane's slots of p v, in slot order, over the sum.
+  std::vector<Vec> acc(queries * (d_dim / kLanes));
+  kWeighted[d_dim / kLanes - 1](p.data(), v, live, queries, vecs, acc.data());
+  for (int64_t t = 0; t < t_dim; ++t)
+    for (int64_t g = 0; g < g_dim; ++g) {
+      const int64_t lane = t * g_dim + g;
+      const float total = sum[lane / kLanes][lane % kLanes];
+      for (int64_t d = 0; d < d_dim; ++d) out[(t * h_dim * g_dim + g) * d_dim + d] = acc[lane * d_dim / kLanes + d / kLanes][d % kLanes] / total;
+    }
+}
+
+// q [B, T, H, G, D], k and v [layers, B, H, S, D], mask [B, T, S] -> out [B, T, H, G, D] for `layer`.
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                     ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 5 || kd.size() != 5 || md.size() != 3 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) || kd[1] != qd[0] || kd[2] != qd[2] ||
+      kd[4] != qd[4] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[3] || layer < 0 || layer >= kd[0] ||
+      qd[1] * qd[3] > kMaxQueries || qd[4] % kLanes != 0 || qd[4] > kMaxHeadDim) {
+    return ffi::Error::InvalidArgument(
+        "attention: expects q [B, T, H, G, D] with T * G <= 64 and D in 16, 32, ..., 256, k and v [layers, B, H, S, D], "
+        "mask [B, T, S]");
+  }
+  const int64_t b_dim = qd[0], t_dim = qd[1], h_dim = qd[2], g_dim = qd[3], d_dim = qd[4], s_dim = kd[3];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d_dim));
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = out->typed_data();
+  redrafter::ParallelFor(pool, b_dim * h_dim, [=](int64_t task, int64_t) {
+    const int64_t b = task / h_dim, h = task % h_dim;
+    const int64_t cache = ((layer * b_dim + b) * h_dim + h) * s_dim * d_dim;
+    const int64_t rows = (b * t_dim * h_dim + h) * g_dim * d_dim;
+    Head(qp + rows, kp + cache, vp + cache, mp + b * t_dim * s_dim, op + rows, t_dim, h_dim, g_dim, s_dim, d_dim, scale);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_attention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layer"));
