@@ -162,7 +162,8 @@ def bench_ar(args) -> None:
 SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32), greedy, EOS ignored so every row
 generates exactly the new tokens; tokens/s counts generated tokens over the whole call (prefill
 included), best of {args.repeats} after a warm-up. "ours" is what generate() runs (on the CPU in float32,
-the rows kernel for decode steps); "ours, XLA products" the same decoding with XLA's matrix products.
+the CPU kernels for decode steps' products and attention); "ours, XLA products" the same decoding
+with XLA's matrix products and attention.
 Reference: {note}. Machine: {machine()}.
 
 Command: `{command()}`
@@ -186,10 +187,11 @@ def bench_spec(args) -> None:
     cfg, params = model.config, model.params
     h, v = cfg.hidden_size, cfg.vocab_size
 
-    # 1. Verification: one forward of N tree tokens, with XLA's products and (where it runs) the rows kernel.
-    variants = {"XLA products": params}
+    # 1. Verification: one forward of N tree tokens, with XLA's products and attention and (where they run)
+    # the CPU kernels.
+    variants = {"XLA": params}
     if rows_matmul.enabled(params, cfg.dtype, None):
-        variants["CPU rows kernel"] = gen.decoding_params(params, cfg)
+        variants["CPU kernels"] = gen.decoding_params(params, cfg)
     verify_rows = verification_rows(cfg, variants, args.tree_sizes, args.context, args.repeats * 3)
     decoding = variants[list(variants)[-1]]  # the target params as generate() decodes with them
     ar_step = verify_rows[0][-2] / 1000
@@ -253,8 +255,9 @@ SmolLM2-135M-Instruct, float32, batch 1 unless stated. Machine: {machine()}.
 Command: `{command()}`
 
 Verification: one target forward of N tree tokens against a cache of {args.context} tokens, relative to
-one autoregressive step (N = 1) computed the same way, and timed in alternation: XLA's matrix products,
-and the CPU rows kernel (`redrafter_jax/rows_matmul.py`) that generate() uses on the CPU in float32.
+one autoregressive step (N = 1) computed the same way, and timed in alternation: XLA's matrix products
+and attention, and the CPU kernels that generate() uses on the CPU in float32 (products:
+`redrafter_jax/rows_matmul.py`; attention over the cache in place: `redrafter_jax/cpu_attention.py`).
 The drafter, step-component and end-to-end tables below use what generate() uses.
 
 {md1}
