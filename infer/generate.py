@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
           f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "
           f"{check}]", file=sys.stderr)
     if shown.rate() < baseline.rate() and jax.default_backend() == "cpu":
-        print("[on a CPU a speculative step costs more than a single-token step (its tree's forward 1.2-1.5 "
+        print("[on a CPU a speculative step costs more than a single-token step (its tree's forward 1.1-1.5 "
               "steps for 8 tokens, plus drafting), so it pays only where enough drafts are accepted; on a GPU "
               "the forward costs about one step: see the README's 'What you just saw']", file=sys.stderr)
 
