@@ -34,8 +34,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, layer: 
     """Softmax attention of q [B, T, kv_heads, G, D] over layer `layer` of the cache buffers k, v
     [layers, B, kv_heads, S, D], slot s visible to query t where mask [B, T, S]; scaled by D^-1/2.
     Returns [B, T, kv_heads, G, D] float32."""
-    if not rows_matmul.available():
-        raise RuntimeError("the CPU attention kernel is unavailable (see the warning)")
+    rows_matmul.check_available("CPU attention")
     if not supported(q) or k.dtype != jnp.float32 or v.shape != k.shape or v.dtype != k.dtype:
         raise ValueError(f"CPU attention takes float32 q [B, T, kv_heads, G, D] with T x G <= {MAX_QUERIES} and D a "
                          f"multiple of {LANES}, and float32 k, v of one shape; got q {q.dtype}{list(q.shape)}, k "

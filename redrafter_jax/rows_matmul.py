@@ -50,7 +50,7 @@ class Packed:
 def pack(w: jax.Array, transposed: bool = False) -> Packed:
     """float32 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head) -> Packed: a
     copy made by the kernel library (`generate.decoding_params` keeps one per params)."""
-    _check_available()
+    check_available("packed weights")
     if w.dtype != jnp.float32 or (transposed and w.ndim != 2):
         raise ValueError(f"rows_matmul packs float32 weights [K, *out] or, transposed, [O, K]; got "
                          f"{w.dtype}{list(w.shape)}")
@@ -64,7 +64,7 @@ def pack(w: jax.Array, transposed: bool = False) -> Packed:
 
 def matmul(x: jax.Array, w: Packed) -> jax.Array:
     """x [..., K] @ w -> [..., *w.out] (float32)."""
-    _check_available()
+    check_available("packed weights")
     lead, k = x.shape[:-1], x.shape[-1]
     tiles = w.tiles.shape[0]
     if w.tiles.shape[1] != k or x.dtype != jnp.float32 or w.tiles.dtype != jnp.float32:
@@ -78,9 +78,10 @@ def matmul(x: jax.Array, w: Packed) -> jax.Array:
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
 
-def _check_available() -> None:
+def check_available(what: str) -> None:
+    """Raises, naming `what` needed them, where the CPU kernels' library could not be built."""
     if not available():
-        raise RuntimeError("packed weights need the CPU rows kernel, which is unavailable (see the warning)")
+        raise RuntimeError(f"{what} needs the CPU kernels, which are unavailable (see the warning)")
 
 
 def _compile() -> str:
