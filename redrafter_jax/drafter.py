@@ -70,15 +70,28 @@ def rnn_step(dparams: Params, dcfg: DrafterConfig, state: jax.Array, emb: jax.Ar
     return jax.nn.silu(emb @ dparams["rnn_w"] + state @ dparams["rnn_u"] + dparams["rnn_b"])
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (training only): each element zeroed with probability `rate`, the rest scaled
+    by 1 / (1 - rate); x itself when rate is 0."""
+    if rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1 - rate, x.shape)
+    return jnp.where(keep, x / (1 - rate), 0).astype(x.dtype)
+
+
 def draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Params, context: jax.Array,
-                 state: jax.Array) -> jax.Array:
+                 state: jax.Array, dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
     """context, state: [..., H] -> logits [..., head_vocab] (draft-vocabulary ids), float32 (float64
-    for float64 params)."""
+    for float64 params). Training may drop out the ResBlocks' input and each ResBlock's branch
+    (dropout_rate, key)."""
+    n = 1 + len(dparams["resblocks"])
+    keys = jax.random.split(key, n) if dropout_rate else [None] * n
     x = jnp.concatenate([jnp.broadcast_to(context, state.shape), state], axis=-1)
     if "proj_w" in dparams:
         x = x @ dparams["proj_w"] + dparams["proj_b"]
-    for rb in dparams["resblocks"]:
-        x = x + jax.nn.silu(x @ rb["w"] + rb["b"])
+    x = dropout(x, dropout_rate, keys[0])
+    for rb, k in zip(dparams["resblocks"], keys[1:]):
+        x = x + dropout(jax.nn.silu(x @ rb["w"] + rb["b"]), dropout_rate, k)
     if dcfg.share_lm_head:
         return lm_head(target_params, x)
     return jnp.matmul(x, dparams["lm_head"], preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from redrafter_jax.checkpoint import load_drafter
+from redrafter_jax.checkpoint import load_drafter, load_drafter_config
 from train.pipeline import main, plan_steps, write_prompt_file
 
 pytestmark = pytest.mark.slow
@@ -49,9 +49,14 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     with pytest.raises(ValueError, match=r"train_data.sequences: 6 there, 7 now"):
         main(args)
     assert os.stat(shard0).st_mtime_ns == before
-    main(args[:3] + [str(tmp_path / "run2")] + args[4:])
+    main(args[:3] + [str(tmp_path / "run2")] + args[4:] + ["--keep-best", "--dropout", "0.1"])
     log2 = json.loads((tmp_path / "run2" / "pipeline.json").read_text())
     assert log2["distilled_prompts"]["train"] == 7
+    # early stopping: held-out evaluations along the way, the log reports the kept one
+    evals = [json.loads(line)["step"] for line in open(tmp_path / "run2" / "metrics.jsonl")
+             if json.loads(line)["split"] == "eval"]
+    kept = load_drafter_config(str(tmp_path / "run2" / "drafter"))[1]["kept_step"]
+    assert evals == list(range(1, log2["plan"]["steps"] + 1)) and log2["held_out"]["step"] == kept
 
     # Other distillation settings on the same data are refused, naming what differs.
     with pytest.raises(ValueError, match="shard_size: 4 there, 8 now"):

@@ -78,6 +78,52 @@ def test_training_reduces_loss(tmp_path):
     assert (tmp_path / "training.png").exists() and (tmp_path / "drafter" / "drafter_config.json").exists()
 
 
+def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
+    from redrafter_jax.checkpoint import load_drafter_config
+    from train.train import evaluate_split, held_out_score, make_steps, split_frozen, training_mesh
+
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
+    held = toy_sequences(16, seed=1)
+    # a learning rate far too high: held-out accuracy rises, then falls back, so the best is not the last
+    tc = TrainConfig(steps=12, **{**TC, "eval_every": 3, "lr": 0.5, "keep_best": True, "dropout": 0.3})
+    drafter = train(tc, dcfg, cfg, tparams, toy_sequences(), held, str(tmp_path), np.arange(2, 42, dtype=np.int32),
+                    progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    scores = {r["step"]: held_out_score(r) for r in rows if r["split"] == "eval"}
+    kept = load_drafter_config(str(tmp_path / "drafter"))[1]["kept_step"]
+    assert list(scores) == [3, 6, 9, 12] and kept == max(scores, key=scores.get) and kept != 12, scores
+    _, _, evaluate, _ = make_steps(tc, dcfg, cfg, training_mesh(tc, None))
+    again = evaluate_split(evaluate, *split_frozen(drafter.params), tparams, held, tc, cfg.pad_token_id,
+                           training_mesh(tc, None))
+    assert held_out_score(again) == pytest.approx(scores[kept], abs=1e-6)  # no dropout when evaluating
+    with pytest.raises(ValueError, match="keep_best .* needs held-out data"):
+        train(tc, dcfg, cfg, tparams, toy_sequences(), None, str(tmp_path / "none"), np.arange(2, 42, dtype=np.int32),
+              progress=False)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        TrainConfig(steps=1, dropout=1.0)
+
+
+def test_dropout_zeroes_a_share_of_the_features_and_keeps_their_mean():
+    from redrafter_jax.drafter import dropout
+
+    x = jnp.ones((400, 500))
+    y = np.asarray(dropout(x, 0.25, jax.random.PRNGKey(0)))
+    assert abs(np.mean(y == 0) - 0.25) < 0.01 and set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+    assert abs(y.mean() - 1) < 0.01
+    assert dropout(x, 0.0, None) is x
+    # in the loss: a key draws masks (the same for the same key), no key means none
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_resblocks=2)
+    dparams = init_drafter(dcfg, jax.random.PRNGKey(1))
+    tokens = jnp.asarray([[5, 9, 12, 7, 30, 4]])
+    hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 6, cfg.hidden_size))
+    loss = lambda *a: float(drafter_loss(dparams, dcfg, tparams, hidden, tokens, jnp.ones_like(tokens), 2, *a)[0])  # noqa: E731
+    k = jax.random.PRNGKey(3)
+    assert loss(0.5, k) == loss(0.5, k) != loss(0.5, jax.random.PRNGKey(4))
+    assert loss(0.5, k) != loss() == loss(0.0, k)
+
+
 def test_a_run_of_one_optimizer_update_trains():
     # 2 steps accumulated in pairs is a single update: warm-up and cosine decay must still fit
     opt = make_optimizer(TrainConfig(steps=2, grad_accum=2, lr=0.1))
@@ -109,7 +155,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     from tests.tiny import tiny_model
     from tests.test_train import TC, toy_sequences
     from train.train import TrainConfig, train
-    out, kill_at, during_save = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "save"
+    out, kill_at, during_save, regularised = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "save", sys.argv[4] == "1"
     cfg, tparams = tiny_model()
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
     def on_step(step):
@@ -122,28 +168,31 @@ TRAIN_SCRIPT = textwrap.dedent("""
             os.kill(os.getpid(), 9)
         return result
     ocp.CheckpointManager.save = save_then_die
-    train(TrainConfig(steps=12, **{**TC, "save_every": 2}), dcfg, cfg, tparams, toy_sequences(), None, out,
-          vocab_map=np.arange(2, 42, dtype=np.int32), on_step=on_step, progress=False,
-          extra={"command": f"run {kill_at}"})
+    # regularised: dropout masks and the best held-out drafter so far must survive the kill too
+    extra = dict(dropout=0.3, keep_best=True, eval_every=3, lr=0.5) if regularised else {}
+    train(TrainConfig(steps=12, **{**TC, "save_every": 2, **extra}), dcfg, cfg, tparams, toy_sequences(),
+          toy_sequences(16, seed=1) if regularised else None, out, vocab_map=np.arange(2, 42, dtype=np.int32),
+          on_step=on_step, progress=False, extra={"command": f"run {kill_at}"})
 """)
 
 
-def run_training(out, kill_at, when="step"):
-    return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(kill_at), when], cwd=ROOT,
-                          capture_output=True, text=True)
+def run_training(out, kill_at, when="step", regularised=False):
+    return subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(kill_at), when, str(int(regularised))],
+                          cwd=ROOT, capture_output=True, text=True)
 
 
-def test_kill_and_resume_gives_the_same_parameters(tmp_path):
+@pytest.mark.parametrize("regularised", [False, True], ids=["plain", "dropout_keep_best"])
+def test_kill_and_resume_gives_the_same_parameters(tmp_path, regularised):
     from redrafter_jax.checkpoint import load_drafter
 
-    full = run_training(tmp_path / "full", -1)
+    full = run_training(tmp_path / "full", -1, regularised=regularised)
     assert full.returncode == 0, full.stderr
-    killed = run_training(tmp_path / "resumed", 7)  # killed after step 7; checkpoints at 2, 4, 6
+    killed = run_training(tmp_path / "resumed", 7, regularised=regularised)  # killed after step 7; saved 2, 4, 6
     assert killed.returncode == -9
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["4", "6"]  # keep = 2
-    killed = run_training(tmp_path / "resumed", 8, "save")  # resumed at 6, killed while saving 8
+    killed = run_training(tmp_path / "resumed", 8, "save", regularised)  # resumed at 6, killed while saving 8
     assert killed.returncode == -9
-    resumed = run_training(tmp_path / "resumed", -1)
+    resumed = run_training(tmp_path / "resumed", -1, regularised=regularised)
     assert resumed.returncode == 0, resumed.stderr
     a = load_drafter(str(tmp_path / "full" / "drafter"))
     b = load_drafter(str(tmp_path / "resumed" / "drafter"))
@@ -153,7 +202,9 @@ def test_kill_and_resume_gives_the_same_parameters(tmp_path):
     assert (tmp_path / "resumed" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
     assert b.config == a.config
     from redrafter_jax.checkpoint import load_drafter_config
-    assert load_drafter_config(str(tmp_path / "resumed" / "drafter"))[1]["commands"] == ["run 7", "run 8", "run -1"]
+    meta = load_drafter_config(str(tmp_path / "resumed" / "drafter"))[1]
+    assert meta["commands"] == ["run 7", "run 8", "run -1"]
+    assert meta.get("kept_step") == load_drafter_config(str(tmp_path / "full" / "drafter"))[1].get("kept_step")
 
 
 DISTILL_SCRIPT = textwrap.dedent("""

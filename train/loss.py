@@ -3,7 +3,8 @@
 For every position t at once: the context is the target's hidden state h_t; the RNN consumes
 x_{t+1}, x_{t+2}, ... (x_{t+1} plays the init token g0); head k (k = 0..K-1) predicts x_{t+2+k}.
 Targets past the sequence end, on padding or outside the loss mask never count. The K cross-entropies
-are equally weighted. Each head's logits [B, T, V] are rematerialised in the backward pass instead
+are equally weighted. With a dropout rate, each head draws its own dropout masks (`drafter.dropout`)
+from the step's key. Each head's logits [B, T, V] are rematerialised in the backward pass instead
 of being kept, so memory stays at one head's logits.
 """
 
@@ -24,9 +25,10 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
 
 
 def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hidden: jax.Array,
-                 tokens: jax.Array, mask: jax.Array, num_heads: int):
+                 tokens: jax.Array, mask: jax.Array, num_heads: int, dropout_rate: float = 0.0,
+                 key: jax.Array | None = None):
     """hidden [B, T, H] the frozen target's (model.transformer_causal); tokens [B, T]; mask [B, T]
-    (1 = may be a target). Returns (loss, metrics)
+    (1 = may be a target); key: needed with a dropout rate. Returns (loss, metrics)
     with per-head loss and top-1 accuracy [K] and the per-head target counts [K]."""
     target_params = jax.lax.stop_gradient(target_params)
     emb = target_params["embed"][tokens].astype(hidden.dtype)
@@ -36,8 +38,8 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
             jnp.arange(dcfg.head_vocab, dtype=jnp.int32))
 
     @jax.checkpoint
-    def head_stats(dparams, state, target, valid):
-        logits = draft_logits(dparams, dcfg, target_params, hidden, state)  # [B, T, Vd] float32
+    def head_stats(dparams, state, target, valid, key):
+        logits = draft_logits(dparams, dcfg, target_params, hidden, state, dropout_rate, key)  # [B, T, Vd] float32
         in_vocab = target >= 0
         safe = jnp.maximum(target, 0)
         ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
@@ -53,7 +55,8 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
         if to_draft is not None:
             target = to_draft[target]
         valid = shift_left(mask, 2 + k).astype(bool)
-        ce_sum, ce_n, right, n = head_stats(dparams, state, target, valid)
+        ce_sum, ce_n, right, n = head_stats(dparams, state, target, valid,
+                                             None if key is None else jax.random.fold_in(key, k))
         losses.append(ce_sum / jnp.maximum(ce_n, 1))
         accs.append(right / jnp.maximum(n, 1))
         counts.append(n)

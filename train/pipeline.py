@@ -11,7 +11,8 @@
 3. Train on every distilled reply with a learning-rate schedule fitted to the time left: a few steps
    are timed first, then the number of steps is set so that warm-up and cosine decay end on time.
 4. Evaluate: held-out top-1 accuracy per head, and tokens per step of speculative decoding on
-   held-out prompts (--eval-spec). The drafter goes to <out>/drafter, the log to <out>/pipeline.json.
+   held-out prompts (--eval-spec). With --keep-best (early stopping), the drafter kept is the one of
+   the best of ten held-out evaluations along the way; --dropout and --weight-decay regularise. The drafter goes to <out>/drafter, the log to <out>/pipeline.json.
 
 Rerunning the same command resumes: complete shards are kept, and training continues from its last
 checkpoint with the plan recorded in pipeline.json.
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from redrafter_jax.checkpoint import load_drafter_config
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
@@ -198,8 +200,9 @@ def main(argv=None) -> None:
                 "seconds_left": left, "sequences": len(train_seqs)}
     log["plan"] = plan
     data.write_json(log_path, log)
-    tc, dcfg = configs_from_args(args, model.config, steps=plan["steps"], eval_every=plan["steps"],
-                                 save_every=max(plan["steps"] // 4, 1))
+    # held-out evaluations: at the end, or ten along the way for --keep-best to choose from
+    tc, dcfg = configs_from_args(args, model.config, steps=plan["steps"], save_every=max(plan["steps"] // 4, 1),
+                                 eval_every=max(plan["steps"] // 10, 1) if args.keep_best else plan["steps"])
     extra = {"command": log["command"], "recipe": "distill", "pipeline_minutes": args.minutes}
     vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
     t_train = time.time()
@@ -210,7 +213,8 @@ def main(argv=None) -> None:
     # 4. Evaluation.
     t_eval = time.time()
     held = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
-    log["held_out"] = next(r for r in reversed(held) if r["split"] == "eval" and r["step"] == plan["steps"])
+    kept = load_drafter_config(os.path.join(args.out, "drafter"))[1].get("kept_step", plan["steps"])
+    log["held_out"] = next(r for r in reversed(held) if r["split"] == "eval" and r["step"] == kept)
     eval_prompts = prompts["eval"][: args.eval_prompts]
     if eval_prompts:
         log["tokens_per_step"] = {eval_spec.describe(): tokens_per_step(

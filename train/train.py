@@ -7,14 +7,17 @@ Data parallel over every visible device by default (`jax.sharding`, batch split 
 works on one device); --mesh DxM instead splits the batch D ways and the frozen target tensor-parallel
 M ways (`redrafter_jax.sharding`), the drafter staying replicated; --coordinator joins a multi-host job,
 each process loading only its rows of each batch. AdamW with warm-up + cosine decay and gradient
-clipping (optax); optional gradient accumulation and bfloat16 compute. Orbax checkpoints every
---save-every steps (atomic, the last --keep kept); rerunning the same command resumes exactly where
-the last checkpoint left off, since the data order is a pure function of (seed, step).
+clipping (optax); optional gradient accumulation and bfloat16 compute. Against overfitting:
+--weight-decay, --dropout (the drafter's ResBlock input and branches), and --keep-best (early
+stopping: keep the drafter of the best held-out evaluation, every --eval-every steps). Orbax
+checkpoints every --save-every steps (atomic, the last --keep kept); rerunning the same command
+resumes exactly where the last checkpoint left off, since the data order and the dropout masks are
+pure functions of (seed, step).
 <out>/run.json records the settings and a fingerprint of the data: a rerun with other ones is
 refused, naming what differs, and a folder that holds training outputs without that record is
 never written into. --cache-hidden computes the frozen target's hidden states once instead of at
-every step. Metrics go to <out>/metrics.jsonl and <out>/training.png; the final drafter (params +
-config + how it was trained) to <out>/drafter.
+every step. Metrics go to <out>/metrics.jsonl and <out>/training.png; the drafter (params + config +
+how it was trained) to <out>/drafter.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
+    dropout: float = 0.0  # on the drafter's ResBlock input and branches (`drafter.draft_logits`)
     clip_norm: float = 1.0
     grad_accum: int = 1
     compute_dtype: str = "float32"
@@ -66,10 +70,15 @@ class TrainConfig:
     # Compute the frozen target's hidden states of all training sequences once (host memory
     # n x seq_len x H in compute_dtype) instead of at every step: same training, far cheaper epochs.
     cache_hidden: bool = False
+    # Early stopping: the drafter kept is the one of the held-out evaluation (every eval_every steps)
+    # with the best mean top-1 accuracy over heads, not the last one.
+    keep_best: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 3 or self.num_heads < 1 or self.grad_accum < 1:
             raise ValueError(f"invalid training config: {self}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def token_counts(seqs: Sequences, vocab_size: int) -> np.ndarray:
@@ -126,15 +135,17 @@ def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, me
     def target_hidden(target_params, tokens):
         return jax.lax.stop_gradient(transformer_causal(cast(target_params), target_cfg, tokens))
 
-    def loss_fn(trainable, frozen, target_params, tokens, mask, hidden):
+    def loss_fn(trainable, frozen, target_params, tokens, mask, hidden, key=None):
         if hidden is None:
             hidden = target_hidden(target_params, tokens)
         return drafter_loss({**cast(trainable), **frozen}, dcfg, cast(target_params), hidden, tokens, mask,
-                            tc.num_heads)
+                            tc.num_heads, tc.dropout if key is not None else 0.0, key)
 
     def train_step(state, frozen, target_params, tokens, mask, hidden):
+        # dropout masks are a pure function of (seed, step), like the data order: a resumed run repeats them
+        key = jax.random.fold_in(jax.random.PRNGKey(tc.seed), state["step"]) if tc.dropout else None
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], frozen, target_params, tokens, mask, hidden)
+            state["params"], frozen, target_params, tokens, mask, hidden, key)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
@@ -201,6 +212,11 @@ def evaluate_split(evaluate, params, frozen, target_params, seqs: Sequences, tc:
         tot["count"] = tot["count"] + m["count"]
     n = np.maximum(tot["count"], 1)
     return {"loss": (tot["loss"] / n).tolist(), "accuracy": (tot["accuracy"] / n).tolist()}
+
+
+def held_out_score(metrics: dict) -> float:
+    """What keep_best maximises: the mean over heads of the held-out top-1 accuracy."""
+    return float(np.mean(metrics["accuracy"]))
 
 
 def plot_metrics(path_jsonl: str, path_png: str) -> None:
@@ -273,7 +289,8 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
           train_seqs: Sequences, eval_seqs: Sequences | None, out_dir: str, vocab_map: np.ndarray | None = None,
           extra: dict | None = None, on_step: Callable[[int], None] | None = None, progress: bool = True,
           mesh: Mesh | None = None) -> Drafter:
-    """Trains (or resumes training of) a drafter into out_dir; returns the trained drafter.
+    """Trains (or resumes training of) a drafter into out_dir; returns the trained drafter (with
+    tc.keep_best, the one of the best held-out evaluation: its step is `kept_step` in its metadata).
 
     mesh (`sharding.make_mesh`): default, data parallel over every visible device. A resumed run may
     use another mesh: checkpoints do not depend on it."""
@@ -294,12 +311,20 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     commands = claim_run_dir(out_dir, record, (extra or {}).get("command")) if lead else []
     manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True))
+    # keep_best: the params of the best held-out evaluation so far, checkpointed with the state
+    best = {"params": jax.device_get(state["params"]), "score": None, "step": 0} if tc.keep_best else None
+    if tc.keep_best and eval_seqs is None:
+        raise ValueError("keep_best chooses the drafter by held-out accuracy: it needs held-out data")
     if manager.latest_step() is not None:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        shapes = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
+        items = {"state": ocp.args.StandardRestore(shapes(state)), "meta": ocp.args.JsonRestore()}
+        if best is not None:
+            items["best"] = ocp.args.StandardRestore(shapes(state["params"]))
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
         state = restored["state"]
         frozen = {k: jnp.asarray(v, jnp.int32) for k, v in restored["meta"].get("frozen", {}).items()}
+        if best is not None:
+            best = {"params": jax.device_get(restored["best"]), **restored["meta"]["best"]}
     state = jax.device_put(state, NamedSharding(mesh, P()))
 
     start = int(state["step"])
@@ -326,20 +351,27 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
             if eval_seqs is not None and (done % tc.eval_every == 0 or done == tc.steps):
                 e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc, pad, mesh)
                 log.write(json.dumps({"step": done, "split": "eval", **e}) + "\n")
+                if best is not None and (best["score"] is None or held_out_score(e) > best["score"]):
+                    best = {"params": jax.device_get(state["params"]), "score": held_out_score(e), "step": done}
             if done % tc.save_every == 0 or done == tc.steps:
                 log.flush()
-                manager.save(done, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    meta=ocp.args.JsonSave({**meta, "data_position": done * tc.batch_size,
-                                            "frozen": {k: np.asarray(v).tolist() for k, v in frozen.items()}})))
+                items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({
+                    **meta, "data_position": done * tc.batch_size,
+                    "frozen": {k: np.asarray(v).tolist() for k, v in frozen.items()},
+                    **({"best": {"score": best["score"], "step": best["step"]}} if best is not None else {})})}
+                if best is not None:
+                    items["best"] = ocp.args.StandardSave(best["params"])
+                manager.save(done, args=ocp.args.Composite(**items))
                 manager.wait_until_finished()
             if on_step is not None:
                 on_step(done)
     manager.close()
-    drafter = Drafter({**jax.device_get(state["params"]), **frozen}, dcfg)
+    params, kept = (best["params"], {"kept_step": best["step"]}) if best is not None else (state["params"], {})
+    drafter = Drafter({**jax.device_get(params), **frozen}, dcfg)
     if lead:
         plot_metrics(log_path, os.path.join(out_dir, "training.png"))
-        save_drafter(os.path.join(out_dir, "drafter"), drafter, extra={**meta, **(extra or {}), "commands": commands})
+        save_drafter(os.path.join(out_dir, "drafter"), drafter,
+                     extra={**meta, **(extra or {}), **kept, "commands": commands})
     return drafter
 
 
