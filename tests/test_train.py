@@ -100,6 +100,7 @@ def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
     with pytest.raises(ValueError, match="keep_best .* needs held-out data"):
         train(tc, dcfg, cfg, tparams, toy_sequences(), None, str(tmp_path / "none"), np.arange(2, 42, dtype=np.int32),
               progress=False)
+    assert not (tmp_path / "none").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="dropout must be in"):
         TrainConfig(steps=1, dropout=1.0)
 

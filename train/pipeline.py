@@ -11,8 +11,9 @@
 3. Train on every distilled reply with a learning-rate schedule fitted to the time left: a few steps
    are timed first, then the number of steps is set so that warm-up and cosine decay end on time.
 4. Evaluate: held-out top-1 accuracy per head, and tokens per step of speculative decoding on
-   held-out prompts (--eval-spec). With --keep-best (early stopping), the drafter kept is the one of
-   the best of ten held-out evaluations along the way; --dropout and --weight-decay regularise. The drafter goes to <out>/drafter, the log to <out>/pipeline.json.
+   held-out prompts (--eval-spec). The drafter goes to <out>/drafter, the log to <out>/pipeline.json.
+   With --keep-best (early stopping) the drafter kept is that of the best of ten held-out
+   evaluations along the way; --dropout and --weight-decay regularise.
 
 Rerunning the same command resumes: complete shards are kept, and training continues from its last
 checkpoint with the plan recorded in pipeline.json.

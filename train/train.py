@@ -295,6 +295,8 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     mesh (`sharding.make_mesh`): default, data parallel over every visible device. A resumed run may
     use another mesh: checkpoints do not depend on it."""
     dcfg.check_target(target_cfg)
+    if tc.keep_best and eval_seqs is None:
+        raise ValueError("keep_best chooses the drafter by held-out accuracy: it needs held-out data")
     mesh = training_mesh(tc, mesh)
     opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh)
     target_params = shard_params(target_params, target_cfg, mesh)
@@ -313,8 +315,6 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
                                     options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True))
     # keep_best: the params of the best held-out evaluation so far, checkpointed with the state
     best = {"params": jax.device_get(state["params"]), "score": None, "step": 0} if tc.keep_best else None
-    if tc.keep_best and eval_seqs is None:
-        raise ValueError("keep_best chooses the drafter by held-out accuracy: it needs held-out data")
     if manager.latest_step() is not None:
         shapes = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)  # noqa: E731
         items = {"state": ocp.args.StandardRestore(shapes(state)), "meta": ocp.args.JsonRestore()}
