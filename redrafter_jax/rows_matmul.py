@@ -33,7 +33,8 @@ from redrafter_jax.wheels import sha256, writable_cache
 TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
 MAX_ROWS = 64  # more rows (a prefill, training) go to XLA's matrix multiply, which is faster there
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-SOURCES = ("rows_matmul.cc", "attention.cc")  # one library; parallel.h is shared
+SOURCES = ("rows_matmul.cc", "attention.cc")  # compiled into one library
+HEADERS = ("parallel.h",)  # what they share: part of the library's cache key
 TARGET = "redrafter_rows_matmul"
 PACK_TARGET = "redrafter_pack_tiles"
 ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
@@ -95,7 +96,7 @@ def _compile() -> str:
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
     sources = [os.path.join(CSRC, f) for f in SOURCES]
-    hashed = [sha256(f) for f in [*sources, os.path.join(CSRC, "parallel.h")]]
+    hashed = [sha256(os.path.join(CSRC, f)) for f in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*hashed, compiler, *flags, cpu, jax.__version__]).encode())
     out = os.path.join(writable_cache(), "kernels", f"rows_matmul-{key.hexdigest()[:16]}.so")
     if not os.path.exists(out):
@@ -116,7 +117,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(_compile())
     except OSError as e:
-        warnings.warn(f"the CPU rows kernel is unavailable ({e}); decoding uses XLA's matrix products")
+        warnings.warn(f"the CPU kernels are unavailable ({e}); decoding uses XLA's matrix products and attention")
         return False
     for target in (TARGET, PACK_TARGET, ATTENTION_TARGET):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
