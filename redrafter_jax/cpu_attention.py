@@ -3,7 +3,9 @@
 XLA copied each layer's K and V slices out of the stacked cache before attending, and around its
 products transposed the queries and the output whenever a step had more than one new token (a draft
 tree). `csrc/attention.cc` reads the layer in place and takes the queries and returns the output in
-the model's own [B, T, kv_heads, G, D] layout. Each query's sums run over the slots it sees in slot
+the model's own layout. The same call applies RoPE and writes the new keys and values (and the
+cache's pending entries) into the layer in place: as XLA ops around it, that was seven small ops per
+layer and about a tenth of a tree verification. Each query's sums run over the slots it sees in slot
 order, so its result does not depend on the other queries of the call: a tree's verification and a
 one-token step compute bitwise the same attention (tree nodes sit after their ancestors, as in the
 sequence).
@@ -24,20 +26,37 @@ MAX_QUERIES = 64  # csrc/attention.cc's kMaxQueries
 LANES = 16
 
 
-def supported(q: jax.Array) -> bool:
-    """Whether q [B, T, kv_heads, G, D] fits the kernel: float32, T x G <= MAX_QUERIES, D a multiple of 16."""
-    _, t, _, g, d = q.shape
-    return q.dtype == jnp.float32 and t * g <= MAX_QUERIES and d % LANES == 0
+def supported(qkv: jax.Array) -> bool:
+    """Whether qkv [B, T, kv_heads, G + 2, D] fits the kernel: float32, T x G <= MAX_QUERIES, D a multiple of 16."""
+    _, t, _, g2, d = qkv.shape
+    return qkv.dtype == jnp.float32 and g2 >= 3 and t * (g2 - 2) <= MAX_QUERIES and d % LANES == 0
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, layer: int) -> jax.Array:
-    """Softmax attention of q [B, T, kv_heads, G, D] over layer `layer` of the cache buffers k, v
-    [layers, B, kv_heads, S, D], slot s visible to query t where mask [B, T, S]; scaled by D^-1/2.
-    Returns [B, T, kv_heads, G, D] float32."""
+def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: jax.Array, pending_k: jax.Array,
+              pending_v: jax.Array, slots: jax.Array, mask: jax.Array, layer: int):
+    """One layer's attention step for T new tokens, as `model.transformer` does it with XLA ops.
+
+    qkv [B, T, kv_heads, G + 2, D]: per KV head its G queries, the key and the value, before RoPE
+    (tables cos, sin [B, T, D / 2], `model.rope_tables`). The cache buffers k, v [layers, B, kv_heads,
+    S, D] get, in place, the pending entries pending_k, pending_v [B, P, kv_heads, D] and then the new
+    keys and values at slots [B, P + T] (slots >= S dropped, `cache.write_slots`); then the queries
+    attend over layer `layer`, slot s visible to query t where mask [B, T, S], scaled by D^-1/2.
+    Returns (out [B, T, kv_heads, G, D], the new keys (rotated) and values [B, T, kv_heads, D], k, v).
+    """
     rows_matmul.check_available("CPU attention")
-    if not supported(q) or k.dtype != jnp.float32 or v.shape != k.shape or v.dtype != k.dtype:
-        raise ValueError(f"CPU attention takes float32 q [B, T, kv_heads, G, D] with T x G <= {MAX_QUERIES} and D a "
-                         f"multiple of {LANES}, and float32 k, v of one shape; got q {q.dtype}{list(q.shape)}, k "
-                         f"{k.dtype}{list(k.shape)}, v {v.dtype}{list(v.shape)}")
-    return jax.ffi.ffi_call(rows_matmul.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-        q, k, v, mask, layer=np.int64(layer))
+    b, t, h, g2, d = qkv.shape
+    f32 = [x.dtype == jnp.float32 for x in (qkv, cos, sin, k, v, pending_k, pending_v)]
+    if (not supported(qkv) or not all(f32) or k.shape != v.shape or k.shape[1:3] + k.shape[4:] != (b, h, d)
+            or cos.shape != (b, t, d // 2) or sin.shape != cos.shape or pending_k.shape != pending_v.shape
+            or pending_k.shape[::2] != (b, h) or pending_k.shape[3:] != (d,)
+            or slots.shape != (b, pending_k.shape[1] + t) or mask.shape != (b, t, k.shape[3])):
+        raise ValueError(f"CPU attention takes float32 qkv [B, T, kv_heads, G + 2, D] with T x G <= {MAX_QUERIES} and "
+                         f"D a multiple of {LANES}, cos and sin [B, T, D / 2], k and v [layers, B, kv_heads, S, D], "
+                         f"pending_k and pending_v [B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; got qkv "
+                         f"{qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
+                         f"{list(v.shape)}, pending_k {list(pending_k.shape)}, slots {list(slots.shape)}, mask "
+                         f"{list(mask.shape)}")
+    new = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+    shapes = (jax.ShapeDtypeStruct((b, t, h, g2 - 2, d), jnp.float32), new, new, k, v)
+    return jax.ffi.ffi_call(rows_matmul.ATTENTION_TARGET, shapes, input_output_aliases={3: 3, 4: 4})(
+        qkv, cos, sin, k, v, pending_k, pending_v, slots.astype(jnp.int32), mask, layer=np.int64(layer))

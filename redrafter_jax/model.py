@@ -109,12 +109,17 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [B, T, ..., D] (any head axes); positions: [B, T]. rotate_half layout."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, D/2] float32 of positions [B, T]: computed once per forward, shared by the layers."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, ..., D] (any head axes); cos, sin: [B, T, D/2] (`rope_tables`). rotate_half layout."""
     heads = (1,) * (x.ndim - 3)
-    cos = jnp.cos(angles).reshape(*positions.shape, *heads, -1)
-    sin = jnp.sin(angles).reshape(*positions.shape, *heads, -1)
+    cos = cos.reshape(*cos.shape[:2], *heads, -1)
+    sin = sin.reshape(*sin.shape[:2], *heads, -1)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -148,7 +153,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     b, t = tokens.shape
     g = cfg.num_heads // cfg.num_kv_heads
     kv.check_room(cache, t)
-    inv_freq = cfg.rope_inv_freq()
+    cos, sin = rope_tables(positions, cfg.rope_inv_freq())
     x = params["embed"][tokens]
     ck, cv, ks, vs = cache.k, cache.v, [], []
     slots = kv.write_slots(cache, t)
@@ -157,14 +162,13 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
-        q = apply_rope(qkv[:, :, :, :g], positions, inv_freq)
-        k = apply_rope(qkv[:, :, :, g], positions, inv_freq)
-        v = qkv[:, :, :, g + 1]
-        ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
-        if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(q):  # the CPU decode loops
-            attn = cpu_attention.attention(q, ck, cv, mask, i)
+        if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
+            attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k[i],
+                                                         cache.pending_v[i], slots, mask, i)
         else:
-            attn = _attention(q, ck[i], cv[i], mask)
+            k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
+            ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
+            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], mask)
         x = x + linear(attn.reshape(b, t, -1), p["wo"])
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]

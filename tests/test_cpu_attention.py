@@ -1,36 +1,54 @@
-"""The CPU attention kernel: it computes softmax attention over a layer of the cache in place, and a
-query's result depends only on the keys it sees and their order, never on the other queries of the call
-or where its keys sit (which keeps a tree's verification bitwise equal to one-token steps)."""
+"""The CPU attention kernel: one layer's attention step (RoPE, the cache writes in place, softmax
+attention over the layer) equals the model's XLA ops, and a query's result depends only on the keys it
+sees and their order, never on the other queries of the call or where its keys sit (which keeps a
+tree's verification bitwise equal to one-token steps)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from redrafter_jax import cache as kv
 from redrafter_jax import cpu_attention, rows_matmul
-from redrafter_jax.model import _attention
+from redrafter_jax.model import _attention, apply_rope, rope_tables
 
 pytestmark = pytest.mark.skipif(not rows_matmul.available(), reason="no C++ compiler for the CPU kernels")
 
-attend = jax.jit(cpu_attention.attention, static_argnums=4)
+attend = jax.jit(cpu_attention.attention, static_argnums=9)
 
 
-def _inputs(rng, b, t, h, g, d, s, layers=3):
-    q = rng.standard_normal((b, t, h, g, d)).astype(np.float32)
+def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
+    qkv = rng.standard_normal((b, t, h, g + 2, d)).astype(np.float32)
     k, v = rng.standard_normal((2, layers, b, h, s, d)).astype(np.float32)
-    return q, k, v
+    pending = rng.standard_normal((2, b, p, h, d)).astype(np.float32)
+    positions = jnp.asarray(rng.integers(0, 4 * s, (b, t)), jnp.int32)
+    cos, sin = rope_tables(positions, 1e4 ** -(np.arange(0, d, 2) / d))
+    return qkv, cos, sin, k, v, pending
 
 
-@pytest.mark.parametrize("t,g,d", [(1, 3, 64), (7, 3, 64), (16, 4, 16), (3, 2, 128), (64, 1, 32)])
-def test_matches_attention_over_the_sliced_layer(t, g, d):
-    rng = np.random.default_rng(t * d)
-    b, h, s = 2, 3, 50
-    q, k, v = _inputs(rng, b, t, h, g, d, s)
+@pytest.mark.parametrize("t,g,d,p", [(1, 3, 64, 0), (7, 3, 64, 4), (16, 4, 16, 2), (3, 2, 128, 1), (64, 1, 32, 0)])
+def test_matches_the_models_xla_ops(t, g, d, p):
+    """Against apply_rope, cache.scatter_rows and the XLA attention over the sliced layer: the output,
+    the new keys and values, and the buffers (pending entries and new tokens at their slots, a slot
+    past the cache dropped, everything else untouched)."""
+    rng = np.random.default_rng(t * d + p)
+    b, h, s, layer = 2, 3, 90, 2
+    qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, b, t, h, g, d, s, p)
+    slots = np.stack([rng.permutation(s + 1)[: p + t] for _ in range(b)]).astype(np.int32)  # s: dropped
     mask = rng.random((b, t, s)) < 0.5
     mask[:, :, 7] = True  # every query sees something
-    got = np.asarray(attend(q, k, v, mask, 2))
-    want = np.asarray(_attention(jnp.asarray(q), jnp.asarray(k[2]), jnp.asarray(v[2]), jnp.asarray(mask)))
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer)
+
+    want_k = apply_rope(jnp.asarray(qkv[:, :, :, g]), cos, sin)
+    np.testing.assert_allclose(np.asarray(k_new), np.asarray(want_k), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(v_new), qkv[:, :, :, g + 1])
+    for got, buf, pend, new in ((k_after, k, pk, k_new), (v_after, v, pv, v_new)):
+        want = kv.scatter_rows(jnp.asarray(buf), jnp.concatenate([jnp.asarray(pend), new], axis=1), jnp.asarray(slots),
+                               layer)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    q = apply_rope(jnp.asarray(qkv[:, :, :, :g]), cos, sin)
+    want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=2e-6)
 
 
 def test_a_query_depends_only_on_the_keys_it_sees_in_order():
@@ -38,24 +56,29 @@ def test_a_query_depends_only_on_the_keys_it_sees_in_order():
     alone, with just its keys packed at the front of another cache in the same order."""
     rng = np.random.default_rng(0)
     t, h, g, d, s = 7, 3, 3, 64, 40
-    q, k, v = _inputs(rng, 1, t, h, g, d, s, layers=1)
+    qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, t, h, g, d, s, layers=1)
     mask = rng.random((1, t, s)) < 0.6
     mask[:, :, 0] = True
-    tree = np.asarray(attend(q, k, v, mask, 0))
+    nowhere = np.full((1, t), s, np.int32)  # the new keys are not written: the cache alone is attended
+    tree = np.asarray(attend(qkv, cos, sin, k, v, pk, pv, nowhere, mask, 0)[0])
     for i in range(t):
         seen = np.flatnonzero(mask[0, i])
         k1, v1 = rng.standard_normal((2, 1, 1, h, s + 5, d)).astype(np.float32)  # other keys elsewhere
         k1[:, :, :, 3: 3 + len(seen)], v1[:, :, :, 3: 3 + len(seen)] = k[:, :, :, seen], v[:, :, :, seen]
         alone_mask = np.zeros((1, 1, s + 5), bool)
         alone_mask[0, 0, 3: 3 + len(seen)] = True
-        alone = np.asarray(attend(q[:, i: i + 1], k1, v1, alone_mask, 0))
-        np.testing.assert_array_equal(alone[:, 0], tree[:, i])
+        alone = attend(qkv[:, i: i + 1], cos[:, i: i + 1], sin[:, i: i + 1], k1, v1, pk, pv,
+                       np.full((1, 1), s + 5, np.int32), alone_mask, 0)[0]
+        np.testing.assert_array_equal(np.asarray(alone)[:, 0], tree[:, i])
 
 
 def test_shapes_it_cannot_take_are_refused():
     rng = np.random.default_rng(0)
     for t, g, d in [(33, 2, 64), (1, 3, 8)]:  # 66 queries per KV head; a head dim not a multiple of 16
-        q, k, v = _inputs(rng, 1, t, 1, g, d, 10)
-        assert not cpu_attention.supported(jnp.asarray(q))
+        qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, t, 1, g, d, 10)
+        assert not cpu_attention.supported(jnp.asarray(qkv))
         with pytest.raises(ValueError, match="CPU attention takes"):
-            cpu_attention.attention(q, k, v, np.ones((1, t, 10), bool), 0)
+            cpu_attention.attention(qkv, cos, sin, k, v, pk, pv, np.zeros((1, t), np.int32), np.ones((1, t, 10), bool), 0)
+    qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, 2, 1, 3, 16, 10)
+    with pytest.raises(ValueError, match="slots \\[1, 3\\]"):  # one slot per new token is missing
+        cpu_attention.attention(qkv, cos, sin, k, v, pk, pv, np.zeros((1, 3), np.int32), np.ones((1, 2, 10), bool), 0)

@@ -2,7 +2,9 @@
 // of the KV cache, read in place. XLA copied each layer's [kv_heads, S, head_dim] slice out of the
 // stacked cache before attending (two copies a layer, a step) and transposed the queries and the
 // output around its products whenever there was more than one new token; at S = 1024 attention was
-// a third of a decode step.
+// a third of a decode step. The same call first applies RoPE to the new queries and keys and writes
+// the keys and values (and the cache's pending entries) into the layer in place: as XLA ops around
+// the call, that took seven small ops per layer, about 2.4 ms of a 26 ms tree verification.
 //
 // Every sum runs over the slots in slot order, one query per vector lane, skipping the slots that
 // query does not see: a query's result depends only on which keys it sees and in what order, not on
@@ -80,18 +82,31 @@ constexpr auto WeightedTable(std::integer_sequence<int64_t, DV...>) {
 constexpr int64_t kMaxHeadDim = 256;
 constexpr auto kWeighted = WeightedTable(std::make_integer_sequence<int64_t, kMaxHeadDim / kLanes>{});
 
-// One (row, KV head): its T x G queries as lanes. qt [D][vecs] (scaled), sees [S][vecs] lane masks.
-void Head(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t t_dim, int64_t h_dim,
-          int64_t g_dim, int64_t s_dim, int64_t d_dim, float scale) {
+// y = x rotated by RoPE (rotate_half layout: the two halves of x are the pairs), tables cos_t, sin_t
+// [D / 2]; the products and sums of model.apply_rope, in its order.
+inline void Rope(const float* x, const float* cos_t, const float* sin_t, int64_t d_dim, float* y) {
+  const int64_t half = d_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    y[i] = x[i] * cos_t[i] - x[i + half] * sin_t[i];
+    y[i + half] = x[i + half] * cos_t[i] + x[i] * sin_t[i];
+  }
+}
+
+// One (row, KV head): its T x G queries as lanes. q: token t's query g at q + t * q_stride + g * D,
+// before RoPE (tables cos_t, sin_t [T, D / 2]); out [T, H, G, D] at this head; mask [T, S].
+void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin_t, const float* k, const float* v,
+          const bool* mask, float* out, int64_t t_dim, int64_t h_dim, int64_t g_dim, int64_t s_dim, int64_t d_dim,
+          float scale) {
   const int64_t queries = t_dim * g_dim, vecs = (queries + kLanes - 1) / kLanes;
-  // q [T, H, G, D] (this row, this head at h = 0) -> lanes t * G + g.
+  // Rotated and scaled queries, lane t * G + g: qt [D][vecs].
   std::vector<Vec> qt(d_dim * vecs, Vec{});
+  float rotated[kMaxHeadDim];
   for (int64_t t = 0; t < t_dim; ++t)
-    for (int64_t g = 0; g < g_dim; ++g)
-      for (int64_t d = 0; d < d_dim; ++d) {
-        const int64_t lane = t * g_dim + g;
-        qt[d * vecs + lane / kLanes][lane % kLanes] = q[(t * h_dim * g_dim + g) * d_dim + d] * scale;
-      }
+    for (int64_t g = 0; g < g_dim; ++g) {
+      Rope(q + t * q_stride + g * d_dim, cos_t + t * d_dim / 2, sin_t + t * d_dim / 2, d_dim, rotated);
+      const int64_t lane = t * g_dim + g;
+      for (int64_t d = 0; d < d_dim; ++d) qt[d * vecs + lane / kLanes][lane % kLanes] = rotated[d] * scale;
+    }
   // The slots some query sees, and each one's lane mask.
   std::vector<int64_t> live;
   std::vector<IVec> sees;
@@ -142,27 +157,71 @@ void Head(const float* q, const float* k, const float* v, const bool* mask, floa
     }
 }
 
-// q [B, T, H, G, D], k and v [layers, B, H, S, D], mask [B, T, S] -> out [B, T, H, G, D] for `layer`.
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                     ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, int64_t layer) {
-  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 5 || kd.size() != 5 || md.size() != 3 || !std::equal(kd.begin(), kd.end(), vd.begin(), vd.end()) || kd[1] != qd[0] || kd[2] != qd[2] ||
-      kd[4] != qd[4] || md[0] != qd[0] || md[1] != qd[1] || md[2] != kd[3] || layer < 0 || layer >= kd[0] ||
-      qd[1] * qd[3] > kMaxQueries || qd[4] % kLanes != 0 || qd[4] > kMaxHeadDim) {
+// One layer's attention step for T new tokens. qkv [B, T, H, G + 2, D]: per KV head its G queries, the
+// key and the value, before RoPE (tables c, s [B, T, D / 2]). First the cache buffers k and v [layers,
+// B, H, S, D] get, in place, the pending entries pending_k and pending_v [B, P, H, D] and then the new
+// tokens' rotated keys and values, at slots [B, P + T] (a slot outside [0, S) is dropped); then the
+// queries attend over the layer, slot s visible to query t where mask [B, T, S]. Returns out [B, T, H,
+// G, D], the new tokens' keys (rotated) and values [B, T, H, D], and the buffers.
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
+                     ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                     ffi::Buffer<ffi::F32> pending_k, ffi::Buffer<ffi::F32> pending_v, ffi::Buffer<ffi::S32> slots,
+                     ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_new,
+                     ffi::ResultBuffer<ffi::F32> v_new, ffi::ResultBuffer<ffi::F32> k_out,
+                     ffi::ResultBuffer<ffi::F32> v_out, int64_t layer) {
+  auto qd = qkv.dimensions(), cd = cos.dimensions(), kd = k.dimensions(), pd = pending_k.dimensions(),
+       sd = slots.dimensions(), md = mask.dimensions();
+  const bool ok =
+      qd.size() == 5 && cd.size() == 3 && kd.size() == 5 && pd.size() == 4 && sd.size() == 2 && md.size() == 3 &&
+      qd[3] >= 3 && qd[4] % kLanes == 0 && qd[4] <= kMaxHeadDim && qd[1] * (qd[3] - 2) <= kMaxQueries &&
+      std::equal(cd.begin(), cd.end(), sin.dimensions().begin(), sin.dimensions().end()) && cd[0] == qd[0] &&
+      cd[1] == qd[1] && 2 * cd[2] == qd[4] &&
+      std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()) && kd[1] == qd[0] &&
+      kd[2] == qd[2] && kd[4] == qd[4] && layer >= 0 && layer < kd[0] &&
+      std::equal(pd.begin(), pd.end(), pending_v.dimensions().begin(), pending_v.dimensions().end()) &&
+      pd[0] == qd[0] && pd[2] == qd[2] && pd[3] == qd[4] && sd[0] == qd[0] && sd[1] == pd[1] + qd[1] &&
+      md[0] == qd[0] && md[1] == qd[1] && md[2] == kd[3];
+  if (!ok) {
     return ffi::Error::InvalidArgument(
-        "attention: expects q [B, T, H, G, D] with T * G <= 64 and D in 16, 32, ..., 256, k and v [layers, B, H, S, D], "
+        "attention: expects qkv [B, T, H, G + 2, D] with T * G <= 64 and D in 16, 32, ..., 256, cos and sin "
+        "[B, T, D / 2], k and v [layers, B, H, S, D], pending_k and pending_v [B, P, H, D], slots [B, P + T], "
         "mask [B, T, S]");
   }
-  const int64_t b_dim = qd[0], t_dim = qd[1], h_dim = qd[2], g_dim = qd[3], d_dim = qd[4], s_dim = kd[3];
+  const int64_t b_dim = qd[0], t_dim = qd[1], h_dim = qd[2], g_dim = qd[3] - 2, d_dim = qd[4], s_dim = kd[3],
+                p_dim = pd[1], half = d_dim / 2;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d_dim));
-  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *qp = qkv.typed_data(), *cp = cos.typed_data(), *sp = sin.typed_data();
+  const float *pkp = pending_k.typed_data(), *pvp = pending_v.typed_data();
+  const int32_t* slot = slots.typed_data();
   const bool* mp = mask.typed_data();
-  float* op = out->typed_data();
+  float *op = out->typed_data(), *knp = k_new->typed_data(), *vnp = v_new->typed_data();
+  float *kp = k_out->typed_data(), *vp = v_out->typed_data();  // k and v themselves (aliased)
+  const size_t bytes = d_dim * sizeof(float);
+  // One task per (row, KV head): it writes that head's slots of the layer, then reads them.
   redrafter::ParallelFor(pool, b_dim * h_dim, [=](int64_t task, int64_t) {
     const int64_t b = task / h_dim, h = task % h_dim;
-    const int64_t cache = ((layer * b_dim + b) * h_dim + h) * s_dim * d_dim;
-    const int64_t rows = (b * t_dim * h_dim + h) * g_dim * d_dim;
-    Head(qp + rows, kp + cache, vp + cache, mp + b * t_dim * s_dim, op + rows, t_dim, h_dim, g_dim, s_dim, d_dim, scale);
+    float* kc = kp + ((layer * b_dim + b) * h_dim + h) * s_dim * d_dim;
+    float* vc = vp + ((layer * b_dim + b) * h_dim + h) * s_dim * d_dim;
+    const int32_t* row_slots = slot + b * (p_dim + t_dim);
+    for (int64_t j = 0; j < p_dim; ++j) {
+      if (row_slots[j] < 0 || row_slots[j] >= s_dim) continue;
+      std::memcpy(kc + row_slots[j] * d_dim, pkp + ((b * p_dim + j) * h_dim + h) * d_dim, bytes);
+      std::memcpy(vc + row_slots[j] * d_dim, pvp + ((b * p_dim + j) * h_dim + h) * d_dim, bytes);
+    }
+    const float* q = qp + (b * t_dim * h_dim + h) * (g_dim + 2) * d_dim;  // token 0's first query
+    const int64_t q_stride = h_dim * (g_dim + 2) * d_dim;
+    for (int64_t t = 0; t < t_dim; ++t) {
+      float* key = knp + ((b * t_dim + t) * h_dim + h) * d_dim;
+      float* value = vnp + ((b * t_dim + t) * h_dim + h) * d_dim;
+      Rope(q + t * q_stride + g_dim * d_dim, cp + (b * t_dim + t) * half, sp + (b * t_dim + t) * half, d_dim, key);
+      std::memcpy(value, q + t * q_stride + (g_dim + 1) * d_dim, bytes);
+      const int32_t s = row_slots[p_dim + t];
+      if (s < 0 || s >= s_dim) continue;
+      std::memcpy(kc + s * d_dim, key, bytes);
+      std::memcpy(vc + s * d_dim, value, bytes);
+    }
+    Head(q, q_stride, cp + b * t_dim * half, sp + b * t_dim * half, kc, vc, mp + b * t_dim * s_dim,
+         op + (b * t_dim * h_dim + h) * g_dim * d_dim, t_dim, h_dim, g_dim, s_dim, d_dim, scale);
   });
   return ffi::Error::Success();
 }
@@ -172,9 +231,18 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_attention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // pending_k
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // pending_v
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // slots
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k_new
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // v_new
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // k (aliased)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // v (aliased)
                                   .Attr<int64_t>("layer"));
