@@ -38,8 +38,8 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
 
     qkv [B, T, kv_heads, G + 2, D]: per KV head its G queries, the key and the value, before RoPE
     (tables cos, sin [B, T, D / 2], `model.rope_tables`). The cache buffers k, v [layers, B, kv_heads,
-    S, D] get, in place, the pending entries pending_k, pending_v [B, P, kv_heads, D] and then the new
-    keys and values at slots [B, P + T] (slots >= S dropped, `cache.write_slots`); then the queries
+    S, D] get, in place, the layer's pending entries from pending_k, pending_v [layers, B, P, kv_heads,
+    D] (the cache's own, read in place like k, v) and then the new keys and values at slots [B, P + T] (slots >= S dropped, `cache.write_slots`); then the queries
     attend over layer `layer`, slot s visible to query t where mask [B, T, S], scaled by D^-1/2.
     Returns (out [B, T, kv_heads, G, D], the new keys (rotated) and values [B, T, kv_heads, D], k, v).
     """
@@ -48,11 +48,11 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
     f32 = [x.dtype == jnp.float32 for x in (qkv, cos, sin, k, v, pending_k, pending_v)]
     if (not supported(qkv) or not all(f32) or k.shape != v.shape or k.shape[1:3] + k.shape[4:] != (b, h, d)
             or cos.shape != (b, t, d // 2) or sin.shape != cos.shape or pending_k.shape != pending_v.shape
-            or pending_k.shape[::2] != (b, h) or pending_k.shape[3:] != (d,)
-            or slots.shape != (b, pending_k.shape[1] + t) or mask.shape != (b, t, k.shape[3])):
+            or pending_k.shape[:2] != k.shape[:2] or pending_k.shape[3:] != (h, d)
+            or slots.shape != (b, pending_k.shape[2] + t) or mask.shape != (b, t, k.shape[3])):
         raise ValueError(f"CPU attention takes float32 qkv [B, T, kv_heads, G + 2, D] with T x G <= {MAX_QUERIES} and "
                          f"D a multiple of {LANES}, cos and sin [B, T, D / 2], k and v [layers, B, kv_heads, S, D], "
-                         f"pending_k and pending_v [B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; got qkv "
+                         f"pending_k and pending_v [layers, B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; got qkv "
                          f"{qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
                          f"{list(v.shape)}, pending_k {list(pending_k.shape)}, slots {list(slots.shape)}, mask "
                          f"{list(mask.shape)}")

@@ -163,8 +163,8 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
-            attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k[i],
-                                                         cache.pending_v[i], slots, mask, i)
+            attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
+                                                         slots, mask, i)
         else:
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)

@@ -20,7 +20,7 @@ attend = jax.jit(cpu_attention.attention, static_argnums=9)
 def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
     qkv = rng.standard_normal((b, t, h, g + 2, d)).astype(np.float32)
     k, v = rng.standard_normal((2, layers, b, h, s, d)).astype(np.float32)
-    pending = rng.standard_normal((2, b, p, h, d)).astype(np.float32)
+    pending = rng.standard_normal((2, layers, b, p, h, d)).astype(np.float32)
     positions = jnp.asarray(rng.integers(0, 4 * s, (b, t)), jnp.int32)
     cos, sin = rope_tables(positions, 1e4 ** -(np.arange(0, d, 2) / d))
     return qkv, cos, sin, k, v, pending
@@ -43,8 +43,8 @@ def test_matches_the_models_xla_ops(t, g, d, p):
     np.testing.assert_allclose(np.asarray(k_new), np.asarray(want_k), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(v_new), qkv[:, :, :, g + 1])
     for got, buf, pend, new in ((k_after, k, pk, k_new), (v_after, v, pv, v_new)):
-        want = kv.scatter_rows(jnp.asarray(buf), jnp.concatenate([jnp.asarray(pend), new], axis=1), jnp.asarray(slots),
-                               layer)
+        want = kv.scatter_rows(jnp.asarray(buf), jnp.concatenate([jnp.asarray(pend[layer]), new], axis=1),
+                               jnp.asarray(slots), layer)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     q = apply_rope(jnp.asarray(qkv[:, :, :, :g]), cos, sin)
     want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask))

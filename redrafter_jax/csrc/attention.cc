@@ -158,11 +158,12 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
 }
 
 // One layer's attention step for T new tokens. qkv [B, T, H, G + 2, D]: per KV head its G queries, the
-// key and the value, before RoPE (tables cos, sin [B, T, D / 2]). First the cache buffers k and v [layers,
-// B, H, S, D] get, in place, the pending entries pending_k and pending_v [B, P, H, D] and then the new
-// tokens' rotated keys and values, at slots [B, P + T] (a slot outside [0, S) is dropped); then the
-// queries attend over the layer, slot s visible to query t where mask [B, T, S]. Returns out [B, T, H,
-// G, D], the new tokens' keys (rotated) and values [B, T, H, D], and the buffers.
+// key and the value, before RoPE (tables cos, sin [B, T, D / 2]). First the cache buffers k and v
+// [layers, B, H, S, D] get, in place, the layer's pending entries from pending_k and pending_v [layers,
+// B, P, H, D] and then the new tokens' rotated keys and values, at slots [B, P + T] (a slot outside
+// [0, S) is dropped); then the queries attend over the layer, slot s visible to query t where mask
+// [B, T, S]. Returns out [B, T, H, G, D], the new tokens' keys (rotated) and values [B, T, H, D], and
+// the buffers.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                      ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::F32> pending_k, ffi::Buffer<ffi::F32> pending_v, ffi::Buffer<ffi::S32> slots,
@@ -172,26 +173,28 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
   auto qd = qkv.dimensions(), cd = cos.dimensions(), kd = k.dimensions(), pd = pending_k.dimensions(),
        sd = slots.dimensions(), md = mask.dimensions();
   const bool ok =
-      qd.size() == 5 && cd.size() == 3 && kd.size() == 5 && pd.size() == 4 && sd.size() == 2 && md.size() == 3 &&
+      qd.size() == 5 && cd.size() == 3 && kd.size() == 5 && pd.size() == 5 && sd.size() == 2 && md.size() == 3 &&
       qd[3] >= 3 && qd[4] % kLanes == 0 && qd[4] <= kMaxHeadDim && qd[1] * (qd[3] - 2) <= kMaxQueries &&
       std::equal(cd.begin(), cd.end(), sin.dimensions().begin(), sin.dimensions().end()) && cd[0] == qd[0] &&
       cd[1] == qd[1] && 2 * cd[2] == qd[4] &&
       std::equal(kd.begin(), kd.end(), v.dimensions().begin(), v.dimensions().end()) && kd[1] == qd[0] &&
       kd[2] == qd[2] && kd[4] == qd[4] && layer >= 0 && layer < kd[0] &&
       std::equal(pd.begin(), pd.end(), pending_v.dimensions().begin(), pending_v.dimensions().end()) &&
-      pd[0] == qd[0] && pd[2] == qd[2] && pd[3] == qd[4] && sd[0] == qd[0] && sd[1] == pd[1] + qd[1] &&
+      pd[0] == kd[0] && pd[1] == qd[0] && pd[3] == qd[2] && pd[4] == qd[4] && sd[0] == qd[0] &&
+      sd[1] == pd[2] + qd[1] &&
       md[0] == qd[0] && md[1] == qd[1] && md[2] == kd[3];
   if (!ok) {
     return ffi::Error::InvalidArgument(
         "attention: expects qkv [B, T, H, G + 2, D] with T * G <= 64 and D in 16, 32, ..., 256, cos and sin "
-        "[B, T, D / 2], k and v [layers, B, H, S, D], pending_k and pending_v [B, P, H, D], slots [B, P + T], "
-        "mask [B, T, S]");
+        "[B, T, D / 2], k and v [layers, B, H, S, D], pending_k and pending_v [layers, B, P, H, D], slots "
+        "[B, P + T], mask [B, T, S]");
   }
   const int64_t b_dim = qd[0], t_dim = qd[1], h_dim = qd[2], g_dim = qd[3] - 2, d_dim = qd[4], s_dim = kd[3],
-                p_dim = pd[1], half = d_dim / 2;
+                p_dim = pd[2], half = d_dim / 2;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d_dim));
   const float *qp = qkv.typed_data(), *cp = cos.typed_data(), *sp = sin.typed_data();
-  const float *pkp = pending_k.typed_data(), *pvp = pending_v.typed_data();
+  const float *pkp = pending_k.typed_data() + layer * b_dim * p_dim * h_dim * d_dim,  // this layer's entries
+              *pvp = pending_v.typed_data() + layer * b_dim * p_dim * h_dim * d_dim;
   const int32_t* slot = slots.typed_data();
   const bool* mp = mask.typed_data();
   float *op = out->typed_data(), *knp = k_new->typed_data(), *vnp = v_new->typed_data();
@@ -203,10 +206,14 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
     float* kc = kp + ((layer * b_dim + b) * h_dim + h) * s_dim * d_dim;
     float* vc = vp + ((layer * b_dim + b) * h_dim + h) * s_dim * d_dim;
     const int32_t* row_slots = slot + b * (p_dim + t_dim);
+    auto put = [&](int32_t s, const float* key, const float* value) {  // slots outside the cache: dropped
+      if (s < 0 || s >= s_dim) return;
+      std::memcpy(kc + s * d_dim, key, bytes);
+      std::memcpy(vc + s * d_dim, value, bytes);
+    };
     for (int64_t j = 0; j < p_dim; ++j) {
-      if (row_slots[j] < 0 || row_slots[j] >= s_dim) continue;
-      std::memcpy(kc + row_slots[j] * d_dim, pkp + ((b * p_dim + j) * h_dim + h) * d_dim, bytes);
-      std::memcpy(vc + row_slots[j] * d_dim, pvp + ((b * p_dim + j) * h_dim + h) * d_dim, bytes);
+      const int64_t entry = ((b * p_dim + j) * h_dim + h) * d_dim;
+      put(row_slots[j], pkp + entry, pvp + entry);
     }
     const float* q = qp + (b * t_dim * h_dim + h) * (g_dim + 2) * d_dim;  // token 0's first query
     const int64_t q_stride = h_dim * (g_dim + 2) * d_dim;
@@ -215,10 +222,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
       float* value = vnp + ((b * t_dim + t) * h_dim + h) * d_dim;
       Rope(q + t * q_stride + g_dim * d_dim, cp + (b * t_dim + t) * half, sp + (b * t_dim + t) * half, d_dim, key);
       std::memcpy(value, q + t * q_stride + (g_dim + 1) * d_dim, bytes);
-      const int32_t s = row_slots[p_dim + t];
-      if (s < 0 || s >= s_dim) continue;
-      std::memcpy(kc + s * d_dim, key, bytes);
-      std::memcpy(vc + s * d_dim, value, bytes);
+      put(row_slots[p_dim + t], key, value);
     }
     Head(q, q_stride, cp + b * t_dim * half, sp + b * t_dim * half, kc, vc, mp + b * t_dim * s_dim,
          op + (b * t_dim * h_dim + h) * g_dim * d_dim, t_dim, h_dim, g_dim, s_dim, d_dim, scale);
