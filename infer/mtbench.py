@@ -11,8 +11,10 @@ Each prompt is decoded alone (batch 1), autoregressively and with every setting 
 turn, prompt by prompt, so that a drift in the machine's speed weighs on every decoder alike;
 compilation is excluded (each prompt-length bucket is compiled first).
 Reports mean accepted tokens per step, tokens/s and speedup, checks the outputs are identical, and
-explains each difference by the target's top-2 logit gap where the two diverge. --temperatures adds
-sampled runs (exact tree walk) reporting tokens per step.
+explains each difference by the target's top-2 logit gap where the two diverge. --temperatures sets
+the decoding: 0 is greedy (the default), T > 0 samples at temperature T (speculative decoding with
+the exact tree walk), each decoder with the same key per prompt; each temperature gets its own
+autoregressive reference and its rows of the table, compared side by side in the same run.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ def main(argv=None) -> None:
     p.add_argument("--sweep", nargs="+", default=["4x4"], help="WxL[+K][:budget] settings (K lookup beams)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="suffix lengths the lookup beams match (default 1 3)")
-    p.add_argument("--temperatures", type=float, nargs="*", default=[],
-                   help="also sample at these (first drafter and setting)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
+                   help="decode at these temperatures (0: greedy, the default; T > 0: sampling)")
     p.add_argument("--section", default="mtbench", help="section name in the report")
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     add_report_args(p)
@@ -96,62 +98,63 @@ def main(argv=None) -> None:
     # (drafter path, spec) per row; lookup-only settings run once, without a drafter
     runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
     by_bucket = {round_up(len(q), 32): q for q in prompts}
-    # Every decoder decodes each prompt in turn (forward on even prompts, backward on odd ones), so a
-    # drift in the machine's speed over the run weighs on all of them alike; each (decoder, prompt
-    # bucket) is compiled first, outside the timing.
-    kws = [{}] + [{"drafter": drafters.get(path), "spec": spec} for path, spec in runs]
+    # Per temperature: its autoregressive reference, then every run. Every decoder decodes each prompt
+    # in turn (forward on even prompts, backward on odd ones), so a drift in the machine's speed over
+    # the run weighs on all of them alike; each (decoder, prompt bucket) is compiled first, outside
+    # the timing. Prompt i is decoded with key i by every decoder.
+    kws = [{"sampling": SamplingConfig(t), **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
+           for t in args.temperatures for path, spec in [(None, None), *runs]]
     for q in tqdm(by_bucket.values(), desc="compiling"):
         for kw in kws:
-            decode_one(model, q, args.max_new_tokens, **kw)
+            decode_one(model, q, args.max_new_tokens, key=jax.random.PRNGKey(0), **kw)
     results = [([], [], []) for _ in kws]  # per decoder: tokens, seconds, accepted per prompt
     for i, q in enumerate(tqdm(prompts, desc=f"{len(kws)} decoders in turn")):
         for j in (range(len(kws)) if i % 2 == 0 else reversed(range(len(kws)))):
-            for column, x in zip(results[j], decode_one(model, q, args.max_new_tokens, **kws[j])):
+            for column, x in zip(results[j], decode_one(model, q, args.max_new_tokens, key=jax.random.PRNGKey(i),
+                                                        **kws[j])):
                 column.append(x)
-    ar, ar_secs = results[0][0], np.asarray(results[0][1])
-    n_tokens = sum(len(o) for o in ar)
+    sampling = args.temperatures != [0]  # a temperature column, and a word on sampled outputs
     rows, points = [], []
-    for (path, spec), (outs, secs, acc) in zip(runs, results[1:]):
-        secs = np.asarray(secs)
-        diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
-        gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
-        tokens_per_step = 1 + np.concatenate(acc).mean()
-        speedup = ar_secs.sum() / secs.sum()
-        same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
-        if diffs:
-            same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
-        name = os.path.normpath(path) if path else "none (lookup only)"
-        rows.append([name, f"{spec.beam_width}x{spec.beam_length}", spec.lookup_beams, spec.budget, tokens_per_step,
-                     n_tokens / ar_secs.sum(), sum(map(len, outs)) / secs.sum(), speedup, same])
-        label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
-        points.append((f"{name} {label}" if len(drafters) > 1 and path else label, tokens_per_step, speedup))
-    md = table(["drafter", "W x L", "lookup beams", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s",
-                "speedup", "identical outputs"], rows)
+    for n, temp in enumerate(args.temperatures):
+        (ar, ar_secs, _), *spec_results = results[n * (len(runs) + 1):(n + 1) * (len(runs) + 1)]
+        ar_rate = sum(map(len, ar)) / sum(ar_secs)
+        for (path, spec), (outs, secs, acc) in zip(runs, spec_results):
+            tokens_per_step = 1 + np.concatenate(acc).mean()
+            rate = sum(map(len, outs)) / sum(secs)
+            if temp == 0:
+                diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
+                gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
+                same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
+                if diffs:
+                    same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
+            else:
+                same = "sampled"
+            name = os.path.normpath(path) if path else "none (lookup only)"
+            rows.append([temp] * sampling + [name, f"{spec.beam_width}x{spec.beam_length}", spec.lookup_beams,
+                                             spec.budget, tokens_per_step, ar_rate, rate, rate / ar_rate, same])
+            label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
+            label = f"{name} {label}" if len(drafters) > 1 and path else label
+            points.append((f"{label} T={temp:g}" if sampling else label, tokens_per_step, rate / ar_rate))
+    md = table(["temperature"] * sampling + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step",
+                                             "AR tokens/s", "spec tokens/s", "speedup", "identical outputs"], rows)
     print(md)
-    sampled = ""
-    if args.temperatures:
-        first_path, first_spec = runs[0]
-        srows = [["greedy", points[0][1]]]  # the first row's setting, decoded greedily
-        for temp in args.temperatures:
-            jax.clear_caches()
-            _, _, acc = run_all(model, tqdm(prompts, desc=f"sampling T={temp}"), args.max_new_tokens,
-                                drafter=drafters.get(first_path), spec=first_spec, sampling=SamplingConfig(temp),
-                                key=jax.random.PRNGKey(0))
-            srows.append([f"T = {temp}", 1 + np.concatenate(acc).mean()])
-        sampled = (f"\nSampling (exact tree walk), {first_spec.describe()}" + (f", {first_path}" if first_path else "")
-                   + ", tokens per step:\n\n" + table(["decoding", "tokens/step"], srows) + "\n")
-        print(sampled)
     source = "MT-Bench first turns" if not args.prompts else args.prompts
-    title = args.title or f"{'MT-Bench' if not args.prompts else args.prompts}: speculative vs autoregressive greedy"
+    temps = ", ".join("0 (greedy)" if t == 0 else f"{t:g}" for t in args.temperatures)
+    decoding = f"sampling at temperature {temps}" if sampling else "greedy"
+    sampled_note = (" Speedup: speculative tokens/s over autoregressive tokens/s at the same temperature. Prompt i "
+                    "is decoded with key i by every decoder; sampled speculative decoding uses the exact tree walk, so "
+                    "its outputs follow the target's distribution but are other draws than the autoregressive ones."
+                    if sampling else "")
+    title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, greedy, {args.dtype} (both decoders), every decoder in turn on each prompt. W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token; where outputs differ, the top-2 gaps are the target's logit margin between its two best tokens at the first differing position.
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, {decoding}, {args.dtype} (both decoders), every decoder in turn on each prompt.{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token; where outputs differ, the top-2 gaps are the target's logit margin between its two best tokens at the first differing position.
 Machine: {machine()}.
 
 Command: `{command()}`
 
 {md}
-{sampled}""")
+""")
     plot(points, beside(args.report, f"{args.section}.png"))
 
 

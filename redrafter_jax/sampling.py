@@ -36,7 +36,7 @@ def target_log_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
 def argmax(logits: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (the first index of the maximum; logits hold no NaN) as a max and
     then a min over indices: two plain reductions that XLA:CPU vectorises, where argmax's paired
-    (value, index) reduction runs element by element (~1 ms for a 7-token tree's logits)."""
+    (value, index) reduction runs element by element (~1 ms for a 7-token tree's greedy logits)."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     return jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
@@ -46,4 +46,7 @@ def select(key: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     """Next tokens [...] int32 from logits [..., V]."""
     if cfg.greedy:
         return argmax(logits)
-    return jax.random.categorical(key, target_log_probs(logits, cfg), axis=-1).astype(jnp.int32)
+    # jax.random.categorical's own draw (the Gumbel-max trick: the same tokens for the same key),
+    # with the vectorised argmax: categorical's took ~4.5 ms of a 7-node tree's 7.6 ms.
+    log_probs = target_log_probs(logits, cfg)
+    return argmax(jax.random.gumbel(key, log_probs.shape, log_probs.dtype) + log_probs)

@@ -45,3 +45,21 @@ def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path,
         ("none (lookup only)", "0x4", "2", "7")]
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
     assert (report.parent / "small.png").exists()
+
+
+def test_sampled_run_has_its_own_reference_per_temperature(tmp_path, smollm_path, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Count from one to ten."}) + "\n"
+                       + json.dumps({"prompt": "Repeat: red, green, blue, red, green, blue."}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    main(["--gguf", smollm_path, "--prompts", str(prompts), "--max-new-tokens", "12", "--sweep", "0x4+2",
+          "--temperatures", "0", "0.8", "--section", "sampled"])
+    text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
+    assert "sampling at temperature 0 (greedy), 0.8" in text
+    rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
+            if line.startswith(("| 0 |", "| 0.8 |"))]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("0", "none (lookup only)", "0x4", "2"),
+                                                       ("0.8", "none (lookup only)", "0x4", "2")]
+    assert rows[0][-1] == "2/2" and rows[1][-1] == "sampled"
+    for r in rows:  # tokens/step at least the bonus token, and a rate and speedup measured
+        assert float(r[5]) >= 1 and float(r[6]) > 0 and float(r[7]) > 0 and float(r[8]) > 0

@@ -13,7 +13,7 @@ from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
-from redrafter_jax.sampling import argmax
+from redrafter_jax.sampling import argmax, select, target_log_probs
 from tests.tiny import exact_next_token_probs, tiny_model
 
 V = 8
@@ -120,6 +120,17 @@ def test_argmax_is_first_index_of_the_maximum():
         assert argmax(jnp.asarray(logits)).dtype == jnp.int32
     with_inf = jnp.asarray([[-jnp.inf, -jnp.inf, 2.0, jnp.inf, jnp.inf]])
     assert int(argmax(with_inf)[0]) == 3
+
+
+def test_sampled_select_draws_what_jax_categorical_draws():
+    """select's Gumbel-max draw with the vectorised argmax gives jax.random.categorical's tokens for
+    the same key, with filtered tokens (-inf) among them: a seed means what it meant."""
+    logits = 3 * jax.random.normal(jax.random.PRNGKey(5), (7, 49152))
+    for cfg in [SamplingConfig(0.7), SamplingConfig(1.0, top_k=40), SamplingConfig(1.3, top_p=0.9)]:
+        for seed in range(5):
+            key = jax.random.PRNGKey(seed)
+            expected = jax.random.categorical(key, target_log_probs(logits, cfg), axis=-1)
+            np.testing.assert_array_equal(np.asarray(select(key, logits, cfg)), np.asarray(expected))
 
 
 def test_greedy_limits_of_sampling(target):
