@@ -39,8 +39,9 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
     qkv [B, T, kv_heads, G + 2, D]: per KV head its G queries, the key and the value, before RoPE
     (tables cos, sin [B, T, D / 2], `model.rope_tables`). The cache buffers k, v [layers, B, kv_heads,
     S, D] get, in place, the layer's pending entries from pending_k, pending_v [layers, B, P, kv_heads,
-    D] (the cache's own, read in place like k, v) and then the new keys and values at slots [B, P + T] (slots >= S dropped, `cache.write_slots`); then the queries
-    attend over layer `layer`, slot s visible to query t where mask [B, T, S], scaled by D^-1/2.
+    D] (the cache's own, read in place like k, v) and then the new keys and values at slots [B, P + T]
+    (slots >= S dropped, `cache.write_slots`); then the queries attend over layer `layer`, slot s
+    visible to query t where mask [B, T, S], scaled by D^-1/2.
     Returns (out [B, T, kv_heads, G, D], the new keys (rotated) and values [B, T, kv_heads, D], k, v).
     """
     rows_matmul.check_available("CPU attention")
@@ -52,8 +53,8 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
             or slots.shape != (b, pending_k.shape[2] + t) or mask.shape != (b, t, k.shape[3])):
         raise ValueError(f"CPU attention takes float32 qkv [B, T, kv_heads, G + 2, D] with T x G <= {MAX_QUERIES} and "
                          f"D a multiple of {LANES}, cos and sin [B, T, D / 2], k and v [layers, B, kv_heads, S, D], "
-                         f"pending_k and pending_v [layers, B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; got qkv "
-                         f"{qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
+                         f"pending_k and pending_v [layers, B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; "
+                         f"got qkv {qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
                          f"{list(v.shape)}, pending_k {list(pending_k.shape)}, slots {list(slots.shape)}, mask "
                          f"{list(mask.shape)}")
     new = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)

@@ -193,8 +193,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
                 p_dim = pd[2], half = d_dim / 2;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d_dim));
   const float *qp = qkv.typed_data(), *cp = cos.typed_data(), *sp = sin.typed_data();
-  const float *pkp = pending_k.typed_data() + layer * b_dim * p_dim * h_dim * d_dim,  // this layer's entries
-              *pvp = pending_v.typed_data() + layer * b_dim * p_dim * h_dim * d_dim;
+  const int64_t pending_layer = layer * b_dim * p_dim * h_dim * d_dim;  // this layer's entries
+  const float *pkp = pending_k.typed_data() + pending_layer, *pvp = pending_v.typed_data() + pending_layer;
   const int32_t* slot = slots.typed_data();
   const bool* mp = mask.typed_data();
   float *op = out->typed_data(), *knp = k_new->typed_data(), *vnp = v_new->typed_data();
