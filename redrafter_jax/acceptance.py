@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from redrafter_jax.sampling import draw
+
 
 class Accepted(NamedTuple):
     beam: jax.Array  # [B] int32 the chosen beam i*
@@ -75,7 +77,7 @@ def apple_accept(key: jax.Array, beams: jax.Array, slot: jax.Array, beam_valid: 
     residual = jnp.maximum(jnp.exp(p_at) - jnp.exp(q_at), 0.0)
     # Where p <= q everywhere the residual has no mass: draw from p, never a silent token 0.
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, jnp.exp(p_at))
-    final = jax.random.categorical(k_resample, jnp.log(residual), axis=-1).astype(jnp.int32)
+    final = draw(k_resample, residual)
     j = jnp.arange(length)[None, :]
     drafted_row = jnp.concatenate([row(beams)[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     return Accepted(best, n, jnp.where(j < n[:, None], drafted_row, final[:, None]))

@@ -13,7 +13,7 @@ from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
-from redrafter_jax.sampling import argmax, select, target_log_probs
+from redrafter_jax.sampling import argmax, draw, select, target_log_probs
 from tests.tiny import exact_next_token_probs, tiny_model
 
 V = 8
@@ -122,15 +122,67 @@ def test_argmax_is_first_index_of_the_maximum():
     assert int(argmax(with_inf)[0]) == 3
 
 
-def test_sampled_select_draws_what_jax_categorical_draws():
-    """select's Gumbel-max draw with the vectorised argmax gives jax.random.categorical's tokens for
-    the same key, with filtered tokens (-inf) among them: a seed means what it meant."""
-    logits = 3 * jax.random.normal(jax.random.PRNGKey(5), (7, 49152))
+def draws(weights, n=N_SAMPLES, seed=0):
+    """n draws [n] from one row of weights, each with its own key."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    return np.asarray(jax.jit(jax.vmap(lambda k: draw(k, jnp.asarray(weights, jnp.float32))))(keys))
+
+
+def test_draw_follows_its_weights():
+    """The two-stage inverse-CDF draw against its weights: sizes that fill their blocks and sizes that
+    do not, zero weights first, last and in whole blocks (never drawn), a dynamic range of 1e6."""
+    rng = np.random.default_rng(0)
+    peaked = np.exp(3 * rng.normal(size=49152) / 0.7)  # a sampled step's logits
+    gappy = rng.random(1000) * (rng.random(1000) < 0.3)
+    gappy[[0, 999]], gappy[64:128] = 0.0, 0.0  # block size 32: two whole blocks of zeros
+    ranged = 10.0 ** rng.uniform(-6, 0, size=37)
+    for weights in [peaked, gappy, ranged, [1.0, 3.0], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 5.0, 1.0]]:
+        weights = np.asarray(weights, np.float64)
+        counts = np.bincount(draws(weights), minlength=len(weights))
+        assert goodness_of_fit(counts, weights / weights.sum()) > ALPHA, len(weights)
+
+
+def test_inverse_cdf_never_lands_on_a_zero_weight():
+    """XLA computes each prefix of a cumulative sum on its own, so over 300 entries a running sum can
+    move across a zero weight: uniforms aimed into such gaps must still land on positive weights."""
+    from redrafter_jax.sampling import _first_reaching
+
+    rng = np.random.default_rng(1)
+    weights = (10.0 ** rng.uniform(-8, 3, size=(512, 300)) * (rng.random((512, 300)) < 0.5)).astype(np.float32)
+    cdf = np.asarray(jnp.cumsum(jnp.asarray(weights), axis=-1))
+    top = np.max(np.where(weights > 0, cdf, 0), axis=-1)
+    rows, us = [], []
+    for r, i in zip(*np.nonzero((weights[:, 1:] == 0) & (np.diff(cdf, axis=1) > 0))):
+        u0 = np.float32(1 - cdf[r, i + 1] / top[r])  # aims x = (1 - u) top at the gap (cdf[i], cdf[i + 1]]
+        for u in u0 + np.arange(-8, 9, dtype=np.float32) * np.spacing(u0):
+            if cdf[r, i] < np.float32(1 - u) * top[r] <= cdf[r, i + 1]:
+                rows.append(r), us.append(u)
+                break
+    assert len(rows) > 5, "XLA's running sums no longer move across zero weights"
+    index = np.asarray(_first_reaching(jnp.asarray(us), jnp.asarray(weights[rows])))
+    assert (weights[rows, index] > 0).all()
+
+
+def test_draw_batched_rows_and_a_single_token():
+    """Leading axes are rows with their own uniforms; a row with one positive weight always draws it."""
+    weights = np.zeros((3, 2, 300), np.float32)
+    weights[0, 0, 0] = weights[0, 1, 299] = weights[1, 0, 150] = 1e-30
+    weights[1, 1, 17] = weights[2, 0, 255] = weights[2, 1, 256] = 7.0
+    for seed in range(20):
+        np.testing.assert_array_equal(np.asarray(draw(jax.random.PRNGKey(seed), jnp.asarray(weights))),
+                                      [[0, 299], [150, 17], [255, 256]])
+    uniform = np.asarray(draw(jax.random.PRNGKey(0), jnp.ones((4096, 300))))
+    assert len(np.unique(uniform)) > 280  # rows do not share a draw
+
+
+def test_sampled_select_follows_target_distribution():
+    """select at temperature, top-k and top-p on a [V = 49152] row: its draws fit target_log_probs."""
+    logits = 3 * jax.random.normal(jax.random.PRNGKey(5), (49152,))
     for cfg in [SamplingConfig(0.7), SamplingConfig(1.0, top_k=40), SamplingConfig(1.3, top_p=0.9)]:
-        for seed in range(5):
-            key = jax.random.PRNGKey(seed)
-            expected = jax.random.categorical(key, target_log_probs(logits, cfg), axis=-1)
-            np.testing.assert_array_equal(np.asarray(select(key, logits, cfg)), np.asarray(expected))
+        keys = jax.random.split(jax.random.PRNGKey(1), N_SAMPLES)
+        tokens = np.asarray(jax.jit(jax.vmap(lambda k: select(k, logits, cfg)))(keys))
+        p = np.exp(np.asarray(target_log_probs(logits, cfg), np.float64))
+        assert goodness_of_fit(np.bincount(tokens, minlength=49152), p / p.sum()) > ALPHA, cfg
 
 
 def test_greedy_limits_of_sampling(target):
