@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     flag, text = ("--chat", args.chat) if args.chat is not None else ("--prompt", args.prompt)
     if not Tokenizer.check_text(text, flag).strip():  # before the model loads: fail fast
         raise ValueError(f"{flag} is empty")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     model = load_model(args)
-    drafter, spec = load_drafter_arg(args, model)
+    drafter, spec = load_drafter_arg(args, model, sampling)
     tok = model.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": text}]) if flag == "--chat" else tok.encode(text)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     key = jax.random.PRNGKey(args.seed)
 
     def decode(streamer, **kw):

@@ -97,28 +97,39 @@ def main(argv=None) -> None:
         p.error("settings with W > 0 need --drafter")
     # (drafter path, spec) per row; lookup-only settings run once, without a drafter
     runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
-    by_bucket = {round_up(len(q), 32): q for q in prompts}
+    buckets = {}  # prompt-length bucket (as generate pads) -> its prompts' indices
+    for i, q in enumerate(prompts):
+        buckets.setdefault(round_up(len(q), 32), []).append(i)
     # Per temperature: its autoregressive reference, then every run. Every decoder decodes each prompt
     # in turn (forward on even prompts, backward on odd ones), so a drift in the machine's speed over
-    # the run weighs on all of them alike; each (decoder, prompt bucket) is compiled first, outside
-    # the timing. Prompt i is decoded with key i by every decoder.
+    # the run weighs on all of them alike. One bucket at a time: its programs are compiled first,
+    # outside the timing, and dropped after it, since each holds ~1,000 memory maps and XLA:CPU aborts
+    # at the kernel's limit (vm.max_map_count, 65,530 by default: 80 programs). Prompt i is decoded with
+    # key i by every decoder.
+    decoders = [(t, path, spec) for t in args.temperatures for path, spec in [(None, None), *runs]]
     kws = [{"sampling": SamplingConfig(t), **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
-           for t in args.temperatures for path, spec in [(None, None), *runs]]
-    for q in tqdm(by_bucket.values(), desc="compiling"):
-        for kw in kws:
-            decode_one(model, q, args.max_new_tokens, key=jax.random.PRNGKey(0), **kw)
-    results = [([], [], []) for _ in kws]  # per decoder: tokens, seconds, accepted per prompt
-    for i, q in enumerate(tqdm(prompts, desc=f"{len(kws)} decoders in turn")):
-        for j in (range(len(kws)) if i % 2 == 0 else reversed(range(len(kws)))):
-            for column, x in zip(results[j], decode_one(model, q, args.max_new_tokens, key=jax.random.PRNGKey(i),
-                                                        **kws[j])):
-                column.append(x)
+           for t, path, spec in decoders]
+    per_prompt = [[None] * len(prompts) for _ in kws]  # per decoder and prompt: (tokens, seconds, accepted)
+    with tqdm(total=len(prompts), desc=f"{len(kws)} decoders in turn") as bar:
+        for n, group in enumerate(buckets.values()):
+            bar.set_postfix_str(f"compiling prompt-length bucket {n + 1}/{len(buckets)}")
+            for kw in kws:
+                decode_one(model, prompts[group[0]], args.max_new_tokens, key=jax.random.PRNGKey(0), **kw)
+            bar.set_postfix_str(f"bucket {n + 1}/{len(buckets)}")
+            for i in group:
+                for j in (range(len(kws)) if i % 2 == 0 else reversed(range(len(kws)))):
+                    per_prompt[j][i] = decode_one(model, prompts[i], args.max_new_tokens, key=jax.random.PRNGKey(i),
+                                                  **kws[j])
+                bar.update()
+            jax.clear_caches()
+    by_decoder = {d: tuple(map(list, zip(*done))) for d, done in zip(decoders, per_prompt)}  # (tokens, secs, acc)
     sampling = args.temperatures != [0]  # a temperature column, and a word on sampled outputs
     rows, points = [], []
-    for n, temp in enumerate(args.temperatures):
-        (ar, ar_secs, _), *spec_results = results[n * (len(runs) + 1):(n + 1) * (len(runs) + 1)]
+    for temp in args.temperatures:
+        ar, ar_secs, _ = by_decoder[temp, None, None]
         ar_rate = sum(map(len, ar)) / sum(ar_secs)
-        for (path, spec), (outs, secs, acc) in zip(runs, spec_results):
+        for path, spec in runs:
+            outs, secs, acc = by_decoder[temp, path, spec]
             tokens_per_step = 1 + np.concatenate(acc).mean()
             rate = sum(map(len, outs)) / sum(secs)
             if temp == 0:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import jax
 
-from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.loaders import LoadedModel
 
 OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-beams, --beam-length, --tree-budget), "
@@ -60,35 +60,39 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", nargs="?", const="default",
                    help="speculative decoding with this drafter: a checkpoint directory (ours or Apple's format), "
                         "'default' (or the bare flag: the drafter trained for the default model, "
-                        "drafters/smollm2-135m), or 'random' (untrained: exact output, little acceptance)")
+                        "drafters/smollm2-135m), or 'random' (untrained: exact output, little acceptance); "
+                        "with none of the beam options below, the setting that measured best on a CPU: "
+                        "2 x 4 + 1 lookup beam in 7 tree slots when greedy, 4 x 2 when sampling")
     p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 2 with --drafter, else 0)")
-    p.add_argument("--beam-length", type=int, default=4, help="tokens per beam, the init token included")
+    p.add_argument("--beam-length", type=int, default=None,
+                   help="tokens per beam, the init token included (default 4)")
     p.add_argument("--lookup-beams", type=int, default=None,
                    help="K beams copied from the text so far (prompt + generated): what followed earlier "
                         "occurrences of its last tokens (default 1 with --drafter, else 0)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="lengths of the suffix looked up, longest first (default 1 3)")
-    p.add_argument("--tree-budget", type=int, default=None,
-                   help="packed tree slots (default 1 + (W + K)(L-1); with --drafter and no W or K given, "
-                        "1 + 2(L-1): two beams' worth)")
+    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1))")
 
 
-def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
+def load_drafter_arg(args: argparse.Namespace, model: LoadedModel, sampling: SamplingConfig):
     """The drafter named by --drafter (or None) and the SpecConfig from the beam options (None when
     decoding is autoregressive: no drafter and no lookup beams)."""
     if not args.drafter and not args.lookup_beams:
         return None, None
-    # With a drafter and no shape given, the one that measured best on MT-Bench on the CPU (2 x 4 + 1 in
-    # 7 slots): the tree holds two beams, the lookup beam and the drafter's best where the text so far
-    # has a match, else the drafter's two best (lookup beams rank first; `tree.py` drops the rest).
-    shape_given = args.beam_width is not None or args.lookup_beams is not None
-    width = args.beam_width if args.beam_width is not None else (2 if args.drafter else 0)
-    lookup = args.lookup_beams if args.lookup_beams is not None else (1 if args.drafter else 0)
-    budget = args.tree_budget
-    if budget is None and args.drafter and not shape_given:
-        budget = 1 + 2 * (args.beam_length - 1)
-    spec = SpecConfig(width, args.beam_length, budget, lookup_beams=lookup,
-                      lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
+    # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU. Greedy:
+    # 2 x 4 + 1 in 7 slots, the tree holding two beams, the lookup beam and the drafter's best where the
+    # text so far has a match, else the drafter's two best (lookup beams rank first; `tree.py` drops the
+    # rest). Sampling: 4 x 2, the drafter's four best next tokens: a node's sampled token is accepted
+    # where it is one of the node's children, so width pays more than depth.
+    ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
+    options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget)
+    if args.drafter and options == (None,) * 4:
+        spec = SpecConfig.parse("2x4+1:7" if sampling.greedy else "4x2", **ngrams)
+    else:
+        width, length, lookup, budget = options
+        spec = SpecConfig(width if width is not None else (2 if args.drafter else 0),
+                          length if length is not None else 4, budget,
+                          lookup_beams=lookup if lookup is not None else (1 if args.drafter else 0), **ngrams)
     if not args.drafter:
         return None, spec
     if args.drafter == "random":
