@@ -50,7 +50,8 @@ def argmax(logits: jax.Array) -> jax.Array:
 
 def _first_reaching(u: jax.Array, weights: jax.Array) -> jax.Array:
     """Inverse CDF over the last axis: the first index i with weights[i] > 0 whose running sum reaches
-    (1 - u) times the largest running sum, for u [...] in [0, 1); weights [..., n] >= 0, some > 0.
+    (1 - u) times the largest running sum at a positive weight, for u [...] in [0, 1); weights
+    [..., n] >= 0, some > 0.
 
     Only positive weights can be chosen, and one always is: XLA sums each prefix on its own, so a
     running sum can move, even down, across a zero weight (tests/test_sampling.py finds such gaps)."""
