@@ -39,13 +39,18 @@ def target_log_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return jax.nn.log_softmax(target_logits(logits, cfg), axis=-1)
 
 
+def _first(mask: jax.Array) -> jax.Array:
+    """The first index [...] int32 along the last axis where mask [..., n] holds (n where it never does):
+    a min over indices, a plain reduction that XLA:CPU vectorises."""
+    index = jax.lax.broadcasted_iota(jnp.int32, mask.shape, mask.ndim - 1)
+    return jnp.min(jnp.where(mask, index, mask.shape[-1]), axis=-1)
+
+
 def argmax(logits: jax.Array) -> jax.Array:
     """jnp.argmax over the last axis (the first index of the maximum; logits hold no NaN) as a max and
     then a min over indices: two plain reductions that XLA:CPU vectorises, where argmax's paired
     (value, index) reduction runs element by element (~1 ms for a 7-token tree's greedy logits)."""
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
+    return _first(logits == jnp.max(logits, axis=-1, keepdims=True))
 
 
 def _first_reaching(u: jax.Array, weights: jax.Array) -> jax.Array:
@@ -58,9 +63,7 @@ def _first_reaching(u: jax.Array, weights: jax.Array) -> jax.Array:
     cdf = jnp.cumsum(weights, axis=-1)
     positive = weights > 0
     top = jnp.max(jnp.where(positive, cdf, 0), axis=-1, keepdims=True)
-    reached = positive & (cdf >= (1 - u[..., None]) * top)
-    index = jax.lax.broadcasted_iota(jnp.int32, weights.shape, weights.ndim - 1)
-    return jnp.min(jnp.where(reached, index, weights.shape[-1]), axis=-1)
+    return _first(positive & (cdf >= (1 - u[..., None]) * top))
 
 
 def draw(key: jax.Array, weights: jax.Array) -> jax.Array:

@@ -122,10 +122,10 @@ def test_argmax_is_first_index_of_the_maximum():
     assert int(argmax(with_inf)[0]) == 3
 
 
-def draws(weights, n=N_SAMPLES, seed=0):
-    """n draws [n] from one row of weights, each with its own key."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), n)
-    return np.asarray(jax.jit(jax.vmap(lambda k: draw(k, jnp.asarray(weights, jnp.float32))))(keys))
+def many_draws(sample):
+    """N_SAMPLES tokens [N_SAMPLES] from sample(key), each with its own key."""
+    keys = jax.random.split(jax.random.PRNGKey(1), N_SAMPLES)
+    return np.asarray(jax.jit(jax.vmap(sample))(keys))
 
 
 def test_draw_follows_its_weights():
@@ -138,7 +138,7 @@ def test_draw_follows_its_weights():
     ranged = 10.0 ** rng.uniform(-6, 0, size=37)
     for weights in [peaked, gappy, ranged, [1.0, 3.0], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 5.0, 1.0]]:
         weights = np.asarray(weights, np.float64)
-        counts = np.bincount(draws(weights), minlength=len(weights))
+        counts = np.bincount(many_draws(lambda k: draw(k, jnp.asarray(weights, jnp.float32))), minlength=len(weights))
         assert goodness_of_fit(counts, weights / weights.sum()) > ALPHA, len(weights)
 
 
@@ -179,8 +179,7 @@ def test_sampled_select_follows_target_distribution():
     """select at temperature, top-k and top-p on a [V = 49152] row: its draws fit target_log_probs."""
     logits = 3 * jax.random.normal(jax.random.PRNGKey(5), (49152,))
     for cfg in [SamplingConfig(0.7), SamplingConfig(1.0, top_k=40), SamplingConfig(1.3, top_p=0.9)]:
-        keys = jax.random.split(jax.random.PRNGKey(1), N_SAMPLES)
-        tokens = np.asarray(jax.jit(jax.vmap(lambda k: select(k, logits, cfg)))(keys))
+        tokens = many_draws(lambda k: select(k, logits, cfg))
         p = np.exp(np.asarray(target_log_probs(logits, cfg), np.float64))
         assert goodness_of_fit(np.bincount(tokens, minlength=49152), p / p.sum()) > ALPHA, cfg
 
