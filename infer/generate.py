@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         check = f"output {'identical to' if same else 'DIFFERS from'} autoregressive"
     else:  # different random streams: equal in distribution, not token for token
         check = "sampled: same distribution as autoregressive, different draws"
-    print(f"[speculative W={spec.beam_width} L={spec.beam_length} K={spec.lookup_beams} tree={spec.budget}: {len(acc)} steps, "
+    lookup = f"K={spec.lookup_beams}" + (f" L'={spec.lookup_length}" if spec.lookup_length else "")
+    print(f"[speculative W={spec.beam_width} L={spec.beam_length} {lookup} tree={spec.budget}: {len(acc)} steps, "
           f"mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
           f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "
           f"{check}]", file=sys.stderr)

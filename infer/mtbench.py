@@ -141,8 +141,9 @@ def main(argv=None) -> None:
             else:
                 same = "sampled"
             name = os.path.normpath(path) if path else "none (lookup only)"
-            rows.append([temp] * sampling + [name, f"{spec.beam_width}x{spec.beam_length}", spec.lookup_beams,
-                                             spec.budget, tokens_per_step, ar_rate, rate, rate / ar_rate, same])
+            lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
+            rows.append([temp] * sampling + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget,
+                                             tokens_per_step, ar_rate, rate, rate / ar_rate, same])
             label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
             label = f"{name} {label}" if len(drafters) > 1 and path else label
             points.append((f"{label} T={temp:g}" if sampling else label, tokens_per_step, rate / ar_rate))

@@ -50,8 +50,9 @@ def accept_longest_prefix(beams: jax.Array, slot: jax.Array, beam_valid: jax.Arr
     """beams, slot: [B, W, L]; beam_valid: [B, W]; target_next: [B, N] the target's token after each slot.
 
     Drafted token (i, d+1) is accepted iff it equals the target's token after (i, d) and every
-    earlier one was. The emitted tokens are the target's tokens along beam i*: tokens[:n] equals
-    beams[i*, 1:n+1] and tokens[n] is the bonus token.
+    earlier one was (never where it is `tree.ABSENT`, past the end of a shorter beam). The emitted
+    tokens are the target's tokens along beam i*: tokens[:n] equals beams[i*, 1:n+1] and tokens[n]
+    is the bonus token.
     """
     pred = _gather_nodes(target_next, slot)  # [B, W, L] target's token after node (i, d)
     run = jnp.cumprod(beams[:, :, 1:] == pred[:, :, :-1], axis=-1)

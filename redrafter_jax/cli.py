@@ -69,9 +69,12 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-beams", type=int, default=None,
                    help="K beams copied from the text so far (prompt + generated): what followed earlier "
                         "occurrences of its last tokens (default 1 with --drafter, else 0)")
+    p.add_argument("--lookup-length", type=int, default=None,
+                   help="tokens per lookup beam, the init token included (default: the beam length)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="lengths of the suffix looked up, longest first (default 1 3)")
-    p.add_argument("--tree-budget", type=int, default=None, help="packed tree slots (default 1 + (W + K)(L-1))")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="packed tree slots (default 1 + W(L-1) + K(lookup length - 1): every beam)")
 
 
 def load_drafter_arg(args: argparse.Namespace, model: LoadedModel, sampling: SamplingConfig):
@@ -85,14 +88,15 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel, sampling: Sam
     # rest). Sampling: 4 x 2, the drafter's four best next tokens: a node's sampled token is accepted
     # where it is one of the node's children, so width pays more than depth.
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
-    options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget)
-    if args.drafter and options == (None,) * 4:
+    options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
+    if args.drafter and options == (None,) * len(options):
         spec = SpecConfig.parse("2x4+1:7" if sampling.greedy else "4x2", **ngrams)
     else:
-        width, length, lookup, budget = options
+        width, length, lookup, budget, lookup_length = options
         spec = SpecConfig(width if width is not None else (2 if args.drafter else 0),
                           length if length is not None else 4, budget,
-                          lookup_beams=lookup if lookup is not None else (1 if args.drafter else 0), **ngrams)
+                          lookup_beams=lookup if lookup is not None else (1 if args.drafter else 0),
+                          lookup_length=lookup_length, **ngrams)
     if not args.drafter:
         return None, spec
     if args.drafter == "random":

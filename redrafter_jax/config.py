@@ -147,10 +147,13 @@ class DrafterConfig:
 @dataclasses.dataclass(frozen=True)
 class SpecConfig:
     """Speculative decoding shape: W beams of L tokens (the init token included) from the recurrent
-    drafter plus K context-lookup beams (`lookup.py`: the tokens that followed the most recent earlier
-    occurrences of the history's last `lookup_min_ngram`..`lookup_max_ngram` tokens), packed into a
-    tree of `tree_budget` slots (None: the worst case 1 + (W + K)(L-1), so no beam is ever dropped).
-    beam_width 0 is lookup-only decoding, which needs no drafter.
+    drafter plus K context-lookup beams of `lookup_length` tokens (None: L; `lookup.py`: the tokens
+    that followed the most recent earlier occurrences of the history's last
+    `lookup_min_ngram`..`lookup_max_ngram` tokens), packed into a tree of `tree_budget` slots (None:
+    the worst case 1 + W(L-1) + K(lookup_length-1), so no beam is ever dropped). beam_width 0 is
+    lookup-only decoding, which needs no drafter. A lookup beam costs no drafting, only tree slots,
+    so it may be longer than the drafter's (e.g. "2x4+1x8": the drafter's later tokens are rarely
+    right, a repeated passage often is for many tokens).
 
     acceptance (used when sampling): "tree_walk" keeps the target's distribution exactly;
     "apple_biased" is Apple's min(1, p/q) rule, which does not, offered only to measure the bias.
@@ -163,17 +166,23 @@ class SpecConfig:
     lookup_beams: int = 0
     lookup_min_ngram: int = 1
     lookup_max_ngram: int = 3
+    lookup_length: int | None = None
 
     def __post_init__(self):
-        for name in ("beam_width", "beam_length", "lookup_beams", "lookup_min_ngram", "lookup_max_ngram"):
-            if not isinstance(getattr(self, name), numbers.Integral) or isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        optional = ("lookup_length",) if self.lookup_length is not None else ()
+        for name in ("beam_width", "beam_length", "lookup_beams", "lookup_min_ngram", "lookup_max_ngram") + optional:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.beam_width < 0 or self.lookup_beams < 0 or self.beam_width + self.lookup_beams < 1:
             raise ValueError(f"need beam_width >= 0 and lookup_beams >= 0 with at least one beam in all, got "
                              f"beam_width={self.beam_width}, lookup_beams={self.lookup_beams}")
         if self.beam_length < 2:
             raise ValueError(f"beam_length must be >= 2 (the init token plus at least one drafted token), "
                              f"got {self.beam_length}")
+        if self.lookup_length is not None and (self.lookup_length < 2 or not self.lookup_beams):
+            raise ValueError(f"lookup_length must be >= 2 (the init token plus at least one looked-up token) and "
+                             f"needs lookup_beams > 0, got {self.lookup_length} with {self.lookup_beams} lookup beams")
         if self.acceptance not in ("tree_walk", "apple_biased"):
             raise ValueError(f"acceptance must be 'tree_walk' or 'apple_biased', got {self.acceptance!r}")
         if self.acceptance == "apple_biased" and self.lookup_beams:
@@ -182,33 +191,48 @@ class SpecConfig:
         if not 1 <= self.lookup_min_ngram <= self.lookup_max_ngram:
             raise ValueError(f"lookup n-gram lengths must satisfy 1 <= lookup_min_ngram <= lookup_max_ngram, got "
                              f"{self.lookup_min_ngram}, {self.lookup_max_ngram}")
-        if self.tree_budget is not None and not self.beam_length <= self.tree_budget <= self.max_nodes:
-            raise ValueError(f"tree_budget must be in [beam_length, 1 + (W + K)(L-1)] = [{self.beam_length}, "
-                             f"{self.max_nodes}] to hold at least one beam, got {self.tree_budget}")
+        if self.tree_budget is not None and not self.depth <= self.tree_budget <= self.max_nodes:
+            raise ValueError(f"tree_budget must be in [longest beam, 1 + W(L-1) + K(lookup_length-1)] = "
+                             f"[{self.depth}, {self.max_nodes}] to hold any beam, got {self.tree_budget}")
 
     @property
     def num_beams(self) -> int:
         return self.beam_width + self.lookup_beams
 
     @property
+    def lookup_len(self) -> int:
+        """Tokens in a lookup beam: lookup_length, or L when that is None."""
+        return self.lookup_length or self.beam_length
+
+    @property
+    def depth(self) -> int:
+        """Tokens in the longest beam (the init token included): the tree's depth + 1."""
+        return max(self.beam_length if self.beam_width else 0, self.lookup_len if self.lookup_beams else 0)
+
+    @property
     def max_nodes(self) -> int:
-        return 1 + self.num_beams * (self.beam_length - 1)
+        return 1 + self.beam_width * (self.beam_length - 1) + self.lookup_beams * (self.lookup_len - 1)
 
     @property
     def budget(self) -> int:
         return self.tree_budget or self.max_nodes
 
     def describe(self) -> str:
-        """Short label, the inverse of `parse`: "WxL", "+K" with lookup beams, ":N" with a tree budget."""
-        label = f"{self.beam_width}x{self.beam_length}" + (f"+{self.lookup_beams}" if self.lookup_beams else "")
+        """Short label, the inverse of `parse`: "WxL", "+K" with lookup beams ("+KxL'" when they are
+        L' long), ":N" with a tree budget."""
+        label = f"{self.beam_width}x{self.beam_length}"
+        if self.lookup_beams:
+            label += f"+{self.lookup_beams}" + (f"x{self.lookup_length}" if self.lookup_length else "")
         return label + (f":{self.tree_budget}" if self.tree_budget else "")
 
     @classmethod
     def parse(cls, text: str, **kwargs) -> "SpecConfig":
-        """"WxL", "WxL+K" or either with ":budget" (e.g. "1x5+2:9"); kwargs set the other fields."""
-        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+))?(?::(\d+))?", text.strip())
+        """"WxL", "WxL+K", "WxL+KxL'" (lookup beams of L' tokens), any with ":budget" (e.g. "1x5+2:9",
+        "2x4+1x8:11"); kwargs set the other fields."""
+        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+)(?:x(\d+))?)?(?::(\d+))?", text.strip())
         if m is None:
-            raise ValueError(f"bad speculative setting {text!r}: expected WxL, WxL+K or either with :budget, "
-                             f"e.g. 4x4, 1x5+2, 0x5+4:12")
-        w, length, k, budget = m.groups()
-        return cls(int(w), int(length), int(budget) if budget else None, lookup_beams=int(k or 0), **kwargs)
+            raise ValueError(f"bad speculative setting {text!r}: expected WxL, WxL+K, WxL+KxL' or any with "
+                             f":budget, e.g. 4x4, 1x5+2, 2x4+1x8, 0x5+4:12")
+        w, length, k, lookup_length, budget = m.groups()
+        return cls(int(w), int(length), int(budget) if budget else None, lookup_beams=int(k or 0),
+                   lookup_length=int(lookup_length) if lookup_length else None, **kwargs)

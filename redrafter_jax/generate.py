@@ -95,7 +95,7 @@ def _take_rows(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
 
 def propose(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array, s: SpecState,
             spec: SpecConfig, with_log_probs: bool) -> Draft:
-    """The drafter's W beams and the K context-lookup beams, merged by score: [B, W + K, L]."""
+    """The drafter's W beams and the K context-lookup beams, merged by score: [B, W + K, spec.depth]."""
     drafts = []
     if spec.beam_width:
         drafts.append(drafter.draft(params, s.context, s.init_token, s.cache.lengths, spec.beam_width,
@@ -103,7 +103,7 @@ def propose(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt
     if spec.lookup_beams:
         hist = lookup.history(prompts, prompt_lengths, s.out.tokens)
         drafts.append(lookup.lookup_draft(hist, prompt_lengths + s.out.lengths - 1, spec.lookup_beams,
-                                          spec.beam_length, spec.lookup_min_ngram, spec.lookup_max_ngram))
+                                          spec.lookup_len, spec.lookup_min_ngram, spec.lookup_max_ngram))
     return lookup.combine(drafts)
 
 
@@ -168,7 +168,7 @@ def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Ar
     """The speculative loop's state after the prefill: a cache with room for a tree's writes and one
     step's accepted entries pending."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
-              mesh, pending=spec.beam_length)
+              mesh, pending=spec.depth)
     return SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32))
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from redrafter_jax.beam_search import Draft
+from redrafter_jax.tree import ABSENT
 
 
 def history(prompts: jax.Array, prompt_lengths: jax.Array, generated: jax.Array) -> jax.Array:
@@ -86,16 +87,19 @@ def lookup_draft(hist: jax.Array, end: jax.Array, num_beams: int, length: int, m
 
 
 def combine(drafts: list[Draft]) -> Draft:
-    """One beam set from several proposers' beams of one length: [B, sum W, L], best score first.
+    """One beam set from several proposers' beams: [B, sum W, max L], best score first.
 
-    A stable sort by score keeps each proposer's own order. Beams with score -inf (never to be
-    accepted) become copies of the best beam, so they take no tree slots.
+    Shorter beams end in `tree.ABSENT` tokens. A stable sort by score keeps each proposer's own
+    order. Beams with score -inf (never to be accepted) become copies of the best beam, so they take
+    no tree slots.
     """
     if len(drafts) == 1:
         return drafts[0]
     if any(d.log_probs is not None for d in drafts):
         raise ValueError("draft log-probs cannot be combined across proposers")
-    beams = jnp.concatenate([d.beams for d in drafts], axis=1)
+    length = max(d.beams.shape[-1] for d in drafts)
+    beams = jnp.concatenate([jnp.pad(d.beams, ((0, 0), (0, 0), (0, length - d.beams.shape[-1])),
+                                     constant_values=ABSENT) for d in drafts], axis=1)
     scores = jnp.concatenate([d.scores for d in drafts], axis=1)
     order = jnp.argsort(-scores, axis=1, stable=True)
     beams = jnp.take_along_axis(beams, order[:, :, None], axis=1)

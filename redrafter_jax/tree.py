@@ -5,8 +5,9 @@ node is *new* iff j == i. New nodes are numbered in beam-major order, which puts
 its children; slot[i, d] is the packed slot of (i, d)'s owner. With a budget N below the worst case
 1 + W(L-1), beams whose nodes do not all fit are dropped, lowest-scored (highest index) first; they
 are marked invalid and can never be accepted; so are beams the caller marks invalid (packed as given:
-callers make them copies of an earlier beam, which takes no slots). Unused slots are padding that
-attends only to itself.
+callers make them copies of an earlier beam, which takes no slots). Beams may be shorter than L:
+their tokens after the end are ABSENT, nodes that take no slot and can never be accepted (no target
+token equals ABSENT). Unused slots are padding that attends only to itself.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+ABSENT = -1  # the token after a beam's end, in beams shorter than the tree's longest
+
 
 class Tree(NamedTuple):
     tokens: jax.Array  # [..., N] int32 packed tokens (pad_id in unused slots)
     depth: jax.Array  # [..., N] int32 depth of each slot (0 = the init token); 0 for padding
     mask: jax.Array  # [..., N, N] bool: slot p sees slot q iff q is on p's root path (padding: itself)
-    slot: jax.Array  # [..., W, L] int32 packed slot of node (i, d); clipped to N-1 for dropped beams
+    slot: jax.Array  # [..., W, L] int32 packed slot of node (i, d); any slot for dropped beams and absent nodes
     beam_valid: jax.Array  # [..., W] bool, False for beams dropped by the budget or marked invalid
     num_nodes: jax.Array  # [...] int32 number of used slots
 
@@ -30,14 +33,16 @@ def _pack_one(beams: jax.Array, valid: jax.Array, budget: int, pad_id: int) -> T
     w, length = beams.shape
     same = jnp.cumprod(beams[:, None, :] == beams[None, :, :], axis=-1).astype(bool)  # [W, W, L]: prefix i == j
     owner = jnp.argmax(same, axis=1)  # [W, L] first j (always <= i)
-    is_new = (owner == jnp.arange(w)[:, None]).reshape(-1)  # beam-major
+    present = beams != ABSENT
+    is_new = ((owner == jnp.arange(w)[:, None]) & present).reshape(-1)  # beam-major
     own_slot = (jnp.cumsum(is_new) - 1).reshape(w, length)  # slot of each new node
     slot = jnp.take_along_axis(own_slot, owner, axis=0)  # owner's slot at the same depth: [W, L]
-    fits = jnp.max(slot, axis=1) < budget  # slots grow with beam index: beams that fit are a prefix
+    # Slots grow with beam index, so the beams that fit are a prefix.
+    fits = jnp.max(jnp.where(present, slot, 0), axis=1) < budget
     num_nodes = jnp.sum(jnp.where(fits[:, None], is_new.reshape(w, length), False)).astype(jnp.int32)
     slot = jnp.minimum(slot, budget - 1)
-    # Scatter (dropped beams' writes are masked off by sending them out of range).
-    target = jnp.where(fits[:, None], slot, budget)
+    # Scatter (dropped beams' and absent nodes' writes are masked off by sending them out of range).
+    target = jnp.where(fits[:, None] & present, slot, budget)
     tokens = jnp.full((budget,), pad_id, jnp.int32).at[target].set(beams, mode="drop")
     depth = jnp.zeros((budget,), jnp.int32).at[target].set(
         jnp.broadcast_to(jnp.arange(length), (w, length)), mode="drop")

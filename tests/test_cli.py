@@ -26,7 +26,8 @@ def test_beam_options_default_to_the_measured_best_setting(smollm):
     for argv, sampling, shape in [(["--drafter"], greedy, (2, 4, 1, 7)), (["--drafter"], sampled, (4, 2, 0, 5)),
                                   (["--drafter", "--beam-length", "5"], sampled, (2, 5, 1, 13)),
                                   (["--drafter", "--tree-budget", "5"], greedy, (2, 4, 1, 5)),
-                                  (["--lookup-beams", "2"], sampled, (0, 4, 2, 7))]:
+                                  (["--lookup-beams", "2"], sampled, (0, 4, 2, 7)),
+                                  (["--drafter", "--lookup-length", "8"], greedy, (2, 4, 1, 14))]:
         drafter, spec = load_drafter_arg(p.parse_args(argv), smollm, sampling)
         assert (spec.beam_width, spec.beam_length, spec.lookup_beams, spec.budget) == shape, argv
         assert (drafter is None) == ("--drafter" not in argv)

@@ -11,7 +11,7 @@ from redrafter_jax.beam_search import Draft
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
-from redrafter_jax.tree import pack_tree
+from redrafter_jax.tree import ABSENT, pack_tree
 from tests.tiny import tiny_model
 
 
@@ -106,6 +106,19 @@ def test_combine_ranks_lookups_first_and_invalid_beams_take_no_slots():
         lookup.combine([drafter._replace(log_probs=jnp.zeros((1, 2, 2, 8))), looked])
 
 
+def test_combine_pads_shorter_beams_and_their_ends_take_no_slots():
+    """Lookup beams longer than the drafter's: the drafter's end in ABSENT, which packing skips."""
+    drafter = Draft(jnp.asarray([[[1, 2, 3], [1, 4, 5]]]), jnp.asarray([[-0.5, -2.0]]))
+    looked = Draft(jnp.asarray([[[1, 2, 3, 6, 6]]]), jnp.asarray([[0.0]]))
+    d = lookup.combine([drafter, looked])
+    assert np.asarray(d.beams)[0].tolist() == [[1, 2, 3, 6, 6], [1, 2, 3, ABSENT, ABSENT], [1, 4, 5, ABSENT, ABSENT]]
+    tree = pack_tree(d.beams, 7, pad_id=0, valid=jnp.isfinite(d.scores))
+    assert int(tree.num_nodes[0]) == 7 and np.asarray(tree.beam_valid)[0].all()  # 5 + 0 + 2 new nodes
+    assert np.asarray(tree.tokens)[0].tolist() == [1, 2, 3, 6, 6, 4, 5]
+    assert np.asarray(tree.depth)[0].tolist() == [0, 1, 2, 3, 4, 1, 2]
+    assert not pack_tree(d.beams, 6, valid=jnp.isfinite(d.scores)).beam_valid[0, 2]  # 2 more nodes than 6 hold
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model(vocab_size=16, eos_token_ids=(1,))
@@ -117,7 +130,10 @@ PROMPTS = [[3, 4, 5, 3, 4, 5, 3, 4], [2, 7, 9, 11, 2, 7], [5] * 10, [6, 8]]
 
 @pytest.mark.parametrize("spec", [SpecConfig(0, 4, lookup_beams=1), SpecConfig(0, 5, lookup_beams=3),
                                   SpecConfig(2, 3, lookup_beams=2), SpecConfig(3, 5, lookup_beams=4, tree_budget=9),
-                                  SpecConfig(1, 4, lookup_beams=2, lookup_min_ngram=2, lookup_max_ngram=4)],
+                                  SpecConfig(1, 4, lookup_beams=2, lookup_min_ngram=2, lookup_max_ngram=4),
+                                  SpecConfig(2, 3, lookup_beams=2, lookup_length=7),
+                                  SpecConfig(3, 5, lookup_beams=1, lookup_length=3, tree_budget=9),
+                                  SpecConfig(0, 3, lookup_beams=2, lookup_length=6)],
                          ids=SpecConfig.describe)
 def test_lookup_decoding_equals_autoregressive_on_tiny_model(tiny, spec):
     cfg, params = tiny
@@ -139,7 +155,11 @@ def test_bad_lookup_settings_raise(tiny):
                           (dict(lookup_beams=1, lookup_min_ngram=0), "lookup n-gram"),
                           (dict(lookup_beams=1, lookup_min_ngram=3, lookup_max_ngram=2), "lookup n-gram"),
                           (dict(lookup_beams=1.5), "must be an integer"),
-                          (dict(lookup_beams=2, acceptance="apple_biased"), "lookup beams have none")]:
+                          (dict(lookup_beams=2, acceptance="apple_biased"), "lookup beams have none"),
+                          (dict(lookup_beams=1, lookup_length=1), "lookup_length must be >= 2"),
+                          (dict(lookup_length=6), "needs lookup_beams > 0"),
+                          (dict(lookup_beams=1, lookup_length=4.0), "lookup_length must be an integer"),
+                          (dict(beam_length=3, lookup_beams=1, lookup_length=8, tree_budget=7), r"\[8, 16\]")]:
         with pytest.raises(ValueError, match=match):
             SpecConfig(**kwargs)
     with pytest.raises(ValueError, match="needs a drafter"):
@@ -148,7 +168,10 @@ def test_bad_lookup_settings_raise(tiny):
     with pytest.raises(ValueError, match="would not use it"):
         generate(params, cfg, PROMPTS, max_new_tokens=4, drafter=Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg),
                  spec=SpecConfig(0, 3, lookup_beams=1))
-    for text in ["4x", "x4", "4x4+", "4x4:a", "-1x4"]:
+    for text in ["4x", "x4", "4x4+", "4x4:a", "-1x4", "2x4+x8", "2x4+1x"]:
         with pytest.raises(ValueError, match="bad speculative setting"):
             SpecConfig.parse(text)
     assert SpecConfig.parse("1x5+2:9") == SpecConfig(1, 5, 9, lookup_beams=2)
+    mixed = SpecConfig.parse("2x4+1x8:11")
+    assert mixed == SpecConfig(2, 4, 11, lookup_beams=1, lookup_length=8) and mixed.describe() == "2x4+1x8:11"
+    assert (mixed.depth, mixed.max_nodes, SpecConfig.parse("0x4+2x6").depth) == (8, 14, 6)

@@ -85,15 +85,16 @@ SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), Samp
 # Each drafter kind at two samplings and each sampling with two kinds (the full 4 x 4 grid adds ~80 s).
 PAIRS = [("random", SAMPLINGS[0]), ("random", SAMPLINGS[3]), ("adversarial", SAMPLINGS[1]),
          ("adversarial", SAMPLINGS[2]), ("lookup", SAMPLINGS[2]), ("lookup", SAMPLINGS[3]),
-         ("random+lookup", SAMPLINGS[0]), ("random+lookup", SAMPLINGS[1])]
+         ("random+lookup", SAMPLINGS[0]), ("random+long lookup", SAMPLINGS[1])]
 
 
 @pytest.mark.parametrize("which,sampling", PAIRS, ids=[f"{w}-T{s.temperature}-p{s.top_p}" for w, s in PAIRS])
 def test_tree_walk_preserves_target_distribution(target, sampling, which):
     cfg, params = target
     drafter = {"random": random_drafter(cfg), "adversarial": adversarial_drafter(cfg, params), "lookup": None,
-               "random+lookup": random_drafter(cfg)}[which]
-    spec = SpecConfig(0 if drafter is None else 3, 3, lookup_beams=2 if "lookup" in which else 0)
+               "random+lookup": random_drafter(cfg), "random+long lookup": random_drafter(cfg)}[which]
+    spec = SpecConfig(0 if drafter is None else 3, 3, lookup_beams=2 if "lookup" in which else 0,
+                      lookup_length=5 if "long" in which else None)  # lookup beams deeper than the drafter's
     counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec)
     p = exact_joint(cfg, params, sampling)
     assert goodness_of_fit(counts, p) > ALPHA

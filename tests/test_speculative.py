@@ -41,7 +41,8 @@ def greedy_reference(smollm, chat_prompts):
 
 @pytest.mark.parametrize("spec", [SpecConfig(1, 2), SpecConfig(16, 3),
                                   SpecConfig(8, 5, tree_budget=12), SpecConfig(0, 5, lookup_beams=1),
-                                  SpecConfig(1, 5, lookup_beams=2), SpecConfig(4, 4, lookup_beams=4, tree_budget=12)],
+                                  SpecConfig(1, 3, lookup_beams=2, lookup_length=6),
+                                  SpecConfig(4, 4, lookup_beams=4, tree_budget=12)],
                          ids=SpecConfig.describe)
 def test_random_drafter_output_equals_autoregressive(smollm, chat_prompts, greedy_reference, random_drafter, spec):
     drafter = random_drafter if spec.beam_width else None  # beam_width 0: lookup beams only

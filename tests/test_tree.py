@@ -5,24 +5,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from redrafter_jax.tree import pack_tree
+from redrafter_jax.tree import ABSENT, pack_tree
 
 
 def reference_pack(beams, budget):
-    """Straightforward dict-based packing: one node per distinct prefix, numbered beam-major."""
+    """Straightforward dict-based packing: one node per distinct prefix, numbered beam-major; a beam
+    ends at its first ABSENT token (slot -1 from there on)."""
     w, length = beams.shape
+    lengths = [list(b).index(ABSENT) if ABSENT in b else length for b in beams]
     node_of_prefix = {}
     order = []  # (prefix, owner beam)
     for i in range(w):
-        for d in range(length):
+        for d in range(lengths[i]):
             prefix = tuple(beams[i, : d + 1])
             if prefix not in node_of_prefix:
                 node_of_prefix[prefix] = len(order)
                 order.append(prefix)
-    slot = np.array([[node_of_prefix[tuple(beams[i, : d + 1])] for d in range(length)] for i in range(w)])
+    slot = np.array([[node_of_prefix[tuple(beams[i, : d + 1])] if d < lengths[i] else -1 for d in range(length)]
+                     for i in range(w)])
     valid = slot.max(axis=1) < budget
     # keep only nodes on valid beams' paths, numbering unchanged (valid beams are a prefix)
-    used = sorted({slot[i, d] for i in range(w) if valid[i] for d in range(length)})
+    used = sorted({slot[i, d] for i in range(w) if valid[i] for d in range(lengths[i])})
     mask = np.eye(budget, dtype=bool)
     tokens = np.full(budget, -1)
     depth = np.zeros(budget, int)
@@ -42,6 +45,8 @@ def shared_beams(draw):
     beams = np.array(draw(st.lists(st.lists(st.integers(0, vocab - 1), min_size=length, max_size=length),
                                    min_size=w, max_size=w)))
     beams[:, 0] = draw(st.integers(0, vocab - 1))  # all beams start with the init token
+    for i, end in enumerate(draw(st.lists(st.integers(2, length), min_size=w, max_size=w))):
+        beams[i, end:] = ABSENT  # beams of several lengths, as drafter and lookup beams may be
     budget = draw(st.integers(length, 1 + w * (length - 1)))
     return beams, budget
 
@@ -57,7 +62,8 @@ def test_pack_tree_matches_reference(case):
     np.testing.assert_array_equal(np.asarray(tree.tokens[0]), tokens)
     np.testing.assert_array_equal(np.asarray(tree.depth[0]), depth)
     np.testing.assert_array_equal(np.asarray(tree.mask[0]), mask)
-    np.testing.assert_array_equal(np.asarray(tree.slot[0])[valid], slot[valid])
+    present = valid[:, None] & (slot >= 0)
+    np.testing.assert_array_equal(np.asarray(tree.slot[0])[present], slot[present])
 
 
 def test_budget_drops_lowest_scored_beams_first():
