@@ -62,7 +62,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "'default' (or the bare flag: the drafter trained for the default model, "
                         "drafters/smollm2-135m), or 'random' (untrained: exact output, little acceptance); "
                         "with none of the beam options below, the setting that measured best on a CPU: "
-                        "2 x 4 + 1 lookup beam in 7 tree slots when greedy, 4 x 2 when sampling")
+                        "3 x 3 + 1 lookup beam of 5 tokens in 7 tree slots when greedy, 4 x 2 when sampling")
     p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 2 with --drafter, else 0)")
     p.add_argument("--beam-length", type=int, default=None,
                    help="tokens per beam, the init token included (default 4)")
@@ -83,14 +83,14 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel, sampling: Sam
     if not args.drafter and not args.lookup_beams:
         return None, None
     # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU. Greedy:
-    # 2 x 4 + 1 in 7 slots, the tree holding two beams, the lookup beam and the drafter's best where the
-    # text so far has a match, else the drafter's two best (lookup beams rank first; `tree.py` drops the
-    # rest). Sampling: 4 x 2, the drafter's four best next tokens: a node's sampled token is accepted
-    # where it is one of the node's children, so width pays more than depth.
+    # 3 x 3 + 1 x 5 in 7 slots: where the text so far has a match, the lookup beam (5 tokens: a repeat
+    # often runs on) and the drafter's best; else the drafter's beams, as many as fit (lookup beams rank
+    # first; `tree.py` drops what does not fit). Sampling: 4 x 2, the drafter's four best next tokens: a
+    # node's sampled token is accepted where it is one of the node's children, so width pays more than depth.
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
     if args.drafter and options == (None,) * len(options):
-        spec = SpecConfig.parse("2x4+1:7" if sampling.greedy else "4x2", **ngrams)
+        spec = SpecConfig.parse("3x3+1x5:7" if sampling.greedy else "4x2", **ngrams)
     else:
         width, length, lookup, budget, lookup_length = options
         spec = SpecConfig(width if width is not None else (2 if args.drafter else 0),
