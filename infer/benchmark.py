@@ -414,7 +414,7 @@ def main(argv=None) -> None:
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=2)
     sp.add_argument("--component-specs", nargs="+", default=["1x4+1", "4x4", "8x5"],
-                    help="WxL[+K] settings whose step is timed component by component")
+                    help="WxL[+K[xL']] settings whose step is timed component by component")
     for sub_parser in (ar, sp):
         add_report_args(sub_parser)
     args = p.parse_args(argv)

@@ -77,7 +77,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 first turns)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sweep", nargs="+", default=["4x4"], help="WxL[+K][:budget] settings (K lookup beams)")
+    p.add_argument("--sweep", nargs="+", default=["4x4"],
+                   help="WxL[+K[xL']][:budget] settings (K lookup beams of L' tokens, default L)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="suffix lengths the lookup beams match (default 1 3)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
