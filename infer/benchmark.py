@@ -345,7 +345,7 @@ def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: i
     ar = gen.ARState(s.cache, s.out, s.init_token, s.key, jnp.int32(0))
     parts = {
         "propose": (lambda s: gen.propose(params, drafter, block, lengths, s, spec, False), (s,)),
-        "pack": (lambda d: pack_tree(d.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(d.scores)), None),
+        "pack": (lambda d: pack_tree(d.beams, d.scores, spec.budget, cfg.pad_token_id), None),
         "verify": (lambda s, t: gen.verify(params, cfg, s, t), None),
         "accept": (lambda d, t, f: gen.accept(key, d, t, f, greedy, spec), None),
         "commit": (lambda s, f, t, a: gen.commit(s, f, t, a, key, cfg=cfg, stream=None), None),

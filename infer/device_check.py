@@ -56,7 +56,8 @@ class Sizes:
     component_specs: tuple[str, ...] = ("1x4+1", "8x5")
     prompts: int = 40
     new_tokens: int = 128
-    drafter_specs: tuple[str, ...] = ("1x4+1", "4x4+1", "4x4+1x8")  # the last: a deep lookup beam, ~free on a GPU
+    # the CLI's default (tuned on a CPU), a wider tree, and a deep lookup beam (~free on a GPU)
+    drafter_specs: tuple[str, ...] = ("4x3+1x8:7", "4x4+1", "4x4+1x8")
     oracle_specs: tuple[str, ...] = ("4x4", "8x5")
     synthetic: ModelConfig = LLAMA_7B
     synthetic_tree_sizes: tuple[int, ...] = (1, 8, 33, 64)
@@ -64,7 +65,7 @@ class Sizes:
 
 
 TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4), context=32,
-             component_specs=("1x3+1",), prompts=2, new_tokens=12, drafter_specs=("1x3+1x5",), oracle_specs=("2x3",),
+             component_specs=("1x3+1",), prompts=2, new_tokens=12, drafter_specs=("1x3+1x5:4",), oracle_specs=("2x3",),
              synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
                                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
              synthetic_tree_sizes=(1, 4), repeats=1)

@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, {decoding}, {args.dtype} (both decoders), every decoder in turn on each prompt.{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tokens/step counts the target's bonus token.{gaps_note}
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, {decoding}, {args.dtype} (both decoders), every decoder in turn on each prompt.{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{gaps_note}
 Machine: {machine()}.
 
 Command: `{command()}`

@@ -17,7 +17,9 @@ DEAD_SCORE = -1e9
 
 class Draft(NamedTuple):
     beams: jax.Array  # [B, W, L] int32 target ids, beams[:, :, 0] = init token, best beam first
-    scores: jax.Array  # [B, W] float32 sum of the drafter's log-probs of each beam's drafted tokens
+    # [B, W, L] float32 log-prob that each beam's prefix beams[:, :, :d+1] is right (for the drafter, the
+    # sum of its log-probs of the drafted tokens; 0 at the init token; -inf where nothing is proposed)
+    scores: jax.Array
     # Only when asked for (Apple's acceptance rule): [B, W, L-1, V] the drafter's log-probs over the
     # target vocabulary at each drafted position of each beam.
     log_probs: jax.Array | None = None
@@ -60,8 +62,9 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
     next_state: (state [B, W, S], tokens [B, W]) -> [B, W, S]. The first step spreads beam 0's best
     W tokens over the W beams (the others start at dead_score). Scores are sums of log-probs in
     float32, or float64 for a float64 state.
-    Returns tokens [B, W, L-1] (ids of the proposal vocabulary), scores [B, W], best first, and with
-    with_log_probs the log-probs [B, W, L-1, V] each final beam's tokens were drawn from (else None).
+    Returns tokens [B, W, L-1] (ids of the proposal vocabulary), best first; scores [B, W, L-1], each
+    final beam's prefix scores after each drafted token; and with with_log_probs the log-probs
+    [B, W, L-1, V] each final beam's tokens were drawn from (else None).
     """
     b = state.shape[0]
     dtype = jnp.promote_types(state.dtype, jnp.float32)
@@ -73,19 +76,20 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
         logp = jax.nn.log_softmax(logits_fn(state).astype(dtype), axis=-1)
         scores, parent, tok = top_w_of_beams(scores[..., None] + logp, width)
         state = next_state(jnp.take_along_axis(state, parent[..., None], axis=1), tok)
-        return (state, scores), (parent, tok, logp if with_log_probs else None)
+        return (state, scores), (parent, tok, scores, logp if with_log_probs else None)
 
-    (_, scores), (parents, toks, logps) = jax.lax.scan(step, (state, scores), None, length=length - 1)
+    _, (parents, toks, step_scores, logps) = jax.lax.scan(step, (state, scores), None, length=length - 1)
 
-    # Backtrack: beam j after the last step descends from parents[t][j] at each step t, whose
-    # distribution at step t was logps[t][parents[t][j]].
+    # Backtrack: beam j after the last step descends from beam idx after step t, itself from
+    # parents[t][idx], whose distribution at step t was logps[t][parents[t][idx]].
     def back(idx, xs):
-        parent, tok, logp = xs
+        parent, tok, score, logp = xs
         src = jnp.take_along_axis(parent, idx, axis=1)
         lp = None if logp is None else jnp.take_along_axis(logp, src[..., None], axis=1)
-        return src, (jnp.take_along_axis(tok, idx, axis=1), lp)
+        return src, (jnp.take_along_axis(tok, idx, axis=1), jnp.take_along_axis(score, idx, axis=1), lp)
 
     start = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
-    _, (path, path_logp) = jax.lax.scan(back, start, (parents, toks, logps), reverse=True)  # [L-1, B, W, ...]
+    _, (path, path_scores, path_logp) = jax.lax.scan(back, start, (parents, toks, step_scores, logps),
+                                                     reverse=True)  # [L-1, B, W, ...]
     path_logp = None if path_logp is None else jnp.moveaxis(path_logp, 0, 2)
-    return jnp.moveaxis(path, 0, -1).astype(jnp.int32), scores, path_logp
+    return jnp.moveaxis(path, 0, -1).astype(jnp.int32), jnp.moveaxis(path_scores, 0, -1), path_logp

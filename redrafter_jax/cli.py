@@ -74,7 +74,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="lengths of the suffix looked up, longest first (default 1 3)")
     p.add_argument("--tree-budget", type=int, default=None,
-                   help="packed tree slots (default 1 + W(L-1) + K(lookup length - 1): every beam)")
+                   help="packed tree slots, filled with the best-scored nodes at any depth "
+                        "(default 1 + W(L-1) + K(lookup length - 1): every node)")
 
 
 def load_drafter_arg(args: argparse.Namespace, model: LoadedModel, sampling: SamplingConfig):
@@ -83,14 +84,14 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel, sampling: Sam
     if not args.drafter and not args.lookup_beams:
         return None, None
     # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU. Greedy:
-    # 3 x 3 + 1 x 5 in 7 slots: where the text so far has a match, the lookup beam (5 tokens: a repeat
-    # often runs on) and the drafter's best; else the drafter's beams, as many as fit (lookup beams rank
-    # first; `tree.py` drops what does not fit). Sampling: 4 x 2, the drafter's four best next tokens: a
-    # node's sampled token is accepted where it is one of the node's children, so width pays more than depth.
+    # 4 x 3 + 1 x 8 in 7 slots, the 7 best-scored nodes (`tree.py`): down the lookup beam (8 tokens: a
+    # repeat often runs on) as far as the match makes it likely, the rest from the drafter's 4 beams.
+    # Sampling: 4 x 2, the drafter's four best next tokens: a node's sampled token is accepted where it is
+    # one of the node's children, so width pays more than depth.
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
     if args.drafter and options == (None,) * len(options):
-        spec = SpecConfig.parse("3x3+1x5:7" if sampling.greedy else "4x2", **ngrams)
+        spec = SpecConfig.parse("4x3+1x8:7" if sampling.greedy else "4x2", **ngrams)
     else:
         width, length, lookup, budget, lookup_length = options
         spec = SpecConfig(width if width is not None else (2 if args.drafter else 0),

@@ -150,7 +150,8 @@ class SpecConfig:
     drafter plus K context-lookup beams of `lookup_length` tokens (None: L; `lookup.py`: the tokens
     that followed the most recent earlier occurrences of the history's last
     `lookup_min_ngram`..`lookup_max_ngram` tokens), packed into a tree of `tree_budget` slots (None:
-    the worst case 1 + W(L-1) + K(lookup_length-1), so no beam is ever dropped). beam_width 0 is
+    the worst case 1 + W(L-1) + K(lookup_length-1), every node; with fewer, the best-scored nodes at
+    any depth, `tree.py`). beam_width 0 is
     lookup-only decoding, which needs no drafter. A lookup beam costs no drafting, only tree slots,
     so it may be longer than the drafter's (e.g. "2x4+1x8": the drafter's later tokens are rarely
     right, a repeated passage often is for many tokens).
@@ -191,9 +192,10 @@ class SpecConfig:
         if not 1 <= self.lookup_min_ngram <= self.lookup_max_ngram:
             raise ValueError(f"lookup n-gram lengths must satisfy 1 <= lookup_min_ngram <= lookup_max_ngram, got "
                              f"{self.lookup_min_ngram}, {self.lookup_max_ngram}")
-        if self.tree_budget is not None and not self.depth <= self.tree_budget <= self.max_nodes:
-            raise ValueError(f"tree_budget must be in [longest beam, 1 + W(L-1) + K(lookup_length-1)] = "
-                             f"[{self.depth}, {self.max_nodes}] to hold any beam, got {self.tree_budget}")
+        if self.tree_budget is not None and not 2 <= self.tree_budget <= self.max_nodes:
+            raise ValueError(f"tree_budget must be in [2, 1 + W(L-1) + K(lookup_length-1)] = [2, {self.max_nodes}] "
+                             f"(the init token and at least one drafted token, at most every node), got "
+                             f"{self.tree_budget}")
 
     @property
     def num_beams(self) -> int:

@@ -132,4 +132,5 @@ class Drafter:
                                  to_target_ids(p, drafted)], axis=-1)
         if logp is not None and "vocab_map" in p:  # draft ids -> target ids; the rest has probability 0
             logp = jnp.full(logp.shape[:-1] + (c.vocab_size,), -jnp.inf, logp.dtype).at[..., p["vocab_map"]].set(logp)
+        scores = jnp.concatenate([jnp.zeros((b, width, 1), scores.dtype), scores], axis=-1)
         return Draft(beams, scores, logp)

@@ -95,7 +95,7 @@ def _take_rows(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
 
 def propose(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array, s: SpecState,
             spec: SpecConfig, with_log_probs: bool) -> Draft:
-    """The drafter's W beams and the K context-lookup beams, merged by score: [B, W + K, spec.depth]."""
+    """The drafter's W beams and the K context-lookup beams: [B, W + K, spec.depth]."""
     drafts = []
     if spec.beam_width:
         drafts.append(drafter.draft(params, s.context, s.init_token, s.cache.lengths, spec.beam_width,
@@ -123,9 +123,8 @@ def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling:
     """The longest drafted prefix the target agrees with (its argmax, or one sample per tree node:
     the exact tree walk), or Apple's biased rule when asked for."""
     if _apple_rule(spec, sampling):
-        return apple_accept(key, draft.beams, tree.slot, tree.beam_valid, target_log_probs(f.logits, sampling),
-                            draft.log_probs)
-    return accept_longest_prefix(draft.beams, tree.slot, tree.beam_valid, select(key, f.logits, sampling))
+        return apple_accept(key, tree.beams, tree.slot, target_log_probs(f.logits, sampling), draft.log_probs)
+    return accept_longest_prefix(tree.beams, tree.slot, select(key, f.logits, sampling))
 
 
 def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.Array, *, cfg: ModelConfig,
@@ -156,7 +155,7 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
     """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
     it (plus the target's own next token) to each row's cache and output."""
     draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
-    tree = pack_tree(draft.beams, spec.budget, cfg.pad_token_id, valid=jnp.isfinite(draft.scores))
+    tree = pack_tree(draft.beams, draft.scores, spec.budget, cfg.pad_token_id)
     f = verify(params, cfg, s, tree)
     key, sub = jax.random.split(s.key)
     return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream, mesh=mesh)

@@ -10,17 +10,34 @@ the history says if its last (end - e) tokens loop.
 
 Everything is static-shaped: a fixed-size history per row and a vectorised match over all its
 positions, so lookup runs inside the decode loop with no host round trip. Lookup beams are a `Draft`
-with score 0 (a certain proposal ranks ahead of the drafter's beams, whose scores are log-probs) and
--inf where a row has no match (such beams are never accepted; see `combine`).
+whose prefix scores come from how often looked-up tokens were right (`MATCH_ACCEPTANCE`), so the
+tree packing weighs them against the drafter's log-probs node by node; they are -inf where a row
+has no match (such nodes never enter the tree).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from redrafter_jax.beam_search import Draft
 from redrafter_jax.tree import ABSENT
+
+# P(looked-up token d is right | tokens 1..d-1 were) for matches of n = 1, 2, 3+ tokens (rows) at
+# d = 1..7 (columns; deeper tokens take the last): SmolLM2-135M-Instruct's greedy replies to the 341
+# held-out ShareGPT prompts (92,769 reply tokens). The longer the match, the likelier the copy; a
+# one-token match is right less often than the drafter's first token (about 0.5).
+MATCH_ACCEPTANCE = np.array([[0.224, 0.601, 0.697, 0.733, 0.759, 0.827, 0.857],
+                             [0.564, 0.684, 0.744, 0.773, 0.838, 0.862, 0.887],
+                             [0.901, 0.931, 0.948, 0.958, 0.966, 0.970, 0.973]])
+
+
+def match_scores(n: jax.Array, length: int) -> jax.Array:
+    """Prefix log-probs [..., length] of a beam copied after an n-token match (n [...] >= 1)."""
+    table = np.log(MATCH_ACCEPTANCE)[:, np.minimum(np.arange(length - 1), MATCH_ACCEPTANCE.shape[1] - 1)]
+    prefix = jnp.asarray(np.concatenate([np.zeros((len(table), 1)), np.cumsum(table, axis=1)], axis=1), jnp.float32)
+    return prefix[jnp.clip(n, 1, len(table)) - 1]
 
 
 def history(prompts: jax.Array, prompt_lengths: jax.Array, generated: jax.Array) -> jax.Array:
@@ -57,8 +74,9 @@ def lookup_draft(hist: jax.Array, end: jax.Array, num_beams: int, length: int, m
     hist: [B, T] token history; end: [B] index of its newest token (the init token, beams[:, :, 0]).
     Candidates are earlier positions e < end whose last n tokens equal the history's last n, for
     the largest n in [min_ngram, max_ngram] that position allows; they rank by n, then by recency.
-    Candidates whose continuations equal a better one's are skipped, so the beams differ. Beam k
-    gets score 0, or -inf when there are fewer than k + 1 distinct matches.
+    Candidates whose continuations equal a better one's are skipped, so the beams differ. Beam k's
+    scores are `match_scores` of its match length, or -inf past the init token when there are fewer
+    than k + 1 distinct matches.
     """
     b, t = hist.shape
     e = jnp.arange(t)[None, :]
@@ -78,31 +96,28 @@ def lookup_draft(hist: jax.Array, end: jax.Array, num_beams: int, length: int, m
     order = jnp.argsort(jnp.where(distinct, 0, 1), axis=1, stable=True)[:, :num_beams]
     cont = jnp.take_along_axis(cont, order[:, :, None], axis=1)
     valid = jnp.take_along_axis(distinct, order, axis=1)
+    n_match = jnp.take_along_axis(key // t, order, axis=1)
     if num_beams > pool:  # a history shorter than the number of beams
         cont = jnp.pad(cont, ((0, 0), (0, num_beams - pool), (0, 0)))
         valid = jnp.pad(valid, ((0, 0), (0, num_beams - pool)))
+        n_match = jnp.pad(n_match, ((0, 0), (0, num_beams - pool)))
     init = jnp.take_along_axis(hist, end[:, None], axis=1)
     beams = jnp.concatenate([jnp.broadcast_to(init[:, :, None], (b, num_beams, 1)), cont], axis=-1)
-    return Draft(beams.astype(jnp.int32), jnp.where(valid, 0.0, -jnp.inf).astype(jnp.float32))
+    scores = jnp.where(valid[:, :, None] | (jnp.arange(length) == 0), match_scores(n_match, length), -jnp.inf)
+    return Draft(beams.astype(jnp.int32), scores)
 
 
 def combine(drafts: list[Draft]) -> Draft:
-    """One beam set from several proposers' beams: [B, sum W, max L], best score first.
+    """One beam set from several proposers' beams: [B, sum W, max L], in the order given.
 
-    Shorter beams end in `tree.ABSENT` tokens. A stable sort by score keeps each proposer's own
-    order. Beams with score -inf (never to be accepted) become copies of the best beam, so they take
-    no tree slots.
+    Shorter beams end in `tree.ABSENT` tokens (scored -inf). The tree packing ranks nodes by score,
+    so the proposers' beams need no merging order.
     """
     if len(drafts) == 1:
         return drafts[0]
     if any(d.log_probs is not None for d in drafts):
         raise ValueError("draft log-probs cannot be combined across proposers")
     length = max(d.beams.shape[-1] for d in drafts)
-    beams = jnp.concatenate([jnp.pad(d.beams, ((0, 0), (0, 0), (0, length - d.beams.shape[-1])),
-                                     constant_values=ABSENT) for d in drafts], axis=1)
-    scores = jnp.concatenate([d.scores for d in drafts], axis=1)
-    order = jnp.argsort(-scores, axis=1, stable=True)
-    beams = jnp.take_along_axis(beams, order[:, :, None], axis=1)
-    scores = jnp.take_along_axis(scores, order, axis=1)
-    beams = jnp.where(jnp.isfinite(scores)[:, :, None], beams, beams[:, :1])
-    return Draft(beams, scores)
+    pad = lambda x, fill: jnp.pad(x, ((0, 0), (0, 0), (0, length - x.shape[-1])), constant_values=fill)  # noqa: E731
+    return Draft(jnp.concatenate([pad(d.beams, ABSENT) for d in drafts], axis=1),
+                 jnp.concatenate([pad(d.scores.astype(jnp.float32), -jnp.inf) for d in drafts], axis=1))

@@ -43,4 +43,6 @@ class OracleDrafter:
         off = (d >= 1) if self.wrong else (w > 0) & (d == 1 + (w - 1) % (length - 1))
         beams = jnp.where(off, (beams + 1 + w) % self.vocab_size, beams)
         beams = beams.at[:, :, 0].set(init_token[:, None])
-        return Draft(beams.astype(jnp.int32), jnp.broadcast_to(-jnp.arange(width, dtype=jnp.float32), beams.shape[:2]))
+        # beam 0 is certain; beam w's own nodes rank w-th, so a budget keeps the truth first
+        scores = jnp.where(d == 0, 0.0, -w.astype(jnp.float32))
+        return Draft(beams.astype(jnp.int32), jnp.broadcast_to(scores, beams.shape))

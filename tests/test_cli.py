@@ -13,17 +13,17 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
     main(["--gguf", smollm_path, "--chat", "What is the capital of France?", "--max-new-tokens", "12", "--drafter"])
     out, err = capsys.readouterr()
     assert "Paris" in out
-    assert "W=3 L=3 K=1 L'=5 tree=7" in err  # the bare flag: the default drafter at the default shape
+    assert "W=4 L=3 K=1 L'=8 tree=7" in err  # the bare flag: the default drafter at the default shape
     assert "tokens/s" in err and "speedup" in err and "output identical to autoregressive" in err
 
 
 def test_beam_options_default_to_the_measured_best_setting(smollm):
-    """A bare --drafter takes 3 x 3 + 1 x 5 in 7 slots when greedy and 4 x 2 when sampling; any beam
+    """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots when greedy and 4 x 2 when sampling; any beam
     option given switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree)."""
     p = argparse.ArgumentParser()
     add_spec_args(p)
     greedy, sampled = SamplingConfig(0.0), SamplingConfig(0.8)
-    for argv, sampling, label, budget in [(["--drafter"], greedy, "3x3+1x5:7", 7), (["--drafter"], sampled, "4x2", 5),
+    for argv, sampling, label, budget in [(["--drafter"], greedy, "4x3+1x8:7", 7), (["--drafter"], sampled, "4x2", 5),
                                           (["--drafter", "--beam-length", "5"], sampled, "2x5+1", 13),
                                           (["--drafter", "--tree-budget", "5"], greedy, "2x4+1:5", 5),
                                           (["--lookup-beams", "2"], sampled, "0x4+2", 7),

@@ -42,16 +42,16 @@ def np_rnn(p, cfg, state, emb):
 
 
 def reference_beam_search(p, cfg, embed, head, vocab_map, context, g0, w, length):
-    """Plain-Python beam search: list of (tokens, score, state); first step expands beam 0 only."""
-    beams = [([g0], 0.0, np_rnn(p, cfg, np.zeros_like(context), embed[g0]))]
+    """Plain-Python beam search: list of (tokens, prefix scores, state); first step expands beam 0 only."""
+    beams = [([g0], [0.0], np_rnn(p, cfg, np.zeros_like(context), embed[g0]))]
     for _ in range(length - 1):
         cand = []
-        for bi, (toks, score, state) in enumerate(beams):
+        for bi, (toks, scores, state) in enumerate(beams):
             lp = np_drafter_logprobs(p, cfg, embed, head, context, state)
-            cand += [(score + lp[t], bi, t) for t in range(len(lp))]
+            cand += [(scores[-1] + lp[t], bi, t) for t in range(len(lp))]
         cand.sort(key=lambda c: -c[0])
-        beams = [(beams[bi][0] + [int(vocab_map[t])], s, np_rnn(p, cfg, beams[bi][2], embed[vocab_map[t]]))
-                 for s, bi, t in cand[:w]]
+        beams = [(beams[bi][0] + [int(vocab_map[t])], beams[bi][1] + [s],
+                  np_rnn(p, cfg, beams[bi][2], embed[vocab_map[t]])) for s, bi, t in cand[:w]]
     return np.array([b[0] for b in beams]), np.array([b[1] for b in beams])
 
 
@@ -93,7 +93,7 @@ def test_beam_search_matches_reference(option):
     (dict(beam_width=0), "at least one beam"),
     (dict(beam_width=-1, lookup_beams=2), "beam_width >= 0"),
     (dict(beam_length=1), "beam_length must be >= 2"),
-    (dict(beam_width=4, beam_length=4, tree_budget=3), "tree_budget must be in"),
+    (dict(beam_width=4, beam_length=4, tree_budget=1), "tree_budget must be in"),
     (dict(beam_width=2, beam_length=3, tree_budget=6), "tree_budget must be in"),
 ])
 def test_bad_spec_settings_raise(kwargs, match):

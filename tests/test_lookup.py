@@ -59,11 +59,11 @@ def test_lookup_equals_reference_on_random_histories(k, length, n_min, n_max):
     matched = 0
     for r in range(rows):
         want = reference(hists[r], ends[r], k, length, n_min, n_max)
-        valid = np.isfinite(scores[r])
+        valid = np.isfinite(scores[r, :, 1])
         assert valid.sum() == len(want), (r, want, beams[r])
         assert (beams[r, :, 0] == hists[r, ends[r]]).all()
         assert beams[r, valid, 1:].tolist() == want
-        assert (scores[r, valid] == 0).all()
+        assert (scores[r, ~valid, 1:] == -np.inf).all()
         matched += len(want)
     assert matched > rows // 2
 
@@ -75,15 +75,16 @@ def test_lookup_edge_cases():
             [1, 2, 3, 4, 0, 0, 0, 0],  # no earlier occurrence
             [8, 0, 0, 0, 0, 0, 0, 0]]  # one token: nothing to match
     beams, scores = run_lookup(hist, [4, 3, 3, 0], 1, 5, 1, 3)
-    assert beams[0, 0].tolist() == [6, 7, 5, 6, 7] and scores[0, 0] == 0
-    assert beams[1, 0].tolist() == [9, 9, 9, 9, 9] and scores[1, 0] == 0
-    assert np.isneginf(scores[2:, 0]).all()
+    # scored by match length: "5 6" (2 tokens) in row 0, "9 9 9" (3) in row 1
+    assert beams[0, 0].tolist() == [6, 7, 5, 6, 7] and np.allclose(scores[0, 0], lookup.match_scores(2, 5))
+    assert beams[1, 0].tolist() == [9, 9, 9, 9, 9] and np.allclose(scores[1, 0], lookup.match_scores(3, 5))
+    assert (scores[2:, 0, 0] == 0).all() and np.isneginf(scores[2:, 0, 1:]).all()
     # The longest suffix wins over a more recent shorter one: "3 1" matches at 1, a lone "1" at 3.
     beams, _ = run_lookup([[3, 1, 4, 1, 5, 3, 1]], [6], 1, 3, 1, 3)
     assert beams[0, 0].tolist() == [1, 4, 1]
     # More beams than the history has positions: the extra ones are invalid.
     beams, scores = run_lookup([[2, 2, 2]], [2], 6, 3, 1, 3)
-    assert np.isfinite(scores[0]).sum() == 1 and beams[0, 0].tolist() == [2, 2, 2]
+    assert np.isfinite(scores[0, :, 1]).sum() == 1 and beams[0, 0].tolist() == [2, 2, 2]
 
 
 def test_history_is_prompt_then_generated():
@@ -94,29 +95,32 @@ def test_history_is_prompt_then_generated():
     assert np.asarray(h)[1, :4].tolist() == [4, 9, 10, 11]
 
 
-def test_combine_ranks_lookups_first_and_invalid_beams_take_no_slots():
-    drafter = Draft(jnp.asarray([[[1, 2, 3], [1, 4, 5]]]), jnp.asarray([[-0.5, -2.0]]))
-    looked = Draft(jnp.asarray([[[1, 6, 6], [1, 7, 7]]]), jnp.asarray([[0.0, -jnp.inf]]))
+def test_match_scores_follow_the_measured_acceptance():
+    s = np.asarray(lookup.match_scores(jnp.asarray([1, 2, 3, 5]), 10))
+    assert (s[:, 0] == 0).all() and (np.diff(s, axis=1) < 0).all()  # each token may be wrong
+    assert (s[0, 1:] < s[1, 1:]).all() and (s[1, 1:] < s[2, 1:]).all() and (s[3] == s[2]).all()  # longer: likelier
+    np.testing.assert_allclose(np.exp(s[2, 1]), lookup.MATCH_ACCEPTANCE[2, 0], rtol=1e-6)
+
+
+def test_combine_pads_shorter_beams_and_packing_weighs_nodes_by_score():
+    """Lookup beams longer than the drafter's: the drafter's end in ABSENT, which packing skips;
+    nodes compete by score across proposers, and a lookup without a match takes no slot."""
+    drafter = Draft(jnp.asarray([[[1, 2, 3], [1, 4, 5]]]), jnp.log(jnp.asarray([[[1, 0.6, 0.5], [1, 0.3, 0.2]]])))
+    looked = Draft(jnp.asarray([[[1, 2, 3, 6, 6], [1, 7, 7, 7, 7]]]),
+                   jnp.asarray([lookup.match_scores(jnp.asarray([3, 1]), 5)]).at[:, 1, 1:].set(-jnp.inf))
     d = lookup.combine([drafter, looked])
-    assert np.asarray(d.beams)[0].tolist() == [[1, 6, 6], [1, 2, 3], [1, 4, 5], [1, 6, 6]]
-    tree = pack_tree(d.beams, 7, valid=jnp.isfinite(d.scores))
-    assert np.asarray(tree.beam_valid)[0].tolist() == [True, True, True, False]
-    assert int(tree.num_nodes[0]) == 7  # the invalid copy of beam 0 added nothing
+    assert np.asarray(d.beams)[0].tolist() == [[1, 2, 3, ABSENT, ABSENT], [1, 4, 5, ABSENT, ABSENT],
+                                               [1, 2, 3, 6, 6], [1, 7, 7, 7, 7]]
+    assert np.isneginf(np.asarray(d.scores)[0, :2, 3:]).all()
+    tree = pack_tree(d.beams, d.scores, 7, pad_id=0)
+    assert int(tree.num_nodes[0]) == 7  # slots in beam order: the drafter's two beams, then the lookup's tail
+    assert np.asarray(tree.tokens)[0].tolist() == [1, 2, 3, 4, 5, 6, 6]
+    assert np.asarray(tree.depth)[0].tolist() == [0, 1, 2, 1, 2, 3, 4]
+    # 5 slots: the shared "1 2 3" prefix is scored by the lookup (3-token match: 0.90, 0.93), whose
+    # next tokens (0.95, 0.96) beat the drafter's "4" (0.3)
+    assert np.asarray(pack_tree(d.beams, d.scores, 5).tokens)[0].tolist() == [1, 2, 3, 6, 6]
     with pytest.raises(ValueError, match="log-probs"):
         lookup.combine([drafter._replace(log_probs=jnp.zeros((1, 2, 2, 8))), looked])
-
-
-def test_combine_pads_shorter_beams_and_their_ends_take_no_slots():
-    """Lookup beams longer than the drafter's: the drafter's end in ABSENT, which packing skips."""
-    drafter = Draft(jnp.asarray([[[1, 2, 3], [1, 4, 5]]]), jnp.asarray([[-0.5, -2.0]]))
-    looked = Draft(jnp.asarray([[[1, 2, 3, 6, 6]]]), jnp.asarray([[0.0]]))
-    d = lookup.combine([drafter, looked])
-    assert np.asarray(d.beams)[0].tolist() == [[1, 2, 3, 6, 6], [1, 2, 3, ABSENT, ABSENT], [1, 4, 5, ABSENT, ABSENT]]
-    tree = pack_tree(d.beams, 7, pad_id=0, valid=jnp.isfinite(d.scores))
-    assert int(tree.num_nodes[0]) == 7 and np.asarray(tree.beam_valid)[0].all()  # 5 + 0 + 2 new nodes
-    assert np.asarray(tree.tokens)[0].tolist() == [1, 2, 3, 6, 6, 4, 5]
-    assert np.asarray(tree.depth)[0].tolist() == [0, 1, 2, 3, 4, 1, 2]
-    assert not pack_tree(d.beams, 6, valid=jnp.isfinite(d.scores)).beam_valid[0, 2]  # 2 more nodes than 6 hold
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +137,8 @@ PROMPTS = [[3, 4, 5, 3, 4, 5, 3, 4], [2, 7, 9, 11, 2, 7], [5] * 10, [6, 8]]
                                   SpecConfig(1, 4, lookup_beams=2, lookup_min_ngram=2, lookup_max_ngram=4),
                                   SpecConfig(2, 3, lookup_beams=2, lookup_length=7),
                                   SpecConfig(3, 5, lookup_beams=1, lookup_length=3, tree_budget=9),
-                                  SpecConfig(0, 3, lookup_beams=2, lookup_length=6)],
+                                  SpecConfig(0, 3, lookup_beams=2, lookup_length=6),
+                                  SpecConfig(3, 4, lookup_beams=1, lookup_length=7, tree_budget=5)],
                          ids=SpecConfig.describe)
 def test_lookup_decoding_equals_autoregressive_on_tiny_model(tiny, spec):
     cfg, params = tiny
@@ -159,7 +164,7 @@ def test_bad_lookup_settings_raise(tiny):
                           (dict(lookup_beams=1, lookup_length=1), "lookup_length must be >= 2"),
                           (dict(lookup_length=6), "needs lookup_beams > 0"),
                           (dict(lookup_beams=1, lookup_length=4.0), "lookup_length must be an integer"),
-                          (dict(beam_length=3, lookup_beams=1, lookup_length=8, tree_budget=7), r"\[8, 16\]")]:
+                          (dict(beam_length=3, lookup_beams=1, lookup_length=8, tree_budget=17), r"\[2, 16\]")]:
         with pytest.raises(ValueError, match=match):
             SpecConfig(**kwargs)
     with pytest.raises(ValueError, match="needs a drafter"):

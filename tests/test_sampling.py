@@ -14,6 +14,7 @@ from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
 from redrafter_jax.sampling import argmax, draw, select, target_log_probs
+from redrafter_jax.tree import ABSENT
 from tests.tiny import exact_next_token_probs, tiny_model
 
 V = 8
@@ -85,7 +86,7 @@ SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), Samp
 # Each drafter kind at two samplings and each sampling with two kinds (the full 4 x 4 grid adds ~80 s).
 PAIRS = [("random", SAMPLINGS[0]), ("random", SAMPLINGS[3]), ("adversarial", SAMPLINGS[1]),
          ("adversarial", SAMPLINGS[2]), ("lookup", SAMPLINGS[2]), ("lookup", SAMPLINGS[3]),
-         ("random+lookup", SAMPLINGS[0]), ("random+long lookup", SAMPLINGS[1])]
+         ("random+lookup", SAMPLINGS[0]), ("random+long lookup in 6 slots", SAMPLINGS[1])]
 
 
 @pytest.mark.parametrize("which,sampling", PAIRS, ids=[f"{w}-T{s.temperature}-p{s.top_p}" for w, s in PAIRS])
@@ -94,8 +95,9 @@ def test_tree_walk_preserves_target_distribution(target, sampling, which):
     kind = which.split("+")[0]  # the drafter: "random", "adversarial" or none ("lookup" alone)
     drafter = None if kind == "lookup" else adversarial_drafter(cfg, params) if kind == "adversarial" else \
         random_drafter(cfg)
+    # lookup beams deeper than the drafter's, and a tree of the 6 best-scored of their 15 nodes
     spec = SpecConfig(0 if drafter is None else 3, 3, lookup_beams=2 if "lookup" in which else 0,
-                      lookup_length=5 if "long" in which else None)  # lookup beams deeper than the drafter's
+                      lookup_length=5 if "long" in which else None, tree_budget=6 if "slots" in which else None)
     counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec)
     p = exact_joint(cfg, params, sampling)
     assert goodness_of_fit(counts, p) > ALPHA
@@ -208,8 +210,25 @@ def test_apple_residual_without_mass_falls_back_to_target():
     slot = jnp.asarray([[[0, 1, 2]]])
     q = jnp.log(jnp.asarray([[[[0.0, 0.5, 0.5, 0.0], [0.25] * 4]]]))  # q == p at the rejection point
     for seed in range(20):
-        acc = apple_accept(jax.random.PRNGKey(seed), beams, slot, jnp.asarray([[True]]), logp, q)
+        acc = apple_accept(jax.random.PRNGKey(seed), beams, slot, logp, q)
         assert int(acc.num_accepted[0]) == 0 and int(acc.tokens[0, 0]) in (1, 2)
+
+
+def test_apple_rule_treats_a_beams_end_in_the_tree_as_a_leaf():
+    """Past what the tree holds of a beam (ABSENT) no token was drafted: the bonus token comes from p,
+    not from the residual of a distribution whose token was never proposed (here: always token 2)."""
+    from redrafter_jax.acceptance import apple_accept
+
+    logp = jnp.log(jnp.asarray([[[0.0, 0.5, 0.5, 0.0]] * 3]))
+    beams = jnp.asarray([[[1, 2, ABSENT]]])  # token 2 has p == q: always accepted; then the beam ends
+    slot = jnp.asarray([[[0, 1, 0]]])
+    q = jnp.log(jnp.asarray([[[[0.0, 0.5, 0.5, 0.0], [0.0, 0.9, 0.1, 0.0]]]]))
+    bonus = set()
+    for seed in range(20):
+        acc = apple_accept(jax.random.PRNGKey(seed), beams, slot, logp, q)
+        assert int(acc.num_accepted[0]) == 1 and int(acc.tokens[0, 0]) == 2
+        bonus.add(int(acc.tokens[0, 1]))
+    assert bonus == {1, 2}
 
 
 def test_sampled_speculative_text_on_default_model_is_fluent(smollm, chat_prompts):

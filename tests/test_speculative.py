@@ -42,7 +42,8 @@ def greedy_reference(smollm, chat_prompts):
 @pytest.mark.parametrize("spec", [SpecConfig(1, 2), SpecConfig(16, 3),
                                   SpecConfig(8, 5, tree_budget=12), SpecConfig(0, 5, lookup_beams=1),
                                   SpecConfig(1, 3, lookup_beams=2, lookup_length=6),
-                                  SpecConfig(4, 4, lookup_beams=4, tree_budget=12)],
+                                  SpecConfig(4, 4, lookup_beams=4, tree_budget=12),
+                                  SpecConfig(2, 6, lookup_beams=1, lookup_length=8, tree_budget=6)],
                          ids=SpecConfig.describe)
 def test_random_drafter_output_equals_autoregressive(smollm, chat_prompts, greedy_reference, random_drafter, spec):
     drafter = random_drafter if spec.beam_width else None  # beam_width 0: lookup beams only
@@ -126,7 +127,8 @@ def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, gre
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
     drafter = load_drafter(path, smollm.config)
-    for spec in [SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2)]:
+    # the last: a budget below both beams' lengths, so the tree holds the best-scored nodes only
+    for spec in [SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2), SpecConfig.parse("3x4+1x6:5")]:
         out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
                            spec=spec)
         assert rows(out) == greedy_reference
