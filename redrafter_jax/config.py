@@ -151,10 +151,9 @@ class SpecConfig:
     that followed the most recent earlier occurrences of the history's last
     `lookup_min_ngram`..`lookup_max_ngram` tokens), packed into a tree of `tree_budget` slots (None:
     the worst case 1 + W(L-1) + K(lookup_length-1), every node; with fewer, the best-scored nodes at
-    any depth, `tree.py`). beam_width 0 is
-    lookup-only decoding, which needs no drafter. A lookup beam costs no drafting, only tree slots,
-    so it may be longer than the drafter's (e.g. "2x4+1x8": the drafter's later tokens are rarely
-    right, a repeated passage often is for many tokens).
+    any depth, `tree.py`). beam_width 0 is lookup-only decoding, which needs no drafter. A lookup
+    beam costs no drafting, only tree slots, so it may be longer than the drafter's (e.g. "2x4+1x8":
+    the drafter's later tokens are rarely right, a repeated passage often is for many tokens).
 
     acceptance (used when sampling): "tree_walk" keeps the target's distribution exactly;
     "apple_biased" is Apple's min(1, p/q) rule, which does not, offered only to measure the bias.
