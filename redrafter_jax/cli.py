@@ -62,7 +62,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "'default' (or the bare flag: the drafter trained for the default model, "
                         "drafters/smollm2-135m), or 'random' (untrained: exact output, little acceptance); "
                         "with none of the beam options below, the setting that measured best on a CPU: "
-                        "3 x 3 + 1 lookup beam of 5 tokens in 7 tree slots when greedy, 4 x 2 when sampling")
+                        "4 x 3 + 1 lookup beam of 8 tokens, the 7 best-scored nodes, when greedy; 4 x 2 when sampling")
     p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 2 with --drafter, else 0)")
     p.add_argument("--beam-length", type=int, default=None,
                    help="tokens per beam, the init token included (default 4)")
