@@ -36,8 +36,8 @@ def _pack_one(beams: jax.Array, scores: jax.Array, budget: int, pad_id: int) -> 
     same = jnp.cumprod(beams[:, None, :] == beams[None, :, :], axis=-1).astype(bool)  # [W, W, L]: prefix i == j
     owner = jnp.argmax(same, axis=1)  # [W, L] first j (always <= i)
     node_score = jnp.max(jnp.where(same, scores[None, :, :], -jnp.inf), axis=1)  # [W, L] best sharer's
-    is_new = (owner == jnp.arange(w)[:, None]) & (beams != ABSENT) & (node_score > -jnp.inf)
-    key = jnp.where(is_new, node_score, -jnp.inf).reshape(-1)
+    is_new = (owner == jnp.arange(w)[:, None]) & (beams != ABSENT)
+    key = jnp.where(is_new, node_score, -jnp.inf).reshape(-1)  # -inf: not a candidate
     best = jnp.argsort(-key, stable=True)[:budget]  # ties in beam-major order: parents first
     kept = jnp.zeros(w * length, bool).at[best].set(key[best] > -jnp.inf).reshape(w, length)
     # A node is in the tree iff its owner's node was kept and so was its parent.
