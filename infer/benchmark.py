@@ -189,11 +189,13 @@ def bench_spec(args) -> None:
 
     # 1. Verification: one forward of N tree tokens, with XLA's products and attention and (where they run)
     # the CPU kernels.
-    variants = {"XLA": params}
+    variants = {"XLA": (params, cfg)}
     if rows_matmul.enabled(params, cfg.dtype, None):
-        variants["CPU kernels"] = gen.decoding_params(params, cfg)
-    verify_rows = verification_rows(cfg, variants, args.tree_sizes, args.context, args.repeats * 3)
-    decoding = variants[list(variants)[-1]]  # the target params as generate() decodes with them
+        bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+        variants["CPU kernels, bfloat16 weights"] = gen.decoding_params(bf16, dataclasses.replace(cfg, dtype="bfloat16"))[1:]
+        variants["CPU kernels"] = gen.decoding_params(params, cfg)[1:]  # (loop params, config), as generate() decodes
+    verify_rows = verification_rows(variants, args.tree_sizes, args.context, args.repeats * 3)
+    decoding = variants[list(variants)[-1]][0]  # the target params as generate() decodes with them
     ar_step = verify_rows[0][-2] / 1000
 
     # 2. Drafter: one beam-search draft (W x (L-1) drafter steps), per option.
@@ -256,8 +258,10 @@ Command: `{command()}`
 
 Verification: one target forward of N tree tokens against a cache of {args.context} tokens, relative to
 one autoregressive step (N = 1) computed the same way, and timed in alternation: XLA's matrix products
-and attention, and the CPU kernels that generate() uses on the CPU in float32 (products:
-`redrafter_jax/rows_matmul.py`; attention over the cache in place: `redrafter_jax/cpu_attention.py`).
+and attention, and the CPU kernels that generate() uses on the CPU (products:
+`redrafter_jax/rows_matmul.py`; attention over the cache in place: `redrafter_jax/cpu_attention.py`),
+with the weights in float32 and rounded to bfloat16 (`--dtype bfloat16`: half the bytes to stream, the
+products still summed in float32).
 The drafter, step-component and end-to-end tables below use what generate() uses.
 
 {md1}
@@ -298,32 +302,33 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
     fig.savefig(beside(args.report, "verification_cost.png"), dpi=120)
 
 
-def verification_rows(cfg, variants: dict, tree_sizes, context: int, repeats: int) -> list[list]:
+def verification_rows(variants: dict, tree_sizes, context: int, repeats: int) -> list[list]:
     """[N, then ms and cost / one autoregressive step of each variant] of one target forward of N tree
     tokens against a cache of `context` tokens (tree_sizes must start with 1: the autoregressive step).
-    variants: name -> target params (e.g. plain, and packed for the CPU rows kernel), timed in
-    alternation. The cache is donated, as the decode loop updates it in place."""
-    state = {"cache": kv.init_cache(cfg, 1, context + max(tree_sizes) + 64).replace(
-        lengths=jnp.full((1,), context, jnp.int32))}
+    variants: name -> (target params, config) (e.g. plain, and `generate.decoding_params`'s loop params
+    for the CPU kernels), timed in alternation. Each variant's cache is donated, as the decode loop
+    updates it in place."""
+    caches = {name: kv.init_cache(cfg, 1, context + max(tree_sizes) + 64).replace(
+        lengths=jnp.full((1,), context, jnp.int32)) for name, (_, cfg) in variants.items()}
 
-    @functools.partial(jax.jit, donate_argnums=1)
-    def verify(p, c, toks, pos, mask):
+    @functools.partial(jax.jit, donate_argnums=1, static_argnums=5)
+    def verify(p, c, toks, pos, mask, cfg):
         f = forward(p, cfg, toks, pos, c, mask)
         return f.logits, f.cache
 
-    def verify_n(params, n):
+    def verify_n(name, n):
+        params, cfg = variants[name]
         toks = jnp.zeros((1, n), jnp.int32)
         pos = context + jnp.arange(n)[None]
-        mask = kv.attention_mask(state["cache"], pos, jnp.tril(jnp.ones((n, n), bool)))
+        mask = kv.attention_mask(caches[name], pos, jnp.tril(jnp.ones((n, n), bool)))
 
         def once():
             with matmul_precision(cfg):  # as generate() runs it
-                logits, state["cache"] = verify(params, state["cache"], toks, pos, mask)
+                logits, caches[name] = verify(params, caches[name], toks, pos, mask, cfg)
             return logits
         return once
 
-    t = timed({(name, n): verify_n(p, n) for n in tree_sizes for name, p in variants.items()}, repeats,
-              "verification cost")
+    t = timed({(name, n): verify_n(name, n) for n in tree_sizes for name in variants}, repeats, "verification cost")
     return [[n, *[x for name in variants for x in (1000 * t[name, n], t[name, n] / t[name, 1])]] for n in tree_sizes]
 
 
@@ -335,7 +340,7 @@ def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: i
     dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=vd)
     drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
     greedy = SamplingConfig()
-    params = gen.decoding_params(params, cfg)
+    _, params, cfg = gen.decoding_params(params, cfg)
     block, lengths, limits = prepare_prompts(cfg, [prompt], 64)
     key = jax.random.PRNGKey(0)
     prefill = functools.partial(gen.start_speculative, cfg=cfg, sampling=greedy, spec=spec, max_new_tokens=64,

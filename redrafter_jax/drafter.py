@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from redrafter_jax import rows_matmul
 from redrafter_jax.beam_search import DEAD_SCORE, Draft, beam_search
 from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
-from redrafter_jax.model import Params, lm_head
+from redrafter_jax.model import Params, linear, lm_head
 
 APPLE_TOP_K = 50
 APPLE_FILL = -5e4  # Apple's warped-away logits, and its dead beams' start score
@@ -67,7 +68,7 @@ def rnn_step(dparams: Params, dcfg: DrafterConfig, state: jax.Array, emb: jax.Ar
     """state, emb: [..., H] -> next state [..., H]."""
     if not dcfg.rnn:
         return state + emb
-    return jax.nn.silu(emb @ dparams["rnn_w"] + state @ dparams["rnn_u"] + dparams["rnn_b"])
+    return jax.nn.silu(linear(emb, dparams["rnn_w"]) + linear(state, dparams["rnn_u"]) + dparams["rnn_b"])
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -88,12 +89,14 @@ def draft_logits(dparams: Params, dcfg: DrafterConfig, target_params: Params, co
     keys = jax.random.split(key, n) if dropout_rate else [None] * n
     x = jnp.concatenate([jnp.broadcast_to(context, state.shape), state], axis=-1)
     if "proj_w" in dparams:
-        x = x @ dparams["proj_w"] + dparams["proj_b"]
+        x = linear(x, dparams["proj_w"]) + dparams["proj_b"]
     x = dropout(x, dropout_rate, keys[0])
     for rb, k in zip(dparams["resblocks"], keys[1:]):
-        x = x + dropout(jax.nn.silu(x @ rb["w"] + rb["b"]), dropout_rate, k)
+        x = x + dropout(jax.nn.silu(linear(x, rb["w"]) + rb["b"]), dropout_rate, k)
     if dcfg.share_lm_head:
         return lm_head(target_params, x)
+    if isinstance(dparams["lm_head"], rows_matmul.Packed):
+        return linear(x, dparams["lm_head"])
     return jnp.matmul(x, dparams["lm_head"], preferred_element_type=jnp.promote_types(x.dtype, jnp.float32))
 
 

@@ -10,9 +10,10 @@ nothing until the loop ends (except an optional streaming callback).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import weakref
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,8 @@ from redrafter_jax.decode import (
     stream_tokens,
     streaming_to,
 )
-from redrafter_jax.model import ForwardOutput, Params, forward, pack_params
+from redrafter_jax.drafter import Drafter
+from redrafter_jax.model import MATRICES, ForwardOutput, Params, forward, pack_params
 from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
@@ -212,26 +214,70 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh"))
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh"))
 
-# id(first leaf) -> (weak references to all the plain params' leaves, their packed copy)
-_PACKED: dict[int, tuple[list, Params]] = {}
+
+class DecodingParams(NamedTuple):
+    """What the decode loops run on (`decoding_params`)."""
+
+    prefill: Params  # the prompt's forward
+    loop: Params  # the decode loop's steps
+    config: ModelConfig  # its dtype is the activations' and the cache's
 
 
-def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> Params:
-    """The target params as the decode loops use them: tile-packed for the CPU rows kernel where
-    `rows_matmul.enabled`, else unchanged. The packed copy is made once and kept as long as `params`
-    live, so repeated generate() calls do not pay for it again (packing the default model's 537 MB,
-    mostly page faults on the fresh copy, cost ~0.5 s per call)."""
-    if not rows_matmul.enabled(params, cfg.dtype, mesh):
-        return params
+# id(first leaf) -> (weak references to all the plain params' leaves, what was made of them)
+_DECODING: dict[int, tuple[list, object]] = {}
+
+
+def _kept(params, make):
+    """make(), made once per params and kept as long as params' leaves live (packing the default
+    model's 537 MB, mostly page faults on the fresh copy, cost ~0.5 s per generate() call)."""
     leaves = jax.tree_util.tree_leaves(params)
-    kept = _PACKED.get(id(leaves[0]))
+    kept = _DECODING.get(id(leaves[0]))
     if kept is not None and len(kept[0]) == len(leaves) and all(r() is x for r, x in zip(kept[0], leaves)):
         return kept[1]
-    packed = jax.jit(pack_params)(params)
+    made = make()
     if kept is None:  # else this first leaf already has its finalizer (other params that share it)
-        weakref.finalize(leaves[0], _PACKED.pop, id(leaves[0]), None)
-    _PACKED[id(leaves[0])] = ([weakref.ref(x) for x in leaves], packed)
-    return packed
+        weakref.finalize(leaves[0], _DECODING.pop, id(leaves[0]), None)
+    _DECODING[id(leaves[0])] = ([weakref.ref(x) for x in leaves], made)
+    return made
+
+
+def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> DecodingParams:
+    """The target params as the decode loops use them. Where `rows_matmul.enabled`, the loop's matrices
+    are tile-packed for the CPU rows kernel in the parameters' dtype, and everything else (embedding,
+    norms, biases, activations, cache) is float32, as the CPU kernels compute: bfloat16 weights stream
+    half the bytes, and a row's logits do not depend on the tree around it in either dtype. A float32
+    prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere params
+    and cfg are used unchanged. Made once per params (`_kept`)."""
+    if not rows_matmul.enabled(params, cfg.dtype, mesh):
+        return DecodingParams(params, params, cfg)
+    loop, config = _kept(params, lambda: (_loop_params(params, cfg.dtype), dataclasses.replace(cfg, dtype="float32")))
+    return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop, config)
+
+
+def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None) -> Proposer | None:
+    """A float32 `Drafter` as the decode loops run it: where `rows_matmul.enabled`, its matrices
+    tile-packed for the CPU rows kernel (XLA ran its W-row beam steps through a general matrix multiply
+    at half the memory speed, and the target evicts its weights from the caches every step). It drafts
+    the same beams. Other proposers, and elsewhere, unchanged. Made once per drafter (`_kept`)."""
+    if not isinstance(drafter, Drafter) or jnp.dtype(drafter.config.dtype) != jnp.float32 or \
+            not rows_matmul.enabled(drafter.params, drafter.config.dtype, mesh):
+        return drafter
+    return _kept(drafter.params, lambda: drafter.replace(params=_packed_matrices(drafter.params)))
+
+
+@jax.jit
+def _packed_matrices(dparams: Params) -> Params:
+    return jax.tree_util.tree_map(lambda w: rows_matmul.pack(w) if w.ndim == 2 else w, dparams)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _loop_params(params: Params, dtype: str) -> Params:
+    """The matrices (the layers' and the LM head) tile-packed as `dtype`, everything else float32."""
+    def widen(d: dict, keep: tuple[str, ...]) -> dict:
+        return {k: v if k in keep else jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), v) for k, v in d.items()}
+
+    widened = {**widen(params, ("layers", "lm_head")), "layers": [widen(p, MATRICES) for p in params["layers"]]}
+    return pack_params(widened, dtype)
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None, block: jax.Array,
@@ -294,7 +340,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     b = block.shape[0]
     if mesh is not None:
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
-    loop_params = decoding_params(params, cfg, mesh)
+    params, loop_params, cfg = decoding_params(params, cfg, mesh)
+    drafter = decoding_drafter(drafter, mesh)
     with streaming_to(stream) as to:
         if speculative:
             out = _call(_speculative_jit, cfg, params, loop_params, drafter, block, lengths, limits, key,

@@ -94,12 +94,18 @@ def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
     return jnp.tensordot(x, w, axes=1)
 
 
-def pack_params(params: Params) -> Params:
-    """The target's matrices tile-packed for the CPU rows kernel (`rows_matmul`), with the LM head
-    packed on its own when tied (the embedding stays for token lookups). For decoding only."""
-    matrices = ("wqkv", "wo", "w_gate_up", "w_down")
-    layers = [{k: rows_matmul.pack(v) if k in matrices else v for k, v in p.items()} for p in params["layers"]]
-    head = rows_matmul.pack(params["lm_head"]) if "lm_head" in params else rows_matmul.pack(params["embed"], True)
+MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")  # a layer's weights that go through `linear`
+
+
+def pack_params(params: Params, dtype=None) -> Params:
+    """The target's matrices tile-packed for the CPU rows kernel (`rows_matmul`), as `dtype` (default:
+    their own), with the LM head packed on its own when tied (the embedding stays for token lookups).
+    For decoding only."""
+    def pack(w, transposed=False):
+        return rows_matmul.pack(w.astype(dtype or w.dtype), transposed)
+
+    layers = [{k: pack(v) if k in MATRICES else v for k, v in p.items()} for p in params["layers"]]
+    head = pack(params["lm_head"]) if "lm_head" in params else pack(params["embed"], True)
     return {**params, "layers": layers, "lm_head": head}
 
 

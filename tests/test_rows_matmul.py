@@ -10,24 +10,27 @@ import pytest
 
 from redrafter_jax import generate as gen
 from redrafter_jax import rows_matmul, sharding
-from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.model import forward_causal, pack_params
+from redrafter_jax.oracle import OracleDrafter
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not rows_matmul.available(), reason="no C++ compiler for the CPU rows kernel")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("k,out", [(5, (7,)), (64, (3, 5, 8)), (300, (96,))])
-def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out):
+def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dtype):
     rng = np.random.default_rng(k)
-    w = rng.standard_normal((k, *out)).astype(np.float32)
-    packed = rows_matmul.pack(jnp.asarray(w))
-    assert packed.tiles.shape == (-(-w[0].size // 32), k, 32) and packed.out == out
+    w = jnp.asarray(rng.standard_normal((k, *out)), dtype)
+    packed = rows_matmul.pack(w)
+    assert packed.tiles.shape == (-(-w[0].size // 32), k, 32) and packed.tiles.dtype == dtype and packed.out == out
     x = rng.standard_normal((70, k)).astype(np.float32)
     mm = jax.jit(rows_matmul.matmul)
     single = np.stack([np.asarray(mm(x[i: i + 1], packed))[0] for i in range(26)])
-    want = np.tensordot(x.astype(np.float64), w.astype(np.float64), 1)
+    want = np.tensordot(x.astype(np.float64), np.asarray(w, np.float64), 1)  # bfloat16 weights widen exactly
     np.testing.assert_allclose(single, want[:26], rtol=1e-5, atol=1e-5 * np.sqrt(k))
     for m in (2, 3, 12, 13, 24, 26):  # one pass, a full pass, a partial second, three passes: bitwise the single rows
         np.testing.assert_array_equal(np.asarray(mm(x[:m], packed)), single[:m])
@@ -36,28 +39,79 @@ def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out):
     np.testing.assert_array_equal(np.asarray(mm(x[None, :3], packed)), single[None, :3])  # leading axes kept
 
 
-def test_packing_copies_tiles_exactly_also_from_a_transposed_weight():
-    w = np.random.default_rng(0).standard_normal((9, 70)).astype(np.float32)  # 70 columns: a padded last tile
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packing_copies_tiles_exactly_also_from_a_transposed_weight(dtype):
+    w = np.asarray(jnp.asarray(np.random.default_rng(0).standard_normal((9, 70)), dtype))  # 70 columns: a padded tile
     want = np.pad(w, ((0, 0), (0, 26))).reshape(9, 3, 32).transpose(1, 0, 2)
     for packed in (rows_matmul.pack(jnp.asarray(w)), rows_matmul.pack(jnp.asarray(w.T), transposed=True)):
-        assert packed.out == (70,)
+        assert packed.out == (70,) and packed.tiles.dtype == dtype
         np.testing.assert_array_equal(np.asarray(packed.tiles), want)
-    with pytest.raises(ValueError, match="float32"):
-        rows_matmul.pack(jnp.asarray(w, jnp.bfloat16))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        rows_matmul.pack(jnp.asarray(w, jnp.float16))
 
 
 def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     cfg, params = tiny_model()
-    packed = gen.decoding_params(params, cfg)
-    assert gen.decoding_params(params, cfg) is packed  # a second generate() call does not pack again
+    made = gen.decoding_params(params, cfg)
+    assert made.prefill is params and made.config == cfg
+    assert isinstance(made.loop["layers"][0]["wo"], rows_matmul.Packed)
+    assert gen.decoding_params(params, cfg).loop is made.loop  # a second generate() call does not pack again
     other = jax.tree_util.tree_map(lambda x: x + 0, params)
-    assert gen.decoding_params(other, cfg) is not packed
-    kept = len(gen._PACKED)
+    assert gen.decoding_params(other, cfg).loop is not made.loop
+    kept = len(gen._DECODING)
     del other
     gc.collect()
-    assert len(gen._PACKED) == kept - 1  # freed with its params
+    assert len(gen._DECODING) == kept - 1  # freed with its params
     with rows_matmul.turned_off():
-        assert gen.decoding_params(params, cfg) is params
+        assert gen.decoding_params(params, cfg) == (params, params, cfg)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_models_decode_with_bfloat16_tiles_and_float32_activations(tied):
+    cfg, params = tiny_model(dtype="bfloat16", tie_word_embeddings=tied)
+    prefill, loop, dcfg = gen.decoding_params(params, cfg)
+    assert prefill is loop and dcfg.dtype == "float32"  # the activations' and the cache's
+    for p, q in zip(params["layers"], loop["layers"]):
+        for k in p:
+            if isinstance(q[k], rows_matmul.Packed):  # the matrices: their bfloat16 values, tile-packed
+                w = np.asarray(p[k]).reshape(p[k].shape[0], -1)
+                tiles = np.asarray(q[k].tiles)
+                assert tiles.dtype == jnp.bfloat16
+                np.testing.assert_array_equal(tiles.transpose(1, 0, 2).reshape(len(w), -1)[:, :w.shape[1]], w)
+            else:  # norms, biases: widened exactly
+                assert q[k].dtype == jnp.float32
+                np.testing.assert_array_equal(np.asarray(q[k]), np.asarray(p[k], np.float32))
+    assert loop["embed"].dtype == jnp.float32 and loop["lm_head"].tiles.dtype == jnp.bfloat16
+    tokens = jnp.asarray([[5, 6, 7, 8]])
+    widened = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # the bfloat16 model's products in float32
+    np.testing.assert_allclose(np.asarray(forward_causal(loop, dcfg, tokens).logits),
+                               np.asarray(forward_causal(widened, dcfg, tokens).logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", [dict(), dict(exit_dim=32, draft_vocab_size=40), dict(share_lm_head=True, exit_dim=32)],
+                         ids=["exit 2H", "projected, reduced vocabulary", "target's head"])
+def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option):
+    cfg, params = tiny_model(head_dim=16)
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_resblocks=2, **option)
+    vmap = jnp.arange(40) + 20 if dcfg.draft_vocab_size else None
+    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
+    packed = gen.decoding_drafter(drafter)
+    kinds = {jax.tree_util.keystr(path): type(x) for path, x in jax.tree_util.tree_flatten_with_path(
+        packed.params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))[0]}
+    assert {k for k, t in kinds.items() if t is rows_matmul.Packed} == {
+        jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(drafter.params)[0] if x.ndim == 2}
+    assert gen.decoding_drafter(drafter) is packed  # kept while the drafter lives
+    loop = gen.decoding_params(params, cfg).loop
+    context = jax.random.normal(jax.random.PRNGKey(2), (3, cfg.hidden_size))
+    init, lengths = jnp.asarray([3, 9, 27]), jnp.zeros(3, jnp.int32)
+    want = drafter.draft(params, context, init, lengths, 4, 4)
+    got = jax.jit(lambda d: d.draft(loop, context, init, lengths, 4, 4))(packed)
+    np.testing.assert_array_equal(np.asarray(got.beams), np.asarray(want.beams))
+    np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-5, atol=1e-5)
+    oracle = OracleDrafter(jnp.zeros((1, 8), jnp.int32), cfg.vocab_size)
+    assert gen.decoding_drafter(oracle) is oracle and gen.decoding_drafter(None) is None
+    with rows_matmul.turned_off():
+        assert gen.decoding_drafter(drafter) is drafter
 
 
 def test_packed_params_give_the_same_forward():
@@ -69,8 +123,8 @@ def test_packed_params_give_the_same_forward():
 
 def test_decoding_uses_the_kernels_exactly_where_they_apply():
     cfg, params = tiny_model(head_dim=16)
-    assert rows_matmul.enabled(params, cfg.dtype, None)
-    assert not rows_matmul.enabled(params, "bfloat16", None)
+    assert rows_matmul.enabled(params, cfg.dtype, None) and rows_matmul.enabled(params, "bfloat16", None)
+    assert not rows_matmul.enabled(params, "float16", None)
     assert not rows_matmul.enabled(params, cfg.dtype, sharding.make_mesh(1, 1))
     with rows_matmul.turned_off():
         assert not rows_matmul.enabled(params, cfg.dtype, None)
@@ -82,14 +136,16 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
         return gen._call(gen._speculative_jit.lower, cfg, params, loop_params, None, block, lengths, limits, key,
                          sampling=SamplingConfig(), spec=SpecConfig(0, 3, lookup_beams=1), max_new_tokens=4,
                          stream=None).as_text()
-    kernels = lowered(gen.decoding_params(params, cfg))
-    assert rows_matmul.TARGET in kernels and rows_matmul.ATTENTION_TARGET in kernels
-    assert rows_matmul.TARGET not in lowered(params) and rows_matmul.ATTENTION_TARGET not in lowered(params)
+    kernels = lowered(gen.decoding_params(params, cfg).loop)
+    target = rows_matmul.TARGETS[jnp.dtype(jnp.float32)]
+    assert target in kernels and rows_matmul.ATTENTION_TARGET in kernels
+    assert target not in lowered(params) and rows_matmul.ATTENTION_TARGET not in lowered(params)
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["CPU kernels", "XLA products"])
-def test_speculative_output_equals_autoregressive_both_ways(kernel):
-    cfg, params = tiny_model(seed=3, head_dim=16)  # a head dim the attention kernel takes
+@pytest.mark.parametrize("kernel,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")],
+                         ids=["CPU kernels", "XLA products", "CPU kernels, bfloat16 weights"])
+def test_speculative_output_equals_autoregressive_both_ways(kernel, dtype):
+    cfg, params = tiny_model(seed=3, head_dim=16, dtype=dtype)  # a head dim the attention kernel takes
     prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4], [9, 8, 7, 6, 5]]
     spec = SpecConfig(0, 4, lookup_beams=3)
 

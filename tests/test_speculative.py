@@ -102,7 +102,7 @@ def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, c
     spec = SpecConfig(4, 4, lookup_beams=2)
     fn = jax.jit(gen._speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens"))
     kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
-    args = (smollm.params, gen.decoding_params(smollm.params, cfg), random_drafter, block, lengths, limits,
+    args = (smollm.params, gen.decoding_params(smollm.params, cfg).loop, random_drafter, block, lengths, limits,
             jax.random.PRNGKey(0))
     prims = _primitives(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args).jaxpr, [])
     assert prims.count("while") == 1

@@ -3,7 +3,8 @@
 // general matrix multiply at about half that; here every tile streams its weights once per 12 rows and
 // keeps the 12 x 32 sums in registers. Each output is one chain of fused multiply-adds over k = 0..K-1,
 // so a row's result does not depend on M or on the threads: a one-token step and an N-token tree
-// verification compute bitwise the same products.
+// verification compute bitwise the same products. The weights may be float32 or bfloat16 (half the
+// bytes to stream; each widened exactly to float32 in registers, so x, the sums and y stay float32).
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -20,24 +21,38 @@ namespace {
 constexpr int64_t kTile = 32;   // columns per tile (two 512-bit registers)
 constexpr int64_t kRows = 12;   // rows per pass: 12 x 32 float sums fill 24 of 32 AVX-512 registers
 constexpr int64_t kAhead = 32;  // weight rows of this tile prefetched ahead
-constexpr int64_t kLine = 16;   // floats per 64-byte cache line
+constexpr int64_t kLine = 64;   // bytes per cache line
 
 // 16 floats: one AVX-512 register (GCC splits it on narrower vector units).
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t Half __attribute__((vector_size(32), aligned(2)));   // 16 bfloat16s
+typedef uint32_t Word __attribute__((vector_size(64), aligned(4)));  // 16 float32s' bits
+
+// The 32 weights of one tile row as two registers of float32.
+inline void Load(const float* w, Vec& w0, Vec& w1) {
+  w0 = *reinterpret_cast<const Vec*>(w);
+  w1 = *reinterpret_cast<const Vec*>(w + 16);
+}
+inline void Load(const uint16_t* w, Vec& w0, Vec& w1) {  // bfloat16: the top half of a float32's bits
+  w0 = reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Half*>(w), Word) << 16);
+  w1 = reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Half*>(w + 16), Word) << 16);
+}
 
 // One pass of R rows over a tile. While it computes, it also prefetches `lines` cache lines per k of
 // the thread's next tile (from `next`) into L2, so that memory keeps streaming while the passes
 // compute: without it, the passes after the first one ran from cache with memory idle.
-template <int R>
-void TilePass(const float* x, const float* w, float* y, int64_t k_dim, int64_t o_dim, bool first,
-              const float* next, int lines) {
+template <int R, typename W>
+void TilePass(const float* x, const W* w, float* y, int64_t k_dim, int64_t o_dim, bool first,
+              const char* next, int lines) {
+  constexpr int64_t kRowBytes = kTile * sizeof(W);
   Vec acc[R][2] = {};
   for (int64_t k = 0; k < k_dim; ++k) {
-    const Vec w0 = *reinterpret_cast<const Vec*>(w + k * kTile);
-    const Vec w1 = *reinterpret_cast<const Vec*>(w + k * kTile + 16);
-    if (first) {  // this tile into L1, 4 KB ahead (never faults)
-      __builtin_prefetch(w + (k + kAhead) * kTile);
-      __builtin_prefetch(w + (k + kAhead) * kTile + 16);
+    Vec w0, w1;
+    Load(w + k * kTile, w0, w1);
+    if (first) {  // this tile into L1, kAhead rows ahead (never faults)
+      for (int64_t b = 0; b < kRowBytes; b += kLine) {
+        __builtin_prefetch(reinterpret_cast<const char*>(w + (k + kAhead) * kTile) + b);
+      }
     }
     for (int i = 0; i < lines; ++i) __builtin_prefetch(next + (k * lines + i) * kLine, 0, 1);
     for (int r = 0; r < R; ++r) {
@@ -52,31 +67,38 @@ void TilePass(const float* x, const float* w, float* y, int64_t k_dim, int64_t o
   }
 }
 
-using Pass = void (*)(const float*, const float*, float*, int64_t, int64_t, bool, const float*, int);
-template <int64_t... R>
-constexpr auto kPasses(std::integer_sequence<int64_t, R...>) { return std::array<Pass, sizeof...(R)>{TilePass<R + 1>...}; }
+template <typename W>
+using Pass = void (*)(const float*, const W*, float*, int64_t, int64_t, bool, const char*, int);
+template <typename W, int64_t... R>
+constexpr auto kPasses(std::integer_sequence<int64_t, R...>) {
+  return std::array<Pass<W>, sizeof...(R)>{TilePass<R + 1, W>...};
+}
 
-// All rows of one tile, in passes of up to kRows; the next tile's 2K lines are prefetched over the
-// passes: two per k in a single pass, else one per k in each of the first two.
-void Tile(const float* x, const float* w, float* y, int64_t m, int64_t k_dim, int64_t o_dim, const float* next) {
-  static constexpr auto pass = kPasses(std::make_integer_sequence<int64_t, kRows>{});
+// All rows of one tile, in passes of up to kRows; the next tile's K x L lines (L = 2 for float32,
+// 1 for bfloat16) are prefetched over the passes: L per k in a single pass, else one per k in each of
+// the first L.
+template <typename W>
+void Tile(const float* x, const W* w, float* y, int64_t m, int64_t k_dim, int64_t o_dim, const W* next) {
+  static constexpr auto pass = kPasses<W>(std::make_integer_sequence<int64_t, kRows>{});
+  constexpr int kLinesPerRow = kTile * sizeof(W) / kLine;
   const int64_t passes = (m + kRows - 1) / kRows;
   for (int64_t p = 0; p < passes; ++p) {
-    const int lines = next == nullptr || p >= 2 ? 0 : passes == 1 ? 2 : 1;
+    const int lines = next == nullptr || p >= kLinesPerRow ? 0 : passes == 1 ? kLinesPerRow : 1;
+    const char* ahead = lines ? reinterpret_cast<const char*>(next) + p * k_dim * kLine : nullptr;
     pass[std::min(kRows, m - p * kRows) - 1](x + p * kRows * k_dim, w, y + p * kRows * o_dim, k_dim, o_dim, p == 0,
-                                             lines ? next + p * k_dim * kLine : nullptr, lines);
+                                             ahead, lines);
   }
 }
 
-ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                      ffi::ResultBuffer<ffi::F32> y) {
+template <ffi::DataType T>
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kTile || wd[1] != xd[1]) {
     return ffi::Error::InvalidArgument("rows_matmul: expects x [M, K] and w [O / 32, K, 32]");
   }
   const int64_t m = xd[0], k_dim = xd[1], tiles = wd[0], o_dim = tiles * kTile;
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  const auto* wp = w.typed_data();
   float* yp = y->typed_data();
   ParallelFor(pool, tiles, [=](int64_t t, int64_t after) {
     Tile(xp, wp + t * k_dim * kTile, yp + t * kTile, m, k_dim, o_dim, after < tiles ? wp + after * k_dim * kTile : nullptr);
@@ -88,7 +110,8 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // the last tile zero-padded. XLA:CPU's own transposes took ~0.6 s for the default model's weights on
 // 2 cores, a cost every generate() call paid. Blocks of 16 tiles x 64 rows keep both the strided
 // reads and the writes within a few pages.
-ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> tiles, bool transposed) {
+template <ffi::DataType T>
+ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T> tiles, bool transposed) {
   auto wd = w.dimensions(), td = tiles->dimensions();
   const int64_t k_dim = wd.size() == 2 ? wd[transposed ? 1 : 0] : 0, o_dim = wd.size() == 2 ? wd[transposed ? 0 : 1] : 0;
   if (wd.size() != 2 || td.size() != 3 || td[0] != (o_dim + kTile - 1) / kTile || td[1] != k_dim || td[2] != kTile) {
@@ -96,8 +119,8 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultB
   }
   constexpr int64_t kBlockTiles = 16, kBlockRows = 64;
   const int64_t n_tiles = td[0];
-  const float* wp = w.typed_data();
-  float* tp = tiles->typed_data();
+  const auto* wp = w.typed_data();
+  auto* tp = tiles->typed_data();
   ParallelFor(pool, (n_tiles + kBlockTiles - 1) / kBlockTiles, [=](int64_t b, int64_t) {
     const int64_t t_end = std::min(n_tiles, (b + 1) * kBlockTiles);
     for (int64_t k0 = 0; k0 < k_dim; k0 += kBlockRows) {
@@ -105,9 +128,9 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultB
       for (int64_t t = b * kBlockTiles; t < t_end; ++t) {
         const int64_t col = t * kTile, width = std::min(kTile, o_dim - col);
         for (int64_t k = k0; k < k_end; ++k) {
-          float* out = tp + (t * k_dim + k) * kTile;
+          auto* out = tp + (t * k_dim + k) * kTile;
           for (int64_t c = 0; c < width; ++c) out[c] = transposed ? wp[(col + c) * k_dim + k] : wp[k * o_dim + col + c];
-          std::fill(out + width, out + kTile, 0.0f);
+          std::fill(out + width, out + kTile, 0);  // zero in either type
         }
       }
     }
@@ -117,16 +140,20 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::ResultB
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_rows_matmul, RowsMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define ROWS_MATMUL(name, T)                                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, RowsMatmul<T>, ffi::Ffi::Bind()    \
+                                                        .Ctx<ffi::ThreadPool>() \
+                                                        .Arg<ffi::Buffer<ffi::F32>>() \
+                                                        .Arg<ffi::Buffer<T>>()  \
+                                                        .Ret<ffi::Buffer<ffi::F32>>())
+#define PACK_TILES(name, T)                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PackTiles<T>, ffi::Ffi::Bind()              \
+                                                        .Ctx<ffi::ThreadPool>() \
+                                                        .Arg<ffi::Buffer<T>>()  \
+                                                        .Ret<ffi::Buffer<T>>()  \
+                                                        .Attr<bool>("transposed"))
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_pack_tiles, PackTiles,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("transposed"));
+ROWS_MATMUL(redrafter_rows_matmul, ffi::F32);
+ROWS_MATMUL(redrafter_rows_matmul_bf16, ffi::BF16);
+PACK_TILES(redrafter_pack_tiles, ffi::F32);
+PACK_TILES(redrafter_pack_tiles_bf16, ffi::BF16);
