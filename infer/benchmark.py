@@ -189,13 +189,14 @@ def bench_spec(args) -> None:
 
     # 1. Verification: one forward of N tree tokens, with XLA's products and attention and (where they run)
     # the CPU kernels.
-    variants = {"XLA": (params, cfg)}
-    if rows_matmul.enabled(params, cfg.dtype, None):
+    variants = {"XLA": gen.DecodingParams(params, params, cfg)}
+    if rows_matmul.enabled(params, cfg.dtype, None):  # as generate() decodes
         bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
-        variants["CPU kernels, bfloat16 weights"] = gen.decoding_params(bf16, dataclasses.replace(cfg, dtype="bfloat16"))[1:]
-        variants["CPU kernels"] = gen.decoding_params(params, cfg)[1:]  # (loop params, config), as generate() decodes
+        bf16_cfg = dataclasses.replace(cfg, dtype="bfloat16")
+        variants["CPU kernels, bfloat16 weights"] = gen.decoding_params(bf16, bf16_cfg)
+        variants["CPU kernels"] = gen.decoding_params(params, cfg)
     verify_rows = verification_rows(variants, args.tree_sizes, args.context, args.repeats * 3)
-    decoding = variants[list(variants)[-1]][0]  # the target params as generate() decodes with them
+    decoding = variants[list(variants)[-1]].loop  # the target params as generate() decodes with them
     ar_step = verify_rows[0][-2] / 1000
 
     # 2. Drafter: one beam-search draft (W x (L-1) drafter steps), per option.
@@ -207,8 +208,9 @@ def bench_spec(args) -> None:
     for name, opts in DRAFTER_OPTIONS.items():
         dcfg = DrafterConfig(hidden_size=h, vocab_size=v, **opts)
         vmap = jnp.arange(dcfg.draft_vocab_size) if dcfg.draft_vocab_size else None
-        drafters[name] = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
-        n_params[name] = sum(x.size for x in jax.tree_util.tree_leaves(drafters[name].params) if x.dtype != jnp.int32)
+        plain = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
+        n_params[name] = sum(x.size for x in jax.tree_util.tree_leaves(plain.params) if x.dtype != jnp.int32)
+        drafters[name] = gen.decoding_drafter(plain)  # as generate() drafts
     t = timed({name: functools.partial(draft, decoding, d) for name, d in drafters.items()}, args.repeats * 3,
               "drafter cost")
     drafter_rows = [[name, f"{n_params[name] / 1e6:.1f}M", 1000 * t[name] / (length - 1),
@@ -305,11 +307,11 @@ continuation) shows the ceiling for this W x L. Output identical to autoregressi
 def verification_rows(variants: dict, tree_sizes, context: int, repeats: int) -> list[list]:
     """[N, then ms and cost / one autoregressive step of each variant] of one target forward of N tree
     tokens against a cache of `context` tokens (tree_sizes must start with 1: the autoregressive step).
-    variants: name -> (target params, config) (e.g. plain, and `generate.decoding_params`'s loop params
-    for the CPU kernels), timed in alternation. Each variant's cache is donated, as the decode loop
-    updates it in place."""
-    caches = {name: kv.init_cache(cfg, 1, context + max(tree_sizes) + 64).replace(
-        lengths=jnp.full((1,), context, jnp.int32)) for name, (_, cfg) in variants.items()}
+    variants: name -> `generate.DecodingParams` (e.g. plain, and packed for the CPU kernels), whose loop
+    params run, timed in alternation. Each variant's cache is donated, as the decode loop updates it in
+    place."""
+    caches = {name: kv.init_cache(v.config, 1, context + max(tree_sizes) + 64).replace(
+        lengths=jnp.full((1,), context, jnp.int32)) for name, v in variants.items()}
 
     @functools.partial(jax.jit, donate_argnums=1, static_argnums=5)
     def verify(p, c, toks, pos, mask, cfg):
@@ -317,7 +319,7 @@ def verification_rows(variants: dict, tree_sizes, context: int, repeats: int) ->
         return f.logits, f.cache
 
     def verify_n(name, n):
-        params, cfg = variants[name]
+        params, cfg = variants[name].loop, variants[name].config
         toks = jnp.zeros((1, n), jnp.int32)
         pos = context + jnp.arange(n)[None]
         mask = kv.attention_mask(caches[name], pos, jnp.tril(jnp.ones((n, n), bool)))
@@ -338,7 +340,7 @@ def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: i
     h, v = cfg.hidden_size, cfg.vocab_size
     vd = min(4096, v)
     dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=vd)
-    drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
+    drafter = gen.decoding_drafter(Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg))
     greedy = SamplingConfig()
     _, params, cfg = gen.decoding_params(params, cfg)
     block, lengths, limits = prepare_prompts(cfg, [prompt], 64)

@@ -123,7 +123,7 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
     """A random-weight target of cfg's shape (weights drawn on the device): its verification cost, and
     the oracle drafter at 8 x 5 against autoregressive decoding on one random 128-token prompt."""
     params = init_params(cfg, jax.random.PRNGKey(0))
-    verify = verification_rows({"generate": decoding_params(params, cfg)[1:]}, sizes.synthetic_tree_sizes,
+    verify = verification_rows({"generate": decoding_params(params, cfg)}, sizes.synthetic_tree_sizes,
                                sizes.context, sizes.repeats)
     prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, 128).tolist()
 
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
                         f"EOS ignored; transformers `generate` on the same device ({hf_device}):\n\n"
                         + table(*ar))
     verify = part("verification cost", lambda: verification_rows(
-        {"generate": decoding_params(model.params, model.config)[1:]}, sizes.tree_sizes, sizes.context,
+        {"generate": decoding_params(model.params, model.config)}, sizes.tree_sizes, sizes.context,
         sizes.repeats * 3))
     if verify:
         results["verification"] = verify

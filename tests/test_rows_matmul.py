@@ -83,12 +83,17 @@ def test_bfloat16_models_decode_with_bfloat16_tiles_and_float32_activations(tied
                 np.testing.assert_array_equal(np.asarray(q[k]), np.asarray(p[k], np.float32))
     assert loop["embed"].dtype == jnp.float32 and loop["lm_head"].tiles.dtype == jnp.bfloat16
     tokens = jnp.asarray([[5, 6, 7, 8]])
-    widened = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # the bfloat16 model's products in float32
+    widened = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # bfloat16 weights' products in float32
     np.testing.assert_allclose(np.asarray(forward_causal(loop, dcfg, tokens).logits),
                                np.asarray(forward_causal(widened, dcfg, tokens).logits), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("option", [dict(), dict(exit_dim=32, draft_vocab_size=40), dict(share_lm_head=True, exit_dim=32)],
+def _paths(params, keep) -> set[str]:
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))[0]
+    return {jax.tree_util.keystr(path) for path, x in leaves if keep(x)}
+
+
+@pytest.mark.parametrize("option", [{}, dict(exit_dim=32, draft_vocab_size=40), dict(share_lm_head=True, exit_dim=32)],
                          ids=["exit 2H", "projected, reduced vocabulary", "target's head"])
 def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option):
     cfg, params = tiny_model(head_dim=16)
@@ -96,10 +101,8 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option):
     vmap = jnp.arange(40) + 20 if dcfg.draft_vocab_size else None
     drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1), vmap), dcfg)
     packed = gen.decoding_drafter(drafter)
-    kinds = {jax.tree_util.keystr(path): type(x) for path, x in jax.tree_util.tree_flatten_with_path(
-        packed.params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))[0]}
-    assert {k for k, t in kinds.items() if t is rows_matmul.Packed} == {
-        jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(drafter.params)[0] if x.ndim == 2}
+    assert _paths(packed.params, lambda x: isinstance(x, rows_matmul.Packed)) == _paths(drafter.params,
+                                                                                        lambda x: x.ndim == 2)
     assert gen.decoding_drafter(drafter) is packed  # kept while the drafter lives
     loop = gen.decoding_params(params, cfg).loop
     context = jax.random.normal(jax.random.PRNGKey(2), (3, cfg.hidden_size))

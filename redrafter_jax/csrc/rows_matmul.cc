@@ -140,18 +140,21 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
 
 }  // namespace
 
-#define ROWS_MATMUL(name, T)                                           \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, RowsMatmul<T>, ffi::Ffi::Bind()    \
-                                                        .Ctx<ffi::ThreadPool>() \
-                                                        .Arg<ffi::Buffer<ffi::F32>>() \
-                                                        .Arg<ffi::Buffer<T>>()  \
-                                                        .Ret<ffi::Buffer<ffi::F32>>())
-#define PACK_TILES(name, T)                                                     \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PackTiles<T>, ffi::Ffi::Bind()              \
-                                                        .Ctx<ffi::ThreadPool>() \
-                                                        .Arg<ffi::Buffer<T>>()  \
-                                                        .Ret<ffi::Buffer<T>>()  \
-                                                        .Attr<bool>("transposed"))
+// One handler per weight dtype (x and y are float32 in both).
+#define ROWS_MATMUL(name, T)                                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, RowsMatmul<T>,                                             \
+                                ffi::Ffi::Bind()                                                 \
+                                    .Ctx<ffi::ThreadPool>()                                      \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                \
+                                    .Arg<ffi::Buffer<T>>()                                       \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
+#define PACK_TILES(name, T)                                                                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PackTiles<T>,                                              \
+                                ffi::Ffi::Bind()                                                 \
+                                    .Ctx<ffi::ThreadPool>()                                      \
+                                    .Arg<ffi::Buffer<T>>()                                       \
+                                    .Ret<ffi::Buffer<T>>()                                       \
+                                    .Attr<bool>("transposed"))
 
 ROWS_MATMUL(redrafter_rows_matmul, ffi::F32);
 ROWS_MATMUL(redrafter_rows_matmul_bf16, ffi::BF16);
