@@ -134,3 +134,31 @@ def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, gre
         assert rows(out) == greedy_reference
         acc = np.asarray(out.accepted)
         assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0
+
+
+def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
+    """bfloat16 weights: the CPU kernels widen them to float32 and sum each row in one fixed order, so
+    the tree verification agrees with the one-token step. (XLA's bfloat16 products, with
+    REDRAFTER_CPU_KERNEL=0, diverge on most of these prompts within 64 tokens.)"""
+    import dataclasses
+
+    from redrafter_jax import rows_matmul
+    from redrafter_jax.checkpoint import load_drafter
+
+    if not rows_matmul.available():
+        pytest.skip("no C++ compiler for the CPU kernels")
+    cfg = dataclasses.replace(smollm.config, dtype="bfloat16")
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), smollm.params)
+    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].tiles.dtype == jnp.bfloat16
+    questions = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+                 "Describe a busy train station at rush hour, using sounds, smells and colours.",
+                 "Write a friendly letter inviting a neighbour to a community garden day.",
+                 "Explain to a child why the sky is blue, with an everyday comparison."]
+    prompts = [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
+    drafter = load_drafter(path, cfg)
+    ar = rows(gen.generate(params, cfg, prompts, max_new_tokens=64))
+    out = gen.generate(params, cfg, prompts, max_new_tokens=64, drafter=drafter, spec=SpecConfig.parse("4x3+1x8:7"))
+    assert rows(out) == ar
+    acc = np.asarray(out.accepted)
+    assert acc[acc >= 0].mean() > 0.3
