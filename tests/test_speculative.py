@@ -1,7 +1,5 @@
 """Speculative greedy decoding on the real SmolLM2: exactness, acceptance machinery, one compiled loop."""
 
-import os
-
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -9,6 +7,7 @@ import numpy as np
 import pytest
 
 from redrafter_jax import generate as gen
+from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import prepare_prompts
 from redrafter_jax.drafter import Drafter, init_drafter
@@ -125,8 +124,7 @@ def test_bad_drafter_or_settings_raise(smollm, chat_prompts, random_drafter):
 def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, greedy_reference):
     from redrafter_jax.checkpoint import load_drafter
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
-    drafter = load_drafter(path, smollm.config)
+    drafter = load_drafter(DEFAULT_DRAFTER, smollm.config)
     # the last: a budget below both beams' lengths, so the tree holds the best-scored nodes only
     for spec in [SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2), SpecConfig.parse("3x4+1x6:5")]:
         out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
@@ -155,8 +153,7 @@ def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
                  "Write a friendly letter inviting a neighbour to a community garden day.",
                  "Explain to a child why the sky is blue, with an everyday comparison."]
     prompts = [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
-    drafter = load_drafter(path, cfg)
+    drafter = load_drafter(DEFAULT_DRAFTER, cfg)
     ar = rows(gen.generate(params, cfg, prompts, max_new_tokens=64))
     out = gen.generate(params, cfg, prompts, max_new_tokens=64, drafter=drafter, spec=SpecConfig.parse("4x3+1x8:7"))
     assert rows(out) == ar
