@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol, runtime_checka
 import jax
 import jax.numpy as jnp
 
+from redrafter_jax.tree import ABSENT
+
 if TYPE_CHECKING:
     from redrafter_jax.config import ModelConfig, SpecConfig
 
@@ -16,8 +18,10 @@ DEAD_SCORE = -1e9
 
 
 class Draft(NamedTuple):
-    beams: jax.Array  # [B, W, L] int32 target ids, beams[:, :, 0] = init token, best beam first
-    # [B, W, L] float32 log-prob that each beam's prefix beams[:, :, :d+1] is right (for the drafter, the
+    # [B, W', L] int32 target ids, beams[:, :, 0] = init token, best beam first; `ABSENT` after a
+    # shorter beam's end
+    beams: jax.Array
+    # [B, W', L] float32 log-prob that each beam's prefix beams[:, :, :d+1] is right (for the drafter, the
     # sum of its log-probs of the drafted tokens; 0 at the init token; -inf where nothing is proposed)
     scores: jax.Array
     # Only when asked for (Apple's acceptance rule): [B, W, L-1, V] the drafter's log-probs over the
@@ -28,8 +32,10 @@ class Draft(NamedTuple):
 @runtime_checkable
 class Proposer(Protocol):
     """What the speculative loop needs from a drafter (the recurrent `Drafter`, `OracleDrafter`): a
-    check that it fits the target and beam shape, and W beams of L tokens per row. Implementations
-    are pytrees, as they are arguments of the jitted decode function."""
+    check that it fits the target and beam shape, and beams of L tokens per row: W of them, or more
+    (e.g. shorter prefixes as well) with at most W(L-1) distinct drafted nodes in all, the tree's
+    room for them (`SpecConfig.max_nodes`). Implementations are pytrees, as they are arguments of the
+    jitted decode function."""
 
     def check(self, target: ModelConfig, spec: SpecConfig) -> None:
         """Raises ValueError if it cannot propose for this target at this beam shape."""
@@ -37,7 +43,7 @@ class Proposer(Protocol):
     def draft(self, target_params: dict, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
               width: int, length: int, with_log_probs: bool = False) -> Draft:
         """context [B, H]: the target's hidden state that produced init_token [B]; lengths [B]: the
-        rows' cache lengths (init_token's position). Returns W beams of L tokens, init token first."""
+        rows' cache lengths (init_token's position). Returns beams of L tokens, init token first."""
 
 
 def top_w_of_beams(cand: jax.Array, w: int):
@@ -55,7 +61,7 @@ def top_w_of_beams(cand: jax.Array, w: int):
 
 def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callable[[jax.Array, jax.Array], jax.Array],
                 state: jax.Array, width: int, length: int, with_log_probs: bool = False,
-                dead_score: float = DEAD_SCORE):
+                dead_score: float = DEAD_SCORE, every_depth: bool = False):
     """Beam search from one start state per row.
 
     state: [B, S], the model state after the init token. logits_fn: [B, W, S] -> [B, W, V] logits;
@@ -64,7 +70,11 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
     float32, or float64 for a float64 state.
     Returns tokens [B, W, L-1] (ids of the proposal vocabulary), best first; scores [B, W, L-1], each
     final beam's prefix scores after each drafted token; and with with_log_probs the log-probs
-    [B, W, L-1, V] each final beam's tokens were drawn from (else None).
+    [B, W, L-1, V] each final beam's tokens were drawn from (else None). With every_depth, the W beams
+    kept after each earlier step follow the final ones (deepest first): [B, (L-1) W, L-1], the beams
+    of d < L-1 tokens ending in `ABSENT` tokens scored -inf. They are the W best d-token prefixes,
+    which the final beams' prefixes need not include (a tree can use them: at most W(L-1) distinct
+    nodes either way).
     """
     b = state.shape[0]
     dtype = jnp.promote_types(state.dtype, jnp.float32)
@@ -80,16 +90,22 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
 
     _, (parents, toks, step_scores, logps) = jax.lax.scan(step, (state, scores), None, length=length - 1)
 
-    # Backtrack: beam j after the last step descends from beam idx after step t, itself from
-    # parents[t][idx], whose distribution at step t was logps[t][parents[t][idx]].
-    def back(idx, xs):
-        parent, tok, score, logp = xs
-        src = jnp.take_along_axis(parent, idx, axis=1)
-        lp = None if logp is None else jnp.take_along_axis(logp, src[..., None], axis=1)
-        return src, (jnp.take_along_axis(tok, idx, axis=1), jnp.take_along_axis(score, idx, axis=1), lp)
+    # Backtrack every returned beam at once: ends[e] is the step the beams of group e end at; idx [B, E, W]
+    # is the index, after step t, of the beam that beam j of group e descends from, itself from src =
+    # parents[t][idx], whose distribution at step t was logps[t][src].
+    ends = jnp.arange(length - 2, -1, -1) if every_depth else jnp.asarray([length - 2])
+    gather = lambda x, idx: jnp.take_along_axis(x[:, None], idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=2)  # noqa: E731
 
-    start = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
-    _, (path, path_scores, path_logp) = jax.lax.scan(back, start, (parents, toks, step_scores, logps),
-                                                     reverse=True)  # [L-1, B, W, ...]
-    path_logp = None if path_logp is None else jnp.moveaxis(path_logp, 0, 2)
-    return jnp.moveaxis(path, 0, -1).astype(jnp.int32), jnp.moveaxis(path_scores, 0, -1), path_logp
+    def back(idx, xs):
+        t, parent, tok, score, logp = xs
+        live = (ends >= t)[None, :, None]  # groups with a token at step t
+        src = gather(parent, idx)
+        lp = None if logp is None else gather(logp, src)
+        out = jnp.where(live, gather(tok, idx), ABSENT), jnp.where(live, gather(score, idx), -jnp.inf), lp
+        return jnp.where(live, src, idx), out
+
+    start = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, len(ends), width))
+    _, (path, path_scores, path_logp) = jax.lax.scan(
+        back, start, (jnp.arange(length - 1), parents, toks, step_scores, logps), reverse=True)  # [L-1, B, E, W, ...]
+    flat = lambda x: jnp.moveaxis(x, 0, 3).reshape((b, -1, length - 1) + x.shape[4:])  # noqa: E731 [B, E W, L-1, ...]
+    return flat(path).astype(jnp.int32), flat(path_scores), None if path_logp is None else flat(path_logp)

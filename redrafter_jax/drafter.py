@@ -21,6 +21,7 @@ from redrafter_jax import rows_matmul
 from redrafter_jax.beam_search import DEAD_SCORE, Draft, beam_search
 from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
 from redrafter_jax.model import Params, linear, lm_head
+from redrafter_jax.tree import ABSENT
 
 APPLE_TOP_K = 50
 APPLE_FILL = -5e4  # Apple's warped-away logits, and its dead beams' start score
@@ -119,8 +120,11 @@ class Drafter:
 
     def draft(self, target_params: Params, context: jax.Array, init_token: jax.Array, lengths: jax.Array,
               width: int, length: int, with_log_probs: bool = False) -> Draft:
-        """W beams of L tokens from context [B, H] (the target hidden state that produced init_token [B]).
-        lengths (the rows' cache lengths) is unused: the drafter sees only the context."""
+        """Beams of L tokens from context [B, H] (the target hidden state that produced init_token [B]):
+        the W final beams of beam search, then the W best prefixes of each shorter length, which
+        the tree's node budget may prefer (`beam_search`'s every_depth): [B, (L-1) W, L]. For Apple's
+        rule (with_log_probs), only the W final beams, the tree Apple's rule was made for. lengths
+        (the rows' cache lengths) is unused: the drafter sees only the context."""
         del lengths
         p, c, embed = self.params, self.config, target_params["embed"]
         state = rnn_step(p, c, jnp.zeros_like(context), embed[init_token])
@@ -129,11 +133,12 @@ class Drafter:
         drafted, scores, logp = beam_search(
             lambda s: warp(draft_logits(p, c, target_params, ctx, s)),
             lambda s, tok: rnn_step(p, c, s, embed[to_target_ids(p, tok)]),
-            state, width, length, with_log_probs, APPLE_FILL if c.apple_warp else DEAD_SCORE)
-        b = init_token.shape[0]
-        beams = jnp.concatenate([jnp.broadcast_to(init_token[:, None, None], (b, width, 1)),
-                                 to_target_ids(p, drafted)], axis=-1)
+            state, width, length, with_log_probs, APPLE_FILL if c.apple_warp else DEAD_SCORE,
+            every_depth=not with_log_probs)
+        b, n = drafted.shape[:2]
+        beams = jnp.concatenate([jnp.broadcast_to(init_token[:, None, None], (b, n, 1)),
+                                 jnp.where(drafted == ABSENT, ABSENT, to_target_ids(p, drafted))], axis=-1)
         if logp is not None and "vocab_map" in p:  # draft ids -> target ids; the rest has probability 0
             logp = jnp.full(logp.shape[:-1] + (c.vocab_size,), -jnp.inf, logp.dtype).at[..., p["vocab_map"]].set(logp)
-        scores = jnp.concatenate([jnp.zeros((b, width, 1), scores.dtype), scores], axis=-1)
+        scores = jnp.concatenate([jnp.zeros((b, n, 1), scores.dtype), scores], axis=-1)
         return Draft(beams, scores, logp)

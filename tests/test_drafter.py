@@ -8,6 +8,7 @@ import pytest
 from redrafter_jax.beam_search import top_w_of_beams
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.tree import ABSENT
 from tests.tiny import tiny_model
 
 
@@ -42,8 +43,11 @@ def np_rnn(p, cfg, state, emb):
 
 
 def reference_beam_search(p, cfg, embed, head, vocab_map, context, g0, w, length):
-    """Plain-Python beam search: list of (tokens, prefix scores, state); first step expands beam 0 only."""
+    """Plain-Python beam search (the first step expands beam 0 only): the beams kept after every step,
+    as the drafter returns them (the final ones, then each earlier step's, ABSENT-padded), and their
+    prefix scores (-inf padded)."""
     beams = [([g0], [0.0], np_rnn(p, cfg, np.zeros_like(context), embed[g0]))]
+    kept = []
     for _ in range(length - 1):
         cand = []
         for bi, (toks, scores, state) in enumerate(beams):
@@ -52,7 +56,9 @@ def reference_beam_search(p, cfg, embed, head, vocab_map, context, g0, w, length
         cand.sort(key=lambda c: -c[0])
         beams = [(beams[bi][0] + [int(vocab_map[t])], beams[bi][1] + [s],
                   np_rnn(p, cfg, beams[bi][2], embed[vocab_map[t]])) for s, bi, t in cand[:w]]
-    return np.array([b[0] for b in beams]), np.array([b[1] for b in beams])
+        kept = [(toks + [ABSENT] * (length - len(toks)), scores + [-np.inf] * (length - len(toks)))
+                for toks, scores, _ in beams] + kept
+    return np.array([k[0] for k in kept]), np.array([k[1] for k in kept])
 
 
 OPTIONS = {
@@ -86,7 +92,9 @@ def test_beam_search_matches_reference(option):
         beams, scores = reference_beam_search(p, dcfg, embed, head, vm, context[r], g0[r], w, length)
         np.testing.assert_array_equal(np.asarray(draft.beams[r]), beams)
         np.testing.assert_allclose(np.asarray(draft.scores[r]), scores, rtol=1e-4, atol=1e-4)
-        assert len({tuple(b) for b in beams}) == w  # distinct beams
+        # W distinct beams per length, so at most W(L-1) distinct drafted nodes (the tree's room)
+        assert len({tuple(b) for b in beams}) == w * (length - 1)
+        assert np.isfinite(scores).sum() == w * (length - 1) * length - w * (length - 1) * (length - 2) // 2
 
 
 @pytest.mark.parametrize("kwargs,match", [
