@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{flag} is empty")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     model = load_model(args)
-    drafter, spec = load_drafter_arg(args, model, sampling)
+    drafter, spec = load_drafter_arg(args, model)
     tok = model.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": text}]) if flag == "--chat" else tok.encode(text)
     key = jax.random.PRNGKey(args.seed)

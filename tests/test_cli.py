@@ -6,7 +6,6 @@ import pytest
 
 from infer.generate import main
 from redrafter_jax.cli import add_spec_args, load_drafter_arg
-from redrafter_jax.config import SamplingConfig
 
 
 def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
@@ -18,18 +17,15 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
 
 
 def test_beam_options_default_to_the_measured_best_setting(smollm):
-    """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots when greedy and 4 x 2 when sampling; any beam
-    option given switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree)."""
+    """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots, greedy or sampling; any beam option given
+    switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree)."""
     p = argparse.ArgumentParser()
     add_spec_args(p)
-    greedy, sampled = SamplingConfig(0.0), SamplingConfig(0.8)
-    for argv, sampling, label, budget in [(["--drafter"], greedy, "4x3+1x8:7", 7), (["--drafter"], sampled, "4x2", 5),
-                                          (["--drafter", "--beam-length", "5"], sampled, "2x5+1", 13),
-                                          (["--drafter", "--tree-budget", "5"], greedy, "2x4+1:5", 5),
-                                          (["--lookup-beams", "2"], sampled, "0x4+2", 7),
-                                          (["--drafter", "--lookup-length", "8"], greedy, "2x4+1x8", 14)]:
-        drafter, spec = load_drafter_arg(p.parse_args(argv), smollm, sampling)
+    for argv, label, budget in [(["--drafter"], "4x3+1x8:7", 7), (["--drafter", "--beam-length", "5"], "2x5+1", 13),
+                                (["--drafter", "--tree-budget", "5"], "2x4+1:5", 5), (["--lookup-beams", "2"], "0x4+2", 7),
+                                (["--drafter", "--lookup-length", "8"], "2x4+1x8", 14)]:
+        drafter, spec = load_drafter_arg(p.parse_args(argv), smollm)
         assert (spec.describe(), spec.budget) == (label, budget), argv
         assert (drafter is None) == ("--drafter" not in argv)
     with pytest.raises(ValueError, match="beam_length must be >= 2"):
-        load_drafter_arg(p.parse_args(["--drafter", "--beam-length", "0"]), smollm, sampled)
+        load_drafter_arg(p.parse_args(["--drafter", "--beam-length", "0"]), smollm)

@@ -94,7 +94,7 @@ def test_beam_search_matches_reference(option):
         np.testing.assert_allclose(np.asarray(draft.scores[r]), scores, rtol=1e-4, atol=1e-4)
         # W distinct beams per length, so at most W(L-1) distinct drafted nodes (the tree's room)
         assert len({tuple(b) for b in beams}) == w * (length - 1)
-        assert np.isfinite(scores).sum() == w * (length - 1) * length - w * (length - 1) * (length - 2) // 2
+        assert np.isfinite(scores).sum() == w * (length - 1) * (length + 2) // 2  # sum over d of W(d + 1)
 
 
 @pytest.mark.parametrize("kwargs,match", [
