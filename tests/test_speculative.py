@@ -1,5 +1,7 @@
 """Speculative greedy decoding on the real SmolLM2: exactness, acceptance machinery, one compiled loop."""
 
+import dataclasses
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -7,6 +9,8 @@ import numpy as np
 import pytest
 
 from redrafter_jax import generate as gen
+from redrafter_jax import rows_matmul
+from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import prepare_prompts
@@ -122,8 +126,6 @@ def test_bad_drafter_or_settings_raise(smollm, chat_prompts, random_drafter):
 
 
 def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, greedy_reference):
-    from redrafter_jax.checkpoint import load_drafter
-
     drafter = load_drafter(DEFAULT_DRAFTER, smollm.config)
     # the last: a budget below both beams' lengths, so the tree holds the best-scored nodes only
     for spec in [SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2), SpecConfig.parse("3x4+1x6:5")]:
@@ -138,11 +140,6 @@ def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
     """bfloat16 weights: the CPU kernels widen them to float32 and sum each row in one fixed order, so
     the tree verification agrees with the one-token step. (XLA's bfloat16 products, with
     REDRAFTER_CPU_KERNEL=0, diverge on most of these prompts within 64 tokens.)"""
-    import dataclasses
-
-    from redrafter_jax import rows_matmul
-    from redrafter_jax.checkpoint import load_drafter
-
     if not rows_matmul.available():
         pytest.skip("no C++ compiler for the CPU kernels")
     cfg = dataclasses.replace(smollm.config, dtype="bfloat16")
