@@ -191,9 +191,14 @@ def bench_spec(args) -> None:
     # the CPU kernels.
     variants = {"XLA": gen.DecodingParams(params, params, cfg)}
     if rows_matmul.enabled(params, cfg.dtype, None):  # as generate() decodes
-        bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+        def bf16():  # a copy each call: decoding params are made once per params
+            return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+
         bf16_cfg = dataclasses.replace(cfg, dtype="bfloat16")
-        variants["CPU kernels, bfloat16 weights"] = gen.decoding_params(bf16, bf16_cfg)
+        if rows_matmul.amx():  # the bfloat16 products both ways
+            with rows_matmul.turned_off(amx_only=True):
+                variants["CPU kernels, bfloat16 weights without AMX"] = gen.decoding_params(bf16(), bf16_cfg)
+        variants["CPU kernels, bfloat16 weights" + " (AMX)" * rows_matmul.amx()] = gen.decoding_params(bf16(), bf16_cfg)
         variants["CPU kernels"] = gen.decoding_params(params, cfg)
     verify_rows = verification_rows(variants, args.tree_sizes, args.context, args.repeats * 3)
     decoding = variants[list(variants)[-1]].loop  # the target params as generate() decodes with them
@@ -262,8 +267,9 @@ Verification: one target forward of N tree tokens against a cache of {args.conte
 one autoregressive step (N = 1) computed the same way, and timed in alternation: XLA's matrix products
 and attention, and the CPU kernels that generate() uses on the CPU (products:
 `redrafter_jax/rows_matmul.py`; attention over the cache in place: `redrafter_jax/cpu_attention.py`),
-with the weights in float32 and rounded to bfloat16 (`--dtype bfloat16`: half the bytes to stream, the
-products still summed in float32).
+with the weights in float32 and rounded to bfloat16 (`--dtype bfloat16`: half the bytes to stream; the
+activations rounded to bfloat16 for the products, which are summed in float32; on a CPU with AMX its
+tile unit computes them, and the same products without it are timed beside).
 The drafter, step-component and end-to-end tables below use what generate() uses.
 
 {md1}

@@ -245,12 +245,15 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     """The target params as the decode loops use them. Where `rows_matmul.enabled`, the loop's matrices
     are tile-packed for the CPU rows kernel in the parameters' dtype, and everything else (embedding,
     norms, biases, activations, cache) is float32, as the CPU kernels compute: bfloat16 weights stream
-    half the bytes, and a row's logits do not depend on the tree around it in either dtype. A float32
-    prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere params
-    and cfg are used unchanged. Made once per params (`_kept`)."""
+    half the bytes (their products round the activations to bfloat16; in AMX's layout where
+    `rows_matmul.amx()`), and a row's logits do not depend on the tree around it in either dtype. A
+    float32 prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere
+    params and cfg are used unchanged. Made once per params (`_kept`)."""
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
-    loop, config = _kept(params, lambda: (_loop_params(params, cfg.dtype), dataclasses.replace(cfg, dtype="float32")))
+    pairs = jnp.dtype(cfg.dtype) == jnp.bfloat16 and rows_matmul.amx()
+    loop, config = _kept(params, lambda: (_loop_params(params, cfg.dtype, pairs),
+                                          dataclasses.replace(cfg, dtype="float32")))
     return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop, config)
 
 
@@ -270,14 +273,15 @@ def _packed_matrices(dparams: Params) -> Params:
     return jax.tree_util.tree_map(lambda w: rows_matmul.pack(w) if w.ndim == 2 else w, dparams)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _loop_params(params: Params, dtype: str) -> Params:
-    """The matrices (the layers' and the LM head) tile-packed as `dtype`, everything else float32."""
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
+    """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, in AMX's layout),
+    everything else float32."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
         return {k: v if k in keep else jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), v) for k, v in d.items()}
 
     widened = {**widen(params, ("layers", "lm_head")), "layers": [widen(p, MATRICES) for p in params["layers"]]}
-    return pack_params(widened, dtype)
+    return pack_params(widened, dtype, pairs)
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None, block: jax.Array,

@@ -97,21 +97,38 @@ def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")  # a layer's weights that go through `linear`
 
 
-def pack_params(params: Params, dtype=None) -> Params:
+def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params:
     """The target's matrices tile-packed for the CPU rows kernel (`rows_matmul`), as `dtype` (default:
-    their own), with the LM head packed on its own when tied (the embedding stays for token lookups).
-    For decoding only."""
+    their own; `pairs`: `rows_matmul.pack`'s), with the LM head packed on its own when tied (the
+    embedding stays for token lookups). For decoding only."""
     def pack(w, transposed=False):
-        return rows_matmul.pack(w.astype(dtype or w.dtype), transposed)
+        return rows_matmul.pack(w.astype(dtype or w.dtype), transposed, pairs)
 
     layers = [{k: pack(v) if k in MATRICES else v for k, v in p.items()} for p in params["layers"]]
     head = pack(params["lm_head"]) if "lm_head" in params else pack(params["embed"], True)
     return {**params, "layers": layers, "lm_head": head}
 
 
+def row_sum(x: jax.Array) -> jax.Array:
+    """x [..., D] summed over D -> [..., 1] in one fixed order whatever the leading axes: D (zero-padded)
+    in chunks of `lanes` added one after another, then the lanes pairwise. XLA:CPU reduces fewer than 8
+    rows in another order than 8 or more, so a one-token step and a tree of 8 or more tokens normalised
+    the same hidden state differently (bfloat16 products magnified that into different greedy tokens)."""
+    lanes = 16  # a power of two: halved pairwise at the end
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % lanes)])
+    chunks = x.reshape(*x.shape[:-1], -1, lanes)
+    total = chunks[..., 0, :]
+    for i in range(1, chunks.shape[-2]):
+        total = total + chunks[..., i, :]
+    while total.shape[-1] > 1:
+        half = total.shape[-1] // 2
+        total = total[..., :half] + total[..., half:]
+    return total
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    y = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x.shape[-1] + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 

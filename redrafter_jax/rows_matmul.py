@@ -6,9 +6,12 @@ general matrix multiply at about half that, so verifying a tree of N tokens cost
 `pack`) and sums every output in one fixed order, so a row's result does not depend on how many rows
 share the call: the one-token step and the N-token verification compute bitwise the same products.
 
-The weights may be float32 or bfloat16: bfloat16 tiles stream half the bytes and are widened exactly to
-float32 in registers (x, the sums and y stay float32), so a bfloat16 model decodes about twice as fast
-on a memory-bound CPU and, like float32, computes a row the same whatever rows share the call.
+The weights may be float32 or bfloat16. With bfloat16 weights x is rounded to bfloat16 as well, as GPUs
+multiply, and the exact products are summed in float32: the tiles stream half the bytes, so a bfloat16
+model decodes about twice as fast on a memory-bound CPU. Where the CPU has AMX (Intel Sapphire Rapids
+and later), bfloat16 tiles are packed in its layout of k-pairs and its tile unit computes 16 rows in
+about the time one row's weights take to stream, so verifying a tree costs little more than one token
+(`amx`). Either way a row's result does not depend on the rows that share the call.
 
 It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
 the cache folder (one library with the CPU attention kernel, `cpu_attention.py`), and used only where
@@ -35,56 +38,62 @@ from flax import struct
 from redrafter_jax.wheels import sha256, writable_cache
 
 TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
-MAX_ROWS = 64  # more rows (a prefill, training) go to XLA's matrix multiply, which is faster there
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("rows_matmul.cc", "attention.cc")  # compiled into one library
 HEADERS = ("parallel.h",)  # what they share: part of the library's cache key
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 TARGETS = {jnp.dtype(jnp.float32): "redrafter_rows_matmul", jnp.dtype(jnp.bfloat16): "redrafter_rows_matmul_bf16"}
+AMX_TARGET = "redrafter_rows_matmul_amx"  # bfloat16 tiles in AMX's layout
+AMX_K = 32  # k per AMX tile product: K is zero-padded to a multiple of it
 PACK_TARGETS = {jnp.dtype(jnp.float32): "redrafter_pack_tiles", jnp.dtype(jnp.bfloat16): "redrafter_pack_tiles_bf16"}
 ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 
 
 @struct.dataclass
 class Packed:
-    """A weight [K, *out] stored as 32-column tiles [ceil(O / 32), K, 32] (O = prod(out), zero-padded),
-    float32 or bfloat16."""
+    """A weight [K, *out] stored as 32-column tiles (O = prod(out), zero-padded), float32 or bfloat16:
+    [ceil(O / 32), K, 32], or with `pairs` (AMX) [ceil(O / 32), Kp / 2, 64], k-pairs of each column
+    side by side and K zero-padded to Kp, a multiple of AMX_K."""
 
     tiles: jax.Array
+    k: int = struct.field(pytree_node=False)
     out: tuple[int, ...] = struct.field(pytree_node=False)
+    pairs: bool = struct.field(pytree_node=False, default=False)
 
 
-def pack(w: jax.Array, transposed: bool = False) -> Packed:
+def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None) -> Packed:
     """float32 or bfloat16 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head) ->
     Packed of the same dtype: a copy made by the kernel library (`generate.decoding_params` keeps one
-    per params)."""
+    per params). `pairs`: AMX's layout, by default for bfloat16 weights where `amx()`."""
     check_available("packed weights")
     if w.dtype not in WEIGHT_DTYPES or (transposed and w.ndim != 2):
         raise ValueError(f"rows_matmul packs float32 or bfloat16 weights [K, *out] or, transposed, [O, K]; "
                          f"got {w.dtype}{list(w.shape)}")
+    if pairs is None:
+        pairs = w.dtype == jnp.bfloat16 and amx()
+    elif pairs and (w.dtype != jnp.bfloat16 or not amx()):
+        raise ValueError(f"AMX's layout needs bfloat16 weights on a CPU with AMX (amx(): {amx()}), got {w.dtype}")
     k, out = (w.shape[1], w.shape[:1]) if transposed else (w.shape[0], w.shape[1:])
     o = math.prod(out)
-    shape = jax.ShapeDtypeStruct((-(-o // TILE), k, TILE), w.dtype)
-    tiles = jax.ffi.ffi_call(PACK_TARGETS[w.dtype], shape)(w.reshape(-1, k) if transposed else w.reshape(k, o),
-                                                           transposed=transposed)
-    return Packed(tiles, tuple(out))
+    shape = (-(-o // TILE), -(-k // AMX_K) * AMX_K // 2, 2 * TILE) if pairs else (-(-o // TILE), k, TILE)
+    tiles = jax.ffi.ffi_call(PACK_TARGETS[w.dtype], jax.ShapeDtypeStruct(shape, w.dtype))(
+        w.reshape(-1, k) if transposed else w.reshape(k, o), transposed=transposed, pairs=pairs)
+    return Packed(tiles, k, tuple(out), pairs)
 
 
 def matmul(x: jax.Array, w: Packed) -> jax.Array:
-    """float32 x [..., K] @ w -> float32 [..., *w.out]."""
+    """float32 x [..., K] @ w -> float32 [..., *w.out] (x rounded to bfloat16 for bfloat16 weights)."""
     check_available("packed weights")
     lead, k = x.shape[:-1], x.shape[-1]
     tiles = w.tiles.shape[0]
-    if w.tiles.shape[1] != k or x.dtype != jnp.float32 or w.tiles.dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"rows_matmul needs float32 x [..., K] and float32 or bfloat16 weight tiles "
-                         f"[O / 32, K, 32], got x {x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}"
-                         f"{list(w.tiles.shape)}")
+    if w.k != k or x.dtype != jnp.float32 or w.tiles.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"rows_matmul needs float32 x [..., K] and float32 or bfloat16 weight tiles of K = {w.k}, "
+                         f"got x {x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}{list(w.tiles.shape)}")
     rows = x.reshape(-1, k)
-    if rows.shape[0] > MAX_ROWS:
-        y = jnp.einsum("mk,tkc->mtc", rows, w.tiles, preferred_element_type=jnp.float32).reshape(rows.shape[0], -1)
-    else:
-        y = jax.ffi.ffi_call(TARGETS[w.tiles.dtype], jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(
-            rows, w.tiles)
+    # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
+    # the one-token step does (XLA's products of more rows sum in another order)
+    target = AMX_TARGET if w.pairs else TARGETS[w.tiles.dtype]
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
 
@@ -121,16 +130,34 @@ def _compile() -> str:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel is built and registered (once per process; warns once if it cannot be)."""
+def _library() -> ctypes.CDLL | None:
+    """The kernel library, built and its targets registered (once per process; warns once if it cannot be)."""
     try:
         lib = ctypes.cdll.LoadLibrary(_compile())
     except OSError as e:
         warnings.warn(f"the CPU kernels are unavailable ({e}); decoding uses XLA's matrix products and attention")
-        return False
-    for target in (*TARGETS.values(), *PACK_TARGETS.values(), ATTENTION_TARGET):
+        return None
+    amx_kernel = (AMX_TARGET,) if hasattr(lib, AMX_TARGET) else ()  # compiled where the CPU has AMX
+    for target in (*TARGETS.values(), *PACK_TARGETS.values(), ATTENTION_TARGET, *amx_kernel):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
-    return True
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered."""
+    return _library() is not None
+
+
+@functools.cache
+def _amx_ready() -> bool:
+    lib = _library()
+    return lib is not None and bool(lib.redrafter_amx_ready())
+
+
+def amx() -> bool:
+    """Whether bfloat16 weights are packed for AMX: the CPU has it, the library was built with it, the
+    OS lets this process use its tile registers, and REDRAFTER_AMX is not "0" (read at each call)."""
+    return os.environ.get("REDRAFTER_AMX") != "0" and _amx_ready()
 
 
 def enabled(params, dtype, mesh) -> bool:
@@ -145,14 +172,16 @@ def enabled(params, dtype, mesh) -> bool:
 
 
 @contextlib.contextmanager
-def turned_off():
-    """Decoding inside uses XLA's products (REDRAFTER_CPU_KERNEL=0), e.g. to compare both in one run."""
-    old = os.environ.get("REDRAFTER_CPU_KERNEL")
-    os.environ["REDRAFTER_CPU_KERNEL"] = "0"
+def turned_off(amx_only: bool = False):
+    """Decoding params made inside use XLA's products (REDRAFTER_CPU_KERNEL=0), or with amx_only the rows
+    kernel without AMX (REDRAFTER_AMX=0), e.g. to compare both in one run."""
+    name = "REDRAFTER_AMX" if amx_only else "REDRAFTER_CPU_KERNEL"
+    old = os.environ.get(name)
+    os.environ[name] = "0"
     try:
         yield
     finally:
         if old is None:
-            del os.environ["REDRAFTER_CPU_KERNEL"]
+            del os.environ[name]
         else:
-            os.environ["REDRAFTER_CPU_KERNEL"] = old
+            os.environ[name] = old

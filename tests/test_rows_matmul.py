@@ -1,6 +1,7 @@
 """The CPU rows kernel: the products it computes, that a row's result does not depend on how many rows
 share the call, and that decoding uses it exactly where it applies and stays exact with and without it."""
 
+import contextlib
 import gc
 
 import jax
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from redrafter_jax import generate as gen
-from redrafter_jax import rows_matmul, sharding
+from redrafter_jax import model, rows_matmul, sharding
+from redrafter_jax.cache import attention_mask, commit, init_cache
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import prepare_prompts
 from redrafter_jax.drafter import Drafter, init_drafter
@@ -18,36 +20,49 @@ from redrafter_jax.oracle import OracleDrafter
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not rows_matmul.available(), reason="no C++ compiler for the CPU rows kernel")
+needs_amx = pytest.mark.skipif(not rows_matmul.amx(), reason="this CPU has no AMX")
+LAYOUTS = [("float32", False), ("bfloat16", False), pytest.param("bfloat16", True, marks=needs_amx)]
+LAYOUT_IDS = ["float32", "bfloat16", "bfloat16 AMX"]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype,pairs", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("k,out", [(5, (7,)), (64, (3, 5, 8)), (300, (96,))])
-def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dtype):
+def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dtype, pairs):
     rng = np.random.default_rng(k)
     w = jnp.asarray(rng.standard_normal((k, *out)), dtype)
-    packed = rows_matmul.pack(w)
-    assert packed.tiles.shape == (-(-w[0].size // 32), k, 32) and packed.tiles.dtype == dtype and packed.out == out
+    packed = rows_matmul.pack(w, pairs=pairs)
+    rows = -(-k // 32) * 16 if pairs else k  # k-pairs of K zero-padded to 32s, or K
+    assert packed.tiles.shape == (-(-w[0].size // 32), rows, 64 if pairs else 32) and packed.tiles.dtype == dtype
+    assert (packed.k, packed.out, packed.pairs) == (k, out, pairs)
     x = rng.standard_normal((70, k)).astype(np.float32)
     mm = jax.jit(rows_matmul.matmul)
     single = np.stack([np.asarray(mm(x[i: i + 1], packed))[0] for i in range(26)])
-    want = np.tensordot(x.astype(np.float64), np.asarray(w, np.float64), 1)  # bfloat16 weights widen exactly
+    # bfloat16 weights: x is rounded to bfloat16 too, the products exact, their sums float32
+    factor = np.asarray(jnp.asarray(x, dtype), np.float64)
+    want = np.tensordot(factor, np.asarray(w, np.float64), 1)
     np.testing.assert_allclose(single, want[:26], rtol=1e-5, atol=1e-5 * np.sqrt(k))
-    for m in (2, 3, 12, 13, 24, 26):  # one pass, a full pass, a partial second, three passes: bitwise the single rows
+    for m in (2, 3, 12, 13, 16, 17, 24, 26):  # whole and partial passes of 12 (16 with AMX): bitwise the single rows
         np.testing.assert_array_equal(np.asarray(mm(x[:m], packed)), single[:m])
-    # more than MAX_ROWS rows go to XLA's matrix multiply, on the same packed weight
-    np.testing.assert_allclose(np.asarray(mm(x, packed)), want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    many = np.asarray(mm(x, packed))  # however many rows (a batch's trees, a prefill)
+    np.testing.assert_array_equal(many[:26], single)
+    np.testing.assert_allclose(many, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
     np.testing.assert_array_equal(np.asarray(mm(x[None, :3], packed)), single[None, :3])  # leading axes kept
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_packing_copies_tiles_exactly_also_from_a_transposed_weight(dtype):
+@pytest.mark.parametrize("dtype,pairs", LAYOUTS, ids=LAYOUT_IDS)
+def test_packing_copies_tiles_exactly_also_from_a_transposed_weight(dtype, pairs):
     w = np.asarray(jnp.asarray(np.random.default_rng(0).standard_normal((9, 70)), dtype))  # 70 columns: a padded tile
-    want = np.pad(w, ((0, 0), (0, 26))).reshape(9, 3, 32).transpose(1, 0, 2)
-    for packed in (rows_matmul.pack(jnp.asarray(w)), rows_matmul.pack(jnp.asarray(w.T), transposed=True)):
+    want = np.pad(w, ((0, 0), (0, 26))).reshape(9, 3, 32).transpose(1, 0, 2)  # [tile, k, column]
+    if pairs:  # k zero-padded to 32, then (k, column) at [k // 2, 2 column + k % 2]
+        want = np.pad(want, ((0, 0), (0, 23), (0, 0))).reshape(3, 16, 2, 32).transpose(0, 1, 3, 2).reshape(3, 16, 64)
+    for packed in (rows_matmul.pack(jnp.asarray(w), pairs=pairs),
+                   rows_matmul.pack(jnp.asarray(w.T), transposed=True, pairs=pairs)):
         assert packed.out == (70,) and packed.tiles.dtype == dtype
         np.testing.assert_array_equal(np.asarray(packed.tiles), want)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         rows_matmul.pack(jnp.asarray(w, jnp.float16))
+    with pytest.raises(ValueError, match="AMX's layout needs bfloat16 weights"):
+        rows_matmul.pack(jnp.asarray(w, jnp.float32), pairs=True)
 
 
 def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
@@ -66,26 +81,40 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
         assert gen.decoding_params(params, cfg) == (params, params, cfg)
 
 
+def _unpacked(packed: rows_matmul.Packed) -> np.ndarray:
+    """The weight [K, O] a Packed holds, from either layout."""
+    tiles = np.asarray(packed.tiles)
+    if packed.pairs:  # [T, Kp / 2, 32, 2] -> [T, Kp, 32]
+        tiles = tiles.reshape(len(tiles), -1, 32, 2).transpose(0, 1, 3, 2).reshape(len(tiles), -1, 32)
+    return tiles[:, :packed.k].transpose(1, 0, 2).reshape(packed.k, -1)[:, :int(np.prod(packed.out))]
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_bfloat16_models_decode_with_bfloat16_tiles_and_float32_activations(tied):
+def test_bfloat16_models_decode_with_bfloat16_products_and_float32_activations(tied, monkeypatch):
     cfg, params = tiny_model(dtype="bfloat16", tie_word_embeddings=tied)
     prefill, loop, dcfg = gen.decoding_params(params, cfg)
     assert prefill is loop and dcfg.dtype == "float32"  # the activations' and the cache's
     for p, q in zip(params["layers"], loop["layers"]):
         for k in p:
             if isinstance(q[k], rows_matmul.Packed):  # the matrices: their bfloat16 values, tile-packed
-                w = np.asarray(p[k]).reshape(p[k].shape[0], -1)
-                tiles = np.asarray(q[k].tiles)
-                assert tiles.dtype == jnp.bfloat16
-                np.testing.assert_array_equal(tiles.transpose(1, 0, 2).reshape(len(w), -1)[:, :w.shape[1]], w)
+                assert q[k].tiles.dtype == jnp.bfloat16 and q[k].pairs == rows_matmul.amx()
+                np.testing.assert_array_equal(_unpacked(q[k]), np.asarray(p[k]).reshape(p[k].shape[0], -1))
             else:  # norms, biases: widened exactly
                 assert q[k].dtype == jnp.float32
                 np.testing.assert_array_equal(np.asarray(q[k]), np.asarray(p[k], np.float32))
     assert loop["embed"].dtype == jnp.float32 and loop["lm_head"].tiles.dtype == jnp.bfloat16
     tokens = jnp.asarray([[5, 6, 7, 8]])
-    widened = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)  # bfloat16 weights' products in float32
-    np.testing.assert_allclose(np.asarray(forward_causal(loop, dcfg, tokens).logits),
-                               np.asarray(forward_causal(widened, dcfg, tokens).logits), rtol=1e-5, atol=1e-5)
+    got = np.asarray(forward_causal(loop, dcfg, tokens).logits)
+    widened = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+    with jax.default_matmul_precision("highest"):
+        unrounded = np.asarray(forward_causal(widened, dcfg, tokens).logits)
+        # the reference: every product's activations rounded to bfloat16, summed in float32
+        bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+        monkeypatch.setattr(model, "linear", lambda x, w: jnp.tensordot(bf16(x), w, axes=1))
+        monkeypatch.setattr(model, "lm_head", lambda p, h: bf16(h) @ (p["lm_head"] if "lm_head" in p else p["embed"].T))
+        want = np.asarray(forward_causal(widened, dcfg, tokens).logits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - unrounded).max() > 1e-3  # which float32 activations would not give
 
 
 def _paths(params, keep) -> set[str]:
@@ -145,8 +174,40 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
     assert target not in lowered(params) and rows_matmul.ATTENTION_TARGET not in lowered(params)
 
 
-@pytest.mark.parametrize("kernel,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")],
-                         ids=["CPU kernels", "XLA products", "CPU kernels, bfloat16 weights"])
+@pytest.mark.parametrize("dtype,amx_only", [("float32", False), ("bfloat16", False),
+                                            pytest.param("bfloat16", True, marks=needs_amx)],
+                         ids=["float32", "bfloat16", "bfloat16 without AMX"])
+def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it(dtype, amx_only):
+    """What greedy exactness rests on: verifying a tree of N tokens computes each node's logits and
+    hidden state bitwise as a forward of fewer tokens, a one-token step included, and of other rows
+    (hidden size 576, the default model's: XLA:CPU reduced its norms in one order for fewer than 8
+    rows, another from 8; products of more than 64 rows used to go to XLA's matrix multiply)."""
+    cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype)
+    with rows_matmul.turned_off(amx_only=True) if amx_only else contextlib.nullcontext():
+        _, loop, dcfg = gen.decoding_params(params, cfg)
+    assert loop["layers"][0]["wqkv"].pairs == (dtype == "bfloat16" and rows_matmul.amx() and not amx_only)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
+    fwd = jax.jit(model.forward, static_argnums=1)
+
+    def chain(n: int, rows: int):  # 12 tokens in the cache, then n more in one forward under a causal mask
+        cache = init_cache(dcfg, rows, 40)
+        for lo, hi in ((0, 12), (12, 12 + n)):
+            pos = jnp.broadcast_to(jnp.arange(lo, hi), (rows, hi - lo))
+            mask = attention_mask(cache, pos, jnp.tril(jnp.ones((hi - lo, hi - lo), bool)))
+            f = fwd(loop, dcfg, tokens[:rows, lo:hi], pos, cache, mask)
+            cache = commit(f.cache, jnp.full((rows,), hi - lo))
+        return np.asarray(f.logits[0]), np.asarray(f.hidden[0])
+
+    logits, hidden = chain(12, 6)  # 72 rows in each product
+    for n in (1, 2, 7, 8, 9):
+        got_logits, got_hidden = chain(n, 1)
+        np.testing.assert_array_equal(got_logits, logits[:n])
+        np.testing.assert_array_equal(got_hidden, hidden[:n])
+
+
+@pytest.mark.parametrize("kernel,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16"),
+                                          pytest.param("no AMX", "bfloat16", marks=needs_amx)],
+                         ids=["CPU kernels", "XLA products", "CPU kernels, bfloat16 weights", "bfloat16 without AMX"])
 def test_speculative_output_equals_autoregressive_both_ways(kernel, dtype):
     cfg, params = tiny_model(seed=3, head_dim=16, dtype=dtype)  # a head dim the attention kernel takes
     prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4], [9, 8, 7, 6, 5]]
@@ -156,10 +217,10 @@ def test_speculative_output_equals_autoregressive_both_ways(kernel, dtype):
         ar = gen.generate(params, cfg, prompts, max_new_tokens=24)
         sp = gen.generate(params, cfg, prompts, max_new_tokens=24, spec=spec)
         return np.asarray(ar.tokens), np.asarray(sp.tokens), np.asarray(sp.accepted)
-    if kernel:
+    if kernel is True:
         ar, sp, acc = run()
     else:
-        with rows_matmul.turned_off():
+        with rows_matmul.turned_off(amx_only=kernel == "no AMX"):
             ar, sp, acc = run()
     np.testing.assert_array_equal(sp, ar)
     assert (acc > 0).any()  # lookup drafts were accepted: the tree verification really ran

@@ -86,7 +86,7 @@ def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
     held = toy_sequences(16, seed=1)
     # a learning rate far too high: held-out accuracy rises, then falls back, so the best is not the last
-    tc = TrainConfig(steps=12, **{**TC, "eval_every": 3, "lr": 0.5, "keep_best": True, "dropout": 0.3})
+    tc = TrainConfig(steps=12, **{**TC, "eval_every": 3, "lr": 1.0, "keep_best": True, "dropout": 0.3})
     drafter = train(tc, dcfg, cfg, tparams, toy_sequences(), held, str(tmp_path), np.arange(2, 42, dtype=np.int32),
                     progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

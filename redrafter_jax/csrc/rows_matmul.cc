@@ -4,11 +4,22 @@
 // keeps the 12 x 32 sums in registers. Each output is one chain of fused multiply-adds over k = 0..K-1,
 // so a row's result does not depend on M or on the threads: a one-token step and an N-token tree
 // verification compute bitwise the same products. The weights may be float32 or bfloat16 (half the
-// bytes to stream; each widened exactly to float32 in registers, so x, the sums and y stay float32).
+// bytes to stream). With bfloat16 weights x is rounded to bfloat16 too, as GPUs multiply, and the
+// exact products are summed in float32; where the CPU has AMX (Intel Sapphire Rapids and later) its
+// tile unit computes them from a layout of k-pairs (`pairs`), 16 rows for about the cost of one.
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <utility>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define REDRAFTER_AMX 1
+#endif
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -22,6 +33,7 @@ constexpr int64_t kTile = 32;   // columns per tile (two 512-bit registers)
 constexpr int64_t kRows = 12;   // rows per pass: 12 x 32 float sums fill 24 of 32 AVX-512 registers
 constexpr int64_t kAhead = 32;  // weight rows of this tile prefetched ahead
 constexpr int64_t kLine = 64;   // bytes per cache line
+constexpr int64_t kPairK = 32;  // AMX's layout: K zero-padded to whole tile products of 32 k (16 pairs)
 
 // 16 floats: one AVX-512 register (GCC splits it on narrower vector units).
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
@@ -90,6 +102,14 @@ void Tile(const float* x, const W* w, float* y, int64_t m, int64_t k_dim, int64_
   }
 }
 
+// float32 -> bfloat16, rounded to nearest even (NaN stays NaN).
+inline uint16_t ToBfloat16(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  if ((b & 0x7fffffff) > 0x7f800000) return 0x7fc0;
+  return static_cast<uint16_t>((b + 0x7fff + ((b >> 16) & 1)) >> 16);
+}
+
 template <ffi::DataType T>
 ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -97,7 +117,15 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     return ffi::Error::InvalidArgument("rows_matmul: expects x [M, K] and w [O / 32, K, 32]");
   }
   const int64_t m = xd[0], k_dim = xd[1], tiles = wd[0], o_dim = tiles * kTile;
-  const float* xp = x.typed_data();
+  std::vector<float> rounded;  // bfloat16 weights: x rounded to bfloat16 as well
+  if constexpr (T == ffi::BF16) {
+    rounded.resize(m * k_dim);
+    for (int64_t i = 0; i < m * k_dim; ++i) {
+      const uint32_t b = static_cast<uint32_t>(ToBfloat16(x.typed_data()[i])) << 16;
+      std::memcpy(&rounded[i], &b, sizeof b);
+    }
+  }
+  const float* xp = rounded.empty() ? x.typed_data() : rounded.data();
   const auto* wp = w.typed_data();
   float* yp = y->typed_data();
   ParallelFor(pool, tiles, [=](int64_t t, int64_t after) {
@@ -106,16 +134,75 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+#ifdef REDRAFTER_AMX
+constexpr int64_t kAmxRows = 16;  // rows of an AMX tile
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// All rows of one 32-column tile w [Kp / 2, 32, 2] (k-pairs: AMX's layout), 16 rows per pass. Tile
+// register 0 holds 16 rows x 32 k of x, 1 and 2 the weights' 16 k-pairs of columns 0-15 and 16-31,
+// 3 and 4 the rows' 16 + 16 sums, accumulated over k in order whatever the number of rows.
+void AmxTile(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t kp, int64_t o_dim) {
+  for (int64_t p = 0; p < m; p += kAmxRows) {
+    TileConfig cfg;
+    for (int t = 0; t < 5; ++t) cfg.colsb[t] = 64;
+    cfg.rows[0] = cfg.rows[3] = cfg.rows[4] = static_cast<uint8_t>(std::min(kAmxRows, m - p));
+    cfg.rows[1] = cfg.rows[2] = kPairK / 2;
+    _tile_loadconfig(&cfg);
+    _tile_zero(3);
+    _tile_zero(4);
+    for (int64_t k = 0; k < kp; k += kPairK) {
+      _tile_loadd(0, x + p * kp + k, kp * sizeof(uint16_t));
+      _tile_loadd(1, w + k * kTile, 2 * kTile * sizeof(uint16_t));
+      _tile_loadd(2, w + k * kTile + kTile, 2 * kTile * sizeof(uint16_t));
+      _tile_dpbf16ps(3, 0, 1);
+      _tile_dpbf16ps(4, 0, 2);
+    }
+    _tile_stored(3, y + p * o_dim, o_dim * sizeof(float));
+    _tile_stored(4, y + p * o_dim + kTile / 2, o_dim * sizeof(float));
+  }
+  _tile_release();
+}
+
+ffi::Error RowsMatmulAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 2 * kTile || wd[1] % (kPairK / 2) || 2 * wd[1] < xd[1] ||
+      2 * wd[1] >= xd[1] + kPairK) {
+    return ffi::Error::InvalidArgument("rows_matmul_amx: expects x [M, K] and w [O / 32, Kp / 2, 64], Kp = K up to 32s");
+  }
+  const int64_t m = xd[0], k_dim = xd[1], kp = 2 * wd[1], tiles = wd[0], o_dim = tiles * kTile;
+  std::vector<uint16_t> xb(m * kp, 0);  // x in bfloat16, zero-padded to Kp
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t k = 0; k < k_dim; ++k) xb[r * kp + k] = ToBfloat16(x.typed_data()[r * k_dim + k]);
+  }
+  const uint16_t* xp = xb.data();
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* yp = y->typed_data();
+  ParallelFor(pool, tiles, [=](int64_t t, int64_t) { AmxTile(xp, wp + t * kp * kTile, yp + t * kTile, m, kp, o_dim); });
+  return ffi::Error::Success();
+}
+#endif
+
 // w [K, O] (or, transposed, w [O, K]: an embedding used as the LM head) -> tiles [ceil(O / 32), K, 32],
-// the last tile zero-padded. XLA:CPU's own transposes took ~0.6 s for the default model's weights on
-// 2 cores, a cost every generate() call paid. Blocks of 16 tiles x 64 rows keep both the strided
-// reads and the writes within a few pages.
+// the last tile zero-padded; with `pairs`, AMX's layout [ceil(O / 32), Kp / 2, 32, 2] (k-pairs, K
+// zero-padded to Kp, a multiple of 32: whole tile products). XLA:CPU's own transposes took ~0.6 s for
+// the default model's weights on 2 cores, a cost every generate() call paid. Blocks of 16 tiles x 64
+// rows keep both the strided reads and the writes within a few pages.
 template <ffi::DataType T>
-ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T> tiles, bool transposed) {
+ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T> tiles, bool transposed, bool pairs) {
   auto wd = w.dimensions(), td = tiles->dimensions();
   const int64_t k_dim = wd.size() == 2 ? wd[transposed ? 1 : 0] : 0, o_dim = wd.size() == 2 ? wd[transposed ? 0 : 1] : 0;
-  if (wd.size() != 2 || td.size() != 3 || td[0] != (o_dim + kTile - 1) / kTile || td[1] != k_dim || td[2] != kTile) {
-    return ffi::Error::InvalidArgument("pack_tiles: expects w [K, O] (transposed: [O, K]) and tiles [ceil(O / 32), K, 32]");
+  const int64_t rows = pairs ? (k_dim + kPairK - 1) / kPairK * kPairK : k_dim;
+  if (wd.size() != 2 || td.size() != 3 || td[0] != (o_dim + kTile - 1) / kTile ||
+      td[1] * td[2] != rows * kTile || td[2] != (pairs ? 2 : 1) * kTile) {
+    return ffi::Error::InvalidArgument("pack_tiles: expects w [K, O] (transposed: [O, K]) and tiles [ceil(O / 32), K, 32] "
+                                       "(pairs: [ceil(O / 32), Kp / 2, 64])");
   }
   constexpr int64_t kBlockTiles = 16, kBlockRows = 64;
   const int64_t n_tiles = td[0];
@@ -123,14 +210,17 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
   auto* tp = tiles->typed_data();
   ParallelFor(pool, (n_tiles + kBlockTiles - 1) / kBlockTiles, [=](int64_t b, int64_t) {
     const int64_t t_end = std::min(n_tiles, (b + 1) * kBlockTiles);
-    for (int64_t k0 = 0; k0 < k_dim; k0 += kBlockRows) {
-      const int64_t k_end = std::min(k_dim, k0 + kBlockRows);
+    for (int64_t k0 = 0; k0 < rows; k0 += kBlockRows) {
+      const int64_t k_end = std::min(rows, k0 + kBlockRows);
       for (int64_t t = b * kBlockTiles; t < t_end; ++t) {
         const int64_t col = t * kTile, width = std::min(kTile, o_dim - col);
         for (int64_t k = k0; k < k_end; ++k) {
-          auto* out = tp + (t * k_dim + k) * kTile;
-          for (int64_t c = 0; c < width; ++c) out[c] = transposed ? wp[(col + c) * k_dim + k] : wp[k * o_dim + col + c];
-          std::fill(out + width, out + kTile, 0);  // zero in either type
+          auto* out = tp + t * rows * kTile + (pairs ? (k & ~int64_t{1}) * kTile + (k & 1) : k * kTile);
+          const int64_t step = pairs ? 2 : 1;
+          for (int64_t c = 0; c < kTile; ++c) {
+            out[c * step] = k < k_dim && c < width ? (transposed ? wp[(col + c) * k_dim + k] : wp[k * o_dim + col + c])
+                                                   : std::remove_reference_t<decltype(out[0])>{};
+          }
         }
       }
     }
@@ -154,9 +244,30 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
                                     .Ctx<ffi::ThreadPool>()                                      \
                                     .Arg<ffi::Buffer<T>>()                                       \
                                     .Ret<ffi::Buffer<T>>()                                       \
-                                    .Attr<bool>("transposed"))
+                                    .Attr<bool>("transposed")                                    \
+                                    .Attr<bool>("pairs"))
 
 ROWS_MATMUL(redrafter_rows_matmul, ffi::F32);
 ROWS_MATMUL(redrafter_rows_matmul_bf16, ffi::BF16);
 PACK_TILES(redrafter_pack_tiles, ffi::F32);
 PACK_TILES(redrafter_pack_tiles_bf16, ffi::BF16);
+
+// Whether this library has the AMX kernel and the process may use AMX's tile registers (Linux asks
+// each process to request them once).
+extern "C" int redrafter_amx_ready() {
+#ifdef REDRAFTER_AMX
+  constexpr int kReqXcompPerm = 0x1023, kXfeatureTileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureTileData) == 0;
+#else
+  return 0;
+#endif
+}
+
+#ifdef REDRAFTER_AMX
+XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_rows_matmul_amx, RowsMatmulAmx,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+#endif
