@@ -110,20 +110,16 @@ def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params
 
 
 def row_sum(x: jax.Array) -> jax.Array:
-    """x [..., D] summed over D -> [..., 1] in one fixed order whatever the leading axes: D (zero-padded)
-    in chunks of `lanes` added one after another, then the lanes pairwise. XLA:CPU reduces fewer than 8
-    rows in another order than 8 or more, so a one-token step and a tree of 8 or more tokens normalised
-    the same hidden state differently (bfloat16 products magnified that into different greedy tokens)."""
-    lanes = 16  # a power of two: halved pairwise at the end
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -x.shape[-1] % lanes)])
-    chunks = x.reshape(*x.shape[:-1], -1, lanes)
-    total = chunks[..., 0, :]
-    for i in range(1, chunks.shape[-2]):
-        total = total + chunks[..., i, :]
-    while total.shape[-1] > 1:
-        half = total.shape[-1] // 2
-        total = total[..., :half] + total[..., half:]
-    return total
+    """x [..., D] summed over D -> [..., 1] in one fixed order whatever the leading axes: D zero-padded to
+    a power of two, then halves added pairwise. XLA:CPU reduces fewer than 8 rows in another order than
+    8 or more, so a one-token step and a tree of 8 or more tokens normalised the same hidden state
+    differently (bfloat16 products magnified that into different greedy tokens)."""
+    d = x.shape[-1]
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (d - 1).bit_length()) - d)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
