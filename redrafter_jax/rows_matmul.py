@@ -44,7 +44,7 @@ HEADERS = ("parallel.h",)  # what they share: part of the library's cache key
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 TARGETS = {jnp.dtype(jnp.float32): "redrafter_rows_matmul", jnp.dtype(jnp.bfloat16): "redrafter_rows_matmul_bf16"}
 AMX_TARGET = "redrafter_rows_matmul_amx"  # bfloat16 tiles in AMX's layout
-AMX_K = 32  # k per AMX tile product: K is zero-padded to a multiple of it
+AMX_K = 32  # k per AMX tile product: K is zero-padded to a multiple of it (csrc/rows_matmul.cc's kPairK)
 PACK_TARGETS = {jnp.dtype(jnp.float32): "redrafter_pack_tiles", jnp.dtype(jnp.bfloat16): "redrafter_pack_tiles_bf16"}
 ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 

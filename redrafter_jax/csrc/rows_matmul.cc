@@ -199,6 +199,7 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
   auto wd = w.dimensions(), td = tiles->dimensions();
   const int64_t k_dim = wd.size() == 2 ? wd[transposed ? 1 : 0] : 0, o_dim = wd.size() == 2 ? wd[transposed ? 0 : 1] : 0;
   const int64_t rows = pairs ? (k_dim + kPairK - 1) / kPairK * kPairK : k_dim;
+  const int64_t step = pairs ? 2 : 1;  // a column's next weight: beside it, or in the next row
   if (wd.size() != 2 || td.size() != 3 || td[0] != (o_dim + kTile - 1) / kTile ||
       td[1] * td[2] != rows * kTile || td[2] != (pairs ? 2 : 1) * kTile) {
     return ffi::Error::InvalidArgument("pack_tiles: expects w [K, O] (transposed: [O, K]) and tiles [ceil(O / 32), K, 32] "
@@ -216,7 +217,6 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
         const int64_t col = t * kTile, width = std::min(kTile, o_dim - col);
         for (int64_t k = k0; k < k_end; ++k) {
           auto* out = tp + t * rows * kTile + (pairs ? (k & ~int64_t{1}) * kTile + (k & 1) : k * kTile);
-          const int64_t step = pairs ? 2 : 1;
           for (int64_t c = 0; c < kTile; ++c) {
             out[c * step] = k < k_dim && c < width ? (transposed ? wp[(col + c) * k_dim + k] : wp[k * o_dim + col + c])
                                                    : std::remove_reference_t<decltype(out[0])>{};
