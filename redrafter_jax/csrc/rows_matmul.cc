@@ -136,6 +136,7 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 #ifdef REDRAFTER_AMX
 constexpr int64_t kAmxRows = 16;  // rows of an AMX tile
+constexpr int64_t kAmxAhead = 2;  // k-steps of weights prefetched ahead (4 KB)
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -146,8 +147,14 @@ struct alignas(64) TileConfig {
 
 // All rows of one 32-column tile w [Kp / 2, 32, 2] (k-pairs: AMX's layout), 16 rows per pass. Tile
 // register 0 holds 16 rows x 32 k of x, 1 and 2 the weights' 16 k-pairs of columns 0-15 and 16-31,
-// 3 and 4 the rows' 16 + 16 sums, accumulated over k in order whatever the number of rows.
-void AmxTile(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t kp, int64_t o_dim) {
+// 3 and 4 the rows' 16 + 16 sums, accumulated over k in order whatever the number of rows. The first
+// pass prefetches the weights kAmxAhead k-steps ahead, running on into the thread's next tile (`next`):
+// the hardware's own prefetch left the memory idle while the tile unit computed (about 7% slower).
+void AmxTile(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t kp, int64_t o_dim,
+             const uint16_t* next) {
+  constexpr int64_t kStep = kPairK * kTile * sizeof(uint16_t);  // weight bytes per k-step
+  const int64_t tile = kp * kTile * sizeof(uint16_t);
+  const char *here = reinterpret_cast<const char*>(w), *then = reinterpret_cast<const char*>(next);
   for (int64_t p = 0; p < m; p += kAmxRows) {
     TileConfig cfg;
     for (int t = 0; t < 5; ++t) cfg.colsb[t] = 64;
@@ -157,6 +164,9 @@ void AmxTile(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t 
     _tile_zero(3);
     _tile_zero(4);
     for (int64_t k = 0; k < kp; k += kPairK) {
+      const int64_t ahead = k / kPairK * kStep + kAmxAhead * kStep;  // within this tile, then the next one's
+      const char* fetch = p > 0 ? nullptr : ahead < tile ? here + ahead : then ? then + ahead - tile : nullptr;
+      for (int64_t b = 0; fetch != nullptr && b < kStep; b += kLine) __builtin_prefetch(fetch + b);
       _tile_loadd(0, x + p * kp + k, kp * sizeof(uint16_t));
       _tile_loadd(1, w + k * kTile, 2 * kTile * sizeof(uint16_t));
       _tile_loadd(2, w + k * kTile + kTile, 2 * kTile * sizeof(uint16_t));
@@ -184,7 +194,9 @@ ffi::Error RowsMatmulAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const uint16_t* xp = xb.data();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
-  ParallelFor(pool, tiles, [=](int64_t t, int64_t) { AmxTile(xp, wp + t * kp * kTile, yp + t * kTile, m, kp, o_dim); });
+  ParallelFor(pool, tiles, [=](int64_t t, int64_t after) {
+    AmxTile(xp, wp + t * kp * kTile, yp + t * kTile, m, kp, o_dim, after < tiles ? wp + after * kp * kTile : nullptr);
+  });
   return ffi::Error::Success();
 }
 #endif
