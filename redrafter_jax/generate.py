@@ -223,22 +223,23 @@ class DecodingParams(NamedTuple):
     config: ModelConfig  # its dtype is the activations' and the cache's
 
 
-# id(first leaf) -> (weak references to all the plain params' leaves, what was made of them)
-_DECODING: dict[int, tuple[list, object]] = {}
+# id(first leaf) -> (weak references to all the plain params' leaves, {how: what was made of them})
+_DECODING: dict[int, tuple[list, dict]] = {}
 
 
-def _kept(params, make):
-    """make(), made once per params and kept as long as params' leaves live (packing the default
-    model's 537 MB, mostly page faults on the fresh copy, cost ~0.5 s per generate() call)."""
+def _kept(params, how: tuple, make):
+    """make(), made once per params and `how` (what it depends on besides them: dtype, layout) and kept
+    as long as params' leaves live (packing the default model's 537 MB, mostly page faults on the
+    fresh copy, cost ~0.5 s per generate() call)."""
     leaves = jax.tree_util.tree_leaves(params)
     kept = _DECODING.get(id(leaves[0]))
-    if kept is not None and len(kept[0]) == len(leaves) and all(r() is x for r, x in zip(kept[0], leaves)):
-        return kept[1]
-    made = make()
-    if kept is None:  # else this first leaf already has its finalizer (other params that share it)
-        weakref.finalize(leaves[0], _DECODING.pop, id(leaves[0]), None)
-    _DECODING[id(leaves[0])] = ([weakref.ref(x) for x in leaves], made)
-    return made
+    if kept is None or len(kept[0]) != len(leaves) or any(r() is not x for r, x in zip(kept[0], leaves)):
+        if kept is None:  # else this first leaf already has its finalizer (other params that share it)
+            weakref.finalize(leaves[0], _DECODING.pop, id(leaves[0]), None)
+        kept = _DECODING[id(leaves[0])] = ([weakref.ref(x) for x in leaves], {})
+    if how not in kept[1]:
+        kept[1][how] = make()
+    return kept[1][how]
 
 
 def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) -> DecodingParams:
@@ -248,29 +249,35 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     half the bytes (their products round the activations to bfloat16; in AMX's layout where
     `rows_matmul.amx()`), and a row's logits do not depend on the tree around it in either dtype. A
     float32 prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere
-    params and cfg are used unchanged. Made once per params (`_kept`)."""
+    params and cfg are used unchanged. Made once per params, dtype and layout (`_kept`)."""
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
     pairs = jnp.dtype(cfg.dtype) == jnp.bfloat16 and rows_matmul.amx()
-    loop, config = _kept(params, lambda: (_loop_params(params, cfg.dtype, pairs),
-                                          dataclasses.replace(cfg, dtype="float32")))
+    loop, config = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: (
+        _loop_params(params, cfg.dtype, pairs), dataclasses.replace(cfg, dtype="float32")))
     return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop, config)
 
 
-def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None) -> Proposer | None:
+def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None, dtype="float32") -> Proposer | None:
     """A float32 `Drafter` as the decode loops run it: where `rows_matmul.enabled`, its matrices
     tile-packed for the CPU rows kernel (XLA ran its W-row beam steps through a general matrix multiply
-    at half the memory speed, and the target evicts its weights from the caches every step). It drafts
-    the same beams. Other proposers, and elsewhere, unchanged. Made once per drafter (`_kept`)."""
+    at half the memory speed, and the target evicts its weights from the caches every step), in float32,
+    or with bfloat16 target weights (`dtype`, the target's) in bfloat16 as the target's are (half the
+    bytes; AMX's layout where `rows_matmul.amx()`). In float32 it drafts the same beams. Other
+    proposers, and elsewhere, unchanged. Made once per drafter and dtype (`_kept`)."""
     if not isinstance(drafter, Drafter) or jnp.dtype(drafter.config.dtype) != jnp.float32 or \
             not rows_matmul.enabled(drafter.params, drafter.config.dtype, mesh):
         return drafter
-    return _kept(drafter.params, lambda: drafter.replace(params=_packed_matrices(drafter.params)))
+    dtype = "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32"
+    pairs = dtype == "bfloat16" and rows_matmul.amx()
+    return _kept(drafter.params, (dtype, pairs),
+                 lambda: drafter.replace(params=_packed_matrices(drafter.params, dtype, pairs)))
 
 
-@jax.jit
-def _packed_matrices(dparams: Params) -> Params:
-    return jax.tree_util.tree_map(lambda w: rows_matmul.pack(w) if w.ndim == 2 else w, dparams)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _packed_matrices(dparams: Params, dtype: str, pairs: bool) -> Params:
+    return jax.tree_util.tree_map(lambda w: rows_matmul.pack(w.astype(dtype), pairs=pairs) if w.ndim == 2 else w,
+                                  dparams)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -344,8 +351,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     b = block.shape[0]
     if mesh is not None:
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
+    drafter = decoding_drafter(drafter, mesh, cfg.dtype)
     params, loop_params, cfg = decoding_params(params, cfg, mesh)
-    drafter = decoding_drafter(drafter, mesh)
     with streaming_to(stream) as to:
         if speculative:
             out = _call(_speculative_jit, cfg, params, loop_params, drafter, block, lengths, limits, key,

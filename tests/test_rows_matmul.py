@@ -14,7 +14,7 @@ from redrafter_jax import model, rows_matmul, sharding
 from redrafter_jax.cache import attention_mask, commit, init_cache
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import prepare_prompts
-from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.drafter import Drafter, draft_logits, init_drafter, rnn_step
 from redrafter_jax.model import forward_causal, pack_params
 from redrafter_jax.oracle import OracleDrafter
 from tests.tiny import tiny_model
@@ -124,7 +124,7 @@ def _paths(params, keep) -> set[str]:
 
 @pytest.mark.parametrize("option", [{}, dict(exit_dim=32, draft_vocab_size=40), dict(share_lm_head=True, exit_dim=32)],
                          ids=["exit 2H", "projected, reduced vocabulary", "target's head"])
-def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option):
+def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, monkeypatch):
     cfg, params = tiny_model(head_dim=16)
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, num_resblocks=2, **option)
     vmap = jnp.arange(40) + 20 if dcfg.draft_vocab_size else None
@@ -136,10 +136,34 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option):
     loop = gen.decoding_params(params, cfg).loop
     context = jax.random.normal(jax.random.PRNGKey(2), (3, cfg.hidden_size))
     init, lengths = jnp.asarray([3, 9, 27]), jnp.zeros(3, jnp.int32)
-    want = drafter.draft(params, context, init, lengths, 4, 4)
-    got = jax.jit(lambda d: d.draft(loop, context, init, lengths, 4, 4))(packed)
+    draft = jax.jit(lambda d: d.draft(loop, context, init, lengths, 4, 4))
+    want, got = drafter.draft(params, context, init, lengths, 4, 4), draft(packed)
     np.testing.assert_array_equal(np.asarray(got.beams), np.asarray(want.beams))
     np.testing.assert_allclose(np.asarray(got.scores), np.asarray(want.scores), rtol=1e-5, atol=1e-5)
+    # With a bfloat16 target its matrices are bfloat16 too, in the target's layout, kept beside the
+    # float32 ones; their products round the activations to bfloat16 and sum in float32.
+    halved = gen.decoding_drafter(drafter, dtype="bfloat16")
+    assert halved is not packed and gen.decoding_drafter(drafter, dtype="bfloat16") is halved
+    matrices = jax.tree_util.tree_leaves(halved.params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))
+    for p, q in zip(jax.tree_util.tree_leaves(drafter.params), matrices):
+        if p.ndim == 2:
+            assert q.tiles.dtype == jnp.bfloat16 and q.pairs == rows_matmul.amx()
+            np.testing.assert_array_equal(_unpacked(q), np.asarray(p.astype(jnp.bfloat16)).reshape(p.shape[0], -1))
+    state = jax.random.normal(jax.random.PRNGKey(3), (3, 4, cfg.hidden_size))
+
+    def step(d):  # every product of a beam-search step
+        return (draft_logits(d.params, dcfg, loop, context[:, None], state),
+                rnn_step(d.params, dcfg, state, loop["embed"][init][:, None]))
+    products = step(halved)
+    bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    monkeypatch.setattr(rows_matmul, "matmul", lambda x, w: jnp.tensordot(
+        bf16(x) if w.tiles.dtype == jnp.bfloat16 else x, jnp.asarray(_unpacked(w), jnp.float32), axes=1))
+    with jax.default_matmul_precision("highest"):
+        reference = step(halved)
+    for g, r in zip(products, reference):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    assert np.array_equal(np.isfinite(draft(halved).scores), np.isfinite(want.scores))  # it drafts as many beams
     oracle = OracleDrafter(jnp.zeros((1, 8), jnp.int32), cfg.vocab_size)
     assert gen.decoding_drafter(oracle) is oracle and gen.decoding_drafter(None) is None
     with rows_matmul.turned_off():

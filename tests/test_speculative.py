@@ -156,3 +156,5 @@ def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
     assert rows(out) == ar
     acc = np.asarray(out.accepted)
     assert acc[acc >= 0].mean() > 0.3
+    made = gen._DECODING[id(jax.tree_util.tree_leaves(drafter.params)[0])][1]  # what generate() packed
+    assert list(made) == [("bfloat16", rows_matmul.amx())]  # the drafter's matrices in bfloat16 as well
