@@ -79,6 +79,10 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     assert len(gen._DECODING) == kept - 1  # freed with its params
     with rows_matmul.turned_off():
         assert gen.decoding_params(params, cfg) == (params, params, cfg)
+    cfg, params = tiny_model(dtype="bfloat16")  # one packing per layout: REDRAFTER_AMX=0 gets its own
+    with rows_matmul.turned_off(amx_only=True):
+        assert not gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs
+    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == rows_matmul.amx()
 
 
 def _unpacked(packed: rows_matmul.Packed) -> np.ndarray:
