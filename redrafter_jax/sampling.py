@@ -46,11 +46,29 @@ def _first(mask: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(mask, index, mask.shape[-1]), axis=-1)
 
 
+ARGMAX_BLOCK = 1024  # argmax's first stage: the best of 256 ... 4096 in a probe on [7, 49152] logits
+
+
+def _blocks(x: jax.Array, block: int, fill: float) -> jax.Array:
+    """x [..., n] padded with `fill` to whole blocks -> [..., ceil(n / block), block] float32."""
+    n = -(-x.shape[-1] // block)
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, n * block - x.shape[-1])]
+    return jnp.pad(x.astype(jnp.float32), pad, constant_values=fill).reshape(x.shape[:-1] + (n, block))
+
+
+def _first_max(x: jax.Array) -> jax.Array:
+    return _first(x == jnp.max(x, axis=-1, keepdims=True))
+
+
 def argmax(logits: jax.Array) -> jax.Array:
-    """jnp.argmax over the last axis (the first index of the maximum; logits hold no NaN) as a max and
-    then a min over indices: two plain reductions that XLA:CPU vectorises, where argmax's paired
-    (value, index) reduction runs element by element (~1 ms for a 7-token tree's greedy logits)."""
-    return _first(logits == jnp.max(logits, axis=-1, keepdims=True))
+    """jnp.argmax over the last axis (the first index of the maximum; logits hold no NaN) in two stages:
+    the first block of ARGMAX_BLOCK tokens that holds the maximum, then its first maximum. Each stage is
+    a max and then a min over indices, plain reductions that XLA:CPU vectorises, where argmax's paired
+    (value, index) reduction runs element by element: for a 7-token tree's [7, 49152] greedy logits
+    0.23 ms, against 0.41 ms in one stage and 0.70 ms for jnp.argmax (0.53, 1.36 and 2.3 ms for 4 rows)."""
+    blocks = _blocks(logits, ARGMAX_BLOCK, -jnp.inf)
+    j = _first_max(jnp.max(blocks, axis=-1))
+    return j * ARGMAX_BLOCK + _first_max(jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :])
 
 
 def _first_reaching(u: jax.Array, weights: jax.Array) -> jax.Array:
@@ -74,11 +92,8 @@ def draw(key: jax.Array, weights: jax.Array) -> jax.Array:
     sum longer than a block (XLA:CPU's over 49152 entries takes ~1 ms). A sampled selection from a
     7-node tree's [7, 49152] logits took 2.2 ms by Gumbel-max, 1.8 ms of it threefry's bits, and
     takes 0.33 ms this way. Exact up to float32 rounding; tokens of weight 0 are never drawn."""
-    v = weights.shape[-1]
-    block = 1 << ((v - 1).bit_length() + 1) // 2  # the smallest power of two whose square is >= V
-    n_blocks = -(-v // block)
-    pad = [(0, 0)] * (weights.ndim - 1) + [(0, n_blocks * block - v)]
-    blocks = jnp.pad(weights.astype(jnp.float32), pad).reshape(weights.shape[:-1] + (n_blocks, block))
+    block = 1 << ((weights.shape[-1] - 1).bit_length() + 1) // 2  # the least power of two with square >= V
+    blocks = _blocks(weights, block, 0)
     u = jax.random.uniform(key, weights.shape[:-1] + (2,))
     j = _first_reaching(u[..., 0], jnp.sum(blocks, axis=-1))
     in_block = jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :]

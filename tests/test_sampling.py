@@ -117,13 +117,14 @@ def test_apple_rule_is_detected_as_biased(target):
 def test_argmax_is_first_index_of_the_maximum():
     """The greedy choice: jnp.argmax's answer, ties going to the first index, for several shapes."""
     rng = np.random.default_rng(0)
-    for shape in [(5,), (3, 7, 49152), (2, 1, 13)]:
+    for shape in [(5,), (3, 7, 49152), (2, 1, 13), (40, 2049)]:  # whole blocks of 1024, and one more token
         logits = rng.integers(-3, 4, shape).astype(np.float32)  # many ties
         logits[..., -1] = 10.0 * (rng.random(shape[:-1]) < 0.3)  # some maxima at the very end
         np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(logits))), np.argmax(logits, axis=-1))
         assert argmax(jnp.asarray(logits)).dtype == jnp.int32
     with_inf = jnp.asarray([[-jnp.inf, -jnp.inf, 2.0, jnp.inf, jnp.inf]])
     assert int(argmax(with_inf)[0]) == 3
+    assert int(argmax(jnp.full((1, 3000), -jnp.inf))[0]) == 0
 
 
 def many_draws(sample):
