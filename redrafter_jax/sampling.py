@@ -65,7 +65,8 @@ def argmax(logits: jax.Array) -> jax.Array:
     the first block of ARGMAX_BLOCK tokens that holds the maximum, then its first maximum. Each stage is
     a max and then a min over indices, plain reductions that XLA:CPU vectorises, where argmax's paired
     (value, index) reduction runs element by element: for a 7-token tree's [7, 49152] greedy logits
-    0.23 ms, against 0.41 ms in one stage and 0.70 ms for jnp.argmax (0.53, 1.36 and 2.3 ms for 4 rows)."""
+    0.23 ms, against 0.41 ms in one stage and 0.70 ms for jnp.argmax (a batch of 4 such trees: 0.53, 1.36
+    and 2.3 ms)."""
     blocks = _blocks(logits, ARGMAX_BLOCK, -jnp.inf)
     j = _first_max(jnp.max(blocks, axis=-1))
     return j * ARGMAX_BLOCK + _first_max(jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :])
