@@ -252,7 +252,7 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     params and cfg are used unchanged. Made once per params, dtype and layout (`_kept`)."""
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
-    pairs = jnp.dtype(cfg.dtype) == jnp.bfloat16 and rows_matmul.amx()
+    pairs = rows_matmul.amx_layout(cfg.dtype)
     loop, config = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: (
         _loop_params(params, cfg.dtype, pairs), dataclasses.replace(cfg, dtype="float32")))
     return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop, config)
@@ -269,7 +269,7 @@ def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None, dtype="
             not rows_matmul.enabled(drafter.params, drafter.config.dtype, mesh):
         return drafter
     dtype = "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32"
-    pairs = dtype == "bfloat16" and rows_matmul.amx()
+    pairs = rows_matmul.amx_layout(dtype)
     return _kept(drafter.params, (dtype, pairs),
                  lambda: drafter.replace(params=_packed_matrices(drafter.params, dtype, pairs)))
 

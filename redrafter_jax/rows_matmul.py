@@ -70,7 +70,7 @@ def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None) -> P
         raise ValueError(f"rows_matmul packs float32 or bfloat16 weights [K, *out] or, transposed, [O, K]; "
                          f"got {w.dtype}{list(w.shape)}")
     if pairs is None:
-        pairs = w.dtype == jnp.bfloat16 and amx()
+        pairs = amx_layout(w.dtype)
     elif pairs and (w.dtype != jnp.bfloat16 or not amx()):
         raise ValueError(f"AMX's layout needs bfloat16 weights on a CPU with AMX (amx(): {amx()}), got {w.dtype}")
     k, out = (w.shape[1], w.shape[:1]) if transposed else (w.shape[0], w.shape[1:])
@@ -158,6 +158,12 @@ def amx() -> bool:
     """Whether bfloat16 weights are packed for AMX: the CPU has it, the library was built with it, the
     OS lets this process use its tile registers, and REDRAFTER_AMX is not "0" (read at each call)."""
     return os.environ.get("REDRAFTER_AMX") != "0" and _amx_ready()
+
+
+def amx_layout(dtype) -> bool:
+    """Whether weights of `dtype` are packed in AMX's layout: bfloat16 where `amx()` (`pack`'s default;
+    the decode loops decide it before their jitted packing, so that REDRAFTER_AMX is read each call)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and amx()
 
 
 def enabled(params, dtype, mesh) -> bool:
