@@ -18,19 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from infer import profile
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import cache as kv
 from redrafter_jax import generate as gen
 from redrafter_jax import rows_matmul
 from redrafter_jax.cli import run
-from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
-from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
 from redrafter_jax.model import forward
 from redrafter_jax.oracle import OracleDrafter
-from redrafter_jax.tree import pack_tree
 
 PASSAGES = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -221,10 +220,9 @@ def bench_spec(args) -> None:
     drafter_rows = [[name, f"{n_params[name] / 1e6:.1f}M", 1000 * t[name] / (length - 1),
                      t[name] / (length - 1) / ar_step] for name in drafters]
 
-    # 3. One speculative step, component by component (the shipped drafter's shape, a real prefix).
+    # 3. The decode steps part by part (a profile of generate(); the shipped drafter's shape, a real prefix).
     prompt = fixed_length_prompts(model.tokenizer, 1, args.context)[0]
-    component_rows = [[spec_text] + row for spec_text in args.component_specs
-                      for row in step_components(cfg, params, prompt, SpecConfig.parse(spec_text), args.repeats * 3)]
+    part_rows = step_parts(cfg, params, prompt, args.profile_specs)
 
     # 4. End to end: random and oracle drafters vs autoregressive, same prompts, same run.
     spec = SpecConfig(w, length)
@@ -237,9 +235,7 @@ def bench_spec(args) -> None:
         seqs = np.zeros((batch, max(len(p) for p in prompts) + args.new_tokens + length), np.int32)
         for i, p in enumerate(prompts):
             seqs[i, : len(p) + int(ar.lengths[i])] = p + np.asarray(ar.tokens[i, : ar.lengths[i]]).tolist()
-        dcfg = DrafterConfig(hidden_size=h, vocab_size=v)
-        drafters = {"random (untrained)": Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg),
-                    "oracle": OracleDrafter(jnp.asarray(seqs), v)}
+        drafters = {"random (untrained)": shipped_shape_drafter(cfg), "oracle": OracleDrafter(jnp.asarray(seqs), v)}
         tokens_per_step = {}
         for name, d in drafters.items():
             out = decode(drafter=d, spec=spec)
@@ -255,7 +251,7 @@ def bench_spec(args) -> None:
                                     for col in ("ms per forward", "cost / one AR step")]], verify_rows)
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
     md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
-    md4 = table(["W x L + K", "component", "ms", "cost / one AR step"], component_rows)
+    md4 = table(["decoding", "part", "ms per step", "ops per step", "cost / one AR step"], part_rows)
     print(md1, md2, md4, md3, sep="\n\n")
     write_section("spec", path=args.report, body=f"""## Speculative decoding: step costs and end-to-end bounds
 
@@ -270,7 +266,7 @@ and attention, and the CPU kernels that generate() uses on the CPU (products:
 with the weights in float32 and rounded to bfloat16 (`--dtype bfloat16`: half the bytes to stream; the
 activations rounded to bfloat16 for the products, which are summed in float32; on a CPU with AMX its
 tile unit computes them, and the same products without it are timed beside).
-The drafter, step-component and end-to-end tables below use what generate() uses.
+The drafter, step-part and end-to-end tables below use what generate() uses.
 
 {md1}
 
@@ -279,10 +275,10 @@ LM-head option, relative to one autoregressive target step.
 
 {md2}
 
-One speculative step by component, batch 1, after a {args.context}-token prompt, with an untrained
-drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary); each component jitted
-on its own and timed on the same inputs; "whole step" is `generate.speculative_step` compiled as one
-program, whose parts XLA may fuse, and "AR step" the autoregressive step timed the same way.
+One decode step part by part, batch 1, after a {args.context}-token prompt: generate() profiled
+(`infer/profile.py`: the time of the decode loop's ops, as the loop runs them, summed by the step's
+named parts), the speculative steps with an untrained drafter of the shipped drafter's shape (exit H,
+4096-token draft vocabulary). "the rest": the loop's ops outside the parts (its condition, copies).
 
 {md4}
 
@@ -340,52 +336,29 @@ def verification_rows(variants: dict, tree_sizes, context: int, repeats: int) ->
     return [[n, *[x for name in variants for x in (1000 * t[name, n], t[name, n] / t[name, 1])]] for n in tree_sizes]
 
 
-def step_components(cfg, params, prompt: list[int], spec: SpecConfig, repeats: int) -> list[list]:
-    """[component, ms, cost / one autoregressive step] for one speculative step at batch 1 after `prompt`,
-    with an untrained drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary)."""
+def shipped_shape_drafter(cfg) -> Drafter:
+    """An untrained drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary): what
+    a step costs with nothing accepted."""
     h, v = cfg.hidden_size, cfg.vocab_size
     vd = min(4096, v)
     dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=vd)
-    drafter = gen.decoding_drafter(Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg))
-    greedy = SamplingConfig()
-    _, params, cfg = gen.decoding_params(params, cfg)
-    block, lengths, limits = prepare_prompts(cfg, [prompt], 64)
-    key = jax.random.PRNGKey(0)
-    prefill = functools.partial(gen.start_speculative, cfg=cfg, sampling=greedy, spec=spec, max_new_tokens=64,
-                                stream=None)
-    with matmul_precision(cfg):
-        s = jax.jit(prefill)(params, block, lengths, limits, key)
-    ar = gen.ARState(s.cache, s.out, s.init_token, s.key, jnp.int32(0))
-    parts = {
-        "propose": (lambda s: gen.propose(params, drafter, block, lengths, s, spec, False), (s,)),
-        "pack": (lambda d: pack_tree(d.beams, d.scores, spec.budget, cfg.pad_token_id), None),
-        "verify": (lambda s, t: gen.verify(params, cfg, s, t), None),
-        "accept": (lambda d, t, f: gen.accept(key, d, t, f, greedy, spec), None),
-        "commit": (lambda s, f, t, a: gen.commit(s, f, t, a, key, cfg=cfg, stream=None), None),
-        "whole step": (lambda s: gen.speculative_step(params, drafter, block, lengths, s, cfg=cfg, sampling=greedy,
-                                                      spec=spec, stream=None), (s,)),
-        "AR step": (lambda a: gen.autoregressive_step(params, a, cfg=cfg, sampling=greedy, stream=None), (ar,)),
-    }
-    jitted = {name: jax.jit(fn) for name, (fn, _) in parts.items()}
-    with matmul_precision(cfg):  # each part's inputs: the outputs of the parts before it
-        d = jitted["propose"](s)
-        t = jitted["pack"](d)
-        f = jitted["verify"](s, t)
-        a = jitted["accept"](d, t, f)
-    inputs = {name: args or {"pack": (d,), "verify": (s, t), "accept": (d, t, f), "commit": (s, f, t, a)}[name]
-              for name, (_, args) in parts.items()}
+    return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
 
-    def call(name):
-        def run():
-            with matmul_precision(cfg):
-                return jitted[name](*inputs[name])
-        return run
 
-    t = timed({name: call(name) for name in parts}, repeats, f"step components {spec.describe()}")
-    names = list(parts)
-    rows = [[name, 1000 * t[name], t[name] / t["AR step"]] for name in names]
-    rest = t["whole step"] - sum(t[n] for n in names[:5])
-    rows.insert(5, ["the rest (whole step - parts)", 1000 * rest, rest / t["AR step"]])
+def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], new_tokens: int = 64) -> list[list]:
+    """[decoding, part, ms per step, ops per step, cost / one AR step]: the autoregressive step and the
+    speculative step of each setting part by part, from a profile of generate() at batch 1 after
+    `prompt` (`infer.profile`), the speculative ones with `shipped_shape_drafter`."""
+    drafter = shipped_shape_drafter(cfg)
+    runs = {"autoregressive": (profile.AUTOREGRESSIVE_PARTS, {})}
+    runs.update({s: (profile.SPECULATIVE_PARTS, dict(drafter=drafter, spec=SpecConfig.parse(s))) for s in spec_texts})
+    found = {name: profile.step_profile(params, cfg, [prompt], parts, max_new_tokens=new_tokens, **kw)[0]
+             for name, (parts, kw) in tqdm(runs.items(), desc="step profiles")}
+    ar_step = sum(ms for ms, _ in found["autoregressive"].values())
+    rows = []
+    for name, parts in found.items():
+        total = (sum(ms for ms, _ in parts.values()), sum(n for _, n in parts.values()))
+        rows += [[name, part, ms, n, ms / ar_step] for part, (ms, n) in [*parts.items(), ("whole step", total)]]
     return rows
 
 
@@ -426,8 +399,8 @@ def main(argv=None) -> None:
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     sp.add_argument("--new-tokens", type=int, default=128)
     sp.add_argument("--repeats", type=int, default=2)
-    sp.add_argument("--component-specs", nargs="+", default=["1x4+1", "4x4", "8x5"],
-                    help="WxL[+K[xL']] settings whose step is timed component by component")
+    sp.add_argument("--profile-specs", nargs="+", default=["1x4+1", "4x3+1x8:7", "4x4", "8x5"],
+                    help="WxL[+K[xL']][:N] settings whose step is profiled part by part")
     for sub_parser in (ar, sp):
         add_report_args(sub_parser)
     args = p.parse_args(argv)

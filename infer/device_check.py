@@ -3,10 +3,11 @@ and writes the device's section of the benchmarks report:
 
     python -m infer.device_check --minutes 8 --docs [--drafter DIR ...] [--hf DIR]
 
-Parts, in this order; once the budget is spent the rest are skipped, and the report says which:
+Parts, in this order; once the budget is spent the rest are skipped, and the report says which (and
+which failed, if any: one part's error does not lose the others' results):
 1. autoregressive decoding, ours vs transformers `generate` on the same device (batch 1 and 8);
 2. verification cost: one target forward of N tree tokens against one autoregressive step;
-3. one speculative step part by part (propose, pack, verify, accept, commit);
+3. the decode steps part by part, from a profile (propose, pack, verify, accept, commit);
 4. MT-Bench first turns end to end in float32 and in bfloat16: the oracle drafter and trained drafters
    (default: the shipped one) against autoregressive decoding, with identical-output counts;
 5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter.
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infer.benchmark import ar_rows, fixed_length_prompts, load_transformers, step_components, timed, verification_rows
+from infer.benchmark import ar_rows, fixed_length_prompts, load_transformers, step_parts, timed, verification_rows
 from infer.mtbench import load_prompts, run_all, top2_gap_at_divergence
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
@@ -53,7 +54,7 @@ class Sizes:
     ar_new_tokens: int = 128
     tree_sizes: tuple[int, ...] = (1, 8, 16, 33, 64, 128)
     context: int = 256
-    component_specs: tuple[str, ...] = ("1x4+1", "8x5")
+    profile_specs: tuple[str, ...] = ("1x4+1", "4x3+1x8:7", "8x5")
     prompts: int = 40
     new_tokens: int = 128
     # the CLI's default (tuned on a CPU), a wider tree, and a deep lookup beam (~free on a GPU)
@@ -65,7 +66,7 @@ class Sizes:
 
 
 TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4), context=32,
-             component_specs=("1x3+1",), prompts=2, new_tokens=12, drafter_specs=("1x3+1x5:4",), oracle_specs=("2x3",),
+             profile_specs=("1x3+1",), prompts=2, new_tokens=12, drafter_specs=("1x3+1x5:4",), oracle_specs=("2x3",),
              synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
                                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
              synthetic_tree_sizes=(1, 4), repeats=1)
@@ -162,13 +163,17 @@ def main(argv=None) -> None:
     name = args.hf or "SmolLM2-135M-Instruct"
     drafters = args.drafter if args.drafter is not None else ([] if args.hf else [DEFAULT_DRAFTER])
     device = jax.devices()[0]
-    results, sections, skipped = {}, [], []
+    results, sections, skipped, failed = {}, [], [], []
 
     def part(name, fn):
         if budget() <= 0:
             skipped.append(name)
             return None
-        return fn()
+        try:
+            return fn()
+        except Exception as e:  # on a rented GPU, one part's failure must not lose the others' results
+            failed.append(f"{name} ({type(e).__name__}: {str(e)[:300]})")
+            return None
 
     hf_device = "cuda" if device.platform == "gpu" else "cpu"
     model = load("float32")
@@ -188,12 +193,13 @@ def main(argv=None) -> None:
         sections.append(f"Verification: one forward of N tree tokens after {sizes.context} tokens, {name}, "
                         "float32:\n\n" + table(["tree tokens N", "ms", "cost / one AR step"], verify))
     prompt = fixed_length_prompts(model.tokenizer, 1, sizes.context)[0]
-    parts = part("step components", lambda: [[s] + row for s in sizes.component_specs for row in step_components(
-        model.config, model.params, prompt, SpecConfig.parse(s), sizes.repeats * 3)])
+    parts = part("step parts", lambda: step_parts(model.config, model.params, prompt, sizes.profile_specs))
     if parts:
-        results["components"] = parts
-        sections.append("One speculative step by part (untrained drafter of the shipped shape), batch 1:\n\n"
-                        + table(["W x L + K", "part", "ms", "cost / one AR step"], parts))
+        results["step_parts"] = parts
+        sections.append(f"Decode steps part by part (a profile of generate(): the device's time in each part's "
+                        f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}, "
+                        "float32:\n\n"
+                        + table(["decoding", "part", "ms per step", "ops per step", "cost / one AR step"], parts))
     e2e = part("MT-Bench end to end", lambda: end_to_end(load, model, sizes, drafters, budget))
     if e2e:
         results["mtbench"], late = e2e
@@ -213,6 +219,7 @@ def main(argv=None) -> None:
                         + table(["tree tokens N", "ms", "cost / one AR step"], scale[0]) + "\n\n"
                         + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], scale[1]))
     note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
+    note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
     write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}
 
 Machine: {machine()}. Budget {args.minutes:g} minutes, compilation included{' (tiny sizes)' if args.tiny else ''}.
@@ -221,7 +228,8 @@ Command: `{command()}`
 
 """ + "\n\n".join(sections) + note + "\n")
     with open(beside(args.report, "device_check.json"), "w") as f:
-        json.dump({"device": device.device_kind, "tiny": args.tiny, "skipped": skipped, **results}, f, indent=1)
+        json.dump({"device": device.device_kind, "tiny": args.tiny, "skipped": skipped, "failed": failed, **results},
+                  f, indent=1)
     if verify:
         plot(name, verify, scale[0] if scale else None, beside(args.report, "device_check.png"))
 

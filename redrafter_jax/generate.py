@@ -44,6 +44,12 @@ from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
 
+# The decode loops' named scope, and inside it the steps' parts' (autoregressive_step: forward, select,
+# commit; speculative_step: propose, pack, verify, accept, commit): a profile sums the ops by them
+# (infer/profile.py).
+LOOP_SCOPE = "decode_loop"
+
+
 @struct.dataclass
 class ARState:
     cache: kv.KVCache
@@ -57,13 +63,16 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
                         stream: StreamTo | None, mesh: Mesh | None = None) -> ARState:
     """One target forward of each row's newest token; appends the next token."""
     positions = s.cache.lengths[:, None]
-    mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool), cfg.sliding_window)
-    f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
-    cache = kv.commit(f.cache, (~s.out.done).astype(jnp.int32))
     key, sub = jax.random.split(s.key)
-    nxt = select(sub, f.logits[:, 0], sampling)
-    out, n = emit(s.out, nxt[:, None], jnp.ones_like(nxt), cfg.eos_token_ids)
-    stream_tokens(stream, nxt[:, None], n, mesh)
+    with jax.named_scope("forward"):
+        mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool), cfg.sliding_window)
+        f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
+    with jax.named_scope("select"):
+        nxt = select(sub, f.logits[:, 0], sampling)
+    with jax.named_scope("commit"):
+        cache = kv.commit(f.cache, (~s.out.done).astype(jnp.int32))
+        out, n = emit(s.out, nxt[:, None], jnp.ones_like(nxt), cfg.eos_token_ids)
+        stream_tokens(stream, nxt[:, None], n, mesh)
     return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
 
@@ -73,7 +82,9 @@ def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *
     """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
     step = functools.partial(autoregressive_step, loop_params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
+    with jax.named_scope(LOOP_SCOPE):
+        s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step,
+                               ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
 
 
@@ -156,11 +167,17 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
                      stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
     """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
     it (plus the target's own next token) to each row's cache and output."""
-    draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
-    tree = pack_tree(draft.beams, draft.scores, spec.budget, cfg.pad_token_id)
-    f = verify(params, cfg, s, tree)
     key, sub = jax.random.split(s.key)
-    return commit(s, f, tree, accept(sub, draft, tree, f, sampling, spec), key, cfg=cfg, stream=stream, mesh=mesh)
+    with jax.named_scope("propose"):
+        draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
+    with jax.named_scope("pack"):
+        tree = pack_tree(draft.beams, draft.scores, spec.budget, cfg.pad_token_id)
+    with jax.named_scope("verify"):
+        f = verify(params, cfg, s, tree)
+    with jax.named_scope("accept"):
+        acc = accept(sub, draft, tree, f, sampling, spec)
+    with jax.named_scope("commit"):
+        return commit(s, f, tree, acc, key, cfg=cfg, stream=stream, mesh=mesh)
 
 
 def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array, key: jax.Array,
@@ -181,7 +198,8 @@ def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, 
                              max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
     step = functools.partial(speculative_step, loop_params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
                              spec=spec, stream=stream, mesh=mesh)
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)
+    with jax.named_scope(LOOP_SCOPE):
+        s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)
     return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted), mesh)
 
 
@@ -324,6 +342,28 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
     are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
     """
+    loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
+                           drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh)
+    with streaming_to(stream) as to:
+        out = loop(stream=to)
+        if to is not None:
+            jax.block_until_ready(out)
+    return _rows(out, b)
+
+
+def lower(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], **kwargs) -> jax.stages.Lowered:
+    """The program `generate` runs on these arguments (its keywords, but `stream`), lowered, not run:
+    e.g. `.compile().as_text()`, the optimised program whose ops a profile names (infer/profile.py)."""
+    loop, _ = _decode_loop(params, cfg, prompts, **kwargs)
+    return loop(stream=None, lowered=True)
+
+
+def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+                 max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
+                 key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
+                 prompt_bucket: int = 32, mesh: Mesh | None = None):
+    """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
+    jitted decode loop, and the number of rows asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
@@ -353,16 +393,15 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
         params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
     drafter = decoding_drafter(drafter, mesh, cfg.dtype)
     params, loop_params, cfg = decoding_params(params, cfg, mesh)
-    with streaming_to(stream) as to:
+
+    def loop(stream: StreamTo | None, lowered: bool = False):
         if speculative:
-            out = _call(_speculative_jit, cfg, params, loop_params, drafter, block, lengths, limits, key,
-                        sampling=sampling, spec=spec, max_new_tokens=n, stream=to, mesh=mesh)
+            fn, args, kw = _speculative_jit, (drafter,), dict(spec=spec)
         else:
-            out = _call(_autoregressive_jit, cfg, params, loop_params, block, lengths, limits, key,
-                        sampling=sampling, max_new_tokens=n, stream=to, mesh=mesh)
-        if to is not None:
-            jax.block_until_ready(out)
-    return _rows(out, b)
+            fn, args, kw = _autoregressive_jit, (), {}
+        return _call(fn.lower if lowered else fn, cfg, params, loop_params, *args, block, lengths, limits, key,
+                     sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, **kw)
+    return loop, b
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:

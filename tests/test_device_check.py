@@ -16,12 +16,16 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     report = tmp_path / "bench.md"
     device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(report)])
     found = json.loads((tmp_path / "device_check.json").read_text())
-    assert found["device"] and found["skipped"] == []
+    assert found["device"] and found["skipped"] == [] and found["failed"] == []
     # batch, prompt, new tokens, ours, ours with XLA's products (where the CPU rows kernel runs), transformers, ratio
     columns = 7 if rows_matmul.available() else 6
     assert [r[0] for r in found["autoregressive"]] == [1] and len(found["autoregressive"][0]) == columns
     assert [r[0] for r in found["verification"]] == [1, 4] and found["verification"][0][2] == 1
-    assert [r[1] for r in found["components"]][:5] == ["propose", "pack", "verify", "accept", "commit"]
+    parts = {(r[0], r[1]): r[2:] for r in found["step_parts"]}  # decoding, part: ms, ops per step, cost
+    assert [p for d, p in parts if d == "1x3+1"] == ["propose", "pack", "verify", "accept", "commit", "the rest",
+                                                     "whole step"]
+    assert all(parts["1x3+1", p][0] > 0 and parts["1x3+1", p][1] >= 1 for p in ("propose", "verify", "accept"))
+    assert parts["autoregressive", "whole step"][2] == 1
     # oracle rows in both dtypes: everything accepted (L tokens per step up to the reply's end), outputs identical
     assert [(r[0], r[1]) for r in found["mtbench"]] == [("float32", "oracle"), ("bfloat16", "oracle")]
     for dtype, _, spec, tokens_per_step, _, _, same in found["mtbench"]:
@@ -36,7 +40,7 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
     device_check.main(["--tiny", "--hf", str(model), "--minutes", "1e-9", "--report", str(tmp_path / "bench.md")])
     found = json.loads((tmp_path / "device_check.json").read_text())
-    assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step components",
+    assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step parts",
                                 "MT-Bench end to end", "paper scale"]
     assert "Skipped for the 1e-09-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 

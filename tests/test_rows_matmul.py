@@ -12,8 +12,7 @@ import pytest
 from redrafter_jax import generate as gen
 from redrafter_jax import model, rows_matmul, sharding
 from redrafter_jax.cache import attention_mask, commit, init_cache
-from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
-from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, draft_logits, init_drafter, rnn_step
 from redrafter_jax.model import forward_causal, pack_params
 from redrafter_jax.oracle import OracleDrafter
@@ -189,17 +188,15 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
     with rows_matmul.turned_off():
         assert not rows_matmul.enabled(params, cfg.dtype, None)
     assert rows_matmul.enabled(params, cfg.dtype, None)  # restored
-    block, lengths, limits = prepare_prompts(cfg, [[5, 6, 7]], 4)
-    key = jax.random.PRNGKey(0)
 
-    def lowered(loop_params):
-        return gen._call(gen._speculative_jit.lower, cfg, params, loop_params, None, block, lengths, limits, key,
-                         sampling=SamplingConfig(), spec=SpecConfig(0, 3, lookup_beams=1), max_new_tokens=4,
-                         stream=None).as_text()
-    kernels = lowered(gen.decoding_params(params, cfg).loop)
+    def lowered():  # the program generate() runs
+        return gen.lower(params, cfg, [[5, 6, 7]], max_new_tokens=4, spec=SpecConfig(0, 3, lookup_beams=1)).as_text()
+    kernels = lowered()
+    with rows_matmul.turned_off():
+        plain = lowered()
     target = rows_matmul.TARGETS[jnp.dtype(jnp.float32)]
     assert target in kernels and rows_matmul.ATTENTION_TARGET in kernels
-    assert target not in lowered(params) and rows_matmul.ATTENTION_TARGET not in lowered(params)
+    assert target not in plain and rows_matmul.ATTENTION_TARGET not in plain
 
 
 @pytest.mark.parametrize("dtype,amx_only", [("float32", False), ("bfloat16", False),
