@@ -251,7 +251,7 @@ def bench_spec(args) -> None:
                                     for col in ("ms per forward", "cost / one AR step")]], verify_rows)
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
     md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
-    md4 = table(["decoding", "part", "ms per step", "ops per step", "cost / one AR step"], part_rows)
+    md4 = table(["weights", "decoding", "part", "ms per step", "ops per step", "cost / one AR step"], part_rows)
     print(md1, md2, md4, md3, sep="\n\n")
     write_section("spec", path=args.report, body=f"""## Speculative decoding: step costs and end-to-end bounds
 
@@ -275,10 +275,12 @@ LM-head option, relative to one autoregressive target step.
 
 {md2}
 
-One decode step part by part, batch 1, after a {args.context}-token prompt: generate() profiled
-(`infer/profile.py`: the time of the decode loop's ops, as the loop runs them, summed by the step's
-named parts), the speculative steps with an untrained drafter of the shipped drafter's shape (exit H,
-4096-token draft vocabulary). "the rest": the loop's ops outside the parts (its condition, copies).
+One decode step part by part, batch 1, after a {args.context}-token prompt, with float32 weights and
+rounded to bfloat16: generate() profiled (`infer/profile.py`: the time of the decode loop's ops, as
+the loop runs them, summed by the step's named parts), the speculative steps with an untrained
+drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary). "the rest": the loop's
+ops outside the parts (its condition, copies); cost relative to the autoregressive step in the same
+dtype.
 
 {md4}
 
@@ -345,20 +347,25 @@ def shipped_shape_drafter(cfg) -> Drafter:
     return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
 
 
-def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], new_tokens: int = 64) -> list[list]:
-    """[decoding, part, ms per step, ops per step, cost / one AR step]: the autoregressive step and the
-    speculative step of each setting part by part, from a profile of generate() at batch 1 after
-    `prompt` (`infer.profile`), the speculative ones with `shipped_shape_drafter`."""
+def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], dtypes=("float32", "bfloat16"),
+               new_tokens: int = 64) -> list[list]:
+    """[weights, decoding, part, ms per step, ops per step, cost / one AR step]: the autoregressive step
+    and the speculative step of each setting part by part, from a profile of generate() at batch 1 after
+    `prompt` (`infer.profile`), the speculative ones with `shipped_shape_drafter`, with the float32
+    params cast to each of `dtypes`."""
     drafter = shipped_shape_drafter(cfg)
     runs = {"autoregressive": (profile.AUTOREGRESSIVE_PARTS, {})}
     runs.update({s: (profile.SPECULATIVE_PARTS, dict(drafter=drafter, spec=SpecConfig.parse(s))) for s in spec_texts})
-    found = {name: profile.step_profile(params, cfg, [prompt], parts, max_new_tokens=new_tokens, **kw)[0]
-             for name, (parts, kw) in tqdm(runs.items(), desc="step profiles")}
-    ar_step = sum(ms for ms, _ in found["autoregressive"].values())
     rows = []
-    for name, parts in found.items():
-        total = (sum(ms for ms, _ in parts.values()), sum(n for _, n in parts.values()))
-        rows += [[name, part, ms, n, ms / ar_step] for part, (ms, n) in [*parts.items(), ("whole step", total)]]
+    for dtype in dtypes:
+        cast = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+        cast_cfg = dataclasses.replace(cfg, dtype=dtype)
+        found = {name: profile.step_profile(cast, cast_cfg, [prompt], parts, max_new_tokens=new_tokens, **kw)[0]
+                 for name, (parts, kw) in tqdm(runs.items(), desc=f"step profiles, {dtype}")}
+        ar_step = sum(ms for ms, _ in found["autoregressive"].values())
+        for name, parts in found.items():
+            whole = (sum(ms for ms, _ in parts.values()), sum(n for _, n in parts.values()))
+            rows += [[dtype, name, part, ms, n, ms / ar_step] for part, (ms, n) in [*parts.items(), ("whole step", whole)]]
     return rows
 
 

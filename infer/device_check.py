@@ -197,9 +197,9 @@ def main(argv=None) -> None:
     if parts:
         results["step_parts"] = parts
         sections.append(f"Decode steps part by part (a profile of generate(): the device's time in each part's "
-                        f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}, "
-                        "float32:\n\n"
-                        + table(["decoding", "part", "ms per step", "ops per step", "cost / one AR step"], parts))
+                        f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
+                        + table(["weights", "decoding", "part", "ms per step", "ops per step", "cost / one AR step"],
+                                parts))
     e2e = part("MT-Bench end to end", lambda: end_to_end(load, model, sizes, drafters, budget))
     if e2e:
         results["mtbench"], late = e2e

@@ -21,11 +21,13 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     columns = 7 if rows_matmul.available() else 6
     assert [r[0] for r in found["autoregressive"]] == [1] and len(found["autoregressive"][0]) == columns
     assert [r[0] for r in found["verification"]] == [1, 4] and found["verification"][0][2] == 1
-    parts = {(r[0], r[1]): r[2:] for r in found["step_parts"]}  # decoding, part: ms, ops per step, cost
-    assert [p for d, p in parts if d == "1x3+1"] == ["propose", "pack", "verify", "accept", "commit", "the rest",
-                                                     "whole step"]
-    assert all(parts["1x3+1", p][0] > 0 and parts["1x3+1", p][1] >= 1 for p in ("propose", "verify", "accept"))
-    assert parts["autoregressive", "whole step"][2] == 1
+    parts = {tuple(r[:3]): r[3:] for r in found["step_parts"]}  # weights, decoding, part: ms, ops per step, cost
+    for dtype in ("float32", "bfloat16"):
+        assert [p for w, d, p in parts if (w, d) == (dtype, "1x3+1")] == [
+            "propose", "pack", "verify", "accept", "commit", "the rest", "whole step"]
+        assert all(parts[dtype, "1x3+1", p][0] > 0 and parts[dtype, "1x3+1", p][1] >= 1
+                   for p in ("propose", "verify", "accept"))
+        assert parts[dtype, "autoregressive", "whole step"][2] == 1
     # oracle rows in both dtypes: everything accepted (L tokens per step up to the reply's end), outputs identical
     assert [(r[0], r[1]) for r in found["mtbench"]] == [("float32", "oracle"), ("bfloat16", "oracle")]
     for dtype, _, spec, tokens_per_step, _, _, same in found["mtbench"]:
