@@ -25,7 +25,7 @@ from redrafter_jax import generate as gen
 from redrafter_jax import rows_matmul
 from redrafter_jax.cli import run
 from redrafter_jax.config import DrafterConfig, SpecConfig
-from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
 from redrafter_jax.model import forward
@@ -235,7 +235,7 @@ def bench_spec(args) -> None:
         seqs = np.zeros((batch, max(len(p) for p in prompts) + args.new_tokens + length), np.int32)
         for i, p in enumerate(prompts):
             seqs[i, : len(p) + int(ar.lengths[i])] = p + np.asarray(ar.tokens[i, : ar.lengths[i]]).tolist()
-        drafters = {"random (untrained)": shipped_shape_drafter(cfg), "oracle": OracleDrafter(jnp.asarray(seqs), v)}
+        drafters = {"random (untrained)": untrained_drafter(cfg), "oracle": OracleDrafter(jnp.asarray(seqs), v)}
         tokens_per_step = {}
         for name, d in drafters.items():
             out = decode(drafter=d, spec=spec)
@@ -338,29 +338,20 @@ def verification_rows(variants: dict, tree_sizes, context: int, repeats: int) ->
     return [[n, *[x for name in variants for x in (1000 * t[name, n], t[name, n] / t[name, 1])]] for n in tree_sizes]
 
 
-def shipped_shape_drafter(cfg) -> Drafter:
-    """An untrained drafter of the shipped drafter's shape (exit H, 4096-token draft vocabulary): what
-    a step costs with nothing accepted."""
-    h, v = cfg.hidden_size, cfg.vocab_size
-    vd = min(4096, v)
-    dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=vd)
-    return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(vd) * (v // vd)), dcfg)
-
-
 def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], dtypes=("float32", "bfloat16"),
                new_tokens: int = 64) -> list[list]:
     """[weights, decoding, part, ms per step, ops per step, cost / one AR step]: the autoregressive step
     and the speculative step of each setting part by part, from a profile of generate() at batch 1 after
-    `prompt` (`infer.profile`), the speculative ones with `shipped_shape_drafter`, with the float32
+    `prompt` (`infer.profile`), the speculative ones with `drafter.untrained_drafter`, with the float32
     params cast to each of `dtypes`."""
-    drafter = shipped_shape_drafter(cfg)
+    drafter = untrained_drafter(cfg)
     runs = {"autoregressive": (profile.AUTOREGRESSIVE_PARTS, {})}
     runs.update({s: (profile.SPECULATIVE_PARTS, dict(drafter=drafter, spec=SpecConfig.parse(s))) for s in spec_texts})
     rows = []
     for dtype in dtypes:
         cast = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
         cast_cfg = dataclasses.replace(cfg, dtype=dtype)
-        found = {name: profile.step_profile(cast, cast_cfg, [prompt], parts, max_new_tokens=new_tokens, **kw)[0]
+        found = {name: profile.step_profile(cast, cast_cfg, [prompt], parts, max_new_tokens=new_tokens, **kw).parts
                  for name, (parts, kw) in tqdm(runs.items(), desc=f"step profiles, {dtype}")}
         ar_step = sum(ms for ms, _ in found["autoregressive"].values())
         for name, parts in found.items():

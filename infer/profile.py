@@ -1,6 +1,11 @@
 """Where a decode step's time goes: generate() run under the JAX profiler, the time of its decode
 loop's ops summed by the step's parts.
 
+    python -m infer.profile --chat "Explain how a rainbow forms." --drafter [--dtype bfloat16] [--ops 4]
+
+profiles the autoregressive and the speculative decoding of one prompt and prints their steps part by
+part (with --ops N, each part's N costliest kinds of op: the CPU kernels by name, XLA's fusions).
+
 The decode loop and its steps' parts are named scopes (`generate.LOOP_SCOPE`; propose, pack, verify,
 accept, commit in `generate.speculative_step`; forward, select, commit in `autoregressive_step`), and
 every op of the compiled program keeps its scope in its metadata (`generate.lower(...).compile()`).
@@ -12,6 +17,7 @@ between launches are not in the sum."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import functools
 import glob
@@ -19,10 +25,13 @@ import gzip
 import json
 import re
 import tempfile
+from typing import NamedTuple
 
 import jax
 
+from infer.report import table
 from redrafter_jax import generate as gen
+from redrafter_jax.cli import add_model_args, add_spec_args, load_drafter_arg, load_model, run
 
 SPECULATIVE_PARTS = ("propose", "pack", "verify", "accept", "commit")
 AUTOREGRESSIVE_PARTS = ("forward", "select", "commit")
@@ -30,11 +39,26 @@ REST = "the rest"
 CONTROL_FLOW = ("while", "conditional", "call")  # their ops are timed on their own
 
 
-def _instructions(hlo: str) -> tuple[str, dict[str, tuple[str, str, bool]]]:
-    """An optimised HLO module's text -> (its name, {instruction: (opcode, op_name, whether it runs in
-    the decode loop)}). An op XLA left unnamed takes the op_name of its computation's root, else of
-    its first named operand; the loop is the while named `generate.LOOP_SCOPE` with every computation
-    its body and condition call (XLA's copies of the loop's state have no name, only a place)."""
+class Op(NamedTuple):
+    """An instruction of the compiled program."""
+
+    opcode: str
+    op_name: str  # its scopes, e.g. "jit(_speculative)/decode_loop/while/body/verify/add"
+    in_loop: bool  # it runs in the decode loop
+    kind: str  # what it runs: a custom call's target, else its name without the ".N" suffix
+
+
+class StepProfile(NamedTuple):
+    parts: dict[str, tuple[float, float]]  # part -> (ms per step, ops per step), the parts in step order
+    kinds: dict[tuple[str, str], float]  # (part, Op.kind) -> ms per step
+    steps: int
+
+
+def _instructions(hlo: str) -> tuple[str, dict[str, Op]]:
+    """An optimised HLO module's text -> (its name, its instructions by name). An op XLA left unnamed
+    takes the op_name of its computation's root, else of its first named operand; the loop is the
+    while named `generate.LOOP_SCOPE` with every computation its body and condition call (XLA's copies
+    of the loop's state have no name, only a place)."""
     module = re.match(r"HloModule (\S+?),", hlo).group(1)
     computation, members, roots, ops = "", collections.defaultdict(list), {}, {}
     for line in hlo.splitlines():
@@ -45,21 +69,23 @@ def _instructions(hlo: str) -> tuple[str, dict[str, tuple[str, str, bool]]]:
         elif m:
             name = re.search(r'op_name="([^"]*)"', m.group(4))
             called = re.findall(r"(?:body|condition|calls|to_apply|computations?)=\{?((?:%[\w.-]+(?:, )?)+)", m.group(4))
+            target = re.search(r'custom_call_target="([^"]*)"', m.group(4))
             ops[m.group(2)] = [m.group(3), name.group(1) if name else "",
                                [c.strip("%") for group in called for c in group.split(", ")],
-                               re.findall(r"%([\w.-]+)", m.group(4).split(")")[0])]
+                               re.findall(r"%([\w.-]+)", m.group(4).split(")")[0]),
+                               target.group(1) if target else re.sub(r"\.\d+$", "", m.group(2))]
             members[computation].append(m.group(2))
             if m.group(1):
                 roots[computation] = m.group(2)
 
     @functools.cache
     def op_name(i: str) -> str:
-        _, name, called, operands = ops[i]
+        _, name, called, operands, _ = ops[i]
         return name or next((n for n in (*(op_name(roots[c]) for c in called if c in roots),
                                          *(op_name(o) for o in operands if o in ops)) if n), "")
 
     inside = set()
-    todo = [c for i, (opcode, name, called, _) in ops.items() if opcode == "while"
+    todo = [c for i, (opcode, name, called, _, _) in ops.items() if opcode == "while"
             and name.split("/")[-2:] == [gen.LOOP_SCOPE, "while"] for c in called]
     while todo:
         c = todo.pop()
@@ -67,7 +93,7 @@ def _instructions(hlo: str) -> tuple[str, dict[str, tuple[str, str, bool]]]:
             inside.add(c)
             todo += [d for i in members[c] for d in ops[i][2]]
     in_loop = {i for c in inside for i in members[c]}
-    return module, {i: (op[0], op_name(i), i in in_loop) for i, op in ops.items()}
+    return module, {i: Op(op[0], op_name(i), i in in_loop, op[4]) for i, op in ops.items()}
 
 
 def part_of(op_name: str, parts: tuple[str, ...]) -> str:
@@ -87,9 +113,9 @@ def _trace_events(directory: str) -> list[dict]:
     return [{**e, "pname": names.get(e.get("pid"), "")} for e in events if e.get("ph") == "X"]
 
 
-def step_profile(params, cfg, prompts, parts: tuple[str, ...], **kwargs) -> dict:
-    """generate(params, cfg, prompts, **kwargs) profiled (after a run that compiles it): ({part: (ms per
-    step, ops per step)} for `parts` and REST, the number of steps)."""
+def step_profile(params, cfg, prompts, parts: tuple[str, ...], **kwargs) -> StepProfile:
+    """generate(params, cfg, prompts, **kwargs) profiled, after a run that compiles it: the time of its
+    decode loop's ops per step by part (`parts` and REST) and by kind within each part."""
     module, ops = _instructions(gen.lower(params, cfg, prompts, **kwargs).compile().as_text())
     jax.block_until_ready(gen.generate(params, cfg, prompts, **kwargs))
     with tempfile.TemporaryDirectory() as d:
@@ -97,14 +123,51 @@ def step_profile(params, cfg, prompts, parts: tuple[str, ...], **kwargs) -> dict
             steps = int(jax.block_until_ready(gen.generate(params, cfg, prompts, **kwargs)).num_steps)
         events = [e for e in _trace_events(d) if e.get("args", {}).get("hlo_module") == module]
     on_device = [e for e in events if e["pname"].startswith("/device:")]
-    ms, count = collections.Counter(), collections.Counter()
+    ms, count, kinds = collections.Counter(), collections.Counter(), collections.Counter()
     for e in on_device or events:  # a GPU's kernels, or the CPU's thunks
-        opcode, op_name, in_loop = ops.get(e["args"]["hlo_op"], ("", "", False))
-        if in_loop and opcode not in CONTROL_FLOW:
-            part = part_of(op_name, parts)
-            ms[part] += e["dur"] / 1e3
-            count[part] += 1
+        op = ops.get(e["args"]["hlo_op"])
+        if op and op.in_loop and op.opcode not in CONTROL_FLOW:
+            part = part_of(op.op_name, parts)
+            ms[part] += e["dur"] / 1e3 / steps
+            count[part] += 1 / steps
+            kinds[part, op.kind] += e["dur"] / 1e3 / steps
     if not ms:
         raise RuntimeError(f"the trace timed no op of {module} (is the profiler available on "
                            f"{jax.devices()[0].platform}?)")
-    return {p: (ms[p] / steps, count[p] / steps) for p in (*parts, REST)}, steps
+    return StepProfile({p: (ms[p], count[p]) for p in (*parts, REST)}, dict(kinds.most_common()), steps)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--chat", required=True, help="a user message, wrapped in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ops", type=int, default=0, help="list each part's N costliest kinds of op")
+    add_spec_args(p)
+    args = p.parse_args(argv)
+    if args.ops < 0:
+        raise ValueError(f"--ops must be >= 0, got {args.ops}")
+    model = load_model(args)
+    drafter, spec = load_drafter_arg(args, model)
+    if spec is None:
+        raise ValueError("nothing speculative to profile: pass --drafter and/or --lookup-beams")
+    prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+    runs = {"autoregressive": (AUTOREGRESSIVE_PARTS, {}),
+            f"speculative {spec.describe()}": (SPECULATIVE_PARTS, dict(drafter=drafter, spec=spec))}
+    found = {name: step_profile(model.params, model.config, [prompt], parts, max_new_tokens=args.max_new_tokens,
+                                mesh=model.mesh, **kw) for name, (parts, kw) in runs.items()}
+    ar_step = sum(ms for ms, _ in found["autoregressive"].parts.values())
+    rows = []
+    for name, prof in found.items():
+        whole = tuple(map(sum, zip(*prof.parts.values())))
+        for part, (ms, n) in [*prof.parts.items(), ("whole step", whole)]:
+            rows.append([name, part, "", ms, n, ms / ar_step])
+            top = [(k, t) for (q, k), t in prof.kinds.items() if q == part][:args.ops]
+            rows += [[name, part, kind, t, "", t / ar_step] for kind, t in top if part != "whole step"]
+    print(f"{args.dtype}, {found['autoregressive'].steps} autoregressive and "
+          f"{found[list(found)[1]].steps} speculative steps, device {jax.devices()[0].device_kind}")
+    print(table(["decoding", "part", "op", "ms per step", "ops per step", "cost / one AR step"], rows))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -8,9 +8,7 @@ import os
 import sys
 from typing import Callable
 
-import jax
-
-from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.config import SpecConfig
 from redrafter_jax.loaders import LoadedModel
 
 OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-beams, --beam-length, --tree-budget), "
@@ -60,7 +58,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", nargs="?", const="default",
                    help="speculative decoding with this drafter: a checkpoint directory (ours or Apple's format), "
                         "'default' (or the bare flag: the drafter trained for the default model, "
-                        "drafters/smollm2-135m), or 'random' (untrained: exact output, little acceptance); "
+                        "drafters/smollm2-135m), or 'random' (untrained, of the default drafter's shape: exact "
+                        "output, next to nothing accepted); "
                         "with none of the beam options below, the setting that measured best on a CPU: "
                         "4 x 3 + 1 lookup beam of 8 tokens, the 7 best-scored nodes")
     p.add_argument("--beam-width", type=int, default=None, help="drafter beams W (default 2 with --drafter, else 0)")
@@ -100,10 +99,9 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
     if not args.drafter:
         return None, spec
     if args.drafter == "random":
-        from redrafter_jax.drafter import Drafter, init_drafter
+        from redrafter_jax.drafter import untrained_drafter
 
-        dcfg = DrafterConfig(hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
-        return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg), spec
+        return untrained_drafter(model.config), spec
     from redrafter_jax.checkpoint import load_drafter
 
     path = DEFAULT_DRAFTER if args.drafter == "default" else args.drafter

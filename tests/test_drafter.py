@@ -1,13 +1,19 @@
 """Drafter and beam search against NumPy references; drafter options; config validation."""
 
+import dataclasses
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from redrafter_jax.beam_search import top_w_of_beams
+from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig, SpecConfig
-from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
+from redrafter_jax.generate import generate
 from redrafter_jax.tree import ABSENT
 from tests.tiny import tiny_model
 
@@ -122,3 +128,20 @@ def test_bad_drafter_configs_raise(kwargs, match):
 def test_reduced_vocabulary_needs_a_map():
     with pytest.raises(ValueError, match="vocab_map"):
         init_drafter(DrafterConfig(hidden_size=32, vocab_size=64, draft_vocab_size=8), jax.random.PRNGKey(0))
+
+
+def test_untrained_drafter_has_the_shipped_drafters_shape_and_decodes_exactly():
+    with open(os.path.join(DEFAULT_DRAFTER, "drafter_config.json")) as f:
+        shipped = json.load(f)["config"]
+    for cfg, params in (tiny_model(), tiny_model(vocab_size=8192 + 5, hidden_size=48, head_dim=12)):
+        d = untrained_drafter(cfg)
+        got = dataclasses.asdict(d.config)
+        assert got == {**shipped, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+                       "exit_dim": cfg.hidden_size, "draft_vocab_size": min(shipped["draft_vocab_size"], cfg.vocab_size),
+                       "apple_warp": False}
+        ids = np.asarray(d.params["vocab_map"])  # distinct target tokens, spread over the vocabulary
+        assert len(set(ids.tolist())) == len(ids) and ids.max() < cfg.vocab_size and ids.max() >= cfg.vocab_size // 2
+        prompts = [[5, 6, 7], [9, 3]]
+        ar = generate(params, cfg, prompts, max_new_tokens=8)
+        out = generate(params, cfg, prompts, max_new_tokens=8, drafter=d, spec=SpecConfig(2, 3))
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
