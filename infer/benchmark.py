@@ -347,17 +347,14 @@ def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], dtypes=("f
     drafter = untrained_drafter(cfg)
     runs = {"autoregressive": (profile.AUTOREGRESSIVE_PARTS, {})}
     runs.update({s: (profile.SPECULATIVE_PARTS, dict(drafter=drafter, spec=SpecConfig.parse(s))) for s in spec_texts})
-    rows = []
+    out = []
     for dtype in dtypes:
         cast = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
         cast_cfg = dataclasses.replace(cfg, dtype=dtype)
-        found = {name: profile.step_profile(cast, cast_cfg, [prompt], parts, max_new_tokens=new_tokens, **kw).parts
+        found = {name: profile.step_profile(cast, cast_cfg, [prompt], parts, max_new_tokens=new_tokens, **kw)
                  for name, (parts, kw) in tqdm(runs.items(), desc=f"step profiles, {dtype}")}
-        ar_step = sum(ms for ms, _ in found["autoregressive"].values())
-        for name, parts in found.items():
-            whole = (sum(ms for ms, _ in parts.values()), sum(n for _, n in parts.values()))
-            rows += [[dtype, name, part, ms, n, ms / ar_step] for part, (ms, n) in [*parts.items(), ("whole step", whole)]]
-    return rows
+        out += [[dtype, *r[:2], *r[3:]] for r in profile.rows(found)]  # without the op column
+    return out
 
 
 def plot(rows, headers, path) -> None:

@@ -137,6 +137,24 @@ def step_profile(params, cfg, prompts, parts: tuple[str, ...], **kwargs) -> Step
     return StepProfile({p: (ms[p], count[p]) for p in (*parts, REST)}, dict(kinds.most_common()), steps)
 
 
+HEADERS = ["decoding", "part", "op", "ms per step", "ops per step", "cost / one AR step"]
+
+
+def rows(found: dict[str, StepProfile], ops: int = 0) -> list[list]:
+    """Table rows (HEADERS) of profiles by decoding, "autoregressive" among them (the unit of cost): each
+    part, then its `ops` costliest kinds of op, then the whole step."""
+    ar_step = sum(ms for ms, _ in found["autoregressive"].parts.values())
+    out = []
+    for name, prof in found.items():
+        for part, (ms, n) in prof.parts.items():
+            out.append([name, part, "", ms, n, ms / ar_step])
+            top = [(kind, t) for (p, kind), t in prof.kinds.items() if p == part][:ops]
+            out += [[name, part, kind, t, "", t / ar_step] for kind, t in top]
+        whole = tuple(map(sum, zip(*prof.parts.values())))
+        out.append([name, "whole step", "", whole[0], whole[1], whole[0] / ar_step])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -156,17 +174,9 @@ def main(argv: list[str] | None = None) -> None:
             f"speculative {spec.describe()}": (SPECULATIVE_PARTS, dict(drafter=drafter, spec=spec))}
     found = {name: step_profile(model.params, model.config, [prompt], parts, max_new_tokens=args.max_new_tokens,
                                 mesh=model.mesh, **kw) for name, (parts, kw) in runs.items()}
-    ar_step = sum(ms for ms, _ in found["autoregressive"].parts.values())
-    rows = []
-    for name, prof in found.items():
-        whole = tuple(map(sum, zip(*prof.parts.values())))
-        for part, (ms, n) in [*prof.parts.items(), ("whole step", whole)]:
-            rows.append([name, part, "", ms, n, ms / ar_step])
-            top = [(k, t) for (q, k), t in prof.kinds.items() if q == part][:args.ops]
-            rows += [[name, part, kind, t, "", t / ar_step] for kind, t in top if part != "whole step"]
     print(f"{args.dtype}, {found['autoregressive'].steps} autoregressive and "
           f"{found[list(found)[1]].steps} speculative steps, device {jax.devices()[0].device_kind}")
-    print(table(["decoding", "part", "op", "ms per step", "ops per step", "cost / one AR step"], rows))
+    print(table(HEADERS, rows(found, args.ops)))
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ from redrafter_jax.model import MATRICES, ForwardOutput, Params, forward, pack_p
 from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
-# The decode loops' named scope, and inside it the steps' parts' (autoregressive_step: forward, select,
-# commit; speculative_step: propose, pack, verify, accept, commit): a profile sums the ops by them
-# (infer/profile.py).
+# The decode loops run under this named scope and each step's parts under their own (autoregressive_step:
+# forward, select, commit; speculative_step: propose, pack, verify, accept, commit), which every op of
+# the compiled program keeps: a profile sums the ops' times by them (infer/profile.py).
 LOOP_SCOPE = "decode_loop"
 
 
