@@ -68,7 +68,8 @@ def argmax(logits: jax.Array) -> jax.Array:
     0.23 ms, against 0.41 ms in one stage and 0.70 ms for jnp.argmax (a batch of 4 such trees: 0.53, 1.36
     and 2.3 ms)."""
     blocks = _blocks(logits, ARGMAX_BLOCK, -jnp.inf)
-    j = _first_max(jnp.max(blocks, axis=-1))
+    # the barrier keeps XLA from taking the max of the block maxima from all the logits again
+    j = _first_max(jax.lax.optimization_barrier(jnp.max(blocks, axis=-1)))
     return j * ARGMAX_BLOCK + _first_max(jnp.take_along_axis(blocks, j[..., None, None], axis=-2)[..., 0, :])
 
 
