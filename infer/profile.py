@@ -121,11 +121,12 @@ def step_profile(params, cfg, prompts, parts: tuple[str, ...], **kwargs) -> Step
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             steps = int(jax.block_until_ready(gen.generate(params, cfg, prompts, **kwargs)).num_steps)
-        events = [e for e in _trace_events(d) if e.get("args", {}).get("hlo_module") == module]
+        # GPU traces may suffix the module's name and list several ops per kernel (a fusion's, a graph's)
+        events = [e for e in _trace_events(d) if str(e.get("args", {}).get("hlo_module", "")).startswith(module)]
     on_device = [e for e in events if e["pname"].startswith("/device:")]
     ms, count, kinds = collections.Counter(), collections.Counter(), collections.Counter()
     for e in on_device or events:  # a GPU's kernels, or the CPU's thunks
-        op = ops.get(e["args"]["hlo_op"])
+        op = next((ops[n] for n in re.split(r"[^\w.-]+", str(e["args"].get("hlo_op", ""))) if n in ops), None)
         if op and op.in_loop and op.opcode not in CONTROL_FLOW:
             part = part_of(op.op_name, parts)
             ms[part] += e["dur"] / 1e3 / steps
