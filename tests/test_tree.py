@@ -1,11 +1,15 @@
 """Tree packing against a brute-force Python reference, on random beams built to share prefixes."""
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from redrafter_jax.tree import ABSENT, pack_tree
+
+# as the decode loop runs it: compiled whole (op by op, each new shape cost ~2 s of compilations)
+pack_jit = jax.jit(pack_tree, static_argnums=(2, 3))
 
 
 def reference_pack(beams, scores, budget):
@@ -60,7 +64,7 @@ def shared_beams(draw):
 @given(shared_beams())
 def test_pack_tree_matches_reference(case):
     beams, scores, budget = case
-    tree = pack_tree(beams[None], scores[None].astype(np.float32), budget, pad_id=-1)
+    tree = pack_jit(beams[None], scores[None].astype(np.float32), budget, -1)
     tokens, depth, mask, kept_beams, slot, n = reference_pack(beams, scores, budget)
     assert int(tree.num_nodes[0]) == n
     np.testing.assert_array_equal(np.asarray(tree.tokens[0]), tokens)
