@@ -12,8 +12,8 @@ every op of the compiled program keeps its scope in its metadata (`generate.lowe
 A trace of the real run times each op as the loop runs it (buffers updated in place, no dispatch per
 call, XLA's fusions across the parts), which timing each part jitted on its own does not. A fusion
 that spans two parts counts for the part of its root op; the loop's ops outside the parts (its
-condition, XLA's copies of its state) are "the rest". On a GPU the device's kernels are timed, so the gaps
-between launches are not in the sum."""
+condition, XLA's copies of its state) are "the rest". On a GPU the device's kernels are timed, so
+the gaps between launches are not in the sum. One device: a mesh's devices would add up."""
 
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def _instructions(hlo: str) -> tuple[str, dict[str, Op]]:
             computation = header.group(1)
         elif m:
             name = re.search(r'op_name="([^"]*)"', m.group(4))
-            called = re.findall(r"(?:body|condition|calls|to_apply|computations?)=\{?((?:%[\w.-]+(?:, )?)+)", m.group(4))
+            called = re.findall(r"(?:body|condition|calls|to_apply|computations?)=\{?((?:%[\w.-]+(?:, )?)+)",
+                                m.group(4))
             target = re.search(r'custom_call_target="([^"]*)"', m.group(4))
             ops[m.group(2)] = [m.group(3), name.group(1) if name else "",
                                [c.strip("%") for group in called for c in group.split(", ")],
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.ops < 0:
         raise ValueError(f"--ops must be >= 0, got {args.ops}")
+    if args.mesh:
+        raise ValueError("--mesh: the profile times one device's decode loop; run it without --mesh")
     model = load_model(args)
     drafter, spec = load_drafter_arg(args, model)
     if spec is None:
@@ -173,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     runs = {"autoregressive": (AUTOREGRESSIVE_PARTS, {}),
             f"speculative {spec.describe()}": (SPECULATIVE_PARTS, dict(drafter=drafter, spec=spec))}
-    found = {name: step_profile(model.params, model.config, [prompt], parts, max_new_tokens=args.max_new_tokens,
-                                mesh=model.mesh, **kw) for name, (parts, kw) in runs.items()}
+    found = {name: step_profile(model.params, model.config, [prompt], parts, max_new_tokens=args.max_new_tokens, **kw)
+             for name, (parts, kw) in runs.items()}
     print(f"{args.dtype}, {found['autoregressive'].steps} autoregressive and "
           f"{found[list(found)[1]].steps} speculative steps, device {jax.devices()[0].device_kind}")
     print(table(HEADERS, rows(found, args.ops)))

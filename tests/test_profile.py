@@ -70,3 +70,5 @@ def test_profile_command_prints_both_decodings_part_by_part(tmp_path, capsys):
     assert max(collections.Counter((r[0], r[1]) for r in kinds).values()) <= 2
     with pytest.raises(ValueError, match="nothing speculative to profile"):
         profile.main(args)
+    with pytest.raises(ValueError, match="one device's decode loop"):
+        profile.main([*args, "--drafter", "random", "--mesh", "1x1"])
