@@ -251,7 +251,7 @@ def bench_spec(args) -> None:
                                     for col in ("ms per forward", "cost / one AR step")]], verify_rows)
     md2 = table(["drafter", "params", "ms per draft step", "cost / one AR step"], drafter_rows)
     md3 = table(["batch", "drafter", "W x L", "AR tokens/s", "spec tokens/s", "tokens/step", "speedup"], e2e_rows)
-    md4 = table(["weights", "decoding", "part", "ms per step", "ops per step", "cost / one AR step"], part_rows)
+    md4 = table(STEP_PART_HEADERS, part_rows)
     print(md1, md2, md4, md3, sep="\n\n")
     write_section("spec", path=args.report, body=f"""## Speculative decoding: step costs and end-to-end bounds
 
@@ -338,21 +338,21 @@ def verification_rows(variants: dict, tree_sizes, context: int, repeats: int) ->
     return [[n, *[x for name in variants for x in (1000 * t[name, n], t[name, n] / t[name, 1])]] for n in tree_sizes]
 
 
+STEP_PART_HEADERS = ["weights", *(h for h in profile.HEADERS if h != "op")]
+
+
 def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], dtypes=("float32", "bfloat16"),
                new_tokens: int = 64) -> list[list]:
-    """[weights, decoding, part, ms per step, ops per step, cost / one AR step]: the autoregressive step
-    and the speculative step of each setting part by part, from a profile of generate() at batch 1 after
-    `prompt` (`infer.profile`), the speculative ones with `drafter.untrained_drafter`, with the float32
-    params cast to each of `dtypes`."""
+    """Rows of STEP_PART_HEADERS: the autoregressive step and the speculative step of each setting part
+    by part, from a profile of generate() at batch 1 after `prompt` (`infer.profile`), the speculative
+    ones with `drafter.untrained_drafter`, with the float32 params cast to each of `dtypes`."""
     drafter = untrained_drafter(cfg)
-    runs = {"autoregressive": (profile.AUTOREGRESSIVE_PARTS, {})}
-    runs.update({s: (profile.SPECULATIVE_PARTS, dict(drafter=drafter, spec=SpecConfig.parse(s))) for s in spec_texts})
+    speculative = {s: dict(drafter=drafter, spec=SpecConfig.parse(s)) for s in spec_texts}
     out = []
     for dtype in dtypes:
         cast = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-        cast_cfg = dataclasses.replace(cfg, dtype=dtype)
-        found = {name: profile.step_profile(cast, cast_cfg, [prompt], parts, max_new_tokens=new_tokens, **kw)
-                 for name, (parts, kw) in tqdm(runs.items(), desc=f"step profiles, {dtype}")}
+        found = profile.decodings(cast, dataclasses.replace(cfg, dtype=dtype), prompt, speculative, new_tokens,
+                                  f"step profiles, {dtype}")
         out += [[dtype, *r[:2], *r[3:]] for r in profile.rows(found)]  # without the op column
     return out
 

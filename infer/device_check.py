@@ -30,7 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infer.benchmark import ar_rows, fixed_length_prompts, load_transformers, step_parts, timed, verification_rows
+from infer.benchmark import (
+    STEP_PART_HEADERS,
+    ar_rows,
+    fixed_length_prompts,
+    load_transformers,
+    step_parts,
+    timed,
+    verification_rows,
+)
 from infer.mtbench import load_prompts, run_all, top2_gap_at_divergence
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
@@ -198,8 +206,7 @@ def main(argv=None) -> None:
         results["step_parts"] = parts
         sections.append(f"Decode steps part by part (a profile of generate(): the device's time in each part's "
                         f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
-                        + table(["weights", "decoding", "part", "ms per step", "ops per step", "cost / one AR step"],
-                                parts))
+                        + table(STEP_PART_HEADERS, parts))
     e2e = part("MT-Bench end to end", lambda: end_to_end(load, model, sizes, drafters, budget))
     if e2e:
         results["mtbench"], late = e2e

@@ -28,6 +28,7 @@ import tempfile
 from typing import NamedTuple
 
 import jax
+from tqdm import tqdm
 
 from infer.report import table
 from redrafter_jax import generate as gen
@@ -139,6 +140,16 @@ def step_profile(params, cfg, prompts, parts: tuple[str, ...], **kwargs) -> Step
     return StepProfile({p: (ms[p], count[p]) for p in (*parts, REST)}, dict(kinds.most_common()), steps)
 
 
+def decodings(params, cfg, prompt: list[int], speculative: dict, max_new_tokens: int,
+              desc: str = "step profiles") -> dict[str, StepProfile]:
+    """`step_profile` of the autoregressive decoding of `prompt` (as "autoregressive", the unit `rows`
+    costs in) and of each speculative setting of `speculative` {name: generate()'s keywords}."""
+    runs = {"autoregressive": (AUTOREGRESSIVE_PARTS, {}),
+            **{name: (SPECULATIVE_PARTS, kw) for name, kw in speculative.items()}}
+    return {name: step_profile(params, cfg, [prompt], parts, max_new_tokens=max_new_tokens, **kw)
+            for name, (parts, kw) in tqdm(runs.items(), desc=desc, leave=False)}
+
+
 HEADERS = ["decoding", "part", "op", "ms per step", "ops per step", "cost / one AR step"]
 
 
@@ -174,10 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     if spec is None:
         raise ValueError("nothing speculative to profile: pass --drafter and/or --lookup-beams")
     prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
-    runs = {"autoregressive": (AUTOREGRESSIVE_PARTS, {}),
-            f"speculative {spec.describe()}": (SPECULATIVE_PARTS, dict(drafter=drafter, spec=spec))}
-    found = {name: step_profile(model.params, model.config, [prompt], parts, max_new_tokens=args.max_new_tokens, **kw)
-             for name, (parts, kw) in runs.items()}
+    found = decodings(model.params, model.config, prompt, {f"speculative {spec.describe()}": dict(
+        drafter=drafter, spec=spec)}, args.max_new_tokens)
     print(f"{args.dtype}, {found['autoregressive'].steps} autoregressive and "
           f"{found[list(found)[1]].steps} speculative steps, device {jax.devices()[0].device_kind}")
     print(table(HEADERS, rows(found, args.ops)))

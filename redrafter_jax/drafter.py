@@ -144,7 +144,7 @@ class Drafter:
         return Draft(beams, scores, logp)
 
 
-def untrained_drafter(cfg: ModelConfig, key: jax.Array | None = None) -> Drafter:
+def untrained_drafter(cfg: ModelConfig) -> Drafter:
     """A random drafter of the shipped one's shape (drafters/smollm2-135m: exit H, its own head over a
     draft vocabulary of 4096 tokens, here spread evenly over cfg's vocabulary) for cfg's target: output
     stays exact and next to nothing is accepted, so a step costs what a step of the real drafter does."""
@@ -152,4 +152,4 @@ def untrained_drafter(cfg: ModelConfig, key: jax.Array | None = None) -> Drafter
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, exit_dim=cfg.hidden_size,
                          draft_vocab_size=vd)
     vocab_map = jnp.arange(vd) * (cfg.vocab_size // vd)
-    return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0) if key is None else key, vocab_map), dcfg)
+    return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), vocab_map), dcfg)
