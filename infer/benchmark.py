@@ -165,7 +165,7 @@ the CPU kernels for decode steps' products and attention); "ours, XLA products" 
 with XLA's matrix products and attention.
 Reference: {note}. Machine: {machine()}.
 
-Command: `{command()}`
+Command: `{args.command}`
 
 {md}
 """)
@@ -257,7 +257,7 @@ def bench_spec(args) -> None:
 
 SmolLM2-135M-Instruct, float32, batch 1 unless stated. Machine: {machine()}.
 
-Command: `{command()}`
+Command: `{args.command}`
 
 Verification: one target forward of N tree tokens against a cache of {args.context} tokens, relative to
 one autoregressive step (N = 1) computed the same way, and timed in alternation: XLA's matrix products
@@ -399,6 +399,7 @@ def main(argv=None) -> None:
     for sub_parser in (ar, sp):
         add_report_args(sub_parser)
     args = p.parse_args(argv)
+    args.command = command(__spec__.name, argv)
     {"ar": bench_ar, "spec": bench_spec}[args.what](args)
 
 

@@ -162,6 +162,7 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="every part at a tiny size (a CPU test)")
     add_report_args(p)
     args = p.parse_args(argv)
+    args.command = command(__spec__.name, argv)
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
     end = time.time() + 60 * args.minutes
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
 
 Machine: {machine()}. Budget {args.minutes:g} minutes, compilation included{' (tiny sizes)' if args.tiny else ''}.
 
-Command: `{command()}`
+Command: `{args.command}`
 
 """ + "\n\n".join(sections) + note + "\n")
     with open(beside(args.report, "device_check.json"), "w") as f:

@@ -87,6 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     add_report_args(p)
     args = p.parse_args(argv)
+    args.command = command(__spec__.name, argv)
 
     model = load_model(args)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
@@ -166,7 +167,7 @@ def main(argv=None) -> None:
 {len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, {decoding}, {args.dtype} (both decoders), every decoder in turn on each prompt.{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{gaps_note}
 Machine: {machine()}.
 
-Command: `{command()}`
+Command: `{args.command}`
 
 {md}
 """)

@@ -58,8 +58,10 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def command() -> str:
-    return "python -m " + " ".join(shlex.quote(a) for a in [sys.modules["__main__"].__spec__.name] + sys.argv[1:])
+def command(module: str, argv: list[str] | None) -> str:
+    """The command line that reproduces a report: `python -m module` with the arguments main() parsed
+    (sys.argv's when run as a script; the list given when called from Python, e.g. a test or notebook)."""
+    return "python -m " + " ".join(shlex.quote(a) for a in [module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_section(name: str, body: str, path: str) -> None:

@@ -1,5 +1,10 @@
-import jax
-import pytest
+import os
+
+# The suite runs in two worker processes (README): on a GPU, neither may take most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -36,6 +36,7 @@ def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path,
     report = tmp_path / "runs" / "benchmarks" / "benchmarks.md"
     text = report.read_text()
     assert "<!-- small:begin -->" in text and "## Small run" in text and "2 prompts" in text
+    assert f"Command: `python -m infer.mtbench --gguf {smollm_path} --drafter" in text  # the arguments given
     rows = [line.split(" | ") for line in text.splitlines()
             if line.startswith((f"| {DEFAULT_DRAFTER}", f"| {other}", "| none (lookup only)"))]
     assert [(r[0].strip("| "), r[1], r[2], r[3]) for r in rows] == [
