@@ -11,7 +11,8 @@ one-token step compute bitwise the same attention (tree nodes sit after their an
 sequence).
 
 It runs wherever the CPU rows kernel does (the decode loops' tile-packed params, `rows_matmul`), for
-up to MAX_QUERIES new tokens x query heads per KV head and head dims that are a multiple of 16.
+up to MAX_QUERIES new tokens x query heads per KV head and head dims that are a multiple of 16, up to
+MAX_HEAD_DIM.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ import numpy as np
 
 from redrafter_jax import rows_matmul
 
-MAX_QUERIES = 64  # csrc/attention.cc's kMaxQueries
+# csrc/attention.cc's kMaxQueries: trees of up to 85 slots at 3 query heads per KV head (measured faster
+# than XLA's attention up to 291 queries); beyond, e.g. a long bfloat16 prefill, a head's scores
+# (T x G x S floats) would grow large, and XLA attends.
+MAX_QUERIES = 256
+MAX_HEAD_DIM = 256  # csrc/attention.cc's kMaxHeadDim
 LANES = 16
 
 
 def supported(qkv: jax.Array) -> bool:
-    """Whether qkv [B, T, kv_heads, G + 2, D] fits the kernel: float32, T x G <= MAX_QUERIES, D a multiple of 16."""
+    """Whether qkv [B, T, kv_heads, G + 2, D] fits the kernel: float32, T x G <= MAX_QUERIES, D a multiple
+    of 16 up to MAX_HEAD_DIM."""
     _, t, _, g2, d = qkv.shape
-    return qkv.dtype == jnp.float32 and g2 >= 3 and t * (g2 - 2) <= MAX_QUERIES and d % LANES == 0
+    return (qkv.dtype == jnp.float32 and g2 >= 3 and t * (g2 - 2) <= MAX_QUERIES and d % LANES == 0
+            and d <= MAX_HEAD_DIM)
 
 
 def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: jax.Array, pending_k: jax.Array,
@@ -52,7 +59,7 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
             or pending_k.shape[:2] != k.shape[:2] or pending_k.shape[3:] != (h, d)
             or slots.shape != (b, pending_k.shape[2] + t) or mask.shape != (b, t, k.shape[3])):
         raise ValueError(f"CPU attention takes float32 qkv [B, T, kv_heads, G + 2, D] with T x G <= {MAX_QUERIES} and "
-                         f"D a multiple of {LANES}, cos and sin [B, T, D / 2], k and v [layers, B, kv_heads, S, D], "
+                         f"D a multiple of {LANES} up to {MAX_HEAD_DIM}, cos and sin [B, T, D / 2], k and v [layers, B, kv_heads, S, D], "
                          f"pending_k and pending_v [layers, B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; "
                          f"got qkv {qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
                          f"{list(v.shape)}, pending_k {list(pending_k.shape)}, slots {list(slots.shape)}, mask "

@@ -26,7 +26,7 @@ def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
     return qkv, cos, sin, k, v, pending
 
 
-@pytest.mark.parametrize("t,g,d,p", [(1, 3, 64, 0), (7, 3, 64, 4), (16, 4, 16, 2), (3, 2, 128, 1), (64, 1, 32, 0)])
+@pytest.mark.parametrize("t,g,d,p", [(1, 3, 64, 0), (7, 3, 64, 4), (16, 4, 16, 2), (3, 2, 128, 1), (64, 1, 32, 0), (33, 3, 64, 2)])
 def test_matches_the_models_xla_ops(t, g, d, p):
     """Against apply_rope, cache.scatter_rows and the XLA attention over the sliced layer: the output,
     the new keys and values, and the buffers (pending entries and new tokens at their slots, a slot
@@ -74,7 +74,8 @@ def test_a_query_depends_only_on_the_keys_it_sees_in_order():
 
 def test_shapes_it_cannot_take_are_refused():
     rng = np.random.default_rng(0)
-    for t, g, d in [(33, 2, 64), (1, 3, 8)]:  # 66 queries per KV head; a head dim not a multiple of 16
+    # 258 queries per KV head; a head dim not a multiple of 16; one too large
+    for t, g, d in [(129, 2, 64), (1, 3, 8), (1, 1, 272)]:
         qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, t, 1, g, d, 10)
         assert not cpu_attention.supported(jnp.asarray(qkv))
         with pytest.raises(ValueError, match="CPU attention takes"):

@@ -27,7 +27,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLanes = 16;
-constexpr int64_t kMaxQueries = 64;  // new tokens x query heads per KV head (cpu_attention.py checks)
+constexpr int64_t kMaxQueries = 256;  // new tokens x query heads per KV head (cpu_attention.py checks)
 constexpr int64_t kSlots = 8;        // slots scored at once
 
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
@@ -185,7 +185,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
       md[0] == qd[0] && md[1] == qd[1] && md[2] == kd[3];
   if (!ok) {
     return ffi::Error::InvalidArgument(
-        "attention: expects qkv [B, T, H, G + 2, D] with T * G <= 64 and D in 16, 32, ..., 256, cos and sin "
+        "attention: expects qkv [B, T, H, G + 2, D] with T * G <= 256 and D in 16, 32, ..., 256, cos and sin "
         "[B, T, D / 2], k and v [layers, B, H, S, D], pending_k and pending_v [layers, B, P, H, D], slots "
         "[B, P + T], mask [B, T, S]");
   }
