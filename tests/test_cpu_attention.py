@@ -26,7 +26,8 @@ def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
     return qkv, cos, sin, k, v, pending
 
 
-@pytest.mark.parametrize("t,g,d,p", [(1, 3, 64, 0), (7, 3, 64, 4), (16, 4, 16, 2), (3, 2, 128, 1), (64, 1, 32, 0), (33, 3, 64, 2)])
+@pytest.mark.parametrize("t,g,d,p", [(1, 3, 64, 0), (7, 3, 64, 4), (16, 4, 16, 2), (3, 2, 128, 1), (64, 1, 32, 0),
+                                     (33, 3, 64, 2)])
 def test_matches_the_models_xla_ops(t, g, d, p):
     """Against apply_rope, cache.scatter_rows and the XLA attention over the sliced layer: the output,
     the new keys and values, and the buffers (pending entries and new tokens at their slots, a slot

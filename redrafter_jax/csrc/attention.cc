@@ -28,7 +28,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;
 constexpr int64_t kMaxQueries = 256;  // new tokens x query heads per KV head (cpu_attention.py checks)
-constexpr int64_t kSlots = 8;        // slots scored at once
+constexpr int64_t kSlots = 8;         // slots scored at once
 
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
 typedef int32_t IVec __attribute__((vector_size(64), aligned(4)));
