@@ -60,7 +60,8 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
             or slots.shape != (b, pending_k.shape[2] + t) or mask.shape != (b, t, k.shape[3])):
         raise ValueError(f"CPU attention takes float32 qkv [B, T, kv_heads, G + 2, D] with T x G <= {MAX_QUERIES} and "
                          f"D a multiple of {LANES} up to {MAX_HEAD_DIM}, cos and sin [B, T, D / 2], k and v "
-                         f"[layers, B, kv_heads, S, D], pending_k and pending_v [layers, B, P, kv_heads, D], slots [B, P + T] and mask [B, T, S]; "
+                         f"[layers, B, kv_heads, S, D], pending_k and pending_v [layers, B, P, kv_heads, D], "
+                         f"slots [B, P + T] and mask [B, T, S]; "
                          f"got qkv {qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
                          f"{list(v.shape)}, pending_k {list(pending_k.shape)}, slots {list(slots.shape)}, mask "
                          f"{list(mask.shape)}")
