@@ -85,14 +85,16 @@ def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
     cfg, tparams = tiny_model()
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
     held = toy_sequences(16, seed=1)
-    # a learning rate far too high: held-out accuracy rises, then falls back, so the best is not the last
-    tc = TrainConfig(steps=12, **{**TC, "eval_every": 3, "lr": 1.0, "keep_best": True, "dropout": 0.3})
+    # the learning rate rises through the whole run (warm-up to the end) to one far too high: held-out accuracy
+    # rises, then falls by a wide margin (a constant 1.0 left it at chance, where noise decided which was best)
+    tc = TrainConfig(steps=24, **{**TC, "eval_every": 6, "lr": 1.0, "warmup_fraction": 1.0, "keep_best": True,
+                                  "dropout": 0.3})
     drafter = train(tc, dcfg, cfg, tparams, toy_sequences(), held, str(tmp_path), np.arange(2, 42, dtype=np.int32),
                     progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     scores = {r["step"]: held_out_score(r) for r in rows if r["split"] == "eval"}
     kept = load_drafter_config(str(tmp_path / "drafter"))[1]["kept_step"]
-    assert list(scores) == [3, 6, 9, 12] and kept == max(scores, key=scores.get) and kept != 12, scores
+    assert list(scores) == [6, 12, 18, 24] and kept == max(scores, key=scores.get) and kept != 24, scores
     _, _, evaluate, _ = make_steps(tc, dcfg, cfg, training_mesh(tc, None))
     again = evaluate_split(evaluate, *split_frozen(drafter.params), tparams, held, tc, cfg.pad_token_id,
                            training_mesh(tc, None))
