@@ -194,10 +194,11 @@ def bench_spec(args) -> None:
             return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
 
         bf16_cfg = dataclasses.replace(cfg, dtype="bfloat16")
-        if rows_matmul.amx():  # the bfloat16 products both ways
-            with rows_matmul.turned_off(amx_only=True):
-                variants["CPU kernels, bfloat16 weights without AMX"] = gen.decoding_params(bf16(), bf16_cfg)
-        variants["CPU kernels, bfloat16 weights" + " (AMX)" * rows_matmul.amx()] = gen.decoding_params(bf16(), bf16_cfg)
+        unit = rows_matmul.bf16_unit()
+        if unit:  # the bfloat16 products both ways
+            with rows_matmul.turned_off(unit_only=True):
+                variants[f"CPU kernels, bfloat16 weights without {unit}"] = gen.decoding_params(bf16(), bf16_cfg)
+        variants["CPU kernels, bfloat16 weights" + f" ({unit})" * bool(unit)] = gen.decoding_params(bf16(), bf16_cfg)
         variants["CPU kernels"] = gen.decoding_params(params, cfg)
     verify_rows = verification_rows(variants, args.tree_sizes, args.context, args.repeats * 3)
     decoding = variants[list(variants)[-1]].loop  # the target params as generate() decodes with them
@@ -264,8 +265,9 @@ one autoregressive step (N = 1) computed the same way, and timed in alternation:
 and attention, and the CPU kernels that generate() uses on the CPU (products:
 `redrafter_jax/rows_matmul.py`; attention over the cache in place: `redrafter_jax/cpu_attention.py`),
 with the weights in float32 and rounded to bfloat16 (`--dtype bfloat16`: half the bytes to stream; the
-activations rounded to bfloat16 for the products, which are summed in float32; on a CPU with AMX its
-tile unit computes them, and the same products without it are timed beside).
+activations rounded to bfloat16 for the products, which are summed in float32; on a CPU with a
+bfloat16 unit, AMX or AVX512-BF16, that unit computes them, and the same products without it are timed
+beside).
 The drafter, step-part and end-to-end tables below use what generate() uses.
 
 {md1}

@@ -263,13 +263,13 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     """The target params as the decode loops use them. Where `rows_matmul.enabled`, the loop's matrices
     are tile-packed for the CPU rows kernel in the parameters' dtype, and everything else (embedding,
     norms, biases, activations, cache) is float32, as the CPU kernels compute: bfloat16 weights stream
-    half the bytes (their products round the activations to bfloat16; in AMX's layout where
-    `rows_matmul.amx()`), and a row's logits do not depend on the tree around it in either dtype. A
+    half the bytes (their products round the activations to bfloat16; as k-pairs where
+    `rows_matmul.bf16_unit()`), and a row's logits do not depend on the tree around it in either dtype. A
     float32 prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere
     params and cfg are used unchanged. Made once per params, dtype and layout (`_kept`)."""
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
-    pairs = rows_matmul.amx_layout(cfg.dtype)
+    pairs = rows_matmul.pairs_layout(cfg.dtype)
     loop, config = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: (
         _loop_params(params, cfg.dtype, pairs), dataclasses.replace(cfg, dtype="float32")))
     return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop, config)
@@ -280,13 +280,13 @@ def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None, dtype="
     tile-packed for the CPU rows kernel (XLA ran its W-row beam steps through a general matrix multiply
     at half the memory speed, and the target evicts its weights from the caches every step), in float32,
     or with bfloat16 target weights (`dtype`, the target's) in bfloat16 as the target's are (half the
-    bytes; AMX's layout where `rows_matmul.amx()`). In float32 it drafts the same beams. Other
+    bytes; as k-pairs where `rows_matmul.bf16_unit()`). In float32 it drafts the same beams. Other
     proposers, and elsewhere, unchanged. Made once per drafter and dtype (`_kept`)."""
     if not isinstance(drafter, Drafter) or jnp.dtype(drafter.config.dtype) != jnp.float32 or \
             not rows_matmul.enabled(drafter.params, drafter.config.dtype, mesh):
         return drafter
     dtype = "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32"
-    pairs = rows_matmul.amx_layout(dtype)
+    pairs = rows_matmul.pairs_layout(dtype)
     return _kept(drafter.params, (dtype, pairs),
                  lambda: drafter.replace(params=_packed_matrices(drafter.params, dtype, pairs)))
 
@@ -299,7 +299,7 @@ def _packed_matrices(dparams: Params, dtype: str, pairs: bool) -> Params:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
-    """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, in AMX's layout),
+    """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, as k-pairs),
     everything else float32."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
         return {k: v if k in keep else jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), v) for k, v in d.items()}

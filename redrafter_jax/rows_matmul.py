@@ -8,10 +8,12 @@ share the call: the one-token step and the N-token verification compute bitwise 
 
 The weights may be float32 or bfloat16. With bfloat16 weights x is rounded to bfloat16 as well, as GPUs
 multiply, and the exact products are summed in float32: the tiles stream half the bytes, so a bfloat16
-model decodes about twice as fast on a memory-bound CPU. Where the CPU has AMX (Intel Sapphire Rapids
-and later), bfloat16 tiles are packed in its layout of k-pairs and its tile unit computes 16 rows in
-about the time one row's weights take to stream, so verifying a tree costs little more than one token
-(`amx`). Either way a row's result does not depend on the rows that share the call.
+model decodes about twice as fast on a memory-bound CPU. Where the CPU multiplies bfloat16 itself
+(`bf16_unit`), bfloat16 tiles are packed as k-pairs and its unit computes the products: AMX's tile unit
+(Intel Sapphire Rapids and later) 16 rows in about the time one row's weights take to stream, or else
+AVX512-BF16's dot products (AMD Zen 4 and later, Intel Cooper Lake) two products per lane and
+instruction, so verifying a tree costs little more than one token. Either way a row's result does not
+depend on the rows that share the call.
 
 It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
 the cache folder (one library with the CPU attention kernel, `cpu_attention.py`), and used only where
@@ -43,8 +45,9 @@ SOURCES = ("rows_matmul.cc", "attention.cc")  # compiled into one library
 HEADERS = ("parallel.h",)  # what they share: part of the library's cache key
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 TARGETS = {jnp.dtype(jnp.float32): "redrafter_rows_matmul", jnp.dtype(jnp.bfloat16): "redrafter_rows_matmul_bf16"}
-AMX_TARGET = "redrafter_rows_matmul_amx"  # bfloat16 tiles in AMX's layout
-AMX_K = 32  # k per AMX tile product: K is zero-padded to a multiple of it (csrc/rows_matmul.cc's kPairK)
+# bfloat16 tiles as k-pairs, by the unit that multiplies them (compiled where the CPU has it)
+PAIRS_TARGETS = {"AMX": "redrafter_rows_matmul_amx", "AVX512-BF16": "redrafter_rows_matmul_dpbf16"}
+PAIR_K = 32  # k per AMX tile product: K is zero-padded to a multiple of it (csrc/rows_matmul.cc's kPairK)
 PACK_TARGETS = {jnp.dtype(jnp.float32): "redrafter_pack_tiles", jnp.dtype(jnp.bfloat16): "redrafter_pack_tiles_bf16"}
 ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 
@@ -52,8 +55,8 @@ ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 @struct.dataclass
 class Packed:
     """A weight [K, *out] stored as 32-column tiles (O = prod(out), zero-padded), float32 or bfloat16:
-    [ceil(O / 32), K, 32], or with `pairs` (AMX) [ceil(O / 32), Kp / 2, 64], k-pairs of each column
-    side by side and K zero-padded to Kp, a multiple of AMX_K."""
+    [ceil(O / 32), K, 32], or with `pairs` (for `bf16_unit`) [ceil(O / 32), Kp / 2, 64], k-pairs of each
+    column side by side and K zero-padded to Kp, a multiple of PAIR_K."""
 
     tiles: jax.Array
     k: int = struct.field(pytree_node=False)
@@ -64,18 +67,19 @@ class Packed:
 def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None) -> Packed:
     """float32 or bfloat16 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head) ->
     Packed of the same dtype: a copy made by the kernel library (`generate.decoding_params` keeps one
-    per params). `pairs`: AMX's layout, by default for bfloat16 weights where `amx()`."""
+    per params). `pairs`: the k-pairs layout, by default for bfloat16 weights where `bf16_unit()`."""
     check_available("packed weights")
     if w.dtype not in WEIGHT_DTYPES or (transposed and w.ndim != 2):
         raise ValueError(f"rows_matmul packs float32 or bfloat16 weights [K, *out] or, transposed, [O, K]; "
                          f"got {w.dtype}{list(w.shape)}")
     if pairs is None:
-        pairs = amx_layout(w.dtype)
-    elif pairs and (w.dtype != jnp.bfloat16 or not amx()):
-        raise ValueError(f"AMX's layout needs bfloat16 weights on a CPU with AMX (amx(): {amx()}), got {w.dtype}")
+        pairs = pairs_layout(w.dtype)
+    elif pairs and (w.dtype != jnp.bfloat16 or not bf16_unit()):
+        raise ValueError(f"the k-pairs layout needs bfloat16 weights on a CPU with a bfloat16 unit (bf16_unit(): "
+                         f"{bf16_unit()}), got {w.dtype}")
     k, out = (w.shape[1], w.shape[:1]) if transposed else (w.shape[0], w.shape[1:])
     o = math.prod(out)
-    shape = (-(-o // TILE), -(-k // AMX_K) * AMX_K // 2, 2 * TILE) if pairs else (-(-o // TILE), k, TILE)
+    shape = (-(-o // TILE), -(-k // PAIR_K) * PAIR_K // 2, 2 * TILE) if pairs else (-(-o // TILE), k, TILE)
     tiles = jax.ffi.ffi_call(PACK_TARGETS[w.dtype], jax.ShapeDtypeStruct(shape, w.dtype))(
         w.reshape(-1, k) if transposed else w.reshape(k, o), transposed=transposed, pairs=pairs)
     return Packed(tiles, k, tuple(out), pairs)
@@ -92,7 +96,7 @@ def matmul(x: jax.Array, w: Packed) -> jax.Array:
     rows = x.reshape(-1, k)
     # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
     # the one-token step does (XLA's products of more rows sum in another order)
-    target = AMX_TARGET if w.pairs else TARGETS[w.tiles.dtype]
+    target = PAIRS_TARGETS[_bf16_unit()] if w.pairs else TARGETS[w.tiles.dtype]
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
@@ -137,8 +141,8 @@ def _library() -> ctypes.CDLL | None:
     except OSError as e:
         warnings.warn(f"the CPU kernels are unavailable ({e}); decoding uses XLA's matrix products and attention")
         return None
-    amx_kernel = (AMX_TARGET,) if hasattr(lib, AMX_TARGET) else ()  # compiled where the CPU has AMX
-    for target in (*TARGETS.values(), *PACK_TARGETS.values(), ATTENTION_TARGET, *amx_kernel):
+    pairs_kernels = [t for t in PAIRS_TARGETS.values() if hasattr(lib, t)]  # compiled where the CPU has the unit
+    for target in (*TARGETS.values(), *PACK_TARGETS.values(), ATTENTION_TARGET, *pairs_kernels):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return lib
 
@@ -149,21 +153,28 @@ def available() -> bool:
 
 
 @functools.cache
-def _amx_ready() -> bool:
+def _bf16_unit() -> str | None:
+    """The unit whose kernel multiplies k-pairs tiles in this process, whatever REDRAFTER_BF16_UNIT says
+    (tiles packed before it was set still need one): AMX where the library has its kernel and Linux
+    grants this process the tile registers, else AVX512-BF16 where the library has that kernel."""
     lib = _library()
-    return lib is not None and bool(lib.redrafter_amx_ready())
+    if lib is None:
+        return None
+    if hasattr(lib, PAIRS_TARGETS["AMX"]) and lib.redrafter_amx_ready():
+        return "AMX"
+    return "AVX512-BF16" if hasattr(lib, PAIRS_TARGETS["AVX512-BF16"]) else None
 
 
-def amx() -> bool:
-    """Whether bfloat16 weights are packed for AMX: the CPU has it, the library was built with it, the
-    OS lets this process use its tile registers, and REDRAFTER_AMX is not "0" (read at each call)."""
-    return os.environ.get("REDRAFTER_AMX") != "0" and _amx_ready()
+def bf16_unit() -> str | None:
+    """The CPU's bfloat16 unit that multiplies bfloat16 weights packed as k-pairs: "AMX", "AVX512-BF16",
+    or None where the CPU has neither or REDRAFTER_BF16_UNIT is "0" (read at each call)."""
+    return None if os.environ.get("REDRAFTER_BF16_UNIT") == "0" else _bf16_unit()
 
 
-def amx_layout(dtype) -> bool:
-    """Whether weights of `dtype` are packed in AMX's layout: bfloat16 where `amx()` (`pack`'s default;
-    the decode loops decide it before their jitted packing, so that REDRAFTER_AMX is read each call)."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and amx()
+def pairs_layout(dtype) -> bool:
+    """Whether weights of `dtype` are packed as k-pairs: bfloat16 where `bf16_unit()` (`pack`'s default;
+    the decode loops decide it before their jitted packing, so that REDRAFTER_BF16_UNIT is read each call)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and bf16_unit() is not None
 
 
 def enabled(params, dtype, mesh) -> bool:
@@ -178,10 +189,10 @@ def enabled(params, dtype, mesh) -> bool:
 
 
 @contextlib.contextmanager
-def turned_off(amx_only: bool = False):
-    """Decoding params made inside use XLA's products (REDRAFTER_CPU_KERNEL=0), or with amx_only the rows
-    kernel without AMX (REDRAFTER_AMX=0), e.g. to compare both in one run."""
-    name = "REDRAFTER_AMX" if amx_only else "REDRAFTER_CPU_KERNEL"
+def turned_off(unit_only: bool = False):
+    """Decoding params made inside use XLA's products (REDRAFTER_CPU_KERNEL=0), or with unit_only the rows
+    kernel without the CPU's bfloat16 unit (REDRAFTER_BF16_UNIT=0), e.g. to compare both in one run."""
+    name = "REDRAFTER_BF16_UNIT" if unit_only else "REDRAFTER_CPU_KERNEL"
     old = os.environ.get(name)
     os.environ[name] = "0"
     try:

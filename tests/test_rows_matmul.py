@@ -19,9 +19,9 @@ from redrafter_jax.oracle import OracleDrafter
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(not rows_matmul.available(), reason="no C++ compiler for the CPU rows kernel")
-needs_amx = pytest.mark.skipif(not rows_matmul.amx(), reason="this CPU has no AMX")
-LAYOUTS = [("float32", False), ("bfloat16", False), pytest.param("bfloat16", True, marks=needs_amx)]
-LAYOUT_IDS = ["float32", "bfloat16", "bfloat16 AMX"]
+needs_unit = pytest.mark.skipif(not rows_matmul.bf16_unit(), reason="this CPU has no bfloat16 unit (AMX, AVX512-BF16)")
+LAYOUTS = [("float32", False), ("bfloat16", False), pytest.param("bfloat16", True, marks=needs_unit)]
+LAYOUT_IDS = ["float32", "bfloat16", "bfloat16 k-pairs"]
 
 
 @pytest.mark.parametrize("dtype,pairs", LAYOUTS, ids=LAYOUT_IDS)
@@ -40,7 +40,7 @@ def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dt
     factor = np.asarray(jnp.asarray(x, dtype), np.float64)
     want = np.tensordot(factor, np.asarray(w, np.float64), 1)
     np.testing.assert_allclose(single, want[:26], rtol=1e-5, atol=1e-5 * np.sqrt(k))
-    for m in (2, 3, 12, 13, 16, 17, 24, 26):  # whole and partial passes of 12 (16 with AMX): bitwise the single rows
+    for m in (2, 3, 12, 13, 16, 17, 24, 26):  # whole and partial passes of 12 (16 on AMX): bitwise the single rows
         np.testing.assert_array_equal(np.asarray(mm(x[:m], packed)), single[:m])
     many = np.asarray(mm(x, packed))  # however many rows (a batch's trees, a prefill)
     np.testing.assert_array_equal(many[:26], single)
@@ -60,7 +60,7 @@ def test_packing_copies_tiles_exactly_also_from_a_transposed_weight(dtype, pairs
         np.testing.assert_array_equal(np.asarray(packed.tiles), want)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         rows_matmul.pack(jnp.asarray(w, jnp.float16))
-    with pytest.raises(ValueError, match="AMX's layout needs bfloat16 weights"):
+    with pytest.raises(ValueError, match="k-pairs layout needs bfloat16 weights"):
         rows_matmul.pack(jnp.asarray(w, jnp.float32), pairs=True)
 
 
@@ -78,10 +78,10 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     assert len(gen._DECODING) == kept - 1  # freed with its params
     with rows_matmul.turned_off():
         assert gen.decoding_params(params, cfg) == (params, params, cfg)
-    cfg, params = tiny_model(dtype="bfloat16")  # one packing per layout: REDRAFTER_AMX=0 gets its own
-    with rows_matmul.turned_off(amx_only=True):
+    cfg, params = tiny_model(dtype="bfloat16")  # one packing per layout: REDRAFTER_BF16_UNIT=0 gets its own
+    with rows_matmul.turned_off(unit_only=True):
         assert not gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs
-    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == rows_matmul.amx()
+    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == bool(rows_matmul.bf16_unit())
 
 
 def _unpacked(packed: rows_matmul.Packed) -> np.ndarray:
@@ -100,7 +100,7 @@ def test_bfloat16_models_decode_with_bfloat16_products_and_float32_activations(t
     for p, q in zip(params["layers"], loop["layers"]):
         for k in p:
             if isinstance(q[k], rows_matmul.Packed):  # the matrices: their bfloat16 values, tile-packed
-                assert q[k].tiles.dtype == jnp.bfloat16 and q[k].pairs == rows_matmul.amx()
+                assert q[k].tiles.dtype == jnp.bfloat16 and q[k].pairs == bool(rows_matmul.bf16_unit())
                 np.testing.assert_array_equal(_unpacked(q[k]), np.asarray(p[k]).reshape(p[k].shape[0], -1))
             else:  # norms, biases: widened exactly
                 assert q[k].dtype == jnp.float32
@@ -150,7 +150,7 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, m
     matrices = jax.tree_util.tree_leaves(halved.params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))
     for p, q in zip(jax.tree_util.tree_leaves(drafter.params), matrices):
         if p.ndim == 2:
-            assert q.tiles.dtype == jnp.bfloat16 and q.pairs == rows_matmul.amx()
+            assert q.tiles.dtype == jnp.bfloat16 and q.pairs == bool(rows_matmul.bf16_unit())
             np.testing.assert_array_equal(_unpacked(q), np.asarray(p.astype(jnp.bfloat16)).reshape(p.shape[0], -1))
     state = jax.random.normal(jax.random.PRNGKey(3), (3, 4, cfg.hidden_size))
 
@@ -199,18 +199,18 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
     assert target not in plain and rows_matmul.ATTENTION_TARGET not in plain
 
 
-@pytest.mark.parametrize("dtype,amx_only", [("float32", False), ("bfloat16", False),
-                                            pytest.param("bfloat16", True, marks=needs_amx)],
-                         ids=["float32", "bfloat16", "bfloat16 without AMX"])
-def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it(dtype, amx_only):
+@pytest.mark.parametrize("dtype,unit_off", [("float32", False), ("bfloat16", False),
+                                             pytest.param("bfloat16", True, marks=needs_unit)],
+                         ids=["float32", "bfloat16", "bfloat16 without the CPU's bfloat16 unit"])
+def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it(dtype, unit_off):
     """What greedy exactness rests on: verifying a tree of N tokens computes each node's logits and
     hidden state bitwise as a forward of fewer tokens, a one-token step included, and of other rows
     (hidden size 576, the default model's: XLA:CPU reduced its norms in one order for fewer than 8
     rows, another from 8; products of more than 64 rows used to go to XLA's matrix multiply)."""
     cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype)
-    with rows_matmul.turned_off(amx_only=True) if amx_only else contextlib.nullcontext():
+    with rows_matmul.turned_off(unit_only=True) if unit_off else contextlib.nullcontext():
         _, loop, dcfg = gen.decoding_params(params, cfg)
-    assert loop["layers"][0]["wqkv"].pairs == (dtype == "bfloat16" and rows_matmul.amx() and not amx_only)
+    assert loop["layers"][0]["wqkv"].pairs == (dtype == "bfloat16" and bool(rows_matmul.bf16_unit()) and not unit_off)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
     fwd = jax.jit(model.forward, static_argnums=1)
 
@@ -231,8 +231,9 @@ def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it
 
 
 @pytest.mark.parametrize("kernel,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16"),
-                                          pytest.param("no AMX", "bfloat16", marks=needs_amx)],
-                         ids=["CPU kernels", "XLA products", "CPU kernels, bfloat16 weights", "bfloat16 without AMX"])
+                                          pytest.param("no unit", "bfloat16", marks=needs_unit)],
+                         ids=["CPU kernels", "XLA products", "CPU kernels, bfloat16 weights",
+                              "bfloat16 without the CPU's bfloat16 unit"])
 def test_speculative_output_equals_autoregressive_both_ways(kernel, dtype):
     cfg, params = tiny_model(seed=3, head_dim=16, dtype=dtype)  # a head dim the attention kernel takes
     prompts = [[5, 6, 7, 8, 9, 5, 6, 7], [3, 4], [9, 8, 7, 6, 5]]
@@ -245,7 +246,7 @@ def test_speculative_output_equals_autoregressive_both_ways(kernel, dtype):
     if kernel is True:
         ar, sp, acc = run()
     else:
-        with rows_matmul.turned_off(amx_only=kernel == "no AMX"):
+        with rows_matmul.turned_off(unit_only=kernel == "no unit"):
             ar, sp, acc = run()
     np.testing.assert_array_equal(sp, ar)
     assert (acc > 0).any()  # lookup drafts were accepted: the tree verification really ran

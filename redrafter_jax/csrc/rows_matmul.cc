@@ -5,8 +5,10 @@
 // so a row's result does not depend on M or on the threads: a one-token step and an N-token tree
 // verification compute bitwise the same products. The weights may be float32 or bfloat16 (half the
 // bytes to stream). With bfloat16 weights x is rounded to bfloat16 too, as GPUs multiply, and the
-// exact products are summed in float32; where the CPU has AMX (Intel Sapphire Rapids and later) its
-// tile unit computes them from a layout of k-pairs (`pairs`), 16 rows for about the cost of one.
+// exact products are summed in float32. Where the CPU multiplies bfloat16 pairs itself, the weights are
+// packed as k-pairs (`pairs`) and its unit computes them: AMX's tiles (Intel Sapphire Rapids and later),
+// 16 rows for about the cost of one, or else AVX512-BF16's dot products (AMD Zen 4 and later, Intel
+// Cooper Lake), 32 products per instruction where the plain path does 16 and converts the weights.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -15,10 +17,12 @@
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define REDRAFTER_AMX 1
+#endif
+#if defined(REDRAFTER_AMX) || defined(__AVX512BF16__)
+#include <immintrin.h>
 #endif
 
 #include "parallel.h"
@@ -33,7 +37,7 @@ constexpr int64_t kTile = 32;   // columns per tile (two 512-bit registers)
 constexpr int64_t kRows = 12;   // rows per pass: 12 x 32 float sums fill 24 of 32 AVX-512 registers
 constexpr int64_t kAhead = 32;  // weight rows of this tile prefetched ahead
 constexpr int64_t kLine = 64;   // bytes per cache line
-constexpr int64_t kPairK = 32;  // AMX's layout: K zero-padded to whole tile products of 32 k (16 pairs)
+constexpr int64_t kPairK = 32;  // k-pairs layout: K zero-padded to whole AMX tile products of 32 k (16 pairs)
 
 // 16 floats: one AVX-512 register (GCC splits it on narrower vector units).
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
@@ -50,11 +54,32 @@ inline void Load(const uint16_t* w, Vec& w0, Vec& w1) {  // bfloat16: the top ha
   w1 = reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Half*>(w + 16), Word) << 16);
 }
 
-// One pass of R rows over a tile. While it computes, it also prefetches `lines` cache lines per k of
-// the thread's next tile (from `next`) into L2, so that memory keeps streaming while the passes
-// compute: without it, the passes after the first one ran from cache with memory idle.
-template <int R, typename W>
-void TilePass(const float* x, const W* w, float* y, int64_t k_dim, int64_t o_dim, bool first,
+// acc += x * w for one row: x a float32 and w a tile row, or (AVX512-BF16) x a k-pair of bfloat16s and w
+// the tile's 32 k-pairs, loaded as they are (`Load` of uint32_t), each lane adding both products.
+inline void Madd(Vec (&acc)[2], float x, const Vec& w0, const Vec& w1) {
+  acc[0] += x * w0;
+  acc[1] += x * w1;
+}
+#ifdef __AVX512BF16__
+inline void Load(const uint32_t* w, Vec& w0, Vec& w1) {
+  w0 = *reinterpret_cast<const Vec*>(w);
+  w1 = *reinterpret_cast<const Vec*>(w + 16);
+}
+inline void Madd(Vec (&acc)[2], uint32_t x, const Vec& w0, const Vec& w1) {
+  const __m512bh xx = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x)));
+  for (int i = 0; i < 2; ++i) {
+    const __m512bh wi = reinterpret_cast<__m512bh>(i == 0 ? w0 : w1);
+    acc[i] = reinterpret_cast<Vec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[i]), xx, wi));
+  }
+}
+#endif
+
+// One pass of R rows over a tile (k: a weight row, or with k-pairs a pair of them). While it computes,
+// it also prefetches `lines` cache lines per k of the thread's next tile (from `next`) into L2, so that
+// memory keeps streaming while the passes compute: without it, the passes after the first one ran from
+// cache with memory idle.
+template <int R, typename X, typename W>
+void TilePass(const X* x, const W* w, float* y, int64_t k_dim, int64_t o_dim, bool first,
               const char* next, int lines) {
   constexpr int64_t kRowBytes = kTile * sizeof(W);
   Vec acc[R][2] = {};
@@ -67,11 +92,7 @@ void TilePass(const float* x, const W* w, float* y, int64_t k_dim, int64_t o_dim
       }
     }
     for (int i = 0; i < lines; ++i) __builtin_prefetch(next + (k * lines + i) * kLine, 0, 1);
-    for (int r = 0; r < R; ++r) {
-      const float xr = x[r * k_dim + k];
-      acc[r][0] += xr * w0;
-      acc[r][1] += xr * w1;
-    }
+    for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], w0, w1);
   }
   for (int r = 0; r < R; ++r) {
     *reinterpret_cast<Vec*>(y + r * o_dim) = acc[r][0];
@@ -79,19 +100,19 @@ void TilePass(const float* x, const W* w, float* y, int64_t k_dim, int64_t o_dim
   }
 }
 
-template <typename W>
-using Pass = void (*)(const float*, const W*, float*, int64_t, int64_t, bool, const char*, int);
-template <typename W, int64_t... R>
+template <typename X, typename W>
+using Pass = void (*)(const X*, const W*, float*, int64_t, int64_t, bool, const char*, int);
+template <typename X, typename W, int64_t... R>
 constexpr auto kPasses(std::integer_sequence<int64_t, R...>) {
-  return std::array<Pass<W>, sizeof...(R)>{TilePass<R + 1, W>...};
+  return std::array<Pass<X, W>, sizeof...(R)>{TilePass<R + 1, X, W>...};
 }
 
 // All rows of one tile, in passes of up to kRows; the next tile's K x L lines (L = 2 for float32,
-// 1 for bfloat16) are prefetched over the passes: L per k in a single pass, else one per k in each of
-// the first L.
-template <typename W>
-void Tile(const float* x, const W* w, float* y, int64_t m, int64_t k_dim, int64_t o_dim, const W* next) {
-  static constexpr auto pass = kPasses<W>(std::make_integer_sequence<int64_t, kRows>{});
+// 1 for bfloat16, 2 for k-pairs) are prefetched over the passes: L per k in a single pass, else one per
+// k in each of the first L.
+template <typename X, typename W>
+void Tile(const X* x, const W* w, float* y, int64_t m, int64_t k_dim, int64_t o_dim, const W* next) {
+  static constexpr auto pass = kPasses<X, W>(std::make_integer_sequence<int64_t, kRows>{});
   constexpr int kLinesPerRow = kTile * sizeof(W) / kLine;
   const int64_t passes = (m + kRows - 1) / kRows;
   for (int64_t p = 0; p < passes; ++p) {
@@ -179,12 +200,19 @@ void AmxTile(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t 
   _tile_release();
 }
 
-ffi::Error RowsMatmulAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
+#endif
+
+#if defined(REDRAFTER_AMX) || defined(__AVX512BF16__)
+// Products of x with weights in the k-pairs layout [O / 32, Kp / 2, 64]: x rounded to bfloat16 and
+// zero-padded to Kp, then every tile by `kAmx` (AMX's tile unit) or else AVX512-BF16's dot products.
+template <bool kAmx>
+ffi::Error RowsMatmulPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                           ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != 2 * kTile || wd[1] % (kPairK / 2) || 2 * wd[1] < xd[1] ||
       2 * wd[1] >= xd[1] + kPairK) {
-    return ffi::Error::InvalidArgument("rows_matmul_amx: expects x [M, K] and w [O / 32, Kp / 2, 64], Kp = K up to 32s");
+    return ffi::Error::InvalidArgument("rows_matmul (k-pairs): expects x [M, K] and w [O / 32, Kp / 2, 64], Kp = K "
+                                       "up to 32s");
   }
   const int64_t m = xd[0], k_dim = xd[1], kp = 2 * wd[1], tiles = wd[0], o_dim = tiles * kTile;
   std::vector<uint16_t> xb(m * kp, 0);  // x in bfloat16, zero-padded to Kp
@@ -195,7 +223,17 @@ ffi::Error RowsMatmulAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buf
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
   ParallelFor(pool, tiles, [=](int64_t t, int64_t after) {
-    AmxTile(xp, wp + t * kp * kTile, yp + t * kTile, m, kp, o_dim, after < tiles ? wp + after * kp * kTile : nullptr);
+    const uint16_t *here = wp + t * kp * kTile, *next = after < tiles ? wp + after * kp * kTile : nullptr;
+#ifdef REDRAFTER_AMX
+    if constexpr (kAmx) AmxTile(xp, here, yp + t * kTile, m, kp, o_dim, next);
+#endif
+#ifdef __AVX512BF16__
+    if constexpr (!kAmx) {  // a k-pair of x or of a weight column is one 32-bit word
+      using Pair = const uint32_t*;
+      Tile(reinterpret_cast<Pair>(xp), reinterpret_cast<Pair>(here), yp + t * kTile, m, kp / 2, o_dim,
+           reinterpret_cast<Pair>(next));
+    }
+#endif
   });
   return ffi::Error::Success();
 }
@@ -275,11 +313,17 @@ extern "C" int redrafter_amx_ready() {
 #endif
 }
 
+// The k-pairs kernels, each where the compiler targets its unit.
+#define ROWS_MATMUL_PAIRS(name, amx)                                                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, RowsMatmulPairs<amx>,                                      \
+                                ffi::Ffi::Bind()                                                 \
+                                    .Ctx<ffi::ThreadPool>()                                      \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                                \
+                                    .Arg<ffi::Buffer<ffi::BF16>>()                               \
+                                    .Ret<ffi::Buffer<ffi::F32>>())
 #ifdef REDRAFTER_AMX
-XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_rows_matmul_amx, RowsMatmulAmx,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+ROWS_MATMUL_PAIRS(redrafter_rows_matmul_amx, true);
+#endif
+#ifdef __AVX512BF16__
+ROWS_MATMUL_PAIRS(redrafter_rows_matmul_dpbf16, false);
 #endif
