@@ -96,7 +96,7 @@ def matmul(x: jax.Array, w: Packed) -> jax.Array:
     rows = x.reshape(-1, k)
     # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
     # the one-token step does (XLA's products of more rows sum in another order)
-    target = PAIRS_TARGETS[_bf16_unit()] if w.pairs else TARGETS[w.tiles.dtype]
+    target = PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
@@ -153,22 +153,22 @@ def available() -> bool:
 
 
 @functools.cache
-def _bf16_unit() -> str | None:
-    """The unit whose kernel multiplies k-pairs tiles in this process, whatever REDRAFTER_BF16_UNIT says
-    (tiles packed before it was set still need one): AMX where the library has its kernel and Linux
-    grants this process the tile registers, else AVX512-BF16 where the library has that kernel."""
+def bf16_units() -> tuple[str, ...]:
+    """The CPU's bfloat16 units this process has a k-pairs kernel for, preferred first, whatever
+    REDRAFTER_BF16_UNIT says (tiles packed before it was set still need one): "AMX" where the library
+    has its kernel and Linux grants this process the tile registers, "AVX512-BF16" where the library
+    has that kernel (compiled where the CPU has the unit)."""
     lib = _library()
-    if lib is None:
-        return None
-    if hasattr(lib, PAIRS_TARGETS["AMX"]) and lib.redrafter_amx_ready():
-        return "AMX"
-    return "AVX512-BF16" if hasattr(lib, PAIRS_TARGETS["AVX512-BF16"]) else None
+    return () if lib is None else tuple(
+        unit for unit, target in PAIRS_TARGETS.items() if hasattr(lib, target) and
+        (unit != "AMX" or lib.redrafter_amx_ready()))
 
 
 def bf16_unit() -> str | None:
-    """The CPU's bfloat16 unit that multiplies bfloat16 weights packed as k-pairs: "AMX", "AVX512-BF16",
-    or None where the CPU has neither or REDRAFTER_BF16_UNIT is "0" (read at each call)."""
-    return None if os.environ.get("REDRAFTER_BF16_UNIT") == "0" else _bf16_unit()
+    """The unit that multiplies bfloat16 weights packed as k-pairs: the first of `bf16_units()`, or None
+    where there is none or REDRAFTER_BF16_UNIT is "0" (read at each call)."""
+    units = () if os.environ.get("REDRAFTER_BF16_UNIT") == "0" else bf16_units()
+    return units[0] if units else None
 
 
 def pairs_layout(dtype) -> bool:

@@ -22,11 +22,21 @@ pytestmark = pytest.mark.skipif(not rows_matmul.available(), reason="no C++ comp
 needs_unit = pytest.mark.skipif(not rows_matmul.bf16_unit(), reason="this CPU has no bfloat16 unit (AMX, AVX512-BF16)")
 LAYOUTS = [("float32", False), ("bfloat16", False), pytest.param("bfloat16", True, marks=needs_unit)]
 LAYOUT_IDS = ["float32", "bfloat16", "bfloat16 k-pairs"]
+# every kernel: the k-pairs layout's on each bfloat16 unit this CPU has (AMX's kernel and AVX512-BF16's both,
+# on a CPU with AMX)
+KERNELS = [("float32", None), ("bfloat16", None)] + [
+    pytest.param("bfloat16", unit, marks=pytest.mark.skipif(unit not in rows_matmul.bf16_units(),
+                                                           reason=f"this CPU has no {unit}"))
+    for unit in rows_matmul.PAIRS_TARGETS]
 
 
-@pytest.mark.parametrize("dtype,pairs", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype,unit", KERNELS, ids=["float32", "bfloat16"] + [
+    f"bfloat16 on {unit}" for unit in rows_matmul.PAIRS_TARGETS])
 @pytest.mark.parametrize("k,out", [(5, (7,)), (64, (3, 5, 8)), (300, (96,))])
-def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dtype, pairs):
+def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dtype, unit, monkeypatch):
+    if unit:  # this unit's kernel multiplies the k-pairs
+        monkeypatch.setattr(rows_matmul, "bf16_units", lambda: (unit,))
+    pairs = unit is not None
     rng = np.random.default_rng(k)
     w = jnp.asarray(rng.standard_normal((k, *out)), dtype)
     packed = rows_matmul.pack(w, pairs=pairs)
