@@ -10,10 +10,11 @@ The weights may be float32 or bfloat16. With bfloat16 weights x is rounded to bf
 multiply, and the exact products are summed in float32: the tiles stream half the bytes, so a bfloat16
 model decodes about twice as fast on a memory-bound CPU. Where the CPU multiplies bfloat16 itself
 (`bf16_unit`), bfloat16 tiles are packed as k-pairs and its unit computes the products: AMX's tile unit
-(Intel Sapphire Rapids and later) 16 rows in about the time one row's weights take to stream, or else
-AVX512-BF16's dot products (AMD Zen 4 and later, Intel Cooper Lake) two products per lane and
-instruction, so verifying a tree costs little more than one token. Either way a row's result does not
-depend on the rows that share the call.
+(Intel Sapphire Rapids and later) 16 rows in about the time one row's weights take to stream, so
+verifying a tree costs little more than one token, or else AVX512-BF16's dot products (AMD Zen 4 and
+later, Intel Cooper Lake), two products per lane and instruction, so that the products of many rows
+(large trees, prefills) cost about 60% of the FMA loop's. Either way a row's result does not depend on
+the rows that share the call.
 
 It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
 the cache folder (one library with the CPU attention kernel, `cpu_attention.py`), and used only where
