@@ -44,7 +44,9 @@ def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dt
     assert packed.tiles.shape == (-(-w[0].size // 32), rows, 64 if pairs else 32) and packed.tiles.dtype == dtype
     assert (packed.k, packed.out, packed.pairs) == (k, out, pairs)
     x = rng.standard_normal((70, k)).astype(np.float32)
-    mm = jax.jit(rows_matmul.matmul)
+    mm = jax.jit(lambda x, w: rows_matmul.matmul(x, w))  # a new function: no trace of another unit's test reused
+    target = rows_matmul.PAIRS_TARGETS[unit] if unit else rows_matmul.TARGETS[jnp.dtype(dtype)]
+    assert f"@{target}(" in mm.lower(x[:1], packed).as_text()  # this kernel, and no other, multiplies
     single = np.stack([np.asarray(mm(x[i: i + 1], packed))[0] for i in range(26)])
     # bfloat16 weights: x is rounded to bfloat16 too, the products exact, their sums float32
     factor = np.asarray(jnp.asarray(x, dtype), np.float64)
