@@ -24,14 +24,13 @@ LAYOUTS = [("float32", False), ("bfloat16", False), pytest.param("bfloat16", Tru
 LAYOUT_IDS = ["float32", "bfloat16", "bfloat16 k-pairs"]
 # every kernel: the k-pairs layout's on each bfloat16 unit this CPU has (AMX's kernel and AVX512-BF16's both,
 # on a CPU with AMX)
-KERNELS = [("float32", None), ("bfloat16", None)] + [
-    pytest.param("bfloat16", unit, marks=pytest.mark.skipif(unit not in rows_matmul.bf16_units(),
-                                                           reason=f"this CPU has no {unit}"))
+KERNELS = [pytest.param("float32", None, id="float32"), pytest.param("bfloat16", None, id="bfloat16")] + [
+    pytest.param("bfloat16", unit, id=f"bfloat16 on {unit}", marks=pytest.mark.skipif(
+        unit not in rows_matmul.bf16_units(), reason=f"this CPU has no {unit}"))
     for unit in rows_matmul.PAIRS_TARGETS]
 
 
-@pytest.mark.parametrize("dtype,unit", KERNELS, ids=["float32", "bfloat16"] + [
-    f"bfloat16 on {unit}" for unit in rows_matmul.PAIRS_TARGETS])
+@pytest.mark.parametrize("dtype,unit", KERNELS)
 @pytest.mark.parametrize("k,out", [(5, (7,)), (64, (3, 5, 8)), (300, (96,))])
 def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dtype, unit, monkeypatch):
     if unit:  # this unit's kernel multiplies the k-pairs
@@ -93,7 +92,7 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     cfg, params = tiny_model(dtype="bfloat16")  # one packing per layout: REDRAFTER_BF16_UNIT=0 gets its own
     with rows_matmul.turned_off(unit_only=True):
         assert not gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs
-    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == bool(rows_matmul.bf16_unit())
+    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
 
 
 def _unpacked(packed: rows_matmul.Packed) -> np.ndarray:
@@ -112,7 +111,7 @@ def test_bfloat16_models_decode_with_bfloat16_products_and_float32_activations(t
     for p, q in zip(params["layers"], loop["layers"]):
         for k in p:
             if isinstance(q[k], rows_matmul.Packed):  # the matrices: their bfloat16 values, tile-packed
-                assert q[k].tiles.dtype == jnp.bfloat16 and q[k].pairs == bool(rows_matmul.bf16_unit())
+                assert q[k].tiles.dtype == jnp.bfloat16 and q[k].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
                 np.testing.assert_array_equal(_unpacked(q[k]), np.asarray(p[k]).reshape(p[k].shape[0], -1))
             else:  # norms, biases: widened exactly
                 assert q[k].dtype == jnp.float32
@@ -162,7 +161,7 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, m
     matrices = jax.tree_util.tree_leaves(halved.params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))
     for p, q in zip(jax.tree_util.tree_leaves(drafter.params), matrices):
         if p.ndim == 2:
-            assert q.tiles.dtype == jnp.bfloat16 and q.pairs == bool(rows_matmul.bf16_unit())
+            assert q.tiles.dtype == jnp.bfloat16 and q.pairs == rows_matmul.pairs_layout(jnp.bfloat16)
             np.testing.assert_array_equal(_unpacked(q), np.asarray(p.astype(jnp.bfloat16)).reshape(p.shape[0], -1))
     state = jax.random.normal(jax.random.PRNGKey(3), (3, 4, cfg.hidden_size))
 
@@ -222,7 +221,7 @@ def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it
     cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype)
     with rows_matmul.turned_off(unit_only=True) if unit_off else contextlib.nullcontext():
         _, loop, dcfg = gen.decoding_params(params, cfg)
-    assert loop["layers"][0]["wqkv"].pairs == (dtype == "bfloat16" and bool(rows_matmul.bf16_unit()) and not unit_off)
+    assert loop["layers"][0]["wqkv"].pairs == (rows_matmul.pairs_layout(dtype) and not unit_off)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
     fwd = jax.jit(model.forward, static_argnums=1)
 

@@ -157,4 +157,5 @@ def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
     acc = np.asarray(out.accepted)
     assert acc[acc >= 0].mean() > 0.3
     made = gen._DECODING[id(jax.tree_util.tree_leaves(drafter.params)[0])][1]  # what generate() packed
-    assert list(made) == [("bfloat16", bool(rows_matmul.bf16_unit()))]  # the drafter's matrices in bfloat16 as well
+    # the drafter's matrices in bfloat16 as well
+    assert list(made) == [("bfloat16", rows_matmul.pairs_layout(jnp.bfloat16))]
