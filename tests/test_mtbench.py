@@ -20,7 +20,7 @@ def test_mt_bench_has_80_first_turn_questions():
     assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)
 
 
-def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path, monkeypatch):
+def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Name three primary colors."}) + "\n"
                        + json.dumps({"turns": ["What is 2 + 2?", "And 3 + 3?"]}) + "\n")
@@ -31,15 +31,15 @@ def test_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path,
     published = open(BENCHMARKS_MD, "rb").read()
     monkeypatch.chdir(tmp_path)  # a run without --docs writes to ./runs/benchmarks, never to docs/
     main(["--gguf", smollm_path, "--drafter", DEFAULT_DRAFTER, other, "--prompts", str(prompts),
-          "--max-new-tokens", "10", "--sweep", "2x3:4", "0x4+2", "--section", "small", "--title", "Small run"])
+          "--max-new-tokens", "10", "--sweep", "2x3:4", "0x4+2", "--batch-sizes", "2", "--section", "small",
+          "--title", "Small run"])
     assert open(BENCHMARKS_MD, "rb").read() == published
     report = tmp_path / "runs" / "benchmarks" / "benchmarks.md"
     text = report.read_text()
-    assert "<!-- small:begin -->" in text and "## Small run" in text and "2 prompts" in text
+    assert "<!-- small:begin -->" in text and "## Small run" in text and "2 prompts" in text and "batch 2," in text
     assert f"Command: `python -m infer.mtbench --gguf {smollm_path} --drafter" in text  # the arguments given
-    rows = [line.split(" | ") for line in text.splitlines()
-            if line.startswith((f"| {DEFAULT_DRAFTER}", f"| {other}", "| none (lookup only)"))]
-    assert [(r[0].strip("| "), r[1], r[2], r[3]) for r in rows] == [
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 2 | ")]
+    assert [tuple(r[1:5]) for r in rows] == [
         (d, "2x3", "0", "4") for d in (DEFAULT_DRAFTER, other)] + [
         ("none (lookup only)", "0x4", "2", "7")]
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
