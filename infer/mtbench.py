@@ -180,7 +180,8 @@ def main(argv=None) -> None:
     decoding = f"sampling at temperature {temps}" if sampling else "greedy"
     batches = ", ".join(map(str, args.batch_sizes))
     batch_note = (f" Batch: the prompts decoded {batches} at a time, consecutive prompts together, each batch size "
-                  "with its own autoregressive reference (a batch ends when its last row does)." if batched else "")
+                  "with its own autoregressive reference; a batch runs until its last row ends, and tokens/step "
+                  "counts each row's own steps." if batched else "")
     sampled_note = (" Speedup: speculative tokens/s over autoregressive tokens/s at the same temperature. Prompt i "
                     "(or the batch it begins) is decoded with key i by every decoder; sampled speculative decoding "
                     "uses the exact tree walk, so its outputs follow the target's distribution but are other draws "

@@ -82,14 +82,14 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
     decoding is autoregressive: no drafter and no lookup beams)."""
     if not args.drafter and not args.lookup_beams:
         return None, None
-    # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU, greedy and
-    # sampling at 0.7 (at 1.0, 1.17x against 4 x 2's 1.20x): 4 x 3 + 1 x 8 in 7 slots, the 7 best-scored nodes
-    # (`tree.py`): down the lookup beam (8 tokens: a repeat often runs on) as far as the match makes it
-    # likely, the rest from the drafter's beams of every depth.
+    # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU at batch 1,
+    # greedy and sampling at 0.7 (at 1.0, 1.17x against 4 x 2's 1.20x): 4 x 3 + 1 x 8 in 7 slots, the 7
+    # best-scored nodes (`tree.py`): down the lookup beam (8 tokens: a repeat often runs on) as far as the
+    # match makes it likely, the rest from the drafter's beams of every depth.
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
     if args.drafter and options == (None,) * len(options):
-        spec = SpecConfig.parse("4x3+1x8:7", **ngrams)
+        spec = SpecConfig.default(1, **ngrams)
     else:
         width, length, lookup, budget, lookup_length = options
         spec = SpecConfig(width if width is not None else (2 if args.drafter else 0),

@@ -331,7 +331,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
     `drafter` (a `Drafter`, or another `Proposer`) or a `spec`, decoding is speculative
-    with the beam/tree shape `spec` (default SpecConfig()); `spec.beam_width == 0` with lookup beams
+    with the beam/tree shape `spec` (default `SpecConfig.default` for the rows each device decodes: the
+    tree measured best on a CPU, smaller the larger the batch); `spec.beam_width == 0` with lookup beams
     needs no drafter. Greedy output is then identical to autoregressive greedy output, and sampled
     output follows exactly the autoregressive sampling distribution. `key` is required when
     sampling. `stream`, if given, receives each step's tokens on the host, and generate returns once
@@ -379,7 +380,9 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         raise TypeError(f"mesh must be a jax.sharding.Mesh (e.g. sharding.make_mesh(data, model)), got {mesh!r}")
     speculative = drafter is not None or spec is not None
     if speculative:
-        spec = spec or SpecConfig()
+        if spec is None:
+            per_device = -(-len(prompts) // (mesh.shape[sharding.DATA] if mesh is not None else 1))
+            spec = SpecConfig.default(per_device)
         if spec.beam_width and drafter is None:
             raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
                              f"beam_width=0 with lookup_beams > 0")

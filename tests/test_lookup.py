@@ -180,3 +180,8 @@ def test_bad_lookup_settings_raise(tiny):
     mixed = SpecConfig.parse("2x4+1x8:11")
     assert mixed == SpecConfig(2, 4, 11, lookup_beams=1, lookup_length=8) and mixed.describe() == "2x4+1x8:11"
     assert (mixed.depth, mixed.max_nodes, SpecConfig.parse("0x4+2x6").depth) == (8, 14, 6)
+    # the default tree: 7 slots for one or two rows, about 16 tree tokens per step across larger batches
+    assert [SpecConfig.default(b).budget for b in (1, 2, 3, 4, 5, 8, 64)] == [7, 7, 5, 4, 3, 2, 2]
+    assert SpecConfig.default(lookup_max_ngram=5) == SpecConfig.parse("4x3+1x8:7", lookup_max_ngram=5)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        SpecConfig.default(0)

@@ -127,8 +127,9 @@ def test_bad_drafter_or_settings_raise(smollm, chat_prompts, random_drafter):
 
 def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, greedy_reference):
     drafter = load_drafter(DEFAULT_DRAFTER, smollm.config)
-    # the last: a budget below both beams' lengths, so the tree holds the best-scored nodes only
-    for spec in [SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2), SpecConfig.parse("3x4+1x6:5")]:
+    # None: generate's default for 4 rows (4 x 3 + 1 x 8 in 4 slots); the last: a budget below both beams'
+    # lengths, so the tree holds the best-scored nodes only
+    for spec in [None, SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2), SpecConfig.parse("3x4+1x6:5")]:
         out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
                            spec=spec)
         assert rows(out) == greedy_reference
