@@ -245,4 +245,6 @@ def test_sampled_speculative_text_on_default_model_is_fluent(smollm, chat_prompt
         seq = jnp.asarray([prompt + toks[:n].tolist()])
         logp = jax.nn.log_softmax(forward_causal(params, cfg, seq).logits[0, len(prompt) - 1:-1] / 0.7)
         mean = float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(toks[:n])[:, None], axis=1)))
-        assert mean > -2.0, smollm.tokenizer.decode(toks[:n])
+        # The target's own samples at 0.7 score -0.35 to -2.15 here (6 keys, autoregressive and speculative
+        # alike; the haiku lowest); uniformly random tokens about -10.
+        assert mean > -3.0, smollm.tokenizer.decode(toks[:n])
