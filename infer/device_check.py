@@ -39,7 +39,7 @@ from infer.benchmark import (
     timed,
     verification_rows,
 )
-from infer.mtbench import load_prompts, run_all, top2_gap_at_divergence
+from infer.mtbench import identical_outputs, load_prompts, run_all
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
@@ -117,11 +117,7 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget) -> 
             kw = {} if per_prompt else {"drafter": load_drafter(name, model.config)}
             jax.clear_caches()
             outs, secs, acc = decode(f"{dtype} {name} {spec_text}", per_prompt, spec=spec, **kw)
-            diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
-            same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
-            if diffs:
-                gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
-                same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
+            same = identical_outputs(model, prompts, ar, outs)
             tokens_per_step = 1 + float(np.concatenate(acc).mean())
             speedup = float(ar_secs.sum() / secs.sum())
             rows.append([dtype, name, spec_text, tokens_per_step, speedup, tokens_per_step / speedup, same])

@@ -55,6 +55,17 @@ def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int])
     return j, float(top2[1] - top2[0])
 
 
+def identical_outputs(model, prompts: list[list[int]], ar: list[list[int]], outs: list[list[int]]) -> str:
+    """"n/N" prompts whose outputs equal the autoregressive ones, and the target's top-2 logit gap where
+    each other one first differs."""
+    diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
+    same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
+    if diffs:
+        gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
+        same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
+    return same
+
+
 def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> tuple[list, float, list[np.ndarray]]:
     """Decodes prompts as one batch: (each row's tokens, seconds, each row's accepted drafted tokens
     per step; none for autoregressive decoding)."""
@@ -154,14 +165,7 @@ def main(argv=None) -> None:
             outs, secs, acc = by_decoder[size, temp, path, spec]
             tokens_per_step = 1 + np.concatenate(acc).mean()
             rate = sum(map(len, outs)) / secs
-            if temp == 0:
-                diffs = [i for i, (a, b) in enumerate(zip(ar, outs)) if a != b]
-                gaps = [top2_gap_at_divergence(model, prompts[i], ar[i], outs[i])[1] for i in diffs]
-                same = f"{len(prompts) - len(diffs)}/{len(prompts)}"
-                if diffs:
-                    same += f" (top-2 gaps {', '.join(f'{g:.2g}' for g in gaps)})"
-            else:
-                same = "sampled"
+            same = identical_outputs(model, prompts, ar, outs) if temp == 0 else "sampled"
             name = os.path.normpath(path) if path else "none (lookup only)"
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
             rows.append([size] * batched + [temp] * sampling
