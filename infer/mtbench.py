@@ -77,13 +77,22 @@ def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> tuple[l
     return [out.tokens[r, : out.lengths[r]].tolist() for r in rows], secs, accepted
 
 
-def run_all(model, prompts, max_new, per_prompt=None, **kw):
-    """Decodes each prompt alone (with per_prompt[i]'s arguments too, if given); returns (tokens per
-    prompt, seconds per prompt, accepted per step)."""
-    runs = [decode_batch(model, [p], max_new, **kw, **(per_prompt[i] if per_prompt else {}))
-            for i, p in enumerate(prompts)]
+def run_batches(model, prompts: list[list[int]], max_new: int, size: int = 1, per_batch=None, desc=None, **kw):
+    """Decodes prompts `size` at a time, consecutive prompts together (per_batch(i, j): more arguments for
+    prompts[i:j], e.g. their oracle drafter); returns (tokens per prompt, seconds per batch, per batch each
+    row's accepted drafted tokens per step)."""
+    starts = range(0, len(prompts), size)
+    runs = [decode_batch(model, prompts[i:i + size], max_new, **kw, **(per_batch(i, i + size) if per_batch else {}))
+            for i in tqdm(starts, desc=desc, leave=False, disable=desc is None)]
     outs, secs, accepted = zip(*runs)
-    return [o[0] for o in outs], np.asarray(secs), [a[0] for a in accepted if a]
+    return [t for o in outs for t in o], np.asarray(secs), list(accepted)
+
+
+def rows_busy(batches: list[list[np.ndarray]]) -> float:
+    """The share of its batch's steps in which a row was still decoding (1 at batch 1): a batch runs until
+    its last row ends. batches: per batch, each row's accepted drafted tokens per step of its own."""
+    steps = [list(map(len, b)) for b in batches]
+    return sum(map(sum, steps)) / sum(len(s) * max(s) for s in steps)
 
 
 def main(argv=None) -> None:
@@ -151,10 +160,10 @@ def main(argv=None) -> None:
                                                      key=jax.random.PRNGKey(batch[0]), **kws[j])
                 bar.update(len(batch))
             jax.clear_caches()
-    by_decoder = {}  # decoder -> (tokens per prompt, seconds in all, accepted per row), in prompt order
+    by_decoder = {}  # decoder -> (tokens per prompt, seconds in all, per batch its rows' accepted), in prompt order
     for d, runs_of in zip(decoders, done):
         parts = [runs_of[i] for i in sorted(runs_of)]
-        by_decoder[d] = ([t for p in parts for t in p[0]], sum(p[1] for p in parts), [a for p in parts for a in p[2]])
+        by_decoder[d] = ([t for p in parts for t in p[0]], sum(p[1] for p in parts), [p[2] for p in parts])
     sampling = args.temperatures != [0]  # a temperature column, and a word on sampled outputs
     batched = args.batch_sizes != [1]  # a batch column
     rows, points = [], []
@@ -163,21 +172,21 @@ def main(argv=None) -> None:
         ar_rate = sum(map(len, ar)) / ar_secs
         for path, spec in runs:
             outs, secs, acc = by_decoder[size, temp, path, spec]
-            tokens_per_step = 1 + np.concatenate(acc).mean()
+            tokens_per_step = 1 + np.concatenate(sum(acc, [])).mean()
             rate = sum(map(len, outs)) / secs
             same = identical_outputs(model, prompts, ar, outs) if temp == 0 else "sampled"
             name = os.path.normpath(path) if path else "none (lookup only)"
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
             rows.append([size] * batched + [temp] * sampling
-                        + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget, tokens_per_step,
-                           ar_rate, rate, rate / ar_rate, same])
+                        + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget, tokens_per_step]
+                        + [rows_busy(acc)] * batched + [ar_rate, rate, rate / ar_rate, same])
             label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
             label = f"{name} {label}" if len(drafters) > 1 and path else label
             label += f" T={temp:g}" * sampling + f" B={size}" * batched
             points.append((label, tokens_per_step, rate / ar_rate))
     md = table(["batch"] * batched + ["temperature"] * sampling
-               + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step", "AR tokens/s", "spec tokens/s",
-                  "speedup", "identical outputs"], rows)
+               + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step"] + ["rows busy"] * batched
+               + ["AR tokens/s", "spec tokens/s", "speedup", "identical outputs"], rows)
     print(md)
     source = "MT-Bench first turns" if not args.prompts else args.prompts
     temps = ", ".join("0 (greedy)" if t == 0 else f"{t:g}" for t in args.temperatures)
@@ -185,7 +194,8 @@ def main(argv=None) -> None:
     batches = ", ".join(map(str, args.batch_sizes))
     batch_note = (f" Batch: the prompts decoded {batches} at a time, consecutive prompts together, each batch size "
                   "with its own autoregressive reference; a batch runs until its last row ends, and tokens/step "
-                  "counts each row's own steps." if batched else "")
+                  "counts each row's own steps; rows busy: the share of its batch's steps in which a row was still "
+                  "decoding." if batched else "")
     sampled_note = (" Speedup: speculative tokens/s over autoregressive tokens/s at the same temperature. Prompt i "
                     "(or the batch it begins) is decoded with key i by every decoder; sampled speculative decoding "
                     "uses the exact tree walk, so its outputs follow the target's distribution but are other draws "

@@ -28,10 +28,13 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
         assert all(parts[dtype, "1x3+1", p][0] > 0 and parts[dtype, "1x3+1", p][1] >= 1
                    for p in ("propose", "verify", "accept"))
         assert parts[dtype, "autoregressive", "whole step"][2] == 1
-    # oracle rows in both dtypes: everything accepted (L tokens per step up to the reply's end), outputs identical
-    assert [(r[0], r[1]) for r in found["mtbench"]] == [("float32", "oracle"), ("bfloat16", "oracle")]
-    for dtype, _, spec, tokens_per_step, _, _, same in found["mtbench"]:
+    # oracle rows in both dtypes, then in a batch of 2: everything accepted (L tokens per step up to the reply's
+    # end), outputs identical
+    assert [tuple(r[:3]) for r in found["mtbench"]] == [
+        ("float32", 1, "oracle"), ("bfloat16", 1, "oracle"), ("float32", 2, "oracle")]
+    for dtype, batch, _, spec, tokens_per_step, busy, _, _, same in found["mtbench"]:
         assert 2.5 < tokens_per_step <= 3 and same == "2/2", (dtype, spec, tokens_per_step, same)
+        assert busy == 1 if batch == 1 else 0.5 <= busy <= 1
     assert found["paper_scale"]["oracle"][0][4] == "yes"
     text = report.read_text()
     assert "## Device check: cpu" in text and "Paper scale" in text and (tmp_path / "device_check.png").exists()
@@ -43,7 +46,7 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     device_check.main(["--tiny", "--hf", str(model), "--minutes", "1e-9", "--report", str(tmp_path / "bench.md")])
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step parts",
-                                "MT-Bench end to end", "paper scale"]
+                                "MT-Bench end to end", "paper scale", "MT-Bench in batches"]
     assert "Skipped for the 1e-09-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 
 

@@ -4,9 +4,10 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from infer.mtbench import load_prompts, main
+from infer.mtbench import load_prompts, main, rows_busy
 from infer.report import BENCHMARKS_MD
 from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
@@ -18,6 +19,12 @@ from redrafter_jax.drafter import Drafter, init_drafter
 def test_mt_bench_has_80_first_turn_questions():
     prompts = load_prompts(None)
     assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)
+
+
+def test_rows_busy_is_the_share_of_each_batch_steps_its_rows_decode():
+    steps = lambda *n: [np.zeros(k, np.int32) for k in n]  # noqa: E731  rows' accepted tokens per own step
+    assert rows_busy([steps(5)]) == 1  # one row is always busy
+    assert rows_busy([steps(3, 1), steps(2)]) == 6 / 8  # batch 2 takes 3 steps: 4 of 6 row steps, then 2 of 2
 
 
 def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path, monkeypatch):
@@ -43,6 +50,7 @@ def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(t
         (d, "2x3", "0", "4") for d in (DEFAULT_DRAFTER, other)] + [
         ("none (lookup only)", "0x4", "2", "7")]
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
+    assert all(0.5 <= float(r[6]) <= 1 for r in rows), rows  # rows busy: each of 2 rows decodes to its own end
     assert (report.parent / "small.png").exists()
 
 
