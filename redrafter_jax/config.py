@@ -29,7 +29,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM)."""
+    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM)."""
 
     vocab_size: int
     hidden_size: int
@@ -45,6 +45,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
     sliding_window: int | None = None  # Mistral: keys further back than this are masked
+    qk_norm: bool = False  # an RMS norm of every query and key head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0

@@ -5,7 +5,8 @@ shared by G = nh / nkv query heads):
     embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
     layers: a list with one dict per layer:
         attn_norm [H]; wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V);
-        bqkv [nkv, G + 2, D] (only with attention_bias); wo [nh D, H] (query heads in order);
+        bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (only with qk_norm);
+        wo [nh D, H] (query heads in order);
         mlp_norm [H]; w_gate_up [H, 2, I] (gate, up); w_down [I, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
@@ -49,6 +50,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
              "mlp_norm": (h,), "w_gate_up": (h, 2, i), "w_down": (i, h)}
     if cfg.attention_bias:
         layer["bqkv"] = qkv
+    if cfg.qk_norm:
+        layer["q_norm"] = layer["k_norm"] = (cfg.head_dim,)
     shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
@@ -181,6 +184,10 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
+        if cfg.qk_norm:  # each query and key head on its own, before RoPE
+            qkv = jnp.concatenate([rms_norm(qkv[:, :, :, :g], p["q_norm"], cfg.rms_norm_eps),
+                                   rms_norm(qkv[:, :, :, g:g + 1], p["k_norm"], cfg.rms_norm_eps),
+                                   qkv[:, :, :, g + 1:]], axis=3)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
                                                          slots, mask, i)

@@ -1,5 +1,6 @@
 """Loaders: Hugging Face checkpoint directories written by the tests, the GGUF tokenizer, bad files."""
 
+import dataclasses
 import json
 import os
 
@@ -10,8 +11,11 @@ import pytest
 import tokenizers
 from safetensors.numpy import save_file
 
+from redrafter_jax.config import SpecConfig
+from redrafter_jax.generate import generate
+from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
 from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
-from redrafter_jax.loaders.hf import load_hf
+from redrafter_jax.loaders.hf import config_from_hf, load_hf
 from redrafter_jax.model import forward_causal
 
 VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(59)]
@@ -24,6 +28,7 @@ ARCHS = {
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5,
                     tie_word_embeddings=False),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True),
 }
 
 
@@ -43,6 +48,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
+        if arch == "qwen3":
+            t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
@@ -94,6 +101,8 @@ def params_from_hf_arrays(t, cfg):
              "w_gate_up": jnp.asarray(np.stack([w("mlp.gate_proj.weight").T, w("mlp.up_proj.weight").T], axis=1))}
         if f"model.layers.{i}.self_attn.q_proj.bias" in t:
             p["bqkv"] = qkv(i, "bias")
+        if f"model.layers.{i}.self_attn.q_norm.weight" in t:
+            p.update({f"{n}_norm": jnp.asarray(w(f"self_attn.{n}_norm.weight")) for n in "qk"})
         return p
 
     p = {"embed": jnp.asarray(t["model.embed_tokens.weight"]), "final_norm": jnp.asarray(t["model.norm.weight"]),
@@ -112,7 +121,7 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
     write_checkpoint(tmp_path, arch, tensors, sharded=sharded)
     m = load_hf(str(tmp_path))
-    assert m.config.attention_bias == (arch == "qwen2")
+    assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == (arch == "qwen3")
     assert m.config.sliding_window == (5 if arch == "mistral" else None)
     ids = jnp.asarray([TOKENS])
     got = forward_causal(m.params, m.config, ids).logits
@@ -122,8 +131,8 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Mistral/Qwen2 modules on the same directory (RoPE layout,
-    llama3 rope scaling, Qwen2 biases, Mistral sliding window)."""
+    """Reference: transformers' own Llama/Mistral/Qwen2/Qwen3 modules on the same directory (RoPE layout,
+    llama3 rope scaling, Qwen2 biases, Mistral sliding window, Qwen3 query and key norms)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     tensors = hf_tensors(arch, np.random.default_rng(1))
@@ -135,6 +144,44 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
         ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
     ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch, config, window", [
+    ("MistralForCausalLM", {"sliding_window": 5}, 5),
+    ("MistralForCausalLM", {"sliding_window": None}, None),
+    ("Qwen2ForCausalLM", {"sliding_window": 5}, None),  # without use_sliding_window
+    ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0}, 5),
+    ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 2}, None),
+    ("Qwen2ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, "layer kinds"),
+    ("LlamaForCausalLM", {"sliding_window": 5, "layer_types": ["full_attention"] * 2}, None),
+    ("MistralForCausalLM", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
+     "layer kinds"),
+])
+def test_sliding_window_is_read_as_transformers_reads_it(arch, config, window):
+    """Qwen2/Qwen3 window the layers from max_window_layers on, only with use_sliding_window; a window in
+    some layers only is refused, not applied to all."""
+    c = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+         "num_hidden_layers": 2, "num_attention_heads": 4, **config}
+    if isinstance(window, str):
+        with pytest.raises(ValueError, match=window):
+            config_from_hf(c)
+    else:
+        assert config_from_hf(c).sliding_window == window
+
+
+def test_qwen3_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path):
+    """The query and key norms in the decode loops (on the CPU, before the attention kernel): greedy decoding
+    equals the argmax of an uncached forward at every step, and lookup-only speculative decoding equals it."""
+    # head_dim 16: the CPU attention kernel's smallest
+    write_checkpoint(tmp_path, "qwen3", hf_tensors("qwen3", np.random.default_rng(2), head_dim=16), head_dim=16)
+    m = load_hf(str(tmp_path))
+    prompt = TOKENS[:6] * 2
+    ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
+    tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
+    logits = forward_causal(m.params, m.config, jnp.asarray([prompt + tokens])).logits[0]
+    assert tokens == np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], axis=-1)).tolist()
+    spec = generate(m.params, m.config, [prompt], max_new_tokens=10, spec=SpecConfig.parse("0x4+2"))
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))
 
 
 def test_hf_tokenizer_and_chat_template(tmp_path):
@@ -171,15 +218,65 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         load_hf(str(tmp_path))
 
 
-def test_unpermute_inverts_llama_cpp_permutation():
-    # llama.cpp's converter, restated: rows of each head go from [half A; half B] to interleaved pairs.
-    def permute(w, n_head):
-        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def permute_rope(w, n_head):
+    """llama.cpp's converter, restated: rows of each head go from [half A; half B] to interleaved pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+
+def test_unpermute_inverts_llama_cpp_permutation():
     w = np.arange(3 * 8 * 5).reshape(24, 5)
-    np.testing.assert_array_equal(unpermute_rope(permute(w, 3), 3), w)
+    np.testing.assert_array_equal(unpermute_rope(permute_rope(w, 3), 3), w)
     b = np.arange(24)
-    np.testing.assert_array_equal(unpermute_rope(permute(b, 3), 3), b)
+    np.testing.assert_array_equal(unpermute_rope(permute_rope(b, 3), 3), b)
+
+
+def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8):
+    """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
+    (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
+    w.add_feed_forward_length(tensors["model.layers.0.mlp.up_proj.weight"].shape[0])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + VOCAB[3:])  # 64 tokens, one merge
+    w.add_token_types([3 if 3 <= i <= 4 else 1 for i in range(len(VOCAB))])
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
+             for parts in table.values() for hf, gg in parts for i in range(layers)}
+    for name, x in tensors.items():
+        if arch == "llama" and ".q_proj." in name:
+            x = permute_rope(x, heads)
+        elif arch == "llama" and ".k_proj." in name:
+            x = permute_rope(x, kv)
+        w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
+    """The same tensors as GGUF (llama's Q/K rows permuted, Qwen2's biases, Qwen3's query and key norms)
+    and as a Hugging Face directory give the same model."""
+    tensors = hf_tensors(arch, np.random.default_rng(3))
+    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=None)
+    write_gguf(tmp_path / "model.gguf", arch, tensors)
+    hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
+    # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
+    assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
+    ids = jnp.asarray([TOKENS])
+    np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
+                                  np.asarray(forward_causal(hf.params, hf.config, ids).logits))
 
 
 def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):

@@ -101,7 +101,7 @@ def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(TRAIN.batch_size))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}])
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"qk_norm": True}])
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)

@@ -42,6 +42,8 @@ LAYER_TENSORS = {
     "bqkv": [("model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
              ("model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
              ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias")],
+    "q_norm": [("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight")],
+    "k_norm": [("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight")],
     "wo": [("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight")],
     "mlp_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight")],
     "w_gate_up": [("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),

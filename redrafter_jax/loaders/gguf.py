@@ -14,7 +14,7 @@ from redrafter_jax.loaders import GGUF, LoadedModel, assemble_params
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -101,6 +101,7 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
         bos_token_id=bos, eos_token_ids=(eos,),
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos)), dtype=dtype)
 

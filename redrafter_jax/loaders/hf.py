@@ -15,7 +15,7 @@ from redrafter_jax.loaders import HF, LoadedModel, assemble_params
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def _read_json(path: str, required: bool = True) -> dict:
@@ -36,6 +36,25 @@ def _as_tuple(x) -> tuple[int, ...]:
     return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
+def _sliding_window(arch: str, c: dict) -> int | None:
+    """The attention window, which must be the same in every layer: Qwen2/Qwen3 window only the layers
+    from max_window_layers on, and only with use_sliding_window; a config may list each layer's kind."""
+    window, n = c.get("sliding_window"), int(c["num_hidden_layers"])
+    kinds = c.get("layer_types")
+    if kinds is None:
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            first = int(c.get("max_window_layers", 28)) if c.get("use_sliding_window", False) else n
+        else:
+            first = 0
+        kinds = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
+    if set(kinds) == {"sliding_attention"} and window:
+        return int(window)
+    if set(kinds) == {"full_attention"}:
+        return None
+    raise ValueError(f"unsupported attention layout: every layer must use full attention or the same sliding "
+                     f"window (sliding_window {window}), got layer kinds {sorted(set(kinds))}")
+
+
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
     """ModelConfig from config.json (and generation_config.json, which may list more EOS ids)."""
     archs = c.get("architectures") or []
@@ -51,9 +70,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                                   low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                                   high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
                                   original_max_position=int(rs.get("original_max_position_embeddings", 8192)))
-    window = c.get("sliding_window")
-    if arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
-        window = None
+    window = _sliding_window(arch, c)
     heads = int(c["num_attention_heads"])
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
@@ -67,7 +84,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
         attention_bias=arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False)),
-        sliding_window=int(window) if window else None,
+        sliding_window=window, qk_norm=arch == "Qwen3ForCausalLM",
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
         dtype=dtype)
