@@ -146,3 +146,14 @@ def commit(cache: KVCache, num_new: jax.Array) -> KVCache:
     num_new = jnp.asarray(num_new, jnp.int32)
     check_room(cache, num_new)
     return cache.replace(lengths=cache.lengths + num_new)
+
+
+def set_row(cache: KVCache, row: jax.Array, one: KVCache) -> KVCache:
+    """The cache with its row `row` ([] int32) replaced by the only row of `one` (a cache of one row and
+    the same max_len and pending size)."""
+    def put(buf, new, axis):
+        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), row, axis)
+
+    return KVCache(k=put(cache.k, one.k, 1), v=put(cache.v, one.v, 1), lengths=put(cache.lengths, one.lengths, 0),
+                   pending_k=put(cache.pending_k, one.pending_k, 1), pending_v=put(cache.pending_v, one.pending_v, 1),
+                   pending_slots=put(cache.pending_slots, one.pending_slots, 0))

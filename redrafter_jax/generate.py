@@ -22,13 +22,14 @@ from flax import struct
 from jax.sharding import Mesh
 
 from redrafter_jax import cache as kv
-from redrafter_jax import lookup, rows_matmul, sharding
+from redrafter_jax import continuous, lookup, rows_matmul, sharding
 from redrafter_jax.acceptance import Accepted, accept_longest_prefix, apple_accept
 from redrafter_jax.beam_search import Draft, Proposer
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import (
     Emitted,
     GenerateOutput,
+    Started,
     StreamFn,
     StreamTo,
     emit,
@@ -57,6 +58,12 @@ class ARState:
     key: jax.Array
     step: jax.Array  # [] int32
 
+    def seated(self, row: jax.Array, p: Started) -> "ARState":  # `continuous.RowState`
+        return self.replace(last=self.last.at[row].set(p.first[0]))
+
+    def outputs(self) -> Emitted:
+        return self.out
+
 
 def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, sampling: SamplingConfig,
                         stream: StreamTo | None, mesh: Mesh | None = None) -> ARState:
@@ -75,16 +82,34 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
     return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
 
+def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfig, sampling: SamplingConfig,
+         max_new_tokens: int, write_len: int, pending: int = 0, mesh: Mesh | None = None):
+    """The decode loop: step(prompts, prompt_lengths, s) until every row is done, from init (its rows
+    holding the first prompts); with more prompts than rows, continuous batching (`continuous.run`, each
+    waiting prompt prefilled on params as `start` does). Returns the final state and every prompt's
+    `outputs()` rows."""
+    with jax.named_scope(LOOP_SCOPE):
+        if prompts.shape[0] == init.out.done.shape[0]:
+            s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), functools.partial(step, prompts, prompt_lengths),
+                                   init)
+            return s, s.outputs()
+        s, queue = continuous.run(step, init, prompts, prompt_lengths, limits, lambda *args: start(
+            params, cfg, *args, sampling, max_new_tokens, write_len, None, mesh, pending))
+        return s, queue.outputs
+
+
 def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                     sampling: SamplingConfig, max_new_tokens: int, stream: StreamTo | None,
-                    mesh: Mesh | None = None) -> GenerateOutput:
-    """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params."""
-    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, 1, stream, mesh)
+                    mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
+    """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params.
+    batch_size: decode that many prompts at a time (continuous batching), default all."""
+    b = batch_size or prompts.shape[0]
+    p = start(params, cfg, prompts[:b], prompt_lengths[:b], limits[:b], key, sampling, max_new_tokens, 1, stream, mesh)
     step = functools.partial(autoregressive_step, loop_params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
-    with jax.named_scope(LOOP_SCOPE):
-        s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step,
-                               ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)))
-    return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step), mesh)
+    s, out = _run(lambda _, __, s: step(s), ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)), params, prompts,
+                  prompt_lengths, limits, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, write_len=1,
+                  mesh=mesh)
+    return sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step), mesh)
 
 
 @struct.dataclass
@@ -95,7 +120,16 @@ class SpecState:
     context: jax.Array  # [B, H] the target's hidden state that produced init_token
     key: jax.Array
     step: jax.Array  # [] int32
-    accepted: jax.Array  # [B, max_new_tokens] accepted drafted tokens per step, -1 once a row is done
+    accepted: jax.Array  # [B, max_new_tokens] accepted drafted tokens per step of the row's own, -1 after
+    row_steps: jax.Array  # [B] int32 steps the row has decoded
+
+    def seated(self, row: jax.Array, p: Started) -> "SpecState":  # `continuous.RowState`
+        return self.replace(init_token=self.init_token.at[row].set(p.first[0]),
+                            context=self.context.at[row].set(p.hidden[0]),
+                            accepted=self.accepted.at[row].set(-1), row_steps=self.row_steps.at[row].set(0))
+
+    def outputs(self) -> tuple[Emitted, jax.Array]:
+        return self.out, self.accepted
 
 
 def _take_rows(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
@@ -158,7 +192,9 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
         init_token=jnp.where(active, _take_rows(acc.tokens, acc.num_accepted[:, None], axis=1)[:, 0], s.init_token),
         context=jnp.where(active[:, None], _take_rows(f.hidden, last[:, None], axis=1)[:, 0], s.context),
         key=key, step=s.step + 1,
-        accepted=s.accepted.at[:, s.step].set(jnp.where(active, acc.num_accepted, -1), mode="drop"))
+        accepted=s.accepted.at[jnp.arange(len(active)), jnp.where(active, s.row_steps, s.accepted.shape[1])].set(
+            acc.num_accepted, mode="drop"),
+        row_steps=s.row_steps + active)
 
 
 def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
@@ -182,24 +218,26 @@ def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Arra
 def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array, key: jax.Array,
                       *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
                       stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
-    """The speculative loop's state after the prefill: a cache with room for a tree's writes and one
-    step's accepted entries pending."""
+    """The speculative loop's state after the prefill: a cache with room for a tree's writes
+    (spec.budget) and one step's accepted entries pending (spec.depth)."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
               mesh, pending=spec.depth)
     return SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
-                     accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32))
+                     accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32),
+                     row_steps=jnp.zeros((prompts.shape[0],), jnp.int32))
 
 
 def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                 stream: StreamTo | None, mesh: Mesh | None = None) -> GenerateOutput:
-    init = start_speculative(params, prompts, prompt_lengths, limits, key, cfg=cfg, sampling=sampling, spec=spec,
-                             max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
-    step = functools.partial(speculative_step, loop_params, drafter, prompts, prompt_lengths, cfg=cfg, sampling=sampling,
-                             spec=spec, stream=stream, mesh=mesh)
-    with jax.named_scope(LOOP_SCOPE):
-        s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), step, init)
-    return sharding.gathered(GenerateOutput(s.out.tokens, s.out.lengths, s.step, s.accepted), mesh)
+                 stream: StreamTo | None, mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
+    b = batch_size or prompts.shape[0]
+    init = start_speculative(params, prompts[:b], prompt_lengths[:b], limits[:b], key, cfg=cfg, sampling=sampling,
+                             spec=spec, max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
+    step = functools.partial(speculative_step, loop_params, drafter, cfg=cfg, sampling=sampling, spec=spec,
+                             stream=stream, mesh=mesh)
+    s, (out, accepted) = _run(step, init, params, prompts, prompt_lengths, limits, cfg=cfg, sampling=sampling,
+                              max_new_tokens=max_new_tokens, write_len=spec.budget, pending=spec.depth, mesh=mesh)
+    return sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step, accepted), mesh)
 
 
 def _check_types(**named) -> None:
@@ -228,8 +266,10 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
 
 
 # `stream` is a traced argument (a `StreamTo` or None): a new callback does not compile the loop again.
-_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh"))
-_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh"))
+_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh",
+                                                                "batch_size"))
+_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
+                                                          "batch_size"))
 
 
 class DecodingParams(NamedTuple):
@@ -326,7 +366,8 @@ def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Propos
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
              key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
-             stream: StreamFn | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None) -> GenerateOutput:
+             stream: StreamFn | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None,
+             batch_size: int | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
@@ -341,9 +382,14 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
     are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
+
+    `batch_size` (fewer than the prompts): continuous batching. Only that many prompts are decoded at a
+    time, and when one ends the next waiting prompt takes its row inside the decode loop (`continuous`);
+    outputs are as without it. Not with `stream` or a mesh's "data" axis.
     """
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
-                           drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh)
+                           drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh, batch_size=batch_size,
+                           streaming=stream is not None)
     with streaming_to(stream) as to:
         out = loop(stream=to)
         if to is not None:
@@ -361,12 +407,24 @@ def lower(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], **
 def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
                  key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
-                 prompt_bucket: int = 32, mesh: Mesh | None = None):
+                 prompt_bucket: int = 32, mesh: Mesh | None = None, batch_size: int | None = None,
+                 streaming: bool = False):
     """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
     jitted decode loop, and the number of rows asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (the rows decoded at a time), got {batch_size!r}")
+    if batch_size is not None and batch_size >= block.shape[0]:
+        batch_size = None  # every prompt has a row from the start
+    if batch_size is not None and sharding.axis_size(mesh, sharding.DATA) > 1:
+        raise ValueError("continuous batching (batch_size below the number of prompts) runs the rows on one "
+                         "device or a mesh with a data axis of 1")
+    if batch_size is not None and streaming:
+        raise ValueError("stream cannot follow continuous batching (batch_size below the number of prompts): a "
+                         "row changes prompts as they end")
     if key is not None and not _is_prng_key(key):
         raise TypeError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got {key!r}")
     if drafter is not None and not isinstance(drafter, Proposer):
@@ -381,8 +439,8 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     speculative = drafter is not None or spec is not None
     if speculative:
         if spec is None:
-            per_device = -(-len(prompts) // (mesh.shape[sharding.DATA] if mesh is not None else 1))
-            spec = SpecConfig.default(per_device)
+            rows = batch_size or len(prompts)
+            spec = SpecConfig.default(-(-rows // sharding.axis_size(mesh, sharding.DATA)))  # rows per device
         if spec.beam_width and drafter is None:
             raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
                              f"beam_width=0 with lookup_beams > 0")
@@ -402,7 +460,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         else:
             fn, args, kw = _autoregressive_jit, (), {}
         return _call(fn.lower if lowered else fn, cfg, params, loop_params, *args, block, lengths, limits, key,
-                     sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, **kw)
+                     sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, batch_size=batch_size, **kw)
     return loop, b
 
 

@@ -72,9 +72,9 @@ def goodness_of_fit(counts, expected_p):
     return stats.chisquare(obs[keep], exp[keep]).pvalue
 
 
-def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3):
+def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3, batch_size=None):
     out = generate(params, cfg, [PROMPT] * N_SAMPLES, max_new_tokens=k, sampling=sampling,
-                   key=jax.random.PRNGKey(seed), drafter=drafter, spec=spec)
+                   key=jax.random.PRNGKey(seed), drafter=drafter, spec=spec, batch_size=batch_size)
     toks = np.asarray(out.tokens)
     assert (np.asarray(out.lengths) == k).all()
     return np.bincount(np.ravel_multi_index(toks.T, (V,) * k), minlength=V ** k), out
@@ -104,6 +104,18 @@ def test_tree_walk_preserves_target_distribution(target, sampling, which):
     if which != "adversarial":  # the test is not vacuous: drafts really were accepted (thousands of times)
         acc = np.asarray(out.accepted)
         assert (acc[acc >= 0] > 0).mean() > 0.05
+
+
+@pytest.mark.parametrize("which", ["autoregressive", "random+lookup"])
+def test_continuous_batching_preserves_target_distribution(target, which):
+    """20,000 draws through 500 rows: the prompts prefilled into rows that ended, inside the loop, sample
+    their first token and the rest as the others do."""
+    cfg, params = target
+    sampling = SamplingConfig(1.0)
+    drafter, spec = (None, None) if which == "autoregressive" else (random_drafter(cfg), SpecConfig(3, 3, lookup_beams=2))
+    counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec, seed=5, batch_size=500)
+    assert goodness_of_fit(counts, exact_joint(cfg, params, sampling)) > ALPHA
+    assert out.num_steps >= N_SAMPLES // 500  # the rows really were refilled
 
 
 def test_apple_rule_is_detected_as_biased(target):

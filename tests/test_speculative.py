@@ -137,6 +137,18 @@ def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, gre
         assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0
 
 
+def test_continuous_batching_decodes_every_prompt_as_alone(smollm, chat_prompts, greedy_reference):
+    """Four prompts through fewer rows, each waiting prompt prefilled into a row that ended: outputs and
+    per-step acceptances as without continuous batching."""
+    drafter = load_drafter(DEFAULT_DRAFTER, smollm.config)
+    whole = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
+                         spec=SpecConfig.default(2))
+    for kw in [{}, {"drafter": drafter, "spec": SpecConfig.default(2)}]:
+        out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, batch_size=2, **kw)
+        assert rows(out) == greedy_reference
+    np.testing.assert_array_equal(np.asarray(out.accepted), np.asarray(whole.accepted))
+
+
 def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
     """bfloat16 weights: the CPU kernels widen them to float32 and sum each row in one fixed order, so
     the tree verification agrees with the one-token step. (XLA's bfloat16 products, with

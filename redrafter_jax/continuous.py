@@ -1,0 +1,80 @@
+"""Continuous batching inside the decode loop: more prompts than rows, and when a row's prompt ends,
+the next waiting prompt is prefilled into that row, so a batch no longer idles until its slowest row
+ends (the rows of a speculative batch accept at different rates).
+
+The decode state keeps its fixed [B] rows; a `Queue` beside it records which prompt each row decodes
+and the next one waiting, and keeps every prompt's output once its row moves on. Each iteration first
+seats waiting prompts in finished rows (a prefill of one prompt each, inside the loop: no host round
+trip), then runs one decode step over all rows. Rows never interact, so a prompt's output is the one
+it gets decoded alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from redrafter_jax import cache as kv
+from redrafter_jax.decode import Emitted, Started
+
+
+class RowState(Protocol):
+    """What a decode loop's state provides for continuous batching (the cache, output and key are
+    handled here; the rest of a row by the state itself)."""
+
+    cache: kv.KVCache
+    out: Emitted
+    key: jax.Array
+
+    def seated(self, row: jax.Array, p: Started) -> "RowState":
+        """The state with its own fields of `row` set for a prompt just prefilled (p: one row)."""
+
+    def outputs(self):
+        """A pytree of [B, ...] arrays: what is kept of each row when its prompt ends."""
+
+
+@struct.dataclass
+class Queue:
+    seat: jax.Array  # [B] int32 the prompt each row decodes
+    next: jax.Array  # [] int32 the first prompt not yet seated
+    outputs: object  # every prompt's `RowState.outputs` rows [N, ...], kept once its row moves on
+
+
+def run(step: Callable, init: RowState, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
+        start_one: Callable[..., Started]) -> tuple[RowState, Queue]:
+    """Decodes all N prompts [N, P] in the B rows of `init` (which holds prompts 0..B-1, prefilled).
+
+    step(prompts [B, P], prompt_lengths [B], s) -> s: one decode step of all rows, given each row's
+    prompt. start_one(prompt [1, P], length [1], limit [1], key) -> Started: one prompt's prefill and
+    first token. Returns the final state and the queue, whose `outputs` hold every prompt's rows.
+    """
+    n, b = prompts.shape[0], init.out.done.shape[0]
+    empty = jax.tree_util.tree_map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype), init.outputs())
+    queue = Queue(seat=jnp.arange(b, dtype=jnp.int32), next=jnp.int32(b), outputs=empty)
+
+    def keep(q: Queue, s: RowState, rows: jax.Array) -> Queue:
+        """q with the outputs of `rows` [R] kept as those of the prompts they hold."""
+        return q.replace(outputs=jax.tree_util.tree_map(lambda o, x: o.at[q.seat[rows]].set(x[rows]), q.outputs,
+                                                        s.outputs()))
+
+    def seat_next(carry):
+        s, q = carry
+        row = jnp.argmax(s.out.done).astype(jnp.int32)  # a finished row
+        q = keep(q, s, row[None])
+        key, sub = jax.random.split(s.key)
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, q.next, 1)  # noqa: E731
+        p = start_one(take(prompts), take(prompt_lengths), take(limits), sub)
+        out = jax.tree_util.tree_map(lambda all_, one: jax.lax.dynamic_update_slice_in_dim(all_, one, row, 0),
+                                     s.out, p.out)
+        s = s.replace(cache=kv.set_row(s.cache, row, p.cache), out=out, key=key).seated(row, p)
+        return s, q.replace(seat=q.seat.at[row].set(q.next), next=q.next + 1)
+
+    def body(carry):
+        s, q = jax.lax.while_loop(lambda c: jnp.any(c[0].out.done) & (c[1].next < n), seat_next, carry)
+        return step(prompts[q.seat], prompt_lengths[q.seat], s), q
+
+    s, q = jax.lax.while_loop(lambda c: ~(jnp.all(c[0].out.done) & (c[1].next >= n)), body, (init, queue))
+    return s, keep(q, s, jnp.arange(b))
