@@ -23,16 +23,19 @@ from tests.test_speculative import _primitives, rows
 from tests.tiny import tiny_model
 
 MESHES = ("1x8", "2x4", "8x1")
-# One row on a pure model axis and padded onto a pure data axis; four rows split both ways.
-GENERATION_MESHES = {"greedy/1": ("1x8", "8x1"), "greedy/4": ("2x4",), "sampled/4": ("2x4",)}
+# One row on a pure model axis and padded onto a pure data axis; four rows split both ways; four prompts
+# through two rows (continuous batching) on a model axis.
+GENERATION_MESHES = {"greedy/1": ("1x8", "8x1"), "greedy/4": ("2x4",), "sampled/4": ("2x4",),
+                     "continuous/4": ("1x8",)}
 
 
 def generation() -> dict:
     """Outputs on each mesh against one device: greedy at batch 1 and 4 (prompts of different lengths),
-    sampled with the same key at batch 4; autoregressive and speculative (drafter + lookup beams)."""
+    sampled with the same key at batch 4, greedy with 4 prompts in 2 rows; autoregressive and speculative
+    (drafter + lookup beams)."""
     spec = dict(drafter=drafter(), spec=SPEC)
     hot = dict(sampling=SamplingConfig(temperature=1.0), key=jax.random.PRNGKey(3))
-    cases = {"greedy/1": (1, {}), "greedy/4": (4, {}), "sampled/4": (4, hot)}
+    cases = {"greedy/1": (1, {}), "greedy/4": (4, {}), "sampled/4": (4, hot), "continuous/4": (4, {"batch_size": 2})}
     found = {}
     for name, (batch, kw) in cases.items():
         for loop, extra in (("autoregressive", {}), ("speculative", spec)):
@@ -70,9 +73,9 @@ def compiled_loop() -> dict:
 def errors() -> dict:
     cfg, params = tiny_model()  # 2 KV heads
     found = {}
-    for m in ("1x8", "3x1"):
+    for m, kw in (("1x8", {}), ("3x1", {}), ("8x1", {"batch_size": 1})):
         try:
-            gen.generate(params, cfg, [[3, 4]], max_new_tokens=2, mesh=sharding.parse_mesh(m))
+            gen.generate(params, cfg, [[3, 4], [5]], max_new_tokens=2, mesh=sharding.parse_mesh(m), **kw)
             found[m] = "no error"
         except ValueError as e:
             found[m] = str(e)

@@ -36,7 +36,8 @@ def eight():
 
 
 def test_generation_on_every_mesh_equals_one_device(eight):
-    assert len(eight["generation"]) == 8  # {AR, spec} x (greedy 1 on 1x8 and 8x1, greedy and sampled 4 on 2x4)
+    # {AR, spec} x (greedy 1 on 1x8 and 8x1, greedy and sampled 4 on 2x4, 4 prompts in 2 rows on 1x8)
+    assert len(eight["generation"]) == 10
     assert [case for case, same in eight["generation"].items() if not same] == []
 
 
@@ -51,6 +52,7 @@ def test_decode_loop_on_a_mesh_is_one_while_loop_without_host_transfers(eight):
 def test_model_or_mesh_that_do_not_fit_are_refused(eight):
     assert "model axis (8 devices) must divide the model's num_kv_heads 2" in eight["errors"]["1x8"]
     assert "a 3x1 mesh needs 3 devices, 8 given" in eight["errors"]["3x1"]
+    assert "a mesh with a data axis of 1" in eight["errors"]["8x1"]
 
 
 def test_training_steps_on_every_mesh_equal_one_device(eight):
