@@ -40,7 +40,7 @@ from infer.benchmark import (
     timed,
     verification_rows,
 )
-from infer.mtbench import identical_outputs, load_prompts, rows_busy, run_batches
+from infer.mtbench import identical_outputs, load_prompts, run_batches
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
@@ -108,8 +108,8 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
             run_batches(model, prompts[:batch], sizes.new_tokens, batch, per_batch, prompt_bucket=bucket, **kw)
             return run_batches(model, prompts, sizes.new_tokens, batch, per_batch, desc, prompt_bucket=bucket, **kw)
 
-        ar, ar_secs, _ = decode(f"{dtype} autoregressive, batch {batch}")
-        settings = [("oracle", s, oracle_rows(prompts, ar, SpecConfig.parse(s).beam_length))
+        ar = decode(f"{dtype} autoregressive, batch {batch}")
+        settings = [("oracle", s, oracle_rows(prompts, ar.tokens, SpecConfig.parse(s).beam_length))
                     for s in sizes.oracle_specs]
         settings += [(path, s, None) for path in drafter_dirs for s in specs]
         for name, spec_text, oracle in settings:
@@ -123,11 +123,11 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
                 kw = {"per_batch": lambda i, j, rows=oracle: {
                     "drafter": OracleDrafter(jnp.asarray(rows[i:j]), model.config.vocab_size)}}
             jax.clear_caches()
-            outs, secs, acc = decode(f"{dtype} {name} {spec_text}, batch {batch}", spec=spec, **kw)
-            same = identical_outputs(model, prompts, ar, outs)
-            tokens_per_step = 1 + float(np.concatenate(sum(acc, [])).mean())
-            speedup = float(ar_secs.sum() / secs.sum())
-            rows.append([dtype, batch, name, spec_text, tokens_per_step, rows_busy(acc), speedup,
+            run = decode(f"{dtype} {name} {spec_text}, batch {batch}", spec=spec, **kw)
+            same = identical_outputs(model, prompts, ar.tokens, run.tokens)
+            tokens_per_step = 1 + float(np.concatenate(run.accepted).mean())
+            speedup = ar.secs / run.secs
+            rows.append([dtype, batch, name, spec_text, tokens_per_step, run.rows_busy, speedup,
                          tokens_per_step / speedup, same])
     return rows, skipped
 

