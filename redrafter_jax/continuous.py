@@ -6,7 +6,9 @@ The decode state keeps its fixed [B] rows; a `Queue` beside it records which pro
 and the next one waiting, and keeps every prompt's output once its row moves on. Each iteration first
 seats waiting prompts in finished rows (a prefill of one prompt each, inside the loop: no host round
 trip), then runs one decode step over all rows. Rows never interact, so a prompt's output is the one
-it gets decoded alone.
+it gets decoded alone. A waiting prompt is prefilled in the smallest of a few blocks that holds it (the
+prompts' block, about a half and a quarter of it): on a CPU a prefill costs its block's tokens, and
+padding does not change a row's result.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from redrafter_jax import cache as kv
-from redrafter_jax.decode import Emitted, Started
+from redrafter_jax.decode import Emitted, Started, round_up
 
 
 class RowState(Protocol):
@@ -48,10 +50,13 @@ def run(step: Callable, init: RowState, prompts: jax.Array, prompt_lengths: jax.
     """Decodes all N prompts [N, P] in the B rows of `init` (which holds prompts 0..B-1, prefilled).
 
     step(prompts [B, P], prompt_lengths [B], s) -> s: one decode step of all rows, given each row's
-    prompt. start_one(prompt [1, P], length [1], limit [1], key) -> Started: one prompt's prefill and
-    first token. Returns the final state and the queue, whose `outputs` hold every prompt's rows.
+    prompt. start_one(prompt [1, P'], length [1], limit [1], key) -> Started: one prompt's prefill (in a
+    block of P' <= P tokens, into a cache sized as init's) and first token. Returns the final state and
+    the queue, whose `outputs` hold every prompt's rows.
     """
-    n, b = prompts.shape[0], init.out.done.shape[0]
+    (n, width), b = prompts.shape, init.out.done.shape[0]
+    blocks = sorted({min(width, round_up(-(-width // 2 ** k), 32)) for k in range(3)})  # e.g. 416: 128, 224, 416
+    prefills = [lambda prompt, *args, size=size: start_one(prompt[:, :size], *args) for size in blocks]
     empty = jax.tree_util.tree_map(lambda x: jnp.zeros((n, *x.shape[1:]), x.dtype), init.outputs())
     queue = Queue(seat=jnp.arange(b, dtype=jnp.int32), next=jnp.int32(b), outputs=empty)
 
@@ -66,7 +71,8 @@ def run(step: Callable, init: RowState, prompts: jax.Array, prompt_lengths: jax.
         q = keep(q, s, row[None])
         key, sub = jax.random.split(s.key)
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, q.next, 1)  # noqa: E731
-        p = start_one(take(prompts), take(prompt_lengths), take(limits), sub)
+        size = jnp.searchsorted(jnp.asarray(blocks), prompt_lengths[q.next])  # the smallest block that holds it
+        p = jax.lax.switch(size, prefills, take(prompts), take(prompt_lengths), take(limits), sub)
         out = jax.tree_util.tree_map(lambda all_, one: jax.lax.dynamic_update_slice_in_dim(all_, one, row, 0),
                                      s.out, p.out)
         s = s.replace(cache=kv.set_row(s.cache, row, p.cache), out=out, key=key).seated(row, p)

@@ -131,16 +131,17 @@ class Started(NamedTuple):
 
 def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
           key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
-          stream: StreamTo | None, mesh: Mesh | None, pending: int = 0) -> Started:
+          stream: StreamTo | None, mesh: Mesh | None, pending: int = 0, block: int | None = None) -> Started:
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens); pending: entries one decode
-    step's `cache.write` records. The cache lives inside the compiled program: as a while-loop carry,
-    XLA updates it in place. On a `mesh` it is split by row and KV head (`sharding.CACHE`), and the
-    loop carry keeps that layout.
+    step's `cache.write` records; block: the prompt block the cache is sized for (default the prompts',
+    [B, P]; a longer one when prompts are prefilled into a cache made for longer ones). The cache lives
+    inside the compiled program: as a while-loop carry, XLA updates it in place. On a `mesh` it is split
+    by row and KV head (`sharding.CACHE`), and the loop carry keeps that layout.
     """
     b = prompts.shape[0]
-    cache = kv.init_cache(cfg, b, cache_len(prompts.shape[1], max_new_tokens, write_len), pending)
+    cache = kv.init_cache(cfg, b, cache_len(block or prompts.shape[1], max_new_tokens, write_len), pending)
     cache = constrain_cache(cache, mesh)
     cache, hidden, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
     key, sub = jax.random.split(key)

@@ -94,7 +94,7 @@ def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfi
                                    init)
             return s, s.outputs()
         s, queue = continuous.run(step, init, prompts, prompt_lengths, limits, lambda *args: start(
-            params, cfg, *args, sampling, max_new_tokens, write_len, None, mesh, pending))
+            params, cfg, *args, sampling, max_new_tokens, write_len, None, mesh, pending, block=prompts.shape[1]))
         return s, queue.outputs
 
 

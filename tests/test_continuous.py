@@ -18,9 +18,12 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompts():
-    """Seven prompts of 2-40 tokens and limits of 1-30 tokens: rows end at different steps, some by EOS."""
+    """Seven prompts of 2-40 tokens and limits of 1-30 tokens: rows end at different steps, some by EOS;
+    waiting prompts are prefilled in blocks of 32 or 64 tokens (the whole block's)."""
     rng = np.random.default_rng(0)
-    return [rng.integers(2, 64, rng.integers(2, 40)).tolist() for _ in range(7)], rng.integers(1, 30, 7).tolist()
+    texts = [rng.integers(2, 64, rng.integers(2, 40)).tolist() for _ in range(7)]
+    assert min(map(len, texts[3:])) <= 32 < max(map(len, texts[3:]))  # the prompts that wait, at 1 or 3 rows
+    return texts, rng.integers(1, 30, 7).tolist()
 
 
 def alone(params, cfg, prompts, limits, **kw):
