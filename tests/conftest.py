@@ -19,6 +19,16 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_within_the_map_limit():
+    """Drops the compiled programs after a test file once they hold many memory maps: each XLA:CPU
+    program holds hundreds to thousands, and a worker that ran many files reached the kernel's limit
+    (vm.max_map_count, 65,530 by default) and crashed inside a compilation."""
+    yield
+    if os.path.exists("/proc/self/maps") and sum(1 for _ in open("/proc/self/maps")) > 30_000:
+        jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def smollm_path():
     from redrafter_jax.loaders.embedded import default_gguf_path

@@ -2,19 +2,26 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from infer import device_check
 from redrafter_jax import rows_matmul
+from redrafter_jax.checkpoint import save_drafter
+from redrafter_jax.config import DrafterConfig
+from redrafter_jax.drafter import Drafter, init_drafter
 from tests.test_loaders import hf_tensors, write_checkpoint
 
 
 def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     model = tmp_path / "model"
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    drafter = str(tmp_path / "drafter")  # untrained, for the checkpoint's hidden size and vocabulary
+    dcfg = DrafterConfig(hidden_size=32, vocab_size=64, num_resblocks=1)
+    save_drafter(drafter, Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg))
     report = tmp_path / "bench.md"
-    device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(report)])
+    device_check.main(["--tiny", "--hf", str(model), "--drafter", drafter, "--minutes", "20", "--report", str(report)])
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["device"] and found["skipped"] == [] and found["failed"] == []
     # batch, prompt, new tokens, ours, ours with XLA's products (where the CPU rows kernel runs), transformers, ratio
@@ -28,13 +35,17 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
         assert all(parts[dtype, "1x3+1", p][0] > 0 and parts[dtype, "1x3+1", p][1] >= 1
                    for p in ("propose", "verify", "accept"))
         assert parts[dtype, "autoregressive", "whole step"][2] == 1
-    # oracle rows in both dtypes, then in a batch of 2: everything accepted (L tokens per step up to the reply's
-    # end), outputs identical
+    # oracle and drafter rows in both dtypes, in a batch of 2, then the drafter with continuous batching (2
+    # prompts in 1 row; the oracle follows rows, not prompts); greedy outputs identical everywhere
     assert [tuple(r[:3]) for r in found["mtbench"]] == [
-        ("float32", 1, "oracle"), ("bfloat16", 1, "oracle"), ("float32", 2, "oracle")]
-    for dtype, batch, _, spec, tokens_per_step, busy, _, _, same in found["mtbench"]:
-        assert 2.5 < tokens_per_step <= 3 and same == "2/2", (dtype, spec, tokens_per_step, same)
-        assert busy == 1 if batch == 1 else 0.5 <= busy <= 1
+        ("float32", "1", "oracle"), ("float32", "1", drafter), ("bfloat16", "1", "oracle"),
+        ("bfloat16", "1", drafter), ("float32", "2", "oracle"), ("float32", "2", drafter),
+        ("float32", "2/1", drafter)]
+    for dtype, batch, name, spec, tokens_per_step, busy, _, _, same in found["mtbench"]:
+        assert same == "2/2", (dtype, batch, name, spec, same)
+        if name == "oracle":  # everything accepted: L tokens per step up to the reply's end
+            assert 2.5 < tokens_per_step <= 3, (dtype, spec, tokens_per_step)
+        assert busy == 1 if batch in ("1", "2/1") else 0.5 <= busy <= 1
     assert found["paper_scale"]["oracle"][0][4] == "yes"
     text = report.read_text()
     assert "## Device check: cpu" in text and "Paper scale" in text and (tmp_path / "device_check.png").exists()
@@ -46,7 +57,8 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     device_check.main(["--tiny", "--hf", str(model), "--minutes", "1e-9", "--report", str(tmp_path / "bench.md")])
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step parts",
-                                "MT-Bench end to end", "paper scale", "MT-Bench in batches"]
+                                "MT-Bench end to end", "paper scale", "MT-Bench in batches of 2",
+                                "MT-Bench in batches of 2/1"]
     assert "Skipped for the 1e-09-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 
 
