@@ -4,6 +4,7 @@ the output buffer with per-row EOS and limits, and streaming."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -19,8 +20,10 @@ from redrafter_jax.model import Params, lm_head, transformer
 from redrafter_jax.sampling import select
 from redrafter_jax.sharding import constrain_cache, gathered
 
-# Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host.
-StreamFn = Callable[[np.ndarray, np.ndarray], None]
+# Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host; with
+# `prompts`, (tokens [R, M], counts [R], prompts [R]): also the prompt each row decodes (R: a step's
+# B rows, or 1 for a prompt just prefilled into a row, with continuous batching).
+StreamFn = Callable[..., None]
 
 
 @struct.dataclass
@@ -30,6 +33,7 @@ class StreamTo:
     argument, each new one (a new Streamer, a lambda in a notebook cell) compiled the loop again."""
 
     id: jax.Array
+    prompts: bool = struct.field(pytree_node=False, default=False)  # the callback takes each row's prompt too
 
 
 _RECEIVERS: dict[int, StreamFn] = {}
@@ -37,25 +41,37 @@ _IDS = itertools.count()
 
 
 @contextlib.contextmanager
-def streaming_to(fn: StreamFn | None) -> Iterator[StreamTo | None]:
-    """A `StreamTo` (None without fn) whose tokens go to fn until the context ends; it ends only once
-    every callback of the loops run inside it has run."""
+def streaming_to(fn: StreamFn | None, prompts: bool = False) -> Iterator[StreamTo | None]:
+    """A `StreamTo` (None without fn) whose tokens go to fn, with each row's prompt where `prompts`,
+    until the context ends; it ends only once every callback of the loops run inside it has run. A
+    callback that cannot take those arguments is refused here, not in the middle of decoding."""
     if fn is None:
         yield None
         return
+    names = "(tokens, counts, prompts)" if prompts else "(tokens, counts)"
+    if not callable(fn):
+        raise TypeError(f"stream must be a callable {names}, got {type(fn).__name__}")
+    try:
+        inspect.signature(fn).bind(*names[1:-1].split(", "))
+    except TypeError:
+        raise ValueError(f"stream is called as stream{names}" + (" when generate is given a batch_size"
+                         if prompts else " (with a batch_size, also each row's prompt)") +
+                         f"; {getattr(fn, '__name__', fn)!r} does not take those arguments") from None
+    except ValueError:  # no signature to check (some builtins)
+        pass
     i = next(_IDS) % 2**31
     _RECEIVERS[i] = fn
     try:
-        yield StreamTo(jnp.int32(i))
+        yield StreamTo(jnp.int32(i), prompts)
     finally:
         jax.effects_barrier()
         del _RECEIVERS[i]
 
 
-def _deliver(i: jax.Array, tokens: jax.Array, counts: jax.Array) -> None:
+def _deliver(i: jax.Array, *arrays: jax.Array) -> None:
     # As numpy arrays: JAX hands callbacks jax.Arrays, and each slice or element a callback takes of
     # one is a dispatch (a compilation for each new slice length), run while the loop waits.
-    _RECEIVERS[int(i)](np.asarray(tokens), np.asarray(counts))
+    _RECEIVERS[int(i)](*map(np.asarray, arrays))
 
 
 @struct.dataclass
@@ -75,12 +91,14 @@ class Emitted:
     lengths: jax.Array  # [B]
     limits: jax.Array  # [B] per-row max_new_tokens
     done: jax.Array  # [B] bool
+    prompt: jax.Array  # [B] int32 the prompt each row decodes (its index among the call's prompts)
 
 
-def init_emitted(batch: int, max_new_tokens: int, limits: jax.Array, pad_id: int) -> Emitted:
+def init_emitted(batch: int, max_new_tokens: int, limits: jax.Array, pad_id: int,
+                 first_prompt: jax.Array | int = 0) -> Emitted:
     return Emitted(tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
                    lengths=jnp.zeros((batch,), jnp.int32), limits=limits,
-                   done=jnp.zeros((batch,), bool))
+                   done=jnp.zeros((batch,), bool), prompt=first_prompt + jnp.arange(batch, dtype=jnp.int32))
 
 
 def emit(out: Emitted, new: jax.Array, counts: jax.Array, eos_ids: tuple[int, ...]):
@@ -99,7 +117,7 @@ def emit(out: Emitted, new: jax.Array, counts: jax.Array, eos_ids: tuple[int, ..
     tokens = out.tokens.at[rows, cols].set(new, mode="drop")
     lengths = out.lengths + n
     done = out.done | (first_eos < n) | (lengths >= out.limits)
-    return Emitted(tokens, lengths, out.limits, done), n
+    return out.replace(tokens=tokens, lengths=lengths, done=done), n
 
 
 def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Array,
@@ -131,12 +149,14 @@ class Started(NamedTuple):
 
 def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
           key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
-          stream: StreamTo | None, mesh: Mesh | None, pending: int = 0, block: int | None = None) -> Started:
+          stream: StreamTo | None, mesh: Mesh | None, pending: int = 0, block: int | None = None,
+          first_prompt: jax.Array | int = 0) -> Started:
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens); pending: entries one decode
     step's `cache.write` records; block: the prompt block the cache is sized for (default the prompts',
-    [B, P]; a longer one when prompts are prefilled into a cache made for longer ones). The cache lives
+    [B, P]; a longer one when prompts are prefilled into a cache made for longer ones); first_prompt:
+    the index of the first row's prompt among the call's (the rows' `Emitted.prompt`). The cache lives
     inside the compiled program: as a while-loop carry, XLA updates it in place. On a `mesh` it is split
     by row and KV head (`sharding.CACHE`), and the loop carry keeps that layout.
     """
@@ -146,18 +166,20 @@ def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: 
     cache, hidden, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
     key, sub = jax.random.split(key)
     first = select(sub, logits, sampling)
-    out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id), first[:, None],
+    out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id, first_prompt), first[:, None],
                   jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
-    stream_tokens(stream, first[:, None], n, mesh)
+    stream_tokens(stream, out, first[:, None], n, mesh)
     return Started(cache, out, first, hidden, key)
 
 
-def stream_tokens(stream: StreamTo | None, new: jax.Array, n: jax.Array, mesh: Mesh | None = None) -> None:
-    """Hands a step's tokens to the host. JAX orders callbacks on one device only; on a mesh they are
+def stream_tokens(stream: StreamTo | None, out: Emitted, new: jax.Array, n: jax.Array, mesh: Mesh | None = None):
+    """Hands a step's tokens new[b, :n[b]] (just emitted into `out`) to the host, with each row's prompt
+    where the callback takes it. JAX orders callbacks on one device only; on a mesh they are
     unordered, which still follows the loop (its iterations run one after another), and get the
     tokens gathered from every row first."""
     if stream is not None:
-        jax.debug.callback(_deliver, stream.id, gathered(new, mesh), gathered(n, mesh), ordered=mesh is None)
+        arrays = (new, n, out.prompt) if stream.prompts else (new, n)
+        jax.debug.callback(_deliver, stream.id, *(gathered(x, mesh) for x in arrays), ordered=mesh is None)
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -78,23 +78,24 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
     with jax.named_scope("commit"):
         cache = kv.commit(f.cache, (~s.out.done).astype(jnp.int32))
         out, n = emit(s.out, nxt[:, None], jnp.ones_like(nxt), cfg.eos_token_ids)
-        stream_tokens(stream, nxt[:, None], n, mesh)
+        stream_tokens(stream, out, nxt[:, None], n, mesh)
     return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
 
 def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfig, sampling: SamplingConfig,
-         max_new_tokens: int, write_len: int, pending: int = 0, mesh: Mesh | None = None):
+         max_new_tokens: int, write_len: int, stream: StreamTo | None, pending: int = 0, mesh: Mesh | None = None):
     """The decode loop: step(prompts, prompt_lengths, s) until every row is done, from init (its rows
     holding the first prompts); with more prompts than rows, continuous batching (`continuous.run`, each
-    waiting prompt prefilled on params as `start` does). Returns the final state and every prompt's
-    `outputs()` rows."""
+    waiting prompt prefilled on params as `start` does, its first token streamed). Returns the final
+    state and every prompt's `outputs()` rows."""
     with jax.named_scope(LOOP_SCOPE):
         if prompts.shape[0] == init.out.done.shape[0]:
             s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), functools.partial(step, prompts, prompt_lengths),
                                    init)
             return s, s.outputs()
-        s, queue = continuous.run(step, init, prompts, prompt_lengths, limits, lambda *args: start(
-            params, cfg, *args, sampling, max_new_tokens, write_len, None, mesh, pending, block=prompts.shape[1]))
+        s, queue = continuous.run(step, init, prompts, prompt_lengths, limits, lambda *args, index: start(
+            params, cfg, *args, sampling, max_new_tokens, write_len, stream, mesh, pending, block=prompts.shape[1],
+            first_prompt=index))
         return s, queue.outputs
 
 
@@ -108,7 +109,7 @@ def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *
     step = functools.partial(autoregressive_step, loop_params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s, out = _run(lambda _, __, s: step(s), ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)), params, prompts,
                   prompt_lengths, limits, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, write_len=1,
-                  mesh=mesh)
+                  stream=stream, mesh=mesh)
     return sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step), mesh)
 
 
@@ -184,7 +185,7 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
     keep = acc.num_accepted + 1
     cache = kv.write(f.cache, k, v, jnp.where(s.out.done, 0, keep))
     out, n = emit(s.out, acc.tokens, keep, cfg.eos_token_ids)
-    stream_tokens(stream, acc.tokens, n, mesh)
+    stream_tokens(stream, out, acc.tokens, n, mesh)
     last = _take_rows(path, acc.num_accepted[:, None], axis=1)[:, 0]  # slot of the bonus token's parent
     active = ~s.out.done
     return SpecState(
@@ -236,7 +237,8 @@ def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, 
     step = functools.partial(speculative_step, loop_params, drafter, cfg=cfg, sampling=sampling, spec=spec,
                              stream=stream, mesh=mesh)
     s, (out, accepted) = _run(step, init, params, prompts, prompt_lengths, limits, cfg=cfg, sampling=sampling,
-                              max_new_tokens=max_new_tokens, write_len=spec.budget, pending=spec.depth, mesh=mesh)
+                              max_new_tokens=max_new_tokens, write_len=spec.budget, stream=stream, pending=spec.depth,
+                              mesh=mesh)
     return sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step, accepted), mesh)
 
 
@@ -376,8 +378,11 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     tree measured best on a CPU, smaller the larger the batch); `spec.beam_width == 0` with lookup beams
     needs no drafter. Greedy output is then identical to autoregressive greedy output, and sampled
     output follows exactly the autoregressive sampling distribution. `key` is required when
-    sampling. `stream`, if given, receives each step's tokens on the host, and generate returns once
-    decoding has finished; any callback shares the compiled program. Prompts are padded to a multiple
+    sampling. `stream`, if given, receives each step's tokens on the host as stream(tokens [B, M],
+    counts [B]) (row b's new tokens are tokens[b, :counts[b]]), with a `batch_size` as stream(tokens,
+    counts, prompts) (the prompt each row decodes, its index in `prompts`; the rows of a step, or the
+    one row a waiting prompt was just prefilled into, with its first token), and generate returns
+    once decoding has finished; any callback shares the compiled program. Prompts are padded to a multiple
     of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
@@ -385,12 +390,11 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
 
     `batch_size` (fewer than the prompts): continuous batching. Only that many prompts are decoded at a
     time, and when one ends the next waiting prompt takes its row inside the decode loop (`continuous`);
-    outputs are as without it. Not with `stream` or a mesh's "data" axis.
+    outputs are as without it. Not with a mesh's "data" axis.
     """
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
-                           drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh, batch_size=batch_size,
-                           streaming=stream is not None)
-    with streaming_to(stream) as to:
+                           drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh, batch_size=batch_size)
+    with streaming_to(stream, prompts=batch_size is not None) as to:
         out = loop(stream=to)
         if to is not None:
             jax.block_until_ready(out)
@@ -407,8 +411,7 @@ def lower(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], **
 def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
                  key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
-                 prompt_bucket: int = 32, mesh: Mesh | None = None, batch_size: int | None = None,
-                 streaming: bool = False):
+                 prompt_bucket: int = 32, mesh: Mesh | None = None, batch_size: int | None = None):
     """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
     jitted decode loop, and the number of rows asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
@@ -422,9 +425,6 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     if batch_size is not None and sharding.axis_size(mesh, sharding.DATA) > 1:
         raise ValueError("continuous batching (batch_size below the number of prompts) runs the rows on one "
                          "device or a mesh with a data axis of 1")
-    if batch_size is not None and streaming:
-        raise ValueError("stream cannot follow continuous batching (batch_size below the number of prompts): a "
-                         "row changes prompts as they end")
     if key is not None and not _is_prng_key(key):
         raise TypeError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got {key!r}")
     if drafter is not None and not isinstance(drafter, Proposer):

@@ -42,11 +42,19 @@ def test_every_prompt_decodes_as_alone(model, prompts, decoding):
     refs = alone(params, cfg, texts, limits, **kw)
     assert any(int(r.tokens[0, r.lengths[0] - 1]) in cfg.eos_token_ids for r in refs)  # some rows end by EOS
     for batch_size in (1, 3):
-        out = generate(params, cfg, texts, max_new_tokens=limits, batch_size=batch_size, **kw)
+        streamed = [[] for _ in texts]
+
+        def stream(tokens, counts, prompts):
+            assert tokens.shape[0] == counts.shape[0] == prompts.shape[0] in (batch_size, 1)  # a step's rows, a seat
+            for t, c, p in zip(tokens, counts, prompts):
+                streamed[p].extend(t[:c].tolist())
+
+        out = generate(params, cfg, texts, max_new_tokens=limits, batch_size=batch_size, stream=stream, **kw)
         for i, r in enumerate(refs):
             n = int(r.lengths[0])
             assert int(out.lengths[i]) == n
             np.testing.assert_array_equal(out.tokens[i, :n], r.tokens[0, :n])
+            assert streamed[i] == r.tokens[0, :n].tolist()  # each prompt's tokens streamed in order, as its own
             assert (np.asarray(out.tokens[i, n:]) == cfg.pad_token_id).all()
             if decoding != "autoregressive":  # per-step acceptances follow the prompt, not its row
                 got, want = np.asarray(out.accepted[i]), np.asarray(r.accepted[0])
@@ -76,10 +84,15 @@ def test_bad_batch_sizes_are_named(model, batch_size, match):
         generate(params, cfg, [[2, 3], [4, 5]], max_new_tokens=2, batch_size=batch_size)
 
 
-def test_stream_with_continuous_batching_is_refused_and_a_batch_size_of_all_prompts_streams(model):
+def test_a_stream_gets_each_rows_prompt_with_a_batch_size_and_a_callback_without_it_is_named(model):
     cfg, params = model
-    with pytest.raises(ValueError, match="stream cannot follow continuous batching"):
-        generate(params, cfg, [[2, 3], [4, 5]], max_new_tokens=2, batch_size=1, stream=lambda t, n: None)
-    got = []
-    generate(params, cfg, [[2, 3], [4, 5]], max_new_tokens=2, batch_size=2, stream=lambda t, n: got.append(n))
-    assert got
+    prompts = [[2, 3], [4, 5]]
+    with pytest.raises(ValueError, match=r"stream\(tokens, counts, prompts\) when generate is given a batch_size"):
+        generate(params, cfg, prompts, max_new_tokens=2, batch_size=1, stream=lambda tokens, counts: None)
+    with pytest.raises(ValueError, match=r"stream\(tokens, counts\) \(with a batch_size"):
+        generate(params, cfg, prompts, max_new_tokens=2, stream=lambda tokens, counts, prompts: None)
+    with pytest.raises(TypeError, match="stream must be a callable"):
+        generate(params, cfg, prompts, max_new_tokens=2, stream=[])
+    got = []  # a batch_size that seats every prompt at once: the same contract, rows in prompt order
+    out = generate(params, cfg, prompts, max_new_tokens=2, batch_size=2, stream=lambda t, n, p: got.append(p.tolist()))
+    assert got == [[0, 1]] * int(out.num_steps + 1)
