@@ -6,10 +6,9 @@ The decode state keeps its fixed [B] rows, each knowing the prompt it decodes (`
 `Queue` beside it records the next one waiting and keeps every prompt's output once its row moves on.
 Each iteration first seats waiting prompts in finished rows (a prefill of one prompt each, inside the
 loop: no host round trip; its first token streamed as the prompt's), then runs one decode step over
-all rows. Rows never interact, so a prompt's output is the one
-it gets decoded alone. A waiting prompt is prefilled in the smallest of a few blocks that holds it (the
-prompts' block, about a half and a quarter of it): on a CPU a prefill costs its block's tokens, and
-padding does not change a row's result.
+all rows. Rows never interact, so a prompt's output is the one it gets decoded alone. A waiting prompt
+is prefilled in the smallest of a few blocks that holds it (the prompts' block, about a half and a
+quarter of it): on a CPU a prefill costs its block's tokens, and padding does not change a row's result.
 """
 
 from __future__ import annotations

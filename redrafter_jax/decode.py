@@ -48,11 +48,12 @@ def streaming_to(fn: StreamFn | None, prompts: bool = False) -> Iterator[StreamT
     if fn is None:
         yield None
         return
-    names = "(tokens, counts, prompts)" if prompts else "(tokens, counts)"
+    args = ("tokens", "counts", "prompts")[:3 if prompts else 2]
+    names = f"({', '.join(args)})"
     if not callable(fn):
         raise TypeError(f"stream must be a callable {names}, got {type(fn).__name__}")
     try:
-        inspect.signature(fn).bind(*names[1:-1].split(", "))
+        inspect.signature(fn).bind(*args)
     except TypeError:
         raise ValueError(f"stream is called as stream{names}" + (" when generate is given a batch_size"
                          if prompts else " (with a batch_size, also each row's prompt)") +
