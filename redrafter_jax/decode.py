@@ -36,15 +36,16 @@ class StreamTo:
     prompts: bool = struct.field(pytree_node=False, default=False)  # the callback takes each row's prompt too
 
 
-_RECEIVERS: dict[int, StreamFn] = {}
+_RECEIVERS: dict[int, tuple[StreamFn, int | None]] = {}  # id -> (callback, rows it gets)
 _IDS = itertools.count()
 
 
 @contextlib.contextmanager
-def streaming_to(fn: StreamFn | None, prompts: bool = False) -> Iterator[StreamTo | None]:
+def streaming_to(fn: StreamFn | None, prompts: bool = False, rows: int | None = None) -> Iterator[StreamTo | None]:
     """A `StreamTo` (None without fn) whose tokens go to fn, with each row's prompt where `prompts`,
-    until the context ends; it ends only once every callback of the loops run inside it has run. A
-    callback that cannot take those arguments is refused here, not in the middle of decoding."""
+    until the context ends; it ends only once every callback of the loops run inside it has run. fn gets
+    at most the first `rows` rows (not those that pad a batch for a mesh). A callback that cannot take
+    its arguments is refused here, not in the middle of decoding."""
     if fn is None:
         yield None
         return
@@ -61,7 +62,7 @@ def streaming_to(fn: StreamFn | None, prompts: bool = False) -> Iterator[StreamT
     except ValueError:  # no signature to check (some builtins)
         pass
     i = next(_IDS) % 2**31
-    _RECEIVERS[i] = fn
+    _RECEIVERS[i] = fn, rows
     try:
         yield StreamTo(jnp.int32(i), prompts)
     finally:
@@ -72,7 +73,8 @@ def streaming_to(fn: StreamFn | None, prompts: bool = False) -> Iterator[StreamT
 def _deliver(i: jax.Array, *arrays: jax.Array) -> None:
     # As numpy arrays: JAX hands callbacks jax.Arrays, and each slice or element a callback takes of
     # one is a dispatch (a compilation for each new slice length), run while the loop waits.
-    _RECEIVERS[int(i)](*map(np.asarray, arrays))
+    fn, rows = _RECEIVERS[int(i)]
+    fn(*(np.asarray(x)[:rows] for x in arrays))
 
 
 @struct.dataclass

@@ -394,7 +394,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     """
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
                            drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh, batch_size=batch_size)
-    with streaming_to(stream, prompts=batch_size is not None) as to:
+    with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
         out = loop(stream=to)
         if to is not None:
             jax.block_until_ready(out)

@@ -27,12 +27,14 @@ MESHES = ("1x8", "2x4", "8x1")
 # through two rows (continuous batching) on a model axis.
 GENERATION_MESHES = {"greedy/1": ("1x8", "8x1"), "greedy/4": ("2x4",), "sampled/4": ("2x4",),
                      "continuous/4": ("1x8",)}
+STREAMED = ("greedy/1", "continuous/4")  # the batch padded for the 8x1 mesh; rows changing prompts
 
 
 def generation() -> dict:
     """Outputs on each mesh against one device: greedy at batch 1 and 4 (prompts of different lengths),
-    sampled with the same key at batch 4, greedy with 4 prompts in 2 rows (streamed: each prompt's tokens
-    as its output); autoregressive and speculative (drafter + lookup beams)."""
+    sampled with the same key at batch 4, greedy with 4 prompts in 2 rows; autoregressive and
+    speculative (drafter + lookup beams). The `STREAMED` cases stream too: each prompt's tokens are its
+    output."""
     spec = dict(drafter=drafter(), spec=SPEC)
     hot = dict(sampling=SamplingConfig(temperature=1.0), key=jax.random.PRNGKey(3))
     cases = {"greedy/1": (1, {}), "greedy/4": (4, {}), "sampled/4": (4, hot), "continuous/4": (4, {"batch_size": 2})}
@@ -40,17 +42,18 @@ def generation() -> dict:
     for name, (batch, kw) in cases.items():
         for loop, extra in (("autoregressive", {}), ("speculative", spec)):
             def run(mesh):
-                """The rows, and with continuous batching each prompt's streamed tokens."""
+                """The rows, and where streamed each prompt's streamed tokens (a row that pads the batch
+                for a mesh would have no prompt here)."""
                 streamed = [[] for _ in range(batch)]
 
-                def stream(tokens, counts, prompts):
-                    for t, c, p in zip(tokens, counts, prompts):
-                        streamed[p].extend(t[:c].tolist())
+                def stream(tokens, counts, prompts=None):
+                    for b, (t, c) in enumerate(zip(tokens, counts)):
+                        streamed[b if prompts is None else prompts[b]].extend(t[:c].tolist())
                 out = rows(gen.generate(PARAMS, CFG, PROMPTS[:batch], max_new_tokens=16, mesh=mesh, **kw, **extra,
-                                        stream=stream if "batch_size" in kw else None))
-                return out, streamed if "batch_size" in kw else out
+                                        stream=stream if name in STREAMED else None))
+                return out, streamed if name in STREAMED else out
             want = run(None)
-            if "batch_size" in kw:
+            if name in STREAMED:
                 found[f"{loop}/{name}/streamed"] = want[1] == want[0]
             for m in GENERATION_MESHES[name]:
                 found[f"{loop}/{name}/{m}"] = run(sharding.parse_mesh(m)) == want
