@@ -75,12 +75,16 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-budget", type=int, default=None,
                    help="packed tree slots, filled with the best-scored nodes at any depth "
                         "(default 1 + W(L-1) + K(lookup length - 1): every node)")
+    p.add_argument("--spec", default=None, metavar="WxL[+K[xL']][:N]",
+                   help="the beam options above in the benchmarks' notation, instead of them: e.g. 4x3+1x16:12 "
+                        "(4 drafter beams of 3 tokens, 1 lookup beam of 16, the 12 best-scored nodes; what "
+                        "measured best for replies of 512 tokens on a CPU), 0x8+1 (lookup only)")
 
 
 def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
     """The drafter named by --drafter (or None) and the SpecConfig from the beam options (None when
     decoding is autoregressive: no drafter and no lookup beams)."""
-    if not args.drafter and not args.lookup_beams:
+    if not args.drafter and not args.lookup_beams and not args.spec:
         return None, None
     # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU at batch 1,
     # greedy and sampling at 0.7 (at 1.0, 1.17x against 4 x 2's 1.20x): 4 x 3 + 1 x 8 in 7 slots, the 7
@@ -88,7 +92,12 @@ def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
     # match makes it likely, the rest from the drafter's beams of every depth.
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
-    if args.drafter and options == (None,) * len(options):
+    if args.spec and options != (None,) * len(options):
+        raise ValueError("--spec gives the whole tree: pass it or the beam options (--beam-width, --beam-length, "
+                         "--lookup-beams, --lookup-length, --tree-budget), not both")
+    if args.spec:
+        spec = SpecConfig.parse(args.spec, **ngrams)
+    elif args.drafter and options == (None,) * len(options):
         spec = SpecConfig.default(1, **ngrams)
     else:
         width, length, lookup, budget, lookup_length = options

@@ -18,14 +18,21 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
 
 def test_beam_options_default_to_the_measured_best_setting(smollm):
     """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots, greedy or sampling; any beam option given
-    switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree)."""
+    switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree); --spec gives the
+    whole tree in the benchmarks' notation."""
     p = argparse.ArgumentParser()
     add_spec_args(p)
     for argv, label, budget in [(["--drafter"], "4x3+1x8:7", 7), (["--drafter", "--beam-length", "5"], "2x5+1", 13),
                                 (["--drafter", "--tree-budget", "5"], "2x4+1:5", 5), (["--lookup-beams", "2"], "0x4+2", 7),
-                                (["--drafter", "--lookup-length", "8"], "2x4+1x8", 14)]:
+                                (["--drafter", "--lookup-length", "8"], "2x4+1x8", 14),
+                                (["--drafter", "--spec", "4x3+1x16:12"], "4x3+1x16:12", 12),
+                                (["--spec", "0x8+1"], "0x8+1", 8)]:
         drafter, spec = load_drafter_arg(p.parse_args(argv), smollm)
         assert (spec.describe(), spec.budget) == (label, budget), argv
         assert (drafter is None) == ("--drafter" not in argv)
     with pytest.raises(ValueError, match="beam_length must be >= 2"):
         load_drafter_arg(p.parse_args(["--drafter", "--beam-length", "0"]), smollm)
+    with pytest.raises(ValueError, match="--spec gives the whole tree"):
+        load_drafter_arg(p.parse_args(["--drafter", "--spec", "4x3", "--tree-budget", "5"]), smollm)
+    with pytest.raises(ValueError, match="bad speculative setting '4x'"):
+        load_drafter_arg(p.parse_args(["--drafter", "--spec", "4x"]), smollm)
