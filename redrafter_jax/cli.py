@@ -82,8 +82,8 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
-    """The drafter named by --drafter (or None) and the SpecConfig from the beam options (None when
-    decoding is autoregressive: no drafter and no lookup beams)."""
+    """The drafter named by --drafter (or None) and the SpecConfig from --spec or the beam options (None
+    when decoding is autoregressive: no drafter and no lookup beams)."""
     if not args.drafter and not args.lookup_beams and not args.spec:
         return None, None
     # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU at batch 1,
