@@ -4,6 +4,7 @@
     python -m infer.generate --hf path/to/llama_dir --prompt "Once upon a time" --temperature 0.8 --seed 1
     python -m infer.generate --chat "Tell me about Rome." --drafter path/to/drafter --beam-width 4 --beam-length 4
     python -m infer.generate --chat "Tell me about Rome." --lookup-beams 2 --beam-length 5   # no drafter needed
+    python -m infer.generate --chat "Write a poem about the sea." "Now make it rhyme." --drafter  # two turns
 
 With --drafter or --lookup-beams, decoding is speculative (ReDrafter, plus beams looked up in the
 row's own history); the same prompt is then also decoded autoregressively, and the speedup of the
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     add_model_args(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="plain text to continue")
-    what.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    what.add_argument("--chat", nargs="+", metavar="MESSAGE",
+                      help="a user message, wrapped in the model's chat template; several: a conversation, each "
+                           "answered in turn with the replies so far as its context")
     p.add_argument("--max-new-tokens", type=int, default=256, help="a chat reply usually ends before (EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -68,36 +71,52 @@ def main(argv: list[str] | None = None) -> None:
     add_spec_args(p)
     args = p.parse_args(argv)
 
-    flag, text = ("--chat", args.chat) if args.chat is not None else ("--prompt", args.prompt)
-    if not Tokenizer.check_text(text, flag).strip():  # before the model loads: fail fast
-        raise ValueError(f"{flag} is empty")
+    flag, texts = ("--chat", args.chat) if args.chat is not None else ("--prompt", [args.prompt])
+    for text in texts:  # before the model loads: fail fast
+        if not Tokenizer.check_text(text, flag).strip():
+            raise ValueError(f"{flag} is empty")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     model = load_model(args)
     drafter, spec = load_drafter_arg(args, model)
     tok = model.tokenizer
-    ids = tok.encode_chat([{"role": "user", "content": text}]) if flag == "--chat" else tok.encode(text)
     key = jax.random.PRNGKey(args.seed)
+    messages = []
+    for turn, text in enumerate(texts):
+        if turn:
+            print(flush=True)  # a blank line between replies
+        if len(texts) > 1:
+            print(f"[user, turn {turn + 1}: {text}]", file=sys.stderr, flush=True)
+        messages.append({"role": "user", "content": text})
+        ids = tok.encode_chat(messages) if flag == "--chat" else tok.encode(text)
+        reply = answer(model, ids, args.max_new_tokens, sampling, key, drafter, spec)
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array, drafter,
+           spec) -> list[int]:
+    """Decodes and streams the reply to `ids`; when speculative, decodes it autoregressively too and reports
+    the speedup. Returns the reply's tokens."""
 
     def decode(streamer, **kw):
         start = time.perf_counter()
-        out = generate(model.params, model.config, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+        out = generate(model.params, model.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
                        key=key, stream=streamer, mesh=model.mesh, **kw)
         jax.block_until_ready(out)
         return out, streamer.first_time - start
 
     print("[compiling the decode loop (once per setting and prompt-length bucket) and prefilling]", file=sys.stderr,
           flush=True)
-    shown = Streamer(tok)
+    shown = Streamer(model.tokenizer)
     out, startup = decode(shown, drafter=drafter, spec=spec)
     print(flush=True)
     n = int(out.lengths[0])
     print(f"[{n} tokens; first token after {startup:.2f}s (compile + prefill); decoding {shown.rate():.1f} tokens/s]",
           file=sys.stderr)
     if spec is None:
-        return
+        return shown.ids
     acc = np.asarray(out.accepted[0])
     acc = acc[acc >= 0]
-    baseline = Streamer(tok, quiet=True)
+    baseline = Streamer(model.tokenizer, quiet=True)
     ar_out, _ = decode(baseline)
     if sampling.greedy:
         same = np.array_equal(np.asarray(ar_out.tokens), np.asarray(out.tokens))
@@ -113,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         print("[on a CPU a speculative step costs more than a single-token step (its tree's forward 1.1-1.5 "
               "steps for 8 tokens, plus drafting), so it pays only where enough drafts are accepted; on a GPU "
               "the forward costs about one step: see the README's 'What you just saw']", file=sys.stderr)
+    return shown.ids
 
 
 def cli() -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from infer.generate import main
 from redrafter_jax.cli import add_spec_args, load_drafter_arg
+from redrafter_jax.generate import generate
 
 
 def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
@@ -14,6 +15,22 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
     assert "Paris" in out
     assert "W=4 L=3 K=1 L'=8 tree=7" in err  # the bare flag: the default drafter at the default shape
     assert "tokens/s" in err and "speedup" in err and "output identical to autoregressive" in err
+
+
+def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, smollm_path, smollm):
+    first, second = "What is the capital of France?", "And of Italy?"
+    main(["--gguf", smollm_path, "--chat", first, second, "--max-new-tokens", "10", "--lookup-beams", "1"])
+    out, err = capsys.readouterr()
+    assert "[user, turn 1: What is the capital of France?]" in err and "[user, turn 2: And of Italy?]" in err
+    assert err.count("output identical to autoregressive") == 2  # each turn checked against its own reference
+    replies = out.strip().split("\n\n")
+    assert len(replies) == 2 and "Paris" in replies[0]
+    # the second turn's context is the first turn and its reply, as the chat template renders them
+    tok = smollm.tokenizer
+    chat = [{"role": "user", "content": first}, {"role": "assistant", "content": replies[0]},
+            {"role": "user", "content": second}]
+    ref = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=10)
+    assert replies[1] == tok.decode(ref.tokens[0, :ref.lengths[0]])
 
 
 def test_beam_options_default_to_the_measured_best_setting(smollm):

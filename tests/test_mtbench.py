@@ -145,4 +145,5 @@ def test_second_turn_run_reports_identical_outputs_and_needs_two_turns(tmp_path,
     prompts.write_text(prompts.read_text() + json.dumps({"prompt": "One turn only."}) + "\n")
     with pytest.raises(SystemExit):
         main(run)
-    assert "--turn 2 needs a second user turn in every prompt (prompts with one turn: 1 of 3)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--turn 2 needs a second user turn in every prompt (prompts with one turn: 1 of 3)" in err
