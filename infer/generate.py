@@ -7,8 +7,8 @@
     python -m infer.generate --chat "Write a poem about the sea." "Now make it rhyme." --drafter  # two turns
 
 With --drafter or --lookup-beams, decoding is speculative (ReDrafter, plus beams looked up in the
-row's own history); the same prompt is then also decoded autoregressively, and the speedup of the
-first over the second is printed.
+row's own history); each reply is then also decoded autoregressively, and the speedup of the first
+over the second is printed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from redrafter_jax.cli import add_model_args, add_spec_args, load_drafter_arg, load_model, run
-from redrafter_jax.config import SamplingConfig
+from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.drafter import Drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
-def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array, drafter,
-           spec) -> list[int]:
+def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array,
+           drafter: Drafter | None, spec: SpecConfig | None) -> list[int]:
     """Decodes and streams the reply to `ids`; when speculative, decodes it autoregressively too and reports
     the speedup. Returns the reply's tokens."""
 
