@@ -139,6 +139,7 @@ def test_second_turn_run_reports_identical_outputs_and_needs_two_turns(tmp_path,
     main(run)
     text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
     assert "second turns, each after the target's own greedy reply to the first, up to 16 tokens" in text
+    assert "| speedup | speedup after prefill | identical outputs |" in text
     rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
             if line.startswith("| none (lookup only) |")]
     assert len(rows) == 1 and rows[0][-1] == "2/2", rows
