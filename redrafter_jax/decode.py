@@ -185,6 +185,11 @@ def stream_tokens(stream: StreamTo | None, out: Emitted, new: jax.Array, n: jax.
         jax.debug.callback(_deliver, stream.id, *(gathered(x, mesh) for x in arrays), ordered=mesh is None)
 
 
+def is_count(x) -> bool:
+    """An integer (Python's or numpy's, not a bool) of at least 1."""
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer)) and x >= 1
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -206,7 +211,7 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
                          "for a single prompt pass [ids]")
     if len(prompts) == 0:
         raise ValueError("no prompts given")
-    if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
+    if not is_count(bucket):
         raise ValueError(f"prompt_bucket must be a positive integer (prompts are padded to a multiple of it), "
                          f"got {bucket!r}")
     limits = np.asarray(max_new_tokens)

@@ -33,6 +33,7 @@ from redrafter_jax.decode import (
     StreamFn,
     StreamTo,
     emit,
+    is_count,
     prepare_prompts,
     round_up,
     start,
@@ -417,8 +418,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
+    if batch_size is not None and not is_count(batch_size):
         raise ValueError(f"batch_size must be a positive integer (the rows decoded at a time), got {batch_size!r}")
     if batch_size is not None and batch_size >= block.shape[0]:
         batch_size = None  # every prompt has a row from the start
