@@ -5,10 +5,11 @@
     python -m infer.generate --chat "Tell me about Rome." --drafter path/to/drafter --beam-width 4 --beam-length 4
     python -m infer.generate --chat "Tell me about Rome." --lookup-beams 2 --beam-length 5   # no drafter needed
     python -m infer.generate --chat "Write a poem about the sea." "Now make it rhyme." --drafter  # two turns
+    python -m infer.generate --chat "Tell me about Rome." --datastore runs/datastore.npz  # python -m train.datastore
 
-With --drafter or --lookup-beams, decoding is speculative (ReDrafter, plus beams looked up in the
-row's own history); each reply is then also decoded autoregressively, and the speedup of the first
-over the second is printed.
+With --drafter, --lookup-beams or --datastore, decoding is speculative (ReDrafter, plus beams looked up
+in the row's own history and in a datastore of the target's replies); each reply is then also decoded
+autoregressively, and the speedup of the first over the second is printed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 import jax
 import numpy as np
 
-from redrafter_jax.cli import add_model_args, add_spec_args, load_drafter_arg, load_model, run
+from redrafter_jax.cli import add_model_args, add_spec_args, load_model, load_proposers, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
+from redrafter_jax.datastore import Datastore
 from redrafter_jax.drafter import Drafter
 from redrafter_jax.generate import generate
 from redrafter_jax.tokenizer import Tokenizer
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{flag} is empty")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     model = load_model(args)
-    drafter, spec = load_drafter_arg(args, model)
+    drafter, spec, store = load_proposers(args, model)
     tok = model.tokenizer
     key = jax.random.PRNGKey(args.seed)
     messages = []
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[user, turn {turn + 1}: {text}]", file=sys.stderr, flush=True)
         messages.append({"role": "user", "content": text})
         ids = tok.encode_chat(messages) if flag == "--chat" else tok.encode(text)
-        reply = answer(model, ids, args.max_new_tokens, sampling, key, drafter, spec)
+        reply = answer(model, ids, args.max_new_tokens, sampling, key, drafter, spec, store)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array,
-           drafter: Drafter | None, spec: SpecConfig | None) -> list[int]:
+           drafter: Drafter | None, spec: SpecConfig | None, store: Datastore | None = None) -> list[int]:
     """Decodes and streams the reply to `ids`; when speculative, decodes it autoregressively too and reports
     the speedup. Returns the reply's tokens."""
 
@@ -108,7 +110,7 @@ def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
     print("[compiling the decode loop (once per setting and prompt-length bucket) and prefilling]", file=sys.stderr,
           flush=True)
     shown = Streamer(model.tokenizer)
-    out, startup = decode(shown, drafter=drafter, spec=spec)
+    out, startup = decode(shown, drafter=drafter, spec=spec, datastore=store)
     print(flush=True)
     n = int(out.lengths[0])
     print(f"[{n} tokens; first token after {startup:.2f}s (compile + prefill); decoding {shown.rate():.1f} tokens/s]",
@@ -125,6 +127,7 @@ def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
     else:  # different random streams: equal in distribution, not token for token
         check = "sampled: same distribution as autoregressive, different draws"
     lookup = f"K={spec.lookup_beams}" + (f" L'={spec.lookup_length}" if spec.lookup_length else "")
+    lookup += f" D={spec.datastore_beams} L''={spec.datastore_length}" if spec.datastore_beams else ""
     print(f"[speculative W={spec.beam_width} L={spec.beam_length} {lookup} tree={spec.budget}: {len(acc)} steps, "
           f"mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
           f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from infer.report import add_report_args, beside, command, machine, table, write_section
+from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
@@ -172,7 +173,10 @@ def main(argv=None) -> None:
                         "(default 32; larger: fewer programs for long prompts)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sweep", nargs="+", default=["4x4"],
-                   help="WxL[+K[xL']][:budget] settings (K lookup beams of L' tokens, default L)")
+                   help="WxL[+K[xL']][+DxL''ds][:budget] settings (K lookup beams of L' tokens, default L; D "
+                        "datastore beams of L'' tokens, with --datastore)")
+    p.add_argument("--datastore", help="a datastore file (`python -m train.datastore`) for settings with datastore "
+                                       "beams (+DxL''ds)")
     p.add_argument("--lookup-ngram", type=int, nargs=2, default=(1, 3), metavar=("MIN", "MAX"),
                    help="suffix lengths the lookup beams match (default 1 3)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0],
@@ -202,6 +206,10 @@ def main(argv=None) -> None:
              for t in args.sweep]
     if any(s.beam_width for s in specs) and not drafters:
         p.error("settings with W > 0 need --drafter")
+    stored = any(s.datastore_beams for s in specs)
+    if stored != bool(args.datastore):
+        p.error("settings with datastore beams (+DxL''ds) need --datastore, and --datastore needs such a setting")
+    store = datastore.load(args.datastore, model.config.vocab_size) if stored else None
     # (drafter path, spec) per row; lookup-only settings run once, without a drafter
     runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
     # Per batch size and temperature: its autoregressive reference, then every run. Every decoder decodes
@@ -224,7 +232,8 @@ def main(argv=None) -> None:
                  for path, spec in [(None, None), *runs]]
     kws = [{"sampling": SamplingConfig(t or 0.0), "batch_size": size.rows, "prompt_bucket": args.prompt_bucket,
             "max_new": 1 if t is None else args.max_new_tokens,
-            **({} if spec is None else {"drafter": drafters.get(path), "spec": spec})}
+            **({} if spec is None else {"drafter": drafters.get(path), "spec": spec,
+                                        "datastore": store if spec.datastore_beams else None})}
            for size, t, path, spec in decoders]
     done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> its Decoded
     with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{len(kws)} decoders in turn") as bar:
@@ -252,10 +261,12 @@ def main(argv=None) -> None:
             tokens_per_step = 1 + np.concatenate(run.accepted).mean()
             rate = sum(map(len, run.tokens)) / run.secs
             same = identical_outputs(model, prompts, ar.tokens, run.tokens) if temp == 0 else "sampled"
-            name = os.path.normpath(path) if path else "none (lookup only)"
+            name = os.path.normpath(path) if path else "none"
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
             rows.append([str(size)] * batched + [temp] * sampling
-                        + [name, f"{spec.beam_width}x{spec.beam_length}", lookup, spec.budget, tokens_per_step]
+                        + [name, f"{spec.beam_width}x{spec.beam_length}", lookup]
+                        + [f"{spec.datastore_beams}x{spec.datastore_length}" if spec.datastore_beams else 0] * stored
+                        + [spec.budget, tokens_per_step]
                         + [run.rows_busy] * batched
                         + [ar_rate, rate, rate / ar_rate, rate_after(run, prefill) / rate_after(ar, prefill), same])
             label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
@@ -263,7 +274,8 @@ def main(argv=None) -> None:
             label += f" T={temp:g}" * sampling + f" B={size}" * batched
             points.append((label, tokens_per_step, rate / ar_rate))
     md = table(["batch"] * batched + ["temperature"] * sampling
-               + ["drafter", "W x L", "lookup beams", "tree slots", "tokens/step"] + ["rows busy"] * batched
+               + ["drafter", "W x L", "lookup beams"] + ["datastore beams"] * stored + ["tree slots", "tokens/step"]
+               + ["rows busy"] * batched
                + ["AR tokens/s", "spec tokens/s", "speedup", "speedup after prefill", "identical outputs"], rows)
     print(md)
     source = f"{args.prompts or 'MT-Bench'} {'first' if args.turn == 1 else 'second'} turns"
@@ -287,12 +299,16 @@ def main(argv=None) -> None:
                     if sampling else "")
     prefill_note = (" Speedup after prefill: the same ratio once the time of the prompts' prefill (an autoregressive "
                     "generate of one token, timed in turn with the decoders) and that token are taken out of both.")
+    stored_note = (f" Datastore beams: D more beams of L'' tokens, the continuation that most often followed the "
+                   f"text's last {store.min_ngram}..{store.max_ngram} tokens (longest match first) in the datastore "
+                   f"{args.datastore} ({store.keys.shape[0]:,} n-grams; `python -m train.datastore`)."
+                   if stored else "")
     gaps_note = (" Where greedy outputs differ, the top-2 gaps are the target's logit margin between its two best "
                  "tokens at the first differing position." if 0 in args.temperatures else "")
     title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{prefill_note}{gaps_note}
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{stored_note}{prefill_note}{gaps_note}
 Machine: {machine()}.
 
 Command: `{args.command}`

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from infer.report import table
 from redrafter_jax import generate as gen
-from redrafter_jax.cli import add_model_args, add_spec_args, load_drafter_arg, load_model, run
+from redrafter_jax.cli import add_model_args, add_spec_args, load_model, load_proposers, run
 
 SPECULATIVE_PARTS = ("propose", "pack", "verify", "accept", "commit")
 AUTOREGRESSIVE_PARTS = ("forward", "select", "commit")
@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.mesh:
         raise ValueError("--mesh: the profile times one device's decode loop; run it without --mesh")
     model = load_model(args)
-    drafter, spec = load_drafter_arg(args, model)
+    drafter, spec, store = load_proposers(args, model)
     if spec is None:
-        raise ValueError("nothing speculative to profile: pass --drafter and/or --lookup-beams")
+        raise ValueError("nothing speculative to profile: pass --drafter, --lookup-beams and/or --datastore")
     prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     found = decodings(model.params, model.config, prompt, {f"speculative {spec.describe()}": dict(
-        drafter=drafter, spec=spec)}, args.max_new_tokens)
+        drafter=drafter, spec=spec, datastore=store)}, args.max_new_tokens)
     print(f"{args.dtype}, {found['autoregressive'].steps} autoregressive and "
           f"{found[list(found)[1]].steps} speculative steps, device {jax.devices()[0].device_kind}")
     print(table(HEADERS, rows(found, args.ops)))

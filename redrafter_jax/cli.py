@@ -4,6 +4,7 @@ drafter, and reporting a failure as one line on stderr with a non-zero exit (--d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -75,49 +76,69 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-budget", type=int, default=None,
                    help="packed tree slots, filled with the best-scored nodes at any depth "
                         "(default 1 + W(L-1) + K(lookup length - 1): every node)")
-    p.add_argument("--spec", default=None, metavar="WxL[+K[xL']][:N]",
+    p.add_argument("--spec", default=None, metavar="WxL[+K[xL']][+DxL''ds][:N]",
                    help="the beam options above in the benchmarks' notation, instead of them: e.g. 4x3+1x16:12 "
                         "(4 drafter beams of 3 tokens, 1 lookup beam of 16, the 12 best-scored nodes; what "
-                        "measured best for replies of 512 tokens on a CPU), 0x8+1 (lookup only)")
+                        "measured best for replies of 512 tokens on a CPU), 0x8+1 (lookup only), "
+                        "4x3+1x8+1x8ds:7 (and a datastore beam of 8)")
+    p.add_argument("--datastore", default=None, metavar="PATH",
+                   help="a datastore of the target's own replies (python -m train.datastore): one more beam of "
+                        "8 tokens, what most often followed the text's last few tokens there, in the same tree "
+                        "(or D of L'' tokens with --spec ...+DxL''ds); without --drafter, lookup and datastore "
+                        "beams alone")
 
 
-def load_drafter_arg(args: argparse.Namespace, model: LoadedModel):
-    """The drafter named by --drafter (or None) and the SpecConfig from --spec or the beam options (None
-    when decoding is autoregressive: no drafter and no lookup beams)."""
-    if not args.drafter and not args.lookup_beams and not args.spec:
-        return None, None
-    # With a drafter and no beam option, the setting that measured best on MT-Bench on the CPU at batch 1,
-    # greedy and sampling at 0.7 (at 1.0, 1.17x against 4 x 2's 1.20x): 4 x 3 + 1 x 8 in 7 slots, the 7
-    # best-scored nodes (`tree.py`): down the lookup beam (8 tokens: a repeat often runs on) as far as the
-    # match makes it likely, the rest from the drafter's beams of every depth.
+def load_proposers(args: argparse.Namespace, model: LoadedModel):
+    """The drafter named by --drafter (or None), the SpecConfig from --spec or the beam options (None when
+    decoding is autoregressive: no drafter, lookup beams or datastore) and the --datastore (or None)."""
+    if not args.drafter and not args.lookup_beams and not args.spec and not args.datastore:
+        return None, None, None
+    store = None
+    if args.datastore:
+        from redrafter_jax import datastore
+
+        store = datastore.load(args.datastore, model.config.vocab_size)
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
     if args.spec and options != (None,) * len(options):
         raise ValueError("--spec gives the whole tree: pass it or the beam options (--beam-width, --beam-length, "
                          "--lookup-beams, --lookup-length, --tree-budget), not both")
+    # a datastore adds a beam of 8 tokens (what measured best on MT-Bench on the CPU), unless --spec says otherwise
+    stored = dict(datastore_beams=1, datastore_length=min(8, store.length + 1)) if store and not args.spec else {}
     if args.spec:
         spec = SpecConfig.parse(args.spec, **ngrams)
-    elif args.drafter and options == (None,) * len(options):
-        spec = SpecConfig.default(1, **ngrams)
+    elif (args.drafter or store) and options == (None,) * len(options):
+        # The setting that measured best on MT-Bench on the CPU at batch 1, greedy and sampling at 0.7 (at
+        # 1.0, 1.17x against 4 x 2's 1.20x): 4 x 3 + 1 x 8 in 7 slots, the 7 best-scored nodes (`tree.py`):
+        # down the lookup beam (8 tokens: a repeat often runs on) as far as the match makes it likely, the
+        # rest from the drafter's beams of every depth; without a drafter, its lookup beam.
+        spec = SpecConfig.default(1, **ngrams, **stored)
+        if not args.drafter:
+            spec = dataclasses.replace(spec, beam_width=0, beam_length=spec.lookup_len, lookup_length=None)
     else:
         width, length, lookup, budget, lookup_length = options
         spec = SpecConfig(width if width is not None else (2 if args.drafter else 0),
                           length if length is not None else 4, budget,
                           lookup_beams=lookup if lookup is not None else (1 if args.drafter else 0),
-                          lookup_length=lookup_length, **ngrams)
-    if not args.drafter:
-        return None, spec
-    if args.drafter == "random":
+                          lookup_length=lookup_length, **ngrams, **stored)
+    drafter = None
+    if args.drafter:
+        drafter = _load_drafter(args.drafter, model)
+    return drafter, spec, store
+
+
+def _load_drafter(name: str, model: LoadedModel):
+    if name == "random":
         from redrafter_jax.drafter import untrained_drafter
 
-        return untrained_drafter(model.config), spec
+        return untrained_drafter(model.config)
     from redrafter_jax.checkpoint import load_drafter
 
-    path = DEFAULT_DRAFTER if args.drafter == "default" else args.drafter
-    if args.drafter == "default" and not os.path.isdir(path):
+    path = DEFAULT_DRAFTER if name == "default" else name
+    if name == "default" and not os.path.isdir(path):
         raise FileNotFoundError(f"the default drafter is not at {path} (it ships in the repository, not in a wheel); "
                                 f"pass --drafter PATH")
-    return load_drafter(path, model.config), spec
+    return load_drafter(path, model.config)
 
 
 def error_line(e: BaseException) -> str:

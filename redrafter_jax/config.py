@@ -150,11 +150,13 @@ class SpecConfig:
     """Speculative decoding shape: W beams of L tokens (the init token included) from the recurrent
     drafter plus K context-lookup beams of `lookup_length` tokens (None: L; `lookup.py`: the tokens
     that followed the most recent earlier occurrences of the history's last
-    `lookup_min_ngram`..`lookup_max_ngram` tokens), packed into a tree of `tree_budget` slots (None:
-    the worst case 1 + W(L-1) + K(lookup_length-1), every node; with fewer, the best-scored nodes at
-    any depth, `tree.py`). beam_width 0 is lookup-only decoding, which needs no drafter. A lookup
-    beam costs no drafting, only tree slots, so it may be longer than the drafter's (e.g. "2x4+1x8":
-    the drafter's later tokens are rarely right, a repeated passage often is for many tokens).
+    `lookup_min_ngram`..`lookup_max_ngram` tokens) plus D datastore beams of `datastore_length`
+    tokens (`datastore.py`: what most often followed the history's last n-grams in the target's own
+    replies), packed into a tree of `tree_budget` slots (None: the worst case 1 + W(L-1) +
+    K(lookup_length-1) + D(datastore_length-1), every node; with fewer, the best-scored nodes at any
+    depth, `tree.py`). beam_width 0 is decoding without a drafter. A lookup or datastore beam costs no
+    drafting, only tree slots, so it may be longer than the drafter's (e.g. "2x4+1x8": the drafter's
+    later tokens are rarely right, a repeated passage often is for many tokens).
 
     acceptance (used when sampling): "tree_walk" keeps the target's distribution exactly;
     "apple_biased" is Apple's min(1, p/q) rule, which does not, offered only to measure the bias.
@@ -168,16 +170,23 @@ class SpecConfig:
     lookup_min_ngram: int = 1
     lookup_max_ngram: int = 3
     lookup_length: int | None = None
+    datastore_beams: int = 0
+    datastore_length: int = 8
 
     def __post_init__(self):
         optional = ("lookup_length",) if self.lookup_length is not None else ()
-        for name in ("beam_width", "beam_length", "lookup_beams", "lookup_min_ngram", "lookup_max_ngram") + optional:
+        for name in ("beam_width", "beam_length", "lookup_beams", "lookup_min_ngram", "lookup_max_ngram",
+                     "datastore_beams", "datastore_length") + optional:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.beam_width < 0 or self.lookup_beams < 0 or self.beam_width + self.lookup_beams < 1:
-            raise ValueError(f"need beam_width >= 0 and lookup_beams >= 0 with at least one beam in all, got "
-                             f"beam_width={self.beam_width}, lookup_beams={self.lookup_beams}")
+        if min(self.beam_width, self.lookup_beams, self.datastore_beams) < 0 or self.num_beams < 1:
+            raise ValueError(f"need beam_width >= 0, lookup_beams >= 0 and datastore_beams >= 0 with at least one "
+                             f"beam in all, got beam_width={self.beam_width}, lookup_beams={self.lookup_beams}, "
+                             f"datastore_beams={self.datastore_beams}")
+        if self.datastore_length < 2:
+            raise ValueError(f"datastore_length must be >= 2 (the init token plus at least one retrieved token), "
+                             f"got {self.datastore_length}")
         if self.beam_length < 2:
             raise ValueError(f"beam_length must be >= 2 (the init token plus at least one drafted token), "
                              f"got {self.beam_length}")
@@ -186,20 +195,22 @@ class SpecConfig:
                              f"needs lookup_beams > 0, got {self.lookup_length} with {self.lookup_beams} lookup beams")
         if self.acceptance not in ("tree_walk", "apple_biased"):
             raise ValueError(f"acceptance must be 'tree_walk' or 'apple_biased', got {self.acceptance!r}")
-        if self.acceptance == "apple_biased" and self.lookup_beams:
+        if self.acceptance == "apple_biased" and (self.lookup_beams or self.datastore_beams):
             raise ValueError("Apple's acceptance rule needs the drafter's probability of every drafted token; "
-                             "lookup beams have none (use acceptance='tree_walk', which is exact)")
+                             "lookup beams have none, nor do datastore beams (use acceptance='tree_walk', which is "
+                             "exact)")
         if not 1 <= self.lookup_min_ngram <= self.lookup_max_ngram:
             raise ValueError(f"lookup n-gram lengths must satisfy 1 <= lookup_min_ngram <= lookup_max_ngram, got "
                              f"{self.lookup_min_ngram}, {self.lookup_max_ngram}")
         if self.tree_budget is not None and not 2 <= self.tree_budget <= self.max_nodes:
-            raise ValueError(f"tree_budget must be in [2, 1 + W(L-1) + K(lookup_length-1)] = [2, {self.max_nodes}] "
+            raise ValueError(f"tree_budget must be in [2, 1 + W(L-1) + K(lookup_length-1) + D(datastore_length-1)] = "
+                             f"[2, {self.max_nodes}] "
                              f"(the init token and at least one drafted token, at most every node), got "
                              f"{self.tree_budget}")
 
     @property
     def num_beams(self) -> int:
-        return self.beam_width + self.lookup_beams
+        return self.beam_width + self.lookup_beams + self.datastore_beams
 
     @property
     def lookup_len(self) -> int:
@@ -209,11 +220,13 @@ class SpecConfig:
     @property
     def depth(self) -> int:
         """Tokens in the longest beam (the init token included): the tree's depth + 1."""
-        return max(self.beam_length if self.beam_width else 0, self.lookup_len if self.lookup_beams else 0)
+        return max(self.beam_length if self.beam_width else 0, self.lookup_len if self.lookup_beams else 0,
+                   self.datastore_length if self.datastore_beams else 0)
 
     @property
     def max_nodes(self) -> int:
-        return 1 + self.beam_width * (self.beam_length - 1) + self.lookup_beams * (self.lookup_len - 1)
+        return (1 + self.beam_width * (self.beam_length - 1) + self.lookup_beams * (self.lookup_len - 1)
+                + self.datastore_beams * (self.datastore_length - 1))
 
     @property
     def budget(self) -> int:
@@ -221,10 +234,12 @@ class SpecConfig:
 
     def describe(self) -> str:
         """Short label, the inverse of `parse`: "WxL", "+K" with lookup beams ("+KxL'" when they are
-        L' long), ":N" with a tree budget."""
+        L' long), "+DxL''ds" with datastore beams, ":N" with a tree budget."""
         label = f"{self.beam_width}x{self.beam_length}"
         if self.lookup_beams:
             label += f"+{self.lookup_beams}" + (f"x{self.lookup_length}" if self.lookup_length else "")
+        if self.datastore_beams:
+            label += f"+{self.datastore_beams}x{self.datastore_length}ds"
         return label + (f":{self.tree_budget}" if self.tree_budget else "")
 
     @classmethod
@@ -241,12 +256,14 @@ class SpecConfig:
 
     @classmethod
     def parse(cls, text: str, **kwargs) -> "SpecConfig":
-        """"WxL", "WxL+K", "WxL+KxL'" (lookup beams of L' tokens), any with ":budget" (e.g. "1x5+2:9",
-        "2x4+1x8:11"); kwargs set the other fields."""
-        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+)(?:x(\d+))?)?(?::(\d+))?", text.strip())
+        """"WxL", "WxL+K", "WxL+KxL'" (lookup beams of L' tokens), then optionally "+DxL''ds" (datastore
+        beams of L'' tokens), any with ":budget" (e.g. "1x5+2:9", "2x4+1x8:11", "4x3+1x8+1x8ds:9");
+        kwargs set the other fields."""
+        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+)(?:x(\d+))?)?(?:\+(\d+)x(\d+)ds)?(?::(\d+))?", text.strip())
         if m is None:
-            raise ValueError(f"bad speculative setting {text!r}: expected WxL, WxL+K, WxL+KxL' or any with "
-                             f":budget, e.g. 4x4, 1x5+2, 2x4+1x8, 0x5+4:12")
-        w, length, k, lookup_length, budget = m.groups()
+            raise ValueError(f"bad speculative setting {text!r}: expected WxL, WxL+K, WxL+KxL', any followed by "
+                             f"+DxL''ds and any with :budget, e.g. 4x4, 1x5+2, 2x4+1x8, 0x5+4:12, 4x3+1x8+1x8ds:9")
+        w, length, k, lookup_length, d, datastore_length, budget = m.groups()
+        more = dict(datastore_beams=int(d), datastore_length=int(datastore_length)) if d else {}
         return cls(int(w), int(length), int(budget) if budget else None, lookup_beams=int(k or 0),
-                   lookup_length=int(lookup_length) if lookup_length else None, **kwargs)
+                   lookup_length=int(lookup_length) if lookup_length else None, **more, **kwargs)

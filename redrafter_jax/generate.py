@@ -22,10 +22,11 @@ from flax import struct
 from jax.sharding import Mesh
 
 from redrafter_jax import cache as kv
-from redrafter_jax import continuous, lookup, rows_matmul, sharding
+from redrafter_jax import continuous, datastore, lookup, rows_matmul, sharding
 from redrafter_jax.acceptance import Accepted, accept_longest_prefix, apple_accept
 from redrafter_jax.beam_search import Draft, Proposer
 from redrafter_jax.config import ModelConfig, SamplingConfig, SpecConfig
+from redrafter_jax.datastore import Datastore
 from redrafter_jax.decode import (
     Emitted,
     GenerateOutput,
@@ -141,17 +142,21 @@ def _take_rows(x: jax.Array, idx: jax.Array, axis: int) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
 
 
-def propose(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array, s: SpecState,
-            spec: SpecConfig, with_log_probs: bool) -> Draft:
-    """The drafter's W beams and the K context-lookup beams: [B, W + K, spec.depth]."""
+def propose(params: Params, drafter: Proposer | None, store: Datastore | None, prompts: jax.Array,
+            prompt_lengths: jax.Array, s: SpecState, spec: SpecConfig, with_log_probs: bool) -> Draft:
+    """The drafter's W beams, the K context-lookup beams and the D datastore beams: [B, W + K + D, spec.depth]."""
     drafts = []
     if spec.beam_width:
         drafts.append(drafter.draft(params, s.context, s.init_token, s.cache.lengths, spec.beam_width,
                                     spec.beam_length, with_log_probs=with_log_probs))
-    if spec.lookup_beams:
+    if spec.lookup_beams or spec.datastore_beams:
         hist = lookup.history(prompts, prompt_lengths, s.out.tokens)
-        drafts.append(lookup.lookup_draft(hist, prompt_lengths + s.out.lengths - 1, spec.lookup_beams,
-                                          spec.lookup_len, spec.lookup_min_ngram, spec.lookup_max_ngram))
+        end = prompt_lengths + s.out.lengths - 1
+    if spec.lookup_beams:
+        drafts.append(lookup.lookup_draft(hist, end, spec.lookup_beams, spec.lookup_len, spec.lookup_min_ngram,
+                                          spec.lookup_max_ngram))
+    if spec.datastore_beams:
+        drafts.append(datastore.draft(store, hist, end, spec.datastore_beams, spec.datastore_length))
     return lookup.combine(drafts)
 
 
@@ -199,14 +204,16 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
         row_steps=s.row_steps + active)
 
 
-def speculative_step(params: Params, drafter: Proposer | None, prompts: jax.Array, prompt_lengths: jax.Array,
-                     s: SpecState, *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig,
-                     stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
+def speculative_step(params: Params, drafter: Proposer | None, store: Datastore | None,
+                     prompts: jax.Array, prompt_lengths: jax.Array, s: SpecState, *, cfg: ModelConfig,
+                     sampling: SamplingConfig, spec: SpecConfig, stream: StreamTo | None,
+                     mesh: Mesh | None = None) -> SpecState:
     """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
     it (plus the target's own next token) to each row's cache and output."""
     key, sub = jax.random.split(s.key)
     with jax.named_scope("propose"):
-        draft = propose(params, drafter, prompts, prompt_lengths, s, spec, with_log_probs=_apple_rule(spec, sampling))
+        draft = propose(params, drafter, store, prompts, prompt_lengths, s, spec,
+                        with_log_probs=_apple_rule(spec, sampling))
     with jax.named_scope("pack"):
         tree = pack_tree(draft.beams, draft.scores, spec.budget, cfg.pad_token_id)
     with jax.named_scope("verify"):
@@ -229,13 +236,13 @@ def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Ar
                      row_steps=jnp.zeros((prompts.shape[0],), jnp.int32))
 
 
-def _speculative(params, loop_params, drafter, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
+def _speculative(params, loop_params, drafter, store, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
                  stream: StreamTo | None, mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
     b = batch_size or prompts.shape[0]
     init = start_speculative(params, prompts[:b], prompt_lengths[:b], limits[:b], key, cfg=cfg, sampling=sampling,
                              spec=spec, max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
-    step = functools.partial(speculative_step, loop_params, drafter, cfg=cfg, sampling=sampling, spec=spec,
+    step = functools.partial(speculative_step, loop_params, drafter, store, cfg=cfg, sampling=sampling, spec=spec,
                              stream=stream, mesh=mesh)
     s, (out, accepted) = _run(step, init, params, prompts, prompt_lengths, limits, cfg=cfg, sampling=sampling,
                               max_new_tokens=max_new_tokens, write_len=spec.budget, stream=stream, pending=spec.depth,
@@ -351,10 +358,10 @@ def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
     return pack_params(widened, dtype, pairs)
 
 
-def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None, block: jax.Array,
-                   lengths: jax.Array, limits: jax.Array):
-    """Puts the target tensor-parallel, the drafter replicated and the rows split over the mesh's data
-    axis, after padding the batch with one-token rows (limit 1) to a multiple of that axis."""
+def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None,
+                   store: Datastore | None, block: jax.Array, lengths: jax.Array, limits: jax.Array):
+    """Puts the target tensor-parallel, the drafter and the datastore replicated and the rows split over
+    the mesh's data axis, after padding the batch with one-token rows (limit 1) to a multiple of that axis."""
     b, rows = block.shape[0], round_up(block.shape[0], sharding.axis_size(mesh, sharding.DATA))
     batch = jax.sharding.NamedSharding(mesh, sharding.BATCH)
 
@@ -362,29 +369,30 @@ def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Propos
         return jax.device_put(np.concatenate([np.asarray(x), np.full((rows - b, *x.shape[1:]), fill, x.dtype)]), batch)
 
     block, lengths, limits = padded(block, cfg.pad_token_id), padded(lengths, 1), padded(limits, 1)
-    return (sharding.shard_params(params, cfg, mesh), None if drafter is None else sharding.replicate(drafter, mesh),
-            block, lengths, limits)
+    replicated = lambda x: None if x is None else sharding.replicate(x, mesh)  # noqa: E731
+    return sharding.shard_params(params, cfg, mesh), replicated(drafter), replicated(store), block, lengths, limits
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
              key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
-             stream: StreamFn | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None,
-             batch_size: int | None = None) -> GenerateOutput:
+             datastore: Datastore | None = None, stream: StreamFn | None = None, prompt_bucket: int = 32,
+             mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
     `drafter` (a `Drafter`, or another `Proposer`) or a `spec`, decoding is speculative
     with the beam/tree shape `spec` (default `SpecConfig.default` for the rows each device decodes: the
     tree measured best on a CPU, smaller the larger the batch); `spec.beam_width == 0` with lookup beams
-    needs no drafter. Greedy output is then identical to autoregressive greedy output, and sampled
-    output follows exactly the autoregressive sampling distribution. `key` is required when
-    sampling. `stream`, if given, receives each step's tokens on the host as stream(tokens [B, M],
-    counts [B]) (row b's new tokens are tokens[b, :counts[b]]), with a `batch_size` as stream(tokens,
-    counts, prompts) (the prompt each row decodes, its index in `prompts`; the rows of a step, or the
-    one row a waiting prompt was just prefilled into, with its first token), and generate returns
-    once decoding has finished; any callback shares the compiled program. Prompts are padded to a multiple
-    of `prompt_bucket` tokens: every prompt length up to it shares one compiled program.
+    needs no drafter; `spec.datastore_beams` need a `datastore` (`datastore.load`). Greedy output is
+    then identical to autoregressive greedy output, and sampled output follows exactly the
+    autoregressive sampling distribution. `key` is required when sampling. `stream`, if given,
+    receives each step's tokens on the host as stream(tokens [B, M], counts [B]) (row b's new tokens
+    are tokens[b, :counts[b]]), with a `batch_size` as stream(tokens, counts, prompts) (the prompt each
+    row decodes, its index in `prompts`; the rows of a step, or the one row a waiting prompt was just
+    prefilled into, with its first token), and generate returns once decoding has finished; any
+    callback shares the compiled program. Prompts are padded to a multiple of `prompt_bucket` tokens:
+    every prompt length up to it shares one compiled program.
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
     are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
@@ -394,7 +402,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     outputs are as without it. Not with a mesh's "data" axis.
     """
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
-                           drafter=drafter, spec=spec, prompt_bucket=prompt_bucket, mesh=mesh, batch_size=batch_size)
+                           drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket, mesh=mesh,
+                           batch_size=batch_size)
     with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
         out = loop(stream=to)
         if to is not None:
@@ -412,10 +421,13 @@ def lower(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], **
 def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
                  key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
-                 prompt_bucket: int = 32, mesh: Mesh | None = None, batch_size: int | None = None):
+                 datastore: Datastore | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None,
+                 batch_size: int | None = None):
     """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
     jitted decode loop, and the number of rows asked for)."""
-    _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig))
+    _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig),
+                 datastore=(datastore, Datastore))
+    store = datastore
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
     if batch_size is not None and not is_count(batch_size):
@@ -448,15 +460,22 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
             raise ValueError("a drafter was given with beam_width 0, which would not use it")
         if drafter is not None:
             drafter.check(cfg, spec)
+    if bool(speculative and spec.datastore_beams) != (store is not None):
+        raise ValueError("datastore beams need a datastore (datastore.load(path)), and a datastore needs a spec "
+                         f"with datastore_beams > 0; got datastore_beams={spec.datastore_beams if spec else None} "
+                         f"and {'a' if store is not None else 'no'} datastore")
+    if store is not None:
+        store.check(spec.datastore_length)
     b = block.shape[0]
     if mesh is not None:
-        params, drafter, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, block, lengths, limits)
+        params, drafter, store, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, store, block,
+                                                                        lengths, limits)
     drafter = decoding_drafter(drafter, mesh, cfg.dtype)
     params, loop_params, cfg = decoding_params(params, cfg, mesh)
 
     def loop(stream: StreamTo | None, lowered: bool = False):
         if speculative:
-            fn, args, kw = _speculative_jit, (drafter,), dict(spec=spec)
+            fn, args, kw = _speculative_jit, (drafter, store), dict(spec=spec)
         else:
             fn, args, kw = _autoregressive_jit, (), {}
         return _call(fn.lower if lowered else fn, cfg, params, loop_params, *args, block, lengths, limits, key,

@@ -4,7 +4,7 @@ two_processes.py), so that test_sharding.py can compute their one-device referen
 import jax
 import numpy as np
 
-from redrafter_jax import sharding
+from redrafter_jax import datastore, sharding
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from tests.test_train import TC, toy_sequences
@@ -17,12 +17,23 @@ from train.train import TrainConfig, init_state, local_batch, make_steps, split_
 CFG, PARAMS = tiny_model(num_heads=16, num_kv_heads=8, num_layers=1)
 DRAFTER_CFG = DrafterConfig(hidden_size=CFG.hidden_size, vocab_size=CFG.vocab_size)
 PROMPTS = [np.random.default_rng(0).integers(2, CFG.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
-SPEC = SpecConfig(2, 3, lookup_beams=1)
+SPEC = SpecConfig(2, 3, lookup_beams=1, datastore_beams=1, datastore_length=4)
 TRAIN = TrainConfig(steps=10, **TC)
 
 
 def drafter() -> Drafter:
     return Drafter(init_drafter(DRAFTER_CFG, jax.random.PRNGKey(1)), DRAFTER_CFG)
+
+
+def store() -> datastore.Datastore:
+    """A datastore of random replies: every proposer of SPEC runs on the mesh."""
+    replies = np.random.default_rng(1).integers(2, CFG.vocab_size, (8, 40))
+    return datastore.build([(r, np.ones(len(r))) for r in replies], [], max_ngram=3, length=3)
+
+
+def proposers() -> dict:
+    """generate()'s keywords for speculative decoding with SPEC."""
+    return dict(drafter=drafter(), spec=SPEC, datastore=store())
 
 
 def train_steps(mesh):

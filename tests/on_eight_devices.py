@@ -17,7 +17,7 @@ from redrafter_jax import sharding
 from redrafter_jax.config import SamplingConfig
 from redrafter_jax.decode import prepare_prompts
 from redrafter_jax.loaders.hf import load_hf
-from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, train_steps
+from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, proposers, store, train_steps
 from tests.test_loaders import hf_tensors, write_checkpoint
 from tests.test_speculative import _primitives, rows
 from tests.tiny import tiny_model
@@ -33,9 +33,9 @@ STREAMED = ("greedy/1", "continuous/4")  # the batch padded for the 8x1 mesh; ro
 def generation() -> dict:
     """Outputs on each mesh against one device: greedy at batch 1 and 4 (prompts of different lengths),
     sampled with the same key at batch 4, greedy with 4 prompts in 2 rows; autoregressive and
-    speculative (drafter + lookup beams). The `STREAMED` cases stream too: each prompt's tokens are its
-    output."""
-    spec = dict(drafter=drafter(), spec=SPEC)
+    speculative (drafter, lookup and datastore beams). The `STREAMED` cases stream too: each prompt's
+    tokens are its output."""
+    spec = proposers()
     hot = dict(sampling=SamplingConfig(temperature=1.0), key=jax.random.PRNGKey(3))
     cases = {"greedy/1": (1, {}), "greedy/4": (4, {}), "sampled/4": (4, hot), "continuous/4": (4, {"batch_size": 2})}
     found = {}
@@ -64,7 +64,7 @@ def compiled_loop() -> dict:
     """The speculative loop on a 2x4 mesh: its while loops, host transfers and collectives."""
     mesh = sharding.parse_mesh("2x4")
     block, lengths, limits = prepare_prompts(CFG, PROMPTS[:2], 8)
-    args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), block, lengths, limits)
+    args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), store(), block, lengths, limits)
     args = (args[0], *args)  # the decode loop's params: the same, as no CPU kernel runs on a mesh
     kw = dict(cfg=CFG, sampling=SamplingConfig(), spec=SPEC, max_new_tokens=8,
               stream=None, mesh=mesh)

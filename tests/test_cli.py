@@ -2,10 +2,12 @@
 
 import argparse
 
+import numpy as np
 import pytest
 
 from infer.generate import main
-from redrafter_jax.cli import add_spec_args, load_drafter_arg
+from redrafter_jax import datastore
+from redrafter_jax.cli import add_spec_args, load_proposers
 from redrafter_jax.generate import generate
 
 
@@ -33,23 +35,31 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
     assert replies[1] == tok.decode(ref.tokens[0, :ref.lengths[0]])
 
 
-def test_beam_options_default_to_the_measured_best_setting(smollm):
+def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
     """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots, greedy or sampling; any beam option given
     switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree); --spec gives the
-    whole tree in the benchmarks' notation."""
+    whole tree in the benchmarks' notation; --datastore adds a datastore beam of 8 (unless --spec)."""
     p = argparse.ArgumentParser()
     add_spec_args(p)
+    tokens = np.random.default_rng(0).integers(0, smollm.config.vocab_size, size=(4, 50))
+    ds = str(tmp_path / "ds.npz")
+    datastore.save(datastore.build([(t, np.ones(50)) for t in tokens], [(tokens[0], np.ones(50))]), ds)
     for argv, label, budget in [(["--drafter"], "4x3+1x8:7", 7), (["--drafter", "--beam-length", "5"], "2x5+1", 13),
                                 (["--drafter", "--tree-budget", "5"], "2x4+1:5", 5), (["--lookup-beams", "2"], "0x4+2", 7),
                                 (["--drafter", "--lookup-length", "8"], "2x4+1x8", 14),
                                 (["--drafter", "--spec", "4x3+1x16:12"], "4x3+1x16:12", 12),
-                                (["--spec", "0x8+1"], "0x8+1", 8)]:
-        drafter, spec = load_drafter_arg(p.parse_args(argv), smollm)
+                                (["--spec", "0x8+1"], "0x8+1", 8),
+                                (["--drafter", "--datastore", ds], "4x3+1x8+1x8ds:7", 7),
+                                (["--datastore", ds], "0x8+1+1x8ds:7", 7),
+                                (["--lookup-beams", "2", "--datastore", ds], "0x4+2+1x8ds", 14),
+                                (["--spec", "0x8+1+2x5ds", "--datastore", ds], "0x8+1+2x5ds", 16)]:
+        drafter, spec, store = load_proposers(p.parse_args(argv), smollm)
         assert (spec.describe(), spec.budget) == (label, budget), argv
         assert (drafter is None) == ("--drafter" not in argv)
+        assert (store is None) == ("--datastore" not in argv)
     with pytest.raises(ValueError, match="beam_length must be >= 2"):
-        load_drafter_arg(p.parse_args(["--drafter", "--beam-length", "0"]), smollm)
+        load_proposers(p.parse_args(["--drafter", "--beam-length", "0"]), smollm)
     with pytest.raises(ValueError, match="--spec gives the whole tree"):
-        load_drafter_arg(p.parse_args(["--drafter", "--spec", "4x3", "--tree-budget", "5"]), smollm)
+        load_proposers(p.parse_args(["--drafter", "--spec", "4x3", "--tree-budget", "5"]), smollm)
     with pytest.raises(ValueError, match="bad speculative setting '4x'"):
-        load_drafter_arg(p.parse_args(["--drafter", "--spec", "4x"]), smollm)
+        load_proposers(p.parse_args(["--drafter", "--spec", "4x"]), smollm)

@@ -124,7 +124,7 @@ def test_float32_models_decode_with_float32_matrix_products(dtype, expected):
     common = dict(sampling=SamplingConfig(), max_new_tokens=4, stream=None)
     with jax.default_matmul_precision("default"):  # the tests' global "highest" must not decide it
         texts = [gen._call(gen._autoregressive_jit.lower, cfg, params, params, block, lengths, limits, key, **common),
-                 gen._call(gen._speculative_jit.lower, cfg, params, params, drafter, block, lengths, limits, key,
+                 gen._call(gen._speculative_jit.lower, cfg, params, params, drafter, None, block, lengths, limits, key,
                            spec=SpecConfig(2, 3, lookup_beams=1), **common)]
     for text in (t.as_text() for t in texts):
         precisions = re.findall(r"stablehlo.dot_general .*?precision = \[(\w+), (\w+)\]", text)

@@ -19,6 +19,7 @@ from infer.mtbench import (
     second_turn_prompts,
 )
 from infer.report import BENCHMARKS_MD
+from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, save_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig
@@ -84,7 +85,7 @@ def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(t
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 2 | ")]
     assert [tuple(r[1:5]) for r in rows] == [
         (d, "2x3", "0", "4") for d in (DEFAULT_DRAFTER, other)] + [
-        ("none (lookup only)", "0x4", "2", "7")]
+        ("none", "0x4", "2", "7")]
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
     assert all(0.5 <= float(r[6]) <= 1 for r in rows), rows  # rows busy: each of 2 rows decodes to its own end
     assert (report.parent / "small.png").exists()
@@ -101,11 +102,35 @@ def test_sampled_run_has_its_own_reference_per_temperature(tmp_path, smollm_path
     assert "sampling at temperature 0 (greedy), 0.8" in text
     rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
             if line.startswith(("| 0 |", "| 0.8 |"))]
-    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("0", "none (lookup only)", "0x4", "2"),
-                                                       ("0.8", "none (lookup only)", "0x4", "2")]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("0", "none", "0x4", "2"),
+                                                       ("0.8", "none", "0x4", "2")]
     assert rows[0][-1] == "2/2" and rows[1][-1] == "sampled"
     for r in rows:  # tokens/step at least the bonus token, and a rate and speedup measured
         assert float(r[5]) >= 1 and float(r[6]) > 0 and float(r[7]) > 0 and float(r[8]) > 0
+
+
+def test_datastore_run_has_its_column_and_needs_its_file(tmp_path, smollm, smollm_path, monkeypatch, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    questions = ["Count from one to ten.", "Name three primary colors."]
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    chats = [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    out = generate(smollm.params, smollm.config, chats, max_new_tokens=12)
+    seqs = [(np.r_[c, out.tokens[i, : out.lengths[i]]], np.r_[np.zeros(len(c)), np.ones(int(out.lengths[i]))])
+            for i, c in enumerate(chats)]  # the target's own replies: the datastore beams copy them
+    datastore.save(datastore.build(seqs, seqs), tmp_path / "ds.npz")
+    monkeypatch.chdir(tmp_path)
+    run = ["--gguf", smollm_path, "--prompts", str(prompts), "--max-new-tokens", "12", "--sweep", "0x8+1+1x8ds:7",
+           "--section", "datastore"]
+    main(run + ["--datastore", str(tmp_path / "ds.npz")])
+    text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
+    assert "| lookup beams | datastore beams | tree slots |" in text
+    assert f"last 2..6 tokens (longest match first) in the datastore {tmp_path / 'ds.npz'} (" in text
+    row = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
+           if line.startswith("| none |")][0]
+    assert row[1:5] == ["0x8", "1", "1x8", "7"] and float(row[5]) > 3 and row[-1] == "2/2", row
+    with pytest.raises(SystemExit):
+        main(run)
+    assert "settings with datastore beams (+DxL''ds) need --datastore" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["0", "4/4", "4/0", "8x2", "3/"])
@@ -141,7 +166,7 @@ def test_second_turn_run_reports_identical_outputs_and_needs_two_turns(tmp_path,
     assert "second turns, each after the target's own greedy reply to the first, up to 16 tokens" in text
     assert "| speedup | speedup after prefill | identical outputs |" in text
     rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
-            if line.startswith("| none (lookup only) |")]
+            if line.startswith("| none |")]
     assert len(rows) == 1 and rows[0][-1] == "2/2", rows
     prompts.write_text(prompts.read_text() + json.dumps({"prompt": "One turn only."}) + "\n")
     with pytest.raises(SystemExit):

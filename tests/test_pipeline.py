@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, load_drafter_config
 from train.pipeline import main, plan_steps, write_prompt_file
 
@@ -36,7 +37,9 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     assert log["distilled_prompts"] == {"train": 6, "eval": 2, "train_available": 7}
     assert 1 <= log["plan"]["steps"] <= 3 and log["plan"]["seconds_per_step"] > 0
     assert len(log["held_out"]["accuracy"]) == 4
-    assert log["tokens_per_step"]["1x3+1"] >= 1
+    assert log["tokens_per_step"]["1x3+1"] >= 1 and log["tokens_per_step"]["1x3+1+1x8ds"] >= 1
+    store = datastore.load(out / "datastore.npz", smollm.config.vocab_size)  # of the distilled replies
+    assert store.keys.shape[0] == log["datastore_ngrams"] > 0
     assert set(log["stage_seconds"]) == {"load", "distill", "train", "evaluate"}
     drafter = load_drafter(str(out / "drafter"), smollm.config)
     assert drafter.config.draft_vocab_size == 64

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from redrafter_jax import datastore
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
@@ -72,9 +73,10 @@ def goodness_of_fit(counts, expected_p):
     return stats.chisquare(obs[keep], exp[keep]).pvalue
 
 
-def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3, batch_size=None):
+def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3, batch_size=None, store=None):
     out = generate(params, cfg, [PROMPT] * N_SAMPLES, max_new_tokens=k, sampling=sampling,
-                   key=jax.random.PRNGKey(seed), drafter=drafter, spec=spec, batch_size=batch_size)
+                   key=jax.random.PRNGKey(seed), drafter=drafter, spec=spec, batch_size=batch_size,
+                   datastore=store)
     toks = np.asarray(out.tokens)
     assert (np.asarray(out.lengths) == k).all()
     return np.bincount(np.ravel_multi_index(toks.T, (V,) * k), minlength=V ** k), out
@@ -86,19 +88,32 @@ SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), Samp
 # Each drafter kind at two samplings and each sampling with two kinds (the full 4 x 4 grid adds ~80 s).
 PAIRS = [("random", SAMPLINGS[0]), ("random", SAMPLINGS[3]), ("adversarial", SAMPLINGS[1]),
          ("adversarial", SAMPLINGS[2]), ("lookup", SAMPLINGS[2]), ("lookup", SAMPLINGS[3]),
-         ("random+lookup", SAMPLINGS[0]), ("random+long lookup in 6 slots", SAMPLINGS[1])]
+         ("random+lookup", SAMPLINGS[0]), ("random+long lookup in 6 slots", SAMPLINGS[1]),
+         ("datastore", SAMPLINGS[1]), ("random+lookup+datastore in 6 slots", SAMPLINGS[3])]
+
+
+@pytest.fixture(scope="module")
+def target_datastore(target):
+    """A datastore of 300 of the target's own sampled replies to PROMPT (its continuations: the commonest)."""
+    cfg, params = target
+    out = generate(params, cfg, [PROMPT] * 300, max_new_tokens=6, sampling=SamplingConfig(1.0),
+                   key=jax.random.PRNGKey(11))
+    seqs = [(np.r_[PROMPT, row], np.r_[np.zeros(len(PROMPT)), np.ones(len(row))]) for row in np.asarray(out.tokens)]
+    return datastore.build(seqs, seqs[:50], min_ngram=1, max_ngram=3, length=4)
 
 
 @pytest.mark.parametrize("which,sampling", PAIRS, ids=[f"{w}-T{s.temperature}-p{s.top_p}" for w, s in PAIRS])
-def test_tree_walk_preserves_target_distribution(target, sampling, which):
+def test_tree_walk_preserves_target_distribution(target, target_datastore, sampling, which):
     cfg, params = target
-    kind = which.split("+")[0]  # the drafter: "random", "adversarial" or none ("lookup" alone)
-    drafter = None if kind == "lookup" else adversarial_drafter(cfg, params) if kind == "adversarial" else \
-        random_drafter(cfg)
+    kind = which.split("+")[0]  # the drafter: "random", "adversarial" or none ("lookup", "datastore")
+    drafter = None if kind in ("lookup", "datastore") else adversarial_drafter(cfg, params) \
+        if kind == "adversarial" else random_drafter(cfg)
     # lookup beams deeper than the drafter's, and a tree of the 6 best-scored of their 15 nodes
     spec = SpecConfig(0 if drafter is None else 3, 3, lookup_beams=2 if "lookup" in which else 0,
-                      lookup_length=5 if "long" in which else None, tree_budget=6 if "slots" in which else None)
-    counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec)
+                      lookup_length=5 if "long" in which else None, tree_budget=6 if "slots" in which else None,
+                      datastore_beams=2 if "datastore" in which else 0, datastore_length=5)
+    store = target_datastore if spec.datastore_beams else None
+    counts, out = sample_first_tokens(cfg, params, drafter, sampling, spec, store=store)
     p = exact_joint(cfg, params, sampling)
     assert goodness_of_fit(counts, p) > ALPHA
     if which != "adversarial":  # the test is not vacuous: drafts really were accepted (thousands of times)

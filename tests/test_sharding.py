@@ -15,7 +15,7 @@ import pytest
 from redrafter_jax import generate as gen
 from redrafter_jax import sharding
 from redrafter_jax.model import param_shapes
-from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, TRAIN, drafter, train_steps
+from tests.mesh_cases import CFG, PARAMS, PROMPTS, TRAIN, proposers, train_steps
 from tests.test_speculative import rows
 from tests.tiny import tiny_model
 
@@ -92,7 +92,7 @@ def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
     found = [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
 
     want = {"autoregressive": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16)),
-            "speculative": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16, drafter=drafter(), spec=SPEC))}
+            "speculative": rows(gen.generate(PARAMS, CFG, PROMPTS, max_new_tokens=16, **proposers()))}
     params, loss = train_steps(sharding.make_mesh(1, 1, jax.devices()[:1]))
     for f in found:
         assert f["autoregressive"] == want["autoregressive"] and f["speculative"] == want["speculative"]

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from redrafter_jax import datastore, rows_matmul
 from redrafter_jax import generate as gen
-from redrafter_jax import rows_matmul
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
@@ -102,11 +102,12 @@ def _primitives(jaxpr, out):
 def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, chat_prompts, random_drafter):
     cfg = smollm.config
     block, lengths, limits = prepare_prompts(cfg, chat_prompts, 8)
-    spec = SpecConfig(4, 4, lookup_beams=2)
+    spec = SpecConfig(4, 4, lookup_beams=2, datastore_beams=1)  # every proposer inside the one loop
+    store = datastore.build([(np.array(p), np.ones(len(p))) for p in chat_prompts], [])
     fn = jax.jit(gen._speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens"))
     kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
-    args = (smollm.params, gen.decoding_params(smollm.params, cfg).loop, random_drafter, block, lengths, limits,
-            jax.random.PRNGKey(0))
+    args = (smollm.params, gen.decoding_params(smollm.params, cfg).loop, random_drafter, store, block, lengths,
+            limits, jax.random.PRNGKey(0))
     prims = _primitives(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args).jaxpr, [])
     assert prims.count("while") == 1
     assert not [p for p in prims if "callback" in p]
@@ -135,6 +136,18 @@ def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, gre
         assert rows(out) == greedy_reference
         acc = np.asarray(out.accepted)
         assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0
+
+
+def test_datastore_beams_are_exact_and_accepted(smollm, chat_prompts, greedy_reference):
+    """A datastore of the target's own replies to three of the prompts: its beams copy those replies (many
+    tokens a step) and change nothing in any output, the fourth prompt's included."""
+    seqs = [(np.array(p + r), np.r_[np.zeros(len(p)), np.ones(len(r))]) for p, r in zip(chat_prompts, greedy_reference)]
+    store = datastore.build(seqs[1:], seqs[:1])
+    out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW,
+                       spec=SpecConfig.parse("0x8+1+1x8ds:7"), datastore=store)
+    assert rows(out) == greedy_reference
+    acc = np.asarray(out.accepted)[1:]
+    assert acc[acc >= 0].mean() > 2
 
 
 def test_continuous_batching_decodes_every_prompt_as_alone(smollm, chat_prompts, greedy_reference):

@@ -15,14 +15,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from redrafter_jax.generate import generate  # noqa: E402
-from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, TRAIN, drafter, train_steps  # noqa: E402
+from tests.mesh_cases import CFG, PARAMS, PROMPTS, TRAIN, proposers, train_steps  # noqa: E402
 
 
 def main() -> dict:
     assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = sharding.make_mesh(2, 4)
     found = {}
-    for name, kw in (("autoregressive", {}), ("speculative", dict(drafter=drafter(), spec=SPEC))):
+    for name, kw in (("autoregressive", {}), ("speculative", proposers())):
         out = generate(PARAMS, CFG, PROMPTS, max_new_tokens=16, mesh=mesh, **kw)
         found[name] = [np.asarray(out.tokens[b, :out.lengths[b]]).tolist() for b in range(len(PROMPTS))]
     params, loss = train_steps(mesh)

@@ -10,8 +10,10 @@
    or --distill-share of the budget is spent. Held-out prompts first.
 3. Train on every distilled reply with a learning-rate schedule fitted to the time left: a few steps
    are timed first, then the number of steps is set so that warm-up and cosine decay end on time.
+   The distilled replies also make a datastore (`train.datastore`, seconds): <out>/datastore.npz.
 4. Evaluate: held-out top-1 accuracy per head, and tokens per step of speculative decoding on
-   held-out prompts (--eval-spec). The drafter goes to <out>/drafter, the log to <out>/pipeline.json.
+   held-out prompts (--eval-spec, and with a datastore beam of 8 added). The drafter goes to
+   <out>/drafter, the log to <out>/pipeline.json.
    With --keep-best (early stopping) the drafter kept is that of the best of ten held-out
    evaluations along the way; --dropout and --weight-decay regularise.
 
@@ -22,6 +24,7 @@ checkpoint with the plan recorded in pipeline.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,6 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter_config
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SpecConfig
@@ -114,12 +118,13 @@ def plan_steps(seconds_left: float, first_step: float, per_step: float, max_step
     return max(1, min(steps, max_steps or steps))
 
 
-def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, max_new_tokens: int) -> float:
+def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, max_new_tokens: int,
+                    store: datastore.Datastore | None = None) -> float:
     """Mean tokens per speculative step (the bonus token included) over the prompts, decoded one by one."""
     accepted = []
     for p in prompts:
         out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new_tokens,
-                                      drafter=drafter, spec=spec, mesh=model.mesh))
+                                      drafter=drafter, spec=spec, datastore=store, mesh=model.mesh))
         accepted.append(out.accepted[0][out.accepted[0] >= 0])
     return 1 + float(np.concatenate(accepted).mean())
 
@@ -188,6 +193,9 @@ def main(argv=None) -> None:
     log["distilled_prompts"] = {"train": len(train_seqs), "eval": len(eval_seqs),
                                 "train_available": len(prompts["train"])}
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out replies", file=sys.stderr)
+    store = datastore.build(zip(train_seqs.tokens, train_seqs.masks), zip(eval_seqs.tokens, eval_seqs.masks))
+    datastore.save(store, os.path.join(args.out, "datastore.npz"))
+    log["datastore_ngrams"] = int(store.keys.shape[0])
 
     # 3. Training, its length fitted to the time left (a resumed run keeps its recorded plan).
     if "plan" in log and os.path.isdir(os.path.join(args.out, "checkpoints")):
@@ -218,8 +226,10 @@ def main(argv=None) -> None:
     log["held_out"] = next(r for r in reversed(held) if r["split"] == "eval" and r["step"] == kept)
     eval_prompts = prompts["eval"][: args.eval_prompts]
     if eval_prompts:
-        log["tokens_per_step"] = {eval_spec.describe(): tokens_per_step(
-            model, drafter if eval_spec.beam_width else None, eval_prompts, eval_spec, args.eval_new_tokens)}
+        stored = dataclasses.replace(eval_spec, datastore_beams=1, datastore_length=8)
+        log["tokens_per_step"] = {spec.describe(): tokens_per_step(
+            model, drafter if spec.beam_width else None, eval_prompts, spec, args.eval_new_tokens,
+            store if spec.datastore_beams else None) for spec in (eval_spec, stored)}
     stage["evaluate"] = time.time() - t_eval
     log["stage_seconds"] = stage
     log["total_seconds"] = time.time() - t0
