@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array,
-           drafter: Drafter | None, spec: SpecConfig | None, store: Datastore | None = None) -> list[int]:
+           drafter: Drafter | None, spec: SpecConfig | None, store: Datastore | None) -> list[int]:
     """Decodes and streams the reply to `ids`; when speculative, decodes it autoregressively too and reports
     the speedup. Returns the reply's tokens."""
 

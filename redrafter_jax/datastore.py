@@ -135,8 +135,8 @@ def build(train: Iterable[tuple[np.ndarray, np.ndarray]], held_out: Iterable[tup
     if not 1 <= min_ngram <= max_ngram:
         raise ValueError(f"datastore n-gram lengths must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram}, "
                          f"{max_ngram}")
-    if length < 1:
-        raise ValueError(f"continuation length must be >= 1, got {length}")
+    if length < 1 or min_count < 1:
+        raise ValueError(f"continuation length and min_count must be >= 1, got {length} and {min_count}")
     train, held_out = list(train), list(held_out)
     keys, conts, acceptance = [], [], []
     for n in tqdm(range(min_ngram, max_ngram + 1), desc="n-gram lengths", disable=not progress):

@@ -127,6 +127,8 @@ def test_saved_file_round_trips_and_bad_files_are_refused(tmp_path):
         datastore.load(tmp_path / "unsorted.npz")
     with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
         datastore.build(seqs, seqs, min_ngram=3, max_ngram=2)
+    with pytest.raises(ValueError, match="must be >= 1, got 7 and 0"):
+        datastore.build(seqs, seqs, min_count=0)
     with pytest.raises(ValueError, match="no 2..3-token n-gram before a reply token"):
         datastore.build([(t, np.zeros_like(m)) for t, m in seqs], seqs, min_ngram=2, max_ngram=3)
     twice = seqs + seqs[:5]  # the first five sequences' n-grams are followed by the same tokens twice
