@@ -108,7 +108,7 @@ def test_tree_walk_preserves_target_distribution(target, target_datastore, sampl
     kind = which.split("+")[0]  # the drafter: "random", "adversarial" or none ("lookup", "datastore")
     drafter = None if kind in ("lookup", "datastore") else adversarial_drafter(cfg, params) \
         if kind == "adversarial" else random_drafter(cfg)
-    # lookup beams deeper than the drafter's, and a tree of the 6 best-scored of their 15 nodes
+    # "long": lookup beams deeper than the drafter's; "slots": a tree of the 6 best-scored of their nodes
     spec = SpecConfig(0 if drafter is None else 3, 3, lookup_beams=2 if "lookup" in which else 0,
                       lookup_length=5 if "long" in which else None, tree_budget=6 if "slots" in which else None,
                       datastore_beams=2 if "datastore" in which else 0, datastore_length=5)
