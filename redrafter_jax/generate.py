@@ -427,7 +427,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     jitted decode loop, and the number of rows asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig),
                  datastore=(datastore, Datastore))
-    store = datastore
+    store = datastore  # (the argument shadows the module of that name here)
     block, lengths, limits = prepare_prompts(cfg, prompts, max_new_tokens, prompt_bucket)
     n = int(limits.max())
     if batch_size is not None and not is_count(batch_size):
