@@ -103,8 +103,7 @@ def load_proposers(args: argparse.Namespace, model: LoadedModel):
     if args.spec and options != (None,) * len(options):
         raise ValueError("--spec gives the whole tree: pass it or the beam options (--beam-width, --beam-length, "
                          "--lookup-beams, --lookup-length, --tree-budget), not both")
-    # a datastore adds a beam of 8 tokens (what measured best on MT-Bench on the CPU), unless --spec says otherwise
-    stored = dict(datastore_beams=1, datastore_length=min(8, store.length + 1)) if store and not args.spec else {}
+    stored = store.one_beam() if store and not args.spec else {}  # --spec says how many, if any
     if args.spec:
         spec = SpecConfig.parse(args.spec, **ngrams)
     elif (args.drafter or store) and options == (None,) * len(options):

@@ -85,26 +85,38 @@ def lookup_draft(hist: jax.Array, end: jax.Array, num_beams: int, length: int, m
     rank = jnp.where(found, n * t + e, -1)  # longest first, then most recent
     pool = min(t, 4 * num_beams)  # candidates examined for distinct continuations
     key, pos = jax.lax.top_k(rank, pool)  # [B, pool]
-    ok = key >= 0
     period = jnp.maximum(end[:, None] - pos, 1)[:, :, None]
     j = jnp.arange(length - 1)[None, None, :]
     cont_idx = pos[:, :, None] + 1 + j % period  # [B, pool, L-1]
     cont = jnp.take_along_axis(hist, cont_idx.reshape(b, -1), axis=1).reshape(cont_idx.shape)
-    same = jnp.all(cont[:, :, None] == cont[:, None, :], axis=-1)  # [B, pool, pool]
-    earlier_ok = ok[:, None, :] & jnp.tril(jnp.ones((pool, pool), bool), -1)[None]
+    return first_distinct(hist, end, cont, key >= 0, match_scores(key // t, length), num_beams)
+
+
+def first_distinct(hist: jax.Array, end: jax.Array, cont: jax.Array, ok: jax.Array, scores: jax.Array,
+                   num_beams: int) -> Draft:
+    """The first `num_beams` candidates, in rank order, whose continuations differ from every earlier
+    valid one's, as beams after the init token (shared by the lookup and datastore proposers).
+
+    hist [B, T], end [B]: the history and its newest token's index; cont [B, P, L-1]: candidate
+    continuations, best first; ok [B, P]: which exist; scores [B, P, L]: each candidate's prefix
+    log-probs (0 at the init token). Beams past the distinct candidates are scored -inf after the init token.
+    """
+    b, p = ok.shape
+    if num_beams > p:  # fewer candidates than beams: the rest propose nothing
+        cont, ok, scores = (jnp.pad(x, [(0, 0), (0, num_beams - p)] + [(0, 0)] * (x.ndim - 2))
+                            for x in (cont, ok, scores))
+        p = num_beams
+    same = jnp.all(cont[:, :, None] == cont[:, None, :], axis=-1)  # [B, P, P]
+    earlier_ok = ok[:, None, :] & jnp.tril(jnp.ones((p, p), bool), -1)[None]
     distinct = ok & ~jnp.any(same & earlier_ok, axis=-1)
-    order = jnp.argsort(jnp.where(distinct, 0, 1), axis=1, stable=True)[:, :num_beams]
+    order = jnp.argsort(~distinct, axis=1, stable=True)[:, :num_beams]
     cont = jnp.take_along_axis(cont, order[:, :, None], axis=1)
     valid = jnp.take_along_axis(distinct, order, axis=1)
-    n_match = jnp.take_along_axis(key // t, order, axis=1)
-    if num_beams > pool:  # a history shorter than the number of beams
-        cont = jnp.pad(cont, ((0, 0), (0, num_beams - pool), (0, 0)))
-        valid = jnp.pad(valid, ((0, 0), (0, num_beams - pool)))
-        n_match = jnp.pad(n_match, ((0, 0), (0, num_beams - pool)))
+    scores = jnp.take_along_axis(scores, order[:, :, None], axis=1)
     init = jnp.take_along_axis(hist, end[:, None], axis=1)
     beams = jnp.concatenate([jnp.broadcast_to(init[:, :, None], (b, num_beams, 1)), cont], axis=-1)
-    scores = jnp.where(valid[:, :, None] | (jnp.arange(length) == 0), match_scores(n_match, length), -jnp.inf)
-    return Draft(beams.astype(jnp.int32), scores)
+    scores = jnp.where(valid[:, :, None] | (jnp.arange(beams.shape[-1]) == 0), scores, -jnp.inf)
+    return Draft(beams.astype(jnp.int32), scores.astype(jnp.float32))
 
 
 def combine(drafts: list[Draft]) -> Draft:

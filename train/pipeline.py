@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     log["held_out"] = next(r for r in reversed(held) if r["split"] == "eval" and r["step"] == kept)
     eval_prompts = prompts["eval"][: args.eval_prompts]
     if eval_prompts:
-        stored = dataclasses.replace(eval_spec, datastore_beams=1, datastore_length=8)
+        stored = dataclasses.replace(eval_spec, **store.one_beam())
         log["tokens_per_step"] = {spec.describe(): tokens_per_step(
             model, drafter if spec.beam_width else None, eval_prompts, spec, args.eval_new_tokens,
             store if spec.datastore_beams else None) for spec in (eval_spec, stored)}
