@@ -148,6 +148,18 @@ def commit(cache: KVCache, num_new: jax.Array) -> KVCache:
     return cache.replace(lengths=cache.lengths + num_new)
 
 
+def reuse(cache: KVCache, old: KVCache, lengths: jax.Array) -> KVCache:
+    """The empty `cache` holding the first lengths[b] <= old.lengths[b] entries of each row of `old` (a
+    cache of the same layers, rows and heads with nothing pending, e.g. an earlier call's), whatever
+    their max_len: only the slots below min(max_len) are copied, and lengths must stay below it."""
+    m = min(old.max_len, cache.max_len)
+
+    def put(buf, prior):
+        return jax.lax.dynamic_update_slice_in_dim(buf, prior[:, :, :, :m].astype(buf.dtype), 0, axis=3)
+
+    return cache.replace(k=put(cache.k, old.k), v=put(cache.v, old.v), lengths=jnp.asarray(lengths, jnp.int32))
+
+
 def set_row(cache: KVCache, row: jax.Array, one: KVCache) -> KVCache:
     """The cache with its row `row` ([] int32) replaced by the only row of `one` (a cache of one row and
     the same max_len and pending size)."""

@@ -1,5 +1,6 @@
-"""Pieces shared by the autoregressive and speculative decode loops: prompt preparation, prefill,
-the output buffer with per-row EOS and limits, and streaming."""
+"""Pieces shared by the autoregressive and speculative decode loops: prompt preparation, prefill (or
+the rest of a prompt after an earlier call's cache), the output buffer with per-row EOS and limits, and
+streaming."""
 
 from __future__ import annotations
 
@@ -84,6 +85,74 @@ class GenerateOutput:
     num_steps: jax.Array  # [] int32 decode loop iterations (target forward passes after the prefill)
     # Speculative only: [B, max_new_tokens] drafted tokens accepted per row per step (-1: row was done)
     accepted: jax.Array | None = None
+    cache: PromptCache | None = None  # with generate(..., keep_cache=True)
+
+
+@struct.dataclass
+class PromptCache:
+    """The KV cache a `generate` call ended with and the tokens it holds, for a later call whose prompts
+    continue these rows' text (a chat's next turn, `generate(..., cache=...)`): each row's longest common
+    prefix with its new prompt is taken from it instead of being prefilled again."""
+
+    kv: kv.KVCache  # nothing pending; its rows include any that padded the batch for a mesh
+    tokens: jax.Array  # [B, T] int32 each row's prompt, then its output
+    lengths: jax.Array  # [B] int32 how many of them the cache holds (the last output token is not in it)
+
+    def reused(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """[B] how many tokens of each prompt a call given this cache takes from it: the longest common
+        prefix with the tokens it holds, but never the prompt's last token (whose logits choose the first
+        new token)."""
+        tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+        reused = []
+        for r, t, n in zip(map(np.asarray, prompts), tokens, lengths):
+            m = min(r.size - 1, int(n))
+            differ = np.flatnonzero(r[:m] != t[:m])
+            reused.append(int(differ[0]) if differ.size else m)
+        return np.asarray(reused, np.int32)
+
+
+def held(cache: kv.KVCache, prompts: jax.Array, prompt_lengths: jax.Array, out: Emitted) -> PromptCache:
+    """A finished decode loop's cache as a `PromptCache`: the cache holds each row's prompt [B, P], then
+    its output tokens in order, up to cache.lengths (a speculative step may have cached accepted tokens
+    after an EOS, which the output does not have: those entries are not counted)."""
+    n = out.tokens.shape[1]
+    j = jnp.arange(prompts.shape[1] + n)[None, :]
+    after = jnp.take_along_axis(out.tokens, jnp.clip(j - prompt_lengths[:, None], 0, n - 1), axis=1)
+    tokens = jnp.where(j < prompt_lengths[:, None], jnp.pad(prompts, ((0, 0), (0, n))), after)
+    return PromptCache(kv.flush(cache), tokens, jnp.minimum(cache.lengths, prompt_lengths + out.lengths))
+
+
+@struct.dataclass
+class Resume:
+    """A prefill that continues a `PromptCache`: row b keeps its first reused[b] entries and prefills the
+    rest of its prompt, suffix[b, :suffix_lengths[b]], at positions reused[b] onwards."""
+
+    kv: kv.KVCache
+    reused: jax.Array  # [B] int32
+    suffix: jax.Array  # [B, S] int32, right-padded
+    suffix_lengths: jax.Array  # [B] int32, each >= 1
+
+
+def continuing(cfg: ModelConfig, cache: PromptCache, prompts: Sequence[Sequence[int]], bucket: int) -> Resume:
+    """How `prompts` (validated: `prepare_prompts`) continue `cache` (`PromptCache.reused`); the rest of
+    each is padded to a multiple of `bucket`."""
+    if not isinstance(cache, PromptCache):
+        raise TypeError(f"cache must be the PromptCache of an earlier generate(..., keep_cache=True), got "
+                        f"{type(cache).__name__}")
+    if len(prompts) != cache.tokens.shape[0]:
+        raise ValueError(f"cache holds {cache.tokens.shape[0]} rows but {len(prompts)} prompts were given: row b "
+                         f"of the cache serves prompt b")
+    shape = cache.kv.k.shape
+    want, have = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), (shape[0], shape[2], shape[4])
+    if have != want:
+        raise ValueError(f"cache was made by another model: (layers, KV heads, head dim) {have}, this model's {want}")
+    rows, reused = [np.asarray(p) for p in prompts], cache.reused(prompts)
+    suffix = np.full((len(rows), round_up(max(r.size - u for r, u in zip(rows, reused)), bucket)), cfg.pad_token_id,
+                     np.int32)
+    for i, (r, u) in enumerate(zip(rows, reused)):
+        suffix[i, :r.size - u] = r[u:]
+    return Resume(cache.kv, jnp.asarray(reused, jnp.int32), jnp.asarray(suffix),
+                  jnp.asarray([r.size - u for r, u in zip(rows, reused)], jnp.int32))
 
 
 @struct.dataclass
@@ -125,13 +194,14 @@ def emit(out: Emitted, new: jax.Array, counts: jax.Array, eos_ids: tuple[int, ..
 
 def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Array,
             prompt_lengths: jax.Array):
-    """Runs right-padded prompts [B, P] through the model into an empty cache.
+    """Runs right-padded prompts [B, P] through the model into the cache, after each row's entries (none
+    in an empty cache; a prompt's start, when it continues an earlier call's: `Resume`).
 
-    Returns the cache (lengths = prompt_lengths), the hidden state [B, H] and logits [B, V] of each
-    row's last prompt token.
+    Returns the cache (lengths grown by prompt_lengths), the hidden state [B, H] and logits [B, V] of
+    each row's last prompt token.
     """
-    b, p = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    p = prompts.shape[1]
+    positions = cache.lengths[:, None] + jnp.arange(p, dtype=jnp.int32)[None, :]
     causal = jnp.tril(jnp.ones((p, p), bool))
     mask = kv.attention_mask(cache, positions, causal, cfg.sliding_window)
     hidden, cache, _, _ = transformer(params, cfg, prompts, positions, cache, mask)
@@ -153,18 +223,22 @@ class Started(NamedTuple):
 def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
           key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
           stream: StreamTo | None, mesh: Mesh | None, pending: int = 0, block: int | None = None,
-          first_prompt: jax.Array | int = 0) -> Started:
+          first_prompt: jax.Array | int = 0, resume: Resume | None = None) -> Started:
     """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
 
     write_len: slots one decode step writes (its forward's new tokens); pending: entries one decode
     step's `cache.write` records; block: the prompt block the cache is sized for (default the prompts',
     [B, P]; a longer one when prompts are prefilled into a cache made for longer ones); first_prompt:
-    the index of the first row's prompt among the call's (the rows' `Emitted.prompt`). The cache lives
+    the index of the first row's prompt among the call's (the rows' `Emitted.prompt`); resume: only the
+    rest of each prompt is prefilled, after what an earlier call's cache holds of it. The cache lives
     inside the compiled program: as a while-loop carry, XLA updates it in place. On a `mesh` it is split
     by row and KV head (`sharding.CACHE`), and the loop carry keeps that layout.
     """
     b = prompts.shape[0]
     cache = kv.init_cache(cfg, b, cache_len(block or prompts.shape[1], max_new_tokens, write_len), pending)
+    if resume is not None:
+        cache = kv.reuse(cache, resume.kv, resume.reused)
+        prompts, prompt_lengths = resume.suffix, resume.suffix_lengths
     cache = constrain_cache(cache, mesh)
     cache, hidden, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
     key, sub = jax.random.split(key)

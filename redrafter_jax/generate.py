@@ -30,10 +30,14 @@ from redrafter_jax.datastore import Datastore
 from redrafter_jax.decode import (
     Emitted,
     GenerateOutput,
+    PromptCache,
+    Resume,
     Started,
     StreamFn,
     StreamTo,
+    continuing,
     emit,
+    held,
     is_count,
     prepare_prompts,
     round_up,
@@ -101,18 +105,32 @@ def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfi
         return s, queue.outputs
 
 
+def _outputs(s, out: Emitted, accepted: jax.Array | None, prompts: jax.Array, prompt_lengths: jax.Array,
+             mesh: Mesh | None, keep_cache: bool) -> GenerateOutput:
+    """A decode loop's results, replicated on a mesh, and with keep_cache its final cache (as it lies)."""
+    o = sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step, accepted), mesh)
+    if not keep_cache:
+        return o
+    c = held(s.cache, prompts, prompt_lengths, s.out)
+    return o.replace(cache=c.replace(tokens=sharding.gathered(c.tokens, mesh), lengths=sharding.gathered(c.lengths,
+                                                                                                     mesh)))
+
+
 def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                     sampling: SamplingConfig, max_new_tokens: int, stream: StreamTo | None,
-                    mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
+                    mesh: Mesh | None = None, batch_size: int | None = None, resume: Resume | None = None,
+                    keep_cache: bool = False) -> GenerateOutput:
     """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params.
-    batch_size: decode that many prompts at a time (continuous batching), default all."""
+    batch_size: decode that many prompts at a time (continuous batching), default all. resume: prefill only
+    what an earlier call's cache does not hold; keep_cache: return the final cache (`PromptCache`)."""
     b = batch_size or prompts.shape[0]
-    p = start(params, cfg, prompts[:b], prompt_lengths[:b], limits[:b], key, sampling, max_new_tokens, 1, stream, mesh)
+    p = start(params, cfg, prompts[:b], prompt_lengths[:b], limits[:b], key, sampling, max_new_tokens, 1, stream, mesh,
+              resume=resume)
     step = functools.partial(autoregressive_step, loop_params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s, out = _run(lambda _, __, s: step(s), ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)), params, prompts,
                   prompt_lengths, limits, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, write_len=1,
                   stream=stream, mesh=mesh)
-    return sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step), mesh)
+    return _outputs(s, out, None, prompts, prompt_lengths, mesh, keep_cache)
 
 
 @struct.dataclass
@@ -226,11 +244,11 @@ def speculative_step(params: Params, drafter: Proposer | None, store: Datastore 
 
 def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array, key: jax.Array,
                       *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                      stream: StreamTo | None, mesh: Mesh | None = None) -> SpecState:
+                      stream: StreamTo | None, mesh: Mesh | None = None, resume: Resume | None = None) -> SpecState:
     """The speculative loop's state after the prefill: a cache with room for a tree's writes
     (spec.budget) and one step's accepted entries pending (spec.depth)."""
     p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
-              mesh, pending=spec.depth)
+              mesh, pending=spec.depth, resume=resume)
     return SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32),
                      row_steps=jnp.zeros((prompts.shape[0],), jnp.int32))
@@ -238,16 +256,17 @@ def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Ar
 
 def _speculative(params, loop_params, drafter, store, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                  sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                 stream: StreamTo | None, mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
+                 stream: StreamTo | None, mesh: Mesh | None = None, batch_size: int | None = None,
+                 resume: Resume | None = None, keep_cache: bool = False) -> GenerateOutput:
     b = batch_size or prompts.shape[0]
     init = start_speculative(params, prompts[:b], prompt_lengths[:b], limits[:b], key, cfg=cfg, sampling=sampling,
-                             spec=spec, max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
+                             spec=spec, max_new_tokens=max_new_tokens, stream=stream, mesh=mesh, resume=resume)
     step = functools.partial(speculative_step, loop_params, drafter, store, cfg=cfg, sampling=sampling, spec=spec,
                              stream=stream, mesh=mesh)
     s, (out, accepted) = _run(step, init, params, prompts, prompt_lengths, limits, cfg=cfg, sampling=sampling,
                               max_new_tokens=max_new_tokens, write_len=spec.budget, stream=stream, pending=spec.depth,
                               mesh=mesh)
-    return sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step, accepted), mesh)
+    return _outputs(s, out, accepted, prompts, prompt_lengths, mesh, keep_cache)
 
 
 def _check_types(**named) -> None:
@@ -277,9 +296,9 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
 
 # `stream` is a traced argument (a `StreamTo` or None): a new callback does not compile the loop again.
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh",
-                                                                "batch_size"))
+                                                                "batch_size", "keep_cache"))
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
-                                                          "batch_size"))
+                                                          "batch_size", "keep_cache"))
 
 
 class DecodingParams(NamedTuple):
@@ -359,9 +378,11 @@ def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None,
-                   store: Datastore | None, block: jax.Array, lengths: jax.Array, limits: jax.Array):
+                   store: Datastore | None, block: jax.Array, lengths: jax.Array, limits: jax.Array,
+                   resume: Resume | None):
     """Puts the target tensor-parallel, the drafter and the datastore replicated and the rows split over
-    the mesh's data axis, after padding the batch with one-token rows (limit 1) to a multiple of that axis."""
+    the mesh's data axis, after padding the batch with one-token rows (limit 1) to a multiple of that axis
+    (rows that reuse nothing of an earlier call's cache, which has them already)."""
     b, rows = block.shape[0], round_up(block.shape[0], sharding.axis_size(mesh, sharding.DATA))
     batch = jax.sharding.NamedSharding(mesh, sharding.BATCH)
 
@@ -369,15 +390,20 @@ def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Propos
         return jax.device_put(np.concatenate([np.asarray(x), np.full((rows - b, *x.shape[1:]), fill, x.dtype)]), batch)
 
     block, lengths, limits = padded(block, cfg.pad_token_id), padded(lengths, 1), padded(limits, 1)
+    if resume is not None:
+        resume = resume.replace(reused=padded(resume.reused, 0), suffix=padded(resume.suffix, cfg.pad_token_id),
+                                suffix_lengths=padded(resume.suffix_lengths, 1))
     replicated = lambda x: None if x is None else sharding.replicate(x, mesh)  # noqa: E731
-    return sharding.shard_params(params, cfg, mesh), replicated(drafter), replicated(store), block, lengths, limits
+    return (sharding.shard_params(params, cfg, mesh), replicated(drafter), replicated(store), block, lengths, limits,
+            resume)
 
 
 def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
              key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
              datastore: Datastore | None = None, stream: StreamFn | None = None, prompt_bucket: int = 32,
-             mesh: Mesh | None = None, batch_size: int | None = None) -> GenerateOutput:
+             mesh: Mesh | None = None, batch_size: int | None = None, cache: PromptCache | None = None,
+             keep_cache: bool = False) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
@@ -400,10 +426,17 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     `batch_size` (fewer than the prompts): continuous batching. Only that many prompts are decoded at a
     time, and when one ends the next waiting prompt takes its row inside the decode loop (`continuous`);
     outputs are as without it. Not with a mesh's "data" axis.
+
+    `keep_cache=True`: the output's `cache` (a `PromptCache`) holds the KV cache decoding ended with and
+    the tokens in it; given as `cache` to a later call whose prompt b continues row b's text (a chat's
+    next turn: the conversation so far, the reply included, and the new message), only what follows each
+    row's longest common prefix with those tokens is prefilled. (The reused entries were computed by
+    the decode steps, not a prefill: outputs equal a full prefill's up to rounding.) Neither with
+    continuous batching.
     """
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
                            drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket, mesh=mesh,
-                           batch_size=batch_size)
+                           batch_size=batch_size, cache=cache, keep_cache=keep_cache)
     with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
         out = loop(stream=to)
         if to is not None:
@@ -422,7 +455,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
                  max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
                  key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
                  datastore: Datastore | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None,
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, cache: PromptCache | None = None, keep_cache: bool = False):
     """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
     jitted decode loop, and the number of rows asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig),
@@ -437,6 +470,12 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     if batch_size is not None and sharding.axis_size(mesh, sharding.DATA) > 1:
         raise ValueError("continuous batching (batch_size below the number of prompts) runs the rows on one "
                          "device or a mesh with a data axis of 1")
+    if not isinstance(keep_cache, bool):
+        raise TypeError(f"keep_cache must be True or False, got {keep_cache!r}")
+    if batch_size is not None and (keep_cache or cache is not None):
+        raise ValueError("a prompt cache (cache=, keep_cache=True) holds one prompt per row: not with continuous "
+                         "batching (batch_size below the number of prompts)")
+    resume = None if cache is None else continuing(cfg, cache, prompts, prompt_bucket)
     if key is not None and not _is_prng_key(key):
         raise TypeError(f"key must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), got {key!r}")
     if drafter is not None and not isinstance(drafter, Proposer):
@@ -468,8 +507,11 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         store.check(spec.datastore_length)
     b = block.shape[0]
     if mesh is not None:
-        params, drafter, store, block, lengths, limits = _place_on_mesh(mesh, cfg, params, drafter, store, block,
-                                                                        lengths, limits)
+        params, drafter, store, block, lengths, limits, resume = _place_on_mesh(mesh, cfg, params, drafter, store,
+                                                                                block, lengths, limits, resume)
+    if resume is not None and resume.kv.batch_size != block.shape[0]:
+        raise ValueError(f"cache was made for {resume.kv.batch_size} rows, this batch has {block.shape[0]} (a mesh "
+                         f"pads a batch to a multiple of its data axis: use the same mesh as the call that made it)")
     drafter = decoding_drafter(drafter, mesh, cfg.dtype)
     params, loop_params, cfg = decoding_params(params, cfg, mesh)
 
@@ -479,13 +521,15 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         else:
             fn, args, kw = _autoregressive_jit, (), {}
         return _call(fn.lower if lowered else fn, cfg, params, loop_params, *args, block, lengths, limits, key,
-                     sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, batch_size=batch_size, **kw)
+                     sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, batch_size=batch_size,
+                     resume=resume, keep_cache=keep_cache, **kw)
     return loop, b
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:
-    """The first b rows of out (dropping the rows that padded the batch for a mesh)."""
+    """The first b rows of out (dropping the rows that padded the batch for a mesh; its cache keeps them)."""
     if out.tokens.shape[0] == b:
         return out
+    cache = None if out.cache is None else out.cache.replace(tokens=out.cache.tokens[:b], lengths=out.cache.lengths[:b])
     return out.replace(tokens=out.tokens[:b], lengths=out.lengths[:b],
-                       accepted=None if out.accepted is None else out.accepted[:b])
+                       accepted=None if out.accepted is None else out.accepted[:b], cache=cache)

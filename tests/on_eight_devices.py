@@ -60,11 +60,32 @@ def generation() -> dict:
     return found
 
 
+def continued() -> dict:
+    """A next turn on a mesh from the cache its first turn left there (`keep_cache`, then `cache`), against
+    one device's full prefill: one prompt padded onto 8x1, four split over 2x4; then the padded cache
+    offered to one device."""
+    found = {}
+    for batch, m in ((1, "8x1"), (4, "2x4")):
+        mesh = sharding.parse_mesh(m)
+        for loop, extra in (("autoregressive", {}), ("speculative", proposers())):
+            first = gen.generate(PARAMS, CFG, PROMPTS[:batch], max_new_tokens=8, mesh=mesh, keep_cache=True, **extra)
+            follow = [p + r + [5, 6, 7] for p, r in zip(PROMPTS, rows(first))]
+            want = rows(gen.generate(PARAMS, CFG, follow, max_new_tokens=8, **extra))
+            found[f"{loop}/{batch}/{m}"] = rows(gen.generate(PARAMS, CFG, follow, max_new_tokens=8, mesh=mesh,
+                                                             cache=first.cache, **extra)) == want
+            if batch == 1:
+                try:
+                    gen.generate(PARAMS, CFG, follow, max_new_tokens=8, cache=first.cache, **extra)
+                except ValueError as e:
+                    found[f"{loop}/error"] = str(e)
+    return found
+
+
 def compiled_loop() -> dict:
     """The speculative loop on a 2x4 mesh: its while loops, host transfers and collectives."""
     mesh = sharding.parse_mesh("2x4")
     block, lengths, limits = prepare_prompts(CFG, PROMPTS[:2], 8)
-    args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), store(), block, lengths, limits)
+    args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), store(), block, lengths, limits, None)[:-1]
     args = (args[0], *args)  # the decode loop's params: the same, as no CPU kernel runs on a mesh
     kw = dict(cfg=CFG, sampling=SamplingConfig(), spec=SPEC, max_new_tokens=8,
               stream=None, mesh=mesh)
@@ -168,7 +189,7 @@ def gguf_loading() -> dict:
 if __name__ == "__main__":
     assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
     jax.config.update("jax_default_matmul_precision", "highest")
-    checks = {f.__name__: f for f in (generation, compiled_loop, errors, training, loading, command_line,
-                                      gguf_loading)}
+    checks = {f.__name__: f for f in (generation, continued, compiled_loop, errors, training, loading,
+                                      command_line, gguf_loading)}
     names = sys.argv[1:] or list(checks)
     print(json.dumps({n: checks[n]() for n in names}))

@@ -42,6 +42,13 @@ def test_generation_on_every_mesh_equals_one_device(eight):
     assert [case for case, same in eight["generation"].items() if not same] == []
 
 
+def test_a_turn_continued_from_its_cache_on_a_mesh_equals_one_device(eight):
+    found = eight["continued"]
+    for loop in ("autoregressive", "speculative"):
+        assert found[f"{loop}/1/8x1"] is True and found[f"{loop}/4/2x4"] is True
+        assert "cache was made for 8 rows, this batch has 1" in found[f"{loop}/error"]  # padded for the mesh
+
+
 def test_decode_loop_on_a_mesh_is_one_while_loop_without_host_transfers(eight):
     loop = eight["compiled_loop"]
     assert loop["while_loops"] == 1 and loop["callbacks"] == [] and loop["host_ops"] == []
