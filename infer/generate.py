@@ -9,7 +9,8 @@
 
 With --drafter, --lookup-beams or --datastore, decoding is speculative (ReDrafter, plus beams looked up
 in the row's own history and in a datastore of the target's replies); each reply is then also decoded
-autoregressively, and the speedup of the first over the second is printed.
+autoregressively, and the speedup of the first over the second is printed. In a conversation, each turn
+continues the last turn's KV cache (`generate(..., cache=...)`): only the new message is prefilled.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     drafter, spec, store = load_proposers(args, model)
     tok = model.tokenizer
     key = jax.random.PRNGKey(args.seed)
-    messages = []
+    messages, caches = [], {}
     for turn, text in enumerate(texts):
         if turn:
             print(flush=True)  # a blank line between replies
@@ -91,26 +92,34 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[user, turn {turn + 1}: {text}]", file=sys.stderr, flush=True)
         messages.append({"role": "user", "content": text})
         ids = tok.encode_chat(messages) if flag == "--chat" else tok.encode(text)
-        reply = answer(model, ids, args.max_new_tokens, sampling, key, drafter, spec, store)
+        reply = answer(model, ids, args.max_new_tokens, sampling, key, drafter, spec, store, caches,
+                       keep_cache=turn + 1 < len(texts))
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array,
-           drafter: Drafter | None, spec: SpecConfig | None, store: Datastore | None) -> list[int]:
+           drafter: Drafter | None, spec: SpecConfig | None, store: Datastore | None, caches: dict | None = None,
+           keep_cache: bool = False) -> list[int]:
     """Decodes and streams the reply to `ids`; when speculative, decodes it autoregressively too and reports
-    the speedup. Returns the reply's tokens."""
+    the speedup. Returns the reply's tokens. caches: each decoder's `PromptCache` from the last turn, whose
+    text `ids` continues (only the rest is prefilled); with keep_cache, this turn's replace them."""
+    caches = {} if caches is None else caches
 
-    def decode(streamer, **kw):
+    def decode(streamer, name, **kw):
         start = time.perf_counter()
         out = generate(model.params, model.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                       key=key, stream=streamer, mesh=model.mesh, **kw)
+                       key=key, stream=streamer, mesh=model.mesh, cache=caches.get(name), keep_cache=keep_cache, **kw)
         jax.block_until_ready(out)
+        caches[name] = out.cache
         return out, streamer.first_time - start
 
+    if last := caches.get("shown"):
+        print(f"[prefilling {len(ids) - int(last.reused([ids])[0])} of the prompt's {len(ids)} tokens: the rest is in "
+              f"the last turn's cache]", file=sys.stderr, flush=True)
     print("[compiling the decode loop (once per setting and prompt-length bucket) and prefilling]", file=sys.stderr,
           flush=True)
     shown = Streamer(model.tokenizer)
-    out, startup = decode(shown, drafter=drafter, spec=spec, datastore=store)
+    out, startup = decode(shown, "shown", drafter=drafter, spec=spec, datastore=store)
     print(flush=True)
     n = int(out.lengths[0])
     print(f"[{n} tokens; first token after {startup:.2f}s (compile + prefill); decoding {shown.rate():.1f} tokens/s]",
@@ -120,7 +129,7 @@ def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
     acc = np.asarray(out.accepted[0])
     acc = acc[acc >= 0]
     baseline = Streamer(model.tokenizer, quiet=True)
-    ar_out, _ = decode(baseline)
+    ar_out, _ = decode(baseline, "baseline")
     if sampling.greedy:
         same = np.array_equal(np.asarray(ar_out.tokens), np.asarray(out.tokens))
         check = f"output {'identical to' if same else 'DIFFERS from'} autoregressive"

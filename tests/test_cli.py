@@ -1,6 +1,7 @@
 """The generate command end to end on the default model (the README's main job, shortened), and its beam options."""
 
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,10 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
     out, err = capsys.readouterr()
     assert "[user, turn 1: What is the capital of France?]" in err and "[user, turn 2: And of Italy?]" in err
     assert err.count("output identical to autoregressive") == 2  # each turn checked against its own reference
+    # the second turn continues the first's cache: only its own message (in the chat template) is prefilled
+    prefilled, whole = map(int, re.search(r"\[prefilling (\d+) of the prompt's (\d+) tokens: the rest is in the last "
+                                          r"turn's cache\]", err).groups())
+    assert prefilled < 16 < whole - 10
     replies = out.strip().split("\n\n")
     assert len(replies) == 2 and "Paris" in replies[0]
     # the second turn's context is the first turn and its reply, as the chat template renders them

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,8 @@ def test_second_turns_follow_the_targets_own_greedy_first_reply(smollm):
     tok = smollm.tokenizer
     for drafter in [None, DEFAULT_DRAFTER]:  # the first replies decoded with lookup beams alone, or the drafter
         d = drafter and load_drafter(drafter, smollm.config)
-        prompts = second_turn_prompts(smollm, conversations, 24, d)
+        prompts, caches = second_turn_prompts(smollm, conversations, 24, d)
+        assert caches is None  # kept only when asked for
         for (first, second), prompt in zip(conversations, prompts):
             chat = [{"role": "user", "content": first}]
             out = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=24)
@@ -168,6 +170,18 @@ def test_second_turn_run_reports_identical_outputs_and_needs_two_turns(tmp_path,
     rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
             if line.startswith("| none |")]
     assert len(rows) == 1 and rows[0][-1] == "2/2", rows
+    # every decoder continuing the first turn's cache: the same outputs, only the second message prefilled
+    main(run + ["--reuse-cache", "--section", "turn2cached"])
+    text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text().split("## ")[-1]
+    rest, whole = map(int, re.search(r"prefills only the rest of the prompt, (\d+) of its (\d+) tokens", text).groups())
+    assert rest < 20 < whole - 16
+    rows = [line.split(" | ")[-1].strip("| ") for line in text.splitlines() if line.startswith("| none |")]
+    assert rows == ["2/2"]
+    for bad, message in [(["--batch-sizes", "2"], "--reuse-cache decodes one prompt at a time"),
+                         (["--turn", "1"], "--reuse-cache continues the first turn's cache: it needs --turn 2")]:
+        with pytest.raises(SystemExit):
+            main(run + ["--reuse-cache"] + bad)
+        assert message in capsys.readouterr().err
     prompts.write_text(prompts.read_text() + json.dumps({"prompt": "One turn only."}) + "\n")
     with pytest.raises(SystemExit):
         main(run)
