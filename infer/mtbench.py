@@ -219,8 +219,6 @@ def main(argv=None) -> None:
                                               keep_cache=args.reuse_cache)
     if args.reuse_cache and args.turn == 1:
         p.error("--reuse-cache continues the first turn's cache: it needs --turn 2")
-    # the keywords that continue prompt i's first turn (with --reuse-cache, at batch 1)
-    continues = (lambda i: {"cache": caches[i]}) if args.reuse_cache else (lambda i: {})
     specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
              for t in args.sweep]
     if any(s.beam_width for s in specs) and not drafters:
@@ -250,6 +248,8 @@ def main(argv=None) -> None:
     # Per batch size, the prompts' prefill alone (temperature None: an autoregressive generate of one token,
     # timed in turn with the others and taken out of their times for the speedup after prefill).
     decoders = [(size, None, None, None) for size in args.batch_sizes]
+    # with --reuse-cache, also the prefill from scratch (drafter "full"), timed in turn with the others
+    decoders += [(Batching(1), None, "full", None)] * args.reuse_cache
     decoders += [(size, t, path, spec) for size in args.batch_sizes for t in args.temperatures
                  for path, spec in [(None, None), *runs]]
     kws = [{"sampling": SamplingConfig(t or 0.0), "batch_size": size.rows, "prompt_bucket": args.prompt_bucket,
@@ -258,18 +258,24 @@ def main(argv=None) -> None:
                                         "datastore": store if spec.datastore_beams else None})}
            for size, t, path, spec in decoders]
     done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> its Decoded
+
+    def continues(j: int, i: int) -> dict:
+        """The keywords with which decoder j continues prompt i's first turn (with --reuse-cache, at batch 1)."""
+        return {"cache": caches[i]} if args.reuse_cache and decoders[j][2] != "full" else {}
+
     with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{len(kws)} decoders in turn") as bar:
         for n, ((size, *_), batches) in enumerate(groups.items()):
             mine = [j for j, d in enumerate(decoders) if d[0] == size]
             bar.set_postfix_str(f"compiling batch shape {n + 1}/{len(groups)}")
             for j in mine:
                 decode_batch(model, [prompts[k] for k in batches[0]], key=jax.random.PRNGKey(0), **kws[j],
-                             **continues(batches[0][0]))
+                             **continues(j, batches[0][0]))
             bar.set_postfix_str(f"batch shape {n + 1}/{len(groups)}")
             for batch in batches:
                 for j in (mine if batch[0] // size.prompts % 2 == 0 else mine[::-1]):
                     done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch],
-                                                     key=jax.random.PRNGKey(batch[0]), **kws[j], **continues(batch[0]))
+                                                     key=jax.random.PRNGKey(batch[0]), **kws[j],
+                                                     **continues(j, batch[0]))
                 bar.update(len(batch))
             jax.clear_caches()
     by_decoder = {d: joined([runs_of[i] for i in sorted(runs_of)]) for d, runs_of in zip(decoders, done)}
@@ -306,9 +312,17 @@ def main(argv=None) -> None:
         source += f", each after the target's own greedy reply to the first, up to {args.first_reply_tokens} tokens"
         if args.reuse_cache:
             rest = np.mean([len(q) - int(c.reused([q])[0]) for q, c in zip(prompts, caches)])
+            cont, full = (by_decoder[Batching(1), None, path, None].secs for path in (None, "full"))
+            ar = by_decoder[Batching(1), 0.0, None, None] if 0.0 in args.temperatures else None
+            against = "" if ar is None else (
+                "; speculative decoding from the cache against autoregressive decoding from scratch (its time with "
+                "the full prefill instead): " + ", ".join(
+                    f"{(ar.secs - cont + full) / by_decoder[Batching(1), 0.0, path, spec].secs:.2f}x"
+                    for path, spec in runs))
             source += (f"; every decoder continues the first turn's KV cache (`generate(..., cache=...)`) and "
                        f"prefills only the rest of the prompt, {rest:.0f} of its {np.mean(list(map(len, prompts))):.0f} "
-                       f"tokens on average")
+                       f"tokens on average: {1e3 * cont / len(prompts):.0f} ms a prompt for the prefill and its token, "
+                       f"against {1e3 * full / len(prompts):.0f} ms from scratch (timed in turn){against}")
         else:
             source += "; both decoders' times include the prefill of these longer prompts"
     temps = ", ".join("0 (greedy)" if t == 0 else f"{t:g}" for t in args.temperatures)

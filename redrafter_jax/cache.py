@@ -150,12 +150,13 @@ def commit(cache: KVCache, num_new: jax.Array) -> KVCache:
 
 def reuse(cache: KVCache, old: KVCache, lengths: jax.Array) -> KVCache:
     """The empty `cache` holding the first lengths[b] <= old.lengths[b] entries of each row of `old` (a
-    cache of the same layers, rows and heads with nothing pending, e.g. an earlier call's), whatever
-    their max_len: only the slots below min(max_len) are copied, and lengths must stay below it."""
-    m = min(old.max_len, cache.max_len)
+    cache of the same layers and heads with nothing pending, e.g. an earlier call's), whatever their
+    max_len and rows: only the slots below min(max_len) of the rows below min(batch_size) are copied,
+    and lengths must stay below those."""
+    m, b = min(old.max_len, cache.max_len), min(old.batch_size, cache.batch_size)
 
     def put(buf, prior):
-        return jax.lax.dynamic_update_slice_in_dim(buf, prior[:, :, :, :m].astype(buf.dtype), 0, axis=3)
+        return jax.lax.dynamic_update_slice(buf, prior[:, :b, :, :m].astype(buf.dtype), (0,) * buf.ndim)
 
     return cache.replace(k=put(cache.k, old.k), v=put(cache.v, old.v), lengths=jnp.asarray(lengths, jnp.int32))
 

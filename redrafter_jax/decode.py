@@ -94,9 +94,20 @@ class PromptCache:
     continue these rows' text (a chat's next turn, `generate(..., cache=...)`): each row's longest common
     prefix with its new prompt is taken from it instead of being prefilled again."""
 
-    kv: kv.KVCache  # nothing pending; its rows include any that padded the batch for a mesh
+    kv: kv.KVCache  # nothing pending; after its B rows, any that padded the batch for a mesh
     tokens: jax.Array  # [B, T] int32 each row's prompt, then its output
     lengths: jax.Array  # [B] int32 how many of them the cache holds (the last output token is not in it)
+
+    def take(self, rows: Sequence[int]) -> "PromptCache":
+        """The cache of these rows only, in this order (to continue some rows of a batch)."""
+        rows = np.asarray(rows, np.int32)
+        if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= self.tokens.shape[0]:
+            raise ValueError(f"rows must be a non-empty list of row indices below {self.tokens.shape[0]}, got {rows}")
+        pick = lambda x, axis: jnp.take(x, rows, axis=axis)  # noqa: E731
+        c = self.kv
+        return PromptCache(kv.KVCache(pick(c.k, 1), pick(c.v, 1), pick(c.lengths, 0), pick(c.pending_k, 1),
+                                      pick(c.pending_v, 1), pick(c.pending_slots, 0)),
+                           pick(self.tokens, 0), pick(self.lengths, 0))
 
     def reused(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """[B] how many tokens of each prompt a call given this cache takes from it: the longest common

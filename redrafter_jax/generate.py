@@ -382,7 +382,7 @@ def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Propos
                    resume: Resume | None):
     """Puts the target tensor-parallel, the drafter and the datastore replicated and the rows split over
     the mesh's data axis, after padding the batch with one-token rows (limit 1) to a multiple of that axis
-    (rows that reuse nothing of an earlier call's cache, which has them already)."""
+    (rows that reuse nothing of an earlier call's cache)."""
     b, rows = block.shape[0], round_up(block.shape[0], sharding.axis_size(mesh, sharding.DATA))
     batch = jax.sharding.NamedSharding(mesh, sharding.BATCH)
 
@@ -509,9 +509,6 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     if mesh is not None:
         params, drafter, store, block, lengths, limits, resume = _place_on_mesh(mesh, cfg, params, drafter, store,
                                                                                 block, lengths, limits, resume)
-    if resume is not None and resume.kv.batch_size != block.shape[0]:
-        raise ValueError(f"cache was made for {resume.kv.batch_size} rows, this batch has {block.shape[0]} (a mesh "
-                         f"pads a batch to a multiple of its data axis: use the same mesh as the call that made it)")
     drafter = decoding_drafter(drafter, mesh, cfg.dtype)
     params, loop_params, cfg = decoding_params(params, cfg, mesh)
 

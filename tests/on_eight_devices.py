@@ -62,22 +62,21 @@ def generation() -> dict:
 
 def continued() -> dict:
     """A next turn on a mesh from the cache its first turn left there (`keep_cache`, then `cache`), against
-    one device's full prefill: one prompt padded onto 8x1, four split over 2x4; then the padded cache
-    offered to one device."""
+    one device's full prefill: one prompt padded onto 8x1, four split over 2x4; then the cache moved:
+    8x1's padded row continued on one device, 2x4's third row alone on 8x1."""
     found = {}
-    for batch, m in ((1, "8x1"), (4, "2x4")):
-        mesh = sharding.parse_mesh(m)
-        for loop, extra in (("autoregressive", {}), ("speculative", proposers())):
-            first = gen.generate(PARAMS, CFG, PROMPTS[:batch], max_new_tokens=8, mesh=mesh, keep_cache=True, **extra)
+    meshes = {m: sharding.parse_mesh(m) for m in ("8x1", "2x4")}
+    for loop, extra in (("autoregressive", {}), ("speculative", proposers())):
+        for batch, m, other, pick in ((1, "8x1", None, [0]), (4, "2x4", meshes["8x1"], [2])):
+            first = gen.generate(PARAMS, CFG, PROMPTS[:batch], max_new_tokens=8, mesh=meshes[m], keep_cache=True,
+                                 **extra)
             follow = [p + r + [5, 6, 7] for p, r in zip(PROMPTS, rows(first))]
             want = rows(gen.generate(PARAMS, CFG, follow, max_new_tokens=8, **extra))
-            found[f"{loop}/{batch}/{m}"] = rows(gen.generate(PARAMS, CFG, follow, max_new_tokens=8, mesh=mesh,
+            found[f"{loop}/{batch}/{m}"] = rows(gen.generate(PARAMS, CFG, follow, max_new_tokens=8, mesh=meshes[m],
                                                              cache=first.cache, **extra)) == want
-            if batch == 1:
-                try:
-                    gen.generate(PARAMS, CFG, follow, max_new_tokens=8, cache=first.cache, **extra)
-                except ValueError as e:
-                    found[f"{loop}/error"] = str(e)
+            moved = gen.generate(PARAMS, CFG, [follow[i] for i in pick], max_new_tokens=8, mesh=other,
+                                 cache=first.cache.take(pick), **extra)
+            found[f"{loop}/{batch}/{m}/moved"] = rows(moved) == [want[i] for i in pick]
     return found
 
 

@@ -175,6 +175,11 @@ def test_second_turn_run_reports_identical_outputs_and_needs_two_turns(tmp_path,
     text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text().split("## ")[-1]
     rest, whole = map(int, re.search(r"prefills only the rest of the prompt, (\d+) of its (\d+) tokens", text).groups())
     assert rest < 20 < whole - 16
+    cont, full = map(int, re.search(r"(\d+) ms a prompt for the prefill and its token, against (\d+) ms from scratch",
+                                    text).groups())
+    assert 0 < cont < full  # the full prefill timed in turn, for the speedup against it
+    assert re.search(r"against autoregressive decoding from scratch \(its time with the full prefill instead\): "
+                     r"\d+\.\d\dx\)", text)
     rows = [line.split(" | ")[-1].strip("| ") for line in text.splitlines() if line.startswith("| none |")]
     assert rows == ["2/2"]
     for bad, message in [(["--batch-sizes", "2"], "--reuse-cache decodes one prompt at a time"),

@@ -104,6 +104,33 @@ def test_a_continued_turn_decodes_as_with_a_full_prefill(model, decoders, first)
         assert rows(generate(params, cfg, third, max_new_tokens=12, cache=second.cache, **kw)) == want, name
 
 
+def test_some_rows_of_a_cache_continue_alone(model, decoders):
+    cfg, params = model
+    prompts, out = first_turn(model, **decoders["drafter"])
+    cont = next_turn(prompts, out)
+    picked = out.cache.take([3, 1])
+    assert picked.reused([cont[3], cont[1]]).tolist() == out.cache.reused(cont)[[3, 1]].tolist()
+    want = rows(generate(params, cfg, [cont[3], cont[1]], max_new_tokens=12))
+    for name, kw in decoders.items():
+        assert rows(generate(params, cfg, [cont[3], cont[1]], max_new_tokens=12, cache=picked, **kw)) == want, name
+    for bad in ([], [4], [[0]], [-1]):
+        with pytest.raises(ValueError, match="rows must be a non-empty list of row indices below 4"):
+            out.cache.take(bad)
+
+
+def test_a_shared_prefix_is_prefilled_once_for_a_batch(model, decoders):
+    """A system prompt every request starts with: its cache (one row, one new token) taken once per row."""
+    cfg, params = model
+    rng = np.random.default_rng(3)
+    system = rng.integers(2, 64, 40).tolist()
+    asked = [system + rng.integers(2, 64, n).tolist() for n in (3, 9, 1)]
+    shared = generate(params, cfg, [system], max_new_tokens=1, keep_cache=True).cache.take([0, 0, 0])
+    assert shared.reused(asked).tolist() == [40, 40, 40]
+    want = rows(generate(params, cfg, asked, max_new_tokens=10))
+    for name, kw in decoders.items():
+        assert rows(generate(params, cfg, asked, max_new_tokens=10, cache=shared, **kw)) == want, name
+
+
 def test_prompt_cache_misuse_is_named(model, decoders):
     cfg, params = model
     prompts, out = first_turn(model)
