@@ -112,8 +112,8 @@ def _outputs(s, out: Emitted, accepted: jax.Array | None, prompts: jax.Array, pr
     if not keep_cache:
         return o
     c = held(s.cache, prompts, prompt_lengths, s.out)
-    return o.replace(cache=c.replace(tokens=sharding.gathered(c.tokens, mesh), lengths=sharding.gathered(c.lengths,
-                                                                                                     mesh)))
+    tokens, lengths = sharding.gathered((c.tokens, c.lengths), mesh)
+    return o.replace(cache=c.replace(tokens=tokens, lengths=lengths))
 
 
 def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
@@ -524,7 +524,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:
-    """The first b rows of out (dropping the rows that padded the batch for a mesh; its cache keeps them)."""
+    """The first b rows of out (dropping the rows that padded the batch for a mesh; its cache's KV keeps them)."""
     if out.tokens.shape[0] == b:
         return out
     cache = None if out.cache is None else out.cache.replace(tokens=out.cache.tokens[:b], lengths=out.cache.lengths[:b])
