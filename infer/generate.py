@@ -10,7 +10,8 @@
 With --drafter, --lookup-beams or --datastore, decoding is speculative (ReDrafter, plus beams looked up
 in the row's own history and in a datastore of the target's replies); each reply is then also decoded
 autoregressively, and the speedup of the first over the second is printed. In a conversation, each turn
-continues the last turn's KV cache (`generate(..., cache=...)`): only the new message is prefilled.
+continues the last turn's KV cache (`generate(..., cache=...)`): only the new message is prefilled, and
+with one cache size for the whole conversation (`max_len`) turns after the second compile nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def main(argv: list[str] | None = None) -> None:
     tok = model.tokenizer
     key = jax.random.PRNGKey(args.seed)
     messages, caches = [], {}
+    # One cache size for the whole conversation (its messages, and replies of up to max_new_tokens with a
+    # margin for re-encoding them): each turn continues the last one's cache in the same shapes, so turns
+    # after the second compile nothing
+    chat = [m for t in texts for m in ({"role": "user", "content": t}, {"role": "assistant", "content": ""})]
+    max_len = (len(tok.encode_chat(chat)) + len(texts) * (args.max_new_tokens + 32) + args.max_new_tokens + 96
+               if flag == "--chat" and len(texts) > 1 else None)
     for turn, text in enumerate(texts):
         if turn:
             print(flush=True)  # a blank line between replies
@@ -93,22 +100,24 @@ def main(argv: list[str] | None = None) -> None:
         messages.append({"role": "user", "content": text})
         ids = tok.encode_chat(messages) if flag == "--chat" else tok.encode(text)
         reply = answer(model, ids, args.max_new_tokens, sampling, key, drafter, spec, store, caches,
-                       keep_cache=turn + 1 < len(texts))
+                       keep_cache=max_len is not None, max_len=max_len)  # (the last turn too: same program)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig, key: jax.Array,
            drafter: Drafter | None, spec: SpecConfig | None, store: Datastore | None, caches: dict | None = None,
-           keep_cache: bool = False) -> list[int]:
+           keep_cache: bool = False, max_len: int | None = None) -> list[int]:
     """Decodes and streams the reply to `ids`; when speculative, decodes it autoregressively too and reports
     the speedup. Returns the reply's tokens. caches: each decoder's `PromptCache` from the last turn, whose
-    text `ids` continues (only the rest is prefilled); with keep_cache, this turn's replace them."""
+    text `ids` continues (only the rest is prefilled); with keep_cache, this turn's replace them. max_len:
+    the KV cache's size (`generate`)."""
     caches = {} if caches is None else caches
 
     def decode(streamer, name, **kw):
         start = time.perf_counter()
         out = generate(model.params, model.config, [ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                       key=key, stream=streamer, mesh=model.mesh, cache=caches.get(name), keep_cache=keep_cache, **kw)
+                       key=key, stream=streamer, mesh=model.mesh, cache=caches.get(name), keep_cache=keep_cache,
+                       max_len=max_len, **kw)
         jax.block_until_ready(out)
         caches[name] = out.cache
         return out, streamer.first_time - start
@@ -116,8 +125,8 @@ def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
     if last := caches.get("shown"):
         print(f"[prefilling {len(ids) - int(last.reused([ids])[0])} of the prompt's {len(ids)} tokens: the rest is in "
               f"the last turn's cache]", file=sys.stderr, flush=True)
-    print("[compiling the decode loop (once per setting and prompt-length bucket) and prefilling]", file=sys.stderr,
-          flush=True)
+    print("[prefilling, and compiling the decode loop where its shapes are new (a setting, a prompt-length "
+          "bucket)]", file=sys.stderr, flush=True)
     shown = Streamer(model.tokenizer)
     out, startup = decode(shown, "shown", drafter=drafter, spec=spec, datastore=store)
     print(flush=True)

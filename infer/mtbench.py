@@ -43,7 +43,7 @@ from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datasets import MT_BENCH
-from redrafter_jax.decode import round_up
+from redrafter_jax.decode import round_up, suffix_width
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
 from redrafter_jax.wheels import fetch
@@ -242,8 +242,8 @@ def main(argv=None) -> None:
             batch = list(range(i, min(i + size.prompts, len(prompts))))
             shape = (size, len(batch), round_up(max(len(prompts[k]) for k in batch), args.prompt_bucket))
             if args.reuse_cache:  # the programs' shapes include the cache continued and the rest of the prompt
-                c = caches[i]
-                shape += (c.kv.max_len, round_up(len(prompts[i]) - int(c.reused([prompts[i]])[0]), args.prompt_bucket))
+                rest = len(prompts[i]) - int(caches[i].reused([prompts[i]])[0])
+                shape += (caches[i].kv.max_len, suffix_width(rest, args.prompt_bucket))
             groups.setdefault(shape, []).append(batch)
     # Per batch size, the prompts' prefill alone (temperature None: an autoregressive generate of one token,
     # timed in turn with the others and taken out of their times for the speedup after prefill).
@@ -312,6 +312,7 @@ def main(argv=None) -> None:
         source += f", each after the target's own greedy reply to the first, up to {args.first_reply_tokens} tokens"
         if args.reuse_cache:
             rest = np.mean([len(q) - int(c.reused([q])[0]) for q, c in zip(prompts, caches)])
+            whole = np.mean(list(map(len, prompts)))
             cont, full = (by_decoder[Batching(1), None, path, None].secs for path in (None, "full"))
             ar = by_decoder[Batching(1), 0.0, None, None] if 0.0 in args.temperatures else None
             against = "" if ar is None else (
@@ -320,8 +321,8 @@ def main(argv=None) -> None:
                     f"{(ar.secs - cont + full) / by_decoder[Batching(1), 0.0, path, spec].secs:.2f}x"
                     for path, spec in runs))
             source += (f"; every decoder continues the first turn's KV cache (`generate(..., cache=...)`) and "
-                       f"prefills only the rest of the prompt, {rest:.0f} of its {np.mean(list(map(len, prompts))):.0f} "
-                       f"tokens on average: {1e3 * cont / len(prompts):.0f} ms a prompt for the prefill and its token, "
+                       f"prefills only the rest of the prompt, {rest:.0f} of its {whole:.0f} tokens on average: "
+                       f"{1e3 * cont / len(prompts):.0f} ms a prompt for the prefill and its token, "
                        f"against {1e3 * full / len(prompts):.0f} ms from scratch (timed in turn){against}")
         else:
             source += "; both decoders' times include the prefill of these longer prompts"

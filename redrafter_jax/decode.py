@@ -144,9 +144,14 @@ class Resume:
     suffix_lengths: jax.Array  # [B] int32, each >= 1
 
 
+def suffix_width(n: int, bucket: int) -> int:
+    """The block for the rest of prompts continuing a cache, n tokens at most: `bucket` times a power of two."""
+    return bucket * 2 ** (-(-int(n) // bucket) - 1).bit_length()
+
+
 def continuing(cfg: ModelConfig, cache: PromptCache, prompts: Sequence[Sequence[int]], bucket: int) -> Resume:
     """How `prompts` (validated: `prepare_prompts`) continue `cache` (`PromptCache.reused`); the rest of
-    each is padded to a multiple of `bucket`."""
+    each is padded to `suffix_width` (few shapes, whatever the lengths of a chat's messages)."""
     if not isinstance(cache, PromptCache):
         raise TypeError(f"cache must be the PromptCache of an earlier generate(..., keep_cache=True), got "
                         f"{type(cache).__name__}")
@@ -158,8 +163,8 @@ def continuing(cfg: ModelConfig, cache: PromptCache, prompts: Sequence[Sequence[
     if have != want:
         raise ValueError(f"cache was made by another model: (layers, KV heads, head dim) {have}, this model's {want}")
     rows, reused = [np.asarray(p) for p in prompts], cache.reused(prompts)
-    suffix = np.full((len(rows), round_up(max(r.size - u for r, u in zip(rows, reused)), bucket)), cfg.pad_token_id,
-                     np.int32)
+    suffix = np.full((len(rows), suffix_width(max(r.size - u for r, u in zip(rows, reused)), bucket)),
+                     cfg.pad_token_id, np.int32)
     for i, (r, u) in enumerate(zip(rows, reused)):
         suffix[i, :r.size - u] = r[u:]
     return Resume(cache.kv, jnp.asarray(reused, jnp.int32), jnp.asarray(suffix),

@@ -35,6 +35,7 @@ from redrafter_jax.decode import (
     Started,
     StreamFn,
     StreamTo,
+    cache_len,
     continuing,
     emit,
     held,
@@ -403,7 +404,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
              datastore: Datastore | None = None, stream: StreamFn | None = None, prompt_bucket: int = 32,
              mesh: Mesh | None = None, batch_size: int | None = None, cache: PromptCache | None = None,
-             keep_cache: bool = False) -> GenerateOutput:
+             keep_cache: bool = False, max_len: int | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens (an int, or one per prompt) after each prompt.
 
     Rows end at their first EOS (cfg.eos_token_ids, included in the output) or their limit. With a
@@ -433,10 +434,16 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     row's longest common prefix with those tokens is prefilled. (The reused entries were computed by
     the decode steps, not a prefill: outputs equal a full prefill's up to rounding.) Neither with
     continuous batching.
+
+    `max_len`: the KV cache's slots per row, rounded up to a multiple of 64 (default: what the prompt
+    block, max_new_tokens and a step's writes need). The prompt block is then padded to what fits, so
+    every call with the same max_len and max_new_tokens has the same shapes: a chat that continues its
+    cache turn after turn compiles its decode loop for its first two turns only (a new program per
+    prompt-length bucket and cache length otherwise).
     """
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
                            drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket, mesh=mesh,
-                           batch_size=batch_size, cache=cache, keep_cache=keep_cache)
+                           batch_size=batch_size, cache=cache, keep_cache=keep_cache, max_len=max_len)
     with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
         out = loop(stream=to)
         if to is not None:
@@ -455,7 +462,8 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
                  max_new_tokens: int | Sequence[int], sampling: SamplingConfig = SamplingConfig(),
                  key: jax.Array | None = None, drafter: Proposer | None = None, spec: SpecConfig | None = None,
                  datastore: Datastore | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None,
-                 batch_size: int | None = None, cache: PromptCache | None = None, keep_cache: bool = False):
+                 batch_size: int | None = None, cache: PromptCache | None = None, keep_cache: bool = False,
+                 max_len: int | None = None):
     """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
     jitted decode loop, and the number of rows asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig),
@@ -505,6 +513,8 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
                          f"and {'a' if store is not None else 'no'} datastore")
     if store is not None:
         store.check(spec.datastore_length)
+    if max_len is not None:
+        block = _block_for(block, max_len, n, spec.budget if speculative else 1, cfg.pad_token_id)
     b = block.shape[0]
     if mesh is not None:
         params, drafter, store, block, lengths, limits, resume = _place_on_mesh(mesh, cfg, params, drafter, store,
@@ -521,6 +531,19 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
                      sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, batch_size=batch_size,
                      resume=resume, keep_cache=keep_cache, **kw)
     return loop, b
+
+
+def _block_for(block: jax.Array, max_len: int, max_new_tokens: int, write_len: int, pad_id: int) -> jax.Array:
+    """The prompt block [B, P] padded to the width whose cache (`decode.cache_len`) has max_len slots,
+    rounded up to 64; raises if the prompts do not fit."""
+    if not is_count(max_len):
+        raise ValueError(f"max_len must be a positive integer (KV cache slots per row), got {max_len!r}")
+    width = round_up(max_len, 64) - max_new_tokens - write_len
+    if width < block.shape[1]:
+        raise ValueError(f"max_len {max_len} is too small: the prompt block of {block.shape[1]} tokens, "
+                         f"max_new_tokens {max_new_tokens} and a step's {write_len} writes need "
+                         f"{cache_len(block.shape[1], max_new_tokens, write_len)} cache slots")
+    return jnp.pad(block, ((0, 0), (0, width - block.shape[1])), constant_values=pad_id)
 
 
 def _rows(out: GenerateOutput, b: int) -> GenerateOutput:

@@ -8,6 +8,7 @@ import pytest
 
 from infer.generate import main
 from redrafter_jax import datastore
+from redrafter_jax import generate as gen
 from redrafter_jax.cli import add_spec_args, load_proposers
 from redrafter_jax.generate import generate
 
@@ -21,23 +22,27 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
 
 
 def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, smollm_path, smollm):
-    first, second = "What is the capital of France?", "And of Italy?"
-    main(["--gguf", smollm_path, "--chat", first, second, "--max-new-tokens", "10", "--lookup-beams", "1"])
+    messages = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
+    programs = gen._speculative_jit._cache_size()
+    main(["--gguf", smollm_path, "--chat", *messages, "--max-new-tokens", "10", "--lookup-beams", "1"])
     out, err = capsys.readouterr()
-    assert "[user, turn 1: What is the capital of France?]" in err and "[user, turn 2: And of Italy?]" in err
-    assert err.count("output identical to autoregressive") == 2  # each turn checked against its own reference
-    # the second turn continues the first's cache: only its own message (in the chat template) is prefilled
-    prefilled, whole = map(int, re.search(r"\[prefilling (\d+) of the prompt's (\d+) tokens: the rest is in the last "
-                                          r"turn's cache\]", err).groups())
-    assert prefilled < 16 < whole - 10
+    assert all(f"[user, turn {i + 1}: {m}]" in err for i, m in enumerate(messages))
+    assert err.count("output identical to autoregressive") == 3  # each turn checked against its own reference
+    # each later turn continues the last one's cache: only its own message (in the chat template) is
+    # prefilled, and in one cache size for the conversation the third turn compiles nothing new
+    for prefilled, whole in re.findall(r"\[prefilling (\d+) of the prompt's (\d+) tokens: the rest is in the last "
+                                       r"turn's cache\]", err):
+        assert int(prefilled) < 16 < int(whole) - 10
+    assert len(re.findall("prefilling [0-9]", err)) == 2 and gen._speculative_jit._cache_size() - programs <= 2
     replies = out.strip().split("\n\n")
-    assert len(replies) == 2 and "Paris" in replies[0]
-    # the second turn's context is the first turn and its reply, as the chat template renders them
-    tok = smollm.tokenizer
-    chat = [{"role": "user", "content": first}, {"role": "assistant", "content": replies[0]},
-            {"role": "user", "content": second}]
-    ref = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=10)
-    assert replies[1] == tok.decode(ref.tokens[0, :ref.lengths[0]])
+    assert len(replies) == 3 and "Paris" in replies[0]
+    # each turn's context is the turns before and their replies, as the chat template renders them
+    tok, chat = smollm.tokenizer, []
+    for message, reply in zip(messages, replies):
+        chat.append({"role": "user", "content": message})
+        ref = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=10)
+        assert reply == tok.decode(ref.tokens[0, :ref.lengths[0]])
+        chat.append({"role": "assistant", "content": reply})
 
 
 def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
