@@ -162,13 +162,18 @@ def continuing(cfg: ModelConfig, cache: PromptCache, prompts: Sequence[Sequence[
     want, have = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim), (shape[0], shape[2], shape[4])
     if have != want:
         raise ValueError(f"cache was made by another model: (layers, KV heads, head dim) {have}, this model's {want}")
-    rows, reused = [np.asarray(p) for p in prompts], cache.reused(prompts)
-    suffix = np.full((len(rows), suffix_width(max(r.size - u for r, u in zip(rows, reused)), bucket)),
-                     cfg.pad_token_id, np.int32)
-    for i, (r, u) in enumerate(zip(rows, reused)):
-        suffix[i, :r.size - u] = r[u:]
-    return Resume(cache.kv, jnp.asarray(reused, jnp.int32), jnp.asarray(suffix),
-                  jnp.asarray([r.size - u for r, u in zip(rows, reused)], jnp.int32))
+    reused = cache.reused(prompts)
+    rests = [np.asarray(p)[u:] for p, u in zip(prompts, reused)]
+    suffix, lengths = right_padded(rests, suffix_width(max(r.size for r in rests), bucket), cfg.pad_token_id)
+    return Resume(cache.kv, jnp.asarray(reused), suffix, lengths)
+
+
+def right_padded(rows: Sequence[np.ndarray], width: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
+    """Token rows as one block [B, width], padded on the right with pad_id, and their lengths [B]."""
+    block = np.full((len(rows), width), pad_id, np.int32)
+    for i, r in enumerate(rows):
+        block[i, :r.size] = r
+    return jnp.asarray(block), jnp.asarray([r.size for r in rows], jnp.int32)
 
 
 @struct.dataclass
@@ -325,11 +330,7 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
         if r.size + lim > cfg.max_position_embeddings:
             raise ValueError(f"prompt {i} has {r.size} tokens; with max_new_tokens={lim} that exceeds the "
                              f"model's context length of {cfg.max_position_embeddings} tokens")
-    p = round_up(max(r.size for r in rows), bucket)
-    block = np.full((len(rows), p), cfg.pad_token_id, np.int32)
-    for i, r in enumerate(rows):
-        block[i, :r.size] = r
-    return (jnp.asarray(block), jnp.asarray([r.size for r in rows], jnp.int32),
-            jnp.asarray(limits, jnp.int32))
+    block, lengths = right_padded(rows, round_up(max(r.size for r in rows), bucket), cfg.pad_token_id)
+    return block, lengths, jnp.asarray(limits, jnp.int32)
 
 

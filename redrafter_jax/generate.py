@@ -112,7 +112,7 @@ def _outputs(s, out: Emitted, accepted: jax.Array | None, prompts: jax.Array, pr
     o = sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step, accepted), mesh)
     if not keep_cache:
         return o
-    c = held(s.cache, prompts, prompt_lengths, s.out)
+    c = held(s.cache, prompts, prompt_lengths, out)
     tokens, lengths = sharding.gathered((c.tokens, c.lengths), mesh)
     return o.replace(cache=c.replace(tokens=tokens, lengths=lengths))
 
