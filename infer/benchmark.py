@@ -84,18 +84,18 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
             for i in range(n)]
 
 
-def load_transformers(device: str, hf_dir: str | None = None):
-    """The model in transformers, float32, on `device`: a Hugging Face checkpoint directory, or the
-    embedded model from the same GGUF. None without torch."""
+def load_transformers(device: str, hf_dir: str | None = None, gguf: str | None = None, dtype: str = "float32"):
+    """The model in transformers, in `dtype`, on `device`: a Hugging Face checkpoint directory, or the
+    model of a GGUF file (default: the embedded one). None without torch."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    path = default_gguf_path() if hf_dir is None else None
+    path = (gguf or default_gguf_path()) if hf_dir is None else None
     source = dict(pretrained_model_name_or_path=hf_dir) if hf_dir else dict(
-        pretrained_model_name_or_path=os.path.dirname(path), gguf_file=os.path.basename(path))
-    return AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32).to(device).eval()
+        pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return AutoModelForCausalLM.from_pretrained(**source, dtype=getattr(torch, dtype)).to(device).eval()
 
 
 def ar_rows(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: int) -> tuple[list[str], list[list]]:

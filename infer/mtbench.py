@@ -20,6 +20,8 @@ explains each difference by the target's top-2 logit gap where the two diverge. 
 the decoding: 0 is greedy (the default), T > 0 samples at temperature T (speculative decoding with
 the exact tree walk), each decoder with the same key per prompt; each temperature gets its own
 autoregressive reference and its rows of the table, compared side by side in the same run.
+--transformers adds the Hugging Face reference, in turn with ours on every prompt: transformers'
+`generate` on the same model, autoregressive and with its prompt lookup decoding (greedy, batch 1).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import time
+from importlib.metadata import version
 from typing import NamedTuple
 
 import jax
@@ -155,6 +158,31 @@ def decode_batch(model, prompts: list[list[int]], max_new: int, **kw) -> Decoded
                    None if out.cache is None else [out.cache])
 
 
+TRANSFORMERS = "transformers"  # a decoder's "drafter" when it is transformers' generate
+
+
+def decode_transformers(hf, prompt: list[int], max_new: int, eos_ids: tuple[int, ...],
+                        lookup_tokens: int | None = None) -> Decoded:
+    """One prompt decoded greedily by transformers' `generate` (hf: its model), autoregressively or with its
+    prompt lookup decoding proposing `lookup_tokens` tokens a step. Its steps (row_steps) are the model's
+    forwards, the first (the prefill) included; it reports no accepted tokens per step."""
+    import torch
+
+    forwards = []
+    hook = hf.register_forward_hook(lambda *_: forwards.append(1))
+    ids = torch.tensor([prompt], device=hf.device)
+    t = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new,
+                              eos_token_id=list(eos_ids), pad_token_id=eos_ids[0],
+                              **({} if lookup_tokens is None else {"prompt_lookup_num_tokens": lookup_tokens}))
+            tokens = out[0, len(prompt):].tolist()  # (waits for the device)
+    finally:
+        hook.remove()
+    return Decoded([tokens], time.perf_counter() - t, [], len(forwards))
+
+
 def run_batches(model, prompts: list[list[int]], max_new: int, size: int = 1, per_batch=None, desc=None,
                 **kw) -> Decoded:
     """Decodes prompts `size` at a time, consecutive prompts together (per_batch(i, j): more arguments for
@@ -196,11 +224,21 @@ def main(argv=None) -> None:
                    help="B: decode B consecutive prompts at a time; N/R: N at a time in R rows, a waiting prompt "
                         "taking the row of one that ends (continuous batching); several: each with its own "
                         "autoregressive reference")
+    p.add_argument("--transformers", type=int, nargs="*", metavar="N",
+                   help="also decode every prompt with Hugging Face transformers' generate (the same model, in "
+                        "turn with ours): autoregressively and, for each N given, with its prompt lookup decoding "
+                        "proposing N tokens a step; greedy, batch 1")
     p.add_argument("--section", default="mtbench", help="section name in the report")
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     add_report_args(p)
     args = p.parse_args(argv)
     args.command = command(__spec__.name, argv)
+    if args.transformers is not None and (args.temperatures != [0] or args.batch_sizes != [Batching(1)]
+                                          or args.reuse_cache or args.mesh):
+        p.error("--transformers compares greedy decoding of one prompt at a time on one device: not with "
+                "--temperatures, --batch-sizes, --reuse-cache or --mesh")
+    if any(n < 1 for n in args.transformers or []):
+        p.error(f"--transformers takes the prompt lookup's tokens per step (N >= 1), got {args.transformers}")
 
     model = load_model(args)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
@@ -219,6 +257,13 @@ def main(argv=None) -> None:
                                               keep_cache=args.reuse_cache)
     if args.reuse_cache and args.turn == 1:
         p.error("--reuse-cache continues the first turn's cache: it needs --turn 2")
+    hf = None
+    if args.transformers is not None:
+        from infer.benchmark import load_transformers
+
+        hf = load_transformers(jax.devices()[0].platform.replace("gpu", "cuda"), args.hf, args.gguf, args.dtype)
+        if hf is None:
+            p.error("--transformers needs torch and transformers installed")
     specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
              for t in args.sweep]
     if any(s.beam_width for s in specs) and not drafters:
@@ -252,30 +297,35 @@ def main(argv=None) -> None:
     decoders += [(Batching(1), None, "full", None)] * args.reuse_cache
     decoders += [(size, t, path, spec) for size in args.batch_sizes for t in args.temperatures
                  for path, spec in [(None, None), *runs]]
-    kws = [{"sampling": SamplingConfig(t or 0.0), "batch_size": size.rows, "prompt_bucket": args.prompt_bucket,
+    if hf is not None:  # transformers' generate ("spec": the prompt lookup's tokens, None: autoregressive)
+        decoders += [(Batching(1), 0.0, TRANSFORMERS, n) for n in [None, *args.transformers]]
+    kws = [{} if path == TRANSFORMERS else
+           {"sampling": SamplingConfig(t or 0.0), "batch_size": size.rows, "prompt_bucket": args.prompt_bucket,
             "max_new": 1 if t is None else args.max_new_tokens,
             **({} if spec is None else {"drafter": drafters.get(path), "spec": spec,
                                         "datastore": store if spec.datastore_beams else None})}
            for size, t, path, spec in decoders]
     done = [{} for _ in decoders]  # per decoder: first prompt of a batch -> its Decoded
 
-    def continues(j: int, i: int) -> dict:
-        """The keywords with which decoder j continues prompt i's first turn (with --reuse-cache, at batch 1)."""
-        return {"cache": caches[i]} if args.reuse_cache and decoders[j][2] != "full" else {}
+    def decode(j: int, batch: list[int], key: jax.Array) -> Decoded:
+        """Decoder j on one batch (with --reuse-cache, continuing the first turn's cache of its prompt)."""
+        _, _, path, spec = decoders[j]
+        if path == TRANSFORMERS:
+            return decode_transformers(hf, prompts[batch[0]], args.max_new_tokens, model.config.eos_token_ids, spec)
+        cont = {"cache": caches[batch[0]]} if args.reuse_cache and path != "full" else {}
+        return decode_batch(model, [prompts[k] for k in batch], key=key, **kws[j], **cont)
 
     with tqdm(total=len(prompts) * len(args.batch_sizes), desc=f"{len(kws)} decoders in turn") as bar:
         for n, ((size, *_), batches) in enumerate(groups.items()):
             mine = [j for j, d in enumerate(decoders) if d[0] == size]
             bar.set_postfix_str(f"compiling batch shape {n + 1}/{len(groups)}")
             for j in mine:
-                decode_batch(model, [prompts[k] for k in batches[0]], key=jax.random.PRNGKey(0), **kws[j],
-                             **continues(j, batches[0][0]))
+                if n == 0 or decoders[j][2] != TRANSFORMERS:  # (transformers compiles nothing: warmed up once)
+                    decode(j, batches[0], jax.random.PRNGKey(0))
             bar.set_postfix_str(f"batch shape {n + 1}/{len(groups)}")
             for batch in batches:
                 for j in (mine if batch[0] // size.prompts % 2 == 0 else mine[::-1]):
-                    done[j][batch[0]] = decode_batch(model, [prompts[k] for k in batch],
-                                                     key=jax.random.PRNGKey(batch[0]), **kws[j],
-                                                     **continues(j, batch[0]))
+                    done[j][batch[0]] = decode(j, batch, jax.random.PRNGKey(batch[0]))
                 bar.update(len(batch))
             jax.clear_caches()
     by_decoder = {d: joined([runs_of[i] for i in sorted(runs_of)]) for d, runs_of in zip(decoders, done)}
@@ -306,6 +356,11 @@ def main(argv=None) -> None:
                + ["drafter", "W x L", "lookup beams"] + ["datastore beams"] * stored + ["tree slots", "tokens/step"]
                + ["rows busy"] * batched
                + ["AR tokens/s", "spec tokens/s", "speedup", "speedup after prefill", "identical outputs"], rows)
+    if hf is not None:  # every decoder against transformers' autoregressive decoding (batch 1, greedy: one row each)
+        cross = against_transformers(model, prompts, by_decoder, runs, points)
+        md += "\n\nAgainst Hugging Face transformers on the same prompts:\n\n" + table(
+            ["decoder", "tokens/step", "tokens/s", "speedup over transformers autoregressive",
+             "identical to transformers autoregressive"], cross)
     print(md)
     source = f"{args.prompts or 'MT-Bench'} {'first' if args.turn == 1 else 'second'} turns"
     if args.turn == 2:
@@ -349,10 +404,16 @@ def main(argv=None) -> None:
                    if stored else "")
     gaps_note = (" Where greedy outputs differ, the top-2 gaps are the target's logit margin between its two best "
                  "tokens at the first differing position." if 0 in args.temperatures else "")
+    transformers_note = "" if hf is None else (
+        f" Against transformers: transformers {version('transformers')} `generate` (PyTorch {version('torch')}, "
+        f"{hf.device}, {torch_threads()} threads, {args.dtype}) on the same model and prompts, in turn with ours on "
+        "every prompt, and its prompt lookup decoding (`prompt_lookup_num_tokens=N`: each step, one run of N tokens "
+        "that followed the earliest occurrence of the text's last 2 tokens, else of its last token; no tree); its "
+        "tokens/step are the tokens generated per forward of the model, the prefill's included.")
     title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{stored_note}{prefill_note}{gaps_note}
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{stored_note}{prefill_note}{gaps_note}{transformers_note}
 Machine: {machine()}.
 
 Command: `{args.command}`
@@ -360,6 +421,31 @@ Command: `{args.command}`
 {md}
 """)
     plot(points, beside(args.report, f"{args.section}.png"))
+
+
+def against_transformers(model, prompts: list[list[int]], by_decoder: dict, runs: list, points: list) -> list[list]:
+    """Rows of the table against transformers: ours (autoregressive, then each run, whose labels and tokens/step
+    `points` holds in the same order), then transformers' decoders, whose points it adds to `points`."""
+    rate = lambda d: sum(map(len, d.tokens)) / d.secs  # noqa: E731
+    ref = by_decoder[Batching(1), 0.0, TRANSFORMERS, None]
+    named = [("ours, autoregressive", by_decoder[Batching(1), 0.0, None, None], 1.0)]
+    named += [(f"ours, {label}", by_decoder[Batching(1), 0.0, path, spec], tokens_per_step)
+              for (label, tokens_per_step, _), (path, spec) in zip(points, runs)]
+    for key, d in by_decoder.items():
+        if key[2] == TRANSFORMERS:
+            name = "transformers, autoregressive" if key[3] is None else f"transformers, prompt lookup of {key[3]}"
+            named.append((name, d, sum(map(len, d.tokens)) / d.row_steps))  # tokens per forward of the model
+            if key[3] is not None:
+                points.append((f"transformers lookup {key[3]}", named[-1][2], rate(d) / rate(ref)))
+    return [[name, tokens_per_step, rate(d), rate(d) / rate(ref),
+             "(the reference)" if d is ref else identical_outputs(model, prompts, ref.tokens, d.tokens)]
+            for name, d, tokens_per_step in named]
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def plot(points, path) -> None:

@@ -135,6 +135,34 @@ def test_datastore_run_has_its_column_and_needs_its_file(tmp_path, smollm, smoll
     assert "settings with datastore beams (+DxL''ds) need --datastore" in capsys.readouterr().err
 
 
+def test_transformers_reference_decodes_in_turn_with_ours(tmp_path, smollm_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
+                               ["Repeat exactly: red, green, blue, red, green, blue, red, green, blue.",
+                                "Count from one to ten."]))
+    monkeypatch.chdir(tmp_path)
+    run = ["--gguf", smollm_path, "--prompts", str(prompts), "--max-new-tokens", "24", "--sweep", "0x8+1",
+           "--section", "transformers"]
+    main(run + ["--transformers", "4"])
+    text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
+    assert "Against transformers: transformers " in text and "(`prompt_lookup_num_tokens=N`" in text
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
+                                  if line.startswith(("| ours, ", "| transformers, ")))}
+    assert list(rows) == ["ours, autoregressive", "ours, 0x8+1:8", "transformers, autoregressive",
+                          "transformers, prompt lookup of 4"]
+    # the same model in both: the same greedy outputs, whoever decodes them and however
+    assert [r[-1] for r in rows.values()] == ["2/2", "2/2", "(the reference)", "2/2"]
+    assert float(rows["transformers, autoregressive"][0]) == 1  # one token per forward, the prefill's included
+    assert float(rows["transformers, prompt lookup of 4"][0]) > 1.2  # the repeated colours are copied
+    assert float(rows["ours, 0x8+1:8"][0]) > 1.2
+    assert float(rows["transformers, autoregressive"][2]) == 1 and float(rows["ours, autoregressive"][2]) > 0
+    for bad, why in ((["--transformers", "0"], "N >= 1"), (["--transformers", "--temperatures", "0.8"], "greedy")):
+        with pytest.raises(SystemExit):
+            main(run + bad)
+        assert why in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text", ["0", "4/4", "4/0", "8x2", "3/"])
 def test_bad_batch_sizes_are_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="expected B or N/R"):
