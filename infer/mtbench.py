@@ -358,9 +358,7 @@ def main(argv=None) -> None:
                + ["AR tokens/s", "spec tokens/s", "speedup", "speedup after prefill", "identical outputs"], rows)
     if hf is not None:  # every decoder against transformers' autoregressive decoding (batch 1, greedy: one row each)
         cross = against_transformers(model, prompts, by_decoder, runs, points)
-        md += "\n\nAgainst Hugging Face transformers on the same prompts:\n\n" + table(
-            ["decoder", "tokens/step", "tokens/s", "speedup over transformers autoregressive",
-             "identical to transformers autoregressive"], cross)
+        md += "\n\nAgainst Hugging Face transformers on the same prompts:\n\n" + table(TRANSFORMERS_HEADERS, cross)
     print(md)
     source = f"{args.prompts or 'MT-Bench'} {'first' if args.turn == 1 else 'second'} turns"
     if args.turn == 2:
@@ -423,9 +421,14 @@ Command: `{args.command}`
     plot(points, beside(args.report, f"{args.section}.png"))
 
 
+TRANSFORMERS_HEADERS = ["decoder", "tokens/step", "tokens/s", "speedup over transformers autoregressive",
+                        "identical to transformers autoregressive"]
+
+
 def against_transformers(model, prompts: list[list[int]], by_decoder: dict, runs: list, points: list) -> list[list]:
-    """Rows of the table against transformers: ours (autoregressive, then each run, whose labels and tokens/step
-    `points` holds in the same order), then transformers' decoders, whose points it adds to `points`."""
+    """Rows (TRANSFORMERS_HEADERS) of the table against transformers: ours (autoregressive, then each run, whose
+    labels and tokens/step `points` holds in the same order), then transformers' decoders, whose points it adds
+    to `points`."""
     rate = lambda d: sum(map(len, d.tokens)) / d.secs  # noqa: E731
     ref = by_decoder[Batching(1), 0.0, TRANSFORMERS, None]
     named = [("ours, autoregressive", by_decoder[Batching(1), 0.0, None, None], 1.0)]

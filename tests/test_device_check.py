@@ -47,6 +47,22 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
             assert 2.5 < tokens_per_step <= 3, (dtype, spec, tokens_per_step)
         assert busy == 1 if batch in ("1", "2/1") else 0.5 <= busy <= 1
     assert found["paper_scale"]["oracle"][0][4] == "yes"
+    # ours and transformers' generate on the same prompts, each against transformers' autoregressive decoding
+    cross = {r[0]: r[1:] for r in found["transformers"]}
+    assert list(cross) == ["ours, autoregressive", "ours, 4x3+1x8:7", "transformers, autoregressive",
+                           "transformers, prompt lookup of 10"]
+    assert cross["transformers, autoregressive"][:1] + cross["transformers, autoregressive"][2:] == [
+        1, 1, "(the reference)"]
+    assert all(r[1] > 0 and r[3].startswith(("2/2", "1/2", "0/2")) for name, r in cross.items()
+               if name != "transformers, autoregressive")
+    # once the budget is spent, the comparison stops after the prompt it decoded (here without a drafter)
+    from infer.benchmark import load_transformers
+    from redrafter_jax.loaders.hf import load_hf
+
+    rows, n = device_check.transformers_rows(load_hf(str(model)), load_transformers("cpu", str(model)),
+                                             device_check.TINY, None, budget=lambda: 0)
+    assert n == 1 and [r[0] for r in rows][1] == "ours, 0x8+1" and rows[2][-1] == "(the reference)"
+    assert all(r[-1].split(" ")[0].endswith("/1") for r in rows[:2] + rows[3:])  # identical outputs of 1 prompt
     text = report.read_text()
     assert "## Device check: cpu" in text and "Paper scale" in text and (tmp_path / "device_check.png").exists()
 
@@ -58,7 +74,7 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step parts",
                                 "MT-Bench end to end", "paper scale", "MT-Bench in batches of 2",
-                                "MT-Bench in batches of 2/1"]
+                                "MT-Bench in batches of 2/1", "MT-Bench against transformers"]
     assert "Skipped for the 1e-09-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 
 
