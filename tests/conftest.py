@@ -2,6 +2,9 @@ import os
 
 # The suite runs in two worker processes (README): on a GPU, neither may take most of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# PyTorch (the transformers reference) in one thread: its OpenMP workers spin-wait after each operation and
+# took the cores from JAX in the same process and from the other worker (the suite took minutes longer).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
