@@ -133,10 +133,19 @@ class Decoded(NamedTuple):
         prompt ends (1 for one prompt; with continuous batching, until the queue is empty too)."""
         return sum(map(len, self.accepted)) / self.row_steps
 
+    @property
+    def num_tokens(self) -> int:
+        return sum(map(len, self.tokens))
+
+    @property
+    def rate(self) -> float:
+        """Generated tokens/s."""
+        return self.num_tokens / self.secs
+
 
 def rate_after(d: Decoded, prefill: float) -> float:
     """Tokens/s once `prefill` seconds (the prompts' prefill) and the token each prefill chose are taken out."""
-    return (sum(map(len, d.tokens)) - len(d.tokens)) / (d.secs - prefill) if d.secs > prefill else np.nan
+    return (d.num_tokens - len(d.tokens)) / (d.secs - prefill) if d.secs > prefill else np.nan
 
 
 def joined(parts: list[Decoded]) -> Decoded:
@@ -334,11 +343,11 @@ def main(argv=None) -> None:
     rows, points = [], []
     for size, temp in itertools.product(args.batch_sizes, args.temperatures):
         ar, prefill = by_decoder[size, temp, None, None], by_decoder[size, None, None, None].secs
-        ar_rate = sum(map(len, ar.tokens)) / ar.secs
+        ar_rate = ar.rate
         for path, spec in runs:
             run = by_decoder[size, temp, path, spec]
             tokens_per_step = 1 + np.concatenate(run.accepted).mean()
-            rate = sum(map(len, run.tokens)) / run.secs
+            rate = run.rate
             same = identical_outputs(model, prompts, ar.tokens, run.tokens) if temp == 0 else "sampled"
             name = os.path.normpath(path) if path else "none"
             lookup = f"{spec.lookup_beams}x{spec.lookup_length}" if spec.lookup_length else spec.lookup_beams
@@ -429,7 +438,6 @@ def against_transformers(model, prompts: list[list[int]], by_decoder: dict, runs
     """Rows (TRANSFORMERS_HEADERS) of the table against transformers: ours (autoregressive, then each run, whose
     labels and tokens/step `points` holds in the same order), then transformers' decoders, whose points it adds
     to `points`."""
-    rate = lambda d: sum(map(len, d.tokens)) / d.secs  # noqa: E731
     ref = by_decoder[Batching(1), 0.0, TRANSFORMERS, None]
     named = [("ours, autoregressive", by_decoder[Batching(1), 0.0, None, None], 1.0)]
     named += [(f"ours, {label}", by_decoder[Batching(1), 0.0, path, spec], tokens_per_step)
@@ -437,10 +445,10 @@ def against_transformers(model, prompts: list[list[int]], by_decoder: dict, runs
     for key, d in by_decoder.items():
         if key[2] == TRANSFORMERS:
             name = "transformers, autoregressive" if key[3] is None else f"transformers, prompt lookup of {key[3]}"
-            named.append((name, d, sum(map(len, d.tokens)) / d.row_steps))  # tokens per forward of the model
+            named.append((name, d, d.num_tokens / d.row_steps))  # tokens per forward of the model
             if key[3] is not None:
-                points.append((f"transformers lookup {key[3]}", named[-1][2], rate(d) / rate(ref)))
-    return [[name, tokens_per_step, rate(d), rate(d) / rate(ref),
+                points.append((f"transformers lookup {key[3]}", named[-1][2], d.rate / ref.rate))
+    return [[name, tokens_per_step, d.rate, d.rate / ref.rate,
              "(the reference)" if d is ref else identical_outputs(model, prompts, ref.tokens, d.tokens)]
             for name, d, tokens_per_step in named]
 
