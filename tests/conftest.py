@@ -1,15 +1,28 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # The suite runs in two worker processes (README): on a GPU, neither may take most of its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # PyTorch (the transformers reference) in one thread: its OpenMP workers spin-wait after each operation and
 # took the cores from JAX in the same process and from the other worker (the suite took minutes longer).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One persistent compilation cache for the whole run, made by the first process and inherited by the
+# workers, the subprocesses and the notebook kernels: many of them compile the same programs of the real
+# model (a tenth of the suite's time). It starts empty, so every run still compiles everything once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="redrafter-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])  # (if imported before)
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 MODEL_FIXTURES = {"smollm_path", "smollm", "chat_prompts"}
 
