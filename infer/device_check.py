@@ -145,7 +145,7 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
             jax.clear_caches()
             run = decode(f"{dtype} {name} {spec_text}, batch {batching}", spec=spec, **kw)
             same = identical_outputs(model, prompts, ar.tokens, run.tokens)
-            tokens_per_step = 1 + float(np.concatenate(run.accepted).mean())
+            tokens_per_step = run.tokens_per_step
             speedup = ar.secs / run.secs
             rows.append([dtype, str(batching), name, spec_text, tokens_per_step, run.rows_busy, speedup,
                          tokens_per_step / speedup, same])
@@ -177,7 +177,7 @@ def transformers_rows(model, hf, sizes: Sizes, drafter_dir: str | None, budget) 
         for key in list(decoders)[:: 1 if i % 2 == 0 else -1]:
             done[key].append(decoders[key](prompt))
     by_decoder = {(Batching(1), 0.0, *key): joined(runs) for key, runs in done.items()}
-    tokens_per_step = 1 + float(np.concatenate(by_decoder[Batching(1), 0.0, drafter_dir, spec].accepted).mean())
+    tokens_per_step = by_decoder[Batching(1), 0.0, drafter_dir, spec].tokens_per_step
     return against_transformers(model, prompts, by_decoder, [(drafter_dir, spec)],
                                 [(spec.describe(), tokens_per_step, None)]), len(prompts)
 

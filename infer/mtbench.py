@@ -134,6 +134,11 @@ class Decoded(NamedTuple):
         return sum(map(len, self.accepted)) / self.row_steps
 
     @property
+    def tokens_per_step(self) -> float:
+        """Tokens per speculative step of a prompt's own: its drafted tokens accepted, and the target's."""
+        return 1 + float(np.concatenate(self.accepted).mean())
+
+    @property
     def num_tokens(self) -> int:
         return sum(map(len, self.tokens))
 
@@ -346,7 +351,7 @@ def main(argv=None) -> None:
         ar_rate = ar.rate
         for path, spec in runs:
             run = by_decoder[size, temp, path, spec]
-            tokens_per_step = 1 + np.concatenate(run.accepted).mean()
+            tokens_per_step = run.tokens_per_step
             rate = run.rate
             same = identical_outputs(model, prompts, ar.tokens, run.tokens) if temp == 0 else "sampled"
             name = os.path.normpath(path) if path else "none"
