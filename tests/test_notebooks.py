@@ -1,6 +1,7 @@
 """Every notebook runs top to bottom in a real Jupyter kernel (their own cells assert what they show)."""
 
 import glob
+import json
 import os
 
 import nbformat
@@ -17,6 +18,11 @@ def test_there_are_notebooks_and_their_outputs_are_not_committed():
         nb = nbformat.read(path, as_version=4)
         assert "colab.research.google.com" in nb.cells[0].source
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+        # nbformat 4.5 requires cell ids: nbformat.read fills in missing ones with a warning today (an error
+        # in later versions), so read the file as it is
+        with open(path) as f:
+            ids = [c.get("id") for c in json.load(f)["cells"]]
+        assert None not in ids and len(set(ids)) == len(ids), path
 
 
 @pytest.mark.slow
