@@ -293,8 +293,9 @@ def main(argv=None) -> None:
     # in the machine's speed over the run weighs on all of them alike. One group of batches of one shape
     # (size, prompt-length bucket as generate pads it) at a time: its programs are compiled first, outside
     # the timing, and dropped after it, since each holds ~1,000 memory maps and XLA:CPU aborts at the
-    # kernel's limit (vm.max_map_count, 65,530 by default: 80 programs). The batch from prompt i is
-    # decoded with key i by every decoder.
+    # kernel's limit (vm.max_map_count, 65,530 by default: 80 programs); past half of it generate would
+    # drop them itself, and a group's programs dropped in its warm-up would compile again in the timing.
+    # The batch from prompt i is decoded with key i by every decoder.
     groups = {}  # (batching asked for, prompts, bucket) -> its batches (lists of prompt indices)
     for size in args.batch_sizes:
         for i in range(0, len(prompts), size.prompts):

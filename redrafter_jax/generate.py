@@ -300,6 +300,35 @@ _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling
                                                                 "batch_size", "keep_cache"))
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
                                                           "batch_size", "keep_cache"))
+_DECODE_LOOPS = (_autoregressive_jit, _speculative_jit)
+
+
+def _compiled_loops() -> int:
+    return sum(loop._cache_size() for loop in _DECODE_LOOPS)
+
+
+def _map_limit() -> int | None:
+    """The kernel's limit on a process's memory maps (Linux's vm.max_map_count; None elsewhere)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _bound_compiled_loops(compiled_before: int) -> None:
+    """Drops the compiled decode loops once a compilation has taken the process past half its limit of
+    memory maps. XLA:CPU keeps each program's machine code in maps of its own (the default model's loops:
+    ~600 autoregressive, ~900 speculative) and aborts the process inside a compilation at the limit
+    (65,530 by default): a long-lived process that met many shapes (prompt-length buckets, settings)
+    would get there. Loops used again compile again."""
+    limit = _map_limit()
+    if limit is None or _compiled_loops() <= compiled_before:
+        return
+    with open("/proc/self/maps", "rb") as f:
+        if f.read().count(b"\n") > limit // 2:
+            for loop in _DECODE_LOOPS:
+                loop.clear_cache()
 
 
 class DecodingParams(NamedTuple):
@@ -444,10 +473,12 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
                            drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket, mesh=mesh,
                            batch_size=batch_size, cache=cache, keep_cache=keep_cache, max_len=max_len)
+    compiled = _compiled_loops()
     with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
         out = loop(stream=to)
         if to is not None:
             jax.block_until_ready(out)
+    _bound_compiled_loops(compiled)
     return _rows(out, b)
 
 

@@ -1,5 +1,7 @@
 """Autoregressive generation: exactness against uncached recomputation, batching, EOS, limits, errors."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,25 @@ def test_a_new_stream_callback_reuses_the_compiled_loop():
     assert gen._speculative_jit._cache_size() == compiled
     assert sum(c for who, c in seen if who == "a") == sum(c for who, c in seen if who == "b") == int(out.lengths[0])
     assert not decode._RECEIVERS  # each call's callback is dropped when it returns
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="a process's memory maps are counted on Linux")
+def test_compiled_loops_are_dropped_once_a_compilation_passes_half_the_memory_map_limit(monkeypatch):
+    """XLA:CPU aborts the process at the kernel's limit of memory maps, and every compiled program holds
+    hundreds of them: generate drops its compiled decode loops once a compilation took the process past
+    half the limit, and decodes the same as before."""
+    from redrafter_jax import generate as gen
+
+    assert gen._map_limit() == int(open("/proc/sys/vm/max_map_count").read())
+    cfg, params = tiny_model(seed=6)
+    run = lambda n, **kw: rows(generate(params, cfg, [[3, 4, 5, 3, 4]], max_new_tokens=n, **kw))  # noqa: E731
+    monkeypatch.setattr(gen, "_map_limit", lambda: 10**9)
+    want = {n: run(n) for n in (7, 9)}
+    compiled = gen._compiled_loops()
+    assert compiled >= 2  # far from the limit: kept
+    maps = sum(1 for _ in open("/proc/self/maps"))
+    monkeypatch.setattr(gen, "_map_limit", lambda: maps)  # now past half of it
+    assert run(7) == want[7] and gen._compiled_loops() == compiled  # nothing compiled, nothing dropped
+    assert run(9, spec=SpecConfig(0, 3, lookup_beams=1)) == want[9]  # a new program: compiled, then dropped
+    assert gen._compiled_loops() == 0
+    assert run(7) == want[7]
