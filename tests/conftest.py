@@ -42,6 +42,15 @@ def _compiled_programs_within_the_map_limit():
         jax.clear_caches()
 
 
+@pytest.fixture
+def programs_kept(monkeypatch):
+    """For tests that count compiled programs: generate keeps its compiled loops while they run, however
+    near the memory-map limit the worker is (`generate._bound_compiled_loops` would drop them)."""
+    from redrafter_jax import generate as gen
+
+    monkeypatch.setattr(gen, "_map_limit", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def smollm_path():
     from redrafter_jax.loaders.embedded import default_gguf_path

@@ -152,7 +152,7 @@ def test_streamed_chunks_are_numpy_and_add_up_to_the_output(speculative):
     assert chunks == rows(out)
 
 
-def test_a_new_stream_callback_reuses_the_compiled_loop():
+def test_a_new_stream_callback_reuses_the_compiled_loop(programs_kept):
     """The callback is not part of the compiled program: a new one (as a notebook cell makes each
     time) runs the same loop, and gets its own call's tokens."""
     from redrafter_jax import decode
