@@ -42,10 +42,12 @@ def _compiled_programs_within_the_map_limit():
         jax.clear_caches()
 
 
-@pytest.fixture
-def programs_kept(monkeypatch):
-    """For tests that count compiled programs: generate keeps its compiled loops while they run, however
-    near the memory-map limit the worker is (`generate._bound_compiled_loops` would drop them)."""
+@pytest.fixture(autouse=True)
+def _compiled_loops_kept_within_a_test_file(monkeypatch):
+    """generate keeps its compiled decode loops however many maps the worker holds
+    (`generate._bound_compiled_loops`, tested on its own): the fixture above bounds them between test
+    files instead, so that a test's compilations and its counts of compiled programs do not depend on
+    what the tests before it compiled."""
     from redrafter_jax import generate as gen
 
     monkeypatch.setattr(gen, "_map_limit", lambda: None)

@@ -21,7 +21,7 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
     assert "tokens/s" in err and "speedup" in err and "output identical to autoregressive" in err
 
 
-def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, smollm_path, smollm, programs_kept):
+def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, smollm_path, smollm):
     messages = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
     programs = gen._speculative_jit._cache_size()
     main(["--gguf", smollm_path, "--chat", *messages, "--max-new-tokens", "10", "--lookup-beams", "1"])

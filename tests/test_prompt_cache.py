@@ -132,7 +132,7 @@ def test_a_shared_prefix_is_prefilled_once_for_a_batch(model, decoders):
 
 
 @pytest.mark.parametrize("name", ["autoregressive", "drafter"])
-def test_a_chat_with_a_fixed_max_len_compiles_its_loop_for_two_turns_only(model, decoders, name, programs_kept):
+def test_a_chat_with_a_fixed_max_len_compiles_its_loop_for_two_turns_only(model, decoders, name):
     """Five turns, each continuing the last one's cache with max_len fixed: the same outputs as full
     prefills without it, and no new program after the second turn (the first has no cache to continue)."""
     from redrafter_jax import generate as gen
