@@ -5,10 +5,12 @@ import json
 import os
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from redrafter_jax.config import SpecConfig
@@ -55,13 +57,15 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
     return {k: v.astype(np.float32) for k, v in t.items()}
 
 
-def write_checkpoint(directory, arch, tensors, sharded=False, **config_overrides):
+def write_checkpoint(directory, arch, tensors, sharded=False, stored="float32", **config_overrides):
+    """A checkpoint directory of `tensors`, stored as `stored` (float32, bfloat16 or float16)."""
     os.makedirs(directory, exist_ok=True)
     config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype=stored,
                   **ARCHS[arch])
     config.update(config_overrides)
+    tensors = {k: v.astype(jnp.dtype(stored)) for k, v in tensors.items()}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     if sharded:
@@ -144,6 +148,32 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
         ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
     ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_loads_as_transformers_reads_it(tmp_path, stored):
+    """Most published checkpoints store bfloat16 (some float16), which NumPy alone cannot read: loaded in
+    float32 they are the stored values exactly, as transformers loads them; in bfloat16, bfloat16's own."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    tensors = hf_tensors("llama", np.random.default_rng(3))
+    write_checkpoint(tmp_path, "llama", tensors, stored=stored)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {{"bfloat16": "BF16", "float16": "F16"}[stored]}
+    m = load_hf(str(tmp_path))
+    held = {k: v.astype(jnp.dtype(stored)).astype(np.float32) for k, v in tensors.items()}
+    want = params_from_hf_arrays(held, m.config)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(want)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                           attn_implementation="eager")
+    with torch.no_grad():
+        ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
+    ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    if stored == "bfloat16":
+        b = load_hf(str(tmp_path), dtype="bfloat16").params["embed"]
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(b), tensors["model.embed_tokens.weight"].astype(jnp.bfloat16))
 
 
 @pytest.mark.parametrize("arch, config, window", [
