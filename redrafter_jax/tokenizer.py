@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
+
 import jinja2
+import jinja2.ext
 import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -34,6 +39,27 @@ def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
         return _byte_level_split(_QWEN2_REGEX)
     raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} "
                      "(supported: default, gpt2, smollm, llama-bpe, qwen2)")
+
+
+def _raise_exception(message: str):
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_template(source: str) -> jinja2.Template:
+    """The template compiled in the environment Hugging Face's `apply_chat_template` gives templates, so
+    that a prompt renders as transformers renders it: loop controls ({% break %}), JSON without HTML
+    escaping, `strftime_now` (Llama 3's templates date their system header with it), `raise_exception`."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    return env.from_string(source)
 
 
 class Tokenizer:
@@ -90,17 +116,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError("this model has no chat template; pass a plain prompt instead")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(msg):
-            raise jinja2.TemplateError(msg)
-
-        env.globals["raise_exception"] = raise_exception
         for i, m in enumerate(messages):
             self.check_text(m.get("content"), f"message {i}'s content")
         bos = self.tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.tok.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
-        return env.from_string(self.chat_template).render(
+        return _chat_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
             eos_token=eos)
 

@@ -1,12 +1,14 @@
 """Loaders: Hugging Face checkpoint directories written by the tests, the GGUF tokenizer, bad files."""
 
 import dataclasses
+import datetime
 import json
 import os
 
 import gguf
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 import pytest
 import tokenizers
@@ -221,6 +223,34 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
     ids = tok.encode_chat([{"role": "user", "content": "w1 w2"}])
     assert ids == [3, 6, 7, 4]
     assert tok.decode(ids, skip_special_tokens=True) == "w1 w2"
+
+
+# What published templates use beyond plain Jinja: loop controls, tojson, strftime_now (Llama 3 dates its
+# system header; "%Y" so that the test cannot straddle a change of date), raise_exception.
+HUB_TEMPLATE = """{{ bos_token }}{% if not date_string is defined %}{% set date_string = strftime_now("%Y") %}{% endif %}
+<|system|> {{ date_string }} {{ {"w1": "<w2> \u00e9"} | tojson }}
+{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}
+{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}
+<|{{ m['role'] }}|> {{ m['content'] }}{% if loop.index == 4 %}{% break %}{% endif %}
+{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+
+def test_chat_template_renders_as_transformers_renders_it(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    write_checkpoint(tmp_path, "llama", hf_tensors("llama", np.random.default_rng(0)))
+    with open(tmp_path / "tokenizer_config.json", "w") as f:
+        json.dump({"chat_template": HUB_TEMPLATE, "bos_token": "<s>", "eos_token": "</s>"}, f)
+    ours = load_hf(str(tmp_path)).tokenizer
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    chat = [{"role": "system", "content": "w5"}] + [{"role": r, "content": f"w{i}"}
+                                                     for i, r in zip(range(6, 11), ["user", "assistant"] * 3)]
+    text = ours.apply_chat_template(chat)
+    assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert f"<|system|> {datetime.date.today().year} " in text and "w9" not in text  # dated; the loop broke
+    assert ours.encode_chat(chat) == list(hf.apply_chat_template(chat, add_generation_prompt=True,
+                                                                 tokenize=True)["input_ids"])
+    with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
+        ours.apply_chat_template(chat[:2] + [{"role": "tool", "content": "w1"}])
 
 
 @pytest.mark.parametrize("case,match", [
