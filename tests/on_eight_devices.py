@@ -9,7 +9,6 @@ import tempfile
 import tracemalloc
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from redrafter_jax import generate as gen
@@ -131,11 +130,11 @@ def loading() -> dict:
     """A random Llama in bfloat16, saved as two safetensors files, loaded straight onto a 2x4 mesh:
     the host's peak allocation while loading, against the model's size."""
     kw = dict(layers=4, hidden=256, inter=512, heads=8, kv=4, head_dim=32, vocab=4096)
-    tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_tensors("llama", np.random.default_rng(0), **kw).items()}
+    tensors = hf_tensors("llama", np.random.default_rng(0), **kw)
     with tempfile.TemporaryDirectory() as d:
-        write_checkpoint(d, "llama", tensors, sharded=True, num_hidden_layers=4, vocab_size=4096, hidden_size=256,
-                         intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
-                         torch_dtype="bfloat16")
+        write_checkpoint(d, "llama", tensors, sharded=True, stored="bfloat16", num_hidden_layers=4, vocab_size=4096,
+                         hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
+                         head_dim=32)
         mesh = sharding.parse_mesh("2x4")
         tracemalloc.start()
         m = load_hf(d, "bfloat16", mesh)

@@ -125,7 +125,11 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
-    write_checkpoint(tmp_path, arch, tensors, sharded=sharded)
+    # stored, but not parameters: RoPE frequencies (older transformers), a head tied to the embedding
+    extras = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}
+    if ARCHS[arch]["tie_word_embeddings"]:
+        extras["lm_head.weight"] = np.ones((64, 32), np.float32)
+    write_checkpoint(tmp_path, arch, {**tensors, **extras}, sharded=sharded)
     m = load_hf(str(tmp_path))
     assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == (arch == "qwen3")
     assert m.config.sliding_window == (5 if arch == "mistral" else None)
@@ -176,6 +180,34 @@ def test_half_precision_checkpoint_loads_as_transformers_reads_it(tmp_path, stor
         b = load_hf(str(tmp_path), dtype="bfloat16").params["embed"]
         assert b.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(b), tensors["model.embed_tokens.weight"].astype(jnp.bfloat16))
+
+
+def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
+    """transformers >= 5 saves the RoPE base and scaling as `rope_parameters` (no `rope_theta` key): a
+    Llama 3 style model saved by transformers itself gives transformers' logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=500000.0, initializer_range=0.3,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    write_checkpoint(tmp_path / "tok", "llama", {})  # its tokenizer.json
+    os.rename(tmp_path / "tok" / "tokenizer.json", tmp_path / "tokenizer.json")
+    with open(tmp_path / "config.json") as f:
+        saved = json.load(f)
+    assert "rope_theta" not in saved and "rope_scaling" not in saved  # what this test is about
+    m = load_hf(str(tmp_path))
+    assert m.config.rope_theta == 500000.0 and m.config.rope_scaling.factor == 8.0
+    assert m.config.rope_scaling == config_from_hf({**saved, "rope_parameters": None, "rope_theta": 500000.0,
+                                                    "rope_scaling": config.rope_parameters}).rope_scaling
+    with torch.no_grad():
+        ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
+    ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch, config, window", [
@@ -259,6 +291,14 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("shape", r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(48, 32\), expected \(40, 32\)"),
     ("untied", "missing tensor 'lm_head.weight'"),
     ("no_weights", "no model.safetensors"),
+    # what the model does not implement is refused, never ignored
+    ("hidden_act", "unsupported hidden_act 'gelu'"),
+    ("mlp_bias", "unsupported mlp_bias"),
+    ("attention_bias", "unsupported attention_bias: true for LlamaForCausalLM"),
+    ("rope_per_layer", "unsupported rope_parameters"),
+    ("rope_yarn", "unsupported rope scaling type 'yarn'"),
+    ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
+    ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     tensors = hf_tensors("llama", np.random.default_rng(0))
@@ -271,6 +311,20 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         overrides["intermediate_size"] = 40
     elif case == "untied":
         del tensors["lm_head.weight"]
+    elif case == "hidden_act":
+        overrides["hidden_act"] = "gelu"
+    elif case in ("mlp_bias", "attention_bias"):
+        overrides[case] = True
+    elif case == "rope_per_layer":
+        overrides["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": 1e4}
+                                        for kind in ("full_attention", "sliding_attention")}
+    elif case == "rope_yarn":
+        overrides["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    elif case == "extra_layer":
+        tensors.update({f"model.layers.2.{n}.weight": np.ones(32, np.float32)
+                        for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm")})
+    elif case == "o_proj_bias":
+        tensors.update({f"model.layers.{i}.self_attn.o_proj.bias": np.zeros(32, np.float32) for i in range(2)})
     write_checkpoint(tmp_path, "llama", tensors, **overrides)
     if case == "no_weights":
         os.remove(tmp_path / "model.safetensors")
@@ -290,10 +344,14 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(unpermute_rope(permute_rope(b, 3), 3), b)
 
 
-def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8):
+def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary."""
+    (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary; `scaling`:
+    (RoPE scaling type, factor); `extras`: more tensors, by their GGUF names."""
     w = gguf.GGUFWriter(str(path), arch)
+    if scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(scaling[0]))
+        w.add_rope_scaling_factor(scaling[1])
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
@@ -318,6 +376,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8):
         elif arch == "llama" and ".k_proj." in name:
             x = permute_rope(x, kv)
         w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
+    for name, x in (extras or {}).items():
+        w.add_tensor(name, x)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -326,11 +386,13 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted, Qwen2's biases, Qwen3's query and key norms)
-    and as a Hugging Face directory give the same model."""
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases, Qwen3's
+    query and key norms) and as a Hugging Face directory give the same model."""
     tensors = hf_tensors(arch, np.random.default_rng(3))
-    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=None)
-    write_gguf(tmp_path / "model.gguf", arch, tensors)
+    linear = arch == "llama"
+    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling={"rope_type": "linear", "factor": 2.0} if linear
+                     else None)
+    write_gguf(tmp_path / "model.gguf", arch, tensors, scaling=("linear", 2.0) if linear else None)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
@@ -356,6 +418,19 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
         load_gguf(str(foreign))
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load_gguf(str(tmp_path / "nope.gguf"))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("yarn", "unsupported rope scaling type 'yarn'"),
+    ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_output.bias'"),
+])
+def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
+    """What the model does not implement is refused, never ignored."""
+    extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
+    write_gguf(tmp_path / "model.gguf", "llama", hf_tensors("llama", np.random.default_rng(3)),
+               scaling=("yarn", 4.0) if case == "yarn" else None, extras=extras)
+    with pytest.raises(ValueError, match=match):
+        load_gguf(str(tmp_path / "model.gguf"))
 
 
 TEXTS = ["Hello, world!", "The year 2024 had 366 days.", "  indented\n\ttabs and ünïcödé — “quotes” 😀",

@@ -52,10 +52,15 @@ LAYER_TENSORS = {
 }
 HF, GGUF = 0, 1
 TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
+# Stored but not parameters: the RoPE frequencies older transformers versions saved
+IGNORED = (".rotary_emb.inv_freq",)
 
 
 class Source(Protocol):
     """A checkpoint's tensors, by the format's names, in the stored layout."""
+
+    def names(self) -> list[str]:
+        """Every tensor the checkpoint holds."""
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape; KeyError if the checkpoint has no such tensor."""
@@ -115,9 +120,11 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
-
-    def load(ours: str, table: dict, layer: int | None, shape: tuple, sharding) -> jax.Array:
-        parts = [names[fmt].format(i=layer) for names in table[ours]]
+    plan = [(k, None, [names[fmt] for names in GLOBAL_TENSORS[k]], s, shardings[k])
+            for k, s in shapes.items() if k != "layers"]  # (ours, its layer, its stored parts, shape, sharding)
+    for i, (layer, where) in enumerate(zip(shapes["layers"], shardings["layers"])):
+        plan += [(k, i, [names[fmt].format(i=i) for names in LAYER_TENSORS[k]], s, where[k]) for k, s in layer.items()]
+    for ours, _, parts, shape, _ in plan:
         for name, stored in zip(parts, _stored_shapes(cfg, ours, shape)):
             try:
                 got = tuple(source.shape(name))
@@ -125,15 +132,19 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
                 raise ValueError(f"checkpoint is missing tensor {name!r}") from None
             if got != stored:
                 raise ValueError(f"tensor {name!r} has shape {got}, expected {stored} for this config")
-        return _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), cfg.dtype))
+    used = {name for _, _, parts, _, _ in plan for name in parts}
+    if cfg.tie_word_embeddings:
+        used.add(GLOBAL_TENSORS["lm_head"][0][fmt])
+    unused = sorted(n for n in source.names() if n not in used and not n.endswith(IGNORED))
+    if unused:  # e.g. biases or layers the config does not declare: the model would run without them
+        raise ValueError(f"checkpoint has {len(unused)} tensors this config does not use, e.g. {unused[:3]}: "
+                         "the checkpoint does not match its config, or holds weights this loader does not support")
 
     # a bar on a terminal only: dequantising a large model takes a while
-    with tqdm(total=len(shapes) - 1 + len(shapes["layers"]), desc="loading weights", unit="layer", disable=None,
-              leave=False) as bar:
-        params = {k: load(k, GLOBAL_TENSORS, None, s, shardings[k]) for k, s in shapes.items() if k != "layers"}
-        bar.update(len(params))
-        params["layers"] = []
-        for i, (layer, where) in enumerate(zip(shapes["layers"], shardings["layers"])):
-            params["layers"].append({k: load(k, LAYER_TENSORS, i, s, where[k]) for k, s in layer.items()})
+    params = {"layers": [{} for _ in shapes["layers"]]}
+    with tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
+        for ours, layer, parts, shape, sharding in plan:
+            x = _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), cfg.dtype))
+            (params if layer is None else params["layers"][layer])[ours] = x
             bar.update()
     return params

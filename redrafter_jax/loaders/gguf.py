@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 from jax.sharding import Mesh
 
-from redrafter_jax.config import ModelConfig
+from redrafter_jax.config import ModelConfig, RopeScaling
 from redrafter_jax.loaders import GGUF, LoadedModel, assemble_params
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
@@ -69,6 +69,9 @@ class _GGUFTensors:
         self.llama = _field(reader, "general.architecture") == "llama"
         self._dequantized = functools.lru_cache(maxsize=3)(self._dequantize)  # a fused parameter's parts
 
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists the fastest axis first
 
@@ -100,6 +103,8 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         raise ValueError("GGUF files with per-frequency RoPE factors (rope_freqs) are not supported; "
                          "load the Hugging Face checkpoint instead")
     m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    kind = m("rope.scaling.type", "none")  # RopeScaling refuses the kinds the model does not implement
+    scaling = None if kind == "none" else RopeScaling(kind=kind, factor=float(m("rope.scaling.factor")))
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
     hidden = int(m("embedding_length"))
@@ -113,6 +118,7 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         num_heads=n_heads, num_kv_heads=n_kv,
         head_dim=int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads))),
         max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,

@@ -55,21 +55,38 @@ def _sliding_window(arch: str, c: dict) -> int | None:
                      f"window (sliding_window {window}), got layer kinds {sorted(set(kinds))}")
 
 
+def _rope(c: dict) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling: transformers >= 5 writes both in `rope_parameters`, earlier versions as
+    `rope_theta` and `rope_scaling`."""
+    params = c.get("rope_parameters") or {}
+    if params and "rope_theta" not in params:  # one set per layer kind (Gemma 3's layout)
+        raise ValueError(f"unsupported rope_parameters {params}: expected one set for every layer")
+    theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    rs = params or c.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    return theta, RopeScaling(kind=kind, factor=float(rs["factor"]),
+                              low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                              high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                              original_max_position=int(rs.get("original_max_position_embeddings", 8192)))
+
+
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
-    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids)."""
+    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids). Settings
+    the model does not implement are refused, not ignored: they would change its answers."""
     archs = c.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    rs = c.get("rope_scaling")
-    scaling = None
-    if rs:
-        kind = rs.get("rope_type", rs.get("type"))
-        if kind != "default":
-            scaling = RopeScaling(kind=kind, factor=float(rs["factor"]),
-                                  low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-                                  high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                                  original_max_position=int(rs.get("original_max_position_embeddings", 8192)))
+    if c.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (supported: silu)")
+    if c.get("mlp_bias"):
+        raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
+    qkv_bias = arch == "Qwen2ForCausalLM"  # Qwen2 biases Q, K and V; attention_bias elsewhere biases o_proj too
+    if c.get("attention_bias") and not qkv_bias:
+        raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
+    theta, scaling = _rope(c)
     window = _sliding_window(arch, c)
     heads = int(c["num_attention_heads"])
     eos = _as_tuple(c.get("eos_token_id"))
@@ -80,10 +97,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
         max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
-        rope_theta=float(c.get("rope_theta", 10000.0)), rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling,
         rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        attention_bias=arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False)),
+        attention_bias=qkv_bias,
         sliding_window=window, qk_norm=arch == "Qwen3ForCausalLM",
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
@@ -135,6 +152,9 @@ class _Safetensors:
             except Exception as e:
                 raise ValueError(f"cannot read safetensors file {path}: {e}") from e
         return self.handles[path].get_slice(name)
+
+    def names(self) -> list[str]:
+        return list(self.index)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
