@@ -283,6 +283,11 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
                                                                  tokenize=True)["input_ids"])
     with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
         ours.apply_chat_template(chat[:2] + [{"role": "tool", "content": "w1"}])
+    # saved by transformers (recent versions): the template in chat_template.jinja, not in tokenizer_config.json
+    hf.save_pretrained(str(tmp_path))
+    with open(tmp_path / "tokenizer_config.json") as f:
+        assert "chat_template" not in json.load(f) and (tmp_path / "chat_template.jinja").is_file()
+    assert load_hf(str(tmp_path)).tokenizer.apply_chat_template(chat) == text
 
 
 @pytest.mark.parametrize("case,match", [

@@ -130,6 +130,10 @@ def load_tokenizer(directory: str, cfg: ModelConfig) -> Tokenizer:
     template = tc.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja = os.path.join(directory, "chat_template.jinja")  # where recent transformers save it; it comes first
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
     # BOS is added iff tokenizer.json's own post-processor adds it.
     probe = tok.encode("a", add_special_tokens=True).ids
     add_bos = cfg.bos_token_id is not None and probe[:1] == [cfg.bos_token_id]
