@@ -79,7 +79,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if c.get("hidden_act", "silu") != "silu":
+    if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
         raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (supported: silu)")
     if c.get("mlp_bias"):
         raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
