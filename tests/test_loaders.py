@@ -349,11 +349,13 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(unpermute_rope(permute_rope(b, 3), 3), b)
 
 
-def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None):
+def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
     (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary; `scaling`:
-    (RoPE scaling type, factor); `extras`: more tensors, by their GGUF names."""
+    (RoPE scaling type, factor); `extras`: more tensors, by their GGUF names; `eot`: an end-of-turn id."""
     w = gguf.GGUFWriter(str(path), arch)
+    if eot is not None:
+        w.add_eot_token_id(eot)
     if scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(scaling[0]))
         w.add_rope_scaling_factor(scaling[1])
@@ -391,13 +393,14 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases, Qwen3's
-    query and key norms) and as a Hugging Face directory give the same model."""
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases and an
+    end-of-turn token that ends generation too, Qwen3's query and key norms) and as a Hugging Face
+    directory give the same model."""
     tensors = hf_tensors(arch, np.random.default_rng(3))
-    linear = arch == "llama"
+    linear, eot = arch == "llama", 4 if arch == "qwen2" else None
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling={"rope_type": "linear", "factor": 2.0} if linear
-                     else None)
-    write_gguf(tmp_path / "model.gguf", arch, tensors, scaling=("linear", 2.0) if linear else None)
+                     else None, eos_token_id=[2, eot] if eot else 2)
+    write_gguf(tmp_path / "model.gguf", arch, tensors, scaling=("linear", 2.0) if linear else None, eot=eot)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))

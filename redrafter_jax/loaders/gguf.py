@@ -109,7 +109,11 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
     n_kv = int(m("attention.head_count_kv", n_heads))
     hidden = int(m("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
+    eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
+    for key in ("eot", "eom"):  # llama.cpp also ends generation at the end of a turn or message
+        end = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
+        if end is not None and int(end.contents()) not in eos:
+            eos += (int(end.contents()),)
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     bos = int(bos.contents()) if bos is not None else None
     cfg = ModelConfig(
@@ -122,8 +126,8 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
-        bos_token_id=bos, eos_token_ids=(eos,),
-        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos)), dtype=dtype)
+        bos_token_id=bos, eos_token_ids=eos,
+        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
     params = assemble_params(cfg, GGUF, _GGUFTensors(reader, path, n_heads, n_kv),
                              None if mesh is None else param_shardings(cfg, mesh))
@@ -132,5 +136,5 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
         merges=_field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
-        eos_token_ids=(eos,), add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+        eos_token_ids=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
     return LoadedModel(cfg, params, tok, mesh)
