@@ -82,14 +82,17 @@ def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3, batch
     return np.bincount(np.ravel_multi_index(toks.T, (V,) * k), minlength=V ** k), out
 
 
-SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), SamplingConfig(1.0, top_p=0.9)]
+SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), SamplingConfig(1.0, top_p=0.9),
+             SamplingConfig(1.0, top_k=3)]
 
 
-# Each drafter kind at two samplings and each sampling with two kinds (the full 4 x 4 grid adds ~80 s).
+# Each drafter kind at two samplings and each sampling with one or two kinds (the full grid adds ~80 s).
+# Under top-k many drafted tokens have no probability at all: they must never be accepted.
 PAIRS = [("random", SAMPLINGS[0]), ("random", SAMPLINGS[3]), ("adversarial", SAMPLINGS[1]),
          ("adversarial", SAMPLINGS[2]), ("lookup", SAMPLINGS[2]), ("lookup", SAMPLINGS[3]),
          ("random+lookup", SAMPLINGS[0]), ("random+long lookup in 6 slots", SAMPLINGS[1]),
-         ("datastore", SAMPLINGS[1]), ("random+lookup+datastore in 6 slots", SAMPLINGS[3])]
+         ("datastore", SAMPLINGS[1]), ("random+lookup+datastore in 6 slots", SAMPLINGS[3]),
+         ("random+lookup", SAMPLINGS[4])]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,8 @@ def target_datastore(target):
     return datastore.build(seqs, seqs[:50], min_ngram=1, max_ngram=3, length=4)
 
 
-@pytest.mark.parametrize("which,sampling", PAIRS, ids=[f"{w}-T{s.temperature}-p{s.top_p}" for w, s in PAIRS])
+@pytest.mark.parametrize("which,sampling", PAIRS,
+                         ids=[f"{w}-T{s.temperature}-p{s.top_p}-k{s.top_k}" for w, s in PAIRS])
 def test_tree_walk_preserves_target_distribution(target, target_datastore, sampling, which):
     cfg, params = target
     kind = which.split("+")[0]  # the drafter: "random", "adversarial" or none ("lookup", "datastore")
