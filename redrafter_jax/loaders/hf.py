@@ -124,7 +124,10 @@ def _tensor_index(directory: str) -> dict[str, str]:
 def load_tokenizer(directory: str, cfg: ModelConfig) -> Tokenizer:
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing tokenizer.json in {directory}")
+        hint = (" (a SentencePiece tokenizer.model is not read: transformers' AutoTokenizer.from_pretrained(...)"
+                ".save_pretrained(...) writes its tokenizer.json)"
+                if os.path.isfile(os.path.join(directory, "tokenizer.model")) else "")
+        raise FileNotFoundError(f"missing tokenizer.json in {directory}{hint}")
     tok = tokenizers.Tokenizer.from_file(path)
     tc = _read_json(os.path.join(directory, "tokenizer_config.json"), required=False)
     template = tc.get("chat_template")
