@@ -177,6 +177,7 @@ def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) ->
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")),
                          _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
+    tokenizer = load_tokenizer(directory, cfg)  # before the weights: a missing file fails fast
     params = assemble_params(cfg, HF, _Safetensors(_tensor_index(directory)),
                              None if mesh is None else param_shardings(cfg, mesh))
-    return LoadedModel(cfg, params, load_tokenizer(directory, cfg), mesh)
+    return LoadedModel(cfg, params, tokenizer, mesh)
