@@ -12,19 +12,24 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: "linear" or "llama3" (Llama 3.1 long-context scaling)."""
+    """RoPE frequency scaling. kind: "linear", "llama3" (Llama 3.1 long-context scaling) or
+    "factors" (each frequency divided by its own factor: llama.cpp's `rope_freqs` tensor, [head_dim // 2],
+    in which GGUF files store Llama 3.1's scaling)."""
 
     kind: str
-    factor: float
+    factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    factors: tuple[float, ...] = ()
 
     def __post_init__(self):
-        if self.kind not in ("linear", "llama3"):
-            raise ValueError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3)")
-        if self.factor <= 0:
-            raise ValueError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.kind not in ("linear", "llama3", "factors"):
+            raise ValueError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3, factors)")
+        if self.factor <= 0 or min(self.factors, default=1) <= 0:
+            raise ValueError(f"rope scaling factors must be positive, got {self.factor} {self.factors}")
+        if (self.kind == "factors") != bool(self.factors):
+            raise ValueError("rope scaling: per-frequency factors go with kind 'factors', and only with it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,10 @@ class ModelConfig:
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling is not None and self.rope_scaling.factors and \
+                len(self.rope_scaling.factors) != self.head_dim // 2:
+            raise ValueError(f"model config: {len(self.rope_scaling.factors)} RoPE frequency factors for "
+                             f"head_dim {self.head_dim} ({self.head_dim // 2} frequencies)")
         np.dtype(self.dtype)  # raises on an unknown dtype name
 
     def rope_inv_freq(self) -> np.ndarray:
@@ -69,6 +78,8 @@ class ModelConfig:
         s = self.rope_scaling
         if s is not None and s.kind == "linear":
             inv = inv / s.factor
+        elif s is not None and s.kind == "factors":
+            inv = inv / np.asarray(s.factors, np.float64)
         elif s is not None and s.kind == "llama3":
             # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
             wavelen = 2 * math.pi / inv

@@ -3,6 +3,7 @@
 import dataclasses
 import datetime
 import json
+import math
 import os
 
 import gguf
@@ -15,12 +16,13 @@ import tokenizers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from redrafter_jax.config import SpecConfig
+from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
 from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
 from redrafter_jax.loaders.hf import config_from_hf, load_hf
 from redrafter_jax.model import forward_causal
+from tests.tiny import TINY
 
 VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(59)]
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}<|assistant|>"
@@ -410,6 +412,50 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
+
+
+def llama_cpp_rope_factors(theta, head_dim, s):
+    """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel), restated: Llama 3.1's RoPE scaling `s`
+    stored as one divisor per frequency, the `rope_freqs` tensor."""
+    factors = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen, old = 2 * math.pi / freq, s["original_max_position_embeddings"]
+        if wavelen < old / s["high_freq_factor"]:
+            factors.append(1.0)
+        elif wavelen > old / s["low_freq_factor"]:
+            factors.append(s["factor"])
+        else:
+            smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
+    return np.asarray(factors, np.float32)
+
+
+def test_gguf_rope_factors_load_as_llama3_scaling(tmp_path):
+    """GGUF files store Llama 3.1's RoPE scaling as per-frequency factors: the model equals its Hugging Face
+    checkpoint, whose config has the llama3 scaling (here blending one frequency, slowing the rest)."""
+    tensors = hf_tensors("llama", np.random.default_rng(3))
+    write_checkpoint(tmp_path / "hf", "llama", tensors)
+    factors = llama_cpp_rope_factors(10000.0, 8, ARCHS["llama"]["rope_scaling"])
+    write_gguf(tmp_path / "model.gguf", "llama", tensors, extras={"rope_freqs.weight": factors})
+    hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
+    assert gg.config.rope_scaling.kind == "factors" and hf.config.rope_scaling.kind == "llama3"
+    plain = dataclasses.replace(hf.config, rope_scaling=None).rope_inv_freq()
+    assert not np.allclose(hf.config.rope_inv_freq(), plain)
+    np.testing.assert_allclose(gg.config.rope_inv_freq(), hf.config.rope_inv_freq(), rtol=1e-6)
+    ids = jnp.asarray([TOKENS * 3])
+    np.testing.assert_allclose(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
+                               np.asarray(forward_causal(hf.params, hf.config, ids).logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scaling,match", [
+    (dict(kind="factors", factors=(1.0, 2.0)), r"2 RoPE frequency factors for head_dim 8 \(4 frequencies\)"),
+    (dict(kind="factors"), "per-frequency factors go with kind 'factors'"),
+    (dict(kind="linear", factor=2.0, factors=(1.0,) * 4), "per-frequency factors go with kind 'factors'"),
+    (dict(kind="factors", factors=(1.0, 0.0, 1.0, 1.0)), "must be positive"),
+])
+def test_bad_rope_factors_are_refused(scaling, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY, rope_scaling=RopeScaling(**scaling))
 
 
 def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):

@@ -52,8 +52,9 @@ LAYER_TENSORS = {
 }
 HF, GGUF = 0, 1
 TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
-# Stored but not parameters: the RoPE frequencies older transformers versions saved
-IGNORED = (".rotary_emb.inv_freq",)
+ROPE_FACTORS = "rope_freqs.weight"  # GGUF: per-frequency RoPE divisors, which the loader puts in the config
+# Stored but not parameters: the RoPE frequencies older transformers versions saved; GGUF's RoPE factors
+IGNORED = (".rotary_emb.inv_freq", ROPE_FACTORS)
 
 
 class Source(Protocol):

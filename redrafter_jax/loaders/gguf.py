@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import GGUF, LoadedModel, assemble_params
+from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, assemble_params
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -99,14 +99,18 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ValueError("GGUF files with per-frequency RoPE factors (rope_freqs) are not supported; "
-                         "load the Hugging Face checkpoint instead")
     m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
-    kind = m("rope.scaling.type", "none")  # RopeScaling refuses the kinds the model does not implement
-    scaling = None if kind == "none" else RopeScaling(kind=kind, factor=float(m("rope.scaling.factor")))
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
+    source = _GGUFTensors(reader, path, n_heads, n_kv)
+    kind = m("rope.scaling.type", "none")  # RopeScaling refuses the kinds the model does not implement
+    scaling = None if kind == "none" else RopeScaling(kind=kind, factor=float(m("rope.scaling.factor")))
+    if ROPE_FACTORS in tensors:  # Llama 3.1's scaling, as llama.cpp's converter stores it
+        if scaling is not None:
+            raise ValueError(f"GGUF file has both rope scaling type {kind!r} and per-frequency factors "
+                             f"({ROPE_FACTORS})")
+        factors = source.read(ROPE_FACTORS, (slice(None),))
+        scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
     hidden = int(m("embedding_length"))
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
@@ -129,8 +133,7 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
-    params = assemble_params(cfg, GGUF, _GGUFTensors(reader, path, n_heads, n_kv),
-                             None if mesh is None else param_shardings(cfg, mesh))
+    params = assemble_params(cfg, GGUF, source, None if mesh is None else param_shardings(cfg, mesh))
     tok = Tokenizer.from_gguf_vocab(
         model=_field(reader, "tokenizer.ggml.model"), pre=_field(reader, "tokenizer.ggml.pre", "default"),
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
