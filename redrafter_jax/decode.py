@@ -5,6 +5,7 @@ streaming."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -37,7 +38,14 @@ class StreamTo:
     prompts: bool = struct.field(pytree_node=False, default=False)  # the callback takes each row's prompt too
 
 
-_RECEIVERS: dict[int, tuple[StreamFn, int | None]] = {}  # id -> (callback, rows it gets)
+@dataclasses.dataclass
+class _Receiver:
+    fn: StreamFn
+    rows: int | None  # the rows it gets
+    error: Exception | None = None  # what fn raised: it is not called again, and generate raises it
+
+
+_RECEIVERS: dict[int, _Receiver] = {}  # by StreamTo.id
 _IDS = itertools.count()
 
 
@@ -46,7 +54,8 @@ def streaming_to(fn: StreamFn | None, prompts: bool = False, rows: int | None = 
     """A `StreamTo` (None without fn) whose tokens go to fn, with each row's prompt where `prompts`,
     until the context ends; it ends only once every callback of the loops run inside it has run. fn gets
     at most the first `rows` rows (not those that pad a batch for a mesh). A callback that cannot take
-    its arguments is refused here, not in the middle of decoding."""
+    its arguments is refused here, not in the middle of decoding; an exception a callback raises is raised
+    here, as it was, once decoding has finished (the loop cannot stop early; it streams nothing more)."""
     if fn is None:
         yield None
         return
@@ -63,19 +72,25 @@ def streaming_to(fn: StreamFn | None, prompts: bool = False, rows: int | None = 
     except ValueError:  # no signature to check (some builtins)
         pass
     i = next(_IDS) % 2**31
-    _RECEIVERS[i] = fn, rows
+    _RECEIVERS[i] = receiver = _Receiver(fn, rows)
     try:
         yield StreamTo(jnp.int32(i), prompts)
     finally:
         jax.effects_barrier()
         del _RECEIVERS[i]
+    if receiver.error is not None:
+        raise receiver.error
 
 
 def _deliver(i: jax.Array, *arrays: jax.Array) -> None:
     # As numpy arrays: JAX hands callbacks jax.Arrays, and each slice or element a callback takes of
     # one is a dispatch (a compilation for each new slice length), run while the loop waits.
-    fn, rows = _RECEIVERS[int(i)]
-    fn(*(np.asarray(x)[:rows] for x in arrays))
+    r = _RECEIVERS[int(i)]
+    if r.error is None:
+        try:
+            r.fn(*(np.asarray(x)[:r.rows] for x in arrays))
+        except Exception as e:  # raised into XLA it would become an opaque runtime error, the caller's lost
+            r.error = e
 
 
 @struct.dataclass

@@ -447,7 +447,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     are tokens[b, :counts[b]]), with a `batch_size` as stream(tokens, counts, prompts) (the prompt each
     row decodes, its index in `prompts`; the rows of a step, or the one row a waiting prompt was just
     prefilled into, with its first token), and generate returns once decoding has finished; any
-    callback shares the compiled program. Prompts are padded to a multiple of `prompt_bucket` tokens:
+    callback shares the compiled program. An exception stream raises ends its calls and is raised by
+    generate, once decoding has finished. Prompts are padded to a multiple of `prompt_bucket` tokens:
     every prompt length up to it shares one compiled program.
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows

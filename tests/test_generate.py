@@ -152,6 +152,30 @@ def test_streamed_chunks_are_numpy_and_add_up_to_the_output(speculative):
     assert chunks == rows(out)
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_an_exception_in_the_stream_callback_is_raised_as_it_was(speculative):
+    """Not an opaque XLA runtime error: the callback's own exception, once decoding has finished; it is
+    not called again after it raised, and the next call decodes as before."""
+    cfg, params = tiny_model()
+    spec = dict(spec=SpecConfig(0, 3, lookup_beams=2)) if speculative else {}
+    calls = []
+
+    class ClientGone(Exception):
+        pass
+
+    def stream(tokens, counts):
+        calls.append(int(counts[0]))
+        if len(calls) == 2:
+            raise ClientGone("the client went away")
+
+    with pytest.raises(ClientGone, match="the client went away"):
+        generate(params, cfg, [[3, 4, 5, 3, 4]], max_new_tokens=12, stream=stream, **spec)
+    assert len(calls) == 2
+    out = generate(params, cfg, [[3, 4, 5, 3, 4]], max_new_tokens=12, stream=lambda t, c: calls.append(int(c[0])),
+                   **spec)
+    assert len(calls) > 3 and sum(calls[2:]) == int(out.lengths[0])
+
+
 def test_a_new_stream_callback_reuses_the_compiled_loop():
     """The callback is not part of the compiled program: a new one (as a notebook cell makes each
     time) runs the same loop, and gets its own call's tokens."""
