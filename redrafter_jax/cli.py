@@ -159,6 +159,9 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # whatever read the output stopped (`| head`): end quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again
+        sys.exit(1)
     except Exception as e:
         if debug:
             raise

@@ -90,6 +90,17 @@ def test_cli_errors_are_one_line_naming_the_problem(tmp_path, smollm_path):
     assert debug.returncode != 0 and b"Traceback" in debug.stderr
 
 
+def test_output_piped_into_a_reader_that_stops_ends_quietly(tmp_path, smollm_path):
+    """`... | head`: the reader goes away mid-stream; the command ends without a traceback or an error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "infer.generate", "--gguf", smollm_path, "--chat", "Count to 50.",
+                             "--max-new-tokens", "24", "--lookup-beams", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc.stdout.close()  # before anything was written
+    err = proc.stderr.read().decode(errors="replace")
+    assert proc.wait(timeout=600) == 1
+    assert "Traceback" not in err and "error:" not in err and "Broken pipe" not in err, err
+
+
 @pytest.mark.parametrize("under_a_file", [False, True])
 def test_a_cache_that_is_not_a_folder_is_one_clear_line(tmp_path, under_a_file):
     (tmp_path / "file").write_text("not a folder")
