@@ -27,7 +27,8 @@ class RopeScaling:
         if self.kind not in ("linear", "llama3", "factors"):
             raise ValueError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3, factors)")
         if self.factor <= 0 or min(self.factors, default=1) <= 0:
-            raise ValueError(f"rope scaling factors must be positive, got {self.factor} {self.factors}")
+            raise ValueError(f"rope scaling factors must be positive, got factor {self.factor}"
+                             + (f" and per-frequency factors {self.factors}" if self.factors else ""))
         if (self.kind == "factors") != bool(self.factors):
             raise ValueError("rope scaling: per-frequency factors go with kind 'factors', and only with it")
 
