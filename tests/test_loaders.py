@@ -305,6 +305,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("attention_bias", "unsupported attention_bias: true for LlamaForCausalLM"),
     ("rope_per_layer", "unsupported rope_parameters"),
     ("rope_yarn", "unsupported rope scaling type 'yarn'"),
+    ("partial_rope", "unsupported partial_rotary_factor 0.5"),
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
 ])
@@ -326,6 +327,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     elif case == "rope_per_layer":
         overrides["rope_parameters"] = {kind: {"rope_type": "default", "rope_theta": 1e4}
                                         for kind in ("full_attention", "sliding_attention")}
+    elif case == "partial_rope":
+        overrides["partial_rotary_factor"] = 0.5
     elif case == "rope_yarn":
         overrides["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     elif case == "extra_layer":

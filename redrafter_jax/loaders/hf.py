@@ -63,6 +63,9 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
         raise ValueError(f"unsupported rope_parameters {params}: expected one set for every layer")
     theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
     rs = params or c.get("rope_scaling") or {}
+    partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
+    if partial != 1.0:
+        raise ValueError(f"unsupported partial_rotary_factor {partial} (RoPE on part of each head)")
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return theta, None
