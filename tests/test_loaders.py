@@ -260,7 +260,8 @@ def test_hf_tokenizer_and_chat_template(tmp_path):
 
 
 # What published templates use beyond plain Jinja: loop controls, tojson, strftime_now (Llama 3 dates its
-# system header; "%Y" so that the test cannot straddle a change of date), raise_exception.
+# system header; "%Y", so that only a new year falling between two renderings could tell them apart),
+# raise_exception.
 HUB_TEMPLATE = """{{ bos_token }}{% if not date_string is defined %}{% set date_string = strftime_now("%Y") %}{% endif %}
 <|system|> {{ date_string }} {{ {"w1": "<w2> \u00e9"} | tojson }}
 {% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}
