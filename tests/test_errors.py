@@ -90,7 +90,7 @@ def test_cli_errors_are_one_line_naming_the_problem(tmp_path, smollm_path):
     assert debug.returncode != 0 and b"Traceback" in debug.stderr
 
 
-def test_output_piped_into_a_reader_that_stops_ends_quietly(tmp_path, smollm_path):
+def test_output_piped_into_a_reader_that_stops_ends_quietly(smollm_path):
     """`... | head`: the reader goes away mid-stream; the command ends without a traceback or an error line."""
     proc = subprocess.Popen([sys.executable, "-m", "infer.generate", "--gguf", smollm_path, "--chat", "Count to 50.",
                              "--max-new-tokens", "24", "--lookup-beams", "1"], cwd=ROOT, stdout=subprocess.PIPE,
