@@ -141,29 +141,32 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Mistral/Qwen2/Qwen3 modules on the same directory (RoPE layout,
-    llama3 rope scaling, Qwen2 biases, Mistral sliding window, Qwen3 query and key norms)."""
+def assert_logits_match_transformers(m, hf=None, directory=None):
+    """Our forward of TOKENS gives the logits of transformers' own model `hf` (or the one it loads from
+    `directory`, in float32), up to float32 rounding."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    tensors = hf_tensors(arch, np.random.default_rng(1))
-    write_checkpoint(tmp_path, arch, tensors)
-    m = load_hf(str(tmp_path))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
-                                                           attn_implementation="eager")
+    if hf is None:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
+                                                               attn_implementation="eager")
     with torch.no_grad():
         ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
     ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_hf_checkpoint_matches_transformers(tmp_path, arch):
+    """Reference: transformers' own Llama/Mistral/Qwen2/Qwen3 modules on the same directory (RoPE layout,
+    llama3 rope scaling, Qwen2 biases, Mistral sliding window, Qwen3 query and key norms)."""
+    write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
+    assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
+
+
 @pytest.mark.parametrize("stored", ["bfloat16", "float16"])
 def test_half_precision_checkpoint_loads_as_transformers_reads_it(tmp_path, stored):
     """Most published checkpoints store bfloat16 (some float16), which NumPy alone cannot read: loaded in
     float32 they are the stored values exactly, as transformers loads them; in bfloat16, bfloat16's own."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     tensors = hf_tensors("llama", np.random.default_rng(3))
     write_checkpoint(tmp_path, "llama", tensors, stored=stored)
     with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
@@ -172,12 +175,7 @@ def test_half_precision_checkpoint_loads_as_transformers_reads_it(tmp_path, stor
     held = {k: v.astype(jnp.dtype(stored)).astype(np.float32) for k, v in tensors.items()}
     want = params_from_hf_arrays(held, m.config)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(want)))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
-                                                           attn_implementation="eager")
-    with torch.no_grad():
-        ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
-    ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert_logits_match_transformers(m, directory=tmp_path)
     if stored == "bfloat16":
         b = load_hf(str(tmp_path), dtype="bfloat16").params["embed"]
         assert b.dtype == jnp.bfloat16
@@ -206,10 +204,7 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
     assert m.config.rope_theta == 500000.0 and m.config.rope_scaling.factor == 8.0
     assert m.config.rope_scaling == config_from_hf({**saved, "rope_parameters": None, "rope_theta": 500000.0,
                                                     "rope_scaling": config.rope_parameters}).rope_scaling
-    with torch.no_grad():
-        ref = hf(torch.tensor([TOKENS])).logits[0].numpy()
-    ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert_logits_match_transformers(m, hf)
 
 
 @pytest.mark.parametrize("arch, config, window", [
