@@ -98,11 +98,11 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    tensors = {t.name: t for t in reader.tensors}
     m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
     source = _GGUFTensors(reader, path, n_heads, n_kv)
+    tensors = source.tensors
     kind = m("rope.scaling.type", "none")  # RopeScaling refuses the kinds the model does not implement
     scaling = None if kind == "none" else RopeScaling(kind=kind, factor=float(m("rope.scaling.factor")))
     if ROPE_FACTORS in tensors:  # Llama 3.1's scaling, as llama.cpp's converter stores it
