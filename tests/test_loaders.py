@@ -82,12 +82,17 @@ def write_checkpoint(directory, arch, tensors, sharded=False, stored="float32", 
             json.dump(index, f)
     else:
         save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(directory)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": TEMPLATE}, f)
+
+
+def write_tokenizer(directory):
+    """tokenizer.json of the word-level VOCAB."""
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(VOCAB[1:5])
     tok.save(os.path.join(directory, "tokenizer.json"))
-    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-        json.dump({"chat_template": TEMPLATE}, f)
 
 
 def params_from_hf_arrays(t, cfg):
@@ -195,8 +200,7 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(str(tmp_path))
-    write_checkpoint(tmp_path / "tok", "llama", {})  # its tokenizer.json
-    os.rename(tmp_path / "tok" / "tokenizer.json", tmp_path / "tokenizer.json")
+    write_tokenizer(tmp_path)
     with open(tmp_path / "config.json") as f:
         saved = json.load(f)
     assert "rope_theta" not in saved and "rope_scaling" not in saved  # what this test is about
