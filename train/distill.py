@@ -1,6 +1,10 @@
 """Distillation data: the target's own greedy replies to ShareGPT prompts, as resumable shards.
 
     python -m train.distill --out data/distill --num-prompts 2000 --max-new-tokens 256
+    python -m train.distill --out data/mine --conversations my_chats.jsonl   # prompts of your own
+
+The prompts are the conversations' first user turns, from ShareGPT or from --conversations (JSON or
+JSONL of ShareGPT records, {"messages": [{"role", "content"}]} or {"prompt": ...}: `datasets.read_chats`).
 
 Writes <out>/train/shard_NNNNN.npz and <out>/eval/shard_NNNNN.npz (prompt + reply tokens, loss mask
 on the reply) and each split's prompt texts, <out>/{train,eval}/prompts.jsonl. Shards are written
@@ -86,6 +90,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--conversations", metavar="FILE", help="your own conversations (JSON or JSONL) instead of ShareGPT")
     p.add_argument("--num-prompts", type=int, default=2000)
     p.add_argument("--num-eval-prompts", type=int, default=64)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
@@ -97,8 +102,9 @@ def main(argv=None) -> None:
 
     model = load_model(args)
     check_settings(args.out, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
-                              "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction})
-    train_convs, eval_convs = data.split(data.load_sharegpt(), args.eval_fraction)
+                              "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction,
+                              **data.chats_setting(args.conversations)})
+    train_convs, eval_convs = data.split(data.load_chats(args.conversations), args.eval_fraction)
     for name, convs, n in [("eval", eval_convs, args.num_eval_prompts), ("train", train_convs, args.num_prompts)]:
         kept = data.first_prompts(model.tokenizer, convs, args.max_prompt_tokens, limit=n)
         split_dir = os.path.join(args.out, name)

@@ -2,9 +2,10 @@
 
     python -m train.pipeline --minutes 8 --out runs/pipeline --data runs/distill --prompts prompts.npz
 
-1. Prompts: the first user turns of ShareGPT under the chat template (`train.data`), split into
-   training and held-out prompts and saved to --prompts; an existing --prompts file is read instead,
-   so a machine without network needs only that file (make it where the network is).
+1. Prompts: the first user turns of ShareGPT, or of --conversations (your own file, as for
+   `train.distill`), under the chat template (`train.data`), split into training and held-out prompts
+   and saved to --prompts; an existing --prompts file is read instead, so a machine without network
+   needs only that file (make it where the network is).
 2. Distil the prompts not yet distilled into --data (`train.distill`'s resumable shards; every prompt
    padded to one block and every batch to one size, so one program is compiled), until all are done
    or --distill-share of the budget is spent. Held-out prompts first.
@@ -74,25 +75,33 @@ def write_prompt_file(path: str, settings: dict, prompts: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fraction: float) -> dict:
-    """{"train": [ids], "eval": [ids], "eval_texts": [str]} from the prompt file at `path`, which is
-    made from ShareGPT when it does not exist. Raises if the file was made with other settings."""
-    settings = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction}
+def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fraction: float,
+                          conversations: str | None = None) -> dict:
+    """{"train": [ids], "eval": [ids], "eval_texts": [str], "source": {...}} from the prompt file at
+    `path`, which is made from ShareGPT or `conversations` when it does not exist ("source": what it was
+    made from, `data.chats_setting`). Raises if the file was made with other settings, or from other
+    conversations than the ones given; without `conversations` the file is the source, whatever made it."""
+    settings = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction,
+                **data.chats_setting(conversations)}
     if os.path.exists(path):
         with np.load(path) as z:
             saved = json.loads(z["settings"].tobytes())
+            if conversations is None:
+                settings |= {k: v for k, v in saved.items() if k not in settings}
             if saved != settings:
-                raise ValueError(f"prompt file {path} was made with {saved}, not {settings}")
-            return {"train": _unpack(z["train_tokens"], z["train_lengths"]),
-                    "eval": _unpack(z["eval_tokens"], z["eval_lengths"]),
-                    "eval_texts": json.loads(z["eval_texts"].tobytes())}
-    train_convs, eval_convs = data.split(data.load_sharegpt(), eval_fraction)
-    train_kept = data.first_prompts(tokenizer, train_convs, max_prompt_tokens)
-    eval_kept = data.first_prompts(tokenizer, eval_convs, max_prompt_tokens)
-    prompts = {"train": [ids for _, ids in train_kept], "eval": [ids for _, ids in eval_kept],
-               "eval_texts": [text for text, _ in eval_kept]}
-    write_prompt_file(path, settings, prompts)
-    return prompts
+                raise ValueError(f"prompt file {path} was made with other settings "
+                                 f"({', '.join(data.differences(saved, settings))})")
+            prompts = {"train": _unpack(z["train_tokens"], z["train_lengths"]),
+                       "eval": _unpack(z["eval_tokens"], z["eval_lengths"]),
+                       "eval_texts": json.loads(z["eval_texts"].tobytes())}
+    else:
+        train_convs, eval_convs = data.split(data.load_chats(conversations), eval_fraction)
+        train_kept = data.first_prompts(tokenizer, train_convs, max_prompt_tokens)
+        eval_kept = data.first_prompts(tokenizer, eval_convs, max_prompt_tokens)
+        prompts = {"train": [ids for _, ids in train_kept], "eval": [ids for _, ids in eval_kept],
+                   "eval_texts": [text for text, _ in eval_kept]}
+        write_prompt_file(path, settings, prompts)
+    return prompts | {"source": {k: v for k, v in settings.items() if k not in ("max_prompt_tokens", "eval_fraction")}}
 
 
 def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, mesh: Mesh | None,
@@ -135,6 +144,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="the run's folder: drafter, checkpoints, metrics, pipeline.json")
     p.add_argument("--data", default=None, help="distillation shards (default <out>/data); may hold earlier shards")
     p.add_argument("--prompts", default=None, help="prompt file (.npz; default <out>/prompts.npz), made if absent")
+    p.add_argument("--conversations", metavar="FILE",
+                   help="your own conversations (JSON or JSONL) the prompt file is made from instead of ShareGPT")
     p.add_argument("--minutes", type=float, required=True, help="time budget of the whole run")
     p.add_argument("--distill-share", type=float, default=0.5, help="at most this share of the budget distils")
     p.add_argument("--eval-share", type=float, default=0.1, help="share of the budget kept for the evaluation")
@@ -172,12 +183,13 @@ def main(argv=None) -> None:
 
     model = load_model(args)
     prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
-                                    args.max_prompt_tokens, args.eval_fraction)
+                                    args.max_prompt_tokens, args.eval_fraction, args.conversations)
     stage["load"] = time.time() - t0
 
     # 2. Distillation: held-out prompts first (they are few), then training prompts until the deadline.
     check_settings(data_dir, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
-                              "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction})
+                              "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction,
+                              **prompts["source"]})
     block = round_up(args.max_prompt_tokens, 32)
     deadline = t0 + args.distill_share * budget
     for name, limit in (("eval", args.num_eval_prompts), ("train", args.num_prompts)):

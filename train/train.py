@@ -424,15 +424,21 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", choices=["dataset", "distill"], required=True)
     p.add_argument("--data", help="distillation shards directory (recipe distill)")
     p.add_argument("--out", required=True)
-    p.add_argument("--max-conversations", type=int, default=None, help="ShareGPT conversations to read")
+    p.add_argument("--conversations", metavar="FILE",
+                   help="recipe dataset: your own conversations (JSON or JSONL) instead of ShareGPT")
+    p.add_argument("--max-conversations", type=int, default=None, help="conversations to read")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     add_train_args(p)
     args = p.parse_args(argv)
 
     model = load_model(args)
     tc, dcfg = configs_from_args(args, model.config)
+    if args.conversations and args.recipe != "dataset":
+        raise SystemExit("--conversations is for --recipe dataset; distil them first: python -m train.distill "
+                         "--conversations ...")
     if args.recipe == "dataset":
-        convs_train, convs_eval = data.split(data.load_sharegpt(limit=args.max_conversations), args.eval_fraction)
+        chats = data.load_chats(args.conversations, limit=args.max_conversations)
+        convs_train, convs_eval = data.split(chats, args.eval_fraction)
         train_seqs = data.dataset_sequences(model.tokenizer, convs_train, tc.seq_len)
         eval_seqs = data.dataset_sequences(model.tokenizer, convs_eval, tc.seq_len)
     else:
