@@ -114,13 +114,13 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
     (load(dtype): the model; model32: the float32 one, already loaded). The oracle drafter follows rows,
     not prompts, so it does not run with continuous batching."""
     rows, skipped = [], []
-    texts = load_prompts(None)[:sizes.prompts]
+    openings = load_prompts(None)[:sizes.prompts]
     specs = list(dict.fromkeys([SpecConfig.default(batching.rows or batching.prompts).describe(),
                                 *sizes.drafter_specs]))
     batch = batching.prompts
     for dtype in dtypes:
         model = model32 if dtype == "float32" else load(dtype)
-        prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        prompts = [model.tokenizer.encode_chat(o) for o in openings]
         bucket = round_up(max(map(len, prompts)), 32)  # every prompt in one block: one program per setting
 
         def decode(desc, per_batch=None, **kw):  # compiled first, on the first batch, outside the timing
@@ -157,8 +157,7 @@ def transformers_rows(model, hf, sizes: Sizes, drafter_dir: str | None, budget) 
     each decoded in turn by ours (autoregressive; the default tree with drafter_dir's drafter, without one the
     lookup beam alone) and by transformers' `generate` (hf: autoregressive; its prompt lookup of 10 tokens), and
     how many prompts they are: fewer where the budget ran out (at least one)."""
-    texts = load_prompts(None)[:sizes.transformers_prompts]
-    prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    prompts = [model.tokenizer.encode_chat(o) for o in load_prompts(None)[:sizes.transformers_prompts]]
     bucket, eos = round_up(max(map(len, prompts)), 32), model.config.eos_token_ids
     spec = SpecConfig.default(1) if drafter_dir else SpecConfig.parse("0x8+1")
     proposers = {"spec": spec, "drafter": load_drafter(drafter_dir, model.config) if drafter_dir else None}

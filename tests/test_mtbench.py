@@ -24,6 +24,7 @@ from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, save_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig
+from redrafter_jax.datasets import Chat
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
 
@@ -31,21 +32,28 @@ from redrafter_jax.generate import generate
 @pytest.mark.slow  # downloads a data set
 def test_mt_bench_has_80_questions_of_two_turns():
     conversations = load_conversations(None)
-    assert len(conversations) == 80 and all(len(c) == 2 for c in conversations)
-    assert all(isinstance(t, str) and len(t) > 10 for c in conversations for t in c)
-    assert load_prompts(None) == [c[0] for c in conversations]
+    assert len(conversations) == 80 and all(len(c.messages) == len(c.user_turns()) == 2 for c in conversations)
+    assert all(isinstance(t, str) and len(t) > 10 for c in conversations for t in c.user_turns())
+    assert load_prompts(None) == [[{"role": "user", "content": c.user_turns()[0]}] for c in conversations]
+
+
+def user(*turns):
+    return [{"role": "user", "content": t} for t in turns]
 
 
 def test_second_turns_follow_the_targets_own_greedy_first_reply(smollm):
-    conversations = [["Name three primary colors.", "Now name three more."],
-                     ["Write a haiku about the sea.", "Rewrite it, starting every line with the letter A."]]
+    system = [{"role": "system", "content": "You are a poet."}]  # kept before each turn
+    conversations = [Chat("1", user("Name three primary colors.", "Now name three more.")),
+                     Chat("2", system + user("Write a haiku about the sea.",
+                                             "Rewrite it, starting every line with the letter A."))]
     tok = smollm.tokenizer
     for drafter in [None, DEFAULT_DRAFTER]:  # the first replies decoded with lookup beams alone, or the drafter
         d = drafter and load_drafter(drafter, smollm.config)
         prompts, caches = second_turn_prompts(smollm, conversations, 24, d)
         assert caches is None  # kept only when asked for
-        for (first, second), prompt in zip(conversations, prompts):
-            chat = [{"role": "user", "content": first}]
+        for c, prompt, opening in zip(conversations, prompts, [[], system]):
+            first, second = c.user_turns()
+            chat = opening + [{"role": "user", "content": first}]
             out = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=24)
             reply = tok.decode(out.tokens[0, :out.lengths[0]])
             assert len(reply) > 20

@@ -17,6 +17,10 @@ QUESTIONS = ["Name three primary colors.", "What is 2 + 2?", "Write a haiku abou
              "List two fruits.", "What day comes after Monday?"]
 
 
+def user(text):
+    return {"role": "user", "content": text}
+
+
 def test_plan_fits_steps_into_the_time_left():
     assert plan_steps(100.0, first_step=12.0, per_step=2.0, max_steps=None) == 45  # (100 - 10) / 2
     assert plan_steps(100.0, 12.0, 2.0, max_steps=7) == 7
@@ -27,7 +31,7 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     enc = [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     prompts = str(tmp_path / "prompts.npz")
     write_prompt_file(prompts, {"max_prompt_tokens": 64, "eval_fraction": 0.02},
-                      {"train": enc[:7], "eval": enc[7:], "eval_texts": QUESTIONS[7:]})
+                      {"train": enc[:7], "eval": enc[7:], "eval_openings": [[user(q)] for q in QUESTIONS[7:]]})
     out, data_dir = tmp_path / "run", tmp_path / "data"
     args = ["--gguf", smollm_path, "--out", str(out), "--data", str(data_dir), "--prompts", prompts,
             "--minutes", "4", "--max-prompt-tokens", "64", "--max-new-tokens", "10", "--distill-batch", "4",
@@ -74,8 +78,8 @@ def test_prompt_file_made_from_own_conversations_keeps_their_source(tmp_path, sm
     path = str(tmp_path / "prompts.npz")
     made = load_or_build_prompts(path, smollm.tokenizer, 64, 0.25, str(chats))
     held = [q for i, q in enumerate(QUESTIONS) if is_held_out(str(i), 0.25)]
-    assert 0 < len(held) < len(QUESTIONS) and made["eval_texts"] == held
-    encode = lambda qs: [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in qs]  # noqa: E731
+    assert 0 < len(held) < len(QUESTIONS) and made["eval_openings"] == [[user(q)] for q in held]
+    encode = lambda qs: [smollm.tokenizer.encode_chat([user(q)]) for q in qs]  # noqa: E731
     assert made["eval"] == encode(held) and made["train"] == encode(q for q in QUESTIONS if q not in held)
     assert list(made["source"]) == ["conversations_sha256"]
     # read back on a machine without the chat file: the prompt file is the source, and says so

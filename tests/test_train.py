@@ -306,14 +306,17 @@ def test_distillation_prompts_are_written_as_benchmark_prompts(tmp_path, smollm)
     from infer.mtbench import load_prompts
     from train.data import first_prompts, write_prompts
 
-    chats = [Chat("a", [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}]),
+    hi, why = {"role": "user", "content": "Hi there"}, {"role": "user", "content": "Why?"}
+    system = {"role": "system", "content": "Be brief."}
+    chats = [Chat("a", [hi, {"role": "assistant", "content": "Hello"}]),
              Chat("b", [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "x " * 400}]),
-             Chat("c", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}])]
+             Chat("c", [system, {"role": "assistant", "content": "I speak first"}, why, system])]
     kept = first_prompts(smollm.tokenizer, chats, max_prompt_len=64)
-    assert [t for t, _ in kept] == ["Hi there", "Why?"]  # the over-long first user turn is skipped
-    assert kept[0][1] == smollm.tokenizer.encode_chat([{"role": "user", "content": "Hi there"}])
-    write_prompts(str(tmp_path / "prompts.jsonl"), [t for t, _ in kept])
-    assert load_prompts(str(tmp_path / "prompts.jsonl")) == ["Hi there", "Why?"]
+    # the openings: the system prompt and first user turn (an over-long one skipped)
+    assert [opening for opening, _ in kept] == [[hi], [system, why]]
+    assert [ids for _, ids in kept] == [smollm.tokenizer.encode_chat(o) for o in ([hi], [system, why])]
+    write_prompts(str(tmp_path / "prompts.jsonl"), [opening for opening, _ in kept])
+    assert load_prompts(str(tmp_path / "prompts.jsonl")) == [[hi], [system, why]]
     assert os.listdir(tmp_path) == ["prompts.jsonl"]  # no temporary file left
 
 
@@ -387,12 +390,12 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     tok = load_hf(model).tokenizer
     train_chats, eval_chats = split(read_chats(chats), 0.2)
     for name, expected in [("train", train_chats[:20]), ("eval", eval_chats[:4])]:
-        texts = [json.loads(line)["prompt"] for line in open(os.path.join(out, name, "prompts.jsonl"))]
-        assert texts == [c.messages[1]["content"] for c in expected]  # the first user turns, system prompt aside
+        openings = [c.messages for c in read_chats(os.path.join(out, name, "prompts.jsonl"))]
+        assert openings == [c.messages[:2] for c in expected]  # the system prompt and the first user turn
         seqs = read_shards(os.path.join(out, name))
         assert len(seqs) == len(expected)
-        for ids, mask, text in zip(seqs.tokens, seqs.masks, texts):
-            prompt = tok.encode_chat([{"role": "user", "content": text}])
+        for ids, mask, opening in zip(seqs.tokens, seqs.masks, openings):
+            prompt = tok.encode_chat(opening)
             assert ids[:len(prompt)].tolist() == prompt and mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     recorded = json.load(open(os.path.join(out, "distill.json")))["conversations_sha256"]
     with pytest.raises(ValueError, match=f"conversations_sha256: {recorded} there, None now"):

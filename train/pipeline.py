@@ -65,19 +65,19 @@ def _unpack(tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
 
 
 def write_prompt_file(path: str, settings: dict, prompts: dict) -> None:
-    """Saves {"train": [ids], "eval": [ids], "eval_texts": [str]} made with `settings`, atomically."""
+    """Saves {"train": [ids], "eval": [ids], "eval_openings": [messages]} made with `settings`, atomically."""
     as_bytes = lambda x: np.frombuffer(json.dumps(x).encode(), np.uint8)  # noqa: E731
     arrays = {}
     for name in ("train", "eval"):
         arrays[f"{name}_tokens"], arrays[f"{name}_lengths"] = _pack(prompts[name])
     tmp = path + ".tmp.npz"
-    np.savez(tmp, settings=as_bytes(settings), eval_texts=as_bytes(prompts["eval_texts"]), **arrays)
+    np.savez(tmp, settings=as_bytes(settings), eval_openings=as_bytes(prompts["eval_openings"]), **arrays)
     os.replace(tmp, path)
 
 
 def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fraction: float,
                           conversations: str | None = None) -> dict:
-    """{"train": [ids], "eval": [ids], "eval_texts": [str], "source": {...}} from the prompt file at
+    """{"train": [ids], "eval": [ids], "eval_openings": [messages], "source": {...}} from the prompt file at
     `path`, which is made from ShareGPT or `conversations` when it does not exist ("source": what it was
     made from, `data.chats_setting`). Raises if the file was made with other settings, or from other
     conversations than the ones given; without `conversations` the file is the source, whatever made it."""
@@ -92,14 +92,18 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
                 raise ValueError(f"prompt file {path} was made with other settings "
                                  f"({', '.join(data.differences(saved, settings))})")
             prompts = {"train": _unpack(z["train_tokens"], z["train_lengths"]),
-                       "eval": _unpack(z["eval_tokens"], z["eval_lengths"]),
-                       "eval_texts": json.loads(z["eval_texts"].tobytes())}
+                       "eval": _unpack(z["eval_tokens"], z["eval_lengths"])}
+            if "eval_openings" in z.files:
+                prompts["eval_openings"] = json.loads(z["eval_openings"].tobytes())
+            else:  # a file made before system prompts were kept: the held-out first user turns' texts
+                texts = json.loads(z["eval_texts"].tobytes())
+                prompts["eval_openings"] = [[{"role": "user", "content": t}] for t in texts]
     else:
         train_convs, eval_convs = data.split(data.load_chats(conversations), eval_fraction)
         train_kept = data.first_prompts(tokenizer, train_convs, max_prompt_tokens)
         eval_kept = data.first_prompts(tokenizer, eval_convs, max_prompt_tokens)
         prompts = {"train": [ids for _, ids in train_kept], "eval": [ids for _, ids in eval_kept],
-                   "eval_texts": [text for text, _ in eval_kept]}
+                   "eval_openings": [opening for opening, _ in eval_kept]}
         write_prompt_file(path, settings, prompts)
     return prompts | {"source": {k: v for k, v in settings.items() if k not in ("max_prompt_tokens", "eval_fraction")}}
 
@@ -196,7 +200,7 @@ def main(argv=None) -> None:
         split_dir = os.path.join(data_dir, name)
         os.makedirs(split_dir, exist_ok=True)
         if name == "eval":
-            data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), prompts["eval_texts"][:limit])
+            data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), prompts["eval_openings"][:limit])
         write_distill_shards(model, prompts[name][:limit], split_dir, args.shard_size, args.distill_batch,
                              args.max_new_tokens, block, desc=f"distilling {name}", deadline=deadline)
     stage["distill"] = time.time() - t0 - stage["load"]
