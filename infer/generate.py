@@ -5,6 +5,7 @@
     python -m infer.generate --chat "Tell me about Rome." --drafter path/to/drafter --beam-width 4 --beam-length 4
     python -m infer.generate --chat "Tell me about Rome." --lookup-beams 2 --beam-length 5   # no drafter needed
     python -m infer.generate --chat "Write a poem about the sea." "Now make it rhyme." --drafter  # two turns
+    python -m infer.generate --system "You are a pirate." --chat "Where is the treasure?" --drafter
     python -m infer.generate --chat "Tell me about Rome." --datastore runs/datastore.npz  # python -m train.datastore
 
 With --drafter, --lookup-beams or --datastore, decoding is speculative (ReDrafter, plus beams looked up
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     what.add_argument("--chat", nargs="+", metavar="MESSAGE",
                       help="a user message, wrapped in the model's chat template; several: a conversation, each "
                            "answered in turn with the replies so far as its context")
+    p.add_argument("--system", metavar="TEXT", help="a system prompt that opens the --chat conversation")
     p.add_argument("--max-new-tokens", type=int, default=256, help="a chat reply usually ends before (EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -77,19 +79,23 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     flag, texts = ("--chat", args.chat) if args.chat is not None else ("--prompt", [args.prompt])
-    for text in texts:  # before the model loads: fail fast
-        if not Tokenizer.check_text(text, flag).strip():
-            raise ValueError(f"{flag} is empty")
+    if args.system is not None and flag != "--chat":
+        p.error("--system opens a chat: use it with --chat")
+    named = [(flag, t) for t in texts] + [("--system", args.system)] * (args.system is not None)
+    for f, text in named:  # before the model loads: fail fast
+        if not Tokenizer.check_text(text, f).strip():
+            raise ValueError(f"{f} is empty")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     model = load_model(args)
     drafter, spec, store = load_proposers(args, model)
     tok = model.tokenizer
     key = jax.random.PRNGKey(args.seed)
-    messages, caches = [], {}
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    caches = {}
     # One cache size for the whole conversation (its messages, and replies of up to max_new_tokens with a
     # margin for re-encoding them): each turn continues the last one's cache in the same shapes, so turns
     # after the second compile nothing
-    chat = [m for t in texts for m in ({"role": "user", "content": t}, {"role": "assistant", "content": ""})]
+    chat = messages + [m for t in texts for m in ({"role": "user", "content": t}, {"role": "assistant", "content": ""})]
     max_len = (len(tok.encode_chat(chat)) + len(texts) * (args.max_new_tokens + 32) + args.max_new_tokens + 96
                if flag == "--chat" and len(texts) > 1 else None)
     for turn, text in enumerate(texts):

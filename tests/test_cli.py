@@ -24,7 +24,8 @@ def test_speculative_cli_streams_text_and_reports_speedup(capsys, smollm_path):
 def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, smollm_path, smollm):
     messages = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
     programs = gen._speculative_jit._cache_size()
-    main(["--gguf", smollm_path, "--chat", *messages, "--max-new-tokens", "10", "--lookup-beams", "1"])
+    system = "Answer in a few words."
+    main(["--gguf", smollm_path, "--system", system, "--chat", *messages, "--max-new-tokens", "10", "--lookup-beams", "1"])
     out, err = capsys.readouterr()
     assert all(f"[user, turn {i + 1}: {m}]" in err for i, m in enumerate(messages))
     assert err.count("output identical to autoregressive") == 3  # each turn checked against its own reference
@@ -36,8 +37,8 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
     assert len(re.findall("prefilling [0-9]", err)) == 2 and gen._speculative_jit._cache_size() - programs <= 2
     replies = out.strip().split("\n\n")
     assert len(replies) == 3 and "Paris" in replies[0]
-    # each turn's context is the turns before and their replies, as the chat template renders them
-    tok, chat = smollm.tokenizer, []
+    # each turn's context is the system prompt, the turns before and their replies, as the chat template renders them
+    tok, chat = smollm.tokenizer, [{"role": "system", "content": system}]
     for message, reply in zip(messages, replies):
         chat.append({"role": "user", "content": message})
         ref = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=10)

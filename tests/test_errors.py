@@ -78,6 +78,7 @@ def assert_one_line_error(proc, match):
 def test_cli_errors_are_one_line_naming_the_problem(tmp_path, smollm_path):
     gen = ("infer.generate", "--gguf", smollm_path, "--max-new-tokens", "4")
     assert_one_line_error(run_cli(*gen, "--chat", ""), "--chat is empty")
+    assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--system", " "), "--system is empty")
     assert_one_line_error(run_cli(*gen, "--chat", os.fsdecode(b"caf\xe9")), "--chat is not valid UTF-8 text")
     assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--drafter", tmp_path / "none"), "not a drafter checkpoint")
     assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--lookup-beams", "1", "--beam-length", "1"),
