@@ -398,8 +398,13 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
             prompt = tok.encode_chat(opening)
             assert ids[:len(prompt)].tolist() == prompt and mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     recorded = json.load(open(os.path.join(out, "distill.json")))["conversations_sha256"]
-    with pytest.raises(ValueError, match=f"conversations_sha256: {recorded} there, None now"):
-        distill.main([a for a in args if a not in ("--conversations", chats)])  # the same folder from ShareGPT
+    other = write_lines(tmp_path / "other.jsonl", [{"prompt": words(i, 3)} for i in range(30)])
+    with pytest.raises(ValueError, match=f"conversations_sha256: {recorded} there, [0-9a-f]+ now"):
+        distill.main([other if a == chats else a for a in args])  # the same folder from another file
+    # a split left without prompts is named before anything is distilled or recorded
+    with pytest.raises(ValueError, match=r"no eval prompts: 0 of the 30 conversations are held out \(--eval-fraction"):
+        distill.main(args[:-2] + ["--eval-fraction", "0.001", "--out", out + "2"])
+    assert not os.path.exists(out + "2")
 
     common = ["--hf", model, "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
               "--eval-batches", "1", "--save-every", "2"]
@@ -411,6 +416,10 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
         assert drafter.config.hidden_size == 32
     run_json = json.load(open(tmp_path / "dataset" / "run.json"))
     assert run_json["train_data"]["sequences"] == len(train_chats)  # every chat has a reply to learn
+    with pytest.raises(ValueError, match="no held-out sequences"):  # before any folder is made
+        train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.001",
+                                 "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
     with pytest.raises(SystemExit, match="--conversations is for --recipe dataset"):
         train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--out", str(tmp_path / "x")])
 

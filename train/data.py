@@ -120,6 +120,22 @@ def first_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int,
     return out
 
 
+def split_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int, eval_fraction: float,
+                  limits: dict | None = None) -> dict[str, list[tuple[list[dict], list[int]]]]:
+    """`first_prompts` of the training and of the held-out conversations ("train", "eval"; at most
+    limits[name] each). Raises when a split that should have prompts has none: nothing to train on,
+    or nothing to measure by."""
+    limits = limits or {}
+    out = {}
+    for name, part in zip(("train", "eval"), split(chats, eval_fraction)):
+        out[name] = first_prompts(tokenizer, part, max_prompt_len, limits.get(name))
+        if not out[name] and limits.get(name) != 0:
+            share = f"held out (--eval-fraction {eval_fraction})" if name == "eval" else "for training"
+            raise ValueError(f"no {name} prompts: {len(part)} of the {len(chats)} conversations are {share}, and "
+                             f"none opens with a user turn of at most --max-prompt-tokens {max_prompt_len} tokens")
+    return out
+
+
 def write_prompts(path: str, openings: list[list[dict]]) -> None:
     """A JSONL of {"messages": [...]} lines (`datasets.read_chats` reads it), written atomically."""
     tmp = path + ".tmp"

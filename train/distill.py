@@ -102,12 +102,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     model = load_model(args)
+    prompts = data.split_prompts(model.tokenizer, data.load_chats(args.conversations), args.max_prompt_tokens,
+                                 args.eval_fraction, {"train": args.num_prompts, "eval": args.num_eval_prompts})
     check_settings(args.out, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
                               "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction,
                               **data.chats_setting(args.conversations)})
-    train_convs, eval_convs = data.split(data.load_chats(args.conversations), args.eval_fraction)
-    for name, convs, n in [("eval", eval_convs, args.num_eval_prompts), ("train", train_convs, args.num_prompts)]:
-        kept = data.first_prompts(model.tokenizer, convs, args.max_prompt_tokens, limit=n)
+    for name in ("eval", "train"):
+        kept = prompts[name]
         split_dir = os.path.join(args.out, name)
         os.makedirs(split_dir, exist_ok=True)
         # the prompts' messages too, so the held-out ones can be benchmarked (`infer.mtbench --prompts`)

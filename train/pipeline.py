@@ -99,11 +99,9 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
                 texts = json.loads(z["eval_texts"].tobytes())
                 prompts["eval_openings"] = [[{"role": "user", "content": t}] for t in texts]
     else:
-        train_convs, eval_convs = data.split(data.load_chats(conversations), eval_fraction)
-        train_kept = data.first_prompts(tokenizer, train_convs, max_prompt_tokens)
-        eval_kept = data.first_prompts(tokenizer, eval_convs, max_prompt_tokens)
-        prompts = {"train": [ids for _, ids in train_kept], "eval": [ids for _, ids in eval_kept],
-                   "eval_openings": [opening for opening, _ in eval_kept]}
+        kept = data.split_prompts(tokenizer, data.load_chats(conversations), max_prompt_tokens, eval_fraction)
+        prompts = {"train": [ids for _, ids in kept["train"]], "eval": [ids for _, ids in kept["eval"]],
+                   "eval_openings": [opening for opening, _ in kept["eval"]]}
         write_prompt_file(path, settings, prompts)
     return prompts | {"source": {k: v for k, v in settings.items() if k not in ("max_prompt_tokens", "eval_fraction")}}
 

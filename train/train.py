@@ -295,6 +295,10 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     mesh (`sharding.make_mesh`): default, data parallel over every visible device. A resumed run may
     use another mesh: checkpoints do not depend on it."""
     dcfg.check_target(target_cfg)
+    if not len(train_seqs):
+        raise ValueError("no training sequences")
+    if eval_seqs is not None and not len(eval_seqs):  # (None: no evaluation)
+        raise ValueError("no held-out sequences to evaluate on: too few conversations for the --eval-fraction?")
     if tc.keep_best and eval_seqs is None:
         raise ValueError("keep_best chooses the drafter by held-out accuracy: it needs held-out data")
     mesh = training_mesh(tc, mesh)
