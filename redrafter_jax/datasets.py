@@ -51,8 +51,12 @@ def read_chats(path: str, limit: int | None = None, strict: bool = True) -> list
     not text, a file cut off inside a record; strict=False (ShareGPT as pinned, which ends mid-record and
     has a few speakers like "bard") drops unknown speakers and the cut-off tail.
     """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: expected JSON or JSONL (export other formats, such as "
+                         "Parquet, to JSONL first)") from None
     decoder = json.JSONDecoder()
     i = len(text) - len(text.lstrip())
     array = text.startswith("[", i)

@@ -358,9 +358,10 @@ def test_chat_files_of_every_format_read_as_the_same_messages(tmp_path, array):
     ('{"messages": "Hi"}', '"messages" must be a list of objects'),
     ('{"turns": "Hi"}', '"turns" must be a list of texts'),
     ("\n", "holds no conversations"),
+    (b"PAR1\x15\x04\x15\xa0\x01", "is not UTF-8 text: expected JSON or JSONL"),
 ])
 def test_bad_chat_files_are_refused_naming_the_problem(tmp_path, text, match):
-    (tmp_path / "chats.jsonl").write_text(text)
+    (tmp_path / "chats.jsonl").write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=match):
         read_chats(str(tmp_path / "chats.jsonl"))
 
