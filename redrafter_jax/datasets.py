@@ -59,8 +59,9 @@ def read_chats(path: str, limit: int | None = None, strict: bool = True) -> list
                          "Parquet, to JSONL first)") from None
     decoder = json.JSONDecoder()
     i = len(text) - len(text.lstrip())
-    array = text.startswith("[", i)
-    i += array
+    array = text.startswith("[", i)  # a JSON array of records, else JSONL (or records one after another)
+    if array:
+        i += 1
     chats: list[Chat] = []
     while limit is None or len(chats) < limit:
         while i < len(text) and text[i] in " \n\r\t,":
