@@ -23,11 +23,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, param_shapes
 from redrafter_jax.files import atomic_folder
+from redrafter_jax.loaders.hf import open_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -71,7 +72,8 @@ def load_apple_drafter(directory: str, target: ModelConfig | None = None, dtype:
         raise ValueError(f"{directory}: {CONFIG_FILE} has no {k.args[0]!r}") from None
     if target is not None:
         dcfg.check_target(target)
-    tensors = load_file(os.path.join(directory, WEIGHTS_FILE))
+    weights = open_safetensors(os.path.join(directory, WEIGHTS_FILE))
+    tensors = {k: weights.get_tensor(k) for k in weights.keys()}
     names = _names(dcfg)
     missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or extra:

@@ -124,6 +124,13 @@ def test_bad_apple_checkpoints_raise_naming_the_problem(tmp_path, config, tensor
         load_drafter(edited_copy(tmp_path, config, tensors), target)
 
 
+def test_an_apple_checkpoint_cut_short_is_named(tmp_path):
+    path = edited_copy(tmp_path, None, None)
+    os.truncate(os.path.join(path, "model.safetensors"), 1000)  # an interrupted copy
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*model.safetensors \(cut short"):
+        load_drafter(path, TARGET)
+
+
 def test_convert_command_round_trips_apples_files(tmp_path):
     def convert(*args):
         proc = subprocess.run([sys.executable, "-m", "infer.convert", *map(str, args)], cwd=ROOT, capture_output=True,

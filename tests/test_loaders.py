@@ -298,6 +298,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("shape", r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(48, 32\), expected \(40, 32\)"),
     ("untied", "missing tensor 'lm_head.weight'"),
     ("no_weights", "no model.safetensors"),
+    ("cut_short", r"cannot read safetensors file .*model.safetensors \(cut short"),
     ("sentencepiece", r"missing tokenizer.json in .* \(a SentencePiece tokenizer.model is not read"),
     # what the model does not implement is refused, never ignored
     ("hidden_act", "unsupported hidden_act 'gelu'"),
@@ -339,6 +340,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     write_checkpoint(tmp_path, "llama", tensors, **overrides)
     if case == "no_weights":
         os.remove(tmp_path / "model.safetensors")
+    elif case == "cut_short":  # an interrupted download
+        os.truncate(tmp_path / "model.safetensors", os.path.getsize(tmp_path / "model.safetensors") // 2)
     elif case == "sentencepiece":
         os.rename(tmp_path / "tokenizer.json", tmp_path / "tokenizer.model")
     with pytest.raises((ValueError, FileNotFoundError), match=match):

@@ -119,8 +119,7 @@ def _tensor_index(directory: str) -> dict[str, str]:
         single = os.path.join(directory, "model.safetensors")
         if not os.path.isfile(single):
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-        with safe_open(single, framework="numpy") as f:
-            files = {k: "model.safetensors" for k in f.keys()}
+        files = {k: "model.safetensors" for k in open_safetensors(single).keys()}
     return {k: os.path.join(directory, v) for k, v in files.items()}
 
 
@@ -148,6 +147,14 @@ def load_tokenizer(directory: str, cfg: ModelConfig) -> Tokenizer:
     return Tokenizer(tok, template, cfg.bos_token_id, cfg.eos_token_ids, add_bos)
 
 
+def open_safetensors(path: str):
+    """safe_open(path), or an error naming the file when it cannot be read (a download cut short, say)."""
+    try:
+        return safe_open(path, framework="numpy")
+    except Exception as e:
+        raise ValueError(f"cannot read safetensors file {path} (cut short, or not safetensors?): {e}") from e
+
+
 class _Safetensors:
     """The `Source` of a safetensors checkpoint (one file or sharded): reads each block on its own."""
 
@@ -157,10 +164,7 @@ class _Safetensors:
     def _slice(self, name: str):
         path = self.index[name]  # KeyError -> "missing tensor" in assemble_params
         if path not in self.handles:
-            try:
-                self.handles[path] = safe_open(path, framework="numpy")
-            except Exception as e:
-                raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+            self.handles[path] = open_safetensors(path)
         return self.handles[path].get_slice(name)
 
     def names(self) -> list[str]:
