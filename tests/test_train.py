@@ -243,10 +243,23 @@ def test_distillation_killed_mid_shard_resumes_to_the_same_data(tmp_path):
     assert sorted(os.listdir(tmp_path / "resumed")) == ["shard_00000.npz", "shard_00001.npz.tmp"]
     done = run(tmp_path / "resumed", -1)
     assert done.returncode == 0, done.stderr
-    a, b = read_shards(str(tmp_path / "full")), read_shards(str(tmp_path / "resumed"))
-    assert len(a) == len(b) == 10
-    for x, y in zip(a.tokens + a.masks, b.tokens + b.masks):
-        np.testing.assert_array_equal(x, y)
+    full = read_shards(str(tmp_path / "full"))
+
+    def assert_resumed_equals_full():
+        resumed = read_shards(str(tmp_path / "resumed"))
+        assert len(full) == len(resumed) == 10
+        for x, y in zip(full.tokens + full.masks, resumed.tokens + resumed.masks):
+            np.testing.assert_array_equal(x, y)
+
+    assert_resumed_equals_full()
+    # a shard copied only in part is named where it is read, and redone by a rerun
+    cut = tmp_path / "resumed" / "shard_00001.npz"
+    os.truncate(cut, os.path.getsize(cut) // 2)
+    with pytest.raises(ValueError, match=f"cannot read distillation shard {cut} \\(cut short"):
+        read_shards(str(tmp_path / "resumed"))
+    redo = run(tmp_path / "resumed", -1)
+    assert redo.returncode == 0 and f"redoing it: cannot read distillation shard {cut}" in redo.stderr
+    assert_resumed_equals_full()
 
 
 def test_training_never_writes_into_a_folder_it_does_not_own(tmp_path):

@@ -16,6 +16,7 @@ import glob
 import hashlib
 import json
 import os
+import zipfile
 from typing import NamedTuple
 
 import numpy as np
@@ -185,17 +186,23 @@ def write_shard(path: str, tokens: list, masks: list) -> None:
     os.replace(tmp, path)
 
 
+def read_shard(path: str) -> Sequences:
+    """One shard's sequences; a shard that cannot be read (a copy cut short) is named."""
+    try:
+        with np.load(path) as z:
+            cuts = np.cumsum(z["lengths"])[:-1]
+            return Sequences(np.split(z["tokens"], cuts), np.split(z["masks"], cuts))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"cannot read distillation shard {path} (cut short? train.distill redoes it when rerun "
+                         f"with the same settings): {e}") from e
+
+
 def read_shards(directory: str) -> Sequences:
     files = sorted(glob.glob(os.path.join(directory, "shard_*.npz")))
     if not files:
         raise FileNotFoundError(f"no distillation shards (shard_*.npz) in {directory}")
-    toks, masks = [], []
-    for f in files:
-        with np.load(f) as z:
-            cuts = np.cumsum(z["lengths"])[:-1]
-            toks += np.split(z["tokens"], cuts)
-            masks += np.split(z["masks"], cuts)
-    return Sequences(toks, masks)
+    shards = [read_shard(f) for f in files]
+    return Sequences([t for s in shards for t in s.tokens], [m for s in shards for m in s.masks])
 
 
 def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:

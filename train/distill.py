@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -53,11 +54,14 @@ def check_settings(out_dir: str, settings: dict) -> None:
 
 
 def shard_rows(path: str) -> int:
-    """Sequences in a shard (0 when it does not exist)."""
+    """Sequences in a shard (0 when it does not exist, or cannot be read: then it is redone)."""
     if not os.path.exists(path):
         return 0
-    with np.load(path) as z:
-        return len(z["lengths"])
+    try:
+        return len(data.read_shard(path))
+    except ValueError as e:
+        print(f"redoing it: {e}", file=sys.stderr)
+        return 0
 
 
 def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_size: int, batch_size: int,
