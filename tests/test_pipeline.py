@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from redrafter_jax import datastore
@@ -88,3 +89,11 @@ def test_prompt_file_made_from_own_conversations_keeps_their_source(tmp_path, sm
     chats.write_text(json.dumps({"prompt": "Something else."}) + "\n")
     with pytest.raises(ValueError, match="conversations_sha256: [0-9a-f]+ there, [0-9a-f]+ now"):
         load_or_build_prompts(path, smollm.tokenizer, 64, 0.25, str(chats))
+    # a file made before system prompts were kept, with the held-out texts alone, reads as their openings
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files if k != "eval_openings"}
+    np.savez(path, eval_texts=np.frombuffer(json.dumps(held).encode(), np.uint8), **arrays)
+    assert load_or_build_prompts(path, smollm.tokenizer, 64, 0.25) == made
+    os.truncate(path, 100)  # copied in part
+    with pytest.raises(ValueError, match=f"cannot read prompt file {path} \\(cut short"):
+        load_or_build_prompts(path, smollm.tokenizer, 64, 0.25)

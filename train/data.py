@@ -186,13 +186,17 @@ def write_shard(path: str, tokens: list, masks: list) -> None:
     os.replace(tmp, path)
 
 
+# what np.load raises on a file cut short or not an npz
+UNREADABLE_NPZ = (OSError, ValueError, KeyError, zipfile.BadZipFile)
+
+
 def read_shard(path: str) -> Sequences:
     """One shard's sequences; a shard that cannot be read (a copy cut short) is named."""
     try:
         with np.load(path) as z:
             cuts = np.cumsum(z["lengths"])[:-1]
             return Sequences(np.split(z["tokens"], cuts), np.split(z["masks"], cuts))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    except UNREADABLE_NPZ as e:
         raise ValueError(f"cannot read distillation shard {path} (cut short? train.distill redoes it when rerun "
                          f"with the same settings): {e}") from e
 

@@ -75,6 +75,22 @@ def write_prompt_file(path: str, settings: dict, prompts: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_prompt_file(path: str) -> tuple[dict, dict]:
+    """(settings, prompts) of a file `write_prompt_file` made; one that cannot be read is named."""
+    try:
+        with np.load(path) as z:
+            prompts = {"train": _unpack(z["train_tokens"], z["train_lengths"]),
+                       "eval": _unpack(z["eval_tokens"], z["eval_lengths"])}
+            if "eval_openings" in z.files:
+                prompts["eval_openings"] = json.loads(z["eval_openings"].tobytes())
+            else:  # a file made before system prompts were kept: the held-out first user turns' texts
+                texts = json.loads(z["eval_texts"].tobytes())
+                prompts["eval_openings"] = [[{"role": "user", "content": t}] for t in texts]
+            return json.loads(z["settings"].tobytes()), prompts
+    except data.UNREADABLE_NPZ as e:
+        raise ValueError(f"cannot read prompt file {path} (cut short? delete it to make it again): {e}") from e
+
+
 def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fraction: float,
                           conversations: str | None = None) -> dict:
     """{"train": [ids], "eval": [ids], "eval_openings": [messages], "source": {...}} from the prompt file at
@@ -84,20 +100,12 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
     settings = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction,
                 **data.chats_setting(conversations)}
     if os.path.exists(path):
-        with np.load(path) as z:
-            saved = json.loads(z["settings"].tobytes())
-            if conversations is None:
-                settings |= {k: v for k, v in saved.items() if k not in settings}
-            if saved != settings:
-                raise ValueError(f"prompt file {path} was made with other settings "
-                                 f"({', '.join(data.differences(saved, settings))})")
-            prompts = {"train": _unpack(z["train_tokens"], z["train_lengths"]),
-                       "eval": _unpack(z["eval_tokens"], z["eval_lengths"])}
-            if "eval_openings" in z.files:
-                prompts["eval_openings"] = json.loads(z["eval_openings"].tobytes())
-            else:  # a file made before system prompts were kept: the held-out first user turns' texts
-                texts = json.loads(z["eval_texts"].tobytes())
-                prompts["eval_openings"] = [[{"role": "user", "content": t}] for t in texts]
+        saved, prompts = read_prompt_file(path)
+        if conversations is None:
+            settings |= {k: v for k, v in saved.items() if k not in settings}
+        if saved != settings:
+            raise ValueError(f"prompt file {path} was made with other settings "
+                             f"({', '.join(data.differences(saved, settings))})")
     else:
         kept = data.split_prompts(tokenizer, data.load_chats(conversations), max_prompt_tokens, eval_fraction)
         prompts = {"train": [ids for _, ids in kept["train"]], "eval": [ids for _, ids in kept["eval"]],
