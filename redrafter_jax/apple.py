@@ -72,8 +72,8 @@ def load_apple_drafter(directory: str, target: ModelConfig | None = None, dtype:
         raise ValueError(f"{directory}: {CONFIG_FILE} has no {k.args[0]!r}") from None
     if target is not None:
         dcfg.check_target(target)
-    weights = open_safetensors(os.path.join(directory, WEIGHTS_FILE))
-    tensors = {k: weights.get_tensor(k) for k in weights.keys()}
+    with open_safetensors(os.path.join(directory, WEIGHTS_FILE)) as weights:
+        tensors = {k: weights.get_tensor(k) for k in weights.keys()}
     names = _names(dcfg)
     missing, extra = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or extra:

@@ -2,10 +2,10 @@
 
     python -m train.pipeline --minutes 8 --out runs/pipeline --data runs/distill --prompts prompts.npz
 
-1. Prompts: the first user turns of ShareGPT, or of --conversations (your own file, as for
-   `train.distill`), under the chat template (`train.data`), split into training and held-out prompts
-   and saved to --prompts; an existing --prompts file is read instead, so a machine without network
-   needs only that file (make it where the network is).
+1. Prompts: the openings (system prompt and first user turn) of ShareGPT's conversations, or of
+   --conversations (your own file, as for `train.distill`), under the chat template (`train.data`),
+   split into training and held-out prompts and saved to --prompts; an existing --prompts file is
+   read instead, so a machine without network needs only that file (make it where the network is).
 2. Distil the prompts not yet distilled into --data (`train.distill`'s resumable shards; every prompt
    padded to one block and every batch to one size, so one program is compiled), until all are done
    or --distill-share of the budget is spent. Held-out prompts first.

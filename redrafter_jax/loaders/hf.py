@@ -119,7 +119,8 @@ def _tensor_index(directory: str) -> dict[str, str]:
         single = os.path.join(directory, "model.safetensors")
         if not os.path.isfile(single):
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-        files = {k: "model.safetensors" for k in open_safetensors(single).keys()}
+        with open_safetensors(single) as f:
+            files = {k: "model.safetensors" for k in f.keys()}
     return {k: os.path.join(directory, v) for k, v in files.items()}
 
 
