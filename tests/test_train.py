@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -380,7 +381,7 @@ def test_bad_chat_files_are_refused_naming_the_problem(tmp_path, text, match):
 
 
 @pytest.mark.slow  # three commands, each loading the model
-def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_path):
+def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_path, capsys):
     """The user's path to a drafter for their own model and data: train.distill and train.train on a
     checkpoint and a chat file of their own (a tiny Llama and a word-level vocabulary)."""
     from tests.test_loaders import hf_tensors, write_checkpoint
@@ -399,6 +400,7 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
             "--max-prompt-tokens", "16", "--max-new-tokens", "6", "--batch-size", "8", "--shard-size", "8",
             "--eval-fraction", "0.2"]
     distill.main(args)
+    assert re.search(r"train: 20 replies, \d+ tokens, in .*train", capsys.readouterr().err)
 
     from redrafter_jax.loaders.hf import load_hf
     tok = load_hf(model).tokenizer

@@ -119,6 +119,9 @@ def main(argv=None) -> None:
         data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), [opening for opening, _ in kept])
         write_distill_shards(model, [ids for _, ids in kept], split_dir, args.shard_size, args.batch_size,
                              args.max_new_tokens, desc=f"distilling {name}")
+        seqs = data.read_shards(split_dir)
+        print(f"{name}: {len(seqs)} replies, {sum(int(m.sum()) for m in seqs.masks)} tokens, in {split_dir}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
