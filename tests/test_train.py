@@ -352,10 +352,12 @@ def test_chat_files_of_every_format_read_as_the_same_messages(tmp_path, array):
                {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]},
                {"messages": CHAT},
                {"question_id": 81, "turns": ["Hi", "Bye"], "category": "writing"},
-               {"prompt": "Hi"}]
+               {"prompt": "Hi"},
+               {"conversation_id": "c9", "model": "vicuna-13b", "conversation": CHAT, "turn": 2},  # LMSYS-Chat-1M
+               {"conversations": CHAT}]  # role/content under ShareGPT's key, as some data sets write it
     chats = read_chats(write_lines(tmp_path / "chats", records, array))
-    assert [c.messages for c in chats] == [CHAT, CHAT[1:2], CHAT, [CHAT[1], CHAT[3]], CHAT[1:2]]
-    assert chats[0].id == "x1" and chats[3].id == "81"
+    assert [c.messages for c in chats] == [CHAT, CHAT[1:2], CHAT, [CHAT[1], CHAT[3]], CHAT[1:2], CHAT, CHAT]
+    assert chats[0].id == "x1" and chats[3].id == "81" and chats[5].id == "c9" and chats[6].id == chats[2].id
     # without an id, the messages' hash: the same chat gets the same id, so a held-out split keeps duplicates together
     assert chats[1].id == chats[4].id and chats[2].id not in ("x1", chats[1].id)
     assert read_chats(str(tmp_path / "chats"), limit=2) == chats[:2]
@@ -367,7 +369,7 @@ def test_chat_files_of_every_format_read_as_the_same_messages(tmp_path, array):
     ('{"messages": [{"role": "tool", "content": "42"}]}', 'record 1: unknown role "tool"'),
     ('{"conversations": [{"from": "bard", "value": "Hi"}]}', 'unknown speaker "bard"'),
     ('{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}', "the content of assistant message 1 is not text"),
-    ('{"text": "Hi"}', r"expected one of .*; it has \['text'\]"),
+    ('{"text": "Hi"}', r"expected a message list .*; it has \['text'\]"),
     ('["Hi"]', "expected an object"),
     ('{"messages": "Hi"}', '"messages" must be a list of objects'),
     ('{"turns": "Hi"}', '"turns" must be a list of texts'),

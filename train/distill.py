@@ -4,8 +4,8 @@
     python -m train.distill --out data/mine --conversations my_chats.jsonl   # prompts of your own
 
 The prompts are the conversations' openings (system prompt and first user turn), from ShareGPT or from
---conversations (JSON or JSONL of ShareGPT records, {"messages": [{"role", "content"}]} or {"prompt": ...}:
-`datasets.read_chats`).
+--conversations (JSON or JSONL of message lists, ShareGPT's or {"messages": [{"role", "content"}]}, or of
+{"prompt": ...}: `datasets.read_chats`).
 
 Writes <out>/train/shard_NNNNN.npz and <out>/eval/shard_NNNNN.npz (prompt + reply tokens, loss mask
 on the reply) and each split's prompts as messages, <out>/{train,eval}/prompts.jsonl. Shards are written
