@@ -386,6 +386,7 @@ def test_bad_chat_files_are_refused_naming_the_problem(tmp_path, text, match):
 def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_path, capsys):
     """The user's path to a drafter for their own model and data: train.distill and train.train on a
     checkpoint and a chat file of their own (a tiny Llama and a word-level vocabulary)."""
+    from redrafter_jax.loaders.hf import load_hf
     from tests.test_loaders import hf_tensors, write_checkpoint
     from train import distill
     from train import train as train_cli
@@ -404,8 +405,8 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     distill.main(args)
     assert re.search(r"train: 20 replies, \d+ tokens, in .*train", capsys.readouterr().err)
 
-    from redrafter_jax.loaders.hf import load_hf
-    tok = load_hf(model).tokenizer
+    target = load_hf(model)
+    tok = target.tokenizer
     train_chats, eval_chats = split(read_chats(chats), 0.2)
     for name, expected in [("train", train_chats[:20]), ("eval", eval_chats[:4])]:
         openings = [c.messages for c in read_chats(os.path.join(out, name, "prompts.jsonl"))]
@@ -430,7 +431,7 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.2",
                              "--out", str(tmp_path / "dataset")])
     for run in ("distilled", "dataset"):
-        drafter = load_drafter(str(tmp_path / run / "drafter"), load_hf(model).config)
+        drafter = load_drafter(str(tmp_path / run / "drafter"), target.config)  # checked against the target
         assert drafter.config.hidden_size == 32
     run_json = json.load(open(tmp_path / "dataset" / "run.json"))
     assert run_json["train_data"]["sequences"] == len(train_chats)  # every chat has a reply to learn
