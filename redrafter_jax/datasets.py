@@ -56,7 +56,7 @@ def read_chats(path: str, limit: int | None = None, strict: bool = True) -> list
     has a few speakers like "bard") drops unknown speakers and the cut-off tail.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # (-sig: a byte-order mark, as Windows tools write, skipped)
             text = f.read()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text: expected JSON or JSONL (export other formats, such as "

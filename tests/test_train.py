@@ -361,6 +361,9 @@ def test_chat_files_of_every_format_read_as_the_same_messages(tmp_path, array):
     # without an id, the messages' hash: the same chat gets the same id, so a held-out split keeps duplicates together
     assert chats[1].id == chats[4].id and chats[2].id not in ("x1", chats[1].id)
     assert read_chats(str(tmp_path / "chats"), limit=2) == chats[:2]
+    with_bom = tmp_path / "bom"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "chats").read_bytes())
+    assert read_chats(str(with_bom)) == chats
 
 
 @pytest.mark.parametrize("text, match", [
