@@ -18,7 +18,6 @@ datastore's nodes against the other proposers' node by node.
 from __future__ import annotations
 
 import os
-import zipfile
 from typing import Iterable, Sequence
 
 import jax
@@ -28,6 +27,7 @@ from flax import struct
 from tqdm import tqdm
 
 from redrafter_jax.beam_search import Draft
+from redrafter_jax.files import UNREADABLE_NPZ
 from redrafter_jax.lookup import first_distinct
 from redrafter_jax.tree import ABSENT
 
@@ -202,7 +202,7 @@ def load(path: str | os.PathLike, vocab_size: int | None = None) -> Datastore:
             if int(z["format"]) != FORMAT:
                 raise ValueError(f"format {int(z['format'])}, expected {FORMAT}")
             keys, conts, acceptance, (lo, hi) = z["keys"], z["continuations"], z["acceptance"], z["ngram"]
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except UNREADABLE_NPZ as e:
         raise ValueError(f"{path} is not a readable datastore: {e}") from e
     if keys.dtype != np.uint32 or not len(keys) or conts.ndim != 2 or len(conts) != len(keys) or \
             acceptance.shape != (hi - lo + 1, conts.shape[1]) or np.any(keys[1:] < keys[:-1]):

@@ -1,11 +1,15 @@
 """Atomic folder writes: a folder is built under a temporary sibling name and renamed into place only
-when complete, so a crash never leaves a half-written folder under the real name."""
+when complete, so a crash never leaves a half-written folder under the real name. And what reading
+an .npz that a copy cut short raises, for the readers that name such a file."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import zipfile
+
+UNREADABLE_NPZ = (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile)  # from np.load and its reads
 
 
 @contextlib.contextmanager

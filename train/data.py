@@ -16,12 +16,12 @@ import glob
 import hashlib
 import json
 import os
-import zipfile
 from typing import NamedTuple
 
 import numpy as np
 
 from redrafter_jax.datasets import SHAREGPT, Chat, read_chats
+from redrafter_jax.files import UNREADABLE_NPZ
 from redrafter_jax.tokenizer import Tokenizer
 from redrafter_jax.wheels import fetch, sha256
 
@@ -184,10 +184,6 @@ def write_shard(path: str, tokens: list, masks: list) -> None:
         np.savez(f, tokens=np.concatenate(tokens).astype(np.int32), masks=np.concatenate(masks).astype(np.int8),
                  lengths=lengths)
     os.replace(tmp, path)
-
-
-# what np.load raises on a file cut short or not an npz
-UNREADABLE_NPZ = (OSError, ValueError, KeyError, zipfile.BadZipFile)
 
 
 def read_shard(path: str) -> Sequences:

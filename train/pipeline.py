@@ -41,6 +41,7 @@ from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
+from redrafter_jax.files import UNREADABLE_NPZ
 from redrafter_jax.generate import generate
 from train import data
 from train.distill import check_settings, write_distill_shards
@@ -87,7 +88,7 @@ def read_prompt_file(path: str) -> tuple[dict, dict]:
                 texts = json.loads(z["eval_texts"].tobytes())
                 prompts["eval_openings"] = [[{"role": "user", "content": t}] for t in texts]
             return json.loads(z["settings"].tobytes()), prompts
-    except data.UNREADABLE_NPZ as e:
+    except UNREADABLE_NPZ as e:
         raise ValueError(f"cannot read prompt file {path} (cut short? delete it to make it again): {e}") from e
 
 
@@ -97,21 +98,21 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
     `path`, which is made from ShareGPT or `conversations` when it does not exist ("source": what it was
     made from, `data.chats_setting`). Raises if the file was made with other settings, or from other
     conversations than the ones given; without `conversations` the file is the source, whatever made it."""
-    settings = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction,
-                **data.chats_setting(conversations)}
+    base = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction}
+    source = data.chats_setting(conversations)
     if os.path.exists(path):
         saved, prompts = read_prompt_file(path)
-        if conversations is None:
-            settings |= {k: v for k, v in saved.items() if k not in settings}
-        if saved != settings:
+        if conversations is None:  # the file is the source, whatever made it
+            source = {k: v for k, v in saved.items() if k not in base}
+        if saved != base | source:
             raise ValueError(f"prompt file {path} was made with other settings "
-                             f"({', '.join(data.differences(saved, settings))})")
+                             f"({', '.join(data.differences(saved, base | source))})")
     else:
         kept = data.split_prompts(tokenizer, data.load_chats(conversations), max_prompt_tokens, eval_fraction)
         prompts = {"train": [ids for _, ids in kept["train"]], "eval": [ids for _, ids in kept["eval"]],
                    "eval_openings": [opening for opening, _ in kept["eval"]]}
-        write_prompt_file(path, settings, prompts)
-    return prompts | {"source": {k: v for k, v in settings.items() if k not in ("max_prompt_tokens", "eval_fraction")}}
+        write_prompt_file(path, base | source, prompts)
+    return prompts | {"source": source}
 
 
 def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, mesh: Mesh | None,
