@@ -18,7 +18,7 @@ CFG, PARAMS = tiny_model(num_heads=16, num_kv_heads=8, num_layers=1)
 DRAFTER_CFG = DrafterConfig(hidden_size=CFG.hidden_size, vocab_size=CFG.vocab_size)
 PROMPTS = [np.random.default_rng(0).integers(2, CFG.vocab_size, n).tolist() for n in (5, 9, 3, 12)]
 SPEC = SpecConfig(2, 3, lookup_beams=1, datastore_beams=1, datastore_length=4)
-TRAIN = TrainConfig(steps=10, **TC)
+TRAIN = TrainConfig(steps=10, soft_labels=0.5, **TC)  # the target's logits too, split over "model"
 
 
 def drafter() -> Drafter:

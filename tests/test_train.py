@@ -51,6 +51,65 @@ def test_loss_counts_only_masked_targets_inside_the_sequence():
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
 
 
+@pytest.mark.parametrize("w, tied", [(0.3, False), (1.0, True)])
+def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w, tied):
+    """Hand-computed, with a draft vocabulary: head k at context t learns x_{t+2+k} with weight 1 - w and the
+    target's distribution there (its LM head on h_{t+1+k}, renormalised over the draft vocabulary) with w."""
+    cfg, tparams = tiny_model()
+    if tied:  # the LM head is the embedding's transpose (SmolLM2's)
+        tparams = {k: v for k, v in tparams.items() if k != "lm_head"}
+    head = tparams["embed"].T if tied else tparams["lm_head"]
+    vmap = jnp.asarray([0, 5, 7, 9, 12, 21, 30, 44], jnp.int32)
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=len(vmap))
+    dparams = init_drafter(dcfg, jax.random.PRNGKey(1), vmap)
+    tokens = jnp.asarray([[5, 9, 12, 7, 30, 3, 21]])  # x5 = 3 is outside the draft vocabulary
+    mask = jnp.asarray([[0, 1, 1, 1, 1, 1, 1]])
+    hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 7, cfg.hidden_size))
+    _, m = drafter_loss(dparams, dcfg, tparams, hidden, tokens, mask, num_heads=2, soft_labels=w)
+    emb, draft_id = tparams["embed"], {int(v): i for i, v in enumerate(vmap)}
+    for k in range(2):
+        ces = []
+        for t in range(7 - 2 - k):
+            label = int(tokens[0, t + 2 + k])
+            if label not in draft_id:  # a target outside the draft vocabulary counts in neither term
+                continue
+            state = jnp.zeros(cfg.hidden_size)
+            for j in range(k + 1):
+                state = rnn_step(dparams, dcfg, state, emb[tokens[0, t + 1 + j]])
+            logits = draft_logits(dparams, dcfg, tparams, hidden[0, t], state)
+            p = jax.nn.softmax((hidden[0, t + 1 + k] @ head)[vmap])
+            ces.append(jax.nn.logsumexp(logits) - (1 - w) * logits[draft_id[label]] - w * p @ logits)
+        np.testing.assert_allclose(float(m["loss"][k]), np.mean(ces), rtol=1e-5)
+    with pytest.raises(ValueError, match="soft_labels must be in"):
+        TrainConfig(steps=1, soft_labels=1.5)
+
+
+def test_soft_labels_teach_the_targets_choices_where_the_data_says_nothing(tmp_path):
+    """Random tokens as data, and a target whose layers add nothing to the residual stream, so its next token
+    is a function of the current one: trained on the tokens alone (w = 0) a drafter cannot know the target's
+    choices; trained on the target's distribution (w = 1) it learns them."""
+    from redrafter_jax.model import lm_head, transformer_causal
+
+    cfg, tparams = tiny_model()
+    tparams = {**tparams, "layers": [{**layer, "wo": 0 * layer["wo"], "w_down": 0 * layer["w_down"]}
+                                     for layer in tparams["layers"]]}
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 60, (80, 24)).astype(np.int32)
+    seqs = Sequences(list(tokens[:64]), [np.r_[np.zeros(4, np.int8), np.ones(20, np.int8)]] * 64)
+    held = jnp.asarray(tokens[64:])
+    hidden = transformer_causal(tparams, cfg, held)
+    choice = jnp.argmax(lm_head(tparams, hidden), -1)[:, 1:-1]  # the target's x_{t+2}, for contexts t = 0 .. T-3
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, exit_dim=32)
+    agree = []
+    for w in (0.0, 1.0):
+        tc = TrainConfig(steps=40, **{**TC, "num_heads": 2, "save_every": 40, "soft_labels": w})
+        d = train(tc, dcfg, cfg, tparams, seqs, None, str(tmp_path / str(w)), progress=False)
+        state = rnn_step(d.params, dcfg, jnp.zeros_like(hidden[:, :-2]), tparams["embed"][held[:, 1:-1]])
+        head0 = jnp.argmax(draft_logits(d.params, dcfg, tparams, hidden[:, :-2], state), -1)
+        agree.append(float(jnp.mean(head0 == choice)))
+    assert agree[0] < 0.1 and agree[1] > 0.5, agree
+
+
 def toy_sequences(n=64, length=24, seed=0):
     """Sequences with a learnable rule (each token is the previous plus 3, mod 60, plus some noise)."""
     rng = np.random.default_rng(seed)
@@ -294,6 +353,14 @@ def test_resuming_with_other_data_or_settings_is_refused_naming_the_difference(t
     with pytest.raises(ValueError, match=r"train_config.lr: 0.01 there, 0.02 now"):
         run(toy_sequences(n=40), lr=0.02)
     assert snapshot(tmp_path) == before
+    # a run recorded before a setting existed trained at its default: it resumes, and refuses another value
+    record = json.loads((tmp_path / "run.json").read_text())
+    del record["train_config"]["soft_labels"], record["drafter_config"]["apple_warp"]
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"train_config.soft_labels: 0.0 there, 0.5 now"):
+        run(toy_sequences(n=40), soft_labels=0.5)
+    run(toy_sequences(n=40))
+    assert json.loads((tmp_path / "run.json").read_text())["train_config"]["soft_labels"] == 0.0
 
 
 def test_batches_are_a_pure_function_of_step_and_seed():

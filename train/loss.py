@@ -3,7 +3,12 @@
 For every position t at once: the context is the target's hidden state h_t; the RNN consumes
 x_{t+1}, x_{t+2}, ... (x_{t+1} plays the init token g0); head k (k = 0..K-1) predicts x_{t+2+k}.
 Targets past the sequence end, on padding or outside the loss mask never count. The K cross-entropies
-are equally weighted. With a dropout rate, each head draws its own dropout masks (`drafter.dropout`)
+are equally weighted. With a soft-label weight w, each head's cross-entropy is against a mix of the
+data's token (1 - w) and the target's own next-token distribution there (w; over the draft vocabulary,
+renormalised): the target's logits at position t+1+k are its LM head on the hidden state it already
+computed, so distilling its whole distribution, not just the token it chose, costs one small product
+per head. It tells the drafter which tokens come second and third, which its other beams propose,
+and is a regulariser where the replies are few. With a dropout rate, each head draws its own dropout masks (`drafter.dropout`)
 from the step's key. Each head's logits [B, T, V] are rematerialised in the backward pass instead
 of being kept, so memory stays at one head's logits.
 """
@@ -15,7 +20,7 @@ import jax.numpy as jnp
 
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import draft_logits, rnn_step
-from redrafter_jax.model import Params
+from redrafter_jax.model import Params, lm_head
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -24,12 +29,20 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
     return jnp.concatenate([x[:, k:], pad], axis=1)
 
 
+def target_logits(target_params: Params, hidden: jax.Array, vocab_map: jax.Array | None) -> jax.Array:
+    """The target's float32 logits [..., Vd] over the draft vocabulary (all of it without a vocab_map)."""
+    if vocab_map is None:
+        return lm_head(target_params, hidden)
+    w = target_params["lm_head"][:, vocab_map] if "lm_head" in target_params else target_params["embed"][vocab_map].T
+    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+
+
 def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hidden: jax.Array,
                  tokens: jax.Array, mask: jax.Array, num_heads: int, dropout_rate: float = 0.0,
-                 key: jax.Array | None = None):
+                 key: jax.Array | None = None, soft_labels: float = 0.0):
     """hidden [B, T, H] the frozen target's (model.transformer_causal); tokens [B, T]; mask [B, T]
-    (1 = may be a target); key: needed with a dropout rate. Returns (loss, metrics)
-    with per-head loss and top-1 accuracy [K] and the per-head target counts [K]."""
+    (1 = may be a target); key: needed with a dropout rate; soft_labels: the weight w above. Returns
+    (loss, metrics) with per-head loss and top-1 accuracy [K] and the per-head target counts [K]."""
     target_params = jax.lax.stop_gradient(target_params)
     emb = target_params["embed"][tokens].astype(hidden.dtype)
     to_draft = None
@@ -38,11 +51,15 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
             jnp.arange(dcfg.head_vocab, dtype=jnp.int32))
 
     @jax.checkpoint
-    def head_stats(dparams, state, target, valid, key):
+    def head_stats(dparams, state, target, valid, key, teacher_hidden):
         logits = draft_logits(dparams, dcfg, target_params, hidden, state, dropout_rate, key)  # [B, T, Vd] float32
         in_vocab = target >= 0
         safe = jnp.maximum(target, 0)
-        ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        label = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+        if soft_labels:  # E_p[logit] under the target's distribution, mixed with the data's token
+            p = jax.nn.softmax(target_logits(target_params, teacher_hidden, dparams.get("vocab_map")), axis=-1)
+            label = (1 - soft_labels) * label + soft_labels * jnp.sum(p * logits, axis=-1)
+        ce = jax.nn.logsumexp(logits, axis=-1) - label
         right = jnp.argmax(logits, axis=-1) == safe
         w_ce = valid & in_vocab  # out-of-vocabulary targets cannot be learned, but count as misses
         return jnp.sum(jnp.where(w_ce, ce, 0.0)), jnp.sum(w_ce), jnp.sum(valid & right & in_vocab), jnp.sum(valid)
@@ -56,7 +73,8 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
             target = to_draft[target]
         valid = shift_left(mask, 2 + k).astype(bool)
         ce_sum, ce_n, right, n = head_stats(dparams, state, target, valid,
-                                             None if key is None else jax.random.fold_in(key, k))
+                                             None if key is None else jax.random.fold_in(key, k),
+                                             shift_left(hidden, 1 + k) if soft_labels else None)
         losses.append(ce_sum / jnp.maximum(ce_n, 1))
         accs.append(right / jnp.maximum(n, 1))
         counts.append(n)

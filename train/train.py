@@ -59,6 +59,9 @@ class TrainConfig:
     warmup_fraction: float = 0.1
     weight_decay: float = 0.0
     dropout: float = 0.0  # on the drafter's ResBlock input and branches (`drafter.draft_logits`)
+    # Weight of the target's own next-token distribution in each head's loss, against the data's
+    # token (`train.loss`): 0 learns the replies' tokens only, 1 the target's whole distribution.
+    soft_labels: float = 0.0
     clip_norm: float = 1.0
     grad_accum: int = 1
     compute_dtype: str = "float32"
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"invalid training config: {self}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.soft_labels <= 1:
+            raise ValueError(f"soft_labels must be in [0, 1], got {self.soft_labels}")
 
 
 def token_counts(seqs: Sequences, vocab_size: int) -> np.ndarray:
@@ -139,7 +144,7 @@ def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, me
         if hidden is None:
             hidden = target_hidden(target_params, tokens)
         return drafter_loss({**cast(trainable), **frozen}, dcfg, cast(target_params), hidden, tokens, mask,
-                            tc.num_heads, tc.dropout if key is not None else 0.0, key)
+                            tc.num_heads, tc.dropout if key is not None else 0.0, key, tc.soft_labels)
 
     def train_step(state, frozen, target_params, tokens, mask, hidden):
         # dropout masks are a pure function of (seed, step), like the data order: a resumed run repeats them
@@ -259,6 +264,10 @@ def claim_run_dir(out_dir: str, record: dict, command: str | None) -> list[str]:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+        for key, cls in (("train_config", TrainConfig), ("drafter_config", DrafterConfig)):
+            if isinstance(saved.get(key), dict):  # a field added since that run trained at its default
+                saved[key] = {f.name: f.default for f in dataclasses.fields(cls)
+                              if f.default is not dataclasses.MISSING} | saved[key]
         diff = differences({k: v for k, v in saved.items() if k != "commands"}, record)
         if diff:
             raise ValueError(f"{out_dir} holds a training run with other settings or data ({'; '.join(diff)}): "
