@@ -17,7 +17,7 @@ from redrafter_jax.config import DrafterConfig
 from redrafter_jax.datasets import Chat, read_chats
 from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
 from tests.tiny import tiny_model
-from train.data import Sequences, batch_at, tokenize_chat
+from train.data import Sequences, batch_at, first_prompts, tokenize_chat
 from train.loss import drafter_loss
 from train.train import TrainConfig, make_optimizer, most_frequent_tokens, train, vocab_coverage
 
@@ -385,7 +385,7 @@ def test_draft_vocabulary_keeps_the_most_frequent_targets_and_counts_its_coverag
 
 def test_distillation_prompts_are_written_as_benchmark_prompts(tmp_path, smollm):
     from infer.mtbench import load_prompts
-    from train.data import first_prompts, write_prompts
+    from train.data import write_prompts
 
     hi, why = {"role": "user", "content": "Hi there"}, {"role": "user", "content": "Why?"}
     system = {"role": "system", "content": "Be brief."}
@@ -511,6 +511,23 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     assert not (tmp_path / "y").exists()
     with pytest.raises(SystemExit, match="--conversations is for --recipe dataset"):
         train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--out", str(tmp_path / "x")])
+
+
+def test_a_conversation_the_chat_template_refuses_is_named(smollm):
+    from redrafter_jax.tokenizer import Tokenizer
+    from train.data import dataset_sequences
+
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    tok = Tokenizer(smollm.tokenizer.tok, no_system, None, smollm.tokenizer.eos_token_ids)
+    chats = [Chat("fine", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]),
+             Chat("rec-7", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                            {"role": "assistant", "content": "Hello."}])]
+    assert len(first_prompts(tok, chats[:1], 64)) == len(dataset_sequences(tok, chats[:1], 64)) == 1
+    for make in (lambda: first_prompts(tok, chats, 64), lambda: dataset_sequences(tok, chats, 64)):
+        with pytest.raises(ValueError, match="conversation 'rec-7': the model's chat template refuses it: System "
+                                             "role not supported"):
+            make()
 
 
 def test_assistant_mask_covers_exactly_the_replies(smollm):

@@ -12,12 +12,14 @@ The held-out split is by conversation id, so it never changes with the data size
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
 from typing import NamedTuple
 
+import jinja2
 import numpy as np
 
 from redrafter_jax.datasets import SHAREGPT, Chat, read_chats
@@ -56,6 +58,16 @@ def split(chats: list[Chat], eval_fraction: float = 0.02) -> tuple[list[Chat], l
     for c in chats:
         (held if is_held_out(c.id, eval_fraction) else train).append(c)
     return train, held
+
+
+@contextlib.contextmanager
+def naming(chat: Chat):
+    """Names the conversation a chat template refuses (one without a system role, say), which the
+    template's own message does not."""
+    try:
+        yield
+    except jinja2.TemplateError as e:
+        raise ValueError(f"conversation {chat.id!r}: the model's chat template refuses it: {e}") from e
 
 
 def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +110,8 @@ def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int) -> 
     for c in chats:
         if not any(m["role"] == "assistant" for m in c.messages):
             continue
-        ids, mask = tokenize_chat(tokenizer, c.messages, max_len)
+        with naming(c):
+            ids, mask = tokenize_chat(tokenizer, c.messages, max_len)
         if mask.sum() >= 2:
             toks.append(ids)
             masks.append(mask)
@@ -115,7 +128,8 @@ def first_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int,
             break
         opening = c.opening()
         if opening:
-            ids = tokenizer.encode_chat(opening)
+            with naming(c):
+                ids = tokenizer.encode_chat(opening)
             if len(ids) <= max_prompt_len:
                 out.append((opening, ids))
     return out
