@@ -4,13 +4,12 @@ For every position t at once: the context is the target's hidden state h_t; the 
 x_{t+1}, x_{t+2}, ... (x_{t+1} plays the init token g0); head k (k = 0..K-1) predicts x_{t+2+k}.
 Targets past the sequence end, on padding or outside the loss mask never count. The K cross-entropies
 are equally weighted. With a soft-label weight w, each head's cross-entropy is against a mix of the
-data's token (1 - w) and the target's own next-token distribution there (w; over the draft vocabulary,
-renormalised): the target's logits at position t+1+k are its LM head on the hidden state it already
-computed, so distilling its whole distribution, not just the token it chose, costs one small product
-per head. It tells the drafter which tokens come second and third, which its other beams propose,
-and is a regulariser where the replies are few. With a dropout rate, each head draws its own dropout masks (`drafter.dropout`)
+data's token (1 - w) and the target's own distribution for that token (w; over the draft vocabulary,
+renormalised): the target's LM head on its hidden state at t+1+k, which training computed anyway, so
+learning its whole distribution (as EAGLE's drafters do), not just the token it chose, costs one
+small product per head. With a dropout rate, each head draws its own dropout masks (`drafter.dropout`)
 from the step's key. Each head's logits [B, T, V] are rematerialised in the backward pass instead
-of being kept, so memory stays at one head's logits.
+of being kept, so memory stays at one head's logits (and with soft labels the target's beside them).
 """
 
 from __future__ import annotations

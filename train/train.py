@@ -9,7 +9,8 @@ M ways (`redrafter_jax.sharding`), the drafter staying replicated; --coordinator
 each process loading only its rows of each batch. AdamW with warm-up + cosine decay and gradient
 clipping (optax); optional gradient accumulation and bfloat16 compute. Against overfitting:
 --weight-decay, --dropout (the drafter's ResBlock input and branches), and --keep-best (early
-stopping: keep the drafter of the best held-out evaluation, every --eval-every steps). Orbax
+stopping: keep the drafter of the best held-out evaluation, every --eval-every steps). --soft-labels W
+trains each head on the target's own next-token distribution (weight W) beside the data's tokens. Orbax
 checkpoints every --save-every steps (atomic, the last --keep kept); rerunning the same command
 resumes exactly where the last checkpoint left off, since the data order and the dropout masks are
 pure functions of (seed, step).
