@@ -205,9 +205,14 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     return hidden, kv.written(cache, ck, cv), jnp.stack(ks), jnp.stack(vs)
 
 
+def lm_head_weight(params: Params):
+    """The LM head [H, V]: its own, or the embedding's transpose when the two are tied."""
+    return params["lm_head"] if "lm_head" in params else params["embed"].T
+
+
 def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
     """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head)."""
-    w = params["lm_head"] if "lm_head" in params else params["embed"].T
+    w = lm_head_weight(params)
     if isinstance(w, rows_matmul.Packed):
         return linear(hidden, w)
     return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)

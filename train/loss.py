@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import draft_logits, rnn_step
-from redrafter_jax.model import Params, lm_head
+from redrafter_jax.model import Params, lm_head, lm_head_weight
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -32,8 +32,7 @@ def target_logits(target_params: Params, hidden: jax.Array, vocab_map: jax.Array
     """The target's float32 logits [..., Vd] over the draft vocabulary (all of it without a vocab_map)."""
     if vocab_map is None:
         return lm_head(target_params, hidden)
-    w = target_params["lm_head"][:, vocab_map] if "lm_head" in target_params else target_params["embed"][vocab_map].T
-    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+    return jnp.matmul(hidden, lm_head_weight(target_params)[:, vocab_map], preferred_element_type=jnp.float32)
 
 
 def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hidden: jax.Array,
