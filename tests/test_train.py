@@ -17,7 +17,7 @@ from redrafter_jax.config import DrafterConfig
 from redrafter_jax.datasets import Chat, read_chats
 from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
 from tests.tiny import tiny_model
-from train.data import Sequences, batch_at, first_prompts, tokenize_chat
+from train.data import Sequences, batch_at, tokenize_chat, turn_prompts
 from train.loss import drafter_loss
 from train.train import TrainConfig, make_optimizer, most_frequent_tokens, train, vocab_coverage
 
@@ -392,13 +392,37 @@ def test_distillation_prompts_are_written_as_benchmark_prompts(tmp_path, smollm)
     chats = [Chat("a", [hi, {"role": "assistant", "content": "Hello"}]),
              Chat("b", [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "x " * 400}]),
              Chat("c", [system, {"role": "assistant", "content": "I speak first"}, why, system])]
-    kept = first_prompts(smollm.tokenizer, chats, max_prompt_len=64)
+    kept = turn_prompts(smollm.tokenizer, chats, max_prompt_len=64)
     # the openings: the system prompt and first user turn (an over-long one skipped)
     assert [opening for opening, _ in kept] == [[hi], [system, why]]
     assert [ids for _, ids in kept] == [smollm.tokenizer.encode_chat(o) for o in ([hi], [system, why])]
     write_prompts(str(tmp_path / "prompts.jsonl"), [opening for opening, _ in kept])
     assert load_prompts(str(tmp_path / "prompts.jsonl")) == [[hi], [system, why]]
     assert os.listdir(tmp_path) == ["prompts.jsonl"]  # no temporary file left
+
+    # later turns: each in its context, an over-long one skipped alone, the limit counting prompts
+    ok, long = {"role": "assistant", "content": "Fine."}, {"role": "assistant", "content": "y " * 400}
+    more = [Chat("d", [system, hi, ok, why, long, hi, ok, why]), Chat("e", [why, ok, hi, ok])]
+    kept = turn_prompts(smollm.tokenizer, more, max_prompt_len=64, turns=3)
+    assert [m for m, _ in kept] == [[system, hi], [system, hi, ok, why], [why], [why, ok, hi]]
+    assert [m for m, _ in turn_prompts(smollm.tokenizer, more, 64, limit=3, turns=3)] == [m for m, _ in kept[:3]]
+    assert [m for m, _ in turn_prompts(smollm.tokenizer, more, 64, turns=1)] == [[system, hi], [why]]
+    write_prompts(str(tmp_path / "turns.jsonl"), [m for m, _ in kept])
+    assert load_prompts(str(tmp_path / "turns.jsonl")) == [m for m, _ in kept]
+
+
+def test_what_a_reply_answers_at_each_turn():
+    s, u1, a1, u2, a2, u3 = ({"role": r, "content": f"{r} {i}"}
+                             for i, r in enumerate(["system", "user", "assistant", "user", "assistant", "user"]))
+    chat = Chat("x", [a1, s, u1, a1, u2, u3, a2, s, u3])  # a greeting before the first user turn is not asked
+    assert chat.asked() == [2, 4, 8]  # u3 straight after u2 continues it; a system message between is aside
+    assert chat.prompts() == [[s, u1], [s, u1, a1, u2], [s, u1, a1, u2, u3, a2, s, u3]] == chat.prompts(5)
+    assert chat.prompts(1) == [chat.opening()] == [[s, u1]]
+    assert Chat("y", [a1]).prompts() == [] and Chat("y", [a1]).opening() == []
+    # a benchmark asks the last user turn in its context when the record stops there after a reply ...
+    assert chat.prompt() == chat.prompts()[-1]
+    # ... else the opening: a finished conversation, MT-Bench's turns (the second is --turn 2's)
+    assert Chat("done", [s, u1, a1, u2, a2]).prompt() == [s, u1] and Chat("mt", [u1, u2]).prompt() == [u1]
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -456,6 +480,7 @@ def test_bad_chat_files_are_refused_naming_the_problem(tmp_path, text, match):
 def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_path, capsys):
     """The user's path to a drafter for their own model and data: train.distill and train.train on a
     checkpoint and a chat file of their own (a tiny Llama and a word-level vocabulary)."""
+    from infer.mtbench import load_prompts
     from redrafter_jax.loaders.hf import load_hf
     from tests.test_loaders import hf_tensors, write_checkpoint
     from train import distill
@@ -465,9 +490,10 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     model = str(tmp_path / "model")
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)))
     words = lambda i, n: " ".join(f"w{(i * 7 + k) % 50}" for k in range(n))  # noqa: E731
+    second = lambda i: [{"role": "user", "content": words(i + 2, 2)}, {"role": "assistant", "content": words(i, 4)}]  # noqa: E731
     chats = write_lines(tmp_path / "chats.jsonl", [{"messages": [
         {"role": "system", "content": "w0"}, {"role": "user", "content": words(i, 3)},
-        {"role": "assistant", "content": words(i + 1, 6)}]} for i in range(30)])
+        {"role": "assistant", "content": words(i + 1, 6)}] + (second(i) if i % 2 else [])} for i in range(30)])
     out = str(tmp_path / "distill")
     args = ["--hf", model, "--out", out, "--conversations", chats, "--num-prompts", "20", "--num-eval-prompts", "4",
             "--max-prompt-tokens", "16", "--max-new-tokens", "6", "--batch-size", "8", "--shard-size", "8",
@@ -494,9 +520,34 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     with pytest.raises(ValueError, match=r"no eval prompts: 0 of the 30 conversations are held out \(--eval-fraction"):
         distill.main(args[:-2] + ["--eval-fraction", "0.001", "--out", out + "2"])
     assert not os.path.exists(out + "2")
+    assert "turns" not in json.load(open(os.path.join(out, "distill.json")))  # (as recorded before --turns)
+
+    # --turns 2: the second user turns too, each in its context (the file's first reply), as prompts
+    turns = str(tmp_path / "turns")
+    distill.main([turns if a == out else "32" if a == "16" else a for a in args] + ["--turns", "2"])
+    for name, part, n in [("train", train_chats, 20), ("eval", eval_chats, 4)]:
+        expected = [m for c in part for m in c.prompts(2) if len(tok.encode_chat(m)) <= 32][:n]
+        assert sum(len(m) == 4 for m in expected) >= n // 4  # (some second turns among them)
+        written = os.path.join(turns, name, "prompts.jsonl")
+        assert [c.messages for c in read_chats(written)] == load_prompts(written) == expected
+        seqs = read_shards(os.path.join(turns, name))
+        assert len(seqs) == n
+        for ids, messages in zip(seqs.tokens, expected):
+            assert ids[:len(tok.encode_chat(messages))].tolist() == tok.encode_chat(messages)
+    assert json.load(open(os.path.join(turns, "distill.json")))["turns"] == 2
+    with pytest.raises(ValueError, match="turns: 2 there, None now"):
+        distill.main([turns if a == out else "32" if a == "16" else a for a in args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        distill.main(args + ["--turns", "0"])
+    assert "--turns must be at least 1 (the openings), got 0" in capsys.readouterr().err
 
     common = ["--hf", model, "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
               "--eval-batches", "1", "--save-every", "2"]
+    with pytest.raises(ValueError, match=r"sequences have no reply token within seq_len 16 \(their prompts: up to "
+                                         r"\d+ tokens\): train with a longer seq_len"):  # a second turn's prompt
+        train_cli.main([a if a != "32" else "16" for a in common] + ["--recipe", "distill", "--data", turns,
+                                                                       "--out", str(tmp_path / "short")])
     train_cli.main(common + ["--recipe", "distill", "--data", out, "--out", str(tmp_path / "distilled")])
     train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.2",
                              "--out", str(tmp_path / "dataset")])
@@ -523,8 +574,8 @@ def test_a_conversation_the_chat_template_refuses_is_named(smollm):
     chats = [Chat("fine", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]),
              Chat("rec-7", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                             {"role": "assistant", "content": "Hello."}])]
-    assert len(first_prompts(tok, chats[:1], 64)) == len(dataset_sequences(tok, chats[:1], 64)) == 1
-    for make in (lambda: first_prompts(tok, chats, 64), lambda: dataset_sequences(tok, chats, 64)):
+    assert len(turn_prompts(tok, chats[:1], 64)) == len(dataset_sequences(tok, chats[:1], 64)) == 1
+    for make in (lambda: turn_prompts(tok, chats, 64), lambda: dataset_sequences(tok, chats, 64)):
         with pytest.raises(ValueError, match="conversation 'rec-7': the model's chat template refuses it: System "
                                              "role not supported"):
             make()

@@ -5,8 +5,8 @@ Two recipes, each giving token sequences with a loss mask (1 where a token may b
 target):
   - "dataset" (Apple's released recipe): the conversations themselves, loss on assistant turns.
   - "distill" (the paper's better recipe): the target's own greedy replies to the conversations'
-    openings (system prompt and first user turn), produced by `train.distill` into .npz shards, loss
-    on the reply.
+    openings (system prompt and first user turn), or to each of their first N user turns in its
+    context (`--turns N`), produced by `train.distill` into .npz shards, loss on the reply.
 The held-out split is by conversation id, so it never changes with the data size.
 """
 
@@ -45,6 +45,12 @@ def chats_setting(path: str | None) -> dict:
     """What a record of settings holds about the conversations: nothing for ShareGPT (as before the
     option existed), else the file's sha256, so that a rerun on another file is refused."""
     return {"conversations_sha256": sha256(path)} if path else {}
+
+
+def turns_setting(turns: int) -> dict:
+    """What a record of settings holds about `--turns`: nothing for the openings alone (as before the
+    option existed), else the number."""
+    return {"turns": turns} if turns != 1 else {}
 
 
 def is_held_out(chat_id: str, eval_fraction: float) -> bool:
@@ -118,44 +124,46 @@ def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int) -> 
     return Sequences(toks, masks)
 
 
-def first_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int,
-                  limit: int | None = None) -> list[tuple[list[dict], list[int]]]:
-    """(messages, chat prompt ids) of each conversation's opening (`Chat.opening`: its system prompt and
-    first user turn; too long ones skipped), at most `limit`."""
+def turn_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int, limit: int | None = None,
+                 turns: int = 1) -> list[tuple[list[dict], list[int]]]:
+    """(messages, chat prompt ids) of what the replies to each conversation's first `turns` asked user
+    turns answer (`Chat.prompts`; turns=1: its opening, system prompt and first user turn), too long
+    ones skipped, at most `limit` in all."""
     out = []
     for c in chats:
-        if limit is not None and len(out) >= limit:
-            break
-        opening = c.opening()
-        if opening:
+        for messages in c.prompts(turns):
+            if limit is not None and len(out) >= limit:
+                return out
             with naming(c):
-                ids = tokenizer.encode_chat(opening)
+                ids = tokenizer.encode_chat(messages)
             if len(ids) <= max_prompt_len:
-                out.append((opening, ids))
+                out.append((messages, ids))
     return out
 
 
 def split_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int, eval_fraction: float,
-                  limits: dict | None = None) -> dict[str, list[tuple[list[dict], list[int]]]]:
-    """`first_prompts` of the training and of the held-out conversations ("train", "eval"; at most
+                  limits: dict | None = None, turns: int = 1) -> dict[str, list[tuple[list[dict], list[int]]]]:
+    """`turn_prompts` of the training and of the held-out conversations ("train", "eval"; at most
     limits[name] each). Raises when a split that should have prompts has none: nothing to train on,
     or nothing to measure by."""
     limits = limits or {}
     out = {}
     for name, part in zip(("train", "eval"), split(chats, eval_fraction)):
-        out[name] = first_prompts(tokenizer, part, max_prompt_len, limits.get(name))
+        out[name] = turn_prompts(tokenizer, part, max_prompt_len, limits.get(name), turns)
         if not out[name] and limits.get(name) != 0:
             share = f"held out (--eval-fraction {eval_fraction})" if name == "eval" else "for training"
             raise ValueError(f"no {name} prompts: {len(part)} of the {len(chats)} conversations are {share}, and "
-                             f"none opens with a user turn of at most --max-prompt-tokens {max_prompt_len} tokens")
+                             f"none has a user turn whose prompt is at most --max-prompt-tokens {max_prompt_len} "
+                             "tokens")
     return out
 
 
-def write_prompts(path: str, openings: list[list[dict]]) -> None:
-    """A JSONL of {"messages": [...]} lines (`datasets.read_chats` reads it), written atomically."""
+def write_prompts(path: str, prompts: list[list[dict]]) -> None:
+    """A JSONL of {"messages": [...]} lines (`datasets.read_chats` reads it, `Chat.prompt` gives each
+    back), written atomically."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"messages": m}) + "\n" for m in openings)
+        f.writelines(json.dumps({"messages": m}) + "\n" for m in prompts)
     os.replace(tmp, path)
 
 

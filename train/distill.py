@@ -5,7 +5,11 @@
 
 The prompts are the conversations' openings (system prompt and first user turn), from ShareGPT or from
 --conversations (JSON or JSONL of message lists, ShareGPT's or {"messages": [{"role", "content"}]}, or of
-{"prompt": ...}: `datasets.read_chats`).
+{"prompt": ...}: `datasets.read_chats`). With --turns N, each of a conversation's first N asked user
+turns (the first, and each after a reply: `Chat.asked`) is a prompt, in its context: the conversation up
+to that turn, its earlier replies as the file has them (for chats logged from the target itself, the
+target's own). Later turns make longer prompts: raise --max-prompt-tokens, and train with a --seq-len
+that holds a prompt and its reply.
 
 Writes <out>/train/shard_NNNNN.npz and <out>/eval/shard_NNNNN.npz (prompt + reply tokens, loss mask
 on the reply) and each split's prompts as messages, <out>/{train,eval}/prompts.jsonl. Shards are written
@@ -98,25 +102,29 @@ def main(argv=None) -> None:
     p.add_argument("--conversations", metavar="FILE", help="your own conversations (JSON or JSONL) instead of ShareGPT")
     p.add_argument("--num-prompts", type=int, default=2000)
     p.add_argument("--num-eval-prompts", type=int, default=64)
+    p.add_argument("--turns", type=int, default=1, help="prompts at each of a conversation's first N user turns")
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     args = p.parse_args(argv)
+    if args.turns < 1:
+        p.error(f"--turns must be at least 1 (the openings), got {args.turns}")
 
     model = load_model(args)
     prompts = data.split_prompts(model.tokenizer, data.load_chats(args.conversations), args.max_prompt_tokens,
-                                 args.eval_fraction, {"train": args.num_prompts, "eval": args.num_eval_prompts})
+                                 args.eval_fraction, {"train": args.num_prompts, "eval": args.num_eval_prompts},
+                                 args.turns)
     check_settings(args.out, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
                               "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction,
-                              **data.chats_setting(args.conversations)})
+                              **data.chats_setting(args.conversations), **data.turns_setting(args.turns)})
     for name in ("eval", "train"):
         kept = prompts[name]
         split_dir = os.path.join(args.out, name)
         os.makedirs(split_dir, exist_ok=True)
         # the prompts' messages too, so the held-out ones can be benchmarked (`infer.mtbench --prompts`)
-        data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), [opening for opening, _ in kept])
+        data.write_prompts(os.path.join(split_dir, "prompts.jsonl"), [messages for messages, _ in kept])
         write_distill_shards(model, [ids for _, ids in kept], split_dir, args.shard_size, args.batch_size,
                              args.max_new_tokens, desc=f"distilling {name}")
         seqs = data.read_shards(split_dir)

@@ -3,7 +3,8 @@
     python -m train.pipeline --minutes 8 --out runs/pipeline --data runs/distill --prompts prompts.npz
 
 1. Prompts: the openings (system prompt and first user turn) of ShareGPT's conversations, or of
-   --conversations (your own file, as for `train.distill`), under the chat template (`train.data`),
+   --conversations (your own file, as for `train.distill`; --turns N: each of the first N user turns
+   in its context, as there), under the chat template (`train.data`),
    split into training and held-out prompts and saved to --prompts; an existing --prompts file is
    read instead, so a machine without network needs only that file (make it where the network is).
 2. Distil the prompts not yet distilled into --data (`train.distill`'s resumable shards; every prompt
@@ -93,12 +94,14 @@ def read_prompt_file(path: str) -> tuple[dict, dict]:
 
 
 def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fraction: float,
-                          conversations: str | None = None) -> dict:
+                          conversations: str | None = None, turns: int = 1) -> dict:
     """{"train": [ids], "eval": [ids], "eval_openings": [messages], "source": {...}} from the prompt file at
     `path`, which is made from ShareGPT or `conversations` when it does not exist ("source": what it was
-    made from, `data.chats_setting`). Raises if the file was made with other settings, or from other
-    conversations than the ones given; without `conversations` the file is the source, whatever made it."""
-    base = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction}
+    made from, `data.chats_setting`; "eval_openings": the held-out prompts' messages, whole turns with
+    `turns` > 1). Raises if the file was made with other settings, or from other conversations than the
+    ones given; without `conversations` the file is the source, whatever made it (and with turns at its
+    default of 1, whatever turns it was made with)."""
+    base = {"max_prompt_tokens": max_prompt_tokens, "eval_fraction": eval_fraction, **data.turns_setting(turns)}
     source = data.chats_setting(conversations)
     if os.path.exists(path):
         saved, prompts = read_prompt_file(path)
@@ -108,9 +111,10 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
             raise ValueError(f"prompt file {path} was made with other settings "
                              f"({', '.join(data.differences(saved, base | source))})")
     else:
-        kept = data.split_prompts(tokenizer, data.load_chats(conversations), max_prompt_tokens, eval_fraction)
+        kept = data.split_prompts(tokenizer, data.load_chats(conversations), max_prompt_tokens, eval_fraction,
+                                  turns=turns)
         prompts = {"train": [ids for _, ids in kept["train"]], "eval": [ids for _, ids in kept["eval"]],
-                   "eval_openings": [opening for opening, _ in kept["eval"]]}
+                   "eval_openings": [messages for messages, _ in kept["eval"]]}
         write_prompt_file(path, base | source, prompts)
     return prompts | {"source": source}
 
@@ -162,6 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-share", type=float, default=0.1, help="share of the budget kept for the evaluation")
     p.add_argument("--num-prompts", type=int, default=None, help="distil at most this many training prompts")
     p.add_argument("--num-eval-prompts", type=int, default=None, help="distil at most this many held-out prompts")
+    p.add_argument("--turns", type=int, default=1, help="prompts at each of a conversation's first N user turns")
     p.add_argument("--max-prompt-tokens", type=int, default=384)
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--eval-fraction", type=float, default=0.02)
@@ -177,6 +182,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not 0 < args.distill_share < 1 or not 0 <= args.eval_share < 1 - args.distill_share:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
+    if args.turns < 1:
+        p.error(f"--turns must be at least 1 (the openings), got {args.turns}")
     eval_spec = SpecConfig.parse(args.eval_spec)
 
     t0 = time.time()
@@ -194,13 +201,13 @@ def main(argv=None) -> None:
 
     model = load_model(args)
     prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
-                                    args.max_prompt_tokens, args.eval_fraction, args.conversations)
+                                    args.max_prompt_tokens, args.eval_fraction, args.conversations, args.turns)
     stage["load"] = time.time() - t0
 
     # 2. Distillation: held-out prompts first (they are few), then training prompts until the deadline.
     check_settings(data_dir, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
                               "max_new_tokens": args.max_new_tokens, "eval_fraction": args.eval_fraction,
-                              **prompts["source"]})
+                              **data.turns_setting(args.turns), **prompts["source"]})
     block = round_up(args.max_prompt_tokens, 32)
     deadline = t0 + args.distill_share * budget
     for name, limit in (("eval", args.num_eval_prompts), ("train", args.num_prompts)):

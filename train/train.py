@@ -311,6 +311,11 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         raise ValueError("no held-out sequences to evaluate on: too few conversations for the --eval-fraction?")
     if tc.keep_best and eval_seqs is None:
         raise ValueError("keep_best chooses the drafter by held-out accuracy: it needs held-out data")
+    for name, seqs in (("training", train_seqs), ("held-out", eval_seqs)):
+        prompts = [int(np.argmax(m[1:] != 0)) + 1 for m in (seqs.masks if seqs else []) if not m[1:tc.seq_len].any()]
+        if prompts:  # (a prompt as long as seq_len leaves its reply out of every batch)
+            raise ValueError(f"{len(prompts)} of {len(seqs)} {name} sequences have no reply token within seq_len "
+                             f"{tc.seq_len} (their prompts: up to {max(prompts)} tokens): train with a longer seq_len")
     mesh = training_mesh(tc, mesh)
     opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh)
     target_params = shard_params(target_params, target_cfg, mesh)
