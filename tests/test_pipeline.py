@@ -121,3 +121,8 @@ def test_prompt_file_of_later_turns_records_them(tmp_path, smollm, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "run"), "--minutes", "1", "--turns", "0"])
     assert "--turns must be at least 1 (the openings), got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--minutes", "1", "--turns", "3", "--max-prompt-tokens", "768"])
+    assert ("--seq-len 768 leaves out the reply of a prompt of --max-prompt-tokens 768: make it --max-prompt-tokens "
+            "+ --max-new-tokens (1152)") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

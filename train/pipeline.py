@@ -184,6 +184,10 @@ def main(argv=None) -> None:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
     if args.turns < 1:
         p.error(f"--turns must be at least 1 (the openings), got {args.turns}")
+    if args.seq_len <= args.max_prompt_tokens:  # (found before distilling, not after)
+        p.error(f"--seq-len {args.seq_len} leaves out the reply of a prompt of --max-prompt-tokens "
+                f"{args.max_prompt_tokens}: make it --max-prompt-tokens + --max-new-tokens "
+                f"({args.max_prompt_tokens + args.max_new_tokens})")
     eval_spec = SpecConfig.parse(args.eval_spec)
 
     t0 = time.time()
