@@ -99,7 +99,7 @@ def test_prompt_file_made_from_own_conversations_keeps_their_source(tmp_path, sm
         load_or_build_prompts(path, smollm.tokenizer, 64, 0.25)
 
 
-def test_prompt_file_of_later_turns_records_them(tmp_path, smollm, capsys):
+def test_prompt_file_of_later_turns_records_them(tmp_path, smollm, smollm_path, capsys):
     reply = {"role": "assistant", "content": "Sure."}
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"id": str(i), "messages": [user(q), reply, user("Say more.")]}) + "\n"
@@ -121,8 +121,10 @@ def test_prompt_file_of_later_turns_records_them(tmp_path, smollm, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "run"), "--minutes", "1", "--turns", "0"])
     assert "--turns must be at least 1 (the openings), got 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "run"), "--minutes", "1", "--turns", "3", "--max-prompt-tokens", "768"])
-    assert ("--seq-len 768 leaves out the reply of a prompt of --max-prompt-tokens 768: make it --max-prompt-tokens "
-            "+ --max-new-tokens (1152)") in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
+    longest = max(map(len, made["train"] + made["eval"]))
+    with pytest.raises(ValueError, match=f"--seq-len {longest} leaves out the reply of the longest prompt "
+                                         rf"\({longest} tokens\): make it at least {longest + 10} \(that prompt"):
+        main(["--gguf", smollm_path, "--out", str(tmp_path / "run"), "--prompts", path, "--minutes", "1",
+              "--turns", "2", "--max-prompt-tokens", "96", "--eval-fraction", "0.25", "--max-new-tokens", "10",
+              "--seq-len", str(longest)])
+    assert not (tmp_path / "run" / "data").exists()  # before anything is distilled

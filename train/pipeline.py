@@ -184,10 +184,6 @@ def main(argv=None) -> None:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
     if args.turns < 1:
         p.error(f"--turns must be at least 1 (the openings), got {args.turns}")
-    if args.seq_len <= args.max_prompt_tokens:  # (found before distilling, not after)
-        p.error(f"--seq-len {args.seq_len} leaves out the reply of a prompt of --max-prompt-tokens "
-                f"{args.max_prompt_tokens}: make it --max-prompt-tokens + --max-new-tokens "
-                f"({args.max_prompt_tokens + args.max_new_tokens})")
     eval_spec = SpecConfig.parse(args.eval_spec)
 
     t0 = time.time()
@@ -207,6 +203,10 @@ def main(argv=None) -> None:
     prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
                                     args.max_prompt_tokens, args.eval_fraction, args.conversations, args.turns)
     stage["load"] = time.time() - t0
+    longest = max(map(len, prompts["train"][:args.num_prompts] + prompts["eval"][:args.num_eval_prompts]))
+    if args.seq_len <= longest:  # (training would refuse its reply, after the distillation)
+        raise ValueError(f"--seq-len {args.seq_len} leaves out the reply of the longest prompt ({longest} tokens): "
+                         f"make it at least {longest + args.max_new_tokens} (that prompt + --max-new-tokens)")
 
     # 2. Distillation: held-out prompts first (they are few), then training prompts until the deadline.
     check_settings(data_dir, {"shard_size": args.shard_size, "max_prompt_tokens": args.max_prompt_tokens,
