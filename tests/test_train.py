@@ -525,9 +525,12 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     # --turns 2: the second user turns too, each in its context (the file's first reply), as prompts
     turns = str(tmp_path / "turns")
     distill.main([turns if a == out else "32" if a == "16" else a for a in args] + ["--turns", "2"])
+    said = re.search(r"train: 20 replies \((\d+) of them to later turns\)", capsys.readouterr().err)
     for name, part, n in [("train", train_chats, 20), ("eval", eval_chats, 4)]:
         expected = [m for c in part for m in c.prompts(2) if len(tok.encode_chat(m)) <= 32][:n]
         assert sum(len(m) == 4 for m in expected) >= n // 4  # (some second turns among them)
+        if name == "train":
+            assert int(said.group(1)) == sum(len(m) == 4 for m in expected)
         written = os.path.join(turns, name, "prompts.jsonl")
         assert [c.messages for c in read_chats(written)] == load_prompts(written) == expected
         seqs = read_shards(os.path.join(turns, name))

@@ -128,7 +128,9 @@ def main(argv=None) -> None:
         write_distill_shards(model, [ids for _, ids in kept], split_dir, args.shard_size, args.batch_size,
                              args.max_new_tokens, desc=f"distilling {name}")
         seqs = data.read_shards(split_dir)
-        print(f"{name}: {len(seqs)} replies, {sum(int(m.sum()) for m in seqs.masks)} tokens, in {split_dir}",
+        later = sum(any(m["role"] == "assistant" for m in messages) for messages, _ in kept)
+        turns = f" ({later} of them to later turns)" if args.turns > 1 else ""
+        print(f"{name}: {len(seqs)} replies{turns}, {sum(int(m.sum()) for m in seqs.masks)} tokens, in {split_dir}",
               file=sys.stderr)
 
 
