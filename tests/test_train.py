@@ -490,7 +490,8 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     model = str(tmp_path / "model")
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)))
     words = lambda i, n: " ".join(f"w{(i * 7 + k) % 50}" for k in range(n))  # noqa: E731
-    second = lambda i: [{"role": "user", "content": words(i + 2, 2)}, {"role": "assistant", "content": words(i, 4)}]  # noqa: E731
+    second = lambda i: [{"role": "user", "content": words(i + 2, 2)},  # noqa: E731
+                        {"role": "assistant", "content": words(i, 4)}]
     chats = write_lines(tmp_path / "chats.jsonl", [{"messages": [
         {"role": "system", "content": "w0"}, {"role": "user", "content": words(i, 3)},
         {"role": "assistant", "content": words(i + 1, 6)}] + (second(i) if i % 2 else [])} for i in range(30)])
