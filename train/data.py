@@ -12,6 +12,7 @@ The held-out split is by conversation id, so it never changes with the data size
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import hashlib
@@ -45,6 +46,16 @@ def chats_setting(path: str | None) -> dict:
     """What a record of settings holds about the conversations: nothing for ShareGPT (as before the
     option existed), else the file's sha256, so that a rerun on another file is refused."""
     return {"conversations_sha256": sha256(path)} if path else {}
+
+
+def add_turns_arg(p: argparse.ArgumentParser) -> None:
+    """--turns, as `train.distill` and `train.pipeline` take it (N >= 1)."""
+    def turns(text: str) -> int:
+        n = int(text)
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"--turns must be at least 1 (the openings), got {n}")
+        return n
+    p.add_argument("--turns", type=turns, default=1, help="prompts at each of a conversation's first N user turns")
 
 
 def turns_setting(turns: int) -> dict:

@@ -102,15 +102,13 @@ def main(argv=None) -> None:
     p.add_argument("--conversations", metavar="FILE", help="your own conversations (JSON or JSONL) instead of ShareGPT")
     p.add_argument("--num-prompts", type=int, default=2000)
     p.add_argument("--num-eval-prompts", type=int, default=64)
-    p.add_argument("--turns", type=int, default=1, help="prompts at each of a conversation's first N user turns")
+    data.add_turns_arg(p)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     args = p.parse_args(argv)
-    if args.turns < 1:
-        p.error(f"--turns must be at least 1 (the openings), got {args.turns}")
 
     model = load_model(args)
     prompts = data.split_prompts(model.tokenizer, data.load_chats(args.conversations), args.max_prompt_tokens,

@@ -166,7 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-share", type=float, default=0.1, help="share of the budget kept for the evaluation")
     p.add_argument("--num-prompts", type=int, default=None, help="distil at most this many training prompts")
     p.add_argument("--num-eval-prompts", type=int, default=None, help="distil at most this many held-out prompts")
-    p.add_argument("--turns", type=int, default=1, help="prompts at each of a conversation's first N user turns")
+    data.add_turns_arg(p)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--eval-fraction", type=float, default=0.02)
@@ -182,8 +182,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not 0 < args.distill_share < 1 or not 0 <= args.eval_share < 1 - args.distill_share:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
-    if args.turns < 1:
-        p.error(f"--turns must be at least 1 (the openings), got {args.turns}")
     eval_spec = SpecConfig.parse(args.eval_spec)
 
     t0 = time.time()
