@@ -77,7 +77,7 @@ def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_si
     its batches reach (one in all where prompt_block holds the longest prompt, as `train.pipeline` pads)."""
     os.makedirs(out_dir, exist_ok=True)
     num_shards = -(-len(prompts) // shard_size)
-    for s in tqdm(range(num_shards), desc=desc, disable=None):
+    for s in tqdm(range(num_shards), desc=desc):  # shown in logs too, as training shows its steps
         path = os.path.join(out_dir, f"shard_{s:05d}.npz")
         chunk = prompts[s * shard_size:(s + 1) * shard_size]
         if shard_rows(path) == len(chunk):
