@@ -20,7 +20,7 @@ from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
 from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
-from redrafter_jax.loaders.hf import config_from_hf, load_hf
+from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf
 from redrafter_jax.model import forward_causal
 from tests.tiny import TINY
 
@@ -214,6 +214,7 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
 @pytest.mark.parametrize("arch, config, window", [
     ("MistralForCausalLM", {"sliding_window": 5}, 5),
     ("MistralForCausalLM", {"sliding_window": None}, None),
+    ("MistralForCausalLM", {}, 4096),  # transformers' default when config.json leaves it out
     ("Qwen2ForCausalLM", {"sliding_window": 5}, None),  # without use_sliding_window
     ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0}, 5),
     ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 2}, None),
@@ -226,12 +227,33 @@ def test_sliding_window_is_read_as_transformers_reads_it(arch, config, window):
     """Qwen2/Qwen3 window the layers from max_window_layers on, only with use_sliding_window; a window in
     some layers only is refused, not applied to all."""
     c = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-         "num_hidden_layers": 2, "num_attention_heads": 4, **config}
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **config}
     if isinstance(window, str):
         with pytest.raises(ValueError, match=window):
             config_from_hf(c)
     else:
         assert config_from_hf(c).sliding_window == window
+
+
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
+def test_missing_config_keys_read_as_transformers_reads_them(arch):
+    """A config.json that leaves keys out (written by hand, or saved without its model, so without
+    `architectures`) loads with what transformers' config classes assume, not with guesses of ours."""
+    transformers = pytest.importorskip("transformers")
+    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    ours = config_from_hf({"architectures": [arch]})
+    assert config_from_hf({"model_type": theirs.model_type}) == ours
+    rope_theta = (getattr(theirs, "rope_parameters", None) or {}).get("rope_theta", getattr(theirs, "rope_theta", None))
+    kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"]  # Mistral windows every layer
+    window = getattr(theirs, "sliding_window", None) if set(kinds) == {"sliding_attention"} else None
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
+            ours.num_kv_heads, ours.head_dim, ours.max_position_embeddings, ours.rope_theta, ours.rms_norm_eps,
+            ours.tie_word_embeddings, ours.sliding_window, ours.bos_token_id, ours.eos_token_ids) == (
+        theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers,
+        theirs.num_attention_heads, theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings,
+        rope_theta, theirs.rms_norm_eps, theirs.tie_word_embeddings, window, theirs.bos_token_id,
+        () if theirs.eos_token_id is None else (theirs.eos_token_id,))
 
 
 def test_qwen3_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path):
@@ -294,6 +316,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
 
 @pytest.mark.parametrize("case,match", [
     ("architecture", "unsupported architecture 'GPTNeoXForCausalLM'"),
+    ("model_type", "unsupported architecture model_type 'gpt_neox' without architectures"),
     ("missing", "missing tensor 'model.layers.1.mlp.up_proj.weight'"),
     ("shape", r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(48, 32\), expected \(40, 32\)"),
     ("untied", "missing tensor 'lm_head.weight'"),
@@ -315,6 +338,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     overrides = {}
     if case == "architecture":
         overrides["architectures"] = ["GPTNeoXForCausalLM"]
+    elif case == "model_type":
+        overrides.update(architectures=None, model_type="gpt_neox")
     elif case == "missing":
         del tensors["model.layers.1.mlp.up_proj.weight"]
     elif case == "shape":

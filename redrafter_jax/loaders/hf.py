@@ -16,6 +16,23 @@ from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
+
+# What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
+# written by hand, or saved without its model, must load as transformers reads it.
+_COMMON = dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, vocab_size=32000,
+               hidden_size=4096, num_hidden_layers=32, num_attention_heads=32)
+_LLAMA = dict(_COMMON, intermediate_size=11008, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+_QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+             max_position_embeddings=32768)
+TRANSFORMERS_DEFAULTS = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8,
+                               max_position_embeddings=131072, sliding_window=4096),
+    "Qwen2ForCausalLM": _QWEN,
+    "Qwen3ForCausalLM": dict(_QWEN, head_dim=128),
+}
 
 
 def _read_json(path: str, required: bool = True) -> dict:
@@ -61,7 +78,7 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
     params = c.get("rope_parameters") or {}
     if params and "rope_theta" not in params:  # one set per layer kind (Gemma 3's layout)
         raise ValueError(f"unsupported rope_parameters {params}: expected one set for every layer")
-    theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", c["rope_theta"]))
     rs = params or c.get("rope_scaling") or {}
     partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     if partial != 1.0:
@@ -76,12 +93,15 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
 
 
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
-    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids). Settings
-    the model does not implement are refused, not ignored: they would change its answers."""
+    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids), missing keys
+    read as transformers reads them. Settings the model does not implement are refused, not ignored: they
+    would change its answers."""
     archs = c.get("architectures") or []
-    arch = archs[0] if archs else None
+    arch = archs[0] if archs else _MODEL_TYPES.get(c.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
+        raise ValueError(f"unsupported architecture {found} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    c = {**TRANSFORMERS_DEFAULTS[arch], **c}
     if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
         raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (supported: silu)")
     if c.get("mlp_bias"):
@@ -99,10 +119,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
-        max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(c["max_position_embeddings"]),
         rope_theta=theta, rope_scaling=scaling,
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, qk_norm=arch == "Qwen3ForCausalLM",
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
