@@ -131,8 +131,11 @@ def test_training_reduces_loss(tmp_path):
     cfg, tparams = tiny_model()
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, exit_dim=32)
     seqs = toy_sequences()
-    tc = TrainConfig(steps=50, **TC)
-    train(tc, dcfg, cfg, tparams, seqs, toy_sequences(16, seed=1), str(tmp_path), progress=False)
+    tc = TrainConfig(steps=50, **{**TC, "save_every": 50})
+    lines = {}  # metrics lines on disk after each step: a long run can be followed as it goes, between checkpoints
+    train(tc, dcfg, cfg, tparams, seqs, toy_sequences(16, seed=1), str(tmp_path), progress=False,
+          on_step=lambda step: lines.update({step: (tmp_path / "metrics.jsonl").read_text().count("\n")}))
+    assert [lines[s] for s in (9, 10, 19, 20)] == [0, 2, 2, 4]  # a training and a held-out line every 10 steps
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     held = [r for r in rows if r["split"] == "eval"]
     assert np.mean(held[-1]["loss"]) < 0.6 * np.mean(held[0]["loss"])

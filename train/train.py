@@ -355,7 +355,8 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         _keep_metrics_until(log_path, start)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
     rows = local_rows(mesh, tc.batch_size)
-    with open(log_path if lead else os.devnull, "a") as log:
+    # line-buffered: the metrics of a long run can be followed (and plotted) as it goes
+    with open(log_path if lead else os.devnull, "a", buffering=1) as log:
         for step in bar:
             idx = batch_indices(len(train_seqs), step, tc.batch_size, tc.seed)
             idx = idx[rows]  # this process's share of the batch (all of it in a single-process job)
@@ -373,7 +374,6 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
                 if best is not None and (best["score"] is None or held_out_score(e) > best["score"]):
                     best = {"params": jax.device_get(state["params"]), "score": held_out_score(e), "step": done}
             if done % tc.save_every == 0 or done == tc.steps:
-                log.flush()
                 items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({
                     **meta, "data_position": done * tc.batch_size,
                     "frozen": {k: np.asarray(v).tolist() for k, v in frozen.items()},
