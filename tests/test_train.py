@@ -488,7 +488,7 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     from tests.test_loaders import hf_tensors, write_checkpoint
     from train import distill
     from train import train as train_cli
-    from train.data import read_shards, split
+    from train.data import dataset_sequences, fingerprint, read_shards, split
 
     model = str(tmp_path / "model")
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)))
@@ -569,6 +569,24 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     assert not (tmp_path / "y").exists()
     with pytest.raises(SystemExit, match="--conversations is for --recipe dataset"):
         train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--out", str(tmp_path / "x")])
+
+    # the distilled replies, and conversations' assistant turns with the target's distribution as their labels
+    added = common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--eval-fraction", "0.2"]
+    train_cli.main(added + ["--soft-labels", "1", "--add-conversations", "6", "--out", str(tmp_path / "added")])
+    both = zip(read_shards(os.path.join(out, "train")), dataset_sequences(tok, train_chats, 32, limit=6))
+    trained = json.load(open(tmp_path / "added" / "run.json"))["train_data"]
+    assert trained == fingerprint(Sequences(*(a + b for a, b in both)))
+    for flags, match in [
+            (["--soft-labels", "0.5"], "needs --soft-labels 1, got 0.5: the conversations' replies are other models'"),
+            (["--soft-labels", "1", "--eval-fraction", "0.1"],
+             "--eval-fraction 0.1, but .* was distilled with 0.2: the same conversations must be held out"),
+            (["--soft-labels", "1", "--add-conversations", "-1"], "must be at least 1, got -1")]:
+        with pytest.raises(SystemExit, match=match):  # before the model is loaded
+            train_cli.main(added + ["--add-conversations", "6"] + flags + ["--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--add-conversations is for --recipe distill"):
+        train_cli.main(common + ["--recipe", "dataset", "--soft-labels", "1", "--add-conversations", "6",
+                                 "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_conversation_the_chat_template_refuses_is_named(smollm):

@@ -121,10 +121,12 @@ class Sequences(NamedTuple):
         return len(self.tokens)
 
 
-def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int) -> Sequences:
-    """Apple's recipe: each conversation, loss on its assistant tokens."""
+def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int, limit: int | None = None) -> Sequences:
+    """Apple's recipe: each conversation (the first `limit` with a reply), loss on its assistant tokens."""
     toks, masks = [], []
     for c in chats:
+        if len(toks) == limit:
+            break
         if not any(m["role"] == "assistant" for m in c.messages):
             continue
         with naming(c):

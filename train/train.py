@@ -435,6 +435,27 @@ def draft_vocabulary(dcfg: DrafterConfig, target_cfg: ModelConfig, train_seqs: S
     return vocab_map
 
 
+def check_added_conversations(args: argparse.Namespace) -> None:
+    """--add-conversations distils the target on other text: the labels must be the target's own, and the
+    conversations held out must be those the distillation held out (its recorded --eval-fraction)."""
+    if args.recipe != "distill":
+        raise SystemExit("--add-conversations is for --recipe distill (--recipe dataset trains on conversations "
+                         "alone)")
+    if args.add_conversations < 0:
+        raise SystemExit(f"--add-conversations must be at least 1, got {args.add_conversations}")
+    if args.soft_labels != 1:
+        raise SystemExit(f"--add-conversations needs --soft-labels 1, got {args.soft_labels}: the conversations' "
+                         f"replies are other models' words, the drafter must learn the target's distribution there")
+    recorded = os.path.join(args.data or "", "distill.json")
+    fraction = None
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            fraction = json.load(f).get("eval_fraction")
+    if fraction is not None and fraction != args.eval_fraction:
+        raise SystemExit(f"--eval-fraction {args.eval_fraction}, but {args.data} was distilled with {fraction}: "
+                         f"the same conversations must be held out")
+
+
 def main(argv=None) -> None:
     from train import data
 
@@ -444,27 +465,38 @@ def main(argv=None) -> None:
     p.add_argument("--data", help="distillation shards directory (recipe distill)")
     p.add_argument("--out", required=True)
     p.add_argument("--conversations", metavar="FILE",
-                   help="recipe dataset: your own conversations (JSON or JSONL) instead of ShareGPT")
+                   help="recipe dataset, --add-conversations: your own conversations (JSON or JSONL) instead of "
+                        "ShareGPT")
     p.add_argument("--max-conversations", type=int, default=None, help="conversations to read")
     p.add_argument("--eval-fraction", type=float, default=0.02)
+    p.add_argument("--add-conversations", type=int, default=0, metavar="N",
+                   help="recipe distill: also train on the first N training conversations' assistant turns as the "
+                        "target reads them (with --soft-labels 1: its distribution there, not their words)")
     add_train_args(p)
     args = p.parse_args(argv)
 
+    if args.conversations and args.recipe != "dataset" and not args.add_conversations:
+        raise SystemExit("--conversations is for --recipe dataset or --add-conversations; to distil them: "
+                         "python -m train.distill --conversations ...")
+    if args.add_conversations:
+        check_added_conversations(args)
     model = load_model(args)
     tc, dcfg = configs_from_args(args, model.config)
-    if args.conversations and args.recipe != "dataset":
-        raise SystemExit("--conversations is for --recipe dataset; distil them first: python -m train.distill "
-                         "--conversations ...")
+
+    def conversations() -> tuple[list, list]:  # (training, held-out)
+        return data.split(data.load_chats(args.conversations, limit=args.max_conversations), args.eval_fraction)
+
     if args.recipe == "dataset":
-        chats = data.load_chats(args.conversations, limit=args.max_conversations)
-        convs_train, convs_eval = data.split(chats, args.eval_fraction)
-        train_seqs = data.dataset_sequences(model.tokenizer, convs_train, tc.seq_len)
-        eval_seqs = data.dataset_sequences(model.tokenizer, convs_eval, tc.seq_len)
+        train_seqs, eval_seqs = (data.dataset_sequences(model.tokenizer, c, tc.seq_len) for c in conversations())
     else:
         if not args.data:
             raise SystemExit("--recipe distill needs --data (made by python -m train.distill)")
         train_seqs = data.read_shards(os.path.join(args.data, "train"))
         eval_seqs = data.read_shards(os.path.join(args.data, "eval"))
+        if args.add_conversations:
+            more = data.dataset_sequences(model.tokenizer, conversations()[0], tc.seq_len, args.add_conversations)
+            print(f"{len(train_seqs)} distilled replies and {len(more)} conversations", file=sys.stderr)
+            train_seqs = data.Sequences(train_seqs.tokens + more.tokens, train_seqs.masks + more.masks)
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
     extra = {"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
              "recipe": args.recipe}
