@@ -10,7 +10,9 @@ each process loading only its rows of each batch. AdamW with warm-up + cosine de
 clipping (optax); optional gradient accumulation and bfloat16 compute. Against overfitting:
 --weight-decay, --dropout (the drafter's ResBlock input and branches), and --keep-best (early
 stopping: keep the drafter of the best held-out evaluation, every --eval-every steps). --soft-labels W
-trains each head on the target's own next-token distribution (weight W) beside the data's tokens. Orbax
+trains each head on the target's own next-token distribution (weight W) beside the data's tokens; with
+--soft-labels 1, --add-conversations N adds the assistant turns of N conversations to the distilled
+replies, the target's distribution their labels: more data for the cost of a forward, not a generation. Orbax
 checkpoints every --save-every steps (atomic, the last --keep kept); rerunning the same command
 resumes exactly where the last checkpoint left off, since the data order and the dropout masks are
 pure functions of (seed, step).
