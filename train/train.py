@@ -472,8 +472,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-conversations", type=int, default=None, help="conversations to read")
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--add-conversations", type=int, default=0, metavar="N",
-                   help="recipe distill: also train on the first N training conversations' assistant turns as the "
-                        "target reads them (with --soft-labels 1: its distribution there, not their words)")
+                   help="recipe distill: also train on the assistant turns of the first N training conversations "
+                        "with a reply, as the target reads them (with --soft-labels 1: its distribution there, not "
+                        "their words)")
     add_train_args(p)
     args = p.parse_args(argv)
 
