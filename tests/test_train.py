@@ -1,5 +1,6 @@
 """Drafter training: loss masks, learning, exact kill-and-resume, data parallelism, data preparation."""
 
+import dataclasses
 import json
 import os
 import re
@@ -170,6 +171,46 @@ def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
     assert not (tmp_path / "none").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="dropout must be in"):
         TrainConfig(steps=1, dropout=1.0)
+
+
+def test_fine_tuning_starts_from_the_drafter_and_keeps_it_unless_training_beats_it(tmp_path):
+    from redrafter_jax.checkpoint import load_drafter_config
+    from train.train import held_out_score, params_fingerprint
+
+    cfg, tparams = tiny_model()
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=40)
+    held = toy_sequences(16, seed=1)
+    start = train(TrainConfig(steps=20, **TC), dcfg, cfg, tparams, toy_sequences(), held, str(tmp_path / "start"),
+                  np.arange(2, 42, dtype=np.int32), progress=False)
+    scores = lambda d: {r["step"]: held_out_score(r) for r in map(json.loads, open(d / "metrics.jsonl"))  # noqa: E731
+                        if r["split"] == "eval"}
+    assert_same = lambda a, b: jax.tree_util.tree_map(np.testing.assert_array_equal, a.params, b.params)  # noqa: E731
+
+    # a learning rate of zero: the fine-tune returns the drafter it started from, evaluated first as it was
+    still = train(TrainConfig(steps=4, **{**TC, "lr": 0.0, "eval_every": 2}), dcfg, cfg, tparams,
+                  toy_sequences(seed=2), held, str(tmp_path / "still"), progress=False, init=start)
+    assert_same(still, start)
+    assert scores(tmp_path / "still") == pytest.approx({s: scores(tmp_path / "start")[20] for s in (0, 2, 4)})
+    assert json.load(open(tmp_path / "still" / "run.json"))["init"] == params_fingerprint(start.params)
+    # a learning rate that rises to one far too high: every later evaluation is worse, so keep_best keeps the start
+    tc = TrainConfig(steps=12, **{**TC, "lr": 3.0, "warmup_fraction": 1.0, "eval_every": 4, "keep_best": True})
+    kept = train(tc, dcfg, cfg, tparams, toy_sequences(seed=2), held, str(tmp_path / "worse"), progress=False,
+                 init=start)
+    assert list(scores(tmp_path / "worse")) == [0, 4, 8, 12]
+    assert max(scores(tmp_path / "worse"), key=scores(tmp_path / "worse").get) == 0, scores(tmp_path / "worse")
+    assert load_drafter_config(str(tmp_path / "worse" / "drafter"))[1]["kept_step"] == 0
+    assert_same(kept, start)
+    # its shape and draft vocabulary are the start's; a rerun from another drafter is refused
+    with pytest.raises(ValueError, match="keeps the shape and draft vocabulary of the drafter it starts from"):
+        train(tc, dataclasses.replace(dcfg, exit_dim=16), cfg, tparams, toy_sequences(), held, str(tmp_path / "x"),
+              progress=False, init=start)
+    with pytest.raises(ValueError, match="with a vocab_map"):
+        train(tc, dcfg, cfg, tparams, toy_sequences(), held, str(tmp_path / "x"), np.arange(40, dtype=np.int32),
+              progress=False, init=start)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=r"init: \w+ there, \w+ now"):
+        train(tc, dcfg, cfg, tparams, toy_sequences(seed=2), held, str(tmp_path / "worse"), progress=False,
+              init=still.replace(params={**still.params, "rnn_b": still.params["rnn_b"] + 1}))
 
 
 def test_dropout_zeroes_a_share_of_the_features_and_keeps_their_mean():
@@ -489,6 +530,7 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     from train import distill
     from train import train as train_cli
     from train.data import dataset_sequences, fingerprint, read_shards, split
+    from train.train import params_fingerprint
 
     model = str(tmp_path / "model")
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)))
@@ -563,6 +605,14 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
         assert drafter.config.hidden_size == 32
     run_json = json.load(open(tmp_path / "dataset" / "run.json"))
     assert run_json["train_data"]["sequences"] == len(train_chats)  # every chat has a reply to learn
+    # --init: the distilled drafter fine-tuned on the conversations; a shape flag that is not its shape is refused
+    start = str(tmp_path / "distilled" / "drafter")
+    train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.2",
+                             "--init", start, "--resblocks", "2", "--out", str(tmp_path / "tuned")])
+    assert json.load(open(tmp_path / "tuned" / "run.json"))["init"] == params_fingerprint(load_drafter(start).params)
+    with pytest.raises(SystemExit, match=f"--init {start} is a drafter with exit_dim None, not 16: a fine-tune keeps"):
+        train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.2",
+                                 "--init", start, "--exit-dim", "16", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="no held-out sequences"):  # before any folder is made
         train_cli.main(common + ["--recipe", "dataset", "--conversations", chats, "--eval-fraction", "0.001",
                                  "--out", str(tmp_path / "y")])

@@ -18,9 +18,10 @@ resumes exactly where the last checkpoint left off, since the data order and the
 pure functions of (seed, step).
 <out>/run.json records the settings and a fingerprint of the data: a rerun with other ones is
 refused, naming what differs, and a folder that holds training outputs without that record is
-never written into. --cache-hidden computes the frozen target's hidden states once instead of at
-every step. Metrics go to <out>/metrics.jsonl and <out>/training.png; the drafter (params + config +
-how it was trained) to <out>/drafter.
+never written into. --init DRAFTER fine-tunes a drafter (its shape and draft vocabulary kept; evaluated
+at step 0, so that --keep-best keeps it unless training beats it). --cache-hidden computes the frozen
+target's hidden states once instead of at every step. Metrics go to <out>/metrics.jsonl and
+<out>/training.png; the drafter (params + config + how it was trained) to <out>/drafter.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -42,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from redrafter_jax.checkpoint import save_drafter
+from redrafter_jax.checkpoint import load_drafter, save_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
@@ -121,6 +123,15 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
     opt = optax.chain(optax.clip_by_global_norm(tc.clip_norm), optax.adamw(lr, weight_decay=tc.weight_decay))
     return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum) if tc.grad_accum > 1 else opt
+
+
+def params_fingerprint(params: Params) -> str:
+    """A sha256 of a drafter's parameters (names and values): which drafter a fine-tune started from."""
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()[:16]
 
 
 def split_frozen(dparams: Params) -> tuple[Params, Params]:
@@ -300,10 +311,12 @@ def _keep_metrics_until(path: str, step: int) -> None:
 def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_params: Params,
           train_seqs: Sequences, eval_seqs: Sequences | None, out_dir: str, vocab_map: np.ndarray | None = None,
           extra: dict | None = None, on_step: Callable[[int], None] | None = None, progress: bool = True,
-          mesh: Mesh | None = None) -> Drafter:
+          mesh: Mesh | None = None, init: Drafter | None = None) -> Drafter:
     """Trains (or resumes training of) a drafter into out_dir; returns the trained drafter (with
     tc.keep_best, the one of the best held-out evaluation: its step is `kept_step` in its metadata).
 
+    init: a drafter of shape dcfg to start from (fine-tuning), its own draft vocabulary kept (vocab_map
+    must be None); it is evaluated at step 0, so keep_best returns it if no later evaluation beats it.
     mesh (`sharding.make_mesh`): default, data parallel over every visible device. A resumed run may
     use another mesh: checkpoints do not depend on it."""
     dcfg.check_target(target_cfg)
@@ -311,6 +324,10 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         raise ValueError("no training sequences")
     if eval_seqs is not None and not len(eval_seqs):  # (None: no evaluation)
         raise ValueError("no held-out sequences to evaluate on: too few conversations for the --eval-fraction?")
+    if init is not None and (init.config != dcfg or vocab_map is not None):
+        with_map = ", with a vocab_map" if vocab_map is not None else ""
+        raise ValueError(f"a fine-tune keeps the shape and draft vocabulary of the drafter it starts from: "
+                         f"{init.config} given, {dcfg} asked for{with_map}")
     if tc.keep_best and eval_seqs is None:
         raise ValueError("keep_best chooses the drafter by held-out accuracy: it needs held-out data")
     for name, seqs in (("training", train_seqs), ("held-out", eval_seqs)):
@@ -321,10 +338,14 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     mesh = training_mesh(tc, mesh)
     opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh)
     target_params = shard_params(target_params, target_cfg, mesh)
-    dparams = init_drafter(dcfg, jax.random.PRNGKey(tc.seed), None if vocab_map is None else jnp.asarray(vocab_map))
+    if init is not None:
+        dparams = jax.tree_util.tree_map(jnp.asarray, init.params)
+    else:
+        dparams = init_drafter(dcfg, jax.random.PRNGKey(tc.seed), None if vocab_map is None else jnp.asarray(vocab_map))
     state = init_state(opt, dparams)
     _, frozen = split_frozen(dparams)
-    meta = {"train_config": dataclasses.asdict(tc), "drafter_config": dataclasses.asdict(dcfg)}
+    meta = {"train_config": dataclasses.asdict(tc), "drafter_config": dataclasses.asdict(dcfg),
+            **({"init": params_fingerprint(init.params)} if init is not None else {})}
     # In a multi-host job every process trains (and checkpoints, through orbax); process 0 alone writes files.
     lead = jax.process_index() == 0
     if tc.cache_hidden and jax.process_count() > 1:
@@ -354,11 +375,16 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
               if tc.cache_hidden and start < tc.steps else None)
     log_path = os.path.join(out_dir, "metrics.jsonl")
     if lead:
-        _keep_metrics_until(log_path, start)
+        _keep_metrics_until(log_path, start if start else -1)  # (a run from step 0 redoes a step-0 evaluation)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc="training", disable=not progress)
     rows = local_rows(mesh, tc.batch_size)
     # line-buffered: the metrics of a long run can be followed (and plotted) as it goes
     with open(log_path if lead else os.devnull, "a", buffering=1) as log:
+        if init is not None and eval_seqs is not None and start == 0:  # a fine-tune's baseline: where it starts
+            e = evaluate_split(evaluate, state["params"], frozen, target_params, eval_seqs, tc, pad, mesh)
+            log.write(json.dumps({"step": 0, "split": "eval", **e}) + "\n")
+            if best is not None:
+                best["score"] = held_out_score(e)
         for step in bar:
             idx = batch_indices(len(train_seqs), step, tc.batch_size, tc.seed)
             idx = idx[rows]  # this process's share of the batch (all of it in a single-process job)
@@ -396,6 +422,9 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
     return drafter
 
 
+SHAPE_FLAGS = ("resblocks", "no_rnn", "exit_dim", "share_lm_head", "draft_vocab")  # the drafter's shape
+
+
 def add_train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """Flags for every TrainConfig field (but `exclude`) and for the drafter's shape."""
     for f in dataclasses.fields(TrainConfig):
@@ -426,15 +455,33 @@ def configs_from_args(args: argparse.Namespace, target_cfg: ModelConfig, **overr
 
 
 def draft_vocabulary(dcfg: DrafterConfig, target_cfg: ModelConfig, train_seqs: Sequences, eval_seqs: Sequences,
-                     extra: dict) -> np.ndarray | None:
-    """The reduced draft vocabulary (None for a full one); its held-out coverage goes into `extra`."""
+                     extra: dict, vocab_map: np.ndarray | None = None) -> np.ndarray | None:
+    """The reduced draft vocabulary (None for a full one): the given one (a fine-tuned drafter's), else the
+    training data's most frequent targets; its held-out coverage goes into `extra`."""
     if dcfg.draft_vocab_size is None:
         return None
-    vocab_map = most_frequent_tokens(train_seqs, dcfg.vocab_size, dcfg.draft_vocab_size, target_cfg.eos_token_ids)
+    if vocab_map is None:
+        vocab_map = most_frequent_tokens(train_seqs, dcfg.vocab_size, dcfg.draft_vocab_size, target_cfg.eos_token_ids)
+    vocab_map = np.asarray(vocab_map)
     extra["held_out_vocab_coverage"] = vocab_coverage(eval_seqs, vocab_map, dcfg.vocab_size)
     print(f"the {dcfg.draft_vocab_size}-token draft vocabulary covers {extra['held_out_vocab_coverage']:.1%} "
           f"of the held-out targets", file=sys.stderr)
     return vocab_map
+
+
+def drafter_to_fine_tune(args: argparse.Namespace, p: argparse.ArgumentParser, target_cfg: ModelConfig) -> Drafter:
+    """--init's drafter, checked against the target; shape flags given (not left at their defaults) must
+    describe it, since a fine-tune keeps its shape."""
+    init = load_drafter(args.init, target_cfg)
+    asked = configs_from_args(args, target_cfg)[1]
+    default = configs_from_args(argparse.Namespace(**{**vars(args), **{d: p.get_default(d) for d in SHAPE_FLAGS}}),
+                                target_cfg)[1]
+    for f in dataclasses.fields(DrafterConfig):
+        value, have = getattr(asked, f.name), getattr(init.config, f.name)
+        if value != getattr(default, f.name) and value != have:
+            raise SystemExit(f"--init {args.init} is a drafter with {f.name} {have}, not {value}: a fine-tune keeps "
+                             f"its shape (leave the flag out)")
+    return init
 
 
 def check_added_conversations(args: argparse.Namespace) -> None:
@@ -475,6 +522,10 @@ def main(argv=None) -> None:
                    help="recipe distill: also train on the assistant turns of the first N training conversations "
                         "with a reply, as the target reads them (with --soft-labels 1: its distribution there, not "
                         "their words)")
+    p.add_argument("--init", metavar="DRAFTER",
+                   help="fine-tune: start from this drafter's weights, keeping its shape and draft vocabulary (shape "
+                        "flags, if given, must describe it); evaluated at step 0, so --keep-best keeps it unless "
+                        "training beats it")
     add_train_args(p)
     args = p.parse_args(argv)
 
@@ -485,6 +536,8 @@ def main(argv=None) -> None:
         check_added_conversations(args)
     model = load_model(args)
     tc, dcfg = configs_from_args(args, model.config)
+    init = drafter_to_fine_tune(args, p, model.config) if args.init else None
+    dcfg = dcfg if init is None else init.config
 
     def conversations() -> tuple[list, list]:  # (training, held-out)
         return data.split(data.load_chats(args.conversations, limit=args.max_conversations), args.eval_fraction)
@@ -503,9 +556,10 @@ def main(argv=None) -> None:
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
     extra = {"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
              "recipe": args.recipe}
-    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
-    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra,
-          mesh=model.mesh)
+    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra,
+                                 None if init is None else init.params.get("vocab_map"))
+    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out,
+          vocab_map if init is None else None, extra=extra, mesh=model.mesh, init=init)
 
 
 if __name__ == "__main__":
