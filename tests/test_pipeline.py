@@ -10,6 +10,7 @@ from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, load_drafter_config
 from train.data import is_held_out
 from train.pipeline import load_or_build_prompts, main, plan_steps, write_prompt_file
+from train.train import params_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -58,14 +59,17 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     with pytest.raises(ValueError, match=r"train_data.sequences: 6 there, 7 now"):
         main(args)
     assert os.stat(shard0).st_mtime_ns == before
-    main(args[:3] + [str(tmp_path / "run2")] + args[4:] + ["--keep-best", "--dropout", "0.1"])
+    # a fine-tune of the first run's drafter on all 7 replies, with early stopping
+    main(args[:3] + [str(tmp_path / "run2")] + args[4:] + ["--keep-best", "--dropout", "0.1",
+                                                           "--init", str(out / "drafter")])
     log2 = json.loads((tmp_path / "run2" / "pipeline.json").read_text())
     assert log2["distilled_prompts"]["train"] == 7
-    # early stopping: held-out evaluations along the way, the log reports the kept one
+    assert json.loads((tmp_path / "run2" / "run.json").read_text())["init"] == params_fingerprint(drafter.params)
+    # held-out evaluations from the start drafter on, the log reports the kept one
     evals = [json.loads(line)["step"] for line in open(tmp_path / "run2" / "metrics.jsonl")
              if json.loads(line)["split"] == "eval"]
     kept = load_drafter_config(str(tmp_path / "run2" / "drafter"))[1]["kept_step"]
-    assert evals == list(range(1, log2["plan"]["steps"] + 1)) and log2["held_out"]["step"] == kept
+    assert evals == list(range(log2["plan"]["steps"] + 1)) and log2["held_out"]["step"] == kept
 
     # Other distillation settings on the same data are refused, naming what differs.
     with pytest.raises(ValueError, match="shard_size: 4 there, 8 now"):

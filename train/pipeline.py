@@ -17,7 +17,8 @@
    held-out prompts (--eval-spec, and with a datastore beam of 8 added). The drafter goes to
    <out>/drafter, the log to <out>/pipeline.json.
    With --keep-best (early stopping) the drafter kept is that of the best of ten held-out
-   evaluations along the way; --dropout and --weight-decay regularise.
+   evaluations along the way; --dropout and --weight-decay regularise. --init DRAFTER fine-tunes a
+   trained drafter (e.g. the shipped one, on the replies to your prompts) instead of starting afresh.
 
 Rerunning the same command resumes: complete shards are kept, and training continues from its last
 checkpoint with the plan recorded in pipeline.json.
@@ -50,6 +51,7 @@ from train.train import (
     add_train_args,
     configs_from_args,
     draft_vocabulary,
+    drafter_to_fine_tune,
     init_state,
     make_steps,
     split_frozen,
@@ -198,6 +200,7 @@ def main(argv=None) -> None:
     stage = {}
 
     model = load_model(args)
+    init = drafter_to_fine_tune(args, p, model.config) if args.init else None
     prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
                                     args.max_prompt_tokens, args.eval_fraction, args.conversations, args.turns)
     stage["load"] = time.time() - t0
@@ -233,7 +236,7 @@ def main(argv=None) -> None:
     if "plan" in log and os.path.isdir(os.path.join(args.out, "checkpoints")):
         plan = log["plan"]
     else:
-        probe, dcfg = configs_from_args(args, model.config, steps=1000)
+        probe, dcfg = configs_from_args(args, model.config, init, steps=1000)
         first, per_step = time_train_steps(probe, dcfg, model.config, model.params, train_seqs, model.mesh)
         left = t0 + (1 - args.eval_share) * budget - time.time()
         steps = plan_steps(left, first, per_step, args.max_steps)
@@ -242,13 +245,14 @@ def main(argv=None) -> None:
     log["plan"] = plan
     data.write_json(log_path, log)
     # held-out evaluations: at the end, or ten along the way for --keep-best to choose from
-    tc, dcfg = configs_from_args(args, model.config, steps=plan["steps"], save_every=max(plan["steps"] // 4, 1),
+    tc, dcfg = configs_from_args(args, model.config, init, steps=plan["steps"],
+                                 save_every=max(plan["steps"] // 4, 1),
                                  eval_every=max(plan["steps"] // 10, 1) if args.keep_best else plan["steps"])
     extra = {"command": log["command"], "recipe": "distill", "pipeline_minutes": args.minutes}
-    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra)
+    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra, init)
     t_train = time.time()
     drafter = train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra,
-                    mesh=model.mesh)
+                    mesh=model.mesh, init=init)
     stage["train"] = time.time() - t_train
 
     # 4. Evaluation.

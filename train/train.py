@@ -426,7 +426,7 @@ SHAPE_FLAGS = ("resblocks", "no_rnn", "exit_dim", "share_lm_head", "draft_vocab"
 
 
 def add_train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """Flags for every TrainConfig field (but `exclude`) and for the drafter's shape."""
+    """Flags for every TrainConfig field (but `exclude`), for the drafter's shape, and --init."""
     for f in dataclasses.fields(TrainConfig):
         if f.name in exclude:
             continue
@@ -442,40 +442,48 @@ def add_train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) ->
     p.add_argument("--exit-dim", type=int, default=None)
     p.add_argument("--share-lm-head", action="store_true")
     p.add_argument("--draft-vocab", type=int, default=None, help="reduced draft vocabulary: the N most frequent tokens")
+    p.add_argument("--init", metavar="DRAFTER",
+                   help="fine-tune: start from this drafter's weights, keeping its shape and draft vocabulary (shape "
+                        "flags, if given, must describe it); evaluated at step 0, so --keep-best keeps it unless "
+                        "training beats it")
 
 
-def configs_from_args(args: argparse.Namespace, target_cfg: ModelConfig, **overrides) -> tuple[TrainConfig, DrafterConfig]:
-    """The TrainConfig (fields from args unless given in overrides) and DrafterConfig the flags describe."""
+def configs_from_args(args: argparse.Namespace, target_cfg: ModelConfig, init: Drafter | None = None,
+                      **overrides) -> tuple[TrainConfig, DrafterConfig]:
+    """The TrainConfig (fields from args unless given in overrides) and the DrafterConfig the flags describe
+    (a fine-tune's: its init drafter's)."""
     tc = TrainConfig(**{f.name: overrides[f.name] if f.name in overrides else getattr(args, f.name)
                         for f in dataclasses.fields(TrainConfig)})
-    dcfg = DrafterConfig(hidden_size=target_cfg.hidden_size, vocab_size=target_cfg.vocab_size,
+    return tc, shape_from_args(args, target_cfg) if init is None else init.config
+
+
+def shape_from_args(args: argparse.Namespace, target_cfg: ModelConfig) -> DrafterConfig:
+    """The drafter shape the flags describe."""
+    return DrafterConfig(hidden_size=target_cfg.hidden_size, vocab_size=target_cfg.vocab_size,
                          num_resblocks=args.resblocks, rnn=not args.no_rnn, exit_dim=args.exit_dim,
                          share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab)
-    return tc, dcfg
 
 
 def draft_vocabulary(dcfg: DrafterConfig, target_cfg: ModelConfig, train_seqs: Sequences, eval_seqs: Sequences,
-                     extra: dict, vocab_map: np.ndarray | None = None) -> np.ndarray | None:
-    """The reduced draft vocabulary (None for a full one): the given one (a fine-tuned drafter's), else the
-    training data's most frequent targets; its held-out coverage goes into `extra`."""
+                     extra: dict, init: Drafter | None = None) -> np.ndarray | None:
+    """train()'s vocab_map: the training data's most frequent targets, or None for a full vocabulary or a
+    fine-tune (which keeps its drafter's). The held-out coverage of the one used goes into `extra`."""
     if dcfg.draft_vocab_size is None:
         return None
-    if vocab_map is None:
-        vocab_map = most_frequent_tokens(train_seqs, dcfg.vocab_size, dcfg.draft_vocab_size, target_cfg.eos_token_ids)
-    vocab_map = np.asarray(vocab_map)
+    vocab_map = (np.asarray(init.params["vocab_map"]) if init is not None else
+                 most_frequent_tokens(train_seqs, dcfg.vocab_size, dcfg.draft_vocab_size, target_cfg.eos_token_ids))
     extra["held_out_vocab_coverage"] = vocab_coverage(eval_seqs, vocab_map, dcfg.vocab_size)
     print(f"the {dcfg.draft_vocab_size}-token draft vocabulary covers {extra['held_out_vocab_coverage']:.1%} "
           f"of the held-out targets", file=sys.stderr)
-    return vocab_map
+    return vocab_map if init is None else None
 
 
 def drafter_to_fine_tune(args: argparse.Namespace, p: argparse.ArgumentParser, target_cfg: ModelConfig) -> Drafter:
     """--init's drafter, checked against the target; shape flags given (not left at their defaults) must
     describe it, since a fine-tune keeps its shape."""
     init = load_drafter(args.init, target_cfg)
-    asked = configs_from_args(args, target_cfg)[1]
-    default = configs_from_args(argparse.Namespace(**{**vars(args), **{d: p.get_default(d) for d in SHAPE_FLAGS}}),
-                                target_cfg)[1]
+    asked = shape_from_args(args, target_cfg)
+    default = shape_from_args(argparse.Namespace(**{d: p.get_default(d) for d in SHAPE_FLAGS}), target_cfg)
     for f in dataclasses.fields(DrafterConfig):
         value, have = getattr(asked, f.name), getattr(init.config, f.name)
         if value != getattr(default, f.name) and value != have:
@@ -522,10 +530,6 @@ def main(argv=None) -> None:
                    help="recipe distill: also train on the assistant turns of the first N training conversations "
                         "with a reply, as the target reads them (with --soft-labels 1: its distribution there, not "
                         "their words)")
-    p.add_argument("--init", metavar="DRAFTER",
-                   help="fine-tune: start from this drafter's weights, keeping its shape and draft vocabulary (shape "
-                        "flags, if given, must describe it); evaluated at step 0, so --keep-best keeps it unless "
-                        "training beats it")
     add_train_args(p)
     args = p.parse_args(argv)
 
@@ -535,9 +539,8 @@ def main(argv=None) -> None:
     if args.add_conversations:
         check_added_conversations(args)
     model = load_model(args)
-    tc, dcfg = configs_from_args(args, model.config)
     init = drafter_to_fine_tune(args, p, model.config) if args.init else None
-    dcfg = dcfg if init is None else init.config
+    tc, dcfg = configs_from_args(args, model.config, init)
 
     def conversations() -> tuple[list, list]:  # (training, held-out)
         return data.split(data.load_chats(args.conversations, limit=args.max_conversations), args.eval_fraction)
@@ -556,10 +559,9 @@ def main(argv=None) -> None:
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
     extra = {"command": "python -m train.train " + " ".join(sys.argv[1:] if argv is None else argv),
              "recipe": args.recipe}
-    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra,
-                                 None if init is None else init.params.get("vocab_map"))
-    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out,
-          vocab_map if init is None else None, extra=extra, mesh=model.mesh, init=init)
+    vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra, init)
+    train(tc, dcfg, model.config, model.params, train_seqs, eval_seqs, args.out, vocab_map, extra=extra,
+          mesh=model.mesh, init=init)
 
 
 if __name__ == "__main__":
