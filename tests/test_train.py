@@ -18,7 +18,7 @@ from redrafter_jax.config import DrafterConfig
 from redrafter_jax.datasets import Chat, read_chats
 from redrafter_jax.drafter import draft_logits, init_drafter, rnn_step
 from tests.tiny import tiny_model
-from train.data import Sequences, batch_at, tokenize_chat, turn_prompts
+from train.data import Sequences, batch_at, read_by_target, tokenize_chat, turn_prompts
 from train.loss import drafter_loss
 from train.train import TrainConfig, make_optimizer, most_frequent_tokens, train, vocab_coverage
 
@@ -52,10 +52,12 @@ def test_loss_counts_only_masked_targets_inside_the_sequence():
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
 
 
-@pytest.mark.parametrize("w, tied", [(0.3, False), (1.0, True)])
-def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w, tied):
+@pytest.mark.parametrize("w, tied, mask", [(0.3, False, [0, 1, 1, 1, 1, 1, 1]), (1.0, True, [0, 1, 1, 1, 1, 1, 1]),
+                                           (0.0, False, [0, 1, 2, 2, 1, 2, 2]), (0.5, True, [0, 2, 1, 1, 2, 2, 1])])
+def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w, tied, mask):
     """Hand-computed, with a draft vocabulary: head k at context t learns x_{t+2+k} with weight 1 - w and the
-    target's distribution there (its LM head on h_{t+1+k}, renormalised over the draft vocabulary) with w."""
+    target's distribution there (its LM head on h_{t+1+k}, renormalised over the draft vocabulary) with w;
+    where the mask is 2 (text the target only read), its distribution alone, and no accuracy is counted."""
     cfg, tparams = tiny_model()
     if tied:  # the LM head is the embedding's transpose (SmolLM2's)
         tparams = {k: v for k, v in tparams.items() if k != "lm_head"}
@@ -64,23 +66,28 @@ def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, draft_vocab_size=len(vmap))
     dparams = init_drafter(dcfg, jax.random.PRNGKey(1), vmap)
     tokens = jnp.asarray([[5, 9, 12, 7, 30, 3, 21]])  # x5 = 3 is outside the draft vocabulary
-    mask = jnp.asarray([[0, 1, 1, 1, 1, 1, 1]])
     hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 7, cfg.hidden_size))
-    _, m = drafter_loss(dparams, dcfg, tparams, hidden, tokens, mask, num_heads=2, soft_labels=w)
+    _, m = drafter_loss(dparams, dcfg, tparams, hidden, tokens, jnp.asarray([mask], jnp.int8), num_heads=2,
+                        soft_labels=w, marked=2 in mask)
     emb, draft_id = tparams["embed"], {int(v): i for i, v in enumerate(vmap)}
     for k in range(2):
-        ces = []
+        ces, right = [], []
         for t in range(7 - 2 - k):
-            label = int(tokens[0, t + 2 + k])
-            if label not in draft_id:  # a target outside the draft vocabulary counts in neither term
+            label, soft_only = int(tokens[0, t + 2 + k]), mask[t + 2 + k] == 2
+            if label not in draft_id and not soft_only:  # a token outside the draft vocabulary cannot be learnt
+                right.append(False)
                 continue
             state = jnp.zeros(cfg.hidden_size)
             for j in range(k + 1):
                 state = rnn_step(dparams, dcfg, state, emb[tokens[0, t + 1 + j]])
             logits = draft_logits(dparams, dcfg, tparams, hidden[0, t], state)
             p = jax.nn.softmax((hidden[0, t + 1 + k] @ head)[vmap])
-            ces.append(jax.nn.logsumexp(logits) - (1 - w) * logits[draft_id[label]] - w * p @ logits)
+            v = 1.0 if soft_only else w
+            ces.append(jax.nn.logsumexp(logits) - (1 - v) * logits[draft_id.get(label, 0)] - v * p @ logits)
+            if not soft_only:
+                right.append(int(jnp.argmax(logits)) == draft_id[label])
         np.testing.assert_allclose(float(m["loss"][k]), np.mean(ces), rtol=1e-5)
+        assert int(m["count"][k]) == len(right) and float(m["accuracy"][k]) == pytest.approx(np.mean(right))
     with pytest.raises(ValueError, match="soft_labels must be in"):
         TrainConfig(steps=1, soft_labels=1.5)
 
@@ -88,7 +95,8 @@ def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w
 def test_soft_labels_teach_the_targets_choices_where_the_data_says_nothing(tmp_path):
     """Random tokens as data, and a target whose layers add nothing to the residual stream, so its next token
     is a function of the current one: trained on the tokens alone (w = 0) a drafter cannot know the target's
-    choices; trained on the target's distribution (w = 1) it learns them."""
+    choices; trained on the target's distribution (w = 1) it learns them, as it does at w = 0 from sequences
+    marked as read by the target (`read_by_target`: its distribution alone is their label)."""
     from redrafter_jax.model import lm_head, transformer_causal
 
     cfg, tparams = tiny_model()
@@ -102,13 +110,13 @@ def test_soft_labels_teach_the_targets_choices_where_the_data_says_nothing(tmp_p
     choice = jnp.argmax(lm_head(tparams, hidden), -1)[:, 1:-1]  # the target's x_{t+2}, for contexts t = 0 .. T-3
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, exit_dim=32)
     agree = []
-    for w in (0.0, 1.0):
+    for w, data in ((0.0, seqs), (1.0, seqs), (0.0, read_by_target(seqs))):
         tc = TrainConfig(steps=40, **{**TC, "num_heads": 2, "save_every": 40, "soft_labels": w})
-        d = train(tc, dcfg, cfg, tparams, seqs, None, str(tmp_path / str(w)), progress=False)
+        d = train(tc, dcfg, cfg, tparams, data, None, str(tmp_path / str(len(agree))), progress=False)
         state = rnn_step(d.params, dcfg, jnp.zeros_like(hidden[:, :-2]), tparams["embed"][held[:, 1:-1]])
         head0 = jnp.argmax(draft_logits(d.params, dcfg, tparams, hidden[:, :-2], state), -1)
         agree.append(float(jnp.mean(head0 == choice)))
-    assert agree[0] < 0.1 and agree[1] > 0.5, agree
+    assert agree[0] < 0.1 and agree[1] > 0.5 and agree[2] > 0.5, agree
 
 
 def toy_sequences(n=64, length=24, seed=0):
@@ -529,7 +537,7 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     from tests.test_loaders import hf_tensors, write_checkpoint
     from train import distill
     from train import train as train_cli
-    from train.data import dataset_sequences, fingerprint, read_shards, split
+    from train.data import dataset_sequences, fingerprint, read_by_target, read_shards, split
     from train.train import params_fingerprint
 
     model = str(tmp_path / "model")
@@ -620,22 +628,23 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     with pytest.raises(SystemExit, match="--conversations is for --recipe dataset"):
         train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--out", str(tmp_path / "x")])
 
-    # the distilled replies, and conversations' assistant turns with the target's distribution as their labels
+    # the distilled replies with their tokens as labels, and conversations' assistant turns marked to learn the
+    # target's distribution alone
     added = common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--eval-fraction", "0.2"]
-    train_cli.main(added + ["--soft-labels", "1", "--add-conversations", "6", "--out", str(tmp_path / "added")])
-    both = zip(read_shards(os.path.join(out, "train")), dataset_sequences(tok, train_chats, 32, limit=6))
+    train_cli.main(added + ["--add-conversations", "6", "--out", str(tmp_path / "added")])
+    more = read_by_target(dataset_sequences(tok, train_chats, 32, limit=6))
+    assert {int(v) for m in more.masks for v in m} == {0, 2}
+    both = zip(read_shards(os.path.join(out, "train")), more)
     trained = json.load(open(tmp_path / "added" / "run.json"))["train_data"]
     assert trained == fingerprint(Sequences(*(a + b for a, b in both)))
     for flags, match in [
-            (["--soft-labels", "0.5"], "needs --soft-labels 1, got 0.5: the conversations' replies are other models'"),
-            (["--soft-labels", "1", "--eval-fraction", "0.1"],
+            (["--eval-fraction", "0.1"],
              "--eval-fraction 0.1, but .* was distilled with 0.2: the same conversations must be held out"),
-            (["--soft-labels", "1", "--add-conversations", "-1"], "must be at least 1, got -1")]:
+            (["--add-conversations", "-1"], "must be at least 1, got -1")]:
         with pytest.raises(SystemExit, match=match):  # before the model is loaded
             train_cli.main(added + ["--add-conversations", "6"] + flags + ["--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--add-conversations is for --recipe distill"):
-        train_cli.main(common + ["--recipe", "dataset", "--soft-labels", "1", "--add-conversations", "6",
-                                 "--out", str(tmp_path / "x")])
+        train_cli.main(common + ["--recipe", "dataset", "--add-conversations", "6", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 

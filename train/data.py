@@ -112,7 +112,8 @@ def tokenize_chat(tokenizer: Tokenizer, messages: list[dict], max_len: int) -> t
 
 
 class Sequences(NamedTuple):
-    """Variable-length training sequences: tokens[i] [n_i] int32 and masks[i] [n_i] int8."""
+    """Variable-length training sequences: tokens[i] [n_i] int32 and masks[i] [n_i] int8 (1 = a loss
+    position, 2 = one learnt from the target's distribution alone: `read_by_target`)."""
 
     tokens: list
     masks: list
@@ -135,6 +136,12 @@ def dataset_sequences(tokenizer: Tokenizer, chats: list[Chat], max_len: int, lim
             toks.append(ids)
             masks.append(mask)
     return Sequences(toks, masks)
+
+
+def read_by_target(seqs: Sequences) -> Sequences:
+    """The same sequences, their loss positions marked 2: text the target only reads (others' words), from
+    which a drafter learns the target's distribution alone, never the text's tokens (`train.loss`)."""
+    return Sequences(seqs.tokens, [np.asarray(m, np.int8) * 2 for m in seqs.masks])
 
 
 def turn_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int, limit: int | None = None,

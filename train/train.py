@@ -10,9 +10,9 @@ each process loading only its rows of each batch. AdamW with warm-up + cosine de
 clipping (optax); optional gradient accumulation and bfloat16 compute. Against overfitting:
 --weight-decay, --dropout (the drafter's ResBlock input and branches), and --keep-best (early
 stopping: keep the drafter of the best held-out evaluation, every --eval-every steps). --soft-labels W
-trains each head on the target's own next-token distribution (weight W) beside the data's tokens; with
---soft-labels 1, --add-conversations N adds the assistant turns of N conversations to the distilled
-replies, the target's distribution their labels: more data for the cost of a forward, not a generation. Orbax
+trains each head on the target's own next-token distribution (weight W) beside the data's tokens;
+--add-conversations N adds the assistant turns of N conversations to the distilled replies, the target's
+distribution alone their labels (whatever W): more data for the cost of a forward, not a generation. Orbax
 checkpoints every --save-every steps (atomic, the last --keep kept); rerunning the same command
 resumes exactly where the last checkpoint left off, since the data order and the dropout masks are
 pure functions of (seed, step).
@@ -140,11 +140,11 @@ def split_frozen(dparams: Params) -> tuple[Params, Params]:
     return {k: v for k, v in dparams.items() if k != "vocab_map"}, frozen
 
 
-def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, mesh: Mesh):
+def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, mesh: Mesh, marked: bool = False):
     """Jitted (train_step, eval_step, target_hidden); the batch is sharded over the mesh's "data" axis,
     the target as `sharding.param_specs` (tensor-parallel over a "model" axis, if the mesh has one), the
     drafter and its optimizer state replicated. The steps take the target's hidden states [B, T, H], or
-    None to compute them."""
+    None to compute them. marked: the masks may mark positions for soft labels alone (`train.loss`)."""
     dtype = jnp.dtype(tc.compute_dtype)
     opt = make_optimizer(tc)
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
@@ -158,7 +158,7 @@ def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, me
         if hidden is None:
             hidden = target_hidden(target_params, tokens)
         return drafter_loss({**cast(trainable), **frozen}, dcfg, cast(target_params), hidden, tokens, mask,
-                            tc.num_heads, tc.dropout if key is not None else 0.0, key, tc.soft_labels)
+                            tc.num_heads, tc.dropout if key is not None else 0.0, key, tc.soft_labels, marked)
 
     def train_step(state, frozen, target_params, tokens, mask, hidden):
         # dropout masks are a pure function of (seed, step), like the data order: a resumed run repeats them
@@ -336,7 +336,8 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
             raise ValueError(f"{len(prompts)} of {len(seqs)} {name} sequences have no reply token within seq_len "
                              f"{tc.seq_len} (their prompts: up to {max(prompts)} tokens): train with a longer seq_len")
     mesh = training_mesh(tc, mesh)
-    opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh)
+    marked = any((m == 2).any() for m in train_seqs.masks)  # (`data.read_by_target`)
+    opt, train_step, evaluate, target_hidden = make_steps(tc, dcfg, target_cfg, mesh, marked)
     target_params = shard_params(target_params, target_cfg, mesh)
     if init is not None:
         dparams = jax.tree_util.tree_map(jnp.asarray, init.params)
@@ -493,16 +494,13 @@ def drafter_to_fine_tune(args: argparse.Namespace, p: argparse.ArgumentParser, t
 
 
 def check_added_conversations(args: argparse.Namespace) -> None:
-    """--add-conversations distils the target on other text: the labels must be the target's own, and the
-    conversations held out must be those the distillation held out (its recorded --eval-fraction)."""
+    """--add-conversations distils the target on other text: the conversations held out must be those the
+    distillation held out (its recorded --eval-fraction)."""
     if args.recipe != "distill":
         raise SystemExit("--add-conversations is for --recipe distill (--recipe dataset trains on conversations "
                          "alone)")
     if args.add_conversations < 0:
         raise SystemExit(f"--add-conversations must be at least 1, got {args.add_conversations}")
-    if args.soft_labels != 1:
-        raise SystemExit(f"--add-conversations needs --soft-labels 1, got {args.soft_labels}: the conversations' "
-                         f"replies are other models' words, the drafter must learn the target's distribution there")
     recorded = os.path.join(args.data or "", "distill.json")
     fraction = None
     if os.path.isfile(recorded):
@@ -528,8 +526,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--add-conversations", type=int, default=0, metavar="N",
                    help="recipe distill: also train on the assistant turns of the first N training conversations "
-                        "with a reply, as the target reads them (with --soft-labels 1: its distribution there, not "
-                        "their words)")
+                        "with a reply, as the target reads them (its distribution there is the label, not their "
+                        "words, whatever --soft-labels)")
     add_train_args(p)
     args = p.parse_args(argv)
 
@@ -553,7 +551,8 @@ def main(argv=None) -> None:
         train_seqs = data.read_shards(os.path.join(args.data, "train"))
         eval_seqs = data.read_shards(os.path.join(args.data, "eval"))
         if args.add_conversations:
-            more = data.dataset_sequences(model.tokenizer, conversations()[0], tc.seq_len, args.add_conversations)
+            more = data.read_by_target(data.dataset_sequences(model.tokenizer, conversations()[0], tc.seq_len,
+                                                              args.add_conversations))
             print(f"{len(train_seqs)} distilled replies and {len(more)} conversations", file=sys.stderr)
             train_seqs = data.Sequences(train_seqs.tokens + more.tokens, train_seqs.masks + more.masks)
     print(f"{len(train_seqs)} training and {len(eval_seqs)} held-out sequences", file=sys.stderr)
