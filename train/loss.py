@@ -10,8 +10,9 @@ learning its whole distribution (as EAGLE's drafters do), not just the token it 
 small product per head. Positions marked 2 in the mask (text that is not the target's own, e.g.
 conversations it only read) learn its distribution alone (w = 1, whatever the run's w) and are left out
 of the accuracy, whose data token is no label there. With a dropout rate, each head draws its own
-dropout masks (`drafter.dropout`) from the step's key. Each head's logits [B, T, V] are rematerialised in the backward pass instead
-of being kept, so memory stays at one head's logits (and with soft labels the target's beside them).
+dropout masks (`drafter.dropout`) from the step's key. Each head's logits [B, T, V] are rematerialised
+in the backward pass instead of being kept, so memory stays at one head's logits (and with soft labels
+the target's beside them).
 """
 
 from __future__ import annotations
