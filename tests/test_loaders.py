@@ -330,6 +330,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("rope_per_layer", "unsupported rope_parameters"),
     ("rope_yarn", "unsupported rope scaling type 'yarn'"),
     ("partial_rope", "unsupported partial_rotary_factor 0.5"),
+    ("nulls", "config.json sets max_position_embeddings, rms_norm_eps to null: they need a value"),
+    ("null_rope", "config.json sets rope_theta to null"),
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
 ])
@@ -355,6 +357,10 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                                         for kind in ("full_attention", "sliding_attention")}
     elif case == "partial_rope":
         overrides["partial_rotary_factor"] = 0.5
+    elif case == "nulls":  # (null num_key_value_heads means as many as the query heads, as in transformers)
+        overrides.update(rms_norm_eps=None, max_position_embeddings=None, num_key_value_heads=None)
+    elif case == "null_rope":
+        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": None}
     elif case == "rope_yarn":
         overrides["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
     elif case == "extra_layer":

@@ -26,6 +26,10 @@ _COMMON = dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
 _LLAMA = dict(_COMMON, intermediate_size=11008, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
 _QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
              max_position_embeddings=32768)
+# Keys that must hold a value: a null in config.json is no default (num_key_value_heads and head_dim are:
+# null means from num_attention_heads and hidden_size).
+_NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8,
@@ -78,7 +82,10 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
     params = c.get("rope_parameters") or {}
     if params and "rope_theta" not in params:  # one set per layer kind (Gemma 3's layout)
         raise ValueError(f"unsupported rope_parameters {params}: expected one set for every layer")
-    theta = float(params.get("rope_theta", c["rope_theta"]))
+    theta = params.get("rope_theta", c["rope_theta"])
+    if theta is None:
+        raise ValueError("config.json sets rope_theta to null: the RoPE base must be a number")
+    theta = float(theta)
     rs = params or c.get("rope_scaling") or {}
     partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     if partial != 1.0:
@@ -102,6 +109,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
         raise ValueError(f"unsupported architecture {found} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     c = {**TRANSFORMERS_DEFAULTS[arch], **c}
+    if nulls := [k for k in _NOT_NULL if c[k] is None]:  # transformers' configs refuse these too
+        raise ValueError(f"config.json sets {', '.join(nulls)} to null: {'they need' if nulls[1:] else 'it needs'} "
+                         f"a value (leave a key out for transformers' default)")
     if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
         raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (supported: silu)")
     if c.get("mlp_bias"):
