@@ -4,7 +4,9 @@ and writes the device's section of the benchmarks report:
     python -m infer.device_check --minutes 8 --docs [--drafter DIR ...] [--hf DIR]
 
 Parts, in this order; once the budget is spent the rest are skipped, and the report says which (and
-which failed, if any: one part's error does not lose the others' results):
+which failed, if any: one part's error does not lose the others' results). The report is rewritten
+before each part, so a run killed midway (a rented machine's time limit) keeps the parts it finished and
+names the one it was in:
 1. autoregressive decoding, ours vs transformers `generate` on the same device (batch 1 and 8);
 2. verification cost: one target forward of N tree tokens against one autoregressive step;
 3. the decode steps part by part, from a profile (propose, pack, verify, accept, commit);
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 
@@ -60,6 +61,7 @@ from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER, run
 from redrafter_jax.config import ModelConfig, SpecConfig
 from redrafter_jax.decode import round_up
+from redrafter_jax.files import write_json
 from redrafter_jax.generate import decoding_params, generate
 from redrafter_jax.loaders.embedded import load_default
 from redrafter_jax.loaders.hf import load_hf
@@ -227,7 +229,26 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     results, sections, skipped, failed = {}, [], [], []
 
+    def save(running: str | None = None) -> None:
+        """Writes the report and its JSON with the parts done so far; called before each part too, so that
+        a run killed by a rented machine's time limit keeps what it finished and says where it stopped."""
+        note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
+        note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
+        note += (f"\n\nStopped during the part '{running}': it and the parts after it did not finish (this line "
+                 "goes once the run ends).") if running else ""
+        write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}
+
+Machine: {machine()}. Budget {args.minutes:g} minutes, compilation included{' (tiny sizes)' if args.tiny else ''}.
+
+Command: `{args.command}`
+
+""" + "\n\n".join(sections) + note + "\n")
+        write_json(beside(args.report, "device_check.json"), {
+            "device": device.device_kind, "tiny": args.tiny, "skipped": skipped, "failed": failed,
+            **({"stopped_during": running} if running else {}), **results})
+
     def part(name, fn):
+        save(running=name)
         if budget() <= 0:
             skipped.append(name)
             return None
@@ -305,18 +326,7 @@ def main(argv=None) -> None:
                         "(`prompt_lookup_num_tokens=10`) proposes one run of 10 tokens copied from the context a "
                         "step, and its tokens/step are the tokens per forward of the model, the prefill's "
                         "included:\n\n" + table(TRANSFORMERS_HEADERS, cross[0]))
-    note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
-    note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
-    write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}
-
-Machine: {machine()}. Budget {args.minutes:g} minutes, compilation included{' (tiny sizes)' if args.tiny else ''}.
-
-Command: `{args.command}`
-
-""" + "\n\n".join(sections) + note + "\n")
-    with open(beside(args.report, "device_check.json"), "w") as f:
-        json.dump({"device": device.device_kind, "tiny": args.tiny, "skipped": skipped, "failed": failed, **results},
-                  f, indent=1)
+    save()
     if verify:
         plot(name, verify, scale[0] if scale else None, beside(args.report, "device_check.png"))
 

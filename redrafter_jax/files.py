@@ -1,10 +1,11 @@
-"""Atomic folder writes: a folder is built under a temporary sibling name and renamed into place only
-when complete, so a crash never leaves a half-written folder under the real name. And what reading
+"""Atomic writes: a folder or JSON file is built under a temporary sibling name and renamed into place
+only when complete, so a crash never leaves a half-written one under the real name. And what reading
 an .npz that a copy cut short raises, for the readers that name such a file."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import zipfile
@@ -30,3 +31,11 @@ def atomic_folder(directory: str):
         os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    """A JSON file, written atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

@@ -23,7 +23,7 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     report = tmp_path / "bench.md"
     device_check.main(["--tiny", "--hf", str(model), "--drafter", drafter, "--minutes", "20", "--report", str(report)])
     found = json.loads((tmp_path / "device_check.json").read_text())
-    assert found["device"] and found["skipped"] == [] and found["failed"] == []
+    assert found["device"] and found["skipped"] == [] and found["failed"] == [] and "stopped_during" not in found
     # batch, prompt, new tokens, ours, ours with XLA's products (where the CPU rows kernel runs), transformers, ratio
     columns = 7 if rows_matmul.available() else 6
     assert [r[0] for r in found["autoregressive"]] == [1] and len(found["autoregressive"][0]) == columns
@@ -65,6 +65,26 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     assert all(r[-1].split(" ")[0].endswith("/1") for r in rows[:2] + rows[3:])  # identical outputs of 1 prompt
     text = report.read_text()
     assert "## Device check: cpu" in text and "Paper scale" in text and (tmp_path / "device_check.png").exists()
+    assert "Stopped during" not in text
+
+
+def test_a_run_killed_midway_keeps_the_finished_parts(tmp_path, monkeypatch):
+    """A rented machine's time limit kills the process (no exception it could catch): the report written
+    before each part keeps what finished and names the part that was running."""
+    model = tmp_path / "model"
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a BaseException, which part() does not catch: the run ends here, as if killed
+
+    monkeypatch.setattr(device_check, "step_parts", killed)
+    with pytest.raises(KeyboardInterrupt):
+        device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(tmp_path / "bench.md")])
+    found = json.loads((tmp_path / "device_check.json").read_text())
+    assert found["stopped_during"] == "step parts" and found["failed"] == []
+    assert [r[0] for r in found["verification"]] == [1, 4] and "step_parts" not in found
+    text = (tmp_path / "bench.md").read_text()
+    assert "Verification: one forward" in text and "Stopped during the part 'step parts'" in text
 
 
 def test_parts_past_the_budget_are_skipped_and_named(tmp_path):

@@ -200,14 +200,6 @@ def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def write_json(path: str, obj) -> None:
-    """A JSON file, written atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def fingerprint(seqs: Sequences) -> dict:
     """Identifies a set of sequences: their count, total tokens and a sha256 of tokens and masks."""
     h = hashlib.sha256()

@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from redrafter_jax.cli import add_model_args, load_model, run
+from redrafter_jax.files import write_json
 from redrafter_jax.generate import generate
 from train import data
 
@@ -54,7 +55,7 @@ def check_settings(out_dir: str, settings: dict) -> None:
         if rows != settings["shard_size"]:
             raise ValueError(f"{out_dir} holds shards of {rows} prompts, not --shard-size {settings['shard_size']}")
     os.makedirs(out_dir, exist_ok=True)
-    data.write_json(path, settings)
+    write_json(path, settings)
 
 
 def shard_rows(path: str) -> int:

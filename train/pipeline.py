@@ -43,7 +43,7 @@ from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
-from redrafter_jax.files import UNREADABLE_NPZ
+from redrafter_jax.files import UNREADABLE_NPZ, write_json
 from redrafter_jax.generate import generate
 from train import data
 from train.distill import check_settings, write_distill_shards
@@ -243,7 +243,7 @@ def main(argv=None) -> None:
         plan = {"steps": steps, "seconds_per_step": per_step, "first_step_seconds": first,
                 "seconds_left": left, "sequences": len(train_seqs)}
     log["plan"] = plan
-    data.write_json(log_path, log)
+    write_json(log_path, log)
     # held-out evaluations: at the end, or ten along the way for --keep-best to choose from
     tc, dcfg = configs_from_args(args, model.config, init, steps=plan["steps"],
                                  save_every=max(plan["steps"] // 4, 1),
@@ -269,7 +269,7 @@ def main(argv=None) -> None:
     stage["evaluate"] = time.time() - t_eval
     log["stage_seconds"] = stage
     log["total_seconds"] = time.time() - t0
-    data.write_json(log_path, log)
+    write_json(log_path, log)
     print(json.dumps({k: log[k] for k in ("distilled_prompts", "plan", "held_out", "stage_seconds", "total_seconds")
                       if k in log} | {"tokens_per_step": log.get("tokens_per_step")}, indent=1))
 

@@ -48,9 +48,10 @@ from redrafter_jax.checkpoint import load_drafter, save_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.files import write_json
 from redrafter_jax.model import Params, transformer_causal
 from redrafter_jax.sharding import DATA, global_batch, local_rows, make_mesh, param_shardings, shard_params
-from train.data import Sequences, batch_at, batch_indices, differences, fingerprint, pad_rows, write_json
+from train.data import Sequences, batch_at, batch_indices, differences, fingerprint, pad_rows
 from train.loss import drafter_loss
 
 
