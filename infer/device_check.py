@@ -248,10 +248,10 @@ Command: `{args.command}`
             **({"stopped_during": running} if running else {}), **results})
 
     def part(name, fn):
-        save(running=name)
         if budget() <= 0:
             skipped.append(name)
             return None
+        save(running=name)
         try:
             return fn()
         except Exception as e:  # on a rented GPU, one part's failure must not lose the others' results
