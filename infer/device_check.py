@@ -22,13 +22,19 @@ It reads only the cache (REDRAFTER_CACHE: the SmolLM2 GGUF and the MT-Bench whee
 any earlier run on a networked machine leaves there; copy them over). --hf checks a Hugging Face
 checkpoint directory instead of the embedded SmolLM2-135M. --tiny runs every part at a tiny size:
 the test suite runs it on the CPU, on a small checkpoint it writes.
+
+--parts runs some of the parts (`--parts 1-3`, then `--parts 4,5`, ...) and keeps the others' results
+from the JSON an earlier run of the same check (device, model, size) left beside the report: a machine
+taken back mid-call then loses only the call it was in, and the report names each part's command.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import sys
 import time
 
 import jax
@@ -208,9 +214,92 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
     return verify, [["8x5", tokens_per_step, speedup, tokens_per_step / speedup, "yes" if same else "no"]]
 
 
+PARTS = {1: "autoregressive vs transformers", 2: "verification cost", 3: "step parts", 4: "MT-Bench end to end",
+         5: "paper scale", 6: "MT-Bench in batches", 7: "MT-Bench against transformers"}
+
+
+def parse_parts(text: str) -> set[int]:
+    """'1-3,5' -> {1, 2, 3, 5}: part numbers as the module's docstring lists them."""
+    chosen = set()
+    for item in text.split(","):
+        first, _, last = item.strip().partition("-")
+        try:
+            numbers = range(int(first), int(last or first) + 1)
+        except ValueError:
+            numbers = range(0)
+        if not numbers or numbers[0] not in PARTS or numbers[-1] not in PARTS:
+            raise ValueError(f"--parts: expected part numbers 1-{len(PARTS)} as in '1-3,5', got {text!r}")
+        chosen.update(numbers)
+    return chosen
+
+
+def earlier_parts(path: str, identity: dict, redone: set[int]) -> list[dict]:
+    """The parts an earlier run of the same check (identity: device, model, size) left in its JSON at path,
+    less those this run redoes; none from another check, or from a JSON without parts."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        found = json.load(f)
+    if {k: found.get(k) for k in identity} != identity or "parts" not in found:
+        print(f"{path} holds another check's results ({', '.join(f'{k} {found.get(k)}' for k in identity)}): "
+              "not kept", file=sys.stderr)
+        return []
+    return [e for e in found["parts"] if e["part"] not in redone]
+
+
+def merged_results(entries: list[dict]) -> dict:
+    """The finished parts' results in one dict; lists under one key (MT-Bench rows) joined in part order."""
+    results = {}
+    for e in entries:
+        for key, value in e.get("results", {}).items():
+            results[key] = results[key] + value if isinstance(value, list) and key in results else value
+    return results
+
+
+def unfinished(entries: list[dict]) -> dict[str, list[str]]:
+    """What the parts left undone: skipped for time (whole parts, then MT-Bench settings), failed (with the
+    error), stopped midway (the part its run was in when it was killed)."""
+    skipped = []
+    for e in entries:
+        skipped += ([e["name"]] if e["status"] == "skipped" else []) + e.get("skipped", [])
+    return {"skipped": skipped,
+            "failed": [f"{e['name']} ({e['error']})" for e in entries if e["status"] == "failed"],
+            "stopped_during": [e["name"] for e in entries if e["status"] == "running"]}
+
+
+def render(entries: list[dict], device: str, tiny: bool) -> str:
+    """The report's section: the machine and the runs that made it, each finished part's tables, then the
+    parts skipped for time, failed, stopped midway or not run."""
+    machines, runs = {e["machine"] for e in entries}, {}
+    for e in entries:
+        runs.setdefault((e["command"], e["minutes"], e["machine"] if len(machines) > 1 else None), []).append(e["part"])
+    made = [f"`{c}` ({f'machine: {m}; ' if m else ''}budget {b:g} minutes, compilation included"
+            + (f"; parts {', '.join(map(str, sorted(set(p))))})" if len(runs) > 1 else ")")
+            for (c, b, m), p in runs.items()]
+    lines = [f"## Device check: {device}{' (tiny sizes)' if tiny else ''}"]
+    if len(machines) == 1:
+        lines.append(f"Machine: {machines.pop()}.")
+    lines.append(("Command: " if len(made) == 1 else "Commands:\n\n- ") + "\n- ".join(made))
+    lines += [e["section"] for e in entries if e["status"] == "done"]
+    ran = {e["part"] for e in entries}
+    left, not_run = unfinished(entries), [f"{n}. {t}" for n, t in PARTS.items() if n not in ran]
+    if left["skipped"]:
+        lines.append(f"Skipped for the time budget: {', '.join(left['skipped'])}.")
+    if left["failed"]:
+        lines.append(f"Failed: {'; '.join(left['failed'])}.")
+    lines += [f"Stopped during the part '{n}': its run was killed there, before the parts after it."
+              for n in left["stopped_during"]]
+    if not_run:
+        lines.append(f"Not run yet (`--parts`): {', '.join(not_run)}.")
+    return "\n\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=8.0, help="time budget, compilation included")
+    p.add_argument("--parts", help="only these parts (numbers as listed above: '1-3', '4,5'), keeping the other "
+                                   "parts' results from the JSON an earlier run of the same check left beside the "
+                                   "report: a check split over several shorter runs")
     p.add_argument("--hf", help="a Hugging Face checkpoint directory to check (default: the embedded SmolLM2-135M)")
     p.add_argument("--drafter", nargs="*", default=None,
                    help="trained drafters to run on MT-Bench (default: the shipped one, for the embedded model)")
@@ -220,6 +309,7 @@ def main(argv=None) -> None:
     args.command = command(__spec__.name, argv)
     if args.minutes <= 0:
         raise ValueError(f"--minutes must be positive, got {args.minutes}")
+    chosen = parse_parts(args.parts) if args.parts else set(PARTS)
     end = time.time() + 60 * args.minutes
     budget = lambda: end - time.time()  # noqa: E731
     sizes = TINY if args.tiny else Sizes()
@@ -227,108 +317,107 @@ def main(argv=None) -> None:
     name = args.hf or "SmolLM2-135M-Instruct"
     drafters = args.drafter if args.drafter is not None else ([] if args.hf else [DEFAULT_DRAFTER])
     device = jax.devices()[0]
-    results, sections, skipped, failed = {}, [], [], []
+    identity = {"device": device.device_kind, "model": name, "tiny": args.tiny}
+    json_path = beside(args.report, "device_check.json")
+    entries = earlier_parts(json_path, identity, chosen) if args.parts else []
 
-    def save(running: str | None = None) -> None:
+    def save() -> None:
         """Writes the report and its JSON with the parts done so far; called before each part too, so that
         a run killed by a rented machine's time limit keeps what it finished and says where it stopped."""
-        note = f"\n\nSkipped for the {args.minutes:g}-minute budget: {', '.join(skipped)}." if skipped else ""
-        note += f"\n\nFailed: {'; '.join(failed)}." if failed else ""
-        note += (f"\n\nStopped during the part '{running}': it and the parts after it did not finish (this line "
-                 "goes once the run ends).") if running else ""
-        write_section("device_check", path=args.report, body=f"""## Device check: {device.device_kind}
+        entries.sort(key=lambda e: e["part"])  # stable: part 6's batchings stay in their order
+        write_section("device_check", path=args.report, body=render(entries, device.device_kind, args.tiny))
+        left = unfinished(entries)
+        if not left["stopped_during"]:
+            del left["stopped_during"]
+        write_json(json_path, {**identity, "parts": entries, **left, **merged_results(entries)})
 
-Machine: {machine()}. Budget {args.minutes:g} minutes, compilation included{' (tiny sizes)' if args.tiny else ''}.
-
-Command: `{args.command}`
-
-""" + "\n\n".join(sections) + note + "\n")
-        write_json(beside(args.report, "device_check.json"), {
-            "device": device.device_kind, "tiny": args.tiny, "skipped": skipped, "failed": failed,
-            **({"stopped_during": running} if running else {}), **results})
-
-    def part(name, fn):
+    def part(number: int, title: str, fn) -> None:
+        """Runs fn() -> {"results": ..., "section": ..., ["skipped": [...]]} as part `number`, unless it is not
+        chosen or the budget is spent. On a rented GPU, one part's error must not lose the others' results."""
+        if number not in chosen:
+            return
+        entry = {"part": number, "name": title, "command": args.command, "minutes": args.minutes,
+                 "machine": machine(), "status": "skipped"}
+        entries.append(entry)
         if budget() <= 0:
-            skipped.append(name)
-            return None
-        save(running=name)
+            return
+        entry["status"] = "running"
+        save()
         try:
-            return fn()
-        except Exception as e:  # on a rented GPU, one part's failure must not lose the others' results
-            failed.append(f"{name} ({type(e).__name__}: {str(e)[:300]})")
-            return None
+            entry.update(fn(), status="done")
+        except Exception as e:
+            entry.update(status="failed", error=f"{type(e).__name__}: {str(e)[:300]}")
 
     hf_device = "cuda" if device.platform == "gpu" else "cpu"
     model = load("float32")
-    ar = part("autoregressive vs transformers", lambda: ar_rows(
-        model, load_transformers(hf_device, args.hf), sizes.batch_sizes, sizes.prompt_len, sizes.ar_new_tokens,
-        sizes.repeats))
-    if ar:
-        results["autoregressive"] = ar[1]
-        sections.append(f"Autoregressive decoding, {name}, float32, greedy, {sizes.prompt_len}-token prompts, "
-                        f"EOS ignored; transformers `generate` on the same device ({hf_device}):\n\n"
-                        + table(*ar))
-    verify = part("verification cost", lambda: verification_rows(
-        {"generate": decoding_params(model.params, model.config)}, sizes.tree_sizes, sizes.context,
-        sizes.repeats * 3))
-    if verify:
-        results["verification"] = verify
-        sections.append(f"Verification: one forward of N tree tokens after {sizes.context} tokens, {name}, "
-                        "float32:\n\n" + table(["tree tokens N", "ms", "cost / one AR step"], verify))
-    prompt = fixed_length_prompts(model.tokenizer, 1, sizes.context)[0]
-    parts = part("step parts", lambda: step_parts(model.config, model.params, prompt, sizes.profile_specs))
-    if parts:
-        results["step_parts"] = parts
-        sections.append(f"Decode steps part by part (a profile of generate(): the device's time in each part's "
-                        f"ops, launch gaps not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
-                        + table(STEP_PART_HEADERS, parts))
 
-    def mtbench(title, dtypes, batching: Batching):
-        e2e = part(title, lambda: end_to_end(load, model, sizes, drafters, budget, dtypes, batching))
-        if e2e:
-            rows, late = e2e
-            results.setdefault("mtbench", []).extend(rows)
-            skipped.extend(late)
-            sections.append(
-                f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch "
-                f"{batching}{' (N/R: N prompts a call in R rows, continuous batching)' * bool(batching.rows)}, "
-                "greedy; identical outputs and speedup against autoregressive decoding in the same dtype and batch; "
-                "step cost = tokens per step / speedup, in autoregressive steps; rows busy: the share of the "
-                "rows' steps in which they were decoding a prompt:\n\n"
-                + table(["dtype", "batch", "drafter", "W x L + K", "tokens/step", "rows busy", "speedup", "step cost",
-                         "identical outputs"], rows))
+    def ar():
+        headers, rows = ar_rows(model, load_transformers(hf_device, args.hf), sizes.batch_sizes, sizes.prompt_len,
+                                sizes.ar_new_tokens, sizes.repeats)
+        return {"results": {"autoregressive": rows}, "section": (
+            f"Autoregressive decoding, {name}, float32, greedy, {sizes.prompt_len}-token prompts, EOS ignored; "
+            f"transformers `generate` on the same device ({hf_device}):\n\n" + table(headers, rows))}
 
-    mtbench("MT-Bench end to end", ("float32", "bfloat16"), Batching(1))
-    scale = part("paper scale", lambda: paper_scale(sizes.synthetic, sizes))
-    if scale:
-        results["paper_scale"] = {"verification": scale[0], "oracle": scale[1]}
+    def verify():
+        rows = verification_rows({"generate": decoding_params(model.params, model.config)}, sizes.tree_sizes,
+                                 sizes.context, sizes.repeats * 3)
+        return {"results": {"verification": rows}, "section": (
+            f"Verification: one forward of N tree tokens after {sizes.context} tokens, {name}, float32:\n\n"
+            + table(["tree tokens N", "ms", "cost / one AR step"], rows))}
+
+    def profile():
+        prompt = fixed_length_prompts(model.tokenizer, 1, sizes.context)[0]
+        rows = step_parts(model.config, model.params, prompt, sizes.profile_specs)
+        return {"results": {"step_parts": rows}, "section": (
+            "Decode steps part by part (a profile of generate(): the device's time in each part's ops, launch gaps "
+            f"not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
+            + table(STEP_PART_HEADERS, rows))}
+
+    def mtbench(dtypes, batching: Batching):
+        rows, late = end_to_end(load, model, sizes, drafters, budget, dtypes, batching)
+        return {"results": {"mtbench": rows}, "skipped": late, "section": (
+            f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch {batching}"
+            f"{' (N/R: N prompts a call in R rows, continuous batching)' * bool(batching.rows)}, greedy; identical "
+            "outputs and speedup against autoregressive decoding in the same dtype and batch; step cost = tokens "
+            "per step / speedup, in autoregressive steps; rows busy: the share of the rows' steps in which they "
+            "were decoding a prompt:\n\n"
+            + table(["dtype", "batch", "drafter", "W x L + K", "tokens/step", "rows busy", "speedup", "step cost",
+                     "identical outputs"], rows))}
+
+    def scale():
+        verify_rows, oracle = paper_scale(sizes.synthetic, sizes)
         c = sizes.synthetic
-        sections.append(f"Paper scale: random-weight Llama ({c.num_layers} layers, hidden {c.hidden_size}, "
-                        f"vocabulary {c.vocab_size}) in bfloat16, oracle drafter, one 128-token random prompt, "
-                        f"{sizes.new_tokens} new tokens:\n\n"
-                        + table(["tree tokens N", "ms", "cost / one AR step"], scale[0]) + "\n\n"
-                        + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], scale[1]))
-    for text in sizes.batches:
-        mtbench(f"MT-Bench in batches of {text}", ("float32",), Batching.parse(text))
+        return {"results": {"paper_scale": {"verification": verify_rows, "oracle": oracle}}, "section": (
+            f"Paper scale: random-weight Llama ({c.num_layers} layers, hidden {c.hidden_size}, vocabulary "
+            f"{c.vocab_size}) in bfloat16, oracle drafter, one 128-token random prompt, {sizes.new_tokens} new "
+            "tokens:\n\n" + table(["tree tokens N", "ms", "cost / one AR step"], verify_rows) + "\n\n"
+            + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], oracle))}
 
     def against_hf():
         hf = load_transformers(hf_device, args.hf)
         if hf is None:
             raise ImportError("torch and transformers are not installed")
-        return transformers_rows(model, hf, sizes, drafters[0] if drafters else None, budget)
+        rows, n = transformers_rows(model, hf, sizes, drafters[0] if drafters else None, budget)
+        return {"results": {"transformers": rows}, "section": (
+            f"MT-Bench against transformers on the same device ({hf_device}), {name}, float32, first {n} first "
+            f"turns, {sizes.new_tokens} new tokens, batch 1, greedy, every decoder in turn on each prompt; "
+            "transformers' prompt lookup decoding (`prompt_lookup_num_tokens=10`) proposes one run of 10 tokens "
+            "copied from the context a step, and its tokens/step are the tokens per forward of the model, the "
+            "prefill's included:\n\n" + table(TRANSFORMERS_HEADERS, rows))}
 
-    cross = part("MT-Bench against transformers", against_hf)
-    if cross:
-        results["transformers"] = cross[0]
-        sections.append(f"MT-Bench against transformers on the same device ({hf_device}), {name}, float32, first "
-                        f"{cross[1]} first turns, {sizes.new_tokens} new tokens, batch 1, greedy, "
-                        "every decoder in turn on each prompt; transformers' prompt lookup decoding "
-                        "(`prompt_lookup_num_tokens=10`) proposes one run of 10 tokens copied from the context a "
-                        "step, and its tokens/step are the tokens per forward of the model, the prefill's "
-                        "included:\n\n" + table(TRANSFORMERS_HEADERS, cross[0]))
+    part(1, PARTS[1], ar)
+    part(2, PARTS[2], verify)
+    part(3, PARTS[3], profile)
+    part(4, PARTS[4], lambda: mtbench(("float32", "bfloat16"), Batching(1)))
+    part(5, PARTS[5], scale)
+    for text in sizes.batches:
+        part(6, f"{PARTS[6]} of {text}", lambda text=text: mtbench(("float32",), Batching.parse(text)))
+    part(7, PARTS[7], against_hf)
     save()
-    if verify:
-        plot(name, verify, scale[0] if scale else None, beside(args.report, "device_check.png"))
+    results = merged_results(entries)
+    if "verification" in results:
+        plot(name, results["verification"], results.get("paper_scale", {}).get("verification"),
+             beside(args.report, "device_check.png"))
 
 
 def plot(name: str, verify, synthetic, path) -> None:

@@ -81,10 +81,56 @@ def test_a_run_killed_midway_keeps_the_finished_parts(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(tmp_path / "bench.md")])
     found = json.loads((tmp_path / "device_check.json").read_text())
-    assert found["stopped_during"] == "step parts" and found["failed"] == []
+    assert found["stopped_during"] == ["step parts"] and found["failed"] == []
     assert [r[0] for r in found["verification"]] == [1, 4] and "step_parts" not in found
     text = (tmp_path / "bench.md").read_text()
     assert "Verification: one forward" in text and "Stopped during the part 'step parts'" in text
+    # the next call redoes that part alone and keeps the parts the killed run finished
+    monkeypatch.undo()
+    device_check.main(["--tiny", "--hf", str(model), "--parts", "3", "--report", str(tmp_path / "bench.md")])
+    again = json.loads((tmp_path / "device_check.json").read_text())
+    assert again["verification"] == found["verification"] and again["autoregressive"] == found["autoregressive"]
+    assert again["step_parts"] and "stopped_during" not in again
+    text = (tmp_path / "bench.md").read_text()
+    assert "Stopped during" not in text and "Decode steps part by part" in text
+    assert "Not run yet (`--parts`): 4. MT-Bench end to end, 5. paper scale, 6. MT-Bench in batches, 7." in text
+
+
+def test_a_check_split_over_several_runs_keeps_each_runs_parts(tmp_path):
+    """--parts: each run redoes its parts and keeps the others from the JSON of the same check (device,
+    model, size); the report names the command behind each part."""
+    model = tmp_path / "model"
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    report, found = tmp_path / "bench.md", lambda: json.loads((tmp_path / "device_check.json").read_text())
+
+    def check(*args, hf=model):
+        device_check.main(["--tiny", "--hf", str(hf), "--report", str(report), *args])
+        return found(), report.read_text()
+
+    first, text = check("--parts", "2")
+    assert [r[0] for r in first["verification"]] == [1, 4] and "paper_scale" not in first
+    assert "Command: `python -m infer.device_check --tiny" in text
+    assert "Not run yet (`--parts`): 1. autoregressive vs transformers, 3. step parts, 4." in text
+    both, text = check("--parts", "5", "--minutes", "7")
+    assert both["verification"] == first["verification"] and both["paper_scale"]["oracle"][0][4] == "yes"
+    assert [(e["part"], e["status"]) for e in both["parts"]] == [(2, "done"), (5, "done")]
+    assert "Machine: CPU" in text and "--parts 2` (budget 8 minutes, compilation included; parts 2)" in text
+    assert "--parts 5 --minutes 7` (budget 7 minutes, compilation included; parts 5)" in text
+    assert text.index("Verification: one forward") < text.index("Paper scale")
+    # a part redone but skipped for time loses its earlier result; the others stay
+    late, text = check("--parts", "2", "--minutes", "1e-9")
+    assert late["skipped"] == ["verification cost"] and "verification" not in late and late["paper_scale"]
+    assert "Skipped for the time budget: verification cost." in text
+    # another model's check starts afresh
+    (tmp_path / "other").symlink_to(model, target_is_directory=True)
+    other, _ = check("--parts", "2", "--minutes", "1e-9", hf=tmp_path / "other")
+    assert [e["part"] for e in other["parts"]] == [2] and "paper_scale" not in other
+
+
+@pytest.mark.parametrize("parts", ["0", "8", "x", "3-1", "1,", "2-9"])
+def test_device_check_refuses_unknown_parts(tmp_path, parts):
+    with pytest.raises(ValueError, match="--parts: expected part numbers 1-7"):
+        device_check.main(["--tiny", "--parts", parts, "--report", str(tmp_path / "b.md")])
 
 
 def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
@@ -95,7 +141,7 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     assert found["skipped"] == ["autoregressive vs transformers", "verification cost", "step parts",
                                 "MT-Bench end to end", "paper scale", "MT-Bench in batches of 2",
                                 "MT-Bench in batches of 2/1", "MT-Bench against transformers"]
-    assert "Skipped for the 1e-09-minute budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
+    assert "Skipped for the time budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 
 
 def test_device_check_refuses_a_bad_budget(tmp_path):
