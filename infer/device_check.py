@@ -239,7 +239,10 @@ def earlier_parts(path: str, identity: dict, redone: set[int]) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        found = json.load(f)
+        try:
+            found = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path} is not a device check's JSON ({e}): move it away to start afresh") from e
     if {k: found.get(k) for k in identity} != identity or "parts" not in found:
         print(f"{path} holds another check's results ({', '.join(f'{k} {found.get(k)}' for k in identity)}): "
               "not kept", file=sys.stderr)

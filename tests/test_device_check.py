@@ -125,6 +125,11 @@ def test_a_check_split_over_several_runs_keeps_each_runs_parts(tmp_path):
     (tmp_path / "other").symlink_to(model, target_is_directory=True)
     other, _ = check("--parts", "2", "--minutes", "1e-9", hf=tmp_path / "other")
     assert [e["part"] for e in other["parts"]] == [2] and "paper_scale" not in other
+    # a file that is not the check's JSON is named, not overwritten
+    (tmp_path / "device_check.json").write_text("{not json")
+    with pytest.raises(ValueError, match="device_check.json is not a device check's JSON"):
+        check("--parts", "2")
+    assert (tmp_path / "device_check.json").read_text() == "{not json"
 
 
 @pytest.mark.parametrize("parts", ["0", "8", "x", "3-1", "1,", "2-9"])
