@@ -15,6 +15,8 @@ import sys
 
 import jax
 
+from redrafter_jax.files import write_text
+
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
 SCRATCH_MD = os.path.join("runs", "benchmarks", "benchmarks.md")
 
@@ -73,8 +75,5 @@ def write_section(name: str, body: str, path: str) -> None:
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text(path, text)
     print(f"wrote section {name!r} of {path}", file=sys.stderr)

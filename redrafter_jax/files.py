@@ -1,4 +1,4 @@
-"""Atomic writes: a folder or JSON file is built under a temporary sibling name and renamed into place
+"""Atomic writes: a folder or a text file is built under a temporary sibling name and renamed into place
 only when complete, so a crash never leaves a half-written one under the real name. And what reading
 an .npz that a copy cut short raises, for the readers that name such a file."""
 
@@ -33,9 +33,14 @@ def atomic_folder(directory: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_text(path: str, text: str) -> None:
+    """A text file (UTF-8), written atomically: readers see the old file or the whole new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: str, obj) -> None:
     """A JSON file, written atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))

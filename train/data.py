@@ -24,7 +24,7 @@ import jinja2
 import numpy as np
 
 from redrafter_jax.datasets import SHAREGPT, Chat, read_chats
-from redrafter_jax.files import UNREADABLE_NPZ
+from redrafter_jax.files import UNREADABLE_NPZ, write_text
 from redrafter_jax.tokenizer import Tokenizer
 from redrafter_jax.wheels import fetch, sha256
 
@@ -181,10 +181,7 @@ def split_prompts(tokenizer: Tokenizer, chats: list[Chat], max_prompt_len: int, 
 def write_prompts(path: str, prompts: list[list[dict]]) -> None:
     """A JSONL of {"messages": [...]} lines (`datasets.read_chats` reads it, `Chat.prompt` gives each
     back), written atomically."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"messages": m}) + "\n" for m in prompts)
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps({"messages": m}) + "\n" for m in prompts))
 
 
 def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:

@@ -48,7 +48,7 @@ from redrafter_jax.checkpoint import load_drafter, save_drafter
 from redrafter_jax.cli import add_model_args, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
-from redrafter_jax.files import write_json
+from redrafter_jax.files import write_json, write_text
 from redrafter_jax.model import Params, transformer_causal
 from redrafter_jax.sharding import DATA, global_batch, local_rows, make_mesh, param_shardings, shard_params
 from train.data import Sequences, batch_at, batch_indices, differences, fingerprint, pad_rows
@@ -304,9 +304,7 @@ def _keep_metrics_until(path: str, step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+    write_text(path, "".join(rows))
 
 
 def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_params: Params,
