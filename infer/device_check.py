@@ -5,14 +5,15 @@ and writes the device's section of the benchmarks report:
 
 Parts, in this order; once the budget is spent the rest are skipped, and the report says which (and
 which failed, if any: one part's error does not lose the others' results). The report is rewritten
-before each part, so a run killed midway (a rented machine's time limit) keeps the parts it finished and
-names the one it was in:
+before each part and after each row of the long ones, so a run killed midway (a rented machine's time
+limit) keeps the parts and rows it finished and names the part it was in:
 1. autoregressive decoding, ours vs transformers `generate` on the same device (batch 1 and 8);
 2. verification cost: one target forward of N tree tokens against one autoregressive step;
 3. the decode steps part by part, from a profile (propose, pack, verify, accept, commit);
 4. MT-Bench first turns end to end in float32 and in bfloat16: the oracle drafter and trained drafters
    (default: the shipped one) against autoregressive decoding, with identical-output counts;
-5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter;
+5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter (its
+   greedy continuation made decisive: `decisive_params`);
 6. MT-Bench in batches of 8 in float32, the same decoders and `SpecConfig.default(8)`, then the trained
    drafters with continuous batching (all 40 prompts in one call through 8 rows), with the share of the
    steps in which the rows were decoding a prompt;
@@ -36,6 +37,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -117,16 +119,19 @@ def oracle_rows(prompts: list[list[int]], replies: list[list[int]], beam_length:
 
 
 def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dtypes: tuple[str, ...],
-               batching: Batching) -> tuple[list[list], list[str]]:
-    """MT-Bench rows per dtype and decoder, decoded as `batching` says, and the settings skipped for time
-    (load(dtype): the model; model32: the float32 one, already loaded). The oracle drafter follows rows,
-    not prompts, so it does not run with continuous batching."""
+               batching: Batching) -> Iterator[tuple[list[list], list[str]]]:
+    """MT-Bench rows per dtype and decoder, decoded as `batching` says, and the settings skipped for time,
+    yielded after each row and at the end (load(dtype): the model; model32: the float32 one, already
+    loaded). The oracle drafter follows rows, not prompts, so it does not run with continuous batching."""
     rows, skipped = [], []
     openings = load_prompts(None)[:sizes.prompts]
     specs = list(dict.fromkeys([SpecConfig.default(batching.rows or batching.prompts).describe(),
                                 *sizes.drafter_specs]))
     batch = batching.prompts
     for dtype in dtypes:
+        if budget() <= 0:  # the whole dtype: loading its model and its autoregressive baseline take time too
+            skipped.append(f"{dtype} batch {batching}")
+            continue
         model = model32 if dtype == "float32" else load(dtype)
         prompts = [model.tokenizer.encode_chat(o) for o in openings]
         bucket = round_up(max(map(len, prompts)), 32)  # every prompt in one block: one program per setting
@@ -157,7 +162,8 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
             speedup = ar.secs / run.secs
             rows.append([dtype, str(batching), name, spec_text, tokens_per_step, run.rows_busy, speedup,
                          tokens_per_step / speedup, same])
-    return rows, skipped
+            yield rows, skipped
+    yield rows, skipped
 
 
 def transformers_rows(model, hf, sizes: Sizes, drafter_dir: str | None, budget) -> tuple[list[list], int]:
@@ -189,10 +195,25 @@ def transformers_rows(model, hf, sizes: Sizes, drafter_dir: str | None, budget) 
                                 [(spec.describe(), tokens_per_step, None)]), len(prompts)
 
 
+def decisive_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random weights of cfg's shape (untied, drawn on the device) whose greedy next token is a random
+    permutation of the current one, by a margin far beyond bfloat16 rounding: the token embeddings are
+    scaled up until they outweigh what the 2 x num_layers blocks add to the residual stream (each ~1.7 per
+    coordinate at Llama-7B's shape with 0.02-scaled weights, whatever its input's scale), and the LM head
+    maps each token's embedding to its successor's logit. Plain random weights leave near-tied logits, whose
+    greedy choice flips between a one-token step and a tree's forward (on an H200 in bfloat16, the oracle's
+    drafts were then never accepted); the compute, and so the step cost, does not depend on the values."""
+    init, order = jax.random.split(key)
+    params = init_params(cfg, init)
+    successor = jax.random.permutation(order, cfg.vocab_size)
+    lm_head = jnp.zeros_like(params["lm_head"]).at[:, successor].set(params["embed"].T)
+    return {**params, "embed": params["embed"] * 1e4, "lm_head": lm_head}
+
+
 def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]:
-    """A random-weight target of cfg's shape (weights drawn on the device): its verification cost, and
-    the oracle drafter at 8 x 5 against autoregressive decoding on one random 128-token prompt."""
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    """A random-weight target of cfg's shape (`decisive_params`): its verification cost, and the oracle
+    drafter at 8 x 5 against autoregressive decoding on one random 128-token prompt."""
+    params = decisive_params(cfg, jax.random.PRNGKey(0))
     verify = verification_rows({"generate": decoding_params(params, cfg)}, sizes.synthetic_tree_sizes,
                                sizes.context, sizes.repeats)
     prompt = np.random.default_rng(0).integers(1, cfg.vocab_size, 128).tolist()
@@ -271,27 +292,28 @@ def unfinished(entries: list[dict]) -> dict[str, list[str]]:
 
 
 def render(entries: list[dict], device: str, tiny: bool) -> str:
-    """The report's section: the machine and the runs that made it, each finished part's tables, then the
-    parts skipped for time, failed, stopped midway or not run."""
+    """The report's section: the machine and the runs that made it, each part's tables (of a part that did
+    not finish, the rows it did), then the parts skipped for time, failed, stopped midway or not run."""
     machines, runs = {e["machine"] for e in entries}, {}
     for e in entries:
         runs.setdefault((e["command"], e["minutes"], e["machine"] if len(machines) > 1 else None), []).append(e["part"])
     made = [f"`{c}` ({f'machine: {m}; ' if m else ''}budget {b:g} minutes, compilation included"
-            + (f"; parts {', '.join(map(str, sorted(set(p))))})" if len(runs) > 1 else ")")
+            + (f"; part{'s' * (len(set(p)) > 1)} {', '.join(map(str, sorted(set(p))))})" if len(runs) > 1 else ")")
             for (c, b, m), p in runs.items()]
     lines = [f"## Device check: {device}{' (tiny sizes)' if tiny else ''}"]
     if len(machines) == 1:
         lines.append(f"Machine: {machines.pop()}.")
     lines.append(("Command: " if len(made) == 1 else "Commands:\n\n- ") + "\n- ".join(made))
-    lines += [e["section"] for e in entries if e["status"] == "done"]
+    lines += [e["section"] for e in entries if e.get("section")]  # a part stopped midway: the rows it finished
     ran = {e["part"] for e in entries}
     left, not_run = unfinished(entries), [f"{n}. {t}" for n, t in PARTS.items() if n not in ran]
     if left["skipped"]:
         lines.append(f"Skipped for the time budget: {', '.join(left['skipped'])}.")
     if left["failed"]:
         lines.append(f"Failed: {'; '.join(left['failed'])}.")
-    lines += [f"Stopped during the part '{n}': its run was killed there, before the parts after it."
-              for n in left["stopped_during"]]
+    lines += [f"Stopped during the part '{e['name']}': its run was killed there"
+              f"{' (its rows above are those it finished)' if e.get('section') else ''}, before the parts after it."
+              for e in entries if e["status"] == "running"]
     if not_run:
         lines.append(f"Not run yet (`--parts`): {', '.join(not_run)}.")
     return "\n\n".join(lines)
@@ -335,8 +357,9 @@ def main(argv=None) -> None:
         write_json(json_path, {**identity, "parts": entries, **left, **merged_results(entries)})
 
     def part(number: int, title: str, fn) -> None:
-        """Runs fn() -> {"results": ..., "section": ..., ["skipped": [...]]} as part `number`, unless it is not
-        chosen or the budget is spent. On a rented GPU, one part's error must not lose the others' results."""
+        """Runs fn() as part `number`, unless it is not chosen or the budget is spent. fn yields the part's
+        output so far ({"results": ..., "section": ..., ["skipped": [...]]}), saved at each yield: a run killed
+        midway keeps a long part's finished rows. On a rented GPU, one part's error must not lose the others'."""
         if number not in chosen:
             return
         entry = {"part": number, "name": title, "command": args.command, "minutes": args.minutes,
@@ -347,7 +370,10 @@ def main(argv=None) -> None:
         entry["status"] = "running"
         save()
         try:
-            entry.update(fn(), status="done")
+            for out in fn():
+                entry.update(out)
+                save()
+            entry["status"] = "done"
         except Exception as e:
             entry.update(status="failed", error=f"{type(e).__name__}: {str(e)[:300]}")
 
@@ -357,40 +383,46 @@ def main(argv=None) -> None:
     def ar():
         headers, rows = ar_rows(model, load_transformers(hf_device, args.hf), sizes.batch_sizes, sizes.prompt_len,
                                 sizes.ar_new_tokens, sizes.repeats)
-        return {"results": {"autoregressive": rows}, "section": (
+        yield {"results": {"autoregressive": rows}, "section": (
             f"Autoregressive decoding, {name}, float32, greedy, {sizes.prompt_len}-token prompts, EOS ignored; "
             f"transformers `generate` on the same device ({hf_device}):\n\n" + table(headers, rows))}
 
     def verify():
         rows = verification_rows({"generate": decoding_params(model.params, model.config)}, sizes.tree_sizes,
                                  sizes.context, sizes.repeats * 3)
-        return {"results": {"verification": rows}, "section": (
+        yield {"results": {"verification": rows}, "section": (
             f"Verification: one forward of N tree tokens after {sizes.context} tokens, {name}, float32:\n\n"
             + table(["tree tokens N", "ms", "cost / one AR step"], rows))}
 
     def profile():
         prompt = fixed_length_prompts(model.tokenizer, 1, sizes.context)[0]
-        rows = step_parts(model.config, model.params, prompt, sizes.profile_specs)
-        return {"results": {"step_parts": rows}, "section": (
-            "Decode steps part by part (a profile of generate(): the device's time in each part's ops, launch gaps "
-            f"not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
-            + table(STEP_PART_HEADERS, rows))}
+        rows, late = [], []
+        for dtype in ("float32", "bfloat16"):  # each dtype's profiles take ~30 s a setting on an H200
+            if budget() <= 0:
+                late.append(f"step parts in {dtype}")
+                continue
+            rows += step_parts(model.config, model.params, prompt, sizes.profile_specs, (dtype,))
+            yield {"results": {"step_parts": rows}, "skipped": late, "section": (
+                "Decode steps part by part (a profile of generate(): the device's time in each part's ops, launch "
+                f"gaps not included; untrained drafter of the shipped shape), batch 1, {name}:\n\n"
+                + table(STEP_PART_HEADERS, rows))}
+        yield {"skipped": late}
 
     def mtbench(dtypes, batching: Batching):
-        rows, late = end_to_end(load, model, sizes, drafters, budget, dtypes, batching)
-        return {"results": {"mtbench": rows}, "skipped": late, "section": (
-            f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch {batching}"
-            f"{' (N/R: N prompts a call in R rows, continuous batching)' * bool(batching.rows)}, greedy; identical "
-            "outputs and speedup against autoregressive decoding in the same dtype and batch; step cost = tokens "
-            "per step / speedup, in autoregressive steps; rows busy: the share of the rows' steps in which they "
-            "were decoding a prompt:\n\n"
-            + table(["dtype", "batch", "drafter", "W x L + K", "tokens/step", "rows busy", "speedup", "step cost",
-                     "identical outputs"], rows))}
+        for rows, late in end_to_end(load, model, sizes, drafters, budget, dtypes, batching):
+            yield {"results": {"mtbench": rows}, "skipped": late, "section": (
+                f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch "
+                f"{batching}{' (N/R: N prompts a call in R rows, continuous batching)' * bool(batching.rows)}, "
+                "greedy; identical outputs and speedup against autoregressive decoding in the same dtype and batch; "
+                "step cost = tokens per step / speedup, in autoregressive steps; rows busy: the share of the rows' "
+                "steps in which they were decoding a prompt:\n\n"
+                + table(["dtype", "batch", "drafter", "W x L + K", "tokens/step", "rows busy", "speedup",
+                         "step cost", "identical outputs"], rows)) if rows else None}
 
     def scale():
         verify_rows, oracle = paper_scale(sizes.synthetic, sizes)
         c = sizes.synthetic
-        return {"results": {"paper_scale": {"verification": verify_rows, "oracle": oracle}}, "section": (
+        yield {"results": {"paper_scale": {"verification": verify_rows, "oracle": oracle}}, "section": (
             f"Paper scale: random-weight Llama ({c.num_layers} layers, hidden {c.hidden_size}, vocabulary "
             f"{c.vocab_size}) in bfloat16, oracle drafter, one 128-token random prompt, {sizes.new_tokens} new "
             "tokens:\n\n" + table(["tree tokens N", "ms", "cost / one AR step"], verify_rows) + "\n\n"
@@ -401,7 +433,7 @@ def main(argv=None) -> None:
         if hf is None:
             raise ImportError("torch and transformers are not installed")
         rows, n = transformers_rows(model, hf, sizes, drafters[0] if drafters else None, budget)
-        return {"results": {"transformers": rows}, "section": (
+        yield {"results": {"transformers": rows}, "section": (
             f"MT-Bench against transformers on the same device ({hf_device}), {name}, float32, first {n} first "
             f"turns, {sizes.new_tokens} new tokens, batch 1, greedy, every decoder in turn on each prompt; "
             "transformers' prompt lookup decoding (`prompt_lookup_num_tokens=10`) proposes one run of 10 tokens "

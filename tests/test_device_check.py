@@ -1,8 +1,10 @@
 """The device check (what a GPU user runs as is) at a tiny size on the CPU, on a checkpoint written here."""
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from redrafter_jax import rows_matmul
 from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import Drafter, init_drafter
+from redrafter_jax.model import forward_causal
 from tests.test_loaders import hf_tensors, write_checkpoint
 
 
@@ -46,7 +49,8 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
         if name == "oracle":  # everything accepted: L tokens per step up to the reply's end
             assert 2.5 < tokens_per_step <= 3, (dtype, spec, tokens_per_step)
         assert busy == 1 if batch in ("1", "2/1") else 0.5 <= busy <= 1
-    assert found["paper_scale"]["oracle"][0][4] == "yes"
+    # all the oracle's drafts accepted: 4 tokens after the root a step (8 x 5), then the bonus, up to 12 tokens
+    assert found["paper_scale"]["oracle"][0][1:2] == [4] and found["paper_scale"]["oracle"][0][4] == "yes"
     # ours and transformers' generate on the same prompts, each against transformers' autoregressive decoding
     cross = {r[0]: r[1:] for r in found["transformers"]}
     assert list(cross) == ["ours, autoregressive", "ours, 4x3+1x8:7", "transformers, autoregressive",
@@ -68,23 +72,31 @@ def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
     assert "Stopped during" not in text
 
 
-def test_a_run_killed_midway_keeps_the_finished_parts(tmp_path, monkeypatch):
-    """A rented machine's time limit kills the process (no exception it could catch): the report written
-    before each part keeps what finished and names the part that was running."""
+def test_a_run_killed_midway_keeps_the_finished_parts_and_rows(tmp_path, monkeypatch):
+    """A rented machine's time limit kills the process (no exception it could catch): the report, written
+    before each part and after each of a long part's rows, keeps what finished and names the part that
+    was running."""
     model = tmp_path / "model"
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    profiled = []
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # a BaseException, which part() does not catch: the run ends here, as if killed
+    def killed_in_bfloat16(*args):  # step parts: float32 profiled, then killed during bfloat16
+        if profiled:
+            raise KeyboardInterrupt  # a BaseException, which part() does not catch: the run ends here, as if killed
+        profiled.append(step_parts(*args))
+        return profiled[0]
 
-    monkeypatch.setattr(device_check, "step_parts", killed)
+    step_parts = device_check.step_parts
+    monkeypatch.setattr(device_check, "step_parts", killed_in_bfloat16)
     with pytest.raises(KeyboardInterrupt):
         device_check.main(["--tiny", "--hf", str(model), "--minutes", "20", "--report", str(tmp_path / "bench.md")])
     found = json.loads((tmp_path / "device_check.json").read_text())
     assert found["stopped_during"] == ["step parts"] and found["failed"] == []
-    assert [r[0] for r in found["verification"]] == [1, 4] and "step_parts" not in found
+    assert [r[0] for r in found["verification"]] == [1, 4]
+    assert found["step_parts"] == profiled[0] and {r[0] for r in profiled[0]} == {"float32"}
     text = (tmp_path / "bench.md").read_text()
-    assert "Verification: one forward" in text and "Stopped during the part 'step parts'" in text
+    assert "Verification: one forward" in text and "Decode steps part by part" in text
+    assert "Stopped during the part 'step parts': its run was killed there (its rows above are those it" in text
     # the next call redoes that part alone and keeps the parts the killed run finished
     monkeypatch.undo()
     device_check.main(["--tiny", "--hf", str(model), "--parts", "3", "--report", str(tmp_path / "bench.md")])
@@ -114,8 +126,8 @@ def test_a_check_split_over_several_runs_keeps_each_runs_parts(tmp_path):
     both, text = check("--parts", "5", "--minutes", "7")
     assert both["verification"] == first["verification"] and both["paper_scale"]["oracle"][0][4] == "yes"
     assert [(e["part"], e["status"]) for e in both["parts"]] == [(2, "done"), (5, "done")]
-    assert "Machine: CPU" in text and "--parts 2` (budget 8 minutes, compilation included; parts 2)" in text
-    assert "--parts 5 --minutes 7` (budget 7 minutes, compilation included; parts 5)" in text
+    assert "Machine: CPU" in text and "--parts 2` (budget 8 minutes, compilation included; part 2)" in text
+    assert "--parts 5 --minutes 7` (budget 7 minutes, compilation included; part 5)" in text
     assert text.index("Verification: one forward") < text.index("Paper scale")
     # a part redone but skipped for time loses its earlier result; the others stay
     late, text = check("--parts", "2", "--minutes", "1e-9")
@@ -152,3 +164,18 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
 def test_device_check_refuses_a_bad_budget(tmp_path):
     with pytest.raises(ValueError, match="--minutes must be positive"):
         device_check.main(["--tiny", "--minutes", "0", "--report", str(tmp_path / "b.md")])
+
+
+def test_the_synthetic_target_is_decisive():
+    """At a Llama-7B-like width, its greedy next token follows from the current token alone, by a margin that
+    bfloat16 rounding cannot flip: the embedding outweighs what the layers add to the residual stream."""
+    cfg = dataclasses.replace(device_check.LLAMA_7B, hidden_size=1024, intermediate_size=2752, num_layers=4,
+                              num_heads=8, num_kv_heads=8)
+    params = device_check.decisive_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64))
+    logits = np.asarray(forward_causal(params, cfg, jnp.asarray(tokens)).logits[0], np.float32)
+    best = np.argsort(logits, axis=-1)[:, -2:]
+    head, embed = np.asarray(params["lm_head"], np.float32), np.asarray(params["embed"], np.float32)
+    np.testing.assert_allclose(head[:, best[:, 1]].T * 1e4, embed[tokens[0]], rtol=1e-2)  # its successor
+    gaps = np.take_along_axis(logits, best[:, 1:], -1) - np.take_along_axis(logits, best[:, :1], -1)
+    assert gaps.min() > 0.5 * logits.max(-1).min()
