@@ -346,15 +346,18 @@ def main(argv=None) -> None:
     json_path = beside(args.report, "device_check.json")
     entries = earlier_parts(json_path, identity, chosen) if args.parts else []
 
-    def save() -> None:
-        """Writes the report and its JSON with the parts done so far; called before each part too, so that
-        a run killed by a rented machine's time limit keeps what it finished and says where it stopped."""
+    def save() -> dict:
+        """Writes the report and its JSON with the parts done so far, and returns their results; called before
+        each part and at its yields too, so that a run killed by a rented machine's time limit keeps what it
+        finished and says where it stopped."""
         entries.sort(key=lambda e: e["part"])  # stable: part 6's batchings stay in their order
         write_section("device_check", path=args.report, body=render(entries, device.device_kind, args.tiny))
         left = unfinished(entries)
         if not left["stopped_during"]:
             del left["stopped_during"]
-        write_json(json_path, {**identity, "parts": entries, **left, **merged_results(entries)})
+        results = merged_results(entries)
+        write_json(json_path, {**identity, "parts": entries, **left, **results})
+        return results
 
     def part(number: int, title: str, fn) -> None:
         """Runs fn() as part `number`, unless it is not chosen or the budget is spent. fn yields the part's
@@ -448,8 +451,7 @@ def main(argv=None) -> None:
     for text in sizes.batches:
         part(6, f"{PARTS[6]} of {text}", lambda text=text: mtbench(("float32",), Batching.parse(text)))
     part(7, PARTS[7], against_hf)
-    save()
-    results = merged_results(entries)
+    results = save()
     if "verification" in results:
         plot(name, results["verification"], results.get("paper_scale", {}).get("verification"),
              beside(args.report, "device_check.png"))
