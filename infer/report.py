@@ -48,9 +48,11 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
+    """The device, jax and Python, and the XLA flags in effect (they change the compiled programs)."""
     dev = jax.devices()[0]
     kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {cpu_model()})"
-    return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}"
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}" + (f", XLA_FLAGS `{flags}`" * bool(flags))
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -179,3 +179,11 @@ def test_the_synthetic_target_is_decisive():
     np.testing.assert_allclose(head[:, best[:, 1]].T * 1e4, embed[tokens[0]], rtol=1e-2)  # its successor
     gaps = np.take_along_axis(logits, best[:, 1:], -1) - np.take_along_axis(logits, best[:, :1], -1)
     assert gaps.min() > 0.5 * logits.max(-1).min()
+
+
+def test_the_machine_line_names_the_xla_flags(monkeypatch):
+    """Flags change the compiled programs (e.g. CUDA graphs of the decode loop on a GPU): a report names them."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=WHILE")
+    assert device_check.machine().endswith(", XLA_FLAGS `--xla_gpu_enable_command_buffer=WHILE`")
+    monkeypatch.setenv("XLA_FLAGS", " ")
+    assert "XLA_FLAGS" not in device_check.machine()
