@@ -85,7 +85,7 @@ class Sizes:
     batch_sizes: tuple[int, ...] = (1, 8)
     prompt_len: int = 100
     ar_new_tokens: int = 128
-    tree_sizes: tuple[int, ...] = (1, 8, 16, 33, 64, 128)
+    tree_sizes: tuple[int, ...] = (1, 8, 16, 32, 33, 64, 128)  # 32 beside 33 (8 x 5): is an odd count slower?
     context: int = 256
     profile_specs: tuple[str, ...] = ("4x3+1x8:7", "8x5")  # the default tree and the paper's oracle shape
     prompts: int = 40
