@@ -52,7 +52,8 @@ def machine() -> str:
     dev = jax.devices()[0]
     kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {cpu_model()})"
     flags = os.environ.get("XLA_FLAGS", "").strip()
-    return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}" + (f", XLA_FLAGS `{flags}`" * bool(flags))
+    named = f", XLA_FLAGS `{flags}`" if flags else ""
+    return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}{named}"
 
 
 def table(headers: list[str], rows: list[list]) -> str:
