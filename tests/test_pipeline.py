@@ -9,7 +9,7 @@ import pytest
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, load_drafter_config
 from train.data import is_held_out
-from train.pipeline import load_or_build_prompts, main, plan_steps, write_prompt_file
+from train.pipeline import load_or_build_prompts, main, plan_steps, tokens_per_step, write_prompt_file
 from train.train import params_fingerprint
 
 pytestmark = pytest.mark.slow
@@ -23,10 +23,25 @@ def user(text):
     return {"role": "user", "content": text}
 
 
-def test_plan_fits_steps_into_the_time_left():
-    assert plan_steps(100.0, first_step=12.0, per_step=2.0, max_steps=None) == 45  # (100 - 10) / 2
-    assert plan_steps(100.0, 12.0, 2.0, max_steps=7) == 7
-    assert plan_steps(5.0, 12.0, 2.0, max_steps=None) == 1  # never zero steps
+def test_plan_fits_steps_and_evaluations_into_the_time_left():
+    timing = {"first_step_seconds": 12.0, "seconds_per_step": 2.0, "first_eval_seconds": 5.0, "seconds_per_eval": 1.0}
+    assert plan_steps(100.0, timing, evaluations=1, max_steps=None) == 42  # (100 - 10 - 5) / 2
+    assert plan_steps(100.0, timing, evaluations=11, max_steps=None) == 37  # (100 - 10 - 5 - 10) / 2
+    assert plan_steps(100.0, timing, evaluations=1, max_steps=7) == 7
+    assert plan_steps(5.0, timing, evaluations=1, max_steps=None) == 1  # never zero steps
+
+
+def test_tokens_per_step_stops_at_the_deadline_after_one_prompt():
+    from redrafter_jax.config import SpecConfig
+    from redrafter_jax.loaders import LoadedModel
+    from tests.tiny import tiny_model
+
+    cfg, params = tiny_model()
+    model, spec = LoadedModel(cfg, params, None), SpecConfig.parse("0x3+1")
+    prompts = [[5, 9, 12, 5, 9], [7, 8, 7, 8, 7], [3, 4, 5]]
+    assert tokens_per_step(model, None, prompts, spec, 8)[1] == 3
+    mean, decoded = tokens_per_step(model, None, prompts, spec, 8, deadline=0.0)  # long past
+    assert decoded == 1 and mean == tokens_per_step(model, None, prompts[:1], spec, 8)[0] >= 1
 
 
 def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
@@ -43,8 +58,10 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     log = json.loads((out / "pipeline.json").read_text())
     assert log["distilled_prompts"] == {"train": 6, "eval": 2, "train_available": 7}
     assert 1 <= log["plan"]["steps"] <= 3 and log["plan"]["seconds_per_step"] > 0
+    assert log["plan"]["seconds_per_eval"] > 0 and log["plan"]["evaluations"] == 1
     assert len(log["held_out"]["accuracy"]) == 4
     assert log["tokens_per_step"]["1x3+1"] >= 1 and log["tokens_per_step"]["1x3+1+1x8ds"] >= 1
+    assert log["tokens_per_step_prompts"] == {"1x3+1": 1, "1x3+1+1x8ds": 1}
     store = datastore.load(out / "datastore.npz", smollm.config.vocab_size)  # of the distilled replies
     assert store.keys.shape[0] == log["datastore_ngrams"] > 0
     assert set(log["stage_seconds"]) == {"load", "distill", "train", "evaluate"}
@@ -63,7 +80,7 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
     main(args[:3] + [str(tmp_path / "run2")] + args[4:] + ["--keep-best", "--dropout", "0.1",
                                                            "--init", str(out / "drafter")])
     log2 = json.loads((tmp_path / "run2" / "pipeline.json").read_text())
-    assert log2["distilled_prompts"]["train"] == 7
+    assert log2["distilled_prompts"]["train"] == 7 and log2["plan"]["evaluations"] == 12
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["init"] == params_fingerprint(drafter.params)
     # held-out evaluations from the start drafter on, the log reports the kept one
     evals = [json.loads(line)["step"] for line in open(tmp_path / "run2" / "metrics.jsonl")

@@ -345,6 +345,29 @@ DISTILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+def test_distillation_starts_no_shard_that_would_end_past_the_deadline(tmp_path, monkeypatch):
+    import types
+
+    from redrafter_jax.loaders import LoadedModel
+    from tests.tiny import tiny_model
+    from train import data, distill
+
+    clock, write = [0.0], data.write_shard
+    monkeypatch.setattr(distill, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def write_in_ten_seconds(*a):
+        write(*a)
+        clock[0] += 10
+
+    monkeypatch.setattr(data, "write_shard", write_in_ten_seconds)
+    cfg, params = tiny_model()
+    prompts = [[5 + i, 9, 12 + i % 3] for i in range(10)]
+    # at 10 s, before the deadline at 15 s, the second shard is not started: it would end at 20 s
+    distill.write_distill_shards(LoadedModel(cfg, params, None), prompts, str(tmp_path), shard_size=4, batch_size=2,
+                                 max_new_tokens=6, deadline=15.0)
+    assert sorted(os.listdir(tmp_path)) == ["shard_00000.npz"] and clock[0] == 10
+
+
 def test_distillation_killed_mid_shard_resumes_to_the_same_data(tmp_path):
     from train.data import read_shards
 

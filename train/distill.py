@@ -72,19 +72,21 @@ def shard_rows(path: str) -> int:
 def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_size: int, batch_size: int,
                          max_new_tokens: int, prompt_block: int = 32, desc: str = "distilling",
                          deadline: float | None = None) -> None:
-    """Distils the prompts into out_dir's shards (complete ones are skipped) until done or until the
-    time.time() `deadline` passes between shards. Every batch is padded to batch_size prompts and its
+    """Distils the prompts into out_dir's shards (complete ones are skipped) until done or until a shard,
+    taking as long as the last one did, would end past the time.time() `deadline`. Every batch is padded to batch_size prompts and its
     prompts to a multiple of prompt_block tokens: a run compiles one program for each padded prompt length
     its batches reach (one in all where prompt_block holds the longest prompt, as `train.pipeline` pads)."""
     os.makedirs(out_dir, exist_ok=True)
     num_shards = -(-len(prompts) // shard_size)
+    last = 0.0  # seconds the last shard took (on a GPU a shard of 1024 prompts takes ~20 s)
     for s in tqdm(range(num_shards), desc=desc):  # shown in logs too, as training shows its steps
         path = os.path.join(out_dir, f"shard_{s:05d}.npz")
         chunk = prompts[s * shard_size:(s + 1) * shard_size]
         if shard_rows(path) == len(chunk):
             continue
-        if deadline is not None and time.time() > deadline:
+        if deadline is not None and time.time() + last > deadline:
             break
+        start = time.time()
         toks, masks = [], []
         for i in range(0, len(chunk), batch_size):
             batch = chunk[i:i + batch_size]
@@ -95,6 +97,7 @@ def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_si
                 toks.append(np.asarray(list(p) + row[:n].tolist(), np.int32))
                 masks.append(np.r_[np.zeros(len(p), np.int8), np.ones(int(n), np.int8)])
         data.write_shard(path, toks, masks)
+        last = time.time() - start
 
 
 def main(argv=None) -> None:

@@ -9,12 +9,14 @@
    read instead, so a machine without network needs only that file (make it where the network is).
 2. Distil the prompts not yet distilled into --data (`train.distill`'s resumable shards; every prompt
    padded to one block and every batch to one size, so one program is compiled), until all are done
-   or --distill-share of the budget is spent. Held-out prompts first.
+   or the next shard would end past --distill-share of the budget. Held-out prompts first.
 3. Train on every distilled reply with a learning-rate schedule fitted to the time left: a few steps
-   are timed first, then the number of steps is set so that warm-up and cosine decay end on time.
+   and two held-out evaluations are timed first, then the number of steps is set so that warm-up and
+   cosine decay end on time, the evaluations along the way included.
    The distilled replies also make a datastore (`train.datastore`, seconds): <out>/datastore.npz.
 4. Evaluate: held-out top-1 accuracy per head, and tokens per step of speculative decoding on
-   held-out prompts (--eval-spec, and with a datastore beam of 8 added). The drafter goes to
+   held-out prompts (--eval-spec, and with a datastore beam of 8 added; as many prompts as the
+   budget's rest allows, at least one). The drafter goes to
    <out>/drafter, the log to <out>/pipeline.json.
    With --keep-best (early stopping) the drafter kept is that of the best of ten held-out
    evaluations along the way; --dropout and --weight-decay regularise. --init DRAFTER fine-tunes a
@@ -52,6 +54,7 @@ from train.train import (
     configs_from_args,
     draft_vocabulary,
     drafter_to_fine_tune,
+    evaluate_split,
     init_state,
     make_steps,
     split_frozen,
@@ -122,37 +125,50 @@ def load_or_build_prompts(path: str, tokenizer, max_prompt_tokens: int, eval_fra
 
 
 def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, mesh: Mesh | None,
-                     n: int = 3) -> tuple[float, float]:
-    """(seconds of the first training step, compilation included; seconds per later step)."""
-    opt, train_step, _, _ = make_steps(tc, dcfg, target_cfg, training_mesh(tc, mesh))
+                     n: int = 3) -> dict:
+    """Seconds of the first training step (compilation included) and of a later one, and of the first
+    held-out evaluation (`train.train.evaluate_split`: tc.eval_batches batches) and of a later one."""
+    tmesh = training_mesh(tc, mesh)
+    opt, train_step, evaluate, _ = make_steps(tc, dcfg, target_cfg, tmesh)
     vocab_map = np.zeros(dcfg.draft_vocab_size, np.int32) if dcfg.draft_vocab_size else None
     dparams = init_drafter(dcfg, jax.random.PRNGKey(0), vocab_map)
     state, frozen = init_state(opt, dparams), split_frozen(dparams)[1]
-    times = []
+    steps, evals = [], []
     for step in range(n + 1):
         tokens, mask = data.batch_at(seqs, step, tc.batch_size, tc.seq_len, tc.seed, target_cfg.pad_token_id)
         start = time.perf_counter()
         state, metrics = train_step(state, frozen, target_params, tokens, mask, None)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-    return times[0], float(np.median(times[1:]))
+        steps.append(time.perf_counter() - start)
+    for _ in range(2):  # (evaluate_split returns host values: no wait needed)
+        start = time.perf_counter()
+        evaluate_split(evaluate, state["params"], frozen, target_params, seqs, tc, target_cfg.pad_token_id, tmesh)
+        evals.append(time.perf_counter() - start)
+    return {"first_step_seconds": steps[0], "seconds_per_step": float(np.median(steps[1:])),
+            "first_eval_seconds": evals[0], "seconds_per_eval": evals[1]}
 
 
-def plan_steps(seconds_left: float, first_step: float, per_step: float, max_steps: int | None) -> int:
-    """Training steps that fit: one compilation (the first step's excess over a step) plus the steps."""
-    steps = int((seconds_left - (first_step - per_step)) / per_step)
+def plan_steps(seconds_left: float, timing: dict, evaluations: int, max_steps: int | None) -> int:
+    """Training steps that fit after the compilations (the first step's and first evaluation's excess
+    over a later one) and the held-out evaluations; `timing` as `time_train_steps` gives it."""
+    fixed = (timing["first_step_seconds"] - timing["seconds_per_step"] + timing["first_eval_seconds"]
+             + (evaluations - 1) * timing["seconds_per_eval"])
+    steps = int((seconds_left - fixed) / timing["seconds_per_step"])
     return max(1, min(steps, max_steps or steps))
 
 
 def tokens_per_step(model, drafter, prompts: list[list[int]], spec: SpecConfig, max_new_tokens: int,
-                    store: datastore.Datastore | None = None) -> float:
-    """Mean tokens per speculative step (the bonus token included) over the prompts, decoded one by one."""
+                    store: datastore.Datastore | None = None, deadline: float | None = None) -> tuple[float, int]:
+    """Mean tokens per speculative step (the bonus token included) over the prompts, decoded one by one
+    until done or until the time.time() `deadline` passes (one prompt at least), and how many were decoded."""
     accepted = []
     for p in prompts:
+        if accepted and deadline is not None and time.time() > deadline:
+            break
         out = jax.device_get(generate(model.params, model.config, [p], max_new_tokens=max_new_tokens,
                                       drafter=drafter, spec=spec, datastore=store, mesh=model.mesh))
         accepted.append(out.accepted[0][out.accepted[0] >= 0])
-    return 1 + float(np.concatenate(accepted).mean())
+    return 1 + float(np.concatenate(accepted).mean()), len(accepted)
 
 
 def main(argv=None) -> None:
@@ -237,11 +253,14 @@ def main(argv=None) -> None:
         plan = log["plan"]
     else:
         probe, dcfg = configs_from_args(args, model.config, init, steps=1000)
-        first, per_step = time_train_steps(probe, dcfg, model.config, model.params, train_seqs, model.mesh)
+        timing = time_train_steps(probe, dcfg, model.config, model.params, train_seqs, model.mesh)
         left = t0 + (1 - args.eval_share) * budget - time.time()
-        steps = plan_steps(left, first, per_step, args.max_steps)
-        plan = {"steps": steps, "seconds_per_step": per_step, "first_step_seconds": first,
-                "seconds_left": left, "sequences": len(train_seqs)}
+        # held-out evaluations: the ten of --keep-best (eleven where the steps are no multiple of ten), or
+        # the last alone; and where a drafter is fine-tuned, its own first
+        evaluations = (11 if args.keep_best else 1) + (init is not None)
+        steps = plan_steps(left, timing, evaluations, args.max_steps)
+        plan = {"steps": steps, **timing, "evaluations": evaluations, "seconds_left": left,
+                "sequences": len(train_seqs)}
     log["plan"] = plan
     write_json(log_path, log)
     # held-out evaluations: at the end, or ten along the way for --keep-best to choose from
@@ -262,10 +281,14 @@ def main(argv=None) -> None:
     log["held_out"] = next(r for r in reversed(held) if r["split"] == "eval" and r["step"] == kept)
     eval_prompts = prompts["eval"][: args.eval_prompts]
     if eval_prompts:
-        stored = dataclasses.replace(eval_spec, **store.one_beam())
-        log["tokens_per_step"] = {spec.describe(): tokens_per_step(
-            model, drafter if spec.beam_width else None, eval_prompts, spec, args.eval_new_tokens,
-            store if spec.datastore_beams else None) for spec in (eval_spec, stored)}
+        specs = (eval_spec, dataclasses.replace(eval_spec, **store.one_beam()))
+        log["tokens_per_step"], log["tokens_per_step_prompts"] = {}, {}
+        for i, spec in enumerate(specs):  # each setting its share of the budget's rest
+            deadline = time.time() + (t0 + budget - time.time()) / (len(specs) - i)
+            name = spec.describe()
+            log["tokens_per_step"][name], log["tokens_per_step_prompts"][name] = tokens_per_step(
+                model, drafter if spec.beam_width else None, eval_prompts, spec, args.eval_new_tokens,
+                store if spec.datastore_beams else None, deadline)
     stage["evaluate"] = time.time() - t_eval
     log["stage_seconds"] = stage
     log["total_seconds"] = time.time() - t0
