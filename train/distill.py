@@ -73,9 +73,10 @@ def write_distill_shards(model, prompts: list[list[int]], out_dir: str, shard_si
                          max_new_tokens: int, prompt_block: int = 32, desc: str = "distilling",
                          deadline: float | None = None) -> None:
     """Distils the prompts into out_dir's shards (complete ones are skipped) until done or until a shard,
-    taking as long as the last one did, would end past the time.time() `deadline`. Every batch is padded to batch_size prompts and its
-    prompts to a multiple of prompt_block tokens: a run compiles one program for each padded prompt length
-    its batches reach (one in all where prompt_block holds the longest prompt, as `train.pipeline` pads)."""
+    taking as long as the last one did, would end past the time.time() `deadline`. Every batch is padded
+    to batch_size prompts and its prompts to a multiple of prompt_block tokens: a run compiles one program
+    for each padded prompt length its batches reach (one in all where prompt_block holds the longest
+    prompt, as `train.pipeline` pads)."""
     os.makedirs(out_dir, exist_ok=True)
     num_shards = -(-len(prompts) // shard_size)
     last = 0.0  # seconds the last shard took (on a GPU a shard of 1024 prompts takes ~20 s)
