@@ -78,6 +78,7 @@ from redrafter_jax.oracle import OracleDrafter
 
 LLAMA_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                        num_kv_heads=32, head_dim=128, max_position_embeddings=4096, dtype="bfloat16")
+DTYPES = ("float32", "bfloat16")  # compared in the step profiles (part 3) and end to end (part 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,7 +401,7 @@ def main(argv=None) -> None:
     def profile():
         prompt = fixed_length_prompts(model.tokenizer, 1, sizes.context)[0]
         rows, late = [], []
-        for dtype in ("float32", "bfloat16"):  # each dtype's profiles take ~30 s a setting on an H200
+        for dtype in DTYPES:  # each dtype's profiles take ~30 s a setting on an H200
             if budget() <= 0:
                 late.append(f"step parts in {dtype}")
                 continue
@@ -446,7 +447,7 @@ def main(argv=None) -> None:
     part(1, PARTS[1], ar)
     part(2, PARTS[2], verify)
     part(3, PARTS[3], profile)
-    part(4, PARTS[4], lambda: mtbench(("float32", "bfloat16"), Batching(1)))
+    part(4, PARTS[4], lambda: mtbench(DTYPES, Batching(1)))
     part(5, PARTS[5], scale)
     for text in sizes.batches:
         part(6, f"{PARTS[6]} of {text}", lambda text=text: mtbench(("float32",), Batching.parse(text)))
