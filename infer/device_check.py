@@ -13,7 +13,8 @@ limit) keeps the parts and rows it finished and names the part it was in:
 4. MT-Bench first turns end to end in float32 and in bfloat16: the oracle drafter and trained drafters
    (default: the shipped one) against autoregressive decoding, with identical-output counts;
 5. the paper's scale: a random-weight Llama-7B-shaped target in bfloat16 with the oracle drafter (its
-   greedy continuation made decisive: `decisive_params`);
+   greedy continuation made decisive: `decisive_params`) at 8 x 5, its 33 nodes verified in 33 slots and
+   padded to 48 and 64 (`SpecConfig.slot_multiple`: is a round token count faster on this device?);
 6. MT-Bench in batches of 8 in float32, the same decoders and `SpecConfig.default(8)`, then the trained
    drafters with continuous batching (all 40 prompts in one call through 8 rows), with the share of the
    steps in which the rows were decoding a prompt;
@@ -86,7 +87,8 @@ class Sizes:
     batch_sizes: tuple[int, ...] = (1, 8)
     prompt_len: int = 100
     ar_new_tokens: int = 128
-    tree_sizes: tuple[int, ...] = (1, 8, 16, 32, 33, 64, 128)  # 32 beside 33 (8 x 5): is an odd count slower?
+    # 32 and 48 beside 33 (8 x 5's nodes): is an odd count slower than a round one?
+    tree_sizes: tuple[int, ...] = (1, 8, 16, 32, 33, 48, 64, 128)
     context: int = 256
     profile_specs: tuple[str, ...] = ("4x3+1x8:7", "8x5")  # the default tree and the paper's oracle shape
     prompts: int = 40
@@ -96,7 +98,8 @@ class Sizes:
     drafter_specs: tuple[str, ...] = ("4x4+1", "4x4+1x8")
     oracle_specs: tuple[str, ...] = ("4x4", "8x5")
     synthetic: ModelConfig = LLAMA_7B
-    synthetic_tree_sizes: tuple[int, ...] = (1, 8, 33, 64)
+    synthetic_tree_sizes: tuple[int, ...] = (1, 8, 33, 48, 64)
+    paper_specs: tuple[str, ...] = ("8x5", "8x5/16", "8x5/32")  # 33 nodes verified in 33, 48 and 64 slots
     repeats: int = 3
     transformers_prompts: int = 10  # (transformers' generate runs ~40 tokens/s on a GPU at batch 1)
 
@@ -106,7 +109,7 @@ TINY = Sizes(batch_sizes=(1,), prompt_len=16, ar_new_tokens=8, tree_sizes=(1, 4)
              oracle_specs=("2x3",),
              synthetic=dataclasses.replace(LLAMA_7B, vocab_size=512, hidden_size=64, intermediate_size=128,
                                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16),
-             synthetic_tree_sizes=(1, 4), repeats=1, transformers_prompts=2)
+             synthetic_tree_sizes=(1, 4), paper_specs=("8x5", "8x5/16"), repeats=1, transformers_prompts=2)
 
 
 def oracle_rows(prompts: list[list[int]], replies: list[list[int]], beam_length: int) -> np.ndarray:
@@ -213,7 +216,7 @@ def decisive_params(cfg: ModelConfig, key: jax.Array) -> dict:
 
 def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]:
     """A random-weight target of cfg's shape (`decisive_params`): its verification cost, and the oracle
-    drafter at 8 x 5 against autoregressive decoding on one random 128-token prompt."""
+    drafter in each of `sizes.paper_specs` against autoregressive decoding on one random 128-token prompt."""
     params = decisive_params(cfg, jax.random.PRNGKey(0))
     verify = verification_rows({"generate": decoding_params(params, cfg)}, sizes.synthetic_tree_sizes,
                                sizes.context, sizes.repeats)
@@ -223,17 +226,24 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
         return generate(params, cfg, [prompt], max_new_tokens=sizes.new_tokens, **kw)
 
     ar = decode()
-    spec = SpecConfig(8, 5)
-    rows = oracle_rows([prompt], [np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()], spec.beam_length)
+    specs = [SpecConfig.parse(text) for text in sizes.paper_specs]
+    rows = oracle_rows([prompt], [np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()],
+                       max(spec.beam_length for spec in specs))
     oracle = {"drafter": OracleDrafter(jnp.asarray(rows), cfg.vocab_size)}
-    out = decode(spec=spec, **oracle)
-    same = np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
-    acc = np.asarray(out.accepted)
-    tokens_per_step = 1 + float(acc[acc >= 0].mean())
-    t = timed({"AR": lambda: decode().tokens, "oracle": lambda: decode(spec=spec, **oracle).tokens}, sizes.repeats,
-              "paper scale")
-    speedup = t["AR"] / t["oracle"]
-    return verify, [["8x5", tokens_per_step, speedup, tokens_per_step / speedup, "yes" if same else "no"]]
+    outs = {spec.describe(): decode(spec=spec, **oracle) for spec in specs}  # compiled outside the timing
+    t = timed({"AR": lambda: decode().tokens,
+               **{spec.describe(): lambda spec=spec: decode(spec=spec, **oracle).tokens for spec in specs}},
+              sizes.repeats, "paper scale")
+    table_rows = []
+    for spec in specs:
+        out = outs[spec.describe()]
+        acc = np.asarray(out.accepted)
+        tokens_per_step = 1 + float(acc[acc >= 0].mean())
+        speedup = t["AR"] / t[spec.describe()]
+        same = np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
+        table_rows.append([spec.describe(), spec.slots, tokens_per_step, speedup, tokens_per_step / speedup,
+                           "yes" if same else "no"])
+    return verify, table_rows
 
 
 PARTS = {1: "autoregressive vs transformers", 2: "verification cost", 3: "step parts", 4: "MT-Bench end to end",
@@ -430,7 +440,7 @@ def main(argv=None) -> None:
             f"Paper scale: random-weight Llama ({c.num_layers} layers, hidden {c.hidden_size}, vocabulary "
             f"{c.vocab_size}) in bfloat16, oracle drafter, one 128-token random prompt, {sizes.new_tokens} new "
             "tokens:\n\n" + table(["tree tokens N", "ms", "cost / one AR step"], verify_rows) + "\n\n"
-            + table(["W x L", "tokens/step", "speedup", "step cost", "identical output"], oracle))}
+            + table(["W x L", "tree slots", "tokens/step", "speedup", "step cost", "identical output"], oracle))}
 
     def against_hf():
         hf = load_transformers(hf_device, args.hf)

@@ -29,6 +29,7 @@ autoregressive reference and its rows of the table, compared side by side in the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import re
@@ -366,10 +367,11 @@ def main(argv=None) -> None:
             rows.append([str(size)] * batched + [temp] * sampling
                         + [name, f"{spec.beam_width}x{spec.beam_length}", lookup]
                         + [f"{spec.datastore_beams}x{spec.datastore_length}" if spec.datastore_beams else 0] * stored
-                        + [spec.budget, tokens_per_step]
+                        + [spec.budget if spec.slots == spec.budget else f"{spec.budget} in {spec.slots}",
+                           tokens_per_step]
                         + [run.rows_busy] * batched
                         + [ar_rate, rate, rate / ar_rate, rate_after(run, prefill) / rate_after(ar, prefill), same])
-            label = spec.describe() if spec.tree_budget else f"{spec.describe()}:{spec.budget}"
+            label = dataclasses.replace(spec, tree_budget=spec.budget).describe()
             label = f"{name} {label}" if len(drafters) > 1 and path else label
             label += f" T={temp:g}" * sampling + f" B={size}" * batched
             points.append((label, tokens_per_step, rate / ar_rate))
@@ -424,6 +426,8 @@ def main(argv=None) -> None:
                    f"text's last {store.min_ngram}..{store.max_ngram} tokens (longest match first) in the datastore "
                    f"{args.datastore} ({store.keys.shape[0]:,} n-grams; `python -m train.datastore`)."
                    if stored else "")
+    padded_note = ("; N in M: N nodes verified in a forward of M tokens, padded to a round count"
+                   if any(spec.slots > spec.budget for _, spec in runs) else "")
     gaps_note = (" Where greedy outputs differ, the top-2 gaps are the target's logit margin between its two best "
                  "tokens at the first differing position." if 0 in args.temperatures else "")
     transformers_note = "" if hf is None else (
@@ -435,7 +439,7 @@ def main(argv=None) -> None:
     title = args.title or f"{args.prompts or 'MT-Bench'}: speculative vs autoregressive {decoding}"
     write_section(args.section, path=args.report, body=f"""## {title}
 
-{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes. Tokens/step counts the target's bonus token.{stored_note}{prefill_note}{gaps_note}{transformers_note}
+{len(prompts)} prompts ({source}), {args.max_new_tokens} new tokens max, batch {batches}, {decoding}, {args.dtype} (both decoders), every decoder in turn on each batch.{batch_note}{sampled_note} W x L: W drafter beams of L tokens; lookup beams: K more beams of L tokens (K x L': of L' tokens) copied from the prompt and reply so far (longest suffix of {args.lookup_ngram[1]}..{args.lookup_ngram[0]} tokens, most recent occurrences first). Tree slots: where fewer than the beams' nodes, the best-scored nodes{padded_note}. Tokens/step counts the target's bonus token.{stored_note}{prefill_note}{gaps_note}{transformers_note}
 Machine: {machine()}.
 
 Command: `{args.command}`

@@ -76,11 +76,12 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-budget", type=int, default=None,
                    help="packed tree slots, filled with the best-scored nodes at any depth "
                         "(default 1 + W(L-1) + K(lookup length - 1): every node)")
-    p.add_argument("--spec", default=None, metavar="WxL[+K[xL']][+DxL''ds][:N]",
+    p.add_argument("--spec", default=None, metavar="WxL[+K[xL']][+DxL''ds][:N][/M]",
                    help="the beam options above in the benchmarks' notation, instead of them: e.g. 4x3+1x16:12 "
                         "(4 drafter beams of 3 tokens, 1 lookup beam of 16, the 12 best-scored nodes; what "
                         "measured best for replies of 512 tokens on a CPU), 0x8+1 (lookup only), "
-                        "4x3+1x8+1x8ds:7 (and a datastore beam of 8)")
+                        "4x3+1x8+1x8ds:7 (and a datastore beam of 8), 8x5/16 (33 nodes verified in 48 slots: "
+                        "a round token count, which some GPU kernels run faster)")
     p.add_argument("--datastore", default=None, metavar="PATH",
                    help="a datastore of the target's own replies (python -m train.datastore): one more beam of "
                         "8 tokens, what most often followed the text's last few tokens there, in the same tree "

@@ -166,9 +166,11 @@ class SpecConfig:
     tokens (`datastore.py`: what most often followed the history's last n-grams in the target's own
     replies), packed into a tree of `tree_budget` slots (None: the worst case 1 + W(L-1) +
     K(lookup_length-1) + D(datastore_length-1), every node; with fewer, the best-scored nodes at any
-    depth, `tree.py`). beam_width 0 is decoding without a drafter. A lookup or datastore beam costs no
-    drafting, only tree slots, so it may be longer than the drafter's (e.g. "2x4+1x8": the drafter's
-    later tokens are rarely right, a repeated passage often is for many tokens).
+    depth, `tree.py`), its slots padded to a multiple of `slot_multiple` (`slots`: some GPU kernels run
+    an odd token count, e.g. 8 x 5's 33, slower than a larger round one; padding slots attend only to
+    themselves and are never accepted). beam_width 0 is decoding without a drafter. A lookup or
+    datastore beam costs no drafting, only tree slots, so it may be longer than the drafter's (e.g.
+    "2x4+1x8": the drafter's later tokens are rarely right, a repeated passage often is for many tokens).
 
     acceptance (used when sampling): "tree_walk" keeps the target's distribution exactly;
     "apple_biased" is Apple's min(1, p/q) rule, which does not, offered only to measure the bias.
@@ -184,11 +186,12 @@ class SpecConfig:
     lookup_length: int | None = None
     datastore_beams: int = 0
     datastore_length: int = 8
+    slot_multiple: int = 1
 
     def __post_init__(self):
         optional = ("lookup_length",) if self.lookup_length is not None else ()
         for name in ("beam_width", "beam_length", "lookup_beams", "lookup_min_ngram", "lookup_max_ngram",
-                     "datastore_beams", "datastore_length") + optional:
+                     "datastore_beams", "datastore_length", "slot_multiple") + optional:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -196,6 +199,8 @@ class SpecConfig:
             raise ValueError(f"need beam_width >= 0, lookup_beams >= 0 and datastore_beams >= 0 with at least one "
                              f"beam in all, got beam_width={self.beam_width}, lookup_beams={self.lookup_beams}, "
                              f"datastore_beams={self.datastore_beams}")
+        if self.slot_multiple < 1:
+            raise ValueError(f"slot_multiple must be >= 1, got {self.slot_multiple}")
         if self.datastore_length < 2:
             raise ValueError(f"datastore_length must be >= 2 (the init token plus at least one retrieved token), "
                              f"got {self.datastore_length}")
@@ -242,17 +247,24 @@ class SpecConfig:
 
     @property
     def budget(self) -> int:
+        """Tree nodes kept each step."""
         return self.tree_budget or self.max_nodes
+
+    @property
+    def slots(self) -> int:
+        """Tokens in one verification forward: the budget rounded up to a multiple of slot_multiple."""
+        return -(-self.budget // self.slot_multiple) * self.slot_multiple
 
     def describe(self) -> str:
         """Short label, the inverse of `parse`: "WxL", "+K" with lookup beams ("+KxL'" when they are
-        L' long), "+DxL''ds" with datastore beams, ":N" with a tree budget."""
+        L' long), "+DxL''ds" with datastore beams, ":N" with a tree budget, "/M" with a slot multiple."""
         label = f"{self.beam_width}x{self.beam_length}"
         if self.lookup_beams:
             label += f"+{self.lookup_beams}" + (f"x{self.lookup_length}" if self.lookup_length else "")
         if self.datastore_beams:
             label += f"+{self.datastore_beams}x{self.datastore_length}ds"
-        return label + (f":{self.tree_budget}" if self.tree_budget else "")
+        label += f":{self.tree_budget}" if self.tree_budget else ""
+        return label + (f"/{self.slot_multiple}" if self.slot_multiple > 1 else "")
 
     @classmethod
     def default(cls, batch_size: int = 1, **kwargs) -> "SpecConfig":
@@ -269,13 +281,18 @@ class SpecConfig:
     @classmethod
     def parse(cls, text: str, **kwargs) -> "SpecConfig":
         """"WxL", "WxL+K", "WxL+KxL'" (lookup beams of L' tokens), then optionally "+DxL''ds" (datastore
-        beams of L'' tokens), any with ":budget" (e.g. "1x5+2:9", "2x4+1x8:11", "4x3+1x8+1x8ds:9");
-        kwargs set the other fields."""
-        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+)(?:x(\d+))?)?(?:\+(\d+)x(\d+)ds)?(?::(\d+))?", text.strip())
+        beams of L'' tokens), any with ":budget" (e.g. "1x5+2:9", "2x4+1x8:11", "4x3+1x8+1x8ds:9") and then
+        "/M", the slots padded to a multiple of M (e.g. "8x5/16": 33 nodes in 48 slots); kwargs set the
+        other fields."""
+        m = re.fullmatch(r"(\d+)x(\d+)(?:\+(\d+)(?:x(\d+))?)?(?:\+(\d+)x(\d+)ds)?(?::(\d+))?(?:/(\d+))?",
+                         text.strip())
         if m is None:
             raise ValueError(f"bad speculative setting {text!r}: expected WxL, WxL+K, WxL+KxL', any followed by "
-                             f"+DxL''ds and any with :budget, e.g. 4x4, 1x5+2, 2x4+1x8, 0x5+4:12, 4x3+1x8+1x8ds:9")
-        w, length, k, lookup_length, d, datastore_length, budget = m.groups()
+                             f"+DxL''ds, any with :budget, then /M, e.g. 4x4, 1x5+2, 2x4+1x8, 0x5+4:12, "
+                             f"4x3+1x8+1x8ds:9, 8x5/16")
+        w, length, k, lookup_length, d, datastore_length, budget, multiple = m.groups()
         more = dict(datastore_beams=int(d), datastore_length=int(datastore_length)) if d else {}
+        if multiple:
+            more["slot_multiple"] = int(multiple)
         return cls(int(w), int(length), int(budget) if budget else None, lookup_beams=int(k or 0),
                    lookup_length=int(lookup_length) if lookup_length else None, **more, **kwargs)

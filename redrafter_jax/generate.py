@@ -234,7 +234,7 @@ def speculative_step(params: Params, drafter: Proposer | None, store: Datastore 
         draft = propose(params, drafter, store, prompts, prompt_lengths, s, spec,
                         with_log_probs=_apple_rule(spec, sampling))
     with jax.named_scope("pack"):
-        tree = pack_tree(draft.beams, draft.scores, spec.budget, cfg.pad_token_id)
+        tree = pack_tree(draft.beams, draft.scores, spec.budget, cfg.pad_token_id, spec.slots)
     with jax.named_scope("verify"):
         f = verify(params, cfg, s, tree)
     with jax.named_scope("accept"):
@@ -247,8 +247,8 @@ def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Ar
                       *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
                       stream: StreamTo | None, mesh: Mesh | None = None, resume: Resume | None = None) -> SpecState:
     """The speculative loop's state after the prefill: a cache with room for a tree's writes
-    (spec.budget) and one step's accepted entries pending (spec.depth)."""
-    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.budget, stream,
+    (spec.slots) and one step's accepted entries pending (spec.depth)."""
+    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.slots, stream,
               mesh, pending=spec.depth, resume=resume)
     return SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
                      accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32),
@@ -265,7 +265,7 @@ def _speculative(params, loop_params, drafter, store, prompts, prompt_lengths, l
     step = functools.partial(speculative_step, loop_params, drafter, store, cfg=cfg, sampling=sampling, spec=spec,
                              stream=stream, mesh=mesh)
     s, (out, accepted) = _run(step, init, params, prompts, prompt_lengths, limits, cfg=cfg, sampling=sampling,
-                              max_new_tokens=max_new_tokens, write_len=spec.budget, stream=stream, pending=spec.depth,
+                              max_new_tokens=max_new_tokens, write_len=spec.slots, stream=stream, pending=spec.depth,
                               mesh=mesh)
     return _outputs(s, out, accepted, prompts, prompt_lengths, mesh, keep_cache)
 
@@ -546,7 +546,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     if store is not None:
         store.check(spec.datastore_length)
     if max_len is not None:
-        block = _block_for(block, max_len, n, spec.budget if speculative else 1, cfg.pad_token_id)
+        block = _block_for(block, max_len, n, spec.slots if speculative else 1, cfg.pad_token_id)
     b = block.shape[0]
     if mesh is not None:
         params, drafter, store, block, lengths, limits, resume = _place_on_mesh(mesh, cfg, params, drafter, store,

@@ -59,7 +59,7 @@ def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
                                 (["--drafter", "--tree-budget", "5"], "2x4+1:5", 5), (["--lookup-beams", "2"], "0x4+2", 7),
                                 (["--drafter", "--lookup-length", "8"], "2x4+1x8", 14),
                                 (["--drafter", "--spec", "4x3+1x16:12"], "4x3+1x16:12", 12),
-                                (["--spec", "0x8+1"], "0x8+1", 8),
+                                (["--spec", "0x8+1"], "0x8+1", 8), (["--spec", "0x8+1/4"], "0x8+1/4", 8),
                                 (["--drafter", "--datastore", ds], "4x3+1x8+1x8ds:7", 7),
                                 (["--datastore", ds], "0x8+1+1x8ds:7", 7),
                                 (["--lookup-beams", "2", "--datastore", ds], "0x4+2+1x8ds", 14),

@@ -180,6 +180,19 @@ def test_bad_lookup_settings_raise(tiny):
     mixed = SpecConfig.parse("2x4+1x8:11")
     assert mixed == SpecConfig(2, 4, 11, lookup_beams=1, lookup_length=8) and mixed.describe() == "2x4+1x8:11"
     assert (mixed.depth, mixed.max_nodes, SpecConfig.parse("0x4+2x6").depth) == (8, 14, 6)
+    # "/M": the slots of a verification forward padded to a multiple of M
+    for text, (budget, slots) in {"8x5/16": (33, 48), "4x3+1x8:7/4": (7, 8), "8x5/1": (33, 33), "2x4:6/3": (6, 6),
+                                  "4x3+1x8+1x8ds:9/32": (9, 32)}.items():
+        spec = SpecConfig.parse(text)
+        assert (spec.budget, spec.slots) == (budget, slots), text
+        assert SpecConfig.parse(spec.describe()) == spec
+    assert SpecConfig.parse("8x5/16").describe() == "8x5/16" and SpecConfig.parse("8x5/1").describe() == "8x5"
+    for text in ["8x5/", "8x5/16:33", "8x5/-2"]:
+        with pytest.raises(ValueError, match="bad speculative setting"):
+            SpecConfig.parse(text)
+    for bad in [0, 2.0, True]:
+        with pytest.raises(ValueError, match="slot_multiple must be"):
+            SpecConfig(8, 5, slot_multiple=bad)
     # the default tree: 7 slots for one or two rows, about 16 tree tokens per step across larger batches
     assert [SpecConfig.default(b).budget for b in (1, 2, 3, 4, 5, 8, 64)] == [7, 7, 5, 4, 3, 2, 2]
     assert SpecConfig.default(lookup_max_ngram=5) == SpecConfig.parse("4x3+1x8:7", lookup_max_ngram=5)

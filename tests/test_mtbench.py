@@ -85,7 +85,7 @@ def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(t
     published = open(BENCHMARKS_MD, "rb").read()
     monkeypatch.chdir(tmp_path)  # a run without --docs writes to ./runs/benchmarks, never to docs/
     main(["--gguf", smollm_path, "--drafter", DEFAULT_DRAFTER, other, "--prompts", str(prompts),
-          "--max-new-tokens", "10", "--sweep", "2x3:4", "0x4+2", "--batch-sizes", "2", "--section", "small",
+          "--max-new-tokens", "10", "--sweep", "2x3:4", "0x4+2/4", "--batch-sizes", "2", "--section", "small",
           "--title", "Small run"])
     assert open(BENCHMARKS_MD, "rb").read() == published
     report = tmp_path / "runs" / "benchmarks" / "benchmarks.md"
@@ -95,7 +95,8 @@ def test_batched_run_on_a_prompt_file_compares_drafters_with_identical_outputs(t
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 2 | ")]
     assert [tuple(r[1:5]) for r in rows] == [
         (d, "2x3", "0", "4") for d in (DEFAULT_DRAFTER, other)] + [
-        ("none", "0x4", "2", "7")]
+        ("none", "0x4", "2", "7 in 8")]  # 0x4+2/4: its 7 nodes in a forward of 8 tokens
+    assert "N in M: N nodes verified in a forward of M tokens" in text
     assert all(r[-1].rstrip(" |") == "2/2" for r in rows), rows
     assert all(0.5 <= float(r[6]) <= 1 for r in rows), rows  # rows busy: each of 2 rows decodes to its own end
     assert (report.parent / "small.png").exists()

@@ -68,7 +68,9 @@ def oracle(smollm, prompts, continuations, wrong=False):
     return OracleDrafter(jnp.asarray(seqs), smollm.config.vocab_size, wrong=wrong)
 
 
-@pytest.mark.parametrize("spec", [SpecConfig(4, 5), SpecConfig(2, 3)], ids=str)
+# 4 x 5/8: 17 nodes verified in 24 slots, the last 7 padding
+@pytest.mark.parametrize("spec", [SpecConfig(4, 5), SpecConfig(2, 3), SpecConfig(4, 5, slot_multiple=8)],
+                         ids=SpecConfig.describe)
 def test_oracle_drafter_accepts_everything(smollm, chat_prompts, greedy_reference, spec):
     out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW,
                        drafter=oracle(smollm, chat_prompts, greedy_reference), spec=spec)

@@ -75,6 +75,23 @@ def test_pack_tree_matches_reference(case):
     np.testing.assert_array_equal(np.asarray(tree.slot[0])[present], slot[present])
 
 
+@settings(max_examples=30, deadline=None)
+@given(shared_beams(), st.integers(1, 9))
+def test_slots_past_the_budget_are_padding(case, extra):
+    """A forward of more slots than the budget (`SpecConfig.slots`) holds the same tree; the slots after
+    it hold the pad token at depth 0 and see only themselves."""
+    beams, scores, budget = case
+    args = beams[None], scores[None].astype(np.float32), budget, 5
+    tree, padded = pack_jit(*args), jax.jit(pack_tree, static_argnums=(2, 3, 4))(*args, budget + extra)
+    for name in ("beams", "slot", "num_nodes"):
+        np.testing.assert_array_equal(getattr(padded, name), getattr(tree, name))
+    np.testing.assert_array_equal(padded.tokens[0], np.concatenate([tree.tokens[0], np.full(extra, 5)]))
+    np.testing.assert_array_equal(padded.depth[0], np.concatenate([tree.depth[0], np.zeros(extra, int)]))
+    mask = np.eye(budget + extra, dtype=bool)
+    mask[:budget, :budget] = tree.mask[0]
+    np.testing.assert_array_equal(padded.mask[0], mask)
+
+
 def test_budget_keeps_the_best_nodes_at_any_depth():
     beams = np.array([[7, 1, 2, 3], [7, 1, 2, 4], [7, 5, 6, 8], [7, 1, 9, 9]])
     lp = np.log([[0.9, 0.9, 0.5], [0.9, 0.9, 0.4], [0.05, 0.9, 0.9], [0.9, 0.03, 0.9]])
@@ -98,5 +115,7 @@ def test_nodes_scored_minus_inf_take_no_slot():
 def test_bad_budget_or_scores_are_errors():
     with pytest.raises(ValueError, match="cannot hold the init token"):
         pack_tree(np.zeros((1, 2, 4), np.int32), np.zeros((1, 2, 4)), 0)
+    with pytest.raises(ValueError, match="3 tree slots cannot hold a budget of 4 nodes"):
+        pack_tree(np.zeros((1, 2, 4), np.int32), np.zeros((1, 2, 4)), 4, slots=3)
     with pytest.raises(ValueError, match="must match beams"):
         pack_tree(np.zeros((1, 2, 4), np.int32), np.zeros((1, 2)), 4)
