@@ -1,16 +1,16 @@
 """Dynamic tree attention with static shapes: the best `budget` nodes of the beams' prefix tree in N slots.
 
-Node (i, d) is token d of beam i, i.e. the prefix beams[i, :d+1]. Its owner is the smallest beam j
-with the same prefix; the node is *new* iff j == i, and its score is the best of the sharing beams'
-prefix scores (log-probs that the prefix is what the target says). With a budget below the number
-of distinct nodes, the budget's best-scored nodes are kept (ties: beam-major order), so the tree grows where
-the proposers are confident, at any depth, as in EAGLE-2; prefix scores never rise along a beam, so
-a kept node's parent is kept too (enforced regardless). Kept nodes are numbered in beam-major order,
-which puts every parent before its children. A beam's nodes past the kept ones, its tokens after
-its own end (`ABSENT`, in beams shorter than the longest) and nodes scored -inf (proposals that do
-not exist, e.g. a lookup without a match) take no slot and can never be accepted: `Tree.beams`
-has ABSENT there, which no target token equals. Unused slots are padding that attends only to itself;
-the slots may outnumber the budget (a forward of a round token count can be faster, `SpecConfig.slots`).
+Node (i, d) is token d of beam i, i.e. the prefix beams[i, :d+1]. Its owner is the smallest beam j with
+the same prefix; the node is *new* iff j == i, and its score is the best of the sharing beams' prefix
+scores (log-probs that the prefix is what the target says). With a budget below the number of distinct
+nodes, that many best-scored nodes are kept (ties: beam-major order), so the tree grows where the
+proposers are confident, at any depth, as in EAGLE-2; prefix scores never rise along a beam, so a kept
+node's parent is kept too (enforced regardless). Kept nodes are numbered in beam-major order, which puts
+every parent before its children. A beam's nodes past the kept ones, its tokens after its own end
+(`ABSENT`, in beams shorter than the longest) and nodes scored -inf (proposals that do not exist, e.g. a
+lookup without a match) take no slot and can never be accepted: `Tree.beams` has ABSENT there, which no
+target token equals. Unused slots are padding that attends only to itself; the slots may outnumber the
+budget (a forward of a round token count can be faster, `SpecConfig.slots`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _pack_one(beams: jax.Array, scores: jax.Array, budget: int, slots: int, pad_
     rows = jnp.broadcast_to(target[:, :, None], (w, length, length))
     cols = jnp.broadcast_to(target[:, None, :], (w, length, length))
     mask = jnp.eye(slots, dtype=bool).at[rows, cols].max(jnp.broadcast_to(on_path, (w, length, length)),
-                                                           mode="drop")
+                                                          mode="drop")
     return Tree(tokens, depth, mask, jnp.where(in_tree, beams, ABSENT), slot,
                 jnp.sum(new_in_tree).astype(jnp.int32))
 
