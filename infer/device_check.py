@@ -230,16 +230,15 @@ def paper_scale(cfg: ModelConfig, sizes: Sizes) -> tuple[list[list], list[list]]
     rows = oracle_rows([prompt], [np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()],
                        max(spec.beam_length for spec in specs))
     oracle = {"drafter": OracleDrafter(jnp.asarray(rows), cfg.vocab_size)}
-    outs = {spec.describe(): decode(spec=spec, **oracle) for spec in specs}  # compiled outside the timing
+    outs = {spec: decode(spec=spec, **oracle) for spec in specs}  # compiled outside the timing
     t = timed({"AR": lambda: decode().tokens,
-               **{spec.describe(): lambda spec=spec: decode(spec=spec, **oracle).tokens for spec in specs}},
+               **{spec: lambda spec=spec: decode(spec=spec, **oracle).tokens for spec in specs}},
               sizes.repeats, "paper scale")
     table_rows = []
-    for spec in specs:
-        out = outs[spec.describe()]
+    for spec, out in outs.items():
         acc = np.asarray(out.accepted)
         tokens_per_step = 1 + float(acc[acc >= 0].mean())
-        speedup = t["AR"] / t[spec.describe()]
+        speedup = t["AR"] / t[spec]
         same = np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens))
         table_rows.append([spec.describe(), spec.slots, tokens_per_step, speedup, tokens_per_step / speedup,
                            "yes" if same else "no"])

@@ -152,9 +152,8 @@ def answer(model, ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
         check = "sampled: same distribution as autoregressive, different draws"
     lookup = f"K={spec.lookup_beams}" + (f" L'={spec.lookup_length}" if spec.lookup_length else "")
     lookup += f" D={spec.datastore_beams} L''={spec.datastore_length}" if spec.datastore_beams else ""
-    tree = f"{spec.budget}" + (f" in {spec.slots} slots" if spec.slots > spec.budget else "")
-    print(f"[speculative W={spec.beam_width} L={spec.beam_length} {lookup} tree={tree}: {len(acc)} steps, "
-          f"mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
+    print(f"[speculative W={spec.beam_width} L={spec.beam_length} {lookup} tree={spec.describe_slots()}: "
+          f"{len(acc)} steps, mean accepted drafted tokens/step {acc.mean():.2f} ({acc.mean() + 1:.2f} tokens/step); "
           f"autoregressive {baseline.rate():.1f} tokens/s -> speedup {shown.rate() / baseline.rate():.2f}x; "
           f"{check}]", file=sys.stderr)
     if shown.rate() < baseline.rate() and jax.default_backend() == "cpu":

@@ -367,8 +367,7 @@ def main(argv=None) -> None:
             rows.append([str(size)] * batched + [temp] * sampling
                         + [name, f"{spec.beam_width}x{spec.beam_length}", lookup]
                         + [f"{spec.datastore_beams}x{spec.datastore_length}" if spec.datastore_beams else 0] * stored
-                        + [spec.budget if spec.slots == spec.budget else f"{spec.budget} in {spec.slots}",
-                           tokens_per_step]
+                        + [spec.describe_slots(), tokens_per_step]
                         + [run.rows_busy] * batched
                         + [ar_rate, rate, rate / ar_rate, rate_after(run, prefill) / rate_after(ar, prefill), same])
             label = dataclasses.replace(spec, tree_budget=spec.budget).describe()

@@ -255,6 +255,10 @@ class SpecConfig:
         """Tokens in one verification forward: the budget rounded up to a multiple of slot_multiple."""
         return -(-self.budget // self.slot_multiple) * self.slot_multiple
 
+    def describe_slots(self) -> str:
+        """The tree's size for a report: "7", or "7 in 8" when its 7 nodes are padded to 8 slots."""
+        return f"{self.budget}" + (f" in {self.slots}" if self.slots > self.budget else "")
+
     def describe(self) -> str:
         """Short label, the inverse of `parse`: "WxL", "+K" with lookup beams ("+KxL'" when they are
         L' long), "+DxL''ds" with datastore beams, ":N" with a tree budget, "/M" with a slot multiple."""

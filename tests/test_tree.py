@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from redrafter_jax.tree import ABSENT, pack_tree
 
 # as the decode loop runs it: compiled whole (op by op, each new shape cost ~2 s of compilations)
-pack_jit = jax.jit(pack_tree, static_argnums=(2, 3))
+pack_jit = jax.jit(pack_tree, static_argnames=("budget", "pad_id", "slots"))
 
 
 def reference_pack(beams, scores, budget):
@@ -82,7 +82,7 @@ def test_slots_past_the_budget_are_padding(case, extra):
     it hold the pad token at depth 0 and see only themselves."""
     beams, scores, budget = case
     args = beams[None], scores[None].astype(np.float32), budget, 5
-    tree, padded = pack_jit(*args), jax.jit(pack_tree, static_argnums=(2, 3, 4))(*args, budget + extra)
+    tree, padded = pack_jit(*args), pack_jit(*args, budget + extra)
     for name in ("beams", "slot", "num_nodes"):
         np.testing.assert_array_equal(getattr(padded, name), getattr(tree, name))
     np.testing.assert_array_equal(padded.tokens[0], np.concatenate([tree.tokens[0], np.full(extra, 5)]))
