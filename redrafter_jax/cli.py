@@ -108,8 +108,8 @@ def load_proposers(args: argparse.Namespace, model: LoadedModel):
     if args.spec:
         spec = SpecConfig.parse(args.spec, **ngrams)
     elif (args.drafter or store) and options == (None,) * len(options):
-        # The setting that measured best on MT-Bench on the CPU at batch 1, greedy and sampling at 0.7 (at
-        # 1.0, 1.17x against 4 x 2's 1.20x): 4 x 3 + 1 x 8 in 7 slots, the 7 best-scored nodes (`tree.py`):
+        # The setting that measured best on MT-Bench on the CPU at batch 1, greedy and sampling at 0.7 and
+        # 1.0: 4 x 3 + 1 x 8 in 7 slots, the 7 best-scored nodes (`tree.py`):
         # down the lookup beam (8 tokens: a repeat often runs on) as far as the match makes it likely, the
         # rest from the drafter's beams of every depth; without a drafter, its lookup beam.
         spec = SpecConfig.default(1, **ngrams, **stored)
