@@ -275,7 +275,7 @@ class SpecConfig:
         """The tree that measured best on MT-Bench on a CPU for batches of `batch_size` rows (per device):
         4 x 3 + 1 x 8 (the drafter's four beams of 3 tokens, of every depth, and a lookup beam of 8),
         its best-scored nodes in 7 slots at batch 1, 6 at 2 (12 tree tokens, which fit one pass of the
-        CPU kernel's 12 rows; 7 and 4 slots ran 3-6% slower in float32 and bfloat16), then about 16
+        CPU kernel's 12 rows; 7 and 4 slots ran 3-8% slower in float32 and bfloat16), then about 16
         tree tokens per step across the batch (4 slots at 4, 2 from 8 on), since a CPU forward of up to
         ~16 tokens in all costs little more than one token's and then grows with them
         (docs/benchmarks.md, "MT-Bench in batches"). kwargs set the other fields (e.g. the lookup
