@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from redrafter_jax.cli import add_model_args, add_spec_args, load_model, load_proposers, run
+from redrafter_jax.cli import add_model_args, add_spec_args, at_least_one, load_model, load_proposers, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datastore import Datastore
 from redrafter_jax.drafter import Drafter
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="a user message, wrapped in the model's chat template; several: a conversation, each "
                            "answered in turn with the replies so far as its context")
     p.add_argument("--system", metavar="TEXT", help="a system prompt that opens the --chat conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="a chat reply usually ends before (EOS)")
+    p.add_argument("--max-new-tokens", type=at_least_one, default=256, help="a chat reply usually ends before (EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter
-from redrafter_jax.cli import add_model_args, load_model, run
+from redrafter_jax.cli import add_model_args, at_least_one, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datasets import MT_BENCH, Chat, read_chats
 from redrafter_jax.decode import round_up, suffix_width
@@ -231,7 +231,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-bucket", type=int, default=32,
                    help="prompts are padded to a multiple of this many tokens, each length compiled once "
                         "(default 32; larger: fewer programs for long prompts)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=at_least_one, default=128)
     p.add_argument("--sweep", nargs="+", default=["4x4"],
                    help="WxL[+K[xL']][+DxL''ds][:budget] settings (K lookup beams of L' tokens, default L; D "
                         "datastore beams of L'' tokens, with --datastore)")

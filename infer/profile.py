@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from infer.report import table
 from redrafter_jax import generate as gen
-from redrafter_jax.cli import add_model_args, add_spec_args, load_model, load_proposers, run
+from redrafter_jax.cli import add_model_args, add_spec_args, at_least_one, load_model, load_proposers, run
 
 SPECULATIVE_PARTS = ("propose", "pack", "verify", "accept", "commit")
 AUTOREGRESSIVE_PARTS = ("forward", "select", "commit")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--chat", required=True, help="a user message, wrapped in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=at_least_one, default=128)
     p.add_argument("--ops", type=int, default=0, help="list each part's N costliest kinds of op")
     add_spec_args(p)
     args = p.parse_args(argv)

@@ -16,6 +16,14 @@ OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-b
             "fewer new tokens or a smaller batch")
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1, so that a count of zero is refused before anything loads."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")

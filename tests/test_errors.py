@@ -83,6 +83,9 @@ def test_cli_errors_are_one_line_naming_the_problem(tmp_path, smollm_path):
     assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--drafter", tmp_path / "none"), "not a drafter checkpoint")
     assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--lookup-beams", "1", "--beam-length", "1"),
                           "beam_length must be >= 2")
+    zero = run_cli(*gen, "--chat", "Hi", "--max-new-tokens", "0")  # argparse's refusal, before the model loads
+    assert zero.returncode == 2 and zero.stderr.decode().strip().endswith(
+        "error: argument --max-new-tokens: must be at least 1, got 0"), zero.stderr
     (tmp_path / "drafter").mkdir()
     (tmp_path / "drafter" / "metrics.jsonl").write_text("")
     assert_one_line_error(run_cli("train.train", "--gguf", smollm_path, "--recipe", "distill", "--data",

@@ -141,7 +141,7 @@ def test_prompt_file_of_later_turns_records_them(tmp_path, smollm, smollm_path, 
         load_or_build_prompts(path, smollm.tokenizer, 96, 0.25, str(chats))
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "run"), "--minutes", "1", "--turns", "0"])
-    assert "--turns must be at least 1 (the openings), got 0" in capsys.readouterr().err
+    assert "argument --turns: must be at least 1, got 0" in capsys.readouterr().err
     longest = max(map(len, made["train"] + made["eval"]))
     with pytest.raises(ValueError, match=f"--seq-len {longest} leaves out the reply of the longest prompt "
                                          rf"\({longest} tokens\): make it at least {longest + 10} \(that prompt"):

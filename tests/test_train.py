@@ -620,7 +620,7 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     capsys.readouterr()
     with pytest.raises(SystemExit):
         distill.main(args + ["--turns", "0"])
-    assert "--turns must be at least 1 (the openings), got 0" in capsys.readouterr().err
+    assert "argument --turns: must be at least 1, got 0" in capsys.readouterr().err
 
     common = ["--hf", model, "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
               "--eval-batches", "1", "--save-every", "2"]

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from redrafter_jax.cli import add_model_args, load_model, run
+from redrafter_jax.cli import add_model_args, at_least_one, load_model, run
 from redrafter_jax.files import write_json
 from redrafter_jax.generate import generate
 from train import data
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-eval-prompts", type=int, default=64)
     data.add_turns_arg(p)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=at_least_one, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--eval-fraction", type=float, default=0.02)

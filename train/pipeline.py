@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter_config
-from redrafter_jax.cli import add_model_args, load_model, run
+from redrafter_jax.cli import add_model_args, at_least_one, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
@@ -186,7 +186,7 @@ def main(argv=None) -> None:
     p.add_argument("--num-eval-prompts", type=int, default=None, help="distil at most this many held-out prompts")
     data.add_turns_arg(p)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
-    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=at_least_one, default=384)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     p.add_argument("--distill-batch", type=int, default=512)
     p.add_argument("--shard-size", type=int, default=1024)
