@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     add_model_args(p)
     p.add_argument("--drafter", nargs="+", default=[], help="drafter checkpoint directories (several: compared)")
     p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 questions)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--limit", type=at_least_one, default=None, help="use only the first N prompts")
     p.add_argument("--turn", type=int, choices=(1, 2), default=1,
                    help="1: the first user turns (the default); 2: the second, after the target's own greedy "
                         "reply to the first")

@@ -51,7 +51,8 @@ def chats_setting(path: str | None) -> dict:
 
 def add_turns_arg(p: argparse.ArgumentParser) -> None:
     """--turns, as `train.distill` and `train.pipeline` take it (N >= 1)."""
-    p.add_argument("--turns", type=at_least_one, default=1, help="prompts at each of a conversation's first N user turns")
+    p.add_argument("--turns", type=at_least_one, default=1,
+                   help="prompts at each of a conversation's first N user turns")
 
 
 def turns_setting(turns: int) -> dict:

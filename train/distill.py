@@ -111,8 +111,8 @@ def main(argv=None) -> None:
     data.add_turns_arg(p)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-new-tokens", type=at_least_one, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--batch-size", type=at_least_one, default=16)
+    p.add_argument("--shard-size", type=at_least_one, default=64)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     args = p.parse_args(argv)
 

@@ -188,12 +188,13 @@ def main(argv=None) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=384)
     p.add_argument("--max-new-tokens", type=at_least_one, default=384)
     p.add_argument("--eval-fraction", type=float, default=0.02)
-    p.add_argument("--distill-batch", type=int, default=512)
-    p.add_argument("--shard-size", type=int, default=1024)
+    p.add_argument("--distill-batch", type=at_least_one, default=512)
+    p.add_argument("--shard-size", type=at_least_one, default=1024)
     p.add_argument("--max-steps", type=int, default=None, help="train at most this many steps")
-    p.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts decoded to measure tokens/step")
+    p.add_argument("--eval-prompts", type=int, default=16,
+                   help="held-out prompts decoded to measure tokens/step (0: none)")
     p.add_argument("--eval-spec", default="1x5+2", help="setting (WxL+K) the tokens/step are measured at")
-    p.add_argument("--eval-new-tokens", type=int, default=128)
+    p.add_argument("--eval-new-tokens", type=at_least_one, default=128)
     add_train_args(p, exclude=("steps",))
     p.set_defaults(batch_size=32, seq_len=768, lr=2e-3, warmup_fraction=0.05, exit_dim=576, draft_vocab=4096,
                    eval_batches=8)
