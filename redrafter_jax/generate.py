@@ -380,14 +380,16 @@ def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None, dtype="
     at half the memory speed, and the target evicts its weights from the caches every step), in float32,
     or with bfloat16 target weights (`dtype`, the target's) in bfloat16 as the target's are (half the
     bytes; as k-pairs where `rows_matmul.bf16_unit()`). In float32 it drafts the same beams. Other
-    proposers, and elsewhere, unchanged. Made once per drafter and dtype (`_kept`)."""
+    proposers, and elsewhere, unchanged. The packed matrices are made once per drafter params and dtype
+    (`_kept`); the drafter around them is this one (its class and config, which drafters sharing params
+    may not share)."""
     if not isinstance(drafter, Drafter) or jnp.dtype(drafter.config.dtype) != jnp.float32 or \
             not rows_matmul.enabled(drafter.params, drafter.config.dtype, mesh):
         return drafter
     dtype = "bfloat16" if jnp.dtype(dtype) == jnp.bfloat16 else "float32"
     pairs = rows_matmul.pairs_layout(dtype)
-    return _kept(drafter.params, (dtype, pairs),
-                 lambda: drafter.replace(params=_packed_matrices(drafter.params, dtype, pairs)))
+    return drafter.replace(params=_kept(drafter.params, (dtype, pairs),
+                                        lambda: _packed_matrices(drafter.params, dtype, pairs)))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))

@@ -2,6 +2,7 @@
 share the call, and that decoding uses it exactly where it applies and stays exact with and without it."""
 
 import contextlib
+import dataclasses
 import gc
 
 import jax
@@ -146,7 +147,10 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, m
     packed = gen.decoding_drafter(drafter)
     assert _paths(packed.params, lambda x: isinstance(x, rows_matmul.Packed)) == _paths(drafter.params,
                                                                                         lambda x: x.ndim == 2)
-    assert gen.decoding_drafter(drafter) is packed  # kept while the drafter lives
+    assert gen.decoding_drafter(drafter).params is packed.params  # kept while the drafter's params live
+    # another drafter on the same params (here Apple's warp) drafts with its own config
+    warped = drafter.replace(config=dataclasses.replace(dcfg, apple_warp=True))
+    assert gen.decoding_drafter(warped).config == warped.config and gen.decoding_drafter(warped).params is packed.params
     loop = gen.decoding_params(params, cfg).loop
     context = jax.random.normal(jax.random.PRNGKey(2), (3, cfg.hidden_size))
     init, lengths = jnp.asarray([3, 9, 27]), jnp.zeros(3, jnp.int32)
@@ -157,7 +161,8 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, m
     # With a bfloat16 target its matrices are bfloat16 too, in the target's layout, kept beside the
     # float32 ones; their products round the activations to bfloat16 and sum in float32.
     halved = gen.decoding_drafter(drafter, dtype="bfloat16")
-    assert halved is not packed and gen.decoding_drafter(drafter, dtype="bfloat16") is halved
+    assert halved.params is not packed.params
+    assert gen.decoding_drafter(drafter, dtype="bfloat16").params is halved.params
     matrices = jax.tree_util.tree_leaves(halved.params, is_leaf=lambda x: isinstance(x, rows_matmul.Packed))
     for p, q in zip(jax.tree_util.tree_leaves(drafter.params), matrices):
         if p.ndim == 2:
