@@ -365,13 +365,14 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     half the bytes (their products round the activations to bfloat16; as k-pairs where
     `rows_matmul.bf16_unit()`), and a row's logits do not depend on the tree around it in either dtype. A
     float32 prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere
-    params and cfg are used unchanged. Made once per params, dtype and layout (`_kept`)."""
+    params and cfg are used unchanged. The loop's params are made once per params, dtype and layout
+    (`_kept`); the config is cfg's (calls on the same params may differ in it, e.g. in their EOS ids)."""
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
     pairs = rows_matmul.pairs_layout(cfg.dtype)
-    loop, config = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: (
-        _loop_params(params, cfg.dtype, pairs), dataclasses.replace(cfg, dtype="float32")))
-    return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop, config)
+    loop = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: _loop_params(params, cfg.dtype, pairs))
+    return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop,
+                          dataclasses.replace(cfg, dtype="float32"))
 
 
 def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None, dtype="float32") -> Proposer | None:

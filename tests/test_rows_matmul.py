@@ -96,6 +96,20 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
 
 
+@pytest.mark.parametrize("spec", [None, SpecConfig(0, 4, lookup_beams=1)], ids=["autoregressive", "lookup beams"])
+def test_calls_on_the_same_params_decode_by_their_own_config(spec):
+    """The loop's packed params are kept per params, not the config: a second call with another EOS id
+    stops there."""
+    cfg, params = tiny_model()
+    prompt = [[5, 6, 7, 5, 6, 7]]
+    out = gen.generate(params, cfg, prompt, max_new_tokens=12, spec=spec)
+    first = np.asarray(out.tokens[0, :out.lengths[0]]).tolist()
+    stop = next(t for t in first[1:-1] if t not in cfg.eos_token_ids)  # ends the reply before its end
+    again = gen.generate(params, dataclasses.replace(cfg, eos_token_ids=(stop,)), prompt, max_new_tokens=12, spec=spec)
+    n = first.index(stop) + 1
+    assert int(again.lengths[0]) == n and np.asarray(again.tokens[0, :n]).tolist() == first[:n]
+
+
 def _unpacked(packed: rows_matmul.Packed) -> np.ndarray:
     """The weight [K, O] a Packed holds, from either layout."""
     tiles = np.asarray(packed.tiles)
