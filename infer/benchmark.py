@@ -23,7 +23,7 @@ from infer.report import add_report_args, beside, command, machine, table, write
 from redrafter_jax import cache as kv
 from redrafter_jax import generate as gen
 from redrafter_jax import rows_matmul
-from redrafter_jax.cli import run
+from redrafter_jax.cli import at_least, run
 from redrafter_jax.config import DrafterConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
 from redrafter_jax.generate import generate, matmul_precision
@@ -384,18 +384,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     ar = sub.add_parser("ar", help="autoregressive decoding vs transformers")
-    ar.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    ar.add_argument("--prompt-len", type=int, default=100)
-    ar.add_argument("--new-tokens", type=int, default=256)
-    ar.add_argument("--repeats", type=int, default=2)
+    ar.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[1, 8])
+    ar.add_argument("--prompt-len", type=at_least(1), default=100)
+    ar.add_argument("--new-tokens", type=at_least(1), default=256)
+    ar.add_argument("--repeats", type=at_least(1), default=2)
     sp = sub.add_parser("spec", help="speculative step costs and random/oracle drafters")
-    sp.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    sp.add_argument("--context", type=int, default=256)
-    sp.add_argument("--beam-width", type=int, default=4)
-    sp.add_argument("--beam-length", type=int, default=4)
-    sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
-    sp.add_argument("--new-tokens", type=int, default=128)
-    sp.add_argument("--repeats", type=int, default=2)
+    sp.add_argument("--tree-sizes", type=at_least(1), nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    sp.add_argument("--context", type=at_least(1), default=256)
+    sp.add_argument("--beam-width", type=at_least(1), default=4)
+    sp.add_argument("--beam-length", type=at_least(2), default=4)
+    sp.add_argument("--batch-sizes", type=at_least(1), nargs="+", default=[1, 4])
+    sp.add_argument("--new-tokens", type=at_least(1), default=128)
+    sp.add_argument("--repeats", type=at_least(1), default=2)
     sp.add_argument("--profile-specs", nargs="+", default=["1x4+1", "4x3+1x8:7", "4x4", "8x5"],
                     help="WxL[+K[xL']][:N] settings whose step is profiled part by part")
     for sub_parser in (ar, sp):

@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from redrafter_jax.cli import add_model_args, add_spec_args, at_least_one, load_model, load_proposers, run
+from redrafter_jax.cli import add_model_args, add_spec_args, at_least, load_drafter_for, load_model, run, tree_setting
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datastore import Datastore
 from redrafter_jax.drafter import Drafter
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="a user message, wrapped in the model's chat template; several: a conversation, each "
                            "answered in turn with the replies so far as its context")
     p.add_argument("--system", metavar="TEXT", help="a system prompt that opens the --chat conversation")
-    p.add_argument("--max-new-tokens", type=at_least_one, default=256, help="a chat reply usually ends before (EOS)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="a chat reply usually ends before (EOS)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         if not Tokenizer.check_text(text, f).strip():
             raise ValueError(f"{f} is empty")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    spec, store = tree_setting(args)
     model = load_model(args)
-    drafter, spec, store = load_proposers(args, model)
+    drafter = load_drafter_for(args, model, store)
     tok = model.tokenizer
     key = jax.random.PRNGKey(args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []

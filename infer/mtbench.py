@@ -45,7 +45,7 @@ from tqdm import tqdm
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter
-from redrafter_jax.cli import add_model_args, at_least_one, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, load_model, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datasets import MT_BENCH, Chat, read_chats
 from redrafter_jax.decode import round_up, suffix_width
@@ -219,19 +219,19 @@ def main(argv=None) -> None:
     add_model_args(p)
     p.add_argument("--drafter", nargs="+", default=[], help="drafter checkpoint directories (several: compared)")
     p.add_argument("--prompts", help="JSONL of prompts (default: MT-Bench's 80 questions)")
-    p.add_argument("--limit", type=at_least_one, default=None, help="use only the first N prompts")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use only the first N prompts")
     p.add_argument("--turn", type=int, choices=(1, 2), default=1,
                    help="1: the first user turns (the default); 2: the second, after the target's own greedy "
                         "reply to the first")
-    p.add_argument("--first-reply-tokens", type=int, default=512,
+    p.add_argument("--first-reply-tokens", type=at_least(1), default=512,
                    help="with --turn 2: the first replies' length limit (default 512)")
     p.add_argument("--reuse-cache", action="store_true",
                    help="with --turn 2: every decoder continues the first turn's KV cache, as a chat does, and "
                         "prefills only what follows it (the second message); batch 1")
-    p.add_argument("--prompt-bucket", type=int, default=32,
+    p.add_argument("--prompt-bucket", type=at_least(1), default=32,
                    help="prompts are padded to a multiple of this many tokens, each length compiled once "
                         "(default 32; larger: fewer programs for long prompts)")
-    p.add_argument("--max-new-tokens", type=at_least_one, default=128)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument("--sweep", nargs="+", default=["4x4"],
                    help="WxL[+K[xL']][+DxL''ds][:budget] settings (K lookup beams of L' tokens, default L; D "
                         "datastore beams of L'' tokens, with --datastore)")
@@ -245,7 +245,7 @@ def main(argv=None) -> None:
                    help="B: decode B consecutive prompts at a time; N/R: N at a time in R rows, a waiting prompt "
                         "taking the row of one that ends (continuous batching); several: each with its own "
                         "autoregressive reference")
-    p.add_argument("--transformers", type=int, nargs="*", metavar="N",
+    p.add_argument("--transformers", type=at_least(1), nargs="*", metavar="N",
                    help="also decode every prompt with Hugging Face transformers' generate (the same model, in "
                         "turn with ours): autoregressively and, for each N given, with its prompt lookup decoding "
                         "proposing N tokens a step; greedy, batch 1")
@@ -258,8 +258,6 @@ def main(argv=None) -> None:
                                           or args.reuse_cache or args.mesh):
         p.error("--transformers compares greedy decoding of one prompt at a time on one device: not with "
                 "--temperatures, --batch-sizes, --reuse-cache or --mesh")
-    if any(n < 1 for n in args.transformers or []):
-        p.error(f"--transformers takes the prompt lookup's tokens per step (N >= 1), got {args.transformers}")
 
     model = load_model(args)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from infer.report import table
 from redrafter_jax import generate as gen
-from redrafter_jax.cli import add_model_args, add_spec_args, at_least_one, load_model, load_proposers, run
+from redrafter_jax.cli import add_model_args, add_spec_args, at_least, load_drafter_for, load_model, run, tree_setting
 
 SPECULATIVE_PARTS = ("propose", "pack", "verify", "accept", "commit")
 AUTOREGRESSIVE_PARTS = ("forward", "select", "commit")
@@ -172,18 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--chat", required=True, help="a user message, wrapped in the model's chat template")
-    p.add_argument("--max-new-tokens", type=at_least_one, default=128)
-    p.add_argument("--ops", type=int, default=0, help="list each part's N costliest kinds of op")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
+    p.add_argument("--ops", type=at_least(0), default=0, help="list each part's N costliest kinds of op")
     add_spec_args(p)
     args = p.parse_args(argv)
-    if args.ops < 0:
-        raise ValueError(f"--ops must be >= 0, got {args.ops}")
     if args.mesh:
         raise ValueError("--mesh: the profile times one device's decode loop; run it without --mesh")
-    model = load_model(args)
-    drafter, spec, store = load_proposers(args, model)
+    spec, store = tree_setting(args)
     if spec is None:
         raise ValueError("nothing speculative to profile: pass --drafter, --lookup-beams and/or --datastore")
+    model = load_model(args)
+    drafter = load_drafter_for(args, model, store)
     prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     found = decodings(model.params, model.config, prompt, {f"speculative {spec.describe()}": dict(
         drafter=drafter, spec=spec, datastore=store)}, args.max_new_tokens)

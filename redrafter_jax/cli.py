@@ -16,12 +16,17 @@ OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-b
             "fewer new tokens or a smaller batch")
 
 
-def at_least_one(text: str) -> int:
-    """An argparse type: an integer >= 1, so that a count of zero is refused before anything loads."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum, so that a bad count is refused before anything loads."""
+
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+
+    parse.__name__ = "int"  # argparse's message for text that is no integer: "invalid int value"
+    return parse
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -97,18 +102,19 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
                         "beams alone")
 
 
-def load_proposers(args: argparse.Namespace, model: LoadedModel):
-    """The drafter named by --drafter (or None), the SpecConfig from --spec or the beam options (None when
-    decoding is autoregressive: no drafter, lookup beams or datastore) and the --datastore (or None)."""
-    if not args.drafter and not args.lookup_beams and not args.spec and not args.datastore:
-        return None, None, None
+def tree_setting(args: argparse.Namespace):
+    """The SpecConfig from --spec or the beam options and the --datastore it reads, (None, None) when
+    decoding is autoregressive (no tree option given); read before the model loads, so that a bad setting
+    is refused at once (`load_drafter_for` checks the datastore's tokens later)."""
+    options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
+    if not args.drafter and not args.spec and not args.datastore and options == (None,) * len(options):
+        return None, None
     store = None
     if args.datastore:
         from redrafter_jax import datastore
 
-        store = datastore.load(args.datastore, model.config.vocab_size)
+        store = datastore.load(args.datastore)
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
-    options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
     if args.spec and options != (None,) * len(options):
         raise ValueError("--spec gives the whole tree: pass it or the beam options (--beam-width, --beam-length, "
                          "--lookup-beams, --lookup-length, --tree-budget), not both")
@@ -129,13 +135,18 @@ def load_proposers(args: argparse.Namespace, model: LoadedModel):
                           length if length is not None else 4, budget,
                           lookup_beams=lookup if lookup is not None else (1 if args.drafter else 0),
                           lookup_length=lookup_length, **ngrams, **stored)
-    drafter = None
-    if args.drafter:
-        drafter = _load_drafter(args.drafter, model)
-    return drafter, spec, store
+    spec.check_proposers(bool(args.drafter), store)
+    return spec, store
 
 
-def _load_drafter(name: str, model: LoadedModel):
+def load_drafter_for(args: argparse.Namespace, model: LoadedModel, store):
+    """The drafter --drafter names (None without it), checked against the model, after checking that the
+    `tree_setting` datastore's tokens are the model's."""
+    if store is not None:
+        store.check_vocab(model.config.vocab_size, args.datastore)
+    if not args.drafter:
+        return None
+    name = args.drafter
     if name == "random":
         from redrafter_jax.drafter import untrained_drafter
 

@@ -225,6 +225,22 @@ class SpecConfig:
                              f"(the init token and at least one drafted token, at most every node), got "
                              f"{self.tree_budget}")
 
+    def check_proposers(self, drafter: bool, store) -> None:
+        """Raises unless every beam has its proposer and no proposer goes unused: drafter beams need a
+        drafter (`drafter`: whether one is given), datastore beams a datastore (`store`, or None) whose
+        continuations are long enough."""
+        if self.beam_width and not drafter:
+            raise ValueError(f"beam_width {self.beam_width} needs a drafter; for lookup-only decoding use "
+                             f"beam_width=0 with lookup_beams > 0")
+        if drafter and not self.beam_width:
+            raise ValueError("a drafter was given with beam_width 0, which would not use it")
+        if bool(self.datastore_beams) != (store is not None):
+            raise ValueError("datastore beams need a datastore (datastore.load(path)), and a datastore needs a spec "
+                             f"with datastore_beams > 0; got datastore_beams={self.datastore_beams} and "
+                             f"{'a' if store is not None else 'no'} datastore")
+        if store is not None:
+            store.check(self.datastore_length)
+
     @property
     def num_beams(self) -> int:
         return self.beam_width + self.lookup_beams + self.datastore_beams

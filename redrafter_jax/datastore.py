@@ -58,6 +58,12 @@ class Datastore:
             raise ValueError(f"datastore beams of {length} tokens need 2 <= length <= {self.length + 1} (the init "
                              f"token and at most the datastore's {self.length}-token continuations)")
 
+    def check_vocab(self, vocab_size: int, name: str = "the datastore") -> None:
+        """Raises unless its tokens are inside the target's vocabulary (ABSENT marks a reply's end)."""
+        conts = np.asarray(self.continuations)
+        if conts.size and (conts.max() >= vocab_size or conts.min() < ABSENT):
+            raise ValueError(f"{name} holds tokens outside the target's vocabulary of {vocab_size}")
+
 
 def _mix(h, xp):
     """murmur3's finaliser: spreads the polynomial hash's bits (uint32 in, uint32 out; numpy or jnp)."""
@@ -208,6 +214,7 @@ def load(path: str | os.PathLike, vocab_size: int | None = None) -> Datastore:
             acceptance.shape != (hi - lo + 1, conts.shape[1]) or np.any(keys[1:] < keys[:-1]):
         raise ValueError(f"{path} is a corrupt datastore (keys {keys.shape} {keys.dtype}, continuations "
                          f"{conts.shape}, acceptance {acceptance.shape}, n-grams {lo}..{hi})")
-    if vocab_size is not None and conts.size and (conts.max() >= vocab_size or conts.min() < ABSENT):
-        raise ValueError(f"{path} holds tokens outside the target's vocabulary of {vocab_size}")
-    return Datastore(jnp.asarray(keys), jnp.asarray(conts), jnp.asarray(acceptance), int(lo), int(hi))
+    store = Datastore(jnp.asarray(keys), jnp.asarray(conts), jnp.asarray(acceptance), int(lo), int(hi))
+    if vocab_size is not None:
+        store.check_vocab(vocab_size, str(path))
+    return store

@@ -535,19 +535,11 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         if spec is None:
             rows = batch_size or len(prompts)
             spec = SpecConfig.default(-(-rows // sharding.axis_size(mesh, sharding.DATA)))  # rows per device
-        if spec.beam_width and drafter is None:
-            raise ValueError(f"beam_width {spec.beam_width} needs a drafter; for lookup-only decoding use "
-                             f"beam_width=0 with lookup_beams > 0")
-        if not spec.beam_width and drafter is not None:
-            raise ValueError("a drafter was given with beam_width 0, which would not use it")
+        spec.check_proposers(drafter is not None, store)
         if drafter is not None:
             drafter.check(cfg, spec)
-    if bool(speculative and spec.datastore_beams) != (store is not None):
-        raise ValueError("datastore beams need a datastore (datastore.load(path)), and a datastore needs a spec "
-                         f"with datastore_beams > 0; got datastore_beams={spec.datastore_beams if spec else None} "
-                         f"and {'a' if store is not None else 'no'} datastore")
-    if store is not None:
-        store.check(spec.datastore_length)
+    elif store is not None:
+        raise ValueError("a datastore needs a spec with datastore_beams > 0; got a datastore and no spec")
     if max_len is not None:
         block = _block_for(block, max_len, n, spec.slots if speculative else 1, cfg.pad_token_id)
     b = block.shape[0]

@@ -1,6 +1,7 @@
 """The generate command end to end on the default model (the README's main job, shortened), and its beam options."""
 
 import argparse
+import dataclasses
 import re
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from infer.generate import main
 from redrafter_jax import datastore
 from redrafter_jax import generate as gen
-from redrafter_jax.cli import add_spec_args, load_proposers
+from redrafter_jax.cli import add_spec_args, load_drafter_for, tree_setting
 from redrafter_jax.generate import generate
 
 
@@ -49,7 +50,8 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
 def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
     """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots, greedy or sampling; any beam option given
     switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree); --spec gives the
-    whole tree in the benchmarks' notation; --datastore adds a datastore beam of 8 (unless --spec)."""
+    whole tree in the benchmarks' notation; --datastore adds a datastore beam of 8 (unless --spec). The
+    setting is read and checked before the model loads; the drafter and the datastore's tokens after."""
     p = argparse.ArgumentParser()
     add_spec_args(p)
     tokens = np.random.default_rng(0).integers(0, smollm.config.vocab_size, size=(4, 50))
@@ -64,13 +66,24 @@ def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
                                 (["--datastore", ds], "0x8+1+1x8ds:7", 7),
                                 (["--lookup-beams", "2", "--datastore", ds], "0x4+2+1x8ds", 14),
                                 (["--spec", "0x8+1+2x5ds", "--datastore", ds], "0x8+1+2x5ds", 16)]:
-        drafter, spec, store = load_proposers(p.parse_args(argv), smollm)
+        spec, store = tree_setting(p.parse_args(argv))
         assert (spec.describe(), spec.budget) == (label, budget), argv
-        assert (drafter is None) == ("--drafter" not in argv)
         assert (store is None) == ("--datastore" not in argv)
-    with pytest.raises(ValueError, match="beam_length must be >= 2"):
-        load_proposers(p.parse_args(["--drafter", "--beam-length", "0"]), smollm)
-    with pytest.raises(ValueError, match="--spec gives the whole tree"):
-        load_proposers(p.parse_args(["--drafter", "--spec", "4x3", "--tree-budget", "5"]), smollm)
-    with pytest.raises(ValueError, match="bad speculative setting '4x'"):
-        load_proposers(p.parse_args(["--drafter", "--spec", "4x"]), smollm)
+        assert (load_drafter_for(p.parse_args(argv), smollm, store) is None) == ("--drafter" not in argv)
+    assert tree_setting(p.parse_args([])) == (None, None)  # autoregressive
+    for argv, match in [(["--drafter", "--beam-length", "0"], "beam_length must be >= 2"),
+                        (["--drafter", "--spec", "4x3", "--tree-budget", "5"], "--spec gives the whole tree"),
+                        (["--drafter", "--spec", "4x"], "bad speculative setting '4x'"),
+                        (["--spec", "4x3+1"], "beam_width 4 needs a drafter"),
+                        (["--beam-width", "2"], "beam_width 2 needs a drafter"),
+                        (["--beam-length", "5"], "with at least one beam in all"),
+                        (["--drafter", "--spec", "0x8+1"], "a drafter was given with beam_width 0"),
+                        (["--spec", "0x8+1+1x8ds"], "datastore beams need a datastore"),
+                        (["--spec", "0x8+1", "--datastore", ds], "a datastore needs a spec with datastore_beams"),
+                        (["--spec", "0x8+1x9ds", "--datastore", ds], "datastore beams of 9 tokens need")]:
+        with pytest.raises(ValueError, match=match):
+            tree_setting(p.parse_args(argv))
+    args = p.parse_args(["--datastore", ds])
+    other = smollm._replace(config=dataclasses.replace(smollm.config, vocab_size=100))  # another model's tokens
+    with pytest.raises(ValueError, match=f"{ds} holds tokens outside the target's vocabulary of 100"):
+        load_drafter_for(args, other, tree_setting(args)[1])

@@ -81,8 +81,9 @@ def test_cli_errors_are_one_line_naming_the_problem(tmp_path, smollm_path):
     assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--system", " "), "--system is empty")
     assert_one_line_error(run_cli(*gen, "--chat", os.fsdecode(b"caf\xe9")), "--chat is not valid UTF-8 text")
     assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--drafter", tmp_path / "none"), "not a drafter checkpoint")
-    assert_one_line_error(run_cli(*gen, "--chat", "Hi", "--lookup-beams", "1", "--beam-length", "1"),
-                          "beam_length must be >= 2")
+    absent = ("infer.generate", "--gguf", tmp_path / "absent.gguf", "--chat", "Hi")  # refused before it loads:
+    assert_one_line_error(run_cli(*absent, "--lookup-beams", "1", "--beam-length", "1"), "beam_length must be >= 2")
+    assert_one_line_error(run_cli(*absent, "--spec", "4x3"), "beam_width 4 needs a drafter")
     zero = run_cli(*gen, "--chat", "Hi", "--max-new-tokens", "0")  # argparse's refusal, before the model loads
     assert zero.returncode == 2 and zero.stderr.decode().strip().endswith(
         "error: argument --max-new-tokens: must be at least 1, got 0"), zero.stderr

@@ -168,7 +168,8 @@ def test_transformers_reference_decodes_in_turn_with_ours(tmp_path, smollm_path,
     assert float(rows["transformers, prompt lookup of 4"][0]) > 1.2  # the repeated colours are copied
     assert float(rows["ours, 0x8+1:8"][0]) > 1.2
     assert float(rows["transformers, autoregressive"][2]) == 1 and float(rows["ours, autoregressive"][2]) > 0
-    for bad, why in ((["--transformers", "0"], "N >= 1"), (["--transformers", "--temperatures", "0.8"], "greedy")):
+    for bad, why in ((["--transformers", "0"], "argument --transformers: must be at least 1, got 0"),
+                     (["--transformers", "--temperatures", "0.8"], "greedy")):
         with pytest.raises(SystemExit):
             main(run + bad)
         assert why in capsys.readouterr().err

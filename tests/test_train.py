@@ -181,6 +181,32 @@ def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
         TrainConfig(steps=1, dropout=1.0)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("save_every", 0, r"save_every must be at least 1, got 0"), ("keep", 0, "keep must be at least 1"),
+    ("eval_batches", 0, "eval_batches must be at least 1"), ("lr", -1e-3, r"lr must be >= 0, got -0.001"),
+    ("lr", float("nan"), "lr must be >= 0, got nan"), ("clip_norm", 0.0, "clip_norm must be > 0"),
+    ("warmup_fraction", 1.5, r"warmup_fraction must be in \[0, 1\]"),
+    ("compute_dtype", "float16", "compute_dtype must be float32 or bfloat16, got 'float16'")])
+def test_training_settings_that_would_fail_later_or_train_wrongly_are_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(steps=1, **{field: value})
+
+
+def test_training_commands_refuse_a_bad_setting_before_the_model_loads(tmp_path):
+    from train import pipeline
+    from train import train as train_cli
+
+    absent = ["--gguf", str(tmp_path / "absent.gguf")]  # loading it would fail: the setting's error comes first
+    with pytest.raises(ValueError, match="save_every must be at least 1, got 0"):
+        train_cli.main(absent + ["--recipe", "distill", "--data", str(tmp_path), "--out", str(tmp_path / "t"),
+                                 "--steps", "4", "--save-every", "0"])
+    with pytest.raises(SystemExit, match="--recipe distill needs --data"):
+        train_cli.main(absent + ["--recipe", "distill", "--out", str(tmp_path / "t"), "--steps", "4"])
+    with pytest.raises(ValueError, match="lr must be >= 0, got -0.01"):  # not after the distillation
+        pipeline.main(absent + ["--out", str(tmp_path / "p"), "--minutes", "1", "--lr", "-0.01"])
+    assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
+
+
 def test_fine_tuning_starts_from_the_drafter_and_keeps_it_unless_training_beats_it(tmp_path):
     from redrafter_jax.checkpoint import load_drafter_config
     from train.train import held_out_score, params_fingerprint
@@ -660,12 +686,12 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
     both = zip(read_shards(os.path.join(out, "train")), more)
     trained = json.load(open(tmp_path / "added" / "run.json"))["train_data"]
     assert trained == fingerprint(Sequences(*(a + b for a, b in both)))
-    for flags, match in [
-            (["--eval-fraction", "0.1"],
-             "--eval-fraction 0.1, but .* was distilled with 0.2: the same conversations must be held out"),
-            (["--add-conversations", "-1"], "must be at least 1, got -1")]:
-        with pytest.raises(SystemExit, match=match):  # before the model is loaded
-            train_cli.main(added + ["--add-conversations", "6"] + flags + ["--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--eval-fraction 0.1, but .* was distilled with 0.2: the same "
+                                         "conversations must be held out"):  # before the model is loaded
+        train_cli.main(added + ["--add-conversations", "6", "--eval-fraction", "0.1", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):
+        train_cli.main(added + ["--add-conversations", "-1", "--out", str(tmp_path / "x")])
+    assert "argument --add-conversations: must be at least 0, got -1" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--add-conversations is for --recipe distill"):
         train_cli.main(common + ["--recipe", "dataset", "--add-conversations", "6", "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()

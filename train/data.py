@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jinja2
 import numpy as np
 
-from redrafter_jax.cli import at_least_one
+from redrafter_jax.cli import at_least
 from redrafter_jax.datasets import SHAREGPT, Chat, read_chats
 from redrafter_jax.files import UNREADABLE_NPZ, write_text
 from redrafter_jax.tokenizer import Tokenizer
@@ -51,7 +51,7 @@ def chats_setting(path: str | None) -> dict:
 
 def add_turns_arg(p: argparse.ArgumentParser) -> None:
     """--turns, as `train.distill` and `train.pipeline` take it (N >= 1)."""
-    p.add_argument("--turns", type=at_least_one, default=1,
+    p.add_argument("--turns", type=at_least(1), default=1,
                    help="prompts at each of a conversation's first N user turns")
 
 

@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from redrafter_jax import datastore
-from redrafter_jax.cli import run
+from redrafter_jax.cli import at_least, run
 from train import data
 
 
@@ -23,10 +23,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a train.distill folder (train/ and eval/ shards)")
     p.add_argument("--out", required=True, help="the datastore file to write (.npz)")
-    p.add_argument("--ngram", type=int, nargs=2, default=(2, 6), metavar=("MIN", "MAX"),
+    p.add_argument("--ngram", type=at_least(1), nargs=2, default=(2, 6), metavar=("MIN", "MAX"),
                    help="n-gram lengths stored and looked up (default 2 6)")
-    p.add_argument("--length", type=int, default=7, help="continuation tokens stored per n-gram (default 7)")
-    p.add_argument("--min-count", type=int, default=1,
+    p.add_argument("--length", type=at_least(1), default=7, help="continuation tokens stored per n-gram (default 7)")
+    p.add_argument("--min-count", type=at_least(1), default=1,
                    help="keep an n-gram only if its commonest continuation followed it this often (default 1: "
                         "all; 2: a third of the file, drafts a little worse)")
     args = p.parse_args(argv)

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from redrafter_jax.cli import add_model_args, at_least_one, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, load_model, run
 from redrafter_jax.files import write_json
 from redrafter_jax.generate import generate
 from train import data
@@ -106,13 +106,13 @@ def main(argv=None) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--conversations", metavar="FILE", help="your own conversations (JSON or JSONL) instead of ShareGPT")
-    p.add_argument("--num-prompts", type=int, default=2000)
-    p.add_argument("--num-eval-prompts", type=int, default=64)
+    p.add_argument("--num-prompts", type=at_least(0), default=2000)
+    p.add_argument("--num-eval-prompts", type=at_least(0), default=64)
     data.add_turns_arg(p)
-    p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--max-new-tokens", type=at_least_one, default=256)
-    p.add_argument("--batch-size", type=at_least_one, default=16)
-    p.add_argument("--shard-size", type=at_least_one, default=64)
+    p.add_argument("--max-prompt-tokens", type=at_least(1), default=256)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    p.add_argument("--batch-size", type=at_least(1), default=16)
+    p.add_argument("--shard-size", type=at_least(1), default=64)
     p.add_argument("--eval-fraction", type=float, default=0.02)
     args = p.parse_args(argv)
 

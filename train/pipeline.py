@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter_config
-from redrafter_jax.cli import add_model_args, at_least_one, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
@@ -51,14 +51,15 @@ from train import data
 from train.distill import check_settings, write_distill_shards
 from train.train import (
     add_train_args,
-    configs_from_args,
     draft_vocabulary,
     drafter_to_fine_tune,
     evaluate_split,
     init_state,
     make_steps,
+    shape_from_args,
     split_frozen,
     train,
+    train_config,
     training_mesh,
 )
 
@@ -182,26 +183,30 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, required=True, help="time budget of the whole run")
     p.add_argument("--distill-share", type=float, default=0.5, help="at most this share of the budget distils")
     p.add_argument("--eval-share", type=float, default=0.1, help="share of the budget kept for the evaluation")
-    p.add_argument("--num-prompts", type=int, default=None, help="distil at most this many training prompts")
-    p.add_argument("--num-eval-prompts", type=int, default=None, help="distil at most this many held-out prompts")
+    p.add_argument("--num-prompts", type=at_least(0), default=None, help="distil at most this many training prompts")
+    p.add_argument("--num-eval-prompts", type=at_least(0), default=None,
+                   help="distil at most this many held-out prompts")
     data.add_turns_arg(p)
-    p.add_argument("--max-prompt-tokens", type=int, default=384)
-    p.add_argument("--max-new-tokens", type=at_least_one, default=384)
+    p.add_argument("--max-prompt-tokens", type=at_least(1), default=384)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=384)
     p.add_argument("--eval-fraction", type=float, default=0.02)
-    p.add_argument("--distill-batch", type=at_least_one, default=512)
-    p.add_argument("--shard-size", type=at_least_one, default=1024)
-    p.add_argument("--max-steps", type=int, default=None, help="train at most this many steps")
-    p.add_argument("--eval-prompts", type=int, default=16,
+    p.add_argument("--distill-batch", type=at_least(1), default=512)
+    p.add_argument("--shard-size", type=at_least(1), default=1024)
+    p.add_argument("--max-steps", type=at_least(1), default=None, help="train at most this many steps")
+    p.add_argument("--eval-prompts", type=at_least(0), default=16,
                    help="held-out prompts decoded to measure tokens/step (0: none)")
     p.add_argument("--eval-spec", default="1x5+2", help="setting (WxL+K) the tokens/step are measured at")
-    p.add_argument("--eval-new-tokens", type=at_least_one, default=128)
+    p.add_argument("--eval-new-tokens", type=at_least(1), default=128)
     add_train_args(p, exclude=("steps",))
     p.set_defaults(batch_size=32, seq_len=768, lr=2e-3, warmup_fraction=0.05, exit_dim=576, draft_vocab=4096,
                    eval_batches=8)
     args = p.parse_args(argv)
+    if not args.minutes > 0:
+        p.error(f"--minutes must be positive, got {args.minutes}")
     if not 0 < args.distill_share < 1 or not 0 <= args.eval_share < 1 - args.distill_share:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
     eval_spec = SpecConfig.parse(args.eval_spec)
+    train_config(args, steps=1)  # a bad training flag is refused now, not after the distillation
 
     t0 = time.time()
     budget = 60 * args.minutes
@@ -218,10 +223,11 @@ def main(argv=None) -> None:
 
     model = load_model(args)
     init = drafter_to_fine_tune(args, p, model.config) if args.init else None
+    dcfg = shape_from_args(args, model.config, init)
     prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
                                     args.max_prompt_tokens, args.eval_fraction, args.conversations, args.turns)
     stage["load"] = time.time() - t0
-    longest = max(map(len, prompts["train"][:args.num_prompts] + prompts["eval"][:args.num_eval_prompts]))
+    longest = max(map(len, prompts["train"][:args.num_prompts] + prompts["eval"][:args.num_eval_prompts]), default=0)
     if args.seq_len <= longest:  # (training would refuse its reply, after the distillation)
         raise ValueError(f"--seq-len {args.seq_len} leaves out the reply of the longest prompt ({longest} tokens): "
                          f"make it at least {longest + args.max_new_tokens} (that prompt + --max-new-tokens)")
@@ -253,8 +259,8 @@ def main(argv=None) -> None:
     if "plan" in log and os.path.isdir(os.path.join(args.out, "checkpoints")):
         plan = log["plan"]
     else:
-        probe, dcfg = configs_from_args(args, model.config, init, steps=1000)
-        timing = time_train_steps(probe, dcfg, model.config, model.params, train_seqs, model.mesh)
+        timing = time_train_steps(train_config(args, steps=1000), dcfg, model.config, model.params, train_seqs,
+                                  model.mesh)
         left = t0 + (1 - args.eval_share) * budget - time.time()
         # held-out evaluations: the ten of --keep-best (eleven where the steps are no multiple of ten), or
         # the last alone; and where a drafter is fine-tuned, its own first
@@ -265,9 +271,8 @@ def main(argv=None) -> None:
     log["plan"] = plan
     write_json(log_path, log)
     # held-out evaluations: at the end, or ten along the way for --keep-best to choose from
-    tc, dcfg = configs_from_args(args, model.config, init, steps=plan["steps"],
-                                 save_every=max(plan["steps"] // 4, 1),
-                                 eval_every=max(plan["steps"] // 10, 1) if args.keep_best else plan["steps"])
+    tc = train_config(args, steps=plan["steps"], save_every=max(plan["steps"] // 4, 1),
+                      eval_every=max(plan["steps"] // 10, 1) if args.keep_best else plan["steps"])
     extra = {"command": log["command"], "recipe": "distill", "pipeline_minutes": args.minutes}
     vocab_map = draft_vocabulary(dcfg, model.config, train_seqs, eval_seqs, extra, init)
     t_train = time.time()

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from redrafter_jax.checkpoint import load_drafter, save_drafter
-from redrafter_jax.cli import add_model_args, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.files import write_json, write_text
@@ -84,12 +84,21 @@ class TrainConfig:
     keep_best: bool = False
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 3 or self.num_heads < 1 or self.grad_accum < 1:
-            raise ValueError(f"invalid training config: {self}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.soft_labels <= 1:
-            raise ValueError(f"soft_labels must be in [0, 1], got {self.soft_labels}")
+        """Refuses a setting that would fail later (a zero period, no checkpoint kept) or train wrongly
+        (a negative learning rate ascends the loss), naming the field (the command line's flag)."""
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 3), ("num_heads", 1), ("grad_accum", 1),
+                          ("save_every", 1), ("keep", 1), ("eval_every", 1), ("eval_batches", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name, ok, want in (("lr", self.lr >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("clip_norm", self.clip_norm > 0, "> 0"),
+                               ("warmup_fraction", 0 <= self.warmup_fraction <= 1, "in [0, 1]"),
+                               ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                               ("soft_labels", 0 <= self.soft_labels <= 1, "in [0, 1]")):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
 
 
 def token_counts(seqs: Sequences, vocab_size: int) -> np.ndarray:
@@ -437,28 +446,29 @@ def add_train_args(p: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) ->
             p.add_argument(flag, action="store_true")
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
-    p.add_argument("--resblocks", type=int, default=2)
+    p.add_argument("--resblocks", type=at_least(0), default=2)
     p.add_argument("--no-rnn", action="store_true")
-    p.add_argument("--exit-dim", type=int, default=None)
+    p.add_argument("--exit-dim", type=at_least(1), default=None)
     p.add_argument("--share-lm-head", action="store_true")
-    p.add_argument("--draft-vocab", type=int, default=None, help="reduced draft vocabulary: the N most frequent tokens")
+    p.add_argument("--draft-vocab", type=at_least(1), default=None,
+                   help="reduced draft vocabulary: the N most frequent tokens")
     p.add_argument("--init", metavar="DRAFTER",
                    help="fine-tune: start from this drafter's weights, keeping its shape and draft vocabulary (shape "
                         "flags, if given, must describe it); evaluated at step 0, so --keep-best keeps it unless "
                         "training beats it")
 
 
-def configs_from_args(args: argparse.Namespace, target_cfg: ModelConfig, init: Drafter | None = None,
-                      **overrides) -> tuple[TrainConfig, DrafterConfig]:
-    """The TrainConfig (fields from args unless given in overrides) and the DrafterConfig the flags describe
-    (a fine-tune's: its init drafter's)."""
-    tc = TrainConfig(**{f.name: overrides[f.name] if f.name in overrides else getattr(args, f.name)
-                        for f in dataclasses.fields(TrainConfig)})
-    return tc, shape_from_args(args, target_cfg) if init is None else init.config
+def train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
+    """The TrainConfig of the flags (fields given in overrides aside); a bad value raises, naming it, so the
+    scripts build it before the model loads."""
+    return TrainConfig(**{f.name: overrides[f.name] if f.name in overrides else getattr(args, f.name)
+                          for f in dataclasses.fields(TrainConfig)})
 
 
-def shape_from_args(args: argparse.Namespace, target_cfg: ModelConfig) -> DrafterConfig:
-    """The drafter shape the flags describe."""
+def shape_from_args(args: argparse.Namespace, target_cfg: ModelConfig, init: Drafter | None = None) -> DrafterConfig:
+    """The drafter shape the flags describe (a fine-tune's: its init drafter's)."""
+    if init is not None:
+        return init.config
     return DrafterConfig(hidden_size=target_cfg.hidden_size, vocab_size=target_cfg.vocab_size,
                          num_resblocks=args.resblocks, rnn=not args.no_rnn, exit_dim=args.exit_dim,
                          share_lm_head=args.share_lm_head, draft_vocab_size=args.draft_vocab)
@@ -498,8 +508,6 @@ def check_added_conversations(args: argparse.Namespace) -> None:
     if args.recipe != "distill":
         raise SystemExit("--add-conversations is for --recipe distill (--recipe dataset trains on conversations "
                          "alone)")
-    if args.add_conversations < 0:
-        raise SystemExit(f"--add-conversations must be at least 1, got {args.add_conversations}")
     recorded = os.path.join(args.data or "", "distill.json")
     fraction = None
     if os.path.isfile(recorded):
@@ -521,9 +529,9 @@ def main(argv=None) -> None:
     p.add_argument("--conversations", metavar="FILE",
                    help="recipe dataset, --add-conversations: your own conversations (JSON or JSONL) instead of "
                         "ShareGPT")
-    p.add_argument("--max-conversations", type=int, default=None, help="conversations to read")
+    p.add_argument("--max-conversations", type=at_least(1), default=None, help="conversations to read")
     p.add_argument("--eval-fraction", type=float, default=0.02)
-    p.add_argument("--add-conversations", type=int, default=0, metavar="N",
+    p.add_argument("--add-conversations", type=at_least(0), default=0, metavar="N",
                    help="recipe distill: also train on the assistant turns of the first N training conversations "
                         "with a reply, as the target reads them (its distribution there is the label, not their "
                         "words, whatever --soft-labels)")
@@ -533,11 +541,14 @@ def main(argv=None) -> None:
     if args.conversations and args.recipe != "dataset" and not args.add_conversations:
         raise SystemExit("--conversations is for --recipe dataset or --add-conversations; to distil them: "
                          "python -m train.distill --conversations ...")
+    if args.recipe == "distill" and not args.data:
+        raise SystemExit("--recipe distill needs --data (made by python -m train.distill)")
     if args.add_conversations:
         check_added_conversations(args)
+    tc = train_config(args)  # (refused before the model loads)
     model = load_model(args)
     init = drafter_to_fine_tune(args, p, model.config) if args.init else None
-    tc, dcfg = configs_from_args(args, model.config, init)
+    dcfg = shape_from_args(args, model.config, init)
 
     def conversations() -> tuple[list, list]:  # (training, held-out)
         return data.split(data.load_chats(args.conversations, limit=args.max_conversations), args.eval_fraction)
@@ -545,8 +556,6 @@ def main(argv=None) -> None:
     if args.recipe == "dataset":
         train_seqs, eval_seqs = (data.dataset_sequences(model.tokenizer, c, tc.seq_len) for c in conversations())
     else:
-        if not args.data:
-            raise SystemExit("--recipe distill needs --data (made by python -m train.distill)")
         train_seqs = data.read_shards(os.path.join(args.data, "train"))
         eval_seqs = data.read_shards(os.path.join(args.data, "eval"))
         if args.add_conversations:
