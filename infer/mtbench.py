@@ -259,7 +259,27 @@ def main(argv=None) -> None:
         p.error("--transformers compares greedy decoding of one prompt at a time on one device: not with "
                 "--temperatures, --batch-sizes, --reuse-cache or --mesh")
 
+    if args.reuse_cache and args.turn == 1:
+        p.error("--reuse-cache continues the first turn's cache: it needs --turn 2")
+    if args.reuse_cache and args.batch_sizes != [Batching(1)]:
+        p.error("--reuse-cache decodes one prompt at a time (each continues its own first turn's cache): "
+                "not with --batch-sizes")
+    # the settings before the model loads (and before --turn 2's first replies are decoded): a bad one fails now
+    specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
+             for t in args.sweep]
+    if any(s.beam_width for s in specs) and not args.drafter:
+        p.error("settings with W > 0 need --drafter")
+    stored = any(s.datastore_beams for s in specs)
+    if stored != bool(args.datastore):
+        p.error("settings with datastore beams (+DxL''ds) need --datastore, and --datastore needs such a setting")
+    store = datastore.load(args.datastore) if stored else None
+    for s in specs:
+        if s.datastore_beams:
+            store.check(s.datastore_length)
+
     model = load_model(args)
+    if store is not None:
+        store.check_vocab(model.config.vocab_size, args.datastore)
     drafters = {path: load_drafter(path, model.config) for path in args.drafter}
     conversations = load_conversations(args.prompts)[: args.limit]
     if args.turn == 1:
@@ -267,15 +287,10 @@ def main(argv=None) -> None:
     elif one := sum(len(c.user_turns()) < 2 for c in conversations):
         p.error(f"--turn 2 needs a second user turn in every prompt (prompts with one turn: {one} of "
                 f"{len(conversations)})")
-    elif args.reuse_cache and args.batch_sizes != [Batching(1)]:
-        p.error("--reuse-cache decodes one prompt at a time (each continues its own first turn's cache): "
-                "not with --batch-sizes")
     else:
         drafter = drafters[args.drafter[0]] if drafters else None
         prompts, caches = second_turn_prompts(model, conversations, args.first_reply_tokens, drafter,
                                               keep_cache=args.reuse_cache)
-    if args.reuse_cache and args.turn == 1:
-        p.error("--reuse-cache continues the first turn's cache: it needs --turn 2")
     hf = None
     if args.transformers is not None:
         from infer.benchmark import load_transformers
@@ -283,14 +298,6 @@ def main(argv=None) -> None:
         hf = load_transformers(jax.devices()[0].platform.replace("gpu", "cuda"), args.hf, args.gguf, args.dtype)
         if hf is None:
             p.error("--transformers needs torch and transformers installed")
-    specs = [SpecConfig.parse(t, lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
-             for t in args.sweep]
-    if any(s.beam_width for s in specs) and not drafters:
-        p.error("settings with W > 0 need --drafter")
-    stored = any(s.datastore_beams for s in specs)
-    if stored != bool(args.datastore):
-        p.error("settings with datastore beams (+DxL''ds) need --datastore, and --datastore needs such a setting")
-    store = datastore.load(args.datastore, model.config.vocab_size) if stored else None
     # (drafter path, spec) per row; lookup-only settings run once, without a drafter
     runs = [(path, s) for s in specs for path in (args.drafter if s.beam_width else [None])]
     # Per batch size and temperature: its autoregressive reference, then every run. Every decoder decodes

@@ -181,6 +181,19 @@ def test_bad_batch_sizes_are_refused(text):
         Batching.parse(text)
 
 
+def test_bad_settings_are_refused_before_the_model_loads(tmp_path, capsys):
+    absent = ["--gguf", str(tmp_path / "absent.gguf"), "--limit", "1"]  # loading it would fail: these come first
+    for bad, message in [(["--sweep", "4x3"], "settings with W > 0 need --drafter"),
+                         (["--sweep", "0x8+1+1x8ds"], "settings with datastore beams (+DxL''ds) need --datastore"),
+                         (["--reuse-cache", "--turn", "2", "--batch-sizes", "2"],
+                          "--reuse-cache decodes one prompt at a time")]:
+        with pytest.raises(SystemExit):
+            main(absent + bad)
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bad speculative setting '4x'"):
+        main(absent + ["--sweep", "4x"])
+
+
 def test_continuous_batching_run_reports_identical_outputs_and_busy_rows(tmp_path, smollm_path, monkeypatch):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in
