@@ -392,6 +392,8 @@ def main(argv=None) -> None:
 
     hf_device = "cuda" if device.platform == "gpu" else "cpu"
     model = load("float32")
+    for path in drafters:  # a bad --drafter fails now, not in part 4 after minutes of the GPU's time
+        load_drafter(path, model.config)
 
     def ar():
         headers, rows = ar_rows(model, load_transformers(hf_device, args.hf), sizes.batch_sizes, sizes.prompt_len,

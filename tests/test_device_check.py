@@ -161,6 +161,19 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
     assert "Skipped for the time budget: autoregressive vs transformers" in (tmp_path / "bench.md").read_text()
 
 
+def test_a_bad_drafter_is_refused_before_any_part_runs(tmp_path):
+    model = tmp_path / "model"
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    other = str(tmp_path / "drafter")  # a drafter for another target (hidden size 48, not 32)
+    dcfg = DrafterConfig(hidden_size=48, vocab_size=64, num_resblocks=1)
+    save_drafter(other, Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg))
+    for drafter, match in [(other, "drafter hidden size 48 does not match the target's 32"),
+                           (str(tmp_path / "none"), "not a drafter checkpoint")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            device_check.main(["--tiny", "--hf", str(model), "--drafter", drafter, "--report", str(tmp_path / "b.md")])
+    assert not (tmp_path / "device_check.json").exists()  # no part ran
+
+
 def test_device_check_refuses_a_bad_budget(tmp_path):
     with pytest.raises(ValueError, match="--minutes must be positive"):
         device_check.main(["--tiny", "--minutes", "0", "--report", str(tmp_path / "b.md")])
