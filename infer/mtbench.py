@@ -276,6 +276,8 @@ def main(argv=None) -> None:
     for s in specs:
         if s.datastore_beams:
             store.check(s.datastore_length)
+    for t in args.temperatures:
+        SamplingConfig(t)  # raises for a temperature it cannot sample at
 
     model = load_model(args)
     if store is not None:

@@ -192,6 +192,8 @@ def test_bad_settings_are_refused_before_the_model_loads(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="bad speculative setting '4x'"):
         main(absent + ["--sweep", "4x"])
+    with pytest.raises(ValueError, match="temperature must be 0"):
+        main(absent + ["--sweep", "0x8+1", "--temperatures", "0", "-0.5"])
 
 
 def test_continuous_batching_run_reports_identical_outputs_and_busy_rows(tmp_path, smollm_path, monkeypatch):
