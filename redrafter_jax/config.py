@@ -290,15 +290,15 @@ class SpecConfig:
     def default(cls, batch_size: int = 1, **kwargs) -> "SpecConfig":
         """The tree that measured best on MT-Bench on a CPU for batches of `batch_size` rows (per device):
         4 x 3 + 1 x 8 (the drafter's four beams of 3 tokens, of every depth, and a lookup beam of 8),
-        its best-scored nodes in 7 slots at batch 1, 6 at 2 (12 tree tokens, which fit one pass of the
-        CPU kernel's 12 rows; 7 and 4 slots ran 3-8% slower in float32 and bfloat16), then 16-21 tree
-        tokens per step across the batch (5 slots at 3, 4 at 4 and 5, 3 at 6 and 7), 2 slots from 8 on:
-        a CPU forward's cost grows slowly up to about 16-24 tokens in all, then with them, so a larger
-        batch affords fewer slots a row (docs/benchmarks.md, "MT-Bench in batches"). kwargs set the
+        its best-scored nodes in 7 slots at batch 1, 6 at 2 and 4 at 3 (12 tree tokens, which fit one
+        pass of the CPU kernel's 12 rows; at batch 2, 7 and 4 slots ran 3-8% slower in float32 and
+        bfloat16), then 16-21 tree tokens per step across the batch (4 slots at 4 and 5, 3 at 6 and 7),
+        2 slots from 8 on: a CPU forward's cost grows slowly up to about 16-24 tokens in all, then with
+        them, so a larger batch affords fewer slots a row (docs/benchmarks.md, "MT-Bench in batches"). kwargs set the
         other fields (e.g. the lookup n-gram lengths)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        slots = {1: 7, 2: 6, 3: 5, 4: 4, 5: 4, 6: 3, 7: 3}.get(batch_size, 2)
+        slots = {1: 7, 2: 6, 3: 4, 4: 4, 5: 4, 6: 3, 7: 3}.get(batch_size, 2)
         return cls.parse(f"4x3+1x8:{slots}", **kwargs)
 
     @classmethod

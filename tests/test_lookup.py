@@ -193,9 +193,9 @@ def test_bad_lookup_settings_raise(tiny):
     for bad in [0, 2.0, True]:
         with pytest.raises(ValueError, match="slot_multiple must be"):
             SpecConfig(8, 5, slot_multiple=bad)
-    # the default tree: 7 slots for one row, 6 for two, 16-21 tree tokens a step across 3-7 rows, then 2 slots
+    # the default tree: 7 slots for one row, 12 tree tokens a step for 2 and 3 rows, 16-21 for 4-7, then 2 slots
     assert [SpecConfig.default(b).budget for b in range(1, 10)] + [SpecConfig.default(64).budget] == \
-        [7, 6, 5, 4, 4, 3, 3, 2, 2, 2]
+        [7, 6, 4, 4, 4, 3, 3, 2, 2, 2]
     assert SpecConfig.default(lookup_max_ngram=5) == SpecConfig.parse("4x3+1x8:7", lookup_max_ngram=5)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         SpecConfig.default(0)
