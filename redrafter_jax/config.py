@@ -294,8 +294,8 @@ class SpecConfig:
         pass of the CPU kernel's 12 rows; at batch 2, 7 and 4 slots ran 3-8% slower in float32 and
         bfloat16), then 16-21 tree tokens per step across the batch (4 slots at 4 and 5, 3 at 6 and 7),
         2 slots from 8 on: a CPU forward's cost grows slowly up to about 16-24 tokens in all, then with
-        them, so a larger batch affords fewer slots a row (docs/benchmarks.md, "MT-Bench in batches"). kwargs set the
-        other fields (e.g. the lookup n-gram lengths)."""
+        them, so a larger batch affords fewer slots a row (docs/benchmarks.md, "MT-Bench in batches").
+        kwargs set the other fields (e.g. the lookup n-gram lengths)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         slots = {1: 7, 2: 6, 3: 4, 4: 4, 5: 4, 6: 3, 7: 3}.get(batch_size, 2)
