@@ -107,7 +107,8 @@ def tree_setting(args: argparse.Namespace):
     decoding is autoregressive (no tree option given); read before the model loads, so that a bad setting
     is refused at once (`load_drafter_for` checks the datastore's tokens later)."""
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
-    if not args.drafter and not args.spec and not args.datastore and options == (None,) * len(options):
+    beam_options = any(o is not None for o in options)
+    if not (args.drafter or args.spec or args.datastore or beam_options):
         return None, None
     store = None
     if args.datastore:
@@ -115,13 +116,13 @@ def tree_setting(args: argparse.Namespace):
 
         store = datastore.load(args.datastore)
     ngrams = dict(lookup_min_ngram=args.lookup_ngram[0], lookup_max_ngram=args.lookup_ngram[1])
-    if args.spec and options != (None,) * len(options):
+    if args.spec and beam_options:
         raise ValueError("--spec gives the whole tree: pass it or the beam options (--beam-width, --beam-length, "
                          "--lookup-beams, --lookup-length, --tree-budget), not both")
     stored = store.one_beam() if store and not args.spec else {}  # --spec says how many, if any
     if args.spec:
         spec = SpecConfig.parse(args.spec, **ngrams)
-    elif (args.drafter or store) and options == (None,) * len(options):
+    elif not beam_options:  # --drafter and/or --datastore alone
         # The setting that measured best on MT-Bench on the CPU at batch 1, greedy and sampling at 0.7 and
         # 1.0: 4 x 3 + 1 x 8 in 7 slots, the 7 best-scored nodes (`tree.py`):
         # down the lookup beam (8 tokens: a repeat often runs on) as far as the match makes it likely, the
