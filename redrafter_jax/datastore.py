@@ -60,8 +60,8 @@ class Datastore:
 
     def check_vocab(self, vocab_size: int, name: str = "the datastore") -> None:
         """Raises unless its tokens are inside the target's vocabulary (ABSENT marks a reply's end)."""
-        conts = np.asarray(self.continuations)
-        if conts.size and (conts.max() >= vocab_size or conts.min() < ABSENT):
+        conts = self.continuations  # reduced where it lives: a GPU copies back two numbers, not the array
+        if conts.size and (int(conts.max()) >= vocab_size or int(conts.min()) < ABSENT):
             raise ValueError(f"{name} holds tokens outside the target's vocabulary of {vocab_size}")
 
 
