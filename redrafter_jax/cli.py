@@ -29,6 +29,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (NaN refused too)."""
+    x = float(text)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return x
+
+
+fraction.__name__ = "float"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")

@@ -192,8 +192,8 @@ def test_training_settings_that_would_fail_later_or_train_wrongly_are_refused(fi
         TrainConfig(steps=1, **{field: value})
 
 
-def test_training_commands_refuse_a_bad_setting_before_the_model_loads(tmp_path):
-    from train import pipeline
+def test_training_commands_refuse_a_bad_setting_before_the_model_loads(tmp_path, capsys):
+    from train import distill, pipeline
     from train import train as train_cli
 
     absent = ["--gguf", str(tmp_path / "absent.gguf")]  # loading it would fail: the setting's error comes first
@@ -204,6 +204,11 @@ def test_training_commands_refuse_a_bad_setting_before_the_model_loads(tmp_path)
         train_cli.main(absent + ["--recipe", "distill", "--out", str(tmp_path / "t"), "--steps", "4"])
     with pytest.raises(ValueError, match="lr must be >= 0, got -0.01"):  # not after the distillation
         pipeline.main(absent + ["--out", str(tmp_path / "p"), "--minutes", "1", "--lr", "-0.01"])
+    # a share outside [0, 1] held out everything or nothing, to fail (or train on no held-out data) later
+    for command, share in ((train_cli.main, "1.5"), (distill.main, "-0.1"), (pipeline.main, "nan")):
+        with pytest.raises(SystemExit):
+            command(absent + ["--out", str(tmp_path / "p"), "--eval-fraction", share])
+        assert f"argument --eval-fraction: must be between 0 and 1, got {share}" in capsys.readouterr().err
     assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
 
 

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from redrafter_jax.cli import add_model_args, at_least, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, fraction, load_model, run
 from redrafter_jax.files import write_json
 from redrafter_jax.generate import generate
 from train import data
@@ -113,7 +113,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=at_least(1), default=256)
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--shard-size", type=at_least(1), default=64)
-    p.add_argument("--eval-fraction", type=float, default=0.02)
+    p.add_argument("--eval-fraction", type=fraction, default=0.02)
     args = p.parse_args(argv)
 
     model = load_model(args)

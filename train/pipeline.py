@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter_config
-from redrafter_jax.cli import add_model_args, at_least, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, fraction, load_model, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
@@ -189,7 +189,7 @@ def main(argv=None) -> None:
     data.add_turns_arg(p)
     p.add_argument("--max-prompt-tokens", type=at_least(1), default=384)
     p.add_argument("--max-new-tokens", type=at_least(1), default=384)
-    p.add_argument("--eval-fraction", type=float, default=0.02)
+    p.add_argument("--eval-fraction", type=fraction, default=0.02)
     p.add_argument("--distill-batch", type=at_least(1), default=512)
     p.add_argument("--shard-size", type=at_least(1), default=1024)
     p.add_argument("--max-steps", type=at_least(1), default=None, help="train at most this many steps")

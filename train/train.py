@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from redrafter_jax.checkpoint import load_drafter, save_drafter
-from redrafter_jax.cli import add_model_args, at_least, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, fraction, load_model, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.files import write_json, write_text
@@ -509,12 +509,12 @@ def check_added_conversations(args: argparse.Namespace) -> None:
         raise SystemExit("--add-conversations is for --recipe distill (--recipe dataset trains on conversations "
                          "alone)")
     recorded = os.path.join(args.data or "", "distill.json")
-    fraction = None
+    held = None
     if os.path.isfile(recorded):
         with open(recorded) as f:
-            fraction = json.load(f).get("eval_fraction")
-    if fraction is not None and fraction != args.eval_fraction:
-        raise SystemExit(f"--eval-fraction {args.eval_fraction}, but {args.data} was distilled with {fraction}: "
+            held = json.load(f).get("eval_fraction")
+    if held is not None and held != args.eval_fraction:
+        raise SystemExit(f"--eval-fraction {args.eval_fraction}, but {args.data} was distilled with {held}: "
                          f"the same conversations must be held out")
 
 
@@ -530,7 +530,7 @@ def main(argv=None) -> None:
                    help="recipe dataset, --add-conversations: your own conversations (JSON or JSONL) instead of "
                         "ShareGPT")
     p.add_argument("--max-conversations", type=at_least(1), default=None, help="conversations to read")
-    p.add_argument("--eval-fraction", type=float, default=0.02)
+    p.add_argument("--eval-fraction", type=fraction, default=0.02)
     p.add_argument("--add-conversations", type=at_least(0), default=0, metavar="N",
                    help="recipe distill: also train on the assistant turns of the first N training conversations "
                         "with a reply, as the target reads them (its distribution there is the label, not their "
