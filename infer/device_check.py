@@ -72,8 +72,8 @@ from redrafter_jax.config import ModelConfig, SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.files import write_json
 from redrafter_jax.generate import decoding_params, generate
-from redrafter_jax.loaders.embedded import load_default
-from redrafter_jax.loaders.hf import load_hf
+from redrafter_jax.loaders.embedded import open_default
+from redrafter_jax.loaders.hf import open_hf
 from redrafter_jax.model import init_params
 from redrafter_jax.oracle import OracleDrafter
 
@@ -122,11 +122,12 @@ def oracle_rows(prompts: list[list[int]], replies: list[list[int]], beam_length:
     return rows
 
 
-def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dtypes: tuple[str, ...],
+def end_to_end(open_target, model32, sizes: Sizes, drafter_dirs: list[str], budget, dtypes: tuple[str, ...],
                batching: Batching) -> Iterator[tuple[list[list], list[str]]]:
     """MT-Bench rows per dtype and decoder, decoded as `batching` says, and the settings skipped for time,
-    yielded after each row and at the end (load(dtype): the model; model32: the float32 one, already
-    loaded). The oracle drafter follows rows, not prompts, so it does not run with continuous batching."""
+    yielded after each row and at the end (open_target(dtype): the model in that dtype, to load; model32:
+    the float32 one, already loaded). The oracle drafter follows rows, not prompts, so it does not run
+    with continuous batching."""
     rows, skipped = [], []
     openings = load_prompts(None)[:sizes.prompts]
     specs = list(dict.fromkeys([SpecConfig.default(batching.rows or batching.prompts).describe(),
@@ -136,7 +137,7 @@ def end_to_end(load, model32, sizes: Sizes, drafter_dirs: list[str], budget, dty
         if budget() <= 0:  # the whole dtype: loading its model and its autoregressive baseline take time too
             skipped.append(f"{dtype} batch {batching}")
             continue
-        model = model32 if dtype == "float32" else load(dtype)
+        model = model32 if dtype == "float32" else open_target(dtype).load()
         prompts = [model.tokenizer.encode_chat(o) for o in openings]
         bucket = round_up(max(map(len, prompts)), 32)  # every prompt in one block: one program per setting
 
@@ -348,7 +349,7 @@ def main(argv=None) -> None:
     end = time.time() + 60 * args.minutes
     budget = lambda: end - time.time()  # noqa: E731
     sizes = TINY if args.tiny else Sizes()
-    load = (lambda dtype: load_hf(args.hf, dtype)) if args.hf else load_default
+    open_target = (lambda dtype: open_hf(args.hf, dtype)) if args.hf else open_default
     name = args.hf or "SmolLM2-135M-Instruct"
     drafters = args.drafter if args.drafter is not None else ([] if args.hf else [DEFAULT_DRAFTER])
     device = jax.devices()[0]
@@ -391,9 +392,10 @@ def main(argv=None) -> None:
             entry.update(status="failed", error=f"{type(e).__name__}: {str(e)[:300]}")
 
     hf_device = "cuda" if device.platform == "gpu" else "cpu"
-    model = load("float32")
+    target = open_target("float32")
     for path in drafters:  # a bad --drafter fails now, not in part 4 after minutes of the GPU's time
-        load_drafter(path, model.config)
+        load_drafter(path, target.config)
+    model = target.load()
 
     def ar():
         headers, rows = ar_rows(model, load_transformers(hf_device, args.hf), sizes.batch_sizes, sizes.prompt_len,
@@ -424,7 +426,7 @@ def main(argv=None) -> None:
         yield {"skipped": late}
 
     def mtbench(dtypes, batching: Batching):
-        for rows, late in end_to_end(load, model, sizes, drafters, budget, dtypes, batching):
+        for rows, late in end_to_end(open_target, model, sizes, drafters, budget, dtypes, batching):
             yield {"results": {"mtbench": rows}, "skipped": late, "section": (
                 f"MT-Bench, {name}, first {sizes.prompts} first turns, {sizes.new_tokens} new tokens, batch "
                 f"{batching}{' (N/R: N prompts a call in R rows, continuous batching)' * bool(batching.rows)}, "

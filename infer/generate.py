@@ -24,7 +24,16 @@ import time
 import jax
 import numpy as np
 
-from redrafter_jax.cli import add_model_args, add_spec_args, at_least, load_drafter_for, load_model, run, tree_setting
+from redrafter_jax.cli import (
+    add_model_args,
+    add_spec_args,
+    at_least,
+    load_drafter_for,
+    open_model,
+    parse_args,
+    run,
+    tree_setting,
+)
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datastore import Datastore
 from redrafter_jax.drafter import Drafter
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     add_spec_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     flag, texts = ("--chat", args.chat) if args.chat is not None else ("--prompt", [args.prompt])
     if args.system is not None and flag != "--chat":
@@ -87,8 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{f} is empty")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     spec, store = tree_setting(args)
-    model = load_model(args)
-    drafter = load_drafter_for(args, model, store)
+    target = open_model(args)
+    drafter = load_drafter_for(args, target.config, store)
+    model = target.load()
     tok = model.tokenizer
     key = jax.random.PRNGKey(args.seed)
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from infer.report import add_report_args, beside, command, machine, table, write_section
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter
-from redrafter_jax.cli import add_model_args, at_least, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, open_model, parse_args, run
 from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.datasets import MT_BENCH, Chat, read_chats
 from redrafter_jax.decode import round_up, suffix_width
@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     p.add_argument("--section", default="mtbench", help="section name in the report")
     p.add_argument("--title", default=None, help="the section's heading (default: names the prompt set)")
     add_report_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     args.command = command(__spec__.name, argv)
     if args.transformers is not None and (args.temperatures != [0] or args.batch_sizes != [Batching(1)]
                                           or args.reuse_cache or args.mesh):
@@ -279,10 +279,11 @@ def main(argv=None) -> None:
     for t in args.temperatures:
         SamplingConfig(t)  # raises for a temperature it cannot sample at
 
-    model = load_model(args)
+    target = open_model(args)
     if store is not None:
-        store.check_vocab(model.config.vocab_size, args.datastore)
-    drafters = {path: load_drafter(path, model.config) for path in args.drafter}
+        store.check_vocab(target.config.vocab_size, args.datastore)
+    drafters = {path: load_drafter(path, target.config) for path in args.drafter}
+    model = target.load()
     conversations = load_conversations(args.prompts)[: args.limit]
     if args.turn == 1:
         prompts = [model.tokenizer.encode_chat(c.prompt()) for c in conversations]

@@ -32,7 +32,16 @@ from tqdm import tqdm
 
 from infer.report import table
 from redrafter_jax import generate as gen
-from redrafter_jax.cli import add_model_args, add_spec_args, at_least, load_drafter_for, load_model, run, tree_setting
+from redrafter_jax.cli import (
+    add_model_args,
+    add_spec_args,
+    at_least,
+    load_drafter_for,
+    open_model,
+    parse_args,
+    run,
+    tree_setting,
+)
 
 SPECULATIVE_PARTS = ("propose", "pack", "verify", "accept", "commit")
 AUTOREGRESSIVE_PARTS = ("forward", "select", "commit")
@@ -175,14 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument("--ops", type=at_least(0), default=0, help="list each part's N costliest kinds of op")
     add_spec_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.mesh:
         raise ValueError("--mesh: the profile times one device's decode loop; run it without --mesh")
     spec, store = tree_setting(args)
     if spec is None:
         raise ValueError("nothing speculative to profile: pass --drafter, --lookup-beams and/or --datastore")
-    model = load_model(args)
-    drafter = load_drafter_for(args, model, store)
+    target = open_model(args)
+    drafter = load_drafter_for(args, target.config, store)
+    model = target.load()
     prompt = model.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
     found = decodings(model.params, model.config, prompt, {f"speculative {spec.describe()}": dict(
         drafter=drafter, spec=spec, datastore=store)}, args.max_new_tokens)

@@ -9,8 +9,8 @@ import os
 import sys
 from typing import Callable
 
-from redrafter_jax.config import SpecConfig
-from redrafter_jax.loaders import LoadedModel
+from redrafter_jax.config import ModelConfig, SpecConfig
+from redrafter_jax.loaders import OpenedModel
 
 OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-beams, --beam-length, --tree-budget), "
             "fewer new tokens or a smaller batch")
@@ -56,24 +56,36 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int)
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """The model the flags name, each parameter loaded straight onto its devices (its shards with --mesh)."""
-    from redrafter_jax.sharding import parse_mesh, start_processes
-
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """p.parse_args(argv) for a command with `add_model_args`; a multi-host job (--coordinator) joins at
+    once, since jax.distributed must start before anything touches a device (a datastore's arrays, a
+    drafter, jax.devices())."""
+    args = p.parse_args(argv)
     if args.coordinator:
+        from redrafter_jax.sharding import start_processes
+
         start_processes(args.coordinator, args.num_processes, args.process_id)
+    return args
+
+
+def open_model(args: argparse.Namespace) -> OpenedModel:
+    """The model the flags name, its config read; `.load()` loads each parameter straight onto its devices
+    (its shards with --mesh). Check what needs only the config in between: loading a large model takes
+    minutes."""
+    from redrafter_jax.sharding import parse_mesh
+
     mesh = parse_mesh(args.mesh) if args.mesh else None
     if args.hf:
-        from redrafter_jax.loaders.hf import load_hf
+        from redrafter_jax.loaders.hf import open_hf
 
-        return load_hf(args.hf, args.dtype, mesh)
+        return open_hf(args.hf, args.dtype, mesh)
     if args.gguf:
-        from redrafter_jax.loaders.gguf import load_gguf
+        from redrafter_jax.loaders.gguf import open_gguf
 
-        return load_gguf(args.gguf, args.dtype, mesh)
-    from redrafter_jax.loaders.embedded import load_default
+        return open_gguf(args.gguf, args.dtype, mesh)
+    from redrafter_jax.loaders.embedded import open_default
 
-    return load_default(args.dtype, mesh)
+    return open_default(args.dtype, mesh)
 
 
 DEFAULT_DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
@@ -116,7 +128,7 @@ def add_spec_args(p: argparse.ArgumentParser) -> None:
 def tree_setting(args: argparse.Namespace):
     """The SpecConfig from --spec or the beam options and the --datastore it reads, (None, None) when
     decoding is autoregressive (no tree option given); read before the model loads, so that a bad setting
-    is refused at once (`load_drafter_for` checks the datastore's tokens later)."""
+    is refused at once (`load_drafter_for` checks the datastore's tokens against the target)."""
     options = (args.beam_width, args.beam_length, args.lookup_beams, args.tree_budget, args.lookup_length)
     beam_options = any(o is not None for o in options)
     if not (args.drafter or args.spec or args.datastore or beam_options):
@@ -151,25 +163,25 @@ def tree_setting(args: argparse.Namespace):
     return spec, store
 
 
-def load_drafter_for(args: argparse.Namespace, model: LoadedModel, store):
-    """The drafter --drafter names (None without it), checked against the model, after checking that the
-    `tree_setting` datastore's tokens are the model's."""
+def load_drafter_for(args: argparse.Namespace, target: ModelConfig, store):
+    """The drafter --drafter names (None without it), checked against the target, after checking that the
+    `tree_setting` datastore's tokens are the target's."""
     if store is not None:
-        store.check_vocab(model.config.vocab_size, args.datastore)
+        store.check_vocab(target.vocab_size, args.datastore)
     if not args.drafter:
         return None
     name = args.drafter
     if name == "random":
         from redrafter_jax.drafter import untrained_drafter
 
-        return untrained_drafter(model.config)
+        return untrained_drafter(target)
     from redrafter_jax.checkpoint import load_drafter
 
     path = DEFAULT_DRAFTER if name == "default" else name
     if name == "default" and not os.path.isdir(path):
         raise FileNotFoundError(f"the default drafter is not at {path} (it ships in the repository, not in a wheel); "
                                 f"pass --drafter PATH")
-    return load_drafter(path, model.config)
+    return load_drafter(path, target)
 
 
 def error_line(e: BaseException) -> str:

@@ -69,7 +69,7 @@ def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
         spec, store = tree_setting(p.parse_args(argv))
         assert (spec.describe(), spec.budget) == (label, budget), argv
         assert (store is None) == ("--datastore" not in argv)
-        assert (load_drafter_for(p.parse_args(argv), smollm, store) is None) == ("--drafter" not in argv)
+        assert (load_drafter_for(p.parse_args(argv), smollm.config, store) is None) == ("--drafter" not in argv)
     assert tree_setting(p.parse_args([])) == (None, None)  # autoregressive
     for argv, match in [(["--drafter", "--beam-length", "0"], "beam_length must be >= 2"),
                         (["--drafter", "--spec", "4x3", "--tree-budget", "5"], "--spec gives the whole tree"),
@@ -84,6 +84,6 @@ def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
         with pytest.raises(ValueError, match=match):
             tree_setting(p.parse_args(argv))
     args = p.parse_args(["--datastore", ds])
-    other = smollm._replace(config=dataclasses.replace(smollm.config, vocab_size=100))  # another model's tokens
+    other = dataclasses.replace(smollm.config, vocab_size=100)  # another model's tokens
     with pytest.raises(ValueError, match=f"{ds} holds tokens outside the target's vocabulary of 100"):
         load_drafter_for(args, other, tree_setting(args)[1])

@@ -162,8 +162,10 @@ def test_parts_past_the_budget_are_skipped_and_named(tmp_path):
 
 
 def test_a_bad_drafter_is_refused_before_any_part_runs(tmp_path):
-    model = tmp_path / "model"
-    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    model = tmp_path / "model"  # its weights unreadable: the drafters are checked before they load
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), sharded=True,
+                     max_position_embeddings=1024)
+    (model / "model-00002-of-00002.safetensors").unlink()
     other = str(tmp_path / "drafter")  # a drafter for another target (hidden size 48, not 32)
     dcfg = DrafterConfig(hidden_size=48, vocab_size=64, num_resblocks=1)
     save_drafter(other, Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg))

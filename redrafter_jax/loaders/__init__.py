@@ -8,7 +8,7 @@ own, so the host never holds more than a few tensors at a time.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -25,6 +25,14 @@ class LoadedModel(NamedTuple):
     params: Params
     tokenizer: Tokenizer
     mesh: Mesh | None = None  # the devices params are split over (pass it on to `generate`), None: one device
+
+
+class OpenedModel(NamedTuple):
+    """A checkpoint whose config (and tokenizer) is read, its weights not yet: what needs only the config
+    (a drafter's shape, a datastore's tokens) is checked before a large model's minutes of loading."""
+
+    config: ModelConfig
+    load: Callable[[], LoadedModel]  # reads the weights onto their devices
 
 
 # Our parameter -> its parts as checkpoints store them, each (Hugging Face name, GGUF name); "{i}"

