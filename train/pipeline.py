@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         p.error("need 0 < --distill-share < 1 and 0 <= --eval-share < 1 - --distill-share")
     eval_spec = SpecConfig.parse(args.eval_spec)
     train_config(args, steps=1)  # a bad training flag is refused now, not after the distillation
-    target = open_model(args)  # (a multi-host job joins here, before anything asks for the devices)
+    target = open_model(args)
     init = drafter_to_fine_tune(args, p, target.config) if args.init else None
     dcfg = shape_from_args(args, target.config, init)  # refused now, not after minutes of loading the weights
 
