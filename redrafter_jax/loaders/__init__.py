@@ -8,7 +8,7 @@ own, so the host never holds more than a few tensors at a time.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import Params, param_shapes
+from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
 
@@ -25,14 +26,6 @@ class LoadedModel(NamedTuple):
     params: Params
     tokenizer: Tokenizer
     mesh: Mesh | None = None  # the devices params are split over (pass it on to `generate`), None: one device
-
-
-class OpenedModel(NamedTuple):
-    """A checkpoint whose config (and tokenizer) is read, its weights not yet: what needs only the config
-    (a drafter's shape, a datastore's tokens) is checked before a large model's minutes of loading."""
-
-    config: ModelConfig
-    load: Callable[[], LoadedModel]  # reads the weights onto their devices
 
 
 # Our parameter -> its parts as checkpoints store them, each (Hugging Face name, GGUF name); "{i}"
@@ -157,3 +150,20 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
             (params if layer is None else params["layers"][layer])[ours] = x
             bar.update()
     return params
+
+
+class OpenedModel(NamedTuple):
+    """A checkpoint whose config and tokenizer are read, its weights not yet: what needs only the config
+    (a drafter's shape, a datastore's tokens) is checked before a large model's minutes of loading."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    fmt: int  # HF or GGUF: which names `source` holds
+    source: Source
+    mesh: Mesh | None = None
+
+    def load(self) -> LoadedModel:
+        """Reads the weights onto their devices (each parameter's shards on `mesh`, if given)."""
+        shardings = None if self.mesh is None else param_shardings(self.config, self.mesh)
+        return LoadedModel(self.config, assemble_params(self.config, self.fmt, self.source, shardings),
+                           self.tokenizer, self.mesh)

@@ -10,8 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, assemble_params
-from redrafter_jax.sharding import param_shardings
+from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -139,12 +138,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         merges=_field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
         eos_token_ids=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
-
-    def load() -> LoadedModel:
-        params = assemble_params(cfg, GGUF, source, None if mesh is None else param_shardings(cfg, mesh))
-        return LoadedModel(cfg, params, tok, mesh)
-
-    return OpenedModel(cfg, load)
+    return OpenedModel(cfg, tok, GGUF, source, mesh)
 
 
 def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:

@@ -11,8 +11,7 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import HF, LoadedModel, OpenedModel, assemble_params
-from redrafter_jax.sharding import param_shardings
+from redrafter_jax.loaders import HF, LoadedModel, OpenedModel
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -215,14 +214,7 @@ def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) ->
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")),
                          _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
-    tokenizer = load_tokenizer(directory, cfg)
-    source = _Safetensors(_tensor_index(directory))
-
-    def load() -> LoadedModel:
-        params = assemble_params(cfg, HF, source, None if mesh is None else param_shardings(cfg, mesh))
-        return LoadedModel(cfg, params, tokenizer, mesh)
-
-    return OpenedModel(cfg, load)
+    return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, _Safetensors(_tensor_index(directory)), mesh)
 
 
 def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
