@@ -123,9 +123,10 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
     write_checkpoint(model, "llama", hf_tensors("llama", np.random.default_rng(0)), max_position_embeddings=1024)
     tokens = np.random.default_rng(1).integers(5, 64, size=(4, 40))
     datastore.save(datastore.build([(t, np.ones(40)) for t in tokens], [(tokens[0], np.ones(40))]), ds)
+    job = ["--coordinator", f"localhost:{_free_port()}", "--num-processes", "1", "--process-id", "0"]
     proc = subprocess.run([sys.executable, "-m", "infer.generate", "--hf", str(model), "--datastore", str(ds),
-                           "--prompt", "w5 w6 w7", "--max-new-tokens", "8", "--coordinator", f"localhost:{_free_port()}",
-                           "--num-processes", "1", "--process-id", "0"], cwd=ROOT, env=_env(1), capture_output=True)
+                           "--prompt", "w5 w6 w7", "--max-new-tokens", "8", *job], cwd=ROOT, env=_env(1),
+                          capture_output=True)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert b"output identical to autoregressive" in proc.stderr
 
