@@ -52,11 +52,10 @@ from train.distill import check_settings, write_distill_shards
 from train.train import (
     add_train_args,
     draft_vocabulary,
-    drafter_to_fine_tune,
+    drafter_to_train,
     evaluate_split,
     init_state,
     make_steps,
-    shape_from_args,
     split_frozen,
     train,
     train_config,
@@ -208,8 +207,7 @@ def main(argv=None) -> None:
     eval_spec = SpecConfig.parse(args.eval_spec)
     train_config(args, steps=1)  # a bad training flag is refused now, not after the distillation
     target = open_model(args)
-    init = drafter_to_fine_tune(args, p, target.config) if args.init else None
-    dcfg = shape_from_args(args, target.config, init)  # refused now, not after minutes of loading the weights
+    init, dcfg = drafter_to_train(args, p, target.config)  # refused now, not after minutes of loading the weights
 
     t0 = time.time()
     budget = 60 * args.minutes

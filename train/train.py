@@ -502,6 +502,14 @@ def drafter_to_fine_tune(args: argparse.Namespace, p: argparse.ArgumentParser, t
     return init
 
 
+def drafter_to_train(args: argparse.Namespace, p: argparse.ArgumentParser,
+                     target_cfg: ModelConfig) -> tuple[Drafter | None, DrafterConfig]:
+    """--init's drafter (None without it) and the shape to train, both checked against the target's config:
+    the commands call it before the target's weights load."""
+    init = drafter_to_fine_tune(args, p, target_cfg) if args.init else None
+    return init, shape_from_args(args, target_cfg, init)
+
+
 def check_added_conversations(args: argparse.Namespace) -> None:
     """--add-conversations distils the target on other text: the conversations held out must be those the
     distillation held out (its recorded --eval-fraction)."""
@@ -547,8 +555,7 @@ def main(argv=None) -> None:
         check_added_conversations(args)
     tc = train_config(args)  # (refused before the model loads)
     target = open_model(args)
-    init = drafter_to_fine_tune(args, p, target.config) if args.init else None
-    dcfg = shape_from_args(args, target.config, init)
+    init, dcfg = drafter_to_train(args, p, target.config)
     model = target.load()
 
     def conversations() -> tuple[list, list]:  # (training, held-out)
