@@ -12,9 +12,12 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. kind: "linear", "llama3" (Llama 3.1 long-context scaling) or
-    "factors" (each frequency divided by its own factor: llama.cpp's `rope_freqs` tensor, [head_dim // 2],
-    in which GGUF files store Llama 3.1's scaling)."""
+    """RoPE frequency scaling. kind: "linear", "llama3" (Llama 3.1 long-context scaling), "yarn" (YaRN,
+    arXiv 2309.00071: frequencies that turn fewer than `beta_slow` times over the original context
+    `original_max_position` divided by `factor`, those that turn more than `beta_fast` times kept, a
+    linear ramp between; cos and sin times `attention_factor`, None: 0.1 ln(factor) + 1) or "factors"
+    (each frequency divided by its own factor: llama.cpp's `rope_freqs` tensor, [head_dim // 2], in
+    which GGUF files store Llama 3.1's scaling)."""
 
     kind: str
     factor: float = 1.0
@@ -22,15 +25,36 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
     factors: tuple[float, ...] = ()
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: the ramp's ends rounded out to whole frequencies
+    attention_factor: float | None = None
 
     def __post_init__(self):
-        if self.kind not in ("linear", "llama3", "factors"):
-            raise ValueError(f"unsupported rope scaling type {self.kind!r} (supported: linear, llama3, factors)")
+        if self.kind not in ("linear", "llama3", "yarn", "factors"):
+            raise ValueError(f"unsupported rope scaling type {self.kind!r} "
+                             f"(supported: linear, llama3, yarn, factors)")
         if self.factor <= 0 or min(self.factors, default=1) <= 0:
             raise ValueError(f"rope scaling factors must be positive, got factor {self.factor}"
                              + (f" and per-frequency factors {self.factors}" if self.factors else ""))
         if (self.kind == "factors") != bool(self.factors):
             raise ValueError("rope scaling: per-frequency factors go with kind 'factors', and only with it")
+        if self.attention_factor is not None and (self.kind != "yarn" or not self.attention_factor > 0):
+            raise ValueError(f"rope scaling: attention_factor must be positive and goes with kind 'yarn' only, got "
+                             f"{self.attention_factor} with {self.kind!r}")
+
+    def cos_sin_scale(self) -> float:
+        """What cos and sin are multiplied by (YaRN's attention temperature; 1 for the other kinds)."""
+        if self.kind != "yarn":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature for a context `factor` times longer (1 where it is not longer)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +105,8 @@ class ModelConfig:
             inv = inv / s.factor
         elif s is not None and s.kind == "factors":
             inv = inv / np.asarray(s.factors, np.float64)
+        elif s is not None and s.kind == "yarn":
+            inv = _yarn_inv_freq(inv, self.head_dim, self.rope_theta, s)
         elif s is not None and s.kind == "llama3":
             # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
             wavelen = 2 * math.pi / inv
@@ -92,6 +118,22 @@ class ModelConfig:
             inv = np.where(wavelen > low_wavelen, inv / s.factor,
                            np.where(wavelen < high_wavelen, inv, blended))
         return inv.astype(np.float32)
+
+    def rope_cos_sin_scale(self) -> float:
+        return 1.0 if self.rope_scaling is None else self.rope_scaling.cos_sin_scale()
+
+
+def _yarn_inv_freq(inv: np.ndarray, head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """YaRN: frequency i keeps its value where it turns more than beta_fast times over the original context,
+    is divided by `factor` where fewer than beta_slow times, and blends linearly in between."""
+    def dim_turning(turns):  # the (fractional) frequency index that turns `turns` times over the context
+        return head_dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_turning(s.beta_fast), dim_turning(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    interpolated = np.clip((np.arange(head_dim // 2) - low) / (high - low or 1e-3), 0, 1)
+    return inv / s.factor * interpolated + inv * (1 - interpolated)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,10 +131,11 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, D/2] float32 of positions [B, T]: computed once per forward, shared by the layers."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, D/2] float32 of positions [B, T], times `scale` (YaRN's; it scales queries and keys
+    alike): computed once per forward, shared by the layers."""
     angles = positions[..., None].astype(jnp.float32) * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale  # times 1.0 is exact
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -175,7 +176,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     b, t = tokens.shape
     g = cfg.num_heads // cfg.num_kv_heads
     kv.check_room(cache, t)
-    cos, sin = rope_tables(positions, cfg.rope_inv_freq())
+    cos, sin = rope_tables(positions, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale())
     x = params["embed"][tokens]
     ck, cv, ks, vs = cache.k, cache.v, [], []
     slots = kv.write_slots(cache, t)

@@ -211,6 +211,23 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
     assert_logits_match_transformers(m, hf)
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("arch, rope", [
+    ("qwen2", YARN),  # Qwen2.5's long-context setting, as its model cards add it
+    ("llama", {**YARN, "beta_fast": 8, "beta_slow": 2, "truncate": False, "attention_factor": 1.3}),
+    ("llama", {**YARN, "factor": None, "mscale": 1.0, "mscale_all_dim": 0.5}),  # factor None: 64 / 16, as DeepSeek-V3
+])
+def test_yarn_checkpoint_matches_transformers(tmp_path, arch, rope):
+    """YaRN: frequencies between interpolated and kept, cos and sin scaled by the attention factor (from the
+    factor, from mscale / mscale_all_dim, or given), as transformers computes them."""
+    write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(4)), rope_scaling=rope)
+    m = load_hf(str(tmp_path))
+    assert m.config.rope_scaling.kind == "yarn" and m.config.rope_cos_sin_scale() > 1
+    assert_logits_match_transformers(m, directory=tmp_path)
+
+
 @pytest.mark.parametrize("arch, config, window", [
     ("MistralForCausalLM", {"sliding_window": 5}, 5),
     ("MistralForCausalLM", {"sliding_window": None}, None),
@@ -257,11 +274,14 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 
 def test_qwen3_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path):
-    """The query and key norms in the decode loops (on the CPU, before the attention kernel): greedy decoding
-    equals the argmax of an uncached forward at every step, and lookup-only speculative decoding equals it."""
+    """The query and key norms and YaRN's scaled cos and sin (Qwen3's long-context setting) in the decode
+    loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at
+    every step, and lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
-    write_checkpoint(tmp_path, "qwen3", hf_tensors("qwen3", np.random.default_rng(2), head_dim=16), head_dim=16)
+    write_checkpoint(tmp_path, "qwen3", hf_tensors("qwen3", np.random.default_rng(2), head_dim=16), head_dim=16,
+                     rope_scaling=YARN)
     m = load_hf(str(tmp_path))
+    assert m.config.rope_cos_sin_scale() > 1
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -328,7 +348,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("mlp_bias", "unsupported mlp_bias"),
     ("attention_bias", "unsupported attention_bias: true for LlamaForCausalLM"),
     ("rope_per_layer", "unsupported rope_parameters"),
-    ("rope_yarn", "unsupported rope scaling type 'yarn'"),
+    ("rope_dynamic", "unsupported rope scaling type 'dynamic'"),
     ("partial_rope", "unsupported partial_rotary_factor 0.5"),
     ("nulls", "config.json sets max_position_embeddings, rms_norm_eps to null: they need a value"),
     ("null_rope", "config.json sets rope_theta to null"),
@@ -361,8 +381,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         overrides.update(rms_norm_eps=None, max_position_embeddings=None, num_key_value_heads=None)
     elif case == "null_rope":
         overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": None}
-    elif case == "rope_yarn":
-        overrides["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    elif case == "rope_dynamic":  # dynamic NTK scaling: its frequencies change with the sequence's length
+        overrides["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
     elif case == "extra_layer":
         tensors.update({f"model.layers.2.{n}.weight": np.ones(32, np.float32)
                         for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm")})
@@ -391,16 +411,22 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(unpermute_rope(permute_rope(b, 3), 3), b)
 
 
-def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None):
+def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
+               floats=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
     (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary; `scaling`:
-    (RoPE scaling type, factor); `extras`: more tensors, by their GGUF names; `eot`: an end-of-turn id."""
+    (RoPE scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names;
+    `eot`: an end-of-turn id; `floats`: more float metadata, by key under the architecture's."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
     if scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(scaling[0]))
         w.add_rope_scaling_factor(scaling[1])
+        if scaling[2:]:
+            w.add_rope_scaling_orig_ctx_len(scaling[2])
+    for key, value in (floats or {}).items():
+        w.add_float32(f"{arch}.{key}", value)
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
@@ -435,14 +461,15 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases and an
-    end-of-turn token that ends generation too, Qwen3's query and key norms) and as a Hugging Face
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases, YaRN
+    and an end-of-turn token that ends generation too, Qwen3's query and key norms) and as a Hugging Face
     directory give the same model."""
     tensors = hf_tensors(arch, np.random.default_rng(3))
-    linear, eot = arch == "llama", 4 if arch == "qwen2" else None
-    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling={"rope_type": "linear", "factor": 2.0} if linear
-                     else None, eos_token_id=[2, eot] if eot else 2)
-    write_gguf(tmp_path / "model.gguf", arch, tensors, scaling=("linear", 2.0) if linear else None, eot=eot)
+    eot = 4 if arch == "qwen2" else None
+    hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
+                          "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
+    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2)
+    write_gguf(tmp_path / "model.gguf", arch, tensors, scaling=gguf_rope, eot=eot)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
@@ -515,14 +542,17 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("yarn", "unsupported rope scaling type 'yarn'"),
+    ("longrope", "unsupported rope scaling type 'longrope'"),
+    ("yarn_log_multiplier", "unsupported GGUF YaRN setting 'rope.scaling.yarn_log_multiplier' = 0.1"),
     ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_output.bias'"),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
+    scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
+    floats = {"rope.scaling.yarn_log_multiplier": 0.1} if case == "yarn_log_multiplier" else None
     write_gguf(tmp_path / "model.gguf", "llama", hf_tensors("llama", np.random.default_rng(3)),
-               scaling=("yarn", 4.0) if case == "yarn" else None, extras=extras)
+               scaling=scaling, extras=extras, floats=floats)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
 

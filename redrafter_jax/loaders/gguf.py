@@ -58,6 +58,11 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return f.contents()
 
 
+def _arch_field(reader: gguf.GGUFReader, arch: str):
+    """`_field` of the architecture's own keys ("llama.context_length" as "context_length")."""
+    return lambda key, default=None: _field(reader, f"{arch}.{key}", default)
+
+
 class _GGUFTensors:
     """The `Source` of a GGUF file: each tensor dequantised whole (quantisation blocks span rows), the
     last few kept while a parameter's shards are read from them."""
@@ -90,6 +95,31 @@ class _GGUFTensors:
         return self._dequantized(name)[index]
 
 
+# YaRN keys whose meaning llama.cpp's converters and models vary (an attention factor absolute or relative,
+# DeepSeek's log multiplier): refused rather than guessed
+_YARN_REFUSED = ("rope.scaling.attn_factor", "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_log_multiplier",
+                 "rope.scaling.yarn_ext_factor")
+
+
+def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
+    """The file's RoPE scaling (RopeScaling refuses the kinds the model does not implement), as llama.cpp
+    reads it: the context before scaling defaults to the file's context length."""
+    m = _arch_field(reader, arch)
+    kind = m("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    factor = float(m("rope.scaling.factor"))
+    original = int(m("rope.scaling.original_context_length", m("context_length")))
+    if kind != "yarn":
+        return RopeScaling(kind=kind, factor=factor, original_max_position=original)
+    if refused := [k for k in _YARN_REFUSED if f"{arch}.{k}" in reader.fields]:
+        raise ValueError(f"unsupported GGUF YaRN setting {refused[0]!r} = {m(refused[0])} (supported: the scaling "
+                         f"factor, original context length and beta_fast/beta_slow)")
+    return RopeScaling(kind="yarn", factor=factor, original_max_position=original,
+                       beta_fast=float(m("rope.scaling.yarn_beta_fast", 32.0)),
+                       beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)))
+
+
 def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
     """A GGUF file's config and tokenizer, read from its metadata; `.load()` dequantises one tensor at a
     time straight onto its devices (its shards on `mesh`, if given)."""
@@ -97,16 +127,15 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    m = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    m = _arch_field(reader, arch)
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
     source = _GGUFTensors(reader, path, n_heads, n_kv)
     tensors = source.tensors
-    kind = m("rope.scaling.type", "none")  # RopeScaling refuses the kinds the model does not implement
-    scaling = None if kind == "none" else RopeScaling(kind=kind, factor=float(m("rope.scaling.factor")))
+    scaling = _rope_scaling(reader, arch)
     if ROPE_FACTORS in tensors:  # Llama 3.1's scaling, as llama.cpp's converter stores it
         if scaling is not None:
-            raise ValueError(f"GGUF file has both rope scaling type {kind!r} and per-frequency factors "
+            raise ValueError(f"GGUF file has both rope scaling type {scaling.kind!r} and per-frequency factors "
                              f"({ROPE_FACTORS})")
         factors = source.read(ROPE_FACTORS, (slice(None),))
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))

@@ -10,7 +10,7 @@ import tokenizers
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from redrafter_jax.config import ModelConfig, RopeScaling
+from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import HF, LoadedModel, OpenedModel
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -92,10 +92,23 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
         return theta, None
-    return theta, RopeScaling(kind=kind, factor=float(rs["factor"]),
+    # transformers 5: a top-level original_max_position_embeddings (Phi-3's) comes first
+    original = int(c.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
+                   or c["max_position_embeddings"])
+    factor = rs.get("factor")
+    if factor is None and kind == "yarn":  # DeepSeek-V3's: the ratio of the two context lengths
+        factor = c["max_position_embeddings"] / original
+    if factor is None:
+        raise ValueError(f"unsupported rope scaling {rs} (it has no factor)")
+    attention_factor = rs.get("attention_factor") if kind == "yarn" else None  # the other kinds have none
+    if kind == "yarn" and attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
+        attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
+    return theta, RopeScaling(kind=kind, factor=float(factor),
                               low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                               high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                              original_max_position=int(rs.get("original_max_position_embeddings", 8192)))
+                              original_max_position=original, beta_fast=float(rs.get("beta_fast") or 32),
+                              beta_slow=float(rs.get("beta_slow") or 1), truncate=bool(rs.get("truncate", True)),
+                              attention_factor=None if attention_factor is None else float(attention_factor))
 
 
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
