@@ -1,5 +1,6 @@
 """Loaders: Hugging Face checkpoint directories written by the tests, the GGUF tokenizer, bad files."""
 
+import copy
 import dataclasses
 import datetime
 import json
@@ -226,6 +227,28 @@ def test_yarn_checkpoint_matches_transformers(tmp_path, arch, rope):
     m = load_hf(str(tmp_path))
     assert m.config.rope_scaling.kind == "yarn" and m.config.rope_cos_sin_scale() > 1
     assert_logits_match_transformers(m, directory=tmp_path)
+
+
+@pytest.mark.parametrize("config", [
+    {"rope_scaling": {**YARN, "original_max_position_embeddings": 32768}, "max_position_embeddings": 131072,
+     "rope_theta": 1e6, "head_dim": 128},  # Qwen3's model card
+    {"rope_scaling": {**YARN, "beta_fast": 8, "beta_slow": 2, "truncate": False}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}},  # the original context: max_position_embeddings
+    {"rope_scaling": {**YARN, "factor": None, "mscale": 0.7, "mscale_all_dim": 1.0}},
+    {"rope_scaling": YARN, "original_max_position_embeddings": 8},  # a top-level one comes first
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+])
+def test_rope_scaling_is_read_as_transformers_computes_it(config):
+    """The frequencies and the cos/sin scale of transformers' own RoPE functions, keys left out included."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    c = {"vocab_size": 64, "hidden_size": 32, "num_attention_heads": 4, "head_dim": 8, "max_position_embeddings": 64,
+         "rope_theta": 1e4, **config}
+    ours = config_from_hf({"architectures": ["LlamaForCausalLM"], **c})
+    theirs = transformers.LlamaConfig(**copy.deepcopy(c))  # which fills in the keys left out, in place
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[theirs.rope_parameters["rope_type"]](theirs, "cpu")
+    np.testing.assert_allclose(ours.rope_inv_freq(), inv_freq.numpy(), rtol=1e-6)
+    assert ours.rope_cos_sin_scale() == pytest.approx(scale, rel=1e-12)
 
 
 @pytest.mark.parametrize("arch, config, window", [
