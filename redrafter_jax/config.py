@@ -122,6 +122,16 @@ class ModelConfig:
     def rope_cos_sin_scale(self) -> float:
         return 1.0 if self.rope_scaling is None else self.rope_scaling.cos_sin_scale()
 
+    @property
+    def context_length(self) -> int:
+        """The most positions a sequence may take: max_position_embeddings, or YaRN's original context times
+        its factor where that is more (Qwen's configs keep the unscaled length when YaRN is added; vLLM
+        reads them so too)."""
+        s = self.rope_scaling
+        if s is None or s.kind != "yarn":
+            return self.max_position_embeddings
+        return max(self.max_position_embeddings, int(s.factor * s.original_max_position))
+
 
 def _yarn_inv_freq(inv: np.ndarray, head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
     """YaRN: frequency i keeps its value where it turns more than beta_fast times over the original context,

@@ -342,9 +342,9 @@ def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_
             raise ValueError(f"prompt {i} has token ids of type {r.dtype}; token ids must be integers")
         if r.min() < 0 or r.max() >= cfg.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
-        if r.size + lim > cfg.max_position_embeddings:
+        if r.size + lim > cfg.context_length:
             raise ValueError(f"prompt {i} has {r.size} tokens; with max_new_tokens={lim} that exceeds the "
-                             f"model's context length of {cfg.max_position_embeddings} tokens")
+                             f"model's context length of {cfg.context_length} tokens")
     block, lengths = right_padded(rows, round_up(max(r.size for r in rows), bucket), cfg.pad_token_id)
     return block, lengths, jnp.asarray(limits, jnp.int32)
 

@@ -1,5 +1,6 @@
 """Autoregressive generation: exactness against uncached recomputation, batching, EOS, limits, errors."""
 
+import dataclasses
 import os
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from redrafter_jax.config import SpecConfig
+from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
 from redrafter_jax.sampling import SamplingConfig
@@ -95,6 +96,23 @@ def test_bad_generate_inputs_raise_clear_errors(prompts, max_new, match):
     cfg, params = tiny_model()
     with pytest.raises(ValueError, match=match):
         generate(params, cfg, prompts, max_new_tokens=max_new)
+
+
+def test_yarn_extends_the_context_to_its_original_length_times_its_factor():
+    """Qwen's configs keep the unscaled max_position_embeddings when YaRN is added: the context is the
+    original one times the factor, and a sequence past max_position_embeddings decodes exactly."""
+    cfg, params = tiny_model(max_position_embeddings=32,
+                             rope_scaling=RopeScaling("yarn", factor=4.0, original_max_position=16))
+    assert cfg.context_length == 64
+    prompt = list(range(2, 50))
+    gen = rows(generate(params, cfg, [prompt], max_new_tokens=8))[0]
+    logits = forward_causal(params, cfg, jnp.asarray([prompt + gen])).logits[0]
+    assert gen == np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], axis=-1)).tolist()
+    with pytest.raises(ValueError, match="context length of 64"):
+        generate(params, cfg, [prompt], max_new_tokens=17)
+    linear = dataclasses.replace(cfg, rope_scaling=RopeScaling("linear", factor=4.0))
+    with pytest.raises(ValueError, match="context length of 32"):
+        generate(params, linear, [prompt], max_new_tokens=8)
 
 
 def test_sampling_without_key_and_bad_sampling_settings_raise():
