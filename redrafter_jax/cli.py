@@ -88,6 +88,7 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
     return open_default(args.dtype, mesh)
 
 
+# beside the packages, in the repository and in the wheel (pyproject.toml's package data)
 DEFAULT_DRAFTER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafters", "smollm2-135m")
 
 
@@ -177,11 +178,7 @@ def load_drafter_for(args: argparse.Namespace, target: ModelConfig, store):
         return untrained_drafter(target)
     from redrafter_jax.checkpoint import load_drafter
 
-    path = DEFAULT_DRAFTER if name == "default" else name
-    if name == "default" and not os.path.isdir(path):
-        raise FileNotFoundError(f"the default drafter is not at {path} (it ships in the repository, not in a wheel); "
-                                f"pass --drafter PATH")
-    return load_drafter(path, target)
+    return load_drafter(DEFAULT_DRAFTER if name == "default" else name, target)
 
 
 def error_line(e: BaseException) -> str:
