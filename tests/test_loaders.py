@@ -296,15 +296,16 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         () if theirs.eos_token_id is None else (theirs.eos_token_id,))
 
 
-def test_qwen3_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path):
-    """The query and key norms and YaRN's scaled cos and sin (Qwen3's long-context setting) in the decode
-    loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at
-    every step, and lookup-only speculative decoding equals it."""
+@pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5})])
+def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
+    """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
+    sliding window (crossed by the prompt and by the tree's deeper nodes) in the decode loops (on the CPU,
+    the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
+    lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
-    write_checkpoint(tmp_path, "qwen3", hf_tensors("qwen3", np.random.default_rng(2), head_dim=16), head_dim=16,
-                     rope_scaling=YARN)
+    write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
     m = load_hf(str(tmp_path))
-    assert m.config.rope_cos_sin_scale() > 1
+    assert m.config.rope_cos_sin_scale() > 1 if arch == "qwen3" else m.config.sliding_window == 5
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
