@@ -436,11 +436,11 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
-               floats=None):
+               metadata=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
     (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary; `scaling`:
     (RoPE scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names;
-    `eot`: an end-of-turn id; `floats`: more float metadata, by key under the architecture's."""
+    `eot`: an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
@@ -449,8 +449,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
         w.add_rope_scaling_factor(scaling[1])
         if scaling[2:]:
             w.add_rope_scaling_orig_ctx_len(scaling[2])
-    for key, value in (floats or {}).items():
-        w.add_float32(f"{arch}.{key}", value)
+    for key, value in {"attention.value_length": head_dim, **(metadata or {})}.items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
@@ -458,7 +458,6 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("gpt2")
@@ -568,15 +567,18 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
 @pytest.mark.parametrize("case,match", [
     ("longrope", "unsupported rope scaling type 'longrope'"),
     ("yarn_log_multiplier", "unsupported GGUF YaRN setting 'rope.scaling.yarn_log_multiplier' = 0.1"),
+    ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
+    ("value_length", "unsupported GGUF attention.value_length 16"),
     ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_output.bias'"),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
-    floats = {"rope.scaling.yarn_log_multiplier": 0.1} if case == "yarn_log_multiplier" else None
+    metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
+                "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16}}.get(case)
     write_gguf(tmp_path / "model.gguf", "llama", hf_tensors("llama", np.random.default_rng(3)),
-               scaling=scaling, extras=extras, floats=floats)
+               scaling=scaling, extras=extras, metadata=metadata)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
 

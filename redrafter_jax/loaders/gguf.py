@@ -140,6 +140,11 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         factors = source.read(ROPE_FACTORS, (slice(None),))
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
     hidden = int(m("embedding_length"))
+    head_dim = int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads)))
+    for key in ("rope.dimension_count", "attention.value_length"):
+        if int(m(key, head_dim)) != head_dim:
+            raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
+                             f"(RoPE on every dimension of a head, values as wide as keys)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
     for key in ("eot", "eom"):  # llama.cpp also ends generation at the end of a turn or message
@@ -152,7 +157,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         vocab_size=int(m("vocab_size", len(tokens))), hidden_size=hidden,
         intermediate_size=int(m("feed_forward_length")), num_layers=int(m("block_count")),
         num_heads=n_heads, num_kv_heads=n_kv,
-        head_dim=int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads))),
+        head_dim=head_dim,
         max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
