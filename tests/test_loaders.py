@@ -369,6 +369,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("sentencepiece", r"missing tokenizer.json in .* \(a SentencePiece tokenizer.model is not read"),
     # what the model does not implement is refused, never ignored
     ("hidden_act", "unsupported hidden_act 'gelu'"),
+    ("quantized", r"unsupported quantized checkpoint \(quantization_config: fp8\)"),
     ("mlp_bias", "unsupported mlp_bias"),
     ("attention_bias", "unsupported attention_bias: true for LlamaForCausalLM"),
     ("rope_per_layer", "unsupported rope_parameters"),
@@ -394,6 +395,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         del tensors["lm_head.weight"]
     elif case == "hidden_act":
         overrides["hidden_act"] = "gelu"
+    elif case == "quantized":  # as Qwen3-0.6B-FP8's config has it
+        overrides["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
     elif case in ("mlp_bias", "attention_bias"):
         overrides[case] = True
     elif case == "rope_per_layer":

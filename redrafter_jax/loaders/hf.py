@@ -124,6 +124,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     if nulls := [k for k in _NOT_NULL if c[k] is None]:  # transformers' configs refuse these too
         raise ValueError(f"config.json sets {', '.join(nulls)} to null: {'they need' if nulls[1:] else 'it needs'} "
                          f"a value (leave a key out for transformers' default)")
+    if quantized := c.get("quantization_config"):  # its tensors would fail one by one, not naming why
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
+        raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
+                         f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
     if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
         raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (supported: silu)")
     if c.get("mlp_bias"):
