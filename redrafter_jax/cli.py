@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from typing import Callable
@@ -40,11 +41,26 @@ def fraction(text: str) -> float:
 fraction.__name__ = "float"
 
 
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{\"name\": value, ...}}), got {text}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     src.add_argument("--hf", help="a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chat-template-kwargs", metavar="JSON", type=json_object, default={},
+                   help="more variables for the model's chat template, as transformers' apply_chat_template "
+                        "takes them (e.g. '{\"enable_thinking\": false}' for Qwen3): every chat the command "
+                        "renders sees them")
     p.add_argument("--mesh", metavar="DxM", default=None,
                    help="run over D x M devices: the batch split D ways, the model tensor-parallel M ways "
                         "(e.g. 1x8, 2x4; default: one device)")
@@ -78,14 +94,16 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
     if args.hf:
         from redrafter_jax.loaders.hf import open_hf
 
-        return open_hf(args.hf, args.dtype, mesh)
-    if args.gguf:
+        opened = open_hf(args.hf, args.dtype, mesh)
+    elif args.gguf:
         from redrafter_jax.loaders.gguf import open_gguf
 
-        return open_gguf(args.gguf, args.dtype, mesh)
-    from redrafter_jax.loaders.embedded import open_default
+        opened = open_gguf(args.gguf, args.dtype, mesh)
+    else:
+        from redrafter_jax.loaders.embedded import open_default
 
-    return open_default(args.dtype, mesh)
+        opened = open_default(args.dtype, mesh)
+    return opened._replace(tokenizer=opened.tokenizer.with_template_vars(**args.chat_template_kwargs))
 
 
 # beside the packages, in the repository and in the wheel (pyproject.toml's package data)

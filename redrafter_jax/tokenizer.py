@@ -62,14 +62,35 @@ def _chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+# What apply_chat_template itself gives the template: not for callers to set.
+_TEMPLATE_OWN = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
 class Tokenizer:
+    """`template_vars`: more variables for the chat template, as transformers' `apply_chat_template(...,
+    **kwargs)` passes them (Qwen3's `enable_thinking`, Llama 3's `date_string`, ...)."""
+
     def __init__(self, tok: tokenizers.Tokenizer, chat_template: str | None,
-                 bos_token_id: int | None, eos_token_ids: tuple[int, ...], add_bos: bool = False):
+                 bos_token_id: int | None, eos_token_ids: tuple[int, ...], add_bos: bool = False,
+                 template_vars: dict | None = None):
         self.tok = tok
         self.chat_template = chat_template
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
         self.add_bos = add_bos
+        self.template_vars = self._checked_vars(template_vars or {})
+
+    @staticmethod
+    def _checked_vars(template_vars: dict) -> dict:
+        if own := sorted(set(template_vars) & set(_TEMPLATE_OWN)):
+            raise ValueError(f"chat template variables {own} are set by apply_chat_template itself")
+        return dict(template_vars)
+
+    def with_template_vars(self, **template_vars) -> "Tokenizer":
+        """This tokenizer with more chat template variables (e.g. enable_thinking=False), for every chat it
+        renders: prompts, and training's loss masks."""
+        return Tokenizer(self.tok, self.chat_template, self.bos_token_id, self.eos_token_ids, self.add_bos,
+                         {**self.template_vars, **template_vars})
 
     @classmethod
     def from_gguf_vocab(cls, model: str, pre: str, tokens: list[str], token_types: list[int],
@@ -113,7 +134,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **template_vars) -> str:
+        """The chat as the template renders it, with the tokenizer's `template_vars` and these."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; pass a plain prompt instead")
         for i, m in enumerate(messages):
@@ -121,12 +144,12 @@ class Tokenizer:
         bos = self.tok.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.tok.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
         return _chat_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos,
-            eos_token=eos)
+            **self._checked_vars({**self.template_vars, **template_vars}), messages=messages,
+            add_generation_prompt=add_generation_prompt, bos_token=bos, eos_token=eos)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], **template_vars) -> list[int]:
         """Token ids of a chat rendered with the template, ready for the assistant's reply.
 
         Templates write any BOS themselves, so none is added here.
         """
-        return self.tok.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+        return self.tok.encode(self.apply_chat_template(messages, **template_vars), add_special_tokens=False).ids

@@ -47,6 +47,32 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
         chat.append({"role": "assistant", "content": reply})
 
 
+def test_chat_template_kwargs_reach_the_tokenizer_of_the_model_the_command_loads(tmp_path, capsys):
+    """--chat-template-kwargs (every command with the model flags): the template sees them in every chat it
+    renders; what is no JSON object is refused as the arguments are read."""
+    import json
+
+    from redrafter_jax.cli import add_model_args, open_model, parse_args
+    from tests.test_loaders import HUB_TEMPLATE, hf_tensors, write_checkpoint
+
+    write_checkpoint(tmp_path, "llama", hf_tensors("llama", np.random.default_rng(0)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": HUB_TEMPLATE}))
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    chat = [{"role": "user", "content": "w5"}]
+    plain = open_model(parse_args(p, ["--hf", str(tmp_path)])).tokenizer.apply_chat_template(chat)
+    opened = open_model(parse_args(p, ["--hf", str(tmp_path), "--chat-template-kwargs", '{"date_string": "w3"}']))
+    dated = opened.tokenizer.apply_chat_template(chat)
+    assert "<|system|> w3 " in dated and "<|system|> w3 " not in plain and dated.endswith(plain[-20:])
+    assert opened.load().tokenizer.template_vars == {"date_string": "w3"}
+    for bad, match in [("[1]", "must be a JSON object"), ("{w3", "not valid JSON")]:
+        with pytest.raises(SystemExit):
+            parse_args(p, ["--chat-template-kwargs", bad])
+        assert match in capsys.readouterr().err
+    with pytest.raises(ValueError, match="set by apply_chat_template itself"):
+        open_model(parse_args(p, ["--hf", str(tmp_path), "--chat-template-kwargs", '{"bos_token": ""}']))
+
+
 def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
     """A bare --drafter takes 4 x 3 + 1 x 8 in 7 slots, greedy or sampling; any beam option given
     switches to the plain defaults (W 2, L 4, K 1 of length L, every beam in the tree); --spec gives the

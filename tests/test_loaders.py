@@ -351,6 +351,14 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
                                                                  tokenize=True)["input_ids"])
     with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
         ours.apply_chat_template(chat[:2] + [{"role": "tool", "content": "w1"}])
+    # more template variables (Llama 3's date_string; Qwen3's enable_thinking), per call or for every chat
+    dated = ours.apply_chat_template(chat, date_string="w3")
+    assert dated == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, date_string="w3")
+    assert "<|system|> w3 " in dated and ours.with_template_vars(date_string="w3").apply_chat_template(chat) == dated
+    assert ours.with_template_vars(date_string="w3").encode_chat(chat) == list(hf.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, date_string="w3")["input_ids"])
+    with pytest.raises(ValueError, match=r"chat template variables \['bos_token'\] are set by apply_chat_template"):
+        ours.apply_chat_template(chat, bos_token="")
     # saved by transformers (recent versions): the template in chat_template.jinja, not in tokenizer_config.json
     hf.save_pretrained(str(tmp_path))
     with open(tmp_path / "tokenizer_config.json") as f:
