@@ -147,14 +147,26 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+QUERY_BLOCK = 1024  # a long forward's (a prefill's) new tokens attend in blocks of this many
+
+
 def _attention(q, k_cache, v_cache, mask):
     """Grouped-query attention of new queries over the cache (which already holds the new keys).
 
     q: [B, T, nkv, G, D]; k_cache/v_cache: [B, nkv, S, D]; mask: [B, T, S] bool. Returns [B, T, nkv, G, D].
     Each KV head's G x T queries form one block of rows, so both products are one batched matrix
-    product per KV head over the cache in place.
+    product per KV head over the cache in place. More than QUERY_BLOCK new tokens attend a block at a
+    time (each row's softmax is its own), so that a long prompt's scores take [B, nkv, G x QUERY_BLOCK, S]
+    at once, not [B, nkv, G x T, S]: quadratic in the prompt, they were what ran out of memory first.
     """
     b, t, nkv, g, d = q.shape
+    if t > QUERY_BLOCK:
+        blocks = -(-t // QUERY_BLOCK)
+        pad = ((0, 0), (0, blocks * QUERY_BLOCK - t))  # padding rows see no key; they are dropped below
+        qs = jnp.pad(q, pad + ((0, 0),) * 3).reshape(b, blocks, QUERY_BLOCK, nkv, g, d).swapaxes(0, 1)
+        masks = jnp.pad(mask, pad + ((0, 0),)).reshape(b, blocks, QUERY_BLOCK, -1).swapaxes(0, 1)
+        out = jax.lax.map(lambda qm: _attention(qm[0], k_cache, v_cache, qm[1]), (qs, masks))
+        return out.swapaxes(0, 1).reshape(b, blocks * QUERY_BLOCK, nkv, g, d)[:, :t]
     q = (q * d ** -0.5).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache, preferred_element_type=jnp.float32)
     scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)

@@ -5,10 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from redrafter_jax import model
 from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, write
+from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
 from tests.tiny import TINY as TINY_CFG
+from tests.tiny import tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n if n < 2 else",
          "Paris is the capital of"]
@@ -156,3 +159,26 @@ def test_forward_writes_pending_entries_before_attending(smollm):
     f = forward(params, cfg, ids[:, 7:], pos, cache, attention_mask(cache, pos, causal(t - 7)))
     np.testing.assert_allclose(f.logits[0], full[7:], atol=2e-4, rtol=0)
     assert f.cache.pending_slots.tolist() == [[32, 32, 32]]
+
+
+def test_a_long_forward_attends_in_query_blocks_as_in_one(monkeypatch):
+    """More than QUERY_BLOCK new tokens attend a block at a time (a long prompt's scores were quadratic in
+    it): the logits are those of one block of all, and a prompt that long decodes as the uncached forward."""
+    cfg, params = tiny_model(max_position_embeddings=4096)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 2 * model.QUERY_BLOCK + 37)))
+    def logits():  # traced anew each time (make_jaxpr keeps a function's traces), so QUERY_BLOCK is read
+        return jax.make_jaxpr(lambda t: forward_causal(params, cfg, t).logits)(tokens), \
+            forward_causal(params, cfg, tokens).logits
+
+    program, blocked = logits()
+    assert "scan" in str(program)  # the blocks' loop
+    monkeypatch.setattr(model, "QUERY_BLOCK", tokens.shape[1])
+    program, whole = logits()
+    assert "scan" not in str(program)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    prompt = np.asarray(tokens[0, :model.QUERY_BLOCK + 100]).tolist()
+    out = generate(params, cfg, [prompt], max_new_tokens=6, prompt_bucket=64)
+    gen = np.asarray(out.tokens[0, :out.lengths[0]]).tolist()
+    want = forward_causal(params, cfg, jnp.asarray([prompt + gen])).logits[0, len(prompt) - 1:-1]
+    assert gen == np.asarray(jnp.argmax(want, axis=-1)).tolist()
