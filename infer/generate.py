@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0, help="keep the tokens at least this many times as likely as "
+                   "the likeliest one (after --top-k and --top-p)")
     p.add_argument("--seed", type=int, default=0)
     add_spec_args(p)
     args = parse_args(p, argv)
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     for f, text in named:  # before the model loads: fail fast
         if not Tokenizer.check_text(text, f).strip():
             raise ValueError(f"{f} is empty")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p)
     spec, store = tree_setting(args)
     target = open_model(args)
     drafter = load_drafter_for(args, target.config, store)

@@ -148,11 +148,14 @@ def _yarn_inv_freq(inv: np.ndarray, head_dim: int, theta: float, s: RopeScaling)
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 (or top_k 1) is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 (or top_k 1) is greedy; top_k 0, top_p 1 and min_p 0 switch those filters off. They
+    apply in transformers' order: temperature, top-k, top-p, then min-p (tokens less likely than min_p
+    times the likeliest one go)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
 
     MIN_TEMPERATURE = 1e-6  # below this, logits / temperature overflows float32
 
@@ -164,6 +167,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
     @property
     def greedy(self) -> bool:

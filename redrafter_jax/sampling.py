@@ -1,4 +1,4 @@
-"""Token selection from target logits: greedy, or sampling with temperature, top-k and top-p.
+"""Token selection from target logits: greedy, or sampling with temperature, top-k, top-p and min-p.
 
 `target_logits` is the one definition of the sampling distribution; the autoregressive sampler and
 the speculative verifier both use it, so both sample from exactly the same distribution.
@@ -17,7 +17,8 @@ def target_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
     filtered tokens at -inf.
 
     top-k keeps the k largest logits, top-p the smallest set of largest-probability tokens whose
-    mass reaches top_p (ties at either threshold are all kept). Only for cfg.greedy == False.
+    mass reaches top_p, min-p the tokens at least min_p times as likely as the likeliest (ties at any
+    threshold are all kept). Only for cfg.greedy == False.
     """
     logits = logits.astype(jnp.float32) / cfg.temperature
     if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
@@ -30,6 +31,9 @@ def target_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
         # the smallest kept logit: the last sorted one whose preceding mass is still below top_p
         n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    if cfg.min_p > 0:  # p >= min_p * p_max, in logits (the normaliser cancels)
+        threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(jnp.float32(cfg.min_p))
         logits = jnp.where(logits >= threshold, logits, -jnp.inf)
     return logits
 

@@ -66,21 +66,23 @@ def test_sampling_is_reproducible_per_key_and_topk1_is_greedy():
     assert top1 == greedy
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.5, 5, 1.0), (1.0, 0, 0.8)])
-def test_first_sampled_token_follows_target_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1.5, 5, 1.0, 0.0),
+                                                          (1.0, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.3)])
+def test_first_sampled_token_follows_target_distribution(temperature, top_k, top_p, min_p):
     from scipy import stats
 
     cfg, params = tiny_model(vocab_size=12, scale=0.2)  # a spread-out distribution
     prompt = [3, 4, 5]
     n = 6000
     out = generate(params, cfg, [prompt] * n, max_new_tokens=1, key=jax.random.PRNGKey(0),
-                   sampling=SamplingConfig(temperature, top_k, top_p))
+                   sampling=SamplingConfig(temperature, top_k, top_p, min_p))
     counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=cfg.vocab_size)
     p = exact_next_token_probs(forward_causal(params, cfg, jnp.asarray([prompt])).logits[0, -1],
-                               temperature, top_k, top_p)
+                               temperature, top_k, top_p, min_p)
     assert counts[p == 0].sum() == 0  # filtered tokens never appear
     support = p > 0
-    assert support.sum() >= 3 + (top_k == 0 and top_p == 1) * 8  # filters cut, but not to nothing
+    filtered = top_k or top_p < 1 or min_p
+    assert 3 <= support.sum() and (support.sum() < cfg.vocab_size if filtered else support.sum() >= 11)
     _, pvalue = stats.chisquare(counts[support], n * p[support])
     assert pvalue > 1e-3
 
@@ -121,6 +123,8 @@ def test_sampling_without_key_and_bad_sampling_settings_raise():
         generate(params, cfg, [[3]], max_new_tokens=2, sampling=SamplingConfig(temperature=1.0))
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match=r"min_p must be in \[0, 1\], got 1.5"):
+        SamplingConfig(temperature=1.0, min_p=1.5)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
 

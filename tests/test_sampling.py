@@ -53,7 +53,8 @@ def exact_joint(cfg, params, sampling, k=3):
         seqs = jnp.asarray([PROMPT + list(p) for p in prefixes])
         logits = np.asarray(forward_causal(params, cfg, seqs).logits[:, -1])
         for p, lg in zip(prefixes, logits):
-            probs[p] = exact_next_token_probs(lg, sampling.temperature, sampling.top_k, sampling.top_p)
+            probs[p] = exact_next_token_probs(lg, sampling.temperature, sampling.top_k, sampling.top_p,
+                                              sampling.min_p)
     joint = np.zeros((V,) * k)
     for seq in itertools.product(range(V), repeat=k):
         joint[seq] = np.prod([probs[seq[:i]][seq[i]] for i in range(k)])
@@ -83,7 +84,7 @@ def sample_first_tokens(cfg, params, drafter, sampling, spec, seed=0, k=3, batch
 
 
 SAMPLINGS = [SamplingConfig(0.5), SamplingConfig(1.0), SamplingConfig(1.5), SamplingConfig(1.0, top_p=0.9),
-             SamplingConfig(1.0, top_k=3)]
+             SamplingConfig(1.0, top_k=3), SamplingConfig(1.0, min_p=0.2)]
 
 
 # Each drafter kind at two samplings and each sampling with one or two kinds (the full grid adds ~80 s).
@@ -92,7 +93,7 @@ PAIRS = [("random", SAMPLINGS[0]), ("random", SAMPLINGS[3]), ("adversarial", SAM
          ("adversarial", SAMPLINGS[2]), ("lookup", SAMPLINGS[2]), ("lookup", SAMPLINGS[3]),
          ("random+lookup", SAMPLINGS[0]), ("random+long lookup in 6 slots", SAMPLINGS[1]),
          ("datastore", SAMPLINGS[1]), ("random+lookup+datastore in 6 slots", SAMPLINGS[3]),
-         ("random+lookup", SAMPLINGS[4])]
+         ("random+lookup", SAMPLINGS[4]), ("random+lookup", SAMPLINGS[5])]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,8 @@ def target_datastore(target):
 
 
 @pytest.mark.parametrize("which,sampling", PAIRS,
-                         ids=[f"{w}-T{s.temperature}-p{s.top_p}-k{s.top_k}" for w, s in PAIRS])
+                         ids=[f"{w}-T{s.temperature}-p{s.top_p}-k{s.top_k}" + (f"-m{s.min_p}" if s.min_p else "")
+                              for w, s in PAIRS])
 def test_tree_walk_preserves_target_distribution(target, target_datastore, sampling, which):
     cfg, params = target
     kind = which.split("+")[0]  # the drafter: "random", "adversarial" or none ("lookup", "datastore")

@@ -18,7 +18,7 @@ def tiny_model(seed: int = 0, scale: float = 0.5, **overrides):
     return cfg, init_params(cfg, jax.random.PRNGKey(seed), scale=scale)
 
 
-def exact_next_token_probs(logits, temperature, top_k, top_p):
+def exact_next_token_probs(logits, temperature, top_k, top_p, min_p=0.0):
     """NumPy float64 statement of the sampling distribution, written independently of sampling.py."""
     z = np.asarray(logits, np.float64) / temperature
     keep = np.ones_like(z, bool)
@@ -34,5 +34,8 @@ def exact_next_token_probs(logits, temperature, top_k, top_p):
         keep[order[keep_sorted]] = True
         keep |= p >= p[order[keep_sorted]].min()  # ties at the threshold stay
         p = np.where(keep, p, 0)
+        p /= p.sum()
+    if min_p > 0:
+        p = np.where(p >= min_p * p.max(), p, 0)
         p /= p.sum()
     return p
