@@ -166,15 +166,16 @@ def test_a_long_forward_attends_in_query_blocks_as_in_one(monkeypatch):
     it): the logits are those of one block of all, and a prompt that long decodes as the uncached forward."""
     cfg, params = tiny_model(max_position_embeddings=4096)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (2, 2 * model.QUERY_BLOCK + 37)))
-    def logits():  # traced anew each time (make_jaxpr keeps a function's traces), so QUERY_BLOCK is read
-        return jax.make_jaxpr(lambda t: forward_causal(params, cfg, t).logits)(tokens), \
-            forward_causal(params, cfg, tokens).logits
 
-    program, blocked = logits()
-    assert "scan" in str(program)  # the blocks' loop
+    def traced_and_run():  # a new function each time (make_jaxpr keeps a function's traces): QUERY_BLOCK is read
+        program = jax.make_jaxpr(lambda t: forward_causal(params, cfg, t).logits)(tokens)
+        return str(program), forward_causal(params, cfg, tokens).logits
+
+    program, blocked = traced_and_run()
+    assert "scan" in program  # the blocks' loop
     monkeypatch.setattr(model, "QUERY_BLOCK", tokens.shape[1])
-    program, whole = logits()
-    assert "scan" not in str(program)
+    program, whole = traced_and_run()
+    assert "scan" not in program
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
     monkeypatch.undo()
     prompt = np.asarray(tokens[0, :model.QUERY_BLOCK + 100]).tolist()
