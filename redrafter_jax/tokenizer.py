@@ -10,7 +10,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 # llama.cpp's `tokenizer.ggml.pre` names of byte-level BPE pre-tokenizers, as `tokenizers` pieces.
 _GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -39,6 +39,29 @@ def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
         return _byte_level_split(_QWEN2_REGEX)
     raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} "
                      "(supported: default, gpt2, smollm, llama-bpe, qwen2)")
+
+
+_NORMAL = 1  # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+
+
+def _sentencepiece_bpe(vocab: dict[str, int], tokens: list[str], scores: list[float], token_types: list[int],
+                       unknown_token_id: int, add_space_prefix: bool) -> tokenizers.Tokenizer:
+    """SentencePiece's BPE as `tokenizers` pieces: it merges the adjacent pair whose merged piece scores
+    highest, so the merges are every split of a piece into two pieces, ranked by that piece's score;
+    spaces are "▁" (one prepended, as SentencePiece's dummy prefix), bytes without a piece are <0xNN>."""
+    if scores is None:
+        raise ValueError("GGUF SentencePiece vocabulary without tokenizer.ggml.scores")
+    normal = {t for t, ty in zip(tokens, token_types) if ty == _NORMAL}
+    merges = sorted(((tokens[i][:k], tokens[i][k:], -scores[i], k) for i in range(len(tokens)) if tokens[i] in normal
+                     for k in range(1, len(tokens[i])) if tokens[i][:k] in normal and tokens[i][k:] in normal),
+                    key=lambda m: (m[2], -m[3]))
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[m[:2] for m in merges],
+                                          unk_token=tokens[unknown_token_id], fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * add_space_prefix
+                                          + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * add_space_prefix)
+    return tok
 
 
 def _raise_exception(message: str):
@@ -94,16 +117,23 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_vocab(cls, model: str, pre: str, tokens: list[str], token_types: list[int],
-                        merges: list[str], chat_template: str | None, bos_token_id: int | None,
-                        eos_token_ids: tuple[int, ...], add_bos: bool) -> "Tokenizer":
-        """A byte-level BPE tokenizer from GGUF `tokenizer.ggml.*` metadata."""
-        if model != "gpt2":
-            raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2 byte-level BPE)")
+                        merges: list[str] | None, chat_template: str | None, bos_token_id: int | None,
+                        eos_token_ids: tuple[int, ...], add_bos: bool, scores: list[float] | None = None,
+                        unknown_token_id: int = 0, add_space_prefix: bool = True) -> "Tokenizer":
+        """A tokenizer from GGUF `tokenizer.ggml.*` metadata: byte-level BPE ("gpt2": its merges and
+        pre-tokenizer) or SentencePiece BPE ("llama": Llama 1/2's, Mistral 7B's, TinyLlama's; its pieces'
+        scores, as transformers converts a SentencePiece model)."""
         vocab = {t: i for i, t in enumerate(tokens)}
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-        tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
-        tok.decoder = decoders.ByteLevel()
+        if model == "gpt2":
+            pairs = [tuple(m.split(" ", 1)) for m in merges]
+            tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+            tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
+            tok.decoder = decoders.ByteLevel()
+        elif model == "llama":
+            tok = _sentencepiece_bpe(vocab, tokens, scores, token_types, unknown_token_id, add_space_prefix)
+        else:
+            raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2 byte-level BPE, llama "
+                             f"SentencePiece BPE)")
         # token type 3 = control, 4 = user-defined: matched whole in text, never split by BPE.
         special = [tokenizers.AddedToken(t, special=True, normalized=False)
                    for t, ty in zip(tokens, token_types) if ty in (3, 4)]

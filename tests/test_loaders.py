@@ -447,11 +447,12 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
-               metadata=None):
+               metadata=None, sentencepiece=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary; `scaling`:
-    (RoPE scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names;
-    `eot`: an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
+    (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary (or the
+    vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE scaling type, factor[,
+    original context length]); `extras`: more tensors, by their GGUF names; `eot`: an end-of-turn id;
+    `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
@@ -471,10 +472,18 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_key_length(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(["a", "b", "ab"] + VOCAB[3:])  # 64 tokens, one merge
-    w.add_token_types([3 if 3 <= i <= 4 else 1 for i in range(len(VOCAB))])
-    w.add_token_merges(["a b"])
+    if sentencepiece is None:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list(["a", "b", "ab"] + VOCAB[3:])  # 64 tokens, one merge
+        w.add_token_types([3 if 3 <= i <= 4 else 1 for i in range(len(VOCAB))])
+        w.add_token_merges(["a b"])
+    else:  # as llama.cpp's converter writes a SentencePiece model (its _create_vocab_sentencepiece)
+        sp, ids = sentencepiece, range(sentencepiece.get_piece_size())
+        w.add_tokenizer_model("llama")
+        w.add_token_list([sp.id_to_piece(i) for i in ids])
+        w.add_token_scores([sp.get_score(i) for i in ids])
+        w.add_token_types([2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+                           5 if sp.is_unused(i) else 1 for i in ids])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
@@ -592,6 +601,28 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
                scaling=scaling, extras=extras, metadata=metadata)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
+
+
+def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path):
+    """Llama 1/2's, Mistral 7B's and TinyLlama's GGUF files hold a SentencePiece BPE vocabulary (pieces and
+    scores, no merges): the loaded tokenizer encodes and decodes as SentencePiece itself, the dummy prefix,
+    whitespace runs, split digits and byte fallback included, and adds a BOS as llama.cpp does."""
+    spm = pytest.importorskip("sentencepiece")
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "design.md"), encoding="utf-8").read()
+    (tmp_path / "corpus.txt").write_text("\n".join(line for line in text.splitlines() if line.strip()))
+    spm.SentencePieceTrainer.train(  # Llama's settings: BPE, byte fallback, digits split, text unchanged
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=600, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    write_gguf(tmp_path / "model.gguf", "llama", hf_tensors("llama", np.random.default_rng(0), vocab=600),
+               sentencepiece=sp)
+    tok = load_gguf(str(tmp_path / "model.gguf")).tokenizer
+    pieces = [text[i:i + 7 + i % 150] for i in range(0, len(text) - 200, 131)]
+    for t in TEXTS + ["  two spaces", "trailing ", "a  b   c    d", "\n\nnew lines\n", "日本語", "x" * 40] + pieces:
+        assert tok.encode(t) == [1] + sp.encode(t), t
+        assert tok.decode(tok.encode(t)) == sp.decode(sp.encode(t)), t
+    assert "<0xF0>" in [sp.id_to_piece(i) for i in sp.encode("😀")]  # byte fallback was exercised
 
 
 TEXTS = ["Hello, world!", "The year 2024 had 366 days.", "  indented\n\ttabs and ünïcödé — “quotes” 😀",

@@ -166,12 +166,17 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
+    model = _field(reader, "tokenizer.ggml.model")
+    spm = model == "llama"  # SentencePiece: llama.cpp's defaults are a BOS and a space before the text
     tok = Tokenizer.from_gguf_vocab(
-        model=_field(reader, "tokenizer.ggml.model"), pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        model=model, pre=_field(reader, "tokenizer.ggml.pre", "default"),
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
-        merges=_field(reader, "tokenizer.ggml.merges"),
+        merges=None if spm else _field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
-        eos_token_ids=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)))
+        eos_token_ids=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),
+        scores=_field(reader, "tokenizer.ggml.scores") if spm else None,
+        unknown_token_id=int(_field(reader, "tokenizer.ggml.unknown_token_id", 0)),
+        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)))
     return OpenedModel(cfg, tok, GGUF, source, mesh)
 
 
