@@ -52,10 +52,13 @@ def _sentencepiece_bpe(vocab: dict[str, int], tokens: list[str], scores: list[fl
     if scores is None:
         raise ValueError("GGUF SentencePiece vocabulary without tokenizer.ggml.scores")
     normal = {t for t, ty in zip(tokens, token_types) if ty == _NORMAL}
-    merges = sorted(((tokens[i][:k], tokens[i][k:], -scores[i], k) for i in range(len(tokens)) if tokens[i] in normal
-                     for k in range(1, len(tokens[i])) if tokens[i][:k] in normal and tokens[i][k:] in normal),
-                    key=lambda m: (m[2], -m[3]))
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[m[:2] for m in merges],
+    ranked = []  # (-score, -len(left), left, right): best first; ties as transformers' converter orders them
+    for piece, score in zip(tokens, scores):
+        if piece in normal:
+            ranked += [(-score, -k, piece[:k], piece[k:]) for k in range(1, len(piece))
+                       if piece[:k] in normal and piece[k:] in normal]
+    ranked.sort(key=lambda m: m[:2])
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[m[2:] for m in ranked],
                                           unk_token=tokens[unknown_token_id], fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * add_space_prefix
                                           + [normalizers.Replace(" ", "\u2581")])
