@@ -100,9 +100,11 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
         factor = c["max_position_embeddings"] / original
     if factor is None:
         raise ValueError(f"unsupported rope scaling {rs} (it has no factor)")
-    attention_factor = rs.get("attention_factor") if kind == "yarn" else None  # the other kinds have none
-    if kind == "yarn" and attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
-        attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
+    attention_factor = None  # the other kinds have none
+    if kind == "yarn":
+        attention_factor = rs.get("attention_factor")
+        if attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
+            attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
     return theta, RopeScaling(kind=kind, factor=float(factor),
                               low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                               high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
