@@ -54,8 +54,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, pending: int = 0
                    pending_slots=jnp.full((batch_size, pending), max_len, jnp.int32))
 
 
-def attention_mask(cache: KVCache, positions: jax.Array, new_mask: jax.Array,
-                   sliding_window: int | None = None) -> jax.Array:
+def _new_slots(cache: KVCache, t: int) -> tuple[jax.Array, jax.Array]:
+    """For T new tokens written at slots lengths[b] .. lengths[b]+T-1: is_new [B, S], whether a slot holds
+    one, and new [B, T, S], which one it holds (clipped to [0, T) where it holds none)."""
+    j = jnp.arange(cache.max_len)[None, :] - cache.lengths[:, None]  # [B, S]
+    return (j >= 0) & (j < t), jnp.broadcast_to(jnp.clip(j, 0, t - 1)[:, None, :], (cache.batch_size, t, cache.max_len))
+
+
+def attention_mask(cache: KVCache, positions: jax.Array, new_mask: jax.Array) -> jax.Array:
     """Mask over the cache slots for T new tokens written at slots lengths[b] .. lengths[b]+T-1.
 
     positions: [B, T] position ids of the new tokens; new_mask: [B, T, T] or [T, T] bool, which new
@@ -63,16 +69,18 @@ def attention_mask(cache: KVCache, positions: jax.Array, new_mask: jax.Array,
     Returns [B, T, max_len] bool: every valid slot, plus the new tokens' slots as new_mask allows.
     """
     b, t = positions.shape
-    slot = jnp.arange(cache.max_len)[None, :]  # [1, S]
-    j = slot - cache.lengths[:, None]  # [B, S] which new token a slot holds, if 0 <= j < T
-    is_new = (j >= 0) & (j < t)
-    jc = jnp.broadcast_to(jnp.clip(j, 0, t - 1)[:, None, :], (b, t, cache.max_len))
-    sees_new = jnp.take_along_axis(jnp.broadcast_to(new_mask, (b, t, t)), jc, axis=-1)
-    mask = (j < 0)[:, None, :] | (is_new[:, None, :] & sees_new)
-    if sliding_window is not None:  # a cached key's position is its slot; a new one's is in `positions`
-        key_pos = jnp.where(is_new, jnp.take_along_axis(positions, jc[:, 0], axis=1), slot)
-        mask = mask & (positions[:, :, None] - key_pos[:, None, :] < sliding_window)
-    return mask
+    is_new, new = _new_slots(cache, t)
+    sees_new = jnp.take_along_axis(jnp.broadcast_to(new_mask, (b, t, t)), new, axis=-1)
+    return (jnp.arange(cache.max_len) < cache.lengths[:, None])[:, None, :] | (is_new[:, None, :] & sees_new)
+
+
+def window_mask(cache: KVCache, positions: jax.Array, window: int) -> jax.Array:
+    """[B, T, max_len] bool: the slots whose keys are fewer than `window` positions behind each of T new
+    tokens (at `positions` [B, T], written at slots lengths[b] ..); AND it with `attention_mask`.
+    A cached key's position is its slot; a new one's is in `positions` (a tree's are not its slots')."""
+    is_new, new = _new_slots(cache, positions.shape[1])
+    key_pos = jnp.where(is_new, jnp.take_along_axis(positions, new[:, 0], axis=1), jnp.arange(cache.max_len))
+    return positions[:, :, None] - key_pos[:, None, :] < window
 
 
 def check_room(cache: KVCache, num_new: jax.Array | int) -> None:

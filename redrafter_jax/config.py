@@ -59,7 +59,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM)."""
+    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3)."""
 
     vocab_size: int
     hidden_size: int
@@ -74,7 +74,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
-    sliding_window: int | None = None  # Mistral: keys further back than this are masked
+    sliding_window: int | None = None  # keys further back than this are masked (Mistral's, every layer's)
+    window_layers: tuple[int, ...] | None = None  # the layers with the window (None: all; Qwen's, some)
+    nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
     qk_norm: bool = False  # an RMS norm of every query and key head before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -95,7 +97,20 @@ class ModelConfig:
                 len(self.rope_scaling.factors) != self.head_dim // 2:
             raise ValueError(f"model config: {len(self.rope_scaling.factors)} RoPE frequency factors for "
                              f"head_dim {self.head_dim} ({self.head_dim // 2} frequencies)")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"model config: sliding_window must be positive, got {self.sliding_window}")
+        if self.window_layers is not None and self.sliding_window is None:
+            raise ValueError("model config: window_layers need a sliding_window")
+        for name in ("window_layers", "nope_layers"):
+            layers = getattr(self, name) or ()
+            if list(layers) != sorted(set(layers)) or not all(0 <= i < self.num_layers for i in layers):
+                raise ValueError(f"model config: {name} must be distinct layer indices in [0, {self.num_layers}) "
+                                 f"in order, got {layers}")
         np.dtype(self.dtype)  # raises on an unknown dtype name
+
+    def windowed(self, layer: int) -> bool:
+        """Whether `layer` attends within the sliding window."""
+        return self.sliding_window is not None and (self.window_layers is None or layer in self.window_layers)
 
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse RoPE frequencies, [head_dim // 2] float32, with any scaling applied."""

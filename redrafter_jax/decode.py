@@ -239,7 +239,7 @@ def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Ar
     p = prompts.shape[1]
     positions = cache.lengths[:, None] + jnp.arange(p, dtype=jnp.int32)[None, :]
     causal = jnp.tril(jnp.ones((p, p), bool))
-    mask = kv.attention_mask(cache, positions, causal, cfg.sliding_window)
+    mask = kv.attention_mask(cache, positions, causal)
     hidden, cache, _, _ = transformer(params, cfg, prompts, positions, cache, mask)
     cache = kv.commit(cache, prompt_lengths)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]

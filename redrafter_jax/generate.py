@@ -78,7 +78,7 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
     positions = s.cache.lengths[:, None]
     key, sub = jax.random.split(s.key)
     with jax.named_scope("forward"):
-        mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool), cfg.sliding_window)
+        mask = kv.attention_mask(s.cache, positions, jnp.ones((1, 1), bool))
         f = forward(params, cfg, s.last[:, None], positions, s.cache, mask)
     with jax.named_scope("select"):
         nxt = select(sub, f.logits[:, 0], sampling)
@@ -182,7 +182,7 @@ def propose(params: Params, drafter: Proposer | None, store: Datastore | None, p
 def verify(params: Params, cfg: ModelConfig, s: SpecState, tree: Tree) -> ForwardOutput:
     """One target forward of the packed tree [B, N] at positions length + depth, under the tree mask."""
     positions = s.cache.lengths[:, None] + tree.depth
-    mask = kv.attention_mask(s.cache, positions, tree.mask, cfg.sliding_window)
+    mask = kv.attention_mask(s.cache, positions, tree.mask)
     return forward(params, cfg, tree.tokens, positions, s.cache, mask)
 
 

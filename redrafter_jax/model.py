@@ -179,20 +179,25 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
                 cache: KVCache, mask: jax.Array):
     """The decoder stack without the LM head.
 
-    tokens, positions: [B, T] int32; mask: [B, T, max_len] bool (see cache.attention_mask).
-    Each layer writes the cache's pending entries and the new tokens' K/V (at slots lengths[b] ..
-    lengths[b]+T-1) into the cache, then attends. Returns hidden [B, T, H] after the final norm, the
-    cache holding the new K/V (lengths unchanged: nothing is made valid) and nothing pending, and the
-    new k, v [layers, B, T, kv_heads, head_dim].
+    tokens, positions: [B, T] int32; mask: [B, T, max_len] bool (see cache.attention_mask; layers with a
+    sliding window narrow it to theirs here). Each layer writes the cache's pending entries and the new
+    tokens' K/V (at slots lengths[b] .. lengths[b]+T-1) into the cache, then attends. Returns hidden
+    [B, T, H] after the final norm, the cache holding the new K/V (lengths unchanged: nothing is made
+    valid) and nothing pending, and the new k, v [layers, B, T, kv_heads, head_dim] (rotated, but in
+    NoPE layers).
     """
     b, t = tokens.shape
     g = cfg.num_heads // cfg.num_kv_heads
     kv.check_room(cache, t)
-    cos, sin = rope_tables(positions, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale())
+    rope = rope_tables(positions, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale())
+    no_rope = jnp.ones_like(rope[0]), jnp.zeros_like(rope[1])  # NoPE layers: the identity rotation, exact
+    windowed = mask if cfg.sliding_window is None else mask & kv.window_mask(cache, positions, cfg.sliding_window)
     x = params["embed"][tokens]
     ck, cv, ks, vs = cache.k, cache.v, [], []
     slots = kv.write_slots(cache, t)
     for i, p in enumerate(params["layers"]):
+        cos, sin = no_rope if i in cfg.nope_layers else rope
+        layer_mask = windowed if cfg.windowed(i) else mask
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
@@ -203,11 +208,11 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
                                    qkv[:, :, :, g + 1:]], axis=3)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
-                                                         slots, mask, i)
+                                                         slots, layer_mask, i)
         else:
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
-            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], mask)
+            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask)
         x = x + linear(attn.reshape(b, t, -1), p["wo"])
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
@@ -244,7 +249,7 @@ def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> j
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     scratch = kv.init_cache(cfg, b, t)
-    mask = kv.attention_mask(scratch, positions, jnp.tril(jnp.ones((t, t), bool)), cfg.sliding_window)
+    mask = kv.attention_mask(scratch, positions, jnp.tril(jnp.ones((t, t), bool)))
     return transformer(params, cfg, tokens, positions, scratch, mask)[0]
 
 

@@ -36,6 +36,9 @@ ARCHS = {
                     tie_word_embeddings=False),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True),
+    # layer 1 without RoPE and, being a NoPE layer, windowed
+    "smollm3": dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", tie_word_embeddings=True,
+                    no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=5, pad_token_id=2),
 }
 
 
@@ -140,7 +143,8 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     write_checkpoint(tmp_path, arch, {**tensors, **extras}, sharded=sharded)
     m = load_hf(str(tmp_path))
     assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == (arch == "qwen3")
-    assert m.config.sliding_window == (5 if arch == "mistral" else None)
+    assert m.config.sliding_window == (5 if arch in ("mistral", "smollm3") else None)
+    assert (m.config.window_layers, m.config.nope_layers) == (((1,), (1,)) if arch == "smollm3" else (None, ()))
     ids = jnp.asarray([TOKENS])
     got = forward_causal(m.params, m.config, ids).logits
     want = forward_causal(params_from_hf_arrays(tensors, m.config), m.config, ids).logits
@@ -163,8 +167,9 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Mistral/Qwen2/Qwen3 modules on the same directory (RoPE layout,
-    llama3 rope scaling, Qwen2 biases, Mistral sliding window, Qwen3 query and key norms)."""
+    """Reference: transformers' own Llama/Mistral/Qwen2/Qwen3/SmolLM3 modules on the same directory (RoPE
+    layout, llama3 rope scaling, Qwen2 biases, Mistral sliding window, Qwen3 query and key norms, SmolLM3's
+    NoPE layer with a window of its own)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -252,27 +257,35 @@ def test_rope_scaling_is_read_as_transformers_computes_it(config):
 
 
 @pytest.mark.parametrize("arch, config, window", [
-    ("MistralForCausalLM", {"sliding_window": 5}, 5),
-    ("MistralForCausalLM", {"sliding_window": None}, None),
-    ("MistralForCausalLM", {}, 4096),  # transformers' default when config.json leaves it out
-    ("Qwen2ForCausalLM", {"sliding_window": 5}, None),  # without use_sliding_window
-    ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0}, 5),
-    ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 2}, None),
-    ("Qwen2ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, "layer kinds"),
-    ("LlamaForCausalLM", {"sliding_window": 5, "layer_types": ["full_attention"] * 2}, None),
+    ("MistralForCausalLM", {"sliding_window": 5}, (5, None)),
+    ("MistralForCausalLM", {"sliding_window": None}, (None, None)),
+    ("MistralForCausalLM", {}, (4096, None)),  # transformers' default when config.json leaves it out
+    ("LlamaForCausalLM", {"sliding_window": 5}, (None, None)),  # transformers' Llama has no window
+    ("Qwen2ForCausalLM", {"sliding_window": 5}, (None, None)),  # without use_sliding_window
+    ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 0}, (5, None)),
+    ("Qwen3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 2}, (None, None)),
+    ("Qwen2ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, (5, (1,))),
+    ("Qwen2ForCausalLM", {"sliding_window": 5, "use_sliding_window": True,
+                          "layer_types": ["sliding_attention", "full_attention"]}, (5, (0,))),
+    ("SmolLM3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "no_rope_layers": [1, 0]}, (5, (1,))),
+    ("SmolLM3ForCausalLM", {"sliding_window": 5, "no_rope_layers": [1, 0]}, (None, None)),
     ("MistralForCausalLM", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
-     "layer kinds"),
+     "unsupported layer_types"),  # transformers' Mistral would ignore them
+    ("Qwen2ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "layer_types": ["chunked_attention"] * 2},
+     "unsupported layer_types"),
 ])
 def test_sliding_window_is_read_as_transformers_reads_it(arch, config, window):
-    """Qwen2/Qwen3 window the layers from max_window_layers on, only with use_sliding_window; a window in
-    some layers only is refused, not applied to all."""
+    """The window and the layers it applies to: Qwen2/Qwen3 window the layers from max_window_layers on
+    (or as layer_types says), SmolLM3 its NoPE layers, both only with use_sliding_window; Mistral every
+    layer, Llama none."""
     c = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **config}
     if isinstance(window, str):
         with pytest.raises(ValueError, match=window):
             config_from_hf(c)
     else:
-        assert config_from_hf(c).sliding_window == window
+        ours = config_from_hf(c)
+        assert (ours.sliding_window, ours.window_layers) == window
 
 
 @pytest.mark.parametrize("arch", SUPPORTED_ARCHITECTURES)
@@ -286,6 +299,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     rope_theta = (getattr(theirs, "rope_parameters", None) or {}).get("rope_theta", getattr(theirs, "rope_theta", None))
     kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"]  # Mistral windows every layer
     window = getattr(theirs, "sliding_window", None) if set(kinds) == {"sliding_attention"} else None
+    nope = [i for i, rope in enumerate(getattr(theirs, "no_rope_layers", None) or [1] * ours.num_layers) if not rope]
+    assert ours.nope_layers == tuple(nope) and ours.window_layers is None
     head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
     assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
             ours.num_kv_heads, ours.head_dim, ours.max_position_embeddings, ours.rope_theta, ours.rms_norm_eps,
@@ -296,16 +311,19 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         () if theirs.eos_token_id is None else (theirs.eos_token_id,))
 
 
-@pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5})])
+@pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
+                                           ("smollm3", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
-    sliding window (crossed by the prompt and by the tree's deeper nodes) in the decode loops (on the CPU,
-    the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
-    lookup-only speculative decoding equals it."""
+    sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
+    beside a rotated layer that is not, in the decode loops (on the CPU, the attention kernel): greedy
+    decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
+    equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
     m = load_hf(str(tmp_path))
-    assert m.config.rope_cos_sin_scale() > 1 if arch == "qwen3" else m.config.sliding_window == 5
+    assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
+            "smollm3": m.config.nope_layers == m.config.window_layers == (1,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -449,7 +467,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
                metadata=None, sentencepiece=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama`), with its config and a byte-level BPE vocabulary (or the
+    (float32; Q/K rows permuted for `llama` and `smollm3`), with its config and a byte-level BPE vocabulary (or the
     vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE scaling type, factor[,
     original context length]); `extras`: more tensors, by their GGUF names; `eot`: an end-of-turn id;
     `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
@@ -489,9 +507,9 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
     for name, x in tensors.items():
-        if arch == "llama" and ".q_proj." in name:
+        if arch in ("llama", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
-        elif arch == "llama" and ".k_proj." in name:
+        elif arch in ("llama", "smollm3") and ".k_proj." in name:
             x = permute_rope(x, kv)
         w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
     for name, x in (extras or {}).items():
@@ -502,20 +520,24 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases, YaRN
-    and an end-of-turn token that ends generation too, Qwen3's query and key norms) and as a Hugging Face
-    directory give the same model."""
-    tensors = hf_tensors(arch, np.random.default_rng(3))
+    and an end-of-turn token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows
+    and its every fourth layer without RoPE) and as a Hugging Face directory give the same model."""
+    layers = 8 if arch == "smollm3" else 2
+    tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
     eot = 4 if arch == "qwen2" else None
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
-    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2)
-    write_gguf(tmp_path / "model.gguf", arch, tensors, scaling=gguf_rope, eot=eot)
+    smollm3 = dict(no_rope_layers=None, use_sliding_window=False) if arch == "smollm3" else {}  # transformers' defaults
+    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2,
+                     num_hidden_layers=layers, **smollm3)
+    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope, eot=eot)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
+    assert gg.config.nope_layers == ((3, 7) if arch == "smollm3" else ())
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))

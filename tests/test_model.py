@@ -1,12 +1,14 @@
 """The JAX model on the real SmolLM2 GGUF against independent references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from redrafter_jax import model
-from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, write
+from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, window_mask, write
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
@@ -71,6 +73,19 @@ def test_cached_decoding_matches_full_forward(smollm):
                 attention_mask(cache, jnp.arange(t, t + 30)[None], jnp.tril(jnp.ones((30, 30), bool))))
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(num_kv_heads=3), r"num_heads \(4\) is not a multiple of num_kv_heads \(3\)"),
+    (dict(head_dim=7), "head_dim must be even"),
+    (dict(sliding_window=0), "sliding_window must be positive"),
+    (dict(window_layers=(1,)), "window_layers need a sliding_window"),
+    (dict(sliding_window=4, window_layers=(1, 0)), r"window_layers must be distinct layer indices in \[0, 2\)"),
+    (dict(nope_layers=(2,)), r"nope_layers must be distinct layer indices in \[0, 2\) in order, got \(2,\)"),
+])
+def test_model_config_refuses_settings_it_cannot_mean(change, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY_CFG, **change)
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_attention_mask_over_cache_and_tree_matches_reference(seed):
     """New tokens sit at slots lengths[b] + j but at their own (tree) positions; a sliding window
@@ -85,7 +100,10 @@ def test_attention_mask_over_cache_and_tree_matches_reference(seed):
     positions = lengths[:, None] + depth[None]
     window = None if seed % 3 == 0 else int(rng.integers(1, 5))
     cache = init_cache(TINY_CFG, b, s).replace(lengths=jnp.asarray(lengths, jnp.int32))
-    got = np.asarray(attention_mask(cache, jnp.asarray(positions, jnp.int32), jnp.asarray(tree), window))
+    pos = jnp.asarray(positions, jnp.int32)
+    got = np.asarray(attention_mask(cache, pos, jnp.asarray(tree)))
+    if window is not None:
+        got = got & np.asarray(window_mask(cache, pos, window))
     want = np.zeros((b, t, s), bool)
     for r, i, slot in np.ndindex(b, t, s):
         j = slot - lengths[r]

@@ -13,7 +13,10 @@ from redrafter_jax.config import ModelConfig, RopeScaling
 from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3")
+# Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
+_PERMUTED = ("llama", "smollm3")
+NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -70,7 +73,7 @@ class _GGUFTensors:
     def __init__(self, reader: gguf.GGUFReader, path: str, n_heads: int, n_kv: int):
         self.tensors = {t.name: t for t in reader.tensors}
         self.path, self.n_heads, self.n_kv = path, n_heads, n_kv
-        self.llama = _field(reader, "general.architecture") == "llama"
+        self.permuted = _field(reader, "general.architecture") in _PERMUTED
         self._dequantized = functools.lru_cache(maxsize=3)(self._dequantize)  # a fused parameter's parts
 
     def names(self) -> list[str]:
@@ -85,9 +88,9 @@ class _GGUFTensors:
             x = gguf.quants.dequantize(t.data, t.tensor_type)
         except Exception as e:
             raise ValueError(f"corrupt GGUF tensor {name!r} in {self.path}: {e}") from e
-        if self.llama and ".attn_q." in name:
+        if self.permuted and ".attn_q." in name:
             x = unpermute_rope(x, self.n_heads)
-        elif self.llama and ".attn_k." in name:
+        elif self.permuted and ".attn_k." in name:
             x = unpermute_rope(x, self.n_kv)
         return x
 
@@ -139,7 +142,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
                              f"({ROPE_FACTORS})")
         factors = source.read(ROPE_FACTORS, (slice(None),))
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
-    hidden = int(m("embedding_length"))
+    hidden, layers = int(m("embedding_length")), int(m("block_count"))
     head_dim = int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads)))
     for key in ("rope.dimension_count", "attention.value_length"):
         if int(m(key, head_dim)) != head_dim:
@@ -155,7 +158,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     bos = int(bos.contents()) if bos is not None else None
     cfg = ModelConfig(
         vocab_size=int(m("vocab_size", len(tokens))), hidden_size=hidden,
-        intermediate_size=int(m("feed_forward_length")), num_layers=int(m("block_count")),
+        intermediate_size=int(m("feed_forward_length")), num_layers=layers,
         num_heads=n_heads, num_kv_heads=n_kv,
         head_dim=head_dim,
         max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
@@ -163,6 +166,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)) if arch == "smollm3" else (),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 

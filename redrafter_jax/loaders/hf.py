@@ -14,9 +14,10 @@ from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import HF, LoadedModel, OpenedModel
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "SmolLM3ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # when `architectures` is absent
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -35,6 +36,10 @@ TRANSFORMERS_DEFAULTS = {
                                max_position_embeddings=131072, sliding_window=4096),
     "Qwen2ForCausalLM": _QWEN,
     "Qwen3ForCausalLM": dict(_QWEN, head_dim=128),
+    "SmolLM3ForCausalLM": dict(_COMMON, vocab_size=128256, hidden_size=2048, intermediate_size=11008,
+                               num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=4,
+                               max_position_embeddings=32768, rope_theta=2e6, tie_word_embeddings=True,
+                               bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
 }
 
 
@@ -56,23 +61,45 @@ def _as_tuple(x) -> tuple[int, ...]:
     return tuple(int(i) for i in x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
-def _sliding_window(arch: str, c: dict) -> int | None:
-    """The attention window, which must be the same in every layer: Qwen2/Qwen3 window only the layers
-    from max_window_layers on, and only with use_sliding_window; a config may list each layer's kind."""
-    window, n = c.get("sliding_window"), int(c["num_hidden_layers"])
-    kinds = c.get("layer_types")
+def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: those whose `no_rope_layers` flag is 0, by default every
+    `no_rope_layer_interval`-th."""
+    if arch != "SmolLM3ForCausalLM":
+        return ()
+    n = int(c["num_hidden_layers"])
+    flags = c.get("no_rope_layers")
+    if flags is None:
+        flags = [int((i + 1) % int(c.get("no_rope_layer_interval", 4)) != 0) for i in range(n)]
+    if len(flags) < n:
+        raise ValueError(f"config.json's no_rope_layers lists {len(flags)} layers, the model has {n}")
+    return tuple(i for i in range(n) if not flags[i])
+
+
+def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
+    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
+    none; Mistral windows every layer; Qwen2, Qwen3 and SmolLM3 only with use_sliding_window, the layers
+    `layer_types` calls sliding, by default Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
+    window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
+    if arch == "LlamaForCausalLM" or not window:
+        return None, None
+    if arch == "MistralForCausalLM":  # transformers' Mistral ignores layer_types (Ministral reads them)
+        if kinds is not None and set(kinds) != {"sliding_attention"}:
+            raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for MistralForCausalLM, which windows "
+                             f"every layer (sliding_window {window})")
+        return int(window), None
+    if not c.get("use_sliding_window", False):
+        return None, None
     if kinds is None:
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-            first = int(c.get("max_window_layers", 28)) if c.get("use_sliding_window", False) else n
-        else:
-            first = 0
-        kinds = ["sliding_attention" if window and i >= first else "full_attention" for i in range(n)]
-    if set(kinds) == {"sliding_attention"} and window:
-        return int(window)
-    if set(kinds) == {"full_attention"}:
-        return None
-    raise ValueError(f"unsupported attention layout: every layer must use full attention or the same sliding "
-                     f"window (sliding_window {window}), got layer kinds {sorted(set(kinds))}")
+        smol = arch == "SmolLM3ForCausalLM"
+        kinds = ["sliding_attention" if (i in nope if smol else i >= int(c.get("max_window_layers", 28)))
+                 else "full_attention" for i in range(n)]
+    if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"unsupported layer_types {kinds}: expected full_attention or sliding_attention for "
+                         f"each of the {n} layers")
+    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    if not layers:
+        return None, None
+    return int(window), None if len(layers) == n else layers
 
 
 def _rope(c: dict) -> tuple[float, RopeScaling | None]:
@@ -138,7 +165,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
     theta, scaling = _rope(c)
-    window = _sliding_window(arch, c)
+    nope = _nope_layers(arch, c)
+    window, window_layers = _sliding_window(arch, c, nope)
     heads = int(c["num_attention_heads"])
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
@@ -151,7 +179,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rope_theta=theta, rope_scaling=scaling,
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
-        sliding_window=window, qk_norm=arch == "Qwen3ForCausalLM",
+        sliding_window=window, window_layers=window_layers, nope_layers=nope, qk_norm=arch == "Qwen3ForCausalLM",
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
         dtype=dtype)
