@@ -34,6 +34,8 @@ ARCHS = {
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5,
                     tie_word_embeddings=False),
+    "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
+                      layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True),
     # layer 1 without RoPE and, being a NoPE layer, windowed
@@ -143,8 +145,9 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     write_checkpoint(tmp_path, arch, {**tensors, **extras}, sharded=sharded)
     m = load_hf(str(tmp_path))
     assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == (arch == "qwen3")
-    assert m.config.sliding_window == (5 if arch in ("mistral", "smollm3") else None)
-    assert (m.config.window_layers, m.config.nope_layers) == (((1,), (1,)) if arch == "smollm3" else (None, ()))
+    assert m.config.sliding_window == (5 if arch in ("mistral", "ministral", "smollm3") else None)
+    assert m.config.window_layers == ((1,) if arch in ("ministral", "smollm3") else None)
+    assert m.config.nope_layers == ((1,) if arch == "smollm3" else ())
     ids = jnp.asarray([TOKENS])
     got = forward_causal(m.params, m.config, ids).logits
     want = forward_causal(params_from_hf_arrays(tensors, m.config), m.config, ids).logits
@@ -167,9 +170,9 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Mistral/Qwen2/Qwen3/SmolLM3 modules on the same directory (RoPE
-    layout, llama3 rope scaling, Qwen2 biases, Mistral sliding window, Qwen3 query and key norms, SmolLM3's
-    NoPE layer with a window of its own)."""
+    """Reference: transformers' own Llama/Mistral/Ministral/Qwen2/Qwen3/SmolLM3 modules on the same
+    directory (RoPE layout, llama3 rope scaling, Qwen2 biases, Mistral's sliding window, Ministral's in one
+    layer of two, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -269,6 +272,9 @@ def test_rope_scaling_is_read_as_transformers_computes_it(config):
                           "layer_types": ["sliding_attention", "full_attention"]}, (5, (0,))),
     ("SmolLM3ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "no_rope_layers": [1, 0]}, (5, (1,))),
     ("SmolLM3ForCausalLM", {"sliding_window": 5, "no_rope_layers": [1, 0]}, (None, None)),
+    ("MinistralForCausalLM", {}, (4096, None)),
+    ("MinistralForCausalLM", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
+     (5, (0,))),
     ("MistralForCausalLM", {"sliding_window": 5, "layer_types": ["sliding_attention", "full_attention"]},
      "unsupported layer_types"),  # transformers' Mistral would ignore them
     ("Qwen2ForCausalLM", {"sliding_window": 5, "use_sliding_window": True, "layer_types": ["chunked_attention"] * 2},
@@ -276,8 +282,8 @@ def test_rope_scaling_is_read_as_transformers_computes_it(config):
 ])
 def test_sliding_window_is_read_as_transformers_reads_it(arch, config, window):
     """The window and the layers it applies to: Qwen2/Qwen3 window the layers from max_window_layers on
-    (or as layer_types says), SmolLM3 its NoPE layers, both only with use_sliding_window; Mistral every
-    layer, Llama none."""
+    (or as layer_types says), SmolLM3 its NoPE layers, both only with use_sliding_window; Ministral the
+    layers layer_types says (by default all), Mistral every layer, Llama none."""
     c = {"architectures": [arch], "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **config}
     if isinstance(window, str):

@@ -14,10 +14,11 @@ from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import HF, LoadedModel, OpenedModel
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "SmolLM3ForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # when `architectures` is absent
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -30,10 +31,12 @@ _QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_
 # null means from num_attention_heads and hidden_size).
 _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+_MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
+                sliding_window=4096)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
-    "MistralForCausalLM": dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8,
-                               max_position_embeddings=131072, sliding_window=4096),
+    "MistralForCausalLM": _MISTRAL,
+    "MinistralForCausalLM": _MISTRAL,
     "Qwen2ForCausalLM": _QWEN,
     "Qwen3ForCausalLM": dict(_QWEN, head_dim=128),
     "SmolLM3ForCausalLM": dict(_COMMON, vocab_size=128256, hidden_size=2048, intermediate_size=11008,
@@ -77,22 +80,23 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
-    none; Mistral windows every layer; Qwen2, Qwen3 and SmolLM3 only with use_sliding_window, the layers
-    `layer_types` calls sliding, by default Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
+    none; Mistral windows every layer; Ministral, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the
+    layers `layer_types` calls sliding, by default all of Ministral's, Qwen's from max_window_layers on and
+    SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch == "LlamaForCausalLM" or not window:
         return None, None
     if arch == "MistralForCausalLM":  # transformers' Mistral ignores layer_types (Ministral reads them)
         if kinds is not None and set(kinds) != {"sliding_attention"}:
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for MistralForCausalLM, which windows "
-                             f"every layer (sliding_window {window})")
+                             f"every layer (sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
-    if not c.get("use_sliding_window", False):
+    if arch != "MinistralForCausalLM" and not c.get("use_sliding_window", False):
         return None, None
     if kinds is None:
-        smol = arch == "SmolLM3ForCausalLM"
-        kinds = ["sliding_attention" if (i in nope if smol else i >= int(c.get("max_window_layers", 28)))
-                 else "full_attention" for i in range(n)]
+        sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope}.get(
+            arch, lambda i: i >= int(c.get("max_window_layers", 28)))
+        kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
     if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
         raise ValueError(f"unsupported layer_types {kinds}: expected full_attention or sliding_attention for "
                          f"each of the {n} layers")
