@@ -32,6 +32,10 @@ ARCHS = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # tied, so the final norm undoes the embedding multiplier; the scores' scale far from head_dim^-1/2
+    "granite": dict(architectures=["GraniteForCausalLM"], model_type="granite", tie_word_embeddings=True,
+                    embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
+                    logits_scaling=8.0),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5,
                     tie_word_embeddings=False),
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
@@ -134,7 +138,7 @@ def params_from_hf_arrays(t, cfg):
 TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"granite"}))  # whose loader scales its tensors
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -170,9 +174,10 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Mistral/Ministral/Qwen2/Qwen3/SmolLM3 modules on the same
-    directory (RoPE layout, llama3 rope scaling, Qwen2 biases, Mistral's sliding window, Ministral's in one
-    layer of two, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own)."""
+    """Reference: transformers' own Llama/Granite/Mistral/Ministral/Qwen2/Qwen3/SmolLM3 modules on the same
+    directory (RoPE layout, llama3 rope scaling, Granite's multipliers, Qwen2 biases, Mistral's sliding
+    window, Ministral's in one layer of two, Qwen3 query and key norms, SmolLM3's NoPE layer with a window
+    of its own)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -411,6 +416,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("null_rope", "config.json sets rope_theta to null"),
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
+    ("granite_scale", r"Granite's .* must be positive numbers, got \[1.0, 1.0, 1.0, 0\]"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     tensors = hf_tensors("llama", np.random.default_rng(0))
@@ -445,6 +451,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     elif case == "extra_layer":
         tensors.update({f"model.layers.2.{n}.weight": np.ones(32, np.float32)
                         for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm")})
+    elif case == "granite_scale":
+        overrides.update(architectures=["GraniteForCausalLM"], logits_scaling=0)
     elif case == "o_proj_bias":
         tensors.update({f"model.layers.{i}.self_attn.o_proj.bias": np.zeros(32, np.float32) for i in range(2)})
     write_checkpoint(tmp_path, "llama", tensors, **overrides)
@@ -473,7 +481,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
                metadata=None, sentencepiece=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama` and `smollm3`), with its config and a byte-level BPE vocabulary (or the
+    (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level BPE vocabulary (or the
     vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE scaling type, factor[,
     original context length]); `extras`: more tensors, by their GGUF names; `eot`: an end-of-turn id;
     `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
@@ -513,9 +521,9 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
     for name, x in tensors.items():
-        if arch in ("llama", "smollm3") and ".q_proj." in name:
+        if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
-        elif arch in ("llama", "smollm3") and ".k_proj." in name:
+        elif arch in ("llama", "granite", "smollm3") and ".k_proj." in name:
             x = permute_rope(x, kv)
         w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
     for name, x in (extras or {}).items():
@@ -526,11 +534,12 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "granite", "qwen2", "qwen3", "smollm3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Qwen2's biases, YaRN
-    and an end-of-turn token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows
-    and its every fourth layer without RoPE) and as a Hugging Face directory give the same model."""
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Granite's multipliers
+    under llama.cpp's names, Qwen2's biases, YaRN and an end-of-turn token that ends generation too, Qwen3's
+    query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE) and as a Hugging
+    Face directory give the same model."""
     layers = 8 if arch == "smollm3" else 2
     tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
     eot = 4 if arch == "qwen2" else None
@@ -539,7 +548,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     smollm3 = dict(no_rope_layers=None, use_sliding_window=False) if arch == "smollm3" else {}  # transformers' defaults
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2,
                      num_hidden_layers=layers, **smollm3)
-    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope, eot=eot)
+    granite = dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0, **{"attention.scale": 1 / 128})
+    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope, eot=eot,
+               metadata=granite if arch == "granite" else None)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))

@@ -8,6 +8,7 @@ own, so the host never holds more than a few tensors at a time.
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Protocol
 
 import jax
@@ -69,6 +70,44 @@ class Source(Protocol):
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """The block tensor[index] (formats that can, read only that block)."""
+
+
+class Scaled:
+    """A `Source` whose tensors are multiplied by constants, by our parameter: `factors` maps "embed",
+    "final_norm", "wo", "w_down", "wq" or "bq" (wqkv's and bqkv's query parts) to one. Granite's multipliers, which
+    scale activations (the embeddings, both residual branches, the attention scores, the logits), so
+    fold into the weights before them, and the model needs none of its own."""
+
+    def __init__(self, source: Source, fmt: int, factors: dict[str, float]):
+        parts = {**GLOBAL_TENSORS, **LAYER_TENSORS, "wq": LAYER_TENSORS["wqkv"][:1], "bq": LAYER_TENSORS["bqkv"][:1]}
+        self.source = source
+        self.factors = [(re.compile(re.escape(parts[k][0][fmt]).replace(r"\{i\}", r"\d+") + "$"), f)
+                        for k, f in factors.items() if f != 1]
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        x = self.source.read(name, index)
+        factor = next((f for pattern, f in self.factors if pattern.match(name)), 1)
+        return x if factor == 1 else x.astype(np.float32) * np.float32(factor)  # cast once, to the model's dtype
+
+
+def granite_factors(cfg: ModelConfig, embedding: float, residual: float, attention: float,
+                    logits: float) -> dict[str, float]:
+    """`Scaled`'s factors for Granite's embedding, residual and attention multipliers and its logits
+    divisor: the scores' scale replaces head_dim^-1/2, and with tied embeddings the final norm also
+    undoes the embedding's factor, which the LM head then carries too."""
+    values = (embedding, residual, attention, logits)
+    if not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        raise ValueError(f"Granite's embedding, residual and attention multipliers and logits scaling must be "
+                         f"positive numbers, got {list(values)}")
+    query = attention * cfg.head_dim ** 0.5
+    return {"embed": embedding, "wo": residual, "w_down": residual, "wq": query, "bq": query,
+            "final_norm": 1 / (logits * (embedding if cfg.tie_word_embeddings else 1))}
 
 
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -10,12 +10,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel
+from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, Scaled, granite_factors
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "granite", "qwen2", "qwen3", "smollm3")
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
-_PERMUTED = ("llama", "smollm3")
+_PERMUTED = ("llama", "granite", "smollm3")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
 
 
@@ -169,6 +169,11 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)) if arch == "smollm3" else (),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
+
+    if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
+        source = Scaled(source, GGUF, granite_factors(
+            cfg, float(m("embedding_scale")), float(m("residual_scale")),
+            float(m("attention.scale")) or head_dim ** -0.5, float(m("logit_scale"))))
 
     model = _field(reader, "tokenizer.ggml.model")
     spm = model == "llama"  # SentencePiece: llama.cpp's defaults are a BOS and a space before the text

@@ -11,14 +11,15 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
-from redrafter_jax.loaders import HF, LoadedModel, OpenedModel
+from redrafter_jax.loaders import HF, LoadedModel, OpenedModel, Scaled, Source, granite_factors
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
+                "ministral": "MinistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
+_GRANITE = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -35,6 +36,7 @@ _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_posi
                 sliding_window=4096)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
+    "GraniteForCausalLM": dict(_LLAMA, **dict.fromkeys(_GRANITE, 1.0)),
     "MistralForCausalLM": _MISTRAL,
     "MinistralForCausalLM": _MISTRAL,
     "Qwen2ForCausalLM": _QWEN,
@@ -144,16 +146,30 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
                               attention_factor=None if attention_factor is None else float(attention_factor))
 
 
-def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
-    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids), missing keys
-    read as transformers reads them. Settings the model does not implement are refused, not ignored: they
-    would change its answers."""
+def _with_defaults(c: dict) -> tuple[str, dict]:
+    """The architecture config.json names, and the config with what it leaves out as transformers reads it."""
     archs = c.get("architectures") or []
     arch = archs[0] if archs else _MODEL_TYPES.get(c.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
         raise ValueError(f"unsupported architecture {found} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    c = {**TRANSFORMERS_DEFAULTS[arch], **c}
+    return arch, {**TRANSFORMERS_DEFAULTS[arch], **c}
+
+
+def scaled_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
+    """The checkpoint's tensors with Granite's multipliers folded in (`loaders.Scaled`); as they are for
+    the other architectures."""
+    arch, c = _with_defaults(c)
+    if arch != "GraniteForCausalLM":
+        return source
+    return Scaled(source, HF, granite_factors(cfg, *(c[k] for k in _GRANITE)))
+
+
+def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from config.json (and generation_config.json, which may list more EOS ids), missing keys
+    read as transformers reads them. Settings the model does not implement are refused, not ignored: they
+    would change its answers."""
+    arch, c = _with_defaults(c)
     if nulls := [k for k in _NOT_NULL if c[k] is None]:  # transformers' configs refuse these too
         raise ValueError(f"config.json sets {', '.join(nulls)} to null: {'they need' if nulls[1:] else 'it needs'} "
                          f"a value (leave a key out for transformers' default)")
@@ -263,9 +279,10 @@ def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) ->
     their devices (`sharding.param_specs`), never the whole model on the host."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    cfg = config_from_hf(_read_json(os.path.join(directory, "config.json")),
-                         _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
-    return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, _Safetensors(_tensor_index(directory)), mesh)
+    c = _read_json(os.path.join(directory, "config.json"))
+    cfg = config_from_hf(c, _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
+    source = scaled_source(c, cfg, _Safetensors(_tensor_index(directory)))
+    return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, source, mesh)
 
 
 def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
