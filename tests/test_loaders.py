@@ -481,10 +481,10 @@ def test_unpermute_inverts_llama_cpp_permutation():
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
                metadata=None, sentencepiece=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level BPE vocabulary (or the
-    vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE scaling type, factor[,
-    original context length]); `extras`: more tensors, by their GGUF names; `eot`: an end-of-turn id;
-    `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
+    (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level
+    BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
+    scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
+    an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
