@@ -78,6 +78,8 @@ class ModelConfig:
     window_layers: tuple[int, ...] | None = None  # the layers with the window (None: all; Qwen's, some)
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
     qk_norm: bool = False  # an RMS norm of every query and key head before RoPE (Qwen3)
+    embedding_multiplier: float = 1.0  # Granite: token embeddings times this entering the first layer,
+    logits_scaling: float = 1.0  # and logits divided by this (its other two multipliers: `loaders.Scaled`)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -97,6 +99,9 @@ class ModelConfig:
                 len(self.rope_scaling.factors) != self.head_dim // 2:
             raise ValueError(f"model config: {len(self.rope_scaling.factors)} RoPE frequency factors for "
                              f"head_dim {self.head_dim} ({self.head_dim // 2} frequencies)")
+        if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.embedding_multiplier, self.logits_scaling)):
+            raise ValueError(f"model config: embedding_multiplier and logits_scaling must be positive, got "
+                             f"{self.embedding_multiplier} and {self.logits_scaling}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.window_layers is not None and self.sliding_window is None:

@@ -193,6 +193,8 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     no_rope = jnp.ones_like(rope[0]), jnp.zeros_like(rope[1])  # NoPE layers: the identity rotation, exact
     windowed = mask if cfg.sliding_window is None else mask & kv.window_mask(cache, positions, cfg.sliding_window)
     x = params["embed"][tokens]
+    if cfg.embedding_multiplier != 1:
+        x = x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
     ck, cv, ks, vs = cache.k, cache.v, [], []
     slots = kv.write_slots(cache, t)
     for i, p in enumerate(params["layers"]):
@@ -228,12 +230,15 @@ def lm_head_weight(params: Params):
     return params["lm_head"] if "lm_head" in params else params["embed"].T
 
 
-def lm_head(params: Params, hidden: jax.Array) -> jax.Array:
-    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head)."""
+def lm_head(params: Params, hidden: jax.Array, scaling: float = 1.0) -> jax.Array:
+    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head), divided
+    by `scaling` (the target's `logits_scaling`; a drafter sharing the head leaves it at 1)."""
     w = lm_head_weight(params)
     if isinstance(w, rows_matmul.Packed):
-        return linear(hidden, w)
-    return jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+        logits = linear(hidden, w)
+    else:
+        logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+    return logits if scaling == 1 else logits / scaling
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -241,7 +246,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     """Full forward: logits and hidden states for every new token, the cache holding their K/V, and
     their K/V."""
     hidden, cache, k, v = transformer(params, cfg, tokens, positions, cache, mask)
-    return ForwardOutput(lm_head(params, hidden), hidden, cache, k, v)
+    return ForwardOutput(lm_head(params, hidden, cfg.logits_scaling), hidden, cache, k, v)
 
 
 def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -256,4 +261,4 @@ def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> j
 def forward_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> ForwardOutput:
     """Logits and hidden states of whole sequences [B, T] (no cache; it and k, v are not returned)."""
     hidden = transformer_causal(params, cfg, tokens)
-    return ForwardOutput(lm_head(params, hidden), hidden, None, None, None)
+    return ForwardOutput(lm_head(params, hidden, cfg.logits_scaling), hidden, None, None, None)

@@ -323,18 +323,19 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
-                                           ("smollm3", {})])
+                                           ("smollm3", {}), ("granite", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
     sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
-    beside a rotated layer that is not, in the decode loops (on the CPU, the attention kernel): greedy
+    beside a rotated layer that is not, Granite's multipliers, in the decode loops (on the CPU, the attention kernel): greedy
     decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
     equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
     m = load_hf(str(tmp_path))
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
-            "smollm3": m.config.nope_layers == m.config.window_layers == (1,)}[arch]
+            "smollm3": m.config.nope_layers == m.config.window_layers == (1,),
+            "granite": m.config.embedding_multiplier == 12 and m.config.logits_scaling == 8}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -416,7 +417,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("null_rope", "config.json sets rope_theta to null"),
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
-    ("granite_scale", r"Granite's .* must be positive numbers, got \[1.0, 1.0, 1.0, 0\]"),
+    ("granite_scale", "embedding_multiplier and logits_scaling must be positive, got 1.0 and 0"),
+    ("granite_residual", "Granite's residual and attention multipliers must be positive numbers, got None and 1.0"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     tensors = hf_tensors("llama", np.random.default_rng(0))
@@ -453,6 +455,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                         for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm")})
     elif case == "granite_scale":
         overrides.update(architectures=["GraniteForCausalLM"], logits_scaling=0)
+    elif case == "granite_residual":
+        overrides.update(architectures=["GraniteForCausalLM"], residual_multiplier=None)
     elif case == "o_proj_bias":
         tensors.update({f"model.layers.{i}.self_attn.o_proj.bias": np.zeros(32, np.float32) for i in range(2)})
     write_checkpoint(tmp_path, "llama", tensors, **overrides)

@@ -52,12 +52,14 @@ def test_loss_counts_only_masked_targets_inside_the_sequence():
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
 
 
-@pytest.mark.parametrize("w, tied, mask", [(0.3, False, [0, 1, 1, 1, 1, 1, 1]), (1.0, True, [0, 1, 1, 1, 1, 1, 1]),
-                                           (0.0, False, [0, 1, 2, 2, 1, 2, 2]), (0.5, True, [0, 2, 1, 1, 2, 2, 1])])
-def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w, tied, mask):
+@pytest.mark.parametrize("w, tied, mask, scaling", [
+    (0.3, False, [0, 1, 1, 1, 1, 1, 1], 1.0), (1.0, True, [0, 1, 1, 1, 1, 1, 1], 2.5),
+    (0.0, False, [0, 1, 2, 2, 1, 2, 2], 2.5), (0.5, True, [0, 2, 1, 1, 2, 2, 1], 1.0)])
+def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w, tied, mask, scaling):
     """Hand-computed, with a draft vocabulary: head k at context t learns x_{t+2+k} with weight 1 - w and the
-    target's distribution there (its LM head on h_{t+1+k}, renormalised over the draft vocabulary) with w;
-    where the mask is 2 (text the target only read), its distribution alone, and no accuracy is counted."""
+    target's distribution there (its LM head on h_{t+1+k}, its logits divided by the target's logits
+    scaling, renormalised over the draft vocabulary) with w; where the mask is 2 (text the target only
+    read), its distribution alone, and no accuracy is counted."""
     cfg, tparams = tiny_model()
     if tied:  # the LM head is the embedding's transpose (SmolLM2's)
         tparams = {k: v for k, v in tparams.items() if k != "lm_head"}
@@ -68,7 +70,7 @@ def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w
     tokens = jnp.asarray([[5, 9, 12, 7, 30, 3, 21]])  # x5 = 3 is outside the draft vocabulary
     hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 7, cfg.hidden_size))
     _, m = drafter_loss(dparams, dcfg, tparams, hidden, tokens, jnp.asarray([mask], jnp.int8), num_heads=2,
-                        soft_labels=w, marked=2 in mask)
+                        soft_labels=w, marked=2 in mask, logits_scaling=scaling)
     emb, draft_id = tparams["embed"], {int(v): i for i, v in enumerate(vmap)}
     for k in range(2):
         ces, right = [], []
@@ -81,7 +83,7 @@ def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w
             for j in range(k + 1):
                 state = rnn_step(dparams, dcfg, state, emb[tokens[0, t + 1 + j]])
             logits = draft_logits(dparams, dcfg, tparams, hidden[0, t], state)
-            p = jax.nn.softmax((hidden[0, t + 1 + k] @ head)[vmap])
+            p = jax.nn.softmax((hidden[0, t + 1 + k] @ head)[vmap] / scaling)
             v = 1.0 if soft_only else w
             ces.append(jax.nn.logsumexp(logits) - (1 - v) * logits[draft_id.get(label, 0)] - v * p @ logits)
             if not soft_only:

@@ -31,21 +31,25 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
     return jnp.concatenate([x[:, k:], pad], axis=1)
 
 
-def target_logits(target_params: Params, hidden: jax.Array, vocab_map: jax.Array | None) -> jax.Array:
-    """The target's float32 logits [..., Vd] over the draft vocabulary (all of it without a vocab_map)."""
+def target_logits(target_params: Params, hidden: jax.Array, vocab_map: jax.Array | None,
+                  scaling: float = 1.0) -> jax.Array:
+    """The target's float32 logits [..., Vd] over the draft vocabulary (all of it without a vocab_map);
+    scaling: the target's logits_scaling."""
     if vocab_map is None:
-        return lm_head(target_params, hidden)
-    return jnp.matmul(hidden, lm_head_weight(target_params)[:, vocab_map], preferred_element_type=jnp.float32)
+        return lm_head(target_params, hidden, scaling)
+    return jnp.matmul(hidden, lm_head_weight(target_params)[:, vocab_map], preferred_element_type=jnp.float32) / scaling
 
 
 def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hidden: jax.Array,
                  tokens: jax.Array, mask: jax.Array, num_heads: int, dropout_rate: float = 0.0,
-                 key: jax.Array | None = None, soft_labels: float = 0.0, marked: bool = False):
+                 key: jax.Array | None = None, soft_labels: float = 0.0, marked: bool = False,
+                 logits_scaling: float = 1.0):
     """hidden [B, T, H] the frozen target's (model.transformer_causal); tokens [B, T]; mask [B, T]
     (1 = may be a target, 2 = a target learnt from the target's distribution alone); key: needed with a
     dropout rate; soft_labels: the weight w above; marked: whether the mask may hold 2s (the target's
-    distribution is then computed even at w = 0). Returns (loss, metrics) with per-head loss and top-1
-    accuracy [K] and the per-head counts of the targets the accuracy is of [K]."""
+    distribution is then computed even at w = 0); logits_scaling: the target's. Returns (loss, metrics)
+    with per-head loss and top-1 accuracy [K] and the per-head counts of the targets the accuracy is of
+    [K]."""
     target_params = jax.lax.stop_gradient(target_params)
     emb = target_params["embed"][tokens].astype(hidden.dtype)
     to_draft = None
@@ -61,7 +65,8 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
         soft_only, labelled = mask == 2, mask == 1
         label = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
         if teacher_hidden is not None:  # E_p[logit] under the target's distribution, mixed with the data's token
-            p = jax.nn.softmax(target_logits(target_params, teacher_hidden, dparams.get("vocab_map")), axis=-1)
+            p = jax.nn.softmax(target_logits(target_params, teacher_hidden, dparams.get("vocab_map"), logits_scaling),
+                               axis=-1)
             w = jnp.where(soft_only, 1.0, soft_labels)
             label = (1 - w) * label + w * jnp.sum(p * logits, axis=-1)
         ce = jax.nn.logsumexp(logits, axis=-1) - label

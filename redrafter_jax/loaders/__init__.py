@@ -73,13 +73,14 @@ class Source(Protocol):
 
 
 class Scaled:
-    """A `Source` whose tensors are multiplied by constants, by our parameter: `factors` maps "embed",
-    "final_norm", "wo", "w_down", "wq" or "bq" (wqkv's and bqkv's query parts) to one. Granite's multipliers, which
-    scale activations (the embeddings, both residual branches, the attention scores, the logits), so
-    fold into the weights before them, and the model needs none of its own."""
+    """A `Source` whose tensors are multiplied by constants, by our parameter: `factors` maps "wo",
+    "w_down", "wq" or "bq" (wqkv's and bqkv's query parts) to one. Granite's residual and attention
+    multipliers scale what those weights' products give, so they fold into the weights (the model
+    applies its other two, which scale what a drafter reads: the embeddings and logits)."""
 
     def __init__(self, source: Source, fmt: int, factors: dict[str, float]):
-        parts = {**GLOBAL_TENSORS, **LAYER_TENSORS, "wq": LAYER_TENSORS["wqkv"][:1], "bq": LAYER_TENSORS["bqkv"][:1]}
+        parts = {"wo": LAYER_TENSORS["wo"], "w_down": LAYER_TENSORS["w_down"], "wq": LAYER_TENSORS["wqkv"][:1],
+                 "bq": LAYER_TENSORS["bqkv"][:1]}
         self.source = source
         self.factors = [(re.compile(re.escape(parts[k][0][fmt]).replace(r"\{i\}", r"\d+") + "$"), f)
                         for k, f in factors.items() if f != 1]
@@ -96,18 +97,14 @@ class Scaled:
         return x if factor == 1 else x.astype(np.float32) * np.float32(factor)  # cast once, to the model's dtype
 
 
-def granite_factors(cfg: ModelConfig, embedding: float, residual: float, attention: float,
-                    logits: float) -> dict[str, float]:
-    """`Scaled`'s factors for Granite's embedding, residual and attention multipliers and its logits
-    divisor: the scores' scale replaces head_dim^-1/2, and with tied embeddings the final norm also
-    undoes the embedding's factor, which the LM head then carries too."""
-    values = (embedding, residual, attention, logits)
-    if not all(isinstance(v, (int, float)) and v > 0 for v in values):
-        raise ValueError(f"Granite's embedding, residual and attention multipliers and logits scaling must be "
-                         f"positive numbers, got {list(values)}")
+def granite_factors(cfg: ModelConfig, residual: float, attention: float) -> dict[str, float]:
+    """`Scaled`'s factors for Granite's residual multiplier (both branches) and attention multiplier (the
+    scores' scale, which replaces head_dim^-1/2)."""
+    if not all(isinstance(v, (int, float)) and v > 0 for v in (residual, attention)):
+        raise ValueError(f"Granite's residual and attention multipliers must be positive numbers, got "
+                         f"{residual} and {attention}")
     query = attention * cfg.head_dim ** 0.5
-    return {"embed": embedding, "wo": residual, "w_down": residual, "wq": query, "bq": query,
-            "final_norm": 1 / (logits * (embedding if cfg.tie_word_embeddings else 1))}
+    return {"wo": residual, "w_down": residual, "wq": query, "bq": query}
 
 
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:

@@ -166,14 +166,15 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        **(dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
+           if arch == "granite" else {}),
         nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)) if arch == "smollm3" else (),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
-        source = Scaled(source, GGUF, granite_factors(
-            cfg, float(m("embedding_scale")), float(m("residual_scale")),
-            float(m("attention.scale")) or head_dim ** -0.5, float(m("logit_scale"))))
+        source = Scaled(source, GGUF, granite_factors(cfg, float(m("residual_scale")),
+                                                      float(m("attention.scale")) or head_dim ** -0.5))
 
     model = _field(reader, "tokenizer.ggml.model")
     spm = model == "llama"  # SentencePiece: llama.cpp's defaults are a BOS and a space before the text

@@ -19,7 +19,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "GraniteForCausalLM", "MistralFor
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
                 "ministral": "MinistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
-_GRANITE = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -36,7 +35,8 @@ _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_posi
                 sliding_window=4096)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
-    "GraniteForCausalLM": dict(_LLAMA, **dict.fromkeys(_GRANITE, 1.0)),
+    "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
+                               attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
     "MinistralForCausalLM": _MISTRAL,
     "Qwen2ForCausalLM": _QWEN,
@@ -162,7 +162,7 @@ def scaled_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     arch, c = _with_defaults(c)
     if arch != "GraniteForCausalLM":
         return source
-    return Scaled(source, HF, granite_factors(cfg, *(c[k] for k in _GRANITE)))
+    return Scaled(source, HF, granite_factors(cfg, c["residual_multiplier"], c["attention_multiplier"]))
 
 
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
@@ -200,6 +200,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope, qk_norm=arch == "Qwen3ForCausalLM",
+        **({k: c[k] for k in ("embedding_multiplier", "logits_scaling")} if arch == "GraniteForCausalLM" else {}),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
         dtype=dtype)
