@@ -59,7 +59,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3)."""
+    """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Qwen2, Qwen3, SmolLM2, SmolLM3, Gemma 3)."""
+
+    ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 
     vocab_size: int
     hidden_size: int
@@ -78,8 +80,11 @@ class ModelConfig:
     window_layers: tuple[int, ...] | None = None  # the layers with the window (None: all; Qwen's, some)
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
     qk_norm: bool = False  # an RMS norm of every query and key head before RoPE (Qwen3)
-    embedding_multiplier: float = 1.0  # Granite: token embeddings times this entering the first layer,
-    logits_scaling: float = 1.0  # and logits divided by this (its other two multipliers: `loaders.Scaled`)
+    embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
+    logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
+    hidden_act: str = "silu"  # one of ACTIVATIONS
+    post_norms: bool = False  # each layer also norms what attention and the MLP add to the residual (Gemma)
+    local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3's)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -102,6 +107,11 @@ class ModelConfig:
         if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.embedding_multiplier, self.logits_scaling)):
             raise ValueError(f"model config: embedding_multiplier and logits_scaling must be positive, got "
                              f"{self.embedding_multiplier} and {self.logits_scaling}")
+        if self.hidden_act not in self.ACTIVATIONS:
+            raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
+                             f"{', '.join(self.ACTIVATIONS)})")
+        if self.local_rope_theta is not None and self.sliding_window is None:
+            raise ValueError("model config: local_rope_theta (the windowed layers' RoPE base) needs a sliding_window")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.window_layers is not None and self.sliding_window is None:
@@ -117,10 +127,12 @@ class ModelConfig:
         """Whether `layer` attends within the sliding window."""
         return self.sliding_window is not None and (self.window_layers is None or layer in self.window_layers)
 
-    def rope_inv_freq(self) -> np.ndarray:
-        """Inverse RoPE frequencies, [head_dim // 2] float32, with any scaling applied."""
-        inv = 1.0 / self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
-        s = self.rope_scaling
+    def rope_inv_freq(self, local: bool = False) -> np.ndarray:
+        """Inverse RoPE frequencies, [head_dim // 2] float32, with any scaling applied; local: the windowed
+        layers' (`local_rope_theta`, unscaled)."""
+        theta = self.local_rope_theta if local else self.rope_theta
+        inv = 1.0 / theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        s = None if local else self.rope_scaling
         if s is not None and s.kind == "linear":
             inv = inv / s.factor
         elif s is not None and s.kind == "factors":

@@ -6,8 +6,8 @@ shared by G = nh / nkv query heads):
     layers: a list with one dict per layer:
         attn_norm [H]; wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V);
         bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (only with qk_norm);
-        wo [nh D, H] (query heads in order);
-        mlp_norm [H]; w_gate_up [H, 2, I] (gate, up); w_down [I, H]
+        wo [nh D, H] (query heads in order); post_attn_norm [H] (only with post_norms);
+        mlp_norm [H]; w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
 batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
@@ -52,6 +52,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["bqkv"] = qkv
     if cfg.qk_norm:
         layer["q_norm"] = layer["k_norm"] = (cfg.head_dim,)
+    if cfg.post_norms:
+        layer["post_attn_norm"] = layer["post_mlp_norm"] = (h,)
     shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
@@ -131,6 +133,14 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
+def post_norm(y: jax.Array, w: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+    """What a layer adds to the residual stream, normed first where the model has post-norms (w [H])."""
+    return y if w is None else rms_norm(y, w, cfg.rms_norm_eps)
+
+
+ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """cos, sin [B, T, D/2] float32 of positions [B, T], times `scale` (YaRN's; it scales queries and keys
     alike): computed once per forward, shared by the layers."""
@@ -190,6 +200,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     g = cfg.num_heads // cfg.num_kv_heads
     kv.check_room(cache, t)
     rope = rope_tables(positions, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale())
+    local_rope = rope if cfg.local_rope_theta is None else rope_tables(positions, cfg.rope_inv_freq(local=True))
     no_rope = jnp.ones_like(rope[0]), jnp.zeros_like(rope[1])  # NoPE layers: the identity rotation, exact
     windowed = mask if cfg.sliding_window is None else mask & kv.window_mask(cache, positions, cfg.sliding_window)
     x = params["embed"][tokens]
@@ -198,8 +209,9 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     ck, cv, ks, vs = cache.k, cache.v, [], []
     slots = kv.write_slots(cache, t)
     for i, p in enumerate(params["layers"]):
-        cos, sin = no_rope if i in cfg.nope_layers else rope
-        layer_mask = windowed if cfg.windowed(i) else mask
+        layer_mask, cos, sin = (windowed, *local_rope) if cfg.windowed(i) else (mask, *rope)
+        if i in cfg.nope_layers:
+            cos, sin = no_rope
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
@@ -215,10 +227,11 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
             attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask)
-        x = x + linear(attn.reshape(b, t, -1), p["wo"])
+        x = x + post_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg)
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
-        x = x + linear(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"])
+        x = x + post_norm(linear(ACTIVATION[cfg.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"]),
+                          p.get("post_mlp_norm"), cfg)
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

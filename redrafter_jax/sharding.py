@@ -66,7 +66,7 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
 def param_specs(cfg: ModelConfig) -> Params:
     """The PartitionSpec of every parameter, in the layout of `model.param_shapes(cfg)`."""
     layer = {"attn_norm": P(), "wqkv": P(None, MODEL), "bqkv": P(MODEL), "q_norm": P(), "k_norm": P(),
-             "wo": P(MODEL), "mlp_norm": P(),
+             "wo": P(MODEL), "post_attn_norm": P(), "mlp_norm": P(), "post_mlp_norm": P(),
              "w_gate_up": P(None, None, MODEL), "w_down": P(MODEL)}
     top = {"embed": P(MODEL), "final_norm": P(), "lm_head": P(None, MODEL)}
     shapes = param_shapes(cfg)

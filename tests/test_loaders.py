@@ -32,7 +32,11 @@ ARCHS = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    # tied, so the final norm undoes the embedding multiplier; the scores' scale far from head_dim^-1/2
+    # layer 0 windowed with its own RoPE base, layer 1 not; the scores' scale not head_dim^-1/2
+    "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", tie_word_embeddings=True,
+                   sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0, query_pre_attn_scalar=32,
+                   hidden_activation="gelu_pytorch_tanh"),
+    # the scores' scale far from head_dim^-1/2
     "granite": dict(architectures=["GraniteForCausalLM"], model_type="granite", tie_word_embeddings=True,
                     embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
                     logits_scaling=8.0),
@@ -64,8 +68,10 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
+        if arch == "gemma3":  # (its post_attention_layernorm follows attention)
+            t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
         t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
@@ -138,7 +144,7 @@ def params_from_hf_arrays(t, cfg):
 TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"granite"}))  # whose loader scales its tensors
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma3", "granite"}))  # whose loader adjusts tensors
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -174,10 +180,11 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Granite/Mistral/Ministral/Qwen2/Qwen3/SmolLM3 modules on the same
-    directory (RoPE layout, llama3 rope scaling, Granite's multipliers, Qwen2 biases, Mistral's sliding
-    window, Ministral's in one layer of two, Qwen3 query and key norms, SmolLM3's NoPE layer with a window
-    of its own)."""
+    """Reference: transformers' own Llama/Gemma3/Granite/Mistral/Ministral/Qwen2/Qwen3/SmolLM3 modules on the
+    same directory (RoPE layout, llama3 rope scaling, Gemma 3's norms, GeGLU, query scale and windowed
+    layer with its own RoPE base, Granite's multipliers, Qwen2 biases, Mistral's sliding window,
+    Ministral's in one layer of two, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its
+    own)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -222,6 +229,32 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
     assert m.config.rope_theta == 500000.0 and m.config.rope_scaling.factor == 8.0
     assert m.config.rope_scaling == config_from_hf({**saved, "rope_parameters": None, "rope_theta": 500000.0,
                                                     "rope_scaling": config.rope_parameters}).rope_scaling
+    assert_logits_match_transformers(m, hf)
+
+
+def test_gemma3_saved_by_transformers_5_loads_with_its_rope_per_layer_kind(tmp_path):
+    """transformers 5 saves Gemma 3's two RoPE bases as a set per layer kind (`rope_parameters`), the global
+    one with its linear scaling (Gemma 3 4B's): a model saved by transformers itself gives its logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=4, sliding_window_pattern=3,
+        query_pre_attn_scalar=24, initializer_range=0.3, rope_theta=1e4, rope_local_base_freq=50.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0})
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # norm weights w scale by 1 + w: leave none at 0
+        for name, w in hf.named_parameters():
+            if "norm" in name:
+                w.uniform_(-0.5, 0.5)
+    hf.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        assert set(json.load(f)["rope_parameters"]) == {"full_attention", "sliding_attention"}  # what this is about
+    m = load_hf(str(tmp_path))
+    assert (m.config.rope_theta, m.config.rope_scaling.factor, m.config.local_rope_theta) == (1e4, 8.0, 50.0)
+    assert m.config.window_layers == (0, 1) and m.config.sliding_window == 4
     assert_logits_match_transformers(m, hf)
 
 
@@ -304,14 +337,19 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     """A config.json that leaves keys out (written by hand, or saved without its model, so without
     `architectures`) loads with what transformers' config classes assume, not with guesses of ours."""
     transformers = pytest.importorskip("transformers")
-    theirs = getattr(transformers, arch.replace("ForCausalLM", "Config"))()
+    theirs = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
+        arch, arch.replace("ForCausalLM", "Config")))()
     ours = config_from_hf({"architectures": [arch]})
     assert config_from_hf({"model_type": theirs.model_type}) == ours
-    rope_theta = (getattr(theirs, "rope_parameters", None) or {}).get("rope_theta", getattr(theirs, "rope_theta", None))
-    kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"]  # Mistral windows every layer
-    window = getattr(theirs, "sliding_window", None) if set(kinds) == {"sliding_attention"} else None
+    rope = getattr(theirs, "rope_parameters", None) or {}
+    local = rope.get("sliding_attention", {}).get("rope_theta")  # Gemma 3: a set for each layer kind
+    rope_theta = rope.get("full_attention", rope).get("rope_theta", getattr(theirs, "rope_theta", None))
+    kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"] * ours.num_layers  # Mistral: all
+    sliding = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    window = getattr(theirs, "sliding_window", None) if sliding else None
+    window_layers = None if len(sliding) == ours.num_layers or not window else sliding
     nope = [i for i, rope in enumerate(getattr(theirs, "no_rope_layers", None) or [1] * ours.num_layers) if not rope]
-    assert ours.nope_layers == tuple(nope) and ours.window_layers is None
+    assert (ours.nope_layers, ours.window_layers, ours.local_rope_theta) == (tuple(nope), window_layers, local)
     head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
     assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
             ours.num_kv_heads, ours.head_dim, ours.max_position_embeddings, ours.rope_theta, ours.rms_norm_eps,
@@ -323,11 +361,12 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
-                                           ("smollm3", {}), ("granite", {})])
+                                           ("smollm3", {}), ("granite", {}), ("gemma3", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
     sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
-    beside a rotated layer that is not, Granite's multipliers, in the decode loops (on the CPU, the attention kernel): greedy
+    beside a rotated layer that is not, Granite's multipliers, Gemma 3's windowed layer with its own RoPE
+    base beside a global one, its post-norms and GeGLU, in the decode loops (on the CPU, the attention kernel): greedy
     decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
     equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -335,7 +374,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     m = load_hf(str(tmp_path))
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
             "smollm3": m.config.nope_layers == m.config.window_layers == (1,),
-            "granite": m.config.embedding_multiplier == 12 and m.config.logits_scaling == 8}[arch]
+            "granite": m.config.embedding_multiplier == 12 and m.config.logits_scaling == 8,
+            "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -418,6 +458,9 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
     ("granite_scale", "embedding_multiplier and logits_scaling must be positive, got 1.0 and 0"),
+    ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh\\)"),
+    ("softcap", "unsupported final_logit_softcapping: 30.0"),  # Gemma 2's
+    ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
     ("granite_residual", "Granite's residual and attention multipliers must be positive numbers, got None and 1.0"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
@@ -455,6 +498,12 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                         for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm")})
     elif case == "granite_scale":
         overrides.update(architectures=["GraniteForCausalLM"], logits_scaling=0)
+    elif case in ("gemma_activation", "softcap", "local_rope_scaling"):
+        overrides.update(architectures=["Gemma3ForCausalLM"], **{
+            "gemma_activation": {"hidden_activation": "gelu"}, "softcap": {"final_logit_softcapping": 30.0},
+            "local_rope_scaling": {"rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}}[case])
     elif case == "granite_residual":
         overrides.update(architectures=["GraniteForCausalLM"], residual_multiplier=None)
     elif case == "o_proj_bias":

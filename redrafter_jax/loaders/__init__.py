@@ -47,12 +47,24 @@ LAYER_TENSORS = {
     "q_norm": [("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight")],
     "k_norm": [("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight")],
     "wo": [("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight")],
+    "post_attn_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight")],
     "mlp_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight")],
     "w_gate_up": [("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
                   ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
     "w_down": [("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight")],
+    "post_mlp_norm": [("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight")],
 }
 HF, GGUF = 0, 1
+# A model with post-norms (Gemma's) calls its norm before the MLP so, and the one after attention by the
+# name Llama gives the norm before the MLP
+PRE_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
+
+
+def stored_names(cfg: ModelConfig, ours: str, fmt: int) -> list[str]:
+    """The names ("{i}": the layer's index) of the parts our parameter `ours` has in a checkpoint."""
+    if ours == "mlp_norm" and cfg.post_norms and fmt == HF:
+        return [PRE_MLP_NORM]
+    return [names[fmt] for names in {**GLOBAL_TENSORS, **LAYER_TENSORS}[ours]]
 TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
 ROPE_FACTORS = "rope_freqs.weight"  # GGUF: per-frequency RoPE divisors, which the loader puts in the config
 # Stored but not parameters: the RoPE frequencies older transformers versions saved; GGUF's RoPE factors
@@ -73,17 +85,21 @@ class Source(Protocol):
 
 
 class Scaled:
-    """A `Source` whose tensors are multiplied by constants, by our parameter: `factors` maps "wo",
-    "w_down", "wq" or "bq" (wqkv's and bqkv's query parts) to one. Granite's residual and attention
-    multipliers scale what those weights' products give, so they fold into the weights (the model
-    applies its other two, which scale what a drafter reads: the embeddings and logits)."""
+    """A `Source` whose tensors read as (x + shift) x factor: `adjust` maps our parameter, or "wq" and "bq"
+    (wqkv's and bqkv's query parts), to (shift, factor). Constants a model applies to what a weight
+    gives, folded into that weight: Granite's residual and attention multipliers, Gemma's norm weights w
+    that scale by 1 + w and its query scale. (A model applies those a drafter sees itself: Granite's
+    embedding multiplier and logits scaling.)"""
 
-    def __init__(self, source: Source, fmt: int, factors: dict[str, float]):
-        parts = {"wo": LAYER_TENSORS["wo"], "w_down": LAYER_TENSORS["w_down"], "wq": LAYER_TENSORS["wqkv"][:1],
-                 "bq": LAYER_TENSORS["bqkv"][:1]}
+    def __init__(self, source: Source, cfg: ModelConfig, fmt: int, adjust: dict[str, tuple[float, float]]):
+        def patterns(ours):
+            names = stored_names(cfg, {"wq": "wqkv", "bq": "bqkv"}.get(ours, ours), fmt)
+            return names[:1] if ours in ("wq", "bq") else names
+
         self.source = source
-        self.factors = [(re.compile(re.escape(parts[k][0][fmt]).replace(r"\{i\}", r"\d+") + "$"), f)
-                        for k, f in factors.items() if f != 1]
+        self.adjust = [(re.compile(re.escape(name).replace(r"\{i\}", r"\d+") + "$"), shift, factor)
+                       for ours, (shift, factor) in adjust.items() if (shift, factor) != (0, 1)
+                       for name in patterns(ours)]
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -93,18 +109,29 @@ class Scaled:
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         x = self.source.read(name, index)
-        factor = next((f for pattern, f in self.factors if pattern.match(name)), 1)
-        return x if factor == 1 else x.astype(np.float32) * np.float32(factor)  # cast once, to the model's dtype
+        for pattern, shift, factor in self.adjust:
+            if pattern.match(name):  # float32 (1 + w and the products of Gemma's and Granite's own), cast once
+                return (x.astype(np.float32) + np.float32(shift)) * np.float32(factor)
+        return x
 
 
-def granite_factors(cfg: ModelConfig, residual: float, attention: float) -> dict[str, float]:
-    """`Scaled`'s factors for Granite's residual multiplier (both branches) and attention multiplier (the
-    scores' scale, which replaces head_dim^-1/2)."""
+def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> dict[str, tuple[float, float]]:
+    """`Scaled`'s adjustments for Granite's residual multiplier (both branches) and attention multiplier
+    (the scores' scale, which replaces head_dim^-1/2)."""
     if not all(isinstance(v, (int, float)) and v > 0 for v in (residual, attention)):
         raise ValueError(f"Granite's residual and attention multipliers must be positive numbers, got "
                          f"{residual} and {attention}")
     query = attention * cfg.head_dim ** 0.5
-    return {"wo": residual, "w_down": residual, "wq": query, "bq": query}
+    return {"wo": (0, residual), "w_down": (0, residual), "wq": (0, query), "bq": (0, query)}
+
+
+def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float) -> dict[str, tuple[float, float]]:
+    """`Scaled`'s adjustments for Gemma: every RMS norm scales by 1 + w, and the scores by
+    query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 (folded into the query norm, which comes last)."""
+    if not (isinstance(query_pre_attn_scalar, (int, float)) and query_pre_attn_scalar > 0):
+        raise ValueError(f"Gemma's query_pre_attn_scalar must be a positive number, got {query_pre_attn_scalar}")
+    norms = ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "k_norm", "final_norm")
+    return {**{k: (1, 1) for k in norms}, "q_norm": (1, (cfg.head_dim / query_pre_attn_scalar) ** 0.5)}
 
 
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -158,10 +185,10 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
-    plan = [(k, None, [names[fmt] for names in GLOBAL_TENSORS[k]], s, shardings[k])
+    plan = [(k, None, stored_names(cfg, k, fmt), s, shardings[k])
             for k, s in shapes.items() if k != "layers"]  # (ours, its layer, its stored parts, shape, sharding)
     for i, (layer, where) in enumerate(zip(shapes["layers"], shardings["layers"])):
-        plan += [(k, i, [names[fmt].format(i=i) for names in LAYER_TENSORS[k]], s, where[k]) for k, s in layer.items()]
+        plan += [(k, i, [n.format(i=i) for n in stored_names(cfg, k, fmt)], s, where[k]) for k, s in layer.items()]
     for ours, _, parts, shape, _ in plan:
         for name, stored in zip(parts, _stored_shapes(cfg, ours, shape)):
             try:

@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, Scaled, granite_factors
+from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, Scaled, granite_adjustments
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "granite", "qwen2", "qwen3", "smollm3")
@@ -173,8 +173,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
-        source = Scaled(source, GGUF, granite_factors(cfg, float(m("residual_scale")),
-                                                      float(m("attention.scale")) or head_dim ** -0.5))
+        source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
+                                                               float(m("attention.scale")) or head_dim ** -0.5))
 
     model = _field(reader, "tokenizer.ggml.model")
     spm = model == "llama"  # SentencePiece: llama.cpp's defaults are a BOS and a space before the text

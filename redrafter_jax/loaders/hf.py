@@ -11,14 +11,15 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
-from redrafter_jax.loaders import HF, LoadedModel, OpenedModel, Scaled, Source, granite_factors
+from redrafter_jax.loaders import HF, LoadedModel, OpenedModel, Scaled, Source, gemma_adjustments, granite_adjustments
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
-                "ministral": "MinistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM",
+                           "MinistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM",
+                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # when `architectures` is absent
+GEMMA3 = "Gemma3ForCausalLM"
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -29,12 +30,19 @@ _QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_
              max_position_embeddings=32768)
 # Keys that must hold a value: a null in config.json is no default (num_key_value_heads and head_dim are:
 # null means from num_attention_heads and hidden_size).
+# transformers' activation names -> ours (`ModelConfig.ACTIVATIONS`)
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
 _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
                 sliding_window=4096)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
+    GEMMA3: dict(_COMMON, vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
+                 rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
+                 eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
+                 sliding_window=4096, sliding_window_pattern=6),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -82,9 +90,9 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
-    none; Mistral windows every layer; Ministral, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the
-    layers `layer_types` calls sliding, by default all of Ministral's, Qwen's from max_window_layers on and
-    SmolLM3's NoPE layers."""
+    none; Mistral windows every layer; Ministral, Gemma 3, and Qwen2, Qwen3 and SmolLM3 with
+    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma 3's
+    but every sliding_window_pattern-th, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch == "LlamaForCausalLM" or not window:
         return None, None
@@ -93,10 +101,12 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for MistralForCausalLM, which windows "
                              f"every layer (sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
-    if arch != "MinistralForCausalLM" and not c.get("use_sliding_window", False):
+    if arch not in ("MinistralForCausalLM", GEMMA3) and not c.get("use_sliding_window", False):
         return None, None
     if kinds is None:
-        sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope}.get(
+        pattern = int(c.get("sliding_window_pattern", 6))  # Gemma 3: every pattern-th layer attends to all
+        sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
+                   GEMMA3: lambda i: (i + 1) % pattern != 0}.get(
             arch, lambda i: i >= int(c.get("max_window_layers", 28)))
         kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
     if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
@@ -108,11 +118,17 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     return int(window), None if len(layers) == n else layers
 
 
-def _rope(c: dict) -> tuple[float, RopeScaling | None]:
-    """RoPE base and scaling: transformers >= 5 writes both in `rope_parameters`, earlier versions as
-    `rope_theta` and `rope_scaling`."""
+def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
+    """RoPE base and scaling, and Gemma 3's windowed layers' own base: transformers >= 5 writes them in
+    `rope_parameters` (Gemma 3: a set for each layer kind), earlier versions as `rope_theta`,
+    `rope_scaling` and `rope_local_base_freq`."""
     params = c.get("rope_parameters") or {}
-    if params and "rope_theta" not in params:  # one set per layer kind (Gemma 3's layout)
+    local = float(c["rope_local_base_freq"]) if arch == GEMMA3 else None
+    if arch == GEMMA3 and set(params) == {"full_attention", "sliding_attention"}:
+        if params["sliding_attention"].get("rope_type", "default") != "default":
+            raise ValueError(f"unsupported RoPE scaling of the windowed layers {params['sliding_attention']}")
+        params, local = params["full_attention"], float(params["sliding_attention"]["rope_theta"])
+    if params and "rope_theta" not in params:
         raise ValueError(f"unsupported rope_parameters {params}: expected one set for every layer")
     theta = params.get("rope_theta", c["rope_theta"])
     if theta is None:
@@ -124,7 +140,7 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
         raise ValueError(f"unsupported partial_rotary_factor {partial} (RoPE on part of each head)")
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind == "default":
-        return theta, None
+        return theta, None, local
     # transformers 5: a top-level original_max_position_embeddings (Phi-3's) comes first
     original = int(c.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
                    or c["max_position_embeddings"])
@@ -138,12 +154,12 @@ def _rope(c: dict) -> tuple[float, RopeScaling | None]:
         attention_factor = rs.get("attention_factor")
         if attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
             attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
-    return theta, RopeScaling(kind=kind, factor=float(factor),
-                              low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-                              high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-                              original_max_position=original, beta_fast=float(rs.get("beta_fast") or 32),
-                              beta_slow=float(rs.get("beta_slow") or 1), truncate=bool(rs.get("truncate", True)),
-                              attention_factor=None if attention_factor is None else float(attention_factor))
+    scaling = RopeScaling(kind=kind, factor=float(factor), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                          high_freq_factor=float(rs.get("high_freq_factor", 4.0)), original_max_position=original,
+                          beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
+                          truncate=bool(rs.get("truncate", True)),
+                          attention_factor=None if attention_factor is None else float(attention_factor))
+    return theta, scaling, local
 
 
 def _with_defaults(c: dict) -> tuple[str, dict]:
@@ -157,12 +173,14 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
 
 
 def scaled_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
-    """The checkpoint's tensors with Granite's multipliers folded in (`loaders.Scaled`); as they are for
-    the other architectures."""
+    """The checkpoint's tensors with Granite's multipliers or Gemma's norm offsets and query scale folded in
+    (`loaders.Scaled`); as they are for the other architectures."""
     arch, c = _with_defaults(c)
-    if arch != "GraniteForCausalLM":
-        return source
-    return Scaled(source, HF, granite_factors(cfg, c["residual_multiplier"], c["attention_multiplier"]))
+    if arch == "GraniteForCausalLM":
+        return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
+    if arch == GEMMA3:
+        return Scaled(source, cfg, HF, gemma_adjustments(cfg, c["query_pre_attn_scalar"]))
+    return source
 
 
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
@@ -177,14 +195,19 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
         raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
                          f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
-    if c.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' two names for x * sigmoid(x)
-        raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (supported: silu)")
+    act_key = "hidden_activation" if arch == GEMMA3 else "hidden_act"  # Gemma's config names it so
+    act = _ACTIVATIONS.get(c.get(act_key, "silu"))
+    if act is None:
+        raise ValueError(f"unsupported {act_key} {c[act_key]!r} (supported: {', '.join(_ACTIVATIONS)})")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
+        if c.get(key):  # Gemma 2's soft caps, EmbeddingGemma's attention
+            raise ValueError(f"unsupported {key}: {c[key]}")
     if c.get("mlp_bias"):
         raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
     qkv_bias = arch == "Qwen2ForCausalLM"  # Qwen2 biases Q, K and V; attention_bias elsewhere biases o_proj too
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
-    theta, scaling = _rope(c)
+    theta, scaling, local_theta = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
     heads = int(c["num_attention_heads"])
@@ -199,8 +222,11 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rope_theta=theta, rope_scaling=scaling,
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
-        sliding_window=window, window_layers=window_layers, nope_layers=nope, qk_norm=arch == "Qwen3ForCausalLM",
+        sliding_window=window, window_layers=window_layers, nope_layers=nope,
+        qk_norm=arch in ("Qwen3ForCausalLM", GEMMA3), hidden_act=act, local_rope_theta=local_theta,
         **({k: c[k] for k in ("embedding_multiplier", "logits_scaling")} if arch == "GraniteForCausalLM" else {}),
+        # Gemma: embeddings times sqrt(hidden), a norm after attention and after the MLP
+        **(dict(embedding_multiplier=int(c["hidden_size"]) ** 0.5, post_norms=True) if arch == GEMMA3 else {}),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
         dtype=dtype)
