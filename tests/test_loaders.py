@@ -532,12 +532,13 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
-               metadata=None, sentencepiece=None):
+               metadata=None, sentencepiece=None, rename=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
     (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level
     BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
     scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
-    an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's."""
+    an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's;
+    `rename`: other texts for some of the byte-level vocabulary's tokens, by id."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
@@ -559,7 +560,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_layer_norm_rms_eps(1e-5)
     if sentencepiece is None:
         w.add_tokenizer_model("gpt2")
-        w.add_token_list(["a", "b", "ab"] + VOCAB[3:])  # 64 tokens, one merge
+        w.add_token_list([(rename or {}).get(i, t) for i, t in enumerate(["a", "b", "ab"] + VOCAB[3:])])  # one merge
         w.add_token_types([3 if 3 <= i <= 4 else 1 for i in range(len(VOCAB))])
         w.add_token_merges(["a b"])
     else:  # as llama.cpp's converter writes a SentencePiece model (its _create_vocab_sentencepiece)
@@ -573,6 +574,9 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_eos_token_id(2)
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
+    if arch == "gemma3":  # whose Hugging Face names for the norms around the MLP differ from Llama's
+        names.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gg}.weight" for i in range(layers) for hf, gg in (
+            ("post_attention_layernorm.weight", "post_attention_norm"), ("pre_feedforward_layernorm.weight", "ffn_norm"))})
     for name, x in tensors.items():
         if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
@@ -587,27 +591,37 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "granite", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "granite", "qwen2", "qwen3", "smollm3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Granite's multipliers
-    under llama.cpp's names, Qwen2's biases, YaRN and an end-of-turn token that ends generation too, Qwen3's
-    query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE) and as a Hugging
-    Face directory give the same model."""
-    layers = 8 if arch == "smollm3" else 2
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 3's norms stored
+    as 1 + w, its window in all but every sixth layer and its end-of-turn token found by its text,
+    Granite's multipliers under llama.cpp's names, Qwen2's biases, YaRN and an end-of-turn token that ends
+    generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without
+    RoPE) and as a Hugging Face directory give the same model."""
+    layers = {"smollm3": 8, "gemma3": 7}.get(arch, 2)
     tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
-    eot = 4 if arch == "qwen2" else None
+    eot = {"qwen2": 4, "gemma3": 3}.get(arch)
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
-    smollm3 = dict(no_rope_layers=None, use_sliding_window=False) if arch == "smollm3" else {}  # transformers' defaults
+    # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
+    hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False),
+                 "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
+                                pad_token_id=2)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2,
-                     num_hidden_layers=layers, **smollm3)
-    granite = dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0, **{"attention.scale": 1 / 128})
-    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope, eot=eot,
-               metadata=granite if arch == "granite" else None)
+                     num_hidden_layers=layers, **hf_config.get(arch, {}))
+    metadata = {"granite": dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0,
+                                **{"attention.scale": 1 / 128}),
+                "gemma3": {"attention.sliding_window": 5}}.get(arch)
+    if arch == "gemma3":  # its converter stores the norms' 1 + w and names no end-of-turn id
+        tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
+    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope,
+               eot=eot if arch != "gemma3" else None, metadata=metadata,
+               rename={3: "<end_of_turn>"} if arch == "gemma3" else None)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
     assert gg.config.nope_layers == ((3, 7) if arch == "smollm3" else ())
+    assert gg.config.window_layers == ((0, 1, 2, 3, 4, 6) if arch == "gemma3" else None)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))

@@ -13,10 +13,13 @@ from redrafter_jax.config import ModelConfig, RopeScaling
 from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, Scaled, granite_adjustments
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "granite", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "granite", "qwen2", "qwen3", "smollm3")
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "granite", "smollm3")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
+# llama.cpp's Gemma 3, with no GGUF key for these either: every 6th layer attends to all, the others within
+# the window at RoPE base 10000, and the 62-layer model (27B) scales its scores by (hidden / heads)^-1/2
+GEMMA3_FULL_EVERY, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -150,10 +153,12 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
                              f"(RoPE on every dimension of a head, values as wide as keys)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
-    for key in ("eot", "eom"):  # llama.cpp also ends generation at the end of a turn or message
-        end = reader.fields.get(f"tokenizer.ggml.{key}_token_id")
-        if end is not None and int(end.contents()) not in eos:
-            eos += (int(end.contents()),)
+    # llama.cpp also ends generation at the end of a turn or message (Gemma's, which it finds by its text)
+    ends = [int(f.contents()) for f in map(reader.fields.get, ("tokenizer.ggml.eot_token_id",
+                                                               "tokenizer.ggml.eom_token_id")) if f is not None]
+    if arch == "gemma3" and "<end_of_turn>" in tokens:
+        ends.append(tokens.index("<end_of_turn>"))
+    eos += tuple(dict.fromkeys(e for e in ends if e not in eos))
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     bos = int(bos.contents()) if bos is not None else None
     cfg = ModelConfig(
@@ -168,10 +173,17 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         qk_norm="blk.0.attn_q_norm.weight" in tensors,
         **(dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
            if arch == "granite" else {}),
+        **(dict(hidden_act="gelu_tanh", post_norms=True, embedding_multiplier=hidden ** 0.5,
+                sliding_window=int(m("attention.sliding_window")), local_rope_theta=GEMMA3_LOCAL_THETA,
+                window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_FULL_EVERY))
+           if arch == "gemma3" else {}),
         nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)) if arch == "smollm3" else (),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
+    if arch == "gemma3":  # its converter wrote the norms' 1 + w
+        query_scalar = hidden / n_heads if layers == GEMMA3_27B_LAYERS else head_dim
+        source = Scaled(source, cfg, GGUF, {"q_norm": (0, (head_dim / query_scalar) ** 0.5)})
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))
