@@ -575,8 +575,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
     if arch == "gemma3":  # whose Hugging Face names for the norms around the MLP differ from Llama's
-        names.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gg}.weight" for i in range(layers) for hf, gg in (
-            ("post_attention_layernorm.weight", "post_attention_norm"), ("pre_feedforward_layernorm.weight", "ffn_norm"))})
+        names.update({f"model.layers.{i}.{hf}_layernorm.weight": f"blk.{i}.{gg}_norm.weight" for i in range(layers)
+                      for hf, gg in (("post_attention", "post_attention"), ("pre_feedforward", "ffn"))})
     for name, x in tensors.items():
         if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
