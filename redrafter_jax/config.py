@@ -77,7 +77,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
     sliding_window: int | None = None  # keys further back than this are masked (Mistral's, every layer's)
-    window_layers: tuple[int, ...] | None = None  # the layers with the window (None: all; Qwen's, some)
+    window_layers: tuple[int, ...] | None = None  # the layers with it, None: all (Qwen's, Gemma's: some)
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
     qk_norm: bool = False  # an RMS norm of every query and key head before RoPE (Qwen3)
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)

@@ -133,9 +133,9 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def post_norm(y: jax.Array, w: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+def post_norm(y: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
     """What a layer adds to the residual stream, normed first where the model has post-norms (w [H])."""
-    return y if w is None else rms_norm(y, w, cfg.rms_norm_eps)
+    return y if w is None else rms_norm(y, w, eps)
 
 
 ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -227,11 +227,11 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
             attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask)
-        x = x + post_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg)
+        x = x + post_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg.rms_norm_eps)
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
-        x = x + post_norm(linear(ACTIVATION[cfg.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"]),
-                          p.get("post_mlp_norm"), cfg)
+        mlp = linear(ACTIVATION[cfg.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"])
+        x = x + post_norm(mlp, p.get("post_mlp_norm"), cfg.rms_norm_eps)
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
