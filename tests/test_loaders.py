@@ -258,6 +258,42 @@ def test_gemma3_saved_by_transformers_5_loads_with_its_rope_per_layer_kind(tmp_p
     assert_logits_match_transformers(m, hf)
 
 
+@pytest.mark.parametrize("layout", ["saved", "transformers 5"])
+def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
+    """Gemma 3 4B-27B are multimodal checkpoints: the text model (its config's text_config, its tensors
+    under language_model.model. as transformers saves them, or model.language_model. as it names them)
+    loads alone, the vision tower left out, with the processor's chat template; it gives the logits of
+    transformers' multimodal model on text."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    text = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4, sliding_window_pattern=2,
+        initializer_range=0.3)
+    vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=63, boi_token_index=61, eoi_token_index=62)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            if "norm" in name:
+                w.uniform_(-0.5, 0.5)
+    hf.save_pretrained(str(tmp_path))
+    if layout == "transformers 5":
+        with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+            tensors = {k.replace("language_model.model.", "model.language_model."): f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(tmp_path)
+    with open(tmp_path / "chat_template.json", "w") as f:
+        json.dump({"chat_template": TEMPLATE}, f)
+    m = load_hf(str(tmp_path))
+    assert m.config.post_norms and m.config.window_layers == (0,)
+    assert m.tokenizer.apply_chat_template([{"role": "user", "content": "w1"}]) == "<|user|> w1 <|assistant|>"
+    assert_logits_match_transformers(m, hf)
+
+
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 

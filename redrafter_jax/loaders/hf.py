@@ -20,6 +20,12 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # when `architectures` is absent
 GEMMA3 = "Gemma3ForCausalLM"
+# Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
+TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
+# where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
+# names a text-only checkpoint gives them
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model."))
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -163,12 +169,16 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
 
 
 def _with_defaults(c: dict) -> tuple[str, dict]:
-    """The architecture config.json names, and the config with what it leaves out as transformers reads it."""
+    """The architecture config.json names, and the config with what it leaves out as transformers reads it
+    (of a multimodal checkpoint, its text model's)."""
     archs = c.get("architectures") or []
+    if archs and archs[0] in TEXT_MODELS:  # its text model alone
+        c, archs = {**c["text_config"], "architectures": [TEXT_MODELS[archs[0]]]}, [TEXT_MODELS[archs[0]]]
     arch = archs[0] if archs else _MODEL_TYPES.get(c.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
-        raise ValueError(f"unsupported architecture {found} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise ValueError(f"unsupported architecture {found} (supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODELS))})")
     return arch, {**TRANSFORMERS_DEFAULTS[arch], **c}
 
 
@@ -255,7 +265,9 @@ def load_tokenizer(directory: str, cfg: ModelConfig) -> Tokenizer:
         raise FileNotFoundError(f"missing tokenizer.json in {directory}{hint}")
     tok = tokenizers.Tokenizer.from_file(path)
     tc = _read_json(os.path.join(directory, "tokenizer_config.json"), required=False)
-    template = tc.get("chat_template")
+    # a multimodal model's processor may keep it in chat_template.json instead
+    template = tc.get("chat_template") or _read_json(os.path.join(directory, "chat_template.json"),
+                                                     required=False).get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     jinja = os.path.join(directory, "chat_template.jinja")  # where recent transformers save it; it comes first
@@ -276,6 +288,25 @@ def open_safetensors(path: str):
         return safe_open(path, framework="numpy")
     except Exception as e:
         raise ValueError(f"cannot read safetensors file {path} (cut short, or not safetensors?): {e}") from e
+
+
+class _TextModel:
+    """The `Source` of a multimodal checkpoint's text model: its tensors by a text-only checkpoint's names,
+    the vision tower's left out."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.stored = {ours + name[len(theirs):]: name for name in source.names()
+                       for theirs, ours in _TEXT_PREFIXES if name.startswith(theirs)}
+
+    def names(self) -> list[str]:
+        return list(self.stored)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(self.stored[name])
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.source.read(self.stored[name], index)
 
 
 class _Safetensors:
@@ -308,7 +339,10 @@ def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) ->
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     c = _read_json(os.path.join(directory, "config.json"))
     cfg = config_from_hf(c, _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
-    source = scaled_source(c, cfg, _Safetensors(_tensor_index(directory)))
+    source = _Safetensors(_tensor_index(directory))
+    if (c.get("architectures") or [None])[0] in TEXT_MODELS:
+        source = _TextModel(source)
+    source = scaled_source(c, cfg, source)
     return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, source, mesh)
 
 
