@@ -19,6 +19,8 @@ class RopeScaling:
     (each frequency divided by its own factor: llama.cpp's `rope_freqs` tensor, [head_dim // 2], in
     which GGUF files store Llama 3.1's scaling)."""
 
+    KINDS = ("linear", "llama3", "yarn", "factors")
+
     kind: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
@@ -31,9 +33,8 @@ class RopeScaling:
     attention_factor: float | None = None
 
     def __post_init__(self):
-        if self.kind not in ("linear", "llama3", "yarn", "factors"):
-            raise ValueError(f"unsupported rope scaling type {self.kind!r} "
-                             f"(supported: linear, llama3, yarn, factors)")
+        if self.kind not in self.KINDS:
+            raise ValueError(f"unsupported rope scaling type {self.kind!r} (supported: {', '.join(self.KINDS)})")
         if self.factor <= 0 or min(self.factors, default=1) <= 0:
             raise ValueError(f"rope scaling factors must be positive, got factor {self.factor}"
                              + (f" and per-frequency factors {self.factors}" if self.factors else ""))

@@ -44,6 +44,8 @@ ARCHS = {
                     tie_word_embeddings=False),
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
                       layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False),
+    "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=5, tie_word_embeddings=False,
+                 pad_token_id=2),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True),
     # layer 1 without RoPE and, being a NoPE layer, windowed
@@ -72,6 +74,9 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch == "gemma3":  # (its post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
+        if arch == "phi3":  # Q, K and V in one tensor, gate and up in one
+            t[p + "self_attn.qkv_proj.weight"] = np.concatenate([t.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            t[p + "mlp.gate_up_proj.weight"] = np.concatenate([t.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
         t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
@@ -144,7 +149,7 @@ def params_from_hf_arrays(t, cfg):
 TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma3", "granite"}))  # whose loader adjusts tensors
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma3", "granite", "phi3"}))  # loaders adjust those
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -180,11 +185,11 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Gemma3/Granite/Mistral/Ministral/Qwen2/Qwen3/SmolLM3 modules on the
-    same directory (RoPE layout, llama3 rope scaling, Gemma 3's norms, GeGLU, query scale and windowed
-    layer with its own RoPE base, Granite's multipliers, Qwen2 biases, Mistral's sliding window,
-    Ministral's in one layer of two, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its
-    own)."""
+    """Reference: transformers' own Llama/Gemma3/Granite/Mistral/Ministral/Phi3/Qwen2/Qwen3/SmolLM3 modules
+    on the same directory (RoPE layout, llama3 rope scaling, Gemma 3's norms, GeGLU, query scale and
+    windowed layer with its own RoPE base, Granite's multipliers, Qwen2 biases, Mistral's sliding window,
+    Ministral's in one layer of two, Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's
+    NoPE layer with a window of its own)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -497,6 +502,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh\\)"),
     ("softcap", "unsupported final_logit_softcapping: 30.0"),  # Gemma 2's
     ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
+    ("phi3_longrope", "unsupported rope scaling type 'longrope'"),  # which Phi-3's configs call "su" or "yarn"
     ("granite_residual", "Granite's residual and attention multipliers must be positive numbers, got None and 1.0"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
@@ -540,6 +546,9 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
             "local_rope_scaling": {"rope_parameters": {
                 "full_attention": {"rope_type": "default", "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}}[case])
+    elif case == "phi3_longrope":
+        overrides.update(architectures=["Phi3ForCausalLM"], rope_scaling={"type": "su", "short_factor": [1.0] * 4,
+                                                                          "long_factor": [2.0] * 4})
     elif case == "granite_residual":
         overrides.update(architectures=["GraniteForCausalLM"], residual_multiplier=None)
     elif case == "o_proj_bias":

@@ -60,6 +60,11 @@ HF, GGUF = 0, 1
 PRE_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
 
 
+# Phi-3's fused tensors: Q, K and V in one, gate and up in one, along the output rows
+FUSED_QKV = "model.layers.{i}.self_attn.qkv_proj.weight"
+FUSED_GATE_UP = "model.layers.{i}.mlp.gate_up_proj.weight"
+
+
 def stored_names(cfg: ModelConfig, ours: str, fmt: int) -> list[str]:
     """The names ("{i}": the layer's index) of the parts our parameter `ours` has in a checkpoint."""
     if ours == "mlp_norm" and cfg.post_norms and fmt == HF:
@@ -113,6 +118,42 @@ class Scaled:
             if pattern.match(name):  # float32 (1 + w and the products of Gemma's and Granite's own), cast once
                 return (x.astype(np.float32) + np.float32(shift)) * np.float32(factor)
         return x
+
+
+class Unfused:
+    """A `Source` whose fused tensors read as the parts the name table expects: `parts` maps a part's name
+    to (its fused tensor's name, its first row, its rows)."""
+
+    def __init__(self, source: Source, parts: dict[str, tuple[str, int, int]]):
+        self.source, self.parts = source, parts
+        fused = {name for name, _, _ in parts.values()}
+        self._names = [n for n in source.names() if n not in fused] + list(parts)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.parts:
+            return self.source.shape(name)
+        fused, _, rows = self.parts[name]
+        return (rows, *self.source.shape(fused)[1:])
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if name not in self.parts:
+            return self.source.read(name, index)
+        fused, first, rows = self.parts[name]
+        start, stop, _ = index[0].indices(rows)
+        return self.source.read(fused, (slice(first + start, first + stop), *index[1:]))
+
+
+def phi3_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """`Unfused`'s parts for Phi-3's Hugging Face checkpoints: [q; k; v] rows in qkv_proj, [gate; up] in
+    gate_up_proj."""
+    q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    rows = {"wqkv": (FUSED_QKV, [(0, q), (q, kv), (q + kv, kv)]), "w_gate_up": (FUSED_GATE_UP, [(0, i), (i, i)])}
+    return {name.format(i=layer): (fused.format(i=layer), first, n)
+            for ours, (fused, spans) in rows.items() for name, (first, n) in zip(stored_names(cfg, ours, HF), spans)
+            for layer in range(cfg.num_layers)}
 
 
 def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> dict[str, tuple[float, float]]:

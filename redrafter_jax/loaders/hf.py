@@ -11,15 +11,27 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
-from redrafter_jax.loaders import HF, LoadedModel, OpenedModel, Scaled, Source, gemma_adjustments, granite_adjustments
+from redrafter_jax.loaders import (
+    HF,
+    LoadedModel,
+    OpenedModel,
+    Scaled,
+    Source,
+    Unfused,
+    gemma_adjustments,
+    granite_adjustments,
+    phi3_parts,
+)
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM",
-                           "MinistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+                           "MinistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "SmolLM3ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM",
-                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}  # when `architectures` is absent
-GEMMA3 = "Gemma3ForCausalLM"
+                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "phi3": "Phi3ForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
+GEMMA3, PHI3 = "Gemma3ForCausalLM", "Phi3ForCausalLM"
 # Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
 TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
@@ -49,6 +61,9 @@ TRANSFORMERS_DEFAULTS = {
                  rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
                  eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                  sliding_window=4096, sliding_window_pattern=6),
+    PHI3: dict(_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
+               original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
+               pad_token_id=32000, sliding_window=None),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -96,16 +111,16 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
-    none; Mistral windows every layer; Ministral, Gemma 3, and Qwen2, Qwen3 and SmolLM3 with
+    none; Mistral and Phi-3 window every layer; Ministral, Gemma 3, and Qwen2, Qwen3 and SmolLM3 with
     use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma 3's
     but every sliding_window_pattern-th, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch == "LlamaForCausalLM" or not window:
         return None, None
-    if arch == "MistralForCausalLM":  # transformers' Mistral ignores layer_types (Ministral reads them)
+    if arch in ("MistralForCausalLM", PHI3):  # transformers' Mistral ignores layer_types (Ministral reads them)
         if kinds is not None and set(kinds) != {"sliding_attention"}:
-            raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for MistralForCausalLM, which windows "
-                             f"every layer (sliding_window {window}; MinistralForCausalLM reads them)")
+            raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
+                             f"(sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
     if arch not in ("MinistralForCausalLM", GEMMA3) and not c.get("use_sliding_window", False):
         return None, None
@@ -145,6 +160,8 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
     if partial != 1.0:
         raise ValueError(f"unsupported partial_rotary_factor {partial} (RoPE on part of each head)")
     kind = rs.get("rope_type", rs.get("type", "default"))
+    if arch == PHI3 and kind in ("su", "yarn"):  # Phi-3's configs name its LongRoPE so
+        kind = "longrope"
     if kind == "default":
         return theta, None, local
     # transformers 5: a top-level original_max_position_embeddings (Phi-3's) comes first
@@ -153,14 +170,14 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
     factor = rs.get("factor")
     if factor is None and kind == "yarn":  # DeepSeek-V3's: the ratio of the two context lengths
         factor = c["max_position_embeddings"] / original
-    if factor is None:
+    if factor is None and kind in RopeScaling.KINDS:  # (RopeScaling names an unknown kind)
         raise ValueError(f"unsupported rope scaling {rs} (it has no factor)")
     attention_factor = None  # the other kinds have none
     if kind == "yarn":
         attention_factor = rs.get("attention_factor")
         if attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
             attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
-    scaling = RopeScaling(kind=kind, factor=float(factor), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+    scaling = RopeScaling(kind=kind, factor=float(factor or 1), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                           high_freq_factor=float(rs.get("high_freq_factor", 4.0)), original_max_position=original,
                           beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
                           truncate=bool(rs.get("truncate", True)),
@@ -342,6 +359,8 @@ def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) ->
     source = _Safetensors(_tensor_index(directory))
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
+    if _with_defaults(c)[0] == PHI3:
+        source = Unfused(source, phi3_parts(cfg))
     source = scaled_source(c, cfg, source)
     return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, source, mesh)
 
