@@ -75,8 +75,9 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "gemma3":  # (its post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
         if arch == "phi3":  # Q, K and V in one tensor, gate and up in one
-            t[p + "self_attn.qkv_proj.weight"] = np.concatenate([t.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            t[p + "mlp.gate_up_proj.weight"] = np.concatenate([t.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
+            for fused, parts in (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),
+                                 ("mlp.gate_up", ("mlp.gate", "mlp.up"))):
+                t[p + f"{fused}_proj.weight"] = np.concatenate([t.pop(p + f"{n}_proj.weight") for n in parts])
         t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
