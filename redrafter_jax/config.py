@@ -60,7 +60,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Qwen2, Qwen3, SmolLM2, SmolLM3, Gemma 3)."""
+    """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Phi-3, Qwen2, Qwen3, SmolLM2, SmolLM3, and
+    Gemma 3 and OLMo 2 with their own norms)."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 
@@ -80,11 +81,14 @@ class ModelConfig:
     sliding_window: int | None = None  # keys further back than this are masked (Mistral's, every layer's)
     window_layers: tuple[int, ...] | None = None  # the layers with it, None: all (Qwen's, Gemma's: some)
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
-    qk_norm: bool = False  # an RMS norm of every query and key head before RoPE (Qwen3)
+    # RMS norms of the queries and keys before RoPE: "head" of each head on its own (Qwen3, Gemma 3), "all"
+    # of all query heads together and all key heads together (OLMo 2)
+    qk_norm: str | None = None
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
     hidden_act: str = "silu"  # one of ACTIVATIONS
-    post_norms: bool = False  # each layer also norms what attention and the MLP add to the residual (Gemma)
+    pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP
+    post_norms: bool = False  # and what they add to it (Gemma: both; OLMo 2: only these)
     local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3's)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -111,6 +115,10 @@ class ModelConfig:
         if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
                              f"{', '.join(self.ACTIVATIONS)})")
+        if self.qk_norm not in (None, "head", "all"):
+            raise ValueError(f"model config: qk_norm must be None, 'head' or 'all', got {self.qk_norm!r}")
+        if not (self.pre_norms or self.post_norms):
+            raise ValueError("model config: a layer needs pre_norms or post_norms (or both)")
         if self.local_rope_theta is not None and self.sliding_window is None:
             raise ValueError("model config: local_rope_theta (the windowed layers' RoPE base) needs a sliding_window")
         if self.sliding_window is not None and self.sliding_window <= 0:

@@ -4,10 +4,11 @@ Params layout (matrices are [in, out] so activations multiply on the left; nkv K
 shared by G = nh / nkv query heads):
     embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
     layers: a list with one dict per layer:
-        attn_norm [H]; wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V);
-        bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (only with qk_norm);
-        wo [nh D, H] (query heads in order); post_attn_norm [H] (only with post_norms);
-        mlp_norm [H]; w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
+        attn_norm [H] (only with pre_norms); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads,
+        then K, then V); bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm
+        "head"; "all": [nkv, G, D] and [nkv, 1, D]); wo [nh D, H] (query heads in order);
+        post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms); w_gate_up [H, 2, I] (gate,
+        up); w_down [I, H]; post_mlp_norm [H] (post_norms)
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
 batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
@@ -46,12 +47,15 @@ def param_shapes(cfg: ModelConfig) -> dict:
     """The expected shape of every parameter: the single source loaders and init check against."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
-    layer = {"attn_norm": (h,), "wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h),
-             "mlp_norm": (h,), "w_gate_up": (h, 2, i), "w_down": (i, h)}
+    layer = {"wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h), "w_gate_up": (h, 2, i), "w_down": (i, h)}
+    if cfg.pre_norms:
+        layer["attn_norm"] = layer["mlp_norm"] = (h,)
     if cfg.attention_bias:
         layer["bqkv"] = qkv
-    if cfg.qk_norm:
+    if cfg.qk_norm == "head":
         layer["q_norm"] = layer["k_norm"] = (cfg.head_dim,)
+    elif cfg.qk_norm == "all":
+        layer["q_norm"], layer["k_norm"] = (*qkv[:1], qkv[1] - 2, qkv[2]), (qkv[0], 1, qkv[2])
     if cfg.post_norms:
         layer["post_attn_norm"] = layer["post_mlp_norm"] = (h,)
     shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
@@ -133,9 +137,22 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def post_norm(y: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
-    """What a layer adds to the residual stream, normed first where the model has post-norms (w [H])."""
-    return y if w is None else rms_norm(y, w, eps)
+def optional_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
+    """x normed by w [H], or x as it is where the model has no such norm (`pre_norms`, `post_norms`)."""
+    return x if w is None else rms_norm(x, w, eps)
+
+
+def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) -> jax.Array:
+    """qkv [B, T, nkv, G + 2, D] with the queries and keys normed: each head on its own (norms [D]), or
+    all query heads together and all key heads together (norms [nkv, G, D] and [nkv, 1, D])."""
+    g = qkv.shape[3] - 2
+
+    def norm(x, w):  # x [B, T, *w.shape]: over w's axes at once
+        flat = x.reshape(*x.shape[:2], -1)
+        return rms_norm(flat, w.reshape(-1), eps).reshape(x.shape) if w.ndim > 1 else rms_norm(x, w, eps)
+
+    return jnp.concatenate([norm(qkv[:, :, :, :g], q_norm), norm(qkv[:, :, :, g:g + 1], k_norm),
+                            qkv[:, :, :, g + 1:]], axis=3)
 
 
 ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -212,14 +229,12 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         layer_mask, cos, sin = (windowed, *local_rope) if cfg.windowed(i) else (mask, *rope)
         if i in cfg.nope_layers:
             cos, sin = no_rope
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        h = optional_norm(x, p.get("attn_norm"), cfg.rms_norm_eps)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
-        if cfg.qk_norm:  # each query and key head on its own, before RoPE
-            qkv = jnp.concatenate([rms_norm(qkv[:, :, :, :g], p["q_norm"], cfg.rms_norm_eps),
-                                   rms_norm(qkv[:, :, :, g:g + 1], p["k_norm"], cfg.rms_norm_eps),
-                                   qkv[:, :, :, g + 1:]], axis=3)
+        if cfg.qk_norm:  # before RoPE
+            qkv = qk_norm(qkv, p["q_norm"], p["k_norm"], cfg.rms_norm_eps)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
                                                          slots, layer_mask, i)
@@ -227,11 +242,11 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
             attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask)
-        x = x + post_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg.rms_norm_eps)
-        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        x = x + optional_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg.rms_norm_eps)
+        h = optional_norm(x, p.get("mlp_norm"), cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
         mlp = linear(ACTIVATION[cfg.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"])
-        x = x + post_norm(mlp, p.get("post_mlp_norm"), cfg.rms_norm_eps)
+        x = x + optional_norm(mlp, p.get("post_mlp_norm"), cfg.rms_norm_eps)
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

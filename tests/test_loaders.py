@@ -44,6 +44,7 @@ ARCHS = {
                     tie_word_embeddings=False),
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
                       layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False),
+    "olmo2": dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", tie_word_embeddings=False, pad_token_id=2),
     "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=5, tie_word_embeddings=False,
                  pad_token_id=2),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
@@ -74,11 +75,16 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch == "gemma3":  # (its post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
+        if arch == "olmo2":  # norms after attention and after the MLP only; query and key norms over all heads
+            t.update({p + "self_attn.q_norm.weight": rng.uniform(0.5, 1.5, heads * head_dim),
+                      p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim),
+                      p + "post_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden)})
         if arch == "phi3":  # Q, K and V in one tensor, gate and up in one
             for fused, parts in (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),
                                  ("mlp.gate_up", ("mlp.gate", "mlp.up"))):
                 t[p + f"{fused}_proj.weight"] = np.concatenate([t.pop(p + f"{n}_proj.weight") for n in parts])
-        t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
+        if arch != "olmo2":
+            t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
 
@@ -150,7 +156,8 @@ def params_from_hf_arrays(t, cfg):
 TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma3", "granite", "phi3"}))  # loaders adjust those
+# (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma or OLMo 2)
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma3", "granite", "olmo2", "phi3"}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -186,11 +193,12 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Gemma3/Granite/Mistral/Ministral/Phi3/Qwen2/Qwen3/SmolLM3 modules
-    on the same directory (RoPE layout, llama3 rope scaling, Gemma 3's norms, GeGLU, query scale and
-    windowed layer with its own RoPE base, Granite's multipliers, Qwen2 biases, Mistral's sliding window,
-    Ministral's in one layer of two, Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's
-    NoPE layer with a window of its own)."""
+    """Reference: transformers' own Llama/Gemma3/Granite/Mistral/Ministral/Olmo2/Phi3/Qwen2/Qwen3/SmolLM3
+    modules on the same directory (RoPE layout, llama3 rope scaling, Gemma 3's norms, GeGLU, query scale
+    and windowed layer with its own RoPE base, Granite's multipliers, Qwen2 biases, Mistral's sliding
+    window, Ministral's in one layer of two, OLMo 2's norms after attention and the MLP only and over all
+    query and key heads, Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer
+    with a window of its own)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -403,12 +411,12 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
-                                           ("smollm3", {}), ("granite", {}), ("gemma3", {})])
+                                           ("smollm3", {}), ("granite", {}), ("gemma3", {}), ("olmo2", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
     sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
     beside a rotated layer that is not, Granite's multipliers, Gemma 3's windowed layer with its own RoPE
-    base beside a global one, its post-norms and GeGLU, in the decode loops (on the CPU, the attention kernel): greedy
+    base beside a global one, its post-norms and GeGLU, OLMo 2's norms, in the decode loops (on the CPU, the attention kernel): greedy
     decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
     equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -417,7 +425,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
             "smollm3": m.config.nope_layers == m.config.window_layers == (1,),
             "granite": m.config.embedding_multiplier == 12 and m.config.logits_scaling == 8,
-            "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100}[arch]
+            "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100,
+            "olmo2": m.config.qk_norm == "all" and not m.config.pre_norms}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -620,7 +629,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_eos_token_id(2)
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
-    if arch == "gemma3":  # whose Hugging Face names for the norms around the MLP differ from Llama's
+    if arch in ("gemma3", "olmo2"):  # whose Hugging Face names for the norms around the MLP differ from Llama's
         names.update({f"model.layers.{i}.{hf}_layernorm.weight": f"blk.{i}.{gg}_norm.weight" for i in range(layers)
                       for hf, gg in (("post_attention", "post_attention"), ("pre_feedforward", "ffn"))})
     for name, x in tensors.items():
@@ -637,13 +646,13 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "granite", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 3's norms stored
     as 1 + w, its window in all but every sixth layer and its end-of-turn token found by its text,
-    Granite's multipliers under llama.cpp's names, Qwen2's biases, YaRN and an end-of-turn token that ends
-    generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without
-    RoPE) and as a Hugging Face directory give the same model."""
+    Granite's multipliers under llama.cpp's names, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn
+    token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every
+    fourth layer without RoPE) and as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7}.get(arch, 2)
     tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
     eot = {"qwen2": 4, "gemma3": 3}.get(arch)
@@ -742,14 +751,17 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
     ("value_length", "unsupported GGUF attention.value_length 16"),
     ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_output.bias'"),
+    ("olmo3_window", r"unsupported GGUF olmo2 attention.sliding_window 4 \(OLMo 3's windowed layers\)"),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
+    arch = "olmo2" if case == "olmo3_window" else "llama"
     extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
     metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
-                "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16}}.get(case)
-    write_gguf(tmp_path / "model.gguf", "llama", hf_tensors("llama", np.random.default_rng(3)),
+                "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},
+                "olmo3_window": {"attention.sliding_window": 4}}.get(case)
+    write_gguf(tmp_path / "model.gguf", arch, hf_tensors(arch, np.random.default_rng(3)),
                scaling=scaling, extras=extras, metadata=metadata)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))

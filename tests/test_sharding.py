@@ -131,8 +131,8 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
     assert b"output identical to autoregressive" in proc.stderr
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"qk_norm": True},
-                                       {"post_norms": True}])
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"qk_norm": "head"},
+                                       {"qk_norm": "all", "pre_norms": False, "post_norms": True}])
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)

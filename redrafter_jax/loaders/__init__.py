@@ -178,6 +178,8 @@ def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float) -> dict[st
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The shapes the parts of our parameter `ours` (of shape `shape`) have in a checkpoint."""
     d = cfg.head_dim
+    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # stored [heads D]
+        return [(int(np.prod(shape)),)]
     lead = shape[:1] if ours == "wqkv" else ()  # the weight's input axis H; the bias has none
     if ours in ("wqkv", "bqkv"):
         return [(cfg.num_heads * d, *lead), (cfg.num_kv_heads * d, *lead), (cfg.num_kv_heads * d, *lead)]
@@ -198,6 +200,9 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
             groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:]))
         x = np.moveaxis(np.concatenate(groups, axis=1), (0, 1, 2), (-3, -2, -1))
         return x[(slice(None),) * len(lead) + (slice(None), j, d)]
+    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # [heads D] -> [nkv, G or 1, D], heads in order
+        x = source.read(parts[0], (slice(None),))
+        return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
     if ours == "w_gate_up":  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]

@@ -13,7 +13,7 @@ from redrafter_jax.config import ModelConfig, RopeScaling
 from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, Scaled, granite_adjustments
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "granite", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3")
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "granite", "smollm3")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
@@ -147,6 +147,9 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
     hidden, layers = int(m("embedding_length")), int(m("block_count"))
     head_dim = int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads)))
+    if arch == "olmo2" and f"{arch}.attention.sliding_window" in reader.fields:
+        raise ValueError(f"unsupported GGUF olmo2 attention.sliding_window {m('attention.sliding_window')} (OLMo 3's "
+                         f"windowed layers)")
     for key in ("rope.dimension_count", "attention.value_length"):
         if int(m(key, head_dim)) != head_dim:
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
@@ -170,10 +173,11 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         rope_scaling=scaling,
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
+        qk_norm=("all" if arch == "olmo2" else "head") if "blk.0.attn_q_norm.weight" in tensors else None,
+        pre_norms=arch != "olmo2", post_norms=arch in ("gemma3", "olmo2"),
         **(dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
            if arch == "granite" else {}),
-        **(dict(hidden_act="gelu_tanh", post_norms=True, embedding_multiplier=hidden ** 0.5,
+        **(dict(hidden_act="gelu_tanh", embedding_multiplier=hidden ** 0.5,
                 sliding_window=int(m("attention.sliding_window")), local_rope_theta=GEMMA3_LOCAL_THETA,
                 window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_FULL_EVERY))
            if arch == "gemma3" else {}),

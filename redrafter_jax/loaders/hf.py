@@ -25,13 +25,13 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM",
-                           "MinistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "SmolLM3ForCausalLM")
+                           "MinistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM",
-                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "phi3": "Phi3ForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
-GEMMA3, PHI3 = "Gemma3ForCausalLM", "Phi3ForCausalLM"
+GEMMA3, OLMO2, PHI3 = "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM"
 # Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
 TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
@@ -61,6 +61,8 @@ TRANSFORMERS_DEFAULTS = {
                  rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
                  eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                  sliding_window=4096, sliding_window_pattern=6),
+    OLMO2: dict(_COMMON, vocab_size=50304, intermediate_size=11008, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                pad_token_id=1, bos_token_id=None, eos_token_id=50279),
     PHI3: dict(_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
                pad_token_id=32000, sliding_window=None),
@@ -250,10 +252,11 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
-        qk_norm=arch in ("Qwen3ForCausalLM", GEMMA3), hidden_act=act, local_rope_theta=local_theta,
-        **({k: c[k] for k in ("embedding_multiplier", "logits_scaling")} if arch == "GraniteForCausalLM" else {}),
-        # Gemma: embeddings times sqrt(hidden), a norm after attention and after the MLP
-        **(dict(embedding_multiplier=int(c["hidden_size"]) ** 0.5, post_norms=True) if arch == GEMMA3 else {}),
+        qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", OLMO2: "all"}.get(arch), hidden_act=act,
+        local_rope_theta=local_theta, pre_norms=arch != OLMO2, post_norms=arch in (GEMMA3, OLMO2),
+        embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
+                              GEMMA3: int(c["hidden_size"]) ** 0.5}.get(arch, 1.0),
+        logits_scaling=c["logits_scaling"] if arch == "GraniteForCausalLM" else 1.0,
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
         dtype=dtype)
