@@ -416,9 +416,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
     sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
     beside a rotated layer that is not, Granite's multipliers, Gemma 3's windowed layer with its own RoPE
-    base beside a global one, its post-norms and GeGLU, OLMo 2's norms, in the decode loops (on the CPU, the attention kernel): greedy
-    decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
-    equals it."""
+    base beside a global one, its post-norms and GeGLU, OLMo 2's norms, in the decode loops (on the CPU,
+    the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
+    lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
     m = load_hf(str(tmp_path))
