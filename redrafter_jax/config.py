@@ -61,7 +61,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Phi-3, Qwen2, Qwen3, SmolLM2, SmolLM3, and
-    Gemma 3 and OLMo 2 with their own norms)."""
+    Gemma 2, Gemma 3 and OLMo 2 with their own norms)."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 
@@ -90,6 +90,9 @@ class ModelConfig:
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP
     post_norms: bool = False  # and what they add to it (Gemma: both; OLMo 2: only these)
     local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3's)
+    # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -115,6 +118,10 @@ class ModelConfig:
         if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
                              f"{', '.join(self.ACTIVATIONS)})")
+        caps = (self.attn_softcap, self.final_softcap)
+        if not all(c is None or (isinstance(c, numbers.Real) and c > 0) for c in caps):
+            raise ValueError(f"model config: soft caps must be positive or None, got {self.attn_softcap} and "
+                             f"{self.final_softcap}")
         if self.qk_norm not in (None, "head", "all"):
             raise ValueError(f"model config: qk_norm must be None, 'head' or 'all', got {self.qk_norm!r}")
         if not (self.pre_norms or self.post_norms):

@@ -243,7 +243,7 @@ def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Ar
     hidden, cache, _, _ = transformer(params, cfg, prompts, positions, cache, mask)
     cache = kv.commit(cache, prompt_lengths)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return cache, last, lm_head(params, last, cfg.logits_scaling)
+    return cache, last, lm_head(params, last, cfg)
 
 
 class Started(NamedTuple):

@@ -177,10 +177,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 QUERY_BLOCK = 1024  # a long forward's (a prefill's) new tokens attend in blocks of this many
 
 
-def _attention(q, k_cache, v_cache, mask):
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap tanh(x / cap), Gemma 2's soft cap of attention scores and logits (x itself without a cap)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _attention(q, k_cache, v_cache, mask, cap=None):
     """Grouped-query attention of new queries over the cache (which already holds the new keys).
 
-    q: [B, T, nkv, G, D]; k_cache/v_cache: [B, nkv, S, D]; mask: [B, T, S] bool. Returns [B, T, nkv, G, D].
+    q: [B, T, nkv, G, D]; k_cache/v_cache: [B, nkv, S, D]; mask: [B, T, S] bool; cap: the scores' soft
+    cap (`softcap`). Returns [B, T, nkv, G, D].
     Each KV head's G x T queries form one block of rows, so both products are one batched matrix
     product per KV head over the cache in place. More than QUERY_BLOCK new tokens attend a block at a
     time (each row's softmax is its own), so that a long prompt's scores take [B, nkv, G x QUERY_BLOCK, S]
@@ -192,10 +198,10 @@ def _attention(q, k_cache, v_cache, mask):
         pad = ((0, 0), (0, blocks * QUERY_BLOCK - t))  # padding rows see no key; they are dropped below
         qs = jnp.pad(q, pad + ((0, 0),) * 3).reshape(b, blocks, QUERY_BLOCK, nkv, g, d).swapaxes(0, 1)
         masks = jnp.pad(mask, pad + ((0, 0),)).reshape(b, blocks, QUERY_BLOCK, -1).swapaxes(0, 1)
-        out = jax.lax.map(lambda qm: _attention(qm[0], k_cache, v_cache, qm[1]), (qs, masks))
+        out = jax.lax.map(lambda qm: _attention(qm[0], k_cache, v_cache, qm[1], cap), (qs, masks))
         return out.swapaxes(0, 1).reshape(b, blocks * QUERY_BLOCK, nkv, g, d)[:, :t]
     q = (q * d ** -0.5).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", q, k_cache, preferred_element_type=jnp.float32)
+    scores = softcap(jnp.einsum("bkqd,bksd->bkqs", q, k_cache, preferred_element_type=jnp.float32), cap)
     scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache)
@@ -237,11 +243,11 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             qkv = qk_norm(qkv, p["q_norm"], p["k_norm"], cfg.rms_norm_eps)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
-                                                         slots, layer_mask, i)
+                                                         slots, layer_mask, i, cfg.attn_softcap)
         else:
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
-            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask)
+            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask, cfg.attn_softcap)
         x = x + optional_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg.rms_norm_eps)
         h = optional_norm(x, p.get("mlp_norm"), cfg.rms_norm_eps)
         gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
@@ -258,15 +264,21 @@ def lm_head_weight(params: Params):
     return params["lm_head"] if "lm_head" in params else params["embed"].T
 
 
-def lm_head(params: Params, hidden: jax.Array, scaling: float = 1.0) -> jax.Array:
-    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head), divided
-    by `scaling` (the target's `logits_scaling`; a drafter sharing the head leaves it at 1)."""
+def finish_logits(logits: jax.Array, cfg: ModelConfig | None) -> jax.Array:
+    """The LM head's float32 logits as the model `cfg` finishes them: divided by its logits_scaling
+    (Granite's), then soft-capped (Gemma 2's); as they are without a model (a drafter's)."""
+    if cfg is None:
+        return logits
+    return softcap(logits if cfg.logits_scaling == 1 else logits / cfg.logits_scaling, cfg.final_softcap)
+
+
+def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig | None = None) -> jax.Array:
+    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head), finished
+    as the target `cfg`'s (`finish_logits`; a drafter sharing the head passes none)."""
     w = lm_head_weight(params)
     if isinstance(w, rows_matmul.Packed):
-        logits = linear(hidden, w)
-    else:
-        logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
-    return logits if scaling == 1 else logits / scaling
+        return finish_logits(linear(hidden, w), cfg)
+    return finish_logits(jnp.matmul(hidden, w, preferred_element_type=jnp.float32), cfg)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -274,7 +286,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     """Full forward: logits and hidden states for every new token, the cache holding their K/V, and
     their K/V."""
     hidden, cache, k, v = transformer(params, cfg, tokens, positions, cache, mask)
-    return ForwardOutput(lm_head(params, hidden, cfg.logits_scaling), hidden, cache, k, v)
+    return ForwardOutput(lm_head(params, hidden, cfg), hidden, cache, k, v)
 
 
 def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -289,4 +301,4 @@ def transformer_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> j
 def forward_causal(params: Params, cfg: ModelConfig, tokens: jax.Array) -> ForwardOutput:
     """Logits and hidden states of whole sequences [B, T] (no cache; it and k, v are not returned)."""
     hidden = transformer_causal(params, cfg, tokens)
-    return ForwardOutput(lm_head(params, hidden, cfg.logits_scaling), hidden, None, None, None)
+    return ForwardOutput(lm_head(params, hidden, cfg), hidden, None, None, None)

@@ -14,7 +14,7 @@ from redrafter_jax.model import _attention, apply_rope, rope_tables
 
 pytestmark = pytest.mark.skipif(not rows_matmul.available(), reason="no C++ compiler for the CPU kernels")
 
-attend = jax.jit(cpu_attention.attention, static_argnums=9)
+attend = jax.jit(cpu_attention.attention, static_argnums=(9, 10))
 
 
 def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
@@ -26,19 +26,23 @@ def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
     return qkv, cos, sin, k, v, pending
 
 
-@pytest.mark.parametrize("t,g,d,p", [(1, 3, 64, 0), (7, 3, 64, 4), (16, 4, 16, 2), (3, 2, 128, 1), (64, 1, 32, 0),
-                                     (33, 3, 64, 2)])
-def test_matches_the_models_xla_ops(t, g, d, p):
+@pytest.mark.parametrize("t,g,d,p,cap", [(1, 3, 64, 0, None), (7, 3, 64, 4, None), (16, 4, 16, 2, None),
+                                         (3, 2, 128, 1, None), (64, 1, 32, 0, None), (33, 3, 64, 2, None),
+                                         (7, 2, 64, 2, 1.5), (1, 4, 256, 0, 50.0)])
+def test_matches_the_models_xla_ops(t, g, d, p, cap):
     """Against apply_rope, cache.scatter_rows and the XLA attention over the sliced layer: the output,
     the new keys and values, and the buffers (pending entries and new tokens at their slots, a slot
-    past the cache dropped, everything else untouched)."""
+    past the cache dropped, everything else untouched); with Gemma 2's soft cap of the scores too (a cap
+    of 1.5 changes every score a good deal, its 50 the large ones)."""
     rng = np.random.default_rng(t * d + p)
     b, h, s, layer = 2, 3, 90, 2
     qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, b, t, h, g, d, s, p)
     slots = np.stack([rng.permutation(s + 1)[: p + t] for _ in range(b)]).astype(np.int32)  # s: dropped
     mask = rng.random((b, t, s)) < 0.5
     mask[:, :, 7] = True  # every query sees something
-    out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer)
+    if cap:  # scores large enough for the cap to bite
+        qkv[:, :, :, :g] *= 3
+    out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer, cap)
 
     want_k = apply_rope(jnp.asarray(qkv[:, :, :, g]), cos, sin)
     np.testing.assert_allclose(np.asarray(k_new), np.asarray(want_k), rtol=1e-6, atol=1e-6)
@@ -48,8 +52,11 @@ def test_matches_the_models_xla_ops(t, g, d, p):
                                jnp.asarray(slots), layer)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     q = apply_rope(jnp.asarray(qkv[:, :, :, :g]), cos, sin)
-    want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask))
+    want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask), cap)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=2e-6)
+    if cap:  # and the cap did change the output
+        assert not np.allclose(np.asarray(out), np.asarray(_attention(q, k_after[layer], v_after[layer],
+                                                                      jnp.asarray(mask))), rtol=1e-3, atol=1e-4)
 
 
 def test_a_query_depends_only_on_the_keys_it_sees_in_order():

@@ -32,6 +32,10 @@ ARCHS = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # layer 0 windowed, layer 1 not; the scores' scale not head_dim^-1/2; soft caps low enough to bite
+    "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", tie_word_embeddings=True,
+                   sliding_window=5, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh",
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     # layer 0 windowed with its own RoPE base, layer 1 not; the scores' scale not head_dim^-1/2
     "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", tie_word_embeddings=True,
                    sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0, query_pre_attn_scalar=32,
@@ -73,7 +77,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
         if arch in ("qwen3", "gemma3"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
-        if arch == "gemma3":  # (its post_attention_layernorm follows attention)
+        if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
         if arch == "olmo2":  # norms after attention and after the MLP only; query and key norms over all heads
             t.update({p + "self_attn.q_norm.weight": rng.uniform(0.5, 1.5, heads * head_dim),
@@ -157,7 +161,7 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma or OLMo 2)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma3", "granite", "olmo2", "phi3"}))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma2", "gemma3", "granite", "olmo2", "phi3"}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -167,7 +171,7 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
         extras["lm_head.weight"] = np.ones((64, 32), np.float32)
     write_checkpoint(tmp_path, arch, {**tensors, **extras}, sharded=sharded)
     m = load_hf(str(tmp_path))
-    assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == (arch == "qwen3")
+    assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == ("head" if arch == "qwen3" else None)
     assert m.config.sliding_window == (5 if arch in ("mistral", "ministral", "smollm3") else None)
     assert m.config.window_layers == ((1,) if arch in ("ministral", "smollm3") else None)
     assert m.config.nope_layers == ((1,) if arch == "smollm3" else ())
@@ -193,12 +197,12 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama/Gemma3/Granite/Mistral/Ministral/Olmo2/Phi3/Qwen2/Qwen3/SmolLM3
-    modules on the same directory (RoPE layout, llama3 rope scaling, Gemma 3's norms, GeGLU, query scale
-    and windowed layer with its own RoPE base, Granite's multipliers, Qwen2 biases, Mistral's sliding
-    window, Ministral's in one layer of two, OLMo 2's norms after attention and the MLP only and over all
-    query and key heads, Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer
-    with a window of its own)."""
+    """Reference: transformers' own Llama, Gemma2, Gemma3, Granite, Mistral, Ministral, Olmo2, Phi3, Qwen2,
+    Qwen3 and SmolLM3 modules on the same directory: RoPE layout, llama3 rope scaling, Gemma's norms, GeGLU
+    and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with its own
+    RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in one layer of
+    two, OLMo 2's norms after attention and the MLP only and over all query and key heads, Phi-3's fused
+    tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -411,11 +415,13 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
-                                           ("smollm3", {}), ("granite", {}), ("gemma3", {}), ("olmo2", {})])
+                                           ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
+                                           ("olmo2", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
     sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
-    beside a rotated layer that is not, Granite's multipliers, Gemma 3's windowed layer with its own RoPE
+    beside a rotated layer that is not, Granite's multipliers, Gemma 2's soft caps (through the attention
+    kernel's), Gemma 3's windowed layer with its own RoPE
     base beside a global one, its post-norms and GeGLU, OLMo 2's norms, in the decode loops (on the CPU,
     the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
@@ -425,6 +431,7 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
             "smollm3": m.config.nope_layers == m.config.window_layers == (1,),
             "granite": m.config.embedding_multiplier == 12 and m.config.logits_scaling == 8,
+            "gemma2": m.config.attn_softcap == 2 and m.config.final_softcap == 3,
             "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100,
             "olmo2": m.config.qk_norm == "all" and not m.config.pre_norms}[arch]
     prompt = TOKENS[:6] * 2
@@ -510,7 +517,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
     ("granite_scale", "embedding_multiplier and logits_scaling must be positive, got 1.0 and 0"),
     ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh\\)"),
-    ("softcap", "unsupported final_logit_softcapping: 30.0"),  # Gemma 2's
+    ("bidirectional", "unsupported use_bidirectional_attention: True"),  # EmbeddingGemma's
     ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
     ("phi3_longrope", "unsupported rope scaling type 'longrope'"),  # which Phi-3's configs call "su" or "yarn"
     ("granite_residual", "Granite's residual and attention multipliers must be positive numbers, got None and 1.0"),
@@ -550,9 +557,9 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                         for n in ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm")})
     elif case == "granite_scale":
         overrides.update(architectures=["GraniteForCausalLM"], logits_scaling=0)
-    elif case in ("gemma_activation", "softcap", "local_rope_scaling"):
+    elif case in ("gemma_activation", "bidirectional", "local_rope_scaling"):
         overrides.update(architectures=["Gemma3ForCausalLM"], **{
-            "gemma_activation": {"hidden_activation": "gelu"}, "softcap": {"final_logit_softcapping": 30.0},
+            "gemma_activation": {"hidden_activation": "gelu"}, "bidirectional": {"use_bidirectional_attention": True},
             "local_rope_scaling": {"rope_parameters": {
                 "full_attention": {"rope_type": "default", "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}}[case])
@@ -629,7 +636,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_eos_token_id(2)
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
-    if arch in ("gemma3", "olmo2"):  # whose Hugging Face names for the norms around the MLP differ from Llama's
+    if arch in ("gemma2", "gemma3", "olmo2"):  # whose Hugging Face names for the norms around the MLP differ
         names.update({f"model.layers.{i}.{hf}_layernorm.weight": f"blk.{i}.{gg}_norm.weight" for i in range(layers)
                       for hf, gg in (("post_attention", "post_attention"), ("pre_feedforward", "ffn"))})
     for name, x in tensors.items():
@@ -646,37 +653,41 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 3's norms stored
-    as 1 + w, its window in all but every sixth layer and its end-of-turn token found by its text,
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
+    window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
+    and its end-of-turn token found by its text,
     Granite's multipliers under llama.cpp's names, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn
     token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every
     fourth layer without RoPE) and as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7}.get(arch, 2)
     tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
-    eot = {"qwen2": 4, "gemma3": 3}.get(arch)
+    eot = {"qwen2": 4, "gemma2": 3, "gemma3": 3}.get(arch)
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False),
+                 "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2,
                      num_hidden_layers=layers, **hf_config.get(arch, {}))
     metadata = {"granite": dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0,
                                 **{"attention.scale": 1 / 128}),
+                "gemma2": {"attention.sliding_window": 5, "attn_logit_softcapping": 2.0,
+                           "final_logit_softcapping": 3.0},
                 "gemma3": {"attention.sliding_window": 5}}.get(arch)
-    if arch == "gemma3":  # its converter stores the norms' 1 + w and names no end-of-turn id
+    if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w and names no end-of-turn id
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
-    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope,
-               eot=eot if arch != "gemma3" else None, metadata=metadata,
-               rename={3: "<end_of_turn>"} if arch == "gemma3" else None)
+    gemma = arch in ("gemma2", "gemma3")
+    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope, eot=None if gemma else eot,
+               metadata=metadata, rename={3: "<end_of_turn>"} if gemma else None)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
     assert gg.config.nope_layers == ((3, 7) if arch == "smollm3" else ())
-    assert gg.config.window_layers == ((0, 1, 2, 3, 4, 6) if arch == "gemma3" else None)
+    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6)}.get(arch)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))

@@ -70,7 +70,7 @@ def test_soft_labels_mix_in_the_targets_distribution_at_the_predicted_position(w
     tokens = jnp.asarray([[5, 9, 12, 7, 30, 3, 21]])  # x5 = 3 is outside the draft vocabulary
     hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 7, cfg.hidden_size))
     _, m = drafter_loss(dparams, dcfg, tparams, hidden, tokens, jnp.asarray([mask], jnp.int8), num_heads=2,
-                        soft_labels=w, marked=2 in mask, logits_scaling=scaling)
+                        soft_labels=w, marked=2 in mask, target_cfg=dataclasses.replace(cfg, logits_scaling=scaling))
     emb, draft_id = tparams["embed"], {int(v): i for i, v in enumerate(vmap)}
     for k in range(2):
         ces, right = [], []

@@ -20,9 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from redrafter_jax.config import DrafterConfig
+from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import draft_logits, rnn_step
-from redrafter_jax.model import Params, lm_head, lm_head_weight
+from redrafter_jax.model import Params, finish_logits, lm_head, lm_head_weight
 
 
 def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
@@ -32,22 +32,24 @@ def shift_left(x: jax.Array, k: int, fill=0) -> jax.Array:
 
 
 def target_logits(target_params: Params, hidden: jax.Array, vocab_map: jax.Array | None,
-                  scaling: float = 1.0) -> jax.Array:
-    """The target's float32 logits [..., Vd] over the draft vocabulary (all of it without a vocab_map);
-    scaling: the target's logits_scaling."""
+                  target_cfg: ModelConfig | None = None) -> jax.Array:
+    """The target's float32 logits [..., Vd] over the draft vocabulary (all of it without a vocab_map), as
+    its config finishes them (`model.finish_logits`)."""
     if vocab_map is None:
-        return lm_head(target_params, hidden, scaling)
-    return jnp.matmul(hidden, lm_head_weight(target_params)[:, vocab_map], preferred_element_type=jnp.float32) / scaling
+        return lm_head(target_params, hidden, target_cfg)
+    w = lm_head_weight(target_params)[:, vocab_map]
+    return finish_logits(jnp.matmul(hidden, w, preferred_element_type=jnp.float32), target_cfg)
 
 
 def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hidden: jax.Array,
                  tokens: jax.Array, mask: jax.Array, num_heads: int, dropout_rate: float = 0.0,
                  key: jax.Array | None = None, soft_labels: float = 0.0, marked: bool = False,
-                 logits_scaling: float = 1.0):
+                 target_cfg: ModelConfig | None = None):
     """hidden [B, T, H] the frozen target's (model.transformer_causal); tokens [B, T]; mask [B, T]
     (1 = may be a target, 2 = a target learnt from the target's distribution alone); key: needed with a
     dropout rate; soft_labels: the weight w above; marked: whether the mask may hold 2s (the target's
-    distribution is then computed even at w = 0); logits_scaling: the target's. Returns (loss, metrics)
+    distribution is then computed even at w = 0); target_cfg: the target's config, which finishes its
+    logits (`model.finish_logits`: Granite's scaling, Gemma 2's soft cap). Returns (loss, metrics)
     with per-head loss and top-1 accuracy [K] and the per-head counts of the targets the accuracy is of
     [K]."""
     target_params = jax.lax.stop_gradient(target_params)
@@ -65,7 +67,7 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
         soft_only, labelled = mask == 2, mask == 1
         label = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
         if teacher_hidden is not None:  # E_p[logit] under the target's distribution, mixed with the data's token
-            p = jax.nn.softmax(target_logits(target_params, teacher_hidden, dparams.get("vocab_map"), logits_scaling),
+            p = jax.nn.softmax(target_logits(target_params, teacher_hidden, dparams.get("vocab_map"), target_cfg),
                                axis=-1)
             w = jnp.where(soft_only, 1.0, soft_labels)
             label = (1 - w) * label + w * jnp.sum(p * logits, axis=-1)

@@ -169,7 +169,7 @@ def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, me
             hidden = target_hidden(target_params, tokens)
         return drafter_loss({**cast(trainable), **frozen}, dcfg, cast(target_params), hidden, tokens, mask,
                             tc.num_heads, tc.dropout if key is not None else 0.0, key, tc.soft_labels, marked,
-                            target_cfg.logits_scaling)
+                            target_cfg)
 
     def train_step(state, frozen, target_params, tokens, mask, hidden):
         # dropout masks are a pure function of (seed, step), like the data order: a resumed run repeats them

@@ -96,7 +96,7 @@ inline void Rope(const float* x, const float* cos_t, const float* sin_t, int64_t
 // before RoPE (tables cos_t, sin_t [T, D / 2]); out [T, H, G, D] at this head; mask [T, S].
 void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin_t, const float* k, const float* v,
           const bool* mask, float* out, int64_t t_dim, int64_t h_dim, int64_t g_dim, int64_t s_dim, int64_t d_dim,
-          float scale) {
+          float scale, float softcap) {
   const int64_t queries = t_dim * g_dim, vecs = (queries + kLanes - 1) / kLanes;
   // Rotated and scaled queries, lane t * G + g: qt [D][vecs].
   std::vector<Vec> qt(d_dim * vecs, Vec{});
@@ -134,6 +134,8 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
         for (int64_t u = 0; u < kSlots; ++u) acc[u] += qd * key[u][d];
       }
       for (int64_t u = 0; u < n; ++u) {
+        if (softcap > 0)  // Gemma 2's soft cap: cap tanh(score / cap)
+          for (int l = 0; l < kLanes; ++l) acc[u][l] = softcap * std::tanh(acc[u][l] / softcap);
         Vec& score = p[(i0 + u) * vecs + j];
         score = sees[(i0 + u) * vecs + j] ? acc[u] : Vec{} - INFINITY;
         top[j] = score > top[j] ? score : top[j];
@@ -162,14 +164,14 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
 // [layers, B, H, S, D] get, in place, the layer's pending entries from pending_k and pending_v [layers,
 // B, P, H, D] and then the new tokens' rotated keys and values, at slots [B, P + T] (a slot outside
 // [0, S) is dropped); then the queries attend over the layer, slot s visible to query t where mask
-// [B, T, S]. Returns out [B, T, H, G, D], the new tokens' keys (rotated) and values [B, T, H, D], and
-// the buffers.
+// [B, T, S], its scores soft-capped where softcap > 0. Returns out [B, T, H, G, D], the new tokens' keys
+// (rotated) and values [B, T, H, D], and the buffers.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                      ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::F32> pending_k, ffi::Buffer<ffi::F32> pending_v, ffi::Buffer<ffi::S32> slots,
                      ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_new,
                      ffi::ResultBuffer<ffi::F32> v_new, ffi::ResultBuffer<ffi::F32> k_out,
-                     ffi::ResultBuffer<ffi::F32> v_out, int64_t layer) {
+                     ffi::ResultBuffer<ffi::F32> v_out, int64_t layer, float softcap) {
   auto qd = qkv.dimensions(), cd = cos.dimensions(), kd = k.dimensions(), pd = pending_k.dimensions(),
        sd = slots.dimensions(), md = mask.dimensions();
   const bool ok =
@@ -225,7 +227,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
       put(row_slots[p_dim + t], key, value);
     }
     Head(q, q_stride, cp + b * t_dim * half, sp + b * t_dim * half, kc, vc, mp + b * t_dim * s_dim,
-         op + (b * t_dim * h_dim + h) * g_dim * d_dim, t_dim, h_dim, g_dim, s_dim, d_dim, scale);
+         op + (b * t_dim * h_dim + h) * g_dim * d_dim, t_dim, h_dim, g_dim, s_dim, d_dim, scale, softcap);
   });
   return ffi::Error::Success();
 }
@@ -249,4 +251,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_attention, Attention,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // v_new
                                   .Ret<ffi::Buffer<ffi::F32>>()   // k (aliased)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // v (aliased)
-                                  .Attr<int64_t>("layer"));
+                                  .Attr<int64_t>("layer")
+                                  .Attr<float>("softcap"));

@@ -166,13 +166,21 @@ def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> 
     return {"wo": (0, residual), "w_down": (0, residual), "wq": (0, query), "bq": (0, query)}
 
 
-def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float) -> dict[str, tuple[float, float]]:
-    """`Scaled`'s adjustments for Gemma: every RMS norm scales by 1 + w, and the scores by
-    query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 (folded into the query norm, which comes last)."""
+def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float,
+                      norm_shift: float = 1) -> dict[str, tuple[float, float]]:
+    """`Scaled`'s adjustments for Gemma: every RMS norm scales by 1 + w (`norm_shift`: 0 where the
+    checkpoint stores 1 + w, as llama.cpp's converter does), and the scores by query_pre_attn_scalar^-1/2
+    instead of head_dim^-1/2 (folded into the query norm, which comes last; or without one, Gemma 2's,
+    into the query projection)."""
     if not (isinstance(query_pre_attn_scalar, (int, float)) and query_pre_attn_scalar > 0):
         raise ValueError(f"Gemma's query_pre_attn_scalar must be a positive number, got {query_pre_attn_scalar}")
-    norms = ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "k_norm", "final_norm")
-    return {**{k: (1, 1) for k in norms}, "q_norm": (1, (cfg.head_dim / query_pre_attn_scalar) ** 0.5)}
+    query = (cfg.head_dim / query_pre_attn_scalar) ** 0.5
+    adjust = {k: (norm_shift, 1) for k in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "final_norm")}
+    if cfg.qk_norm:
+        adjust.update(q_norm=(norm_shift, query), k_norm=(norm_shift, 1))
+    else:
+        adjust.update(wq=(0, query), bq=(0, query))
+    return adjust
 
 
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:

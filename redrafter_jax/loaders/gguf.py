@@ -10,16 +10,26 @@ import numpy as np
 from jax.sharding import Mesh
 
 from redrafter_jax.config import ModelConfig, RopeScaling
-from redrafter_jax.loaders import GGUF, ROPE_FACTORS, LoadedModel, OpenedModel, Scaled, granite_adjustments
+from redrafter_jax.loaders import (
+    GGUF,
+    ROPE_FACTORS,
+    LoadedModel,
+    OpenedModel,
+    Scaled,
+    gemma_adjustments,
+    granite_adjustments,
+)
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3")
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "granite", "smollm3")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
-# llama.cpp's Gemma 3, with no GGUF key for these either: every 6th layer attends to all, the others within
-# the window at RoPE base 10000, and the 62-layer model (27B) scales its scores by (hidden / heads)^-1/2
-GEMMA3_FULL_EVERY, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
+# llama.cpp's Gemma, with no GGUF key for these either: every full_every-th layer attends to all, the others
+# within the window (Gemma 3's at RoPE base local_theta), and the 27B model, known by its layer count,
+# scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
+GEMMA = {"gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
+         "gemma3": dict(full_every=6, local_theta=10000.0, layers_27b=62)}
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -126,6 +136,25 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
                        beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)))
 
 
+def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) -> dict:
+    """The `ModelConfig` settings an architecture has of its own, as llama.cpp reads them."""
+    m = _arch_field(reader, arch)
+    if arch == "granite":
+        return dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
+    if arch == "olmo2":
+        return dict(pre_norms=False, post_norms=True)
+    if arch == "smollm3":
+        return dict(nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)))
+    if arch in GEMMA:
+        cap = {key: float(m(key)) if f"{arch}.{key}" in reader.fields else None
+               for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+        return dict(hidden_act="gelu_tanh", post_norms=True, embedding_multiplier=hidden ** 0.5,
+                    sliding_window=int(m("attention.sliding_window")), local_rope_theta=GEMMA[arch]["local_theta"],
+                    window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA[arch]["full_every"]),
+                    attn_softcap=cap["attn_logit_softcapping"], final_softcap=cap["final_logit_softcapping"])
+    return {}
+
+
 def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
     """A GGUF file's config and tokenizer, read from its metadata; `.load()` dequantises one tensor at a
     time straight onto its devices (its shards on `mesh`, if given)."""
@@ -159,7 +188,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     # llama.cpp also ends generation at the end of a turn or message (Gemma's, which it finds by its text)
     ends = [int(f.contents()) for f in map(reader.fields.get, ("tokenizer.ggml.eot_token_id",
                                                                "tokenizer.ggml.eom_token_id")) if f is not None]
-    if arch == "gemma3" and "<end_of_turn>" in tokens:
+    if arch in GEMMA and "<end_of_turn>" in tokens:
         ends.append(tokens.index("<end_of_turn>"))
     eos += tuple(dict.fromkeys(e for e in ends if e not in eos))
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
@@ -174,20 +203,12 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         qk_norm=("all" if arch == "olmo2" else "head") if "blk.0.attn_q_norm.weight" in tensors else None,
-        pre_norms=arch != "olmo2", post_norms=arch in ("gemma3", "olmo2"),
-        **(dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
-           if arch == "granite" else {}),
-        **(dict(hidden_act="gelu_tanh", embedding_multiplier=hidden ** 0.5,
-                sliding_window=int(m("attention.sliding_window")), local_rope_theta=GEMMA3_LOCAL_THETA,
-                window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_FULL_EVERY))
-           if arch == "gemma3" else {}),
-        nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)) if arch == "smollm3" else (),
-        bos_token_id=bos, eos_token_ids=eos,
+        **_own_settings(reader, arch, hidden, layers), bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
-    if arch == "gemma3":  # its converter wrote the norms' 1 + w
-        query_scalar = hidden / n_heads if layers == GEMMA3_27B_LAYERS else head_dim
-        source = Scaled(source, cfg, GGUF, {"q_norm": (0, (head_dim / query_scalar) ** 0.5)})
+    if arch in GEMMA:  # its converter wrote the norms' 1 + w
+        query_scalar = hidden / n_heads if layers == GEMMA[arch]["layers_27b"] else head_dim
+        source = Scaled(source, cfg, GGUF, gemma_adjustments(cfg, query_scalar, norm_shift=0))
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))

@@ -24,14 +24,17 @@ from redrafter_jax.loaders import (
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM",
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
+                           "MistralForCausalLM",
                            "MinistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM",
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "granite": "GraniteForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
                 "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
-GEMMA3, OLMO2, PHI3 = "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM"
+GEMMA2, GEMMA3, OLMO2, PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM"
+GEMMAS = (GEMMA2, GEMMA3)
 # Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
 TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
@@ -56,6 +59,11 @@ _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_posi
                 sliding_window=4096)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
+    GEMMA2: dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+                 tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                 hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                 sliding_window_pattern=2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     GEMMA3: dict(_COMMON, vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
                  rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
@@ -124,12 +132,12 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
-    if arch not in ("MinistralForCausalLM", GEMMA3) and not c.get("use_sliding_window", False):
+    if arch not in ("MinistralForCausalLM", *GEMMAS) and not c.get("use_sliding_window", False):
         return None, None
     if kinds is None:
-        pattern = int(c.get("sliding_window_pattern", 6))  # Gemma 3: every pattern-th layer attends to all
+        pattern = int(c.get("sliding_window_pattern", 0))  # Gemma: every pattern-th layer attends to all
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
-                   GEMMA3: lambda i: (i + 1) % pattern != 0}.get(
+                   GEMMA2: lambda i: (i + 1) % pattern != 0, GEMMA3: lambda i: (i + 1) % pattern != 0}.get(
             arch, lambda i: i >= int(c.get("max_window_layers", 28)))
         kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
     if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
@@ -207,7 +215,7 @@ def scaled_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     arch, c = _with_defaults(c)
     if arch == "GraniteForCausalLM":
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
-    if arch == GEMMA3:
+    if arch in GEMMAS:
         return Scaled(source, cfg, HF, gemma_adjustments(cfg, c["query_pre_attn_scalar"]))
     return source
 
@@ -224,13 +232,12 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
         raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
                          f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
-    act_key = "hidden_activation" if arch == GEMMA3 else "hidden_act"  # Gemma's config names it so
+    act_key = "hidden_activation" if arch in GEMMAS else "hidden_act"  # Gemma's config names it so
     act = _ACTIVATIONS.get(c.get(act_key, "silu"))
     if act is None:
         raise ValueError(f"unsupported {act_key} {c[act_key]!r} (supported: {', '.join(_ACTIVATIONS)})")
-    for key in ("attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"):
-        if c.get(key):  # Gemma 2's soft caps, EmbeddingGemma's attention
-            raise ValueError(f"unsupported {key}: {c[key]}")
+    if c.get("use_bidirectional_attention"):  # EmbeddingGemma's
+        raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
     if c.get("mlp_bias"):
         raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
     qkv_bias = arch == "Qwen2ForCausalLM"  # Qwen2 biases Q, K and V; attention_bias elsewhere biases o_proj too
@@ -253,9 +260,11 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
         qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", OLMO2: "all"}.get(arch), hidden_act=act,
-        local_rope_theta=local_theta, pre_norms=arch != OLMO2, post_norms=arch in (GEMMA3, OLMO2),
+        local_rope_theta=local_theta, pre_norms=arch != OLMO2, post_norms=arch in (*GEMMAS, OLMO2),
+        attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
+        final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
-                              GEMMA3: int(c["hidden_size"]) ** 0.5}.get(arch, 1.0),
+                              **dict.fromkeys(GEMMAS, int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
         logits_scaling=c["logits_scaling"] if arch == "GraniteForCausalLM" else 1.0,
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
