@@ -3,7 +3,9 @@
 Both formats name the same tensors differently; `GLOBAL_TENSORS` and `LAYER_TENSORS` are the one
 table mapping our params layout to each. `assemble_params` builds every parameter straight onto its
 devices (one device, or its shards on a mesh): each device's block is read from the checkpoint on its
-own, so the host never holds more than a few tensors at a time.
+own, so the host never holds more than a few tensors at a time. Where a model stores its tensors
+otherwise, a `Source` wrapped around the checkpoint's reads them as the table expects: `Scaled` folds
+in constants the model applies to a weight's product, `Unfused` splits Phi-3's fused tensors.
 """
 
 from __future__ import annotations
@@ -55,14 +57,16 @@ LAYER_TENSORS = {
     "post_mlp_norm": [("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight")],
 }
 HF, GGUF = 0, 1
-# A model with post-norms (Gemma's) calls its norm before the MLP so, and the one after attention by the
+# Gemma's Hugging Face checkpoints call the norm before the MLP so, and the one after attention by the
 # name Llama gives the norm before the MLP
 PRE_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
-
-
 # Phi-3's fused tensors: Q, K and V in one, gate and up in one, along the output rows
 FUSED_QKV = "model.layers.{i}.self_attn.qkv_proj.weight"
 FUSED_GATE_UP = "model.layers.{i}.mlp.gate_up_proj.weight"
+TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
+ROPE_FACTORS = "rope_freqs.weight"  # GGUF: per-frequency RoPE divisors, which the loader puts in the config
+# Stored but not parameters: the RoPE frequencies older transformers versions saved; GGUF's RoPE factors
+IGNORED = (".rotary_emb.inv_freq", ROPE_FACTORS)
 
 
 def stored_names(cfg: ModelConfig, ours: str, fmt: int) -> list[str]:
@@ -70,10 +74,6 @@ def stored_names(cfg: ModelConfig, ours: str, fmt: int) -> list[str]:
     if ours == "mlp_norm" and cfg.post_norms and fmt == HF:
         return [PRE_MLP_NORM]
     return [names[fmt] for names in {**GLOBAL_TENSORS, **LAYER_TENSORS}[ours]]
-TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
-ROPE_FACTORS = "rope_freqs.weight"  # GGUF: per-frequency RoPE divisors, which the loader puts in the config
-# Stored but not parameters: the RoPE frequencies older transformers versions saved; GGUF's RoPE factors
-IGNORED = (".rotary_emb.inv_freq", ROPE_FACTORS)
 
 
 class Source(Protocol):
