@@ -25,14 +25,13 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
-                           "MistralForCausalLM",
-                           "MinistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+                           "MistralForCausalLM", "MinistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+# how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                "granite": "GraniteForCausalLM",
-                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "smollm3": "SmolLM3ForCausalLM"}  # how transformers picks the model when `architectures` is absent
+                "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 GEMMA2, GEMMA3, OLMO2, PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM"
 GEMMAS = (GEMMA2, GEMMA3)
 # Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
@@ -40,7 +39,7 @@ TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
 # names a text-only checkpoint gives them
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                  ("model.language_model.", "model."))
+                  ("model.language_model.", "model."), ("lm_head.", "lm_head."))
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -49,10 +48,10 @@ _COMMON = dict(rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
 _LLAMA = dict(_COMMON, intermediate_size=11008, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
 _QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
              max_position_embeddings=32768)
-# Keys that must hold a value: a null in config.json is no default (num_key_value_heads and head_dim are:
-# null means from num_attention_heads and hidden_size).
 # transformers' activation names -> ours (`ModelConfig.ACTIVATIONS`)
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+# Keys that must hold a value: a null in config.json is no default (num_key_value_heads and head_dim are:
+# null means from num_attention_heads and hidden_size).
 _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
 _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
@@ -121,13 +120,13 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
-    none; Mistral and Phi-3 window every layer; Ministral, Gemma 3, and Qwen2, Qwen3 and SmolLM3 with
-    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma 3's
+    none; Mistral and Phi-3 window every layer; Ministral, Gemma, and Qwen2, Qwen3 and SmolLM3 with
+    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's
     but every sliding_window_pattern-th, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch == "LlamaForCausalLM" or not window:
         return None, None
-    if arch in ("MistralForCausalLM", PHI3):  # transformers' Mistral ignores layer_types (Ministral reads them)
+    if arch in ("MistralForCausalLM", PHI3):  # whose transformers models ignore layer_types (Ministral reads them)
         if kinds is not None and set(kinds) != {"sliding_attention"}:
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
@@ -135,9 +134,8 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     if arch not in ("MinistralForCausalLM", *GEMMAS) and not c.get("use_sliding_window", False):
         return None, None
     if kinds is None:
-        pattern = int(c.get("sliding_window_pattern", 0))  # Gemma: every pattern-th layer attends to all
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
-                   GEMMA2: lambda i: (i + 1) % pattern != 0, GEMMA3: lambda i: (i + 1) % pattern != 0}.get(
+                   **dict.fromkeys(GEMMAS, lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)}.get(
             arch, lambda i: i >= int(c.get("max_window_layers", 28)))
         kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
     if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
