@@ -140,7 +140,7 @@ def test_bfloat16_models_decode_with_bfloat16_products_and_float32_activations(t
         # the reference: every product's activations rounded to bfloat16, summed in float32
         bf16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
         monkeypatch.setattr(model, "linear", lambda x, w: jnp.tensordot(bf16(x), w, axes=1))
-        monkeypatch.setattr(model, "lm_head", lambda p, h: bf16(h) @ (p["lm_head"] if "lm_head" in p else p["embed"].T))
+        monkeypatch.setattr(model, "lm_head", lambda p, h, cfg: bf16(h) @ model.lm_head_weight(p))
         want = np.asarray(forward_causal(widened, dcfg, tokens).logits)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.abs(got - unrounded).max() > 1e-3  # which float32 activations would not give
