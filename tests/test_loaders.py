@@ -49,6 +49,11 @@ ARCHS = {
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
                       layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False),
     "olmo2": dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", tie_word_embeddings=False, pad_token_id=2),
+    # layer 0 windowed, its RoPE without the YaRN scaling of layer 1's (OLMo 3's own base: transformers
+    # reads an earlier version's config with another for the windowed layers, 500000, whatever rope_theta)
+    "olmo3": dict(architectures=["Olmo3ForCausalLM"], model_type="olmo3", tie_word_embeddings=False, pad_token_id=2,
+                  sliding_window=5, layer_types=["sliding_attention", "full_attention"], rope_theta=500000.0,
+                  rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
     "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", sliding_window=5, tie_word_embeddings=False,
                  pad_token_id=2),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
@@ -79,7 +84,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
-        if arch == "olmo2":  # norms after attention and after the MLP only; query and key norms over all heads
+        if arch in ("olmo2", "olmo3"):  # norms after attention and the MLP only; query and key norms over all heads
             t.update({p + "self_attn.q_norm.weight": rng.uniform(0.5, 1.5, heads * head_dim),
                       p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim),
                       p + "post_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden)})
@@ -87,7 +92,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             for fused, parts in (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),
                                  ("mlp.gate_up", ("mlp.gate", "mlp.up"))):
                 t[p + f"{fused}_proj.weight"] = np.concatenate([t.pop(p + f"{n}_proj.weight") for n in parts])
-        if arch != "olmo2":
+        if arch not in ("olmo2", "olmo3"):
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
@@ -98,9 +103,8 @@ def write_checkpoint(directory, arch, tensors, sharded=False, stored="float32", 
     os.makedirs(directory, exist_ok=True)
     config = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype=stored,
-                  **ARCHS[arch])
-    config.update(config_overrides)
+                  rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype=stored)
+    config.update(ARCHS[arch], **config_overrides)
     tensors = {k: v.astype(jnp.dtype(stored)) for k, v in tensors.items()}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
@@ -161,7 +165,7 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma or OLMo 2)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma2", "gemma3", "granite", "olmo2", "phi3"}))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma2", "gemma3", "granite", "olmo2", "olmo3", "phi3"}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -197,12 +201,13 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama, Gemma2, Gemma3, Granite, Mistral, Ministral, Olmo2, Phi3, Qwen2,
-    Qwen3 and SmolLM3 modules on the same directory: RoPE layout, llama3 rope scaling, Gemma's norms, GeGLU
-    and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with its own
-    RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in one layer of
-    two, OLMo 2's norms after attention and the MLP only and over all query and key heads, Phi-3's fused
-    tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own."""
+    """Reference: transformers' own Llama, Gemma2, Gemma3, Granite, Mistral, Ministral, Olmo2, Olmo3, Phi3,
+    Qwen2, Qwen3 and SmolLM3 modules on the same directory: RoPE layout, llama3 rope scaling, Gemma's norms,
+    GeGLU and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with
+    its own RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in one
+    layer of two, OLMo 2's norms after attention and the MLP only and over all query and key heads (OLMo
+    3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused tensors and window,
+    Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -416,15 +421,15 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
-                                           ("olmo2", {})])
+                                           ("olmo2", {}), ("olmo3", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
-    """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's
-    sliding window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed
-    beside a rotated layer that is not, Granite's multipliers, Gemma 2's soft caps (through the attention
-    kernel's), Gemma 3's windowed layer with its own RoPE
-    base beside a global one, its post-norms and GeGLU, OLMo 2's norms, in the decode loops (on the CPU,
-    the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
-    lookup-only speculative decoding equals it."""
+    """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
+    window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
+    rotated layer that is not, Granite's multipliers, Gemma 2's soft caps (through the attention kernel's),
+    Gemma 3's windowed layer with its own RoPE base beside a global one, its post-norms and GeGLU, OLMo 2's
+    norms, OLMo 3's windowed layer without the YaRN scaling of its other, in the decode loops (on the CPU, the
+    attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
+    speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
     m = load_hf(str(tmp_path))
@@ -433,7 +438,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "granite": m.config.embedding_multiplier == 12 and m.config.logits_scaling == 8,
             "gemma2": m.config.attn_softcap == 2 and m.config.final_softcap == 3,
             "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100,
-            "olmo2": m.config.qk_norm == "all" and not m.config.pre_norms}[arch]
+            "olmo2": m.config.qk_norm == "all" and not m.config.pre_norms,
+            "olmo3": m.config.window_layers == (0,) and m.config.rope_scaling.kind == "yarn"}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()

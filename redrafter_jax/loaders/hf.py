@@ -25,15 +25,19 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
-                           "MistralForCausalLM", "MinistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+                           "MistralForCausalLM", "MinistralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
                 "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
-GEMMA2, GEMMA3, OLMO2, PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM"
-GEMMAS = (GEMMA2, GEMMA3)
+GEMMA2, GEMMA3, PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
+GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+# Models whose windowed layers have RoPE of their own, unscaled: the key of its base in transformers 4's
+# configs (5's give a set of RoPE parameters for each layer kind)
+_LOCAL_ROPE = {GEMMA3: "rope_local_base_freq", "Olmo3ForCausalLM": "rope_theta"}
 # Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
 TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
@@ -54,6 +58,8 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 # null means from num_attention_heads and hidden_size).
 _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+_OLMO = dict(_COMMON, vocab_size=50304, intermediate_size=11008, max_position_embeddings=2048, rms_norm_eps=1e-5,
+             pad_token_id=1, bos_token_id=None, eos_token_id=50279)
 _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
                 sliding_window=4096)
 TRANSFORMERS_DEFAULTS = {
@@ -68,8 +74,8 @@ TRANSFORMERS_DEFAULTS = {
                  rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
                  eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                  sliding_window=4096, sliding_window_pattern=6),
-    OLMO2: dict(_COMMON, vocab_size=50304, intermediate_size=11008, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                pad_token_id=1, bos_token_id=None, eos_token_id=50279),
+    "Olmo2ForCausalLM": _OLMO,
+    "Olmo3ForCausalLM": dict(_OLMO, rope_theta=500000.0, sliding_window=4096),
     PHI3: dict(_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
                pad_token_id=32000, sliding_window=None),
@@ -120,9 +126,10 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
-    none; Mistral and Phi-3 window every layer; Ministral, Gemma, and Qwen2, Qwen3 and SmolLM3 with
-    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's
-    but every sliding_window_pattern-th, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
+    none; Mistral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, and Qwen2, Qwen3 and SmolLM3
+    with use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's,
+    Gemma's but every sliding_window_pattern-th, OLMo 3's but every fourth, Qwen's from max_window_layers
+    on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch == "LlamaForCausalLM" or not window:
         return None, None
@@ -131,10 +138,11 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
-    if arch not in ("MinistralForCausalLM", *GEMMAS) and not c.get("use_sliding_window", False):
+    if arch not in ("MinistralForCausalLM", "Olmo3ForCausalLM", *GEMMAS) and not c.get("use_sliding_window", False):
         return None, None
     if kinds is None:
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
+                   "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0,
                    **dict.fromkeys(GEMMAS, lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)}.get(
             arch, lambda i: i >= int(c.get("max_window_layers", 28)))
         kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
@@ -148,12 +156,12 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
-    """RoPE base and scaling, and Gemma 3's windowed layers' own base: transformers >= 5 writes them in
-    `rope_parameters` (Gemma 3: a set for each layer kind), earlier versions as `rope_theta`,
-    `rope_scaling` and `rope_local_base_freq`."""
+    """RoPE base and scaling, and the windowed layers' own base (`_LOCAL_ROPE`): transformers >= 5 writes
+    them in `rope_parameters` (those models: a set for each layer kind), earlier versions as `rope_theta`,
+    `rope_scaling` and the key `_LOCAL_ROPE` names."""
     params = c.get("rope_parameters") or {}
-    local = float(c["rope_local_base_freq"]) if arch == GEMMA3 else None
-    if arch == GEMMA3 and set(params) == {"full_attention", "sliding_attention"}:
+    local = float(c[_LOCAL_ROPE[arch]]) if arch in _LOCAL_ROPE else None
+    if arch in _LOCAL_ROPE and set(params) == {"full_attention", "sliding_attention"}:
         if params["sliding_attention"].get("rope_type", "default") != "default":
             raise ValueError(f"unsupported RoPE scaling of the windowed layers {params['sliding_attention']}")
         params, local = params["full_attention"], float(params["sliding_attention"]["rope_theta"])
@@ -257,8 +265,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
-        qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", OLMO2: "all"}.get(arch), hidden_act=act,
-        local_rope_theta=local_theta, pre_norms=arch != OLMO2, post_norms=arch in (*GEMMAS, OLMO2),
+        qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", **dict.fromkeys(OLMOS, "all")}.get(arch), hidden_act=act,
+        local_rope_theta=local_theta if window else None, pre_norms=arch not in OLMOS, post_norms=arch in (*GEMMAS, *OLMOS),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
