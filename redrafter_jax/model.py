@@ -147,9 +147,10 @@ def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) ->
     all query heads together and all key heads together (norms [nkv, G, D] and [nkv, 1, D])."""
     g = qkv.shape[3] - 2
 
-    def norm(x, w):  # x [B, T, *w.shape]: over w's axes at once
-        flat = x.reshape(*x.shape[:2], -1)
-        return rms_norm(flat, w.reshape(-1), eps).reshape(x.shape) if w.ndim > 1 else rms_norm(x, w, eps)
+    def norm(x, w):  # x [B, T, nkv, G or 1, D]; w [D]: each head, or w [nkv, G or 1, D]: all at once
+        if w.ndim == 1:
+            return rms_norm(x, w, eps)
+        return rms_norm(x.reshape(*x.shape[:2], -1), w.reshape(-1), eps).reshape(x.shape)
 
     return jnp.concatenate([norm(qkv[:, :, :, :g], q_norm), norm(qkv[:, :, :, g:g + 1], k_norm),
                             qkv[:, :, :, g + 1:]], axis=3)

@@ -49,9 +49,8 @@ def drafter_loss(dparams: Params, dcfg: DrafterConfig, target_params: Params, hi
     (1 = may be a target, 2 = a target learnt from the target's distribution alone); key: needed with a
     dropout rate; soft_labels: the weight w above; marked: whether the mask may hold 2s (the target's
     distribution is then computed even at w = 0); target_cfg: the target's config, which finishes its
-    logits (`model.finish_logits`: Granite's scaling, Gemma 2's soft cap). Returns (loss, metrics)
-    with per-head loss and top-1 accuracy [K] and the per-head counts of the targets the accuracy is of
-    [K]."""
+    logits (`model.finish_logits`: Granite's scaling, Gemma 2's soft cap). Returns (loss, metrics) with
+    per-head loss and top-1 accuracy [K] and the per-head counts of the targets the accuracy is of [K]."""
     target_params = jax.lax.stop_gradient(target_params)
     emb = target_params["embed"][tokens].astype(hidden.dtype)
     to_draft = None
