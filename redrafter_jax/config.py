@@ -61,7 +61,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Phi-3, Qwen2, Qwen3, SmolLM2, SmolLM3, and
-    Gemma 2, Gemma 3 and OLMo 2 with their own norms)."""
+    Gemma 2, Gemma 3, OLMo 2 and OLMo 3 with their own norms)."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 
@@ -89,7 +89,7 @@ class ModelConfig:
     hidden_act: str = "silu"  # one of ACTIVATIONS
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP
     post_norms: bool = False  # and what they add to it (Gemma: both; OLMo 2: only these)
-    local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3's)
+    local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3, OLMo 3)
     # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
     attn_softcap: float | None = None
     final_softcap: float | None = None
