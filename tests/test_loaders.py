@@ -749,15 +749,17 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
         dst.write(src.read(5_000_000))
     with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
         load_gguf(str(truncated))
-    foreign = tmp_path / "foreign.gguf"
-    w = gguf.GGUFWriter(str(foreign), "mamba")
-    w.add_block_count(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'mamba'"):
-        load_gguf(str(foreign))
+    for arch, match in (("mamba", r"'mamba' \(supported: [a-z0-9, ]+\)$"),
+                        ("phi3", r"'phi3' .*; its Hugging Face checkpoint loads\)")):
+        foreign = tmp_path / f"{arch}.gguf"
+        w = gguf.GGUFWriter(str(foreign), arch)
+        w.add_block_count(1)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(ValueError, match=f"unsupported GGUF architecture {match}"):
+            load_gguf(str(foreign))
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         load_gguf(str(tmp_path / "nope.gguf"))
 

@@ -22,6 +22,8 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3")
+# llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
+HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "granite", "smollm3")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
@@ -161,7 +163,9 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        hint = "; its Hugging Face checkpoint loads" if arch in HF_ONLY else ""
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                         f"{hint})")
     m = _arch_field(reader, arch)
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
