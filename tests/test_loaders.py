@@ -49,8 +49,8 @@ ARCHS = {
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
                       layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False),
     "olmo2": dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2", tie_word_embeddings=False, pad_token_id=2),
-    # layer 0 windowed, its RoPE without the YaRN scaling of layer 1's (OLMo 3's own base: transformers
-    # reads an earlier version's config with another for the windowed layers, 500000, whatever rope_theta)
+    # layer 0 windowed, its RoPE without the YaRN scaling of layer 1's; OLMo 3's base 500000, which
+    # transformers gives the windowed layers of a config with rope_theta whatever rope_theta says
     "olmo3": dict(architectures=["Olmo3ForCausalLM"], model_type="olmo3", tie_word_embeddings=False, pad_token_id=2,
                   sliding_window=5, layer_types=["sliding_attention", "full_attention"], rope_theta=500000.0,
                   rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
