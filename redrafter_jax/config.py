@@ -61,7 +61,7 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Phi-3, Qwen2, Qwen3, SmolLM2, SmolLM3, and
-    Gemma 2, Gemma 3, OLMo 2 and OLMo 3 with their own norms)."""
+    Gemma 2, Gemma 3, OLMo 2, OLMo 3 and EXAONE 4 with their own norms)."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 

@@ -32,6 +32,9 @@ ARCHS = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # layer 0 windowed with RoPE, layer 1 global without; norms after attention and the MLP only
+    "exaone4": dict(architectures=["Exaone4ForCausalLM"], model_type="exaone4", tie_word_embeddings=True,
+                    sliding_window=5, sliding_window_pattern=2, pad_token_id=2),
     # layer 0 windowed, layer 1 not; the scores' scale not head_dim^-1/2; soft caps low enough to bite
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", tie_word_embeddings=True,
                    sliding_window=5, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh",
@@ -80,19 +83,20 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "gemma3", "exaone4"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
-        if arch in ("olmo2", "olmo3"):  # norms after attention and the MLP only; query and key norms over all heads
+        if arch in ("olmo2", "olmo3"):  # query and key norms over all heads
             t.update({p + "self_attn.q_norm.weight": rng.uniform(0.5, 1.5, heads * head_dim),
-                      p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim),
-                      p + "post_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden)})
+                      p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim)})
+        if arch in ("olmo2", "olmo3", "exaone4"):  # norms after attention and the MLP only
+            t[p + "post_feedforward_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         if arch == "phi3":  # Q, K and V in one tensor, gate and up in one
             for fused, parts in (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),
                                  ("mlp.gate_up", ("mlp.gate", "mlp.up"))):
                 t[p + f"{fused}_proj.weight"] = np.concatenate([t.pop(p + f"{n}_proj.weight") for n in parts])
-        if arch not in ("olmo2", "olmo3"):
+        if arch not in ("olmo2", "olmo3", "exaone4"):
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
@@ -164,8 +168,9 @@ def params_from_hf_arrays(t, cfg):
 TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
-# (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma or OLMo 2)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"gemma2", "gemma3", "granite", "olmo2", "olmo3", "phi3"}))
+# (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE)
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"exaone4", "gemma2", "gemma3", "granite", "olmo2", "olmo3",
+                                                       "phi3"}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -201,8 +206,9 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama, Gemma2, Gemma3, Granite, Mistral, Ministral, Olmo2, Olmo3, Phi3,
-    Qwen2, Qwen3 and SmolLM3 modules on the same directory: RoPE layout, llama3 rope scaling, Gemma's norms,
+    """Reference: transformers' own Llama, Exaone4, Gemma2, Gemma3, Granite, Mistral, Ministral, Olmo2, Olmo3,
+    Phi3, Qwen2, Qwen3 and SmolLM3 modules on the same directory: RoPE layout, llama3 rope scaling, EXAONE
+    4's windowed layer with RoPE beside a global one without, Gemma's norms,
     GeGLU and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with
     its own RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in one
     layer of two, OLMo 2's norms after attention and the MLP only and over all query and key heads (OLMo
@@ -408,6 +414,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     window = getattr(theirs, "sliding_window", None) if sliding else None
     window_layers = None if len(sliding) == ours.num_layers or not window else sliding
     nope = [i for i, rope in enumerate(getattr(theirs, "no_rope_layers", None) or [1] * ours.num_layers) if not rope]
+    if arch == "Exaone4ForCausalLM" and window_layers:  # its global layers beside windowed ones have no RoPE
+        nope = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
     assert (ours.nope_layers, ours.window_layers, ours.local_rope_theta) == (tuple(nope), window_layers, local)
     head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
     assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
@@ -421,13 +429,14 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
-                                           ("olmo2", {}), ("olmo3", {})])
+                                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
     rotated layer that is not, Granite's multipliers, Gemma 2's soft caps (through the attention kernel's),
     Gemma 3's windowed layer with its own RoPE base beside a global one, its post-norms and GeGLU, OLMo 2's
-    norms, OLMo 3's windowed layer without the YaRN scaling of its other, in the decode loops (on the CPU, the
+    norms, OLMo 3's windowed layer without the YaRN scaling of its other, EXAONE 4's windowed layer with RoPE
+    beside a global one without, in the decode loops (on the CPU, the
     attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
     speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -439,7 +448,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "gemma2": m.config.attn_softcap == 2 and m.config.final_softcap == 3,
             "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100,
             "olmo2": m.config.qk_norm == "all" and not m.config.pre_norms,
-            "olmo3": m.config.window_layers == (0,) and m.config.rope_cos_sin_scale() > 1}[arch]  # YaRN's
+            "olmo3": m.config.window_layers == (0,) and m.config.rope_cos_sin_scale() > 1,  # YaRN's
+            "exaone4": m.config.window_layers == (0,) and m.config.nope_layers == (1,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()

@@ -24,17 +24,20 @@ from redrafter_jax.loaders import (
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM",
-                           "MistralForCausalLM", "MinistralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
-                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Olmo2ForCausalLM",
+                           "Olmo3ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
+                "ministral": "MinistralForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "smollm3": "SmolLM3ForCausalLM"}
 GEMMA2, GEMMA3, PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
+EXAONE4 = "Exaone4ForCausalLM"
 GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+POST_NORMS_ONLY = (EXAONE4, *OLMOS)  # norms after attention and the MLP, none before
 # Models whose windowed layers have RoPE of their own, unscaled: the key of its base in transformers 4's
 # configs (5's give a set of RoPE parameters for each layer kind)
 _LOCAL_ROPE = {GEMMA3: "rope_local_base_freq", "Olmo3ForCausalLM": "rope_theta"}
@@ -74,6 +77,9 @@ TRANSFORMERS_DEFAULTS = {
                  rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
                  eos_token_id=1, bos_token_id=2, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256,
                  sliding_window=4096, sliding_window_pattern=6),
+    EXAONE4: dict(_COMMON, vocab_size=102400, intermediate_size=16384, num_key_value_heads=32,
+                  max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                  sliding_window=4096, sliding_window_pattern=4),
     "Olmo2ForCausalLM": _OLMO,
     "Olmo3ForCausalLM": dict(_OLMO, rope_theta=500000.0, sliding_window=4096),
     PHI3: dict(_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
@@ -125,26 +131,26 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
-    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama has
-    none; Mistral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, and Qwen2, Qwen3 and SmolLM3
-    with use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's,
-    Gemma's but every sliding_window_pattern-th, OLMo 3's but every fourth, Qwen's from max_window_layers
-    on and SmolLM3's NoPE layers."""
+    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
+    Granite and OLMo 2 have none; Mistral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
+    and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by
+    default all of Ministral's, Gemma's and EXAONE 4's as sliding_window_pattern says, OLMo 3's but every
+    fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
-    if arch == "LlamaForCausalLM" or not window:
+    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM") or not window:  # models without one
         return None, None
     if arch in ("MistralForCausalLM", PHI3):  # whose transformers models ignore layer_types (Ministral reads them)
         if kinds is not None and set(kinds) != {"sliding_attention"}:
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
-    if arch not in ("MinistralForCausalLM", "Olmo3ForCausalLM", *GEMMAS) and not c.get("use_sliding_window", False):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM") and not c.get("use_sliding_window"):
         return None, None
     if kinds is None:
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
-                   "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0,
-                   **dict.fromkeys(GEMMAS, lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)}.get(
-            arch, lambda i: i >= int(c.get("max_window_layers", 28)))
+                   "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0,  # every pattern-th layer global:
+                   **dict.fromkeys((EXAONE4, *GEMMAS), lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
+                   }.get(arch, lambda i: i >= int(c.get("max_window_layers", 28)))
         kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
     if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
         raise ValueError(f"unsupported layer_types {kinds}: expected full_attention or sliding_attention for "
@@ -252,6 +258,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     theta, scaling, local_theta = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
+    if arch == EXAONE4 and window_layers is not None:  # its global layers have no RoPE beside windowed ones
+        nope = tuple(i for i in range(int(c["num_hidden_layers"])) if i not in window_layers)
     heads = int(c["num_attention_heads"])
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
@@ -265,9 +273,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
-        qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", **dict.fromkeys(OLMOS, "all")}.get(arch),
+        qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", EXAONE4: "head", **dict.fromkeys(OLMOS, "all")}.get(arch),
         hidden_act=act, local_rope_theta=local_theta if window else None,
-        pre_norms=arch not in OLMOS, post_norms=arch in (*GEMMAS, *OLMOS),
+        pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, *POST_NORMS_ONLY),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
