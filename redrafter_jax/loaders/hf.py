@@ -220,17 +220,6 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
     return arch, {**TRANSFORMERS_DEFAULTS[arch], **c}
 
 
-def scaled_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
-    """The checkpoint's tensors with Granite's multipliers or Gemma's norm offsets and query scale folded in
-    (`loaders.Scaled`); as they are for the other architectures."""
-    arch, c = _with_defaults(c)
-    if arch == "GraniteForCausalLM":
-        return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
-    if arch in GEMMAS:
-        return Scaled(source, cfg, HF, gemma_adjustments(cfg, c["query_pre_attn_scalar"]))
-    return source
-
-
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
     """ModelConfig from config.json (and generation_config.json, which may list more EOS ids), missing keys
     read as transformers reads them. Settings the model does not implement are refused, not ignored: they
@@ -374,6 +363,22 @@ class _Safetensors:
         return self._slice(name)[index]
 
 
+def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
+    """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
+    (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
+    offsets and query scale folded in (`loaders.Scaled`); the others' as they are."""
+    if (c.get("architectures") or [None])[0] in TEXT_MODELS:
+        source = _TextModel(source)
+    arch, c = _with_defaults(c)
+    if arch == PHI3:
+        return Unfused(source, phi3_parts(cfg))
+    if arch == "GraniteForCausalLM":
+        return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
+    if arch in GEMMAS:
+        return Scaled(source, cfg, HF, gemma_adjustments(cfg, c["query_pre_attn_scalar"]))
+    return source
+
+
 def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
     """A checkpoint directory's config (its tokenizer and tensor files found and read too: a missing file
     fails now); `.load()` reads the weights, with a `mesh` each parameter's shards placed directly on
@@ -382,12 +387,7 @@ def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) ->
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     c = _read_json(os.path.join(directory, "config.json"))
     cfg = config_from_hf(c, _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
-    source = _Safetensors(_tensor_index(directory))
-    if (c.get("architectures") or [None])[0] in TEXT_MODELS:
-        source = _TextModel(source)
-    if _with_defaults(c)[0] == PHI3:
-        source = Unfused(source, phi3_parts(cfg))
-    source = scaled_source(c, cfg, source)
+    source = _model_source(c, cfg, _Safetensors(_tensor_index(directory)))
     return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, source, mesh)
 
 
