@@ -261,6 +261,16 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
     assert_logits_match_transformers(m, hf)
 
 
+def randomize_gemma_norms(hf):
+    """transformers' Gemma model `hf` with its norm weights w, which scale by 1 + w, drawn away from 0."""
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            if "norm" in name:
+                w.uniform_(-0.5, 0.5)
+    return hf
+
+
 def test_gemma3_saved_by_transformers_5_loads_with_its_rope_per_layer_kind(tmp_path):
     """transformers 5 saves Gemma 3's two RoPE bases as a set per layer kind (`rope_parameters`), the global
     one with its linear scaling (Gemma 3 4B's): a model saved by transformers itself gives its logits."""
@@ -272,11 +282,7 @@ def test_gemma3_saved_by_transformers_5_loads_with_its_rope_per_layer_kind(tmp_p
         query_pre_attn_scalar=24, initializer_range=0.3, rope_theta=1e4, rope_local_base_freq=50.0,
         rope_scaling={"rope_type": "linear", "factor": 8.0})
     torch.manual_seed(0)
-    hf = transformers.Gemma3ForCausalLM(config).eval()
-    with torch.no_grad():  # norm weights w scale by 1 + w: leave none at 0
-        for name, w in hf.named_parameters():
-            if "norm" in name:
-                w.uniform_(-0.5, 0.5)
+    hf = randomize_gemma_norms(transformers.Gemma3ForCausalLM(config).eval())
     hf.save_pretrained(str(tmp_path))
     write_tokenizer(tmp_path)
     with open(tmp_path / "config.json") as f:
@@ -304,11 +310,7 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
     config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                                        image_token_index=63, boi_token_index=61, eoi_token_index=62)
     torch.manual_seed(0)
-    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, w in hf.named_parameters():
-            if "norm" in name:
-                w.uniform_(-0.5, 0.5)
+    hf = randomize_gemma_norms(transformers.Gemma3ForConditionalGeneration(config).eval())
     hf.save_pretrained(str(tmp_path))
     if layout == "transformers 5":
         with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
