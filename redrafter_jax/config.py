@@ -61,7 +61,8 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Phi-3, Qwen2, Qwen3, SmolLM2, SmolLM3, and
-    Gemma 2, Gemma 3, OLMo 2, OLMo 3 and EXAONE 4 with their own norms)."""
+    Gemma 2, Gemma 3, OLMo 2, OLMo 3 and EXAONE 4 with their own norms), with dense or mixture-of-experts
+    MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 
@@ -93,6 +94,16 @@ class ModelConfig:
     # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP of
+    # expert_size hidden units) per token, weighted by their softmax probabilities (renormalised over the
+    # chosen ones with norm_topk: Mixtral, Qwen3-MoE); in moe_layers (None: all), the others dense of
+    # intermediate_size. shared_expert_size: Qwen2-MoE's always-on expert beside them, sigmoid-gated.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    moe_layers: tuple[int, ...] | None = None
+    norm_topk: bool = False
+    shared_expert_size: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -132,7 +143,17 @@ class ModelConfig:
             raise ValueError(f"model config: sliding_window must be positive, got {self.sliding_window}")
         if self.window_layers is not None and self.sliding_window is None:
             raise ValueError("model config: window_layers need a sliding_window")
-        for name in ("window_layers", "nope_layers"):
+        if self.num_experts:
+            if not 1 <= self.experts_per_token <= self.num_experts or self.expert_size <= 0:
+                raise ValueError(f"model config: a mixture of experts needs 1 <= experts_per_token <= num_experts and "
+                                 f"a positive expert_size, got {self.experts_per_token} of {self.num_experts} "
+                                 f"experts of size {self.expert_size}")
+        elif self.experts_per_token or self.expert_size or self.moe_layers is not None or self.shared_expert_size:
+            raise ValueError("model config: experts_per_token, expert_size, moe_layers and shared_expert_size need "
+                             "num_experts > 0")
+        if self.shared_expert_size < 0:
+            raise ValueError(f"model config: shared_expert_size must be >= 0, got {self.shared_expert_size}")
+        for name in ("window_layers", "nope_layers", "moe_layers"):
             layers = getattr(self, name) or ()
             if list(layers) != sorted(set(layers)) or not all(0 <= i < self.num_layers for i in layers):
                 raise ValueError(f"model config: {name} must be distinct layer indices in [0, {self.num_layers}) "
@@ -142,6 +163,10 @@ class ModelConfig:
     def windowed(self, layer: int) -> bool:
         """Whether `layer` attends within the sliding window."""
         return self.sliding_window is not None and (self.window_layers is None or layer in self.window_layers)
+
+    def moe(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is a mixture of experts."""
+        return bool(self.num_experts) and (self.moe_layers is None or layer in self.moe_layers)
 
     def rope_inv_freq(self, local: bool = False) -> np.ndarray:
         """Inverse RoPE frequencies, [head_dim // 2] float32, with any scaling applied; local: the windowed

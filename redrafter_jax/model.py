@@ -9,6 +9,9 @@ shared by G = nh / nkv query heads):
         "head"; "all": [nkv, G, D] and [nkv, 1, D]); wo [nh D, H] (query heads in order);
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms); w_gate_up [H, 2, I] (gate,
         up); w_down [I, H]; post_mlp_norm [H] (post_norms)
+        a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
+        experts_gate_up [E, H, 2, F]; experts_down [E, F, H]; and with a shared expert of S units
+        shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
 batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
@@ -47,7 +50,12 @@ def param_shapes(cfg: ModelConfig) -> dict:
     """The expected shape of every parameter: the single source loaders and init check against."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
-    layer = {"wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h), "w_gate_up": (h, 2, i), "w_down": (i, h)}
+    layer = {"wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h)}
+    dense = {"w_gate_up": (h, 2, i), "w_down": (i, h)}
+    e, f, s = cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
+    experts = {"router": (h, e), "experts_gate_up": (e, h, 2, f), "experts_down": (e, f, h)}
+    if s:
+        experts.update(shared_gate_up=(h, 2, s), shared_down=(s, h), shared_gate=(h, 1))
     if cfg.pre_norms:
         layer["attn_norm"] = layer["mlp_norm"] = (h,)
     if cfg.attention_bias:
@@ -58,7 +66,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["q_norm"], layer["k_norm"] = (*qkv[:1], qkv[1] - 2, qkv[2]), (qkv[0], 1, qkv[2])
     if cfg.post_norms:
         layer["post_attn_norm"] = layer["post_mlp_norm"] = (h,)
-    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), "layers": [dict(layer) for _ in range(cfg.num_layers)]}
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,),
+              "layers": [{**layer, **(experts if cfg.moe(j) else dense)} for j in range(cfg.num_layers)]}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
     return shapes
@@ -103,7 +112,8 @@ def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
     return jnp.tensordot(x, w, axes=1)
 
 
-MATRICES = ("wqkv", "wo", "w_gate_up", "w_down")  # a layer's weights that go through `linear`
+# a layer's weights that go through `linear` (the CPU decode loops tile-pack them)
+MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
 
 
 def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params:
@@ -157,6 +167,56 @@ def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) ->
 
 
 ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def gated_mlp(x: jax.Array, gate_up, down, act: str) -> jax.Array:
+    """x [..., H] through a gated MLP: gate_up [H, 2, I] (gate, up), down [I, H]; act one of ACTIVATION."""
+    gu = linear(x, gate_up)  # [..., 2, I]
+    return linear(ACTIVATION[act](gu[..., 0, :]) * gu[..., 1, :], down)
+
+
+def route(x: jax.Array, router: jax.Array, k: int, renormalise: bool) -> tuple[jax.Array, jax.Array]:
+    """x [N, H], router [H, E] -> each token's k likeliest experts [N, k] int32 and their float32 weights
+    [N, k]: softmax probabilities over all E experts, renormalised over the k where `renormalise`."""
+    probs = jax.nn.softmax(jnp.matmul(x, router, preferred_element_type=jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    return (weights / weights.sum(-1, keepdims=True) if renormalise else weights), experts
+
+
+def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
+                act: str) -> jax.Array:
+    """x [N, H] through its experts [N, k] (of gate_up [E, H, 2, F], down [E, F, H]), their outputs summed
+    by weights [N, k]. Each way reads the fewest expert weights: with fewer than E (token, expert) pairs
+    (a decode step, a small tree) each pair's expert is gathered, else the pairs are sorted by expert and
+    each expert's rows go through `lax.ragged_dot` (a grouped product on GPUs and TPUs; XLA:CPU computes
+    it densely, every expert over every row). The k outputs are summed in slot order, not scattered back
+    with an add, so the result does not depend on the order kernels finish in."""
+    n, k = experts.shape
+    e, h, _, f = gate_up.shape
+    if n * k < e:
+        gu = jnp.einsum("nh,nkhcf->nkcf", x, gate_up[experts])
+        y = jnp.einsum("nkf,nkfh->nkh", ACTIVATION[act](gu[..., 0, :]) * gu[..., 1, :], down[experts])
+    else:
+        order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
+        sizes = jnp.bincount(experts.reshape(-1), length=e)
+        gu = jax.lax.ragged_dot(x[order // k], gate_up.reshape(e, h, 2 * f), sizes).reshape(n * k, 2, f)
+        y = jax.lax.ragged_dot(ACTIVATION[act](gu[:, 0]) * gu[:, 1], down, sizes)
+        y = y[jnp.argsort(order)].reshape(n, k, h)
+    return jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
+
+
+def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """A layer's MLP over x [B, T, H]: dense (w_gate_up, w_down), or a mixture of experts (router, experts_*,
+    and any shared expert)."""
+    if "router" not in p:
+        return gated_mlp(x, p["w_gate_up"], p["w_down"], cfg.hidden_act)
+    rows = x.reshape(-1, x.shape[-1])
+    weights, experts = route(rows, p["router"], cfg.experts_per_token, cfg.norm_topk)
+    out = experts_mlp(rows, experts, weights, p["experts_gate_up"], p["experts_down"], cfg.hidden_act)
+    if "shared_gate" in p:
+        shared = gated_mlp(rows, p["shared_gate_up"], p["shared_down"], cfg.hidden_act)
+        out = out + jax.nn.sigmoid(linear(rows, p["shared_gate"])) * shared
+    return out.reshape(x.shape)
 
 
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
@@ -251,9 +311,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask, cfg.attn_softcap)
         x = x + optional_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg.rms_norm_eps)
         h = optional_norm(x, p.get("mlp_norm"), cfg.rms_norm_eps)
-        gate_up = linear(h, p["w_gate_up"])  # [B, T, 2, I]
-        mlp = linear(ACTIVATION[cfg.hidden_act](gate_up[:, :, 0]) * gate_up[:, :, 1], p["w_down"])
-        x = x + optional_norm(mlp, p.get("post_mlp_norm"), cfg.rms_norm_eps)
+        x = x + optional_norm(mlp(p, h, cfg), p.get("post_mlp_norm"), cfg.rms_norm_eps)
         ks.append(k)
         vs.append(v)
     hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)

@@ -3,8 +3,8 @@
 A mesh has two axes. "data" splits the batch: prompt rows, their KV cache and all decode state.
 "model" splits the target tensor-parallel (Megatron style), along axes the params layout keeps whole
 per shard (`model.py`): wqkv/bqkv by KV head (each shard holds its KV heads' query heads too),
-w_gate_up by the MLP hidden unit, the embedding and LM head by vocabulary entry; wo and w_down are
-split along their input, so each shard's partial products are summed by one all-reduce per layer.
+w_gate_up by the MLP hidden unit (every expert's too, so the router and each token's experts need no
+communication), the embedding and LM head by vocabulary entry; wo and w_down are split along their input, so each shard's partial products are summed by one all-reduce per layer.
 The KV cache is split by KV head like wqkv, so attention needs no communication at all. Norms, the
 drafter and the tree are small and replicated. XLA's SPMD partitioner inserts the collectives: the
 model code is the same on one device and on a mesh.
@@ -56,6 +56,7 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     """Raises ValueError naming each dimension of cfg that the mesh's model axis does not divide."""
     m = axis_size(mesh, MODEL)
     split = {"num_kv_heads": cfg.num_kv_heads, "intermediate_size": cfg.intermediate_size,
+             "expert_size": cfg.expert_size, "shared_expert_size": cfg.shared_expert_size,
              "vocab_size": cfg.vocab_size}
     bad = [f"{name} {n}" for name, n in split.items() if n % m]
     if bad:
@@ -67,7 +68,9 @@ def param_specs(cfg: ModelConfig) -> Params:
     """The PartitionSpec of every parameter, in the layout of `model.param_shapes(cfg)`."""
     layer = {"attn_norm": P(), "wqkv": P(None, MODEL), "bqkv": P(MODEL), "q_norm": P(), "k_norm": P(),
              "wo": P(MODEL), "post_attn_norm": P(), "mlp_norm": P(), "post_mlp_norm": P(),
-             "w_gate_up": P(None, None, MODEL), "w_down": P(MODEL)}
+             "w_gate_up": P(None, None, MODEL), "w_down": P(MODEL), "router": P(),
+             "experts_gate_up": P(None, None, None, MODEL), "experts_down": P(None, MODEL),
+             "shared_gate_up": P(None, None, MODEL), "shared_down": P(MODEL), "shared_gate": P()}
     top = {"embed": P(MODEL), "final_norm": P(), "lm_head": P(None, MODEL)}
     shapes = param_shapes(cfg)
     return {**{k: top[k] for k in shapes if k != "layers"},

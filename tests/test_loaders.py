@@ -61,10 +61,45 @@ ARCHS = {
                  pad_token_id=2),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True),
+    # mixtures of experts: Mixtral's windowed, its chosen experts' weights renormalised; OLMoE's query and
+    # key norms over all heads; Qwen2-MoE's shared expert, its layer 1 dense; Qwen3-MoE's layer 0 dense
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", tie_word_embeddings=False,
+                    sliding_window=5, num_local_experts=4, num_experts_per_tok=2),
+    "olmoe": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", tie_word_embeddings=False, pad_token_id=2,
+                  num_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", tie_word_embeddings=True,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, mlp_only_layers=[1]),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", tie_word_embeddings=True,
+                      num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
+                      decoder_sparse_step=2),
     # layer 1 without RoPE and, being a NoPE layer, windowed
     "smollm3": dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", tie_word_embeddings=True,
                     no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=5, pad_token_id=2),
 }
+
+
+MOE_LAYERS = {"mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,), "qwen3_moe": (1,)}
+
+
+def expert_tensors(arch, rng, hidden, inter):
+    """A mixture of experts' tensors, by their names after "model.layers.{i}.": the router's spread wide
+    enough that no two experts tie for a token."""
+    c = ARCHS[arch]
+    e, f = c.get("num_experts") or c["num_local_experts"], c.get("moe_intermediate_size", inter)
+    prefix, gate, up, down = ("block_sparse_moe.", "w1", "w3", "w2") if arch == "mixtral" else (
+        "mlp.", "gate_proj", "up_proj", "down_proj")
+    t = {prefix + "gate.weight": rng.normal(0, 1.0, (e, hidden))}
+    for x in range(e):
+        t.update({f"{prefix}experts.{x}.{n}.weight": rng.normal(0, 0.3, s)
+                  for n, s in ((gate, (f, hidden)), (up, (f, hidden)), (down, (hidden, f)))})
+    if "shared_expert_intermediate_size" in c:
+        s = c["shared_expert_intermediate_size"]
+        t.update({"mlp.shared_expert.gate_proj.weight": rng.normal(0, 0.3, (s, hidden)),
+                  "mlp.shared_expert.up_proj.weight": rng.normal(0, 0.3, (s, hidden)),
+                  "mlp.shared_expert.down_proj.weight": rng.normal(0, 0.3, (hidden, s)),
+                  "mlp.shared_expert_gate.weight": rng.normal(0, 1.0, (1, hidden))})
+    return t
 
 
 def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim=8, vocab=64):
@@ -79,15 +114,19 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "self_attn.v_proj.weight": (kv * head_dim, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
                   "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
                   "mlp.down_proj.weight": (hidden, inter)}
-        if arch == "qwen2":
+        if i in MOE_LAYERS.get(arch, ()):
+            shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
+        if arch in ("qwen2", "qwen2_moe"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
-        if arch in ("qwen3", "gemma3", "exaone4"):
+        if i in MOE_LAYERS.get(arch, ()):
+            t.update({p + k: x for k, x in expert_tensors(arch, rng, hidden, inter).items()})
+        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
-        if arch in ("olmo2", "olmo3"):  # query and key norms over all heads
+        if arch in ("olmo2", "olmo3", "olmoe"):  # query and key norms over all heads
             t.update({p + "self_attn.q_norm.weight": rng.uniform(0.5, 1.5, heads * head_dim),
                       p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim)})
         if arch in ("olmo2", "olmo3", "exaone4"):  # norms after attention and the MLP only
@@ -170,7 +209,7 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"exaone4", "gemma2", "gemma3", "granite", "olmo2", "olmo3",
-                                                       "phi3"}))
+                                                       "phi3", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -427,19 +466,26 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         theirs.num_attention_heads, theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings,
         rope_theta, theirs.rms_norm_eps, theirs.tie_word_embeddings, window, theirs.bos_token_id,
         () if theirs.eos_token_id is None else (theirs.eos_token_id,))
+    experts = getattr(theirs, "num_experts", None) or getattr(theirs, "num_local_experts", 0)
+    assert (ours.num_experts, ours.experts_per_token, ours.expert_size, ours.norm_topk, ours.shared_expert_size) == (
+        experts, getattr(theirs, "num_experts_per_tok", 0) if experts else 0,
+        getattr(theirs, "moe_intermediate_size", theirs.intermediate_size) if experts else 0,
+        getattr(theirs, "norm_topk_prob", bool(experts)), getattr(theirs, "shared_expert_intermediate_size", 0))
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
-                                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {})])
+                                           ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
+                                           ("mixtral", {}), ("qwen2_moe", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
     rotated layer that is not, Granite's multipliers, Gemma 2's soft caps (through the attention kernel's),
     Gemma 3's windowed layer with its own RoPE base beside a global one, its post-norms and GeGLU, OLMo 2's
     norms, OLMo 3's windowed layer without the YaRN scaling of its other, EXAONE 4's windowed layer with RoPE
-    beside a global one without, in the decode loops (on the CPU, the
-    attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
+    beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a
+    dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
+    experts' grouped products), in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
     speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
@@ -451,7 +497,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "gemma3": m.config.window_layers == (0,) and m.config.local_rope_theta == 100,
             "olmo2": m.config.qk_norm == "all" and not m.config.pre_norms,
             "olmo3": m.config.window_layers == (0,) and m.config.rope_cos_sin_scale() > 1,  # YaRN's
-            "exaone4": m.config.window_layers == (0,) and m.config.nope_layers == (1,)}[arch]
+            "exaone4": m.config.window_layers == (0,) and m.config.nope_layers == (1,),
+            "mixtral": m.config.norm_topk and m.config.sliding_window == 5,
+            "qwen2_moe": m.config.shared_expert_size == 24 and m.config.moe_layers == (0,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()

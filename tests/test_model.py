@@ -9,6 +9,7 @@ import pytest
 
 from redrafter_jax import model
 from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, window_mask, write
+from redrafter_jax.config import SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
@@ -80,6 +81,10 @@ def test_cached_decoding_matches_full_forward(smollm):
     (dict(window_layers=(1,)), "window_layers need a sliding_window"),
     (dict(sliding_window=4, window_layers=(1, 0)), r"window_layers must be distinct layer indices in \[0, 2\)"),
     (dict(nope_layers=(2,)), r"nope_layers must be distinct layer indices in \[0, 2\) in order, got \(2,\)"),
+    (dict(num_experts=4, experts_per_token=5, expert_size=8), "needs 1 <= experts_per_token <= num_experts"),
+    (dict(num_experts=4, experts_per_token=2), "and a positive expert_size"),
+    (dict(expert_size=8), "need num_experts > 0"),
+    (dict(num_experts=4, experts_per_token=2, expert_size=8, moe_layers=(0, 0)), "moe_layers must be distinct"),
 ])
 def test_model_config_refuses_settings_it_cannot_mean(change, match):
     with pytest.raises(ValueError, match=match):
@@ -201,3 +206,59 @@ def test_a_long_forward_attends_in_query_blocks_as_in_one(monkeypatch):
     gen = np.asarray(out.tokens[0, :out.lengths[0]]).tolist()
     want = forward_causal(params, cfg, jnp.asarray([prompt + gen])).logits[0, len(prompt) - 1:-1]
     assert gen == np.asarray(jnp.argmax(want, axis=-1)).tolist()
+
+
+def experts_reference(x, gate_up, down, router, k, renormalise):
+    """NumPy float64, token by token: softmax over every expert, the k likeliest (renormalised or not),
+    their SwiGLU MLPs' outputs summed by those weights."""
+    x, gate_up, down, router = (np.asarray(a, np.float64) for a in (x, gate_up, down, router))
+    out = np.zeros_like(x)
+    for n, row in enumerate(x):
+        logits = row @ router
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        top = np.argsort(-p)[:k]
+        w = p[top] / p[top].sum() if renormalise else p[top]
+        for e, we in zip(top, w):
+            g, u = row @ gate_up[e, :, 0], row @ gate_up[e, :, 1]
+            out[n] += we * ((g / (1 + np.exp(-g)) * u) @ down[e])
+    return out
+
+
+@pytest.mark.parametrize("renormalise", [False, True])
+def test_experts_each_way_match_a_token_by_token_reference(renormalise):
+    """A few tokens take their experts' weights one by one, many go through grouped products: both give
+    each token the reference's mixture, whichever other tokens share the call."""
+    e, h, f, k = 8, 16, 12, 3
+    rng = np.random.default_rng(0)
+    router = jnp.asarray(rng.normal(0, 1, (h, e)), jnp.float32)
+    gate_up = jnp.asarray(rng.normal(0, 0.3, (e, h, 2, f)), jnp.float32)
+    down = jnp.asarray(rng.normal(0, 0.3, (e, f, h)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
+    want = experts_reference(x, gate_up, down, router, k, renormalise)
+    for rows in (x[:2], x):  # 2 x 3 < 8 pairs: gathered; 7 x 3 >= 8: grouped
+        weights, experts = model.route(rows, router, k, renormalise)
+        got = model.experts_mlp(rows, experts, weights, gate_up, down, "silu")
+        np.testing.assert_allclose(np.asarray(got), want[:len(rows)], rtol=1e-5, atol=1e-5)
+    def program(rows):
+        return str(jax.make_jaxpr(lambda r: model.experts_mlp(r, *model.route(r, router, k, renormalise)[::-1],
+                                                              gate_up, down, "silu"))(rows))
+
+    assert "ragged_dot" not in program(x[:2]) and "ragged_dot" in program(x)
+
+
+def test_moe_model_decodes_as_its_uncached_forward():
+    """A tiny mixture of experts (one MoE layer with a shared expert beside a dense layer) decodes greedily
+    as the argmax of its uncached forward, and lookup-speculatively as greedily, in batches of two (a
+    step's 2 x 2 (token, expert) pairs of 8 experts gathered, a tree's and the forward's grouped)."""
+    cfg, params = tiny_model(num_experts=8, experts_per_token=2, expert_size=16, moe_layers=(1,),
+                             shared_expert_size=8, norm_topk=True)
+    assert "router" in params["layers"][1] and "router" not in params["layers"][0]
+    prompts = [[5, 9, 3, 9, 3, 9, 3], [7, 8, 2]]
+    ar = generate(params, cfg, prompts, max_new_tokens=8)
+    for row, prompt in enumerate(prompts):
+        tokens = np.asarray(ar.tokens[row, :ar.lengths[row]]).tolist()
+        logits = forward_causal(params, cfg, jnp.asarray([prompt + tokens])).logits[0]
+        assert tokens == np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], axis=-1)).tolist()
+    spec = generate(params, cfg, prompts, max_new_tokens=8, spec=SpecConfig.parse("0x4+2"))
+    np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))

@@ -5,7 +5,8 @@ table mapping our params layout to each. `assemble_params` builds every paramete
 devices (one device, or its shards on a mesh): each device's block is read from the checkpoint on its
 own, so the host never holds more than a few tensors at a time. Where a model stores its tensors
 otherwise, a `Source` wrapped around the checkpoint's reads them as the table expects: `Scaled` folds
-in constants the model applies to a weight's product, `Unfused` splits Phi-3's fused tensors.
+in constants the model applies to a weight's product, `Unfused` splits Phi-3's fused tensors, `Stacked`
+stacks a mixture of experts' tensors stored one per expert.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ LAYER_TENSORS = {
                   ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
     "w_down": [("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight")],
     "post_mlp_norm": [("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight")],
+    # mixtures of experts; Hugging Face checkpoints store each expert on its own (`Stacked` stacks them)
+    "router": [("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight")],
+    "experts_gate_up": [("model.layers.{i}.mlp.experts.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight"),
+                        ("model.layers.{i}.mlp.experts.up_proj.weight", "blk.{i}.ffn_up_exps.weight")],
+    "experts_down": [("model.layers.{i}.mlp.experts.down_proj.weight", "blk.{i}.ffn_down_exps.weight")],
+    "shared_gate_up": [("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "blk.{i}.ffn_gate_shexp.weight"),
+                       ("model.layers.{i}.mlp.shared_expert.up_proj.weight", "blk.{i}.ffn_up_shexp.weight")],
+    "shared_down": [("model.layers.{i}.mlp.shared_expert.down_proj.weight", "blk.{i}.ffn_down_shexp.weight")],
+    "shared_gate": [("model.layers.{i}.mlp.shared_expert_gate.weight", "blk.{i}.ffn_gate_inp_shexp.weight")],
 }
 HF, GGUF = 0, 1
 # Gemma's Hugging Face checkpoints call the norm before the MLP so, and the one after attention by the
@@ -63,7 +73,9 @@ PRE_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
 # Phi-3's fused tensors: Q, K and V in one, gate and up in one, along the output rows
 FUSED_QKV = "model.layers.{i}.self_attn.qkv_proj.weight"
 FUSED_GATE_UP = "model.layers.{i}.mlp.gate_up_proj.weight"
-TRANSPOSED = ("lm_head", "wo", "w_down")  # ours [in, out] = stored [out, in] transposed
+# ours [in, out] = stored [out, in] transposed
+TRANSPOSED = ("lm_head", "wo", "w_down", "router", "shared_down", "shared_gate")
+GATE_UP = ("w_gate_up", "shared_gate_up")  # ours [H, 2, I] from gate and up, each stored [I, H]
 ROPE_FACTORS = "rope_freqs.weight"  # GGUF: per-frequency RoPE divisors, which the loader puts in the config
 # Stored but not parameters: the RoPE frequencies older transformers versions saved; GGUF's RoPE factors
 IGNORED = (".rotary_emb.inv_freq", ROPE_FACTORS)
@@ -146,6 +158,53 @@ class Unfused:
         return self.source.read(fused, (slice(first + start, first + stop), *index[1:]))
 
 
+class Stacked:
+    """A `Source` reading tensors stored one per expert as one: `stacks` maps a name the table expects to
+    the stored tensors it stacks along a new first axis (a list), or to the stored tensor it renames (a
+    str)."""
+
+    def __init__(self, source: Source, stacks: dict[str, list[str] | str]):
+        self.source, self.stacks = source, stacks
+        stored = {n for parts in stacks.values() for n in ([parts] if isinstance(parts, str) else parts)}
+        self._names = [n for n in source.names() if n not in stored] + list(stacks)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        parts = self.stacks.get(name, name)
+        if isinstance(parts, str):
+            return self.source.shape(parts)
+        shapes = []
+        for part in parts:
+            try:
+                shapes.append(tuple(self.source.shape(part)))
+            except KeyError:
+                raise ValueError(f"checkpoint is missing tensor {part!r}") from None
+            if shapes[-1] != shapes[0]:
+                raise ValueError(f"tensor {part!r} has shape {shapes[-1]}, unlike {parts[0]!r}'s {shapes[0]}")
+        return (len(parts), *shapes[0])
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        parts = self.stacks.get(name, name)
+        if isinstance(parts, str):
+            return self.source.read(parts, index)
+        return np.stack([self.source.read(part, index[1:]) for part in parts[index[0]]])
+
+
+def expert_stacks(cfg: ModelConfig, router: str, gate: str, up: str, down: str) -> dict[str, list[str] | str]:
+    """`Stacked`'s stacks for a Hugging Face checkpoint whose MoE layers store the router and each expert's
+    gate, up and down projections under these names ("{i}": the layer, "{e}": the expert)."""
+    stacks = {}
+    for layer in (i for i in range(cfg.num_layers) if cfg.moe(i)):
+        for ours, stored in (("router", [router]), ("experts_gate_up", [gate, up]), ("experts_down", [down])):
+            for name, part in zip(stored_names(cfg, ours, HF), stored):
+                part = part.replace("{i}", str(layer))
+                stacks[name.format(i=layer)] = part if ours == "router" else [
+                    part.format(e=e) for e in range(cfg.num_experts)]
+    return stacks
+
+
 def phi3_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
     """`Unfused`'s parts for Phi-3's Hugging Face checkpoints: [q; k; v] rows in qkv_proj, [gate; up] in
     gate_up_proj."""
@@ -191,8 +250,12 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
     lead = shape[:1] if ours == "wqkv" else ()  # the weight's input axis H; the bias has none
     if ours in ("wqkv", "bqkv"):
         return [(cfg.num_heads * d, *lead), (cfg.num_kv_heads * d, *lead), (cfg.num_kv_heads * d, *lead)]
-    if ours == "w_gate_up":
-        return [(cfg.intermediate_size, cfg.hidden_size)] * 2
+    if ours in GATE_UP:
+        return [(shape[2], shape[0])] * 2
+    if ours == "experts_gate_up":  # [E, H, 2, F] from gate and up, each stored [E, F, H]
+        return [(shape[0], shape[3], shape[1])] * 2
+    if ours == "experts_down":  # [E, F, H], stored [E, H, F]
+        return [(shape[0], shape[2], shape[1])]
     return [shape[::-1] if ours in TRANSPOSED else shape]
 
 
@@ -211,9 +274,15 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
     if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # [heads D] -> [nkv, G or 1, D], heads in order
         x = source.read(parts[0], (slice(None),))
         return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
-    if ours == "w_gate_up":  # gate, up [I, H] -> [H, 2, I]
+    if ours in GATE_UP:  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]
+    if ours == "experts_gate_up":  # gate, up [E, F, H] -> [E, H, 2, F]
+        e, h, c, f = index
+        return np.stack([source.read(name, (e, f, h)) for name in parts]).transpose(1, 3, 0, 2)[:, :, c]
+    if ours == "experts_down":  # [E, H, F] -> [E, F, H]
+        e, f, h = index
+        return source.read(parts[0], (e, h, f)).transpose(0, 2, 1)
     if ours in TRANSPOSED:
         return source.read(parts[0], index[::-1]).T
     return source.read(parts[0], index)

@@ -17,7 +17,9 @@ from redrafter_jax.loaders import (
     OpenedModel,
     Scaled,
     Source,
+    Stacked,
     Unfused,
+    expert_stacks,
     gemma_adjustments,
     granite_adjustments,
     phi3_parts,
@@ -25,17 +27,25 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                           "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Olmo2ForCausalLM",
-                           "Olmo3ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM",
+                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
                            "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
-                "ministral": "MinistralForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "smollm3": "SmolLM3ForCausalLM"}
+                "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
-GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE = "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
+GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
+# where a mixture of experts stores its router and each expert's gate, up and down projections
+_EXPERT_NAMES = {MIXTRAL: [f"model.layers.{{i}}.block_sparse_moe.{n}.weight"
+                           for n in ("gate", "experts.{e}.w1", "experts.{e}.w3", "experts.{e}.w2")]}
+_EXPERT_NAMES_DEFAULT = [f"model.layers.{{i}}.mlp.{n}.weight"
+                         for n in ("gate", "experts.{e}.gate_proj", "experts.{e}.up_proj", "experts.{e}.down_proj")]
 POST_NORMS_ONLY = (EXAONE4, *OLMOS)  # norms after attention and the MLP, none before
 # Models whose windowed layers have RoPE of their own, unscaled: the key of its base in transformers 4's
 # configs (5's give a set of RoPE parameters for each layer kind)
@@ -64,6 +74,7 @@ _OLMO = dict(_COMMON, vocab_size=50304, intermediate_size=11008, max_position_em
              pad_token_id=1, bos_token_id=None, eos_token_id=50279)
 _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
                 sliding_window=4096)
+_QWEN_MOE = dict(_QWEN, hidden_size=2048, num_hidden_layers=24, decoder_sparse_step=1, norm_topk_prob=False)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
     GEMMA2: dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -88,6 +99,15 @@ TRANSFORMERS_DEFAULTS = {
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
     "MinistralForCausalLM": _MISTRAL,
+    MIXTRAL: dict(_MISTRAL, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None, num_local_experts=8,
+                  num_experts_per_tok=2),
+    OLMOE: dict(_OLMO, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False),
+    QWEN2_MOE: dict(_QWEN_MOE, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                    num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                    shared_expert_intermediate_size=5632, qkv_bias=True),
+    QWEN3_MOE: dict(_QWEN_MOE, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
+                    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768),
     "Qwen2ForCausalLM": _QWEN,
     "Qwen3ForCausalLM": dict(_QWEN, head_dim=128),
     "SmolLM3ForCausalLM": dict(_COMMON, vocab_size=128256, hidden_size=2048, intermediate_size=11008,
@@ -131,19 +151,23 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
-    Granite and OLMo 2 have none; Mistral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
+    Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
+    Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
     and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by
     default all of Ministral's, Gemma's and EXAONE 4's as sliding_window_pattern says, OLMo 3's but every
     fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
-    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM") or not window:  # models without one
+    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
-    if arch in ("MistralForCausalLM", PHI3):  # whose transformers models ignore layer_types (Ministral reads them)
+    if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
+        raise ValueError(f"unsupported use_sliding_window: true for {arch}")
+    if arch in ("MistralForCausalLM", MIXTRAL, PHI3):  # whose models ignore layer_types (Ministral reads them)
         if kinds is not None and set(kinds) != {"sliding_attention"}:
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
         return int(window), None
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM") and not c.get("use_sliding_window"):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM", QWEN2_MOE, QWEN3_MOE) and \
+            not c.get("use_sliding_window"):
         return None, None
     if kinds is None:
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
@@ -158,6 +182,25 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     if not layers:
         return None, None
     return int(window), None if len(layers) == n else layers
+
+
+def _experts(arch: str, c: dict) -> dict:
+    """A mixture of experts' `ModelConfig` fields, as transformers reads them (none for a dense model): Qwen's
+    MoE layers are every decoder_sparse_step-th but mlp_only_layers; Mixtral renormalises the chosen
+    experts' weights, the others where norm_topk_prob says."""
+    experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)  # (transformers 5 saves Qwen's so)
+    if arch not in MOES or not experts:
+        return {}
+    n, step = int(c["num_hidden_layers"]), c.get("decoder_sparse_step", 1)
+    if not (isinstance(step, int) and step > 0):
+        raise ValueError(f"config.json's decoder_sparse_step must be a positive integer, got {step!r}")
+    dense = set(c.get("mlp_only_layers") or ())
+    layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
+                expert_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
+                moe_layers=None if len(layers) == n else layers,
+                norm_topk=arch == MIXTRAL or bool(c["norm_topk_prob"]),
+                shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0)
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
@@ -240,7 +283,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
     if c.get("mlp_bias"):
         raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
-    qkv_bias = arch == "Qwen2ForCausalLM"  # Qwen2 biases Q, K and V; attention_bias elsewhere biases o_proj too
+    if c.get("clip_qkv") is not None:  # OLMoE's
+        raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
+    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias elsewhere biases o_proj too
+    qkv_bias = arch == "Qwen2ForCausalLM" or (arch == QWEN2_MOE and bool(c["qkv_bias"]))
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
     theta, scaling, local_theta = _rope(arch, c)
@@ -261,7 +307,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
-        qk_norm={"Qwen3ForCausalLM": "head", GEMMA3: "head", EXAONE4: "head", **dict.fromkeys(OLMOS, "all")}.get(arch),
+        qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4), "head"),
+                 **dict.fromkeys((*OLMOS, OLMOE), "all")}.get(arch),
         hidden_act=act, local_rope_theta=local_theta if window else None,
         pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, *POST_NORMS_ONLY),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
@@ -269,6 +316,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
                               **dict.fromkeys(GEMMAS, int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
         logits_scaling=c["logits_scaling"] if arch == "GraniteForCausalLM" else 1.0,
+        **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
         dtype=dtype)
@@ -366,10 +414,13 @@ class _Safetensors:
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
-    offsets and query scale folded in (`loaders.Scaled`); the others' as they are."""
+    offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
+    (`loaders.Stacked`); the others' as they are."""
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
+    if cfg.num_experts:
+        return Stacked(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
         return Unfused(source, phi3_parts(cfg))
     if arch == "GraniteForCausalLM":
