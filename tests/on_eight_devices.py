@@ -152,6 +152,37 @@ def loading() -> dict:
             "placed_as_specs": placed, "dtype": str(m.params["embed"].dtype)}
 
 
+def experts() -> dict:
+    """Mixtures of experts split by every expert's hidden units: a Mixtral checkpoint loaded onto a 2x4 mesh
+    (against a one-device load), and it and a model with a shared expert beside a dense layer on 2x4 and
+    1x8 meshes, greedy, autoregressive and lookup-speculative, against one device."""
+    from redrafter_jax.config import SpecConfig
+
+    found = {}
+    with tempfile.TemporaryDirectory() as d:
+        kw = dict(heads=8, kv=4, inter=64)
+        write_checkpoint(d, "mixtral", hf_tensors("mixtral", np.random.default_rng(4), **kw), num_attention_heads=8,
+                         num_key_value_heads=4, intermediate_size=64)
+        mesh = sharding.parse_mesh("2x4")
+        m, one = load_hf(d, mesh=mesh), load_hf(d)
+        leaves = jax.tree_util.tree_leaves(m.params)
+        found["same_params"] = all(np.array_equal(np.asarray(a), np.asarray(b))
+                                   for a, b in zip(leaves, jax.tree_util.tree_leaves(one.params)))
+        found["experts_shards"] = [list(s.data.shape) for s in m.params["layers"][0]["experts_gate_up"].addressable_shards]
+    shared = tiny_model(num_heads=16, num_kv_heads=8, num_experts=4, experts_per_token=2, expert_size=16,
+                        shared_expert_size=8, moe_layers=(1,))
+    prompts = [[5, 9, 3, 9, 3, 9, 3], [7, 8, 2], [11, 12, 13, 11, 12], [4]]
+    for name, (cfg, params), meshes in (("mixtral", (one.config, one.params), ("2x4",)),
+                                        ("shared", shared, ("2x4", "1x8"))):
+        for loop, spec in (("autoregressive", None), ("speculative", SpecConfig.parse("0x4+2"))):
+            want = rows(gen.generate(params, cfg, prompts, max_new_tokens=10, spec=spec))
+            for mesh in meshes:
+                got = rows(gen.generate(params, cfg, prompts, max_new_tokens=10, spec=spec,
+                                        mesh=sharding.parse_mesh(mesh)))
+                found[f"{name}/{loop}/{mesh}"] = got == want
+    return found
+
+
 def command_line() -> dict:
     """`python -m infer.generate --mesh 2x4` on a small checkpoint: the flag reaches loading and decoding."""
     import contextlib
@@ -187,7 +218,7 @@ def gguf_loading() -> dict:
 if __name__ == "__main__":
     assert jax.device_count() == 8, os.environ.get("XLA_FLAGS")
     jax.config.update("jax_default_matmul_precision", "highest")
-    checks = {f.__name__: f for f in (generation, continued, compiled_loop, errors, training, loading,
+    checks = {f.__name__: f for f in (generation, continued, compiled_loop, errors, training, loading, experts,
                                       command_line, gguf_loading)}
     names = sys.argv[1:] or list(checks)
     print(json.dumps({n: checks[n]() for n in names}))

@@ -6,6 +6,7 @@ import datetime
 import json
 import math
 import os
+import re
 
 import gguf
 import jax
@@ -587,9 +588,17 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
     ("phi3_longrope", "unsupported rope scaling type 'longrope'"),  # which Phi-3's configs call "su" or "yarn"
     ("granite_residual", "Granite's residual and attention multipliers must be positive numbers, got None and 1.0"),
+    ("expert_missing", "checkpoint is missing tensor 'model.layers.1.block_sparse_moe.experts.3.w2.weight'"),
+    ("expert_shape", r"tensor 'model.layers.0.block_sparse_moe.experts.2.w1.weight' has shape \(40, 32\), unlike "
+                     r"'model.layers.0.block_sparse_moe.experts.0.w1.weight''s \(48, 32\)"),
+    ("moe_window", "unsupported use_sliding_window: true for Qwen3MoeForCausalLM"),
+    ("clip_qkv", r"unsupported clip_qkv: 8.0 \(queries, keys and values clipped\)"),
+    ("sparse_step", "decoder_sparse_step must be a positive integer, got 0"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
-    tensors = hf_tensors("llama", np.random.default_rng(0))
+    arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
+            "sparse_step": "qwen2_moe"}.get(case, "llama")
+    tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
     if case == "architecture":
         overrides["architectures"] = ["GPTNeoXForCausalLM"]
@@ -636,7 +645,14 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         overrides.update(architectures=["GraniteForCausalLM"], residual_multiplier=None)
     elif case == "o_proj_bias":
         tensors.update({f"model.layers.{i}.self_attn.o_proj.bias": np.zeros(32, np.float32) for i in range(2)})
-    write_checkpoint(tmp_path, "llama", tensors, **overrides)
+    elif case == "expert_missing":
+        del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    elif case == "expert_shape":
+        tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"] = np.ones((40, 32), np.float32)
+    elif case in ("moe_window", "clip_qkv", "sparse_step"):
+        overrides.update({"moe_window": dict(use_sliding_window=True, sliding_window=4), "clip_qkv": dict(clip_qkv=8.0),
+                          "sparse_step": dict(decoder_sparse_step=0)}[case])
+    write_checkpoint(tmp_path, arch, tensors, **overrides)
     if case == "no_weights":
         os.remove(tmp_path / "model.safetensors")
     elif case == "cut_short":  # an interrupted download
@@ -657,6 +673,22 @@ def test_unpermute_inverts_llama_cpp_permutation():
     np.testing.assert_array_equal(unpermute_rope(permute_rope(w, 3), 3), w)
     b = np.arange(24)
     np.testing.assert_array_equal(unpermute_rope(permute_rope(b, 3), 3), b)
+
+
+def stacked_experts(tensors):
+    """A checkpoint's per-expert tensors (Mixtral's names or the others') stacked, as llama.cpp's converter
+    stores them, under the name table's names."""
+    out, stacks = {}, {}
+    for name, x in tensors.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(?:experts\.(\d+)\.(\w+)|gate)\.weight", name)
+        if m is None:
+            out[name] = x
+        elif m[2] is None:
+            out[f"model.layers.{m[1]}.mlp.gate.weight"] = x
+        else:
+            kind = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}.get(m[3], m[3])
+            stacks.setdefault(f"model.layers.{m[1]}.mlp.experts.{kind}.weight", {})[int(m[2])] = x
+    return {**out, **{name: np.stack([x[e] for e in sorted(x)]) for name, x in stacks.items()}}
 
 
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
@@ -680,7 +712,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
-    w.add_feed_forward_length(tensors["model.layers.0.mlp.up_proj.weight"].shape[0])
+    # a dense layer's MLP size (48 where all are experts, Mixtral's experts' size in llama.cpp's reading)
+    w.add_feed_forward_length(next((x.shape[0] for k, x in tensors.items() if k.endswith(".mlp.up_proj.weight")), 48))
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_key_length(head_dim)
@@ -705,7 +738,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     if arch in ("gemma2", "gemma3", "olmo2"):  # whose Hugging Face names for the norms around the MLP differ
         names.update({f"model.layers.{i}.{hf}_layernorm.weight": f"blk.{i}.{gg}_norm.weight" for i in range(layers)
                       for hf, gg in (("post_attention", "post_attention"), ("pre_feedforward", "ffn"))})
-    for name, x in tensors.items():
+    for name, x in stacked_experts(tensors).items():
         if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
         elif arch in ("llama", "granite", "smollm3") and ".k_proj." in name:
@@ -719,14 +752,20 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3"])
+GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
+                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
     window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
     and its end-of-turn token found by its text,
     Granite's multipliers under llama.cpp's names, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn
     token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every
-    fourth layer without RoPE) and as a Hugging Face directory give the same model."""
+    fourth layer without RoPE; the mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's,
+    Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's, their MoE layers those with a router) and
+    as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7}.get(arch, 2)
     tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
     eot = {"qwen2": 4, "gemma2": 3, "gemma3": 3}.get(arch)
@@ -736,18 +775,23 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False),
                  "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
-                                pad_token_id=2)}
+                                pad_token_id=2),
+                 "mixtral": dict(sliding_window=None)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2,
                      num_hidden_layers=layers, **hf_config.get(arch, {}))
     metadata = {"granite": dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0,
                                 **{"attention.scale": 1 / 128}),
                 "gemma2": {"attention.sliding_window": 5, "attn_logit_softcapping": 2.0,
                            "final_logit_softcapping": 3.0},
-                "gemma3": {"attention.sliding_window": 5}}.get(arch)
+                "gemma3": {"attention.sliding_window": 5},
+                "mixtral": dict(expert_count=4, expert_used_count=2),
+                "olmoe": dict(expert_count=4, expert_used_count=2),
+                "qwen2_moe": dict(expert_count=4, expert_used_count=2, expert_feed_forward_length=16),
+                "qwen3_moe": dict(expert_count=8, expert_used_count=3, expert_feed_forward_length=16)}.get(arch)
     if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w and names no end-of-turn id
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
     gemma = arch in ("gemma2", "gemma3")
-    write_gguf(tmp_path / "model.gguf", arch, tensors, layers=layers, scaling=gguf_rope, eot=None if gemma else eot,
+    write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope, eot=None if gemma else eot,
                metadata=metadata, rename={3: "<end_of_turn>"} if gemma else None)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
@@ -831,15 +875,19 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("value_length", "unsupported GGUF attention.value_length 16"),
     ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_output.bias'"),
     ("olmo3_window", r"unsupported GGUF olmo2 attention.sliding_window 4 \(OLMo 3's windowed layers\)"),
+    ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
+    ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
-    arch = "olmo2" if case == "olmo3_window" else "llama"
+    arch = {"olmo3_window": "olmo2", "sigmoid_experts": "olmoe", "scaled_experts": "olmoe"}.get(case, "llama")
     extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
     metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},
-                "olmo3_window": {"attention.sliding_window": 4}}.get(case)
+                "olmo3_window": {"attention.sliding_window": 4},
+                "sigmoid_experts": dict(expert_count=4, expert_used_count=2, expert_gating_func=2),
+                "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5)}.get(case)
     write_gguf(tmp_path / "model.gguf", arch, hf_tensors(arch, np.random.default_rng(3)),
                scaling=scaling, extras=extras, metadata=metadata)
     with pytest.raises(ValueError, match=match):

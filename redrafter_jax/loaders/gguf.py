@@ -21,7 +21,8 @@ from redrafter_jax.loaders import (
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "granite", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen3",
+                           "qwen3moe", "smollm3")
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
@@ -32,6 +33,9 @@ NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF 
 # scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
 GEMMA = {"gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
          "gemma3": dict(full_every=6, local_theta=10000.0, layers_27b=62)}
+# Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
+# the file's expert_weights_norm says otherwise
+NORM_TOPK = ("llama", "qwen3moe")
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -157,6 +161,27 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
     return {}
 
 
+def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
+    """A mixture of experts' `ModelConfig` settings (none for a dense model), as llama.cpp reads them: the
+    layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it."""
+    m = _arch_field(reader, arch)
+    count = int(m("expert_count", 0))
+    if not count:
+        return {}
+    gating, scale = int(m("expert_gating_func", 1)), float(m("expert_weights_scale", 1.0))
+    if gating != 1 or scale not in (0.0, 1.0):  # 1: softmax; a scale of 0 is llama.cpp's none
+        raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} (supported: "
+                         f"softmax (1), unscaled)")
+    moe = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in source.tensors)
+    shared = [f"blk.{i}.ffn_gate_shexp.weight" for i in moe if f"blk.{i}.ffn_gate_shexp.weight" in source.tensors]
+    return dict(num_experts=count, experts_per_token=int(m("expert_used_count")),
+                expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
+                moe_layers=None if len(moe) == layers else moe,
+                norm_topk=bool(m("expert_weights_norm", arch in NORM_TOPK)),
+                shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
+                    source.shape(shared[0])[0] if shared else 0))
+
+
 def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
     """A GGUF file's config and tokenizer, read from its metadata; `.load()` dequantises one tensor at a
     time straight onto its devices (its shards on `mesh`, if given)."""
@@ -187,6 +212,9 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         if int(m(key, head_dim)) != head_dim:
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
                              f"(RoPE on every dimension of a head, values as wide as keys)")
+    qk_norm = None  # of each head ([head_dim]), or of all heads at once (OLMo's [heads x head_dim])
+    if "blk.0.attn_q_norm.weight" in tensors:
+        qk_norm = "head" if source.shape("blk.0.attn_q_norm.weight") == (head_dim,) else "all"
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
     # llama.cpp also ends generation at the end of a turn or message (Gemma's, which it finds by its text)
@@ -206,8 +234,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         rope_scaling=scaling,
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
-        qk_norm=("all" if arch == "olmo2" else "head") if "blk.0.attn_q_norm.weight" in tensors else None,
-        **_own_settings(reader, arch, hidden, layers), bos_token_id=bos, eos_token_ids=eos,
+        qk_norm=qk_norm, **_own_settings(reader, arch, hidden, layers), **_experts(reader, arch, source, layers),
+        bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
     if arch in GEMMA:  # its converter wrote the norms' 1 + w
