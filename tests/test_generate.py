@@ -129,10 +129,15 @@ def test_sampling_without_key_and_bad_sampling_settings_raise():
         SamplingConfig(temperature=-1.0)
 
 
-@pytest.mark.parametrize("dtype,expected", [("float32", "HIGHEST"), ("bfloat16", "DEFAULT")])
-def test_float32_models_decode_with_float32_matrix_products(dtype, expected):
+MOE = dict(num_experts=4, experts_per_token=2, expert_size=16)
+
+
+@pytest.mark.parametrize("dtype,expected,experts", [("float32", "HIGHEST", {}), ("bfloat16", "DEFAULT", {}),
+                                                    ("float32", "HIGHEST", MOE)])
+def test_float32_models_decode_with_float32_matrix_products(dtype, expected, experts):
     """Both decode loops, target and drafter, lowered as generate() lowers them: every product of a
-    float32 model at HIGHEST precision (no TF32 on GPUs), whatever the global default."""
+    float32 model at HIGHEST precision (no TF32 on GPUs), whatever the global default; a mixture of
+    experts' too, gathered (a step's) and grouped (a tree's)."""
     import re
 
     from redrafter_jax import generate as gen
@@ -140,7 +145,7 @@ def test_float32_models_decode_with_float32_matrix_products(dtype, expected):
     from redrafter_jax.decode import prepare_prompts
     from redrafter_jax.drafter import Drafter, init_drafter
 
-    cfg, params = tiny_model(dtype=dtype)
+    cfg, params = tiny_model(dtype=dtype, **experts)
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, dtype=dtype)
     drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1)), dcfg)
     block, lengths, limits = prepare_prompts(cfg, [[5, 6, 7]], 4)
@@ -151,7 +156,7 @@ def test_float32_models_decode_with_float32_matrix_products(dtype, expected):
                  gen._call(gen._speculative_jit.lower, cfg, params, params, drafter, None, block, lengths, limits, key,
                            spec=SpecConfig(2, 3, lookup_beams=1), **common)]
     for text in (t.as_text() for t in texts):
-        precisions = re.findall(r"stablehlo.dot_general .*?precision = \[(\w+), (\w+)\]", text)
+        precisions = re.findall(r"(?:stablehlo.dot_general|chlo.ragged_dot) .*?precision = \[(\w+), (\w+)\]", text)
         assert len(precisions) > 10
         assert set(p for pair in precisions for p in pair) == {expected}
 
