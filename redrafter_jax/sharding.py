@@ -4,7 +4,8 @@ A mesh has two axes. "data" splits the batch: prompt rows, their KV cache and al
 "model" splits the target tensor-parallel (Megatron style), along axes the params layout keeps whole
 per shard (`model.py`): wqkv/bqkv by KV head (each shard holds its KV heads' query heads too),
 w_gate_up by the MLP hidden unit (every expert's too, so the router and each token's experts need no
-communication), the embedding and LM head by vocabulary entry; wo and w_down are split along their input, so each shard's partial products are summed by one all-reduce per layer.
+communication), the embedding and LM head by vocabulary entry; wo and w_down are split along their
+input, so each shard's partial products are summed by one all-reduce per layer.
 The KV cache is split by KV head like wqkv, so attention needs no communication at all. Norms, the
 drafter and the tree are small and replicated. XLA's SPMD partitioner inserts the collectives: the
 model code is the same on one device and on a mesh.
@@ -58,6 +59,9 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
     split = {"num_kv_heads": cfg.num_kv_heads, "intermediate_size": cfg.intermediate_size,
              "expert_size": cfg.expert_size, "shared_expert_size": cfg.shared_expert_size,
              "vocab_size": cfg.vocab_size}
+    if all(cfg.moe(i) for i in range(cfg.num_layers)):  # no dense MLP
+        del split["intermediate_size"]
+    split = {name: n for name, n in split.items() if n}  # (sizes of MLPs the model does not have are 0)
     bad = [f"{name} {n}" for name, n in split.items() if n % m]
     if bad:
         raise ValueError(f"the mesh's model axis ({m} devices) must divide the model's {', '.join(bad)}: "

@@ -111,6 +111,13 @@ def errors() -> dict:
             found[m] = "no error"
         except ValueError as e:
             found[m] = str(e)
+    # a mixture of experts in every layer: its experts' size is split, its unused dense size not
+    cfg, params = tiny_model(num_kv_heads=4, intermediate_size=10, num_experts=4, experts_per_token=2, expert_size=10)
+    try:
+        gen.generate(params, cfg, [[3, 4]], max_new_tokens=2, mesh=sharding.parse_mesh("2x4"))
+        found["experts/2x4"] = "no error"
+    except ValueError as e:
+        found["experts/2x4"] = str(e)
     return found
 
 
@@ -168,7 +175,8 @@ def experts() -> dict:
         leaves = jax.tree_util.tree_leaves(m.params)
         found["same_params"] = all(np.array_equal(np.asarray(a), np.asarray(b))
                                    for a, b in zip(leaves, jax.tree_util.tree_leaves(one.params)))
-        found["experts_shards"] = [list(s.data.shape) for s in m.params["layers"][0]["experts_gate_up"].addressable_shards]
+        shards = m.params["layers"][0]["experts_gate_up"].addressable_shards
+        found["experts_shards"] = [list(s.data.shape) for s in shards]
     shared = tiny_model(num_heads=16, num_kv_heads=8, num_experts=4, experts_per_token=2, expert_size=16,
                         shared_expert_size=8, moe_layers=(1,))
     prompts = [[5, 9, 3, 9, 3, 9, 3], [7, 8, 2], [11, 12, 13, 11, 12], [4]]

@@ -62,6 +62,9 @@ def test_model_or_mesh_that_do_not_fit_are_refused(eight):
     assert "model axis (8 devices) must divide the model's num_kv_heads 2" in eight["errors"]["1x8"]
     assert "a 3x1 mesh needs 3 devices, 8 given" in eight["errors"]["3x1"]
     assert "a mesh with a data axis of 1" in eight["errors"]["8x1"]
+    assert eight["errors"]["experts/2x4"] == ("the mesh's model axis (4 devices) must divide the model's expert_size "
+                                              "10: choose a model axis that divides num_kv_heads, expert_size, "
+                                              "vocab_size")
 
 
 def test_training_steps_on_every_mesh_equal_one_device(eight):

@@ -39,7 +39,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "exaone4": "Exaone4ForCausalLM", "g
                 "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "qwen3_moe": "Qwen3MoeForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
-MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE = "MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
+MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
+QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 # where a mixture of experts stores its router and each expert's gate, up and down projections
 _EXPERT_NAMES = {MIXTRAL: [f"model.layers.{{i}}.block_sparse_moe.{n}.weight"
