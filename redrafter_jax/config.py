@@ -15,11 +15,14 @@ class RopeScaling:
     """RoPE frequency scaling. kind: "linear", "llama3" (Llama 3.1 long-context scaling), "yarn" (YaRN,
     arXiv 2309.00071: frequencies that turn fewer than `beta_slow` times over the original context
     `original_max_position` divided by `factor`, those that turn more than `beta_fast` times kept, a
-    linear ramp between; cos and sin times `attention_factor`, None: 0.1 ln(factor) + 1) or "factors"
+    linear ramp between; cos and sin times `attention_factor`, None: 0.1 ln(factor) + 1), "factors"
     (each frequency divided by its own factor: llama.cpp's `rope_freqs` tensor, [head_dim // 2], in
-    which GGUF files store Llama 3.1's scaling)."""
+    which GGUF files store Llama 3.1's scaling) or "longrope" (Phi-3's LongRoPE: each frequency divided
+    by its own factor, `factors` at positions before `original_max_position` and `long_factors` from
+    there on; cos and sin times `attention_factor`, None: (1 + ln(factor) / ln(original_max_position))^1/2,
+    where factor is how many times longer the context is than the original)."""
 
-    KINDS = ("linear", "llama3", "yarn", "factors")
+    KINDS = ("linear", "llama3", "yarn", "factors", "longrope")
 
     kind: str
     factor: float = 1.0
@@ -27,6 +30,7 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
     factors: tuple[float, ...] = ()
+    long_factors: tuple[float, ...] = ()
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True  # yarn: the ramp's ends rounded out to whole frequencies
@@ -35,22 +39,31 @@ class RopeScaling:
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise ValueError(f"unsupported rope scaling type {self.kind!r} (supported: {', '.join(self.KINDS)})")
-        if self.factor <= 0 or min(self.factors, default=1) <= 0:
+        if self.factor <= 0 or min(self.factors + self.long_factors, default=1) <= 0:
             raise ValueError(f"rope scaling factors must be positive, got factor {self.factor}"
-                             + (f" and per-frequency factors {self.factors}" if self.factors else ""))
-        if (self.kind == "factors") != bool(self.factors):
-            raise ValueError("rope scaling: per-frequency factors go with kind 'factors', and only with it")
-        if self.attention_factor is not None and (self.kind != "yarn" or not self.attention_factor > 0):
-            raise ValueError(f"rope scaling: attention_factor must be positive and goes with kind 'yarn' only, got "
-                             f"{self.attention_factor} with {self.kind!r}")
+                             + (f" and per-frequency factors {self.factors + self.long_factors}"
+                                if self.factors else ""))
+        if (self.kind in ("factors", "longrope")) != bool(self.factors):
+            raise ValueError("rope scaling: per-frequency factors go with kinds 'factors' and 'longrope', and only "
+                             "with them")
+        if (self.kind == "longrope") != bool(self.long_factors) or len(self.long_factors) not in (0, len(self.factors)):
+            raise ValueError(f"rope scaling: long factors go with kind 'longrope' only, as many as its short ones, got "
+                             f"{len(self.long_factors)} long and {len(self.factors)} short with {self.kind!r}")
+        if self.attention_factor is not None and (self.kind not in ("yarn", "longrope") or
+                                                  not self.attention_factor > 0):
+            raise ValueError(f"rope scaling: attention_factor must be positive and goes with kinds 'yarn' and "
+                             f"'longrope' only, got {self.attention_factor} with {self.kind!r}")
 
     def cos_sin_scale(self) -> float:
-        """What cos and sin are multiplied by (YaRN's attention temperature; 1 for the other kinds)."""
-        if self.kind != "yarn":
+        """What cos and sin are multiplied by (YaRN's and LongRoPE's attention factors; 1 for the other
+        kinds)."""
+        if self.kind not in ("yarn", "longrope"):
             return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
-        return yarn_mscale(self.factor)
+        if self.kind == "yarn":
+            return yarn_mscale(self.factor)
+        return 1.0 if self.factor <= 1 else math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position))
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -74,6 +87,7 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int
     max_position_embeddings: int
+    rotary_dim: int | None = None  # the dimensions of a head RoPE rotates, None: all (Phi-4-mini's: 3/4)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
@@ -119,10 +133,13 @@ class ModelConfig:
                              f"num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"model config: rotary_dim must be even and in [2, head_dim = {self.head_dim}], got "
+                             f"{self.rotary_dim}")
         if self.rope_scaling is not None and self.rope_scaling.factors and \
-                len(self.rope_scaling.factors) != self.head_dim // 2:
+                len(self.rope_scaling.factors) != self.rotary // 2:
             raise ValueError(f"model config: {len(self.rope_scaling.factors)} RoPE frequency factors for "
-                             f"head_dim {self.head_dim} ({self.head_dim // 2} frequencies)")
+                             f"{self.rotary} rotated dimensions of a head ({self.rotary // 2} frequencies)")
         if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.embedding_multiplier, self.logits_scaling)):
             raise ValueError(f"model config: embedding_multiplier and logits_scaling must be positive, got "
                              f"{self.embedding_multiplier} and {self.logits_scaling}")
@@ -168,18 +185,25 @@ class ModelConfig:
         """Whether `layer`'s MLP is a mixture of experts."""
         return bool(self.num_experts) and (self.moe_layers is None or layer in self.moe_layers)
 
-    def rope_inv_freq(self, local: bool = False) -> np.ndarray:
+    @property
+    def rotary(self) -> int:
+        """The dimensions of a head RoPE rotates."""
+        return self.rotary_dim or self.head_dim
+
+    def rope_inv_freq(self, local: bool = False, long: bool = False) -> np.ndarray:
         """Inverse RoPE frequencies, [head_dim // 2] float32, with any scaling applied; local: the windowed
-        layers' (`local_rope_theta`, unscaled)."""
-        theta = self.local_rope_theta if local else self.rope_theta
-        inv = 1.0 / theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        layers' (`local_rope_theta`, unscaled); long: LongRoPE's from its original context on. With RoPE on
+        part of a head, the frequencies past rotary_dim // 2 are 0: those pairs pass unrotated
+        (`model.rotary_order`)."""
+        theta, r = self.local_rope_theta if local else self.rope_theta, self.rotary
+        inv = 1.0 / theta ** (np.arange(0, r, 2, dtype=np.float64) / r)
         s = None if local else self.rope_scaling
         if s is not None and s.kind == "linear":
             inv = inv / s.factor
-        elif s is not None and s.kind == "factors":
-            inv = inv / np.asarray(s.factors, np.float64)
+        elif s is not None and s.kind in ("factors", "longrope"):
+            inv = inv / np.asarray(s.long_factors if long else s.factors, np.float64)
         elif s is not None and s.kind == "yarn":
-            inv = _yarn_inv_freq(inv, self.head_dim, self.rope_theta, s)
+            inv = _yarn_inv_freq(inv, r, self.rope_theta, s)
         elif s is not None and s.kind == "llama3":
             # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
             wavelen = 2 * math.pi / inv
@@ -190,10 +214,20 @@ class ModelConfig:
             blended = (1 - smooth) * inv / s.factor + smooth * inv
             inv = np.where(wavelen > low_wavelen, inv / s.factor,
                            np.where(wavelen < high_wavelen, inv, blended))
-        return inv.astype(np.float32)
+        return np.pad(inv, (0, (self.head_dim - r) // 2)).astype(np.float32)
 
-    def rope_cos_sin_scale(self) -> float:
-        return 1.0 if self.rope_scaling is None else self.rope_scaling.cos_sin_scale()
+    def rope_cos_sin_scale(self) -> float | np.ndarray:
+        """What cos and sin are multiplied by (`RopeScaling.cos_sin_scale`): with RoPE on part of a head, on
+        the rotated frequencies only, an array [head_dim // 2] (the other pairs pass as they are)."""
+        scale = 1.0 if self.rope_scaling is None else self.rope_scaling.cos_sin_scale()
+        if scale == 1.0 or self.rotary == self.head_dim:
+            return scale
+        return np.where(np.arange(self.head_dim // 2) < self.rotary // 2, scale, 1.0).astype(np.float32)
+
+    def long_rope_from(self) -> int | None:
+        """The first position LongRoPE rotates by its long factors (None without LongRoPE)."""
+        s = self.rope_scaling
+        return s.original_max_position if s is not None and s.kind == "longrope" else None
 
     @property
     def context_length(self) -> int:

@@ -12,7 +12,8 @@ shared by G = nh / nkv query heads):
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H]; and with a shared expert of S units
         shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]
-Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs).
+Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs); with
+RoPE on part of a head, each Q/K head's dims are reordered so that it does too (`rotary_order`).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
 batch sizes every step is a chain of matrix-vector products: fewer, larger ones that read each weight
 in place run ~1.5x faster on CPU than a `lax.scan` slicing stacked weights. Grouping Q/K/V by KV head
@@ -219,11 +220,30 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return out.reshape(x.shape)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, D/2] float32 of positions [B, T], times `scale` (YaRN's; it scales queries and keys
-    alike): computed once per forward, shared by the layers."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float | np.ndarray = 1.0,
+                long: tuple[np.ndarray, int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, D/2] float32 of positions [B, T], times `scale` (YaRN's and LongRoPE's, one or one per
+    frequency; it scales queries and keys alike): computed once per forward, shared by the layers. long:
+    LongRoPE's (inverse frequencies, first position) for positions from there on. Chosen by each token's
+    own position, a key is rotated alike whichever forward writes it, so a tree verifies exactly what
+    one-token steps would (transformers switches a whole forward by its last position, which agrees
+    with this for one-token steps from a prompt within the original context)."""
+    positions = positions[..., None]
+    if long is not None:
+        inv_freq = jnp.where(positions >= long[1], long[0], inv_freq)
+    angles = positions.astype(jnp.float32) * inv_freq
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale  # times 1.0 is exact
+
+
+def rotary_order(head_dim: int, rotary_dim: int) -> np.ndarray:
+    """Our order of a query or key head's dims [D], as indices into a checkpoint's that rotates its first
+    rotary_dim R (rotate_half over them: pairs (i, i + R/2)): the rotated pairs at (i, i + D/2), as RoPE
+    over the whole head pairs dims, and the other dims in the remaining pairs, whose frequency is 0
+    (`ModelConfig.rope_inv_freq`). Queries and keys reordered alike keep their dot products, so RoPE on
+    part of a head costs nothing beyond the loader's reordering."""
+    rest = (head_dim - rotary_dim) // 2
+    return np.concatenate([np.arange(rotary_dim // 2), np.arange(rotary_dim, rotary_dim + rest),
+                           np.arange(rotary_dim // 2, rotary_dim), np.arange(rotary_dim + rest, head_dim)])
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -283,7 +303,9 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     b, t = tokens.shape
     g = cfg.num_heads // cfg.num_kv_heads
     kv.check_room(cache, t)
-    rope = rope_tables(positions, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale())
+    long = cfg.long_rope_from()
+    rope = rope_tables(positions, cfg.rope_inv_freq(), cfg.rope_cos_sin_scale(),
+                       None if long is None else (cfg.rope_inv_freq(long=True), long))
     local_rope = rope if cfg.local_rope_theta is None else rope_tables(positions, cfg.rope_inv_freq(local=True))
     no_rope = jnp.ones_like(rope[0]), jnp.zeros_like(rope[1])  # NoPE layers: the identity rotation, exact
     windowed = mask if cfg.sliding_window is None else mask & kv.window_mask(cache, positions, cfg.sliding_window)

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -382,6 +383,38 @@ def test_yarn_checkpoint_matches_transformers(tmp_path, arch, rope):
     assert_logits_match_transformers(m, directory=tmp_path)
 
 
+def phi_longrope(head_dim, partial=0.5):
+    """Phi-4-mini's kind of RoPE at a tiny size: on part of each head (`partial`), LongRoPE's factors from
+    position 8 on differing from those before it."""
+    n = int(head_dim * partial) // 2
+    return dict(partial_rotary_factor=partial, original_max_position_embeddings=8, sliding_window=None,
+                rope_scaling={"type": "longrope", "short_factor": [1.0 + i / n for i in range(n)],
+                              "long_factor": [2.0 + 3 * i for i in range(n)]})
+
+
+@pytest.mark.parametrize("partial", [0.5, 1.0])
+def test_phi3_longrope_matches_transformers_decoding_token_by_token(tmp_path, partial):
+    """Phi-3.5's and Phi-4-mini's LongRoPE (and Phi-4-mini's RoPE on part of each head): transformers'
+    logits while it decodes a token at a time from a prompt within the original context (8 positions) past
+    it, where each key keeps the factors of its own position, are our forward's of the whole sequence."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    write_checkpoint(tmp_path, "phi3", hf_tensors("phi3", np.random.default_rng(5)), **phi_longrope(8, partial))
+    m = load_hf(str(tmp_path))
+    assert m.config.rotary_dim == (4 if partial < 1 else None) and m.config.long_rope_from() == 8
+    assert m.config.rope_scaling.cos_sin_scale() == pytest.approx((1 + math.log(8) / math.log(8)) ** 0.5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                           attn_implementation="eager")
+    # the KV cache, which each forward extends in place, under the name this transformers version gives it
+    cache = {"cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values":
+             transformers.DynamicCache()}
+    with torch.no_grad():
+        logits = [hf(torch.tensor([ids]), use_cache=True, **cache).logits[0] for ids in [TOKENS[:5]] + [
+            [t] for t in TOKENS[5:]]]
+    ours = np.asarray(forward_causal(m.params, m.config, jnp.asarray([TOKENS])).logits[0])
+    np.testing.assert_allclose(ours, torch.cat(logits).numpy(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("config", [
     {"rope_scaling": {**YARN, "original_max_position_embeddings": 32768}, "max_position_embeddings": 131072,
      "rope_theta": 1e6, "head_dim": 128},  # Qwen3's model card
@@ -477,7 +510,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
-                                           ("mixtral", {}), ("qwen2_moe", {})])
+                                           ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16))])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -486,7 +519,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     norms, OLMo 3's windowed layer without the YaRN scaling of its other, EXAONE 4's windowed layer with RoPE
     beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a
     dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
-    experts' grouped products), in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
+    experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
+    at position 8 (crossed by the prompt), in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
     speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
@@ -500,7 +534,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "olmo3": m.config.window_layers == (0,) and m.config.rope_cos_sin_scale() > 1,  # YaRN's
             "exaone4": m.config.window_layers == (0,) and m.config.nope_layers == (1,),
             "mixtral": m.config.norm_topk and m.config.sliding_window == 5,
-            "qwen2_moe": m.config.shared_expert_size == 24 and m.config.moe_layers == (0,)}[arch]
+            "qwen2_moe": m.config.shared_expert_size == 24 and m.config.moe_layers == (0,),
+            "phi3": m.config.rotary_dim == 8 and m.config.long_rope_from() == 8}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -586,7 +621,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh\\)"),
     ("bidirectional", "unsupported use_bidirectional_attention: True"),  # EmbeddingGemma's
     ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
-    ("phi3_longrope", "unsupported rope scaling type 'longrope'"),  # which Phi-3's configs call "su" or "yarn"
+    ("phi3_longrope", "LongRoPE scaling needs lists short_factor and long_factor"),  # Phi-3's "su" or "yarn"
+    ("partial_rope_odd", r"unsupported partial_rotary_factor 0.375 for Phi3ForCausalLM \(RoPE on 3 of a head's 8"),
     ("granite_residual", "Granite's residual and attention multipliers must be positive numbers, got None and 1.0"),
     ("expert_missing", "checkpoint is missing tensor 'model.layers.1.block_sparse_moe.experts.3.w2.weight'"),
     ("expert_shape", r"tensor 'model.layers.0.block_sparse_moe.experts.2.w1.weight' has shape \(40, 32\), unlike "
@@ -639,8 +675,9 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                 "full_attention": {"rope_type": "default", "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}}}[case])
     elif case == "phi3_longrope":
-        overrides.update(architectures=["Phi3ForCausalLM"], rope_scaling={"type": "su", "short_factor": [1.0] * 4,
-                                                                          "long_factor": [2.0] * 4})
+        overrides.update(architectures=["Phi3ForCausalLM"], rope_scaling={"type": "su", "short_factor": [1.0] * 4})
+    elif case == "partial_rope_odd":
+        overrides.update(architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.375)
     elif case == "granite_residual":
         overrides.update(architectures=["GraniteForCausalLM"], residual_multiplier=None)
     elif case == "o_proj_bias":
@@ -837,10 +874,16 @@ def test_gguf_rope_factors_load_as_llama3_scaling(tmp_path):
 
 
 @pytest.mark.parametrize("scaling,match", [
-    (dict(kind="factors", factors=(1.0, 2.0)), r"2 RoPE frequency factors for head_dim 8 \(4 frequencies\)"),
-    (dict(kind="factors"), "per-frequency factors go with kind 'factors'"),
-    (dict(kind="linear", factor=2.0, factors=(1.0,) * 4), "per-frequency factors go with kind 'factors'"),
+    (dict(kind="factors", factors=(1.0, 2.0)),
+     r"2 RoPE frequency factors for 8 rotated dimensions of a head \(4 frequencies\)"),
+    (dict(kind="factors"), "per-frequency factors go with kinds 'factors' and 'longrope'"),
+    (dict(kind="linear", factor=2.0, factors=(1.0,) * 4), "per-frequency factors go with kinds 'factors' and"),
     (dict(kind="factors", factors=(1.0, 0.0, 1.0, 1.0)), "must be positive"),
+    (dict(kind="longrope", factors=(1.0,) * 4), "long factors go with kind 'longrope' only, as many as its short"),
+    (dict(kind="longrope", factors=(1.0,) * 4, long_factors=(2.0,) * 3), "got 3 long and 4 short"),
+    (dict(kind="factors", factors=(1.0,) * 4, long_factors=(2.0,) * 4), "got 4 long and 4 short with 'factors'"),
+    (dict(kind="longrope", factors=(1.0,) * 4, long_factors=(2.0, -1.0, 2.0, 2.0)), "must be positive"),
+    (dict(kind="linear", factor=2.0, attention_factor=1.2), "attention_factor must be positive and goes with kinds"),
 ])
 def test_bad_rope_factors_are_refused(scaling, match):
     with pytest.raises(ValueError, match=match):

@@ -9,7 +9,7 @@ import pytest
 
 from redrafter_jax import model
 from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, window_mask, write
-from redrafter_jax.config import SpecConfig
+from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
 from tests.reference import GGUFReference
@@ -81,6 +81,9 @@ def test_cached_decoding_matches_full_forward(smollm):
     (dict(window_layers=(1,)), "window_layers need a sliding_window"),
     (dict(sliding_window=4, window_layers=(1, 0)), r"window_layers must be distinct layer indices in \[0, 2\)"),
     (dict(nope_layers=(2,)), r"nope_layers must be distinct layer indices in \[0, 2\) in order, got \(2,\)"),
+    (dict(rotary_dim=5), r"rotary_dim must be even and in \[2, head_dim = 8\], got 5"),
+    (dict(rotary_dim=4, rope_scaling=RopeScaling("factors", factors=(1.0, 2.0, 3.0))),
+     r"3 RoPE frequency factors for 4 rotated dimensions of a head \(2 frequencies\)"),
     (dict(num_experts=4, experts_per_token=5, expert_size=8), "needs 1 <= experts_per_token <= num_experts"),
     (dict(num_experts=4, experts_per_token=2), "and a positive expert_size"),
     (dict(expert_size=8), "need num_experts > 0"),

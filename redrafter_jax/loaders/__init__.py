@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
-from redrafter_jax.model import Params, param_shapes
+from redrafter_jax.model import Params, param_shapes, rotary_order
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -261,19 +261,22 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
 
 def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ...], source: Source) -> np.ndarray:
     """Our parameter's block at `index` (one slice per axis of our layout), read from its stored parts."""
+    order = rotary_order(cfg.head_dim, cfg.rotary)  # of Q/K heads' dims (the identity without partial RoPE)
     if ours in ("wqkv", "bqkv"):  # q [nh D, (H)], k and v [nkv D, (H)] -> [(H), nkv, G + 2, D]
         *lead, heads, j, d = index
         k0, k1, _ = heads.indices(cfg.num_kv_heads)
         groups = []
-        for name, per_kv in zip(parts, (cfg.num_heads // cfg.num_kv_heads, 1, 1)):
+        for name, per_kv, dims in zip(parts, (cfg.num_heads // cfg.num_kv_heads, 1, 1), (order, order, slice(None))):
             rows = slice(k0 * per_kv * cfg.head_dim, k1 * per_kv * cfg.head_dim)
             x = source.read(name, (rows, *lead))
-            groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:]))
+            groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:])[:, :, dims])
         x = np.moveaxis(np.concatenate(groups, axis=1), (0, 1, 2), (-3, -2, -1))
         return x[(slice(None),) * len(lead) + (slice(None), j, d)]
-    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # [heads D] -> [nkv, G or 1, D], heads in order
+    if ours in ("q_norm", "k_norm"):  # [D], or [heads D] -> [nkv, G or 1, D], heads in order
         x = source.read(parts[0], (slice(None),))
-        return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
+        if cfg.qk_norm == "all":
+            return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[..., order][index]
+        return x[order][index]
     if ours in GATE_UP:  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]

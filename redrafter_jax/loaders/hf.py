@@ -204,9 +204,10 @@ def _experts(arch: str, c: dict) -> dict:
                 shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0)
 
 
-def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
-    """RoPE base and scaling, and the windowed layers' own base (`_LOCAL_ROPE`): transformers >= 5 writes
-    them in `rope_parameters` (those models: a set for each layer kind), earlier versions as `rope_theta`,
+def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
+    """RoPE base and scaling, the windowed layers' own base (`_LOCAL_ROPE`), and the dimensions of a head
+    it rotates (None: all; Phi-3's partial_rotary_factor): transformers >= 5 writes them in
+    `rope_parameters` (those models: a set for each layer kind), earlier versions as `rope_theta`,
     `rope_scaling` and the key `_LOCAL_ROPE` names."""
     params = c.get("rope_parameters") or {}
     local = float(c[_LOCAL_ROPE[arch]]) if arch in _LOCAL_ROPE else None
@@ -222,32 +223,38 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None]:
     theta = float(theta)
     rs = params or c.get("rope_scaling") or {}
     partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
-    if partial != 1.0:
-        raise ValueError(f"unsupported partial_rotary_factor {partial} (RoPE on part of each head)")
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
+    if rotary is not None and (arch != PHI3 or rotary % 2):  # the others' transformers models rotate all
+        raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
+                         f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
     if arch == PHI3 and kind in ("su", "yarn"):  # Phi-3's configs name its LongRoPE so
         kind = "longrope"
     if kind == "default":
-        return theta, None, local
+        return theta, None, local, rotary
     # transformers 5: a top-level original_max_position_embeddings (Phi-3's) comes first
     original = int(c.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
                    or c["max_position_embeddings"])
     factor = rs.get("factor")
-    if factor is None and kind == "yarn":  # DeepSeek-V3's: the ratio of the two context lengths
+    if factor is None and kind in ("yarn", "longrope"):  # DeepSeek-V3's, Phi-3's: the two contexts' ratio
         factor = c["max_position_embeddings"] / original
     if factor is None and kind in RopeScaling.KINDS:  # (RopeScaling names an unknown kind)
         raise ValueError(f"unsupported rope scaling {rs} (it has no factor)")
-    attention_factor = None  # the other kinds have none
-    if kind == "yarn":
-        attention_factor = rs.get("attention_factor")
-        if attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
-            attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
+    attention_factor = rs.get("attention_factor") if kind in ("yarn", "longrope") else None  # (others have none)
+    if kind == "yarn" and attention_factor is None and rs.get("mscale") and rs.get("mscale_all_dim"):
+        attention_factor = yarn_mscale(factor, rs["mscale"]) / yarn_mscale(factor, rs["mscale_all_dim"])
+    short = long = ()  # LongRoPE's per-frequency factors
+    if kind == "longrope":
+        if not all(isinstance(rs.get(key), list) for key in ("short_factor", "long_factor")):
+            raise ValueError(f"LongRoPE scaling needs lists short_factor and long_factor, got {rs}")
+        short, long = (tuple(float(f) for f in rs[key]) for key in ("short_factor", "long_factor"))
     scaling = RopeScaling(kind=kind, factor=float(factor or 1), low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
                           high_freq_factor=float(rs.get("high_freq_factor", 4.0)), original_max_position=original,
                           beta_fast=float(rs.get("beta_fast") or 32), beta_slow=float(rs.get("beta_slow") or 1),
-                          truncate=bool(rs.get("truncate", True)),
+                          truncate=bool(rs.get("truncate", True)), factors=short, long_factors=long,
                           attention_factor=None if attention_factor is None else float(attention_factor))
-    return theta, scaling, local
+    return theta, scaling, local, rotary
 
 
 def _with_defaults(c: dict) -> tuple[str, dict]:
@@ -290,7 +297,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     qkv_bias = arch == "Qwen2ForCausalLM" or (arch == QWEN2_MOE and bool(c["qkv_bias"]))
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
-    theta, scaling, local_theta = _rope(arch, c)
+    theta, scaling, local_theta, rotary = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
     if arch == EXAONE4 and window_layers is not None:  # its global layers have no RoPE beside windowed ones
@@ -304,7 +311,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
         max_position_embeddings=int(c["max_position_embeddings"]),
-        rope_theta=theta, rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
         rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
