@@ -45,6 +45,10 @@ ARCHS = {
     "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", tie_word_embeddings=True,
                    sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0, query_pre_attn_scalar=32,
                    hidden_activation="gelu_pytorch_tanh"),
+    # RoPE on half of each head, its pairs adjacent dimensions; Q/K/V biases; gate and up fused; GLM-4's
+    # norms after attention and the MLP too
+    "glm": dict(architectures=["GlmForCausalLM"], model_type="glm", tie_word_embeddings=False, pad_token_id=2),
+    "glm4": dict(architectures=["Glm4ForCausalLM"], model_type="glm4", tie_word_embeddings=False, pad_token_id=2),
     # the scores' scale far from head_dim^-1/2
     "granite": dict(architectures=["GraniteForCausalLM"], model_type="granite", tie_word_embeddings=True,
                     embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
@@ -118,7 +122,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("qwen2", "qwen2_moe"):
+        if arch in ("qwen2", "qwen2_moe", "glm", "glm4"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
@@ -133,10 +137,13 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                       p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim)})
         if arch in ("olmo2", "olmo3", "exaone4"):  # norms after attention and the MLP only
             t[p + "post_feedforward_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
-        if arch == "phi3":  # Q, K and V in one tensor, gate and up in one
-            for fused, parts in (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),
-                                 ("mlp.gate_up", ("mlp.gate", "mlp.up"))):
+        if arch in ("phi3", "glm", "glm4"):  # gate and up in one tensor; Phi-3's Q, K and V in one too
+            fusions = (("mlp.gate_up", ("mlp.gate", "mlp.up")),) + (
+                (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),) if arch == "phi3" else ())
+            for fused, parts in fusions:
                 t[p + f"{fused}_proj.weight"] = np.concatenate([t.pop(p + f"{n}_proj.weight") for n in parts])
+        if arch == "glm4":
+            t.update({p + f"post_{n}_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("self_attn", "mlp")})
         if arch not in ("olmo2", "olmo3", "exaone4"):
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
@@ -210,8 +217,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"exaone4", "gemma2", "gemma3", "granite", "olmo2", "olmo3",
-                                                       "phi3", *MOE_LAYERS}))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"exaone4", "gemma2", "gemma3", "glm", "glm4", "granite", "olmo2",
+                                                       "olmo3", "phi3", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -247,14 +254,15 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own Llama, Exaone4, Gemma2, Gemma3, Granite, Mistral, Ministral, Olmo2, Olmo3,
-    Phi3, Qwen2, Qwen3 and SmolLM3 modules on the same directory: RoPE layout, llama3 rope scaling, EXAONE
+    """Reference: transformers' own module for each architecture (`ARCHS`) on the same directory: RoPE layout, llama3 rope scaling, EXAONE
     4's windowed layer with RoPE beside a global one without, Gemma's norms,
     GeGLU and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with
     its own RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in one
     layer of two, OLMo 2's norms after attention and the MLP only and over all query and key heads (OLMo
     3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused tensors and window,
-    Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own."""
+    Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of experts
+    (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's adjacent
+    dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -499,7 +507,9 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers,
         theirs.num_attention_heads, theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings,
         rope_theta, theirs.rms_norm_eps, theirs.tie_word_embeddings, window, theirs.bos_token_id,
-        () if theirs.eos_token_id is None else (theirs.eos_token_id,))
+        () if theirs.eos_token_id is None else tuple(np.atleast_1d(theirs.eos_token_id).tolist()))
+    partial = rope.get("partial_rotary_factor", getattr(theirs, "partial_rotary_factor", 1.0))
+    assert ours.rotary == int(head_dim * partial)
     experts = getattr(theirs, "num_experts", None) or getattr(theirs, "num_local_experts", 0)
     assert (ours.num_experts, ours.experts_per_token, ours.expert_size, ours.norm_topk, ours.shared_expert_size) == (
         experts, getattr(theirs, "num_experts_per_tok", 0) if experts else 0,
@@ -510,7 +520,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
-                                           ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16))])
+                                           ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
+                                           ("glm4", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -520,7 +531,7 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a
     dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
     experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
-    at position 8 (crossed by the prompt), in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
+    at position 8 (crossed by the prompt), GLM-4's on half of each head, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
     speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
@@ -535,7 +546,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "exaone4": m.config.window_layers == (0,) and m.config.nope_layers == (1,),
             "mixtral": m.config.norm_topk and m.config.sliding_window == 5,
             "qwen2_moe": m.config.shared_expert_size == 24 and m.config.moe_layers == (0,),
-            "phi3": m.config.rotary_dim == 8 and m.config.long_rope_from() == 8}[arch]
+            "phi3": m.config.rotary_dim == 8 and m.config.long_rope_from() == 8,
+            "glm4": m.config.rotary_dim == 8 and m.config.post_norms and m.config.attention_bias}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -912,7 +924,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("longrope", "unsupported rope scaling type 'longrope'"),
+    ("longrope", "unsupported GGUF rope scaling type 'longrope'"),
     ("yarn_log_multiplier", "unsupported GGUF YaRN setting 'rope.scaling.yarn_log_multiplier' = 0.1"),
     ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
     ("value_length", "unsupported GGUF attention.value_length 16"),

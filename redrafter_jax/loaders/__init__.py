@@ -5,8 +5,9 @@ table mapping our params layout to each. `assemble_params` builds every paramete
 devices (one device, or its shards on a mesh): each device's block is read from the checkpoint on its
 own, so the host never holds more than a few tensors at a time. Where a model stores its tensors
 otherwise, a `Source` wrapped around the checkpoint's reads them as the table expects: `Scaled` folds
-in constants the model applies to a weight's product, `Unfused` splits Phi-3's fused tensors, `Stacked`
-stacks a mixture of experts' tensors stored one per expert.
+in constants the model applies to a weight's product, `Unfused` splits fused tensors (Phi-3's, GLM's),
+`Renamed` reads tensors stored under other names or one per expert, `Deinterleaved` reorders RoPE's
+pairs of query and key heads that rotate adjacent dimensions (GLM's).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ LAYER_TENSORS = {
                   ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
     "w_down": [("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight")],
     "post_mlp_norm": [("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight")],
-    # mixtures of experts; Hugging Face checkpoints store each expert on its own (`Stacked` stacks them)
+    # mixtures of experts; Hugging Face checkpoints store each expert on its own (`Renamed` stacks them)
     "router": [("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight")],
     "experts_gate_up": [("model.layers.{i}.mlp.experts.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight"),
                         ("model.layers.{i}.mlp.experts.up_proj.weight", "blk.{i}.ffn_up_exps.weight")],
@@ -70,7 +71,7 @@ HF, GGUF = 0, 1
 # Gemma's Hugging Face checkpoints call the norm before the MLP so, and the one after attention by the
 # name Llama gives the norm before the MLP
 PRE_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
-# Phi-3's fused tensors: Q, K and V in one, gate and up in one, along the output rows
+# Phi-3's fused tensors: Q, K and V in one, gate and up in one (GLM's too), along the output rows
 FUSED_QKV = "model.layers.{i}.self_attn.qkv_proj.weight"
 FUSED_GATE_UP = "model.layers.{i}.mlp.gate_up_proj.weight"
 # ours [in, out] = stored [out, in] transposed
@@ -101,6 +102,14 @@ class Source(Protocol):
         """The block tensor[index] (formats that can, read only that block)."""
 
 
+def _patterns(cfg: ModelConfig, ours: str, fmt: int) -> list[re.Pattern]:
+    """Patterns matching the stored names of our parameter `ours` in every layer, or of "wq", "wk", "bq",
+    "bk" (wqkv's and bqkv's query and key parts)."""
+    part = {"wq": ("wqkv", 0), "wk": ("wqkv", 1), "bq": ("bqkv", 0), "bk": ("bqkv", 1)}.get(ours)
+    names = stored_names(cfg, ours, fmt) if part is None else stored_names(cfg, part[0], fmt)[part[1]:part[1] + 1]
+    return [re.compile(re.escape(name).replace(r"\{i\}", r"\d+") + "$") for name in names]
+
+
 class Scaled:
     """A `Source` whose tensors read as (x + shift) x factor: `adjust` maps our parameter, or "wq" and "bq"
     (wqkv's and bqkv's query parts), to (shift, factor). Constants a model applies to what a weight
@@ -109,14 +118,9 @@ class Scaled:
     embedding multiplier and logits scaling.)"""
 
     def __init__(self, source: Source, cfg: ModelConfig, fmt: int, adjust: dict[str, tuple[float, float]]):
-        def patterns(ours):
-            names = stored_names(cfg, {"wq": "wqkv", "bq": "bqkv"}.get(ours, ours), fmt)
-            return names[:1] if ours in ("wq", "bq") else names
-
         self.source = source
-        self.adjust = [(re.compile(re.escape(name).replace(r"\{i\}", r"\d+") + "$"), shift, factor)
-                       for ours, (shift, factor) in adjust.items() if (shift, factor) != (0, 1)
-                       for name in patterns(ours)]
+        self.adjust = [(pattern, shift, factor) for ours, (shift, factor) in adjust.items() if (shift, factor) != (0, 1)
+                       for pattern in _patterns(cfg, ours, fmt)]
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -130,6 +134,31 @@ class Scaled:
             if pattern.match(name):  # float32 (1 + w and the products of Gemma's and Granite's own), cast once
                 return (x.astype(np.float32) + np.float32(shift)) * np.float32(factor)
         return x
+
+
+class Deinterleaved:
+    """A `Source` whose query and key heads read with RoPE's pairs as Hugging Face's Llama pairs them, the
+    two halves of the rotated dimensions: checkpoints whose heads rotate adjacent dimensions (2j, 2j + 1)
+    of their first rotary_dim (GLM's) read as if they rotated (j, j + rotary_dim / 2). A read takes
+    whole heads (as `_block` reads them)."""
+
+    def __init__(self, source: Source, cfg: ModelConfig, fmt: int):
+        r, self.head_dim = cfg.rotary, cfg.head_dim
+        self.source, self.order = source, np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2),
+                                                          np.arange(r, cfg.head_dim)])
+        self.patterns = [pattern for ours in ("wq", "wk", "bq", "bk") for pattern in _patterns(cfg, ours, fmt)]
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        x = self.source.read(name, index)
+        if not any(pattern.match(name) for pattern in self.patterns):
+            return x
+        return x.reshape(-1, self.head_dim, *x.shape[1:])[:, self.order].reshape(x.shape)
 
 
 class Unfused:
@@ -158,10 +187,10 @@ class Unfused:
         return self.source.read(fused, (slice(first + start, first + stop), *index[1:]))
 
 
-class Stacked:
-    """A `Source` reading tensors stored one per expert as one: `stacks` maps a name the table expects to
-    the stored tensors it stacks along a new first axis (a list), or to the stored tensor it renames (a
-    str)."""
+class Renamed:
+    """A `Source` reading tensors under the names the table expects: `stacks` maps such a name to the
+    stored tensor it renames (a str), or to the stored tensors it stacks along a new first axis (a list:
+    a mixture of experts' stored one per expert)."""
 
     def __init__(self, source: Source, stacks: dict[str, list[str] | str]):
         self.source, self.stacks = source, stacks
@@ -193,7 +222,7 @@ class Stacked:
 
 
 def expert_stacks(cfg: ModelConfig, router: str, gate: str, up: str, down: str) -> dict[str, list[str] | str]:
-    """`Stacked`'s stacks for a Hugging Face checkpoint whose MoE layers store the router and each expert's
+    """`Renamed`'s stacks for a Hugging Face checkpoint whose MoE layers store the router and each expert's
     gate, up and down projections under these names ("{i}": the layer, "{e}": the expert)."""
     stacks = {}
     for layer in (i for i in range(cfg.num_layers) if cfg.moe(i)):
@@ -205,11 +234,13 @@ def expert_stacks(cfg: ModelConfig, router: str, gate: str, up: str, down: str) 
     return stacks
 
 
-def phi3_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
-    """`Unfused`'s parts for Phi-3's Hugging Face checkpoints: [q; k; v] rows in qkv_proj, [gate; up] in
-    gate_up_proj."""
+def fused_parts(cfg: ModelConfig, qkv: bool = True) -> dict[str, tuple[str, int, int]]:
+    """`Unfused`'s parts for Hugging Face checkpoints that fuse [gate; up] rows in gate_up_proj and (with
+    `qkv`: Phi-3's, not GLM's) [q; k; v] rows in qkv_proj."""
     q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     rows = {"wqkv": (FUSED_QKV, [(0, q), (q, kv), (q + kv, kv)]), "w_gate_up": (FUSED_GATE_UP, [(0, i), (i, i)])}
+    if not qkv:
+        del rows["wqkv"]
     return {name.format(i=layer): (fused.format(i=layer), first, n)
             for ours, (fused, spans) in rows.items() for name, (first, n) in zip(stored_names(cfg, ours, HF), spans)
             for layer in range(cfg.num_layers)}

@@ -130,9 +130,12 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
     kind = m("rope.scaling.type", "none")
     if kind == "none":
         return None
+    if kind not in ("linear", "yarn"):  # (LongRoPE's factors as tensors of their own, say)
+        raise ValueError(f"unsupported GGUF rope scaling type {kind!r} (supported: linear, yarn, and Llama 3's "
+                         f"per-frequency factors as {ROPE_FACTORS})")
     factor = float(m("rope.scaling.factor"))
     original = int(m("rope.scaling.original_context_length", m("context_length")))
-    if kind != "yarn":
+    if kind == "linear":
         return RopeScaling(kind=kind, factor=factor, original_max_position=original)
     if refused := [k for k in _YARN_REFUSED if f"{arch}.{k}" in reader.fields]:
         raise ValueError(f"unsupported GGUF YaRN setting {refused[0]!r} = {m(refused[0])} (supported: the scaling "

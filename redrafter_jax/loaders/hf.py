@@ -13,27 +13,29 @@ from safetensors import safe_open
 from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import (
     HF,
+    Deinterleaved,
     LoadedModel,
     OpenedModel,
+    Renamed,
     Scaled,
     Source,
-    Stacked,
     Unfused,
     expert_stacks,
+    fused_parts,
     gemma_adjustments,
     granite_adjustments,
-    phi3_parts,
 )
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                           "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM",
-                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SmolLM3ForCausalLM")
+                           "GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM",
+                           "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                           "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
+                "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
                 "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM",
                 "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -42,6 +44,11 @@ EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemm
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
+GLM, GLM4 = "GlmForCausalLM", "Glm4ForCausalLM"
+# GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
+_GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i}}.{theirs}_layernorm.weight"
+               for ours, theirs in (("post_attention", "post_self_attn"), ("pre_feedforward", "post_attention"),
+                                    ("post_feedforward", "post_mlp"))}
 # where a mixture of experts stores its router and each expert's gate, up and down projections
 _EXPERT_NAMES = {MIXTRAL: [f"model.layers.{{i}}.block_sparse_moe.{n}.weight"
                            for n in ("gate", "experts.{e}.w1", "experts.{e}.w3", "experts.{e}.w2")]}
@@ -75,6 +82,9 @@ _OLMO = dict(_COMMON, vocab_size=50304, intermediate_size=11008, max_position_em
              pad_token_id=1, bos_token_id=None, eos_token_id=50279)
 _MISTRAL = dict(_LLAMA, intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=131072,
                 sliding_window=4096)
+_GLM = dict(_COMMON, vocab_size=151552, intermediate_size=13696, num_hidden_layers=40, num_key_value_heads=2,
+            head_dim=128, max_position_embeddings=131072, rms_norm_eps=1.5625e-07, pad_token_id=151329,
+            eos_token_id=[151329, 151336, 151338], bos_token_id=None, attention_bias=True, partial_rotary_factor=0.5)
 _QWEN_MOE = dict(_QWEN, hidden_size=2048, num_hidden_layers=24, decoder_sparse_step=1, norm_topk_prob=False)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
@@ -96,6 +106,8 @@ TRANSFORMERS_DEFAULTS = {
     PHI3: dict(_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
                pad_token_id=32000, sliding_window=None),
+    GLM: _GLM,
+    GLM4: _GLM,
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -206,7 +218,7 @@ def _experts(arch: str, c: dict) -> dict:
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
     """RoPE base and scaling, the windowed layers' own base (`_LOCAL_ROPE`), and the dimensions of a head
-    it rotates (None: all; Phi-3's partial_rotary_factor): transformers >= 5 writes them in
+    it rotates (None: all; Phi-3's and GLM's partial_rotary_factor): transformers >= 5 writes them in
     `rope_parameters` (those models: a set for each layer kind), earlier versions as `rope_theta`,
     `rope_scaling` and the key `_LOCAL_ROPE` names."""
     params = c.get("rope_parameters") or {}
@@ -225,7 +237,7 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
-    if rotary is not None and (arch != PHI3 or rotary % 2):  # the others' transformers models rotate all
+    if rotary is not None and (arch not in (PHI3, GLM, GLM4) or rotary % 2):  # the others' models rotate all
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -293,8 +305,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
-    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias elsewhere biases o_proj too
-    qkv_bias = arch == "Qwen2ForCausalLM" or (arch == QWEN2_MOE and bool(c["qkv_bias"]))
+    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says, GLM where attention_bias does); attention_bias
+    # elsewhere biases o_proj too
+    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else
+                                                  arch in (GLM, GLM4) and c["attention_bias"])
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
     theta, scaling, local_theta, rotary = _rope(arch, c)
@@ -318,7 +332,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all")}.get(arch),
         hidden_act=act, local_rope_theta=local_theta if window else None,
-        pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, *POST_NORMS_ONLY),
+        pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, GLM4, *POST_NORMS_ONLY),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
@@ -423,14 +437,19 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Stacked`); the others' as they are."""
+    (`loaders.Renamed`), GLM's fused gate and up split, its RoPE pairs reordered (`loaders.Deinterleaved`)
+    and GLM-4's norms renamed; the others' as they are."""
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
     if cfg.num_experts:
-        return Stacked(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
+        return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
-        return Unfused(source, phi3_parts(cfg))
+        return Unfused(source, fused_parts(cfg))
+    if arch in (GLM, GLM4):
+        norms = {ours.format(i=i): theirs.format(i=i) for ours, theirs in _GLM4_NORMS.items()
+                 for i in range(cfg.num_layers)} if arch == GLM4 else {}
+        return Deinterleaved(Unfused(Renamed(source, norms), fused_parts(cfg, qkv=False)), cfg, HF)
     if arch == "GraniteForCausalLM":
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
     if arch in GEMMAS:
