@@ -374,6 +374,38 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
     assert_logits_match_transformers(m, hf)
 
 
+@pytest.mark.parametrize("layout", ["saved", "transformers 5"])
+def test_mistral3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
+    """Mistral Small 3.1 and 3.2 are multimodal checkpoints (Mistral3ForConditionalGeneration): the text
+    model, a Mistral, loads alone, the vision tower and projector left out, and gives the logits of
+    transformers' multimodal model on text; a text model of a kind the loader lacks is refused by name."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    text = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, sliding_window=None, initializer_range=0.3)
+    vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=28, patch_size=14, head_dim=8)
+    config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=63,
+                                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = transformers.Mistral3ForConditionalGeneration(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    if layout == "transformers 5":
+        with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+            tensors = {k.replace("language_model.model.", "model.language_model.").replace(
+                "language_model.lm_head.", "lm_head."): f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(tmp_path)
+    m = load_hf(str(tmp_path))
+    assert m.config.sliding_window is None and not m.config.tie_word_embeddings and "lm_head" in m.params
+    assert_logits_match_transformers(m, hf)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["text_config"]["model_type"] = "ministral3"  # its attention scaled by position: not implemented
+    with pytest.raises(ValueError, match="unsupported text model 'ministral3' of Mistral3ForConditionalGeneration"):
+        config_from_hf(saved)
+
+
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 

@@ -58,8 +58,9 @@ POST_NORMS_ONLY = (EXAONE4, *OLMOS)  # norms after attention and the MLP, none b
 # Models whose windowed layers have RoPE of their own, unscaled: the key of its base in transformers 4's
 # configs (5's give a set of RoPE parameters for each layer kind)
 _LOCAL_ROPE = {GEMMA3: "rope_local_base_freq", "Olmo3ForCausalLM": "rope_theta"}
-# Multimodal checkpoints whose text model loads on its own: Gemma 3 4B, 12B and 27B
-TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3}
+# Multimodal checkpoints whose text model loads on its own (Gemma 3 4B-27B, Mistral Small 3.1 and 3.2), by
+# default of this architecture (its text_config's model_type names it where it has one)
+TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3, "Mistral3ForConditionalGeneration": "MistralForCausalLM"}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
 # names a text-only checkpoint gives them
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -274,7 +275,11 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
     (of a multimodal checkpoint, its text model's)."""
     archs = c.get("architectures") or []
     if archs and archs[0] in TEXT_MODELS:  # its text model alone
-        c, archs = {**c["text_config"], "architectures": [TEXT_MODELS[archs[0]]]}, [TEXT_MODELS[archs[0]]]
+        kind = c["text_config"].get("model_type")
+        text = TEXT_MODELS[archs[0]] if kind is None else _MODEL_TYPES.get(kind)
+        if text is None:  # (Ministral 3's, say)
+            raise ValueError(f"unsupported text model {kind!r} of {archs[0]}")
+        c, archs = {**c["text_config"], "architectures": [text]}, [text]
     arch = archs[0] if archs else _MODEL_TYPES.get(c.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
