@@ -45,6 +45,10 @@ ARCHS = {
     "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", tie_word_embeddings=True,
                    sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0, query_pre_attn_scalar=32,
                    hidden_activation="gelu_pytorch_tanh"),
+    # RoPE's pairs adjacent dimensions of each head
+    "ernie4_5": dict(architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5", tie_word_embeddings=True),
+    # Q/K/V biases
+    "seed_oss": dict(architectures=["SeedOssForCausalLM"], model_type="seed_oss", tie_word_embeddings=False),
     # RoPE on half of each head, its pairs adjacent dimensions; Q/K/V biases; gate and up fused; GLM-4's
     # norms after attention and the MLP too
     "glm": dict(architectures=["GlmForCausalLM"], model_type="glm", tie_word_embeddings=False, pad_token_id=2),
@@ -122,7 +126,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("qwen2", "qwen2_moe", "glm", "glm4"):
+        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
@@ -217,8 +221,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"exaone4", "gemma2", "gemma3", "glm", "glm4", "granite", "olmo2",
-                                                       "olmo3", "phi3", *MOE_LAYERS}))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"ernie4_5", "exaone4", "gemma2", "gemma3", "glm", "glm4",
+                                                       "granite", "olmo2", "olmo3", "phi3", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -228,7 +232,8 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
         extras["lm_head.weight"] = np.ones((64, 32), np.float32)
     write_checkpoint(tmp_path, arch, {**tensors, **extras}, sharded=sharded)
     m = load_hf(str(tmp_path))
-    assert m.config.attention_bias == (arch == "qwen2") and m.config.qk_norm == ("head" if arch == "qwen3" else None)
+    assert m.config.attention_bias == (arch in ("qwen2", "seed_oss"))
+    assert m.config.qk_norm == ("head" if arch == "qwen3" else None)
     assert m.config.sliding_window == (5 if arch in ("mistral", "ministral", "smollm3") else None)
     assert m.config.window_layers == ((1,) if arch in ("ministral", "smollm3") else None)
     assert m.config.nope_layers == ((1,) if arch == "smollm3" else ())
@@ -254,15 +259,16 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
-    """Reference: transformers' own module for each architecture (`ARCHS`) on the same directory: RoPE layout, llama3 rope scaling, EXAONE
-    4's windowed layer with RoPE beside a global one without, Gemma's norms,
+    """Reference: transformers' own module for each architecture (`ARCHS`) on the same directory: RoPE layout,
+    llama3 rope scaling, EXAONE 4's windowed layer with RoPE beside a global one without, Gemma's norms,
     GeGLU and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with
-    its own RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in one
-    layer of two, OLMo 2's norms after attention and the MLP only and over all query and key heads (OLMo
-    3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused tensors and window,
-    Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of experts
-    (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's adjacent
-    dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP."""
+    its own RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in
+    one layer of two, OLMo 2's norms after attention and the MLP only and over all query and key heads
+    (OLMo 3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused tensors and
+    window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of
+    experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
+    adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the
+    MLP; ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -563,8 +569,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a
     dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
     experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
-    at position 8 (crossed by the prompt), GLM-4's on half of each head, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and lookup-only
-    speculative decoding equals it."""
+    at position 8 (crossed by the prompt), GLM-4's on half of each head, in the decode loops (on the CPU,
+    the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
+    lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
     m = load_hf(str(tmp_path))
@@ -674,10 +681,12 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("moe_window", "unsupported use_sliding_window: true for Qwen3MoeForCausalLM"),
     ("clip_qkv", r"unsupported clip_qkv: 8.0 \(queries, keys and values clipped\)"),
     ("sparse_step", "decoder_sparse_step must be a positive integer, got 0"),
+    ("use_bias", r"unsupported use_bias: true \(biases on the MLP and output projections\)"),
+    ("attention_out_bias", r"unsupported attention_out_bias: true \(biases on the output projections\)"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
-            "sparse_step": "qwen2_moe"}.get(case, "llama")
+            "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "attention_out_bias": "seed_oss"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
     if case == "architecture":
@@ -730,6 +739,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
     elif case == "expert_shape":
         tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"] = np.ones((40, 32), np.float32)
+    elif case in ("use_bias", "attention_out_bias"):
+        overrides[case] = True
     elif case in ("moe_window", "clip_qkv", "sparse_step"):
         overrides.update({"moe_window": dict(use_sliding_window=True, sliding_window=4), "clip_qkv": dict(clip_qkv=8.0),
                           "sparse_step": dict(decoder_sparse_step=0)}[case])
@@ -761,7 +772,8 @@ def stacked_experts(tensors):
     stores them, under the name table's names."""
     out, stacks = {}, {}
     for name, x in tensors.items():
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(?:experts\.(\d+)\.(\w+)|gate)\.weight", name)
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.(?:experts\.(\d+)\.(\w+)|gate)\.weight",
+                         name)
         if m is None:
             out[name] = x
         elif m[2] is None:
@@ -872,8 +884,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w and names no end-of-turn id
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
     gemma = arch in ("gemma2", "gemma3")
-    write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope, eot=None if gemma else eot,
-               metadata=metadata, rename={3: "<end_of_turn>"} if gemma else None)
+    write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
+               eot=None if gemma else eot, metadata=metadata, rename={3: "<end_of_turn>"} if gemma else None)
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))

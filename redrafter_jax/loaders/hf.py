@@ -27,24 +27,26 @@ from redrafter_jax.loaders import (
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                           "GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM",
-                           "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
-                           "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Ernie4_5ForCausalLM", "Exaone4ForCausalLM", "Gemma2ForCausalLM",
+                           "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM",
+                           "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
+                           "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM",
+                           "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
-                "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
+                "glm4": "Glm4ForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
                 "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM",
                 "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "qwen3_moe": "Qwen3MoeForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                "qwen3_moe": "Qwen3MoeForCausalLM", "seed_oss": "SeedOssForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
-GLM, GLM4 = "GlmForCausalLM", "Glm4ForCausalLM"
+GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
+INTERLEAVED_ROPE = (GLM, GLM4, ERNIE)  # whose heads rotate adjacent dimensions (`loaders.Deinterleaved`)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
 _GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i}}.{theirs}_layernorm.weight"
                for ours, theirs in (("post_attention", "post_self_attn"), ("pre_feedforward", "post_attention"),
@@ -107,8 +109,15 @@ TRANSFORMERS_DEFAULTS = {
     PHI3: dict(_COMMON, vocab_size=32064, hidden_size=3072, intermediate_size=8192, max_position_embeddings=4096,
                original_max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000,
                pad_token_id=32000, sliding_window=None),
+    ERNIE: dict(_COMMON, vocab_size=103424, hidden_size=1024, intermediate_size=3072, num_hidden_layers=18,
+                num_attention_heads=16, num_key_value_heads=2, head_dim=128, max_position_embeddings=131072,
+                rope_theta=500000.0, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=True),
     GLM: _GLM,
     GLM4: _GLM,
+    SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
+                   num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
+                   bos_token_id=0, eos_token_id=2, attention_bias=True),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -306,14 +315,16 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         raise ValueError(f"unsupported {act_key} {c[act_key]!r} (supported: {', '.join(_ACTIVATIONS)})")
     if c.get("use_bidirectional_attention"):  # EmbeddingGemma's
         raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
-    if c.get("mlp_bias"):
-        raise ValueError("unsupported mlp_bias: true (MLP projections with biases)")
+    for key in ("mlp_bias", "use_bias", "attention_out_bias"):  # Seed-OSS's, ERNIE 4.5's
+        if c.get(key):
+            raise ValueError(f"unsupported {key}: true (biases on the {'MLP and ' * (key != 'attention_out_bias')}"
+                             f"output projections)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
-    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says, GLM where attention_bias does); attention_bias
-    # elsewhere biases o_proj too
+    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says, GLM and Seed-OSS where attention_bias does);
+    # attention_bias elsewhere biases o_proj too
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else
-                                                  arch in (GLM, GLM4) and c["attention_bias"])
+                                                  arch in (GLM, GLM4, SEED_OSS) and c["attention_bias"])
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
     theta, scaling, local_theta, rotary = _rope(arch, c)
@@ -442,8 +453,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`), GLM's fused gate and up split, its RoPE pairs reordered (`loaders.Deinterleaved`)
-    and GLM-4's norms renamed; the others' as they are."""
+    (`loaders.Renamed`), GLM's fused gate and up split and GLM-4's norms renamed, GLM's and ERNIE's RoPE
+    pairs reordered (`loaders.Deinterleaved`); the others' as they are."""
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
@@ -454,7 +465,9 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     if arch in (GLM, GLM4):
         norms = {ours.format(i=i): theirs.format(i=i) for ours, theirs in _GLM4_NORMS.items()
                  for i in range(cfg.num_layers)} if arch == GLM4 else {}
-        return Deinterleaved(Unfused(Renamed(source, norms), fused_parts(cfg, qkv=False)), cfg, HF)
+        source = Unfused(Renamed(source, norms), fused_parts(cfg, qkv=False))
+    if arch in INTERLEAVED_ROPE:
+        return Deinterleaved(source, cfg, HF)
     if arch == "GraniteForCausalLM":
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
     if arch in GEMMAS:
