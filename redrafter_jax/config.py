@@ -104,6 +104,8 @@ class ModelConfig:
     hidden_act: str = "silu"  # one of ACTIVATIONS
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP
     post_norms: bool = False  # and what they add to it (Gemma: both; OLMo 2: only these)
+    layer_norm: bool = False  # those norms take out the mean too (a LayerNorm without bias: Cohere's)
+    parallel_block: bool = False  # attention and the MLP read one norm and add to the stream together (Cohere's)
     local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3, OLMo 3)
     # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
     attn_softcap: float | None = None
@@ -154,6 +156,8 @@ class ModelConfig:
             raise ValueError(f"model config: qk_norm must be None, 'head' or 'all', got {self.qk_norm!r}")
         if not (self.pre_norms or self.post_norms):
             raise ValueError("model config: a layer needs pre_norms or post_norms (or both)")
+        if self.parallel_block and (self.post_norms or not self.pre_norms):
+            raise ValueError("model config: parallel_block needs pre_norms and no post_norms")
         if self.local_rope_theta is not None and self.sliding_window is None:
             raise ValueError("model config: local_rope_theta (the windowed layers' RoPE base) needs a sliding_window")
         if self.sliding_window is not None and self.sliding_window <= 0:

@@ -7,8 +7,8 @@ shared by G = nh / nkv query heads):
         attn_norm [H] (only with pre_norms); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads,
         then K, then V); bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm
         "head"; "all": [nkv, G, D] and [nkv, 1, D]); wo [nh D, H] (query heads in order);
-        post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms); w_gate_up [H, 2, I] (gate,
-        up); w_down [I, H]; post_mlp_norm [H] (post_norms)
+        post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
+        w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H]; and with a shared expert of S units
         shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]
@@ -58,7 +58,9 @@ def param_shapes(cfg: ModelConfig) -> dict:
     if s:
         experts.update(shared_gate_up=(h, 2, s), shared_down=(s, h), shared_gate=(h, 1))
     if cfg.pre_norms:
-        layer["attn_norm"] = layer["mlp_norm"] = (h,)
+        layer["attn_norm"] = (h,)
+        if not cfg.parallel_block:
+            layer["mlp_norm"] = (h,)
     if cfg.attention_bias:
         layer["bqkv"] = qkv
     if cfg.qk_norm == "head":
@@ -142,15 +144,20 @@ def row_sum(x: jax.Array) -> jax.Array:
     return x
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, center: bool = False) -> jax.Array:
+    """x [..., D] normed over D in float32, times w [D]: an RMS norm, or with `center` its mean taken out
+    first (a LayerNorm without bias, Cohere's)."""
     x32 = x.astype(jnp.float32)
+    if center:
+        x32 = x32 - row_sum(x32) / x.shape[-1]
     y = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x.shape[-1] + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def optional_norm(x: jax.Array, w: jax.Array | None, eps: float) -> jax.Array:
-    """x normed by w [H], or x as it is where the model has no such norm (`pre_norms`, `post_norms`)."""
-    return x if w is None else rms_norm(x, w, eps)
+def optional_norm(x: jax.Array, w: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+    """x normed by w [H] as the model norms its residual stream, or x as it is where the model has no such
+    norm (`pre_norms`, `post_norms`)."""
+    return x if w is None else rms_norm(x, w, cfg.rms_norm_eps, cfg.layer_norm)
 
 
 def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) -> jax.Array:
@@ -318,7 +325,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         layer_mask, cos, sin = (windowed, *local_rope) if cfg.windowed(i) else (mask, *rope)
         if i in cfg.nope_layers:
             cos, sin = no_rope
-        h = optional_norm(x, p.get("attn_norm"), cfg.rms_norm_eps)
+        h = optional_norm(x, p.get("attn_norm"), cfg)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
@@ -331,12 +338,16 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
             attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask, cfg.attn_softcap)
-        x = x + optional_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg.rms_norm_eps)
-        h = optional_norm(x, p.get("mlp_norm"), cfg.rms_norm_eps)
-        x = x + optional_norm(mlp(p, h, cfg), p.get("post_mlp_norm"), cfg.rms_norm_eps)
+        attn = optional_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg)
+        if cfg.parallel_block:  # the MLP reads the norm attention read
+            x = x + attn + mlp(p, h, cfg)
+        else:
+            x = x + attn
+            h = optional_norm(x, p.get("mlp_norm"), cfg)
+            x = x + optional_norm(mlp(p, h, cfg), p.get("post_mlp_norm"), cfg)
         ks.append(k)
         vs.append(v)
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.layer_norm)
     return hidden, kv.written(cache, ck, cv), jnp.stack(ks), jnp.stack(vs)
 
 

@@ -45,6 +45,12 @@ ARCHS = {
     "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", tie_word_embeddings=True,
                    sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0, query_pre_attn_scalar=32,
                    hidden_activation="gelu_pytorch_tanh"),
+    # one LayerNorm (without bias) before attention and the MLP side by side, RoPE over adjacent dimensions,
+    # logits scaled; Cohere 2's layer 0 windowed with RoPE, layer 1 global without
+    "cohere": dict(architectures=["CohereForCausalLM"], model_type="cohere", tie_word_embeddings=True,
+                   logit_scale=0.25, layer_norm_eps=1e-5),
+    "cohere2": dict(architectures=["Cohere2ForCausalLM"], model_type="cohere2", tie_word_embeddings=True,
+                    logit_scale=0.25, layer_norm_eps=1e-5, sliding_window=5, sliding_window_pattern=2),
     # RoPE's pairs adjacent dimensions of each head
     "ernie4_5": dict(architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5", tie_word_embeddings=True),
     # Q/K/V biases
@@ -150,7 +156,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t.update({p + f"post_{n}_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("self_attn", "mlp")})
         if arch not in ("olmo2", "olmo3", "exaone4"):
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
-        t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
+        if arch not in ("cohere", "cohere2"):  # (whose MLP reads the norm attention reads)
+            t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
 
 
@@ -220,9 +227,11 @@ def params_from_hf_arrays(t, cfg):
 TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
-# (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"ernie4_5", "exaone4", "gemma2", "gemma3", "glm", "glm4",
-                                                       "granite", "olmo2", "olmo3", "phi3", *MOE_LAYERS}))
+# (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE, GLM-4,
+# Cohere, nor the experts, nor reorders RoPE's pairs)
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma2", "gemma3",
+                                                       "glm", "glm4", "granite", "olmo2", "olmo3", "phi3",
+                                                       *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -268,7 +277,9 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of
     experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
     adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the
-    MLP; ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases."""
+    MLP; ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases; Cohere's LayerNorms, its
+    attention and MLP side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global
+    one without)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -535,7 +546,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     window = getattr(theirs, "sliding_window", None) if sliding else None
     window_layers = None if len(sliding) == ours.num_layers or not window else sliding
     nope = [i for i, rope in enumerate(getattr(theirs, "no_rope_layers", None) or [1] * ours.num_layers) if not rope]
-    if arch == "Exaone4ForCausalLM" and window_layers:  # its global layers beside windowed ones have no RoPE
+    if arch == "Exaone4ForCausalLM" and window_layers or arch == "Cohere2ForCausalLM":  # RoPE where windowed
         nope = [i for i, kind in enumerate(kinds) if kind == "full_attention"]
     assert (ours.nope_layers, ours.window_layers, ours.local_rope_theta) == (tuple(nope), window_layers, local)
     head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
@@ -544,7 +555,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
             ours.tie_word_embeddings, ours.sliding_window, ours.bos_token_id, ours.eos_token_ids) == (
         theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers,
         theirs.num_attention_heads, theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings,
-        rope_theta, theirs.rms_norm_eps, theirs.tie_word_embeddings, window, theirs.bos_token_id,
+        rope_theta, getattr(theirs, "rms_norm_eps", None) or theirs.layer_norm_eps, theirs.tie_word_embeddings,
+        window, theirs.bos_token_id,
         () if theirs.eos_token_id is None else tuple(np.atleast_1d(theirs.eos_token_id).tolist()))
     partial = rope.get("partial_rotary_factor", getattr(theirs, "partial_rotary_factor", 1.0))
     assert ours.rotary == int(head_dim * partial)
@@ -559,7 +571,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
                                            ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
-                                           ("glm4", {})])
+                                           ("glm4", {}), ("cohere2", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -569,7 +581,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a
     dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
     experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
-    at position 8 (crossed by the prompt), GLM-4's on half of each head, in the decode loops (on the CPU,
+    at position 8 (crossed by the prompt), GLM-4's on half of each head, Cohere 2's LayerNorms and
+    attention beside the MLP, in the decode loops (on the CPU,
     the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -586,7 +599,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "mixtral": m.config.norm_topk and m.config.sliding_window == 5,
             "qwen2_moe": m.config.shared_expert_size == 24 and m.config.moe_layers == (0,),
             "phi3": m.config.rotary_dim == 8 and m.config.long_rope_from() == 8,
-            "glm4": m.config.rotary_dim == 8 and m.config.post_norms and m.config.attention_bias}[arch]
+            "glm4": m.config.rotary_dim == 8 and m.config.post_norms and m.config.attention_bias,
+            "cohere2": m.config.parallel_block and m.config.layer_norm and m.config.nope_layers == (1,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()

@@ -81,6 +81,7 @@ def test_cached_decoding_matches_full_forward(smollm):
     (dict(window_layers=(1,)), "window_layers need a sliding_window"),
     (dict(sliding_window=4, window_layers=(1, 0)), r"window_layers must be distinct layer indices in \[0, 2\)"),
     (dict(nope_layers=(2,)), r"nope_layers must be distinct layer indices in \[0, 2\) in order, got \(2,\)"),
+    (dict(parallel_block=True, post_norms=True), "parallel_block needs pre_norms and no post_norms"),
     (dict(rotary_dim=5), r"rotary_dim must be even and in \[2, head_dim = 8\], got 5"),
     (dict(rotary_dim=4, rope_scaling=RopeScaling("factors", factors=(1.0, 2.0, 3.0))),
      r"3 RoPE frequency factors for 4 rotated dimensions of a head \(2 frequencies\)"),

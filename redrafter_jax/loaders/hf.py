@@ -27,26 +27,29 @@ from redrafter_jax.loaders import (
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Ernie4_5ForCausalLM", "Exaone4ForCausalLM", "Gemma2ForCausalLM",
-                           "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM",
-                           "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
-                           "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM",
-                           "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
+                           "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
+                           "Glm4ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
+                           "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
+                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM",
-                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
-                "glm4": "Glm4ForCausalLM", "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM",
-                "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "qwen3_moe": "Qwen3MoeForCausalLM", "seed_oss": "SeedOssForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
+                "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
+                "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "seed_oss": "SeedOssForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
-INTERLEAVED_ROPE = (GLM, GLM4, ERNIE)  # whose heads rotate adjacent dimensions (`loaders.Deinterleaved`)
+COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
+# whose heads rotate adjacent dimensions (`loaders.Deinterleaved`)
+INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
 _GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i}}.{theirs}_layernorm.weight"
                for ours, theirs in (("post_attention", "post_self_attn"), ("pre_feedforward", "post_attention"),
@@ -89,8 +92,13 @@ _GLM = dict(_COMMON, vocab_size=151552, intermediate_size=13696, num_hidden_laye
             head_dim=128, max_position_embeddings=131072, rms_norm_eps=1.5625e-07, pad_token_id=151329,
             eos_token_id=[151329, 151336, 151338], bos_token_id=None, attention_bias=True, partial_rotary_factor=0.5)
 _QWEN_MOE = dict(_QWEN, hidden_size=2048, num_hidden_layers=24, decoder_sparse_step=1, norm_topk_prob=False)
+_COHERE = dict(_COMMON, vocab_size=256000, hidden_size=8192, intermediate_size=22528, num_hidden_layers=40,
+               num_attention_heads=64, max_position_embeddings=8192, rope_theta=500000.0, layer_norm_eps=1e-5,
+               logit_scale=0.0625, tie_word_embeddings=True, pad_token_id=0, bos_token_id=5, eos_token_id=255001)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
+    COHERE: _COHERE,
+    COHERE2: dict(_COHERE, rope_theta=10000.0, head_dim=128, sliding_window=4096, sliding_window_pattern=4),
     GEMMA2: dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
                  tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
@@ -174,13 +182,14 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
-    Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
-    Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
+    Cohere, Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse
+    use_sliding_window); Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
+    Cohere 2,
     and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by
-    default all of Ministral's, Gemma's and EXAONE 4's as sliding_window_pattern says, OLMo 3's but every
+    default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every
     fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
-    if arch in ("LlamaForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", OLMOE) or not window:  # none
+    if arch in ("LlamaForCausalLM", COHERE, "GraniteForCausalLM", "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -195,7 +204,8 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     if kinds is None:
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
                    "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0,  # every pattern-th layer global:
-                   **dict.fromkeys((EXAONE4, *GEMMAS), lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
+                   **dict.fromkeys((COHERE2, EXAONE4, *GEMMAS),
+                                   lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
                    }.get(arch, lambda i: i >= int(c.get("max_window_layers", 28)))
         kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
     if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
@@ -319,6 +329,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         if c.get(key):
             raise ValueError(f"unsupported {key}: true (biases on the {'MLP and ' * (key != 'attention_out_bias')}"
                              f"output projections)")
+    if c.get("use_qk_norm"):  # Cohere's
+        raise ValueError("unsupported use_qk_norm: true (Cohere's query and key LayerNorms)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says, GLM and Seed-OSS where attention_bias does);
@@ -330,9 +342,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     theta, scaling, local_theta, rotary = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
-    if arch == EXAONE4 and window_layers is not None:  # its global layers have no RoPE beside windowed ones
-        nope = tuple(i for i in range(int(c["num_hidden_layers"])) if i not in window_layers)
-    heads = int(c["num_attention_heads"])
+    # RoPE only in the windowed layers: EXAONE 4's where there are global ones beside them, Cohere 2's always
+    if arch == COHERE2 or (arch == EXAONE4 and window_layers is not None):
+        nope = tuple(i for i in range(int(c["num_hidden_layers"])) if not window or i not in (window_layers or [i]))
+    heads, cohere = int(c["num_attention_heads"]), arch in (COHERE, COHERE2)
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
     return ModelConfig(
@@ -342,7 +355,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
         max_position_embeddings=int(c["max_position_embeddings"]),
         rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
-        rms_norm_eps=float(c["rms_norm_eps"]), tie_word_embeddings=bool(c["tie_word_embeddings"]),
+        rms_norm_eps=float(c["layer_norm_eps" if cohere else "rms_norm_eps"]),
+        tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4), "head"),
@@ -353,7 +367,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
                               **dict.fromkeys(GEMMAS, int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
-        logits_scaling=c["logits_scaling"] if arch == "GraniteForCausalLM" else 1.0,
+        logits_scaling={"GraniteForCausalLM": c.get("logits_scaling"),
+                        **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0)
+                        }.get(arch, 1.0),
+        layer_norm=cohere, parallel_block=cohere,
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
