@@ -73,9 +73,9 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder (Llama, Granite, Mistral, Ministral, Phi-3, Qwen2, Qwen3, SmolLM2, SmolLM3, and
-    Gemma 2, Gemma 3, OLMo 2, OLMo 3 and EXAONE 4 with their own norms), with dense or mixture-of-experts
-    MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)."""
+    """A Llama-family decoder. What the families `loaders.hf.SUPPORTED_ARCHITECTURES` names add to Llama's
+    layer (norm placement and kind, per-layer attention windows and RoPE, RoPE variants, soft caps,
+    multipliers, dense or mixture-of-experts MLPs) are static fields of one layer loop."""
 
     ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
 

@@ -181,13 +181,12 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
-    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
-    Cohere, Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse
-    use_sliding_window); Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
-    Cohere 2,
-    and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by
-    default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every
-    fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
+    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
+    Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
+    Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4, Cohere 2, and
+    Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by default
+    all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but
+    every fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch in ("LlamaForCausalLM", COHERE, "GraniteForCausalLM", "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
