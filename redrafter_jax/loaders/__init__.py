@@ -13,6 +13,7 @@ pairs of query and key heads that rotate adjacent dimensions (GLM's).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import jax
@@ -110,7 +111,28 @@ def _patterns(cfg: ModelConfig, ours: str, fmt: int) -> list[re.Pattern]:
     return [re.compile(re.escape(name).replace(r"\{i\}", r"\d+") + "$") for name in names]
 
 
-class Scaled:
+class _Rewritten:
+    """A `Source` that reads the tensors `rules` match, [(pattern, rewrite)], through the first rule's
+    rewrite (names and shapes as they are)."""
+
+    def __init__(self, source: Source, rules: list[tuple[re.Pattern, Callable[[np.ndarray], np.ndarray]]]):
+        self.source, self.rules = source, rules
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.source.shape(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        x = self.source.read(name, index)
+        for pattern, rewrite in self.rules:
+            if pattern.match(name):
+                return rewrite(x)
+        return x
+
+
+class Scaled(_Rewritten):
     """A `Source` whose tensors read as (x + shift) x factor: `adjust` maps our parameter, or "wq" and "bq"
     (wqkv's and bqkv's query parts), to (shift, factor). Constants a model applies to what a weight
     gives, folded into that weight: Granite's residual and attention multipliers, Gemma's norm weights w
@@ -118,47 +140,28 @@ class Scaled:
     embedding multiplier and logits scaling.)"""
 
     def __init__(self, source: Source, cfg: ModelConfig, fmt: int, adjust: dict[str, tuple[float, float]]):
-        self.source = source
-        self.adjust = [(pattern, shift, factor) for ours, (shift, factor) in adjust.items() if (shift, factor) != (0, 1)
-                       for pattern in _patterns(cfg, ours, fmt)]
+        def fold(shift, factor):  # in float32 (1 + w and the products of Gemma's and Granite's own), cast once
+            return lambda x: (x.astype(np.float32) + np.float32(shift)) * np.float32(factor)
 
-    def names(self) -> list[str]:
-        return self.source.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
-
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        x = self.source.read(name, index)
-        for pattern, shift, factor in self.adjust:
-            if pattern.match(name):  # float32 (1 + w and the products of Gemma's and Granite's own), cast once
-                return (x.astype(np.float32) + np.float32(shift)) * np.float32(factor)
-        return x
+        super().__init__(source, [(pattern, fold(shift, factor)) for ours, (shift, factor) in adjust.items()
+                                  if (shift, factor) != (0, 1) for pattern in _patterns(cfg, ours, fmt)])
 
 
-class Deinterleaved:
+class Deinterleaved(_Rewritten):
     """A `Source` whose query and key heads read with RoPE's pairs as Hugging Face's Llama pairs them, the
     two halves of the rotated dimensions: checkpoints whose heads rotate adjacent dimensions (2j, 2j + 1)
     of their first rotary_dim (GLM's) read as if they rotated (j, j + rotary_dim / 2). A read takes
     whole heads (as `_block` reads them)."""
 
     def __init__(self, source: Source, cfg: ModelConfig, fmt: int):
-        r, self.head_dim = cfg.rotary, cfg.head_dim
-        self.source, self.order = source, np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2),
-                                                          np.arange(r, cfg.head_dim)])
-        self.patterns = [pattern for ours in ("wq", "wk", "bq", "bk") for pattern in _patterns(cfg, ours, fmt)]
+        r, d = cfg.rotary, cfg.head_dim
+        order = np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2), np.arange(r, d)])
 
-    def names(self) -> list[str]:
-        return self.source.names()
+        def reorder(x):  # [heads D, ...]: each head's dims in `order`
+            return x.reshape(-1, d, *x.shape[1:])[:, order].reshape(x.shape)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.source.shape(name)
-
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        x = self.source.read(name, index)
-        if not any(pattern.match(name) for pattern in self.patterns):
-            return x
-        return x.reshape(-1, self.head_dim, *x.shape[1:])[:, self.order].reshape(x.shape)
+        super().__init__(source, [(pattern, reorder) for ours in ("wq", "wk", "bq", "bk")
+                                  for pattern in _patterns(cfg, ours, fmt)])
 
 
 class Unfused:
