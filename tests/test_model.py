@@ -244,6 +244,7 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise):
         weights, experts = model.route(rows, router, k, renormalise)
         got = model.experts_mlp(rows, experts, weights, gate_up, down, "silu")
         np.testing.assert_allclose(np.asarray(got), want[:len(rows)], rtol=1e-5, atol=1e-5)
+
     def program(rows):
         return str(jax.make_jaxpr(lambda r: model.experts_mlp(r, *model.route(r, router, k, renormalise)[::-1],
                                                               gate_up, down, "silu"))(rows))
