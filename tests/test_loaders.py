@@ -63,6 +63,12 @@ ARCHS = {
     "granite": dict(architectures=["GraniteForCausalLM"], model_type="granite", tie_word_embeddings=True,
                     embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
                     logits_scaling=8.0),
+    # Granite 4's attention-only model: Granite's multipliers, its MLP stored fused as shared_mlp
+    "granite4": dict(architectures=["GraniteMoeHybridForCausalLM"], model_type="granitemoehybrid",
+                     tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.25,
+                     attention_multiplier=1 / 128, logits_scaling=8.0, layer_types=["attention"] * 2,
+                     num_local_experts=0, shared_intermediate_size=48, position_embedding_type="rope",
+                     mamba_n_heads=8),  # (unused without Mamba layers, but transformers checks it)
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5,
                     tie_word_embeddings=False),
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
@@ -152,6 +158,10 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                 (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),) if arch == "phi3" else ())
             for fused, parts in fusions:
                 t[p + f"{fused}_proj.weight"] = np.concatenate([t.pop(p + f"{n}_proj.weight") for n in parts])
+        if arch == "granite4":  # its MLP: [gate; up] and down as shared_mlp's input and output
+            t[p + "shared_mlp.input_linear.weight"] = np.concatenate([t.pop(p + f"mlp.{n}_proj.weight")
+                                                                     for n in ("gate", "up")])
+            t[p + "shared_mlp.output_linear.weight"] = t.pop(p + "mlp.down_proj.weight")
         if arch == "glm4":
             t.update({p + f"post_{n}_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("self_attn", "mlp")})
         if arch not in ("olmo2", "olmo3", "exaone4"):
@@ -230,8 +240,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE, GLM-4,
 # Cohere, nor the experts, nor reorders RoPE's pairs)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma2", "gemma3",
-                                                       "glm", "glm4", "granite", "olmo2", "olmo3", "phi3",
-                                                       *MOE_LAYERS}))
+                                                       "glm", "glm4", "granite", "granite4", "olmo2", "olmo3",
+                                                       "phi3", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -277,7 +287,8 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of
     experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
     adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the
-    MLP; ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases; Cohere's LayerNorms, its
+    MLP; ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases; Granite 4's attention-only
+    model, its MLP stored fused; Cohere's LayerNorms, its
     attention and MLP side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global
     one without)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
@@ -534,6 +545,10 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     """A config.json that leaves keys out (written by hand, or saved without its model, so without
     `architectures`) loads with what transformers' config classes assume, not with guesses of ours."""
     transformers = pytest.importorskip("transformers")
+    if arch == "GraniteMoeHybridForCausalLM":  # whose defaults are a Mamba hybrid, which is refused
+        with pytest.raises(ValueError, match="not its Mamba layers or experts"):
+            config_from_hf({"architectures": [arch]})
+        return
     theirs = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))()
     ours = config_from_hf({"architectures": [arch]})
@@ -695,12 +710,15 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("moe_window", "unsupported use_sliding_window: true for Qwen3MoeForCausalLM"),
     ("clip_qkv", r"unsupported clip_qkv: 8.0 \(queries, keys and values clipped\)"),
     ("sparse_step", "decoder_sparse_step must be a positive integer, got 0"),
+    ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] and 0 "),
+    ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
     ("use_bias", r"unsupported use_bias: true \(biases on the MLP and output projections\)"),
     ("attention_out_bias", r"unsupported attention_out_bias: true \(biases on the output projections\)"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
-            "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "attention_out_bias": "seed_oss"}.get(case, "llama")
+            "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "granite4_mamba": "granite4",
+            "granite4_experts": "granite4", "attention_out_bias": "seed_oss"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
     if case == "architecture":
@@ -753,6 +771,10 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
     elif case == "expert_shape":
         tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"] = np.ones((40, 32), np.float32)
+    elif case == "granite4_mamba":
+        overrides["layer_types"] = ["mamba", "attention"]
+    elif case == "granite4_experts":
+        overrides["num_local_experts"] = 4
     elif case in ("use_bias", "attention_out_bias"):
         overrides[case] = True
     elif case in ("moe_window", "clip_qkv", "sparse_step"):

@@ -29,25 +29,31 @@ from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
                            "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "GraniteForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
-                           "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
-                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM")
+                           "Glm4ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "MistralForCausalLM",
+                           "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                           "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
-                "granite": "GraniteForCausalLM", "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                "seed_oss": "SeedOssForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                "granite": "GraniteForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
+                "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "seed_oss": "SeedOssForCausalLM",
+                "smollm3": "SmolLM3ForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
+# Granite 3's, and Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers or experts)
+GRANITES = ("GraniteForCausalLM", "GraniteMoeHybridForCausalLM")
+# where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
+_GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
+                 "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
 # whose heads rotate adjacent dimensions (`loaders.Deinterleaved`)
 INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
@@ -126,6 +132,10 @@ TRANSFORMERS_DEFAULTS = {
     SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
                    num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
                    bos_token_id=0, eos_token_id=2, attention_bias=True),
+    "GraniteMoeHybridForCausalLM": dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0,
+                                        logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=1.0,
+                                        num_local_experts=8, shared_intermediate_size=1024,
+                                        position_embedding_type=None),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -168,7 +178,9 @@ def _as_tuple(x) -> tuple[int, ...]:
 
 def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
     """SmolLM3's layers without RoPE: those whose `no_rope_layers` flag is 0, by default every
-    `no_rope_layer_interval`-th."""
+    `no_rope_layer_interval`-th; Granite 4's, all but where position_embedding_type is "rope"."""
+    if arch == "GraniteMoeHybridForCausalLM" and c.get("position_embedding_type") != "rope":
+        return tuple(range(int(c["num_hidden_layers"])))
     if arch != "SmolLM3ForCausalLM":
         return ()
     n = int(c["num_hidden_layers"])
@@ -188,7 +200,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but
     every fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
-    if arch in ("LlamaForCausalLM", COHERE, "GraniteForCausalLM", "Olmo2ForCausalLM", OLMOE) or not window:  # none
+    if arch in ("LlamaForCausalLM", COHERE, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -328,6 +340,13 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         if c.get(key):
             raise ValueError(f"unsupported {key}: true (biases on the {'MLP and ' * (key != 'attention_out_bias')}"
                              f"output projections)")
+    if arch == "GraniteMoeHybridForCausalLM":  # Granite 4: its attention-only dense models
+        kinds = c.get("layer_types") or c.get("layers_block_type") or ["linear_attention"] * int(c["num_hidden_layers"])
+        if set(kinds) != {"attention"} or c["num_local_experts"]:
+            raise ValueError(f"unsupported GraniteMoeHybridForCausalLM with layers {sorted(set(kinds))} and "
+                             f"{c['num_local_experts']} experts (only Granite 4's attention-only dense models load, "
+                             f"not its Mamba layers or experts)")
+        c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
     if c.get("use_qk_norm"):  # Cohere's
         raise ValueError("unsupported use_qk_norm: true (Cohere's query and key LayerNorms)")
     if c.get("clip_qkv") is not None:  # OLMoE's
@@ -364,9 +383,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, GLM4, *POST_NORMS_ONLY),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
-        embedding_multiplier={"GraniteForCausalLM": c.get("embedding_multiplier"),
+        embedding_multiplier={**dict.fromkeys(GRANITES, c.get("embedding_multiplier")),
                               **dict.fromkeys(GEMMAS, int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
-        logits_scaling={"GraniteForCausalLM": c.get("logits_scaling"),
+        logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0)
                         }.get(arch, 1.0),
         layer_norm=cohere, parallel_block=cohere,
@@ -484,7 +503,10 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = Unfused(Renamed(source, norms), fused_parts(cfg, qkv=False))
     if arch in INTERLEAVED_ROPE:
         return Deinterleaved(source, cfg, HF)
-    if arch == "GraniteForCausalLM":
+    if arch == "GraniteMoeHybridForCausalLM":
+        source = Unfused(Renamed(source, {ours.format(i=i): theirs.format(i=i) for ours, theirs in _GRANITE4_MLP.items()
+                                          for i in range(cfg.num_layers)}), fused_parts(cfg, qkv=False))
+    if arch in GRANITES:
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
     if arch in GEMMAS:
         return Scaled(source, cfg, HF, gemma_adjustments(cfg, c["query_pre_attn_scalar"]))
