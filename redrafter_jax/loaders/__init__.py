@@ -191,20 +191,20 @@ class Unfused:
 
 
 class Renamed:
-    """A `Source` reading tensors under the names the table expects: `stacks` maps such a name to the
+    """A `Source` reading tensors under the names the table expects: `origins` maps such a name to the
     stored tensor it renames (a str), or to the stored tensors it stacks along a new first axis (a list:
     a mixture of experts' stored one per expert)."""
 
-    def __init__(self, source: Source, stacks: dict[str, list[str] | str]):
-        self.source, self.stacks = source, stacks
-        stored = {n for parts in stacks.values() for n in ([parts] if isinstance(parts, str) else parts)}
-        self._names = [n for n in source.names() if n not in stored] + list(stacks)
+    def __init__(self, source: Source, origins: dict[str, list[str] | str]):
+        self.source, self.origins = source, origins
+        stored = {n for parts in origins.values() for n in ([parts] if isinstance(parts, str) else parts)}
+        self._names = [n for n in source.names() if n not in stored] + list(origins)
 
     def names(self) -> list[str]:
         return self._names
 
     def shape(self, name: str) -> tuple[int, ...]:
-        parts = self.stacks.get(name, name)
+        parts = self.origins.get(name, name)
         if isinstance(parts, str):
             return self.source.shape(parts)
         shapes = []
@@ -218,14 +218,14 @@ class Renamed:
         return (len(parts), *shapes[0])
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        parts = self.stacks.get(name, name)
+        parts = self.origins.get(name, name)
         if isinstance(parts, str):
             return self.source.read(parts, index)
         return np.stack([self.source.read(part, index[1:]) for part in parts[index[0]]])
 
 
 def expert_stacks(cfg: ModelConfig, router: str, gate: str, up: str, down: str) -> dict[str, list[str] | str]:
-    """`Renamed`'s stacks for a Hugging Face checkpoint whose MoE layers store the router and each expert's
+    """`Renamed`'s origins for a Hugging Face checkpoint whose MoE layers store the router and each expert's
     gate, up and down projections under these names ("{i}": the layer, "{e}": the expert)."""
     stacks = {}
     for layer in (i for i in range(cfg.num_layers) if cfg.moe(i)):
