@@ -50,7 +50,8 @@ GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 # Granite 3's, and Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers or experts)
-GRANITES = ("GraniteForCausalLM", "GraniteMoeHybridForCausalLM")
+GRANITE4 = "GraniteMoeHybridForCausalLM"
+GRANITES = ("GraniteForCausalLM", GRANITE4)
 # where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
@@ -132,10 +133,9 @@ TRANSFORMERS_DEFAULTS = {
     SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
                    num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
                    bos_token_id=0, eos_token_id=2, attention_bias=True),
-    "GraniteMoeHybridForCausalLM": dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0,
-                                        logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=1.0,
-                                        num_local_experts=8, shared_intermediate_size=1024,
-                                        position_embedding_type=None),
+    GRANITE4: dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0, logits_scaling=1.0,
+                   residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8,
+                   shared_intermediate_size=1024, position_embedding_type=None),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -179,7 +179,7 @@ def _as_tuple(x) -> tuple[int, ...]:
 def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
     """SmolLM3's layers without RoPE: those whose `no_rope_layers` flag is 0, by default every
     `no_rope_layer_interval`-th; Granite 4's, all but where position_embedding_type is "rope"."""
-    if arch == "GraniteMoeHybridForCausalLM" and c.get("position_embedding_type") != "rope":
+    if arch == GRANITE4 and c.get("position_embedding_type") != "rope":
         return tuple(range(int(c["num_hidden_layers"])))
     if arch != "SmolLM3ForCausalLM":
         return ()
@@ -340,7 +340,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         if c.get(key):
             raise ValueError(f"unsupported {key}: true (biases on the {'MLP and ' * (key != 'attention_out_bias')}"
                              f"output projections)")
-    if arch == "GraniteMoeHybridForCausalLM":  # Granite 4: its attention-only dense models
+    if arch == GRANITE4:  # Granite 4: its attention-only dense models
         kinds = c.get("layer_types") or c.get("layers_block_type") or ["linear_attention"] * int(c["num_hidden_layers"])
         if set(kinds) != {"attention"} or c["num_local_experts"]:
             raise ValueError(f"unsupported GraniteMoeHybridForCausalLM with layers {sorted(set(kinds))} and "
@@ -488,8 +488,11 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`), GLM's fused gate and up split and GLM-4's norms renamed, GLM's and ERNIE's RoPE
-    pairs reordered (`loaders.Deinterleaved`); the others' as they are."""
+    (`loaders.Renamed`), GLM's and Granite 4's fused gate and up split and their norms or MLP renamed,
+    GLM's, ERNIE's and Cohere's RoPE pairs reordered (`loaders.Deinterleaved`); the others' as they are."""
+    def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
+        return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
+
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
@@ -497,15 +500,11 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
         return Unfused(source, fused_parts(cfg))
-    if arch in (GLM, GLM4):
-        norms = {ours.format(i=i): theirs.format(i=i) for ours, theirs in _GLM4_NORMS.items()
-                 for i in range(cfg.num_layers)} if arch == GLM4 else {}
-        source = Unfused(Renamed(source, norms), fused_parts(cfg, qkv=False))
+    if arch in (GLM, GLM4, GRANITE4):
+        names = {GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP}.get(arch, {})
+        source = Unfused(Renamed(source, in_layers(names)), fused_parts(cfg, qkv=False))
     if arch in INTERLEAVED_ROPE:
         return Deinterleaved(source, cfg, HF)
-    if arch == "GraniteMoeHybridForCausalLM":
-        source = Unfused(Renamed(source, {ours.format(i=i): theirs.format(i=i) for ours, theirs in _GRANITE4_MLP.items()
-                                          for i in range(cfg.num_layers)}), fused_parts(cfg, qkv=False))
     if arch in GRANITES:
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
     if arch in GEMMAS:
