@@ -177,10 +177,14 @@ def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) ->
 ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
+def gated(gu: jax.Array, act: str) -> jax.Array:
+    """A gated MLP's hidden units from gate and up [..., 2, I]: act(gate) * up, act one of ACTIVATION."""
+    return ACTIVATION[act](gu[..., 0, :]) * gu[..., 1, :]
+
+
 def gated_mlp(x: jax.Array, gate_up, down, act: str) -> jax.Array:
-    """x [..., H] through a gated MLP: gate_up [H, 2, I] (gate, up), down [I, H]; act one of ACTIVATION."""
-    gu = linear(x, gate_up)  # [..., 2, I]
-    return linear(ACTIVATION[act](gu[..., 0, :]) * gu[..., 1, :], down)
+    """x [..., H] through a gated MLP: gate_up [H, 2, I] (gate, up), down [I, H]."""
+    return linear(gated(linear(x, gate_up), act), down)
 
 
 def route(x: jax.Array, router: jax.Array, k: int, renormalise: bool) -> tuple[jax.Array, jax.Array]:
@@ -203,12 +207,12 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, gate_up: j
     e, h, _, f = gate_up.shape
     if n * k < e:
         gu = jnp.einsum("nh,nkhcf->nkcf", x, gate_up[experts])
-        y = jnp.einsum("nkf,nkfh->nkh", ACTIVATION[act](gu[..., 0, :]) * gu[..., 1, :], down[experts])
+        y = jnp.einsum("nkf,nkfh->nkh", gated(gu, act), down[experts])
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
         sizes = jnp.bincount(experts.reshape(-1), length=e)
         gu = jax.lax.ragged_dot(x[order // k], gate_up.reshape(e, h, 2 * f), sizes).reshape(n * k, 2, f)
-        y = jax.lax.ragged_dot(ACTIVATION[act](gu[:, 0]) * gu[:, 1], down, sizes)
+        y = jax.lax.ragged_dot(gated(gu, act), down, sizes)
         y = y[jnp.argsort(order)].reshape(n, k, h)
     return jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
 
