@@ -6,8 +6,8 @@ devices (one device, or its shards on a mesh): each device's block is read from 
 own, so the host never holds more than a few tensors at a time. Where a model stores its tensors
 otherwise, a `Source` wrapped around the checkpoint's reads them as the table expects: `Scaled` folds
 in constants the model applies to a weight's product, `Unfused` splits fused tensors (Phi-3's, GLM's),
-`Renamed` reads tensors stored under other names or one per expert, `Deinterleaved` reorders RoPE's
-pairs of query and key heads that rotate adjacent dimensions (GLM's).
+`Renamed` reads tensors stored under other names or one per expert, `RopeOrdered` reorders query and
+key heads' dims where RoPE pairs them otherwise than we do (on part of a head, or adjacent dims).
 """
 
 from __future__ import annotations
@@ -147,20 +147,23 @@ class Scaled(_Rewritten):
                                   if (shift, factor) != (0, 1) for pattern in _patterns(cfg, ours, fmt)])
 
 
-class Deinterleaved(_Rewritten):
-    """A `Source` whose query and key heads read with RoPE's pairs as Hugging Face's Llama pairs them, the
-    two halves of the rotated dimensions: checkpoints whose heads rotate adjacent dimensions (2j, 2j + 1)
-    of their first rotary_dim (GLM's) read as if they rotated (j, j + rotary_dim / 2). A read takes
-    whole heads (as `_block` reads them)."""
+class RopeOrdered(_Rewritten):
+    """A `Source` whose query and key heads (weights, biases, norms) read with their dims in our RoPE order
+    (`model.rotary_order`: the rotated pairs at (j, j + D/2), any unrotated dims paired at frequency 0),
+    from a checkpoint whose heads rotate the halves of their first rotary_dim (rotate_half's pairs, with
+    RoPE on part of a head: Phi-4-mini's) or, `interleaved`, its adjacent dims (2j, 2j + 1) (GLM's, ERNIE's,
+    Cohere's). A read takes whole heads (as `_block` reads them)."""
 
-    def __init__(self, source: Source, cfg: ModelConfig, fmt: int):
+    def __init__(self, source: Source, cfg: ModelConfig, fmt: int, interleaved: bool):
         r, d = cfg.rotary, cfg.head_dim
-        order = np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2), np.arange(r, d)])
+        halves = np.concatenate([np.arange(0, r, 2), np.arange(1, r, 2), np.arange(r, d)]) if interleaved else \
+            np.arange(d)  # the stored dim each dim of rotate_half's layout holds
+        order = halves[rotary_order(d, r)]
 
         def reorder(x):  # [heads D, ...]: each head's dims in `order`
             return x.reshape(-1, d, *x.shape[1:])[:, order].reshape(x.shape)
 
-        super().__init__(source, [(pattern, reorder) for ours in ("wq", "wk", "bq", "bk")
+        super().__init__(source, [(pattern, reorder) for ours in ("wq", "wk", "bq", "bk", "q_norm", "k_norm")
                                   for pattern in _patterns(cfg, ours, fmt)])
 
 
@@ -295,22 +298,19 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
 
 def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ...], source: Source) -> np.ndarray:
     """Our parameter's block at `index` (one slice per axis of our layout), read from its stored parts."""
-    order = rotary_order(cfg.head_dim, cfg.rotary)  # of Q/K heads' dims (the identity without partial RoPE)
     if ours in ("wqkv", "bqkv"):  # q [nh D, (H)], k and v [nkv D, (H)] -> [(H), nkv, G + 2, D]
         *lead, heads, j, d = index
         k0, k1, _ = heads.indices(cfg.num_kv_heads)
         groups = []
-        for name, per_kv, dims in zip(parts, (cfg.num_heads // cfg.num_kv_heads, 1, 1), (order, order, slice(None))):
+        for name, per_kv in zip(parts, (cfg.num_heads // cfg.num_kv_heads, 1, 1)):
             rows = slice(k0 * per_kv * cfg.head_dim, k1 * per_kv * cfg.head_dim)
             x = source.read(name, (rows, *lead))
-            groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:])[:, :, dims])
+            groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:]))
         x = np.moveaxis(np.concatenate(groups, axis=1), (0, 1, 2), (-3, -2, -1))
         return x[(slice(None),) * len(lead) + (slice(None), j, d)]
-    if ours in ("q_norm", "k_norm"):  # [D], or [heads D] -> [nkv, G or 1, D], heads in order
+    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # [heads D] -> [nkv, G or 1, D], heads in order
         x = source.read(parts[0], (slice(None),))
-        if cfg.qk_norm == "all":
-            return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[..., order][index]
-        return x[order][index]
+        return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
     if ours in GATE_UP:  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]

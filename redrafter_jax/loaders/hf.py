@@ -13,10 +13,10 @@ from safetensors import safe_open
 from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import (
     HF,
-    Deinterleaved,
     LoadedModel,
     OpenedModel,
     Renamed,
+    RopeOrdered,
     Scaled,
     Source,
     Unfused,
@@ -55,7 +55,7 @@ GRANITES = ("GraniteForCausalLM", GRANITE4)
 # where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
-# whose heads rotate adjacent dimensions (`loaders.Deinterleaved`)
+# whose heads rotate adjacent dimensions (`loaders.RopeOrdered`)
 INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
 _GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i}}.{theirs}_layernorm.weight"
@@ -489,7 +489,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
     (`loaders.Renamed`), GLM's and Granite 4's fused gate and up split and their norms or MLP renamed,
-    GLM's, ERNIE's and Cohere's RoPE pairs reordered (`loaders.Deinterleaved`); the others' as they are."""
+    query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's, GLM's) or pairs adjacent
+    ones (GLM's, ERNIE's, Cohere's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
@@ -499,12 +500,12 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     if cfg.num_experts:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
-        return Unfused(source, fused_parts(cfg))
+        source = Unfused(source, fused_parts(cfg))
     if arch in (GLM, GLM4, GRANITE4):
         names = {GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP}.get(arch, {})
         source = Unfused(Renamed(source, in_layers(names)), fused_parts(cfg, qkv=False))
-    if arch in INTERLEAVED_ROPE:
-        return Deinterleaved(source, cfg, HF)
+    if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
+        source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
     if arch in GRANITES:
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
     if arch in GEMMAS:
