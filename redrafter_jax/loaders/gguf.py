@@ -176,13 +176,13 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
         raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} (supported: "
                          f"softmax (1), unscaled)")
     moe = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in source.tensors)
-    shared = [f"blk.{i}.ffn_gate_shexp.weight" for i in moe if f"blk.{i}.ffn_gate_shexp.weight" in source.tensors]
+    shared = next((n for n in (f"blk.{i}.ffn_gate_shexp.weight" for i in moe) if n in source.tensors), None)
     return dict(num_experts=count, experts_per_token=int(m("expert_used_count")),
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
                 norm_topk=bool(m("expert_weights_norm", arch in NORM_TOPK)),
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
-                    source.shape(shared[0])[0] if shared else 0))
+                    source.shape(shared)[0] if shared else 0))
 
 
 def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
