@@ -77,7 +77,9 @@ class ModelConfig:
     layer (norm placement and kind, per-layer attention windows and RoPE, RoPE variants, soft caps,
     multipliers, dense or mixture-of-experts MLPs) are static fields of one layer loop."""
 
-    ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's)
+    # the gated MLP's: SwiGLU, GeGLU with tanh-approximated GELU (Gemma's), or GPT-OSS's clamped SwiGLU:
+    # min(gate, limit) sigmoid(alpha min(gate, limit)) (clip(up, -limit, limit) + 1), `swiglu_alpha` and `_limit`
+    ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
 
     vocab_size: int
     hidden_size: int
@@ -93,6 +95,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
+    output_bias: bool = False  # the attention's output projection with bias (GPT-OSS)
+    attention_sinks: bool = False  # a learned logit per query head joins its softmax, its share dropped (GPT-OSS)
     sliding_window: int | None = None  # keys further back than this are masked (Mistral's, every layer's)
     window_layers: tuple[int, ...] | None = None  # the layers with it, None: all (Qwen's, Gemma's: some)
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
@@ -102,6 +106,8 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
     hidden_act: str = "silu"  # one of ACTIVATIONS
+    swiglu_alpha: float = 1.702  # clamped_swiglu's
+    swiglu_limit: float = 7.0
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP
     post_norms: bool = False  # and what they add to it (Gemma: both; OLMo 2: only these)
     layer_norm: bool = False  # those norms take out the mean too (a LayerNorm without bias: Cohere's)
@@ -113,13 +119,15 @@ class ModelConfig:
     # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP of
     # expert_size hidden units) per token, weighted by their softmax probabilities (renormalised over the
     # chosen ones with norm_topk: Mixtral, Qwen3-MoE); in moe_layers (None: all), the others dense of
-    # intermediate_size. shared_expert_size: Qwen2-MoE's always-on expert beside them, sigmoid-gated.
+    # intermediate_size. shared_expert_size: Qwen2-MoE's always-on expert beside them, sigmoid-gated;
+    # expert_bias: the router and the experts' projections with biases (GPT-OSS).
     num_experts: int = 0
     experts_per_token: int = 0
     expert_size: int = 0
     moe_layers: tuple[int, ...] | None = None
     norm_topk: bool = False
     shared_expert_size: int = 0
+    expert_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -148,6 +156,9 @@ class ModelConfig:
         if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
                              f"{', '.join(self.ACTIVATIONS)})")
+        if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.swiglu_alpha, self.swiglu_limit)):
+            raise ValueError(f"model config: swiglu_alpha and swiglu_limit must be positive, got {self.swiglu_alpha} "
+                             f"and {self.swiglu_limit}")
         caps = (self.attn_softcap, self.final_softcap)
         if not all(c is None or (isinstance(c, numbers.Real) and c > 0) for c in caps):
             raise ValueError(f"model config: soft caps must be positive or None, got {self.attn_softcap} and "
@@ -169,9 +180,10 @@ class ModelConfig:
                 raise ValueError(f"model config: a mixture of experts needs 1 <= experts_per_token <= num_experts and "
                                  f"a positive expert_size, got {self.experts_per_token} of {self.num_experts} "
                                  f"experts of size {self.expert_size}")
-        elif self.experts_per_token or self.expert_size or self.moe_layers is not None or self.shared_expert_size:
-            raise ValueError("model config: experts_per_token, expert_size, moe_layers and shared_expert_size need "
-                             "num_experts > 0")
+        elif (self.experts_per_token or self.expert_size or self.moe_layers is not None or self.shared_expert_size
+              or self.expert_bias):
+            raise ValueError("model config: experts_per_token, expert_size, moe_layers, shared_expert_size and "
+                             "expert_bias need num_experts > 0")
         if self.shared_expert_size < 0:
             raise ValueError(f"model config: shared_expert_size must be >= 0, got {self.shared_expert_size}")
         for name in ("window_layers", "nope_layers", "moe_layers"):

@@ -40,7 +40,8 @@ def supported(qkv: jax.Array) -> bool:
 
 
 def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: jax.Array, pending_k: jax.Array,
-              pending_v: jax.Array, slots: jax.Array, mask: jax.Array, layer: int, softcap: float | None = None):
+              pending_v: jax.Array, slots: jax.Array, mask: jax.Array, layer: int, softcap: float | None = None,
+              sinks: jax.Array | None = None):
     """One layer's attention step for T new tokens, as `model.transformer` does it with XLA ops.
 
     qkv [B, T, kv_heads, G + 2, D]: per KV head its G queries, the key and the value, before RoPE
@@ -49,7 +50,8 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
     D] (the cache's own, read in place like k, v) and then the new keys and values at slots [B, P + T]
     (slots >= S dropped, `cache.write_slots`); then the queries attend over layer `layer`, slot s
     visible to query t where mask [B, T, S], scaled by D^-1/2 (and soft-capped, cap tanh(score / cap),
-    given a `softcap`: Gemma 2's).
+    given a `softcap`: Gemma 2's), with each query head's logit from sinks [kv_heads, G] joining its
+    softmax (GPT-OSS's; None: no sinks).
     Returns (out [B, T, kv_heads, G, D], the new keys (rotated) and values [B, T, kv_heads, D], k, v).
     """
     rows_matmul.check_available("CPU attention")
@@ -58,16 +60,18 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
     if (not supported(qkv) or not all(f32) or k.shape != v.shape or k.shape[1:3] + k.shape[4:] != (b, h, d)
             or cos.shape != (b, t, d // 2) or sin.shape != cos.shape or pending_k.shape != pending_v.shape
             or pending_k.shape[:2] != k.shape[:2] or pending_k.shape[3:] != (h, d)
-            or slots.shape != (b, pending_k.shape[2] + t) or mask.shape != (b, t, k.shape[3])):
+            or slots.shape != (b, pending_k.shape[2] + t) or mask.shape != (b, t, k.shape[3])
+            or (sinks is not None and sinks.shape != (h, g2 - 2))):
         raise ValueError(f"CPU attention takes float32 qkv [B, T, kv_heads, G + 2, D] with T x G <= {MAX_QUERIES} and "
                          f"D a multiple of {LANES} up to {MAX_HEAD_DIM}, cos and sin [B, T, D / 2], k and v "
                          f"[layers, B, kv_heads, S, D], pending_k and pending_v [layers, B, P, kv_heads, D], "
-                         f"slots [B, P + T] and mask [B, T, S]; "
+                         f"slots [B, P + T], mask [B, T, S] and sinks [kv_heads, G]; "
                          f"got qkv {qkv.dtype}{list(qkv.shape)}, cos {list(cos.shape)}, k {k.dtype}{list(k.shape)}, v "
                          f"{list(v.shape)}, pending_k {list(pending_k.shape)}, slots {list(slots.shape)}, mask "
-                         f"{list(mask.shape)}")
+                         f"{list(mask.shape)}, sinks {None if sinks is None else list(sinks.shape)}")
     new = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
     shapes = (jax.ShapeDtypeStruct((b, t, h, g2 - 2, d), jnp.float32), new, new, k, v)
+    sinks = jnp.full((h, g2 - 2), -jnp.inf, jnp.float32) if sinks is None else sinks.astype(jnp.float32)
     return jax.ffi.ffi_call(rows_matmul.ATTENTION_TARGET, shapes, input_output_aliases={3: 3, 4: 4})(
-        qkv, cos, sin, k, v, pending_k, pending_v, slots.astype(jnp.int32), mask, layer=np.int64(layer),
+        qkv, cos, sin, k, v, pending_k, pending_v, slots.astype(jnp.int32), mask, sinks, layer=np.int64(layer),
         softcap=np.float32(softcap or 0))

@@ -6,12 +6,14 @@ shared by G = nh / nkv query heads):
     layers: a list with one dict per layer:
         attn_norm [H] (only with pre_norms); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads,
         then K, then V); bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm
-        "head"; "all": [nkv, G, D] and [nkv, 1, D]); wo [nh D, H] (query heads in order);
+        "head"; "all": [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
+        wo [nh D, H] (query heads in order); bo [H] (only with output_bias);
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
         w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H]; and with a shared expert of S units
-        shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]
+        shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]; with expert_bias router_bias [E],
+        experts_gate_up_bias [E, 2, F], experts_down_bias [E, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs); with
 RoPE on part of a head, each Q/K head's dims are reordered so that it does too (`rotary_order`).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
@@ -57,12 +59,18 @@ def param_shapes(cfg: ModelConfig) -> dict:
     experts = {"router": (h, e), "experts_gate_up": (e, h, 2, f), "experts_down": (e, f, h)}
     if s:
         experts.update(shared_gate_up=(h, 2, s), shared_down=(s, h), shared_gate=(h, 1))
+    if cfg.expert_bias:
+        experts.update(router_bias=(e,), experts_gate_up_bias=(e, 2, f), experts_down_bias=(e, h))
     if cfg.pre_norms:
         layer["attn_norm"] = (h,)
         if not cfg.parallel_block:
             layer["mlp_norm"] = (h,)
     if cfg.attention_bias:
         layer["bqkv"] = qkv
+    if cfg.attention_sinks:
+        layer["sinks"] = qkv[:1] + (qkv[1] - 2,)
+    if cfg.output_bias:
+        layer["bo"] = (h,)
     if cfg.qk_norm == "head":
         layer["q_norm"] = layer["k_norm"] = (cfg.head_dim,)
     elif cfg.qk_norm == "all":
@@ -177,42 +185,60 @@ def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) ->
 ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-def gated(gu: jax.Array, act: str) -> jax.Array:
-    """A gated MLP's hidden units from gate and up [..., 2, I]: act(gate) * up, act one of ACTIVATION."""
-    return ACTIVATION[act](gu[..., 0, :]) * gu[..., 1, :]
+def gated(gu: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """A gated MLP's hidden units from gate and up [..., 2, I]: act(gate) * up, act cfg.hidden_act
+    (`ModelConfig.ACTIVATIONS`)."""
+    gate, up = gu[..., 0, :], gu[..., 1, :]
+    if cfg.hidden_act == "clamped_swiglu":  # GPT-OSS's
+        limit = cfg.swiglu_limit
+        gate = jnp.minimum(gate, limit)
+        return gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha) * (jnp.clip(up, -limit, limit) + 1)
+    return ACTIVATION[cfg.hidden_act](gate) * up
 
 
-def gated_mlp(x: jax.Array, gate_up, down, act: str) -> jax.Array:
+def gated_mlp(x: jax.Array, gate_up, down, cfg: ModelConfig) -> jax.Array:
     """x [..., H] through a gated MLP: gate_up [H, 2, I] (gate, up), down [I, H]."""
-    return linear(gated(linear(x, gate_up), act), down)
+    return linear(gated(linear(x, gate_up), cfg), down)
 
 
-def route(x: jax.Array, router: jax.Array, k: int, renormalise: bool) -> tuple[jax.Array, jax.Array]:
-    """x [N, H], router [H, E] -> each token's k likeliest experts [N, k] int32 and their float32 weights
-    [N, k]: softmax probabilities over all E experts, renormalised over the k where `renormalise`."""
-    probs = jax.nn.softmax(jnp.matmul(x, router, preferred_element_type=jnp.float32), axis=-1)
+def route(x: jax.Array, router: jax.Array, k: int, renormalise: bool,
+          bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """x [N, H], router [H, E] (and any bias [E]) -> each token's k likeliest experts [N, k] int32 and their
+    float32 weights [N, k]: softmax probabilities over all E experts, renormalised over the k where
+    `renormalise` (GPT-OSS's softmax over the k chosen logits is the same)."""
+    logits = jnp.matmul(x, router, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
     weights, experts = jax.lax.top_k(probs, k)
     return (weights / weights.sum(-1, keepdims=True) if renormalise else weights), experts
 
 
-def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, gate_up: jax.Array, down: jax.Array,
-                act: str) -> jax.Array:
-    """x [N, H] through its experts [N, k] (of gate_up [E, H, 2, F], down [E, F, H]), their outputs summed
-    by weights [N, k]. Each way reads the fewest expert weights: with fewer than E (token, expert) pairs
-    (a decode step, a small tree) each pair's expert is gathered, else the pairs are sorted by expert and
-    each expert's rows go through `lax.ragged_dot` (a grouped product on GPUs and TPUs; XLA:CPU computes
-    it densely, every expert over every row). The k outputs are summed in slot order, not scattered back
-    with an add, so the result does not depend on the order kernels finish in."""
+def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """x [N, H] through its experts [N, k] (of a layer's experts_gate_up [E, H, 2, F], experts_down [E, F, H]
+    and any biases), their outputs summed by weights [N, k]. Each way reads the fewest expert weights:
+    with fewer than E (token, expert) pairs (a decode step, a small tree) each pair's expert is
+    gathered, else the pairs are sorted by expert and each expert's rows go through `lax.ragged_dot` (a
+    grouped product on GPUs and TPUs; XLA:CPU computes it densely, every expert over every row). The k
+    outputs are summed in slot order, not scattered back with an add, so the result does not depend on
+    the order kernels finish in."""
+    gate_up, down = p["experts_gate_up"], p["experts_down"]
     n, k = experts.shape
     e, h, _, f = gate_up.shape
-    if n * k < e:
+    gathered = n * k < e
+    if gathered:
+        pairs = experts  # each pair's expert, [N, k]
         gu = jnp.einsum("nh,nkhcf->nkcf", x, gate_up[experts])
-        y = jnp.einsum("nkf,nkfh->nkh", gated(gu, act), down[experts])
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
-        sizes = jnp.bincount(experts.reshape(-1), length=e)
+        pairs = experts.reshape(-1)[order]
+        sizes = jnp.bincount(pairs, length=e)
         gu = jax.lax.ragged_dot(x[order // k], gate_up.reshape(e, h, 2 * f), sizes).reshape(n * k, 2, f)
-        y = jax.lax.ragged_dot(gated(gu, act), down, sizes)
+    if cfg.expert_bias:
+        gu = gu + p["experts_gate_up_bias"][pairs]
+    y = (jnp.einsum("nkf,nkfh->nkh", gated(gu, cfg), down[experts]) if gathered
+         else jax.lax.ragged_dot(gated(gu, cfg), down, sizes))
+    if cfg.expert_bias:
+        y = y + p["experts_down_bias"][pairs]
+    if not gathered:
         y = y[jnp.argsort(order)].reshape(n, k, h)
     return jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
 
@@ -221,12 +247,12 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """A layer's MLP over x [B, T, H]: dense (w_gate_up, w_down), or a mixture of experts (router, experts_*,
     and any shared expert)."""
     if "router" not in p:
-        return gated_mlp(x, p["w_gate_up"], p["w_down"], cfg.hidden_act)
+        return gated_mlp(x, p["w_gate_up"], p["w_down"], cfg)
     rows = x.reshape(-1, x.shape[-1])
-    weights, experts = route(rows, p["router"], cfg.experts_per_token, cfg.norm_topk)
-    out = experts_mlp(rows, experts, weights, p["experts_gate_up"], p["experts_down"], cfg.hidden_act)
+    weights, experts = route(rows, p["router"], cfg.experts_per_token, cfg.norm_topk, p.get("router_bias"))
+    out = experts_mlp(rows, experts, weights, p, cfg)
     if "shared_gate" in p:
-        shared = gated_mlp(rows, p["shared_gate_up"], p["shared_down"], cfg.hidden_act)
+        shared = gated_mlp(rows, p["shared_gate_up"], p["shared_down"], cfg)
         out = out + jax.nn.sigmoid(linear(rows, p["shared_gate"])) * shared
     return out.reshape(x.shape)
 
@@ -274,11 +300,12 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def _attention(q, k_cache, v_cache, mask, cap=None):
+def _attention(q, k_cache, v_cache, mask, cap=None, sinks=None):
     """Grouped-query attention of new queries over the cache (which already holds the new keys).
 
     q: [B, T, nkv, G, D]; k_cache/v_cache: [B, nkv, S, D]; mask: [B, T, S] bool; cap: the scores' soft
-    cap (`softcap`). Returns [B, T, nkv, G, D].
+    cap (`softcap`); sinks [nkv, G]: each query head's sink logit, which joins its softmax as a key
+    with no value would (GPT-OSS's). Returns [B, T, nkv, G, D].
     Each KV head's G x T queries form one block of rows, so both products are one batched matrix
     product per KV head over the cache in place. More than QUERY_BLOCK new tokens attend a block at a
     time (each row's softmax is its own), so that a long prompt's scores take [B, nkv, G x QUERY_BLOCK, S]
@@ -290,12 +317,17 @@ def _attention(q, k_cache, v_cache, mask, cap=None):
         pad = ((0, 0), (0, blocks * QUERY_BLOCK - t))  # padding rows see no key; they are dropped below
         qs = jnp.pad(q, pad + ((0, 0),) * 3).reshape(b, blocks, QUERY_BLOCK, nkv, g, d).swapaxes(0, 1)
         masks = jnp.pad(mask, pad + ((0, 0),)).reshape(b, blocks, QUERY_BLOCK, -1).swapaxes(0, 1)
-        out = jax.lax.map(lambda qm: _attention(qm[0], k_cache, v_cache, qm[1], cap), (qs, masks))
+        out = jax.lax.map(lambda qm: _attention(qm[0], k_cache, v_cache, qm[1], cap, sinks), (qs, masks))
         return out.swapaxes(0, 1).reshape(b, blocks * QUERY_BLOCK, nkv, g, d)[:, :t]
     q = (q * d ** -0.5).transpose(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
     scores = softcap(jnp.einsum("bkqd,bksd->bkqs", q, k_cache, preferred_element_type=jnp.float32), cap)
     scores = jnp.where(jnp.tile(mask, (1, g, 1))[:, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # the sinks' column (row g T + t is query head g of token t) joins the softmax, then goes
+        sink = jnp.broadcast_to(jnp.repeat(sinks.astype(jnp.float32), t, axis=1)[None, ..., None], (b, nkv, g * t, 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    probs = probs.astype(q.dtype)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v_cache)
     return out.reshape(b, nkv, g, t, d).transpose(0, 3, 1, 2, 4)
 
@@ -337,12 +369,16 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             qkv = qk_norm(qkv, p["q_norm"], p["k_norm"], cfg.rms_norm_eps)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
-                                                         slots, layer_mask, i, cfg.attn_softcap)
+                                                         slots, layer_mask, i, cfg.attn_softcap, p.get("sinks"))
         else:
             k, v = apply_rope(qkv[:, :, :, g], cos, sin), qkv[:, :, :, g + 1]
             ck, cv = kv.write_layer(cache, ck, cv, k, v, slots, i)
-            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask, cfg.attn_softcap)
-        attn = optional_norm(linear(attn.reshape(b, t, -1), p["wo"]), p.get("post_attn_norm"), cfg)
+            attn = _attention(apply_rope(qkv[:, :, :, :g], cos, sin), ck[i], cv[i], layer_mask, cfg.attn_softcap,
+                              p.get("sinks"))
+        attn = linear(attn.reshape(b, t, -1), p["wo"])
+        if cfg.output_bias:
+            attn = attn + p["bo"]
+        attn = optional_norm(attn, p.get("post_attn_norm"), cfg)
         if cfg.parallel_block:  # the MLP reads the norm attention read
             x = x + attn + mlp(p, h, cfg)
         else:

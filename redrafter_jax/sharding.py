@@ -2,7 +2,7 @@
 
 A mesh has two axes. "data" splits the batch: prompt rows, their KV cache and all decode state.
 "model" splits the target tensor-parallel (Megatron style), along axes the params layout keeps whole
-per shard (`model.py`): wqkv/bqkv by KV head (each shard holds its KV heads' query heads too),
+per shard (`model.py`): wqkv/bqkv/sinks by KV head (each shard holds its KV heads' query heads too),
 w_gate_up by the MLP hidden unit (every expert's too, so the router and each token's experts need no
 communication), the embedding and LM head by vocabulary entry; wo and w_down are split along their
 input, so each shard's partial products are summed by one all-reduce per layer.
@@ -74,7 +74,9 @@ def param_specs(cfg: ModelConfig) -> Params:
              "wo": P(MODEL), "post_attn_norm": P(), "mlp_norm": P(), "post_mlp_norm": P(),
              "w_gate_up": P(None, None, MODEL), "w_down": P(MODEL), "router": P(),
              "experts_gate_up": P(None, None, None, MODEL), "experts_down": P(None, MODEL),
-             "shared_gate_up": P(None, None, MODEL), "shared_down": P(MODEL), "shared_gate": P()}
+             "shared_gate_up": P(None, None, MODEL), "shared_down": P(MODEL), "shared_gate": P(),
+             "sinks": P(MODEL), "bo": P(), "router_bias": P(), "experts_gate_up_bias": P(None, None, MODEL),
+             "experts_down_bias": P()}
     top = {"embed": P(MODEL), "final_norm": P(), "lm_head": P(None, MODEL)}
     shapes = param_shapes(cfg)
     return {**{k: top[k] for k in shapes if k != "layers"},

@@ -26,14 +26,17 @@ def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
     return qkv, cos, sin, k, v, pending
 
 
-@pytest.mark.parametrize("t,g,d,p,cap", [(1, 3, 64, 0, None), (7, 3, 64, 4, None), (16, 4, 16, 2, None),
-                                         (3, 2, 128, 1, None), (64, 1, 32, 0, None), (33, 3, 64, 2, None),
-                                         (7, 2, 64, 2, 1.5), (1, 4, 256, 0, 50.0)])
-def test_matches_the_models_xla_ops(t, g, d, p, cap):
+@pytest.mark.parametrize("t,g,d,p,cap,sink", [(1, 3, 64, 0, None, False), (7, 3, 64, 4, None, False),
+                                              (16, 4, 16, 2, None, False), (3, 2, 128, 1, None, False),
+                                              (64, 1, 32, 0, None, False), (33, 3, 64, 2, None, False),
+                                              (7, 2, 64, 2, 1.5, False), (1, 4, 256, 0, 50.0, False),
+                                              (1, 3, 64, 0, None, True), (9, 4, 64, 3, None, True)])
+def test_matches_the_models_xla_ops(t, g, d, p, cap, sink):
     """Against apply_rope, cache.scatter_rows and the XLA attention over the sliced layer: the output,
     the new keys and values, and the buffers (pending entries and new tokens at their slots, a slot
     past the cache dropped, everything else untouched); with Gemma 2's soft cap of the scores too (a cap
-    of 1.5 changes every score a good deal, its 50 the large ones)."""
+    of 1.5 changes every score a good deal, its 50 the large ones), or GPT-OSS's sink logits (each head's
+    own, some above the scores, some below)."""
     rng = np.random.default_rng(t * d + p)
     b, h, s, layer = 2, 3, 90, 2
     qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, b, t, h, g, d, s, p)
@@ -42,7 +45,8 @@ def test_matches_the_models_xla_ops(t, g, d, p, cap):
     mask[:, :, 7] = True  # every query sees something
     if cap:  # scores large enough for the cap to bite
         qkv[:, :, :, :g] *= 3
-    out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer, cap)
+    sinks = jnp.asarray(rng.normal(0, 2, (h, g)), jnp.float32) if sink else None
+    out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer, cap, sinks)
 
     want_k = apply_rope(jnp.asarray(qkv[:, :, :, g]), cos, sin)
     np.testing.assert_allclose(np.asarray(k_new), np.asarray(want_k), rtol=1e-6, atol=1e-6)
@@ -52,23 +56,26 @@ def test_matches_the_models_xla_ops(t, g, d, p, cap):
                                jnp.asarray(slots), layer)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     q = apply_rope(jnp.asarray(qkv[:, :, :, :g]), cos, sin)
-    want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask), cap)
+    want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask), cap, sinks)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=2e-6)
-    if cap:  # and the cap did change the output
+    if cap or sink:  # and the cap or the sinks did change the output
         assert not np.allclose(np.asarray(out), np.asarray(_attention(q, k_after[layer], v_after[layer],
                                                                       jnp.asarray(mask))), rtol=1e-3, atol=1e-4)
 
 
-def test_a_query_depends_only_on_the_keys_it_sees_in_order():
+@pytest.mark.parametrize("sink", [False, True])
+def test_a_query_depends_only_on_the_keys_it_sees_in_order(sink):
     """Seven tree queries over a cache with gaps: each one's output is bitwise the output of that query
-    alone, with just its keys packed at the front of another cache in the same order."""
+    alone, with just its keys packed at the front of another cache in the same order (with sink logits
+    too)."""
     rng = np.random.default_rng(0)
     t, h, g, d, s = 7, 3, 3, 64, 40
     qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, t, h, g, d, s, layers=1)
     mask = rng.random((1, t, s)) < 0.6
     mask[:, :, 0] = True
     nowhere = np.full((1, t), s, np.int32)  # the new keys are not written: the cache alone is attended
-    tree = np.asarray(attend(qkv, cos, sin, k, v, pk, pv, nowhere, mask, 0)[0])
+    sinks = jnp.asarray(rng.normal(0, 2, (h, g)), jnp.float32) if sink else None
+    tree = np.asarray(attend(qkv, cos, sin, k, v, pk, pv, nowhere, mask, 0, None, sinks)[0])
     for i in range(t):
         seen = np.flatnonzero(mask[0, i])
         k1, v1 = rng.standard_normal((2, 1, 1, h, s + 5, d)).astype(np.float32)  # other keys elsewhere
@@ -76,7 +83,7 @@ def test_a_query_depends_only_on_the_keys_it_sees_in_order():
         alone_mask = np.zeros((1, 1, s + 5), bool)
         alone_mask[0, 0, 3: 3 + len(seen)] = True
         alone = attend(qkv[:, i: i + 1], cos[:, i: i + 1], sin[:, i: i + 1], k1, v1, pk, pv,
-                       np.full((1, 1), s + 5, np.int32), alone_mask, 0)[0]
+                       np.full((1, 1), s + 5, np.int32), alone_mask, 0, None, sinks)[0]
         np.testing.assert_array_equal(np.asarray(alone)[:, 0], tree[:, i])
 
 

@@ -92,6 +92,12 @@ ARCHS = {
     "qwen2_moe": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", tie_word_embeddings=True,
                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                       shared_expert_intermediate_size=24, mlp_only_layers=[1]),
+    # GPT-OSS: attention sinks, biases on Q/K/V, the output, the router and the experts, clamped SwiGLU
+    # (its limit low enough to bite), YaRN without rounding its ramp, layer 0 windowed, layer 1 global
+    "gpt_oss": dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", tie_word_embeddings=False,
+                    sliding_window=5, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.5, pad_token_id=2,
+                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0, "beta_slow": 1.0,
+                                  "truncate": False, "original_max_position_embeddings": 16}),
     "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", tie_word_embeddings=True,
                       num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
                       decoder_sparse_step=2),
@@ -101,7 +107,7 @@ ARCHS = {
 }
 
 
-MOE_LAYERS = {"mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,), "qwen3_moe": (1,)}
+MOE_LAYERS = {"gpt_oss": (0, 1), "mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,), "qwen3_moe": (1,)}
 
 
 def expert_tensors(arch, rng, hidden, inter):
@@ -109,6 +115,12 @@ def expert_tensors(arch, rng, hidden, inter):
     enough that no two experts tie for a token."""
     c = ARCHS[arch]
     e, f = c.get("num_experts") or c["num_local_experts"], c.get("moe_intermediate_size", inter)
+    if arch == "gpt_oss":  # stacked as they multiply, [in, out], gate and up interleaved
+        return {"mlp.router.weight": rng.normal(0, 1.0, (e, hidden)), "mlp.router.bias": rng.normal(0, 1.0, e),
+                "mlp.experts.gate_up_proj": rng.normal(0, 0.3, (e, hidden, 2 * f)),
+                "mlp.experts.gate_up_proj_bias": rng.normal(0, 0.5, (e, 2 * f)),
+                "mlp.experts.down_proj": rng.normal(0, 0.3, (e, f, hidden)),
+                "mlp.experts.down_proj_bias": rng.normal(0, 0.5, (e, hidden))}
     prefix, gate, up, down = ("block_sparse_moe.", "w1", "w3", "w2") if arch == "mixtral" else (
         "mlp.", "gate_proj", "up_proj", "down_proj")
     t = {prefix + "gate.weight": rng.normal(0, 1.0, (e, hidden))}
@@ -138,9 +150,11 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"):
+        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
+        if arch == "gpt_oss":
+            shapes.update({"self_attn.o_proj.bias": (hidden,), "self_attn.sinks": (heads,)})
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
         if i in MOE_LAYERS.get(arch, ()):
             t.update({p + k: x for k, x in expert_tensors(arch, rng, hidden, inter).items()})
@@ -178,7 +192,7 @@ def write_checkpoint(directory, arch, tensors, sharded=False, stored="float32", 
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
                   rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, torch_dtype=stored)
     config.update(ARCHS[arch], **config_overrides)
-    tensors = {k: v.astype(jnp.dtype(stored)) for k, v in tensors.items()}
+    tensors = {k: v.astype(jnp.dtype(stored)) if v.dtype.kind == "f" else v for k, v in tensors.items()}
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     if sharded:
@@ -293,6 +307,36 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     one without)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
+
+
+MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                               "model.embed_tokens", "lm_head"]}
+
+
+def gpt_oss_mxfp4_tensors(rng, experts=4, hidden=64, inter=64):
+    """A GPT-OSS checkpoint's tensors as OpenAI released it: the experts' projections in MXFP4 ([out, in]:
+    random 4-bit codes, each 32 of them scaled by a power of two, 2^-6 to 2^-2)."""
+    t = hf_tensors("gpt_oss", rng, hidden=hidden, inter=inter)
+    for i in range(2):
+        p = f"model.layers.{i}.mlp.experts."
+        del t[p + "gate_up_proj"], t[p + "down_proj"]
+        for name, (out, inputs) in (("gate_up_proj", (2 * inter, hidden)), ("down_proj", (hidden, inter))):
+            t[p + name + "_blocks"] = rng.integers(0, 256, (experts, out, inputs // 32, 16)).astype(np.uint8)
+            t[p + name + "_scales"] = rng.integers(121, 126, (experts, out, inputs // 32)).astype(np.uint8)
+    return t
+
+
+def test_gpt_oss_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
+    """GPT-OSS as released, its experts in MXFP4: ours, dequantised as it loads, gives the logits of
+    transformers' model dequantising the same checkpoint."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    write_checkpoint(tmp_path, "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(3)), hidden_size=64,
+                     intermediate_size=64, quantization_config=MXFP4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation="eager",
+        quantization_config=transformers.Mxfp4Config(dequantize=True))
+    assert_logits_match_transformers(load_hf(str(tmp_path)), hf)
 
 
 @pytest.mark.parametrize("stored", ["bfloat16", "float16"])
@@ -575,6 +619,12 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         () if theirs.eos_token_id is None else tuple(np.atleast_1d(theirs.eos_token_id).tolist()))
     partial = rope.get("partial_rotary_factor", getattr(theirs, "partial_rotary_factor", 1.0))
     assert ours.rotary == int(head_dim * partial)
+    scaling = rope.get("full_attention", rope)  # GPT-OSS's default: YaRN
+    s = ours.rope_scaling
+    assert (s and (s.kind, s.factor, s.original_max_position, s.truncate)) == (
+        None if scaling.get("rope_type", "default") == "default" else (
+            scaling["rope_type"], scaling["factor"], scaling["original_max_position_embeddings"],
+            scaling.get("truncate", True)))
     experts = getattr(theirs, "num_experts", None) or getattr(theirs, "num_local_experts", 0)
     assert (ours.num_experts, ours.experts_per_token, ours.expert_size, ours.norm_topk, ours.shared_expert_size) == (
         experts, getattr(theirs, "num_experts_per_tok", 0) if experts else 0,
@@ -586,7 +636,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
                                            ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
-                                           ("glm4", {}), ("cohere2", {})])
+                                           ("glm4", {}), ("cohere2", {}), ("gpt_oss", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -597,7 +647,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
     experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
     at position 8 (crossed by the prompt), GLM-4's on half of each head, Cohere 2's LayerNorms and
-    attention beside the MLP, in the decode loops (on the CPU,
+    attention beside the MLP, GPT-OSS's sinks (through the attention kernel's), biases and experts, in the
+    decode loops (on the CPU,
     the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -615,7 +666,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "qwen2_moe": m.config.shared_expert_size == 24 and m.config.moe_layers == (0,),
             "phi3": m.config.rotary_dim == 8 and m.config.long_rope_from() == 8,
             "glm4": m.config.rotary_dim == 8 and m.config.post_norms and m.config.attention_bias,
-            "cohere2": m.config.parallel_block and m.config.layer_norm and m.config.nope_layers == (1,)}[arch]
+            "cohere2": m.config.parallel_block and m.config.layer_norm and m.config.nope_layers == (1,),
+            "gpt_oss": m.config.attention_sinks and m.config.expert_bias and m.config.window_layers == (0,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()

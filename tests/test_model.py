@@ -212,44 +212,63 @@ def test_a_long_forward_attends_in_query_blocks_as_in_one(monkeypatch):
     assert gen == np.asarray(jnp.argmax(want, axis=-1)).tolist()
 
 
-def experts_reference(x, gate_up, down, router, k, renormalise):
-    """NumPy float64, token by token: softmax over every expert, the k likeliest (renormalised or not),
-    their SwiGLU MLPs' outputs summed by those weights."""
-    x, gate_up, down, router = (np.asarray(a, np.float64) for a in (x, gate_up, down, router))
+def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702):
+    """NumPy float64, token by token: softmax over every expert (router logits plus any bias), the k
+    likeliest (renormalised or not), their MLPs' outputs (SwiGLU, or with a `limit` GPT-OSS's clamped
+    one; any biases added) summed by those weights."""
+    x = np.asarray(x, np.float64)
+    p = {name: np.asarray(a, np.float64) for name, a in p.items()}
+    e, _, _, f = p["experts_gate_up"].shape
+    bias = {name: p.get(name, np.zeros(shape)) for name, shape in (
+        ("router_bias", e), ("experts_gate_up_bias", (e, 2, f)), ("experts_down_bias", (e, x.shape[1])))}
     out = np.zeros_like(x)
     for n, row in enumerate(x):
-        logits = row @ router
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        top = np.argsort(-p)[:k]
-        w = p[top] / p[top].sum() if renormalise else p[top]
+        logits = row @ p["router"] + bias["router_bias"]
+        q = np.exp(logits - logits.max())
+        q /= q.sum()
+        top = np.argsort(-q)[:k]
+        w = q[top] / q[top].sum() if renormalise else q[top]
         for e, we in zip(top, w):
-            g, u = row @ gate_up[e, :, 0], row @ gate_up[e, :, 1]
-            out[n] += we * ((g / (1 + np.exp(-g)) * u) @ down[e])
+            g, u = np.einsum("h,hcf->cf", row, p["experts_gate_up"][e]) + bias["experts_gate_up_bias"][e]
+            if limit is None:
+                hidden = g / (1 + np.exp(-g)) * u
+            else:
+                g = np.minimum(g, limit)
+                hidden = g / (1 + np.exp(-alpha * g)) * (np.clip(u, -limit, limit) + 1)
+            out[n] += we * (hidden @ p["experts_down"][e] + bias["experts_down_bias"][e])
     return out
 
 
-@pytest.mark.parametrize("renormalise", [False, True])
-def test_experts_each_way_match_a_token_by_token_reference(renormalise):
+@pytest.mark.parametrize("renormalise,gpt_oss", [(False, False), (True, False), (True, True)])
+def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss):
     """A few tokens take their experts' weights one by one, many go through grouped products: both give
-    each token the reference's mixture, whichever other tokens share the call."""
+    each token the reference's mixture, whichever other tokens share the call; with GPT-OSS's router
+    and expert biases and clamped SwiGLU too (a limit of 1 clamps many gates and ups)."""
     e, h, f, k = 8, 16, 12, 3
     rng = np.random.default_rng(0)
-    router = jnp.asarray(rng.normal(0, 1, (h, e)), jnp.float32)
-    gate_up = jnp.asarray(rng.normal(0, 0.3, (e, h, 2, f)), jnp.float32)
-    down = jnp.asarray(rng.normal(0, 0.3, (e, f, h)), jnp.float32)
+    p = {"router": rng.normal(0, 1, (h, e)), "experts_gate_up": rng.normal(0, 0.3, (e, h, 2, f)),
+         "experts_down": rng.normal(0, 0.3, (e, f, h))}
+    if gpt_oss:
+        p.update(router_bias=rng.normal(0, 1, e), experts_gate_up_bias=rng.normal(0, 1, (e, 2, f)),
+                 experts_down_bias=rng.normal(0, 1, (e, h)))
+    p = {name: jnp.asarray(a, jnp.float32) for name, a in p.items()}
+    cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f, norm_topk=renormalise,
+                              expert_bias=gpt_oss, swiglu_limit=1.0,
+                              hidden_act="clamped_swiglu" if gpt_oss else "silu")
     x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
-    want = experts_reference(x, gate_up, down, router, k, renormalise)
+    want = experts_reference(x, p, k, renormalise, 1.0 if gpt_oss else None)
+    if gpt_oss:  # the biases and the clamps matter
+        assert not np.allclose(want, experts_reference(x, {n: p[n] for n in ("router", "experts_gate_up",
+                                                                                "experts_down")}, k, renormalise))
+        assert not np.allclose(want, experts_reference(x, p, k, renormalise, 100.0))
+
+    def mixture(rows):
+        weights, experts = model.route(rows, p["router"], k, renormalise, p.get("router_bias"))
+        return model.experts_mlp(rows, experts, weights, p, cfg)
+
     for rows in (x[:2], x):  # 2 x 3 < 8 pairs: gathered; 7 x 3 >= 8: grouped
-        weights, experts = model.route(rows, router, k, renormalise)
-        got = model.experts_mlp(rows, experts, weights, gate_up, down, "silu")
-        np.testing.assert_allclose(np.asarray(got), want[:len(rows)], rtol=1e-5, atol=1e-5)
-
-    def program(rows):
-        return str(jax.make_jaxpr(lambda r: model.experts_mlp(r, *model.route(r, router, k, renormalise)[::-1],
-                                                              gate_up, down, "silu"))(rows))
-
-    assert "ragged_dot" not in program(x[:2]) and "ragged_dot" in program(x)
+        np.testing.assert_allclose(np.asarray(mixture(rows)), want[:len(rows)], rtol=1e-5, atol=1e-5)
+    assert "ragged_dot" not in str(jax.make_jaxpr(mixture)(x[:2])) and "ragged_dot" in str(jax.make_jaxpr(mixture)(x))
 
 
 def test_moe_model_decodes_as_its_uncached_forward():

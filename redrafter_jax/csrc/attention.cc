@@ -93,10 +93,11 @@ inline void Rope(const float* x, const float* cos_t, const float* sin_t, int64_t
 }
 
 // One (row, KV head): its T x G queries as lanes. q: token t's query g at q + t * q_stride + g * D,
-// before RoPE (tables cos_t, sin_t [T, D / 2]); out [T, H, G, D] at this head; mask [T, S].
+// before RoPE (tables cos_t, sin_t [T, D / 2]); out [T, H, G, D] at this head; mask [T, S]; sink [G]: each
+// query head's sink logit (-inf: none).
 void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin_t, const float* k, const float* v,
-          const bool* mask, float* out, int64_t t_dim, int64_t h_dim, int64_t g_dim, int64_t s_dim, int64_t d_dim,
-          float scale, float softcap) {
+          const bool* mask, const float* sink, float* out, int64_t t_dim, int64_t h_dim, int64_t g_dim,
+          int64_t s_dim, int64_t d_dim, float scale, float softcap) {
   const int64_t queries = t_dim * g_dim, vecs = (queries + kLanes - 1) / kLanes;
   // Rotated and scaled queries, lane t * G + g: qt [D][vecs].
   std::vector<Vec> qt(d_dim * vecs, Vec{});
@@ -142,12 +143,18 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
       }
     }
   }
+  // GPT-OSS's sinks join each softmax as a logit with no value: in its max, and last in its sum.
+  for (int64_t lane = 0; lane < queries; ++lane)
+    top[lane / kLanes][lane % kLanes] = std::max(top[lane / kLanes][lane % kLanes], sink[lane % g_dim]);
   for (size_t i = 0; i < live.size(); ++i)
     for (int64_t j = 0; j < vecs; ++j) {
       const IVec seen = sees[i * vecs + j];
       p[i * vecs + j] = seen ? Exp(seen ? p[i * vecs + j] - top[j] : Vec{}) : Vec{};
       sum[j] += p[i * vecs + j];
     }
+  for (int64_t lane = 0; lane < queries; ++lane)
+    if (std::isfinite(sink[lane % g_dim]))
+      sum[lane / kLanes][lane % kLanes] += std::exp(sink[lane % g_dim] - top[lane / kLanes][lane % kLanes]);
   // Weighted values: out[lane] = sum over the lane's slots of p v, in slot order, over the sum.
   std::vector<Vec> acc(queries * (d_dim / kLanes));
   kWeighted[d_dim / kLanes - 1](p.data(), v, live, queries, vecs, acc.data());
@@ -164,14 +171,16 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
 // [layers, B, H, S, D] get, in place, the layer's pending entries from pending_k and pending_v [layers,
 // B, P, H, D] and then the new tokens' rotated keys and values, at slots [B, P + T] (a slot outside
 // [0, S) is dropped); then the queries attend over the layer, slot s visible to query t where mask
-// [B, T, S], its scores soft-capped where softcap > 0. Returns out [B, T, H, G, D], the new tokens' keys
+// [B, T, S], its scores soft-capped where softcap > 0, with each query head's sink logit from sinks [H, G]
+// (-inf: none) in its softmax. Returns out [B, T, H, G, D], the new tokens' keys
 // (rotated) and values [B, T, H, D], and the buffers.
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                      ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::F32> pending_k, ffi::Buffer<ffi::F32> pending_v, ffi::Buffer<ffi::S32> slots,
-                     ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_new,
-                     ffi::ResultBuffer<ffi::F32> v_new, ffi::ResultBuffer<ffi::F32> k_out,
-                     ffi::ResultBuffer<ffi::F32> v_out, int64_t layer, float softcap) {
+                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> sinks, ffi::ResultBuffer<ffi::F32> out,
+                     ffi::ResultBuffer<ffi::F32> k_new, ffi::ResultBuffer<ffi::F32> v_new,
+                     ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out, int64_t layer,
+                     float softcap) {
   auto qd = qkv.dimensions(), cd = cos.dimensions(), kd = k.dimensions(), pd = pending_k.dimensions(),
        sd = slots.dimensions(), md = mask.dimensions();
   const bool ok =
@@ -184,12 +193,13 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
       std::equal(pd.begin(), pd.end(), pending_v.dimensions().begin(), pending_v.dimensions().end()) &&
       pd[0] == kd[0] && pd[1] == qd[0] && pd[3] == qd[2] && pd[4] == qd[4] && sd[0] == qd[0] &&
       sd[1] == pd[2] + qd[1] &&
-      md[0] == qd[0] && md[1] == qd[1] && md[2] == kd[3];
+      md[0] == qd[0] && md[1] == qd[1] && md[2] == kd[3] && sinks.dimensions().size() == 2 &&
+      sinks.dimensions()[0] == qd[2] && sinks.dimensions()[1] == qd[3] - 2;
   if (!ok) {
     return ffi::Error::InvalidArgument(
         "attention: expects qkv [B, T, H, G + 2, D] with T * G <= 256 and D in 16, 32, ..., 256, cos and sin "
         "[B, T, D / 2], k and v [layers, B, H, S, D], pending_k and pending_v [layers, B, P, H, D], slots "
-        "[B, P + T], mask [B, T, S]");
+        "[B, P + T], mask [B, T, S], sinks [H, G]");
   }
   const int64_t b_dim = qd[0], t_dim = qd[1], h_dim = qd[2], g_dim = qd[3] - 2, d_dim = qd[4], s_dim = kd[3],
                 p_dim = pd[2], half = d_dim / 2;
@@ -227,7 +237,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
       put(row_slots[p_dim + t], key, value);
     }
     Head(q, q_stride, cp + b * t_dim * half, sp + b * t_dim * half, kc, vc, mp + b * t_dim * s_dim,
-         op + (b * t_dim * h_dim + h) * g_dim * d_dim, t_dim, h_dim, g_dim, s_dim, d_dim, scale, softcap);
+         sinks.typed_data() + h * g_dim, op + (b * t_dim * h_dim + h) * g_dim * d_dim, t_dim, h_dim, g_dim, s_dim,
+         d_dim, scale, softcap);
   });
   return ffi::Error::Success();
 }
@@ -246,6 +257,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_attention, Attention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // pending_v
                                   .Arg<ffi::Buffer<ffi::S32>>()   // slots
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sinks
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // k_new
                                   .Ret<ffi::Buffer<ffi::F32>>()   // v_new

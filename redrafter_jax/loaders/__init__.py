@@ -51,7 +51,9 @@ LAYER_TENSORS = {
              ("model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias")],
     "q_norm": [("model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight")],
     "k_norm": [("model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight")],
+    "sinks": [("model.layers.{i}.self_attn.sinks", "blk.{i}.attn_sinks.weight")],
     "wo": [("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight")],
+    "bo": [("model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias")],
     "post_attn_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight")],
     "mlp_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight")],
     "w_gate_up": [("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
@@ -60,9 +62,13 @@ LAYER_TENSORS = {
     "post_mlp_norm": [("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight")],
     # mixtures of experts; Hugging Face checkpoints store each expert on its own (`Renamed` stacks them)
     "router": [("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight")],
+    "router_bias": [("model.layers.{i}.mlp.gate.bias", "blk.{i}.ffn_gate_inp.bias")],
     "experts_gate_up": [("model.layers.{i}.mlp.experts.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight"),
                         ("model.layers.{i}.mlp.experts.up_proj.weight", "blk.{i}.ffn_up_exps.weight")],
+    "experts_gate_up_bias": [("model.layers.{i}.mlp.experts.gate_proj.bias", "blk.{i}.ffn_gate_exps.bias"),
+                             ("model.layers.{i}.mlp.experts.up_proj.bias", "blk.{i}.ffn_up_exps.bias")],
     "experts_down": [("model.layers.{i}.mlp.experts.down_proj.weight", "blk.{i}.ffn_down_exps.weight")],
+    "experts_down_bias": [("model.layers.{i}.mlp.experts.down_proj.bias", "blk.{i}.ffn_down_exps.bias")],
     "shared_gate_up": [("model.layers.{i}.mlp.shared_expert.gate_proj.weight", "blk.{i}.ffn_gate_shexp.weight"),
                        ("model.layers.{i}.mlp.shared_expert.up_proj.weight", "blk.{i}.ffn_up_shexp.weight")],
     "shared_down": [("model.layers.{i}.mlp.shared_expert.down_proj.weight", "blk.{i}.ffn_down_shexp.weight")],
@@ -282,7 +288,7 @@ def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float,
 def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """The shapes the parts of our parameter `ours` (of shape `shape`) have in a checkpoint."""
     d = cfg.head_dim
-    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # stored [heads D]
+    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all" or ours == "sinks":  # stored [heads (D)]
         return [(int(np.prod(shape)),)]
     lead = shape[:1] if ours == "wqkv" else ()  # the weight's input axis H; the bias has none
     if ours in ("wqkv", "bqkv"):
@@ -291,6 +297,8 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
         return [(shape[2], shape[0])] * 2
     if ours == "experts_gate_up":  # [E, H, 2, F] from gate and up, each stored [E, F, H]
         return [(shape[0], shape[3], shape[1])] * 2
+    if ours == "experts_gate_up_bias":  # [E, 2, F] from gate's and up's, each [E, F]
+        return [(shape[0], shape[2])] * 2
     if ours == "experts_down":  # [E, F, H], stored [E, H, F]
         return [(shape[0], shape[2], shape[1])]
     return [shape[::-1] if ours in TRANSPOSED else shape]
@@ -311,12 +319,17 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
     if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # [heads D] -> [nkv, G or 1, D], heads in order
         x = source.read(parts[0], (slice(None),))
         return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
+    if ours == "sinks":  # [heads] -> [nkv, G]
+        return source.read(parts[0], (slice(None),)).reshape(cfg.num_kv_heads, -1)[index]
     if ours in GATE_UP:  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]
     if ours == "experts_gate_up":  # gate, up [E, F, H] -> [E, H, 2, F]
         e, h, c, f = index
         return np.stack([source.read(name, (e, f, h)) for name in parts]).transpose(1, 3, 0, 2)[:, :, c]
+    if ours == "experts_gate_up_bias":  # gate, up [E, F] -> [E, 2, F]
+        e, c, f = index
+        return np.stack([source.read(name, (e, f)) for name in parts], axis=1)[:, c]
     if ours == "experts_down":  # [E, H, F] -> [E, F, H]
         e, f, h = index
         return source.read(parts[0], (e, h, f)).transpose(0, 2, 1)

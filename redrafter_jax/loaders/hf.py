@@ -29,15 +29,16 @@ from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
                            "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "MistralForCausalLM",
-                           "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                           "Glm4ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GptOssForCausalLM",
+                           "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
                            "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
                            "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
-                "granite": "GraniteForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
+                "granitemoehybrid": "GraniteMoeHybridForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM",
                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
                 "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -46,7 +47,9 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
-GEMMAS, OLMOS, MOES = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM"), (MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
+GPT_OSS = "GptOssForCausalLM"
+GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+MOES = (GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 # Granite 3's, and Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers or experts)
@@ -130,6 +133,12 @@ TRANSFORMERS_DEFAULTS = {
                 tie_word_embeddings=True),
     GLM: _GLM,
     GLM4: _GLM,
+    GPT_OSS: dict(_COMMON, vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
+                  num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+                  rms_norm_eps=1e-5, rope_theta=150000.0, sliding_window=128, num_local_experts=128,
+                  num_experts_per_tok=4, swiglu_alpha=1.702, swiglu_limit=7.0, attention_bias=True,
+                  rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                    original_max_position_embeddings=4096)),
     SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
                    num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
                    bos_token_id=0, eos_token_id=2, attention_bias=True),
@@ -196,9 +205,10 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
     Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
     Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4, Cohere 2, and
-    Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by default
-    all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but
-    every fourth, Qwen's from max_window_layers on and SmolLM3's NoPE layers."""
+    GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding,
+    by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo
+    3's but every fourth, GPT-OSS's every other from the first, Qwen's from max_window_layers on and
+    SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch in ("LlamaForCausalLM", COHERE, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
@@ -214,7 +224,8 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         return None, None
     if kinds is None:
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
-                   "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0,  # every pattern-th layer global:
+                   "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0, GPT_OSS: lambda i: i % 2 == 0,
+                   # every pattern-th layer global:
                    **dict.fromkeys((COHERE2, EXAONE4, *GEMMAS),
                                    lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
                    }.get(arch, lambda i: i >= int(c.get("max_window_layers", 28)))
@@ -230,8 +241,9 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
 
 def _experts(arch: str, c: dict) -> dict:
     """A mixture of experts' `ModelConfig` fields, as transformers reads them (none for a dense model): Qwen's
-    MoE layers are every decoder_sparse_step-th but mlp_only_layers; Mixtral renormalises the chosen
-    experts' weights, the others where norm_topk_prob says."""
+    MoE layers are every decoder_sparse_step-th but mlp_only_layers; Mixtral and GPT-OSS (a softmax over the
+    chosen experts' logits) renormalise the chosen experts' weights, the others where norm_topk_prob says;
+    GPT-OSS's router and experts have biases."""
     experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)  # (transformers 5 saves Qwen's so)
     if arch not in MOES or not experts:
         return {}
@@ -243,8 +255,9 @@ def _experts(arch: str, c: dict) -> dict:
     return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
                 expert_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
                 moe_layers=None if len(layers) == n else layers,
-                norm_topk=arch == MIXTRAL or bool(c["norm_topk_prob"]),
-                shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0)
+                norm_topk=arch in (MIXTRAL, GPT_OSS) or bool(c["norm_topk_prob"]),
+                shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0,
+                expert_bias=arch == GPT_OSS)
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
@@ -328,12 +341,15 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                          f"a value (leave a key out for transformers' default)")
     if quantized := c.get("quantization_config"):  # its tensors would fail one by one, not naming why
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
-        raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
-                         f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
+        if (arch, method) != (GPT_OSS, "mxfp4"):  # (GPT-OSS's experts as released: `_GptOssExperts` reads them)
+            raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
+                             f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
     act_key = "hidden_activation" if arch in GEMMAS else "hidden_act"  # Gemma's config names it so
     act = _ACTIVATIONS.get(c.get(act_key, "silu"))
     if act is None:
         raise ValueError(f"unsupported {act_key} {c[act_key]!r} (supported: {', '.join(_ACTIVATIONS)})")
+    if arch == GPT_OSS:  # its experts compute this whatever hidden_act says
+        act = "clamped_swiglu"
     if c.get("use_bidirectional_attention"):  # EmbeddingGemma's
         raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
     for key in ("mlp_bias", "use_bias", "attention_out_bias"):  # Seed-OSS's, ERNIE 4.5's
@@ -352,9 +368,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says, GLM and Seed-OSS where attention_bias does);
-    # attention_bias elsewhere biases o_proj too
+    # attention_bias elsewhere biases o_proj too (GPT-OSS's)
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else
-                                                  arch in (GLM, GLM4, SEED_OSS) and c["attention_bias"])
+                                                  arch in (GLM, GLM4, SEED_OSS, GPT_OSS) and c["attention_bias"])
+    output_bias = arch == GPT_OSS and bool(c["attention_bias"])
     if c.get("attention_bias") and not qkv_bias:
         raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
     theta, scaling, local_theta, rotary = _rope(arch, c)
@@ -375,11 +392,12 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
         rms_norm_eps=float(c["layer_norm_eps" if cohere else "rms_norm_eps"]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
-        attention_bias=qkv_bias,
+        attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
         sliding_window=window, window_layers=window_layers, nope_layers=nope,
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all")}.get(arch),
-        hidden_act=act, local_rope_theta=local_theta if window else None,
+        hidden_act=act, **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
+        local_rope_theta=local_theta if window else None,
         pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, GLM4, *POST_NORMS_ONLY),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
@@ -484,6 +502,84 @@ class _Safetensors:
         return self._slice(name)[index]
 
 
+# MXFP4 (OCP microscaling): 4-bit E2M1 values, by code
+FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+
+
+def mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """MXFP4 blocks [..., G, 16] uint8 (two E2M1 codes a byte, the low nibble first) and scales [..., G] uint8
+    (each block's power of two, biased by 127) -> float32 [..., G x 32], exactly."""
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
+    return np.ldexp(FP4_E2M1[codes], scales.astype(np.int32)[..., None] - 127).reshape(*blocks.shape[:-2], -1)
+
+
+# GPT-OSS's MLP tensors by the table's names: (ours, theirs, which half of theirs)
+_GPT_OSS_MLP = (("gate.weight", "router.weight", None), ("gate.bias", "router.bias", None),
+                ("experts.gate_proj.weight", "experts.gate_up_proj", 0), ("experts.up_proj.weight", "experts.gate_up_proj", 1),
+                ("experts.gate_proj.bias", "experts.gate_up_proj_bias", 0),
+                ("experts.up_proj.bias", "experts.gate_up_proj_bias", 1),
+                ("experts.down_proj.weight", "experts.down_proj", None),
+                ("experts.down_proj.bias", "experts.down_proj_bias", None))
+
+
+class _GptOssExperts:
+    """The `Source` of GPT-OSS's mixtures of experts as the name table expects them. Each layer stores its
+    experts' gate and up projections interleaved (gate_up[..., 0::2] and [..., 1::2]) in one tensor, with
+    one bias [E, 2F], and the down projection with its bias: as they multiply (gate_up_proj [E, H, 2F],
+    down_proj [E, F, H]), or as OpenAI released them, in MXFP4 (`mxfp4`) as [out, in]
+    (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32], down_proj_blocks [E, H, F / 32,
+    16] and _scales). A read dequantises only the 32-value blocks it covers. The router is renamed."""
+
+    def __init__(self, source: Source, cfg: ModelConfig):
+        self.source = source
+        # the table's name -> (the stored tensor, its gate (0) or up (1) half or None: all of it)
+        self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.mlp.{stored}", half)
+                      for i in range(cfg.num_layers) for table, stored, half in _GPT_OSS_MLP}
+        names = source.names()
+        stored = {name for name, _ in self.parts.values()}
+        self.quantized = stored & {name.removesuffix("_blocks") for name in names if name.endswith("_blocks")}
+        held = stored | {name + suffix for name in self.quantized for suffix in ("_blocks", "_scales")}
+        self._names = [n for n in names if n not in held] + list(self.parts)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.parts:
+            return self.source.shape(name)
+        stored, half = self.parts[name]
+        if stored in self.quantized:  # [E, out, G, 16]: our [E, out, in] ([E, F, H] a half)
+            e, out, groups, _ = self.source.shape(stored + "_blocks")
+            return e, out // (1 if half is None else 2), groups * 32
+        shape = self.source.shape(stored)
+        if name.endswith(".bias"):  # gate_up's [E, 2F] halved; the others as they are
+            return shape if half is None else (shape[0], shape[1] // 2)
+        if name.endswith("gate.weight"):  # the router [E, H]
+            return shape
+        e, h, out = shape  # [E, in, out]: our [E, out, in] ([E, F, H] a half)
+        return e, out // (1 if half is None else 2), h
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if name not in self.parts:
+            return self.source.read(name, index)
+        stored, half = self.parts[name]
+        if half is None and (name.endswith(".bias") or name.endswith("gate.weight")):
+            return self.source.read(stored, index)
+        first, last = index[-1 if name.endswith(".bias") else 1].indices(self.shape(name)[1])[:2]
+        rows = slice(first, last) if half is None else slice(2 * first, 2 * last)  # both halves, interleaved
+        pick = slice(None) if half is None else slice(half, None, 2)
+        if name.endswith(".bias"):  # [E, 2F] -> [E, F]
+            return self.source.read(stored, (index[0], rows))[:, pick]
+        e, _, cols = index
+        if stored not in self.quantized:  # [E, in, out] -> [E, out, in]
+            return self.source.read(stored, (e, cols, rows))[:, :, pick].transpose(0, 2, 1)
+        start, stop, _ = cols.indices(self.shape(name)[2])
+        groups = slice(start // 32, -(-stop // 32))
+        x = mxfp4(self.source.read(stored + "_blocks", (e, rows, groups, slice(None))),
+                  self.source.read(stored + "_scales", (e, rows, groups)))
+        return x[:, pick, start - 32 * groups.start:stop - 32 * groups.start]
+
+
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
@@ -497,6 +593,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
+    if arch == GPT_OSS:
+        return _GptOssExperts(source, cfg)
     if cfg.num_experts:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
