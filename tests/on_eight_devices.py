@@ -17,7 +17,7 @@ from redrafter_jax.config import SamplingConfig
 from redrafter_jax.decode import prepare_prompts
 from redrafter_jax.loaders.hf import load_hf
 from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, proposers, store, train_steps
-from tests.test_loaders import hf_tensors, write_checkpoint
+from tests.test_loaders import MXFP4, gpt_oss_mxfp4_tensors, hf_tensors, write_checkpoint
 from tests.test_speculative import _primitives, rows
 from tests.tiny import tiny_model
 
@@ -160,9 +160,10 @@ def loading() -> dict:
 
 
 def experts() -> dict:
-    """Mixtures of experts split by every expert's hidden units: a Mixtral checkpoint loaded onto a 2x4 mesh
-    (against a one-device load), and it and a model with a shared expert beside a dense layer on 2x4 and
-    1x8 meshes, greedy, autoregressive and lookup-speculative, against one device."""
+    """Mixtures of experts split by every expert's hidden units: a Mixtral checkpoint and a GPT-OSS one in
+    MXFP4 loaded onto a 2x4 mesh (against a one-device load), and them and a model with a shared expert
+    beside a dense layer on 2x4 (and 1x8) meshes, greedy, autoregressive and lookup-speculative, against
+    one device."""
     from redrafter_jax.config import SpecConfig
 
     found = {}
@@ -177,11 +178,19 @@ def experts() -> dict:
                                    for a, b in zip(leaves, jax.tree_util.tree_leaves(one.params)))
         shards = m.params["layers"][0]["experts_gate_up"].addressable_shards
         found["experts_shards"] = [list(s.data.shape) for s in shards]
+    with tempfile.TemporaryDirectory() as d:  # each device's 16 of 64 hidden units: half of a 32-value block
+        write_checkpoint(d, "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(5), heads=8, kv=4),
+                         num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=64,
+                         quantization_config=MXFP4)
+        gpt_oss = load_hf(d)
+        found["gpt_oss_same_params"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+            jax.tree_util.tree_leaves(load_hf(d, mesh=mesh).params), jax.tree_util.tree_leaves(gpt_oss.params)))
     shared = tiny_model(num_heads=16, num_kv_heads=8, num_experts=4, experts_per_token=2, expert_size=16,
                         shared_expert_size=8, moe_layers=(1,))
     prompts = [[5, 9, 3, 9, 3, 9, 3], [7, 8, 2], [11, 12, 13, 11, 12], [4]]
     for name, (cfg, params), meshes in (("mixtral", (one.config, one.params), ("2x4",)),
-                                        ("shared", shared, ("2x4", "1x8"))):
+                                        ("shared", shared, ("2x4", "1x8")),
+                                        ("gpt_oss", (gpt_oss.config, gpt_oss.params), ("2x4",))):
         for loop, spec in (("autoregressive", None), ("speculative", SpecConfig.parse("0x4+2"))):
             want = rows(gen.generate(params, cfg, prompts, max_new_tokens=10, spec=spec))
             for mesh in meshes:

@@ -36,7 +36,7 @@ def test_matches_the_models_xla_ops(t, g, d, p, cap, sink):
     the new keys and values, and the buffers (pending entries and new tokens at their slots, a slot
     past the cache dropped, everything else untouched); with Gemma 2's soft cap of the scores too (a cap
     of 1.5 changes every score a good deal, its 50 the large ones), or GPT-OSS's sink logits (each head's
-    own, some above the scores, some below)."""
+    own, some above the scores, some below, one so far above them that its head's output is ~0)."""
     rng = np.random.default_rng(t * d + p)
     b, h, s, layer = 2, 3, 90, 2
     qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, b, t, h, g, d, s, p)
@@ -45,7 +45,7 @@ def test_matches_the_models_xla_ops(t, g, d, p, cap, sink):
     mask[:, :, 7] = True  # every query sees something
     if cap:  # scores large enough for the cap to bite
         qkv[:, :, :, :g] *= 3
-    sinks = jnp.asarray(rng.normal(0, 2, (h, g)), jnp.float32) if sink else None
+    sinks = jnp.asarray(rng.normal(0, 2, (h, g)), jnp.float32).at[0, 0].set(120.0) if sink else None
     out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer, cap, sinks)
 
     want_k = apply_rope(jnp.asarray(qkv[:, :, :, g]), cos, sin)

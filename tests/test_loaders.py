@@ -93,11 +93,10 @@ ARCHS = {
                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                       shared_expert_intermediate_size=24, mlp_only_layers=[1]),
     # GPT-OSS: attention sinks, biases on Q/K/V, the output, the router and the experts, clamped SwiGLU
-    # (its limit low enough to bite), YaRN without rounding its ramp, layer 0 windowed, layer 1 global
+    # (its limit low enough to bite), its default YaRN (without rounding its ramp), layer 0 windowed, layer 1
+    # global
     "gpt_oss": dict(architectures=["GptOssForCausalLM"], model_type="gpt_oss", tie_word_embeddings=False,
-                    sliding_window=5, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.5, pad_token_id=2,
-                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 8.0, "beta_slow": 1.0,
-                                  "truncate": False, "original_max_position_embeddings": 16}),
+                    sliding_window=5, num_local_experts=4, num_experts_per_tok=2, swiglu_limit=1.5, pad_token_id=2),
     "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", tie_word_embeddings=True,
                       num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
                       decoder_sparse_step=2),
@@ -313,10 +312,10 @@ MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.sel
                                                                "model.embed_tokens", "lm_head"]}
 
 
-def gpt_oss_mxfp4_tensors(rng, experts=4, hidden=64, inter=64):
+def gpt_oss_mxfp4_tensors(rng, experts=4, hidden=64, inter=64, **kw):
     """A GPT-OSS checkpoint's tensors as OpenAI released it: the experts' projections in MXFP4 ([out, in]:
     random 4-bit codes, each 32 of them scaled by a power of two, 2^-6 to 2^-2)."""
-    t = hf_tensors("gpt_oss", rng, hidden=hidden, inter=inter)
+    t = hf_tensors("gpt_oss", rng, hidden=hidden, inter=inter, **kw)
     for i in range(2):
         p = f"model.layers.{i}.mlp.experts."
         del t[p + "gate_up_proj"], t[p + "down_proj"]

@@ -81,10 +81,11 @@ def test_bf16_checkpoint_loads_onto_its_shards_without_staging_the_model(eight):
 
 def test_mixtures_of_experts_load_and_decode_on_a_mesh_as_on_one_device(eight):
     found = eight["experts"]
-    assert found.pop("same_params")
+    assert found.pop("same_params") and found.pop("gpt_oss_same_params")
     assert found.pop("experts_shards") == [[4, 32, 2, 16]] * 8  # each expert's 64 hidden units over 4 devices
     assert found == {f"{name}/{loop}/{mesh}": True for loop in ("autoregressive", "speculative")
-                     for name, meshes in (("mixtral", ("2x4",)), ("shared", ("2x4", "1x8"))) for mesh in meshes}
+                     for name, meshes in (("mixtral", ("2x4",)), ("shared", ("2x4", "1x8")), ("gpt_oss", ("2x4",)))
+                     for mesh in meshes}
 
 
 def test_generate_command_runs_on_a_mesh(eight):
@@ -145,7 +146,9 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"qk_norm": "head"},
                                        {"qk_norm": "all", "pre_norms": False, "post_norms": True},
                                        {"num_experts": 4, "experts_per_token": 2, "expert_size": 16,
-                                        "shared_expert_size": 8, "moe_layers": (1,)}])
+                                        "shared_expert_size": 8, "moe_layers": (1,)},
+                                       {"num_experts": 4, "experts_per_token": 2, "expert_size": 16, "expert_bias": True,
+                                        "attention_sinks": True, "output_bias": True}])
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)
