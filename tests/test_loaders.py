@@ -765,6 +765,9 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
     ("use_bias", r"unsupported use_bias: true \(biases on the MLP and output projections\)"),
     ("attention_out_bias", r"unsupported attention_out_bias: true \(biases on the output projections\)"),
+    ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
+    ("mxfp4_shape", r"MXFP4 tensors 'model.layers.0.mlp.experts.gate_up_proj_blocks' \(4, 128, 2, 16\) and "
+                    r"'model.layers.0.mlp.experts.gate_up_proj_scales' \(4, 128, 4\) do not match"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
@@ -772,7 +775,14 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
             "granite4_experts": "granite4", "attention_out_bias": "seed_oss"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
-    if case == "architecture":
+    if case.startswith("mxfp4"):
+        arch, tensors = "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(0))
+        overrides.update(hidden_size=64, intermediate_size=64, quantization_config=MXFP4)
+    if case == "mxfp4_scales":
+        del tensors["model.layers.1.mlp.experts.down_proj_scales"]
+    elif case == "mxfp4_shape":
+        tensors["model.layers.0.mlp.experts.gate_up_proj_scales"] = np.zeros((4, 128, 4), np.uint8)
+    elif case == "architecture":
         overrides["architectures"] = ["GPTNeoXForCausalLM"]
     elif case == "model_type":
         overrides.update(architectures=None, model_type="gpt_neox")

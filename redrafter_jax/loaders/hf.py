@@ -549,7 +549,15 @@ class _GptOssExperts:
             return self.source.shape(name)
         stored, half = self.parts[name]
         if stored in self.quantized:  # [E, out, G, 16]: our [E, out, in] ([E, F, H] a half)
-            e, out, groups, _ = self.source.shape(stored + "_blocks")
+            blocks = tuple(self.source.shape(stored + "_blocks"))
+            try:
+                scales = tuple(self.source.shape(stored + "_scales"))
+            except KeyError:
+                raise ValueError(f"checkpoint is missing tensor {stored + '_scales'!r}") from None
+            if len(blocks) != 4 or blocks[3] != 16 or scales != blocks[:3]:
+                raise ValueError(f"MXFP4 tensors {stored + '_blocks'!r} {blocks} and {stored + '_scales'!r} {scales} "
+                                 f"do not match: expected [E, out, in / 32, 16] and [E, out, in / 32]")
+            e, out, groups, _ = blocks
             return e, out // (1 if half is None else 2), groups * 32
         shape = self.source.shape(stored)
         if name.endswith(".bias"):  # gate_up's [E, 2F] halved; the others as they are
