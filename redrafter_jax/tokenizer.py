@@ -18,6 +18,11 @@ _LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
                 r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# o200k's (GPT-4o's, GPT-OSS's): words split before capitals, contractions kept with their word
+_O200K_REGEX = "|".join([
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+"""])
 
 
 def _byte_level_split(regex: str) -> pre_tokenizers.PreTokenizer:
@@ -37,8 +42,10 @@ def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
         return _byte_level_split(_LLAMA3_REGEX)
     if name == "qwen2":
         return _byte_level_split(_QWEN2_REGEX)
+    if name == "gpt-4o":
+        return _byte_level_split(_O200K_REGEX)
     raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} "
-                     "(supported: default, gpt2, smollm, llama-bpe, qwen2)")
+                     "(supported: default, gpt2, smollm, llama-bpe, qwen2, gpt-4o)")
 
 
 _NORMAL = 1  # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte

@@ -23,7 +23,7 @@ from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
 from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
-from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf
+from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf, mxfp4
 from redrafter_jax.model import forward_causal
 from tests.tiny import TINY
 
@@ -882,13 +882,14 @@ def stacked_experts(tensors):
 
 
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
-               metadata=None, sentencepiece=None, rename=None):
+               metadata=None, sentencepiece=None, rename=None, quantized=()):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
     (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level
     BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
     scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
     an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's;
-    `rename`: other texts for some of the byte-level vocabulary's tokens, by id."""
+    `rename`: other texts for some of the byte-level vocabulary's tokens, by id; `quantized`: the GGUF names of
+    tensors stored in MXFP4 (their values must be exact in it)."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
@@ -902,8 +903,10 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
-    # a dense layer's MLP size (48 where all are experts, Mixtral's experts' size in llama.cpp's reading)
-    w.add_feed_forward_length(next((x.shape[0] for k, x in tensors.items() if k.endswith(".mlp.up_proj.weight")), 48))
+    stacked = stacked_experts(tensors)
+    # a dense layer's MLP size, or where all are experts theirs (Mixtral's in llama.cpp's reading)
+    sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items() if k.endswith("up_proj.weight")}
+    w.add_feed_forward_length(sizes.get("mlp", sizes.get("experts")))
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_key_length(head_dim)
@@ -928,12 +931,19 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     if arch in ("gemma2", "gemma3", "olmo2"):  # whose Hugging Face names for the norms around the MLP differ
         names.update({f"model.layers.{i}.{hf}_layernorm.weight": f"blk.{i}.{gg}_norm.weight" for i in range(layers)
                       for hf, gg in (("post_attention", "post_attention"), ("pre_feedforward", "ffn"))})
-    for name, x in stacked_experts(tensors).items():
+    if arch == "gpt-oss":  # its converter's name for the norm before the MLP
+        names.update({f"model.layers.{i}.post_attention_layernorm.weight": f"blk.{i}.post_attention_norm.weight"
+                      for i in range(layers)})
+    for name, x in stacked.items():
         if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
         elif arch in ("llama", "granite", "smollm3") and ".k_proj." in name:
             x = permute_rope(x, kv)
-        w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
+        if names[name] in quantized:
+            mx = gguf.GGMLQuantizationType.MXFP4
+            w.add_tensor(names[name], gguf.quants.quantize(np.asarray(x, np.float32), mx), raw_dtype=mx)
+        else:
+            w.add_tensor(names[name], np.ascontiguousarray(x, np.float32))
     for name, x in (extras or {}).items():
         w.add_tensor(name, x)
     w.write_header_to_file()
@@ -942,11 +952,30 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-GGUF_ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
+GGUF_ARCH = {"gpt_oss": "gpt-oss", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by HF's
+
+
+def gpt_oss_as_converted(t, layers=2):
+    """A GPT-OSS checkpoint's tensors (`gpt_oss_mxfp4_tensors`) as llama.cpp's converter stores them, under the
+    name table's Hugging Face names: the experts' gate and up (their weights and biases) de-interleaved, the
+    MXFP4 weights as [E, out, in] values (exact in MXFP4, which `write_gguf` stores them in)."""
+    t = dict(t)
+    for i in range(layers):
+        p = f"model.layers.{i}.mlp."
+        t[p + "gate.weight"], t[p + "gate.bias"] = t.pop(p + "router.weight"), t.pop(p + "router.bias")
+        gate_up = mxfp4(t.pop(p + "experts.gate_up_proj_blocks"), t.pop(p + "experts.gate_up_proj_scales"))
+        bias = t.pop(p + "experts.gate_up_proj_bias")
+        for half, part in enumerate(("gate", "up")):
+            t[p + f"experts.{part}_proj.weight"], t[p + f"experts.{part}_proj.bias"] = (gate_up[:, half::2],
+                                                                                        bias[:, half::2])
+        t[p + "experts.down_proj.weight"] = mxfp4(t.pop(p + "experts.down_proj_blocks"),
+                                                  t.pop(p + "experts.down_proj_scales"))
+        t[p + "experts.down_proj.bias"] = t.pop(p + "experts.down_proj_bias")
+    return t
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
-                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"])
+                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
     window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
@@ -954,11 +983,17 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     Granite's multipliers under llama.cpp's names, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn
     token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every
     fourth layer without RoPE; the mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's,
-    Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's, their MoE layers those with a router) and
-    as a Hugging Face directory give the same model."""
+    Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's, their MoE layers those with a router;
+    GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every other layer) and as a Hugging
+    Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7}.get(arch, 2)
-    tensors = hf_tensors(arch, np.random.default_rng(3), layers=layers)
-    eot = {"qwen2": 4, "gemma2": 3, "gemma3": 3}.get(arch)
+    gpt_oss = arch == "gpt_oss"
+    rng = np.random.default_rng(3)
+    tensors = gpt_oss_mxfp4_tensors(rng) if gpt_oss else hf_tensors(arch, rng, layers=layers)
+    # the ids that end generation beside the EOS: an end-of-turn id in the file (Qwen2's), or tokens llama.cpp
+    # finds by their text (Gemma's end of a turn, GPT-OSS's of a reply and of a tool call)
+    ends = {"qwen2": {4: None}, "gemma2": {3: "<end_of_turn>"}, "gemma3": {3: "<end_of_turn>"},
+            "gpt_oss": {3: "<|return|>", 4: "<|call|>"}}.get(arch, {})
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
@@ -966,8 +1001,10 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2),
-                 "mixtral": dict(sliding_window=None)}
-    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, eot] if eot else 2,
+                 "mixtral": dict(sliding_window=None),
+                 # llama.cpp's SwiGLU limit (no key gives it)
+                 "gpt_oss": dict(hidden_size=64, intermediate_size=64, quantization_config=MXFP4, swiglu_limit=7.0)}
+    write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, *ends],
                      num_hidden_layers=layers, **hf_config.get(arch, {}))
     metadata = {"granite": dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0,
                                 **{"attention.scale": 1 / 128}),
@@ -977,17 +1014,23 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "mixtral": dict(expert_count=4, expert_used_count=2),
                 "olmoe": dict(expert_count=4, expert_used_count=2),
                 "qwen2_moe": dict(expert_count=4, expert_used_count=2, expert_feed_forward_length=16),
-                "qwen3_moe": dict(expert_count=8, expert_used_count=3, expert_feed_forward_length=16)}.get(arch)
-    if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w and names no end-of-turn id
+                "qwen3_moe": dict(expert_count=8, expert_used_count=3, expert_feed_forward_length=16),
+                "gpt_oss": {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 64,
+                            "attention.sliding_window": 5}}.get(arch)
+    if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
-    gemma = arch in ("gemma2", "gemma3")
+    if gpt_oss:
+        tensors, gguf_rope = gpt_oss_as_converted(tensors), ("yarn", 32.0, 4096)  # (GPT-OSS's default YaRN)
     write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
-               eot=None if gemma else eot, metadata=metadata, rename={3: "<end_of_turn>"} if gemma else None)
+               eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata,
+               rename={i: text for i, text in ends.items() if text},
+               quantized={f"blk.{i}.ffn_{n}_exps.weight" for i in range(layers) for n in ("gate", "up", "down")
+                          if gpt_oss})
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
     assert gg.config.nope_layers == ((3, 7) if arch == "smollm3" else ())
-    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6)}.get(arch)
+    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,)}.get(arch)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
@@ -1049,7 +1092,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
         dst.write(src.read(5_000_000))
     with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
         load_gguf(str(truncated))
-    for arch, match in (("mamba", r"'mamba' \(supported: [a-z0-9, ]+\)$"),
+    for arch, match in (("mamba", r"'mamba' \(supported: [a-z0-9, -]+\)$"),
                         ("phi3", r"'phi3' .*; its Hugging Face checkpoint loads\)")):
         foreign = tmp_path / f"{arch}.gguf"
         w = gguf.GGUFWriter(str(foreign), arch)
@@ -1114,6 +1157,18 @@ def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path):
 
 TEXTS = ["Hello, world!", "The year 2024 had 366 days.", "  indented\n\ttabs and ünïcödé — “quotes” 😀",
          "<|im_start|>user\nHi<|im_end|>\n", "def f(x):\n    return x**2  # square"]
+
+
+def test_gguf_gpt4o_pre_tokenizer_splits_as_o200k():
+    """GPT-OSS's GGUF pre-tokenizer ("gpt-4o", o200k): words split before a capital, contractions kept with
+    their word, digits in threes, "/" kept after punctuation; Llama 3's splits the first two otherwise."""
+    from redrafter_jax.tokenizer import _gguf_pre_tokenizer
+
+    def pieces(name):
+        return [p for p, _ in _gguf_pre_tokenizer(name).pre_tokenize_str("HelloWorld don't 12345 x\n\n  y!/")]
+
+    assert pieces("gpt-4o") == ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "ĊĊ", "Ġ", "Ġy", "!/"]
+    assert pieces("llama-bpe")[:3] == ["HelloWorld", "Ġdon", "'t"]
 
 
 def test_gguf_tokenizer_round_trips(smollm):

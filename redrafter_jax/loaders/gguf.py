@@ -15,14 +15,15 @@ from redrafter_jax.loaders import (
     ROPE_FACTORS,
     LoadedModel,
     OpenedModel,
+    Renamed,
     Scaled,
     gemma_adjustments,
     granite_adjustments,
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "granite", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen3",
-                           "qwen3moe", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "gpt-oss", "granite", "olmo2", "olmoe", "qwen2", "qwen2moe",
+                           "qwen3", "qwen3moe", "smollm3")
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
@@ -33,9 +34,15 @@ NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF 
 # scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
 GEMMA = {"gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
          "gemma3": dict(full_every=6, local_theta=10000.0, layers_27b=62)}
+# The texts of the tokens llama.cpp ends generation at beside the file's end-of-text, turn and message ids:
+# Gemma's end of a turn, GPT-OSS's (harmony's) of a reply and of a tool call
+_END_TEXTS = {"gemma2": ("<end_of_turn>",), "gemma3": ("<end_of_turn>",), "gpt-oss": ("<|return|>", "<|call|>")}
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
 # the file's expert_weights_norm says otherwise
 NORM_TOPK = ("llama", "qwen3moe")
+# llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, or over
+# the chosen ones' (GPT-OSS's, its default there: the same weights renormalised)
+SOFTMAX, SOFTMAX_CHOSEN = 1, 3
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -140,9 +147,10 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
     if refused := [k for k in _YARN_REFUSED if f"{arch}.{k}" in reader.fields]:
         raise ValueError(f"unsupported GGUF YaRN setting {refused[0]!r} = {m(refused[0])} (supported: the scaling "
                          f"factor, original context length and beta_fast/beta_slow)")
+    # GPT-OSS's YaRN ramp, as its model computes it, has unrounded ends (llama.cpp rounds them out)
     return RopeScaling(kind="yarn", factor=factor, original_max_position=original,
                        beta_fast=float(m("rope.scaling.yarn_beta_fast", 32.0)),
-                       beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)))
+                       beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)), truncate=arch != "gpt-oss")
 
 
 def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) -> dict:
@@ -154,6 +162,9 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return dict(pre_norms=False, post_norms=True)
     if arch == "smollm3":
         return dict(nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)))
+    if arch == "gpt-oss":  # as llama.cpp's: its SwiGLU's constants (ModelConfig's defaults) and windows in every
+        return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,  # other layer in no key
+                    sliding_window=int(m("attention.sliding_window")), window_layers=tuple(range(0, layers, 2)))
     if arch in GEMMA:
         cap = {key: float(m(key)) if f"{arch}.{key}" in reader.fields else None
                for key in ("attn_logit_softcapping", "final_logit_softcapping")}
@@ -166,21 +177,24 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
 
 def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
     """A mixture of experts' `ModelConfig` settings (none for a dense model), as llama.cpp reads them: the
-    layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it."""
+    layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it;
+    GPT-OSS's router and experts biased."""
     m = _arch_field(reader, arch)
     count = int(m("expert_count", 0))
     if not count:
         return {}
-    gating, scale = int(m("expert_gating_func", 1)), float(m("expert_weights_scale", 1.0))
-    if gating != 1 or scale not in (0.0, 1.0):  # 1: softmax; a scale of 0 is llama.cpp's none
+    gating = int(m("expert_gating_func", SOFTMAX_CHOSEN if arch == "gpt-oss" else SOFTMAX))
+    scale = float(m("expert_weights_scale", 1.0))
+    if gating not in (SOFTMAX, SOFTMAX_CHOSEN) or scale not in (0.0, 1.0):  # a scale of 0 is llama.cpp's none
         raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} (supported: "
-                         f"softmax (1), unscaled)")
+                         f"softmax ({SOFTMAX}) or softmax over the chosen experts ({SOFTMAX_CHOSEN}), unscaled)")
     moe = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in source.tensors)
     shared = next((n for n in (f"blk.{i}.ffn_gate_shexp.weight" for i in moe) if n in source.tensors), None)
     return dict(num_experts=count, experts_per_token=int(m("expert_used_count")),
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
-                norm_topk=bool(m("expert_weights_norm", arch in NORM_TOPK)),
+                norm_topk=gating == SOFTMAX_CHOSEN or bool(m("expert_weights_norm", arch in NORM_TOPK)),
+                expert_bias=arch == "gpt-oss",
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
                     source.shape(shared)[0] if shared else 0))
 
@@ -220,11 +234,10 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         qk_norm = "head" if source.shape("blk.0.attn_q_norm.weight") == (head_dim,) else "all"
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
-    # llama.cpp also ends generation at the end of a turn or message (Gemma's, which it finds by its text)
+    # llama.cpp also ends generation at the end of a turn or message (Gemma's and GPT-OSS's found by their text)
     ends = [int(f.contents()) for f in map(reader.fields.get, ("tokenizer.ggml.eot_token_id",
                                                                "tokenizer.ggml.eom_token_id")) if f is not None]
-    if arch in GEMMA and "<end_of_turn>" in tokens:
-        ends.append(tokens.index("<end_of_turn>"))
+    ends += [tokens.index(text) for text in _END_TEXTS.get(arch, ()) if text in tokens]
     eos += tuple(dict.fromkeys(e for e in ends if e not in eos))
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     bos = int(bos.contents()) if bos is not None else None
@@ -244,6 +257,9 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     if arch in GEMMA:  # its converter wrote the norms' 1 + w
         query_scalar = hidden / n_heads if layers == GEMMA[arch]["layers_27b"] else head_dim
         source = Scaled(source, cfg, GGUF, gemma_adjustments(cfg, query_scalar, norm_shift=0))
+    if arch == "gpt-oss":  # its converter names the norm before the MLP so
+        source = Renamed(source, {f"blk.{i}.ffn_norm.weight": f"blk.{i}.post_attention_norm.weight"
+                                  for i in range(layers)})
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))

@@ -328,7 +328,10 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
         raise ValueError(f"unsupported architecture {found} (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODELS))})")
-    return arch, {**TRANSFORMERS_DEFAULTS[arch], **c}
+    c = {**TRANSFORMERS_DEFAULTS[arch], **c}
+    if arch == GPT_OSS and not (c["rope_scaling"] or c.get("rope_parameters")):  # null: its YaRN, as in transformers
+        c["rope_scaling"] = TRANSFORMERS_DEFAULTS[GPT_OSS]["rope_scaling"]
+    return arch, c
 
 
 def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float32") -> ModelConfig:
