@@ -92,6 +92,9 @@ class ModelConfig:
     rotary_dim: int | None = None  # the dimensions of a head RoPE rotates, None: all (Phi-4-mini's: 3/4)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # (beta, period): queries times 1 + beta ln(1 + floor(position / period)), a softmax temperature for positions
+    # past the original context (Ministral 3's, Llama 4's "llama_4_scaling"); None: unscaled
+    query_scaling: tuple[float, int] | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
@@ -156,6 +159,11 @@ class ModelConfig:
         if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
                              f"{', '.join(self.ACTIVATIONS)})")
+        if self.query_scaling is not None and not (len(self.query_scaling) == 2 and self.query_scaling[0] >= 0
+                                                   and isinstance(self.query_scaling[1], int)
+                                                   and self.query_scaling[1] > 0):
+            raise ValueError(f"model config: query_scaling must be (beta >= 0, a positive period in positions), got "
+                             f"{self.query_scaling}")
         if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.swiglu_alpha, self.swiglu_limit)):
             raise ValueError(f"model config: swiglu_alpha and swiglu_limit must be positive, got {self.swiglu_alpha} "
                              f"and {self.swiglu_limit}")

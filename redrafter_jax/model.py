@@ -351,6 +351,9 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
                        None if long is None else (cfg.rope_inv_freq(long=True), long))
     local_rope = rope if cfg.local_rope_theta is None else rope_tables(positions, cfg.rope_inv_freq(local=True))
     no_rope = jnp.ones_like(rope[0]), jnp.zeros_like(rope[1])  # NoPE layers: the identity rotation, exact
+    if cfg.query_scaling is not None:  # [B, T, 1, 1, 1]: each token's queries' factor (exactly 1 in the first period)
+        beta, period = cfg.query_scaling
+        query_scale = (1 + beta * jnp.log(1 + (positions // period).astype(jnp.float32)))[:, :, None, None, None]
     windowed = mask if cfg.sliding_window is None else mask & kv.window_mask(cache, positions, cfg.sliding_window)
     x = params["embed"][tokens]
     if cfg.embedding_multiplier != 1:
@@ -367,6 +370,8 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             qkv = qkv + p["bqkv"]
         if cfg.qk_norm:  # before RoPE
             qkv = qk_norm(qkv, p["q_norm"], p["k_norm"], cfg.rms_norm_eps)
+        if cfg.query_scaling is not None:  # (before RoPE too, which it commutes with)
+            qkv = jnp.concatenate([qkv[:, :, :, :g] * query_scale.astype(qkv.dtype), qkv[:, :, :, g:]], axis=3)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,
                                                          slots, layer_mask, i, cfg.attn_softcap, p.get("sinks"))

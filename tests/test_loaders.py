@@ -85,6 +85,11 @@ ARCHS = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", tie_word_embeddings=True),
     # mixtures of experts: Mixtral's windowed, its chosen experts' weights renormalised; OLMoE's query and
     # key norms over all heads; Qwen2-MoE's shared expert, its layer 1 dense; Qwen3-MoE's layer 0 dense
+    # YaRN, and queries scaled up with their position from position 8 on
+    "ministral3": dict(architectures=["Ministral3ForCausalLM"], model_type="ministral3", tie_word_embeddings=True,
+                       rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                                            original_max_position_embeddings=8, mscale=1.0, mscale_all_dim=1.0,
+                                            llama_4_scaling_beta=0.5)),
     "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", tie_word_embeddings=False,
                     sliding_window=5, num_local_experts=4, num_experts_per_tok=2),
     "olmoe": dict(architectures=["OlmoeForCausalLM"], model_type="olmoe", tie_word_embeddings=False, pad_token_id=2,
@@ -445,16 +450,22 @@ def test_gemma3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
     assert_logits_match_transformers(m, hf)
 
 
-@pytest.mark.parametrize("layout", ["saved", "transformers 5"])
-def test_mistral3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
-    """Mistral Small 3.1 and 3.2 are multimodal checkpoints (Mistral3ForConditionalGeneration): the text
-    model, a Mistral, loads alone, the vision tower and projector left out, and gives the logits of
+@pytest.mark.parametrize("layout, text_model", [("saved", "mistral"), ("transformers 5", "mistral"),
+                                                ("saved", "ministral3")])
+def test_mistral3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout, text_model):
+    """Mistral Small 3.1 and 3.2 and Ministral 3 are multimodal checkpoints (Mistral3ForConditionalGeneration):
+    the text model, a Mistral or a Ministral 3 (YaRN, and its queries scaled up with their position, here
+    from position 4 on), loads alone, the vision tower and projector left out, and gives the logits of
     transformers' multimodal model on text; a text model of a kind the loader lacks is refused by name."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    text = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                      max_position_embeddings=64, sliding_window=None, initializer_range=0.3)
+    size = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=None,
+                initializer_range=0.3)
+    text = transformers.MistralConfig(**size) if text_model == "mistral" else transformers.Ministral3Config(
+        **size, rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=4,
+                                     beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                                     llama_4_scaling_beta=0.5))
     vision = transformers.PixtralVisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                               num_attention_heads=2, image_size=28, patch_size=14, head_dim=8)
     config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=63,
@@ -470,10 +481,11 @@ def test_mistral3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout):
     write_tokenizer(tmp_path)
     m = load_hf(str(tmp_path))
     assert m.config.sliding_window is None and not m.config.tie_word_embeddings and "lm_head" in m.params
+    assert m.config.query_scaling == ((0.5, 4) if text_model == "ministral3" else None)
     assert_logits_match_transformers(m, hf)
     saved = json.loads((tmp_path / "config.json").read_text())
-    saved["text_config"]["model_type"] = "ministral3"  # its attention scaled by position: not implemented
-    with pytest.raises(ValueError, match="unsupported text model 'ministral3' of Mistral3ForConditionalGeneration"):
+    saved["text_config"]["model_type"] = "mistral4"
+    with pytest.raises(ValueError, match="unsupported text model 'mistral4' of Mistral3ForConditionalGeneration"):
         config_from_hf(saved)
 
 
@@ -619,6 +631,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     partial = rope.get("partial_rotary_factor", getattr(theirs, "partial_rotary_factor", 1.0))
     assert ours.rotary == int(head_dim * partial)
     scaling = rope.get("full_attention", rope)  # GPT-OSS's default: YaRN
+    assert ours.query_scaling == ((scaling["llama_4_scaling_beta"], scaling["original_max_position_embeddings"])
+                                  if "llama_4_scaling_beta" in scaling else None)  # Ministral 3's
     s = ours.rope_scaling
     assert (s and (s.kind, s.factor, s.original_max_position, s.truncate)) == (
         None if scaling.get("rope_type", "default") == "default" else (
@@ -635,7 +649,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
                                            ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
-                                           ("glm4", {}), ("cohere2", {}), ("gpt_oss", {})])
+                                           ("glm4", {}), ("cohere2", {}), ("gpt_oss", {}), ("ministral3", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -646,8 +660,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
     experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
     at position 8 (crossed by the prompt), GLM-4's on half of each head, Cohere 2's LayerNorms and
-    attention beside the MLP, GPT-OSS's sinks (through the attention kernel's), biases and experts, in the
-    decode loops (on the CPU,
+    attention beside the MLP, GPT-OSS's sinks (through the attention kernel's), biases and experts, Ministral
+    3's queries scaled from position 8 on (crossed by the prompt), in the decode loops (on the CPU,
     the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -666,7 +680,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "phi3": m.config.rotary_dim == 8 and m.config.long_rope_from() == 8,
             "glm4": m.config.rotary_dim == 8 and m.config.post_norms and m.config.attention_bias,
             "cohere2": m.config.parallel_block and m.config.layer_norm and m.config.nope_layers == (1,),
-            "gpt_oss": m.config.attention_sinks and m.config.expert_bias and m.config.window_layers == (0,)}[arch]
+            "gpt_oss": m.config.attention_sinks and m.config.expert_bias and m.config.window_layers == (0,),
+            "ministral3": m.config.query_scaling == (0.5, 8)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()

@@ -29,17 +29,19 @@ from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
                            "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GptOssForCausalLM",
-                           "MistralForCausalLM", "MinistralForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
-                           "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM")
+                           "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
+                           "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
+                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "SeedOssForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
                 "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM", "mixtral": "MixtralForCausalLM",
+                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
                 "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "seed_oss": "SeedOssForCausalLM",
@@ -47,7 +49,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
-GPT_OSS = "GptOssForCausalLM"
+GPT_OSS, MINISTRAL3 = "GptOssForCausalLM", "Ministral3ForCausalLM"
 GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 MOES = (GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
@@ -136,9 +138,7 @@ TRANSFORMERS_DEFAULTS = {
     GPT_OSS: dict(_COMMON, vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
                   num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                   rms_norm_eps=1e-5, rope_theta=150000.0, sliding_window=128, num_local_experts=128,
-                  num_experts_per_tok=4, swiglu_alpha=1.702, swiglu_limit=7.0, attention_bias=True,
-                  rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
-                                    original_max_position_embeddings=4096)),
+                  num_experts_per_tok=4, swiglu_alpha=1.702, swiglu_limit=7.0, attention_bias=True),
     SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
                    num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
                    bos_token_id=0, eos_token_id=2, attention_bias=True),
@@ -149,6 +149,8 @@ TRANSFORMERS_DEFAULTS = {
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
     "MinistralForCausalLM": _MISTRAL,
+    MINISTRAL3: dict(_MISTRAL, vocab_size=131072, num_hidden_layers=34, head_dim=128, max_position_embeddings=262144,
+                     rms_norm_eps=1e-5, pad_token_id=11, sliding_window=None),
     MIXTRAL: dict(_MISTRAL, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None, num_local_experts=8,
                   num_experts_per_tok=2),
     OLMOE: dict(_OLMO, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
@@ -165,6 +167,15 @@ TRANSFORMERS_DEFAULTS = {
                                max_position_embeddings=32768, rope_theta=2e6, tie_word_embeddings=True,
                                bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
 }
+
+
+# The RoPE scaling transformers gives a model whose config.json sets none
+_DEFAULT_ROPE = {
+    GPT_OSS: dict(rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                    original_max_position_embeddings=4096)),
+    MINISTRAL3: dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=16.0, beta_fast=32.0, beta_slow=1.0,
+                                          original_max_position_embeddings=16384, mscale=1.0, mscale_all_dim=1.0,
+                                          llama_4_scaling_beta=0.1))}
 
 
 def _read_json(path: str, required: bool = True) -> dict:
@@ -204,7 +215,7 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
     Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
-    Mistral, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4, Cohere 2, and
+    Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4, Cohere 2, and
     GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding,
     by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo
     3's but every fourth, GPT-OSS's every other from the first, Qwen's from max_window_layers on and
@@ -214,7 +225,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
-    if arch in ("MistralForCausalLM", MIXTRAL, PHI3):  # whose models ignore layer_types (Ministral reads them)
+    if arch in ("MistralForCausalLM", MINISTRAL3, MIXTRAL, PHI3):  # whose models ignore layer_types
         if kinds is not None and set(kinds) != {"sliding_attention"}:
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
@@ -258,6 +269,19 @@ def _experts(arch: str, c: dict) -> dict:
                 norm_topk=arch in (MIXTRAL, GPT_OSS) or bool(c["norm_topk_prob"]),
                 shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0,
                 expert_bias=arch == GPT_OSS)
+
+
+def _query_scaling(arch: str, c: dict) -> tuple[float, int] | None:
+    """Ministral 3's queries' scaling with their position (`ModelConfig.query_scaling`), from its RoPE
+    parameters: llama_4_scaling_beta, and the original context as its period."""
+    if arch != MINISTRAL3:
+        return None
+    rope, keys = c.get("rope_parameters") or c.get("rope_scaling") or {}, ("llama_4_scaling_beta",
+                                                                            "original_max_position_embeddings")
+    if not all(isinstance(rope.get(k), (int, float)) for k in keys):
+        raise ValueError(f"{MINISTRAL3}'s rope_parameters need numbers llama_4_scaling_beta and "
+                         f"original_max_position_embeddings (its queries' scaling with position), got {rope}")
+    return float(rope["llama_4_scaling_beta"]), int(rope["original_max_position_embeddings"])
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
@@ -329,8 +353,8 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
         raise ValueError(f"unsupported architecture {found} (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODELS))})")
     c = {**TRANSFORMERS_DEFAULTS[arch], **c}
-    if arch == GPT_OSS and not (c["rope_scaling"] or c.get("rope_parameters")):  # null: its YaRN, as in transformers
-        c["rope_scaling"] = TRANSFORMERS_DEFAULTS[GPT_OSS]["rope_scaling"]
+    if not (c.get("rope_scaling") or c.get("rope_parameters")):  # (where config.json has none, or null)
+        c.update(_DEFAULT_ROPE.get(arch, {}))
     return arch, c
 
 
@@ -392,7 +416,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
         max_position_embeddings=int(c["max_position_embeddings"]),
-        rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
+        rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary, query_scaling=_query_scaling(arch, c),
         rms_norm_eps=float(c["layer_norm_eps" if cohere else "rms_norm_eps"]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
@@ -518,7 +542,8 @@ def mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 # GPT-OSS's MLP tensors by the table's names: (ours, theirs, which half of theirs)
 _GPT_OSS_MLP = (("gate.weight", "router.weight", None), ("gate.bias", "router.bias", None),
-                ("experts.gate_proj.weight", "experts.gate_up_proj", 0), ("experts.up_proj.weight", "experts.gate_up_proj", 1),
+                ("experts.gate_proj.weight", "experts.gate_up_proj", 0),
+                ("experts.up_proj.weight", "experts.gate_up_proj", 1),
                 ("experts.gate_proj.bias", "experts.gate_up_proj_bias", 0),
                 ("experts.up_proj.bias", "experts.gate_up_proj_bias", 1),
                 ("experts.down_proj.weight", "experts.down_proj", None),
