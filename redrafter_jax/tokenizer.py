@@ -18,6 +18,9 @@ _LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
                 r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Seed-Coder's (Seed-OSS's): Qwen2's, but a run of punctuation stops at a line break
+_SEED_CODER_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}\r\n]+"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # o200k's (GPT-4o's, GPT-OSS's): words split before capitals, contractions kept with their word
 _O200K_REGEX = "|".join([
     r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
@@ -32,20 +35,23 @@ def _byte_level_split(regex: str) -> pre_tokenizers.PreTokenizer:
     ])
 
 
+# llama.cpp's pre-tokenizer names that split as another's (Command R's as SmolLM's, GLM-4's as Llama 3's)
+_SAME_PRE = {"command-r": "smollm", "glm4": "llama3", "chatglm-bpe": "llama3", "llama-bpe": "llama3"}
+PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama3", "qwen2", "seed-coder", "gpt-4o", *_SAME_PRE)
+
+
 def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
+    name = _SAME_PRE.get(name, name)
     if name in ("default", "gpt2"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if name == "smollm":  # digits split one by one, then GPT-2's regex
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if name in ("llama-bpe", "llama3"):
-        return _byte_level_split(_LLAMA3_REGEX)
-    if name == "qwen2":
-        return _byte_level_split(_QWEN2_REGEX)
-    if name == "gpt-4o":
-        return _byte_level_split(_O200K_REGEX)
-    raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} "
-                     "(supported: default, gpt2, smollm, llama-bpe, qwen2, gpt-4o)")
+    regex = {"llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX, "seed-coder": _SEED_CODER_REGEX,
+             "gpt-4o": _O200K_REGEX}.get(name)
+    if regex is None:
+        raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} (supported: {', '.join(PRE_TOKENIZERS)})")
+    return _byte_level_split(regex)
 
 
 _NORMAL = 1  # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte

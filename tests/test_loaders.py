@@ -920,7 +920,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
     stacked = stacked_experts(tensors)
     # a dense layer's MLP size, or where all are experts theirs (Mixtral's in llama.cpp's reading)
-    sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items() if k.endswith("up_proj.weight")}
+    sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items() if k.endswith(".up_proj.weight")}
+    sizes.update({"mlp": x.shape[0] // 2 for k, x in stacked.items() if k.endswith(".gate_up_proj.weight")})  # (GLM's)
     w.add_feed_forward_length(sizes.get("mlp", sizes.get("experts")))
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
@@ -941,14 +942,14 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
                            5 if sp.is_unused(i) else 1 for i in ids])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    # the converter's names (gguf's own map of them; a tensor without a suffix gets ".weight", as GPT-OSS's
+    # sinks do), or where it knows none the table's
+    converter = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], layers)
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
-    if arch in ("gemma2", "gemma3", "olmo2"):  # whose Hugging Face names for the norms around the MLP differ
-        names.update({f"model.layers.{i}.{hf}_layernorm.weight": f"blk.{i}.{gg}_norm.weight" for i in range(layers)
-                      for hf, gg in (("post_attention", "post_attention"), ("pre_feedforward", "ffn"))})
-    if arch == "gpt-oss":  # its converter's name for the norm before the MLP
-        names.update({f"model.layers.{i}.post_attention_layernorm.weight": f"blk.{i}.post_attention_norm.weight"
-                      for i in range(layers)})
+    for name in stacked:
+        if gg := converter.get_name(name, try_suffixes=(".weight", ".bias")):
+            names[name] = gg if gg.endswith((".weight", ".bias")) else gg + ".weight"
     for name, x in stacked.items():
         if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
@@ -967,7 +968,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-GGUF_ARCH = {"gpt_oss": "gpt-oss", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by HF's
+GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe"}  # by Hugging Face's
 
 
 def gpt_oss_as_converted(t, layers=2):
@@ -990,7 +992,8 @@ def gpt_oss_as_converted(t, layers=2):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
-                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss"])
+                                  "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
+                                  "ernie4_5", "glm4", "seed_oss"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
     window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
@@ -999,9 +1002,12 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every
     fourth layer without RoPE; the mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's,
     Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's, their MoE layers those with a router;
-    GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every other layer) and as a Hugging
-    Face directory give the same model."""
-    layers = {"smollm3": 8, "gemma3": 7}.get(arch, 2)
+    GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every other layer; Command R's
+    LayerNorms, parallel attention and MLP and logit scale, Command R7B's windows in 3 of 4 layers with RoPE
+    only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's on half of each head, its gate and
+    up fused, its norms after attention and the MLP), Seed-OSS's biases; each tensor under the name the
+    converter gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
+    layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
     tensors = gpt_oss_mxfp4_tensors(rng) if gpt_oss else hf_tensors(arch, rng, layers=layers)
@@ -1017,6 +1023,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2),
                  "mixtral": dict(sliding_window=None),
+                 "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
+                 "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2),
                  # llama.cpp's SwiGLU limit (no key gives it)
                  "gpt_oss": dict(hidden_size=64, intermediate_size=64, quantization_config=MXFP4, swiglu_limit=7.0)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, *ends],
@@ -1031,7 +1039,10 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "qwen2_moe": dict(expert_count=4, expert_used_count=2, expert_feed_forward_length=16),
                 "qwen3_moe": dict(expert_count=8, expert_used_count=3, expert_feed_forward_length=16),
                 "gpt_oss": {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 64,
-                            "attention.sliding_window": 5}}.get(arch)
+                            "attention.sliding_window": 5},
+                "cohere": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5},
+                "cohere2": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 5},
+                "glm4": {"rope.dimension_count": 4}}.get(arch)
     if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
     if gpt_oss:
@@ -1044,8 +1055,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
-    assert gg.config.nope_layers == ((3, 7) if arch == "smollm3" else ())
-    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,)}.get(arch)
+    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,)}.get(arch, ())
+    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,),
+                                       "cohere2": (0, 1, 2)}.get(arch)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
@@ -1107,7 +1119,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
         dst.write(src.read(5_000_000))
     with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
         load_gguf(str(truncated))
-    for arch, match in (("mamba", r"'mamba' \(supported: [a-z0-9, -]+\)$"),
+    for arch, match in (("mamba", r"'mamba' \(supported: [a-z0-9_, -]+\)$"),
                         ("phi3", r"'phi3' .*; its Hugging Face checkpoint loads\)")):
         foreign = tmp_path / f"{arch}.gguf"
         w = gguf.GGUFWriter(str(foreign), arch)

@@ -16,18 +16,27 @@ from redrafter_jax.loaders import (
     LoadedModel,
     OpenedModel,
     Renamed,
+    RopeOrdered,
     Scaled,
+    Unfused,
     gemma_adjustments,
     granite_adjustments,
 )
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma2", "gemma3", "gpt-oss", "granite", "olmo2", "olmoe", "qwen2", "qwen2moe",
-                           "qwen3", "qwen3moe", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma2", "gemma3", "glm4", "gpt-oss",
+                           "granite", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "seed_oss", "smollm3")
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "granite", "smollm3")
+# Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
+_ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4")
+# Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
+_COHERE = ("cohere2", "command-r")
+COHERE2_WINDOW_EVERY = 4  # llama.cpp's Command R7B: 3 of every 4 layers windowed, with RoPE only there
+# Those whose converter names the norm before the MLP post_attention_norm
+_MLP_NORM_AFTER_ATTENTION = ("gpt-oss", "seed_oss")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
 # llama.cpp's Gemma, with no GGUF key for these either: every full_every-th layer attends to all, the others
 # within the window (Gemma 3's at RoPE base local_theta), and the 27B model, known by its layer count,
@@ -162,6 +171,15 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return dict(pre_norms=False, post_norms=True)
     if arch == "smollm3":
         return dict(nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)))
+    if arch in _COHERE:
+        settings = dict(layer_norm=True, parallel_block=True, logits_scaling=1 / float(m("logit_scale")))
+        if arch == "cohere2":
+            window = tuple(i for i in range(layers) if (i + 1) % COHERE2_WINDOW_EVERY)
+            settings.update(sliding_window=int(m("attention.sliding_window")), window_layers=window,
+                            nope_layers=tuple(i for i in range(layers) if i not in window))
+        return settings
+    if arch == "glm4":  # norms after attention and the MLP too
+        return dict(post_norms=True)
     if arch == "gpt-oss":  # as llama.cpp's: its SwiGLU's constants (ModelConfig's defaults) and windows in every
         return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,  # other layer in no key
                     sliding_window=int(m("attention.sliding_window")), window_layers=tuple(range(0, layers, 2)))
@@ -221,15 +239,18 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         factors = source.read(ROPE_FACTORS, (slice(None),))
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
     hidden, layers = int(m("embedding_length")), int(m("block_count"))
-    head_dim = int(m("attention.key_length", m("rope.dimension_count", hidden // n_heads)))
+    head_dim = int(m("attention.key_length", hidden // n_heads))
+    rotary = int(m("rope.dimension_count", head_dim))  # (GLM-4's: half of each head)
     if arch == "olmo2" and f"{arch}.attention.sliding_window" in reader.fields:
         raise ValueError(f"unsupported GGUF olmo2 attention.sliding_window {m('attention.sliding_window')} (OLMo 3's "
                          f"windowed layers)")
-    for key in ("rope.dimension_count", "attention.value_length"):
-        if int(m(key, head_dim)) != head_dim:
+    for key in ("rope.dimension_count", "attention.value_length"):  # (GLM-4's RoPE covers half of each head)
+        if int(m(key, head_dim)) != head_dim and (key, arch) != ("rope.dimension_count", "glm4"):
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
                              f"(RoPE on every dimension of a head, values as wide as keys)")
     qk_norm = None  # of each head ([head_dim]), or of all heads at once (OLMo's [heads x head_dim])
+    if arch in _COHERE and "blk.0.attn_q_norm.weight" in tensors:
+        raise ValueError(f"unsupported GGUF {arch} with query and key norms (Cohere's LayerNorms of each head)")
     if "blk.0.attn_q_norm.weight" in tensors:
         qk_norm = "head" if source.shape("blk.0.attn_q_norm.weight") == (head_dim,) else "all"
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -240,7 +261,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     ends += [tokens.index(text) for text in _END_TEXTS.get(arch, ()) if text in tokens]
     eos += tuple(dict.fromkeys(e for e in ends if e not in eos))
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
-    bos = int(bos.contents()) if bos is not None else None
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    bos = int(bos.contents()) if bos is not None and pre not in ("glm4", "chatglm-bpe") else None  # (llama.cpp's)
     cfg = ModelConfig(
         vocab_size=int(m("vocab_size", len(tokens))), hidden_size=hidden,
         intermediate_size=int(m("feed_forward_length")), num_layers=layers,
@@ -248,7 +270,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
         head_dim=head_dim,
         max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
-        rms_norm_eps=float(m("attention.layer_norm_rms_epsilon")),
+        rotary_dim=None if rotary == head_dim else rotary,
+        rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _COHERE else '_rms'}_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         qk_norm=qk_norm, **_own_settings(reader, arch, hidden, layers), **_experts(reader, arch, source, layers),
         bos_token_id=bos, eos_token_ids=eos,
@@ -257,9 +280,15 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     if arch in GEMMA:  # its converter wrote the norms' 1 + w
         query_scalar = hidden / n_heads if layers == GEMMA[arch]["layers_27b"] else head_dim
         source = Scaled(source, cfg, GGUF, gemma_adjustments(cfg, query_scalar, norm_shift=0))
-    if arch == "gpt-oss":  # its converter names the norm before the MLP so
+    if arch in _MLP_NORM_AFTER_ATTENTION:
         source = Renamed(source, {f"blk.{i}.ffn_norm.weight": f"blk.{i}.post_attention_norm.weight"
                                   for i in range(layers)})
+    if arch == "glm4":  # gate and up in one tensor, as Hugging Face stores them
+        i = cfg.intermediate_size
+        source = Unfused(source, {f"blk.{layer}.ffn_{part}.weight": (f"blk.{layer}.ffn_up.weight", first, i)
+                                  for layer in range(layers) for part, first in (("gate", 0), ("up", i))})
+    if arch in _ADJACENT_ROPE:
+        source = RopeOrdered(source, cfg, GGUF, interleaved=True)
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))
@@ -267,7 +296,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     model = _field(reader, "tokenizer.ggml.model")
     spm = model == "llama"  # SentencePiece: llama.cpp's defaults are a BOS and a space before the text
     tok = Tokenizer.from_gguf_vocab(
-        model=model, pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        model=model, pre=pre,
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
         merges=None if spm else _field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
