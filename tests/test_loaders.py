@@ -897,14 +897,14 @@ def stacked_experts(tensors):
 
 
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
-               metadata=None, sentencepiece=None, rename=None, quantized=()):
+               metadata=None, sentencepiece=None, rename=None, quantized=(), pre=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
     (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level
     BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
     scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
     an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's;
     `rename`: other texts for some of the byte-level vocabulary's tokens, by id; `quantized`: the GGUF names of
-    tensors stored in MXFP4 (their values must be exact in it)."""
+    tensors stored in MXFP4 (their values must be exact in it); `pre`: the byte-level BPE's pre-tokenizer."""
     w = gguf.GGUFWriter(str(path), arch)
     if eot is not None:
         w.add_eot_token_id(eot)
@@ -930,6 +930,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_layer_norm_rms_eps(1e-5)
     if sentencepiece is None:
         w.add_tokenizer_model("gpt2")
+        if pre:
+            w.add_tokenizer_pre(pre)
         w.add_token_list([(rename or {}).get(i, t) for i, t in enumerate(["a", "b", "ab"] + VOCAB[3:])])  # one merge
         w.add_token_types([3 if 3 <= i <= 4 else 1 for i in range(len(VOCAB))])
         w.add_token_merges(["a b"])
@@ -1005,8 +1007,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every other layer; Command R's
     LayerNorms, parallel attention and MLP and logit scale, Command R7B's windows in 3 of 4 layers with RoPE
     only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's on half of each head, its gate and
-    up fused, its norms after attention and the MLP), Seed-OSS's biases; each tensor under the name the
-    converter gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
+    up fused, its norms after attention and the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; each
+    tensor under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the
+    same model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
@@ -1025,6 +1028,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "mixtral": dict(sliding_window=None),
                  "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
                  "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2),
+                 "glm4": dict(bos_token_id=None),  # (llama.cpp adds no BOS with GLM-4's pre-tokenizer)
                  # llama.cpp's SwiGLU limit (no key gives it)
                  "gpt_oss": dict(hidden_size=64, intermediate_size=64, quantization_config=MXFP4, swiglu_limit=7.0)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, *ends],
@@ -1051,7 +1055,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata,
                rename={i: text for i, text in ends.items() if text},
                quantized={f"blk.{i}.ffn_{n}_exps.weight" for i in range(layers) for n in ("gate", "up", "down")
-                          if gpt_oss})
+                          if gpt_oss},
+               pre={"cohere": "command-r", "cohere2": "command-r", "glm4": "glm4", "gpt_oss": "gpt-4o",
+                    "seed_oss": "seed-coder"}.get(arch))
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
@@ -1186,16 +1192,23 @@ TEXTS = ["Hello, world!", "The year 2024 had 366 days.", "  indented\n\ttabs and
          "<|im_start|>user\nHi<|im_end|>\n", "def f(x):\n    return x**2  # square"]
 
 
-def test_gguf_gpt4o_pre_tokenizer_splits_as_o200k():
-    """GPT-OSS's GGUF pre-tokenizer ("gpt-4o", o200k): words split before a capital, contractions kept with
-    their word, digits in threes, "/" kept after punctuation; Llama 3's splits the first two otherwise."""
+LLAMA3_PIECES = ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    ("llama-bpe", LLAMA3_PIECES), ("glm4", LLAMA3_PIECES),
+    # o200k (GPT-OSS's): words split before a capital, contractions kept with their word
+    ("gpt-4o", ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]),
+    # Command R's: digits one by one, then GPT-2's regex (line breaks not split from spaces)
+    ("command-r", ["HelloWorld", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "ĊĊĠ", "Ġy", "/"]),
+    # Seed-Coder's (Seed-OSS's): Qwen2's, but punctuation does not take the line breaks after it
+    ("seed-coder", ["HelloWorld", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "ĊĊ", "Ġ", "Ġy", "/"]),
+])
+def test_gguf_pre_tokenizers_split_as_llama_cpp_does(pre, pieces):
+    """Each GGUF pre-tokenizer name splits text as llama.cpp's regexes for it do."""
     from redrafter_jax.tokenizer import _gguf_pre_tokenizer
 
-    def pieces(name):
-        return [p for p, _ in _gguf_pre_tokenizer(name).pre_tokenize_str("HelloWorld don't 12345 x\n\n  y!/")]
-
-    assert pieces("gpt-4o") == ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "ĊĊ", "Ġ", "Ġy", "!/"]
-    assert pieces("llama-bpe")[:3] == ["HelloWorld", "Ġdon", "'t"]
+    assert [p for p, _ in _gguf_pre_tokenizer(pre).pre_tokenize_str("HelloWorld don't 12345 x!\n\n  y/")] == pieces
 
 
 def test_gguf_tokenizer_round_trips(smollm):
