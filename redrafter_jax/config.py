@@ -123,7 +123,8 @@ class ModelConfig:
     # expert_size hidden units) per token, weighted by their softmax probabilities (renormalised over the
     # chosen ones with norm_topk: Mixtral, Qwen3-MoE); in moe_layers (None: all), the others dense of
     # intermediate_size. shared_expert_size: Qwen2-MoE's always-on expert beside them, sigmoid-gated;
-    # expert_bias: the router and the experts' projections with biases (GPT-OSS).
+    # expert_bias: the router and the experts' projections with biases (GPT-OSS); expert_format "mxfp4": the
+    # experts' weights kept in MXFP4 as GPT-OSS is released (`mxfp4.py`), "dense": as `dtype`.
     num_experts: int = 0
     experts_per_token: int = 0
     expert_size: int = 0
@@ -131,6 +132,7 @@ class ModelConfig:
     norm_topk: bool = False
     shared_expert_size: int = 0
     expert_bias: bool = False
+    expert_format: str = "dense"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -192,6 +194,13 @@ class ModelConfig:
               or self.expert_bias):
             raise ValueError("model config: experts_per_token, expert_size, moe_layers, shared_expert_size and "
                              "expert_bias need num_experts > 0")
+        if self.expert_format not in ("dense", "mxfp4"):
+            raise ValueError(f"model config: expert_format must be 'dense' or 'mxfp4', got {self.expert_format!r}")
+        if self.expert_format == "mxfp4" and not (self.num_experts and self.hidden_size % 32 == 0
+                                                  and self.expert_size % 32 == 0):
+            raise ValueError(f"model config: MXFP4 experts need num_experts > 0 and hidden_size and expert_size "
+                             f"multiples of 32, got {self.num_experts} experts, {self.hidden_size} and "
+                             f"{self.expert_size}")
         if self.shared_expert_size < 0:
             raise ValueError(f"model config: shared_expert_size must be >= 0, got {self.shared_expert_size}")
         for name in ("window_layers", "nope_layers", "moe_layers"):

@@ -404,7 +404,10 @@ def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
     """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, as k-pairs),
     everything else float32."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
-        return {k: v if k in keep else jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), v) for k, v in d.items()}
+        def f32(x):  # (MXFP4 experts' codes and scales stay bytes)
+            return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+        return {k: v if k in keep else jax.tree_util.tree_map(f32, v) for k, v in d.items()}
 
     widened = {**widen(params, ("layers", "lm_head")), "layers": [widen(p, MATRICES) for p in params["layers"]]}
     return pack_params(widened, dtype, pairs)

@@ -11,7 +11,8 @@ shared by G = nh / nkv query heads):
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
         w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
-        experts_gate_up [E, H, 2, F]; experts_down [E, F, H]; and with a shared expert of S units
+        experts_gate_up [E, H, 2, F]; experts_down [E, F, H] (with expert_format "mxfp4" both `Mxfp4`s);
+        and with a shared expert of S units
         shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]; with expert_bias router_bias [E],
         experts_gate_up_bias [E, 2, F], experts_down_bias [E, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs); with
@@ -37,6 +38,7 @@ from redrafter_jax import cache as kv
 from redrafter_jax import cpu_attention, rows_matmul
 from redrafter_jax.cache import KVCache
 from redrafter_jax.config import ModelConfig
+from redrafter_jax.mxfp4 import EXPERTS_ORDER, GROUP, Mxfp4, dense
 
 Params = dict
 
@@ -57,6 +59,9 @@ def param_shapes(cfg: ModelConfig) -> dict:
     dense = {"w_gate_up": (h, 2, i), "w_down": (i, h)}
     e, f, s = cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
     experts = {"router": (h, e), "experts_gate_up": (e, h, 2, f), "experts_down": (e, f, h)}
+    if cfg.expert_format == "mxfp4":  # [E, 2, F, H] and [E, H, F] in blocks of 32 inputs
+        experts.update({k: Mxfp4((*stored, 16), stored, EXPERTS_ORDER[k]) for k, stored in (
+            ("experts_gate_up", (e, 2, f, h // GROUP)), ("experts_down", (e, h, f // GROUP)))})
     if s:
         experts.update(shared_gate_up=(h, 2, s), shared_down=(s, h), shared_gate=(h, 1))
     if cfg.expert_bias:
@@ -104,13 +109,19 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
-    """Random parameters (norm weights 1), for tests and tiny models."""
+    """Random parameters (norm weights 1; MXFP4 experts random codes scaled to about `scale`), for tests and
+    tiny models."""
     shapes = param_shapes(cfg)
     keys = iter(jax.random.split(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape))))
 
     def make(path, shape):
-        if "norm" in jax.tree_util.keystr(path):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
             return jnp.ones(shape, cfg.dtype)
+        if name.endswith(".blocks"):
+            return jax.random.randint(next(keys), shape, 0, 256).astype(jnp.uint8)
+        if name.endswith(".scales"):  # codes up to 6 times 2^(log2(scale) - 2)
+            return jnp.full(shape, 127 + int(np.floor(np.log2(scale))) - 2, jnp.uint8)
         return (scale * jax.random.normal(next(keys), shape)).astype(cfg.dtype)
 
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)
@@ -220,22 +231,23 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
     grouped product on GPUs and TPUs; XLA:CPU computes it densely, every expert over every row). The k
     outputs are summed in slot order, not scattered back with an add, so the result does not depend on
     the order kernels finish in."""
-    gate_up, down = p["experts_gate_up"], p["experts_down"]
+    gate_up, down = p["experts_gate_up"], p["experts_down"]  # (MXFP4 ones dequantized where they multiply)
     n, k = experts.shape
     e, h, _, f = gate_up.shape
     gathered = n * k < e
     if gathered:
         pairs = experts  # each pair's expert, [N, k]
-        gu = jnp.einsum("nh,nkhcf->nkcf", x, gate_up[experts])
+        gu = jnp.einsum("nh,nkhcf->nkcf", x, dense(gate_up[experts], x.dtype))
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
         pairs = experts.reshape(-1)[order]
         sizes = jnp.bincount(pairs, length=e)
-        gu = jax.lax.ragged_dot(x[order // k], gate_up.reshape(e, h, 2 * f), sizes).reshape(n * k, 2, f)
+        gu = jax.lax.ragged_dot(x[order // k], dense(gate_up, x.dtype).reshape(e, h, 2 * f), sizes)
+        gu = gu.reshape(n * k, 2, f)
     if cfg.expert_bias:
         gu = gu + p["experts_gate_up_bias"][pairs]
-    y = (jnp.einsum("nkf,nkfh->nkh", gated(gu, cfg), down[experts]) if gathered
-         else jax.lax.ragged_dot(gated(gu, cfg), down, sizes))
+    y = (jnp.einsum("nkf,nkfh->nkh", gated(gu, cfg), dense(down[experts], x.dtype)) if gathered
+         else jax.lax.ragged_dot(gated(gu, cfg), dense(down, x.dtype), sizes))
     if cfg.expert_bias:
         y = y + p["experts_down_bias"][pairs]
     if not gathered:

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from redrafter_jax.cache import KVCache
 from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import Params, param_shapes
+from redrafter_jax.mxfp4 import EXPERTS_ORDER, GROUP, Mxfp4
 
 DATA, MODEL = "data", "model"
 CACHE = P(None, DATA, MODEL, None, None)  # [layers, B, kv_heads, max_len, head_dim]
@@ -61,6 +62,8 @@ def check_model(cfg: ModelConfig, mesh: Mesh) -> None:
              "vocab_size": cfg.vocab_size}
     if all(cfg.moe(i) for i in range(cfg.num_layers)):  # no dense MLP
         del split["intermediate_size"]
+    if cfg.expert_format == "mxfp4":  # each shard's experts' inputs to the down projection whole blocks of 32
+        split["expert_size / 32"] = cfg.expert_size // GROUP
     split = {name: n for name, n in split.items() if n}  # (sizes of MLPs the model does not have are 0)
     bad = [f"{name} {n}" for name, n in split.items() if n % m]
     if bad:
@@ -77,6 +80,9 @@ def param_specs(cfg: ModelConfig) -> Params:
              "shared_gate_up": P(None, None, MODEL), "shared_down": P(MODEL), "shared_gate": P(),
              "sinks": P(MODEL), "bo": P(), "router_bias": P(), "experts_gate_up_bias": P(None, None, MODEL),
              "experts_down_bias": P()}
+    # MXFP4 experts (`mxfp4.Mxfp4`), [E, 2, F, H / 32, 16] and [E, H, F / 32, 16]: both split by F too
+    layer.update({k: Mxfp4(P(None, None, MODEL), P(None, None, MODEL), order) for k, order in EXPERTS_ORDER.items()}
+                 if cfg.expert_format == "mxfp4" else {})
     top = {"embed": P(MODEL), "final_norm": P(), "lm_head": P(None, MODEL)}
     shapes = param_shapes(cfg)
     return {**{k: top[k] for k in shapes if k != "layers"},

@@ -178,13 +178,16 @@ def experts() -> dict:
                                    for a, b in zip(leaves, jax.tree_util.tree_leaves(one.params)))
         shards = m.params["layers"][0]["experts_gate_up"].addressable_shards
         found["experts_shards"] = [list(s.data.shape) for s in shards]
-    with tempfile.TemporaryDirectory() as d:  # each device's 16 of 64 hidden units: half of a 32-value block
-        write_checkpoint(d, "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(5), heads=8, kv=4),
-                         num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=64,
+    with tempfile.TemporaryDirectory() as d:  # kept in MXFP4: each device's 32 of 128 hidden units, one block
+        write_checkpoint(d, "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(5), inter=128, heads=8, kv=4),
+                         num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=128,
                          quantization_config=MXFP4)
         gpt_oss = load_hf(d)
+        split = load_hf(d, mesh=mesh).params
         found["gpt_oss_same_params"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
-            jax.tree_util.tree_leaves(load_hf(d, mesh=mesh).params), jax.tree_util.tree_leaves(gpt_oss.params)))
+            jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(gpt_oss.params)))
+        found["gpt_oss_blocks_shards"] = [list(s.data.shape) for s in
+                                          split["layers"][0]["experts_down"].blocks.addressable_shards]
     shared = tiny_model(num_heads=16, num_kv_heads=8, num_experts=4, experts_per_token=2, expert_size=16,
                         shared_expert_size=8, moe_layers=(1,))
     prompts = [[5, 9, 3, 9, 3, 9, 3], [7, 8, 2], [11, 12, 13, 11, 12], [4]]

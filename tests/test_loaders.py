@@ -23,8 +23,9 @@ from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
 from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
-from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf, mxfp4
+from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf
 from redrafter_jax.model import forward_causal
+from redrafter_jax.mxfp4 import Mxfp4
 from tests.tiny import TINY
 
 VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(59)]
@@ -330,9 +331,31 @@ def gpt_oss_mxfp4_tensors(rng, experts=4, hidden=64, inter=64, **kw):
     return t
 
 
+def dequantized(blocks, scales):
+    """MXFP4 codes [..., G, 16] and scales [..., G] as float32 values [..., G x 32]."""
+    return np.asarray(Mxfp4(jnp.asarray(blocks), jnp.asarray(scales), (0,)).dequantize(jnp.float32))
+
+
+def test_mxfp4_dequantizes_as_transformers_does():
+    """Our MXFP4 weights ([E, out, in] codes and scales, as GPT-OSS stores them) dequantize, gathered or not,
+    to transformers' values ([E, in, out]), scales from 2^-118 to 2^8 (below float32's normal range, which
+    no checkpoint reaches, XLA flushes values to zero)."""
+    torch = pytest.importorskip("torch")
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (3, 8, 2, 16)).astype(np.uint8)
+    scales = rng.integers(9, 136, (3, 8, 2)).astype(np.uint8)
+    want = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32).numpy()
+    w = Mxfp4(jnp.asarray(blocks), jnp.asarray(scales), (1, 0))
+    assert w.shape == want.shape == (3, 64, 8)
+    np.testing.assert_array_equal(np.asarray(w.dequantize(jnp.float32)), want)
+    np.testing.assert_array_equal(np.asarray(w[jnp.asarray([[2, 0]])].dequantize(jnp.float32)), want[[[2, 0]]])
+
+
 def test_gpt_oss_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
-    """GPT-OSS as released, its experts in MXFP4: ours, dequantised as it loads, gives the logits of
-    transformers' model dequantising the same checkpoint."""
+    """GPT-OSS as released, its experts in MXFP4: ours, kept in MXFP4 (a quarter of bfloat16's bytes) and
+    dequantized as they multiply, give the logits of transformers' model dequantising the same checkpoint."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     write_checkpoint(tmp_path, "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(3)), hidden_size=64,
@@ -340,7 +363,10 @@ def test_gpt_oss_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), dtype=torch.float32, attn_implementation="eager",
         quantization_config=transformers.Mxfp4Config(dequantize=True))
-    assert_logits_match_transformers(load_hf(str(tmp_path)), hf)
+    m = load_hf(str(tmp_path))
+    experts = m.params["layers"][0]["experts_gate_up"]
+    assert m.config.expert_format == "mxfp4" and experts.blocks.dtype == np.uint8 and experts.shape == (4, 64, 2, 64)
+    assert_logits_match_transformers(m, hf)
 
 
 @pytest.mark.parametrize("stored", ["bfloat16", "float16"])
@@ -781,8 +807,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("use_bias", r"unsupported use_bias: true \(biases on the MLP and output projections\)"),
     ("attention_out_bias", r"unsupported attention_out_bias: true \(biases on the output projections\)"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
-    ("mxfp4_shape", r"MXFP4 tensors 'model.layers.0.mlp.experts.gate_up_proj_blocks' \(4, 128, 2, 16\) and "
-                    r"'model.layers.0.mlp.experts.gate_up_proj_scales' \(4, 128, 4\) do not match"),
+    ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
+                    r"expected \(4, 64, 2\)"),
 ])
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
@@ -982,13 +1008,13 @@ def gpt_oss_as_converted(t, layers=2):
     for i in range(layers):
         p = f"model.layers.{i}.mlp."
         t[p + "gate.weight"], t[p + "gate.bias"] = t.pop(p + "router.weight"), t.pop(p + "router.bias")
-        gate_up = mxfp4(t.pop(p + "experts.gate_up_proj_blocks"), t.pop(p + "experts.gate_up_proj_scales"))
+        gate_up = dequantized(t.pop(p + "experts.gate_up_proj_blocks"), t.pop(p + "experts.gate_up_proj_scales"))
         bias = t.pop(p + "experts.gate_up_proj_bias")
         for half, part in enumerate(("gate", "up")):
             t[p + f"experts.{part}_proj.weight"], t[p + f"experts.{part}_proj.bias"] = (gate_up[:, half::2],
                                                                                         bias[:, half::2])
-        t[p + "experts.down_proj.weight"] = mxfp4(t.pop(p + "experts.down_proj_blocks"),
-                                                  t.pop(p + "experts.down_proj_scales"))
+        t[p + "experts.down_proj.weight"] = dequantized(t.pop(p + "experts.down_proj_blocks"),
+                                                        t.pop(p + "experts.down_proj_scales"))
         t[p + "experts.down_proj.bias"] = t.pop(p + "experts.down_proj_bias")
     return t
 
@@ -1059,8 +1085,10 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                pre={"cohere": "command-r", "cohere2": "command-r", "glm4": "glm4", "gpt_oss": "gpt-4o",
                     "seed_oss": "seed-coder"}.get(arch))
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
-    # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
-    assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
+    # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway; its MXFP4 experts are
+    # dequantized as they load (the Hugging Face checkpoint's kept in MXFP4)
+    assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)),
+                                            expert_format="dense")
     assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,),
                                        "cohere2": (0, 1, 2)}.get(arch)

@@ -82,6 +82,7 @@ def test_bf16_checkpoint_loads_onto_its_shards_without_staging_the_model(eight):
 def test_mixtures_of_experts_load_and_decode_on_a_mesh_as_on_one_device(eight):
     found = eight["experts"]
     assert found.pop("same_params") and found.pop("gpt_oss_same_params")
+    assert found.pop("gpt_oss_blocks_shards") == [[4, 64, 1, 16]] * 8  # each device's 32 of 128 units' codes
     assert found.pop("experts_shards") == [[4, 32, 2, 16]] * 8  # each expert's 64 hidden units over 4 devices
     assert found == {f"{name}/{loop}/{mesh}": True for loop in ("autoregressive", "speculative")
                      for name, meshes in (("mixtral", ("2x4",)), ("shared", ("2x4", "1x8")), ("gpt_oss", ("2x4",)))
@@ -147,8 +148,9 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
                                        {"qk_norm": "all", "pre_norms": False, "post_norms": True},
                                        {"num_experts": 4, "experts_per_token": 2, "expert_size": 16,
                                         "shared_expert_size": 8, "moe_layers": (1,)},
-                                       {"num_experts": 4, "experts_per_token": 2, "expert_size": 16, "expert_bias": True,
-                                        "attention_sinks": True, "output_bias": True}])
+                                       {"num_experts": 4, "experts_per_token": 2, "expert_size": 32,
+                                        "expert_bias": True, "attention_sinks": True, "output_bias": True,
+                                        "hidden_size": 64, "expert_format": "mxfp4"}])
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import Params, param_shapes, rotary_order
+from redrafter_jax.mxfp4 import Mxfp4
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
 
@@ -90,7 +91,12 @@ IGNORED = (".rotary_emb.inv_freq", ROPE_FACTORS)
 
 
 def stored_names(cfg: ModelConfig, ours: str, fmt: int) -> list[str]:
-    """The names ("{i}": the layer's index) of the parts our parameter `ours` has in a checkpoint."""
+    """The names ("{i}": the layer's index) of the parts our parameter `ours` has in a checkpoint; of an
+    MXFP4 weight's codes and scales ("experts_down.blocks", ".scales"), its parts' names with "_blocks" or
+    "_scales" appended."""
+    if ours.endswith((".blocks", ".scales")):
+        weight, part = ours.split(".")
+        return [f"{name}_{part}" for name in stored_names(cfg, weight, fmt)]
     if ours == "mlp_norm" and cfg.post_norms and fmt == HF:
         return [PRE_MLP_NORM]
     return [names[fmt] for names in {**GLOBAL_TENSORS, **LAYER_TENSORS}[ours]]
@@ -297,6 +303,8 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
         return [(shape[2], shape[0])] * 2
     if ours == "experts_gate_up":  # [E, H, 2, F] from gate and up, each stored [E, F, H]
         return [(shape[0], shape[3], shape[1])] * 2
+    if ours.startswith("experts_gate_up."):  # MXFP4 [E, 2, F, ...] from gate's and up's [E, F, ...]
+        return [(shape[0], *shape[2:])] * 2
     if ours == "experts_gate_up_bias":  # [E, 2, F] from gate's and up's, each [E, F]
         return [(shape[0], shape[2])] * 2
     if ours == "experts_down":  # [E, F, H], stored [E, H, F]
@@ -327,9 +335,10 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
     if ours == "experts_gate_up":  # gate, up [E, F, H] -> [E, H, 2, F]
         e, h, c, f = index
         return np.stack([source.read(name, (e, f, h)) for name in parts]).transpose(1, 3, 0, 2)[:, :, c]
-    if ours == "experts_gate_up_bias":  # gate, up [E, F] -> [E, 2, F]
-        e, c, f = index
-        return np.stack([source.read(name, (e, f)) for name in parts], axis=1)[:, c]
+    # gate's and up's [E, F, ...] -> [E, 2, F, ...] (biases, MXFP4 codes and scales)
+    if ours == "experts_gate_up_bias" or ours.startswith("experts_gate_up."):
+        e, c, *rest = index
+        return np.stack([source.read(name, (e, *rest)) for name in parts], axis=1)[:, c]
     if ours == "experts_down":  # [E, H, F] -> [E, F, H]
         e, f, h = index
         return source.read(parts[0], (e, h, f)).transpose(0, 2, 1)
@@ -358,10 +367,17 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
-    plan = [(k, None, stored_names(cfg, k, fmt), s, shardings[k])
-            for k, s in shapes.items() if k != "layers"]  # (ours, its layer, its stored parts, shape, sharding)
+
+    def arrays(k, s, where):  # (ours, shape, sharding) of each array: an MXFP4 weight's codes and scales apart
+        if not isinstance(s, Mxfp4):
+            return [(k, s, where)]
+        return [(f"{k}.{part}", getattr(s, part), getattr(where, part)) for part in ("blocks", "scales")]
+
+    # (ours, its layer, its stored parts, shape, sharding)
+    plan = [(k, None, stored_names(cfg, k, fmt), s, shardings[k]) for k, s in shapes.items() if k != "layers"]
     for i, (layer, where) in enumerate(zip(shapes["layers"], shardings["layers"])):
-        plan += [(k, i, [n.format(i=i) for n in stored_names(cfg, k, fmt)], s, where[k]) for k, s in layer.items()]
+        plan += [(k, i, [n.format(i=i) for n in stored_names(cfg, k, fmt)], s, w)
+                 for name, shape in layer.items() for k, s, w in arrays(name, shape, where[name])]
     for ours, _, parts, shape, _ in plan:
         for name, stored in zip(parts, _stored_shapes(cfg, ours, shape)):
             try:
@@ -382,9 +398,14 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     params = {"layers": [{} for _ in shapes["layers"]]}
     with tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
         for ours, layer, parts, shape, sharding in plan:
-            x = _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), cfg.dtype))
+            dtype = np.uint8 if ours.endswith((".blocks", ".scales")) else cfg.dtype  # (MXFP4's bytes as stored)
+            x = _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), dtype))
             (params if layer is None else params["layers"][layer])[ours] = x
             bar.update()
+    for p, layer in zip(params["layers"], shapes["layers"]):  # an MXFP4 weight from its codes and scales
+        for k, s in layer.items():
+            if isinstance(s, Mxfp4):
+                p[k] = Mxfp4(p.pop(f"{k}.blocks"), p.pop(f"{k}.scales"), s.order)
     return params
 
 

@@ -268,7 +268,8 @@ def _experts(arch: str, c: dict) -> dict:
                 moe_layers=None if len(layers) == n else layers,
                 norm_topk=arch in (MIXTRAL, GPT_OSS) or bool(c["norm_topk_prob"]),
                 shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0,
-                expert_bias=arch == GPT_OSS)
+                expert_bias=arch == GPT_OSS,
+                expert_format="mxfp4" if c.get("quantization_config") else "dense")  # (the only one let through)
 
 
 def _query_scaling(arch: str, c: dict) -> tuple[float, int] | None:
@@ -368,7 +369,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                          f"a value (leave a key out for transformers' default)")
     if quantized := c.get("quantization_config"):  # its tensors would fail one by one, not naming why
         method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
-        if (arch, method) != (GPT_OSS, "mxfp4"):  # (GPT-OSS's experts as released: `_GptOssExperts` reads them)
+        if (arch, method) != (GPT_OSS, "mxfp4"):  # (GPT-OSS's experts as released, kept so: `mxfp4.py`)
             raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
                              f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
     act_key = "hidden_activation" if arch in GEMMAS else "hidden_act"  # Gemma's config names it so
@@ -529,45 +530,36 @@ class _Safetensors:
         return self._slice(name)[index]
 
 
-# MXFP4 (OCP microscaling): 4-bit E2M1 values, by code
-FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
-
-
-def mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """MXFP4 blocks [..., G, 16] uint8 (two E2M1 codes a byte, the low nibble first) and scales [..., G] uint8
-    (each block's power of two, biased by 127) -> float32 [..., G x 32], exactly."""
-    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], -1)
-    return np.ldexp(FP4_E2M1[codes], scales.astype(np.int32)[..., None] - 127).reshape(*blocks.shape[:-2], -1)
-
-
-# GPT-OSS's MLP tensors by the table's names: (ours, theirs, which half of theirs)
+# GPT-OSS's MLP tensors by the table's names: (ours, theirs, which half of theirs: gate (0), up (1) or all (None))
 _GPT_OSS_MLP = (("gate.weight", "router.weight", None), ("gate.bias", "router.bias", None),
-                ("experts.gate_proj.weight", "experts.gate_up_proj", 0),
-                ("experts.up_proj.weight", "experts.gate_up_proj", 1),
                 ("experts.gate_proj.bias", "experts.gate_up_proj_bias", 0),
                 ("experts.up_proj.bias", "experts.gate_up_proj_bias", 1),
-                ("experts.down_proj.weight", "experts.down_proj", None),
                 ("experts.down_proj.bias", "experts.down_proj_bias", None))
+_GPT_OSS_WEIGHTS = (("experts.gate_proj.weight", "experts.gate_up_proj", 0),
+                    ("experts.up_proj.weight", "experts.gate_up_proj", 1),
+                    ("experts.down_proj.weight", "experts.down_proj", None))
 
 
 class _GptOssExperts:
     """The `Source` of GPT-OSS's mixtures of experts as the name table expects them. Each layer stores its
-    experts' gate and up projections interleaved (gate_up[..., 0::2] and [..., 1::2]) in one tensor, with
-    one bias [E, 2F], and the down projection with its bias: as they multiply (gate_up_proj [E, H, 2F],
-    down_proj [E, F, H]), or as OpenAI released them, in MXFP4 (`mxfp4`) as [out, in]
-    (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32], down_proj_blocks [E, H, F / 32,
-    16] and _scales). A read dequantises only the 32-value blocks it covers. The router is renamed."""
+    experts' gate and up projections interleaved along their outputs (gate_up[..., 0::2] and [..., 1::2])
+    in one tensor, with one bias [E, 2F], and the down projection with its bias; the weights as they
+    multiply (gate_up_proj [E, H, 2F], down_proj [E, F, H]) or, as OpenAI released them, in MXFP4: [out,
+    in] codes and scales (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32],
+    down_proj_blocks [E, H, F / 32, 16] and _scales), read as they are into MXFP4 params (expert_format
+    "mxfp4", `mxfp4.Mxfp4`). The router is renamed."""
 
     def __init__(self, source: Source, cfg: ModelConfig):
         self.source = source
-        # the table's name -> (the stored tensor, its gate (0) or up (1) half or None: all of it)
+        weights = [(f"{ours}_{part}", f"{theirs}_{part}", half) for ours, theirs, half in _GPT_OSS_WEIGHTS
+                   for part in ("blocks", "scales")] if cfg.expert_format == "mxfp4" else list(_GPT_OSS_WEIGHTS)
+        # the table's name -> (the stored tensor, its half)
         self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.mlp.{stored}", half)
-                      for i in range(cfg.num_layers) for table, stored, half in _GPT_OSS_MLP}
-        names = source.names()
+                      for i in range(cfg.num_layers) for table, stored, half in (*_GPT_OSS_MLP, *weights)}
+        # weights stored [E, in, out], read as ours [E, out, in]
+        self.transposed = {name for name in self.parts if name.endswith("proj.weight")}
         stored = {name for name, _ in self.parts.values()}
-        self.quantized = stored & {name.removesuffix("_blocks") for name in names if name.endswith("_blocks")}
-        held = stored | {name + suffix for name in self.quantized for suffix in ("_blocks", "_scales")}
-        self._names = [n for n in names if n not in held] + list(self.parts)
+        self._names = [n for n in source.names() if n not in stored] + list(self.parts)
 
     def names(self) -> list[str]:
         return self._names
@@ -576,44 +568,29 @@ class _GptOssExperts:
         if name not in self.parts:
             return self.source.shape(name)
         stored, half = self.parts[name]
-        if stored in self.quantized:  # [E, out, G, 16]: our [E, out, in] ([E, F, H] a half)
-            blocks = tuple(self.source.shape(stored + "_blocks"))
-            try:
-                scales = tuple(self.source.shape(stored + "_scales"))
-            except KeyError:
-                raise ValueError(f"checkpoint is missing tensor {stored + '_scales'!r}") from None
-            if len(blocks) != 4 or blocks[3] != 16 or scales != blocks[:3]:
-                raise ValueError(f"MXFP4 tensors {stored + '_blocks'!r} {blocks} and {stored + '_scales'!r} {scales} "
-                                 f"do not match: expected [E, out, in / 32, 16] and [E, out, in / 32]")
-            e, out, groups, _ = blocks
-            return e, out // (1 if half is None else 2), groups * 32
-        shape = self.source.shape(stored)
-        if name.endswith(".bias"):  # gate_up's [E, 2F] halved; the others as they are
-            return shape if half is None else (shape[0], shape[1] // 2)
-        if name.endswith("gate.weight"):  # the router [E, H]
-            return shape
-        e, h, out = shape  # [E, in, out]: our [E, out, in] ([E, F, H] a half)
-        return e, out // (1 if half is None else 2), h
+        try:
+            shape = tuple(self.source.shape(stored))
+        except KeyError:
+            raise ValueError(f"checkpoint is missing tensor {stored!r}") from None
+        if name in self.transposed:
+            shape = (shape[0], shape[2], shape[1])
+        return shape if half is None else (shape[0], shape[1] // 2, *shape[2:])
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         if name not in self.parts:
             return self.source.read(name, index)
         stored, half = self.parts[name]
-        if half is None and (name.endswith(".bias") or name.endswith("gate.weight")):
+        if half is None and name not in self.transposed:
             return self.source.read(stored, index)
-        first, last = index[-1 if name.endswith(".bias") else 1].indices(self.shape(name)[1])[:2]
-        rows = slice(first, last) if half is None else slice(2 * first, 2 * last)  # both halves, interleaved
-        pick = slice(None) if half is None else slice(half, None, 2)
-        if name.endswith(".bias"):  # [E, 2F] -> [E, F]
-            return self.source.read(stored, (index[0], rows))[:, pick]
-        e, _, cols = index
-        if stored not in self.quantized:  # [E, in, out] -> [E, out, in]
-            return self.source.read(stored, (e, cols, rows))[:, :, pick].transpose(0, 2, 1)
-        start, stop, _ = cols.indices(self.shape(name)[2])
-        groups = slice(start // 32, -(-stop // 32))
-        x = mxfp4(self.source.read(stored + "_blocks", (e, rows, groups, slice(None))),
-                  self.source.read(stored + "_scales", (e, rows, groups)))
-        return x[:, pick, start - 32 * groups.start:stop - 32 * groups.start]
+        e, rows, *rest = index  # rows: the outputs, our second axis
+        if half is not None:  # both halves' rows, interleaved, then this one's
+            first, last, _ = rows.indices(self.shape(name)[1])
+            rows = slice(2 * first, 2 * last)
+        if name in self.transposed:
+            x = self.source.read(stored, (e, *rest, rows)).transpose(0, 2, 1)
+        else:
+            x = self.source.read(stored, (e, rows, *rest))
+        return x if half is None else x[:, half::2]
 
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
