@@ -47,7 +47,7 @@ from redrafter_jax.decode import (
     streaming_to,
 )
 from redrafter_jax.drafter import Drafter
-from redrafter_jax.model import MATRICES, ForwardOutput, Params, forward, pack_params
+from redrafter_jax.model import MATRICES, ForwardOutput, Params, cast_params, forward, pack_params
 from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
@@ -404,10 +404,7 @@ def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
     """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, as k-pairs),
     everything else float32."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
-        def f32(x):  # (MXFP4 experts' codes and scales stay bytes)
-            return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-        return {k: v if k in keep else jax.tree_util.tree_map(f32, v) for k, v in d.items()}
+        return {k: v if k in keep else cast_params(v, jnp.float32) for k, v in d.items()}
 
     widened = {**widen(params, ("layers", "lm_head")), "layers": [widen(p, MATRICES) for p in params["layers"]]}
     return pack_params(widened, dtype, pairs)

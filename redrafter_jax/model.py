@@ -127,6 +127,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)
 
 
+def cast_params(tree, dtype):
+    """tree's floating arrays as `dtype` (MXFP4 experts' codes and scales stay bytes)."""
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
     """x [..., K] @ w [K, *out] -> [..., *out]; a `rows_matmul.Packed` weight runs the CPU rows kernel."""
     if isinstance(w, rows_matmul.Packed):

@@ -154,6 +154,20 @@ def test_training_reduces_loss(tmp_path):
     assert (tmp_path / "training.png").exists() and (tmp_path / "drafter" / "drafter_config.json").exists()
 
 
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_a_drafter_trains_against_a_target_with_mxfp4_experts(tmp_path, compute_dtype):
+    """A GPT-OSS-like target (experts kept in MXFP4, sinks, biases): its hidden states and soft labels feed
+    training in either compute dtype (the experts' codes and scales are not cast), and the loss falls."""
+    cfg, tparams = tiny_model(num_experts=4, experts_per_token=2, expert_size=32, hidden_size=64, expert_bias=True,
+                              expert_format="mxfp4", hidden_act="clamped_swiglu", attention_sinks=True,
+                              output_bias=True)
+    dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, exit_dim=32)
+    tc = TrainConfig(steps=20, soft_labels=0.5, compute_dtype=compute_dtype, **{**TC, "save_every": 20})
+    train(tc, dcfg, cfg, tparams, toy_sequences(), toy_sequences(16, seed=1), str(tmp_path), progress=False)
+    held = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["split"] == "eval"]
+    assert np.isfinite(held[-1]["loss"]).all() and np.mean(held[-1]["loss"]) < np.mean(held[0]["loss"])
+
+
 def test_keep_best_keeps_the_drafter_of_the_best_held_out_evaluation(tmp_path):
     from redrafter_jax.checkpoint import load_drafter_config
     from train.train import evaluate_split, held_out_score, make_steps, split_frozen, training_mesh

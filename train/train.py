@@ -49,7 +49,7 @@ from redrafter_jax.cli import add_model_args, at_least, fraction, open_model, pa
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.files import write_json, write_text
-from redrafter_jax.model import Params, transformer_causal
+from redrafter_jax.model import Params, cast_params, transformer_causal
 from redrafter_jax.sharding import DATA, global_batch, local_rows, make_mesh, param_shardings, shard_params
 from train.data import Sequences, batch_at, batch_indices, differences, fingerprint, pad_rows
 from train.loss import drafter_loss
@@ -159,7 +159,7 @@ def make_steps(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, me
     opt = make_optimizer(tc)
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA))
     target = param_shardings(target_cfg, mesh)
-    cast = functools.partial(jax.tree_util.tree_map, lambda x: x.astype(dtype))
+    cast = functools.partial(cast_params, dtype=dtype)
 
     def target_hidden(target_params, tokens):
         return jax.lax.stop_gradient(transformer_causal(cast(target_params), target_cfg, tokens))
