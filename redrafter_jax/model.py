@@ -12,9 +12,8 @@ shared by G = nh / nkv query heads):
         w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H] (with expert_format "mxfp4" both `Mxfp4`s);
-        and with a shared expert of S units
-        shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1]; with expert_bias router_bias [E],
-        experts_gate_up_bias [E, 2, F], experts_down_bias [E, H]
+        with a shared expert of S units shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1];
+        with expert_bias router_bias [E], experts_gate_up_bias [E, 2, F], experts_down_bias [E, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs); with
 RoPE on part of a head, each Q/K head's dims are reordered so that it does too (`rotary_order`).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode

@@ -180,8 +180,8 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return settings
     if arch == "glm4":  # norms after attention and the MLP too
         return dict(post_norms=True)
-    if arch == "gpt-oss":  # as llama.cpp's: its SwiGLU's constants (ModelConfig's defaults) and windows in every
-        return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,  # other layer in no key
+    if arch == "gpt-oss":  # llama.cpp's windows in every other layer, its SwiGLU's constants (our defaults)
+        return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,
                     sliding_window=int(m("attention.sliding_window")), window_layers=tuple(range(0, layers, 2)))
     if arch in GEMMA:
         cap = {key: float(m(key)) if f"{arch}.{key}" in reader.fields else None

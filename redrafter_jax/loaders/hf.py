@@ -215,11 +215,11 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
     Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
-    Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4, Cohere 2, and
-    GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding,
-    by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo
-    3's but every fourth, GPT-OSS's every other from the first, Qwen's from max_window_layers on and
-    SmolLM3's NoPE layers."""
+    Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
+    Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types`
+    calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as
+    sliding_window_pattern says, OLMo 3's but every fourth, GPT-OSS's every other from the first, Qwen's
+    from max_window_layers on and SmolLM3's NoPE layers."""
     window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
     if arch in ("LlamaForCausalLM", COHERE, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
@@ -277,12 +277,12 @@ def _query_scaling(arch: str, c: dict) -> tuple[float, int] | None:
     parameters: llama_4_scaling_beta, and the original context as its period."""
     if arch != MINISTRAL3:
         return None
-    rope, keys = c.get("rope_parameters") or c.get("rope_scaling") or {}, ("llama_4_scaling_beta",
-                                                                            "original_max_position_embeddings")
-    if not all(isinstance(rope.get(k), (int, float)) for k in keys):
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    beta, period = rope.get("llama_4_scaling_beta"), rope.get("original_max_position_embeddings")
+    if not all(isinstance(v, (int, float)) for v in (beta, period)):
         raise ValueError(f"{MINISTRAL3}'s rope_parameters need numbers llama_4_scaling_beta and "
                          f"original_max_position_embeddings (its queries' scaling with position), got {rope}")
-    return float(rope["llama_4_scaling_beta"]), int(rope["original_max_position_embeddings"])
+    return float(beta), int(period)
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
@@ -597,7 +597,7 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`), GLM's and Granite 4's fused gate and up split and their norms or MLP renamed,
+    (`loaders.Renamed`; GPT-OSS's: `_GptOssExperts`), GLM's and Granite 4's fused gate and up split and their norms or MLP renamed,
     query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's, GLM's) or pairs adjacent
     ones (GLM's, ERNIE's, Cohere's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
