@@ -12,6 +12,7 @@ from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatt
 from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
+from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
 from tests.reference import GGUFReference
 from tests.tiny import TINY as TINY_CFG
 from tests.tiny import tiny_model
@@ -269,6 +270,26 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss)
     for rows in (x[:2], x):  # 2 x 3 < 8 pairs: gathered; 7 x 3 >= 8: grouped
         np.testing.assert_allclose(np.asarray(mixture(rows)), want[:len(rows)], rtol=1e-5, atol=1e-5)
     assert "ragged_dot" not in str(jax.make_jaxpr(mixture)(x[:2])) and "ragged_dot" in str(jax.make_jaxpr(mixture)(x))
+
+
+def test_mxfp4_experts_compute_as_their_dequantized_weights():
+    """Experts kept in MXFP4 give, gathered for a few tokens or grouped for many, the mixture of the same
+    weights dequantized."""
+    e, h, f, k = 8, 32, 64, 3
+    rng = np.random.default_rng(1)
+    quantized = {name: Mxfp4(jnp.asarray(rng.integers(0, 256, (*stored, 16)), jnp.uint8),
+                             jnp.asarray(rng.integers(120, 125, stored), jnp.uint8), EXPERTS_ORDER[name])
+                 for name, stored in (("experts_gate_up", (e, 2, f, h // 32)), ("experts_down", (e, h, f // 32)))}
+    dequantized = {name: w.dequantize(jnp.float32) for name, w in quantized.items()}
+    assert dequantized["experts_gate_up"].shape == (e, h, 2, f) and dequantized["experts_down"].shape == (e, f, h)
+    cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f)
+    router = jnp.asarray(rng.normal(0, 1, (h, e)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
+    for rows in (x[:2], x):  # gathered, grouped
+        weights, experts = model.route(rows, router, k, True)
+        np.testing.assert_allclose(np.asarray(model.experts_mlp(rows, experts, weights, quantized, cfg)),
+                                   np.asarray(model.experts_mlp(rows, experts, weights, dequantized, cfg)),
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_moe_model_decodes_as_its_uncached_forward():
