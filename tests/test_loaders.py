@@ -1085,10 +1085,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                pre={"cohere": "command-r", "cohere2": "command-r", "glm4": "glm4", "gpt_oss": "gpt-4o",
                     "seed_oss": "seed-coder"}.get(arch))
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
-    # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway; its MXFP4 experts are
-    # dequantized as they load (the Hugging Face checkpoint's kept in MXFP4)
-    assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)),
-                                            expert_format="dense")
+    # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
+    assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
     assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,),
                                        "cohere2": (0, 1, 2)}.get(arch)
@@ -1111,6 +1109,26 @@ def llama_cpp_rope_factors(theta, head_dim, s):
             smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
             factors.append(1 / ((1 - smooth) / s["factor"] + smooth))
     return np.asarray(factors, np.float32)
+
+
+def test_gguf_mixture_with_mxfp4_experts_keeps_them_so(tmp_path):
+    """A mixture whose GGUF file stores its experts in MXFP4 (as llama.cpp's MXFP4_MOE quantization does,
+    here OLMoE's) loads with them kept in MXFP4, read from ggml's block layout into ours, and computes
+    as the same file with those experts' values stored in float32."""
+    tensors = hf_tensors("olmoe", np.random.default_rng(4), hidden=64, inter=64)
+    experts = {f"blk.{i}.ffn_{n}_exps.weight" for i in range(2) for n in ("gate", "up", "down")}
+    mx = gguf.GGMLQuantizationType.MXFP4
+    exact = {k: gguf.quants.dequantize(gguf.quants.quantize(v, mx), mx) if re.search(r"experts\.\d+\.", k) else v
+             for k, v in tensors.items()}  # the experts' values as MXFP4 holds them
+    metadata = dict(expert_count=4, expert_used_count=2)
+    for name, quantized in (("mxfp4.gguf", experts), ("float32.gguf", ())):
+        write_gguf(tmp_path / name, "olmoe", exact, metadata=metadata, quantized=quantized)
+    kept, dense = (load_gguf(str(tmp_path / name)) for name in ("mxfp4.gguf", "float32.gguf"))
+    assert (kept.config.expert_format, dense.config.expert_format) == ("mxfp4", "dense")
+    assert kept.params["layers"][1]["experts_down"].blocks.dtype == np.uint8
+    ids = jnp.asarray([TOKENS])
+    np.testing.assert_allclose(np.asarray(forward_causal(kept.params, kept.config, ids).logits),
+                               np.asarray(forward_causal(dense.params, dense.config, ids).logits), rtol=1e-5, atol=1e-5)
 
 
 def test_gguf_rope_factors_load_as_llama3_scaling(tmp_path):

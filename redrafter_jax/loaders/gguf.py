@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import gguf
 import numpy as np
@@ -101,20 +102,45 @@ def _arch_field(reader: gguf.GGUFReader, arch: str):
     return lambda key, default=None: _field(reader, f"{arch}.{key}", default)
 
 
+MXFP4 = gguf.GGMLQuantizationType.MXFP4
+MXFP4_BLOCK = 17  # bytes of ggml's block of 32 values: the scale, then 16 of codes
+_EXPERT_WEIGHTS = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")
+
+
+def _kept_mxfp4(reader: gguf.GGUFReader) -> frozenset[str]:
+    """The experts' weights where all of them are stored in MXFP4 (GPT-OSS's, or any mixture quantized so),
+    which load kept in MXFP4 (`mxfp4.py`); none otherwise."""
+    experts = [t for t in reader.tensors if _EXPERT_WEIGHTS.fullmatch(t.name)]
+    all_mxfp4 = bool(experts) and all(t.tensor_type == MXFP4 for t in experts)
+    return frozenset(t.name for t in experts) if all_mxfp4 else frozenset()
+
+
 class _GGUFTensors:
     """The `Source` of a GGUF file: each tensor dequantised whole (quantisation blocks span rows), the
-    last few kept while a parameter's shards are read from them."""
+    last few kept while a parameter's shards are read from them; the MXFP4 tensors named in `kept` instead
+    as codes and scales in our layout (`mxfp4.Mxfp4`), under their names with "_blocks" and "_scales"
+    appended. ggml's block is a scale byte, then 16 bytes whose low nibbles are its first 16 codes and high
+    nibbles its last 16; ours pair codes 2j and 2j + 1 in byte j, as Hugging Face checkpoints do."""
 
-    def __init__(self, reader: gguf.GGUFReader, path: str, n_heads: int, n_kv: int):
+    def __init__(self, reader: gguf.GGUFReader, path: str, n_heads: int, n_kv: int, kept: frozenset[str]):
         self.tensors = {t.name: t for t in reader.tensors}
-        self.path, self.n_heads, self.n_kv = path, n_heads, n_kv
+        self.path, self.n_heads, self.n_kv, self.kept = path, n_heads, n_kv, kept
         self.permuted = _field(reader, "general.architecture") in _PERMUTED
         self._dequantized = functools.lru_cache(maxsize=3)(self._dequantize)  # a fused parameter's parts
 
     def names(self) -> list[str]:
-        return list(self.tensors)
+        return [n for n in self.tensors if n not in self.kept] + [f"{n}_{part}" for n in self.kept
+                                                                  for part in ("blocks", "scales")]
+
+    def _kept_part(self, name: str) -> tuple[str, str] | None:
+        """(tensor, "blocks" or "scales") for a kept MXFP4 tensor's codes or scales, else None."""
+        base, _, part = name.rpartition("_")
+        return (base, part) if base in self.kept and part in ("blocks", "scales") else None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if kept := self._kept_part(name):  # [..., inputs] as codes [..., G, 16] and scales [..., G]
+            *lead, inputs = self.shape(kept[0])
+            return (*lead, inputs // 32, 16) if kept[1] == "blocks" else (*lead, inputs // 32)
         return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists the fastest axis first
 
     def _dequantize(self, name: str) -> np.ndarray:
@@ -130,6 +156,13 @@ class _GGUFTensors:
         return x
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if kept := self._kept_part(name):
+            t = self.tensors[kept[0]]
+            blocks = np.asarray(t.data).reshape(*t.data.shape[:-1], -1, MXFP4_BLOCK)[index[:t.data.ndim]]
+            if kept[1] == "scales":
+                return blocks[..., 0]
+            codes = np.concatenate([blocks[..., 1:] & 15, blocks[..., 1:] >> 4], axis=-1)
+            return (codes[..., 0::2] | codes[..., 1::2] << 4)[(..., *index[t.data.ndim:])]
         return self._dequantized(name)[index]
 
 
@@ -212,7 +245,7 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
                 norm_topk=gating == SOFTMAX_CHOSEN or bool(m("expert_weights_norm", arch in NORM_TOPK)),
-                expert_bias=arch == "gpt-oss",
+                expert_bias=arch == "gpt-oss", expert_format="mxfp4" if source.kept else "dense",
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
                     source.shape(shared)[0] if shared else 0))
 
@@ -229,7 +262,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     m = _arch_field(reader, arch)
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
-    source = _GGUFTensors(reader, path, n_heads, n_kv)
+    source = _GGUFTensors(reader, path, n_heads, n_kv, _kept_mxfp4(reader))
     tensors = source.tensors
     scaling = _rope_scaling(reader, arch)
     if ROPE_FACTORS in tensors:  # Llama 3.1's scaling, as llama.cpp's converter stores it
