@@ -57,6 +57,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--gguf", help="a GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     src.add_argument("--hf", help="a Hugging Face checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dequantize-experts", action="store_true",
+                   help="load experts stored in MXFP4 (GPT-OSS's) as --dtype weights, 4-8x their memory, "
+                        "instead of keeping them in MXFP4 and dequantizing them where they multiply")
     p.add_argument("--chat-template-kwargs", metavar="JSON", type=json_object, default={},
                    help="more variables for the model's chat template, as transformers' apply_chat_template "
                         "takes them (e.g. '{\"enable_thinking\": false}' for Qwen3): every chat the command "
@@ -94,11 +97,11 @@ def open_model(args: argparse.Namespace) -> OpenedModel:
     if args.hf:
         from redrafter_jax.loaders.hf import open_hf
 
-        opened = open_hf(args.hf, args.dtype, mesh)
+        opened = open_hf(args.hf, args.dtype, mesh, args.dequantize_experts)
     elif args.gguf:
         from redrafter_jax.loaders.gguf import open_gguf
 
-        opened = open_gguf(args.gguf, args.dtype, mesh)
+        opened = open_gguf(args.gguf, args.dtype, mesh, args.dequantize_experts)
     else:
         from redrafter_jax.loaders.embedded import open_default
 

@@ -367,6 +367,12 @@ def test_gpt_oss_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path)
     experts = m.params["layers"][0]["experts_gate_up"]
     assert m.config.expert_format == "mxfp4" and experts.blocks.dtype == np.uint8 and experts.shape == (4, 64, 2, 64)
     assert_logits_match_transformers(m, hf)
+    # or dequantized as they load (--dequantize-experts), each read's blocks only: the same model
+    dense = load_hf(str(tmp_path), dequantize_experts=True)
+    assert dense.config.expert_format == "dense" and dense.params["layers"][0]["experts_gate_up"].shape == (4, 64, 2, 64)
+    ids = jnp.asarray([TOKENS])
+    np.testing.assert_array_equal(np.asarray(forward_causal(dense.params, dense.config, ids).logits),
+                                  np.asarray(forward_causal(m.params, m.config, ids).logits))
 
 
 @pytest.mark.parametrize("stored", ["bfloat16", "float16"])
@@ -1124,11 +1130,14 @@ def test_gguf_mixture_with_mxfp4_experts_keeps_them_so(tmp_path):
     for name, quantized in (("mxfp4.gguf", experts), ("float32.gguf", ())):
         write_gguf(tmp_path / name, "olmoe", exact, metadata=metadata, quantized=quantized)
     kept, dense = (load_gguf(str(tmp_path / name)) for name in ("mxfp4.gguf", "float32.gguf"))
-    assert (kept.config.expert_format, dense.config.expert_format) == ("mxfp4", "dense")
+    dequantized = load_gguf(str(tmp_path / "mxfp4.gguf"), dequantize_experts=True)  # (--dequantize-experts)
+    assert [m.config.expert_format for m in (kept, dense, dequantized)] == ["mxfp4", "dense", "dense"]
     assert kept.params["layers"][1]["experts_down"].blocks.dtype == np.uint8
     ids = jnp.asarray([TOKENS])
-    np.testing.assert_allclose(np.asarray(forward_causal(kept.params, kept.config, ids).logits),
-                               np.asarray(forward_causal(dense.params, dense.config, ids).logits), rtol=1e-5, atol=1e-5)
+    for other in (dense, dequantized):
+        np.testing.assert_allclose(np.asarray(forward_causal(kept.params, kept.config, ids).logits),
+                                   np.asarray(forward_causal(other.params, other.config, ids).logits), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_gguf_rope_factors_load_as_llama3_scaling(tmp_path):

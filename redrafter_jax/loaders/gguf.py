@@ -250,9 +250,11 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
                     source.shape(shared)[0] if shared else 0))
 
 
-def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
+def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
+              dequantize_experts: bool = False) -> OpenedModel:
     """A GGUF file's config and tokenizer, read from its metadata; `.load()` dequantises one tensor at a
-    time straight onto its devices (its shards on `mesh`, if given)."""
+    time straight onto its devices (its shards on `mesh`, if given), but MXFP4 experts, kept so unless
+    `dequantize_experts`."""
     reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -262,7 +264,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     m = _arch_field(reader, arch)
     n_heads = int(m("attention.head_count"))
     n_kv = int(m("attention.head_count_kv", n_heads))
-    source = _GGUFTensors(reader, path, n_heads, n_kv, _kept_mxfp4(reader))
+    source = _GGUFTensors(reader, path, n_heads, n_kv, frozenset() if dequantize_experts else _kept_mxfp4(reader))
     tensors = source.tensors
     scaling = _rope_scaling(reader, arch)
     if ROPE_FACTORS in tensors:  # Llama 3.1's scaling, as llama.cpp's converter stores it
@@ -340,5 +342,6 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> Op
     return OpenedModel(cfg, tok, GGUF, source, mesh)
 
 
-def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
-    return open_gguf(path, dtype, mesh).load()
+def load_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
+              dequantize_experts: bool = False) -> LoadedModel:
+    return open_gguf(path, dtype, mesh, dequantize_experts).load()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -25,6 +26,7 @@ from redrafter_jax.loaders import (
     gemma_adjustments,
     granite_adjustments,
 )
+from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
@@ -547,19 +549,24 @@ class _GptOssExperts:
     multiply (gate_up_proj [E, H, 2F], down_proj [E, F, H]) or, as OpenAI released them, in MXFP4: [out,
     in] codes and scales (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32],
     down_proj_blocks [E, H, F / 32, 16] and _scales), read as they are into MXFP4 params (expert_format
-    "mxfp4", `mxfp4.Mxfp4`). The router is renamed."""
+    "mxfp4", `mxfp4.Mxfp4`) or, with expert_format "dense", dequantized (only the 32-input blocks a read
+    covers). The router is renamed."""
 
     def __init__(self, source: Source, cfg: ModelConfig):
         self.source = source
+        names = source.names()
+        quantized = any(n.endswith("gate_up_proj_blocks") for n in names)
         weights = [(f"{ours}_{part}", f"{theirs}_{part}", half) for ours, theirs, half in _GPT_OSS_WEIGHTS
                    for part in ("blocks", "scales")] if cfg.expert_format == "mxfp4" else list(_GPT_OSS_WEIGHTS)
         # the table's name -> (the stored tensor, its half)
         self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.mlp.{stored}", half)
                       for i in range(cfg.num_layers) for table, stored, half in (*_GPT_OSS_MLP, *weights)}
-        # weights stored [E, in, out], read as ours [E, out, in]
-        self.transposed = {name for name in self.parts if name.endswith("proj.weight")}
+        weights = {name for name in self.parts if name.endswith("proj.weight")}
+        # weights stored [E, in, out], read as ours [E, out, in]; or in MXFP4, read as their values
+        self.transposed, self.dequantized = (set(), weights) if quantized else (weights, set())
         stored = {name for name, _ in self.parts.values()}
-        self._names = [n for n in source.names() if n not in stored] + list(self.parts)
+        stored |= {f"{self.parts[name][0]}_{part}" for name in self.dequantized for part in ("blocks", "scales")}
+        self._names = [n for n in names if n not in stored] + list(self.parts)
 
     def names(self) -> list[str]:
         return self._names
@@ -568,19 +575,23 @@ class _GptOssExperts:
         if name not in self.parts:
             return self.source.shape(name)
         stored, half = self.parts[name]
+        if name in self.dequantized:  # its codes [E, out, G, 16] as values [E, out, G x 32]
+            stored += "_blocks"
         try:
             shape = tuple(self.source.shape(stored))
         except KeyError:
             raise ValueError(f"checkpoint is missing tensor {stored!r}") from None
         if name in self.transposed:
             shape = (shape[0], shape[2], shape[1])
+        if name in self.dequantized:
+            shape = (*shape[:2], shape[2] * GROUP)
         return shape if half is None else (shape[0], shape[1] // 2, *shape[2:])
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         if name not in self.parts:
             return self.source.read(name, index)
         stored, half = self.parts[name]
-        if half is None and name not in self.transposed:
+        if half is None and name not in self.transposed | self.dequantized:
             return self.source.read(stored, index)
         e, rows, *rest = index  # rows: the outputs, our second axis
         if half is not None:  # both halves' rows, interleaved, then this one's
@@ -588,6 +599,13 @@ class _GptOssExperts:
             rows = slice(2 * first, 2 * last)
         if name in self.transposed:
             x = self.source.read(stored, (e, *rest, rows)).transpose(0, 2, 1)
+        elif name in self.dequantized:  # the blocks of 32 inputs the read covers, dequantized
+            start, stop, _ = rest[0].indices(self.shape(name)[2])
+            groups = slice(start // GROUP, -(-stop // GROUP))
+            codes = Mxfp4(self.source.read(stored + "_blocks", (e, rows, groups, slice(None))),
+                          self.source.read(stored + "_scales", (e, rows, groups)), (0,))
+            first = GROUP * groups.start
+            x = np.asarray(codes.dequantize(np.float32))[..., start - first:stop - first]
         else:
             x = self.source.read(stored, (e, rows, *rest))
         return x if half is None else x[:, half::2]
@@ -597,9 +615,10 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`; GPT-OSS's: `_GptOssExperts`), GLM's and Granite 4's fused gate and up split and their norms or MLP renamed,
-    query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's, GLM's) or pairs adjacent
-    ones (GLM's, ERNIE's, Cohere's: `loaders.RopeOrdered`); the others' as they are."""
+    (`loaders.Renamed`; GPT-OSS's: `_GptOssExperts`), GLM's and Granite 4's fused gate and up split and their
+    norms or MLP renamed, query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's,
+    GLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's: `loaders.RopeOrdered`); the others' as they
+    are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
@@ -624,17 +643,22 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     return source
 
 
-def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> OpenedModel:
+def open_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None,
+            dequantize_experts: bool = False) -> OpenedModel:
     """A checkpoint directory's config (its tokenizer and tensor files found and read too: a missing file
     fails now); `.load()` reads the weights, with a `mesh` each parameter's shards placed directly on
-    their devices (`sharding.param_specs`), never the whole model on the host."""
+    their devices (`sharding.param_specs`), never the whole model on the host; MXFP4 experts (GPT-OSS's)
+    kept so unless `dequantize_experts`."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     c = _read_json(os.path.join(directory, "config.json"))
     cfg = config_from_hf(c, _read_json(os.path.join(directory, "generation_config.json"), required=False), dtype)
+    if dequantize_experts:
+        cfg = dataclasses.replace(cfg, expert_format="dense")
     source = _model_source(c, cfg, _Safetensors(_tensor_index(directory)))
     return OpenedModel(cfg, load_tokenizer(directory, cfg), HF, source, mesh)
 
 
-def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None) -> LoadedModel:
-    return open_hf(directory, dtype, mesh).load()
+def load_hf(directory: str, dtype: str = "float32", mesh: Mesh | None = None,
+            dequantize_experts: bool = False) -> LoadedModel:
+    return open_hf(directory, dtype, mesh, dequantize_experts).load()
