@@ -188,6 +188,13 @@ def experts() -> dict:
             jax.tree_util.tree_leaves(split), jax.tree_util.tree_leaves(gpt_oss.params)))
         found["gpt_oss_blocks_shards"] = [list(s.data.shape) for s in
                                           split["layers"][0]["experts_down"].blocks.addressable_shards]
+    with tempfile.TemporaryDirectory() as d:  # dequantized as read: each device's 16 of 64 units, half a block
+        write_checkpoint(d, "gpt_oss", gpt_oss_mxfp4_tensors(np.random.default_rng(6), heads=8, kv=4),
+                         num_attention_heads=8, num_key_value_heads=4, hidden_size=64, intermediate_size=64,
+                         quantization_config=MXFP4)
+        found["gpt_oss_dequantized_same_params"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+            jax.tree_util.tree_leaves(load_hf(d, mesh=mesh, dequantize_experts=True).params),
+            jax.tree_util.tree_leaves(load_hf(d, dequantize_experts=True).params)))
     shared = tiny_model(num_heads=16, num_kv_heads=8, num_experts=4, experts_per_token=2, expert_size=16,
                         shared_expert_size=8, moe_layers=(1,))
     prompts = [[5, 9, 3, 9, 3, 9, 3], [7, 8, 2], [11, 12, 13, 11, 12], [4]]
