@@ -402,7 +402,7 @@ def _packed_matrices(dparams: Params, dtype: str, pairs: bool) -> Params:
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
     """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, as k-pairs),
-    everything else float32."""
+    everything else float32 (but MXFP4 experts' codes and scales, bytes)."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
         return {k: v if k in keep else cast_params(v, jnp.float32) for k, v in d.items()}
 

@@ -561,9 +561,9 @@ class _GptOssExperts:
         # the table's name -> (the stored tensor, its half)
         self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.mlp.{stored}", half)
                       for i in range(cfg.num_layers) for table, stored, half in (*_GPT_OSS_MLP, *weights)}
-        weights = {name for name in self.parts if name.endswith("proj.weight")}
-        # weights stored [E, in, out], read as ours [E, out, in]; or in MXFP4, read as their values
-        self.transposed, self.dequantized = (set(), weights) if quantized else (weights, set())
+        floats = {name for name in self.parts if name.endswith("proj.weight")}  # (none where kept in MXFP4)
+        # float weights stored [E, in, out], read as ours [E, out, in]; or in MXFP4, read as their values
+        self.transposed, self.dequantized = (set(), floats) if quantized else (floats, set())
         stored = {name for name, _ in self.parts.values()}
         stored |= {f"{self.parts[name][0]}_{part}" for name in self.dequantized for part in ("blocks", "scales")}
         self._names = [n for n in names if n not in stored] + list(self.parts)
