@@ -74,12 +74,15 @@ def attention_mask(cache: KVCache, positions: jax.Array, new_mask: jax.Array) ->
     return (jnp.arange(cache.max_len) < cache.lengths[:, None])[:, None, :] | (is_new[:, None, :] & sees_new)
 
 
-def window_mask(cache: KVCache, positions: jax.Array, window: int) -> jax.Array:
+def window_mask(cache: KVCache, positions: jax.Array, window: int, chunks: bool = False) -> jax.Array:
     """[B, T, max_len] bool: the slots whose keys are fewer than `window` positions behind each of T new
-    tokens (at `positions` [B, T], written at slots lengths[b] ..); AND it with `attention_mask`.
-    A cached key's position is its slot; a new one's is in `positions` (a tree's are not its slots')."""
+    tokens (at `positions` [B, T], written at slots lengths[b] ..), or with `chunks` in the same chunk of
+    `window` positions; AND it with `attention_mask`. A cached key's position is its slot; a new one's
+    is in `positions` (a tree's are not its slots')."""
     is_new, new = _new_slots(cache, positions.shape[1])
     key_pos = jnp.where(is_new, jnp.take_along_axis(positions, new[:, 0], axis=1), jnp.arange(cache.max_len))
+    if chunks:
+        return positions[:, :, None] // window == key_pos[:, None, :] // window
     return positions[:, :, None] - key_pos[:, None, :] < window
 
 

@@ -66,6 +66,25 @@ class RopeScaling:
         return 1.0 if self.factor <= 1 else math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position))
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryScaling:
+    """Queries times 1 + beta ln(1 + floor((position + offset) / period)) before attention: a softmax
+    temperature that grows with position (exactly 1 before the first period ends). Ministral 3's: offset
+    0, its original context as the period, in every layer; Llama 4's "temperature tuning": offset 1, in
+    its NoPE layers only (`nope_only`)."""
+
+    beta: float
+    period: int
+    offset: int = 0
+    nope_only: bool = False
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, numbers.Real) and self.beta >= 0 and isinstance(self.period, int)
+                and self.period > 0 and isinstance(self.offset, int) and self.offset >= 0):
+            raise ValueError(f"query scaling needs beta >= 0, a positive period and an offset >= 0 in positions, got "
+                             f"beta {self.beta}, period {self.period}, offset {self.offset}")
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's attention temperature for a context `factor` times longer (1 where it is not longer)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
@@ -92,9 +111,7 @@ class ModelConfig:
     rotary_dim: int | None = None  # the dimensions of a head RoPE rotates, None: all (Phi-4-mini's: 3/4)
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
-    # (beta, period): queries times 1 + beta ln(1 + floor(position / period)), a softmax temperature for positions
-    # past the original context (Ministral 3's, Llama 4's "llama_4_scaling"); None: unscaled
-    query_scaling: tuple[float, int] | None = None
+    query_scaling: QueryScaling | None = None  # None: queries unscaled
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections with bias (Qwen2)
@@ -102,9 +119,13 @@ class ModelConfig:
     attention_sinks: bool = False  # a learned logit per query head joins its softmax, its share dropped (GPT-OSS)
     sliding_window: int | None = None  # keys further back than this are masked (Mistral's, every layer's)
     window_layers: tuple[int, ...] | None = None  # the layers with it, None: all (Qwen's, Gemma's: some)
+    # those layers attend within aligned chunks of sliding_window positions (a query at p to keys from
+    # floor(p / w) w on: Llama 4's chunked attention), not to the last sliding_window
+    window_chunks: bool = False
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
     # RMS norms of the queries and keys before RoPE: "head" of each head on its own (Qwen3, Gemma 3), "all"
-    # of all query heads together and all key heads together (OLMo 2)
+    # of all query heads together and all key heads together (OLMo 2), "unweighted" of each head without
+    # weights, in the layers with RoPE only (Llama 4's; it norms them after RoPE, which keeps their norms)
     qk_norm: str | None = None
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
@@ -120,17 +141,21 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP of
-    # expert_size hidden units) per token, weighted by their softmax probabilities (renormalised over the
-    # chosen ones with norm_topk: Mixtral, Qwen3-MoE); in moe_layers (None: all), the others dense of
-    # intermediate_size. shared_expert_size: Qwen2-MoE's always-on expert beside them, sigmoid-gated;
-    # expert_bias: the router and the experts' projections with biases (GPT-OSS); expert_format "mxfp4": the
-    # experts' weights kept in MXFP4 as GPT-OSS is released (`mxfp4.py`), "dense": as `dtype`.
+    # expert_size hidden units) per token, by `routing` "softmax" their outputs weighted by their softmax
+    # probabilities (renormalised over the chosen ones with norm_topk: Mixtral, Qwen3-MoE), "sigmoid_input"
+    # their inputs by their logits' sigmoids (Llama 4's); in moe_layers (None: all), the others dense of
+    # intermediate_size. shared_expert_size: an always-on expert beside them, sigmoid-gated where
+    # shared_expert_gate (Qwen2-MoE's; Llama 4's is not); expert_bias: the router and the experts'
+    # projections with biases (GPT-OSS); expert_format "mxfp4": the experts' weights kept in MXFP4 as
+    # GPT-OSS is released (`mxfp4.py`), "dense": as `dtype`.
     num_experts: int = 0
     experts_per_token: int = 0
     expert_size: int = 0
     moe_layers: tuple[int, ...] | None = None
+    routing: str = "softmax"
     norm_topk: bool = False
     shared_expert_size: int = 0
+    shared_expert_gate: bool = True
     expert_bias: bool = False
     expert_format: str = "dense"
     bos_token_id: int | None = None
@@ -161,11 +186,8 @@ class ModelConfig:
         if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
                              f"{', '.join(self.ACTIVATIONS)})")
-        if self.query_scaling is not None and not (len(self.query_scaling) == 2 and self.query_scaling[0] >= 0
-                                                   and isinstance(self.query_scaling[1], int)
-                                                   and self.query_scaling[1] > 0):
-            raise ValueError(f"model config: query_scaling must be (beta >= 0, a positive period in positions), got "
-                             f"{self.query_scaling}")
+        if self.query_scaling is not None and not isinstance(self.query_scaling, QueryScaling):
+            raise ValueError(f"model config: query_scaling must be a QueryScaling, got {self.query_scaling!r}")
         if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.swiglu_alpha, self.swiglu_limit)):
             raise ValueError(f"model config: swiglu_alpha and swiglu_limit must be positive, got {self.swiglu_alpha} "
                              f"and {self.swiglu_limit}")
@@ -173,8 +195,9 @@ class ModelConfig:
         if not all(c is None or (isinstance(c, numbers.Real) and c > 0) for c in caps):
             raise ValueError(f"model config: soft caps must be positive or None, got {self.attn_softcap} and "
                              f"{self.final_softcap}")
-        if self.qk_norm not in (None, "head", "all"):
-            raise ValueError(f"model config: qk_norm must be None, 'head' or 'all', got {self.qk_norm!r}")
+        if self.qk_norm not in (None, "head", "all", "unweighted"):
+            raise ValueError(f"model config: qk_norm must be None, 'head', 'all' or 'unweighted', got "
+                             f"{self.qk_norm!r}")
         if not (self.pre_norms or self.post_norms):
             raise ValueError("model config: a layer needs pre_norms or post_norms (or both)")
         if self.parallel_block and (self.post_norms or not self.pre_norms):
@@ -183,8 +206,8 @@ class ModelConfig:
             raise ValueError("model config: local_rope_theta (the windowed layers' RoPE base) needs a sliding_window")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"model config: sliding_window must be positive, got {self.sliding_window}")
-        if self.window_layers is not None and self.sliding_window is None:
-            raise ValueError("model config: window_layers need a sliding_window")
+        if (self.window_layers is not None or self.window_chunks) and self.sliding_window is None:
+            raise ValueError("model config: window_layers and window_chunks need a sliding_window")
         if self.num_experts:
             if not 1 <= self.experts_per_token <= self.num_experts or self.expert_size <= 0:
                 raise ValueError(f"model config: a mixture of experts needs 1 <= experts_per_token <= num_experts and "
@@ -194,6 +217,10 @@ class ModelConfig:
               or self.expert_bias):
             raise ValueError("model config: experts_per_token, expert_size, moe_layers, shared_expert_size and "
                              "expert_bias need num_experts > 0")
+        if self.routing not in ("softmax", "sigmoid_input"):
+            raise ValueError(f"model config: routing must be 'softmax' or 'sigmoid_input', got {self.routing!r}")
+        if self.routing == "sigmoid_input" and self.norm_topk:
+            raise ValueError("model config: norm_topk (renormalised softmax weights) goes with softmax routing")
         if self.expert_format not in ("dense", "mxfp4"):
             raise ValueError(f"model config: expert_format must be 'dense' or 'mxfp4', got {self.expert_format!r}")
         if self.expert_format == "mxfp4" and not (self.num_experts and self.hidden_size % 32 == 0

@@ -12,7 +12,8 @@ shared by G = nh / nkv query heads):
         w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H] (with expert_format "mxfp4" both `Mxfp4`s);
-        with a shared expert of S units shared_gate_up [H, 2, S], shared_down [S, H], shared_gate [H, 1];
+        with a shared expert of S units shared_gate_up [H, 2, S], shared_down [S, H] (and shared_gate
+        [H, 1] with shared_expert_gate);
         with expert_bias router_bias [E], experts_gate_up_bias [E, 2, F], experts_down_bias [E, H]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs); with
 RoPE on part of a head, each Q/K head's dims are reordered so that it does too (`rotary_order`).
@@ -62,7 +63,9 @@ def param_shapes(cfg: ModelConfig) -> dict:
         experts.update({k: Mxfp4((*stored, 16), stored, EXPERTS_ORDER[k]) for k, stored in (
             ("experts_gate_up", (e, 2, f, h // GROUP)), ("experts_down", (e, h, f // GROUP)))})
     if s:
-        experts.update(shared_gate_up=(h, 2, s), shared_down=(s, h), shared_gate=(h, 1))
+        experts.update(shared_gate_up=(h, 2, s), shared_down=(s, h))
+        if cfg.shared_expert_gate:
+            experts["shared_gate"] = (h, 1)
     if cfg.expert_bias:
         experts.update(router_bias=(e,), experts_gate_up_bias=(e, 2, f), experts_down_bias=(e, h))
     if cfg.pre_norms:
@@ -167,14 +170,14 @@ def row_sum(x: jax.Array) -> jax.Array:
     return x
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float, center: bool = False) -> jax.Array:
-    """x [..., D] normed over D in float32, times w [D]: an RMS norm, or with `center` its mean taken out
-    first (a LayerNorm without bias, Cohere's)."""
+def rms_norm(x: jax.Array, w: jax.Array | None, eps: float, center: bool = False) -> jax.Array:
+    """x [..., D] normed over D in float32, times w [D] (None: unweighted): an RMS norm, or with `center`
+    its mean taken out first (a LayerNorm without bias, Cohere's)."""
     x32 = x.astype(jnp.float32)
     if center:
         x32 = x32 - row_sum(x32) / x.shape[-1]
     y = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x.shape[-1] + eps)
-    return (y * w.astype(jnp.float32)).astype(x.dtype)
+    return (y if w is None else y * w.astype(jnp.float32)).astype(x.dtype)
 
 
 def optional_norm(x: jax.Array, w: jax.Array | None, cfg: ModelConfig) -> jax.Array:
@@ -183,13 +186,13 @@ def optional_norm(x: jax.Array, w: jax.Array | None, cfg: ModelConfig) -> jax.Ar
     return x if w is None else rms_norm(x, w, cfg.rms_norm_eps, cfg.layer_norm)
 
 
-def qk_norm(qkv: jax.Array, q_norm: jax.Array, k_norm: jax.Array, eps: float) -> jax.Array:
-    """qkv [B, T, nkv, G + 2, D] with the queries and keys normed: each head on its own (norms [D]), or
-    all query heads together and all key heads together (norms [nkv, G, D] and [nkv, 1, D])."""
+def qk_norm(qkv: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, eps: float) -> jax.Array:
+    """qkv [B, T, nkv, G + 2, D] with the queries and keys normed: each head on its own (norms [D], or None:
+    unweighted), or all query heads together and all key heads together (norms [nkv, G, D] and [nkv, 1, D])."""
     g = qkv.shape[3] - 2
 
-    def norm(x, w):  # x [B, T, nkv, G or 1, D]; w [D]: each head, or w [nkv, G or 1, D]: all at once
-        if w.ndim == 1:
+    def norm(x, w):  # x [B, T, nkv, G or 1, D]; w [D] or None: each head, or w [nkv, G or 1, D]: all at once
+        if w is None or w.ndim == 1:
             return rms_norm(x, w, eps)
         return rms_norm(x.reshape(*x.shape[:2], -1), w.reshape(-1), eps).reshape(x.shape)
 
@@ -216,20 +219,26 @@ def gated_mlp(x: jax.Array, gate_up, down, cfg: ModelConfig) -> jax.Array:
     return linear(gated(linear(x, gate_up), cfg), down)
 
 
-def route(x: jax.Array, router: jax.Array, k: int, renormalise: bool,
-          bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """x [N, H], router [H, E] (and any bias [E]) -> each token's k likeliest experts [N, k] int32 and their
-    float32 weights [N, k]: softmax probabilities over all E experts, renormalised over the k where
-    `renormalise` (GPT-OSS's softmax over the k chosen logits is the same)."""
+def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | None = None
+          ) -> tuple[jax.Array, jax.Array]:
+    """x [N, H], router [H, E] (and any bias [E]) -> each token's experts_per_token likeliest experts [N, k]
+    int32 and their float32 weights [N, k] (`ModelConfig.routing`): softmax probabilities over all E
+    experts, renormalised over the k with norm_topk (GPT-OSS's softmax over the k chosen logits is the
+    same), or the chosen logits' sigmoids."""
     logits = jnp.matmul(x, router, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
-    weights, experts = jax.lax.top_k(probs, k)
-    return (weights / weights.sum(-1, keepdims=True) if renormalise else weights), experts
+    if bias is not None:
+        logits = logits + bias
+    if cfg.routing == "sigmoid_input":
+        chosen, experts = jax.lax.top_k(logits, cfg.experts_per_token)
+        return jax.nn.sigmoid(chosen), experts
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.experts_per_token)
+    return (weights / weights.sum(-1, keepdims=True) if cfg.norm_topk else weights), experts
 
 
 def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
     """x [N, H] through its experts [N, k] (of a layer's experts_gate_up [E, H, 2, F], experts_down [E, F, H]
-    and any biases), their outputs summed by weights [N, k]. Each way reads the fewest expert weights:
+    and any biases), their outputs summed by weights [N, k] (with routing "sigmoid_input", each expert's
+    input times its weight and the outputs summed as they are). Each way reads the fewest expert weights:
     with fewer than E (token, expert) pairs (a decode step, a small tree) each pair's expert is
     gathered, else the pairs are sorted by expert and each expert's rows go through `lax.ragged_dot` (a
     grouped product on GPUs and TPUs; XLA:CPU computes it densely, every expert over every row). The k
@@ -239,14 +248,20 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
     n, k = experts.shape
     e, h, _, f = gate_up.shape
     gathered = n * k < e
+    on_input = cfg.routing == "sigmoid_input"
     if gathered:
         pairs = experts  # each pair's expert, [N, k]
-        gu = jnp.einsum("nh,nkhcf->nkcf", x, dense(gate_up[experts], x.dtype))
+        w = dense(gate_up[experts], x.dtype)
+        gu = (jnp.einsum("nkh,nkhcf->nkcf", x[:, None] * weights[..., None].astype(x.dtype), w) if on_input
+              else jnp.einsum("nh,nkhcf->nkcf", x, w))
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
         pairs = experts.reshape(-1)[order]
         sizes = jnp.bincount(pairs, length=e)
-        gu = jax.lax.ragged_dot(x[order // k], dense(gate_up, x.dtype).reshape(e, h, 2 * f), sizes)
+        rows = x[order // k]
+        if on_input:
+            rows = rows * weights.reshape(-1)[order][:, None].astype(x.dtype)
+        gu = jax.lax.ragged_dot(rows, dense(gate_up, x.dtype).reshape(e, h, 2 * f), sizes)
         gu = gu.reshape(n * k, 2, f)
     if cfg.expert_bias:
         gu = gu + p["experts_gate_up_bias"][pairs]
@@ -256,7 +271,7 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
         y = y + p["experts_down_bias"][pairs]
     if not gathered:
         y = y[jnp.argsort(order)].reshape(n, k, h)
-    return jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
+    return y.sum(1) if on_input else jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
 
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -265,11 +280,11 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     if "router" not in p:
         return gated_mlp(x, p["w_gate_up"], p["w_down"], cfg)
     rows = x.reshape(-1, x.shape[-1])
-    weights, experts = route(rows, p["router"], cfg.experts_per_token, cfg.norm_topk, p.get("router_bias"))
+    weights, experts = route(rows, p["router"], cfg, p.get("router_bias"))
     out = experts_mlp(rows, experts, weights, p, cfg)
-    if "shared_gate" in p:
+    if "shared_down" in p:
         shared = gated_mlp(rows, p["shared_gate_up"], p["shared_down"], cfg)
-        out = out + jax.nn.sigmoid(linear(rows, p["shared_gate"])) * shared
+        out = out + (jax.nn.sigmoid(linear(rows, p["shared_gate"])) * shared if "shared_gate" in p else shared)
     return out.reshape(x.shape)
 
 
@@ -367,10 +382,11 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
                        None if long is None else (cfg.rope_inv_freq(long=True), long))
     local_rope = rope if cfg.local_rope_theta is None else rope_tables(positions, cfg.rope_inv_freq(local=True))
     no_rope = jnp.ones_like(rope[0]), jnp.zeros_like(rope[1])  # NoPE layers: the identity rotation, exact
-    if cfg.query_scaling is not None:  # [B, T, 1, 1, 1]: each token's queries' factor (exactly 1 in the first period)
-        beta, period = cfg.query_scaling
-        query_scale = (1 + beta * jnp.log(1 + (positions // period).astype(jnp.float32)))[:, :, None, None, None]
-    windowed = mask if cfg.sliding_window is None else mask & kv.window_mask(cache, positions, cfg.sliding_window)
+    if (qs := cfg.query_scaling) is not None:  # [B, T, 1, 1, 1]: each token's queries' factor
+        query_scale = 1 + qs.beta * jnp.log(1 + ((positions + qs.offset) // qs.period).astype(jnp.float32))
+        query_scale = query_scale[:, :, None, None, None]
+    windowed = mask if cfg.sliding_window is None else \
+        mask & kv.window_mask(cache, positions, cfg.sliding_window, cfg.window_chunks)
     x = params["embed"][tokens]
     if cfg.embedding_multiplier != 1:
         x = x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
@@ -378,15 +394,16 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
     slots = kv.write_slots(cache, t)
     for i, p in enumerate(params["layers"]):
         layer_mask, cos, sin = (windowed, *local_rope) if cfg.windowed(i) else (mask, *rope)
-        if i in cfg.nope_layers:
+        nope = i in cfg.nope_layers
+        if nope:
             cos, sin = no_rope
         h = optional_norm(x, p.get("attn_norm"), cfg)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
-        if cfg.qk_norm:  # before RoPE
-            qkv = qk_norm(qkv, p["q_norm"], p["k_norm"], cfg.rms_norm_eps)
-        if cfg.query_scaling is not None:  # (before RoPE too, which it commutes with)
+        if cfg.qk_norm and not (cfg.qk_norm == "unweighted" and nope):  # before RoPE
+            qkv = qk_norm(qkv, p.get("q_norm"), p.get("k_norm"), cfg.rms_norm_eps)
+        if qs is not None and (nope or not qs.nope_only):  # (before RoPE too, which it commutes with)
             qkv = jnp.concatenate([qkv[:, :, :, :g] * query_scale.astype(qkv.dtype), qkv[:, :, :, g:]], axis=3)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops
             attn, k, v, ck, cv = cpu_attention.attention(qkv, cos, sin, ck, cv, cache.pending_k, cache.pending_v,

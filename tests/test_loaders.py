@@ -19,7 +19,7 @@ import tokenizers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from redrafter_jax.config import RopeScaling, SpecConfig
+from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
 from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
@@ -106,13 +106,21 @@ ARCHS = {
     "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", tie_word_embeddings=True,
                       num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True,
                       decoder_sparse_step=2),
+    # Llama 4: layer 0 chunked (chunks of 5), RoPE over its adjacent dimensions, query and key norms without
+    # weights, a dense MLP of its own size; layer 1 global, NoPE, its queries scaled up from position 3 on, a
+    # mixture of 4 experts, one per token, whose inputs its sigmoid weights, beside an ungated shared expert
+    "llama4": dict(architectures=["Llama4ForCausalLM"], model_type="llama4_text", tie_word_embeddings=False,
+                   intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
+                   interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=5, floor_scale=4,
+                   attn_scale=0.5),
     # layer 1 without RoPE and, being a NoPE layer, windowed
     "smollm3": dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", tie_word_embeddings=True,
                     no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=5, pad_token_id=2),
 }
 
 
-MOE_LAYERS = {"gpt_oss": (0, 1), "mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,), "qwen3_moe": (1,)}
+MOE_LAYERS = {"gpt_oss": (0, 1), "llama4": (1, 3), "mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,),
+              "qwen3_moe": (1,)}
 
 
 def expert_tensors(arch, rng, hidden, inter):
@@ -120,6 +128,13 @@ def expert_tensors(arch, rng, hidden, inter):
     enough that no two experts tie for a token."""
     c = ARCHS[arch]
     e, f = c.get("num_experts") or c["num_local_experts"], c.get("moe_intermediate_size", inter)
+    if arch == "llama4":  # stacked as they multiply, [in, out], gate's outputs first; the shared expert's [out, in]
+        f = c["intermediate_size"]
+        return {"feed_forward.router.weight": rng.normal(0, 1.0, (e, hidden)),
+                "feed_forward.experts.gate_up_proj": rng.normal(0, 0.3, (e, hidden, 2 * f)),
+                "feed_forward.experts.down_proj": rng.normal(0, 0.3, (e, f, hidden)),
+                **{f"feed_forward.shared_expert.{n}_proj.weight": rng.normal(0, 0.3, s)
+                   for n, s in (("gate", (f, hidden)), ("up", (f, hidden)), ("down", (hidden, f)))}}
     if arch == "gpt_oss":  # stacked as they multiply, [in, out], gate and up interleaved
         return {"mlp.router.weight": rng.normal(0, 1.0, (e, hidden)), "mlp.router.bias": rng.normal(0, 1.0, e),
                 "mlp.experts.gate_up_proj": rng.normal(0, 0.3, (e, hidden, 2 * f)),
@@ -181,6 +196,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t[p + "shared_mlp.input_linear.weight"] = np.concatenate([t.pop(p + f"mlp.{n}_proj.weight")
                                                                      for n in ("gate", "up")])
             t[p + "shared_mlp.output_linear.weight"] = t.pop(p + "mlp.down_proj.weight")
+        if arch == "llama4":  # its MLPs' tensors under feed_forward.
+            t.update({p + "feed_forward." + k[len(p) + 4:]: t.pop(k) for k in list(t) if k.startswith(p + "mlp.")})
         if arch == "glm4":
             t.update({p + f"post_{n}_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("self_attn", "mlp")})
         if arch not in ("olmo2", "olmo3", "exaone4"):
@@ -513,12 +530,36 @@ def test_mistral3_multimodal_checkpoint_loads_its_text_model(tmp_path, layout, t
     write_tokenizer(tmp_path)
     m = load_hf(str(tmp_path))
     assert m.config.sliding_window is None and not m.config.tie_word_embeddings and "lm_head" in m.params
-    assert m.config.query_scaling == ((0.5, 4) if text_model == "ministral3" else None)
+    assert m.config.query_scaling == (QueryScaling(0.5, 4) if text_model == "ministral3" else None)
     assert_logits_match_transformers(m, hf)
     saved = json.loads((tmp_path / "config.json").read_text())
     saved["text_config"]["model_type"] = "mistral4"
     with pytest.raises(ValueError, match="unsupported text model 'mistral4' of Mistral3ForConditionalGeneration"):
         config_from_hf(saved)
+
+
+def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """Llama 4 Scout and Maverick are released as Llama4ForConditionalGeneration: the text model (chunked
+    attention in layer 0, a NoPE layer 1 with scaled queries and a mixture of experts) loads alone, the
+    vision tower and projector left out, and gives the logits of transformers' multimodal model on text."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    text = transformers.Llama4TextConfig(**{k: v for k, v in ARCHS["llama4"].items() if k != "architectures"},
+                                         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                                         initializer_range=0.3)
+    vision = transformers.Llama4VisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=16,
+                                             projector_input_dim=16, projector_output_dim=32, pixel_shuffle_ratio=0.5)
+    config = transformers.Llama4Config(text_config=text, vision_config=vision, image_token_index=63,
+                                       boi_token_index=61, eoi_token_index=62)
+    torch.manual_seed(0)
+    hf = transformers.Llama4ForConditionalGeneration(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    m = load_hf(str(tmp_path))
+    assert m.config.window_chunks and m.config.nope_layers == (1,) and m.config.routing == "sigmoid_input"
+    assert_logits_match_transformers(m, hf)
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
@@ -636,7 +677,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         with pytest.raises(ValueError, match="not its Mamba layers or experts"):
             config_from_hf({"architectures": [arch]})
         return
-    theirs = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
+    llama4 = arch == "Llama4ForCausalLM"
+    theirs = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig", "Llama4ForCausalLM": "Llama4TextConfig"}.get(
         arch, arch.replace("ForCausalLM", "Config")))()
     ours = config_from_hf({"architectures": [arch]})
     assert config_from_hf({"model_type": theirs.model_type}) == ours
@@ -644,8 +686,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     local = rope.get("sliding_attention", {}).get("rope_theta")  # Gemma 3: a set for each layer kind
     rope_theta = rope.get("full_attention", rope).get("rope_theta", getattr(theirs, "rope_theta", None))
     kinds = getattr(theirs, "layer_types", None) or ["sliding_attention"] * ours.num_layers  # Mistral: all
-    sliding = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
-    window = getattr(theirs, "sliding_window", None) if sliding else None
+    sliding = tuple(i for i, kind in enumerate(kinds) if kind in ("sliding_attention", "chunked_attention"))
+    window = getattr(theirs, "attention_chunk_size" if llama4 else "sliding_window", None) if sliding else None
     window_layers = None if len(sliding) == ours.num_layers or not window else sliding
     nope = [i for i, rope in enumerate(getattr(theirs, "no_rope_layers", None) or [1] * ours.num_layers) if not rope]
     if arch == "Exaone4ForCausalLM" and window_layers or arch == "Cohere2ForCausalLM":  # RoPE where windowed
@@ -655,7 +697,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
             ours.num_kv_heads, ours.head_dim, ours.max_position_embeddings, ours.rope_theta, ours.rms_norm_eps,
             ours.tie_word_embeddings, ours.sliding_window, ours.bos_token_id, ours.eos_token_ids) == (
-        theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size, theirs.num_hidden_layers,
+        theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size_mlp if llama4 else theirs.intermediate_size,
+        theirs.num_hidden_layers,
         theirs.num_attention_heads, theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings,
         rope_theta, getattr(theirs, "rms_norm_eps", None) or theirs.layer_norm_eps, theirs.tie_word_embeddings,
         window, theirs.bos_token_id,
@@ -663,8 +706,10 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     partial = rope.get("partial_rotary_factor", getattr(theirs, "partial_rotary_factor", 1.0))
     assert ours.rotary == int(head_dim * partial)
     scaling = rope.get("full_attention", rope)  # GPT-OSS's default: YaRN
-    assert ours.query_scaling == ((scaling["llama_4_scaling_beta"], scaling["original_max_position_embeddings"])
-                                  if "llama_4_scaling_beta" in scaling else None)  # Ministral 3's
+    assert ours.query_scaling == (  # Ministral 3's; Llama 4's in its NoPE layers
+        QueryScaling(scaling["llama_4_scaling_beta"], scaling["original_max_position_embeddings"])
+        if "llama_4_scaling_beta" in scaling else
+        QueryScaling(theirs.attn_scale, theirs.floor_scale, offset=1, nope_only=True) if llama4 else None)
     s = ours.rope_scaling
     assert (s and (s.kind, s.factor, s.original_max_position, s.truncate)) == (
         None if scaling.get("rope_type", "default") == "default" else (
@@ -674,14 +719,18 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     assert (ours.num_experts, ours.experts_per_token, ours.expert_size, ours.norm_topk, ours.shared_expert_size) == (
         experts, getattr(theirs, "num_experts_per_tok", 0) if experts else 0,
         getattr(theirs, "moe_intermediate_size", theirs.intermediate_size) if experts else 0,
-        getattr(theirs, "norm_topk_prob", bool(experts)), getattr(theirs, "shared_expert_intermediate_size", 0))
+        getattr(theirs, "norm_topk_prob", bool(experts) and not llama4),  # (Llama 4: sigmoids, not renormalised)
+        theirs.intermediate_size if llama4 else getattr(theirs, "shared_expert_intermediate_size", 0))
+    assert (ours.qk_norm, ours.window_chunks, ours.moe_layers) == (
+        ("unweighted", True, None) if llama4 else (ours.qk_norm, False, ours.moe_layers))
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
                                            ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
-                                           ("glm4", {}), ("cohere2", {}), ("gpt_oss", {}), ("ministral3", {})])
+                                           ("glm4", {}), ("cohere2", {}), ("gpt_oss", {}), ("ministral3", {}),
+                                           ("llama4", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -693,7 +742,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
     at position 8 (crossed by the prompt), GLM-4's on half of each head, Cohere 2's LayerNorms and
     attention beside the MLP, GPT-OSS's sinks (through the attention kernel's), biases and experts, Ministral
-    3's queries scaled from position 8 on (crossed by the prompt), in the decode loops (on the CPU,
+    3's queries scaled from position 8 on (crossed by the prompt), Llama 4's chunked layer (the prompt and the
+    tree crossing chunks) beside a NoPE layer with scaled queries and experts fed their sigmoid-weighted
+    inputs, in the decode loops (on the CPU,
     the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -713,7 +764,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "glm4": m.config.rotary_dim == 8 and m.config.post_norms and m.config.attention_bias,
             "cohere2": m.config.parallel_block and m.config.layer_norm and m.config.nope_layers == (1,),
             "gpt_oss": m.config.attention_sinks and m.config.expert_bias and m.config.window_layers == (0,),
-            "ministral3": m.config.query_scaling == (0.5, 8)}[arch]
+            "ministral3": m.config.query_scaling == QueryScaling(0.5, 8),
+            "llama4": m.config.window_chunks and m.config.query_scaling.nope_only and m.config.moe_layers == (1,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1025,9 +1077,21 @@ def gpt_oss_as_converted(t, layers=2):
     return t
 
 
+def llama4_as_converted(t, layers):
+    """A Llama 4 checkpoint's tensors (`hf_tensors`) as llama.cpp's converter stores them, under the name table's
+    Hugging Face names: the experts' gate_up [E, H, 2F] split into gate and up, they and down [E, out, in]."""
+    t = {k.replace(".feed_forward.router.", ".mlp.gate.").replace(".feed_forward.", ".mlp."): v for k, v in t.items()}
+    for p in (f"model.layers.{i}.mlp.experts." for i in range(layers)):
+        if p + "gate_up_proj" in t:
+            gate, up = np.split(t.pop(p + "gate_up_proj").transpose(0, 2, 1), 2, axis=1)
+            t.update({p + "gate_proj.weight": gate, p + "up_proj.weight": up,
+                      p + "down_proj.weight": t.pop(p + "down_proj").transpose(0, 2, 1)})
+    return t
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
-                                  "ernie4_5", "glm4", "seed_oss"])
+                                  "ernie4_5", "glm4", "seed_oss", "llama4"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
     window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
@@ -1039,10 +1103,12 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every other layer; Command R's
     LayerNorms, parallel attention and MLP and logit scale, Command R7B's windows in 3 of 4 layers with RoPE
     only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's on half of each head, its gate and
-    up fused, its norms after attention and the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; each
-    tensor under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the
-    same model."""
-    layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4}.get(arch, 2)
+    up fused, its norms after attention and the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; Llama
+    4's RoPE over adjacent dims, chunks, every fourth layer without RoPE and with scaled queries, unweighted
+    query and key norms, sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes
+    them; each tensor under the name the converter gives it, by gguf's own map) and as a Hugging Face
+    directory give the same model."""
+    layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
     tensors = gpt_oss_mxfp4_tensors(rng) if gpt_oss else hf_tensors(arch, rng, layers=layers)
@@ -1061,6 +1127,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
                  "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2),
                  "glm4": dict(bos_token_id=None),  # (llama.cpp adds no BOS with GLM-4's pre-tokenizer)
+                 "llama4": dict(no_rope_layers=None, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1),
                  # llama.cpp's SwiGLU limit (no key gives it)
                  "gpt_oss": dict(hidden_size=64, intermediate_size=64, quantization_config=MXFP4, swiglu_limit=7.0)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, *ends],
@@ -1078,24 +1145,27 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                             "attention.sliding_window": 5},
                 "cohere": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5},
                 "cohere2": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 5},
-                "glm4": {"rope.dimension_count": 4}}.get(arch)
+                "glm4": {"rope.dimension_count": 4},
+                "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
     if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
     if gpt_oss:
         tensors, gguf_rope = gpt_oss_as_converted(tensors), ("yarn", 32.0, 4096)  # (GPT-OSS's default YaRN)
+    if arch == "llama4":
+        tensors = llama4_as_converted(tensors, layers)
     write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
                eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata,
                rename={i: text for i, text in ends.items() if text},
                quantized={f"blk.{i}.ffn_{n}_exps.weight" for i in range(layers) for n in ("gate", "up", "down")
                           if gpt_oss},
                pre={"cohere": "command-r", "cohere2": "command-r", "glm4": "glm4", "gpt_oss": "gpt-4o",
-                    "seed_oss": "seed-coder"}.get(arch))
+                    "seed_oss": "seed-coder", "llama4": "llama4"}.get(arch))
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
-    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,)}.get(arch, ())
+    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,),
-                                       "cohere2": (0, 1, 2)}.get(arch)
+                                       "cohere2": (0, 1, 2), "llama4": (0, 1, 2)}.get(arch)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
@@ -1204,18 +1274,24 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("olmo3_window", r"unsupported GGUF olmo2 attention.sliding_window 4 \(OLMo 3's windowed layers\)"),
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
+    ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
+    ("mobilellm", r"unsupported GGUF llama4 attention.sliding_window 0 \(Llama 4's chunks are 8192 positions"),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
-    arch = {"olmo3_window": "olmo2", "sigmoid_experts": "olmoe", "scaled_experts": "olmoe"}.get(case, "llama")
+    arch = {"olmo3_window": "olmo2", "sigmoid_experts": "olmoe", "scaled_experts": "olmoe", "softmax_llama4": "llama4",
+            "mobilellm": "llama4"}.get(case, "llama")
     extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
     metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},
                 "olmo3_window": {"attention.sliding_window": 4},
                 "sigmoid_experts": dict(expert_count=4, expert_used_count=2, expert_gating_func=2),
-                "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5)}.get(case)
-    write_gguf(tmp_path / "model.gguf", arch, hf_tensors(arch, np.random.default_rng(3)),
+                "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5),
+                "softmax_llama4": dict(expert_count=4, expert_used_count=1, expert_gating_func=1),
+                "mobilellm": {"expert_count": 4, "expert_used_count": 1, "attention.sliding_window": 0}}.get(case)
+    tensors = hf_tensors(arch, np.random.default_rng(3))
+    write_gguf(tmp_path / "model.gguf", arch, llama4_as_converted(tensors, 2) if arch == "llama4" else tensors,
                scaling=scaling, extras=extras, metadata=metadata)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
@@ -1252,8 +1328,8 @@ LLAMA3_PIECES = ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġx", "!ĊĊ",
 
 @pytest.mark.parametrize("pre, pieces", [
     ("llama-bpe", LLAMA3_PIECES), ("glm4", LLAMA3_PIECES),
-    # o200k (GPT-OSS's): words split before a capital, contractions kept with their word
-    ("gpt-4o", ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]),
+    # o200k (GPT-OSS's, Llama 4's): words split before a capital, contractions kept with their word
+    *((pre, ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]) for pre in ("gpt-4o", "llama4")),
     # Command R's: digits one by one, then GPT-2's regex (line breaks not split from spaces)
     ("command-r", ["HelloWorld", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "ĊĊĠ", "Ġy", "/"]),
     # Seed-Coder's (Seed-OSS's): Qwen2's, but punctuation does not take the line breaks after it

@@ -9,7 +9,7 @@ import pytest
 
 from redrafter_jax import model
 from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, window_mask, write
-from redrafter_jax.config import RopeScaling, SpecConfig
+from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
 from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
@@ -79,7 +79,10 @@ def test_cached_decoding_matches_full_forward(smollm):
     (dict(num_kv_heads=3), r"num_heads \(4\) is not a multiple of num_kv_heads \(3\)"),
     (dict(head_dim=7), "head_dim must be even"),
     (dict(sliding_window=0), "sliding_window must be positive"),
-    (dict(window_layers=(1,)), "window_layers need a sliding_window"),
+    (dict(window_layers=(1,)), "window_layers and window_chunks need a sliding_window"),
+    (dict(window_chunks=True), "window_layers and window_chunks need a sliding_window"),
+    (dict(qk_norm="l2"), "qk_norm must be None, 'head', 'all' or 'unweighted'"),
+    (dict(query_scaling=(0.1, 8)), "query_scaling must be a QueryScaling"),
     (dict(sliding_window=4, window_layers=(1, 0)), r"window_layers must be distinct layer indices in \[0, 2\)"),
     (dict(nope_layers=(2,)), r"nope_layers must be distinct layer indices in \[0, 2\) in order, got \(2,\)"),
     (dict(parallel_block=True, post_norms=True), "parallel_block needs pre_norms and no post_norms"),
@@ -90,10 +93,20 @@ def test_cached_decoding_matches_full_forward(smollm):
     (dict(num_experts=4, experts_per_token=2), "and a positive expert_size"),
     (dict(expert_size=8), "need num_experts > 0"),
     (dict(num_experts=4, experts_per_token=2, expert_size=8, moe_layers=(0, 0)), "moe_layers must be distinct"),
+    (dict(routing="sigmoid"), "routing must be 'softmax' or 'sigmoid_input'"),
+    (dict(num_experts=4, experts_per_token=1, expert_size=8, routing="sigmoid_input", norm_topk=True),
+     "norm_topk .* goes with softmax routing"),
 ])
 def test_model_config_refuses_settings_it_cannot_mean(change, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(TINY_CFG, **change)
+
+
+@pytest.mark.parametrize("kwargs", [dict(beta=-0.1, period=4), dict(beta=0.1, period=0),
+                                    dict(beta=0.1, period=4.5), dict(beta=0.1, period=4, offset=-1)])
+def test_query_scaling_refuses_settings_it_cannot_mean(kwargs):
+    with pytest.raises(ValueError, match="query scaling needs beta >= 0, a positive period and an offset >= 0"):
+        QueryScaling(**kwargs)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -213,10 +226,11 @@ def test_a_long_forward_attends_in_query_blocks_as_in_one(monkeypatch):
     assert gen == np.asarray(jnp.argmax(want, axis=-1)).tolist()
 
 
-def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702):
+def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=False):
     """NumPy float64, token by token: softmax over every expert (router logits plus any bias), the k
     likeliest (renormalised or not), their MLPs' outputs (SwiGLU, or with a `limit` GPT-OSS's clamped
-    one; any biases added) summed by those weights."""
+    one; any biases added) summed by those weights; `on_input` (Llama 4's): the k largest logits'
+    sigmoids weigh each expert's input instead, the outputs summed as they are."""
     x = np.asarray(x, np.float64)
     p = {name: np.asarray(a, np.float64) for name, a in p.items()}
     e, _, _, f = p["experts_gate_up"].shape
@@ -229,22 +243,27 @@ def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702):
         q /= q.sum()
         top = np.argsort(-q)[:k]
         w = q[top] / q[top].sum() if renormalise else q[top]
+        if on_input:
+            w = 1 / (1 + np.exp(-logits[top]))
         for e, we in zip(top, w):
-            g, u = np.einsum("h,hcf->cf", row, p["experts_gate_up"][e]) + bias["experts_gate_up_bias"][e]
+            g, u = np.einsum("h,hcf->cf", we * row if on_input else row, p["experts_gate_up"][e]) \
+                + bias["experts_gate_up_bias"][e]
             if limit is None:
                 hidden = g / (1 + np.exp(-g)) * u
             else:
                 g = np.minimum(g, limit)
                 hidden = g / (1 + np.exp(-alpha * g)) * (np.clip(u, -limit, limit) + 1)
-            out[n] += we * (hidden @ p["experts_down"][e] + bias["experts_down_bias"][e])
+            out[n] += (1 if on_input else we) * (hidden @ p["experts_down"][e] + bias["experts_down_bias"][e])
     return out
 
 
-@pytest.mark.parametrize("renormalise,gpt_oss", [(False, False), (True, False), (True, True)])
-def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss):
+@pytest.mark.parametrize("renormalise,gpt_oss,llama4", [(False, False, False), (True, False, False),
+                                                       (True, True, False), (False, False, True)])
+def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4):
     """A few tokens take their experts' weights one by one, many go through grouped products: both give
     each token the reference's mixture, whichever other tokens share the call; with GPT-OSS's router
-    and expert biases and clamped SwiGLU too (a limit of 1 clamps many gates and ups)."""
+    and expert biases and clamped SwiGLU too (a limit of 1 clamps many gates and ups), and with Llama 4's
+    sigmoid weights on the experts' inputs."""
     e, h, f, k = 8, 16, 12, 3
     rng = np.random.default_rng(0)
     p = {"router": rng.normal(0, 1, (h, e)), "experts_gate_up": rng.normal(0, 0.3, (e, h, 2, f)),
@@ -254,17 +273,19 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss)
                  experts_down_bias=rng.normal(0, 1, (e, h)))
     p = {name: jnp.asarray(a, jnp.float32) for name, a in p.items()}
     cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f, norm_topk=renormalise,
-                              expert_bias=gpt_oss, swiglu_limit=1.0,
+                              expert_bias=gpt_oss, swiglu_limit=1.0, routing="sigmoid_input" if llama4 else "softmax",
                               hidden_act="clamped_swiglu" if gpt_oss else "silu")
     x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
-    want = experts_reference(x, p, k, renormalise, 1.0 if gpt_oss else None)
+    want = experts_reference(x, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4)
+    if llama4:  # weighing the inputs is not weighing the outputs
+        assert not np.allclose(want, experts_reference(x, p, k, renormalise), atol=1e-3)
     if gpt_oss:  # the biases and the clamps matter
         assert not np.allclose(want, experts_reference(x, {n: p[n] for n in ("router", "experts_gate_up",
                                                                                 "experts_down")}, k, renormalise))
         assert not np.allclose(want, experts_reference(x, p, k, renormalise, 100.0))
 
     def mixture(rows):
-        weights, experts = model.route(rows, p["router"], k, renormalise, p.get("router_bias"))
+        weights, experts = model.route(rows, p["router"], cfg, p.get("router_bias"))
         return model.experts_mlp(rows, experts, weights, p, cfg)
 
     for rows in (x[:2], x):  # 2 x 3 < 8 pairs: gathered; 7 x 3 >= 8: grouped
@@ -282,11 +303,11 @@ def test_mxfp4_experts_compute_as_their_dequantized_weights():
                  for name, stored in (("experts_gate_up", (e, 2, f, h // 32)), ("experts_down", (e, h, f // 32)))}
     dequantized = {name: w.dequantize(jnp.float32) for name, w in quantized.items()}
     assert dequantized["experts_gate_up"].shape == (e, h, 2, f) and dequantized["experts_down"].shape == (e, f, h)
-    cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f)
+    cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f, norm_topk=True)
     router = jnp.asarray(rng.normal(0, 1, (h, e)), jnp.float32)
     x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
     for rows in (x[:2], x):  # gathered, grouped
-        weights, experts = model.route(rows, router, k, True)
+        weights, experts = model.route(rows, router, cfg)
         np.testing.assert_allclose(np.asarray(model.experts_mlp(rows, experts, weights, quantized, cfg)),
                                    np.asarray(model.experts_mlp(rows, experts, weights, dequantized, cfg)),
                                    rtol=1e-6, atol=1e-6)

@@ -150,7 +150,10 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
                                         "shared_expert_size": 8, "moe_layers": (1,)},
                                        {"num_experts": 4, "experts_per_token": 2, "expert_size": 32,
                                         "expert_bias": True, "attention_sinks": True, "output_bias": True,
-                                        "hidden_size": 64, "expert_format": "mxfp4"}])
+                                        "hidden_size": 64, "expert_format": "mxfp4"},
+                                       {"num_experts": 4, "experts_per_token": 1, "expert_size": 16,  # Llama 4's
+                                        "shared_expert_size": 16, "shared_expert_gate": False, "moe_layers": (1,),
+                                        "routing": "sigmoid_input", "qk_norm": "unweighted"}])
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)

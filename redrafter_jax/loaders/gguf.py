@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 from jax.sharding import Mesh
 
-from redrafter_jax.config import ModelConfig, RopeScaling
+from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling
 from redrafter_jax.loaders import (
     GGUF,
     ROPE_FACTORS,
@@ -26,19 +26,24 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma2", "gemma3", "glm4", "gpt-oss",
-                           "granite", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "seed_oss", "smollm3")
+                           "granite", "llama4", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "seed_oss",
+                           "smollm3")
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "granite", "smollm3")
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
-_ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4")
+_ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
 _COHERE = ("cohere2", "command-r")
 COHERE2_WINDOW_EVERY = 4  # llama.cpp's Command R7B: 3 of every 4 layers windowed, with RoPE only there
 # Those whose converter names the norm before the MLP post_attention_norm
 _MLP_NORM_AFTER_ATTENTION = ("gpt-oss", "seed_oss")
-NOPE_EVERY = 4  # llama.cpp's SmolLM3 leaves every 4th layer unrotated (no GGUF key says so)
+NOPE_EVERY = 4  # llama.cpp's SmolLM3 and Llama 4 leave every 4th layer unrotated (no GGUF key says so)
+# llama.cpp's Llama 4, with no GGUF keys for these: chunks of 8192 positions in its RoPE layers, queries scaled
+# by 1 + 0.1 ln(1 + floor((position + 1) / 8192)) in its NoPE layers, unweighted query and key norms but in
+# the 128-expert model (Maverick)
+LLAMA4 = dict(chunk=8192, temperature=QueryScaling(0.1, 8192, offset=1, nope_only=True), no_qk_norm_experts=128)
 # llama.cpp's Gemma, with no GGUF key for these either: every full_every-th layer attends to all, the others
 # within the window (Gemma 3's at RoPE base local_theta), and the 27B model, known by its layer count,
 # scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
@@ -50,9 +55,10 @@ _END_TEXTS = {"gemma2": ("<end_of_turn>",), "gemma3": ("<end_of_turn>",), "gpt-o
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
 # the file's expert_weights_norm says otherwise
 NORM_TOPK = ("llama", "qwen3moe")
-# llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, or over
-# the chosen ones' (GPT-OSS's, its default there: the same weights renormalised)
-SOFTMAX, SOFTMAX_CHOSEN = 1, 3
+# llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, sigmoids of the
+# chosen ones' (Llama 4's, which weigh the experts' inputs), or a softmax over the chosen ones' (GPT-OSS's, its
+# default there: the same weights renormalised)
+SOFTMAX, SIGMOID, SOFTMAX_CHOSEN = 1, 2, 3
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -204,6 +210,14 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return dict(pre_norms=False, post_norms=True)
     if arch == "smollm3":
         return dict(nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)))
+    if arch == "llama4":  # MobileLLM's files (attention.sliding_window 0) rotate every layer but the last in llama.cpp
+        if f"{arch}.attention.sliding_window" in reader.fields:
+            raise ValueError(f"unsupported GGUF llama4 attention.sliding_window {m('attention.sliding_window')} "
+                             f"(Llama 4's chunks are 8192 positions; its Hugging Face checkpoint loads)")
+        nope = tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY))
+        return dict(sliding_window=LLAMA4["chunk"], window_chunks=True, nope_layers=nope,
+                    window_layers=tuple(i for i in range(layers) if i not in nope), query_scaling=LLAMA4["temperature"],
+                    qk_norm=None if int(m("expert_count", 0)) == LLAMA4["no_qk_norm_experts"] else "unweighted")
     if arch in _COHERE:
         settings = dict(layer_norm=True, parallel_block=True, logits_scaling=1 / float(m("logit_scale")))
         if arch == "cohere2":
@@ -234,17 +248,20 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
     count = int(m("expert_count", 0))
     if not count:
         return {}
-    gating = int(m("expert_gating_func", SOFTMAX_CHOSEN if arch == "gpt-oss" else SOFTMAX))
+    gating = int(m("expert_gating_func", {"gpt-oss": SOFTMAX_CHOSEN, "llama4": SIGMOID}.get(arch, SOFTMAX)))
     scale = float(m("expert_weights_scale", 1.0))
-    if gating not in (SOFTMAX, SOFTMAX_CHOSEN) or scale not in (0.0, 1.0):  # a scale of 0 is llama.cpp's none
-        raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} (supported: "
-                         f"softmax ({SOFTMAX}) or softmax over the chosen experts ({SOFTMAX_CHOSEN}), unscaled)")
+    if gating not in (SOFTMAX, SOFTMAX_CHOSEN, SIGMOID) or (gating == SIGMOID) != (arch == "llama4") or \
+            scale not in (0.0, 1.0):  # a scale of 0 is llama.cpp's none
+        raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} for {arch} "
+                         f"(supported: softmax ({SOFTMAX}) or softmax over the chosen experts ({SOFTMAX_CHOSEN}), "
+                         f"unscaled; Llama 4's sigmoids ({SIGMOID}))")
     moe = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in source.tensors)
     shared = next((n for n in (f"blk.{i}.ffn_gate_shexp.weight" for i in moe) if n in source.tensors), None)
     return dict(num_experts=count, experts_per_token=int(m("expert_used_count")),
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
                 norm_topk=gating == SOFTMAX_CHOSEN or bool(m("expert_weights_norm", arch in NORM_TOPK)),
+                routing="sigmoid_input" if gating == SIGMOID else "softmax", shared_expert_gate=arch != "llama4",
                 expert_bias=arch == "gpt-oss", expert_format="mxfp4" if source.kept else "dense",
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
                     source.shape(shared)[0] if shared else 0))
@@ -308,7 +325,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         rotary_dim=None if rotary == head_dim else rotary,
         rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _COHERE else '_rms'}_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
-        qk_norm=qk_norm, **_own_settings(reader, arch, hidden, layers), **_experts(reader, arch, source, layers),
+        **{"qk_norm": qk_norm, **_own_settings(reader, arch, hidden, layers)}, **_experts(reader, arch, source, layers),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 

@@ -11,7 +11,7 @@ import tokenizers
 from jax.sharding import Mesh
 from safetensors import safe_open
 
-from redrafter_jax.config import ModelConfig, RopeScaling, yarn_mscale
+from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import (
     HF,
     LoadedModel,
@@ -32,6 +32,7 @@ from redrafter_jax.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
                            "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
                            "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
+                           "Llama4ForCausalLM",
                            "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
@@ -41,7 +42,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
-                "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                "granitemoehybrid": "GraniteMoeHybridForCausalLM", "llama4_text": "Llama4ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
@@ -51,9 +52,9 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
-GPT_OSS, MINISTRAL3 = "GptOssForCausalLM", "Ministral3ForCausalLM"
+GPT_OSS, MINISTRAL3, LLAMA4 = "GptOssForCausalLM", "Ministral3ForCausalLM", "Llama4ForCausalLM"
 GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
-MOES = (GPT_OSS, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
+MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 # Granite 3's, and Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers or experts)
@@ -63,7 +64,7 @@ GRANITES = ("GraniteForCausalLM", GRANITE4)
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
 # whose heads rotate adjacent dimensions (`loaders.RopeOrdered`)
-INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4)
+INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4, LLAMA4)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
 _GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i}}.{theirs}_layernorm.weight"
                for ours, theirs in (("post_attention", "post_self_attn"), ("pre_feedforward", "post_attention"),
@@ -77,9 +78,10 @@ POST_NORMS_ONLY = (EXAONE4, *OLMOS)  # norms after attention and the MLP, none b
 # Models whose windowed layers have RoPE of their own, unscaled: the key of its base in transformers 4's
 # configs (5's give a set of RoPE parameters for each layer kind)
 _LOCAL_ROPE = {GEMMA3: "rope_local_base_freq", "Olmo3ForCausalLM": "rope_theta"}
-# Multimodal checkpoints whose text model loads on its own (Gemma 3 4B-27B, Mistral Small 3.1 and 3.2), by
-# default of this architecture (its text_config's model_type names it where it has one)
-TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3, "Mistral3ForConditionalGeneration": "MistralForCausalLM"}
+# Multimodal checkpoints whose text model loads on its own (Gemma 3 4B-27B, Mistral Small 3.1 and 3.2, Llama 4),
+# by default of this architecture (its text_config's model_type names it where it has one)
+TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3, "Mistral3ForConditionalGeneration": "MistralForCausalLM",
+               "Llama4ForConditionalGeneration": LLAMA4}
 # where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
 # names a text-only checkpoint gives them
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -144,6 +146,12 @@ TRANSFORMERS_DEFAULTS = {
     SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
                    num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
                    bos_token_id=0, eos_token_id=2, attention_bias=True),
+    LLAMA4: dict(_COMMON, vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                 num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+                 max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
+                 eos_token_id=2, pad_token_id=None, num_local_experts=16, num_experts_per_tok=1,
+                 interleave_moe_layer_step=1, use_qk_norm=True, no_rope_layer_interval=4, attention_chunk_size=8192,
+                 attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1),
     GRANITE4: dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0, logits_scaling=1.0,
                    residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8,
                    shared_intermediate_size=1024, position_embedding_type=None),
@@ -199,15 +207,16 @@ def _as_tuple(x) -> tuple[int, ...]:
 
 
 def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
-    """SmolLM3's layers without RoPE: those whose `no_rope_layers` flag is 0, by default every
-    `no_rope_layer_interval`-th; Granite 4's, all but where position_embedding_type is "rope"."""
+    """SmolLM3's and Llama 4's layers without RoPE: those whose `no_rope_layers` flag is 0, by default
+    (Llama 4's also where the list is empty) every `no_rope_layer_interval`-th; Granite 4's, all but where
+    position_embedding_type is "rope"."""
     if arch == GRANITE4 and c.get("position_embedding_type") != "rope":
         return tuple(range(int(c["num_hidden_layers"])))
-    if arch != "SmolLM3ForCausalLM":
+    if arch not in ("SmolLM3ForCausalLM", LLAMA4):
         return ()
     n = int(c["num_hidden_layers"])
     flags = c.get("no_rope_layers")
-    if flags is None:
+    if flags is None or (arch == LLAMA4 and not flags):
         flags = [int((i + 1) % int(c.get("no_rope_layer_interval", 4)) != 0) for i in range(n)]
     if len(flags) < n:
         raise ValueError(f"config.json's no_rope_layers lists {len(flags)} layers, the model has {n}")
@@ -221,8 +230,11 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types`
     calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as
     sliding_window_pattern says, OLMo 3's but every fourth, GPT-OSS's every other from the first, Qwen's
-    from max_window_layers on and SmolLM3's NoPE layers."""
-    window, n, kinds = c.get("sliding_window"), int(c["num_hidden_layers"]), c.get("layer_types")
+    from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of attention_chunk_size
+    (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
+    window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
+        int(c["num_hidden_layers"]), c.get("layer_types")
+    windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
     if arch in ("LlamaForCausalLM", COHERE, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
@@ -237,16 +249,17 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         return None, None
     if kinds is None:
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
+                   LLAMA4: lambda i: i not in nope,
                    "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0, GPT_OSS: lambda i: i % 2 == 0,
                    # every pattern-th layer global:
                    **dict.fromkeys((COHERE2, EXAONE4, *GEMMAS),
                                    lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
                    }.get(arch, lambda i: i >= int(c.get("max_window_layers", 28)))
-        kinds = ["sliding_attention" if sliding(i) else "full_attention" for i in range(n)]
-    if len(kinds) != n or not set(kinds) <= {"sliding_attention", "full_attention"}:
-        raise ValueError(f"unsupported layer_types {kinds}: expected full_attention or sliding_attention for "
+        kinds = [windowed if sliding(i) else "full_attention" for i in range(n)]
+    if len(kinds) != n or not set(kinds) <= {windowed, "full_attention"}:
+        raise ValueError(f"unsupported layer_types {kinds}: expected full_attention or {windowed} for "
                          f"each of the {n} layers")
-    layers = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    layers = tuple(i for i, kind in enumerate(kinds) if kind == windowed)
     if not layers:
         return None, None
     return int(window), None if len(layers) == n else layers
@@ -254,17 +267,25 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
 
 def _experts(arch: str, c: dict) -> dict:
     """A mixture of experts' `ModelConfig` fields, as transformers reads them (none for a dense model): Qwen's
-    MoE layers are every decoder_sparse_step-th but mlp_only_layers; Mixtral and GPT-OSS (a softmax over the
-    chosen experts' logits) renormalise the chosen experts' weights, the others where norm_topk_prob says;
-    GPT-OSS's router and experts have biases."""
+    MoE layers are every decoder_sparse_step-th but mlp_only_layers, Llama 4's those moe_layers lists, by
+    default every interleave_moe_layer_step-th; Mixtral and GPT-OSS (a softmax over the chosen experts'
+    logits) renormalise the chosen experts' weights, the others where norm_topk_prob says; GPT-OSS's router
+    and experts have biases; Llama 4 weights its experts' inputs by sigmoids and has an ungated shared
+    expert of their size."""
     experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)  # (transformers 5 saves Qwen's so)
     if arch not in MOES or not experts:
         return {}
-    n, step = int(c["num_hidden_layers"]), c.get("decoder_sparse_step", 1)
+    key = "interleave_moe_layer_step" if arch == LLAMA4 else "decoder_sparse_step"
+    n, step = int(c["num_hidden_layers"]), c.get(key, 1)
     if not (isinstance(step, int) and step > 0):
-        raise ValueError(f"config.json's decoder_sparse_step must be a positive integer, got {step!r}")
+        raise ValueError(f"config.json's {key} must be a positive integer, got {step!r}")
     dense = set(c.get("mlp_only_layers") or ())
     layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    if arch == LLAMA4:
+        layers = layers if c.get("moe_layers") is None else tuple(int(i) for i in c["moe_layers"])
+        return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
+                    expert_size=int(c["intermediate_size"]), moe_layers=None if len(layers) == n else layers,
+                    routing="sigmoid_input", shared_expert_size=int(c["intermediate_size"]), shared_expert_gate=False)
     return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
                 expert_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
                 moe_layers=None if len(layers) == n else layers,
@@ -274,9 +295,17 @@ def _experts(arch: str, c: dict) -> dict:
                 expert_format="mxfp4" if c.get("quantization_config") else "dense")  # (the only one let through)
 
 
-def _query_scaling(arch: str, c: dict) -> tuple[float, int] | None:
-    """Ministral 3's queries' scaling with their position (`ModelConfig.query_scaling`), from its RoPE
-    parameters: llama_4_scaling_beta, and the original context as its period."""
+def _query_scaling(arch: str, c: dict, nope: tuple[int, ...]) -> QueryScaling | None:
+    """The queries' scaling with their position (`ModelConfig.query_scaling`): Ministral 3's from its RoPE
+    parameters (llama_4_scaling_beta, and the original context as its period), Llama 4's in its NoPE
+    layers where attn_temperature_tuning says (attn_scale, floor_scale)."""
+    if arch == LLAMA4 and c.get("attn_temperature_tuning") and nope:
+        if not (isinstance(c["attn_scale"], (int, float)) and isinstance(c["floor_scale"], (int, float))
+                and c["attn_scale"] >= 0 and c["floor_scale"] >= 1 and float(c["floor_scale"]).is_integer()):
+            raise ValueError(f"config.json's attn_scale and floor_scale must be a number >= 0 and a whole number "
+                             f">= 1 (Llama 4's attention temperature tuning), got {c['attn_scale']!r} and "
+                             f"{c['floor_scale']!r}")
+        return QueryScaling(float(c["attn_scale"]), int(c["floor_scale"]), offset=1, nope_only=True)
     if arch != MINISTRAL3:
         return None
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
@@ -284,7 +313,7 @@ def _query_scaling(arch: str, c: dict) -> tuple[float, int] | None:
     if not all(isinstance(v, (int, float)) for v in (beta, period)):
         raise ValueError(f"{MINISTRAL3}'s rope_parameters need numbers llama_4_scaling_beta and "
                          f"original_max_position_embeddings (its queries' scaling with position), got {rope}")
-    return float(beta), int(period)
+    return QueryScaling(float(beta), int(period))
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
@@ -393,7 +422,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                              f"{c['num_local_experts']} experts (only Granite 4's attention-only dense models load, "
                              f"not its Mamba layers or experts)")
         c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
-    if c.get("use_qk_norm"):  # Cohere's
+    if c.get("use_qk_norm") and arch != LLAMA4:  # Cohere's
         raise ValueError("unsupported use_qk_norm: true (Cohere's query and key LayerNorms)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
@@ -415,17 +444,21 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
     return ModelConfig(
         vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
-        intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
+        intermediate_size=int(c["intermediate_size_mlp" if arch == LLAMA4 else "intermediate_size"]),
+        num_layers=int(c["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
         head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
         max_position_embeddings=int(c["max_position_embeddings"]),
-        rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary, query_scaling=_query_scaling(arch, c),
+        rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
+        query_scaling=_query_scaling(arch, c, nope),
         rms_norm_eps=float(c["layer_norm_eps" if cohere else "rms_norm_eps"]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
-        sliding_window=window, window_layers=window_layers, nope_layers=nope,
+        sliding_window=window, window_layers=window_layers, window_chunks=arch == LLAMA4 and window is not None,
+        nope_layers=nope,
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4), "head"),
-                 **dict.fromkeys((*OLMOS, OLMOE), "all")}.get(arch),
+                 **dict.fromkeys((*OLMOS, OLMOE), "all"),
+                 LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
         hidden_act=act, **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
         pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, GLM4, *POST_NORMS_ONLY),
@@ -532,41 +565,47 @@ class _Safetensors:
         return self._slice(name)[index]
 
 
-# GPT-OSS's MLP tensors by the table's names: (ours, theirs, which half of theirs: gate (0), up (1) or all (None))
+# GPT-OSS's and Llama 4's MLP tensors by the table's names, in model.layers.{i}.mlp and .feed_forward: (ours,
+# theirs, which half of theirs: gate (0), up (1) or all (None))
 _GPT_OSS_MLP = (("gate.weight", "router.weight", None), ("gate.bias", "router.bias", None),
                 ("experts.gate_proj.bias", "experts.gate_up_proj_bias", 0),
                 ("experts.up_proj.bias", "experts.gate_up_proj_bias", 1),
                 ("experts.down_proj.bias", "experts.down_proj_bias", None))
-_GPT_OSS_WEIGHTS = (("experts.gate_proj.weight", "experts.gate_up_proj", 0),
-                    ("experts.up_proj.weight", "experts.gate_up_proj", 1),
-                    ("experts.down_proj.weight", "experts.down_proj", None))
+_FUSED_EXPERTS = (("experts.gate_proj.weight", "experts.gate_up_proj", 0),
+                  ("experts.up_proj.weight", "experts.gate_up_proj", 1),
+                  ("experts.down_proj.weight", "experts.down_proj", None))
+_LLAMA4_MLP = (("gate.weight", "router.weight", None),
+               *((f"{mlp}{w}_proj.weight", f"{mlp}{w}_proj.weight", None)
+                 for mlp in ("", "shared_expert.") for w in ("gate", "up", "down")))
 
 
-class _GptOssExperts:
-    """The `Source` of GPT-OSS's mixtures of experts as the name table expects them. Each layer stores its
-    experts' gate and up projections interleaved along their outputs (gate_up[..., 0::2] and [..., 1::2])
-    in one tensor, with one bias [E, 2F], and the down projection with its bias; the weights as they
-    multiply (gate_up_proj [E, H, 2F], down_proj [E, F, H]) or, as OpenAI released them, in MXFP4: [out,
-    in] codes and scales (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32],
-    down_proj_blocks [E, H, F / 32, 16] and _scales), read as they are into MXFP4 params (expert_format
-    "mxfp4", `mxfp4.Mxfp4`) or, with expert_format "dense", dequantized (only the 32-input blocks a read
-    covers). The router is renamed."""
+class _FusedExperts:
+    """The `Source` of mixtures of experts that store a layer's experts in two tensors as they multiply,
+    gate_up_proj [E, H, 2F] (gate and up along the outputs: GPT-OSS interleaves them, gate_up[..., 0::2]
+    and [..., 1::2], Llama 4 puts gate's first) and down_proj [E, F, H], read as the name table expects
+    ([E, out, in], one per projection); its other MLP tensors renamed (`parts`). GPT-OSS also biases them
+    (gate_up_proj_bias [E, 2F]), and OpenAI released its experts in MXFP4: [out, in] codes and scales
+    (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32], down_proj_blocks [E, H, F / 32,
+    16] and _scales), read as they are into MXFP4 params (expert_format "mxfp4", `mxfp4.Mxfp4`) or, with
+    expert_format "dense", dequantized (only the 32-input blocks a read covers)."""
 
-    def __init__(self, source: Source, cfg: ModelConfig):
-        self.source = source
+    def __init__(self, source: Source, cfg: ModelConfig, mlp: str, parts: tuple, interleaved: bool):
+        self.source, self.interleaved = source, interleaved
         names = source.names()
         quantized = any(n.endswith("gate_up_proj_blocks") for n in names)
-        weights = [(f"{ours}_{part}", f"{theirs}_{part}", half) for ours, theirs, half in _GPT_OSS_WEIGHTS
-                   for part in ("blocks", "scales")] if cfg.expert_format == "mxfp4" else list(_GPT_OSS_WEIGHTS)
+        weights = [(f"{ours}_{part}", f"{theirs}_{part}", half) for ours, theirs, half in _FUSED_EXPERTS
+                   for part in ("blocks", "scales")] if cfg.expert_format == "mxfp4" else list(_FUSED_EXPERTS)
         # the table's name -> (the stored tensor, its half)
-        self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.mlp.{stored}", half)
-                      for i in range(cfg.num_layers) for table, stored, half in (*_GPT_OSS_MLP, *weights)}
-        floats = {name for name in self.parts if name.endswith("proj.weight")}  # (none where kept in MXFP4)
+        self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.{mlp}.{stored}", half)
+                      for i in range(cfg.num_layers) for table, stored, half in (*parts, *weights)}
+        floats = {name for name in self.parts if ".experts." in name and name.endswith("proj.weight")}
         # float weights stored [E, in, out], read as ours [E, out, in]; or in MXFP4, read as their values
         self.transposed, self.dequantized = (set(), floats) if quantized else (floats, set())
         stored = {name for name, _ in self.parts.values()}
         stored |= {f"{self.parts[name][0]}_{part}" for name in self.dequantized for part in ("blocks", "scales")}
-        self._names = [n for n in names if n not in stored] + list(self.parts)
+        present = set(names) | {name for name in stored if f"{name}_blocks" in names}  # (of dense layers: none)
+        self._names = [n for n in names if n not in stored] + [n for n, (theirs, _) in self.parts.items()
+                                                                 if theirs in present]
 
     def names(self) -> list[str]:
         return self._names
@@ -594,9 +633,10 @@ class _GptOssExperts:
         if half is None and name not in self.transposed | self.dequantized:
             return self.source.read(stored, index)
         e, rows, *rest = index  # rows: the outputs, our second axis
-        if half is not None:  # both halves' rows, interleaved, then this one's
+        if half is not None:  # this half's rows: of both, interleaved (then this one's taken), or its own
             first, last, _ = rows.indices(self.shape(name)[1])
-            rows = slice(2 * first, 2 * last)
+            rows = slice(2 * first, 2 * last) if self.interleaved else \
+                slice(half * self.shape(name)[1] + first, half * self.shape(name)[1] + last)
         if name in self.transposed:
             x = self.source.read(stored, (e, *rest, rows)).transpose(0, 2, 1)
         elif name in self.dequantized:  # the blocks of 32 inputs the read covers, dequantized
@@ -608,17 +648,17 @@ class _GptOssExperts:
             x = np.asarray(codes.dequantize(np.float32))[..., start - first:stop - first]
         else:
             x = self.source.read(stored, (e, rows, *rest))
-        return x if half is None else x[:, half::2]
+        return x if half is None or not self.interleaved else x[:, half::2]
 
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
     offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`; GPT-OSS's: `_GptOssExperts`), GLM's and Granite 4's fused gate and up split and their
-    norms or MLP renamed, query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's,
-    GLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's: `loaders.RopeOrdered`); the others' as they
-    are."""
+    (`loaders.Renamed`; GPT-OSS's and Llama 4's split: `_FusedExperts`), GLM's and Granite 4's fused gate
+    and up split and their norms or MLP renamed, query and key heads' dims reordered where RoPE covers part
+    of them (Phi-4-mini's, GLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's, Llama 4's:
+    `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
@@ -626,8 +666,10 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
     if arch == GPT_OSS:
-        return _GptOssExperts(source, cfg)
-    if cfg.num_experts:
+        source = _FusedExperts(source, cfg, "mlp", _GPT_OSS_MLP, interleaved=True)
+    elif arch == LLAMA4:
+        source = _FusedExperts(source, cfg, "feed_forward", _LLAMA4_MLP, interleaved=False)
+    elif cfg.num_experts:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
         source = Unfused(source, fused_parts(cfg))
