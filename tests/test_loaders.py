@@ -562,6 +562,40 @@ def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path):
     assert_logits_match_transformers(m, hf)
 
 
+@pytest.mark.parametrize("arch, layout", [("qwen2_5_vl", "saved"), ("qwen2_5_vl", "transformers 4"),
+                                          ("qwen3_vl", "saved")])
+def test_qwen_vl_checkpoint_loads_its_text_model(tmp_path, arch, layout):
+    """Qwen2.5-VL and Qwen3-VL checkpoints load their text models (Qwen2's with biases, Qwen3's with query and
+    key norms), the vision tower left out, and give the logits of transformers' multimodal model on text,
+    whose multimodal RoPE (its sections here uneven) is then the text model's; Qwen2.5-VL's tensors as its
+    releases store them (the text model's beside `visual.`), its config also as transformers 4 wrote it
+    (the text model's settings at the top level, RoPE "mrope")."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.3,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                 **({"mrope_interleaved": True} if arch == "qwen3_vl" else {"type": "mrope"})})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                  **({"deepstack_visual_indexes": [0]} if arch == "qwen3_vl" else {"fullatt_block_indexes": [0]}))
+    name = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[arch]
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    hf = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
+    hf.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    if layout == "transformers 4":
+        saved = json.loads((tmp_path / "config.json").read_text())
+        top = {**saved.pop("text_config"), **saved, "model_type": "qwen2_5_vl"}
+        top.pop("rope_parameters")
+        top["rope_scaling"], top["rope_theta"] = {"type": "mrope", "mrope_section": [1, 1, 2]}, 10000.0
+        (tmp_path / "config.json").write_text(json.dumps(top))
+    m = load_hf(str(tmp_path))
+    assert m.config.attention_bias == (arch == "qwen2_5_vl") and m.config.rope_scaling is None
+    assert m.config.qk_norm == ("head" if arch == "qwen3_vl" else None)
+    assert_logits_match_transformers(m, hf)
+
+
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
 
 

@@ -48,6 +48,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
                 "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "seed_oss": "SeedOssForCausalLM",
+                **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "Qwen2ForCausalLM"),
+                "qwen3_vl_text": "Qwen3ForCausalLM",
                 "smollm3": "SmolLM3ForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
@@ -78,14 +80,19 @@ POST_NORMS_ONLY = (EXAONE4, *OLMOS)  # norms after attention and the MLP, none b
 # Models whose windowed layers have RoPE of their own, unscaled: the key of its base in transformers 4's
 # configs (5's give a set of RoPE parameters for each layer kind)
 _LOCAL_ROPE = {GEMMA3: "rope_local_base_freq", "Olmo3ForCausalLM": "rope_theta"}
-# Multimodal checkpoints whose text model loads on its own (Gemma 3 4B-27B, Mistral Small 3.1 and 3.2, Llama 4),
-# by default of this architecture (its text_config's model_type names it where it has one)
+# Multimodal checkpoints whose text model loads on its own (Gemma 3 4B-27B, Mistral Small 3.1 and 3.2, Llama 4,
+# Qwen2-VL, Qwen2.5-VL, Qwen3-VL), by default of this architecture (its text_config's model_type names it where
+# it has one). Qwen's multimodal RoPE rotates by three position ids (time, height, width), which are equal for
+# text, where it is the text model's RoPE.
 TEXT_MODELS = {"Gemma3ForConditionalGeneration": GEMMA3, "Mistral3ForConditionalGeneration": "MistralForCausalLM",
-               "Llama4ForConditionalGeneration": LLAMA4}
-# where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own), by the
-# names a text-only checkpoint gives them
+               "Llama4ForConditionalGeneration": LLAMA4, "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
+               "Qwen2_5_VLForConditionalGeneration": "Qwen2ForCausalLM",
+               "Qwen3VLForConditionalGeneration": "Qwen3ForCausalLM"}
+# where they keep the text model's tensors (transformers 4's layout, which 5 saves too; 5's own; Qwen2-VL's and
+# Qwen2.5-VL's, a text-only checkpoint's beside `visual.`), by the names a text-only checkpoint gives them
 _TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                  ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+                  ("model.language_model.", "model."), ("lm_head.", "lm_head."),
+                  *((f"model.{part}.", f"model.{part}.") for part in ("embed_tokens", "layers", "norm")))
 
 # What transformers' config classes (4.45 to 5) assume for a key that config.json leaves out: a config
 # written by hand, or saved without its model, must load as transformers reads it.
@@ -341,6 +348,8 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "mrope":  # Qwen2-VL's (transformers 4's name): on text, the default RoPE (`TEXT_MODELS`)
+        kind = "default"
     if arch == PHI3 and kind in ("su", "yarn"):  # Phi-3's configs name its LongRoPE so
         kind = "longrope"
     if kind == "default":
@@ -373,12 +382,14 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
     """The architecture config.json names, and the config with what it leaves out as transformers reads it
     (of a multimodal checkpoint, its text model's)."""
     archs = c.get("architectures") or []
-    if archs and archs[0] in TEXT_MODELS:  # its text model alone
-        kind = c["text_config"].get("model_type")
+    if archs and archs[0] in TEXT_MODELS:  # its text model alone (Qwen2-VL's config of transformers 4: the top level)
+        config = c.get("text_config") or {k: v for k, v in c.items() if k not in ("model_type", "vision_config")}
+        kind = config.get("model_type")
         text = TEXT_MODELS[archs[0]] if kind is None else _MODEL_TYPES.get(kind)
         if text is None:  # (Ministral 3's, say)
             raise ValueError(f"unsupported text model {kind!r} of {archs[0]}")
-        c, archs = {**c["text_config"], "architectures": [text]}, [text]
+        tied = {"tie_word_embeddings": c["tie_word_embeddings"]} if "tie_word_embeddings" in c else {}
+        c, archs = {**tied, **config, "architectures": [text]}, [text]
     arch = archs[0] if archs else _MODEL_TYPES.get(c.get("model_type"))
     if arch not in SUPPORTED_ARCHITECTURES:
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
