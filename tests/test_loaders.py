@@ -565,8 +565,8 @@ def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path):
 @pytest.mark.parametrize("arch, layout", [("qwen2_5_vl", "saved"), ("qwen2_5_vl", "transformers 4"),
                                           ("qwen3_vl", "saved")])
 def test_qwen_vl_checkpoint_loads_its_text_model(tmp_path, arch, layout):
-    """Qwen2.5-VL and Qwen3-VL checkpoints load their text models (Qwen2's with biases, Qwen3's with query and
-    key norms), the vision tower left out, and give the logits of transformers' multimodal model on text,
+    """Qwen2.5-VL and Qwen3-VL checkpoints load their text models (Qwen2's with biases and here a tied LM head,
+    Qwen3's with query and key norms), the vision tower left out, and give the logits of transformers' multimodal model on text,
     whose multimodal RoPE (its sections here uneven) is then the text model's; Qwen2.5-VL's tensors as its
     releases store them (the text model's beside `visual.`), its config also as transformers 4 wrote it
     (the text model's settings at the top level, RoPE "mrope")."""
@@ -579,7 +579,9 @@ def test_qwen_vl_checkpoint_loads_its_text_model(tmp_path, arch, layout):
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
                   **({"deepstack_visual_indexes": [0]} if arch == "qwen3_vl" else {"fullatt_block_indexes": [0]}))
     name = {"qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[arch]
-    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision)
+    # Qwen2.5-VL's LM head tied to its embedding (3B's), as its config's top level says
+    config = getattr(transformers, f"{name}Config")(text_config=text, vision_config=vision,
+                                                    tie_word_embeddings=arch == "qwen2_5_vl")
     torch.manual_seed(0)
     hf = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
     hf.save_pretrained(str(tmp_path))
@@ -593,6 +595,7 @@ def test_qwen_vl_checkpoint_loads_its_text_model(tmp_path, arch, layout):
     m = load_hf(str(tmp_path))
     assert m.config.attention_bias == (arch == "qwen2_5_vl") and m.config.rope_scaling is None
     assert m.config.qk_norm == ("head" if arch == "qwen3_vl" else None)
+    assert m.config.tie_word_embeddings == ("lm_head" not in m.params) == (arch == "qwen2_5_vl")
     assert_logits_match_transformers(m, hf)
 
 
