@@ -3,6 +3,7 @@
 
     python -m infer.benchmark ar      # autoregressive decoding: ours vs Hugging Face transformers
     python -m infer.benchmark spec    # speculative step costs; random and oracle drafters vs autoregressive
+    python -m infer.benchmark experts # a mixture of experts' layer on the CPU: tiles vs lax.ragged_dot
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from redrafter_jax import cache as kv
 from redrafter_jax import generate as gen
 from redrafter_jax import rows_matmul
 from redrafter_jax.cli import at_least, run
-from redrafter_jax.config import DrafterConfig, SpecConfig
+from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
-from redrafter_jax.model import forward
+from redrafter_jax.model import TILE, expert_tiles, experts_mlp, forward, ragged_experts, route
 from redrafter_jax.oracle import OracleDrafter
 
 PASSAGES = [
@@ -359,6 +360,68 @@ def step_parts(cfg, params, prompt: list[int], spec_texts: list[str], dtypes=("f
     return out
 
 
+# Real mixtures' expert layers: hidden size, expert size, experts, experts per token
+EXPERT_SHAPES = {"OLMoE-1B-7B": (2048, 1024, 64, 8), "Qwen3-30B-A3B": (2048, 768, 128, 8),
+                 "gpt-oss-20b": (2880, 2880, 32, 4)}
+
+
+def bench_experts(args) -> None:
+    """One mixture-of-experts layer's experts (random float32 weights of real models' shapes) over N tokens,
+    their (token, expert) pairs grouped by expert: `model.expert_tiles` (the CPU's default) against
+    `lax.ragged_dot` (`model.ragged_experts`, which XLA:CPU computes densely), timed in alternation."""
+    rows = []
+    for name in args.shapes:
+        h, f, e, k = EXPERT_SHAPES[name]
+        cfg = ModelConfig(vocab_size=2, hidden_size=h, intermediate_size=f, num_layers=1, num_heads=1, num_kv_heads=1,
+                          head_dim=2, max_position_embeddings=2, num_experts=e, experts_per_token=k, expert_size=f)
+        keys = jax.random.split(jax.random.PRNGKey(0), 4)
+        p = {"router": jax.random.normal(keys[0], (h, e)),
+             "experts_gate_up": 0.02 * jax.random.normal(keys[1], (e, h, 2, f)),
+             "experts_down": 0.02 * jax.random.normal(keys[2], (e, f, h))}
+        for n in args.tokens:
+            x = jax.random.normal(keys[3], (n, h))
+            weights, experts = route(x, p["router"], cfg)
+            ways = {way: jax.jit(functools.partial(experts_mlp, grouped=fn, cfg=cfg))
+                    for way, fn in (("tiles", expert_tiles), ("ragged_dot", ragged_experts))}
+            out = {way: np.asarray(fn(x, experts, weights, p)) for way, fn in ways.items()}
+            t = timed({way: functools.partial(fn, x, experts, weights, p) for way, fn in ways.items()}, args.repeats,
+                      f"{name}, {n} tokens")
+            rows.append([name, f"{h} / {f} / {e} / {k}", n, n * k, 1000 * t["tiles"], 1000 * t["ragged_dot"],
+                         t["ragged_dot"] / t["tiles"], float(np.abs(out["tiles"] - out["ragged_dot"]).max())])
+    md = table(["model", "hidden / expert size / experts / per token", "tokens", "pairs", "tiles ms",
+                "ragged_dot ms", "speedup", "max abs difference"], rows)
+    print(md)
+    write_section("experts", path=args.report, body=f"""## Mixtures of experts on the CPU: expert tiles vs `lax.ragged_dot`
+
+One layer's experts (random float32 weights of each model's shapes) over N tokens, their (token,
+expert) pairs sorted by expert, as a prefill or a large tree computes them (fewer pairs than experts
+gather each pair's expert instead). XLA:CPU computes `lax.ragged_dot` densely, every expert over every
+row; `model.expert_tiles`, the CPU's default, walks tiles of up to {TILE} rows of one expert each.
+Timed in alternation, best of {args.repeats}. Machine: {machine()}.
+
+Command: `{args.command}`
+
+{md}
+""")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in args.shapes:
+        mine = [r for r in rows if r[0] == name]
+        ax.plot([r[2] for r in mine], [r[6] for r in mine], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens (N)")
+    ax.set_ylabel("ragged_dot time / tiles time")
+    ax.set_title("MoE layer on the CPU: tiles' speedup")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(beside(args.report, "experts_cpu.png"), dpi=120)
+
+
 def plot(rows, headers, path) -> None:
     import matplotlib
 
@@ -398,11 +461,15 @@ def main(argv=None) -> None:
     sp.add_argument("--repeats", type=at_least(1), default=2)
     sp.add_argument("--profile-specs", nargs="+", default=["1x4+1", "4x3+1x8:7", "4x4", "8x5"],
                     help="WxL[+K[xL']][:N] settings whose step is profiled part by part")
-    for sub_parser in (ar, sp):
+    ex = sub.add_parser("experts", help="a mixture of experts' layer on the CPU: tiles vs lax.ragged_dot")
+    ex.add_argument("--shapes", nargs="+", choices=list(EXPERT_SHAPES), default=list(EXPERT_SHAPES))
+    ex.add_argument("--tokens", type=at_least(1), nargs="+", default=[8, 32, 128])
+    ex.add_argument("--repeats", type=at_least(1), default=3)
+    for sub_parser in (ar, sp, ex):
         add_report_args(sub_parser)
     args = p.parse_args(argv)
     args.command = command(__spec__.name, argv)
-    {"ar": bench_ar, "spec": bench_spec}[args.what](args)
+    {"ar": bench_ar, "spec": bench_spec, "experts": bench_experts}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -235,43 +235,89 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | N
     return (weights / weights.sum(-1, keepdims=True) if cfg.norm_topk else weights), experts
 
 
-def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+TILE = 16  # rows of the CPU's grouped expert products (`expert_tiles`), at most
+
+
+def expert_tiles(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """rows [P, H], sorted by expert, sizes [E] of them each expert's -> each row through its expert [P, H]
+    (gate/up, activation, down and any biases). Each expert's rows go in tiles of T rows (T from the
+    mean rows per expert, at most TILE; an expert's last tile padded), one expert's weights per tile,
+    so a forward computes about P + E T rows, not XLA:CPU's E P; a scan walks the tiles, skipping those
+    past the last."""
+    (n, h), e = rows.shape, sizes.shape[0]
+    t = int(min(TILE, 2 ** int(np.log2(max(1, n // e)))))
+    tiles = (n + min(e, n) * (t - 1)) // t  # at least sum(ceil(sizes / t))
+    per = -(-sizes // t)  # [E] each expert's tiles
+    first_tile, first_row = jnp.cumsum(per) - per, jnp.cumsum(sizes) - sizes
+    index = jnp.arange(tiles)
+    expert = jnp.minimum(jnp.searchsorted(first_tile + per, index, side="right"), e - 1)  # [tiles]
+    start = first_row[expert] + (index - first_tile[expert]) * t  # [tiles] each tile's first sorted row
+    padded = jnp.concatenate([rows, jnp.zeros((t, h), rows.dtype)])
+
+    def tile(_, inputs):
+        i, j, r = inputs
+
+        def run(_):
+            x = jax.lax.dynamic_slice_in_dim(padded, r, t)
+            gu = jnp.einsum("th,hcf->tcf", x, dense(p["experts_gate_up"][j], x.dtype))
+            if cfg.expert_bias:
+                gu = gu + p["experts_gate_up_bias"][j]
+            y = gated(gu, cfg) @ dense(p["experts_down"][j], x.dtype)
+            return (y + p["experts_down_bias"][j] if cfg.expert_bias else y).astype(rows.dtype)
+
+        return None, jax.lax.cond(i < per.sum(), run, lambda _: jnp.zeros((t, h), rows.dtype), None)
+
+    _, out = jax.lax.scan(tile, None, (index, expert, start))  # [tiles, t, H]
+    row_expert = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=n)
+    offset = jnp.arange(n) - first_row[row_expert]  # each row's place among its expert's
+    return out.reshape(-1, h)[(first_tile[row_expert] + offset // t) * t + offset % t]
+
+
+def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, cfg: ModelConfig,
+                grouped=None) -> jax.Array:
     """x [N, H] through its experts [N, k] (of a layer's experts_gate_up [E, H, 2, F], experts_down [E, F, H]
     and any biases), their outputs summed by weights [N, k] (with routing "sigmoid_input", each expert's
     input times its weight and the outputs summed as they are). Each way reads the fewest expert weights:
     with fewer than E (token, expert) pairs (a decode step, a small tree) each pair's expert is
-    gathered, else the pairs are sorted by expert and each expert's rows go through `lax.ragged_dot` (a
-    grouped product on GPUs and TPUs; XLA:CPU computes it densely, every expert over every row). The k
-    outputs are summed in slot order, not scattered back with an add, so the result does not depend on
-    the order kernels finish in."""
+    gathered, else the pairs are sorted by expert and each expert's rows go through `grouped`:
+    `ragged_experts` (grouped products on GPUs and TPUs) or, by default on the CPU, whose
+    `lax.ragged_dot` computes every expert over every row, `expert_tiles`. The k outputs are summed in
+    slot order, not scattered back with an add, so the result does not depend on the order kernels
+    finish in."""
     gate_up, down = p["experts_gate_up"], p["experts_down"]  # (MXFP4 ones dequantized where they multiply)
     n, k = experts.shape
-    e, h, _, f = gate_up.shape
-    gathered = n * k < e
     on_input = cfg.routing == "sigmoid_input"
-    if gathered:
-        pairs = experts  # each pair's expert, [N, k]
+    if n * k < gate_up.shape[0]:  # gathered
         w = dense(gate_up[experts], x.dtype)
         gu = (jnp.einsum("nkh,nkhcf->nkcf", x[:, None] * weights[..., None].astype(x.dtype), w) if on_input
               else jnp.einsum("nh,nkhcf->nkcf", x, w))
+        if cfg.expert_bias:
+            gu = gu + p["experts_gate_up_bias"][experts]
+        y = jnp.einsum("nkf,nkfh->nkh", gated(gu, cfg), dense(down[experts], x.dtype))
+        if cfg.expert_bias:
+            y = y + p["experts_down_bias"][experts]
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
         pairs = experts.reshape(-1)[order]
-        sizes = jnp.bincount(pairs, length=e)
+        sizes = jnp.bincount(pairs, length=gate_up.shape[0])
         rows = x[order // k]
         if on_input:
             rows = rows * weights.reshape(-1)[order][:, None].astype(x.dtype)
-        gu = jax.lax.ragged_dot(rows, dense(gate_up, x.dtype).reshape(e, h, 2 * f), sizes)
-        gu = gu.reshape(n * k, 2, f)
+        grouped = grouped or (expert_tiles if jax.default_backend() == "cpu" else ragged_experts)
+        y = grouped(rows, sizes, p, cfg)[jnp.argsort(order)].reshape(n, k, -1)
+    return y.sum(1) if on_input else jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
+
+
+def ragged_experts(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
+    """`expert_tiles`' result by `lax.ragged_dot` (a grouped product on GPUs and TPUs)."""
+    gate_up, down = (dense(p[name], rows.dtype) for name in ("experts_gate_up", "experts_down"))
+    e, h, _, f = gate_up.shape
+    gu = jax.lax.ragged_dot(rows, gate_up.reshape(e, h, 2 * f), sizes).reshape(-1, 2, f)
+    pairs = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows.shape[0])  # each row's expert
     if cfg.expert_bias:
         gu = gu + p["experts_gate_up_bias"][pairs]
-    y = (jnp.einsum("nkf,nkfh->nkh", gated(gu, cfg), dense(down[experts], x.dtype)) if gathered
-         else jax.lax.ragged_dot(gated(gu, cfg), dense(down, x.dtype), sizes))
-    if cfg.expert_bias:
-        y = y + p["experts_down_bias"][pairs]
-    if not gathered:
-        y = y[jnp.argsort(order)].reshape(n, k, h)
-    return y.sum(1) if on_input else jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
+    y = jax.lax.ragged_dot(gated(gu, cfg), down, sizes)
+    return y + p["experts_down_bias"][pairs] if cfg.expert_bias else y
 
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:

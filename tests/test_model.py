@@ -257,13 +257,15 @@ def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=Fa
     return out
 
 
+@pytest.mark.parametrize("tiles", [True, False])
 @pytest.mark.parametrize("renormalise,gpt_oss,llama4", [(False, False, False), (True, False, False),
                                                        (True, True, False), (False, False, True)])
-def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4):
-    """A few tokens take their experts' weights one by one, many go through grouped products: both give
-    each token the reference's mixture, whichever other tokens share the call; with GPT-OSS's router
-    and expert biases and clamped SwiGLU too (a limit of 1 clamps many gates and ups), and with Llama 4's
-    sigmoid weights on the experts' inputs."""
+def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4, tiles):
+    """A few tokens take their experts' weights one by one, many go through grouped products (`lax.ragged_dot`,
+    or the CPU's tiles: of 1, 2 and 16 rows here, most experts' last tile padded, and with most rows on one
+    expert and some experts without any): each gives each token the reference's mixture, whichever other
+    tokens share the call; with GPT-OSS's router and expert biases and clamped SwiGLU too (a limit of 1
+    clamps many gates and ups), and with Llama 4's sigmoid weights on the experts' inputs."""
     e, h, f, k = 8, 16, 12, 3
     rng = np.random.default_rng(0)
     p = {"router": rng.normal(0, 1, (h, e)), "experts_gate_up": rng.normal(0, 0.3, (e, h, 2, f)),
@@ -277,6 +279,8 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
                               hidden_act="clamped_swiglu" if gpt_oss else "silu")
     x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
     want = experts_reference(x, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4)
+    skewed = jnp.asarray(rng.normal(0, 1, (60, h)) + 3 * p["router"][:, 0], jnp.float32)  # most to expert 0
+    assert np.bincount(np.argmax(skewed @ p["router"], axis=1), minlength=e)[0] > 40
     if llama4:  # weighing the inputs is not weighing the outputs
         assert not np.allclose(want, experts_reference(x, p, k, renormalise), atol=1e-3)
     if gpt_oss:  # the biases and the clamps matter
@@ -286,11 +290,15 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
 
     def mixture(rows):
         weights, experts = model.route(rows, p["router"], cfg, p.get("router_bias"))
-        return model.experts_mlp(rows, experts, weights, p, cfg)
+        return model.experts_mlp(rows, experts, weights, p, cfg, model.expert_tiles if tiles else model.ragged_experts)
 
-    for rows in (x[:2], x):  # 2 x 3 < 8 pairs: gathered; 7 x 3 >= 8: grouped
+    for rows in (x[:2], x[:3], x):  # 2 x 3 < 8 pairs: gathered; 3 x 3 and 7 x 3 >= 8: grouped, tiles of 1 and 2
         np.testing.assert_allclose(np.asarray(mixture(rows)), want[:len(rows)], rtol=1e-5, atol=1e-5)
-    assert "ragged_dot" not in str(jax.make_jaxpr(mixture)(x[:2])) and "ragged_dot" in str(jax.make_jaxpr(mixture)(x))
+    np.testing.assert_allclose(np.asarray(mixture(skewed)),  # 60 x 3 pairs over 8 experts: tiles of 16
+                               experts_reference(skewed, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4),
+                               rtol=1e-5, atol=1e-5)
+    jaxprs = [str(jax.make_jaxpr(mixture)(rows)) for rows in (x[:2], x)]
+    assert "ragged_dot" not in jaxprs[0] and ("ragged_dot" in jaxprs[1]) != tiles and ("scan" in jaxprs[1]) == tiles
 
 
 def test_mxfp4_experts_compute_as_their_dequantized_weights():
