@@ -378,7 +378,7 @@ def bench_experts(args) -> None:
         p = {"router": jax.random.normal(keys[0], (h, e)),
              "experts_gate_up": 0.02 * jax.random.normal(keys[1], (e, h, 2, f)),
              "experts_down": 0.02 * jax.random.normal(keys[2], (e, f, h))}
-        for n in args.tokens:
+        for n in (n for n in args.tokens if n * k >= e):  # (fewer pairs than experts: each pair's expert gathered)
             x = jax.random.normal(keys[3], (n, h))
             weights, experts = route(x, p["router"], cfg)
             ways = {way: jax.jit(functools.partial(experts_mlp, grouped=fn, cfg=cfg))
@@ -463,7 +463,7 @@ def main(argv=None) -> None:
                     help="WxL[+K[xL']][:N] settings whose step is profiled part by part")
     ex = sub.add_parser("experts", help="a mixture of experts' layer on the CPU: tiles vs lax.ragged_dot")
     ex.add_argument("--shapes", nargs="+", choices=list(EXPERT_SHAPES), default=list(EXPERT_SHAPES))
-    ex.add_argument("--tokens", type=at_least(1), nargs="+", default=[8, 32, 128])
+    ex.add_argument("--tokens", type=at_least(1), nargs="+", default=[16, 64, 128])
     ex.add_argument("--repeats", type=at_least(1), default=3)
     for sub_parser in (ar, sp, ex):
         add_report_args(sub_parser)
