@@ -1208,6 +1208,19 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
 
 
+def test_gguf_qwen2vl_text_model_loads_as_qwen2(tmp_path):
+    """llama.cpp's qwen2vl files (Qwen2-VL's and Qwen2.5-VL's text models, beside their vision projector's
+    file) hold Qwen2's model, whose multimodal RoPE is Qwen2's on text: the same tensors load alike."""
+    t = hf_tensors("qwen2", np.random.default_rng(5))
+    for arch in ("qwen2", "qwen2vl"):
+        write_gguf(tmp_path / f"{arch}.gguf", arch, t)
+    qwen2, vl = (load_gguf(str(tmp_path / f"{arch}.gguf")) for arch in ("qwen2", "qwen2vl"))
+    assert vl.config == qwen2.config and vl.config.attention_bias
+    ids = jnp.asarray([TOKENS])
+    np.testing.assert_array_equal(np.asarray(forward_causal(vl.params, vl.config, ids).logits),
+                                  np.asarray(forward_causal(qwen2.params, qwen2.config, ids).logits))
+
+
 def llama_cpp_rope_factors(theta, head_dim, s):
     """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel), restated: Llama 3.1's RoPE scaling `s`
     stored as one divisor per frequency, the `rope_freqs` tensor."""

@@ -26,8 +26,9 @@ from redrafter_jax.loaders import (
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma2", "gemma3", "glm4", "gpt-oss",
-                           "granite", "llama4", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "seed_oss",
-                           "smollm3")
+                           "granite", "llama4", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe",
+                           "seed_oss", "smollm3")
+# (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
