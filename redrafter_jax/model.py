@@ -277,17 +277,18 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
                 grouped=None) -> jax.Array:
     """x [N, H] through its experts [N, k] (of a layer's experts_gate_up [E, H, 2, F], experts_down [E, F, H]
     and any biases), their outputs summed by weights [N, k] (with routing "sigmoid_input", each expert's
-    input times its weight and the outputs summed as they are). Each way reads the fewest expert weights:
-    with fewer than E (token, expert) pairs (a decode step, a small tree) each pair's expert is
-    gathered, else the pairs are sorted by expert and each expert's rows go through `grouped`:
-    `ragged_experts` (grouped products on GPUs and TPUs) or, by default on the CPU, whose
-    `lax.ragged_dot` computes every expert over every row, `expert_tiles`. The k outputs are summed in
-    slot order, not scattered back with an add, so the result does not depend on the order kernels
-    finish in."""
+    input times its weight and the outputs summed as they are). The (token, expert) pairs, sorted by
+    expert, go through `grouped`: `expert_tiles` (the CPU's default, for any number of pairs: XLA:CPU's
+    `lax.ragged_dot` computes every expert over every row, and its gathers copy each pair's expert
+    weights) or `ragged_experts` (elsewhere: grouped products on GPUs and TPUs; with fewer pairs than
+    experts, a decode step or a small tree, each pair's expert is gathered instead). Each way reads the
+    experts a forward uses, each once. The k outputs are summed in slot order, not scattered back with
+    an add, so the result does not depend on the order kernels finish in."""
     gate_up, down = p["experts_gate_up"], p["experts_down"]  # (MXFP4 ones dequantized where they multiply)
     n, k = experts.shape
     on_input = cfg.routing == "sigmoid_input"
-    if n * k < gate_up.shape[0]:  # gathered
+    grouped = grouped or (expert_tiles if jax.default_backend() == "cpu" else ragged_experts)
+    if grouped is ragged_experts and n * k < gate_up.shape[0]:  # gathered
         w = dense(gate_up[experts], x.dtype)
         gu = (jnp.einsum("nkh,nkhcf->nkcf", x[:, None] * weights[..., None].astype(x.dtype), w) if on_input
               else jnp.einsum("nh,nkhcf->nkcf", x, w))
@@ -303,7 +304,6 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
         rows = x[order // k]
         if on_input:
             rows = rows * weights.reshape(-1)[order][:, None].astype(x.dtype)
-        grouped = grouped or (expert_tiles if jax.default_backend() == "cpu" else ragged_experts)
         y = grouped(rows, sizes, p, cfg)[jnp.argsort(order)].reshape(n, k, -1)
     return y.sum(1) if on_input else jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
 

@@ -261,11 +261,11 @@ def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=Fa
 @pytest.mark.parametrize("renormalise,gpt_oss,llama4", [(False, False, False), (True, False, False),
                                                        (True, True, False), (False, False, True)])
 def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4, tiles):
-    """A few tokens take their experts' weights one by one, many go through grouped products (`lax.ragged_dot`,
-    or the CPU's tiles: of 1, 2 and 16 rows here, most experts' last tile padded, and with most rows on one
-    expert and some experts without any): each gives each token the reference's mixture, whichever other
-    tokens share the call; with GPT-OSS's router and expert biases and clamped SwiGLU too (a limit of 1
-    clamps many gates and ups), and with Llama 4's sigmoid weights on the experts' inputs."""
+    """The CPU's expert tiles (of 1, 2 and 16 rows here, most experts' last tile padded, and with most rows on
+    one expert and some experts without any), or elsewhere's gathered experts for a few tokens and
+    grouped products (`lax.ragged_dot`) for many, give each token the reference's mixture, whichever
+    other tokens share the call; with GPT-OSS's router and expert biases and clamped SwiGLU too (a limit
+    of 1 clamps many gates and ups), and with Llama 4's sigmoid weights on the experts' inputs."""
     e, h, f, k = 8, 16, 12, 3
     rng = np.random.default_rng(0)
     p = {"router": rng.normal(0, 1, (h, e)), "experts_gate_up": rng.normal(0, 0.3, (e, h, 2, f)),
@@ -292,13 +292,14 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
         weights, experts = model.route(rows, p["router"], cfg, p.get("router_bias"))
         return model.experts_mlp(rows, experts, weights, p, cfg, model.expert_tiles if tiles else model.ragged_experts)
 
-    for rows in (x[:2], x[:3], x):  # 2 x 3 < 8 pairs: gathered; 3 x 3 and 7 x 3 >= 8: grouped, tiles of 1 and 2
+    for rows in (x[:2], x[:3], x):  # 2 x 3 < 8 pairs (else gathered) and 3 x 3: tiles of 1; 7 x 3: tiles of 2
         np.testing.assert_allclose(np.asarray(mixture(rows)), want[:len(rows)], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(mixture(skewed)),  # 60 x 3 pairs over 8 experts: tiles of 16
                                experts_reference(skewed, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4),
                                rtol=1e-5, atol=1e-5)
     jaxprs = [str(jax.make_jaxpr(mixture)(rows)) for rows in (x[:2], x)]
-    assert "ragged_dot" not in jaxprs[0] and ("ragged_dot" in jaxprs[1]) != tiles and ("scan" in jaxprs[1]) == tiles
+    assert all(("scan" in j) == tiles for j in jaxprs)
+    assert "ragged_dot" not in jaxprs[0] and ("ragged_dot" in jaxprs[1]) != tiles
 
 
 def test_mxfp4_experts_compute_as_their_dequantized_weights():
