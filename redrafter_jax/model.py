@@ -28,6 +28,7 @@ the CPU the decode loops can pass the matrices tile-packed (`pack_params`) to th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -274,7 +275,7 @@ def expert_tiles(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig) -
 
 
 def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, cfg: ModelConfig,
-                grouped=None) -> jax.Array:
+                grouped: Callable | None = None) -> jax.Array:
     """x [N, H] through its experts [N, k] (of a layer's experts_gate_up [E, H, 2, F], experts_down [E, F, H]
     and any biases), their outputs summed by weights [N, k] (with routing "sigmoid_input", each expert's
     input times its weight and the outputs summed as they are). The (token, expert) pairs, sorted by

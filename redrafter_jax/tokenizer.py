@@ -36,7 +36,8 @@ def _byte_level_split(regex: str) -> pre_tokenizers.PreTokenizer:
 
 
 # llama.cpp's pre-tokenizer names that split as another's (Command R's as SmolLM's, GLM-4's as Llama 3's)
-_SAME_PRE = {"command-r": "smollm", "glm4": "llama3", "chatglm-bpe": "llama3", "llama-bpe": "llama3", "llama4": "gpt-4o"}
+_SAME_PRE = {"command-r": "smollm", "glm4": "llama3", "chatglm-bpe": "llama3", "llama-bpe": "llama3",
+             "llama4": "gpt-4o"}
 PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama3", "qwen2", "seed-coder", "gpt-4o", *_SAME_PRE)
 
 

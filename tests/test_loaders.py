@@ -566,10 +566,10 @@ def test_llama4_multimodal_checkpoint_loads_its_text_model(tmp_path):
                                           ("qwen3_vl", "saved")])
 def test_qwen_vl_checkpoint_loads_its_text_model(tmp_path, arch, layout):
     """Qwen2.5-VL and Qwen3-VL checkpoints load their text models (Qwen2's with biases and here a tied LM head,
-    Qwen3's with query and key norms), the vision tower left out, and give the logits of transformers' multimodal model on text,
-    whose multimodal RoPE (its sections here uneven) is then the text model's; Qwen2.5-VL's tensors as its
-    releases store them (the text model's beside `visual.`), its config also as transformers 4 wrote it
-    (the text model's settings at the top level, RoPE "mrope")."""
+    Qwen3's with query and key norms), the vision tower left out, and give the logits of transformers'
+    multimodal model on text, whose multimodal RoPE (its sections here uneven) is then the text model's;
+    Qwen2.5-VL's tensors as its releases store them (the text model's beside `visual.`), its config also
+    as transformers 4 wrote it (the text model's settings at the top level, RoPE "mrope")."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     text = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -715,8 +715,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
             config_from_hf({"architectures": [arch]})
         return
     llama4 = arch == "Llama4ForCausalLM"
-    theirs = getattr(transformers, {"Gemma3ForCausalLM": "Gemma3TextConfig", "Llama4ForCausalLM": "Llama4TextConfig"}.get(
-        arch, arch.replace("ForCausalLM", "Config")))()
+    text_configs = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Llama4ForCausalLM": "Llama4TextConfig"}
+    theirs = getattr(transformers, text_configs.get(arch, arch.replace("ForCausalLM", "Config")))()
     ours = config_from_hf({"architectures": [arch]})
     assert config_from_hf({"model_type": theirs.model_type}) == ours
     rope = getattr(theirs, "rope_parameters", None) or {}
@@ -1379,7 +1379,8 @@ LLAMA3_PIECES = ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġx", "!ĊĊ",
 @pytest.mark.parametrize("pre, pieces", [
     ("llama-bpe", LLAMA3_PIECES), ("glm4", LLAMA3_PIECES),
     # o200k (GPT-OSS's, Llama 4's): words split before a capital, contractions kept with their word
-    *((pre, ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]) for pre in ("gpt-4o", "llama4")),
+    *((pre, ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"])
+      for pre in ("gpt-4o", "llama4")),
     # Command R's: digits one by one, then GPT-2's regex (line breaks not split from spaces)
     ("command-r", ["HelloWorld", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "ĊĊĠ", "Ġy", "/"]),
     # Seed-Coder's (Seed-OSS's): Qwen2's, but punctuation does not take the line breaks after it

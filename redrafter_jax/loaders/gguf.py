@@ -211,7 +211,7 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return dict(pre_norms=False, post_norms=True)
     if arch == "smollm3":
         return dict(nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)))
-    if arch == "llama4":  # MobileLLM's files (attention.sliding_window 0) rotate every layer but the last in llama.cpp
+    if arch == "llama4":  # (MobileLLM-R1's files, attention.sliding_window 0, llama.cpp reads otherwise)
         if f"{arch}.attention.sliding_window" in reader.fields:
             raise ValueError(f"unsupported GGUF llama4 attention.sliding_window {m('attention.sliding_window')} "
                              f"(Llama 4's chunks are 8192 positions; its Hugging Face checkpoint loads)")

@@ -614,7 +614,8 @@ class _FusedExperts:
         self.transposed, self.dequantized = (set(), floats) if quantized else (floats, set())
         stored = {name for name, _ in self.parts.values()}
         stored |= {f"{self.parts[name][0]}_{part}" for name in self.dequantized for part in ("blocks", "scales")}
-        present = set(names) | {name for name in stored if f"{name}_blocks" in names}  # (of dense layers: none)
+        # the stored tensors there are (a weight dequantized as read: where its codes are); a dense layer has none
+        present = set(names) | {name for name in stored if f"{name}_blocks" in names}
         self._names = [n for n in names if n not in stored] + [n for n, (theirs, _) in self.parts.items()
                                                                  if theirs in present]
 
