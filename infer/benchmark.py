@@ -1,5 +1,5 @@
-"""Benchmarks on the embedded default model; each writes its table and a plot (see infer.report;
---docs publishes them in docs/).
+"""Benchmarks on the embedded default model (but `experts`: real mixtures' layer shapes, random weights); each
+writes its table and a plot (see infer.report; --docs publishes them in docs/).
 
     python -m infer.benchmark ar      # autoregressive decoding: ours vs Hugging Face transformers
     python -m infer.benchmark spec    # speculative step costs; random and oracle drafters vs autoregressive
