@@ -302,9 +302,11 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
     assert "ragged_dot" not in jaxprs[0] and ("ragged_dot" in jaxprs[1]) != tiles
 
 
-def test_mxfp4_experts_compute_as_their_dequantized_weights():
-    """Experts kept in MXFP4 give, gathered for a few tokens or grouped for many, the mixture of the same
-    weights dequantized."""
+@pytest.mark.parametrize("tiles", [True, False])
+def test_mxfp4_experts_compute_as_their_dequantized_weights(tiles):
+    """Experts kept in MXFP4 give, in the CPU's tiles (one expert dequantized per tile) or elsewhere's ways
+    (gathered for a few tokens, the layer dequantized for many), the mixture of the same weights
+    dequantized."""
     e, h, f, k = 8, 32, 64, 3
     rng = np.random.default_rng(1)
     quantized = {name: Mxfp4(jnp.asarray(rng.integers(0, 256, (*stored, 16)), jnp.uint8),
@@ -315,10 +317,11 @@ def test_mxfp4_experts_compute_as_their_dequantized_weights():
     cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f, norm_topk=True)
     router = jnp.asarray(rng.normal(0, 1, (h, e)), jnp.float32)
     x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
-    for rows in (x[:2], x):  # gathered, grouped
+    grouped = model.expert_tiles if tiles else model.ragged_experts
+    for rows in (x[:2], x):  # (gathered, grouped)
         weights, experts = model.route(rows, router, cfg)
-        np.testing.assert_allclose(np.asarray(model.experts_mlp(rows, experts, weights, quantized, cfg)),
-                                   np.asarray(model.experts_mlp(rows, experts, weights, dequantized, cfg)),
+        np.testing.assert_allclose(np.asarray(model.experts_mlp(rows, experts, weights, quantized, cfg, grouped)),
+                                   np.asarray(model.experts_mlp(rows, experts, weights, dequantized, cfg, grouped)),
                                    rtol=1e-6, atol=1e-6)
 
 
