@@ -249,6 +249,7 @@ def expert_tiles(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig) -
     t = int(min(TILE, 2 ** int(np.log2(max(1, n // e)))))
     tiles = (n + min(e, n) * (t - 1)) // t  # at least sum(ceil(sizes / t))
     per = -(-sizes // t)  # [E] each expert's tiles
+    used = per.sum()  # the tiles that hold rows: the first `used` of `tiles`
     first_tile, first_row = jnp.cumsum(per) - per, jnp.cumsum(sizes) - sizes
     index = jnp.arange(tiles)
     expert = jnp.minimum(jnp.searchsorted(first_tile + per, index, side="right"), e - 1)  # [tiles]
@@ -266,7 +267,7 @@ def expert_tiles(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig) -
             y = gated(gu, cfg) @ dense(p["experts_down"][j], x.dtype)
             return (y + p["experts_down_bias"][j] if cfg.expert_bias else y).astype(rows.dtype)
 
-        return None, jax.lax.cond(i < per.sum(), run, lambda _: jnp.zeros((t, h), rows.dtype), None)
+        return None, jax.lax.cond(i < used, run, lambda _: jnp.zeros((t, h), rows.dtype), None)
 
     _, out = jax.lax.scan(tile, None, (index, expert, start))  # [tiles, t, H]
     row_expert = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=n)

@@ -23,6 +23,7 @@ from redrafter_jax.loaders import (
     gemma_adjustments,
     granite_adjustments,
 )
+from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma2", "gemma3", "glm4", "gpt-oss",
@@ -110,7 +111,7 @@ def _arch_field(reader: gguf.GGUFReader, arch: str):
 
 
 MXFP4 = gguf.GGMLQuantizationType.MXFP4
-MXFP4_BLOCK = 17  # bytes of ggml's block of 32 values: the scale, then 16 of codes
+MXFP4_BLOCK = 1 + GROUP // 2  # bytes of ggml's block of 32 values: the scale, then 16 of codes
 _EXPERT_WEIGHTS = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight")
 
 
@@ -147,7 +148,7 @@ class _GGUFTensors:
     def shape(self, name: str) -> tuple[int, ...]:
         if kept := self._kept_part(name):  # [..., inputs] as codes [..., G, 16] and scales [..., G]
             *lead, inputs = self.shape(kept[0])
-            return (*lead, inputs // 32, 16) if kept[1] == "blocks" else (*lead, inputs // 32)
+            return (*lead, inputs // GROUP, 16) if kept[1] == "blocks" else (*lead, inputs // GROUP)
         return tuple(int(n) for n in reversed(self.tensors[name].shape))  # GGUF lists the fastest axis first
 
     def _dequantize(self, name: str) -> np.ndarray:
