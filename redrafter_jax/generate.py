@@ -47,7 +47,7 @@ from redrafter_jax.decode import (
     streaming_to,
 )
 from redrafter_jax.drafter import Drafter
-from redrafter_jax.model import MATRICES, ForwardOutput, Params, cast_params, forward, pack_params
+from redrafter_jax.model import EXPERTS, MATRICES, ForwardOutput, Params, cast_params, forward, pack_params
 from redrafter_jax.sampling import select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
@@ -401,12 +401,13 @@ def _packed_matrices(dparams: Params, dtype: str, pairs: bool) -> Params:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
-    """The matrices (the layers' and the LM head) tile-packed as `dtype` (with `pairs`, as k-pairs),
-    everything else float32 (but MXFP4 experts' codes and scales, bytes)."""
+    """The matrices (the layers', their experts' and the LM head) tile-packed as `dtype` (with `pairs`, as
+    k-pairs), everything else float32 (but MXFP4 experts' codes and scales, bytes)."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
         return {k: v if k in keep else cast_params(v, jnp.float32) for k, v in d.items()}
 
-    widened = {**widen(params, ("layers", "lm_head")), "layers": [widen(p, MATRICES) for p in params["layers"]]}
+    layers = [widen(p, MATRICES + EXPERTS) for p in params["layers"]]
+    widened = {**widen(params, ("layers", "lm_head")), "layers": layers}
     return pack_params(widened, dtype, pairs)
 
 

@@ -142,18 +142,25 @@ def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
     return jnp.tensordot(x, w, axes=1)
 
 
-# a layer's weights that go through `linear` (the CPU decode loops tile-pack them)
-MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down")
+# a layer's weights that go through `linear` (the CPU decode loops tile-pack them), and its experts' (packed
+# as groups, one per expert, for `ragged_experts`; MXFP4 ones stay as they are)
+MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down", "shared_gate", "router")
+EXPERTS = ("experts_gate_up", "experts_down")
 
 
 def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params:
-    """The target's matrices tile-packed for the CPU rows kernel (`rows_matmul`), as `dtype` (default:
-    their own; `pairs`: `rows_matmul.pack`'s), with the LM head packed on its own when tied (the
-    embedding stays for token lookups). For decoding only."""
-    def pack(w, transposed=False):
-        return rows_matmul.pack(w.astype(dtype or w.dtype), transposed, pairs)
+    """The target's matrices and experts tile-packed for the CPU rows kernel (`rows_matmul`), as `dtype`
+    (default: their own; `pairs`: `rows_matmul.pack`'s), with the LM head packed on its own when tied
+    (the embedding stays for token lookups). For decoding only."""
+    def pack(w, transposed=False, grouped=False):
+        return rows_matmul.pack(w.astype(dtype or w.dtype), transposed, pairs, grouped)
 
-    layers = [{k: pack(v) if k in MATRICES else v for k, v in p.items()} for p in params["layers"]]
+    def packed(name, w):
+        if name in EXPERTS and not isinstance(w, Mxfp4):
+            return pack(w, grouped=True)
+        return pack(w) if name in MATRICES else w
+
+    layers = [{k: packed(k, v) for k, v in p.items()} for p in params["layers"]]
     head = pack(params["lm_head"]) if "lm_head" in params else pack(params["embed"], True)
     return {**params, "layers": layers, "lm_head": head}
 
@@ -226,14 +233,17 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | N
     int32 and their float32 weights [N, k] (`ModelConfig.routing`): softmax probabilities over all E
     experts, renormalised over the k with norm_topk (GPT-OSS's softmax over the k chosen logits is the
     same), or the chosen logits' sigmoids."""
-    logits = jnp.matmul(x, router, preferred_element_type=jnp.float32)
+    logits = linear(x, router) if isinstance(router, rows_matmul.Packed) else \
+        jnp.matmul(x, router, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias
     if cfg.routing == "sigmoid_input":
         chosen, experts = jax.lax.top_k(logits, cfg.experts_per_token)
         return jax.nn.sigmoid(chosen), experts
-    weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), cfg.experts_per_token)
-    return (weights / weights.sum(-1, keepdims=True) if cfg.norm_topk else weights), experts
+    # sums by `row_sum`: a token routes alike whatever tokens share its forward (XLA:CPU's reductions not)
+    probs = jnp.exp(logits - logits.max(-1, keepdims=True))
+    weights, experts = jax.lax.top_k(probs / row_sum(probs), cfg.experts_per_token)
+    return (weights / row_sum(weights) if cfg.norm_topk else weights), experts
 
 
 TILE = 16  # rows of the CPU's grouped expert products (`expert_tiles`), at most
@@ -280,17 +290,19 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
     """x [N, H] through its experts [N, k] (of a layer's experts_gate_up [E, H, 2, F], experts_down [E, F, H]
     and any biases), their outputs summed by weights [N, k] (with routing "sigmoid_input", each expert's
     input times its weight and the outputs summed as they are). The (token, expert) pairs, sorted by
-    expert, go through `grouped`: `expert_tiles` (the CPU's default, for any number of pairs: XLA:CPU's
-    `lax.ragged_dot` computes every expert over every row, and its gathers copy each pair's expert
-    weights) or `ragged_experts` (elsewhere: grouped products on GPUs and TPUs; with fewer pairs than
-    experts, a decode step or a small tree, each pair's expert is gathered instead). Each way reads the
-    experts a forward uses, each once. The k outputs are summed in slot order, not scattered back with
-    an add, so the result does not depend on the order kernels finish in."""
+    expert, go through `grouped`: `ragged_experts` for experts packed for the CPU rows kernel (the CPU
+    decode loops') and on GPUs and TPUs (there, with fewer pairs than experts, a decode step or a small
+    tree, each pair's expert is gathered instead), or `expert_tiles` (the CPU's for unpacked experts:
+    XLA:CPU's `lax.ragged_dot` computes every expert over every row, and its gathers copy each pair's
+    expert weights). Each way reads the experts a forward uses, each once. The k outputs are added in
+    slot order, not scattered back with an add or reduced by XLA, so that with packed experts a token's
+    result is bitwise the same whatever tokens share the forward."""
     gate_up, down = p["experts_gate_up"], p["experts_down"]  # (MXFP4 ones dequantized where they multiply)
     n, k = experts.shape
     on_input = cfg.routing == "sigmoid_input"
-    grouped = grouped or (expert_tiles if jax.default_backend() == "cpu" else ragged_experts)
-    if grouped is ragged_experts and n * k < gate_up.shape[0]:  # gathered
+    packed = isinstance(gate_up, rows_matmul.Packed)
+    grouped = grouped or (expert_tiles if jax.default_backend() == "cpu" and not packed else ragged_experts)
+    if grouped is ragged_experts and not packed and n * k < cfg.num_experts:  # gathered
         w = dense(gate_up[experts], x.dtype)
         gu = (jnp.einsum("nkh,nkhcf->nkcf", x[:, None] * weights[..., None].astype(x.dtype), w) if on_input
               else jnp.einsum("nh,nkhcf->nkcf", x, w))
@@ -301,24 +313,31 @@ def experts_mlp(x: jax.Array, experts: jax.Array, weights: jax.Array, p: dict, c
             y = y + p["experts_down_bias"][experts]
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)  # [N k]: pair order grouped by expert
-        pairs = experts.reshape(-1)[order]
-        sizes = jnp.bincount(pairs, length=gate_up.shape[0])
+        sizes = jnp.bincount(experts.reshape(-1)[order], length=cfg.num_experts)
         rows = x[order // k]
         if on_input:
             rows = rows * weights.reshape(-1)[order][:, None].astype(x.dtype)
         y = grouped(rows, sizes, p, cfg)[jnp.argsort(order)].reshape(n, k, -1)
-    return y.sum(1) if on_input else jnp.einsum("nkh,nk->nh", y, weights.astype(y.dtype))
+    out = y[:, 0] if on_input else y[:, 0] * weights[:, :1].astype(y.dtype)
+    for j in range(1, k):
+        out = out + (y[:, j] if on_input else y[:, j] * weights[:, j:j + 1].astype(y.dtype))
+    return out
 
 
 def ragged_experts(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig) -> jax.Array:
-    """`expert_tiles`' result by `lax.ragged_dot` (a grouped product on GPUs and TPUs)."""
-    gate_up, down = (dense(p[name], rows.dtype) for name in ("experts_gate_up", "experts_down"))
-    e, h, _, f = gate_up.shape
-    gu = jax.lax.ragged_dot(rows, gate_up.reshape(e, h, 2 * f), sizes).reshape(-1, 2, f)
-    pairs = jnp.repeat(jnp.arange(e), sizes, total_repeat_length=rows.shape[0])  # each row's expert
+    """`expert_tiles`' result by grouped products: the CPU rows kernel's for packed experts (each row's
+    result independent of the rows beside it), else `lax.ragged_dot` (grouped products on GPUs and TPUs)."""
+    def product(x, w):  # x [P, in] @ each run's expert w [E, in, *out] -> [P, *out]
+        if isinstance(w, rows_matmul.Packed):
+            return rows_matmul.matmul(x, w, sizes)
+        w = dense(w, x.dtype)
+        return jax.lax.ragged_dot(x, w.reshape(*w.shape[:2], -1), sizes).reshape(-1, *w.shape[2:])
+
+    gu = product(rows, p["experts_gate_up"])
+    pairs = jnp.repeat(jnp.arange(sizes.shape[0]), sizes, total_repeat_length=rows.shape[0])  # each row's expert
     if cfg.expert_bias:
         gu = gu + p["experts_gate_up_bias"][pairs]
-    y = jax.lax.ragged_dot(gated(gu, cfg), down, sizes)
+    y = product(gated(gu, cfg), p["experts_down"])
     return y + p["experts_down_bias"][pairs] if cfg.expert_bias else y
 
 

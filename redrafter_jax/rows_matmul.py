@@ -57,48 +57,64 @@ ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 class Packed:
     """A weight [K, *out] stored as 32-column tiles (O = prod(out), zero-padded), float32 or bfloat16:
     [ceil(O / 32), K, 32], or with `pairs` (for `bf16_unit`) [ceil(O / 32), Kp / 2, 64], k-pairs of each
-    column side by side and K zero-padded to Kp, a multiple of PAIR_K."""
+    column side by side and K zero-padded to Kp, a multiple of PAIR_K. Grouped (a mixture's experts),
+    G such weights: tiles [G, ceil(O / 32), ...]."""
 
     tiles: jax.Array
     k: int = struct.field(pytree_node=False)
     out: tuple[int, ...] = struct.field(pytree_node=False)
     pairs: bool = struct.field(pytree_node=False, default=False)
 
+    @property
+    def grouped(self) -> bool:
+        return self.tiles.ndim == 4
 
-def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None) -> Packed:
-    """float32 or bfloat16 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head) ->
-    Packed of the same dtype: a copy made by the kernel library (`generate.decoding_params` keeps one
-    per params). `pairs`: the k-pairs layout, by default for bfloat16 weights where `bf16_unit()`."""
+
+def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None, grouped: bool = False) -> Packed:
+    """float32 or bfloat16 w [K, *out] (or, transposed, w [O, K], e.g. an embedding as the LM head; or,
+    grouped, w [G, K, *out], e.g. a layer's experts) -> Packed of the same dtype: a copy made by the kernel
+    library (`generate.decoding_params` keeps one per params). `pairs`: the k-pairs layout, by default for
+    bfloat16 weights where `bf16_unit()`."""
     check_available("packed weights")
-    if w.dtype not in WEIGHT_DTYPES or (transposed and w.ndim != 2):
-        raise ValueError(f"rows_matmul packs float32 or bfloat16 weights [K, *out] or, transposed, [O, K]; "
-                         f"got {w.dtype}{list(w.shape)}")
+    if w.dtype not in WEIGHT_DTYPES or (transposed and (w.ndim != 2 or grouped)) or w.ndim < 2 + grouped:
+        raise ValueError(f"rows_matmul packs float32 or bfloat16 weights [K, *out], grouped [G, K, *out] or, "
+                         f"transposed, [O, K]; got {w.dtype}{list(w.shape)}")
     if pairs is None:
         pairs = pairs_layout(w.dtype)
     elif pairs and (w.dtype != jnp.bfloat16 or not bf16_unit()):
         raise ValueError(f"the k-pairs layout needs bfloat16 weights on a CPU with a bfloat16 unit (bf16_unit(): "
                          f"{bf16_unit()}), got {w.dtype}")
-    k, out = (w.shape[1], w.shape[:1]) if transposed else (w.shape[0], w.shape[1:])
+    groups = w.shape[:1] if grouped else ()
+    k, out = (w.shape[1], w.shape[:1]) if transposed else (w.shape[len(groups)], w.shape[len(groups) + 1:])
     o = math.prod(out)
     shape = (-(-o // TILE), -(-k // PAIR_K) * PAIR_K // 2, 2 * TILE) if pairs else (-(-o // TILE), k, TILE)
-    tiles = jax.ffi.ffi_call(PACK_TARGETS[w.dtype], jax.ShapeDtypeStruct(shape, w.dtype))(
-        w.reshape(-1, k) if transposed else w.reshape(k, o), transposed=transposed, pairs=pairs)
+    tiles = jax.ffi.ffi_call(PACK_TARGETS[w.dtype], jax.ShapeDtypeStruct((*groups, *shape), w.dtype))(
+        w.reshape(-1, k) if transposed else w.reshape(*groups, k, o), transposed=transposed, pairs=pairs)
     return Packed(tiles, k, tuple(out), pairs)
 
 
-def matmul(x: jax.Array, w: Packed) -> jax.Array:
-    """float32 x [..., K] @ w -> float32 [..., *w.out] (x rounded to bfloat16 for bfloat16 weights)."""
+def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array:
+    """float32 x [..., K] @ w -> float32 [..., *w.out] (x rounded to bfloat16 for bfloat16 weights). Grouped
+    w: x [M, K] in runs of sizes [G] int32 rows (summing to M), run g times weight g (a layer's expert
+    rows sorted by expert); the kernel streams only the weights with rows."""
     check_available("packed weights")
     lead, k = x.shape[:-1], x.shape[-1]
-    tiles = w.tiles.shape[0]
+    tiles = w.tiles.shape[-3]
     if w.k != k or x.dtype != jnp.float32 or w.tiles.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"rows_matmul needs float32 x [..., K] and float32 or bfloat16 weight tiles of K = {w.k}, "
                          f"got x {x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}{list(w.tiles.shape)}")
+    if w.grouped != (sizes is not None) or (sizes is not None and (x.ndim != 2 or sizes.shape != w.tiles.shape[:1])):
+        raise ValueError(f"grouped weights need x [M, K] and sizes [G] (G = {w.tiles.shape[0]}), and others no sizes; "
+                         f"got x {list(x.shape)}, tiles {list(w.tiles.shape)}, sizes "
+                         f"{None if sizes is None else list(sizes.shape)}")
     rows = x.reshape(-1, k)
+    if sizes is None:
+        sizes = jnp.full((1,), rows.shape[0], jnp.int32)
     # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
     # the one-token step does (XLA's products of more rows sum in another order)
     target = PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(rows, w.tiles)
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(
+        rows, w.tiles.reshape(-1, *w.tiles.shape[-3:]), sizes.astype(jnp.int32))
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
 

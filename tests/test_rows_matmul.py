@@ -229,18 +229,31 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
     assert target not in plain and rows_matmul.ATTENTION_TARGET not in plain
 
 
+# mixtures of experts: softmax routing renormalised over the chosen with biases and a gated shared expert
+# beside a dense layer (Qwen2-MoE-like), and Llama 4's sigmoid-weighted inputs with an ungated one
+MIXTURES = {"dense": {}, "experts": dict(num_experts=6, experts_per_token=2, expert_size=40, norm_topk=True,
+                                         expert_bias=True, shared_expert_size=24, moe_layers=(1,)),
+            "Llama 4's experts": dict(num_experts=4, experts_per_token=1, expert_size=40, shared_expert_size=40,
+                                      shared_expert_gate=False, routing="sigmoid_input")}
+
+
+@pytest.mark.parametrize("mixture", MIXTURES)
 @pytest.mark.parametrize("dtype,unit_off", [("float32", False), ("bfloat16", False),
                                              pytest.param("bfloat16", True, marks=needs_unit)],
                          ids=["float32", "bfloat16", "bfloat16 without the CPU's bfloat16 unit"])
-def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it(dtype, unit_off):
+def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it(dtype, unit_off, mixture):
     """What greedy exactness rests on: verifying a tree of N tokens computes each node's logits and
     hidden state bitwise as a forward of fewer tokens, a one-token step included, and of other rows
     (hidden size 576, the default model's: XLA:CPU reduced its norms in one order for fewer than 8
-    rows, another from 8; products of more than 64 rows used to go to XLA's matrix multiply)."""
-    cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype)
+    rows, another from 8; products of more than 64 rows used to go to XLA's matrix multiply). With
+    experts too: a token's routing and its experts' products do not depend on the tokens beside it."""
+    cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype, **MIXTURES[mixture])
     with rows_matmul.turned_off(unit_only=True) if unit_off else contextlib.nullcontext():
         _, loop, dcfg = gen.decoding_params(params, cfg)
     assert loop["layers"][0]["wqkv"].pairs == (rows_matmul.pairs_layout(dtype) and not unit_off)
+    if mixture != "dense":  # the experts and the router go to the kernel
+        assert loop["layers"][1]["experts_down"].grouped and isinstance(loop["layers"][1]["router"],
+                                                                        rows_matmul.Packed)
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
     fwd = jax.jit(model.forward, static_argnums=1)
 

@@ -9,6 +9,9 @@
 // packed as k-pairs (`pairs`) and its unit computes them: AMX's tiles (Intel Sapphire Rapids and later),
 // 16 rows for about the cost of one, or else AVX512-BF16's dot products (AMD Zen 4 and later, Intel
 // Cooper Lake), 32 products per instruction where the plain path does 16 and converts the weights.
+// Every product is grouped: w holds G weights [G, O / 32, K, 32] and the rows come in runs, sizes[g] of
+// them for weight g (a mixture of experts' rows sorted by expert; G = 1 for a plain product), so a
+// layer's experts are one call that streams only the experts with rows.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -131,13 +134,42 @@ inline uint16_t ToBfloat16(float f) {
   return static_cast<uint16_t>((b + 0x7fff + ((b >> 16) & 1)) >> 16);
 }
 
-template <ffi::DataType T>
-ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kTile || wd[1] != xd[1]) {
-    return ffi::Error::InvalidArgument("rows_matmul: expects x [M, K] and w [O / 32, K, 32]");
+// Runs fn(tile, t, row0, rows, next) for every tile t of each group g with rows: `tile` = g * tiles + t
+// (the tile's index in w), its group's rows row0 .. row0 + rows - 1, and `next` the tile index of the
+// task this thread runs next (-1 if none: `Tile` prefetches it). Refuses sizes that are not G counts
+// >= 0 summing to m.
+template <typename Fn>
+ffi::Error ForEachTile(ffi::ThreadPool& pool, ffi::Buffer<ffi::S32> sizes, int64_t m, int64_t groups, int64_t tiles,
+                       Fn fn) {
+  if (sizes.dimensions().size() != 1 || sizes.dimensions()[0] != groups) {
+    return ffi::Error::InvalidArgument("rows_matmul: expects sizes [G], one count of rows per weight group");
   }
-  const int64_t m = xd[0], k_dim = xd[1], tiles = wd[0], o_dim = tiles * kTile;
+  constexpr auto kBadSizes = "rows_matmul: the groups' sizes must be counts >= 0 that sum to the rows";
+  std::vector<int64_t> used, first, count;  // the groups with rows: index, first row, rows
+  int64_t row = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = sizes.typed_data()[g];
+    if (n < 0 || n > m - row) return ffi::Error::InvalidArgument(kBadSizes);
+    if (n > 0) used.push_back(g), first.push_back(row), count.push_back(n);
+    row += n;
+  }
+  if (row != m) return ffi::Error::InvalidArgument(kBadSizes);
+  const int64_t n_tasks = static_cast<int64_t>(used.size()) * tiles;
+  ParallelFor(pool, n_tasks, [=](int64_t i, int64_t after) {
+    const int64_t j = i / tiles, next = after < n_tasks ? used[after / tiles] * tiles + after % tiles : -1;
+    fn(used[j] * tiles + i % tiles, i % tiles, first[j], count[j], next);
+  });
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType T>
+ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w, ffi::Buffer<ffi::S32> sizes,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[3] != kTile || wd[2] != xd[1]) {
+    return ffi::Error::InvalidArgument("rows_matmul: expects x [M, K] and w [G, O / 32, K, 32]");
+  }
+  const int64_t m = xd[0], k_dim = xd[1], tiles = wd[1], o_dim = tiles * kTile;
   std::vector<float> rounded;  // bfloat16 weights: x rounded to bfloat16 as well
   if constexpr (T == ffi::BF16) {
     rounded.resize(m * k_dim);
@@ -149,10 +181,11 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const float* xp = rounded.empty() ? x.typed_data() : rounded.data();
   const auto* wp = w.typed_data();
   float* yp = y->typed_data();
-  ParallelFor(pool, tiles, [=](int64_t t, int64_t after) {
-    Tile(xp, wp + t * k_dim * kTile, yp + t * kTile, m, k_dim, o_dim, after < tiles ? wp + after * k_dim * kTile : nullptr);
+  const int64_t size = k_dim * kTile;  // one tile's weights
+  return ForEachTile(pool, sizes, m, wd[0], tiles, [=](int64_t tile, int64_t t, int64_t row0, int64_t rows, int64_t next) {
+    Tile(xp + row0 * k_dim, wp + tile * size, yp + row0 * o_dim + t * kTile, rows, k_dim, o_dim,
+         next < 0 ? nullptr : wp + next * size);
   });
-  return ffi::Error::Success();
 }
 
 #ifdef REDRAFTER_AMX
@@ -207,14 +240,14 @@ void AmxTile(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t 
 // zero-padded to Kp, then every tile by `kAmx` (AMX's tile unit) or else AVX512-BF16's dot products.
 template <bool kAmx>
 ffi::Error RowsMatmulPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                           ffi::ResultBuffer<ffi::F32> y) {
+                           ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 2 * kTile || wd[1] % (kPairK / 2) || 2 * wd[1] < xd[1] ||
-      2 * wd[1] >= xd[1] + kPairK) {
-    return ffi::Error::InvalidArgument("rows_matmul (k-pairs): expects x [M, K] and w [O / 32, Kp / 2, 64], Kp = K "
-                                       "up to 32s");
+  if (xd.size() != 2 || wd.size() != 4 || wd[3] != 2 * kTile || wd[2] % (kPairK / 2) || 2 * wd[2] < xd[1] ||
+      2 * wd[2] >= xd[1] + kPairK) {
+    return ffi::Error::InvalidArgument("rows_matmul (k-pairs): expects x [M, K] and w [G, O / 32, Kp / 2, 64], Kp "
+                                       "= K up to 32s");
   }
-  const int64_t m = xd[0], k_dim = xd[1], kp = 2 * wd[1], tiles = wd[0], o_dim = tiles * kTile;
+  const int64_t m = xd[0], k_dim = xd[1], kp = 2 * wd[2], tiles = wd[1], o_dim = tiles * kTile;
   std::vector<uint16_t> xb(m * kp, 0);  // x in bfloat16, zero-padded to Kp
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t k = 0; k < k_dim; ++k) xb[r * kp + k] = ToBfloat16(x.typed_data()[r * k_dim + k]);
@@ -222,53 +255,62 @@ ffi::Error RowsMatmulPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
   const uint16_t* xp = xb.data();
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
-  ParallelFor(pool, tiles, [=](int64_t t, int64_t after) {
-    const uint16_t *here = wp + t * kp * kTile, *next = after < tiles ? wp + after * kp * kTile : nullptr;
+  const int64_t size = kp * kTile;  // one tile's weights
+  return ForEachTile(pool, sizes, m, wd[0], tiles, [=](int64_t tile, int64_t t, int64_t row0, int64_t rows,
+                                                       int64_t after) {
+    const uint16_t *here = wp + tile * size, *next = after < 0 ? nullptr : wp + after * size;
+    const uint16_t* xr = xp + row0 * kp;
+    float* yr = yp + row0 * o_dim + t * kTile;
 #ifdef REDRAFTER_AMX
-    if constexpr (kAmx) AmxTile(xp, here, yp + t * kTile, m, kp, o_dim, next);
+    if constexpr (kAmx) AmxTile(xr, here, yr, rows, kp, o_dim, next);
 #endif
 #ifdef __AVX512BF16__
     if constexpr (!kAmx) {  // a k-pair of x or of a weight column is one 32-bit word
       using Pair = const uint32_t*;
-      Tile(reinterpret_cast<Pair>(xp), reinterpret_cast<Pair>(here), yp + t * kTile, m, kp / 2, o_dim,
+      Tile(reinterpret_cast<Pair>(xr), reinterpret_cast<Pair>(here), yr, rows, kp / 2, o_dim,
            reinterpret_cast<Pair>(next));
     }
 #endif
   });
-  return ffi::Error::Success();
 }
 #endif
 
 // w [K, O] (or, transposed, w [O, K]: an embedding used as the LM head) -> tiles [ceil(O / 32), K, 32],
 // the last tile zero-padded; with `pairs`, AMX's layout [ceil(O / 32), Kp / 2, 32, 2] (k-pairs, K
-// zero-padded to Kp, a multiple of 32: whole tile products). XLA:CPU's own transposes took ~0.6 s for
-// the default model's weights on 2 cores, a cost every generate() call paid. Blocks of 16 tiles x 64
-// rows keep both the strided reads and the writes within a few pages.
+// zero-padded to Kp, a multiple of 32: whole tile products). Leading axes are groups, packed one by one
+// (a mixture's experts: w [G, K, O] -> tiles [G, ceil(O / 32), K, 32]). XLA:CPU's own transposes took
+// ~0.6 s for the default model's weights on 2 cores, a cost every generate() call paid. Blocks of 16
+// tiles x 64 rows keep both the strided reads and the writes within a few pages.
 template <ffi::DataType T>
 ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T> tiles, bool transposed, bool pairs) {
   auto wd = w.dimensions(), td = tiles->dimensions();
-  const int64_t k_dim = wd.size() == 2 ? wd[transposed ? 1 : 0] : 0, o_dim = wd.size() == 2 ? wd[transposed ? 0 : 1] : 0;
+  const size_t lead = wd.size() - 2;  // group axes
+  const bool shaped = wd.size() >= 2 && td.size() == lead + 3 && (!transposed || lead == 0) &&
+                      std::equal(wd.begin(), wd.begin() + lead, td.begin());
+  const int64_t k_dim = shaped ? wd[lead + (transposed ? 1 : 0)] : 0, o_dim = shaped ? wd[lead + (transposed ? 0 : 1)] : 0;
   const int64_t rows = pairs ? (k_dim + kPairK - 1) / kPairK * kPairK : k_dim;
   const int64_t step = pairs ? 2 : 1;  // a column's next weight: beside it, or in the next row
-  if (wd.size() != 2 || td.size() != 3 || td[0] != (o_dim + kTile - 1) / kTile ||
-      td[1] * td[2] != rows * kTile || td[2] != (pairs ? 2 : 1) * kTile) {
-    return ffi::Error::InvalidArgument("pack_tiles: expects w [K, O] (transposed: [O, K]) and tiles [ceil(O / 32), K, 32] "
-                                       "(pairs: [ceil(O / 32), Kp / 2, 64])");
+  if (!shaped || td[lead] != (o_dim + kTile - 1) / kTile || td[lead + 1] * td[lead + 2] != rows * kTile ||
+      td[lead + 2] != (pairs ? 2 : 1) * kTile) {
+    return ffi::Error::InvalidArgument("pack_tiles: expects w [..., K, O] (transposed: [O, K]) and tiles [..., "
+                                       "ceil(O / 32), K, 32] (pairs: [..., ceil(O / 32), Kp / 2, 64])");
   }
   constexpr int64_t kBlockTiles = 16, kBlockRows = 64;
-  const int64_t n_tiles = td[0];
-  const auto* wp = w.typed_data();
-  auto* tp = tiles->typed_data();
-  ParallelFor(pool, (n_tiles + kBlockTiles - 1) / kBlockTiles, [=](int64_t b, int64_t) {
-    const int64_t t_end = std::min(n_tiles, (b + 1) * kBlockTiles);
+  int64_t groups = 1;
+  for (size_t i = 0; i < lead; ++i) groups *= wd[i];
+  const int64_t n_tiles = td[lead], blocks = (n_tiles + kBlockTiles - 1) / kBlockTiles;
+  ParallelFor(pool, groups * blocks, [=, wp = w.typed_data(), tp = tiles->typed_data()](int64_t task, int64_t) {
+    const int64_t g = task / blocks, b = task % blocks, t_end = std::min(n_tiles, (b + 1) * kBlockTiles);
+    const auto* wg = wp + g * k_dim * o_dim;
+    auto* tg = tp + g * n_tiles * rows * kTile;
     for (int64_t k0 = 0; k0 < rows; k0 += kBlockRows) {
       const int64_t k_end = std::min(rows, k0 + kBlockRows);
       for (int64_t t = b * kBlockTiles; t < t_end; ++t) {
         const int64_t col = t * kTile, width = std::min(kTile, o_dim - col);
         for (int64_t k = k0; k < k_end; ++k) {
-          auto* out = tp + t * rows * kTile + (pairs ? (k & ~int64_t{1}) * kTile + (k & 1) : k * kTile);
+          auto* out = tg + t * rows * kTile + (pairs ? (k & ~int64_t{1}) * kTile + (k & 1) : k * kTile);
           for (int64_t c = 0; c < kTile; ++c) {
-            out[c * step] = k < k_dim && c < width ? (transposed ? wp[(col + c) * k_dim + k] : wp[k * o_dim + col + c])
+            out[c * step] = k < k_dim && c < width ? (transposed ? wg[(col + c) * k_dim + k] : wg[k * o_dim + col + c])
                                                    : std::remove_reference_t<decltype(out[0])>{};
           }
         }
@@ -287,6 +329,7 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
                                     .Ctx<ffi::ThreadPool>()                                      \
                                     .Arg<ffi::Buffer<ffi::F32>>()                                \
                                     .Arg<ffi::Buffer<T>>()                                       \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                \
                                     .Ret<ffi::Buffer<ffi::F32>>())
 #define PACK_TILES(name, T)                                                                      \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, PackTiles<T>,                                              \
@@ -320,6 +363,7 @@ extern "C" int redrafter_amx_ready() {
                                     .Ctx<ffi::ThreadPool>()                                      \
                                     .Arg<ffi::Buffer<ffi::F32>>()                                \
                                     .Arg<ffi::Buffer<ffi::BF16>>()                               \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                                \
                                     .Ret<ffi::Buffer<ffi::F32>>())
 #ifdef REDRAFTER_AMX
 ROWS_MATMUL_PAIRS(redrafter_rows_matmul_amx, true);
