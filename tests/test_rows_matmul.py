@@ -231,7 +231,7 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
 
 # mixtures of experts: softmax routing renormalised over the chosen with biases and a gated shared expert
 # beside a dense layer (Qwen2-MoE-like), and Llama 4's sigmoid-weighted inputs with an ungated one
-MIXTURES = {"dense": {}, "experts": dict(num_experts=6, experts_per_token=2, expert_size=40, norm_topk=True,
+MIXTURES = {"dense": {}, "experts": dict(num_experts=64, experts_per_token=8, expert_size=40, norm_topk=True,
                                          expert_bias=True, shared_expert_size=24, moe_layers=(1,)),
             "Llama 4's experts": dict(num_experts=4, experts_per_token=1, expert_size=40, shared_expert_size=40,
                                       shared_expert_gate=False, routing="sigmoid_input")}
