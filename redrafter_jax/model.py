@@ -165,16 +165,19 @@ def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params
     return {**params, "layers": layers, "lm_head": head}
 
 
-def row_sum(x: jax.Array) -> jax.Array:
-    """x [..., D] summed over D -> [..., 1] in one fixed order whatever the leading axes: D zero-padded to
-    a power of two, then halves added pairwise. XLA:CPU reduces fewer than 8 rows in another order than
-    8 or more, so a one-token step and a tree of 8 or more tokens normalised the same hidden state
-    differently (bfloat16 products magnified that into different greedy tokens)."""
+def row_sum(x: jax.Array, op: Callable = jnp.add) -> jax.Array:
+    """x [..., D] summed over D (or folded by another `op`, e.g. jnp.maximum) -> [..., 1] in one fixed order
+    whatever the leading axes: D padded to a power of two by op's identity (0 or -inf), then halves
+    combined pairwise. XLA:CPU reduces fewer than 8 rows in another order than 8 or more, so a one-token
+    step and a tree of 8 or more tokens normalised the same hidden state differently (bfloat16 products
+    magnified that into different greedy tokens); and from ~64 rows it hands a reduction and what it
+    feeds to YNNPACK, whose exp rounds otherwise (a router's softmax)."""
     d = x.shape[-1]
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (d - 1).bit_length()) - d)])
+    pad = 0 if op is jnp.add else -jnp.inf
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, (1 << (d - 1).bit_length()) - d)], constant_values=pad)
     while x.shape[-1] > 1:
         half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+        x = op(x[..., :half], x[..., half:])
     return x
 
 
@@ -240,8 +243,8 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | N
     if cfg.routing == "sigmoid_input":
         chosen, experts = jax.lax.top_k(logits, cfg.experts_per_token)
         return jax.nn.sigmoid(chosen), experts
-    # sums by `row_sum`: a token routes alike whatever tokens share its forward (XLA:CPU's reductions not)
-    probs = jnp.exp(logits - logits.max(-1, keepdims=True))
+    # by `row_sum`: a token routes alike whatever tokens share its forward (XLA:CPU's reductions do not)
+    probs = jnp.exp(logits - row_sum(logits, jnp.maximum))
     weights, experts = jax.lax.top_k(probs / row_sum(probs), cfg.experts_per_token)
     return (weights / row_sum(weights) if cfg.norm_topk else weights), experts
 
