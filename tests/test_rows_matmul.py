@@ -230,11 +230,12 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
 
 
 # mixtures of experts: softmax routing renormalised over the chosen with biases and a gated shared expert
-# beside a dense layer (Qwen2-MoE-like), and Llama 4's sigmoid-weighted inputs with an ungated one
+# beside a dense layer (Qwen2-MoE-like), and Llama 4's sigmoid-weighted inputs (two a token) with an
+# ungated one
 MIXTURES = {"dense": {}, "experts": dict(num_experts=64, experts_per_token=8, expert_size=40, norm_topk=True,
                                          expert_bias=True, shared_expert_size=24, moe_layers=(1,)),
-            "Llama 4's experts": dict(num_experts=4, experts_per_token=1, expert_size=40, shared_expert_size=40,
-                                      shared_expert_gate=False, routing="sigmoid_input")}
+            "sigmoid experts": dict(num_experts=4, experts_per_token=2, expert_size=40, shared_expert_size=40,
+                                    shared_expert_gate=False, routing="sigmoid_input")}
 
 
 @pytest.mark.parametrize("mixture", MIXTURES)
@@ -271,6 +272,21 @@ def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it
         got_logits, got_hidden = chain(n, 1)
         np.testing.assert_array_equal(got_logits, logits[:n])
         np.testing.assert_array_equal(got_hidden, hidden[:n])
+
+
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_a_token_routes_bitwise_alike_whatever_tokens_share_its_forward(norm_topk):
+    """Up to 600 tokens (a batch's trees, a prefill): XLA:CPU hands larger reductions to YNNPACK, which
+    sums in another order and rounds exp otherwise."""
+    cfg, _ = tiny_model(num_experts=64, experts_per_token=8, expert_size=8, norm_topk=norm_topk)
+    rng = np.random.default_rng(0)
+    router = rows_matmul.pack(jnp.asarray(rng.standard_normal((cfg.hidden_size, 64)), jnp.float32))
+    x = rng.standard_normal((600, cfg.hidden_size)).astype(np.float32)
+    route = jax.jit(lambda x: model.route(x, router, cfg))
+    alone = [np.concatenate([np.asarray(a) for a in route(x[i:i + 1])], axis=1) for i in range(8)]
+    for n in (2, 8, 600):
+        together = np.concatenate([np.asarray(a) for a in route(x[:n])], axis=1)[:8]
+        np.testing.assert_array_equal(together, np.concatenate(alone)[:n])
 
 
 @pytest.mark.parametrize("kernel,dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16"),
