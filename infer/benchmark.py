@@ -3,7 +3,7 @@ writes its table and a plot (see infer.report; --docs publishes them in docs/).
 
     python -m infer.benchmark ar      # autoregressive decoding: ours vs Hugging Face transformers
     python -m infer.benchmark spec    # speculative step costs; random and oracle drafters vs autoregressive
-    python -m infer.benchmark experts # a mixture of experts' layer on the CPU: tiles vs XLA's ways
+    python -m infer.benchmark experts # a mixture of experts' layer on the CPU: the rows kernel vs tiles vs XLA's
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
-from redrafter_jax.model import TILE, expert_tiles, experts_mlp, forward, ragged_experts, route
+from redrafter_jax.model import EXPERTS, TILE, expert_tiles, experts_mlp, forward, ragged_experts, route
 from redrafter_jax.oracle import OracleDrafter
 
 PASSAGES = [
@@ -366,10 +366,11 @@ EXPERT_SHAPES = {"OLMoE-1B-7B": (2048, 1024, 64, 8), "Qwen3-30B-A3B": (2048, 768
 
 
 def bench_experts(args) -> None:
-    """One mixture-of-experts layer's experts (random float32 weights of real models' shapes) over N tokens:
-    `model.expert_tiles` (the CPU's default) against XLA's ways (`model.ragged_experts`: each pair's expert
-    gathered where there are fewer pairs than experts, else `lax.ragged_dot`, which XLA:CPU computes
-    densely), timed in alternation."""
+    """One mixture-of-experts layer's experts (random float32 weights of real models' shapes) over N tokens,
+    timed in alternation: the rows kernel on experts packed as decoding packs them (`model.ragged_experts`
+    on `pack_params`' experts: the CPU decode loops' way), `model.expert_tiles` (the CPU's way for
+    unpacked experts) and XLA's ways (`model.ragged_experts` on arrays: each pair's expert gathered where
+    there are fewer pairs than experts, else `lax.ragged_dot`, which XLA:CPU computes densely)."""
     rows = []
     for name in args.shapes:
         h, f, e, k = EXPERT_SHAPES[name]
@@ -379,28 +380,33 @@ def bench_experts(args) -> None:
         p = {"router": jax.random.normal(keys[0], (h, e)),
              "experts_gate_up": 0.02 * jax.random.normal(keys[1], (e, h, 2, f)),
              "experts_down": 0.02 * jax.random.normal(keys[2], (e, f, h))}
+        packed = {**p, **{w: rows_matmul.pack(p[w], grouped=True) for w in EXPERTS}}
         for n in args.tokens:
             x = jax.random.normal(keys[3], (n, h))
             weights, experts = route(x, p["router"], cfg)
-            ways = {way: jax.jit(functools.partial(experts_mlp, grouped=fn, cfg=cfg))
-                    for way, fn in (("tiles", expert_tiles), ("XLA", ragged_experts))}
-            out = {way: np.asarray(fn(x, experts, weights, p)) for way, fn in ways.items()}
-            t = timed({way: functools.partial(fn, x, experts, weights, p) for way, fn in ways.items()}, args.repeats,
-                      f"{name}, {n} tokens")
-            rows.append([name, f"{h} / {f} / {e} / {k}", n, n * k, 1000 * t["tiles"],
-                         "gathered" if n * k < e else "ragged_dot", 1000 * t["XLA"], t["XLA"] / t["tiles"],
-                         float(np.abs(out["tiles"] - out["XLA"]).max())])
-    md = table(["model", "hidden / expert size / experts / per token", "tokens", "pairs", "tiles ms", "XLA's way",
-                "its ms", "speedup", "max abs difference"], rows)
+            ways = {way: functools.partial(jax.jit(functools.partial(experts_mlp, grouped=fn, cfg=cfg)), x, experts,
+                                           weights, params)
+                    for way, fn, params in (("kernel", ragged_experts, packed), ("tiles", expert_tiles, p),
+                                            ("XLA", ragged_experts, p))}
+            out = {way: np.asarray(fn()) for way, fn in ways.items()}
+            t = timed(ways, args.repeats, f"{name}, {n} tokens")
+            rows.append([name, f"{h} / {f} / {e} / {k}", n, n * k, 1000 * t["kernel"], 1000 * t["tiles"],
+                         "gathered" if n * k < e else "ragged_dot", 1000 * t["XLA"], t["tiles"] / t["kernel"],
+                         t["XLA"] / t["kernel"], float(max(np.abs(out[w] - out["kernel"]).max() for w in out))])
+    md = table(["model", "hidden / expert size / experts / per token", "tokens", "pairs", "kernel ms", "tiles ms",
+                "XLA's way", "its ms", "kernel vs tiles", "kernel vs XLA", "max abs difference"], rows)
     print(md)
-    write_section("experts", path=args.report, body=f"""## Mixtures of experts on the CPU: expert tiles vs XLA's ways
+    write_section("experts", path=args.report, body=f"""## Mixtures of experts on the CPU: the rows kernel vs expert tiles vs XLA's ways
 
 One layer's experts (random float32 weights of each model's shapes) over N tokens: a decode step (N =
-1), a tree, a prefill. `model.expert_tiles`, the CPU's default, sorts the (token, expert) pairs by
-expert and walks tiles of up to {TILE} rows of one expert each; XLA's ways (`model.ragged_experts`,
-the default elsewhere) gather each pair's expert weights where there are fewer pairs than experts
-(on the CPU a copy of each), else go through `lax.ragged_dot`, which XLA:CPU computes densely, every
-expert over every row. Timed in alternation, best of {args.repeats}. Machine: {machine()}.
+1), a tree, a prefill. Each way sorts the (token, expert) pairs by expert. The rows kernel (the CPU
+decode loops' way: `model.ragged_experts` on experts packed by `pack_params`) multiplies each
+expert's run of rows in one call per product, streaming only the experts with rows, each row's result
+independent of the rows beside it; `model.expert_tiles` (the CPU's way for unpacked experts, MXFP4's
+among them) walks tiles of up to {TILE} rows of one expert each; XLA's ways (`model.ragged_experts` on
+arrays, the default elsewhere) gather each pair's expert weights where there are fewer pairs than
+experts (on the CPU a copy of each), else go through `lax.ragged_dot`, which XLA:CPU computes densely,
+every expert over every row. Timed in alternation, best of {args.repeats}. Machine: {machine()}.
 
 Command: `{args.command}`
 
@@ -414,11 +420,12 @@ Command: `{args.command}`
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in args.shapes:
         mine = [r for r in rows if r[0] == name]
-        ax.plot([r[2] for r in mine], [r[7] for r in mine], "o-", label=name)
+        ax.plot([r[2] for r in mine], [r[8] for r in mine], "o-", label=f"{name}: tiles")
+        ax.plot([r[2] for r in mine], [r[9] for r in mine], "s--", label=f"{name}: XLA's way")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens (N)")
-    ax.set_ylabel("XLA's way's time / tiles' time")
-    ax.set_title("MoE layer on the CPU: tiles' speedup")
+    ax.set_ylabel("time / the rows kernel's")
+    ax.set_title("MoE layer on the CPU: the rows kernel's speedup")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -464,7 +471,7 @@ def main(argv=None) -> None:
     sp.add_argument("--repeats", type=at_least(1), default=2)
     sp.add_argument("--profile-specs", nargs="+", default=["1x4+1", "4x3+1x8:7", "4x4", "8x5"],
                     help="WxL[+K[xL']][:N] settings whose step is profiled part by part")
-    ex = sub.add_parser("experts", help="a mixture of experts' layer on the CPU: tiles vs XLA's ways")
+    ex = sub.add_parser("experts", help="a mixture of experts' layer on the CPU: the rows kernel vs tiles vs XLA's ways")
     ex.add_argument("--shapes", nargs="+", choices=list(EXPERT_SHAPES), default=list(EXPERT_SHAPES))
     ex.add_argument("--tokens", type=at_least(1), nargs="+", default=[1, 4, 16, 64, 128])
     ex.add_argument("--repeats", type=at_least(1), default=3)

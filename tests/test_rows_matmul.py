@@ -60,6 +60,29 @@ def test_products_match_float64_and_rows_do_not_depend_on_their_count(k, out, dt
     np.testing.assert_array_equal(np.asarray(mm(x[None, :3], packed)), single[None, :3])  # leading axes kept
 
 
+@pytest.mark.parametrize("dtype,unit", KERNELS)
+def test_grouped_products_multiply_each_run_of_rows_by_its_weight_alone(dtype, unit, monkeypatch):
+    """A mixture's experts: rows sorted by expert, sizes[g] of them for weight g (some with none), each
+    row's result bitwise what it gets alone, by its weight packed on its own."""
+    if unit:
+        monkeypatch.setattr(rows_matmul, "bf16_units", lambda: (unit,))
+    rng, pairs = np.random.default_rng(1), unit is not None
+    w = jnp.asarray(rng.standard_normal((5, 40, 2, 24)), dtype)  # 5 experts [K, 2, F]: 48 columns, a padded tile
+    grouped = rows_matmul.pack(w, pairs=pairs, grouped=True)
+    assert grouped.grouped and grouped.tiles.shape[:2] == (5, 2) and (grouped.k, grouped.out) == (40, (2, 24))
+    sizes = np.array([3, 0, 14, 1, 0], np.int32)  # 14: a pass of 12 (16 on AMX) and a partial one
+    x = rng.standard_normal((18, 40)).astype(np.float32)
+    mm = jax.jit(lambda x, w, sizes=None: rows_matmul.matmul(x, w, sizes))
+    got = np.asarray(mm(x, grouped, jnp.asarray(sizes)))
+    expert = np.repeat(np.arange(5), sizes)
+    for i, e in enumerate(expert):
+        np.testing.assert_array_equal(got[i], np.asarray(mm(x[i:i + 1], rows_matmul.pack(w[e], pairs=pairs)))[0])
+    with pytest.raises(Exception, match="sizes must be counts >= 0 that sum to the rows"):
+        np.asarray(mm(x, grouped, jnp.asarray([3, 0, 14, 1, 1], jnp.int32)))
+    with pytest.raises(ValueError, match="grouped weights need x"):
+        mm(x, grouped)
+
+
 @pytest.mark.parametrize("dtype,pairs", LAYOUTS, ids=LAYOUT_IDS)
 def test_packing_copies_tiles_exactly_also_from_a_transposed_weight(dtype, pairs):
     w = np.asarray(jnp.asarray(np.random.default_rng(0).standard_normal((9, 70)), dtype))  # 70 columns: a padded tile
