@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from redrafter_jax import model
+from redrafter_jax import model, rows_matmul
 from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, window_mask, write
 from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
@@ -257,15 +257,16 @@ def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=Fa
     return out
 
 
-@pytest.mark.parametrize("tiles", [True, False])
+@pytest.mark.parametrize("way", ["tiles", "XLA", "kernel"])
 @pytest.mark.parametrize("renormalise,gpt_oss,llama4", [(False, False, False), (True, False, False),
                                                        (True, True, False), (False, False, True)])
-def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4, tiles):
+def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4, way):
     """The CPU's expert tiles (of 1, 2 and 16 rows here, most experts' last tile padded, and with most rows on
-    one expert and some experts without any), or elsewhere's gathered experts for a few tokens and
-    grouped products (`lax.ragged_dot`) for many, give each token the reference's mixture, whichever
-    other tokens share the call; with GPT-OSS's router and expert biases and clamped SwiGLU too (a limit
-    of 1 clamps many gates and ups), and with Llama 4's sigmoid weights on the experts' inputs."""
+    one expert and some experts without any), elsewhere's gathered experts for a few tokens and grouped
+    products (`lax.ragged_dot`) for many, or the CPU decode loops' rows kernel on packed experts (and
+    router), give each token the reference's mixture, whichever other tokens share the call; with
+    GPT-OSS's router and expert biases and clamped SwiGLU too (a limit of 1 clamps many gates and ups),
+    and with Llama 4's sigmoid weights on the experts' inputs."""
     e, h, f, k = 8, 16, 12, 3
     rng = np.random.default_rng(0)
     p = {"router": rng.normal(0, 1, (h, e)), "experts_gate_up": rng.normal(0, 0.3, (e, h, 2, f)),
@@ -288,9 +289,17 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
                                                                                 "experts_down")}, k, renormalise))
         assert not np.allclose(want, experts_reference(x, p, k, renormalise, 100.0))
 
+    tiles, used = way == "tiles", p
+    if way == "kernel":
+        if not rows_matmul.available():
+            pytest.skip("no C++ compiler for the CPU rows kernel")
+        used = {**p, "router": rows_matmul.pack(p["router"]),
+                **{name: rows_matmul.pack(p[name], grouped=True) for name in model.EXPERTS}}
+
     def mixture(rows):
-        weights, experts = model.route(rows, p["router"], cfg, p.get("router_bias"))
-        return model.experts_mlp(rows, experts, weights, p, cfg, model.expert_tiles if tiles else model.ragged_experts)
+        weights, experts = model.route(rows, used["router"], cfg, p.get("router_bias"))
+        return model.experts_mlp(rows, experts, weights, used, cfg,
+                                 model.expert_tiles if tiles else model.ragged_experts)
 
     for rows in (x[:2], x[:3], x):  # 2 x 3 < 8 pairs (else gathered) and 3 x 3: tiles of 1; 7 x 3: tiles of 2
         np.testing.assert_allclose(np.asarray(mixture(rows)), want[:len(rows)], rtol=1e-5, atol=1e-5)
@@ -299,7 +308,8 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
                                rtol=1e-5, atol=1e-5)
     jaxprs = [str(jax.make_jaxpr(mixture)(rows)) for rows in (x[:2], x)]
     assert all(("scan" in j) == tiles for j in jaxprs)
-    assert "ragged_dot" not in jaxprs[0] and ("ragged_dot" in jaxprs[1]) != tiles
+    assert "ragged_dot" not in jaxprs[0] and ("ragged_dot" in jaxprs[1]) == (way == "XLA")
+    assert all((rows_matmul.TARGETS[jnp.dtype(jnp.float32)] in j) == (way == "kernel") for j in jaxprs)
 
 
 @pytest.mark.parametrize("tiles", [True, False])
