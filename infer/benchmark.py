@@ -3,7 +3,7 @@ writes its table and a plot (see infer.report; --docs publishes them in docs/).
 
     python -m infer.benchmark ar      # autoregressive decoding: ours vs Hugging Face transformers
     python -m infer.benchmark spec    # speculative step costs; random and oracle drafters vs autoregressive
-    python -m infer.benchmark experts # a mixture of experts' layer on the CPU: the rows kernel vs tiles vs XLA's
+    python -m infer.benchmark experts # a mixture of experts' layer on the CPU: rows kernel, tiles, XLA's ways
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def bench_experts(args) -> None:
     md = table(["model", "hidden / expert size / experts / per token", "tokens", "pairs", "kernel ms", "tiles ms",
                 "XLA's way", "its ms", "kernel vs tiles", "kernel vs XLA", "max abs difference"], rows)
     print(md)
-    write_section("experts", path=args.report, body=f"""## Mixtures of experts on the CPU: the rows kernel vs expert tiles vs XLA's ways
+    write_section("experts", path=args.report, body=f"""## Mixtures of experts on the CPU: rows kernel, tiles, XLA's ways
 
 One layer's experts (random float32 weights of each model's shapes) over N tokens: a decode step (N =
 1), a tree, a prefill. Each way sorts the (token, expert) pairs by expert. The rows kernel (the CPU
@@ -471,7 +471,7 @@ def main(argv=None) -> None:
     sp.add_argument("--repeats", type=at_least(1), default=2)
     sp.add_argument("--profile-specs", nargs="+", default=["1x4+1", "4x3+1x8:7", "4x4", "8x5"],
                     help="WxL[+K[xL']][:N] settings whose step is profiled part by part")
-    ex = sub.add_parser("experts", help="a mixture of experts' layer on the CPU: the rows kernel vs tiles vs XLA's ways")
+    ex = sub.add_parser("experts", help="a mixture of experts' layer on the CPU: rows kernel, tiles, XLA's ways")
     ex.add_argument("--shapes", nargs="+", choices=list(EXPERT_SHAPES), default=list(EXPERT_SHAPES))
     ex.add_argument("--tokens", type=at_least(1), nargs="+", default=[1, 4, 16, 64, 128])
     ex.add_argument("--repeats", type=at_least(1), default=3)

@@ -182,7 +182,8 @@ ffi::Error RowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const auto* wp = w.typed_data();
   float* yp = y->typed_data();
   const int64_t size = k_dim * kTile;  // one tile's weights
-  return ForEachTile(pool, sizes, m, wd[0], tiles, [=](int64_t tile, int64_t t, int64_t row0, int64_t rows, int64_t next) {
+  return ForEachTile(pool, sizes, m, wd[0], tiles, [=](int64_t tile, int64_t t, int64_t row0, int64_t rows,
+                                                       int64_t next) {
     Tile(xp + row0 * k_dim, wp + tile * size, yp + row0 * o_dim + t * kTile, rows, k_dim, o_dim,
          next < 0 ? nullptr : wp + next * size);
   });
@@ -287,7 +288,8 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
   const size_t lead = wd.size() - 2;  // group axes
   const bool shaped = wd.size() >= 2 && td.size() == lead + 3 && (!transposed || lead == 0) &&
                       std::equal(wd.begin(), wd.begin() + lead, td.begin());
-  const int64_t k_dim = shaped ? wd[lead + (transposed ? 1 : 0)] : 0, o_dim = shaped ? wd[lead + (transposed ? 0 : 1)] : 0;
+  const int64_t k_dim = shaped ? wd[lead + (transposed ? 1 : 0)] : 0;
+  const int64_t o_dim = shaped ? wd[lead + (transposed ? 0 : 1)] : 0;
   const int64_t rows = pairs ? (k_dim + kPairK - 1) / kPairK * kPairK : k_dim;
   const int64_t step = pairs ? 2 : 1;  // a column's next weight: beside it, or in the next row
   if (!shaped || td[lead] != (o_dim + kTile - 1) / kTile || td[lead + 1] * td[lead + 2] != rows * kTile ||
