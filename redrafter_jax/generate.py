@@ -364,15 +364,20 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     norms, biases, activations, cache) is float32, as the CPU kernels compute: bfloat16 weights stream
     half the bytes (their products round the activations to bfloat16; as k-pairs where
     `rows_matmul.bf16_unit()`), and a row's logits do not depend on the tree around it in either dtype. A
-    float32 prefill keeps XLA's products on params; a bfloat16 one runs on the loop's params. Elsewhere
-    params and cfg are used unchanged. The loop's params are made once per params, dtype and layout
-    (`_kept`); the config is cfg's (calls on the same params may differ in it, e.g. in their EOS ids)."""
+    float32 prefill keeps XLA's products on params (faster for long prompts), but for a mixture's
+    experts, which XLA:CPU computes densely: it takes the loop's packed ones; a bfloat16 prefill runs on
+    the loop's params. Elsewhere params and cfg are used unchanged. The loop's params are made once per
+    params, dtype and layout (`_kept`); the config is cfg's (calls on the same params may differ in it,
+    e.g. in their EOS ids)."""
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
     pairs = rows_matmul.pairs_layout(cfg.dtype)
     loop = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: _loop_params(params, cfg.dtype, pairs))
-    return DecodingParams(params if jnp.dtype(cfg.dtype) == jnp.float32 else loop, loop,
-                          dataclasses.replace(cfg, dtype="float32"))
+    prefill = loop if jnp.dtype(cfg.dtype) != jnp.float32 else params
+    if prefill is params and cfg.num_experts:
+        prefill = {**params, "layers": [{**p, **{k: q[k] for k in EXPERTS if isinstance(q.get(k), rows_matmul.Packed)}}
+                                        for p, q in zip(params["layers"], loop["layers"])]}
+    return DecodingParams(prefill, loop, dataclasses.replace(cfg, dtype="float32"))
 
 
 def decoding_drafter(drafter: Proposer | None, mesh: Mesh | None = None, dtype="float32") -> Proposer | None:

@@ -119,6 +119,18 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
 
 
+def test_a_float32_prefill_takes_the_loops_packed_experts_and_xlas_dense_products():
+    """XLA's products are faster for a long prompt's dense matrices, but XLA:CPU computes a mixture's
+    experts densely, every expert over every row."""
+    cfg, params = tiny_model(num_experts=4, experts_per_token=2, expert_size=16, moe_layers=(1,))
+    prefill, loop, _ = gen.decoding_params(params, cfg)
+    assert all(prefill["layers"][i][k] is params["layers"][i][k] for i, k in ((0, "w_down"), (1, "wo"), (1, "router")))
+    assert all(prefill["layers"][1][k] is loop["layers"][1][k] for k in model.EXPERTS)
+    tokens = jnp.asarray([[5, 6, 7, 8, 9, 10, 11, 12]])
+    np.testing.assert_allclose(np.asarray(forward_causal(prefill, cfg, tokens).logits),
+                               np.asarray(forward_causal(params, cfg, tokens).logits), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec", [None, SpecConfig(0, 4, lookup_beams=1)], ids=["autoregressive", "lookup beams"])
 def test_calls_on_the_same_params_decode_by_their_own_config(spec):
     """The loop's packed params are kept per params, not the config: a second call with another EOS id
