@@ -143,7 +143,7 @@ def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
 
 
 # a layer's weights that go through `linear` (the CPU decode loops tile-pack them), and its experts' (packed
-# as groups, one per expert, for `ragged_experts`; MXFP4 ones stay as they are)
+# as groups, one per expert, for `ragged_experts`; MXFP4 ones as MXFP4 tiles)
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down", "shared_gate", "router")
 EXPERTS = ("experts_gate_up", "experts_down")
 
@@ -156,8 +156,8 @@ def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params
         return rows_matmul.pack(w.astype(dtype or w.dtype), transposed, pairs, grouped)
 
     def packed(name, w):
-        if name in EXPERTS and not isinstance(w, Mxfp4):
-            return pack(w, grouped=True)
+        if name in EXPERTS:
+            return rows_matmul.pack_mxfp4(w) if isinstance(w, Mxfp4) else pack(w, grouped=True)
         return pack(w) if name in MATRICES else w
 
     layers = [{k: packed(k, v) for k, v in p.items()} for p in params["layers"]]

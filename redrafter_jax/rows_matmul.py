@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.wheels import sha256, writable_cache
 
 TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
@@ -50,6 +51,7 @@ TARGETS = {jnp.dtype(jnp.float32): "redrafter_rows_matmul", jnp.dtype(jnp.bfloat
 PAIRS_TARGETS = {"AMX": "redrafter_rows_matmul_amx", "AVX512-BF16": "redrafter_rows_matmul_dpbf16"}
 PAIR_K = 32  # k per AMX tile product: K is zero-padded to a multiple of it (csrc/rows_matmul.cc's kPairK)
 PACK_TARGETS = {jnp.dtype(jnp.float32): "redrafter_pack_tiles", jnp.dtype(jnp.bfloat16): "redrafter_pack_tiles_bf16"}
+MXFP4_TARGETS = ("redrafter_rows_matmul_mxfp4", "redrafter_pack_mxfp4")  # products, packing
 ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 
 
@@ -57,17 +59,19 @@ ATTENTION_TARGET = "redrafter_attention"  # cpu_attention.py
 class Packed:
     """A weight [K, *out] stored as 32-column tiles (O = prod(out), zero-padded), float32 or bfloat16:
     [ceil(O / 32), K, 32], or with `pairs` (for `bf16_unit`) [ceil(O / 32), Kp / 2, 64], k-pairs of each
-    column side by side and K zero-padded to Kp, a multiple of PAIR_K. Grouped (a mixture's experts),
-    G such weights: tiles [G, ceil(O / 32), ...]."""
+    column side by side and K zero-padded to Kp, a multiple of PAIR_K; or MXFP4 weights (`pack_mxfp4`)
+    as 4-bit codes, tiles [ceil(O / 32), K / 32, 32, 16] uint8, with `scales` [ceil(O / 32), K / 32, 32]
+    (csrc/rows_matmul.cc). Grouped (a mixture's experts), G such weights: tiles [G, ceil(O / 32), ...]."""
 
     tiles: jax.Array
     k: int = struct.field(pytree_node=False)
     out: tuple[int, ...] = struct.field(pytree_node=False)
     pairs: bool = struct.field(pytree_node=False, default=False)
+    scales: jax.Array | None = None
 
     @property
     def grouped(self) -> bool:
-        return self.tiles.ndim == 4
+        return self.tiles.ndim == (5 if self.scales is not None else 4)
 
 
 def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None, grouped: bool = False) -> Packed:
@@ -93,14 +97,33 @@ def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None, grou
     return Packed(tiles, k, tuple(out), pairs)
 
 
+def pack_mxfp4(w: Mxfp4) -> Packed:
+    """A mixture's MXFP4 experts w [E, K, *out] (`mxfp4.Mxfp4`, stored with their input axis last, the
+    others in our order) -> grouped Packed MXFP4 tiles, 4.25 bits a weight as stored: their products are
+    those of the dequantized float32 weights, bitwise."""
+    check_available("packed MXFP4 weights")
+    n = len(w.order)
+    if w.order != (n - 1, *range(n - 1)) or w.blocks.ndim != n + 2:
+        raise ValueError(f"pack_mxfp4 takes a mixture's MXFP4 experts [E, *out, K / 32, 16] (input axis last), got "
+                         f"blocks {list(w.blocks.shape)} in the order {w.order}")
+    e, *out, blocks = w.scales.shape
+    o = math.prod(out)
+    shape = (e, -(-o // TILE), blocks)
+    codes, scales = jax.ffi.ffi_call(MXFP4_TARGETS[1], (jax.ShapeDtypeStruct((*shape, 32, 16), jnp.uint8),
+                                                        jax.ShapeDtypeStruct((*shape, 32), jnp.uint8)))(
+        w.blocks.reshape(e, o, blocks, 16), w.scales.reshape(e, o, blocks))
+    return Packed(codes, blocks * GROUP, tuple(out), scales=scales)
+
+
 def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array:
     """float32 x [..., K] @ w -> float32 [..., *w.out] (x rounded to bfloat16 for bfloat16 weights). Grouped
     w: x [M, K] in runs of sizes [G] int32 rows (summing to M), run g times weight g (a layer's expert
     rows sorted by expert); the kernel streams only the weights with rows."""
     check_available("packed weights")
     lead, k = x.shape[:-1], x.shape[-1]
-    tiles = w.tiles.shape[-3]
-    if w.k != k or x.dtype != jnp.float32 or w.tiles.dtype not in WEIGHT_DTYPES:
+    mxfp4 = w.scales is not None
+    tiles = w.tiles.shape[-4 if mxfp4 else -3]
+    if w.k != k or x.dtype != jnp.float32 or (w.tiles.dtype not in WEIGHT_DTYPES and not mxfp4):
         raise ValueError(f"rows_matmul needs float32 x [..., K] and float32 or bfloat16 weight tiles of K = {w.k}, "
                          f"got x {x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}{list(w.tiles.shape)}")
     if w.grouped != (sizes is not None) or (sizes is not None and (x.ndim != 2 or sizes.shape != w.tiles.shape[:1])):
@@ -112,9 +135,14 @@ def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array
         sizes = jnp.full((1,), rows.shape[0], jnp.int32)
     # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
     # the one-token step does (XLA's products of more rows sum in another order)
-    target = PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
-    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(
-        rows, w.tiles.reshape(-1, *w.tiles.shape[-3:]), sizes.astype(jnp.int32))
+    y_shape = jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32)
+    if mxfp4:
+        y = jax.ffi.ffi_call(MXFP4_TARGETS[0], y_shape)(rows, w.tiles.reshape(-1, *w.tiles.shape[-4:]),
+                                                        w.scales.reshape(-1, *w.scales.shape[-3:]),
+                                                        sizes.astype(jnp.int32))
+    else:
+        target = PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
+        y = jax.ffi.ffi_call(target, y_shape)(rows, w.tiles.reshape(-1, *w.tiles.shape[-3:]), sizes.astype(jnp.int32))
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
 
@@ -159,7 +187,7 @@ def _library() -> ctypes.CDLL | None:
         warnings.warn(f"the CPU kernels are unavailable ({e}); decoding uses XLA's matrix products and attention")
         return None
     pairs_kernels = [t for t in PAIRS_TARGETS.values() if hasattr(lib, t)]  # compiled where the CPU has the unit
-    for target in (*TARGETS.values(), *PACK_TARGETS.values(), ATTENTION_TARGET, *pairs_kernels):
+    for target in (*TARGETS.values(), *PACK_TARGETS.values(), *MXFP4_TARGETS, ATTENTION_TARGET, *pairs_kernels):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     return lib
 

@@ -266,12 +266,13 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
 
 
 # mixtures of experts: softmax routing renormalised over the chosen with biases and a gated shared expert
-# beside a dense layer (Qwen2-MoE-like), and Llama 4's sigmoid-weighted inputs (two a token) with an
-# ungated one
+# beside a dense layer (Qwen2-MoE-like), Llama 4's sigmoid-weighted inputs (two a token) with an ungated
+# one, and experts kept in MXFP4 (GPT-OSS's)
 MIXTURES = {"dense": {}, "experts": dict(num_experts=64, experts_per_token=8, expert_size=40, norm_topk=True,
                                          expert_bias=True, shared_expert_size=24, moe_layers=(1,)),
             "sigmoid experts": dict(num_experts=4, experts_per_token=2, expert_size=40, shared_expert_size=40,
-                                    shared_expert_gate=False, routing="sigmoid_input")}
+                                    shared_expert_gate=False, routing="sigmoid_input"),
+            "MXFP4 experts": dict(num_experts=8, experts_per_token=4, expert_size=64, expert_format="mxfp4")}
 
 
 @pytest.mark.parametrize("mixture", MIXTURES)
@@ -291,6 +292,7 @@ def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it
     if mixture != "dense":  # the experts and the router go to the kernel
         assert loop["layers"][1]["experts_down"].grouped and isinstance(loop["layers"][1]["router"],
                                                                         rows_matmul.Packed)
+        assert (loop["layers"][1]["experts_down"].scales is not None) == (mixture == "MXFP4 experts")
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
     fwd = jax.jit(model.forward, static_argnums=1)
 

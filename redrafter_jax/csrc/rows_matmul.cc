@@ -24,7 +24,7 @@
 #include <unistd.h>
 #define REDRAFTER_AMX 1
 #endif
-#if defined(REDRAFTER_AMX) || defined(__AVX512BF16__)
+#if defined(REDRAFTER_AMX) || defined(__AVX512BF16__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -41,6 +41,7 @@ constexpr int64_t kRows = 12;   // rows per pass: 12 x 32 float sums fill 24 of 
 constexpr int64_t kAhead = 32;  // weight rows of this tile prefetched ahead
 constexpr int64_t kLine = 64;   // bytes per cache line
 constexpr int64_t kPairK = 32;  // k-pairs layout: K zero-padded to whole AMX tile products of 32 k (16 pairs)
+constexpr int64_t kMxfp4Block = 32;  // MXFP4: inputs sharing a scale
 
 // 16 floats: one AVX-512 register (GCC splits it on narrower vector units).
 typedef float Vec __attribute__((vector_size(64), aligned(4)));
@@ -276,6 +277,112 @@ ffi::Error RowsMatmulPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 }
 #endif
 
+// MXFP4 weights (mxfp4.py) as tiles: codes [O / 32, K / 32, 32, 16] (per 32-column tile, input block
+// and k, byte j holds column j's 4-bit code in its low half and column j + 16's in its high half) and
+// scales [O / 32, K / 32, 32] (each column's power of two for the block, biased by 127), 17 bytes per k
+// of a tile where float32 takes 128. Each weight is decoded as E2M1's value times its scale, exactly
+// the float32 `Mxfp4.dequantize` gives, and summed in the same chain of fused multiply-adds, so the
+// products are bitwise those of the float32 kernel on the dequantized weights.
+alignas(64) constexpr float kE2M1[16] = {0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6};
+typedef uint8_t Bytes __attribute__((vector_size(16), aligned(1)));
+typedef int32_t Index __attribute__((vector_size(64)));
+
+inline Vec E2M1(const Index& code) {
+#ifdef __AVX512F__
+  return reinterpret_cast<Vec>(_mm512_permutexvar_ps(reinterpret_cast<__m512i>(code), _mm512_load_ps(kE2M1)));
+#else
+  Vec v;
+  for (int j = 0; j < 16; ++j) v[j] = kE2M1[code[j]];
+  return v;
+#endif
+}
+
+// 16 biased exponents -> their powers of two as float32 (0 -> 0, as XLA flushes 2^-127).
+inline Vec PowersOfTwo(const uint8_t* scales) {
+  return reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Bytes*>(scales), Word) << 23);
+}
+
+template <int R>
+void Mxfp4Pass(const float* x, const uint8_t* codes, const uint8_t* scales, float* y, int64_t k_dim, int64_t o_dim) {
+  Vec acc[R][2] = {};
+  for (int64_t b = 0; b < k_dim / kMxfp4Block; ++b) {
+    const Vec s0 = PowersOfTwo(scales + b * kTile), s1 = PowersOfTwo(scales + b * kTile + 16);
+    for (int64_t k = b * kMxfp4Block; k < (b + 1) * kMxfp4Block; ++k) {
+      const Bytes c = *reinterpret_cast<const Bytes*>(codes + k * 16);
+      const Vec w0 = E2M1(__builtin_convertvector(c & 15, Index)) * s0;
+      const Vec w1 = E2M1(__builtin_convertvector(c >> 4, Index)) * s1;
+      for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], w0, w1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    *reinterpret_cast<Vec*>(y + r * o_dim) = acc[r][0];
+    *reinterpret_cast<Vec*>(y + r * o_dim + 16) = acc[r][1];
+  }
+}
+
+using Mxfp4PassFn = void (*)(const float*, const uint8_t*, const uint8_t*, float*, int64_t, int64_t);
+template <int64_t... R>
+constexpr auto kMxfp4Passes(std::integer_sequence<int64_t, R...>) {
+  return std::array<Mxfp4PassFn, sizeof...(R)>{Mxfp4Pass<R + 1>...};
+}
+
+ffi::Error RowsMatmulMxfp4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
+                           ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), cd = codes.dimensions(), sd = scales.dimensions();
+  if (xd.size() != 2 || cd.size() != 5 || sd.size() != 4 || cd[2] * kMxfp4Block != xd[1] || cd[3] != kMxfp4Block ||
+      cd[4] != 16 || !std::equal(sd.begin(), sd.end(), cd.begin()) || xd[1] % kMxfp4Block) {
+    return ffi::Error::InvalidArgument("rows_matmul (MXFP4): expects x [M, K] and codes [G, O / 32, K / 32, 32, 16] "
+                                       "with scales [G, O / 32, K / 32, 32]");
+  }
+  static constexpr auto pass = kMxfp4Passes(std::make_integer_sequence<int64_t, kRows>{});
+  const int64_t m = xd[0], k_dim = xd[1], tiles = cd[1], o_dim = tiles * kTile;
+  const float* xp = x.typed_data();
+  const uint8_t *cp = codes.typed_data(), *sp = scales.typed_data();
+  float* yp = y->typed_data();
+  return ForEachTile(pool, sizes, m, cd[0], tiles, [=](int64_t tile, int64_t t, int64_t row0, int64_t rows, int64_t) {
+    for (int64_t p = 0; p < rows; p += kRows) {
+      pass[std::min(kRows, rows - p) - 1](xp + (row0 + p) * k_dim, cp + tile * k_dim * 16, sp + tile * k_dim,
+                                          yp + (row0 + p) * o_dim + t * kTile, k_dim, o_dim);
+    }
+  });
+}
+
+// MXFP4 blocks [..., O, K / 32, 16] and scales [..., O, K / 32] (mxfp4.py's, inputs last) -> the tiles above,
+// leading axes groups; columns past O get code 0 (a zero weight).
+ffi::Error PackMxfp4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::Buffer<ffi::U8> scales,
+                     ffi::ResultBuffer<ffi::U8> codes, ffi::ResultBuffer<ffi::U8> tile_scales) {
+  auto bd = blocks.dimensions(), sd = scales.dimensions(), cd = codes->dimensions();
+  const size_t lead = sd.size() - 2;
+  const bool shaped = sd.size() >= 2 && bd.size() == sd.size() + 1 && bd.back() == 16 && cd.size() == lead + 4 &&
+                      std::equal(sd.begin(), sd.end(), bd.begin()) && std::equal(sd.begin(), sd.begin() + lead, cd.begin());
+  if (!shaped || cd[lead] != (sd[lead] + kTile - 1) / kTile || cd[lead + 1] != sd[lead + 1]) {
+    return ffi::Error::InvalidArgument("pack_mxfp4: expects blocks [..., O, K / 32, 16], scales [..., O, K / 32] and "
+                                       "codes [..., ceil(O / 32), K / 32, 32, 16]");
+  }
+  int64_t groups = 1;
+  for (size_t i = 0; i < lead; ++i) groups *= sd[i];
+  const int64_t o_dim = sd[lead], n_blocks = sd[lead + 1], tiles = cd[lead];
+  ParallelFor(pool, groups * tiles, [=, bp = blocks.typed_data(), sp = scales.typed_data(), cp = codes->typed_data(),
+                                     tp = tile_scales->typed_data()](int64_t task, int64_t) {
+    const int64_t g = task / tiles, t = task % tiles;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      uint8_t* out = cp + (task * n_blocks + b) * kMxfp4Block * 16;
+      uint8_t* scale = tp + (task * n_blocks + b) * kTile;
+      for (int64_t j = 0; j < kTile; ++j) {
+        const int64_t col = t * kTile + j;
+        const uint8_t* in = bp + ((g * o_dim + col) * n_blocks + b) * 16;
+        scale[j] = col < o_dim ? sp[(g * o_dim + col) * n_blocks + b] : 127;
+        for (int64_t k = 0; k < kMxfp4Block; ++k) {
+          const uint8_t code = col < o_dim ? (in[k / 2] >> (4 * (k % 2))) & 15 : 0;
+          if (j < 16) out[k * 16 + j] = code;
+          else out[k * 16 + j - 16] |= code << 4;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // w [K, O] (or, transposed, w [O, K]: an embedding used as the LM head) -> tiles [ceil(O / 32), K, 32],
 // the last tile zero-padded; with `pairs`, AMX's layout [ceil(O / 32), Kp / 2, 32, 2] (k-pairs, K
 // zero-padded to Kp, a multiple of 32: whole tile products). Leading axes are groups, packed one by one
@@ -342,6 +449,21 @@ ffi::Error PackTiles(ffi::ThreadPool pool, ffi::Buffer<T> w, ffi::ResultBuffer<T
                                     .Attr<bool>("transposed")                                    \
                                     .Attr<bool>("pairs"))
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_rows_matmul_mxfp4, RowsMatmulMxfp4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_pack_mxfp4, PackMxfp4,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>());
 ROWS_MATMUL(redrafter_rows_matmul, ffi::F32);
 ROWS_MATMUL(redrafter_rows_matmul_bf16, ffi::BF16);
 PACK_TILES(redrafter_pack_tiles, ffi::F32);
