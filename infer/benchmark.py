@@ -30,6 +30,7 @@ from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
 from redrafter_jax.model import EXPERTS, TILE, expert_tiles, experts_mlp, forward, ragged_experts, route
+from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
 from redrafter_jax.oracle import OracleDrafter
 
 PASSAGES = [
@@ -366,10 +367,11 @@ EXPERT_SHAPES = {"OLMoE-1B-7B": (2048, 1024, 64, 8), "Qwen3-30B-A3B": (2048, 768
 
 
 def bench_experts(args) -> None:
-    """One mixture-of-experts layer's experts (random float32 weights of real models' shapes) over N tokens,
-    timed in alternation: the rows kernel on experts packed as decoding packs them (`model.ragged_experts`
-    on `pack_params`' experts: the CPU decode loops' way), `model.expert_tiles` (the CPU's way for
-    unpacked experts) and XLA's ways (`model.ragged_experts` on arrays: each pair's expert gathered where
+    """One mixture-of-experts layer's experts (random MXFP4 weights of real models' shapes, and them
+    dequantized to float32) over N tokens, timed in alternation: the rows kernel on experts packed as
+    decoding packs them (`model.ragged_experts` on `pack_params`' experts: the CPU decode loops' way), on
+    the float32 weights and on the MXFP4 ones, `model.expert_tiles` (the CPU's way where the kernel is
+    off) and XLA's ways (`model.ragged_experts` on arrays: each pair's expert gathered where
     there are fewer pairs than experts, else `lax.ragged_dot`, which XLA:CPU computes densely)."""
     rows = []
     for name in args.shapes:
@@ -377,33 +379,40 @@ def bench_experts(args) -> None:
         cfg = ModelConfig(vocab_size=2, hidden_size=h, intermediate_size=f, num_layers=1, num_heads=1, num_kv_heads=1,
                           head_dim=2, max_position_embeddings=2, num_experts=e, experts_per_token=k, expert_size=f)
         keys = jax.random.split(jax.random.PRNGKey(0), 4)
-        p = {"router": jax.random.normal(keys[0], (h, e)),
-             "experts_gate_up": 0.02 * jax.random.normal(keys[1], (e, h, 2, f)),
-             "experts_down": 0.02 * jax.random.normal(keys[2], (e, f, h))}
+        rng = np.random.default_rng(0)  # MXFP4 weights (random codes, scales 2^-8..2^-5), and them dequantized
+        mxfp4 = {w: Mxfp4(jnp.asarray(rng.integers(0, 256, (*stored, 16)), jnp.uint8),
+                          jnp.asarray(rng.integers(119, 123, stored), jnp.uint8), EXPERTS_ORDER[w])
+                 for w, stored in (("experts_gate_up", (e, 2, f, h // 32)), ("experts_down", (e, h, f // 32)))}
+        p = {"router": jax.random.normal(keys[0], (h, e)), **{w: q.dequantize(jnp.float32) for w, q in mxfp4.items()}}
         packed = {**p, **{w: rows_matmul.pack(p[w], grouped=True) for w in EXPERTS}}
+        packed_mxfp4 = {**p, **{w: rows_matmul.pack_mxfp4(q) for w, q in mxfp4.items()}}
         for n in args.tokens:
             x = jax.random.normal(keys[3], (n, h))
             weights, experts = route(x, p["router"], cfg)
             ways = {way: functools.partial(jax.jit(functools.partial(experts_mlp, grouped=fn, cfg=cfg)), x, experts,
                                            weights, params)
-                    for way, fn, params in (("kernel", ragged_experts, packed), ("tiles", expert_tiles, p),
-                                            ("XLA", ragged_experts, p))}
+                    for way, fn, params in (("kernel", ragged_experts, packed), ("MXFP4", ragged_experts, packed_mxfp4),
+                                            ("tiles", expert_tiles, p), ("XLA", ragged_experts, p))}
             out = {way: np.asarray(fn()) for way, fn in ways.items()}
             t = timed(ways, args.repeats, f"{name}, {n} tokens")
-            rows.append([name, f"{h} / {f} / {e} / {k}", n, n * k, 1000 * t["kernel"], 1000 * t["tiles"],
-                         "gathered" if n * k < e else "ragged_dot", 1000 * t["XLA"], t["tiles"] / t["kernel"],
-                         t["XLA"] / t["kernel"], float(max(np.abs(out[w] - out["kernel"]).max() for w in out))])
-    md = table(["model", "hidden / expert size / experts / per token", "tokens", "pairs", "kernel ms", "tiles ms",
-                "XLA's way", "its ms", "kernel vs tiles", "kernel vs XLA", "max abs difference"], rows)
+            rows.append([name, f"{h} / {f} / {e} / {k}", n, n * k, 1000 * t["kernel"], 1000 * t["MXFP4"],
+                         1000 * t["tiles"], "gathered" if n * k < e else "ragged_dot", 1000 * t["XLA"],
+                         t["kernel"] / t["MXFP4"], t["tiles"] / t["kernel"], t["XLA"] / t["kernel"],
+                         float(max(np.abs(out[w] - out["kernel"]).max() for w in out))])
+    md = table(["model", "hidden / expert size / experts / per token", "tokens", "pairs", "kernel ms", "MXFP4 ms",
+                "tiles ms", "XLA's way", "its ms", "MXFP4 vs float32", "kernel vs tiles", "kernel vs XLA",
+                "max abs difference"], rows)
     print(md)
     write_section("experts", path=args.report, body=f"""## Mixtures of experts on the CPU: rows kernel, tiles, XLA's ways
 
-One layer's experts (random float32 weights of each model's shapes) over N tokens: a decode step (N =
-1), a tree, a prefill. Each way sorts the (token, expert) pairs by expert. The rows kernel (the CPU
-decode loops' way: `model.ragged_experts` on experts packed by `pack_params`) multiplies each
-expert's run of rows in one call per product, streaming only the experts with rows, each row's result
-independent of the rows beside it; `model.expert_tiles` (the CPU's way for unpacked experts, MXFP4's
-among them) walks tiles of up to {TILE} rows of one expert each; XLA's ways (`model.ragged_experts` on
+One layer's experts (random weights of each model's shapes) over N tokens: a decode step (N =
+1), a tree, a prefill; the weights are random MXFP4 ones and those dequantized. Each way sorts the
+(token, expert) pairs by expert. The rows kernel (the CPU decode loops' way: `model.ragged_experts` on
+experts packed by `pack_params`) multiplies each expert's run of rows in one call per product,
+streaming only the experts with rows, each row's result independent of the rows beside it: on
+float32 weights (kernel), or on the MXFP4 ones as stored (4.25 bits a weight, decoded as they stream;
+the same products bitwise); `model.expert_tiles` (the CPU's way where the kernel is off) walks tiles of
+up to {TILE} rows of one expert each; XLA's ways (`model.ragged_experts` on
 arrays, the default elsewhere) gather each pair's expert weights where there are fewer pairs than
 experts (on the CPU a copy of each), else go through `lax.ragged_dot`, which XLA:CPU computes densely,
 every expert over every row. Timed in alternation, best of {args.repeats}. Machine: {machine()}.
@@ -420,8 +429,8 @@ Command: `{args.command}`
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in args.shapes:
         mine = [r for r in rows if r[0] == name]
-        ax.plot([r[2] for r in mine], [r[8] for r in mine], "o-", label=f"{name}: tiles")
-        ax.plot([r[2] for r in mine], [r[9] for r in mine], "s--", label=f"{name}: XLA's way")
+        ax.plot([r[2] for r in mine], [r[10] for r in mine], "o-", label=f"{name}: tiles")
+        ax.plot([r[2] for r in mine], [r[11] for r in mine], "s--", label=f"{name}: XLA's way")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("tokens (N)")
     ax.set_ylabel("time / the rows kernel's")

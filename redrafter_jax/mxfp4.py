@@ -4,7 +4,8 @@ MXFP4 (OCP microscaling) stores each run of 32 consecutive inputs of an output a
 byte, the low nibble first) and one power-of-two scale (a byte, biased by 127): 4.25 bits a weight, a
 quarter of bfloat16's. Kept so, gpt-oss-120b's experts fit one 80 GB GPU and gpt-oss-20b's a 16 GB one;
 a decode step dequantizes only the experts its tokens chose (`model.experts_mlp` gathers them first), a
-prefill all of them for the layer it is in. Every value is exact in bfloat16 and float32, so the products
+prefill all of them for the layer it is in; on the CPU the rows kernel decodes them as they stream
+(`rows_matmul.pack_mxfp4`). Every value is exact in bfloat16 and float32, so the products
 are those of the weights dequantized at load.
 """
 

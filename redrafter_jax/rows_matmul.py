@@ -16,6 +16,12 @@ later, Intel Cooper Lake), two products per lane and instruction, so that the pr
 (large trees, prefills) cost about 60% of the FMA loop's. Either way a row's result does not depend on
 the rows that share the call.
 
+Every product is grouped: a layer's experts are packed as one weight each ([E, ...] tiles) and a call
+multiplies each expert's run of rows (sorted by expert, `sizes` of them) by its weight, streaming only
+the experts with rows. Experts kept in MXFP4 (`pack_mxfp4`) stay 4-bit codes with their scales, decoded
+as they stream into the float32 kernel's chain of products, so theirs are bitwise the dequantized
+weights'.
+
 It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
 the cache folder (one library with the CPU attention kernel, `cpu_attention.py`), and used only where
 `enabled()` says so: float32 or bfloat16 weights on the CPU, without a mesh. REDRAFTER_CPU_KERNEL=0

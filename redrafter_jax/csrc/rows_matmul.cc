@@ -282,7 +282,7 @@ ffi::Error RowsMatmulPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 // scales [O / 32, K / 32, 32] (each column's power of two for the block, biased by 127), 17 bytes per k
 // of a tile where float32 takes 128. Each weight is decoded as E2M1's value times its scale, exactly
 // the float32 `Mxfp4.dequantize` gives, and summed in the same chain of fused multiply-adds, so the
-// products are bitwise those of the float32 kernel on the dequantized weights.
+// products are bitwise those of the float32 kernel on the dequantized weights. kE2M1: mxfp4.py's E2M1.
 alignas(64) constexpr float kE2M1[16] = {0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6};
 typedef uint8_t Bytes __attribute__((vector_size(16), aligned(1)));
 typedef int32_t Index __attribute__((vector_size(64)));
@@ -354,7 +354,8 @@ ffi::Error PackMxfp4(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> blocks, ffi::Buf
   auto bd = blocks.dimensions(), sd = scales.dimensions(), cd = codes->dimensions();
   const size_t lead = sd.size() - 2;
   const bool shaped = sd.size() >= 2 && bd.size() == sd.size() + 1 && bd.back() == 16 && cd.size() == lead + 4 &&
-                      std::equal(sd.begin(), sd.end(), bd.begin()) && std::equal(sd.begin(), sd.begin() + lead, cd.begin());
+                      std::equal(sd.begin(), sd.end(), bd.begin()) &&
+                      std::equal(sd.begin(), sd.begin() + lead, cd.begin());
   if (!shaped || cd[lead] != (sd[lead] + kTile - 1) / kTile || cd[lead + 1] != sd[lead + 1]) {
     return ffi::Error::InvalidArgument("pack_mxfp4: expects blocks [..., O, K / 32, 16], scales [..., O, K / 32] and "
                                        "codes [..., ceil(O / 32), K / 32, 32, 16]");
