@@ -375,7 +375,7 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     loop = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: _loop_params(params, cfg.dtype, pairs))
     prefill = loop if jnp.dtype(cfg.dtype) != jnp.float32 else params
     if prefill is params and cfg.num_experts:
-        prefill = {**params, "layers": [{**p, **{k: q[k] for k in EXPERTS if isinstance(q.get(k), rows_matmul.Packed)}}
+        prefill = {**params, "layers": [{**p, **{k: q[k] for k in EXPERTS if k in q}}
                                         for p, q in zip(params["layers"], loop["layers"])]}
     return DecodingParams(prefill, loop, dataclasses.replace(cfg, dtype="float32"))
 

@@ -128,7 +128,7 @@ def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array
     check_available("packed weights")
     lead, k = x.shape[:-1], x.shape[-1]
     mxfp4 = w.scales is not None
-    tiles = w.tiles.shape[-4 if mxfp4 else -3]
+    tiles = w.tiles.shape[int(w.grouped)]
     if w.k != k or x.dtype != jnp.float32 or (w.tiles.dtype not in WEIGHT_DTYPES and not mxfp4):
         raise ValueError(f"rows_matmul needs float32 x [..., K] and float32 or bfloat16 weight tiles of K = {w.k}, "
                          f"got x {x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}{list(w.tiles.shape)}")
@@ -141,14 +141,10 @@ def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array
         sizes = jnp.full((1,), rows.shape[0], jnp.int32)
     # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
     # the one-token step does (XLA's products of more rows sum in another order)
-    y_shape = jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32)
-    if mxfp4:
-        y = jax.ffi.ffi_call(MXFP4_TARGETS[0], y_shape)(rows, w.tiles.reshape(-1, *w.tiles.shape[-4:]),
-                                                        w.scales.reshape(-1, *w.scales.shape[-3:]),
-                                                        sizes.astype(jnp.int32))
-    else:
-        target = PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
-        y = jax.ffi.ffi_call(target, y_shape)(rows, w.tiles.reshape(-1, *w.tiles.shape[-3:]), sizes.astype(jnp.int32))
+    target = MXFP4_TARGETS[0] if mxfp4 else PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
+    weights = [a if w.grouped else a[None] for a in (w.tiles, w.scales) if a is not None]  # the kernels' [G, ...]
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(
+        rows, *weights, sizes.astype(jnp.int32))
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)
 
 

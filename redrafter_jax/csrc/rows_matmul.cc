@@ -78,6 +78,15 @@ inline void Madd(Vec (&acc)[2], uint32_t x, const Vec& w0, const Vec& w1) {
 }
 #endif
 
+// R rows' sums of one tile into y (rows o_dim apart).
+template <int R>
+inline void Store(const Vec (&acc)[R][2], float* y, int64_t o_dim) {
+  for (int r = 0; r < R; ++r) {
+    *reinterpret_cast<Vec*>(y + r * o_dim) = acc[r][0];
+    *reinterpret_cast<Vec*>(y + r * o_dim + 16) = acc[r][1];
+  }
+}
+
 // One pass of R rows over a tile (k: a weight row, or with k-pairs a pair of them). While it computes,
 // it also prefetches `lines` cache lines per k of the thread's next tile (from `next`) into L2, so that
 // memory keeps streaming while the passes compute: without it, the passes after the first one ran from
@@ -98,10 +107,7 @@ void TilePass(const X* x, const W* w, float* y, int64_t k_dim, int64_t o_dim, bo
     for (int i = 0; i < lines; ++i) __builtin_prefetch(next + (k * lines + i) * kLine, 0, 1);
     for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], w0, w1);
   }
-  for (int r = 0; r < R; ++r) {
-    *reinterpret_cast<Vec*>(y + r * o_dim) = acc[r][0];
-    *reinterpret_cast<Vec*>(y + r * o_dim + 16) = acc[r][1];
-  }
+  Store(acc, y, o_dim);
 }
 
 template <typename X, typename W>
@@ -314,10 +320,7 @@ void Mxfp4Pass(const float* x, const uint8_t* codes, const uint8_t* scales, floa
       for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], w0, w1);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    *reinterpret_cast<Vec*>(y + r * o_dim) = acc[r][0];
-    *reinterpret_cast<Vec*>(y + r * o_dim + 16) = acc[r][1];
-  }
+  Store(acc, y, o_dim);
 }
 
 using Mxfp4PassFn = void (*)(const float*, const uint8_t*, const uint8_t*, float*, int64_t, int64_t);
