@@ -457,8 +457,9 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     row decodes, its index in `prompts`; the rows of a step, or the one row a waiting prompt was just
     prefilled into, with its first token), and generate returns once decoding has finished; any
     callback shares the compiled program. An exception stream raises ends its calls and is raised by
-    generate, once decoding has finished. Prompts are padded to a multiple of `prompt_bucket` tokens:
-    every prompt length up to it shares one compiled program.
+    generate, once decoding has finished. Prompts are padded to a multiple of `prompt_bucket` tokens, and
+    the KV cache's slots (prompt block, max_new_tokens and a step's writes) to a multiple of 64: calls whose
+    prompt lengths and max_new_tokens land in the same prompt block and cache share one compiled program.
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
     are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
@@ -480,16 +481,16 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     cache turn after turn compiles its decode loop for its first two turns only (a new program per
     prompt-length bucket and cache length otherwise).
     """
-    loop, b = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
-                           drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket, mesh=mesh,
-                           batch_size=batch_size, cache=cache, keep_cache=keep_cache, max_len=max_len)
+    loop, (b, n) = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
+                                drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket,
+                                mesh=mesh, batch_size=batch_size, cache=cache, keep_cache=keep_cache, max_len=max_len)
     compiled = _compiled_loops()
     with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
         out = loop(stream=to)
         if to is not None:
             jax.block_until_ready(out)
     _bound_compiled_loops(compiled)
-    return _rows(out, b)
+    return _asked(out, b, n)
 
 
 def lower(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], **kwargs) -> jax.stages.Lowered:
@@ -506,7 +507,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
                  batch_size: int | None = None, cache: PromptCache | None = None, keep_cache: bool = False,
                  max_len: int | None = None):
     """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
-    jitted decode loop, and the number of rows asked for)."""
+    jitted decode loop, and the rows and tokens asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig),
                  datastore=(datastore, Datastore))
     store = datastore  # (the argument shadows the module of that name here)
@@ -546,8 +547,12 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
             drafter.check(cfg, spec)
     elif store is not None:
         raise ValueError("a datastore needs a spec with datastore_beams > 0; got a datastore and no spec")
+    write = spec.slots if speculative else 1
     if max_len is not None:
-        block = _block_for(block, max_len, n, spec.slots if speculative else 1, cfg.pad_token_id)
+        block = _block_for(block, max_len, n, write, cfg.pad_token_id)
+    # The loop is compiled for as many tokens as the cache has room for (its slots are rounded up to 64), not
+    # for n: the rows stop at their limits, and calls whose limits fit that room share one program.
+    room = cache_len(block.shape[1], n, write) - block.shape[1] - write
     b = block.shape[0]
     if mesh is not None:
         params, drafter, store, block, lengths, limits, resume = _place_on_mesh(mesh, cfg, params, drafter, store,
@@ -561,9 +566,9 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         else:
             fn, args, kw = _autoregressive_jit, (), {}
         return _call(fn.lower if lowered else fn, cfg, params, loop_params, *args, block, lengths, limits, key,
-                     sampling=sampling, max_new_tokens=n, stream=stream, mesh=mesh, batch_size=batch_size,
+                     sampling=sampling, max_new_tokens=room, stream=stream, mesh=mesh, batch_size=batch_size,
                      resume=resume, keep_cache=keep_cache, **kw)
-    return loop, b
+    return loop, (b, n)
 
 
 def _block_for(block: jax.Array, max_len: int, max_new_tokens: int, write_len: int, pad_id: int) -> jax.Array:
@@ -579,10 +584,11 @@ def _block_for(block: jax.Array, max_len: int, max_new_tokens: int, write_len: i
     return jnp.pad(block, ((0, 0), (0, width - block.shape[1])), constant_values=pad_id)
 
 
-def _rows(out: GenerateOutput, b: int) -> GenerateOutput:
-    """The first b rows of out (dropping the rows that padded the batch for a mesh; its cache's KV keeps them)."""
-    if out.tokens.shape[0] == b:
+def _asked(out: GenerateOutput, b: int, n: int) -> GenerateOutput:
+    """out's first b rows (dropping the rows that padded the batch for a mesh; its cache's KV keeps them)
+    and the n tokens (and steps) asked for, of the loop's room (`_decode_loop`)."""
+    if out.tokens.shape == (b, n):
         return out
     cache = None if out.cache is None else out.cache.replace(tokens=out.cache.tokens[:b], lengths=out.cache.lengths[:b])
-    return out.replace(tokens=out.tokens[:b], lengths=out.lengths[:b],
-                       accepted=None if out.accepted is None else out.accepted[:b], cache=cache)
+    return out.replace(tokens=out.tokens[:b, :n], lengths=out.lengths[:b],
+                       accepted=None if out.accepted is None else out.accepted[:b, :n], cache=cache)

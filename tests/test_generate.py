@@ -220,6 +220,28 @@ def test_a_new_stream_callback_reuses_the_compiled_loop():
     assert not decode._RECEIVERS  # each call's callback is dropped when it returns
 
 
+@pytest.mark.parametrize("spec", [None, SpecConfig(0, 3, lookup_beams=1)], ids=["autoregressive", "speculative"])
+def test_limits_within_one_cache_share_one_compiled_loop(spec):
+    """The loop is compiled for the tokens its cache has room for (slots rounded up to 64), not for the
+    limit asked: prompts of up to 32 tokens and 1..~30 new tokens share a cache of 64 slots and one
+    program, and each call's output still has the columns (and steps) it asked for."""
+    from redrafter_jax import generate as gen
+
+    cfg, params = tiny_model(seed=5)
+    loop = gen._autoregressive_jit if spec is None else gen._speculative_jit
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 3, 4]]
+    longest = generate(params, cfg, prompts, max_new_tokens=24, spec=spec)
+    compiled = loop._cache_size()
+    for n in (1, 5, [9, 17]):
+        out = generate(params, cfg, prompts, max_new_tokens=n, spec=spec)
+        assert out.tokens.shape == (2, np.max(n)) and np.asarray(out.lengths).tolist() == np.broadcast_to(n, 2).tolist()
+        assert rows(out) == [r[:k] for r, k in zip(rows(longest), np.broadcast_to(n, 2))]
+        assert spec is None or out.accepted.shape == (2, np.max(n))
+    assert loop._cache_size() == compiled
+    generate(params, cfg, prompts, max_new_tokens=60, spec=spec)  # past the 64 slots: a cache of 128, compiled
+    assert loop._cache_size() == compiled + 1
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="a process's memory maps are counted on Linux")
 def test_compiled_loops_are_dropped_once_a_compilation_passes_half_the_memory_map_limit(monkeypatch):
     """XLA:CPU aborts the process at the kernel's limit of memory maps, and every compiled program holds
