@@ -25,12 +25,10 @@ def rows(out):
 
 
 @pytest.fixture(scope="module")
-def random_drafter(smollm):
-    """Untrained, shaped like the committed drafter (a 4096-token draft vocabulary, here spread over the
-    whole target vocabulary), which keeps these many compiled loops cheap."""
-    h, v = smollm.config.hidden_size, smollm.config.vocab_size
-    dcfg = DrafterConfig(hidden_size=h, vocab_size=v, exit_dim=h, draft_vocab_size=4096)
-    return Drafter(init_drafter(dcfg, jax.random.PRNGKey(0), jnp.arange(4096) * (v // 4096)), dcfg)
+def drafter(smollm):
+    """The committed drafter, trained for this model: it drafts tokens that are accepted and tokens that are
+    not, so the trees below are walked both ways."""
+    return load_drafter(DEFAULT_DRAFTER, smollm.config)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +40,22 @@ def greedy_reference(smollm, chat_prompts):
     return out
 
 
-@pytest.mark.parametrize("spec", [SpecConfig(1, 2), SpecConfig(16, 3),
+# None: generate's default for 4 rows (4 x 3 + 1 x 8 in 4 slots, fewer than the lookup beam's length); then
+# one beam, many, a budget below the beams' nodes, lookup beams alone, and drafter and lookup beams together
+@pytest.mark.parametrize("spec", [None, SpecConfig(1, 2), SpecConfig(16, 3),
                                   SpecConfig(8, 5, tree_budget=12), SpecConfig(0, 5, lookup_beams=1),
                                   SpecConfig(1, 3, lookup_beams=2, lookup_length=6),
                                   SpecConfig(4, 4, lookup_beams=4, tree_budget=12),
-                                  SpecConfig(2, 6, lookup_beams=1, lookup_length=8, tree_budget=6)],
-                         ids=SpecConfig.describe)
-def test_random_drafter_output_equals_autoregressive(smollm, chat_prompts, greedy_reference, random_drafter, spec):
-    drafter = random_drafter if spec.beam_width else None  # beam_width 0: lookup beams only
+                                  SpecConfig(2, 6, lookup_beams=1, lookup_length=8, tree_budget=6),
+                                  SpecConfig.parse("3x4+1x6:5")],
+                         ids=lambda s: "default" if s is None else s.describe())
+def test_output_equals_autoregressive_and_drafts_are_accepted(smollm, chat_prompts, greedy_reference, drafter, spec):
+    drafter = drafter if spec is None or spec.beam_width else None  # beam_width 0: lookup beams only
     out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter, spec=spec)
     assert rows(out) == greedy_reference
-    if spec.lookup_beams:  # the lookups were accepted somewhere (a random drafter's beams almost never are)
-        acc = np.asarray(out.accepted)
-        assert acc[acc >= 0].mean() > 0.1
-    if spec.lookup_beams and spec.beam_width:  # lookup history is per row: a row alone decodes as in the batch
+    acc = np.asarray(out.accepted)
+    assert acc[acc >= 0].mean() > (0.3 if drafter else 0.1)  # an untrained drafter's beams are almost never accepted
+    if spec is not None and spec.lookup_beams == 2:  # lookup history is per row: a row alone decodes as in the batch
         single = gen.generate(smollm.params, smollm.config, chat_prompts[:1], max_new_tokens=MAX_NEW,
                               drafter=drafter, spec=spec)
         assert rows(single) == greedy_reference[:1]
@@ -101,14 +101,14 @@ def _primitives(jaxpr, out):
     return out
 
 
-def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, chat_prompts, random_drafter):
+def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, chat_prompts, drafter):
     cfg = smollm.config
     block, lengths, limits = prepare_prompts(cfg, chat_prompts, 8)
     spec = SpecConfig(4, 4, lookup_beams=2, datastore_beams=1)  # every proposer inside the one loop
     store = datastore.build([(np.array(p), np.ones(len(p))) for p in chat_prompts], [])
     fn = jax.jit(gen._speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens"))
     kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
-    args = (smollm.params, gen.decoding_params(smollm.params, cfg).loop, random_drafter, store, block, lengths,
+    args = (smollm.params, gen.decoding_params(smollm.params, cfg).loop, drafter, store, block, lengths,
             limits, jax.random.PRNGKey(0))
     prims = _primitives(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args).jaxpr, [])
     assert prims.count("while") == 1
@@ -119,25 +119,13 @@ def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, c
         jax.block_until_ready(out)
 
 
-def test_bad_drafter_or_settings_raise(smollm, chat_prompts, random_drafter):
+def test_bad_drafter_or_settings_raise(smollm, chat_prompts):
     cfg, params = smollm.config, smollm.params
     for dcfg, match in [(DrafterConfig(hidden_size=64, vocab_size=cfg.vocab_size), "hidden size 64 does not match"),
                         (DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=100), "vocabulary 100 does not match")]:
         bad = Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg)
         with pytest.raises(ValueError, match=match):
             gen.generate(params, cfg, chat_prompts[:1], max_new_tokens=4, drafter=bad)
-
-
-def test_committed_drafter_is_exact_and_accepts_drafts(smollm, chat_prompts, greedy_reference):
-    drafter = load_drafter(DEFAULT_DRAFTER, smollm.config)
-    # None: generate's default for 4 rows (4 x 3 + 1 x 8 in 4 slots); the last: a budget below both beams'
-    # lengths, so the tree holds the best-scored nodes only
-    for spec in [None, SpecConfig(4, 4), SpecConfig(1, 5, lookup_beams=2), SpecConfig.parse("3x4+1x6:5")]:
-        out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
-                           spec=spec)
-        assert rows(out) == greedy_reference
-        acc = np.asarray(out.accepted)
-        assert acc[acc >= 0].mean() > 0.3  # a random drafter accepts ~0
 
 
 def test_datastore_beams_are_exact_and_accepted(smollm, chat_prompts, greedy_reference):
@@ -150,18 +138,6 @@ def test_datastore_beams_are_exact_and_accepted(smollm, chat_prompts, greedy_ref
     assert rows(out) == greedy_reference
     acc = np.asarray(out.accepted)[1:]
     assert acc[acc >= 0].mean() > 2
-
-
-def test_continuous_batching_decodes_every_prompt_as_alone(smollm, chat_prompts, greedy_reference):
-    """Four prompts through fewer rows, each waiting prompt prefilled into a row that ended: outputs and
-    per-step acceptances as without continuous batching."""
-    drafter = load_drafter(DEFAULT_DRAFTER, smollm.config)
-    whole = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, drafter=drafter,
-                         spec=SpecConfig.default(2))
-    for kw in [{}, {"drafter": drafter, "spec": SpecConfig.default(2)}]:
-        out = gen.generate(smollm.params, smollm.config, chat_prompts, max_new_tokens=MAX_NEW, batch_size=2, **kw)
-        assert rows(out) == greedy_reference
-    np.testing.assert_array_equal(np.asarray(out.accepted), np.asarray(whole.accepted))
 
 
 def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
