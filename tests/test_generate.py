@@ -256,11 +256,11 @@ def test_compiled_loops_are_dropped_once_a_compilation_passes_half_the_memory_ma
     monkeypatch.setattr(gen, "_map_limit", lambda: 10**9)
     for loop in gen._DECODE_LOOPS:  # (whatever the tests before compiled)
         loop.clear_cache()
-    want = {n: run(n) for n in (7, 9)}
+    want = {n: run(n) for n in (7, 40)}  # caches of 64 and 128 slots: two programs
     assert gen._compiled_loops() == 2  # far from the limit: kept
     maps = sum(1 for _ in open("/proc/self/maps"))
     monkeypatch.setattr(gen, "_map_limit", lambda: maps)  # now past half of it
     assert run(7) == want[7] and gen._compiled_loops() == 2  # nothing compiled, nothing dropped
-    assert run(9, spec=SpecConfig(0, 3, lookup_beams=1)) == want[9]  # a new program: compiled, then dropped
+    assert run(40, spec=SpecConfig(0, 3, lookup_beams=1)) == want[40]  # a new program: compiled, then dropped
     assert gen._compiled_loops() == 0
     assert run(7) == want[7]
