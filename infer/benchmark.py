@@ -29,7 +29,7 @@ from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter, untrained_drafter
 from redrafter_jax.generate import generate, matmul_precision
 from redrafter_jax.loaders.embedded import default_gguf_path, load_default
-from redrafter_jax.model import EXPERTS, TILE, expert_tiles, experts_mlp, forward, ragged_experts, route
+from redrafter_jax.model import TILE, expert_tiles, experts_mlp, forward, pack_layer, ragged_experts, route
 from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
 from redrafter_jax.oracle import OracleDrafter
 
@@ -369,7 +369,7 @@ EXPERT_SHAPES = {"OLMoE-1B-7B": (2048, 1024, 64, 8), "Qwen3-30B-A3B": (2048, 768
 def bench_experts(args) -> None:
     """One mixture-of-experts layer's experts (random MXFP4 weights of real models' shapes, and them
     dequantized to float32) over N tokens, timed in alternation: the rows kernel on experts packed as
-    decoding packs them (`model.ragged_experts` on `pack_params`' experts: the CPU decode loops' way), on
+    decoding packs them (`model.ragged_experts` on `pack_layer`'s experts: the CPU decode loops' way), on
     the float32 weights and on the MXFP4 ones, `model.expert_tiles` (the CPU's way where the kernel is
     off) and XLA's ways (`model.ragged_experts` on arrays: each pair's expert gathered where
     there are fewer pairs than experts, else `lax.ragged_dot`, which XLA:CPU computes densely)."""
@@ -384,8 +384,7 @@ def bench_experts(args) -> None:
                           jnp.asarray(rng.integers(119, 123, stored), jnp.uint8), EXPERTS_ORDER[w])
                  for w, stored in (("experts_gate_up", (e, 2, f, h // 32)), ("experts_down", (e, h, f // 32)))}
         p = {"router": jax.random.normal(keys[0], (h, e)), **{w: q.dequantize(jnp.float32) for w, q in mxfp4.items()}}
-        packed = {**p, **{w: rows_matmul.pack(p[w], grouped=True) for w in EXPERTS}}
-        packed_mxfp4 = {**p, **{w: rows_matmul.pack_mxfp4(q) for w, q in mxfp4.items()}}
+        packed, packed_mxfp4 = pack_layer(p), pack_layer({**p, **mxfp4})  # as the CPU decode loops pack them
         for n in args.tokens:
             x = jax.random.normal(keys[3], (n, h))
             weights, experts = route(x, p["router"], cfg)
@@ -408,7 +407,7 @@ def bench_experts(args) -> None:
 One layer's experts (random weights of each model's shapes) over N tokens: a decode step (N =
 1), a tree, a prefill; the weights are random MXFP4 ones and those dequantized. Each way sorts the
 (token, expert) pairs by expert. The rows kernel (the CPU decode loops' way: `model.ragged_experts` on
-experts packed by `pack_params`) multiplies each expert's run of rows in one call per product,
+experts packed by `pack_layer`) multiplies each expert's run of rows in one call per product,
 streaming only the experts with rows, each row's result independent of the rows beside it: on
 float32 weights (kernel), or on the MXFP4 ones as stored (4.25 bits a weight, decoded as they stream;
 the same products bitwise); `model.expert_tiles` (the CPU's way where the kernel is off) walks tiles of

@@ -148,21 +148,26 @@ MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down"
 EXPERTS = ("experts_gate_up", "experts_down")
 
 
-def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params:
-    """The target's matrices and experts tile-packed for the CPU rows kernel (`rows_matmul`), as `dtype`
-    (default: their own; `pairs`: `rows_matmul.pack`'s), with the LM head packed on its own when tied
-    (the embedding stays for token lookups). For decoding only."""
-    def pack(w, transposed=False, grouped=False):
-        return rows_matmul.pack(w.astype(dtype or w.dtype), transposed, pairs, grouped)
-
+def pack_layer(layer: dict, dtype=None, pairs: bool | None = None) -> dict:
+    """A layer's matrices (`MATRICES`) tile-packed for the CPU rows kernel (`rows_matmul`) as `dtype`
+    (default: their own; `pairs`: `rows_matmul.pack`'s), its experts (`EXPERTS`) as groups, MXFP4 ones
+    as MXFP4 tiles; the rest (norms, biases) as it is."""
     def packed(name, w):
-        if name in EXPERTS:
-            return rows_matmul.pack_mxfp4(w) if isinstance(w, Mxfp4) else pack(w, grouped=True)
-        return pack(w) if name in MATRICES else w
+        if name in EXPERTS and isinstance(w, Mxfp4):
+            return rows_matmul.pack_mxfp4(w)
+        if name in EXPERTS or name in MATRICES:
+            return rows_matmul.pack(w.astype(dtype or w.dtype), pairs=pairs, grouped=name in EXPERTS)
+        return w
 
-    layers = [{k: packed(k, v) for k, v in p.items()} for p in params["layers"]]
-    head = pack(params["lm_head"]) if "lm_head" in params else pack(params["embed"], True)
-    return {**params, "layers": layers, "lm_head": head}
+    return {k: packed(k, v) for k, v in layer.items()}
+
+
+def pack_params(params: Params, dtype=None, pairs: bool | None = None) -> Params:
+    """The target's layers packed for the CPU rows kernel (`pack_layer`), with the LM head packed on its own
+    when tied (the embedding stays for token lookups). For decoding only."""
+    w, transposed = (params["lm_head"], False) if "lm_head" in params else (params["embed"], True)
+    head = rows_matmul.pack(w.astype(dtype or w.dtype), transposed, pairs)
+    return {**params, "layers": [pack_layer(p, dtype, pairs) for p in params["layers"]], "lm_head": head}
 
 
 def row_sum(x: jax.Array, op: Callable = jnp.add) -> jax.Array:

@@ -293,8 +293,7 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
     if way == "kernel":
         if not rows_matmul.available():
             pytest.skip("no C++ compiler for the CPU rows kernel")
-        used = {**p, "router": rows_matmul.pack(p["router"]),
-                **{name: rows_matmul.pack(p[name], grouped=True) for name in model.EXPERTS}}
+        used = model.pack_layer(p)  # as the decode loops pack them: the router too
 
     def mixture(rows):
         weights, experts = model.route(rows, used["router"], cfg, p.get("router_bias"))
@@ -332,8 +331,7 @@ def test_mxfp4_experts_compute_as_their_dequantized_weights(way):
     if way == "kernel":
         if not rows_matmul.available():
             pytest.skip("no C++ compiler for the CPU rows kernel")
-        quantized = {name: rows_matmul.pack_mxfp4(w) for name, w in quantized.items()}
-        dequantized = {name: rows_matmul.pack(w, grouped=True) for name, w in dequantized.items()}
+        quantized, dequantized = model.pack_layer(quantized), model.pack_layer(dequantized)
         same = np.testing.assert_array_equal
     for rows in (x[:2], x):  # (gathered, grouped)
         weights, experts = model.route(rows, router, cfg)
