@@ -373,10 +373,13 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
         return DecodingParams(params, params, cfg)
     pairs = rows_matmul.pairs_layout(cfg.dtype)
     loop = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: _loop_params(params, cfg.dtype, pairs))
-    prefill = loop if jnp.dtype(cfg.dtype) != jnp.float32 else params
-    if prefill is params and cfg.num_experts:
+    if jnp.dtype(cfg.dtype) != jnp.float32:
+        prefill = loop
+    elif cfg.num_experts:
         prefill = {**params, "layers": [{**p, **{k: q[k] for k in EXPERTS if k in q}}
                                         for p, q in zip(params["layers"], loop["layers"])]}
+    else:
+        prefill = params
     return DecodingParams(prefill, loop, dataclasses.replace(cfg, dtype="float32"))
 
 
