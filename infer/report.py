@@ -15,6 +15,7 @@ import sys
 
 import jax
 
+from redrafter_jax import rows_matmul
 from redrafter_jax.files import write_text
 
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md")
@@ -47,10 +48,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def vector_unit() -> str:
+    """The CPU's widest vector unit the kernels use (Linux x86), else "": they run 2-3x apart."""
+    flags = rows_matmul.cpu_flags()
+    units = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX-512", "avx2": "AVX2"}
+    return next((name for flag, name in units.items() if flag in flags), "")
+
+
 def machine() -> str:
     """The device, jax and Python, and the XLA flags in effect (they change the compiled programs)."""
     dev = jax.devices()[0]
-    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {cpu_model()})"
+    unit = vector_unit()
+    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {cpu_model()}" + (
+        f", {unit})" if unit else ")")
     flags = os.environ.get("XLA_FLAGS", "").strip()
     named = f", XLA_FLAGS `{flags}`" if flags else ""
     return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}{named}"

@@ -2,9 +2,10 @@
 
 XLA:CPU runs a one-row product as a matrix-vector product at memory speed, but 2-64 rows through a
 general matrix multiply at about half that, so verifying a tree of N tokens cost ~2 one-token steps.
-`csrc/rows_matmul.cc` streams each weight once per 12 rows from a tile-packed copy ([O / 32, K, 32],
-`pack`) and sums every output in one fixed order, so a row's result does not depend on how many rows
-share the call: the one-token step and the N-token verification compute bitwise the same products.
+`csrc/rows_matmul.cc` streams each weight once per 12 rows (6 with AVX2) from a tile-packed copy
+([O / 32, K, 32], `pack`) and sums every output in one fixed order, so a row's result does not depend on
+how many rows share the call: the one-token step and the N-token verification compute bitwise the same
+products.
 
 The weights may be float32 or bfloat16. With bfloat16 weights x is rounded to bfloat16 as well, as GPUs
 multiply, and the exact products are summed in float32: the tiles stream half the bytes, so a bfloat16
@@ -22,10 +23,12 @@ the experts with rows. Experts kept in MXFP4 (`pack_mxfp4`) stay 4-bit codes wit
 as they stream into the float32 kernel's chain of products, so theirs are bitwise the dequantized
 weights'.
 
-It is an XLA FFI custom call, compiled on first use with the system C++ compiler (`-march=native`) into
-the cache folder (one library with the CPU attention kernel, `cpu_attention.py`), and used only where
-`enabled()` says so: float32 or bfloat16 weights on the CPU, without a mesh. REDRAFTER_CPU_KERNEL=0
-turns both off; without a compiler, decoding falls back to XLA's products.
+It is an XLA FFI custom call, compiled on first use with the system C++ compiler into the cache folder
+(one library with the CPU attention kernel, `cpu_attention.py`), and used only where `enabled()` says
+so: float32 or bfloat16 weights on the CPU, without a mesh. REDRAFTER_CPU_KERNEL=0 turns both off;
+without a compiler, decoding falls back to XLA's products. It is built for this CPU (`-march=native`),
+whose vector registers set its blocking (`csrc/simd.h`: 16 floats with AVX-512, 8 with AVX2, 4 with
+SSE or NEON); REDRAFTER_CPU_MARCH names another GCC `-march` (e.g. x86-64-v3, a fleet's common ISA).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from redrafter_jax.wheels import sha256, writable_cache
 TILE = 32  # output columns per packed tile (csrc/rows_matmul.cc's kTile)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = ("rows_matmul.cc", "attention.cc")  # compiled into one library
-HEADERS = ("parallel.h",)  # what they share: part of the library's cache key
+HEADERS = ("parallel.h", "simd.h")  # what they share: part of the library's cache key
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 TARGETS = {jnp.dtype(jnp.float32): "redrafter_rows_matmul", jnp.dtype(jnp.bfloat16): "redrafter_rows_matmul_bf16"}
 # bfloat16 tiles as k-pairs, by the unit that multiplies them (compiled where the CPU has it)
@@ -154,16 +157,24 @@ def check_available(what: str) -> None:
         raise RuntimeError(f"{what} needs the CPU kernels, which are unavailable (see the warning)")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux's /proc/cpuinfo: x86 "flags", Arm "Features"; elsewhere none)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return frozenset()
+    with open("/proc/cpuinfo") as f:
+        line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    return frozenset(line.partition(":")[2].split())
+
+
 def _compile() -> str:
     """Builds the kernel for this machine once (cached by source, compiler flags, CPU and jaxlib)."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise OSError("no C++ compiler (c++ or g++, or $CXX) found")
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    march = os.environ.get("REDRAFTER_CPU_MARCH", "native")
+    flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    cpu = " ".join(sorted(cpu_flags()))
     sources = [os.path.join(CSRC, f) for f in SOURCES]
     hashed = [sha256(os.path.join(CSRC, f)) for f in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*hashed, compiler, *flags, cpu, jax.__version__]).encode())
@@ -197,6 +208,15 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernel is built and registered."""
     return _library() is not None
+
+
+def vector_lanes() -> int | None:
+    """Floats per vector register of the unit the kernels were built for (None where they could not be)."""
+    lib = _library()
+    if lib is None:
+        return None
+    lib.redrafter_vector_lanes.restype = ctypes.c_int64
+    return lib.redrafter_vector_lanes()
 
 
 @functools.cache

@@ -4,6 +4,10 @@ share the call, and that decoding uses it exactly where it applies and stays exa
 import contextlib
 import dataclasses
 import gc
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -354,3 +358,26 @@ def test_a_missing_compiler_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("REDRAFTER_CACHE", str(tmp_path))
     with pytest.raises(OSError, match="no-such-c"):
         rows_matmul._compile()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not rows_matmul.cpu_flags(), reason="an x86-64 Linux CPU")
+@pytest.mark.parametrize("march,flag,lanes", [("x86-64-v2", "sse4_2", 4), ("x86-64-v3", "avx2", 8)])
+def test_kernels_built_for_a_narrower_vector_unit_compute_the_same(march, flag, lanes, tmp_path):
+    """The kernels' blocking follows the vector unit they are built for (csrc/simd.h: floats per register
+    and registers): built for SSE's 4 floats or AVX2's 8 (REDRAFTER_CPU_MARCH) on this CPU, the products
+    (float32, bfloat16, grouped, MXFP4) and the attention pass their tests as the native build does."""
+    if flag not in rows_matmul.cpu_flags():
+        pytest.skip(f"this CPU has no {flag}")
+    tests = ["tests/test_rows_matmul.py", "tests/test_cpu_attention.py", "tests/test_model.py"]
+    names = "products_match_float64 or grouped_products or mxfp4_experts or matches_the_models_xla_ops or " \
+            "depends_only_on_the_keys"
+    env = {**os.environ, "REDRAFTER_CPU_MARCH": march, "REDRAFTER_CACHE": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", names],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " 0 passed" not in proc.stdout and "passed" in proc.stdout
+    lanes_of = "from redrafter_jax import rows_matmul; print(rows_matmul.vector_lanes())"
+    built = subprocess.run([sys.executable, "-c", lanes_of], cwd=root, env=env, capture_output=True, text=True)
+    assert built.stdout.split() == [str(lanes)], built.stderr[-2000:]  # the narrower build ran
+    assert len(os.listdir(os.path.join(tmp_path, "kernels"))) == 1  # and only it, not a native one

@@ -20,18 +20,16 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace redrafter;
 
 namespace {
 
-constexpr int64_t kLanes = 16;
 constexpr int64_t kMaxQueries = 256;  // new tokens x query heads per KV head (cpu_attention.py checks)
 constexpr int64_t kSlots = 8;         // slots scored at once
-
-typedef float Vec __attribute__((vector_size(64), aligned(4)));
-typedef int32_t IVec __attribute__((vector_size(64), aligned(4)));
 
 // e^x lane by lane, for x <= 0 (Cephes' single-precision range reduction and polynomial, ~1 ulp).
 inline Vec Exp(Vec x) {
@@ -52,12 +50,12 @@ inline Vec Exp(Vec x) {
   return p * scale;
 }
 
-// acc[lane][DV] = sum over the live slots i of p[i][lane] v[live[i]], for head dim D = 16 DV: lanes in
+// acc[lane][DV] = sum over the live slots i of p[i][lane] v[live[i]], for head dim D = kLanes DV: lanes in
 // groups whose sums stay in registers, each group streaming the values once. A lane that does not
 // see a slot has p = 0 there and adds exactly nothing.
 template <int DV>
 void Weighted(const Vec* p, const float* v, const std::vector<int64_t>& live, int64_t queries, int64_t vecs, Vec* acc) {
-  constexpr int64_t kGroup = DV >= 24 ? 1 : 24 / DV;
+  constexpr int64_t kGroup = DV >= kAccumulators ? 1 : kAccumulators / DV;
   for (int64_t l0 = 0; l0 < queries; l0 += kGroup) {
     const int64_t n = std::min(kGroup, queries - l0);
     Vec sums[kGroup][DV] = {};

@@ -1,14 +1,15 @@
 // y[M, O] = x[M, K] @ w for a few rows M, with w packed as [O / 32, K, 32] (32-column tiles, each one
 // contiguous). XLA:CPU runs one row as a matrix-vector product at memory speed but 2-16 rows through a
-// general matrix multiply at about half that; here every tile streams its weights once per 12 rows and
-// keeps the 12 x 32 sums in registers. Each output is one chain of fused multiply-adds over k = 0..K-1,
-// so a row's result does not depend on M or on the threads: a one-token step and an N-token tree
-// verification compute bitwise the same products. The weights may be float32 or bfloat16 (half the
-// bytes to stream). With bfloat16 weights x is rounded to bfloat16 too, as GPUs multiply, and the
-// exact products are summed in float32. Where the CPU multiplies bfloat16 pairs itself, the weights are
-// packed as k-pairs (`pairs`) and its unit computes them: AMX's tiles (Intel Sapphire Rapids and later),
-// 16 rows for about the cost of one, or else AVX512-BF16's dot products (AMD Zen 4 and later, Intel
-// Cooper Lake), 32 products per instruction where the plain path does 16 and converts the weights.
+// general matrix multiply at about half that; here every tile streams its weights once per pass of up
+// to 12 rows (AVX-512; with AVX2, 6 rows of half a tile) and keeps their sums in registers. Each output
+// is one chain of fused multiply-adds over k = 0..K-1, so a row's result does not depend on M or on the
+// threads: a one-token step and an N-token tree verification compute bitwise the same products. The
+// weights may be float32 or bfloat16 (half the bytes to stream). With bfloat16 weights x is rounded to
+// bfloat16 too, as GPUs multiply, and the exact products are summed in float32. Where the CPU multiplies
+// bfloat16 pairs itself, the weights are packed as k-pairs (`pairs`) and its unit computes them: AMX's
+// tiles (Intel Sapphire Rapids and later), 16 rows for about the cost of one, or else AVX512-BF16's dot
+// products (AMD Zen 4 and later, Intel Cooper Lake), 32 products per instruction where the plain path
+// does 16 and converts the weights.
 // Every product is grouped: w holds G weights [G, O / 32, K, 32] and the rows come in runs, sizes[g] of
 // them for weight g (a mixture of experts' rows sorted by expert; G = 1 for a plain product), so a
 // layer's experts are one call that streams only the experts with rows.
@@ -29,83 +30,82 @@
 #endif
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using redrafter::ParallelFor;
+using namespace redrafter;
 
 namespace {
 
-constexpr int64_t kTile = 32;   // columns per tile (two 512-bit registers)
-constexpr int64_t kRows = 12;   // rows per pass: 12 x 32 float sums fill 24 of 32 AVX-512 registers
+constexpr int64_t kTile = 32;  // columns per tile
+// A pass covers a slice of two registers' columns of a tile (all 32 with AVX-512, 16 with AVX2) for as
+// many rows as keep their sums, the slice's weights and x's broadcast in registers: 12 rows with AVX-512,
+// 6 with AVX2 (a whole AVX2 tile row takes four registers, which left room for 2 rows, and at 3 a sum
+// spilled to the stack: 16 rows ran 1.6x slower).
+constexpr int64_t kVecs = 2;  // registers per slice row
+constexpr int64_t kSlice = kVecs * kLanes;  // columns per slice
+constexpr int64_t kRows = std::min(kAccumulators, kRegisters - kVecs - 1) / kVecs;
 constexpr int64_t kAhead = 32;  // weight rows of this tile prefetched ahead
 constexpr int64_t kLine = 64;   // bytes per cache line
 constexpr int64_t kPairK = 32;  // k-pairs layout: K zero-padded to whole AMX tile products of 32 k (16 pairs)
 constexpr int64_t kMxfp4Block = 32;  // MXFP4: inputs sharing a scale
+static_assert(kTile % kSlice == 0 && kRows >= 1);
 
-// 16 floats: one AVX-512 register (GCC splits it on narrower vector units).
-typedef float Vec __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t Half __attribute__((vector_size(32), aligned(2)));   // 16 bfloat16s
-typedef uint32_t Word __attribute__((vector_size(64), aligned(4)));  // 16 float32s' bits
-
-// The 32 weights of one tile row as two registers of float32.
-inline void Load(const float* w, Vec& w0, Vec& w1) {
-  w0 = *reinterpret_cast<const Vec*>(w);
-  w1 = *reinterpret_cast<const Vec*>(w + 16);
+// The weights of one slice row as float32 registers.
+inline void Load(const float* w, Vec (&wv)[kVecs]) {
+  for (int i = 0; i < kVecs; ++i) wv[i] = *reinterpret_cast<const Vec*>(w + i * kLanes);
 }
-inline void Load(const uint16_t* w, Vec& w0, Vec& w1) {  // bfloat16: the top half of a float32's bits
-  w0 = reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Half*>(w), Word) << 16);
-  w1 = reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Half*>(w + 16), Word) << 16);
+inline void Load(const uint16_t* w, Vec (&wv)[kVecs]) {  // bfloat16: the top half of a float32's bits
+  for (int i = 0; i < kVecs; ++i)
+    wv[i] = reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Half*>(w + i * kLanes), Word) << 16);
 }
 
-// acc += x * w for one row: x a float32 and w a tile row, or (AVX512-BF16) x a k-pair of bfloat16s and w
+// acc += x * w for one row: x a float32 and w a slice row, or (AVX512-BF16) x a k-pair of bfloat16s and w
 // the tile's 32 k-pairs, loaded as they are (`Load` of uint32_t), each lane adding both products.
-inline void Madd(Vec (&acc)[2], float x, const Vec& w0, const Vec& w1) {
-  acc[0] += x * w0;
-  acc[1] += x * w1;
+inline void Madd(Vec (&acc)[kVecs], float x, const Vec (&wv)[kVecs]) {
+  for (int i = 0; i < kVecs; ++i) acc[i] += x * wv[i];
 }
 #ifdef __AVX512BF16__
-inline void Load(const uint32_t* w, Vec& w0, Vec& w1) {
-  w0 = *reinterpret_cast<const Vec*>(w);
-  w1 = *reinterpret_cast<const Vec*>(w + 16);
+inline void Load(const uint32_t* w, Vec (&wv)[kVecs]) {
+  for (int i = 0; i < kVecs; ++i) wv[i] = *reinterpret_cast<const Vec*>(w + i * kLanes);
 }
-inline void Madd(Vec (&acc)[2], uint32_t x, const Vec& w0, const Vec& w1) {
+inline void Madd(Vec (&acc)[kVecs], uint32_t x, const Vec (&wv)[kVecs]) {
   const __m512bh xx = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x)));
-  for (int i = 0; i < 2; ++i) {
-    const __m512bh wi = reinterpret_cast<__m512bh>(i == 0 ? w0 : w1);
-    acc[i] = reinterpret_cast<Vec>(_mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[i]), xx, wi));
+  for (int i = 0; i < kVecs; ++i) {
+    acc[i] = reinterpret_cast<Vec>(
+        _mm512_dpbf16_ps(reinterpret_cast<__m512>(acc[i]), xx, reinterpret_cast<__m512bh>(wv[i])));
   }
 }
 #endif
 
-// R rows' sums of one tile into y (rows o_dim apart).
+// R rows' sums of one slice into y (rows o_dim apart).
 template <int R>
-inline void Store(const Vec (&acc)[R][2], float* y, int64_t o_dim) {
-  for (int r = 0; r < R; ++r) {
-    *reinterpret_cast<Vec*>(y + r * o_dim) = acc[r][0];
-    *reinterpret_cast<Vec*>(y + r * o_dim + 16) = acc[r][1];
-  }
+inline void Store(const Vec (&acc)[R][kVecs], float* y, int64_t o_dim) {
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < kVecs; ++i) *reinterpret_cast<Vec*>(y + r * o_dim + i * kLanes) = acc[r][i];
 }
 
-// One pass of R rows over a tile (k: a weight row, or with k-pairs a pair of them). While it computes,
-// it also prefetches `lines` cache lines per k of the thread's next tile (from `next`) into L2, so that
-// memory keeps streaming while the passes compute: without it, the passes after the first one ran from
-// cache with memory idle.
+// One pass of R rows over a slice of a tile (w: the slice's first column; k: a weight row, or with
+// k-pairs a pair of them). The first pass prefetches the tile into L1; while it computes, a pass also
+// prefetches `lines` cache lines per k of the thread's next tile (from `next`) into L2, so that memory
+// keeps streaming while the passes compute: without it, the passes after the first one ran from cache
+// with memory idle.
 template <int R, typename X, typename W>
 void TilePass(const X* x, const W* w, float* y, int64_t k_dim, int64_t o_dim, bool first,
               const char* next, int lines) {
   constexpr int64_t kRowBytes = kTile * sizeof(W);
-  Vec acc[R][2] = {};
+  Vec acc[R][kVecs] = {};
   for (int64_t k = 0; k < k_dim; ++k) {
-    Vec w0, w1;
-    Load(w + k * kTile, w0, w1);
+    Vec wv[kVecs];
+    Load(w + k * kTile, wv);
     if (first) {  // this tile into L1, kAhead rows ahead (never faults)
       for (int64_t b = 0; b < kRowBytes; b += kLine) {
         __builtin_prefetch(reinterpret_cast<const char*>(w + (k + kAhead) * kTile) + b);
       }
     }
     for (int i = 0; i < lines; ++i) __builtin_prefetch(next + (k * lines + i) * kLine, 0, 1);
-    for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], w0, w1);
+    for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], wv);
   }
   Store(acc, y, o_dim);
 }
@@ -117,19 +117,21 @@ constexpr auto kPasses(std::integer_sequence<int64_t, R...>) {
   return std::array<Pass<X, W>, sizeof...(R)>{TilePass<R + 1, X, W>...};
 }
 
-// All rows of one tile, in passes of up to kRows; the next tile's K x L lines (L = 2 for float32,
-// 1 for bfloat16, 2 for k-pairs) are prefetched over the passes: L per k in a single pass, else one per
-// k in each of the first L.
+// All rows of one tile, slice by slice in passes of up to kRows; the next tile's K x L lines (L = 2 for
+// float32, 1 for bfloat16, 2 for k-pairs) are prefetched over the passes: L per k in a single pass, else
+// one per k in each of the first L.
 template <typename X, typename W>
 void Tile(const X* x, const W* w, float* y, int64_t m, int64_t k_dim, int64_t o_dim, const W* next) {
   static constexpr auto pass = kPasses<X, W>(std::make_integer_sequence<int64_t, kRows>{});
   constexpr int kLinesPerRow = kTile * sizeof(W) / kLine;
-  const int64_t passes = (m + kRows - 1) / kRows;
-  for (int64_t p = 0; p < passes; ++p) {
-    const int lines = next == nullptr || p >= kLinesPerRow ? 0 : passes == 1 ? kLinesPerRow : 1;
-    const char* ahead = lines ? reinterpret_cast<const char*>(next) + p * k_dim * kLine : nullptr;
-    pass[std::min(kRows, m - p * kRows) - 1](x + p * kRows * k_dim, w, y + p * kRows * o_dim, k_dim, o_dim, p == 0,
-                                             ahead, lines);
+  const int64_t row_passes = (m + kRows - 1) / kRows, passes = row_passes * (kTile / kSlice);
+  const int64_t rows = (m + row_passes - 1) / row_passes;  // per pass, evened out: 8 rows as 4 + 4, not 6 + 2
+  for (int64_t q = 0; q < passes; ++q) {
+    const int64_t col = q / row_passes * kSlice, row = q % row_passes * rows;
+    const int lines = next == nullptr || q >= kLinesPerRow ? 0 : passes == 1 ? kLinesPerRow : 1;
+    const char* ahead = lines ? reinterpret_cast<const char*>(next) + q * k_dim * kLine : nullptr;
+    pass[std::min(rows, m - row) - 1](x + row * k_dim, w + col, y + row * o_dim + col, k_dim, o_dim, q == 0, ahead,
+                                      lines);
   }
 }
 
@@ -290,44 +292,54 @@ ffi::Error RowsMatmulPairs(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 // the float32 `Mxfp4.dequantize` gives, and summed in the same chain of fused multiply-adds, so the
 // products are bitwise those of the float32 kernel on the dequantized weights. kE2M1: mxfp4.py's E2M1.
 alignas(64) constexpr float kE2M1[16] = {0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6};
-typedef uint8_t Bytes __attribute__((vector_size(16), aligned(1)));
-typedef int32_t Index __attribute__((vector_size(64)));
 
-inline Vec E2M1(const Index& code) {
+// kLanes codes -> their E2M1 values: a lookup with AVX-512, else E2M1's bits placed as float32's.
+inline Vec E2M1(const Word& code) {
 #ifdef __AVX512F__
   return reinterpret_cast<Vec>(_mm512_permutexvar_ps(reinterpret_cast<__m512i>(code), _mm512_load_ps(kE2M1)));
 #else
-  Vec v;
-  for (int j = 0; j < 16; ++j) v[j] = kE2M1[code[j]];
-  return v;
+  const Word m = code & 7, normal = (((m >> 1) + 126) << 23) | ((m & 1) << 22);  // 1.m x 2^(e - 1)
+  return reinterpret_cast<Vec>((m < 2 ? m * (126u << 23) : normal) | ((code >> 3) << 31));  // 0 and 0.5: subnormal
 #endif
 }
 
-// 16 biased exponents -> their powers of two as float32 (0 -> 0, as XLA flushes 2^-127).
+// kLanes biased exponents -> their powers of two as float32 (0 -> 0, as XLA flushes 2^-127).
 inline Vec PowersOfTwo(const uint8_t* scales) {
   return reinterpret_cast<Vec>(__builtin_convertvector(*reinterpret_cast<const Bytes*>(scales), Word) << 23);
 }
 
-template <int R>
+// One pass of R rows over the slice of a tile at column kCol (codes, scales: the tile's).
+template <int R, int64_t kCol>
 void Mxfp4Pass(const float* x, const uint8_t* codes, const uint8_t* scales, float* y, int64_t k_dim, int64_t o_dim) {
-  Vec acc[R][2] = {};
+  Vec acc[R][kVecs] = {};
   for (int64_t b = 0; b < k_dim / kMxfp4Block; ++b) {
-    const Vec s0 = PowersOfTwo(scales + b * kTile), s1 = PowersOfTwo(scales + b * kTile + 16);
+    Vec s[kVecs];
+    for (int i = 0; i < kVecs; ++i) s[i] = PowersOfTwo(scales + b * kTile + kCol + i * kLanes);
     for (int64_t k = b * kMxfp4Block; k < (b + 1) * kMxfp4Block; ++k) {
-      const Bytes c = *reinterpret_cast<const Bytes*>(codes + k * 16);
-      const Vec w0 = E2M1(__builtin_convertvector(c & 15, Index)) * s0;
-      const Vec w1 = E2M1(__builtin_convertvector(c >> 4, Index)) * s1;
-      for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], w0, w1);
+      Vec wv[kVecs];
+      for (int i = 0; i < kVecs; ++i) {  // columns 0-15: the bytes' low halves, 16-31: their high halves
+        const int64_t c = kCol + i * kLanes;
+        const uint8_t half = c < 16 ? 0x0f : 0xf0;  // shifted after widening: AVX2 has no byte shifts
+        const Bytes code = *reinterpret_cast<const Bytes*>(codes + k * 16 + c % 16) & half;
+        wv[i] = E2M1(__builtin_convertvector(code, Word) >> (c < 16 ? 0 : 4)) * s[i];
+      }
+      for (int r = 0; r < R; ++r) Madd(acc[r], x[r * k_dim + k], wv);
     }
   }
-  Store(acc, y, o_dim);
+  Store(acc, y + kCol, o_dim);
 }
 
+// The passes by slice and rows: kMxfp4Passes[slice][R - 1].
 using Mxfp4PassFn = void (*)(const float*, const uint8_t*, const uint8_t*, float*, int64_t, int64_t);
-template <int64_t... R>
-constexpr auto kMxfp4Passes(std::integer_sequence<int64_t, R...>) {
-  return std::array<Mxfp4PassFn, sizeof...(R)>{Mxfp4Pass<R + 1>...};
+template <int64_t kCol, int64_t... R>
+constexpr std::array<Mxfp4PassFn, kRows> Mxfp4SlicePasses(std::integer_sequence<int64_t, R...>) {
+  return {Mxfp4Pass<R + 1, kCol>...};
 }
+template <int64_t... S>
+constexpr auto Mxfp4Passes(std::integer_sequence<int64_t, S...>) {
+  return std::array{Mxfp4SlicePasses<S * kSlice>(std::make_integer_sequence<int64_t, kRows>{})...};
+}
+constexpr auto kMxfp4Passes = Mxfp4Passes(std::make_integer_sequence<int64_t, kTile / kSlice>{});
 
 ffi::Error RowsMatmulMxfp4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
@@ -337,15 +349,16 @@ ffi::Error RowsMatmulMxfp4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
     return ffi::Error::InvalidArgument("rows_matmul (MXFP4): expects x [M, K] and codes [G, O / 32, K / 32, 32, 16] "
                                        "with scales [G, O / 32, K / 32, 32]");
   }
-  static constexpr auto pass = kMxfp4Passes(std::make_integer_sequence<int64_t, kRows>{});
   const int64_t m = xd[0], k_dim = xd[1], tiles = cd[1], o_dim = tiles * kTile;
   const float* xp = x.typed_data();
   const uint8_t *cp = codes.typed_data(), *sp = scales.typed_data();
   float* yp = y->typed_data();
   return ForEachTile(pool, sizes, m, cd[0], tiles, [=](int64_t tile, int64_t t, int64_t row0, int64_t rows, int64_t) {
-    for (int64_t p = 0; p < rows; p += kRows) {
-      pass[std::min(kRows, rows - p) - 1](xp + (row0 + p) * k_dim, cp + tile * k_dim * 16, sp + tile * k_dim,
-                                          yp + (row0 + p) * o_dim + t * kTile, k_dim, o_dim);
+    for (const auto& pass : kMxfp4Passes) {
+      for (int64_t p = 0; p < rows; p += kRows) {
+        pass[std::min(kRows, rows - p) - 1](xp + (row0 + p) * k_dim, cp + tile * k_dim * 16, sp + tile * k_dim,
+                                            yp + (row0 + p) * o_dim + t * kTile, k_dim, o_dim);
+      }
     }
   });
 }
@@ -472,6 +485,9 @@ ROWS_MATMUL(redrafter_rows_matmul, ffi::F32);
 ROWS_MATMUL(redrafter_rows_matmul_bf16, ffi::BF16);
 PACK_TILES(redrafter_pack_tiles, ffi::F32);
 PACK_TILES(redrafter_pack_tiles_bf16, ffi::BF16);
+
+// Floats per vector register of the unit this library was built for (csrc/simd.h).
+extern "C" int64_t redrafter_vector_lanes() { return kLanes; }
 
 // Whether this library has the AMX kernel and the process may use AMX's tile registers (Linux asks
 // each process to request them once).
