@@ -365,7 +365,8 @@ def test_a_missing_compiler_is_named(monkeypatch, tmp_path):
 def test_kernels_built_for_a_narrower_vector_unit_compute_the_same(march, flag, lanes, tmp_path):
     """The kernels' blocking follows the vector unit they are built for (csrc/simd.h: floats per register
     and registers): built for SSE's 4 floats or AVX2's 8 (REDRAFTER_CPU_MARCH) on this CPU, the products
-    (float32, bfloat16, grouped, MXFP4) and the attention pass their tests as the native build does."""
+    (float32, bfloat16, grouped, MXFP4) and the attention pass their tests as the native build does (a
+    width the native build has is tested by the other tests)."""
     if flag not in rows_matmul.cpu_flags():
         pytest.skip(f"this CPU has no {flag}")
     if rows_matmul.vector_lanes() == lanes:
@@ -378,7 +379,7 @@ def test_kernels_built_for_a_narrower_vector_unit_compute_the_same(march, flag, 
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests, "-k", names],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert " 0 passed" not in proc.stdout and "passed" in proc.stdout
+    assert "passed" in proc.stdout
     lanes_of = "from redrafter_jax import rows_matmul; print(rows_matmul.vector_lanes())"
     built = subprocess.run([sys.executable, "-c", lanes_of], cwd=root, env=env, capture_output=True, text=True)
     assert built.stdout.split() == [str(lanes)], built.stderr[-2000:]  # the narrower build ran
