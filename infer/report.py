@@ -58,9 +58,8 @@ def vector_unit() -> str:
 def machine() -> str:
     """The device, jax and Python, and the XLA flags in effect (they change the compiled programs)."""
     dev = jax.devices()[0]
-    unit = vector_unit()
-    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({os.cpu_count()} cores, {cpu_model()}" + (
-        f", {unit})" if unit else ")")
+    cpu = ", ".join(filter(None, [f"{os.cpu_count()} cores", cpu_model(), vector_unit()]))
+    kind = dev.device_kind if dev.platform != "cpu" else f"CPU ({cpu})"
     flags = os.environ.get("XLA_FLAGS", "").strip()
     named = f", XLA_FLAGS `{flags}`" if flags else ""
     return f"{kind}, jax {jax.__version__}, Python {platform.python_version()}{named}"

@@ -52,8 +52,10 @@ constexpr int64_t kPairK = 32;  // k-pairs layout: K zero-padded to whole AMX ti
 constexpr int64_t kMxfp4Block = 32;  // MXFP4: inputs sharing a scale
 static_assert(kTile % kSlice == 0 && kRows >= 1);
 
-// The weights of one slice row as float32 registers.
-inline void Load(const float* w, Vec (&wv)[kVecs]) {
+// The weights of one slice row as registers: 4-byte words as they are (float32, or AVX512-BF16's k-pairs).
+template <typename W>
+inline void Load(const W* w, Vec (&wv)[kVecs]) {
+  static_assert(sizeof(W) == sizeof(float));
   for (int i = 0; i < kVecs; ++i) wv[i] = *reinterpret_cast<const Vec*>(w + i * kLanes);
 }
 inline void Load(const uint16_t* w, Vec (&wv)[kVecs]) {  // bfloat16: the top half of a float32's bits
@@ -62,14 +64,11 @@ inline void Load(const uint16_t* w, Vec (&wv)[kVecs]) {  // bfloat16: the top ha
 }
 
 // acc += x * w for one row: x a float32 and w a slice row, or (AVX512-BF16) x a k-pair of bfloat16s and w
-// the tile's 32 k-pairs, loaded as they are (`Load` of uint32_t), each lane adding both products.
+// the tile's 32 k-pairs, loaded as they are, each lane adding both products.
 inline void Madd(Vec (&acc)[kVecs], float x, const Vec (&wv)[kVecs]) {
   for (int i = 0; i < kVecs; ++i) acc[i] += x * wv[i];
 }
 #ifdef __AVX512BF16__
-inline void Load(const uint32_t* w, Vec (&wv)[kVecs]) {
-  for (int i = 0; i < kVecs; ++i) wv[i] = *reinterpret_cast<const Vec*>(w + i * kLanes);
-}
 inline void Madd(Vec (&acc)[kVecs], uint32_t x, const Vec (&wv)[kVecs]) {
   const __m512bh xx = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x)));
   for (int i = 0; i < kVecs; ++i) {
