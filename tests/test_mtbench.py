@@ -47,18 +47,19 @@ def test_second_turns_follow_the_targets_own_greedy_first_reply(smollm):
                      Chat("2", system + user("Write a haiku about the sea.",
                                              "Rewrite it, starting every line with the letter A."))]
     tok = smollm.tokenizer
+    want = []  # each conversation's second prompt after the target's autoregressive greedy reply
+    for c, opening in zip(conversations, [[], system]):
+        first, second = c.user_turns()
+        chat = opening + [{"role": "user", "content": first}]
+        out = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=24)
+        reply = tok.decode(out.tokens[0, :out.lengths[0]])
+        assert len(reply) > 20
+        want.append(tok.encode_chat([*chat, {"role": "assistant", "content": reply},
+                                     {"role": "user", "content": second}]))
     for drafter in [None, DEFAULT_DRAFTER]:  # the first replies decoded with lookup beams alone, or the drafter
-        d = drafter and load_drafter(drafter, smollm.config)
-        prompts, caches = second_turn_prompts(smollm, conversations, 24, d)
+        prompts, caches = second_turn_prompts(smollm, conversations, 24, drafter and load_drafter(drafter, smollm.config))
         assert caches is None  # kept only when asked for
-        for c, prompt, opening in zip(conversations, prompts, [[], system]):
-            first, second = c.user_turns()
-            chat = opening + [{"role": "user", "content": first}]
-            out = generate(smollm.params, smollm.config, [tok.encode_chat(chat)], max_new_tokens=24)
-            reply = tok.decode(out.tokens[0, :out.lengths[0]])
-            assert len(reply) > 20
-            assert prompt == tok.encode_chat([*chat, {"role": "assistant", "content": reply},
-                                              {"role": "user", "content": second}])
+        assert prompts == want
 
 
 def test_rows_busy_is_the_share_of_the_rows_steps_spent_on_a_prompt():
