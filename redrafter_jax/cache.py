@@ -47,11 +47,18 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, pending: int = 0
         raise ValueError(f"cache needs batch_size >= 1, max_len >= 0 and pending >= 0, got {batch_size}, "
                          f"{max_len}, {pending}")
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-    pending_shape = (cfg.num_layers, batch_size, pending, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
-                   lengths=jnp.zeros((batch_size,), jnp.int32), pending_k=jnp.zeros(pending_shape, cfg.dtype),
-                   pending_v=jnp.zeros(pending_shape, cfg.dtype),
-                   pending_slots=jnp.full((batch_size, pending), max_len, jnp.int32))
+    none = jnp.zeros((cfg.num_layers, batch_size, 0, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+    empty = KVCache(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+                    lengths=jnp.zeros((batch_size,), jnp.int32), pending_k=none, pending_v=none,
+                    pending_slots=jnp.zeros((batch_size, 0), jnp.int32))
+    return with_pending(empty, pending)
+
+
+def with_pending(cache: KVCache, pending: int) -> KVCache:
+    """The cache (nothing pending) with room for the `pending` entries one `write` records."""
+    shape = (*cache.pending_k.shape[:2], pending, *cache.pending_k.shape[3:])
+    return cache.replace(pending_k=jnp.zeros(shape, cache.k.dtype), pending_v=jnp.zeros(shape, cache.v.dtype),
+                         pending_slots=jnp.full((cache.batch_size, pending), cache.max_len, jnp.int32))
 
 
 def _new_slots(cache: KVCache, t: int) -> tuple[jax.Array, jax.Array]:

@@ -246,6 +246,27 @@ def prefill(params: Params, cfg: ModelConfig, cache: kv.KVCache, prompts: jax.Ar
     return cache, last, lm_head(params, last, cfg)
 
 
+class Prefilled(NamedTuple):
+    """A prefill's result (`prefill_prompts`), before the first token is chosen."""
+
+    cache: kv.KVCache  # holding the prompts; no room for pending entries
+    hidden: jax.Array  # [B, H] the target's hidden state at each row's last prompt token
+    logits: jax.Array  # [B, V] its logits there
+
+
+def prefill_prompts(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, max_len: int,
+                    mesh: Mesh | None = None, resume: Resume | None = None) -> Prefilled:
+    """Allocates a cache of max_len slots per row (`cache_len`) and prefills the prompts [B, P] into it;
+    with `resume`, only the rest of each prompt, after what an earlier call's cache holds of it. On a
+    `mesh` the cache is split by row and KV head (`sharding.CACHE`), a layout the decode loop keeps.
+    Compiled on its own (`generate`), it serves every decode loop on the same prompt block and cache."""
+    cache = kv.init_cache(cfg, prompts.shape[0], max_len)
+    if resume is not None:
+        cache = kv.reuse(cache, resume.kv, resume.reused)
+        prompts, prompt_lengths = resume.suffix, resume.suffix_lengths
+    return Prefilled(*prefill(params, cfg, constrain_cache(cache, mesh), prompts, prompt_lengths))
+
+
 class Started(NamedTuple):
     """Decode state after the prefill, before the first decode step."""
 
@@ -256,33 +277,20 @@ class Started(NamedTuple):
     key: jax.Array
 
 
-def start(params: Params, cfg: ModelConfig, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array,
-          key: jax.Array, sampling: SamplingConfig, max_new_tokens: int, write_len: int,
-          stream: StreamTo | None, mesh: Mesh | None, pending: int = 0, block: int | None = None,
-          first_prompt: jax.Array | int = 0, resume: Resume | None = None) -> Started:
-    """Allocates the cache, prefills, and emits each row's first token (chosen from the prompt's logits).
-
-    write_len: slots one decode step writes (its forward's new tokens); pending: entries one decode
-    step's `cache.write` records; block: the prompt block the cache is sized for (default the prompts',
-    [B, P]; a longer one when prompts are prefilled into a cache made for longer ones); first_prompt:
-    the index of the first row's prompt among the call's (the rows' `Emitted.prompt`); resume: only the
-    rest of each prompt is prefilled, after what an earlier call's cache holds of it. The cache lives
-    inside the compiled program: as a while-loop carry, XLA updates it in place. On a `mesh` it is split
-    by row and KV head (`sharding.CACHE`), and the loop carry keeps that layout.
-    """
-    b = prompts.shape[0]
-    cache = kv.init_cache(cfg, b, cache_len(block or prompts.shape[1], max_new_tokens, write_len), pending)
-    if resume is not None:
-        cache = kv.reuse(cache, resume.kv, resume.reused)
-        prompts, prompt_lengths = resume.suffix, resume.suffix_lengths
-    cache = constrain_cache(cache, mesh)
-    cache, hidden, logits = prefill(params, cfg, cache, prompts, prompt_lengths)
+def start(cfg: ModelConfig, p: Prefilled, limits: jax.Array, key: jax.Array, sampling: SamplingConfig,
+          max_new_tokens: int, stream: StreamTo | None, mesh: Mesh | None, pending: int = 0,
+          first_prompt: jax.Array | int = 0) -> Started:
+    """Emits each row's first token, chosen from its prompt's logits, and gives the prefill's cache room
+    for the `pending` entries one decode step's `cache.write` records. first_prompt: the index of the
+    first row's prompt among the call's (the rows' `Emitted.prompt`). The cache lives inside the
+    compiled loop: as a while-loop carry, XLA updates it in place."""
+    b = p.logits.shape[0]
     key, sub = jax.random.split(key)
-    first = select(sub, logits, sampling)
+    first = select(sub, p.logits, sampling)
     out, n = emit(init_emitted(b, max_new_tokens, limits, cfg.pad_token_id, first_prompt), first[:, None],
                   jnp.ones((b,), jnp.int32), cfg.eos_token_ids)
     stream_tokens(stream, out, first[:, None], n, mesh)
-    return Started(cache, out, first, hidden, key)
+    return Started(constrain_cache(kv.with_pending(p.cache, pending), mesh), out, first, p.hidden, key)
 
 
 def stream_tokens(stream: StreamTo | None, out: Emitted, new: jax.Array, n: jax.Array, mesh: Mesh | None = None):

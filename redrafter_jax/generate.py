@@ -30,6 +30,7 @@ from redrafter_jax.datastore import Datastore
 from redrafter_jax.decode import (
     Emitted,
     GenerateOutput,
+    Prefilled,
     PromptCache,
     Resume,
     Started,
@@ -40,6 +41,7 @@ from redrafter_jax.decode import (
     emit,
     held,
     is_count,
+    prefill_prompts,
     prepare_prompts,
     round_up,
     start,
@@ -90,47 +92,54 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
 
 
 def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfig, sampling: SamplingConfig,
-         max_new_tokens: int, write_len: int, stream: StreamTo | None, pending: int = 0, mesh: Mesh | None = None):
+         max_new_tokens: int, stream: StreamTo | None, mesh: Mesh | None = None):
     """The decode loop: step(prompts, prompt_lengths, s) until every row is done, from init (its rows
     holding the first prompts); with more prompts than rows, continuous batching (`continuous.run`, each
-    waiting prompt prefilled on params as `start` does, its first token streamed). Returns the final
-    state and every prompt's `outputs()` rows."""
+    waiting prompt prefilled on params into a cache like init's, its first token streamed). Returns the
+    final state and every prompt's `outputs()` rows."""
     with jax.named_scope(LOOP_SCOPE):
         if prompts.shape[0] == init.out.done.shape[0]:
             s = jax.lax.while_loop(lambda s: ~jnp.all(s.out.done), functools.partial(step, prompts, prompt_lengths),
                                    init)
             return s, s.outputs()
-        s, queue = continuous.run(step, init, prompts, prompt_lengths, limits, lambda *args, index: start(
-            params, cfg, *args, sampling, max_new_tokens, write_len, stream, mesh, pending, block=prompts.shape[1],
-            first_prompt=index))
+
+        def start_one(prompt, length, limit, key, index):
+            p = prefill_prompts(params, cfg, prompt, length, init.cache.max_len, mesh)
+            return start(cfg, p, limit, key, sampling, max_new_tokens, stream, mesh, init.cache.pending_slots.shape[1],
+                         first_prompt=index)
+
+        s, queue = continuous.run(step, init, prompts, prompt_lengths, limits, start_one)
         return s, queue.outputs
 
 
 def _outputs(s, out: Emitted, accepted: jax.Array | None, prompts: jax.Array, prompt_lengths: jax.Array,
-             mesh: Mesh | None, keep_cache: bool) -> GenerateOutput:
-    """A decode loop's results, replicated on a mesh, and with keep_cache its final cache (as it lies)."""
+             mesh: Mesh | None, keep_cache: bool) -> tuple[GenerateOutput, kv.KVCache | None]:
+    """A decode loop's results, replicated on a mesh, with keep_cache its final cache (as it lies), and
+    otherwise that cache beside them: returned all the same, so that XLA writes it over the donated
+    prefill cache instead of holding a second cache while the loop runs."""
     o = sharding.gathered(GenerateOutput(out.tokens, out.lengths, s.step, accepted), mesh)
     if not keep_cache:
-        return o
+        return o, s.cache
     c = held(s.cache, prompts, prompt_lengths, out)
     tokens, lengths = sharding.gathered((c.tokens, c.lengths), mesh)
-    return o.replace(cache=c.replace(tokens=tokens, lengths=lengths))
+    return o.replace(cache=c.replace(tokens=tokens, lengths=lengths)), None
 
 
-def _autoregressive(params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
+def _autoregressive(cache, first, params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
                     sampling: SamplingConfig, max_new_tokens: int, stream: StreamTo | None,
-                    mesh: Mesh | None = None, batch_size: int | None = None, resume: Resume | None = None,
-                    keep_cache: bool = False) -> GenerateOutput:
-    """loop_params: the target params the decode loop runs on (`decoding_params`); the prefill runs on params.
-    batch_size: decode that many prompts at a time (continuous batching), default all. resume: prefill only
-    what an earlier call's cache does not hold; keep_cache: return the final cache (`PromptCache`)."""
+                    mesh: Mesh | None = None, batch_size: int | None = None,
+                    keep_cache: bool = False) -> tuple[GenerateOutput, kv.KVCache | None]:
+    """cache, first: the prefill of the first rows' prompts (`Prefilled`: its cache, donated, and the
+    hidden states and logits of the prompts' last tokens). loop_params: the target params the decode loop
+    runs on (`decoding_params`); continuous batching's prefills run on params. batch_size: decode that
+    many prompts at a time (continuous batching), default all. keep_cache: return the final cache
+    (`PromptCache`). Returns the output and the spent cache (`_outputs`)."""
     b = batch_size or prompts.shape[0]
-    p = start(params, cfg, prompts[:b], prompt_lengths[:b], limits[:b], key, sampling, max_new_tokens, 1, stream, mesh,
-              resume=resume)
+    p = start(cfg, Prefilled(cache, *first), limits[:b], key, sampling, max_new_tokens, stream, mesh)
     step = functools.partial(autoregressive_step, loop_params, cfg=cfg, sampling=sampling, stream=stream, mesh=mesh)
     s, out = _run(lambda _, __, s: step(s), ARState(p.cache, p.out, p.first, p.key, jnp.int32(0)), params, prompts,
-                  prompt_lengths, limits, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, write_len=1,
-                  stream=stream, mesh=mesh)
+                  prompt_lengths, limits, cfg=cfg, sampling=sampling, max_new_tokens=max_new_tokens, stream=stream,
+                  mesh=mesh)
     return _outputs(s, out, None, prompts, prompt_lengths, mesh, keep_cache)
 
 
@@ -243,30 +252,21 @@ def speculative_step(params: Params, drafter: Proposer | None, store: Datastore 
         return commit(s, f, tree, acc, key, cfg=cfg, stream=stream, mesh=mesh)
 
 
-def start_speculative(params: Params, prompts: jax.Array, prompt_lengths: jax.Array, limits: jax.Array, key: jax.Array,
-                      *, cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
-                      stream: StreamTo | None, mesh: Mesh | None = None, resume: Resume | None = None) -> SpecState:
-    """The speculative loop's state after the prefill: a cache with room for a tree's writes
-    (spec.slots) and one step's accepted entries pending (spec.depth)."""
-    p = start(params, cfg, prompts, prompt_lengths, limits, key, sampling, max_new_tokens, spec.slots, stream,
-              mesh, pending=spec.depth, resume=resume)
-    return SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
-                     accepted=jnp.full((prompts.shape[0], max_new_tokens), -1, jnp.int32),
-                     row_steps=jnp.zeros((prompts.shape[0],), jnp.int32))
-
-
-def _speculative(params, loop_params, drafter, store, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
-                 sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
+def _speculative(cache, first, params, loop_params, drafter, store, prompts, prompt_lengths, limits, key, *,
+                 cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
                  stream: StreamTo | None, mesh: Mesh | None = None, batch_size: int | None = None,
-                 resume: Resume | None = None, keep_cache: bool = False) -> GenerateOutput:
+                 keep_cache: bool = False) -> tuple[GenerateOutput, kv.KVCache | None]:
+    """As `_autoregressive`, decoding speculatively: the cache has room for a tree's writes (spec.slots)
+    and for one step's accepted entries pending (spec.depth)."""
     b = batch_size or prompts.shape[0]
-    init = start_speculative(params, prompts[:b], prompt_lengths[:b], limits[:b], key, cfg=cfg, sampling=sampling,
-                             spec=spec, max_new_tokens=max_new_tokens, stream=stream, mesh=mesh, resume=resume)
+    p = start(cfg, Prefilled(cache, *first), limits[:b], key, sampling, max_new_tokens, stream, mesh,
+              pending=spec.depth)
+    init = SpecState(p.cache, p.out, p.first, p.hidden, p.key, step=jnp.int32(0),
+                     accepted=jnp.full((b, max_new_tokens), -1, jnp.int32), row_steps=jnp.zeros((b,), jnp.int32))
     step = functools.partial(speculative_step, loop_params, drafter, store, cfg=cfg, sampling=sampling, spec=spec,
                              stream=stream, mesh=mesh)
     s, (out, accepted) = _run(step, init, params, prompts, prompt_lengths, limits, cfg=cfg, sampling=sampling,
-                              max_new_tokens=max_new_tokens, write_len=spec.slots, stream=stream, pending=spec.depth,
-                              mesh=mesh)
+                              max_new_tokens=max_new_tokens, stream=stream, mesh=mesh)
     return _outputs(s, out, accepted, prompts, prompt_lengths, mesh, keep_cache)
 
 
@@ -295,12 +295,16 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
         return fn(*args, cfg=cfg, **kwargs)
 
 
+# The prefill is a program of its own: the autoregressive loop and every speculative setting on the same
+# prompt block and cache share it (it was half of each loop's compilation), and it has no host callback,
+# so the persistent compilation cache keeps it. Its cache is donated to the loop, which updates it in place.
+_prefill_jit = jax.jit(prefill_prompts, static_argnames=("cfg", "max_len", "mesh"))
 # `stream` is a traced argument (a `StreamTo` or None): a new callback does not compile the loop again.
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh",
-                                                                "batch_size", "keep_cache"))
+                                                                "batch_size", "keep_cache"), donate_argnums=0)
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
-                                                          "batch_size", "keep_cache"))
-_DECODE_LOOPS = (_autoregressive_jit, _speculative_jit)
+                                                          "batch_size", "keep_cache"), donate_argnums=0)
+_DECODE_LOOPS = (_prefill_jit, _autoregressive_jit, _speculative_jit)
 
 
 def _compiled_loops() -> int:
@@ -481,15 +485,16 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     `max_len`: the KV cache's slots per row, rounded up to a multiple of 64 (default: what the prompt
     block, max_new_tokens and a step's writes need). The prompt block is then padded to what fits, so
     every call with the same max_len and max_new_tokens has the same shapes: a chat that continues its
-    cache turn after turn compiles its decode loop for its first two turns only (a new program per
-    prompt-length bucket and cache length otherwise).
+    cache turn after turn compiles its decode loop once, and its prefill for its first two turns only (a
+    new program per prompt-length bucket and cache length otherwise). The prefill is a program of its
+    own, shared by every decode loop on the same prompt block and cache length.
     """
     loop, (b, n) = _decode_loop(params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
                                 drafter=drafter, spec=spec, datastore=datastore, prompt_bucket=prompt_bucket,
                                 mesh=mesh, batch_size=batch_size, cache=cache, keep_cache=keep_cache, max_len=max_len)
     compiled = _compiled_loops()
     with streaming_to(stream, prompts=batch_size is not None, rows=b) as to:
-        out = loop(stream=to)
+        out, _ = loop(stream=to)
         if to is not None:
             jax.block_until_ready(out)
     _bound_compiled_loops(compiled)
@@ -497,7 +502,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
 
 
 def lower(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], **kwargs) -> jax.stages.Lowered:
-    """The program `generate` runs on these arguments (its keywords, but `stream`), lowered, not run:
+    """The decode loop `generate` runs on these arguments (its keywords, but `stream`), lowered, not run
+    (nor its prefill, a program of its own; on a mesh, the prefill's layouts are left to the compiler):
     e.g. `.compile().as_text()`, the optimised program whose ops a profile names (infer/profile.py)."""
     loop, _ = _decode_loop(params, cfg, prompts, **kwargs)
     return loop(stream=None, lowered=True)
@@ -509,8 +515,8 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
                  datastore: Datastore | None = None, prompt_bucket: int = 32, mesh: Mesh | None = None,
                  batch_size: int | None = None, cache: PromptCache | None = None, keep_cache: bool = False,
                  max_len: int | None = None):
-    """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs or lowers the
-    jitted decode loop, and the rows and tokens asked for)."""
+    """generate()'s arguments checked and prepared: (loop(stream, lowered=False), which runs the prefill
+    and the jitted decode loop on it, or lowers the loop, and the rows and tokens asked for)."""
     _check_types(cfg=(cfg, ModelConfig), sampling=(sampling, SamplingConfig), spec=(spec, SpecConfig),
                  datastore=(datastore, Datastore))
     store = datastore  # (the argument shadows the module of that name here)
@@ -564,13 +570,18 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     params, loop_params, cfg = decoding_params(params, cfg, mesh)
 
     def loop(stream: StreamTo | None, lowered: bool = False):
+        rows = batch_size or block.shape[0]  # the prompts the loop starts with
+        prefill = functools.partial(_call, _prefill_jit, cfg, params, prompts=block[:rows],
+                                    prompt_lengths=lengths[:rows], max_len=cache_len(block.shape[1], room, write),
+                                    mesh=mesh, resume=resume)
+        cache, *first = jax.eval_shape(prefill) if lowered else prefill()
         if speculative:
             fn, args, kw = _speculative_jit, (drafter, store), dict(spec=spec)
         else:
             fn, args, kw = _autoregressive_jit, (), {}
-        return _call(fn.lower if lowered else fn, cfg, params, loop_params, *args, block, lengths, limits, key,
-                     sampling=sampling, max_new_tokens=room, stream=stream, mesh=mesh, batch_size=batch_size,
-                     resume=resume, keep_cache=keep_cache, **kw)
+        return _call(fn.lower if lowered else fn, cfg, cache, first, params, loop_params, *args, block, lengths,
+                     limits, key, sampling=sampling, max_new_tokens=room, stream=stream, mesh=mesh,
+                     batch_size=batch_size, keep_cache=keep_cache, **kw)
     return loop, (b, n)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from redrafter_jax import generate as gen
 from redrafter_jax import sharding
 from redrafter_jax.config import SamplingConfig
-from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.decode import cache_len, prepare_prompts
 from redrafter_jax.loaders.hf import load_hf
 from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, proposers, store, train_steps
 from tests.test_loaders import MXFP4, gpt_oss_mxfp4_tensors, hf_tensors, write_checkpoint
@@ -80,25 +80,26 @@ def continued() -> dict:
 
 
 def compiled_loop() -> dict:
-    """The speculative loop on a 2x4 mesh: its while loops, host transfers and collectives."""
+    """The speculative loop on a 2x4 mesh (after its prefill): its while loops, host transfers and collectives."""
     mesh = sharding.parse_mesh("2x4")
     block, lengths, limits = prepare_prompts(CFG, PROMPTS[:2], 8)
-    args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), store(), block, lengths, limits, None)[:-1]
-    args = (args[0], *args)  # the decode loop's params: the same, as no CPU kernel runs on a mesh
-    kw = dict(cfg=CFG, sampling=SamplingConfig(), spec=SPEC, max_new_tokens=8,
-              stream=None, mesh=mesh)
+    params, *args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), store(), block, lengths, limits, None)[:-1]
     key = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    jaxpr = jax.make_jaxpr(lambda *a: gen._speculative(*a, **kw))(*args, key).jaxpr
+    args = (params, params, *args, key)  # the decode loop's params: the same, as no CPU kernel runs on a mesh
+    kw = dict(sampling=SamplingConfig(), spec=SPEC, max_new_tokens=8, stream=None, mesh=mesh)
+    prefill = lambda: gen._call(gen._prefill_jit, CFG, params, prompts=args[4], prompt_lengths=args[5],  # noqa: E731
+                                max_len=cache_len(block.shape[1], 8, SPEC.slots), mesh=mesh)
+    cache, *first = jax.eval_shape(prefill)
+    jaxpr = jax.make_jaxpr(lambda *a: gen._speculative(*a, cfg=CFG, **kw))(cache, first, *args).jaxpr
     prims = _primitives(jaxpr, [])
-    hlo = gen._call(gen._speculative_jit.lower, CFG, *args, key, **{k: v for k, v in kw.items() if k != "cfg"})
-    text = hlo.compile().as_text()
+    text = gen._call(gen._speculative_jit.lower, CFG, cache, first, *args, **kw).compile().as_text()
     with jax.transfer_guard("disallow"):
-        jax.block_until_ready(gen._call(gen._speculative_jit, CFG, *args, key,
-                                        **{k: v for k, v in kw.items() if k != "cfg"}))
-    cache = args[0]["layers"][0]["wqkv"].sharding.spec
+        cache, *first = prefill()
+        jax.block_until_ready(gen._call(gen._speculative_jit, CFG, cache, first, *args, **kw))
+    spec = params["layers"][0]["wqkv"].sharding.spec
     return {"while_loops": prims.count("while"), "callbacks": [p for p in prims if "callback" in p],
             "host_ops": sorted(set(re.findall(r"\b(outfeed|infeed|send|recv|host-compute)\(", text))),
-            "all_reduces": len(re.findall(r"all-reduce(?:-start)?\(", text)), "wqkv_spec": str(cache),
+            "all_reduces": len(re.findall(r"all-reduce(?:-start)?\(", text)), "wqkv_spec": str(spec),
             "ran_without_transfers": True}
 
 

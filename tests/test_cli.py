@@ -31,11 +31,11 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
     assert all(f"[user, turn {i + 1}: {m}]" in err for i, m in enumerate(messages))
     assert err.count("output identical to autoregressive") == 3  # each turn checked against its own reference
     # each later turn continues the last one's cache: only its own message (in the chat template) is
-    # prefilled, and in one cache size for the conversation the third turn compiles nothing new
+    # prefilled, and in one cache size for the conversation the decode loop compiles once
     for prefilled, whole in re.findall(r"\[prefilling (\d+) of the prompt's (\d+) tokens: the rest is in the last "
                                        r"turn's cache\]", err):
         assert int(prefilled) < 16 < int(whole) - 10
-    assert len(re.findall("prefilling [0-9]", err)) == 2 and gen._speculative_jit._cache_size() - programs <= 2
+    assert len(re.findall("prefilling [0-9]", err)) == 2 and gen._speculative_jit._cache_size() - programs <= 1
     replies = out.strip().split("\n\n")
     assert len(replies) == 3 and "Paris" in replies[0]
     # each turn's context is the system prompt, the turns before and their replies, as the chat template renders them

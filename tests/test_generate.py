@@ -135,7 +135,7 @@ MOE = dict(num_experts=4, experts_per_token=2, expert_size=16)
 @pytest.mark.parametrize("dtype,expected,experts", [("float32", "HIGHEST", {}), ("bfloat16", "DEFAULT", {}),
                                                     ("float32", "HIGHEST", MOE)])
 def test_float32_models_decode_with_float32_matrix_products(dtype, expected, experts):
-    """Both decode loops, target and drafter, lowered as generate() lowers them: every product of a
+    """The prefill and both decode loops, target and drafter, lowered as generate() lowers them: every product of a
     float32 model at HIGHEST precision (no TF32 on GPUs), whatever the global default; a mixture of
     experts' too, gathered (a step's) and grouped (a tree's)."""
     import re
@@ -149,12 +149,15 @@ def test_float32_models_decode_with_float32_matrix_products(dtype, expected, exp
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, dtype=dtype)
     drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1)), dcfg)
     block, lengths, limits = prepare_prompts(cfg, [[5, 6, 7]], 4)
-    key = jax.random.PRNGKey(0)
+    loop_args = (params, params, block, lengths, limits, jax.random.PRNGKey(0))
     common = dict(sampling=SamplingConfig(), max_new_tokens=4, stream=None)
     with jax.default_matmul_precision("default"):  # the tests' global "highest" must not decide it
-        texts = [gen._call(gen._autoregressive_jit.lower, cfg, params, params, block, lengths, limits, key, **common),
-                 gen._call(gen._speculative_jit.lower, cfg, params, params, drafter, None, block, lengths, limits, key,
-                           spec=SpecConfig(2, 3, lookup_beams=1), **common)]
+        prefill = dict(prompts=block, prompt_lengths=lengths, max_len=64)
+        cache, *first = jax.eval_shape(lambda: gen._call(gen._prefill_jit, cfg, params, **prefill))
+        texts = [gen._call(gen._prefill_jit.lower, cfg, params, **prefill),
+                 gen._call(gen._autoregressive_jit.lower, cfg, cache, first, *loop_args, **common),
+                 gen._call(gen._speculative_jit.lower, cfg, cache, first, *loop_args[:2], drafter, None,
+                           *loop_args[2:], spec=SpecConfig(2, 3, lookup_beams=1), **common)]
     for text in (t.as_text() for t in texts):
         precisions = re.findall(r"(?:stablehlo.dot_general|chlo.ragged_dot) .*?precision = \[(\w+), (\w+)\]", text)
         assert len(precisions) > 10
@@ -242,6 +245,26 @@ def test_limits_within_one_cache_share_one_compiled_loop(spec):
     assert loop._cache_size() == compiled + 1
 
 
+def test_the_loops_share_one_prefill_program_and_update_its_cache_in_place():
+    """The prefill is compiled once for the autoregressive loop and every speculative setting on the same
+    prompt block and cache; each loop takes its cache as a donated input and writes its final cache over
+    it (with or without keep_cache), so XLA holds one cache, not two."""
+    from redrafter_jax import generate as gen
+
+    cfg, params = tiny_model(seed=5, max_position_embeddings=8192)
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 3, 4]]
+    spec = SpecConfig(0, 3, lookup_beams=1)
+    want = rows(generate(params, cfg, prompts, max_new_tokens=9))
+    compiled = gen._prefill_jit._cache_size()
+    assert rows(generate(params, cfg, prompts, max_new_tokens=9, spec=spec)) == want  # a cache of 64 slots too
+    assert gen._prefill_jit._cache_size() == compiled
+    # A cache of 4096 slots: k and v of 2 rows in float32, the largest buffer by far
+    cache = 2 * cfg.num_layers * 2 * cfg.num_kv_heads * 4096 * cfg.head_dim * 4
+    for kw in ({"keep_cache": True}, {"spec": spec}):  # the final cache kept, and not
+        memory = gen.lower(params, cfg, prompts, max_new_tokens=4000, **kw).compile().memory_analysis()
+        assert memory.alias_size_in_bytes >= cache > memory.temp_size_in_bytes, kw
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="a process's memory maps are counted on Linux")
 def test_compiled_loops_are_dropped_once_a_compilation_passes_half_the_memory_map_limit(monkeypatch):
     """XLA:CPU aborts the process at the kernel's limit of memory maps, and every compiled program holds
@@ -257,10 +280,10 @@ def test_compiled_loops_are_dropped_once_a_compilation_passes_half_the_memory_ma
     for loop in gen._DECODE_LOOPS:  # (whatever the tests before compiled)
         loop.clear_cache()
     want = {n: run(n) for n in (7, 40)}  # caches of 64 and 128 slots: two programs
-    assert gen._compiled_loops() == 2  # far from the limit: kept
+    assert gen._compiled_loops() == 4  # far from the limit: kept (a prefill and a loop per cache size)
     maps = sum(1 for _ in open("/proc/self/maps"))
     monkeypatch.setattr(gen, "_map_limit", lambda: maps)  # now past half of it
-    assert run(7) == want[7] and gen._compiled_loops() == 2  # nothing compiled, nothing dropped
-    assert run(40, spec=SpecConfig(0, 3, lookup_beams=1)) == want[40]  # a new program: compiled, then dropped
+    assert run(7) == want[7] and gen._compiled_loops() == 4  # nothing compiled, nothing dropped
+    assert run(40, spec=SpecConfig(0, 3, lookup_beams=1)) == want[40]  # a new loop: compiled, then all dropped
     assert gen._compiled_loops() == 0
     assert run(7) == want[7]

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from redrafter_jax import model, rows_matmul
-from redrafter_jax.cache import attention_mask, commit, flush, init_cache, scatter_rows, window_mask, write
+from redrafter_jax.cache import (
+    attention_mask,
+    commit,
+    flush,
+    init_cache,
+    scatter_rows,
+    window_mask,
+    with_pending,
+    write,
+)
 from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
@@ -189,9 +198,10 @@ def test_forward_writes_pending_entries_before_attending(smollm):
     def causal(n):
         return jnp.tril(jnp.ones((n, n), bool))
 
-    cache = init_cache(cfg, 1, 32, pending=3)
+    cache = init_cache(cfg, 1, 32)  # a prefill's: no room for pending entries, given room after it (as `decode.start`)
     pos = jnp.arange(5)[None]
     cache = commit(forward(params, cfg, ids[:, :5], pos, cache, attention_mask(cache, pos, causal(5))).cache, 5)
+    cache = with_pending(cache, 3)
     pos = jnp.arange(5, 8)[None]
     f = forward(params, cfg, ids[:, 5:8], pos, cache, attention_mask(cache, pos, causal(3)))
     cache = write(f.cache.replace(k=f.cache.k.at[:, :, :, 5:].set(0), v=f.cache.v.at[:, :, :, 5:].set(0)),

@@ -132,9 +132,11 @@ def test_a_shared_prefix_is_prefilled_once_for_a_batch(model, decoders):
 
 
 @pytest.mark.parametrize("name", ["autoregressive", "drafter"])
-def test_a_chat_with_a_fixed_max_len_compiles_its_loop_for_two_turns_only(model, decoders, name):
+def test_a_chat_with_a_fixed_max_len_compiles_its_loop_once_and_nothing_after_the_second_turn(model, decoders,
+                                                                                              name):
     """Five turns, each continuing the last one's cache with max_len fixed: the same outputs as full
-    prefills without it, and no new program after the second turn (the first has no cache to continue)."""
+    prefills without it, one decode loop for all, and no new prefill after the second turn's (the first
+    has no cache to continue)."""
     from redrafter_jax import generate as gen
 
     cfg, params = model
@@ -142,14 +144,15 @@ def test_a_chat_with_a_fixed_max_len_compiles_its_loop_for_two_turns_only(model,
     rng = np.random.default_rng(4)
     ids, cache, compiled = rng.integers(2, 64, 30).tolist(), None, []
     for turn in range(5):
-        before = loop._cache_size()
+        before = loop._cache_size(), gen._prefill_jit._cache_size()
         out = generate(params, cfg, [ids], max_new_tokens=12, cache=cache, keep_cache=True, max_len=256,
                        **decoders[name])
-        compiled.append(loop._cache_size() - before)
+        compiled.append((loop._cache_size() - before[0], gen._prefill_jit._cache_size() - before[1]))
         assert rows(out) == rows(generate(params, cfg, [ids], max_new_tokens=12)), turn
         ids, cache = ids + rows(out)[0] + rng.integers(2, 64, rng.integers(3, 20)).tolist(), out.cache
         assert cache.kv.max_len == 256
-    assert compiled[2:] == [0, 0, 0] and len(ids) > 100  # prompts of 30 to 100+ tokens, no new program
+    assert [c for c, _ in compiled[1:]] == [0] * 4 and [c for _, c in compiled[2:]] == [0] * 3
+    assert len(ids) > 100  # prompts of 30 to 100+ tokens
     with pytest.raises(ValueError, match=r"max_len 128 is too small: the prompt block of 160 tokens, max_new_tokens "
                                          r"12 and a step's 1 writes need 192 cache slots"):
         generate(params, cfg, [ids[:150]], max_new_tokens=12, max_len=128)

@@ -13,7 +13,7 @@ from redrafter_jax import generate as gen
 from redrafter_jax.checkpoint import load_drafter
 from redrafter_jax.cli import DEFAULT_DRAFTER
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
-from redrafter_jax.decode import prepare_prompts
+from redrafter_jax.decode import cache_len, prepare_prompts
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.oracle import OracleDrafter
 
@@ -106,17 +106,18 @@ def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, c
     block, lengths, limits = prepare_prompts(cfg, chat_prompts, 8)
     spec = SpecConfig(4, 4, lookup_beams=2, datastore_beams=1)  # every proposer inside the one loop
     store = datastore.build([(np.array(p), np.ones(len(p))) for p in chat_prompts], [])
-    fn = jax.jit(gen._speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens"))
     kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
-    args = (smollm.params, gen.decoding_params(smollm.params, cfg).loop, drafter, store, block, lengths,
-            limits, jax.random.PRNGKey(0))
-    prims = _primitives(jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args).jaxpr, [])
+    args = jax.device_put((smollm.params, gen.decoding_params(smollm.params, cfg).loop, drafter, store, block,
+                           lengths, limits, jax.random.PRNGKey(0)))
+    prefill = lambda: gen._prefill_jit(args[0], cfg=cfg, prompts=args[4], prompt_lengths=args[5],  # noqa: E731
+                                       max_len=cache_len(block.shape[1], 8, spec.slots))
+    cache, *first = jax.eval_shape(prefill)
+    prims = _primitives(jax.make_jaxpr(lambda *a: gen._speculative(*a, **kwargs))(cache, first, *args).jaxpr, [])
     assert prims.count("while") == 1
     assert not [p for p in prims if "callback" in p]
-    args = jax.device_put(args)
-    with jax.transfer_guard("disallow"):
-        out = fn(*args, **kwargs)
-        jax.block_until_ready(out)
+    with jax.transfer_guard("disallow"):  # the prefill and the loop
+        cache, *first = prefill()
+        jax.block_until_ready(gen._speculative_jit(cache, first, *args, **kwargs))
 
 
 def test_bad_drafter_or_settings_raise(smollm, chat_prompts):
