@@ -1,4 +1,4 @@
-"""Batched generation as one jitted function: prefill, then a single `lax.while_loop` of decode steps.
+"""Batched generation as two jitted programs: the prefill, then a single `lax.while_loop` of decode steps.
 
 Autoregressive: one target step per token. Speculative (ReDrafter): each step the drafter proposes W
 beams of L tokens, the beams are packed into a tree, the target verifies the whole tree in one
