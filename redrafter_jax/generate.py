@@ -304,7 +304,7 @@ _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling
                                                                 "batch_size", "keep_cache"), donate_argnums=0)
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
                                                           "batch_size", "keep_cache"), donate_argnums=0)
-_DECODE_LOOPS = (_prefill_jit, _autoregressive_jit, _speculative_jit)
+_DECODE_LOOPS = (_prefill_jit, _autoregressive_jit, _speculative_jit)  # and the prefill they start from
 
 
 def _compiled_loops() -> int:
@@ -321,11 +321,11 @@ def _map_limit() -> int | None:
 
 
 def _bound_compiled_loops(compiled_before: int) -> None:
-    """Drops the compiled decode loops once a compilation has taken the process past half its limit of
-    memory maps. XLA:CPU keeps each program's machine code in maps of its own (the default model's loops:
-    ~600 autoregressive, ~900 speculative) and aborts the process inside a compilation at the limit
-    (65,530 by default): a long-lived process that met many shapes (prompt-length buckets, settings)
-    would get there. Loops used again compile again."""
+    """Drops the compiled decode loops and prefills once a compilation has taken the process past half its
+    limit of memory maps. XLA:CPU keeps each program's machine code in maps of its own (the default
+    model's prefill and autoregressive loop: ~590 together, a speculative loop ~475) and aborts the
+    process inside a compilation at the limit (65,530 by default): a long-lived process that met many
+    shapes (prompt-length buckets, settings) would get there. Programs used again compile again."""
     limit = _map_limit()
     if limit is None or _compiled_loops() <= compiled_before:
         return
