@@ -297,14 +297,15 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
 
 # The prefill is a program of its own: the autoregressive loop and every speculative setting on the same
 # prompt block and cache share it (it was half of each loop's compilation), and it has no host callback,
-# so the persistent compilation cache keeps it. Its cache is donated to the loop, which updates it in place.
+# so a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) can keep it. Its cache is donated to the
+# loop, which updates it in place.
 _prefill_jit = jax.jit(prefill_prompts, static_argnames=("cfg", "max_len", "mesh"))
 # `stream` is a traced argument (a `StreamTo` or None): a new callback does not compile the loop again.
 _autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh",
                                                                 "batch_size", "keep_cache"), donate_argnums=0)
 _speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
                                                           "batch_size", "keep_cache"), donate_argnums=0)
-_DECODE_LOOPS = (_prefill_jit, _autoregressive_jit, _speculative_jit)  # and the prefill they start from
+_DECODE_LOOPS = (_prefill_jit, _autoregressive_jit, _speculative_jit)  # (what `_bound_compiled_loops` drops)
 
 
 def _compiled_loops() -> int:

@@ -135,9 +135,9 @@ MOE = dict(num_experts=4, experts_per_token=2, expert_size=16)
 @pytest.mark.parametrize("dtype,expected,experts", [("float32", "HIGHEST", {}), ("bfloat16", "DEFAULT", {}),
                                                     ("float32", "HIGHEST", MOE)])
 def test_float32_models_decode_with_float32_matrix_products(dtype, expected, experts):
-    """The prefill and both decode loops, target and drafter, lowered as generate() lowers them: every product of a
-    float32 model at HIGHEST precision (no TF32 on GPUs), whatever the global default; a mixture of
-    experts' too, gathered (a step's) and grouped (a tree's)."""
+    """The prefill and both decode loops, target and drafter, lowered as generate() lowers them: every
+    product of a float32 model at HIGHEST precision (no TF32 on GPUs), whatever the global default; a
+    mixture of experts' too, gathered (a step's) and grouped (a tree's)."""
     import re
 
     from redrafter_jax import generate as gen
