@@ -562,7 +562,8 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         block = _block_for(block, max_len, n, write, cfg.pad_token_id)
     # The loop is compiled for as many tokens as the cache has room for (its slots are rounded up to 64), not
     # for n: the rows stop at their limits, and calls whose limits fit that room share one program.
-    room = cache_len(block.shape[1], n, write) - block.shape[1] - write
+    slots = cache_len(block.shape[1], n, write)
+    room = slots - block.shape[1] - write
     b = block.shape[0]
     if mesh is not None:
         params, drafter, store, block, lengths, limits, resume = _place_on_mesh(mesh, cfg, params, drafter, store,
@@ -573,8 +574,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
     def loop(stream: StreamTo | None, lowered: bool = False):
         rows = batch_size or block.shape[0]  # the prompts the loop starts with
         prefill = functools.partial(_call, _prefill_jit, cfg, params, prompts=block[:rows],
-                                    prompt_lengths=lengths[:rows], max_len=cache_len(block.shape[1], room, write),
-                                    mesh=mesh, resume=resume)
+                                    prompt_lengths=lengths[:rows], max_len=slots, mesh=mesh, resume=resume)
         cache, *first = jax.eval_shape(prefill) if lowered else prefill()
         if speculative:
             fn, args, kw = _speculative_jit, (drafter, store), dict(spec=spec)
