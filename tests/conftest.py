@@ -22,14 +22,29 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 MODEL_FIXTURES = {"smollm_path", "smollm", "chat_prompts"}
+# The files that take over a minute of the suite, longest first (2-core CI machine, README command). The
+# README's `--dist loadfile` hands whole files to the two workers as they free up: handed out by xdist's
+# default order (most tests first) the eight-device checks' five minutes started late and one worker idled
+# for a minute or two at the end; longest first, the last files handed out are short ones.
+LONGEST_FILES_FIRST = ("test_mtbench.py", "test_sharding.py", "test_sampling.py", "test_rows_matmul.py",
+                       "test_train.py", "test_speculative.py", "test_model.py", "test_loaders.py", "test_generate.py",
+                       "test_notebooks.py", "test_pipeline.py", "test_device_check.py", "test_prompt_cache.py",
+                       "test_datastore.py", "test_continuous.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: hand out files in the order below
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
     """Tests that use the embedded model are `slow` (it is downloaded once): `-m "not slow"` is the
-    fast unit suite, which needs no download."""
+    fast unit suite, which needs no download. The files run `LONGEST_FILES_FIRST`, then the others."""
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True, scope="module")
