@@ -24,8 +24,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 MODEL_FIXTURES = {"smollm_path", "smollm", "chat_prompts"}
 # The files that take over a minute of the suite, longest first (2-core CI machine, README command). The
 # README's `--dist loadfile` hands whole files to the two workers as they free up: handed out by xdist's
-# default order (most tests first) the eight-device checks' five minutes started late and one worker idled
-# for a minute or two at the end; longest first, the last files handed out are short ones.
+# default order (most tests first), test_sharding.py (few tests, the longest fixture) started late and one
+# worker idled for a minute or two at the end; longest first, the last files handed out are short ones.
 LONGEST_FILES_FIRST = ("test_mtbench.py", "test_sharding.py", "test_sampling.py", "test_rows_matmul.py",
                        "test_train.py", "test_speculative.py", "test_model.py", "test_loaders.py", "test_generate.py",
                        "test_notebooks.py", "test_pipeline.py", "test_device_check.py", "test_prompt_cache.py",
