@@ -41,7 +41,7 @@ def train_steps(mesh):
     "model"), each process feeding only its own rows of the batch."""
     opt, step, _, _ = make_steps(TRAIN, DRAFTER_CFG, CFG, mesh)
     dparams = init_drafter(DRAFTER_CFG, jax.random.PRNGKey(0))
-    state, frozen = init_state(opt, dparams), split_frozen(dparams)[1]
+    state, frozen = init_state(opt, dparams, mesh), split_frozen(dparams)[1]
     target = sharding.shard_params(PARAMS, CFG, mesh)
     rows = sharding.local_rows(mesh, TRAIN.batch_size)
     tokens, mask = batch_at(toy_sequences(), 0, TRAIN.batch_size, TRAIN.seq_len, 0, 0)

@@ -8,9 +8,10 @@ import pytest
 
 from redrafter_jax import datastore
 from redrafter_jax.checkpoint import load_drafter, load_drafter_config
+from train import pipeline
 from train.data import is_held_out
 from train.pipeline import load_or_build_prompts, main, plan_steps, tokens_per_step, write_prompt_file
-from train.train import params_fingerprint
+from train.train import make_steps, params_fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,7 @@ def test_tokens_per_step_stops_at_the_deadline_after_one_prompt():
     assert decoded == 1 and mean == tokens_per_step(model, None, prompts[:1], spec, 8)[0] >= 1
 
 
-def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
+def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path, monkeypatch):
     enc = [smollm.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     prompts = str(tmp_path / "prompts.npz")
     write_prompt_file(prompts, {"max_prompt_tokens": 64, "eval_fraction": 0.02},
@@ -54,8 +55,12 @@ def test_pipeline_runs_end_to_end_and_resumes(tmp_path, smollm, smollm_path):
             "--minutes", "4", "--max-prompt-tokens", "64", "--max-new-tokens", "10", "--distill-batch", "4",
             "--shard-size", "4", "--batch-size", "2", "--seq-len", "64", "--max-steps", "3", "--eval-batches", "1",
             "--draft-vocab", "64", "--eval-prompts", "1", "--eval-new-tokens", "8", "--eval-spec", "1x3+1"]
+    steps = []  # each make_steps' (optimizer, train step, evaluation, hidden states)
+    monkeypatch.setattr(pipeline, "make_steps", lambda *a: steps.append(make_steps(*a)) or steps[-1])
     main(args + ["--num-prompts", "6"])
     log = json.loads((out / "pipeline.json").read_text())
+    # the steps timed for the plan compiled once each: a later step's time is no compilation
+    assert steps[0][1]._cache_size() == steps[0][2]._cache_size() == 1
     assert log["distilled_prompts"] == {"train": 6, "eval": 2, "train_available": 7}
     assert 1 <= log["plan"]["steps"] <= 3 and log["plan"]["seconds_per_step"] > 0
     assert log["plan"]["seconds_per_eval"] > 0 and log["plan"]["evaluations"] == 1

@@ -132,7 +132,7 @@ def time_train_steps(tc, dcfg, target_cfg, target_params, seqs: data.Sequences, 
     opt, train_step, evaluate, _ = make_steps(tc, dcfg, target_cfg, tmesh)
     vocab_map = np.zeros(dcfg.draft_vocab_size, np.int32) if dcfg.draft_vocab_size else None
     dparams = init_drafter(dcfg, jax.random.PRNGKey(0), vocab_map)
-    state, frozen = init_state(opt, dparams), split_frozen(dparams)[1]
+    state, frozen = init_state(opt, dparams, tmesh), split_frozen(dparams)[1]
     steps, evals = [], []
     for step in range(n + 1):
         tokens, mask = data.batch_at(seqs, step, tc.batch_size, tc.seq_len, tc.seed, target_cfg.pad_token_id)

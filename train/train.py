@@ -214,9 +214,12 @@ def cache_hidden_states(target_hidden, target_params, seqs: Sequences, tc: Train
     return out
 
 
-def init_state(opt, dparams: Params) -> dict:
+def init_state(opt, dparams: Params, mesh: Mesh) -> dict:
+    """The training state, replicated over the mesh as `make_steps`' train step returns it: a state
+    placed otherwise would compile the step a second time at the second step."""
     trainable, _ = split_frozen(dparams)
-    return {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": trainable, "opt_state": opt.init(trainable), "step": jnp.zeros((), jnp.int32)}
+    return jax.device_put(state, NamedSharding(mesh, P()))
 
 
 def _to_host(metrics) -> dict:
@@ -352,7 +355,7 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         dparams = jax.tree_util.tree_map(jnp.asarray, init.params)
     else:
         dparams = init_drafter(dcfg, jax.random.PRNGKey(tc.seed), None if vocab_map is None else jnp.asarray(vocab_map))
-    state = init_state(opt, dparams)
+    state = init_state(opt, dparams, mesh)
     _, frozen = split_frozen(dparams)
     meta = {"train_config": dataclasses.asdict(tc), "drafter_config": dataclasses.asdict(dcfg),
             **({"init": params_fingerprint(init.params)} if init is not None else {})}
@@ -373,11 +376,10 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         if best is not None:
             items["best"] = ocp.args.StandardRestore(shapes(state["params"]))
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
-        state = restored["state"]
+        state = jax.device_put(restored["state"], NamedSharding(mesh, P()))
         frozen = {k: jnp.asarray(v, jnp.int32) for k, v in restored["meta"].get("frozen", {}).items()}
         if best is not None:
             best = {"params": jax.device_get(restored["best"]), **restored["meta"]["best"]}
-    state = jax.device_put(state, NamedSharding(mesh, P()))
 
     start = int(state["step"])
     pad = target_cfg.pad_token_id
