@@ -24,7 +24,7 @@ from redrafter_jax.model import forward, forward_causal
 from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
 from tests.reference import GGUFReference
 from tests.tiny import TINY as TINY_CFG
-from tests.tiny import tiny_model
+from tests.tiny import causal_logits, tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n if n < 2 else",
          "Paris is the capital of"]
@@ -40,7 +40,7 @@ def test_logits_match_numpy_float64_reference(smollm, reference, text):
     """Reference: tests/reference.py, a float64 NumPy forward on the raw GGUF tensors."""
     tok = smollm.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": "Hi!"}]) if text == "chat" else tok.encode(text)
-    ours = np.asarray(forward_causal(smollm.params, smollm.config, jnp.asarray([ids])).logits[0])
+    ours = np.asarray(causal_logits(smollm.params, smollm.config, jnp.asarray([ids]))[0])
     ref = reference.logits(ids)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.95
@@ -60,7 +60,7 @@ def test_logits_match_transformers(smollm, smollm_path):
         ids = smollm.tokenizer.encode(text)
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].double().numpy()
-        ours = np.asarray(forward_causal(smollm.params, smollm.config, jnp.asarray([ids])).logits[0])
+        ours = np.asarray(causal_logits(smollm.params, smollm.config, jnp.asarray([ids]))[0])
         np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
@@ -361,7 +361,7 @@ def test_moe_model_decodes_as_its_uncached_forward():
     ar = generate(params, cfg, prompts, max_new_tokens=8)
     for row, prompt in enumerate(prompts):
         tokens = np.asarray(ar.tokens[row, :ar.lengths[row]]).tolist()
-        logits = forward_causal(params, cfg, jnp.asarray([prompt + tokens])).logits[0]
+        logits = causal_logits(params, cfg, jnp.asarray([prompt + tokens]))[0]
         assert tokens == np.asarray(jnp.argmax(logits[len(prompt) - 1:-1], axis=-1)).tolist()
     spec = generate(params, cfg, prompts, max_new_tokens=8, spec=SpecConfig.parse("0x4+2"))
     np.testing.assert_array_equal(np.asarray(spec.tokens), np.asarray(ar.tokens))

@@ -13,10 +13,9 @@ from redrafter_jax import datastore
 from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.generate import generate
-from redrafter_jax.model import forward_causal
 from redrafter_jax.sampling import argmax, draw, select, target_log_probs
 from redrafter_jax.tree import ABSENT
-from tests.tiny import exact_next_token_probs, tiny_model
+from tests.tiny import causal_logits, exact_next_token_probs, tiny_model
 
 V = 8
 PROMPT = [3, 4, 5]
@@ -51,7 +50,7 @@ def exact_joint(cfg, params, sampling, k=3):
     for prefix_len in range(k):
         prefixes = list(itertools.product(range(V), repeat=prefix_len))
         seqs = jnp.asarray([PROMPT + list(p) for p in prefixes])
-        logits = np.asarray(forward_causal(params, cfg, seqs).logits[:, -1])
+        logits = np.asarray(causal_logits(params, cfg, seqs)[:, -1])
         for p, lg in zip(prefixes, logits):
             probs[p] = exact_next_token_probs(lg, sampling.temperature, sampling.top_k, sampling.top_p,
                                               sampling.min_p)
@@ -277,7 +276,7 @@ def test_sampled_speculative_text_on_default_model_is_fluent(smollm, chat_prompt
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(again.tokens))
     for prompt, toks, n in zip(chat_prompts[1:3], np.asarray(out.tokens), np.asarray(out.lengths)):
         seq = jnp.asarray([prompt + toks[:n].tolist()])
-        logp = jax.nn.log_softmax(forward_causal(params, cfg, seq).logits[0, len(prompt) - 1:-1] / 0.7)
+        logp = jax.nn.log_softmax(causal_logits(params, cfg, seq)[0, len(prompt) - 1:-1] / 0.7)
         mean = float(jnp.mean(jnp.take_along_axis(logp, jnp.asarray(toks[:n])[:, None], axis=1)))
         # The target's own samples at 0.7 score -0.35 to -2.15 here (6 keys, autoregressive and speculative
         # alike; the haiku lowest); uniformly random tokens about -10.

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from redrafter_jax.config import ModelConfig
-from redrafter_jax.model import init_params
+from redrafter_jax.model import forward_causal, init_params
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, max_position_embeddings=128, rope_theta=10000.0,
@@ -16,6 +16,12 @@ TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_laye
 def tiny_model(seed: int = 0, scale: float = 0.5, **overrides):
     cfg = dataclasses.replace(TINY, **overrides)
     return cfg, init_params(cfg, jax.random.PRNGKey(seed), scale=scale)
+
+
+# Logits [B, T, V] of whole sequences [B, T] as one compiled program. Run eagerly, each of the forward's ops
+# compiles on its own for every new shape: hundreds of small programs a call, which cost the tests that
+# call it many times, or on a mixture of experts, more than compiling the whole does.
+causal_logits = jax.jit(lambda params, cfg, tokens: forward_causal(params, cfg, tokens).logits, static_argnums=1)
 
 
 def exact_next_token_probs(logits, temperature, top_k, top_p, min_p=0.0):
