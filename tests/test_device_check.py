@@ -13,8 +13,8 @@ from redrafter_jax import rows_matmul
 from redrafter_jax.checkpoint import save_drafter
 from redrafter_jax.config import DrafterConfig
 from redrafter_jax.drafter import Drafter, init_drafter
-from redrafter_jax.model import forward_causal
 from tests.test_loaders import hf_tensors, write_checkpoint
+from tests.tiny import causal_logits
 
 
 def test_device_check_runs_every_part_and_writes_its_report(tmp_path):
@@ -188,7 +188,7 @@ def test_the_synthetic_target_is_decisive():
                               num_heads=8, num_kv_heads=8)
     params = device_check.decisive_params(cfg, jax.random.PRNGKey(0))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64))
-    logits = np.asarray(forward_causal(params, cfg, jnp.asarray(tokens)).logits[0], np.float32)
+    logits = np.asarray(causal_logits(params, cfg, jnp.asarray(tokens))[0], np.float32)
     best = np.argsort(logits, axis=-1)[:, -2:]
     head, embed = np.asarray(params["lm_head"], np.float32), np.asarray(params["embed"], np.float32)
     np.testing.assert_allclose(head[:, best[:, 1]].T * 1e4, embed[tokens[0]], rtol=1e-2)  # its successor
