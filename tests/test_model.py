@@ -69,7 +69,7 @@ def test_cached_decoding_matches_full_forward(smollm):
     cfg, params = smollm.config, smollm.params
     ids = jnp.asarray([smollm.tokenizer.encode(TEXTS[0])])
     t = ids.shape[1]
-    full = forward_causal(params, cfg, ids).logits[0]
+    full = causal_logits(params, cfg, ids)[0]
     cache = init_cache(cfg, 1, 32)
     outs = []
     for lo, hi in [(0, 5), (5, 6), (6, t)]:
