@@ -3,6 +3,8 @@ attention over the layer) equals the model's XLA ops, and a query's result depen
 sees and their order, never on the other queries of the call or where its keys sit (which keeps a
 tree's verification bitwise equal to one-token steps)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,21 @@ def _step_inputs(rng, b, t, h, g, d, s, p=0, layers=3):
     return qkv, cos, sin, k, v, pending
 
 
+@functools.partial(jax.jit, static_argnums=(9, 10))
+def _xla_ops(qkv, cos, sin, buffers, pending, new, slots, after, mask, layer, cap, sinks):
+    """The model's XLA ops for what the kernel computes, as one program (eager, each op compiled on its own
+    for every shape took most of a case's time): the new keys; the (keys, values) buffers after the pending
+    entries and `new`, the kernel's new keys and values, are written at `slots`; the attention over `after`,
+    the kernel's buffers, and the same without the soft cap and sinks."""
+    g = qkv.shape[3] - 2
+    written = [kv.scatter_rows(buf, jnp.concatenate([pend[layer], n], axis=1), slots, layer)
+               for buf, pend, n in zip(buffers, pending, new)]
+    q = apply_rope(qkv[:, :, :, :g], cos, sin)
+    k, v = after[0][layer], after[1][layer]
+    attended = _attention(q, k, v, mask, cap, sinks), _attention(q, k, v, mask)
+    return apply_rope(qkv[:, :, :, g], cos, sin), written, *attended
+
+
 @pytest.mark.parametrize("t,g,d,p,cap,sink", [(1, 3, 64, 0, None, False), (7, 3, 64, 4, None, False),
                                               (16, 4, 16, 2, None, False), (3, 2, 128, 1, None, False),
                                               (64, 1, 32, 0, None, False), (33, 3, 64, 2, None, False),
@@ -47,20 +64,15 @@ def test_matches_the_models_xla_ops(t, g, d, p, cap, sink):
         qkv[:, :, :, :g] *= 3
     sinks = jnp.asarray(rng.normal(0, 2, (h, g)), jnp.float32).at[0, 0].set(120.0) if sink else None
     out, k_new, v_new, k_after, v_after = attend(qkv, cos, sin, k, v, pk, pv, slots, mask, layer, cap, sinks)
-
-    want_k = apply_rope(jnp.asarray(qkv[:, :, :, g]), cos, sin)
-    np.testing.assert_allclose(np.asarray(k_new), np.asarray(want_k), rtol=1e-6, atol=1e-6)
+    keys, written, want, plain = _xla_ops(qkv, cos, sin, (k, v), (pk, pv), (k_new, v_new), slots,
+                                          (k_after, v_after), mask, layer, cap, sinks)
+    np.testing.assert_allclose(np.asarray(k_new), np.asarray(keys), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(v_new), qkv[:, :, :, g + 1])
-    for got, buf, pend, new in ((k_after, k, pk, k_new), (v_after, v, pv, v_new)):
-        want = kv.scatter_rows(jnp.asarray(buf), jnp.concatenate([jnp.asarray(pend[layer]), new], axis=1),
-                               jnp.asarray(slots), layer)
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    q = apply_rope(jnp.asarray(qkv[:, :, :, :g]), cos, sin)
-    want = _attention(q, k_after[layer], v_after[layer], jnp.asarray(mask), cap, sinks)
+    for got, buf in zip((k_after, v_after), written):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(buf))
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=2e-6)
     if cap or sink:  # and the cap or the sinks did change the output
-        assert not np.allclose(np.asarray(out), np.asarray(_attention(q, k_after[layer], v_after[layer],
-                                                                      jnp.asarray(mask))), rtol=1e-3, atol=1e-4)
+        assert not np.allclose(np.asarray(out), np.asarray(plain), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("sink", [False, True])
