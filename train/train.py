@@ -376,7 +376,7 @@ def train(tc: TrainConfig, dcfg: DrafterConfig, target_cfg: ModelConfig, target_
         if best is not None:
             items["best"] = ocp.args.StandardRestore(shapes(state["params"]))
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
-        state = jax.device_put(restored["state"], NamedSharding(mesh, P()))
+        state = restored["state"]  # replicated over the mesh, as its template `state` is
         frozen = {k: jnp.asarray(v, jnp.int32) for k, v in restored["meta"].get("frozen", {}).items()}
         if best is not None:
             best = {"params": jax.device_get(restored["best"]), **restored["meta"]["best"]}
