@@ -17,9 +17,9 @@ from flax import struct
 from jax.sharding import Mesh
 
 from redrafter_jax import cache as kv
-from redrafter_jax.config import ModelConfig, SamplingConfig
+from redrafter_jax.config import ModelConfig
 from redrafter_jax.model import Params, lm_head, transformer
-from redrafter_jax.sampling import select
+from redrafter_jax.sampling import Sampling, select
 from redrafter_jax.sharding import constrain_cache, gathered
 
 # Emitted tokens of one step: (tokens [B, M], counts [B]) -> None, called on the host; with
@@ -277,7 +277,7 @@ class Started(NamedTuple):
     key: jax.Array
 
 
-def start(cfg: ModelConfig, p: Prefilled, limits: jax.Array, key: jax.Array, sampling: SamplingConfig,
+def start(cfg: ModelConfig, p: Prefilled, limits: jax.Array, key: jax.Array, sampling: Sampling,
           max_new_tokens: int, stream: StreamTo | None, mesh: Mesh | None, pending: int = 0,
           first_prompt: jax.Array | int = 0) -> Started:
     """Emits each row's first token, chosen from its prompt's logits, and gives the prefill's cache room

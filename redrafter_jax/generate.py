@@ -50,7 +50,7 @@ from redrafter_jax.decode import (
 )
 from redrafter_jax.drafter import Drafter
 from redrafter_jax.model import EXPERTS, MATRICES, ForwardOutput, Params, cast_params, forward, pack_params
-from redrafter_jax.sampling import select, target_log_probs
+from redrafter_jax.sampling import Sampling, select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
 # The decode loops run under this named scope and each step's parts under their own (autoregressive_step:
@@ -74,7 +74,7 @@ class ARState:
         return self.out
 
 
-def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, sampling: SamplingConfig,
+def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, sampling: Sampling,
                         stream: StreamTo | None, mesh: Mesh | None = None) -> ARState:
     """One target forward of each row's newest token; appends the next token."""
     positions = s.cache.lengths[:, None]
@@ -91,7 +91,7 @@ def autoregressive_step(params: Params, s: ARState, *, cfg: ModelConfig, samplin
     return ARState(cache, out, jnp.where(n > 0, nxt, s.last), key, s.step + 1)
 
 
-def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfig, sampling: SamplingConfig,
+def _run(step, init, params, prompts, prompt_lengths, limits, *, cfg: ModelConfig, sampling: Sampling,
          max_new_tokens: int, stream: StreamTo | None, mesh: Mesh | None = None):
     """The decode loop: step(prompts, prompt_lengths, s) until every row is done, from init (its rows
     holding the first prompts); with more prompts than rows, continuous batching (`continuous.run`, each
@@ -126,7 +126,7 @@ def _outputs(s, out: Emitted, accepted: jax.Array | None, prompts: jax.Array, pr
 
 
 def _autoregressive(cache, first, params, loop_params, prompts, prompt_lengths, limits, key, *, cfg: ModelConfig,
-                    sampling: SamplingConfig, max_new_tokens: int, stream: StreamTo | None,
+                    sampling: Sampling, max_new_tokens: int, stream: StreamTo | None,
                     mesh: Mesh | None = None, batch_size: int | None = None,
                     keep_cache: bool = False) -> tuple[GenerateOutput, kv.KVCache | None]:
     """cache, first: the prefill of the first rows' prompts (`Prefilled`: its cache, donated, and the
@@ -195,11 +195,11 @@ def verify(params: Params, cfg: ModelConfig, s: SpecState, tree: Tree) -> Forwar
     return forward(params, cfg, tree.tokens, positions, s.cache, mask)
 
 
-def _apple_rule(spec: SpecConfig, sampling: SamplingConfig) -> bool:
+def _apple_rule(spec: SpecConfig, sampling: Sampling) -> bool:
     return spec.acceptance == "apple_biased" and not sampling.greedy
 
 
-def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling: SamplingConfig,
+def accept(key: jax.Array, draft: Draft, tree: Tree, f: ForwardOutput, sampling: Sampling,
            spec: SpecConfig) -> Accepted:
     """The longest drafted prefix the target agrees with (its argmax, or one sample per tree node:
     the exact tree walk), or Apple's biased rule when asked for."""
@@ -234,7 +234,7 @@ def commit(s: SpecState, f: ForwardOutput, tree: Tree, acc: Accepted, key: jax.A
 
 def speculative_step(params: Params, drafter: Proposer | None, store: Datastore | None,
                      prompts: jax.Array, prompt_lengths: jax.Array, s: SpecState, *, cfg: ModelConfig,
-                     sampling: SamplingConfig, spec: SpecConfig, stream: StreamTo | None,
+                     sampling: Sampling, spec: SpecConfig, stream: StreamTo | None,
                      mesh: Mesh | None = None) -> SpecState:
     """Propose, pack the tree, verify it in one target forward, accept the longest prefix and commit
     it (plus the target's own next token) to each row's cache and output."""
@@ -253,7 +253,7 @@ def speculative_step(params: Params, drafter: Proposer | None, store: Datastore 
 
 
 def _speculative(cache, first, params, loop_params, drafter, store, prompts, prompt_lengths, limits, key, *,
-                 cfg: ModelConfig, sampling: SamplingConfig, spec: SpecConfig, max_new_tokens: int,
+                 cfg: ModelConfig, sampling: Sampling, spec: SpecConfig, max_new_tokens: int,
                  stream: StreamTo | None, mesh: Mesh | None = None, batch_size: int | None = None,
                  keep_cache: bool = False) -> tuple[GenerateOutput, kv.KVCache | None]:
     """As `_autoregressive`, decoding speculatively: the cache has room for a tree's writes (spec.slots)
@@ -301,10 +301,11 @@ def _call(fn, cfg: ModelConfig, *args, **kwargs):
 # loop, which updates it in place.
 _prefill_jit = jax.jit(prefill_prompts, static_argnames=("cfg", "max_len", "mesh"))
 # `stream` is a traced argument (a `StreamTo` or None): a new callback does not compile the loop again.
-_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "sampling", "max_new_tokens", "mesh",
-                                                                "batch_size", "keep_cache"), donate_argnums=0)
-_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "sampling", "spec", "max_new_tokens", "mesh",
-                                                          "batch_size", "keep_cache"), donate_argnums=0)
+# `sampling` is traced too (a `Sampling`): a new temperature, top-p or min-p does not compile the loop again.
+_autoregressive_jit = jax.jit(_autoregressive, static_argnames=("cfg", "max_new_tokens", "mesh", "batch_size",
+                                                                "keep_cache"), donate_argnums=0)
+_speculative_jit = jax.jit(_speculative, static_argnames=("cfg", "spec", "max_new_tokens", "mesh", "batch_size",
+                                                          "keep_cache"), donate_argnums=0)
 _DECODE_LOOPS = (_prefill_jit, _autoregressive_jit, _speculative_jit)  # (what `_bound_compiled_loops` drops)
 
 
@@ -467,7 +468,8 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     callback shares the compiled program. An exception stream raises ends its calls and is raised by
     generate, once decoding has finished. Prompts are padded to a multiple of `prompt_bucket` tokens, and
     the KV cache's slots (prompt block, max_new_tokens and a step's writes) to a multiple of 64: calls whose
-    prompt lengths and max_new_tokens land in the same prompt block and cache share one compiled program.
+    prompt lengths and max_new_tokens land in the same prompt block and cache share one compiled program, at
+    any temperature, top-p and min-p (`Sampling`: top-k's k and which filters apply are part of it).
 
     `mesh` (`sharding.make_mesh`): the target runs tensor-parallel over its "model" axis and the rows
     are split over its "data" axis (the batch padded to a multiple of it); outputs are as on one device.
@@ -581,7 +583,7 @@ def _decode_loop(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[in
         else:
             fn, args, kw = _autoregressive_jit, (), {}
         return _call(fn.lower if lowered else fn, cfg, cache, first, params, loop_params, *args, block, lengths,
-                     limits, key, sampling=sampling, max_new_tokens=room, stream=stream, mesh=mesh,
+                     limits, key, sampling=Sampling.of(sampling), max_new_tokens=room, stream=stream, mesh=mesh,
                      batch_size=batch_size, keep_cache=keep_cache, **kw)
     return loop, (b, n)
 

@@ -8,39 +8,64 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from redrafter_jax.config import SamplingConfig
 
 
-def target_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+@struct.dataclass
+class Sampling:
+    """A `SamplingConfig` as compiled code takes it: what shapes the program is static (greedy or not,
+    top-k's k, whether top-p and min-p filter), the values are traced, so that a call at another
+    temperature, top-p or min-p runs the program compiled for the first instead of compiling another."""
+
+    temperature: jax.Array  # [] float32
+    top_p: jax.Array  # [] float32
+    min_p: jax.Array  # [] float32
+    greedy: bool = struct.field(pytree_node=False)
+    top_k: int = struct.field(pytree_node=False)
+    filters_top_p: bool = struct.field(pytree_node=False)
+    filters_min_p: bool = struct.field(pytree_node=False)
+
+    @classmethod
+    def of(cls, cfg: SamplingConfig | Sampling) -> Sampling:
+        if isinstance(cfg, Sampling):
+            return cfg
+        temperature, top_p, min_p = (jnp.float32(x) for x in (cfg.temperature or 1.0, cfg.top_p, cfg.min_p))
+        return cls(temperature, top_p, min_p, greedy=cfg.greedy, top_k=cfg.top_k, filters_top_p=cfg.top_p < 1,
+                   filters_min_p=cfg.min_p > 0)
+
+
+def target_logits(logits: jax.Array, sampling: SamplingConfig | Sampling) -> jax.Array:
     """Logits [..., V] of the sampling distribution, up to a constant: scaled by the temperature,
     filtered tokens at -inf.
 
     top-k keeps the k largest logits, top-p the smallest set of largest-probability tokens whose
     mass reaches top_p, min-p the tokens at least min_p times as likely as the likeliest (ties at any
-    threshold are all kept). Only for cfg.greedy == False.
+    threshold are all kept). Only for sampling that is not greedy.
     """
-    logits = logits.astype(jnp.float32) / cfg.temperature
-    if cfg.top_k > 0 and cfg.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, cfg.top_k)[0][..., -1:]
+    s = Sampling.of(sampling)
+    logits = logits.astype(jnp.float32) / s.temperature
+    if 0 < s.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
         logits = jnp.where(logits >= kth, logits, -jnp.inf)
-    if cfg.top_p < 1:
+    if s.filters_top_p:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         p = jax.nn.softmax(sorted_logits, axis=-1)
         mass_before = jnp.cumsum(p, axis=-1) - p
         # the smallest kept logit: the last sorted one whose preceding mass is still below top_p
-        n_keep = jnp.sum(mass_before < cfg.top_p, axis=-1, keepdims=True)
+        n_keep = jnp.sum(mass_before < s.top_p, axis=-1, keepdims=True)
         threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
         logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    if cfg.min_p > 0:  # p >= min_p * p_max, in logits (the normaliser cancels)
-        threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(jnp.float32(cfg.min_p))
+    if s.filters_min_p:  # p >= min_p * p_max, in logits (the normaliser cancels)
+        threshold = jnp.max(logits, axis=-1, keepdims=True) + jnp.log(s.min_p)
         logits = jnp.where(logits >= threshold, logits, -jnp.inf)
     return logits
 
 
-def target_log_probs(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+def target_log_probs(logits: jax.Array, sampling: SamplingConfig | Sampling) -> jax.Array:
     """Log-probabilities [..., V] of the sampling distribution; filtered tokens get -inf."""
-    return jax.nn.log_softmax(target_logits(logits, cfg), axis=-1)
+    return jax.nn.log_softmax(target_logits(logits, sampling), axis=-1)
 
 
 def _first(mask: jax.Array) -> jax.Array:
@@ -106,9 +131,9 @@ def draw(key: jax.Array, weights: jax.Array) -> jax.Array:
     return j * block + _first_reaching(u[..., 1], in_block)
 
 
-def select(key: jax.Array, logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+def select(key: jax.Array, logits: jax.Array, sampling: SamplingConfig | Sampling) -> jax.Array:
     """Next tokens [...] int32 from logits [..., V]."""
-    if cfg.greedy:
+    if sampling.greedy:
         return argmax(logits)
-    logits = target_logits(logits, cfg)
+    logits = target_logits(logits, sampling)
     return draw(key, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)))

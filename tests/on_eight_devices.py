@@ -16,6 +16,7 @@ from redrafter_jax import sharding
 from redrafter_jax.config import SamplingConfig
 from redrafter_jax.decode import cache_len, prepare_prompts
 from redrafter_jax.loaders.hf import load_hf
+from redrafter_jax.sampling import Sampling
 from tests.mesh_cases import CFG, PARAMS, PROMPTS, SPEC, drafter, proposers, store, train_steps
 from tests.test_loaders import MXFP4, gpt_oss_mxfp4_tensors, hf_tensors, write_checkpoint
 from tests.test_speculative import _primitives, rows
@@ -84,9 +85,10 @@ def compiled_loop() -> dict:
     mesh = sharding.parse_mesh("2x4")
     block, lengths, limits = prepare_prompts(CFG, PROMPTS[:2], 8)
     params, *args = gen._place_on_mesh(mesh, CFG, PARAMS, drafter(), store(), block, lengths, limits, None)[:-1]
-    key = jax.device_put(jax.random.PRNGKey(0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    key, sampling = jax.device_put((jax.random.PRNGKey(0), Sampling.of(SamplingConfig())),
+                                   jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     args = (params, params, *args, key)  # the decode loop's params: the same, as no CPU kernel runs on a mesh
-    kw = dict(sampling=SamplingConfig(), spec=SPEC, max_new_tokens=8, stream=None, mesh=mesh)
+    kw = dict(sampling=sampling, spec=SPEC, max_new_tokens=8, stream=None, mesh=mesh)
     prefill = lambda: gen._call(gen._prefill_jit, CFG, params, prompts=args[4], prompt_lengths=args[5],  # noqa: E731
                                 max_len=cache_len(block.shape[1], 8, SPEC.slots), mesh=mesh)
     cache, *first = jax.eval_shape(prefill)

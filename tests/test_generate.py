@@ -11,7 +11,7 @@ import pytest
 from redrafter_jax.config import RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward_causal
-from redrafter_jax.sampling import SamplingConfig
+from redrafter_jax.sampling import Sampling, SamplingConfig
 from tests.tiny import exact_next_token_probs, tiny_model
 
 
@@ -150,7 +150,7 @@ def test_float32_models_decode_with_float32_matrix_products(dtype, expected, exp
     drafter = Drafter(init_drafter(dcfg, jax.random.PRNGKey(1)), dcfg)
     block, lengths, limits = prepare_prompts(cfg, [[5, 6, 7]], 4)
     loop_args = (params, params, block, lengths, limits, jax.random.PRNGKey(0))
-    common = dict(sampling=SamplingConfig(), max_new_tokens=4, stream=None)
+    common = dict(sampling=Sampling.of(SamplingConfig()), max_new_tokens=4, stream=None)
     with jax.default_matmul_precision("default"):  # the tests' global "highest" must not decide it
         prefill = dict(prompts=block, prompt_lengths=lengths, max_len=64)
         cache, *first = jax.eval_shape(lambda: gen._call(gen._prefill_jit, cfg, params, **prefill))

@@ -235,6 +235,27 @@ def test_greedy_limits_of_sampling(target):
             np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(greedy.tokens))
 
 
+def test_another_temperature_top_p_or_min_p_runs_the_compiled_loop(target):
+    """Their values are traced: each decode loop compiles once for all four settings, and each value is used
+    (a temperature near 0, a top-p near 0 or a min-p of 1 leaves one token: greedy output, which the loose
+    setting, the first one, departs from)."""
+    from redrafter_jax import generate as gen
+
+    cfg, params = target
+    prompts = [PROMPT] * 8
+    greedy = np.asarray(generate(params, cfg, prompts, max_new_tokens=6).tokens)
+    settings = [SamplingConfig(1.0, top_p=0.95, min_p=0.01), SamplingConfig(1e-6, top_p=0.95, min_p=0.01),
+                SamplingConfig(1.0, top_p=1e-6, min_p=0.01), SamplingConfig(1.0, top_p=0.95, min_p=1.0)]
+    for loop, kw in [(gen._autoregressive_jit, {}), (gen._speculative_jit, dict(drafter=random_drafter(cfg)))]:
+        compiled = []
+        for sampling in settings:
+            out = generate(params, cfg, prompts, max_new_tokens=6, sampling=sampling, key=jax.random.PRNGKey(2), **kw)
+            compiled.append(loop._cache_size())
+            same = (np.asarray(out.tokens) == greedy).all(axis=1)
+            assert same.all() if sampling is not settings[0] else not same.all(), (sampling, kw)
+        assert compiled == compiled[:1] * 4
+
+
 def test_apple_residual_without_mass_falls_back_to_target():
     """Where q >= p everywhere the residual max(p - q, 0) is all zero: the token must come from p."""
     from redrafter_jax.acceptance import apple_accept

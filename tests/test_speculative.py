@@ -16,6 +16,7 @@ from redrafter_jax.config import DrafterConfig, SamplingConfig, SpecConfig
 from redrafter_jax.decode import cache_len, prepare_prompts
 from redrafter_jax.drafter import Drafter, init_drafter
 from redrafter_jax.oracle import OracleDrafter
+from redrafter_jax.sampling import Sampling
 
 MAX_NEW = 40
 
@@ -106,7 +107,7 @@ def test_decode_loop_is_one_compiled_while_loop_without_host_transfers(smollm, c
     block, lengths, limits = prepare_prompts(cfg, chat_prompts, 8)
     spec = SpecConfig(4, 4, lookup_beams=2, datastore_beams=1)  # every proposer inside the one loop
     store = datastore.build([(np.array(p), np.ones(len(p))) for p in chat_prompts], [])
-    kwargs = dict(cfg=cfg, sampling=SamplingConfig(), spec=spec, max_new_tokens=8, stream=None)
+    kwargs = dict(cfg=cfg, sampling=Sampling.of(SamplingConfig()), spec=spec, max_new_tokens=8, stream=None)
     args = jax.device_put((smollm.params, gen.decoding_params(smollm.params, cfg).loop, drafter, store, block,
                            lengths, limits, jax.random.PRNGKey(0)))
     prefill = lambda: gen._prefill_jit(args[0], cfg=cfg, prompts=args[4], prompt_lengths=args[5],  # noqa: E731
