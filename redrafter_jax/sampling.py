@@ -29,8 +29,10 @@ class Sampling:
 
     @classmethod
     def of(cls, cfg: SamplingConfig | Sampling) -> Sampling:
+        """cfg as compiled code takes it (a `Sampling` as it is)."""
         if isinstance(cfg, Sampling):
             return cfg
+        # greedy selection never reads the temperature: 1 stands for its 0
         temperature, top_p, min_p = (jnp.float32(x) for x in (cfg.temperature or 1.0, cfg.top_p, cfg.min_p))
         return cls(temperature, top_p, min_p, greedy=cfg.greedy, top_k=cfg.top_k, filters_top_p=cfg.top_p < 1,
                    filters_min_p=cfg.min_p > 0)

@@ -252,7 +252,7 @@ def test_another_temperature_top_p_or_min_p_runs_the_compiled_loop(target):
             out = generate(params, cfg, prompts, max_new_tokens=6, sampling=sampling, key=jax.random.PRNGKey(2), **kw)
             compiled.append(loop._cache_size())
             same = (np.asarray(out.tokens) == greedy).all(axis=1)
-            assert same.all() if sampling is not settings[0] else not same.all(), (sampling, kw)
+            assert same.all() == (sampling is not settings[0]), (sampling, kw)
         assert compiled == compiled[:1] * 4
 
 
