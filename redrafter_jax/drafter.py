@@ -20,7 +20,7 @@ from flax import struct
 from redrafter_jax import rows_matmul
 from redrafter_jax.beam_search import DEAD_SCORE, Draft, beam_search
 from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
-from redrafter_jax.model import Params, linear, lm_head
+from redrafter_jax.model import Params, half_octave, linear, lm_head, random_values
 from redrafter_jax.tree import ABSENT
 
 APPLE_TOP_K = 50
@@ -54,9 +54,13 @@ def init_drafter(dcfg: DrafterConfig, key: jax.Array, vocab_map: jax.Array | Non
     """
     shapes = param_shapes(dcfg)
     leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(key, len(leaves))
-    out = [(jax.random.normal(k, s) / jnp.sqrt(s[0])).astype(dcfg.dtype) if len(s) == 2 else jnp.zeros(s, dcfg.dtype)
-           for k, s in zip(keys, leaves)]
+    keys = jax.random.split(key, half_octave(len(leaves)))  # (see init_params)
+
+    def lecun(key, shape):
+        std = jnp.sqrt(shape[0])
+        return random_values(lambda k, s: (jax.random.normal(k, s) / std).astype(dcfg.dtype), key, shape)
+
+    out = [lecun(k, s) if len(s) == 2 else jnp.zeros(s, dcfg.dtype) for k, s in zip(keys, leaves)]
     params = jax.tree_util.tree_unflatten(treedef, out)
     if dcfg.draft_vocab_size is not None:
         if vocab_map is None or vocab_map.shape != (dcfg.draft_vocab_size,):

@@ -28,6 +28,7 @@ the CPU the decode loops can pass the matrices tile-packed (`pack_params`) to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -111,21 +112,38 @@ def check_params(params: Params, cfg: ModelConfig) -> None:
         raise ValueError(f"unexpected parameters {extra}")
 
 
+def random_values(sample: Callable, key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """sample(key, shape), for `sample` elementwise in what a jax.random function (normal, randint) draws
+    from a key for a shape, computed as the first values of a 1-D draw of `half_octave` length. JAX's
+    threefry bits are partitionable by default: the i-th value depends only on the key and i, so the values
+    are sample(key, shape)'s. But models of many shapes (the tests' tiny ones) share a few compiled
+    samplers, where each new shape compiled its own (~1 s on a CPU)."""
+    n = math.prod(shape)
+    return sample(key, (half_octave(n),))[:n].reshape(shape)
+
+
+def half_octave(n: int) -> int:
+    """n rounded up to 2^k or 1.5 * 2^k."""
+    step = 1 << max((n - 1).bit_length() - 2, 0)
+    return -(-n // step) * step
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
     """Random parameters (norm weights 1; MXFP4 experts random codes scaled to about `scale`), for tests and
     tiny models."""
     shapes = param_shapes(cfg)
-    keys = iter(jax.random.split(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape))))
+    # the first keys of a split into more (see `random_values`): each number of keys compiled its own split
+    keys = iter(jax.random.split(key, half_octave(len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape)))))
 
     def make(path, shape):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
             return jnp.ones(shape, cfg.dtype)
         if name.endswith(".blocks"):
-            return jax.random.randint(next(keys), shape, 0, 256).astype(jnp.uint8)
+            return random_values(lambda k, s: jax.random.randint(k, s, 0, 256).astype(jnp.uint8), next(keys), shape)
         if name.endswith(".scales"):  # codes up to 6 times 2^(log2(scale) - 2)
             return jnp.full(shape, 127 + int(np.floor(np.log2(scale))) - 2, jnp.uint8)
-        return (scale * jax.random.normal(next(keys), shape)).astype(cfg.dtype)
+        return random_values(lambda k, s: (scale * jax.random.normal(k, s)).astype(cfg.dtype), next(keys), shape)
 
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)
 

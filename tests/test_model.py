@@ -84,6 +84,23 @@ def test_cached_decoding_matches_full_forward(smollm):
                 attention_mask(cache, jnp.arange(t, t + 30)[None], jnp.tril(jnp.ones((30, 30), bool))))
 
 
+def test_random_draws_are_jax_randoms_from_a_few_compiled_samplers():
+    """`model.random_values` (what init_params and init_drafter draw with) gives jax.random's values for the
+    shape, computed as the prefix of a draw of a rounded-up length; shapes of one such length share a sampler."""
+    key = jax.random.PRNGKey(4)
+    scaled = jax.jit(lambda k, shape: 0.5 * jax.random.normal(k, shape), static_argnums=1)
+    for shape in [(1,), (3, 5), (64, 2, 7), (1000,)]:
+        np.testing.assert_array_equal(model.random_values(scaled, key, shape), 0.5 * jax.random.normal(key, shape))
+    np.testing.assert_array_equal(model.random_values(lambda k, s: jax.random.randint(k, s, 0, 256), key, (6, 9)),
+                                  jax.random.randint(key, (6, 9), 0, 256))
+    before = scaled._cache_size()
+    for shape in [(5, 8), (4, 11), (48,)]:  # 40, 44, 48 values: all drawn as 48
+        model.random_values(scaled, key, shape)
+    assert scaled._cache_size() == before + 1
+    assert [model.half_octave(n) for n in (1, 2, 3, 5, 7, 9, 13, 100, 4096, 4097)] == [
+        1, 2, 3, 6, 8, 12, 16, 128, 4096, 6144]
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(num_kv_heads=3), r"num_heads \(4\) is not a multiple of num_kv_heads \(3\)"),
     (dict(head_dim=7), "head_dim must be even"),
