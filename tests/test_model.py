@@ -19,6 +19,7 @@ from redrafter_jax.cache import (
     write,
 )
 from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
+from redrafter_jax.decode import round_up
 from redrafter_jax.generate import generate
 from redrafter_jax.model import forward, forward_causal
 from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
@@ -28,6 +29,14 @@ from tests.tiny import causal_logits, tiny_model
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def fib(n):\n    return n if n < 2 else",
          "Paris is the capital of"]
+
+
+def logits_of(smollm, ids: list[int]) -> np.ndarray:
+    """The default model's logits [T, V] of one sequence, computed on it padded to 32 tokens (causal: what
+    follows a token changes nothing of its logits), so that the texts share one compiled forward (~8 s each)."""
+    padded = np.zeros(round_up(len(ids), 32), np.int32)
+    padded[:len(ids)] = ids
+    return np.asarray(causal_logits(smollm.params, smollm.config, jnp.asarray([padded]))[0, :len(ids)])
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,7 @@ def test_logits_match_numpy_float64_reference(smollm, reference, text):
     """Reference: tests/reference.py, a float64 NumPy forward on the raw GGUF tensors."""
     tok = smollm.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": "Hi!"}]) if text == "chat" else tok.encode(text)
-    ours = np.asarray(causal_logits(smollm.params, smollm.config, jnp.asarray([ids]))[0])
+    ours = logits_of(smollm, ids)
     ref = reference.logits(ids)
     np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.95
@@ -60,7 +69,7 @@ def test_logits_match_transformers(smollm, smollm_path):
         ids = smollm.tokenizer.encode(text)
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].double().numpy()
-        ours = np.asarray(causal_logits(smollm.params, smollm.config, jnp.asarray([ids]))[0])
+        ours = logits_of(smollm, ids)
         np.testing.assert_allclose(ours, ref, atol=2e-3, rtol=0)
 
 
@@ -69,7 +78,7 @@ def test_cached_decoding_matches_full_forward(smollm):
     cfg, params = smollm.config, smollm.params
     ids = jnp.asarray([smollm.tokenizer.encode(TEXTS[0])])
     t = ids.shape[1]
-    full = causal_logits(params, cfg, ids)[0]
+    full = logits_of(smollm, ids[0].tolist())
     cache = init_cache(cfg, 1, 32)
     outs = []
     for lo, hi in [(0, 5), (5, 6), (6, t)]:

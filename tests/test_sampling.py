@@ -160,10 +160,11 @@ def test_argmax_is_first_index_of_the_maximum():
     assert int(argmax(jnp.full((1, 3000), -jnp.inf))[0]) == 0
 
 
-def many_draws(sample):
-    """N_SAMPLES tokens [N_SAMPLES] from sample(key), each with its own key."""
+def many_draws(sample, *args):
+    """N_SAMPLES tokens [N_SAMPLES] from sample(key, *args), each with its own key. The arrays are arguments:
+    closed over, they were constants, and XLA spent seconds folding the sort of a 49152-long one."""
     keys = jax.random.split(jax.random.PRNGKey(1), N_SAMPLES)
-    return np.asarray(jax.jit(jax.vmap(sample))(keys))
+    return np.asarray(jax.jit(jax.vmap(sample, in_axes=(0,) + (None,) * len(args)))(keys, *args))
 
 
 def test_draw_follows_its_weights():
@@ -176,7 +177,7 @@ def test_draw_follows_its_weights():
     ranged = 10.0 ** rng.uniform(-6, 0, size=37)
     for weights in [peaked, gappy, ranged, [1.0, 3.0], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 5.0, 1.0]]:
         weights = np.asarray(weights, np.float64)
-        counts = np.bincount(many_draws(lambda k: draw(k, jnp.asarray(weights, jnp.float32))), minlength=len(weights))
+        counts = np.bincount(many_draws(draw, jnp.asarray(weights, jnp.float32)), minlength=len(weights))
         assert goodness_of_fit(counts, weights / weights.sum()) > ALPHA, len(weights)
 
 
@@ -217,7 +218,7 @@ def test_sampled_select_follows_target_distribution():
     """select at temperature, top-k and top-p on a [V = 49152] row: its draws fit target_log_probs."""
     logits = 3 * jax.random.normal(jax.random.PRNGKey(5), (49152,))
     for cfg in [SamplingConfig(0.7), SamplingConfig(1.0, top_k=40), SamplingConfig(1.3, top_p=0.9)]:
-        tokens = many_draws(lambda k: select(k, logits, cfg))
+        tokens = many_draws(lambda k, x: select(k, x, cfg), logits)
         p = np.exp(np.asarray(target_log_probs(logits, cfg), np.float64))
         assert goodness_of_fit(np.bincount(tokens, minlength=49152), p / p.sum()) > ALPHA, cfg
 
