@@ -9,9 +9,11 @@ writes its table and a plot (see infer.report; --docs publishes them in docs/).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import os
+import shutil
 import time
 
 import jax
@@ -32,6 +34,7 @@ from redrafter_jax.loaders.embedded import default_gguf_path, load_default
 from redrafter_jax.model import TILE, expert_tiles, experts_mlp, forward, pack_layer, ragged_experts, route
 from redrafter_jax.mxfp4 import EXPERTS_ORDER, Mxfp4
 from redrafter_jax.oracle import OracleDrafter
+from redrafter_jax.wheels import sha256, writable_cache
 
 PASSAGES = [
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
@@ -88,16 +91,44 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
 
 def load_transformers(device: str, hf_dir: str | None = None, gguf: str | None = None, dtype: str = "float32"):
     """The model in transformers, in `dtype`, on `device`: a Hugging Face checkpoint directory, or the
-    model of a GGUF file (default: the embedded one). None without torch."""
+    model of a GGUF file (default: the embedded one) as transformers converts it (`transformers_copy`).
+    None without torch."""
     try:
         import torch
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    path = (gguf or default_gguf_path()) if hf_dir is None else None
-    source = dict(pretrained_model_name_or_path=hf_dir) if hf_dir else dict(
-        pretrained_model_name_or_path=os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-    return AutoModelForCausalLM.from_pretrained(**source, dtype=getattr(torch, dtype)).to(device).eval()
+    hf_dir = hf_dir or transformers_copy(gguf or default_gguf_path())
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
+
+
+def transformers_copy(gguf: str) -> str:
+    """A Hugging Face checkpoint folder of a GGUF file's model as transformers converts it
+    (`from_pretrained(gguf_file=...)`, float32), made once in the cache folder, under the file's sha256 and
+    transformers' version. Converting the default model takes ~30 s on a CPU, most of it transformers
+    reading the file's tokenizer metadata; loading the copy takes ~1 s (it holds 0.5 GB)."""
+    import safetensors.torch
+    import torch
+    import transformers
+
+    path = os.path.abspath(gguf)
+    folder = os.path.join(writable_cache(), "transformers", f"{sha256(path)[:16]}-{transformers.__version__}")
+    if not os.path.exists(folder):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+        tmp = f"{folder}.tmp-{os.getpid()}"
+        config = copy.deepcopy(model.config)  # a plain float32 checkpoint: not marked as a GGUF file's
+        vars(config).pop("quantization_config", None)
+        try:  # (transformers' save_pretrained refuses a model loaded from GGUF)
+            os.makedirs(tmp, exist_ok=True)  # (one a killed process left is overwritten)
+            config.save_pretrained(tmp)
+            safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
+            os.rename(tmp, folder)  # whole or not at all; where another process got there first, its copy stays
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(folder):
+                raise
+    return folder
 
 
 def ar_rows(model, hf, batch_sizes, prompt_len: int, new_tokens: int, repeats: int) -> tuple[list[str], list[list]]:

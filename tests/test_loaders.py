@@ -1294,6 +1294,25 @@ def test_bad_rope_factors_are_refused(scaling, match):
         dataclasses.replace(TINY, rope_scaling=RopeScaling(**scaling))
 
 
+def test_transformers_baseline_of_a_gguf_is_its_own_conversion_made_once(tmp_path, monkeypatch):
+    """`load_transformers` on a GGUF file: transformers' own conversion of it, kept in the cache folder as a
+    checkpoint (nothing else left there), made by the first call and only loaded by the next."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from infer.benchmark import load_transformers, transformers_copy
+
+    monkeypatch.setenv("REDRAFTER_CACHE", str(tmp_path / "cache"))
+    write_gguf(tmp_path / "m.gguf", "llama", hf_tensors("llama", np.random.default_rng(3)))
+    folder = transformers_copy(str(tmp_path / "m.gguf"))
+    made = os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns
+    copy = load_transformers("cpu", gguf=str(tmp_path / "m.gguf"))
+    assert os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns == made
+    assert os.listdir(tmp_path / "cache" / "transformers") == [os.path.basename(folder)]
+    direct = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+    want = direct.state_dict()
+    assert {k: v.tolist() for k, v in copy.state_dict().items()} == {k: v.tolist() for k, v in want.items()}
+
+
 def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     truncated = tmp_path / "truncated.gguf"
     with open(smollm_path, "rb") as src, open(truncated, "wb") as dst:

@@ -56,15 +56,14 @@ def test_logits_match_numpy_float64_reference(smollm, reference, text):
 
 
 def test_logits_match_transformers(smollm, smollm_path):
-    """Reference: Hugging Face transformers' LlamaForCausalLM loading the same GGUF."""
+    """Reference: Hugging Face transformers' LlamaForCausalLM loading the same GGUF (converted by transformers
+    once, then kept as its checkpoint in the cache folder)."""
     pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
-    import os
+    from infer.benchmark import load_transformers, transformers_copy
 
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(smollm_path), gguf_file=os.path.basename(smollm_path),
-                                              dtype=torch.float32)
+    hf = load_transformers("cpu", gguf=smollm_path)
+    assert hf.name_or_path == transformers_copy(smollm_path)
     for text in TEXTS:
         ids = smollm.tokenizer.encode(text)
         with torch.no_grad():
