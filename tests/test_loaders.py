@@ -1305,12 +1305,12 @@ def test_transformers_baseline_of_a_gguf_is_its_own_conversion_made_once(tmp_pat
     write_gguf(tmp_path / "m.gguf", "llama", hf_tensors("llama", np.random.default_rng(3)))
     folder = transformers_copy(str(tmp_path / "m.gguf"))
     made = os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns
-    copy = load_transformers("cpu", gguf=str(tmp_path / "m.gguf"))
+    kept = load_transformers("cpu", gguf=str(tmp_path / "m.gguf"))
     assert os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns == made
     assert os.listdir(tmp_path / "cache" / "transformers") == [os.path.basename(folder)]
     direct = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
     want = direct.state_dict()
-    assert {k: v.tolist() for k, v in copy.state_dict().items()} == {k: v.tolist() for k, v in want.items()}
+    assert {k: v.tolist() for k, v in kept.state_dict().items()} == {k: v.tolist() for k, v in want.items()}
 
 
 def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
