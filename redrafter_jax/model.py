@@ -122,6 +122,12 @@ def random_values(sample: Callable, key: jax.Array, shape: tuple[int, ...]) -> j
     return sample(key, (half_octave(n),))[:n].reshape(shape)
 
 
+def random_keys(key: jax.Array, n: int):
+    """An iterator whose first n keys are jax.random.split(key, n)'s, split as a `half_octave` number of keys
+    (see `random_values`: each number of keys compiled its own split)."""
+    return iter(jax.random.split(key, half_octave(n)))
+
+
 def half_octave(n: int) -> int:
     """n rounded up to 2^k or 1.5 * 2^k."""
     step = 1 << max((n - 1).bit_length() - 2, 0)
@@ -132,8 +138,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
     """Random parameters (norm weights 1; MXFP4 experts random codes scaled to about `scale`), for tests and
     tiny models."""
     shapes = param_shapes(cfg)
-    # the first keys of a split into more (see `random_values`): each number of keys compiled its own split
-    keys = iter(jax.random.split(key, half_octave(len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape)))))
+    keys = random_keys(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape)))
 
     def make(path, shape):
         name = jax.tree_util.keystr(path)
