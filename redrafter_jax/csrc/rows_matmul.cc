@@ -330,15 +330,20 @@ void Mxfp4Pass(const float* x, const uint8_t* codes, const uint8_t* scales, floa
 
 // The passes by slice and rows: kMxfp4Passes[slice][R - 1].
 using Mxfp4PassFn = void (*)(const float*, const uint8_t*, const uint8_t*, float*, int64_t, int64_t);
+using Mxfp4SliceFns = std::array<Mxfp4PassFn, kRows>;
 template <int64_t kCol, int64_t... R>
-constexpr std::array<Mxfp4PassFn, kRows> Mxfp4SlicePasses(std::integer_sequence<int64_t, R...>) {
+constexpr Mxfp4SliceFns Mxfp4SlicePasses(std::integer_sequence<int64_t, R...>) {
   return {Mxfp4Pass<R + 1, kCol>...};
 }
 template <int64_t... S>
 constexpr auto Mxfp4Passes(std::integer_sequence<int64_t, S...>) {
-  return std::array{Mxfp4SlicePasses<S * kSlice>(std::make_integer_sequence<int64_t, kRows>{})...};
+  // The type spelled out: deduced from one slice (AVX-512's), std::array{slice} is that slice's copy, and
+  // pass[R - 1] then offset a function pointer (a GCC extension) and jumped into the middle of a pass.
+  return std::array<Mxfp4SliceFns, sizeof...(S)>{
+      Mxfp4SlicePasses<S * kSlice>(std::make_integer_sequence<int64_t, kRows>{})...};
 }
 constexpr auto kMxfp4Passes = Mxfp4Passes(std::make_integer_sequence<int64_t, kTile / kSlice>{});
+static_assert(kMxfp4Passes.size() == kTile / kSlice);
 
 ffi::Error RowsMatmulMxfp4(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> codes,
                            ffi::Buffer<ffi::U8> scales, ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> y) {
