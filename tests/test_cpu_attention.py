@@ -70,7 +70,9 @@ def test_matches_the_models_xla_ops(t, g, d, p, cap, sink):
     np.testing.assert_array_equal(np.asarray(v_new), qkv[:, :, :, g + 1])
     for got, buf in zip((k_after, v_after), written):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(buf))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=2e-6)
+    # (outputs are sums of ~1 values: 2.1e-6 apart near 0 with D = 256 and the cap, in SSE and AVX2 builds
+    # on an AVX-512 CPU)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=4e-6)
     if cap or sink:  # and the cap or the sinks did change the output
         assert not np.allclose(np.asarray(out), np.asarray(plain), rtol=1e-3, atol=1e-4)
 
