@@ -40,18 +40,18 @@ def supported(qkv: jax.Array) -> bool:
 
 
 def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: jax.Array, pending_k: jax.Array,
-              pending_v: jax.Array, slots: jax.Array, mask: jax.Array, layer: int, softcap: float | None = None,
-              sinks: jax.Array | None = None):
+              pending_v: jax.Array, slots: jax.Array, mask: jax.Array, layer: int | jax.Array,
+              softcap: float | None = None, sinks: jax.Array | None = None):
     """One layer's attention step for T new tokens, as `model.transformer` does it with XLA ops.
 
     qkv [B, T, kv_heads, G + 2, D]: per KV head its G queries, the key and the value, before RoPE
     (tables cos, sin [B, T, D / 2], `model.rope_tables`). The cache buffers k, v [layers, B, kv_heads,
     S, D] get, in place, the layer's pending entries from pending_k, pending_v [layers, B, P, kv_heads,
     D] (the cache's own, read in place like k, v) and then the new keys and values at slots [B, P + T]
-    (slots >= S dropped, `cache.write_slots`); then the queries attend over layer `layer`, slot s
-    visible to query t where mask [B, T, S], scaled by D^-1/2 (and soft-capped, cap tanh(score / cap),
-    given a `softcap`: Gemma 2's), with each query head's logit from sinks [kv_heads, G] joining its
-    softmax (GPT-OSS's; None: no sinks).
+    (slots >= S dropped, `cache.write_slots`); then the queries attend over layer `layer` (an int, or
+    traced: a scan over the layers' counter), slot s visible to query t where mask [B, T, S], scaled by
+    D^-1/2 (and soft-capped, cap tanh(score / cap), given a `softcap`: Gemma 2's), with each query head's
+    logit from sinks [kv_heads, G] joining its softmax (GPT-OSS's; None: no sinks).
     Returns (out [B, T, kv_heads, G, D], the new keys (rotated) and values [B, T, kv_heads, D], k, v).
     """
     rows_matmul.check_available("CPU attention")
@@ -73,5 +73,5 @@ def attention(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k: jax.Array, v: j
     shapes = (jax.ShapeDtypeStruct((b, t, h, g2 - 2, d), jnp.float32), new, new, k, v)
     sinks = jnp.full((h, g2 - 2), -jnp.inf, jnp.float32) if sinks is None else sinks.astype(jnp.float32)
     return jax.ffi.ffi_call(rows_matmul.ATTENTION_TARGET, shapes, input_output_aliases={3: 3, 4: 4})(
-        qkv, cos, sin, k, v, pending_k, pending_v, slots.astype(jnp.int32), mask, sinks, layer=np.int64(layer),
+        qkv, cos, sin, k, v, pending_k, pending_v, slots.astype(jnp.int32), mask, sinks, jnp.asarray(layer, jnp.int32),
         softcap=np.float32(softcap or 0))

@@ -49,7 +49,7 @@ from redrafter_jax.decode import (
     streaming_to,
 )
 from redrafter_jax.drafter import Drafter
-from redrafter_jax.model import EXPERTS, MATRICES, ForwardOutput, Params, cast_params, forward, pack_params
+from redrafter_jax.model import EXPERTS, MATRICES, ForwardOutput, Params, cast_params, forward, layer_items, pack_params
 from redrafter_jax.sampling import Sampling, select, target_log_probs
 from redrafter_jax.tree import Tree, pack_tree
 
@@ -378,12 +378,15 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
     pairs = rows_matmul.pairs_layout(cfg.dtype)
-    loop = _kept(params, (jnp.dtype(cfg.dtype).name, pairs), lambda: _loop_params(params, cfg.dtype, pairs))
-    if jnp.dtype(cfg.dtype) != jnp.float32:
+    kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))  # the loop's layer stacks follow them
+    dtype = jnp.dtype(cfg.dtype).name
+    loop = _kept(params, (dtype, pairs, kinds), lambda: _loop_params(params, cfg, dtype, pairs))
+    if dtype != "float32":
         prefill = loop
-    elif cfg.num_experts:
-        prefill = {**params, "layers": [{**p, **{k: q[k] for k in EXPERTS if k in q}}
-                                        for p, q in zip(params["layers"], loop["layers"])]}
+    elif cfg.num_experts:  # (the loop keeps a mixture's layers one by one)
+        packed = dict(layer_items(loop["layers"]))
+        prefill = {**params, "layers": [{**p, **{k: packed[i][k] for k in EXPERTS if k in p}}
+                                        for i, p in enumerate(params["layers"])]}
     else:
         prefill = params
     return DecodingParams(prefill, loop, dataclasses.replace(cfg, dtype="float32"))
@@ -413,16 +416,17 @@ def _packed_matrices(dparams: Params, dtype: str, pairs: bool) -> Params:
                                   dparams)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _loop_params(params: Params, dtype: str, pairs: bool) -> Params:
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _loop_params(params: Params, cfg: ModelConfig, dtype: str, pairs: bool) -> Params:
     """The matrices (the layers', their experts' and the LM head) tile-packed as `dtype` (with `pairs`, as
-    k-pairs), everything else float32 (but MXFP4 experts' codes and scales, bytes)."""
+    k-pairs), everything else float32 (but MXFP4 experts' codes and scales, bytes); layers stacked by
+    `pack_params`."""
     def widen(d: dict, keep: tuple[str, ...]) -> dict:
         return {k: v if k in keep else cast_params(v, jnp.float32) for k, v in d.items()}
 
     layers = [widen(p, MATRICES + EXPERTS) for p in params["layers"]]
     widened = {**widen(params, ("layers", "lm_head")), "layers": layers}
-    return pack_params(widened, dtype, pairs)
+    return pack_params(widened, cfg, dtype, pairs)
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None,

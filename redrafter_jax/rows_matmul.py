@@ -70,17 +70,26 @@ class Packed:
     [ceil(O / 32), K, 32], or with `pairs` (for `bf16_unit`) [ceil(O / 32), Kp / 2, 64], k-pairs of each
     column side by side and K zero-padded to Kp, a multiple of PAIR_K; or MXFP4 weights (`pack_mxfp4`)
     as 4-bit codes, tiles [ceil(O / 32), K / 32, 32, 16] uint8, with `scales` [ceil(O / 32), K / 32, 32]
-    (csrc/rows_matmul.cc). Grouped (a mixture's experts), G such weights: tiles [G, ceil(O / 32), ...]."""
+    (csrc/rows_matmul.cc). Grouped (a mixture's experts, or one weight per layer of a `model.LayerStack`), G
+    such weights: tiles [G, ceil(O / 32), ...]. A stack's weights with `layer` set are one weight, layer's:
+    its products read it in place in the stack (the kernel streams only the weights with rows)."""
 
     tiles: jax.Array
     k: int = struct.field(pytree_node=False)
     out: tuple[int, ...] = struct.field(pytree_node=False)
     pairs: bool = struct.field(pytree_node=False, default=False)
     scales: jax.Array | None = None
+    layer: jax.Array | None = None  # int32 [], possibly traced (a scan over the layers' counter)
+
+    @property
+    def has_groups(self) -> bool:
+        """Whether the tiles hold G weights (a leading axis): a grouped weight's, or a stack's."""
+        return self.tiles.ndim == (5 if self.scales is not None else 4)
 
     @property
     def grouped(self) -> bool:
-        return self.tiles.ndim == (5 if self.scales is not None else 4)
+        """Whether products take rows in runs, one per weight (`matmul`'s sizes)."""
+        return self.has_groups and self.layer is None
 
 
 def pack(w: jax.Array, transposed: bool = False, pairs: bool | None = None, grouped: bool = False) -> Packed:
@@ -131,7 +140,7 @@ def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array
     check_available("packed weights")
     lead, k = x.shape[:-1], x.shape[-1]
     mxfp4 = w.scales is not None
-    tiles = w.tiles.shape[int(w.grouped)]
+    tiles = w.tiles.shape[int(w.has_groups)]
     if w.k != k or x.dtype != jnp.float32 or (w.tiles.dtype not in WEIGHT_DTYPES and not mxfp4):
         raise ValueError(f"rows_matmul needs float32 x [..., K] and float32 or bfloat16 weight tiles of K = {w.k}, "
                          f"got x {x.dtype}{list(x.shape)} and tiles {w.tiles.dtype}{list(w.tiles.shape)}")
@@ -140,12 +149,14 @@ def matmul(x: jax.Array, w: Packed, sizes: jax.Array | None = None) -> jax.Array
                          f"got x {list(x.shape)}, tiles {list(w.tiles.shape)}, sizes "
                          f"{None if sizes is None else list(sizes.shape)}")
     rows = x.reshape(-1, k)
-    if sizes is None:
+    if w.layer is not None:  # all rows through the stack's weight `layer`
+        sizes = jnp.zeros(w.tiles.shape[:1], jnp.int32).at[w.layer].set(rows.shape[0])
+    elif sizes is None:
         sizes = jnp.full((1,), rows.shape[0], jnp.int32)
     # Every row goes to the kernel, however many: a batch's tree verification must compute each row as
     # the one-token step does (XLA's products of more rows sum in another order)
     target = MXFP4_TARGETS[0] if mxfp4 else PAIRS_TARGETS[bf16_units()[0]] if w.pairs else TARGETS[w.tiles.dtype]
-    weights = [a if w.grouped else a[None] for a in (w.tiles, w.scales) if a is not None]  # the kernels' [G, ...]
+    weights = [a if w.has_groups else a[None] for a in (w.tiles, w.scales) if a is not None]  # the kernels' [G, ...]
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows.shape[0], tiles * TILE), jnp.float32))(
         rows, *weights, sizes.astype(jnp.int32))
     return y[:, :math.prod(w.out)].reshape(*lead, *w.out)

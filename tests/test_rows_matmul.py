@@ -104,11 +104,21 @@ def test_packing_copies_tiles_exactly_also_from_a_transposed_weight(dtype, pairs
         rows_matmul.pack(jnp.asarray(w, jnp.float32), pairs=True)
 
 
+def by_layer(packed: model.Params) -> list[dict]:
+    """Each layer's packed params, a `model.LayerStack`'s sliced out of it."""
+    def at(stack, j):
+        return {k: w.replace(tiles=w.tiles[j]) if isinstance(w, rows_matmul.Packed) else w[j]
+                for k, w in stack.layers.items()}
+
+    return [layer for _, item in model.layer_items(packed["layers"]) for layer in (
+        [at(item, j) for j in range(item.count)] if isinstance(item, model.LayerStack) else [item])]
+
+
 def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
     cfg, params = tiny_model()
     made = gen.decoding_params(params, cfg)
     assert made.prefill is params and made.config == cfg
-    assert isinstance(made.loop["layers"][0]["wo"], rows_matmul.Packed)
+    assert isinstance(by_layer(made.loop)[0]["wo"], rows_matmul.Packed)
     assert gen.decoding_params(params, cfg).loop is made.loop  # a second generate() call does not pack again
     other = jax.tree_util.tree_map(lambda x: x + 0, params)
     assert gen.decoding_params(other, cfg).loop is not made.loop
@@ -120,8 +130,8 @@ def test_decoding_params_are_packed_once_and_kept_while_the_params_live():
         assert gen.decoding_params(params, cfg) == (params, params, cfg)
     cfg, params = tiny_model(dtype="bfloat16")  # one packing per layout: REDRAFTER_BF16_UNIT=0 gets its own
     with rows_matmul.turned_off(unit_only=True):
-        assert not gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs
-    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
+        assert not by_layer(gen.decoding_params(params, cfg).loop)[0]["wo"].pairs
+    assert by_layer(gen.decoding_params(params, cfg).loop)[0]["wo"].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
 
 
 def test_a_float32_prefill_takes_the_loops_packed_experts_and_xlas_dense_products():
@@ -130,7 +140,7 @@ def test_a_float32_prefill_takes_the_loops_packed_experts_and_xlas_dense_product
     cfg, params = tiny_model(num_experts=4, experts_per_token=2, expert_size=16, moe_layers=(1,))
     prefill, loop, _ = gen.decoding_params(params, cfg)
     assert all(prefill["layers"][i][k] is params["layers"][i][k] for i, k in ((0, "w_down"), (1, "wo"), (1, "router")))
-    assert all(prefill["layers"][1][k] is loop["layers"][1][k] for k in model.EXPERTS)
+    assert all(prefill["layers"][1][k] is loop["layers"][1][k] for k in model.EXPERTS)  # (never stacked)
     tokens = jnp.asarray([[5, 6, 7, 8, 9, 10, 11, 12]])
     np.testing.assert_allclose(np.asarray(forward_causal(prefill, cfg, tokens).logits),
                                np.asarray(forward_causal(params, cfg, tokens).logits), rtol=1e-5, atol=1e-5)
@@ -163,7 +173,7 @@ def test_bfloat16_models_decode_with_bfloat16_products_and_float32_activations(t
     cfg, params = tiny_model(dtype="bfloat16", tie_word_embeddings=tied)
     prefill, loop, dcfg = gen.decoding_params(params, cfg)
     assert prefill is loop and dcfg.dtype == "float32"  # the activations' and the cache's
-    for p, q in zip(params["layers"], loop["layers"]):
+    for p, q in zip(params["layers"], by_layer(loop)):
         for k in p:
             if isinstance(q[k], rows_matmul.Packed):  # the matrices: their bfloat16 values, tile-packed
                 assert q[k].tiles.dtype == jnp.bfloat16 and q[k].pairs == rows_matmul.pairs_layout(jnp.bfloat16)
@@ -246,8 +256,36 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, m
 def test_packed_params_give_the_same_forward():
     cfg, params = tiny_model(intermediate_size=72)  # 2 x 72 columns: a padded last tile
     tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    plain, packed = forward_causal(params, cfg, tokens), forward_causal(pack_params(params), cfg, tokens)
+    plain, packed = forward_causal(params, cfg, tokens), forward_causal(pack_params(params, cfg), cfg, tokens)
     np.testing.assert_allclose(np.asarray(packed.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_stacks_weight_at_one_layer_multiplies_as_that_weight_alone(dtype):
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 64, 2, 40)).astype(dtype)  # three layers' [K, 2, 40]
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 64))
+    stack = rows_matmul.pack(w, grouped=True)
+    at = jax.jit(lambda x, stack, j: rows_matmul.matmul(x, stack.replace(layer=j)))  # j traced, as in a scan
+    for j in range(3):
+        np.testing.assert_array_equal(np.asarray(at(x, stack, j)), np.asarray(rows_matmul.matmul(x, rows_matmul.pack(w[j]))))
+
+
+def test_packed_layers_are_stacks_of_like_layers_that_compile_one_layer_each():
+    """Consecutive dense layers of one kind (windowed, NoPE) are one `LayerStack`, a mixture's layers one
+    each; the forward is the unstacked one's, and a stack lowers to one layer's kernel calls."""
+    cfg, params = tiny_model(num_layers=7, head_dim=16, sliding_window=3, window_layers=(2, 3), nope_layers=(6,),
+                             num_experts=4, experts_per_token=2, expert_size=16, moe_layers=(4,))
+    packed = pack_params(params, cfg)
+    assert [item.count if isinstance(item, model.LayerStack) else 1 for item in packed["layers"]] == [2, 2, 1, 1, 1]
+    tokens = jnp.asarray([[5, 6, 7, 8, 9, 10], [9, 10, 11, 12, 13, 14]])
+    np.testing.assert_allclose(np.asarray(forward_causal(packed, cfg, tokens).logits),
+                               np.asarray(forward_causal(params, cfg, tokens).logits), rtol=1e-5, atol=1e-5)
+    cfg, params = tiny_model(num_layers=6, head_dim=16)
+    packed = pack_params(params, cfg)
+    assert len(packed["layers"]) == 1 and packed["layers"][0].count == 6
+    lowered = jax.jit(forward_causal, static_argnums=1).lower(packed, cfg, tokens).as_text()
+    assert lowered.count(rows_matmul.TARGETS[jnp.dtype(jnp.float32)]) == 4 + 1  # wqkv, wo, w_gate_up, w_down; LM head
+    assert lowered.count(rows_matmul.ATTENTION_TARGET) == 1
 
 
 def test_decoding_uses_the_kernels_exactly_where_they_apply():
@@ -292,11 +330,10 @@ def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it
     cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype, **MIXTURES[mixture])
     with rows_matmul.turned_off(unit_only=True) if unit_off else contextlib.nullcontext():
         _, loop, dcfg = gen.decoding_params(params, cfg)
-    assert loop["layers"][0]["wqkv"].pairs == (rows_matmul.pairs_layout(dtype) and not unit_off)
+    assert by_layer(loop)[0]["wqkv"].pairs == (rows_matmul.pairs_layout(dtype) and not unit_off)
     if mixture != "dense":  # the experts and the router go to the kernel
-        assert loop["layers"][1]["experts_down"].grouped and isinstance(loop["layers"][1]["router"],
-                                                                        rows_matmul.Packed)
-        assert (loop["layers"][1]["experts_down"].scales is not None) == (mixture == "MXFP4 experts")
+        assert by_layer(loop)[1]["experts_down"].grouped and isinstance(by_layer(loop)[1]["router"], rows_matmul.Packed)
+        assert (by_layer(loop)[1]["experts_down"].scales is not None) == (mixture == "MXFP4 experts")
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
     fwd = jax.jit(model.forward, static_argnums=1)
 

@@ -150,7 +150,9 @@ def test_bfloat16_weights_on_the_cpu_kernels_decode_exactly(smollm):
         pytest.skip("no C++ compiler for the CPU kernels")
     cfg = dataclasses.replace(smollm.config, dtype="bfloat16")
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), smollm.params)
-    assert gen.decoding_params(params, cfg).loop["layers"][0]["wo"].tiles.dtype == jnp.bfloat16
+    packed = jax.tree_util.tree_leaves(gen.decoding_params(params, cfg).loop,
+                                       is_leaf=lambda x: isinstance(x, rows_matmul.Packed))
+    assert {w.tiles.dtype for w in packed if isinstance(w, rows_matmul.Packed)} == {jnp.dtype(jnp.bfloat16)}
     questions = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
                  "Describe a busy train station at rush hour, using sounds, smells and colours.",
                  "Write a friendly letter inviting a neighbour to a community garden day.",

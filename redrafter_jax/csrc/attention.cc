@@ -164,7 +164,8 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
     }
 }
 
-// One layer's attention step for T new tokens. qkv [B, T, H, G + 2, D]: per KV head its G queries, the
+// One layer's attention step for T new tokens, the layer's index a scalar operand (a scan over the layers
+// passes its counter). qkv [B, T, H, G + 2, D]: per KV head its G queries, the
 // key and the value, before RoPE (tables cos, sin [B, T, D / 2]). First the cache buffers k and v
 // [layers, B, H, S, D] get, in place, the layer's pending entries from pending_k and pending_v [layers,
 // B, P, H, D] and then the new tokens' rotated keys and values, at slots [B, P + T] (a slot outside
@@ -175,10 +176,11 @@ void Head(const float* q, int64_t q_stride, const float* cos_t, const float* sin
 ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                      ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                      ffi::Buffer<ffi::F32> pending_k, ffi::Buffer<ffi::F32> pending_v, ffi::Buffer<ffi::S32> slots,
-                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> sinks, ffi::ResultBuffer<ffi::F32> out,
+                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> sinks, ffi::Buffer<ffi::S32> layer_index,
+                     ffi::ResultBuffer<ffi::F32> out,
                      ffi::ResultBuffer<ffi::F32> k_new, ffi::ResultBuffer<ffi::F32> v_new,
-                     ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out, int64_t layer,
-                     float softcap) {
+                     ffi::ResultBuffer<ffi::F32> k_out, ffi::ResultBuffer<ffi::F32> v_out, float softcap) {
+  const int64_t layer = layer_index.dimensions().size() == 0 ? layer_index.typed_data()[0] : -1;
   auto qd = qkv.dimensions(), cd = cos.dimensions(), kd = k.dimensions(), pd = pending_k.dimensions(),
        sd = slots.dimensions(), md = mask.dimensions();
   const bool ok =
@@ -197,7 +199,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffe
     return ffi::Error::InvalidArgument(
         "attention: expects qkv [B, T, H, G + 2, D] with T * G <= 256 and D in 16, 32, ..., 256, cos and sin "
         "[B, T, D / 2], k and v [layers, B, H, S, D], pending_k and pending_v [layers, B, P, H, D], slots "
-        "[B, P + T], mask [B, T, S], sinks [H, G]");
+        "[B, P + T], mask [B, T, S], sinks [H, G] and a layer index in [0, layers)");
   }
   const int64_t b_dim = qd[0], t_dim = qd[1], h_dim = qd[2], g_dim = qd[3] - 2, d_dim = qd[4], s_dim = kd[3],
                 p_dim = pd[2], half = d_dim / 2;
@@ -256,10 +258,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(redrafter_attention, Attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // slots
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask
                                   .Arg<ffi::Buffer<ffi::F32>>()   // sinks
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer (a scalar)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // k_new
                                   .Ret<ffi::Buffer<ffi::F32>>()   // v_new
                                   .Ret<ffi::Buffer<ffi::F32>>()   // k (aliased)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // v (aliased)
-                                  .Attr<int64_t>("layer")
                                   .Attr<float>("softcap"));
