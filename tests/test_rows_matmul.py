@@ -267,7 +267,8 @@ def test_a_stacks_weight_at_one_layer_multiplies_as_that_weight_alone(dtype):
     stack = rows_matmul.pack(w, grouped=True)
     at = jax.jit(lambda x, stack, j: rows_matmul.matmul(x, stack.replace(layer=j)))  # j traced, as in a scan
     for j in range(3):
-        np.testing.assert_array_equal(np.asarray(at(x, stack, j)), np.asarray(rows_matmul.matmul(x, rows_matmul.pack(w[j]))))
+        alone = rows_matmul.matmul(x, rows_matmul.pack(w[j]))
+        np.testing.assert_array_equal(np.asarray(at(x, stack, j)), np.asarray(alone))
 
 
 def test_packed_layers_are_stacks_of_like_layers_that_compile_one_layer_each():
