@@ -19,9 +19,10 @@ the rows that share the call.
 
 Every product is grouped: a layer's experts are packed as one weight each ([E, ...] tiles) and a call
 multiplies each expert's run of rows (sorted by expert, `sizes` of them) by its weight, streaming only
-the experts with rows. Experts kept in MXFP4 (`pack_mxfp4`) stay 4-bit codes with their scales, decoded
-as they stream into the float32 kernel's chain of products, so theirs are bitwise the dequantized
-weights'.
+the experts with rows (so a scan over a stack of layers, one weight per layer, gives all rows to its
+layer's: `Packed.layer`, `model.LayerStack`). Experts kept in MXFP4 (`pack_mxfp4`) stay 4-bit codes
+with their scales, decoded as they stream into the float32 kernel's chain of products, so theirs are
+bitwise the dequantized weights'.
 
 It is an XLA FFI custom call, compiled on first use with the system C++ compiler into the cache folder
 (one library with the CPU attention kernel, `cpu_attention.py`), and used only where `enabled()` says
