@@ -245,9 +245,10 @@ class ModelConfig:
         """Whether `layer`'s MLP is a mixture of experts."""
         return bool(self.num_experts) and (self.moe_layers is None or layer in self.moe_layers)
 
-    def layer_kind(self, layer: int) -> tuple[bool, bool, bool]:
-        """What the model varies between layers, `layer`'s: (windowed, NoPE, mixture of experts)."""
-        return self.windowed(layer), layer in self.nope_layers, self.moe(layer)
+    @property
+    def layer_kinds(self) -> tuple[tuple[bool, bool, bool], ...]:
+        """What the model varies between layers, each layer's: (windowed, NoPE, mixture of experts)."""
+        return tuple((self.windowed(i), i in self.nope_layers, self.moe(i)) for i in range(self.num_layers))
 
     @property
     def rotary(self) -> int:

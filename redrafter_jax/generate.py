@@ -378,9 +378,8 @@ def decoding_params(params: Params, cfg: ModelConfig, mesh: Mesh | None = None) 
     if not rows_matmul.enabled(params, cfg.dtype, mesh):
         return DecodingParams(params, params, cfg)
     pairs = rows_matmul.pairs_layout(cfg.dtype)
-    kinds = tuple(cfg.layer_kind(i) for i in range(cfg.num_layers))  # the loop's layer stacks follow them
-    dtype = jnp.dtype(cfg.dtype).name
-    loop = _kept(params, (dtype, pairs, kinds), lambda: _loop_params(params, cfg, dtype, pairs))
+    kinds, dtype = cfg.layer_kinds, jnp.dtype(cfg.dtype).name  # (the loop's layer stacks follow the kinds)
+    loop = _kept(params, (dtype, pairs, kinds), lambda: _loop_params(params, kinds, dtype, pairs))
     if dtype != "float32":
         prefill = loop
     elif cfg.num_experts:  # (the loop keeps a mixture's layers one by one)
@@ -417,7 +416,7 @@ def _packed_matrices(dparams: Params, dtype: str, pairs: bool) -> Params:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _loop_params(params: Params, cfg: ModelConfig, dtype: str, pairs: bool) -> Params:
+def _loop_params(params: Params, kinds: tuple, dtype: str, pairs: bool) -> Params:
     """The matrices (the layers', their experts' and the LM head) tile-packed as `dtype` (with `pairs`, as
     k-pairs), everything else float32 (but MXFP4 experts' codes and scales, bytes); layers stacked by
     `pack_params`."""
@@ -426,7 +425,7 @@ def _loop_params(params: Params, cfg: ModelConfig, dtype: str, pairs: bool) -> P
 
     layers = [widen(p, MATRICES + EXPERTS) for p in params["layers"]]
     widened = {**widen(params, ("layers", "lm_head")), "layers": layers}
-    return pack_params(widened, cfg, dtype, pairs)
+    return pack_params(widened, kinds, dtype, pairs)
 
 
 def _place_on_mesh(mesh: Mesh, cfg: ModelConfig, params: Params, drafter: Proposer | None,

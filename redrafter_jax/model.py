@@ -191,7 +191,7 @@ def pack_layer(layer: dict, dtype=None, pairs: bool | None = None, stacked: bool
 
 @struct.dataclass
 class LayerStack:
-    """Consecutive dense layers of one kind (`ModelConfig.layer_kind`) and parameter shapes, packed for the
+    """Consecutive dense layers of one kind (`ModelConfig.layer_kinds`) and parameter shapes, packed for the
     CPU decode loops (`pack_params`): every leaf stacked on a leading [n] axis, each matrix as n groups of
     a `rows_matmul.Packed`. `transformer` runs the n layers as one `lax.scan`, so XLA compiles one layer
     where it compiled n (the default model's autoregressive loop lowers and compiles in 1 s instead of
@@ -220,15 +220,16 @@ def layer_items(layers: list) -> Iterator[tuple[int, dict | LayerStack]]:
         first += item.count if isinstance(item, LayerStack) else 1
 
 
-def pack_params(params: Params, cfg: ModelConfig, dtype=None, pairs: bool | None = None) -> Params:
+def pack_params(params: Params, kinds: tuple, dtype=None, pairs: bool | None = None) -> Params:
     """The target's layers packed for the CPU rows kernel (`pack_layer`), each run of consecutive dense
-    layers of one kind and the same parameter shapes as one `LayerStack` (a mixture's layers one by
-    one: the float32 prefill takes their packed experts, `generate.decoding_params`), with the LM head
-    packed on its own when tied (the embedding stays for token lookups). For decoding only."""
+    layers of one kind (kinds: the model's `ModelConfig.layer_kinds`) and the same parameter shapes as
+    one `LayerStack` (a mixture's layers one by one: the float32 prefill takes their packed experts,
+    `generate.decoding_params`), with the LM head packed on its own when tied (the embedding stays for
+    token lookups). For decoding only."""
     def kind(j_p):
         j, p = j_p
-        return (j,) if cfg.moe(j) else (cfg.layer_kind(j), jax.tree_util.tree_structure(p),
-                                        [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(p)])
+        return (j,) if kinds[j][2] else (kinds[j], jax.tree_util.tree_structure(p),
+                                         [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(p)])
 
     layers = []
     for _, run in itertools.groupby(enumerate(params["layers"]), kind):
@@ -538,7 +539,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         x = x * jnp.asarray(cfg.embedding_multiplier, x.dtype)
     slots = kv.write_slots(cache, t)
 
-    def layer(p, kind, i, x, ck, cv):  # layer i (an int, or traced in a stack) of layer_kind `kind`
+    def layer(p, kind, i, x, ck, cv):  # layer i (an int, or traced in a stack) of layer kind `kind`
         windowed_layer, nope, _ = kind
         layer_mask, cos, sin = (windowed, *local_rope) if windowed_layer else (mask, *rope)
         if nope:
@@ -571,9 +572,9 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             x = x + optional_norm(mlp(p, h, cfg), p.get("post_mlp_norm"), cfg)
         return x, ck, cv, k, v
 
-    ck, cv, ks, vs = cache.k, cache.v, [], []
+    ck, cv, ks, vs, kinds = cache.k, cache.v, [], [], cfg.layer_kinds
     for first, item in layer_items(params["layers"]):
-        kind = cfg.layer_kind(first)
+        kind = kinds[first]
         if isinstance(item, LayerStack):
             def step(carry, j, item=item, kind=kind, first=first):
                 x, ck, cv, k, v = layer(item.at(j), kind, first + j, *carry)

@@ -256,7 +256,8 @@ def test_drafters_decode_with_packed_matrices_and_draft_the_same_beams(option, m
 def test_packed_params_give_the_same_forward():
     cfg, params = tiny_model(intermediate_size=72)  # 2 x 72 columns: a padded last tile
     tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 11, 12]])
-    plain, packed = forward_causal(params, cfg, tokens), forward_causal(pack_params(params, cfg), cfg, tokens)
+    packed = forward_causal(pack_params(params, cfg.layer_kinds), cfg, tokens)
+    plain = forward_causal(params, cfg, tokens)
     np.testing.assert_allclose(np.asarray(packed.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
 
 
@@ -276,13 +277,13 @@ def test_packed_layers_are_stacks_of_like_layers_that_compile_one_layer_each():
     each; the forward is the unstacked one's, and a stack lowers to one layer's kernel calls."""
     cfg, params = tiny_model(num_layers=7, head_dim=16, sliding_window=3, window_layers=(2, 3), nope_layers=(6,),
                              num_experts=4, experts_per_token=2, expert_size=16, moe_layers=(4,))
-    packed = pack_params(params, cfg)
+    packed = pack_params(params, cfg.layer_kinds)
     assert [item.count if isinstance(item, model.LayerStack) else 1 for item in packed["layers"]] == [2, 2, 1, 1, 1]
     tokens = jnp.asarray([[5, 6, 7, 8, 9, 10], [9, 10, 11, 12, 13, 14]])
     np.testing.assert_allclose(np.asarray(forward_causal(packed, cfg, tokens).logits),
                                np.asarray(forward_causal(params, cfg, tokens).logits), rtol=1e-5, atol=1e-5)
     cfg, params = tiny_model(num_layers=6, head_dim=16)
-    packed = pack_params(params, cfg)
+    packed = pack_params(params, cfg.layer_kinds)
     assert len(packed["layers"]) == 1 and packed["layers"][0].count == 6
     lowered = jax.jit(forward_causal, static_argnums=1).lower(packed, cfg, tokens).as_text()
     assert lowered.count(rows_matmul.TARGETS[jnp.dtype(jnp.float32)]) == 4 + 1  # wqkv, wo, w_gate_up, w_down; LM head
