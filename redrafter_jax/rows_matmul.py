@@ -179,12 +179,20 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def find_compiler() -> str:
+    """The C++ compiler that builds the kernels: $CXX, else c++ or g++."""
+    found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not found:
+        raise OSError("no C++ compiler (c++ or g++, or $CXX) found")
+    return found
+
+
 def _compile() -> str:
     """Builds the kernel for this machine once (cached by source, compiler flags, CPU and jaxlib)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise OSError("no C++ compiler (c++ or g++, or $CXX) found")
+    compiler = find_compiler()
     march = os.environ.get("REDRAFTER_CPU_MARCH", "native")
+    # -w: a user cannot act on a warning, and one could crowd the error out of the message below; the sources
+    # are kept free of warnings by a test (test_rows_matmul: -Wall -Wextra -Werror, every build).
     flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
     cpu = " ".join(sorted(cpu_flags()))
     sources = [os.path.join(CSRC, f) for f in SOURCES]
