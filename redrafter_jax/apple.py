@@ -29,6 +29,7 @@ from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, param_shapes
 from redrafter_jax.files import atomic_folder
 from redrafter_jax.loaders.hf import open_safetensors
+from redrafter_jax.model import is_shape
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -81,7 +82,7 @@ def load_apple_drafter(directory: str, target: ModelConfig | None = None, dtype:
                          + (f"; missing {', '.join(missing)}" if missing else "")
                          + (f"; unexpected {', '.join(extra)}" if extra else ""))
     shapes = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
-        param_shapes(dcfg), is_leaf=lambda x: isinstance(x, tuple))[0]}
+        param_shapes(dcfg), is_leaf=is_shape)[0]}
 
     def ours(name: str) -> np.ndarray:
         x = tensors[name]
@@ -93,7 +94,7 @@ def load_apple_drafter(directory: str, target: ModelConfig | None = None, dtype:
 
     flat = {names[n]: ours(n) for n in names}
     params = jax.tree_util.tree_map_with_path(lambda p, _: flat[jax.tree_util.keystr(p)], param_shapes(dcfg),
-                                              is_leaf=lambda x: isinstance(x, tuple))
+                                              is_leaf=is_shape)
     return Drafter(params, dcfg)
 
 

@@ -24,6 +24,7 @@ from redrafter_jax import apple
 from redrafter_jax.config import DrafterConfig, ModelConfig
 from redrafter_jax.drafter import Drafter, param_shapes
 from redrafter_jax.files import atomic_folder
+from redrafter_jax.model import is_shape
 from redrafter_jax.wheels import sha256
 
 CONFIG_FILE = "drafter_config.json"
@@ -34,7 +35,7 @@ FORMAT_VERSION = 2  # 2 added "checksums"; version 1 checkpoints load without th
 def _abstract_params(dcfg: DrafterConfig, sharding: jax.sharding.Sharding) -> dict:
     dtype = jnp.dtype(dcfg.dtype)
     tree = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, dtype, sharding=sharding), param_shapes(dcfg),
-                                  is_leaf=lambda x: isinstance(x, tuple))
+                                  is_leaf=is_shape)
     if dcfg.draft_vocab_size is not None:
         tree["vocab_map"] = jax.ShapeDtypeStruct((dcfg.draft_vocab_size,), jnp.int32, sharding=sharding)
     return tree

@@ -20,7 +20,7 @@ from flax import struct
 from redrafter_jax import rows_matmul
 from redrafter_jax.beam_search import DEAD_SCORE, Draft, beam_search
 from redrafter_jax.config import DrafterConfig, ModelConfig, SpecConfig
-from redrafter_jax.model import Params, linear, lm_head, random_keys, random_values
+from redrafter_jax.model import Params, is_shape, linear, lm_head, random_keys, random_values
 from redrafter_jax.tree import ABSENT
 
 APPLE_TOP_K = 50
@@ -53,7 +53,7 @@ def init_drafter(dcfg: DrafterConfig, key: jax.Array, vocab_map: jax.Array | Non
     vocab_map [draft_vocab_size] (target ids) is required with a reduced draft vocabulary.
     """
     shapes = param_shapes(dcfg)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=is_shape)
     keys = random_keys(key, len(leaves))
 
     def lecun(key, shape):

@@ -96,14 +96,15 @@ def param_shapes(cfg: ModelConfig) -> dict:
     return shapes
 
 
-def _is_shape(x) -> bool:
+def is_shape(x) -> bool:
+    """Whether x is a leaf of a `param_shapes` tree (a shape: tree functions would otherwise descend into it)."""
     return isinstance(x, tuple)
 
 
 def check_params(params: Params, cfg: ModelConfig) -> None:
     """Raises ValueError naming the first missing, unexpected or mis-shaped parameter."""
     flat = jax.tree_util.tree_flatten_with_path
-    expected = {jax.tree_util.keystr(p): s for p, s in flat(param_shapes(cfg), is_leaf=_is_shape)[0]}
+    expected = {jax.tree_util.keystr(p): s for p, s in flat(param_shapes(cfg), is_leaf=is_shape)[0]}
     got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in flat(params)[0]}
     for name, shape in expected.items():
         if name not in got:
@@ -141,7 +142,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
     """Random parameters (norm weights 1; MXFP4 experts random codes scaled to about `scale`), for tests and
     tiny models."""
     shapes = param_shapes(cfg)
-    keys = random_keys(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=_is_shape)))
+    keys = random_keys(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=is_shape)))
 
     def make(path, shape):
         name = jax.tree_util.keystr(path)
@@ -153,7 +154,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
             return jnp.full(shape, 127 + int(np.floor(np.log2(scale))) - 2, jnp.uint8)
         return random_values(lambda k, s: (scale * jax.random.normal(k, s)).astype(cfg.dtype), next(keys), shape)
 
-    return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=_is_shape)
+    return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=is_shape)
 
 
 def cast_params(tree, dtype):

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
-from redrafter_jax.model import Params, param_shapes, rotary_order
+from redrafter_jax.model import Params, is_shape, param_shapes, rotary_order
 from redrafter_jax.mxfp4 import Mxfp4
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
@@ -366,7 +366,7 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     shapes = param_shapes(cfg)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=lambda x: isinstance(x, tuple))
+        shardings = jax.tree_util.tree_map(lambda _: device, shapes, is_leaf=is_shape)
 
     def arrays(k, s, where):  # (ours, shape, sharding) of each array: an MXFP4 weight's codes and scales apart
         if not isinstance(s, Mxfp4):
