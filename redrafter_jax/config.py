@@ -368,7 +368,8 @@ class DrafterConfig:
         if self.share_lm_head and self.draft_vocab_size is not None:
             raise ValueError("drafter: a reduced draft vocabulary needs its own LM head (share_lm_head=False)")
         if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"drafter: draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}")
+            raise ValueError(f"drafter: draft_vocab_size must be in [1, {self.vocab_size}], "
+                             f"got {self.draft_vocab_size}")
 
     @property
     def exit(self) -> int:

@@ -108,7 +108,8 @@ def test_shapes_it_cannot_take_are_refused():
         qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, t, 1, g, d, 10)
         assert not cpu_attention.supported(jnp.asarray(qkv))
         with pytest.raises(ValueError, match="CPU attention takes"):
-            cpu_attention.attention(qkv, cos, sin, k, v, pk, pv, np.zeros((1, t), np.int32), np.ones((1, t, 10), bool), 0)
+            cpu_attention.attention(qkv, cos, sin, k, v, pk, pv, np.zeros((1, t), np.int32),
+                                    np.ones((1, t, 10), bool), 0)
     qkv, cos, sin, k, v, (pk, pv) = _step_inputs(rng, 1, 2, 1, 3, 16, 10)
     with pytest.raises(ValueError, match="slots \\[1, 3\\]"):  # one slot per new token is missing
         cpu_attention.attention(qkv, cos, sin, k, v, pk, pv, np.zeros((1, 3), np.int32), np.ones((1, 2, 10), bool), 0)
