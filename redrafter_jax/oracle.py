@@ -33,6 +33,10 @@ class OracleDrafter:
         if with_log_probs:
             raise ValueError("the oracle drafter has no draft distribution (needed by Apple's acceptance rule)")
         del target_params, context
+        if self.sequences.shape[0] != lengths.shape[0]:  # shapes are static: raised while tracing
+            raise ValueError(f"the oracle holds {self.sequences.shape[0]} rows' continuations but decoding has "
+                             f"{lengths.shape[0]} rows: it needs one per prompt, in order (so not with continuous "
+                             f"batching, nor a batch padded to a mesh's data axis)")
         t = self.sequences.shape[1]
         pos = jnp.minimum(lengths[:, None] + jnp.arange(length), t - 1)  # init token sits at `lengths`
         truth = jnp.take_along_axis(self.sequences, pos, axis=1)  # [B, L]

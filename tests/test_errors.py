@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from redrafter_jax.cli import error_line
-from redrafter_jax.config import SamplingConfig
+from redrafter_jax.config import SamplingConfig, SpecConfig
 from redrafter_jax.generate import generate
+from redrafter_jax.oracle import OracleDrafter
 from tests.tiny import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +32,11 @@ CFG, PARAMS = tiny_model()
     (dict(drafter="drafters/smollm2-135m"), TypeError, r"drafter must be a Drafter .* got str"),
     (dict(spec=(2, 3)), TypeError, "spec must be a SpecConfig, got tuple"),
     (dict(sampling=0.7), TypeError, "sampling must be a SamplingConfig, got float"),
+    # an oracle's continuations are by row: one per prompt, which continuous batching does not keep
+    (dict(drafter=OracleDrafter(np.zeros((1, 16), np.int32), 64), spec=SpecConfig(2, 3)), ValueError,
+     "the oracle holds 1 rows' continuations but decoding has 2 rows"),
+    (dict(drafter=OracleDrafter(np.zeros((2, 16), np.int32), 64), spec=SpecConfig(2, 3), batch_size=1), ValueError,
+     "the oracle holds 2 rows' continuations but decoding has 1 rows"),
 ])
 def test_generate_rejects_bad_arguments_naming_them(kwargs, error, match):
     call = dict(prompts=[[5, 6, 7], [8, 9]], max_new_tokens=4) | kwargs
