@@ -85,8 +85,8 @@ def timed(fns: dict, repeats: int, desc: str) -> dict:
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     """n chat prompts asking about the passages (different lengths)."""
-    return [tokenizer.encode_chat([{"role": "user", "content": f"Explain this in simple words: {PASSAGES[i % len(PASSAGES)]}"}])
-            for i in range(n)]
+    asks = [f"Explain this in simple words: {PASSAGES[i % len(PASSAGES)]}" for i in range(n)]
+    return [tokenizer.encode_chat([{"role": "user", "content": ask}]) for ask in asks]
 
 
 def load_transformers(device: str, hf_dir: str | None = None, gguf: str | None = None, dtype: str = "float32"):
@@ -276,8 +276,8 @@ def bench_spec(args) -> None:
             assert np.array_equal(np.asarray(out.tokens), np.asarray(ar.tokens)), "speculative output differs"
             acc = np.asarray(out.accepted)
             tokens_per_step[name] = 1 + acc[acc >= 0].mean()
-        t = timed({"AR": decode, **{name: functools.partial(decode, drafter=d, spec=spec) for name, d in drafters.items()}},
-                  args.repeats, f"batch {batch}")
+        speculative = {name: functools.partial(decode, drafter=d, spec=spec) for name, d in drafters.items()}
+        t = timed({"AR": decode, **speculative}, args.repeats, f"batch {batch}")
         e2e_rows += [[batch, name, f"{w}x{length} ({spec.budget} slots)", n_tokens / t["AR"], n_tokens / t[name],
                       tokens_per_step[name], t["AR"] / t[name]] for name in drafters]
 
