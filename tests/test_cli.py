@@ -1,8 +1,12 @@
-"""The generate command end to end on the default model (the README's main job, shortened), and its beam options."""
+"""The generate command end to end on the default model (the README's main job, shortened), its beam options,
+and the compiled programs the scripts keep between runs."""
 
 import argparse
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -113,3 +117,37 @@ def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
     other = dataclasses.replace(smollm.config, vocab_size=100)  # another model's tokens
     with pytest.raises(ValueError, match=f"{ds} holds tokens outside the target's vocabulary of 100"):
         load_drafter_for(args, other, tree_setting(args)[1])
+
+
+# A script's start (`cli.run`), then a program compiled: prints the compilation cache's folder and whether the
+# program was loaded from it (JAX's cache-hit event) rather than compiled.
+SCRIPT = """import jax, jax.numpy as jnp
+from redrafter_jax.cli import keep_compiled_programs
+events = []
+jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
+print(keep_compiled_programs())
+jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()
+print("/jax/compilation_cache/cache_hits" in events)"""
+
+
+def test_a_script_run_again_loads_what_the_last_run_compiled(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the suite's own cache
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # keep even this small program
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def start(**more) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env={**env, **more}, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    cache = tmp_path / "cache"
+    folder, loaded = start(REDRAFTER_CACHE=str(cache))
+    assert os.path.dirname(folder) == str(cache / "xla") and os.path.basename(folder).startswith("cpu-")
+    assert loaded == "False" and os.listdir(folder)  # compiled, and kept
+    assert start(REDRAFTER_CACHE=str(cache)) == [folder, "True"]  # the next run loads it
+    mine = str(tmp_path / "mine")
+    assert start(REDRAFTER_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=mine) == [mine, "False"]  # the user's folder
+    assert start(REDRAFTER_CACHE=str(cache), JAX_ENABLE_COMPILATION_CACHE="false") == ["None", "False"]  # off
+    (tmp_path / "a_file").write_text("")
+    assert start(REDRAFTER_CACHE=str(tmp_path / "a_file")) == ["None", "False"]  # no cache folder: compiles
