@@ -332,10 +332,11 @@ def test_a_forward_computes_each_token_bitwise_the_same_whatever_tokens_share_it
     cfg, params = tiny_model(seed=4, hidden_size=576, head_dim=16, dtype=dtype, **MIXTURES[mixture])
     with rows_matmul.turned_off(unit_only=True) if unit_off else contextlib.nullcontext():
         _, loop, dcfg = gen.decoding_params(params, cfg)
-    assert by_layer(loop)[0]["wqkv"].pairs == (rows_matmul.pairs_layout(dtype) and not unit_off)
+    layers = by_layer(loop)
+    assert layers[0]["wqkv"].pairs == (rows_matmul.pairs_layout(dtype) and not unit_off)
     if mixture != "dense":  # the experts and the router go to the kernel
-        assert by_layer(loop)[1]["experts_down"].grouped and isinstance(by_layer(loop)[1]["router"], rows_matmul.Packed)
-        assert (by_layer(loop)[1]["experts_down"].scales is not None) == (mixture == "MXFP4 experts")
+        assert layers[1]["experts_down"].grouped and isinstance(layers[1]["router"], rows_matmul.Packed)
+        assert (layers[1]["experts_down"].scales is not None) == (mixture == "MXFP4 experts")
     tokens = jnp.asarray(np.random.default_rng(0).integers(2, cfg.vocab_size, (6, 24)), jnp.int32)
     fwd = jax.jit(model.forward, static_argnums=1)
 
