@@ -435,6 +435,55 @@ def test_checkpoint_saved_by_transformers_5_loads_with_its_rope(tmp_path):
     assert_logits_match_transformers(m, hf)
 
 
+def transformers_model(arch, **overrides):
+    """transformers' own model of `arch` (`ARCHS`, the tests' sizes, `overrides`), its weights drawn by
+    transformers (seed 0, wider than its default so that every part of the model shows in the logits)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    c = {**dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64), **ARCHS[arch], **overrides}
+    config = transformers.AutoConfig.for_model(c.pop("model_type"), initializer_range=0.3, **c)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return hf.eval()
+
+
+@pytest.mark.parametrize("arch, saved", [
+    ("granite4", {"layer_types": ["full_attention"] * 2}),  # not the "attention" of IBM's checkpoints
+    ("qwen3_moe", {"num_local_experts": 4}),  # not num_experts, as Qwen's checkpoints name it
+])
+def test_checkpoint_saved_by_transformers_5_loads_under_its_new_names(tmp_path, arch, saved):
+    """transformers >= 5 saves some settings under new names (`saved`: what this test is about): Granite 4's
+    layer kinds, Qwen3-MoE's expert count. A model saved by transformers itself gives its logits."""
+    hf = transformers_model(arch, **{"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2)}.get(arch, {}))
+    hf.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        written = json.load(f)
+    assert {k: written.get(k) for k in saved} == saved and "num_experts" not in written
+    assert_logits_match_transformers(load_hf(str(tmp_path)), hf)
+
+
+@pytest.mark.parametrize("arch", ["llama", "granite", "gemma2", "cohere", "olmo2", "llama4", "glm", "seed_oss",
+                                  "mistral"])
+def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
+    """attention_bias biases Q, K, V and the output projection in most of transformers' models (Granite's
+    output bias scaled by its residual multiplier, Cohere's and Llama 4's queries and keys reordered for
+    RoPE), Q, K and V only in GLM's and Seed-OSS's (whose attention_out_bias biases the output), and
+    nothing in Mistral's: a model saved by transformers itself, its biases drawn, gives its logits."""
+    torch = pytest.importorskip("torch")
+    hf = transformers_model(arch, attention_bias=True, attention_out_bias=arch == "seed_oss")
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:  # (transformers starts them at 0 and 1)
+                w.uniform_(-0.5, 0.5 if name.endswith("bias") else 1.5)
+    hf.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    m = load_hf(str(tmp_path))
+    assert (m.config.attention_bias, m.config.output_bias) == (arch != "mistral", arch not in ("glm", "mistral"))
+    assert_logits_match_transformers(m, hf)
+
+
 def randomize_gemma_norms(hf):
     """transformers' Gemma model `hf` with its norm weights w, which scale by 1 + w, drawn away from 0."""
     torch = pytest.importorskip("torch")
@@ -876,7 +925,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("hidden_act", "unsupported hidden_act 'gelu'"),
     ("quantized", r"unsupported quantized checkpoint \(quantization_config: fp8\)"),
     ("mlp_bias", "unsupported mlp_bias"),
-    ("attention_bias", "unsupported attention_bias: true for LlamaForCausalLM"),
+    ("attention_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.q_proj.bias'"),
     ("rope_per_layer", "unsupported rope_parameters"),
     ("rope_dynamic", "unsupported rope scaling type 'dynamic'"),
     ("partial_rope", "unsupported partial_rotary_factor 0.5"),
@@ -899,8 +948,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("sparse_step", "decoder_sparse_step must be a positive integer, got 0"),
     ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] and 0 "),
     ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
-    ("use_bias", r"unsupported use_bias: true \(biases on the MLP and output projections\)"),
-    ("attention_out_bias", r"unsupported attention_out_bias: true \(biases on the output projections\)"),
+    ("use_bias", r"unsupported use_bias: true \(the MLP's projections biased\)"),
+    ("attention_out_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.o_proj.bias'"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
     ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
                     r"expected \(4, 64, 2\)"),
@@ -1132,23 +1181,27 @@ def llama4_as_converted(t, layers):
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
     window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
-    and its end-of-turn token found by its text,
-    Granite's multipliers under llama.cpp's names, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn
-    token that ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every
-    fourth layer without RoPE; the mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's,
-    Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's, their MoE layers those with a router;
-    GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every other layer; Command R's
-    LayerNorms, parallel attention and MLP and logit scale, Command R7B's windows in 3 of 4 layers with RoPE
-    only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's on half of each head, its gate and
-    up fused, its norms after attention and the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; Llama
-    4's RoPE over adjacent dims, chunks, every fourth layer without RoPE and with scaled queries, unweighted
-    query and key norms, sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes
-    them; each tensor under the name the converter gives it, by gguf's own map) and as a Hugging Face
-    directory give the same model."""
+    and its end-of-turn token found by its text, Granite's multipliers under llama.cpp's names and its
+    attention biases, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn token that ends generation
+    too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the
+    mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by
+    its tensors, Qwen3-MoE's, their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks,
+    biases, YaRN and window in every other layer; Command R's LayerNorms, parallel attention and MLP and
+    logit scale, Command R7B's windows in 3 of 4 layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE
+    over adjacent dims (GLM-4's on half of each head, its gate and up fused, its norms after attention and
+    the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; Llama 4's RoPE over adjacent dims, chunks,
+    every fourth layer without RoPE and with scaled queries, unweighted query and key norms,
+    sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them; each tensor
+    under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
+    model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
     tensors = gpt_oss_mxfp4_tensors(rng) if gpt_oss else hf_tensors(arch, rng, layers=layers)
+    if arch == "granite":  # attention biases (the output's scaled by the residual multiplier, as its weight)
+        tensors.update({f"model.layers.{i}.self_attn.{n}_proj.bias": rng.normal(0, 0.3, w.shape[0]).astype(np.float32)
+                        for i in range(layers) for n in "qkvo"
+                        for w in [tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"]]})
     # the ids that end generation beside the EOS: an end-of-turn id in the file (Qwen2's), or tokens llama.cpp
     # finds by their text (Gemma's end of a turn, GPT-OSS's of a reply and of a tool call)
     ends = {"qwen2": {4: None}, "gemma2": {3: "<end_of_turn>"}, "gemma3": {3: "<end_of_turn>"},
@@ -1156,7 +1209,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
-    hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False),
+    hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False), "granite": dict(attention_bias=True),
                  "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2),
@@ -1339,7 +1392,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("yarn_log_multiplier", "unsupported GGUF YaRN setting 'rope.scaling.yarn_log_multiplier' = 0.1"),
     ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
     ("value_length", "unsupported GGUF attention.value_length 16"),
-    ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_output.bias'"),
+    ("extra", r"2 tensors this config does not use, e.g. \['blk.0.ffn_down.bias'"),  # (MLP biases)
     ("olmo3_window", r"unsupported GGUF olmo2 attention.sliding_window 4 \(OLMo 3's windowed layers\)"),
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
@@ -1350,7 +1403,7 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     arch = {"olmo3_window": "olmo2", "sigmoid_experts": "olmoe", "scaled_experts": "olmoe", "softmax_llama4": "llama4",
             "mobilellm": "llama4"}.get(case, "llama")
-    extras = {f"blk.{i}.attn_output.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
+    extras = {f"blk.{i}.ffn_down.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
     metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},

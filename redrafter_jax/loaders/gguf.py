@@ -327,7 +327,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         rotary_dim=None if rotary == head_dim else rotary,
         rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _COHERE else '_rms'}_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
-        **{"qk_norm": qk_norm, **_own_settings(reader, arch, hidden, layers)}, **_experts(reader, arch, source, layers),
+        **{"qk_norm": qk_norm, "output_bias": "blk.0.attn_output.bias" in tensors,
+           **_own_settings(reader, arch, hidden, layers)}, **_experts(reader, arch, source, layers),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 

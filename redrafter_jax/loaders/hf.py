@@ -62,6 +62,9 @@ COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 # Granite 3's, and Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers or experts)
 GRANITE4 = "GraniteMoeHybridForCausalLM"
 GRANITES = ("GraniteForCausalLM", GRANITE4)
+# the models whose projections transformers builds without biases, whatever attention_bias says
+_NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
+                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE)
 # where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
@@ -148,7 +151,7 @@ TRANSFORMERS_DEFAULTS = {
     GLM4: _GLM,
     GPT_OSS: dict(_COMMON, vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
                   num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-                  rms_norm_eps=1e-5, rope_theta=150000.0, sliding_window=128, num_local_experts=128,
+                  rms_norm_eps=1e-5, rope_theta=150000.0, sliding_window=128, num_experts=128,
                   num_experts_per_tok=4, swiglu_alpha=1.702, swiglu_limit=7.0, attention_bias=True),
     SEED_OSS: dict(_COMMON, vocab_size=155136, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=80,
                    num_key_value_heads=8, head_dim=128, max_position_embeddings=524288, pad_token_id=1,
@@ -156,11 +159,11 @@ TRANSFORMERS_DEFAULTS = {
     LLAMA4: dict(_COMMON, vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
                  num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
                  max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=1,
-                 eos_token_id=2, pad_token_id=None, num_local_experts=16, num_experts_per_tok=1,
+                 eos_token_id=2, pad_token_id=None, num_experts=16, num_experts_per_tok=1,
                  interleave_moe_layer_step=1, use_qk_norm=True, no_rope_layer_interval=4, attention_chunk_size=8192,
                  attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1),
     GRANITE4: dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0, logits_scaling=1.0,
-                   residual_multiplier=1.0, attention_multiplier=1.0, num_local_experts=8,
+                   residual_multiplier=1.0, attention_multiplier=1.0, num_experts=8,
                    shared_intermediate_size=1024, position_embedding_type=None),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
@@ -168,7 +171,7 @@ TRANSFORMERS_DEFAULTS = {
     "MinistralForCausalLM": _MISTRAL,
     MINISTRAL3: dict(_MISTRAL, vocab_size=131072, num_hidden_layers=34, head_dim=128, max_position_embeddings=262144,
                      rms_norm_eps=1e-5, pad_token_id=11, sliding_window=None),
-    MIXTRAL: dict(_MISTRAL, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None, num_local_experts=8,
+    MIXTRAL: dict(_MISTRAL, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None, num_experts=8,
                   num_experts_per_tok=2),
     OLMOE: dict(_OLMO, hidden_size=2048, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
                 max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False),
@@ -279,7 +282,7 @@ def _experts(arch: str, c: dict) -> dict:
     logits) renormalise the chosen experts' weights, the others where norm_topk_prob says; GPT-OSS's router
     and experts have biases; Llama 4 weights its experts' inputs by sigmoids and has an ungated shared
     expert of their size."""
-    experts = int(c.get("num_experts") or c.get("num_local_experts") or 0)  # (transformers 5 saves Qwen's so)
+    experts = int(c.get("num_experts") or 0)
     if arch not in MOES or not experts:
         return {}
     key = "interleave_moe_layer_step" if arch == LLAMA4 else "decoder_sparse_step"
@@ -395,6 +398,10 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
         found = repr(arch) if archs else f"model_type {c.get('model_type')!r} without architectures"
         raise ValueError(f"unsupported architecture {found} (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODELS))})")
+    # the experts' count: num_local_experts in some of transformers' configs (Mixtral's, GPT-OSS's, and Qwen3-MoE's
+    # as transformers >= 5 saves it), num_experts in others; num_experts here
+    if c.get("num_experts") is None and c.get("num_local_experts") is not None:
+        c = {**c, "num_experts": c["num_local_experts"]}
     c = {**TRANSFORMERS_DEFAULTS[arch], **c}
     if not (c.get("rope_scaling") or c.get("rope_parameters")):  # (where config.json has none, or null)
         c.update(_DEFAULT_ROPE.get(arch, {}))
@@ -422,28 +429,27 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         act = "clamped_swiglu"
     if c.get("use_bidirectional_attention"):  # EmbeddingGemma's
         raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
-    for key in ("mlp_bias", "use_bias", "attention_out_bias"):  # Seed-OSS's, ERNIE 4.5's
+    for key in ("mlp_bias", "use_bias"):  # Llama's, ERNIE 4.5's
         if c.get(key):
-            raise ValueError(f"unsupported {key}: true (biases on the {'MLP and ' * (key != 'attention_out_bias')}"
-                             f"output projections)")
+            raise ValueError(f"unsupported {key}: true (the MLP's projections biased)")
     if arch == GRANITE4:  # Granite 4: its attention-only dense models
         kinds = c.get("layer_types") or c.get("layers_block_type") or ["linear_attention"] * int(c["num_hidden_layers"])
-        if set(kinds) != {"attention"} or c["num_local_experts"]:
+        # ("attention" as IBM released it; transformers >= 5 saves it as "full_attention", Mamba as "linear_attention")
+        if not set(kinds) <= {"attention", "full_attention"} or c["num_experts"]:
             raise ValueError(f"unsupported GraniteMoeHybridForCausalLM with layers {sorted(set(kinds))} and "
-                             f"{c['num_local_experts']} experts (only Granite 4's attention-only dense models load, "
+                             f"{c['num_experts']} experts (only Granite 4's attention-only dense models load, "
                              f"not its Mamba layers or experts)")
         c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
     if c.get("use_qk_norm") and arch != LLAMA4:  # Cohere's
         raise ValueError("unsupported use_qk_norm: true (Cohere's query and key LayerNorms)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
-    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says, GLM and Seed-OSS where attention_bias does);
-    # attention_bias elsewhere biases o_proj too (GPT-OSS's)
-    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else
-                                                  arch in (GLM, GLM4, SEED_OSS, GPT_OSS) and c["attention_bias"])
-    output_bias = arch == GPT_OSS and bool(c["attention_bias"])
-    if c.get("attention_bias") and not qkv_bias:
-        raise ValueError(f"unsupported attention_bias: true for {arch} (a bias on the output projection o_proj)")
+    # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
+    # transformers reads it, only Q, K and V in GLM's and Seed-OSS's models (whose attention_out_bias biases
+    # O), nothing where they ignore it
+    attention_bias = bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
+    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else attention_bias)
+    output_bias = bool(c.get("attention_out_bias")) if arch == SEED_OSS else attention_bias and arch not in (GLM, GLM4)
     theta, scaling, local_theta, rotary = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
