@@ -94,7 +94,9 @@ def beam_search(logits_fn: Callable[[jax.Array], jax.Array], next_state: Callabl
     # is the index, after step t, of the beam that beam j of group e descends from, itself from src =
     # parents[t][idx], whose distribution at step t was logps[t][src].
     ends = jnp.arange(length - 2, -1, -1) if every_depth else jnp.asarray([length - 2])
-    gather = lambda x, idx: jnp.take_along_axis(x[:, None], idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=2)  # noqa: E731
+
+    def gather(x, idx):
+        return jnp.take_along_axis(x[:, None], idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=2)
 
     def back(idx, xs):
         t, parent, tok, score, logp = xs

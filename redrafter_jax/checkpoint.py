@@ -124,7 +124,10 @@ def _check_shapes(directory: str, dcfg: DrafterConfig, expected: dict) -> None:
     except Exception as e:  # orbax raises assorted errors for unreadable metadata
         raise ValueError(f"drafter checkpoint {directory} is corrupt: its parameter metadata cannot be read "
                          f"({type(e).__name__})") from None
-    flat = lambda t: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}  # noqa: E731
+
+    def flat(t):
+        return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+
     have, need = flat(stored), flat(expected)
     for name in sorted(set(have) | set(need)):
         if have.get(name) != need.get(name):

@@ -30,7 +30,8 @@ def test_several_chat_messages_are_a_conversation_each_answered_in_turn(capsys, 
     messages = ["What is the capital of France?", "And of Italy?", "And of Spain?"]
     programs = gen._speculative_jit._cache_size()
     system = "Answer in a few words."
-    main(["--gguf", smollm_path, "--system", system, "--chat", *messages, "--max-new-tokens", "10", "--lookup-beams", "1"])
+    main(["--gguf", smollm_path, "--system", system, "--chat", *messages, "--max-new-tokens", "10",
+          "--lookup-beams", "1"])
     out, err = capsys.readouterr()
     assert all(f"[user, turn {i + 1}: {m}]" in err for i, m in enumerate(messages))
     assert err.count("output identical to autoregressive") == 3  # each turn checked against its own reference
@@ -88,7 +89,8 @@ def test_beam_options_default_to_the_measured_best_setting(smollm, tmp_path):
     ds = str(tmp_path / "ds.npz")
     datastore.save(datastore.build([(t, np.ones(50)) for t in tokens], [(tokens[0], np.ones(50))]), ds)
     for argv, label, budget in [(["--drafter"], "4x3+1x8:7", 7), (["--drafter", "--beam-length", "5"], "2x5+1", 13),
-                                (["--drafter", "--tree-budget", "5"], "2x4+1:5", 5), (["--lookup-beams", "2"], "0x4+2", 7),
+                                (["--drafter", "--tree-budget", "5"], "2x4+1:5", 5),
+                                (["--lookup-beams", "2"], "0x4+2", 7),
                                 (["--drafter", "--lookup-length", "8"], "2x4+1x8", 14),
                                 (["--drafter", "--spec", "4x3+1x16:12"], "4x3+1x16:12", 12),
                                 (["--spec", "0x8+1"], "0x8+1", 8), (["--spec", "0x8+1/4"], "0x8+1/4", 8),

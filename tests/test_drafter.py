@@ -137,8 +137,8 @@ def test_untrained_drafter_has_the_shipped_drafters_shape_and_decodes_exactly():
         d = untrained_drafter(cfg)
         got = dataclasses.asdict(d.config)
         assert got == {**shipped, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-                       "exit_dim": cfg.hidden_size, "draft_vocab_size": min(shipped["draft_vocab_size"], cfg.vocab_size),
-                       "apple_warp": False}
+                       "exit_dim": cfg.hidden_size, "apple_warp": False,
+                       "draft_vocab_size": min(shipped["draft_vocab_size"], cfg.vocab_size)}
         ids = np.asarray(d.params["vocab_map"])  # distinct target tokens, spread over the vocabulary
         assert len(set(ids.tolist())) == len(ids) and ids.max() < cfg.vocab_size and ids.max() >= cfg.vocab_size // 2
         prompts = [[5, 6, 7], [9, 3]]

@@ -164,8 +164,10 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         t["lm_head.weight"] = rng.normal(0, 0.5, (vocab, hidden))
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes = {"self_attn.q_proj.weight": (heads * head_dim, hidden), "self_attn.k_proj.weight": (kv * head_dim, hidden),
-                  "self_attn.v_proj.weight": (kv * head_dim, hidden), "self_attn.o_proj.weight": (hidden, heads * head_dim),
+        shapes = {"self_attn.q_proj.weight": (heads * head_dim, hidden),
+                  "self_attn.k_proj.weight": (kv * head_dim, hidden),
+                  "self_attn.v_proj.weight": (kv * head_dim, hidden),
+                  "self_attn.o_proj.weight": (hidden, heads * head_dim),
                   "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
@@ -386,7 +388,8 @@ def test_gpt_oss_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path)
     assert_logits_match_transformers(m, hf)
     # or dequantized as they load (--dequantize-experts), each read's blocks only: the same model
     dense = load_hf(str(tmp_path), dequantize_experts=True)
-    assert dense.config.expert_format == "dense" and dense.params["layers"][0]["experts_gate_up"].shape == (4, 64, 2, 64)
+    assert dense.config.expert_format == "dense"
+    assert dense.params["layers"][0]["experts_gate_up"].shape == (4, 64, 2, 64)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(dense.params, dense.config, ids).logits),
                                   np.asarray(forward_causal(m.params, m.config, ids).logits))
@@ -403,7 +406,8 @@ def test_half_precision_checkpoint_loads_as_transformers_reads_it(tmp_path, stor
     m = load_hf(str(tmp_path))
     held = {k: v.astype(jnp.dtype(stored)).astype(np.float32) for k, v in tensors.items()}
     want = params_from_hf_arrays(held, m.config)
-    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(m.params), jax.tree_util.tree_leaves(want)))
+    leaves = jax.tree_util.tree_leaves
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(m.params), leaves(want)))
     assert_logits_match_transformers(m, directory=tmp_path)
     if stored == "bfloat16":
         b = load_hf(str(tmp_path), dtype="bfloat16").params["embed"]

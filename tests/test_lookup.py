@@ -171,8 +171,8 @@ def test_bad_lookup_settings_raise(tiny):
         generate(params, cfg, PROMPTS, max_new_tokens=4, spec=SpecConfig(2, 3, lookup_beams=1))
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
     with pytest.raises(ValueError, match="would not use it"):
-        generate(params, cfg, PROMPTS, max_new_tokens=4, drafter=Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg),
-                 spec=SpecConfig(0, 3, lookup_beams=1))
+        generate(params, cfg, PROMPTS, max_new_tokens=4, spec=SpecConfig(0, 3, lookup_beams=1),
+                 drafter=Drafter(init_drafter(dcfg, jax.random.PRNGKey(0)), dcfg))
     for text in ["4x", "x4", "4x4+", "4x4:a", "-1x4", "2x4+x8", "2x4+1x"]:
         with pytest.raises(ValueError, match="bad speculative setting"):
             SpecConfig.parse(text)

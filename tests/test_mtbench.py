@@ -57,7 +57,8 @@ def test_second_turns_follow_the_targets_own_greedy_first_reply(smollm):
         want.append(tok.encode_chat([*chat, {"role": "assistant", "content": reply},
                                      {"role": "user", "content": second}]))
     for drafter in [None, DEFAULT_DRAFTER]:  # the first replies decoded with lookup beams alone, or the drafter
-        prompts, caches = second_turn_prompts(smollm, conversations, 24, drafter and load_drafter(drafter, smollm.config))
+        proposer = drafter and load_drafter(drafter, smollm.config)
+        prompts, caches = second_turn_prompts(smollm, conversations, 24, proposer)
         assert caches is None  # kept only when asked for
         assert prompts == want
 

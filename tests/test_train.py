@@ -282,7 +282,10 @@ def test_dropout_zeroes_a_share_of_the_features_and_keeps_their_mean():
     dparams = init_drafter(dcfg, jax.random.PRNGKey(1))
     tokens = jnp.asarray([[5, 9, 12, 7, 30, 4]])
     hidden = jax.random.normal(jax.random.PRNGKey(2), (1, 6, cfg.hidden_size))
-    loss = lambda *a: float(drafter_loss(dparams, dcfg, tparams, hidden, tokens, jnp.ones_like(tokens), 2, *a)[0])  # noqa: E731
+
+    def loss(*a):
+        return float(drafter_loss(dparams, dcfg, tparams, hidden, tokens, jnp.ones_like(tokens), 2, *a)[0])
+
     k = jax.random.PRNGKey(3)
     assert loss(0.5, k) == loss(0.5, k) != loss(0.5, jax.random.PRNGKey(4))
     assert loss(0.5, k) != loss() == loss(0.0, k)
@@ -418,8 +421,9 @@ def test_distillation_starts_no_shard_that_would_end_past_the_deadline(tmp_path,
 def test_distillation_killed_mid_shard_resumes_to_the_same_data(tmp_path):
     from train.data import read_shards
 
-    run = lambda out, kill: subprocess.run([sys.executable, "-c", DISTILL_SCRIPT, str(out), str(kill)], cwd=ROOT,  # noqa: E731
-                                           capture_output=True, text=True)
+    def run(out, kill):
+        return subprocess.run([sys.executable, "-c", DISTILL_SCRIPT, str(out), str(kill)], cwd=ROOT,
+                              capture_output=True, text=True)
     assert run(tmp_path / "full", -1).returncode == 0
     assert run(tmp_path / "resumed", 1).returncode == -9
     assert sorted(os.listdir(tmp_path / "resumed")) == ["shard_00000.npz", "shard_00001.npz.tmp"]
@@ -464,8 +468,9 @@ def test_resuming_with_other_data_or_settings_is_refused_naming_the_difference(t
 
     cfg, tparams = tiny_model()
     dcfg = DrafterConfig(hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size)
-    run = lambda seqs, **kw: train(TrainConfig(**{**TC, "steps": 4, **kw}), dcfg, cfg, tparams, seqs, None,  # noqa: E731
-                                   str(tmp_path), progress=False)
+    def run(seqs, **kw):
+        return train(TrainConfig(**{**TC, "steps": 4, **kw}), dcfg, cfg, tparams, seqs, None, str(tmp_path),
+                     progress=False)
     run(toy_sequences(n=40))
     before = snapshot(tmp_path)
     with pytest.raises(ValueError, match=r"train_data.sequences: 40 there, 200 now"):
@@ -584,7 +589,8 @@ def test_chat_files_of_every_format_read_as_the_same_messages(tmp_path, array):
     ('[{"prompt": "Hi"}, {"prompt": "Bye"', r"record 2 .*not JSON.*cut off"),
     ('{"messages": [{"role": "tool", "content": "42"}]}', 'record 1: unknown role "tool"'),
     ('{"conversations": [{"from": "bard", "value": "Hi"}]}', 'unknown speaker "bard"'),
-    ('{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}', "the content of assistant message 1 is not text"),
+    ('{"messages": [{"role": "assistant", "content": null, "tool_calls": []}]}',
+     "the content of assistant message 1 is not text"),
     ('{"text": "Hi"}', r"expected a message list .*; it has \['text'\]"),
     ('["Hi"]', "expected an object"),
     ('{"messages": "Hi"}', '"messages" must be a list of objects'),
@@ -635,7 +641,8 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
         assert len(seqs) == len(expected)
         for ids, mask, opening in zip(seqs.tokens, seqs.masks, openings):
             prompt = tok.encode_chat(opening)
-            assert ids[:len(prompt)].tolist() == prompt and mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+            assert ids[:len(prompt)].tolist() == prompt
+            assert mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     recorded = json.load(open(os.path.join(out, "distill.json")))["conversations_sha256"]
     other = write_lines(tmp_path / "other.jsonl", [{"prompt": words(i, 3)} for i in range(30)])
     with pytest.raises(ValueError, match=f"conversations_sha256: {recorded} there, [0-9a-f]+ now"):
@@ -696,7 +703,8 @@ def test_own_conversations_distil_and_train_a_drafter_through_the_commands(tmp_p
                                  "--out", str(tmp_path / "y")])
     assert not (tmp_path / "y").exists()
     with pytest.raises(SystemExit, match="--conversations is for --recipe dataset"):
-        train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats, "--out", str(tmp_path / "x")])
+        train_cli.main(common + ["--recipe", "distill", "--data", out, "--conversations", chats,
+                                 "--out", str(tmp_path / "x")])
 
     # the distilled replies with their tokens as labels, and conversations' assistant turns marked to learn the
     # target's distribution alone
