@@ -229,9 +229,9 @@ def keep_compiled_programs() -> str | None:
     if not jax.config.jax_compilation_cache_dir:
         try:
             root = writable_cache()
-        except OSError:  # the model's download names the problem if it needs the folder
+            cpu = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+        except OSError:  # left off (the model's download names the problem if it needs the folder)
             return None
-        cpu = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
         jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla", f"cpu-{cpu}"))
     return jax.config.jax_compilation_cache_dir
 
