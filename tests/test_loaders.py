@@ -38,6 +38,8 @@ ARCHS = {
     # layer 0 windowed with RoPE, layer 1 global without; norms after attention and the MLP only
     "exaone4": dict(architectures=["Exaone4ForCausalLM"], model_type="exaone4", tie_word_embeddings=True,
                     sliding_window=5, sliding_window_pattern=2, pad_token_id=2),
+    # Gemma 1: norms scaling by 1 + w, GeGLU under the legacy name its releases give it, embeddings scaled
+    "gemma": dict(architectures=["GemmaForCausalLM"], model_type="gemma", tie_word_embeddings=True, hidden_act="gelu"),
     # layer 0 windowed, layer 1 not; the scores' scale not head_dim^-1/2; soft caps low enough to bite
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", tie_word_embeddings=True,
                    sliding_window=5, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh",
@@ -277,8 +279,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE, GLM-4,
 # Cohere, nor the experts, nor reorders RoPE's pairs)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma2", "gemma3",
-                                                       "glm", "glm4", "granite", "granite4", "olmo2", "olmo3",
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2",
+                                                       "gemma3", "glm", "glm4", "granite", "granite4", "olmo2", "olmo3",
                                                        "phi3", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
@@ -317,18 +319,17 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     """Reference: transformers' own module for each architecture (`ARCHS`) on the same directory: RoPE layout,
-    llama3 rope scaling, EXAONE 4's windowed layer with RoPE beside a global one without, Gemma's norms,
-    GeGLU and query scale (Gemma 2's without a query norm, with soft caps; Gemma 3's windowed layer with
-    its own RoPE base), Granite's multipliers, Qwen2 biases, Mistral's sliding window, Ministral's in
-    one layer of two, OLMo 2's norms after attention and the MLP only and over all query and key heads
-    (OLMo 3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused tensors and
-    window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of
-    experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
-    adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the
-    MLP; ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases; Granite 4's attention-only
-    model, its MLP stored fused; Cohere's LayerNorms, its
-    attention and MLP side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global
-    one without)."""
+    llama3 rope scaling, EXAONE 4's windowed layer with RoPE beside a global one without, Gemma's norms, GeGLU
+    and scaled embeddings (Gemma 1's GELU under its legacy name; Gemma 2's query scale without a query norm,
+    with soft caps; Gemma 3's windowed layer with its own RoPE base), Granite's multipliers, Qwen2 biases,
+    Mistral's sliding window, Ministral's in one layer of two, OLMo 2's norms after attention and the MLP only
+    and over all query and key heads (OLMo 3's too, its windowed layer without the YaRN scaling of the other),
+    Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own;
+    the mixtures of experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
+    adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP;
+    ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases; Granite 4's attention-only model, its
+    MLP stored fused; Cohere's LayerNorms, its attention and MLP side by side and its logit scale (Cohere 2's
+    windowed layer with RoPE beside a global one without)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -1179,13 +1180,13 @@ def llama4_as_converted(t, layers):
     return t
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
                                   "ernie4_5", "glm4", "seed_oss", "llama4"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma 2's soft caps and
-    window in every other layer, Gemma 3's norms stored as 1 + w, its window in all but every sixth layer
-    and its end-of-turn token found by its text, Granite's multipliers under llama.cpp's names and its
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
+    1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
+    Gemma 3's window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its
     attention biases, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn token that ends generation
     too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the
     mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by
@@ -1208,12 +1209,13 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                         for w in [tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"]]})
     # the ids that end generation beside the EOS: an end-of-turn id in the file (Qwen2's), or tokens llama.cpp
     # finds by their text (Gemma's end of a turn, GPT-OSS's of a reply and of a tool call)
-    ends = {"qwen2": {4: None}, "gemma2": {3: "<end_of_turn>"}, "gemma3": {3: "<end_of_turn>"},
+    ends = {"qwen2": {4: None}, **dict.fromkeys(("gemma", "gemma2", "gemma3"), {3: "<end_of_turn>"}),
             "gpt_oss": {3: "<|return|>", 4: "<|call|>"}}.get(arch, {})
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False), "granite": dict(attention_bias=True),
+                 "gemma": dict(pad_token_id=2),
                  "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2),
@@ -1241,7 +1243,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "cohere2": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 5},
                 "glm4": {"rope.dimension_count": 4},
                 "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
-    if arch in ("gemma2", "gemma3"):  # their converter stores the norms' 1 + w
+    if arch in ("gemma", "gemma2", "gemma3"):  # their converter stores the norms' 1 + w
         tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
     if gpt_oss:
         tensors, gguf_rope = gpt_oss_as_converted(tensors), ("yarn", 32.0, 4096)  # (GPT-OSS's default YaRN)

@@ -26,7 +26,7 @@ from redrafter_jax.loaders import (
 from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma2", "gemma3", "glm4", "gpt-oss",
+SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3", "glm4", "gpt-oss",
                            "granite", "llama4", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe",
                            "seed_oss", "smollm3")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
@@ -47,13 +47,14 @@ NOPE_EVERY = 4  # llama.cpp's SmolLM3 and Llama 4 leave every 4th layer unrotate
 # the 128-expert model (Maverick)
 LLAMA4 = dict(chunk=8192, temperature=QueryScaling(0.1, 8192, offset=1, nope_only=True), no_qk_norm_experts=128)
 # llama.cpp's Gemma, with no GGUF key for these either: every full_every-th layer attends to all, the others
-# within the window (Gemma 3's at RoPE base local_theta), and the 27B model, known by its layer count,
-# scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
-GEMMA = {"gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
+# within the window (Gemma 3's at RoPE base local_theta; Gemma 1 has no window), and the 27B model, known by
+# its layer count, scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
+GEMMA = {"gemma": dict(full_every=None, local_theta=None, layers_27b=None),
+         "gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
          "gemma3": dict(full_every=6, local_theta=10000.0, layers_27b=62)}
 # The texts of the tokens llama.cpp ends generation at beside the file's end-of-text, turn and message ids:
 # Gemma's end of a turn, GPT-OSS's (harmony's) of a reply and of a tool call
-_END_TEXTS = {"gemma2": ("<end_of_turn>",), "gemma3": ("<end_of_turn>",), "gpt-oss": ("<|return|>", "<|call|>")}
+_END_TEXTS = {**dict.fromkeys(GEMMA, ("<end_of_turn>",)), "gpt-oss": ("<|return|>", "<|call|>")}
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
 # the file's expert_weights_norm says otherwise
 NORM_TOPK = ("llama", "qwen3moe")
@@ -233,9 +234,12 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,
                     sliding_window=int(m("attention.sliding_window")), window_layers=tuple(range(0, layers, 2)))
     if arch in GEMMA:
+        settings = dict(hidden_act="gelu_tanh", embedding_multiplier=hidden ** 0.5)
+        if GEMMA[arch]["full_every"] is None:  # Gemma 1's layers are Llama's but for these
+            return settings
         cap = {key: float(m(key)) if f"{arch}.{key}" in reader.fields else None
                for key in ("attn_logit_softcapping", "final_logit_softcapping")}
-        return dict(hidden_act="gelu_tanh", post_norms=True, embedding_multiplier=hidden ** 0.5,
+        return dict(settings, post_norms=True,
                     sliding_window=int(m("attention.sliding_window")), local_rope_theta=GEMMA[arch]["local_theta"],
                     window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA[arch]["full_every"]),
                     attn_softcap=cap["attn_logit_softcapping"], final_softcap=cap["final_logit_softcapping"])

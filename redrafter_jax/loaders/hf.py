@@ -30,16 +30,17 @@ from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
-                           "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
-                           "Llama4ForCausalLM",
+                           "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "GlmForCausalLM", "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
+                           "GraniteMoeHybridForCausalLM", "Llama4ForCausalLM",
                            "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
                            "SeedOssForCausalLM", "SmolLM3ForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
-                "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
+                "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "llama4_text": "Llama4ForCausalLM",
@@ -56,6 +57,7 @@ MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GPT_OSS, MINISTRAL3, LLAMA4 = "GptOssForCausalLM", "Ministral3ForCausalLM", "Llama4ForCausalLM"
 GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+GEMMA = "GemmaForCausalLM"  # Gemma 1 (and CodeGemma): Gemma 2's norms, GeGLU and embedding scale, a Llama layer else
 MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
@@ -125,6 +127,10 @@ TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
     COHERE: _COHERE,
     COHERE2: dict(_COHERE, rope_theta=10000.0, head_dim=128, sliding_window=4096, sliding_window_pattern=4),
+    GEMMA: dict(_COMMON, vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
+                tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                hidden_act="gelu_pytorch_tanh"),
     GEMMA2: dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
                  tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
@@ -245,7 +251,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", COHERE, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
+    if arch in ("LlamaForCausalLM", COHERE, GEMMA, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -421,8 +427,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         if (arch, method) != (GPT_OSS, "mxfp4"):  # (GPT-OSS's experts as released, kept so: `mxfp4.py`)
             raise ValueError(f"unsupported quantized checkpoint (quantization_config: {method}): load the "
                              f"unquantized weights (float32, bfloat16 or float16 safetensors), or a GGUF file")
-    act_key = "hidden_activation" if arch in GEMMAS else "hidden_act"  # Gemma's config names it so
-    act = _ACTIVATIONS.get(c.get(act_key, "silu"))
+    act_key = "hidden_activation" if arch in GEMMAS else "hidden_act"  # Gemma 2's and 3's configs name it so
+    # (Gemma 1's released configs say "gelu", which transformers reads as the tanh approximation they meant)
+    act = "gelu_tanh" if arch == GEMMA and c.get(act_key) == "gelu" else _ACTIVATIONS.get(c.get(act_key, "silu"))
     if act is None:
         raise ValueError(f"unsupported {act_key} {c[act_key]!r} (supported: {', '.join(_ACTIVATIONS)})")
     if arch == GPT_OSS:  # its experts compute this whatever hidden_act says
@@ -482,7 +489,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={**dict.fromkeys(GRANITES, c.get("embedding_multiplier")),
-                              **dict.fromkeys(GEMMAS, int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
+                              **dict.fromkeys((GEMMA, *GEMMAS), int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
         logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0)
                         }.get(arch, 1.0),
@@ -698,8 +705,9 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
     if arch in GRANITES:
         return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
-    if arch in GEMMAS:
-        return Scaled(source, cfg, HF, gemma_adjustments(cfg, c["query_pre_attn_scalar"]))
+    if arch in (GEMMA, *GEMMAS):  # (Gemma 1 scales the scores by head_dim^-1/2)
+        query_scalar = cfg.head_dim if arch == GEMMA else c["query_pre_attn_scalar"]
+        return Scaled(source, cfg, HF, gemma_adjustments(cfg, query_scalar))
     return source
 
 
