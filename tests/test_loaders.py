@@ -54,7 +54,9 @@ ARCHS = {
                    logit_scale=0.25, layer_norm_eps=1e-5),
     "cohere2": dict(architectures=["Cohere2ForCausalLM"], model_type="cohere2", tie_word_embeddings=True,
                     logit_scale=0.25, layer_norm_eps=1e-5, sliding_window=5, sliding_window_pattern=2),
-    # RoPE's pairs adjacent dimensions of each head
+    # RoPE's pairs adjacent dimensions of each head; Helium's Q/K/V biased too
+    "helium": dict(architectures=["HeliumForCausalLM"], model_type="helium", tie_word_embeddings=False,
+                   attention_bias=True),
     "ernie4_5": dict(architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5", tie_word_embeddings=True),
     # Q/K/V biases
     "seed_oss": dict(architectures=["SeedOssForCausalLM"], model_type="seed_oss", tie_word_embeddings=False),
@@ -174,7 +176,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss"):
+        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         if arch == "gpt_oss":
@@ -280,8 +282,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE, GLM-4,
 # Cohere, nor the experts, nor reorders RoPE's pairs)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2",
-                                                       "gemma3", "glm", "glm4", "granite", "granite4", "olmo2", "olmo3",
-                                                       "phi3", *MOE_LAYERS}))
+                                                       "gemma3", "glm", "glm4", "granite", "granite4", "helium",
+                                                       "olmo2", "olmo3", "phi3", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -327,9 +329,9 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own;
     the mixtures of experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
     adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP;
-    ERNIE 4.5's RoPE over adjacent dimensions; Seed-OSS's Q/K/V biases; Granite 4's attention-only model, its
-    MLP stored fused; Cohere's LayerNorms, its attention and MLP side by side and its logit scale (Cohere 2's
-    windowed layer with RoPE beside a global one without)."""
+    ERNIE 4.5's and Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases;
+    Granite 4's attention-only model, its MLP stored fused; Cohere's LayerNorms, its attention and MLP side by
+    side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 

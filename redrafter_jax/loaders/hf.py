@@ -32,7 +32,7 @@ from redrafter_jax.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
                            "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
                            "GlmForCausalLM", "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
-                           "GraniteMoeHybridForCausalLM", "Llama4ForCausalLM",
+                           "GraniteMoeHybridForCausalLM", "HeliumForCausalLM", "Llama4ForCausalLM",
                            "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
@@ -43,7 +43,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
                 "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
-                "granitemoehybrid": "GraniteMoeHybridForCausalLM", "llama4_text": "Llama4ForCausalLM",
+                "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
+                "llama4_text": "Llama4ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
                 "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
@@ -58,6 +59,7 @@ QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GPT_OSS, MINISTRAL3, LLAMA4 = "GptOssForCausalLM", "Ministral3ForCausalLM", "Llama4ForCausalLM"
 GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 GEMMA = "GemmaForCausalLM"  # Gemma 1 (and CodeGemma): Gemma 2's norms, GeGLU and embedding scale, a Llama layer else
+HELIUM = "HeliumForCausalLM"  # Kyutai's: Llama's layer, RoPE over adjacent dims
 MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
@@ -71,7 +73,7 @@ _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, 
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
 # whose heads rotate adjacent dimensions (`loaders.RopeOrdered`)
-INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4, LLAMA4)
+INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4, HELIUM, LLAMA4)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
 _GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i}}.{theirs}_layernorm.weight"
                for ours, theirs in (("post_attention", "post_self_attn"), ("pre_feedforward", "post_attention"),
@@ -171,6 +173,9 @@ TRANSFORMERS_DEFAULTS = {
     GRANITE4: dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0, logits_scaling=1.0,
                    residual_multiplier=1.0, attention_multiplier=1.0, num_experts=8,
                    shared_intermediate_size=1024, position_embedding_type=None),
+    HELIUM: dict(_COMMON, vocab_size=48000, hidden_size=2560, intermediate_size=7040, num_hidden_layers=24,
+                 num_attention_heads=20, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-8,
+                 rope_theta=100000.0, pad_token_id=3, eos_token_id=2, bos_token_id=1),
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
@@ -241,17 +246,17 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
-    Granite, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse use_sliding_window);
-    Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, Gemma, OLMo 3, EXAONE 4,
-    Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types`
-    calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as
-    sliding_window_pattern says, OLMo 3's but every fourth, GPT-OSS's every other from the first, Qwen's
-    from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of attention_chunk_size
+    Gemma 1, Granite, Helium, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse
+    use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, Gemma 2 and 3,
+    OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers
+    `layer_types` calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as
+    sliding_window_pattern says, OLMo 3's but every fourth, GPT-OSS's every other from the first, Qwen's from
+    max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of attention_chunk_size
     (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", COHERE, GEMMA, *GRANITES, "Olmo2ForCausalLM", OLMOE) or not window:  # none
+    if arch in ("LlamaForCausalLM", COHERE, GEMMA, *GRANITES, HELIUM, "Olmo2ForCausalLM", OLMOE) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -452,11 +457,12 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
-    # transformers reads it, only Q, K and V in GLM's and Seed-OSS's models (whose attention_out_bias biases
-    # O), nothing where they ignore it
+    # transformers reads it, only Q, K and V in GLM's, Helium's and Seed-OSS's models (Seed-OSS's
+    # attention_out_bias biases O), nothing where they ignore it
     attention_bias = bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else attention_bias)
-    output_bias = bool(c.get("attention_out_bias")) if arch == SEED_OSS else attention_bias and arch not in (GLM, GLM4)
+    output_bias = bool(c.get("attention_out_bias")) if arch == SEED_OSS else attention_bias and \
+        arch not in (GLM, GLM4, HELIUM)
     theta, scaling, local_theta, rotary = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
