@@ -44,6 +44,10 @@ ARCHS = {
     "gemma2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", tie_word_embeddings=True,
                    sliding_window=5, query_pre_attn_scalar=32, hidden_activation="gelu_pytorch_tanh",
                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # VaultGemma: Gemma 2 without the norms after attention and the MLP
+    "vaultgemma": dict(architectures=["VaultGemmaForCausalLM"], model_type="vaultgemma", tie_word_embeddings=True,
+                       sliding_window=5, query_pre_attn_scalar=32, attn_logit_softcapping=2.0,
+                       final_logit_softcapping=3.0),
     # layer 0 windowed with its own RoPE base, layer 1 not; the scores' scale not head_dim^-1/2
     "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", tie_word_embeddings=True,
                    sliding_window=5, sliding_window_pattern=2, rope_local_base_freq=100.0, query_pre_attn_scalar=32,
@@ -74,6 +78,9 @@ ARCHS = {
                      attention_multiplier=1 / 128, logits_scaling=8.0, layer_types=["attention"] * 2,
                      num_local_experts=0, shared_intermediate_size=48, position_embedding_type="rope",
                      mamba_n_heads=8),  # (unused without Mamba layers, but transformers checks it)
+    # layer 0 global, layer 1 windowed (CWM's default: all but every fourth from the first), Llama 3's RoPE
+    # scaling by default
+    "cwm": dict(architectures=["CwmForCausalLM"], model_type="cwm", sliding_window=5, tie_word_embeddings=False),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=5,
                     tie_word_embeddings=False),
     "ministral": dict(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=5,
@@ -193,6 +200,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                       p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim)})
         if arch in ("olmo2", "olmo3", "exaone4"):  # norms after attention and the MLP only
             t[p + "post_feedforward_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
+        if arch == "vaultgemma":  # its norm before the MLP under Gemma 2's name, none after attention
+            t[p + "pre_feedforward_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         if arch in ("phi3", "glm", "glm4"):  # gate and up in one tensor; Phi-3's Q, K and V in one too
             fusions = (("mlp.gate_up", ("mlp.gate", "mlp.up")),) + (
                 (("self_attn.qkv", ("self_attn.q", "self_attn.k", "self_attn.v")),) if arch == "phi3" else ())
@@ -208,7 +217,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t.update({p + f"post_{n}_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("self_attn", "mlp")})
         if arch not in ("olmo2", "olmo3", "exaone4"):
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
-        if arch not in ("cohere", "cohere2"):  # (whose MLP reads the norm attention reads)
+        if arch not in ("cohere", "cohere2", "vaultgemma"):  # (Cohere's MLP reads the norm attention reads)
             t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
     return {k: v.astype(np.float32) for k, v in t.items()}
 
@@ -283,7 +292,7 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 # Cohere, nor the experts, nor reorders RoPE's pairs)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2",
                                                        "gemma3", "glm", "glm4", "granite", "granite4", "helium",
-                                                       "olmo2", "olmo3", "phi3", *MOE_LAYERS}))
+                                                       "olmo2", "olmo3", "phi3", "vaultgemma", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -295,8 +304,8 @@ def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     m = load_hf(str(tmp_path))
     assert m.config.attention_bias == (arch in ("qwen2", "seed_oss"))
     assert m.config.qk_norm == ("head" if arch == "qwen3" else None)
-    assert m.config.sliding_window == (5 if arch in ("mistral", "ministral", "smollm3") else None)
-    assert m.config.window_layers == ((1,) if arch in ("ministral", "smollm3") else None)
+    assert m.config.sliding_window == (5 if arch in ("cwm", "mistral", "ministral", "smollm3") else None)
+    assert m.config.window_layers == ((1,) if arch in ("cwm", "ministral", "smollm3") else None)
     assert m.config.nope_layers == ((1,) if arch == "smollm3" else ())
     ids = jnp.asarray([TOKENS])
     got = forward_causal(m.params, m.config, ids).logits
@@ -323,15 +332,16 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     """Reference: transformers' own module for each architecture (`ARCHS`) on the same directory: RoPE layout,
     llama3 rope scaling, EXAONE 4's windowed layer with RoPE beside a global one without, Gemma's norms, GeGLU
     and scaled embeddings (Gemma 1's GELU under its legacy name; Gemma 2's query scale without a query norm,
-    with soft caps; Gemma 3's windowed layer with its own RoPE base), Granite's multipliers, Qwen2 biases,
-    Mistral's sliding window, Ministral's in one layer of two, OLMo 2's norms after attention and the MLP only
-    and over all query and key heads (OLMo 3's too, its windowed layer without the YaRN scaling of the other),
-    Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own;
-    the mixtures of experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's
-    adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP;
-    ERNIE 4.5's and Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases;
-    Granite 4's attention-only model, its MLP stored fused; Cohere's LayerNorms, its attention and MLP side by
-    side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without)."""
+    with soft caps, VaultGemma's without the norms after attention and the MLP; Gemma 3's windowed layer with
+    its own RoPE base), CWM's windowed layer and default Llama 3 RoPE scaling, Granite's multipliers, Qwen2
+    biases, Mistral's sliding window, Ministral's in one layer of two, OLMo 2's norms after attention and the
+    MLP only and over all query and key heads (OLMo 3's too, its windowed layer without the YaRN scaling of the
+    other), Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of
+    its own; the mixtures of experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of
+    each head's adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and
+    the MLP; ERNIE 4.5's and Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V
+    biases; Granite 4's attention-only model, its MLP stored fused; Cohere's LayerNorms, its attention and MLP
+    side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without)."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import (
     HF,
+    PRE_MLP_NORM,
     LoadedModel,
     OpenedModel,
     Renamed,
@@ -30,17 +31,18 @@ from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
-                           "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                           "GlmForCausalLM", "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
-                           "GraniteMoeHybridForCausalLM", "HeliumForCausalLM", "Llama4ForCausalLM",
-                           "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
-                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SeedOssForCausalLM", "SmolLM3ForCausalLM")
+                           "CwmForCausalLM", "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
+                           "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GptOssForCausalLM",
+                           "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "HeliumForCausalLM",
+                           "Llama4ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM",
+                           "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
+                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
+                "cwm": "CwmForCausalLM",
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
-                "gemma2": "Gemma2ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
@@ -57,9 +59,12 @@ EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemm
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GPT_OSS, MINISTRAL3, LLAMA4 = "GptOssForCausalLM", "Ministral3ForCausalLM", "Llama4ForCausalLM"
-GEMMAS, OLMOS = (GEMMA2, GEMMA3), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
+# Gemma 2, 3 and VaultGemma (Gemma 2 without the norms after attention and the MLP)
+VAULTGEMMA = "VaultGemmaForCausalLM"
+GEMMAS, OLMOS = (GEMMA2, GEMMA3, VAULTGEMMA), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
 GEMMA = "GemmaForCausalLM"  # Gemma 1 (and CodeGemma): Gemma 2's norms, GeGLU and embedding scale, a Llama layer else
 HELIUM = "HeliumForCausalLM"  # Kyutai's: Llama's layer, RoPE over adjacent dims
+CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
 MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
@@ -68,7 +73,7 @@ GRANITE4 = "GraniteMoeHybridForCausalLM"
 GRANITES = ("GraniteForCausalLM", GRANITE4)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
-                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE)
+                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, "CwmForCausalLM")
 # where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
@@ -125,6 +130,11 @@ _QWEN_MOE = dict(_QWEN, hidden_size=2048, num_hidden_layers=24, decoder_sparse_s
 _COHERE = dict(_COMMON, vocab_size=256000, hidden_size=8192, intermediate_size=22528, num_hidden_layers=40,
                num_attention_heads=64, max_position_embeddings=8192, rope_theta=500000.0, layer_norm_eps=1e-5,
                logit_scale=0.0625, tie_word_embeddings=True, pad_token_id=0, bos_token_id=5, eos_token_id=255001)
+_GEMMA2 = dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+               num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+               tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+               hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+               sliding_window_pattern=2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
     COHERE: _COHERE,
@@ -133,11 +143,8 @@ TRANSFORMERS_DEFAULTS = {
                 num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192,
                 tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                 hidden_act="gelu_pytorch_tanh"),
-    GEMMA2: dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
-                 tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                 hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
-                 sliding_window_pattern=2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    GEMMA2: _GEMMA2,
+    VAULTGEMMA: _GEMMA2,
     GEMMA3: dict(_COMMON, vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131072,
                  rope_theta=1e6, rope_local_base_freq=10000.0, tie_word_embeddings=True, pad_token_id=0,
@@ -173,6 +180,9 @@ TRANSFORMERS_DEFAULTS = {
     GRANITE4: dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0, logits_scaling=1.0,
                    residual_multiplier=1.0, attention_multiplier=1.0, num_experts=8,
                    shared_intermediate_size=1024, position_embedding_type=None),
+    CWM: dict(_COMMON, vocab_size=128256, hidden_size=6144, intermediate_size=21504, num_hidden_layers=64,
+              num_attention_heads=48, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+              rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], sliding_window=8192),
     HELIUM: dict(_COMMON, vocab_size=48000, hidden_size=2560, intermediate_size=7040, num_hidden_layers=24,
                  num_attention_heads=20, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-8,
                  rope_theta=100000.0, pad_token_id=3, eos_token_id=2, bos_token_id=1),
@@ -202,6 +212,8 @@ TRANSFORMERS_DEFAULTS = {
 
 # The RoPE scaling transformers gives a model whose config.json sets none
 _DEFAULT_ROPE = {
+    CWM: dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e6, factor=16.0, low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=8192)),
     GPT_OSS: dict(rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
                                     original_max_position_embeddings=4096)),
     MINISTRAL3: dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=16.0, beta_fast=32.0, beta_slow=1.0,
@@ -247,12 +259,12 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
     Gemma 1, Granite, Helium, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse
-    use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, Gemma 2 and 3,
-    OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers
+    use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, CWM, Gemma 2 and
+    3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers
     `layer_types` calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as
-    sliding_window_pattern says, OLMo 3's but every fourth, GPT-OSS's every other from the first, Qwen's from
-    max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of attention_chunk_size
-    (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
+    sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every fourth from the first, GPT-OSS's
+    every other from the first, Qwen's from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of
+    attention_chunk_size (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
@@ -272,6 +284,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
                    LLAMA4: lambda i: i not in nope,
                    "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0, GPT_OSS: lambda i: i % 2 == 0,
+                   CWM: lambda i: i % 4 != 0,
                    # every pattern-th layer global:
                    **dict.fromkeys((COHERE2, EXAONE4, *GEMMAS),
                                    lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
@@ -491,7 +504,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
         hidden_act=act, **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
-        pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (*GEMMAS, GLM4, *POST_NORMS_ONLY),
+        pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (GEMMA2, GEMMA3, GLM4, *POST_NORMS_ONLY),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
         embedding_multiplier={**dict.fromkeys(GRANITES, c.get("embedding_multiplier")),
@@ -707,6 +720,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     if arch in (GLM, GLM4, GRANITE4):
         names = {GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP}.get(arch, {})
         source = Unfused(Renamed(source, in_layers(names)), fused_parts(cfg, qkv=False))
+    if arch == VAULTGEMMA:  # its norm before the MLP under Gemma 2's name
+        source = Renamed(source, in_layers({"model.layers.{i}.post_attention_layernorm.weight": PRE_MLP_NORM}))
     if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
         source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
     if arch in GRANITES:
