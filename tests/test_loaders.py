@@ -72,6 +72,11 @@ ARCHS = {
     "granite": dict(architectures=["GraniteForCausalLM"], model_type="granite", tie_word_embeddings=True,
                     embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
                     logits_scaling=8.0),
+    # HyperCLOVA X: Granite's multipliers (its logits multiplied), norms after attention and the MLP, the
+    # residual multiplier after them
+    "hyperclovax": dict(architectures=["HyperCLOVAXForCausalLM"], model_type="hyperclovax", tie_word_embeddings=False,
+                        embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
+                        logits_scaling=0.125, use_post_norm=True),
     # Granite 4's attention-only model: Granite's multipliers, its MLP stored fused as shared_mlp
     "granite4": dict(architectures=["GraniteMoeHybridForCausalLM"], model_type="granitemoehybrid",
                      tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.25,
@@ -200,6 +205,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                       p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim)})
         if arch in ("olmo2", "olmo3", "exaone4"):  # norms after attention and the MLP only
             t[p + "post_feedforward_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
+        if arch == "hyperclovax":  # its norms after attention and the MLP
+            t.update({p + f"post_norm{n}.weight": rng.uniform(0.5, 1.5, hidden) for n in (1, 2)})
         if arch == "vaultgemma":  # its norm before the MLP under Gemma 2's name, none after attention
             t[p + "pre_feedforward_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         if arch in ("phi3", "glm", "glm4"):  # gate and up in one tensor; Phi-3's Q, K and V in one too
@@ -292,7 +299,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 # Cohere, nor the experts, nor reorders RoPE's pairs)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2",
                                                        "gemma3", "glm", "glm4", "granite", "granite4", "helium",
-                                                       "olmo2", "olmo3", "phi3", "vaultgemma", *MOE_LAYERS}))
+                                                       "hyperclovax", "olmo2", "olmo3", "phi3", "vaultgemma",
+                                                       *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -498,6 +506,24 @@ def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
     write_tokenizer(tmp_path)
     m = load_hf(str(tmp_path))
     assert (m.config.attention_bias, m.config.output_bias) == (arch != "mistral", arch not in ("glm", "mistral"))
+    assert_logits_match_transformers(m, hf)
+
+
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_hyperclovax_residual_multiplier_scales_its_post_norms_or_its_projections(tmp_path, post_norm):
+    """HyperCLOVA X's residual multiplier scales a branch after its norm where use_post_norm says (folded into
+    that norm), else its output projection, bias included (folded into them): a model saved by transformers
+    itself, its norms and biases drawn, gives its logits either way."""
+    torch = pytest.importorskip("torch")
+    hf = transformers_model("hyperclovax", use_post_norm=post_norm, attention_bias=True)
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                w.uniform_(-0.5, 0.5 if name.endswith("bias") else 1.5)
+    hf.save_pretrained(str(tmp_path))
+    write_tokenizer(tmp_path)
+    m = load_hf(str(tmp_path))
+    assert (m.config.post_norms, m.config.output_bias) == (post_norm, True)
     assert_logits_match_transformers(m, hf)
 
 

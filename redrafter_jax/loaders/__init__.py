@@ -265,13 +265,15 @@ def fused_parts(cfg: ModelConfig, qkv: bool = True) -> dict[str, tuple[str, int,
 
 
 def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> dict[str, tuple[float, float]]:
-    """`Scaled`'s adjustments for Granite's residual multiplier (both branches, the output projection's
-    bias too) and attention multiplier (the scores' scale, which replaces head_dim^-1/2)."""
+    """`Scaled`'s adjustments for Granite's residual multiplier (both branches: folded into the norms after
+    attention and the MLP where the model has them, HyperCLOVA X's, else into the output projections,
+    biases too) and attention multiplier (the scores' scale, which replaces head_dim^-1/2)."""
     if not all(isinstance(v, (int, float)) and v > 0 for v in (residual, attention)):
         raise ValueError(f"Granite's residual and attention multipliers must be positive numbers, got "
                          f"{residual} and {attention}")
     query = attention * cfg.head_dim ** 0.5
-    return {"wo": (0, residual), "bo": (0, residual), "w_down": (0, residual), "wq": (0, query), "bq": (0, query)}
+    branches = ("post_attn_norm", "post_mlp_norm") if cfg.post_norms else ("wo", "bo", "w_down")
+    return {**dict.fromkeys(branches, (0, residual)), "wq": (0, query), "bq": (0, query)}
 
 
 def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float,

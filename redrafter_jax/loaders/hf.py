@@ -34,10 +34,11 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForC
                            "CwmForCausalLM", "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
                            "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GptOssForCausalLM",
                            "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "HeliumForCausalLM",
-                           "Llama4ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM",
-                           "MixtralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
-                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
+                           "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
+                           "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
+                           "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM",
+                           "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
                 "cwm": "CwmForCausalLM",
@@ -46,6 +47,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "coh
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
                 "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
+                "hyperclovax": "HyperCLOVAXForCausalLM",
                 "llama4_text": "Llama4ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
@@ -65,6 +67,14 @@ GEMMAS, OLMOS = (GEMMA2, GEMMA3, VAULTGEMMA), ("Olmo2ForCausalLM", "Olmo3ForCaus
 GEMMA = "GemmaForCausalLM"  # Gemma 1 (and CodeGemma): Gemma 2's norms, GeGLU and embedding scale, a Llama layer else
 HELIUM = "HeliumForCausalLM"  # Kyutai's: Llama's layer, RoPE over adjacent dims
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
+# Naver's HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided) and, where use_post_norm
+# says, norms after attention and the MLP (stored as post_norm1 and post_norm2; its norm before the MLP
+# under Llama's name), the residual multiplier after them
+HYPERCLOVAX = "HyperCLOVAXForCausalLM"
+_HYPERCLOVAX_NORMS = {f"model.layers.{{i}}.{ours}.weight": f"model.layers.{{i}}.{theirs}.weight"
+                      for ours, theirs in (("post_attention_layernorm", "post_norm1"),
+                                           ("pre_feedforward_layernorm", "post_attention_layernorm"),
+                                           ("post_feedforward_layernorm", "post_norm2"))}
 MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
@@ -183,6 +193,8 @@ TRANSFORMERS_DEFAULTS = {
     CWM: dict(_COMMON, vocab_size=128256, hidden_size=6144, intermediate_size=21504, num_hidden_layers=64,
               num_attention_heads=48, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
               rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], sliding_window=8192),
+    HYPERCLOVAX: dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
+                      attention_multiplier=None, use_post_norm=True),
     HELIUM: dict(_COMMON, vocab_size=48000, hidden_size=2560, intermediate_size=7040, num_hidden_layers=24,
                  num_attention_heads=20, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-8,
                  rope_theta=100000.0, pad_token_id=3, eos_token_id=2, bos_token_id=1),
@@ -268,7 +280,8 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", COHERE, GEMMA, *GRANITES, HELIUM, "Olmo2ForCausalLM", OLMOE) or not window:
+    if arch in ("LlamaForCausalLM", COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, "Olmo2ForCausalLM", OLMOE) or \
+            not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -504,14 +517,15 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
         hidden_act=act, **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
-        pre_norms=arch not in POST_NORMS_ONLY, post_norms=arch in (GEMMA2, GEMMA3, GLM4, *POST_NORMS_ONLY),
+        pre_norms=arch not in POST_NORMS_ONLY,
+        post_norms=arch in (GEMMA2, GEMMA3, GLM4, *POST_NORMS_ONLY) or arch == HYPERCLOVAX and bool(c["use_post_norm"]),
         attn_softcap=c.get("attn_logit_softcapping") if arch in GEMMAS else None,
         final_softcap=c.get("final_logit_softcapping") if arch in GEMMAS else None,
-        embedding_multiplier={**dict.fromkeys(GRANITES, c.get("embedding_multiplier")),
+        embedding_multiplier={**dict.fromkeys((*GRANITES, HYPERCLOVAX), c.get("embedding_multiplier")),
                               **dict.fromkeys((GEMMA, *GEMMAS), int(c["hidden_size"]) ** 0.5)}.get(arch, 1.0),
         logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
-                        **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0)
-                        }.get(arch, 1.0),
+                        **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0),
+                        HYPERCLOVAX: 1 / c["logits_scaling"] if c.get("logits_scaling") else 0}.get(arch, 1.0),
         layer_norm=cohere, parallel_block=cohere,
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
@@ -722,10 +736,15 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = Unfused(Renamed(source, in_layers(names)), fused_parts(cfg, qkv=False))
     if arch == VAULTGEMMA:  # its norm before the MLP under Gemma 2's name
         source = Renamed(source, in_layers({"model.layers.{i}.post_attention_layernorm.weight": PRE_MLP_NORM}))
+    if arch == HYPERCLOVAX and cfg.post_norms:
+        source = Renamed(source, in_layers(_HYPERCLOVAX_NORMS))
     if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
         source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
-    if arch in GRANITES:
-        return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], c["attention_multiplier"]))
+    if arch in (*GRANITES, HYPERCLOVAX):
+        attention = c["attention_multiplier"]
+        if attention is None:  # (HyperCLOVA X's default)
+            attention = cfg.head_dim ** -0.5
+        return Scaled(source, cfg, HF, granite_adjustments(cfg, c["residual_multiplier"], attention))
     if arch in (GEMMA, *GEMMAS):  # (Gemma 1 scales the scores by head_dim^-1/2)
         query_scalar = cfg.head_dim if arch == GEMMA else c["query_pre_attn_scalar"]
         return Scaled(source, cfg, HF, gemma_adjustments(cfg, query_scalar))
