@@ -41,30 +41,28 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForC
                            "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
-                "cwm": "CwmForCausalLM",
-                "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
-                "gemma2": "Gemma2ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
-                "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
-                "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
-                "hyperclovax": "HyperCLOVAXForCausalLM",
-                "llama4_text": "Llama4ForCausalLM",
-                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
-                "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM", "olmoe": "OlmoeForCausalLM",
-                "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "seed_oss": "SeedOssForCausalLM",
+                "cwm": "CwmForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM",
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                "granite": "GraniteForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                "helium": "HeliumForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM",
+                "llama4_text": "Llama4ForCausalLM", "mistral": "MistralForCausalLM",
+                "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
+                "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+                "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "seed_oss": "SeedOssForCausalLM",
                 **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "Qwen2ForCausalLM"),
                 "qwen3_vl_text": "Qwen3ForCausalLM",
-                "smollm3": "SmolLM3ForCausalLM"}
+                "smollm3": "SmolLM3ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
 GPT_OSS, MINISTRAL3, LLAMA4 = "GptOssForCausalLM", "Ministral3ForCausalLM", "Llama4ForCausalLM"
-# Gemma 2, 3 and VaultGemma (Gemma 2 without the norms after attention and the MLP)
-VAULTGEMMA = "VaultGemmaForCausalLM"
-GEMMAS, OLMOS = (GEMMA2, GEMMA3, VAULTGEMMA), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
-GEMMA = "GemmaForCausalLM"  # Gemma 1 (and CodeGemma): Gemma 2's norms, GeGLU and embedding scale, a Llama layer else
+# Gemma 1 (and CodeGemma): Gemma 2's norms, GeGLU and embedding scale on Llama's layer; VaultGemma: Gemma 2's
+# layer without the norms after attention and the MLP
+GEMMA, VAULTGEMMA = "GemmaForCausalLM", "VaultGemmaForCausalLM"
+GEMMAS, OLMOS = (GEMMA2, GEMMA3, VAULTGEMMA), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")  # (GEMMAS: Gemma 2's kind)
 HELIUM = "HeliumForCausalLM"  # Kyutai's: Llama's layer, RoPE over adjacent dims
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
 # Naver's HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided) and, where use_post_norm
@@ -83,7 +81,7 @@ GRANITE4 = "GraniteMoeHybridForCausalLM"
 GRANITES = ("GraniteForCausalLM", GRANITE4)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
-                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, "CwmForCausalLM")
+                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM)
 # where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
