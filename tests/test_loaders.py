@@ -473,6 +473,19 @@ def transformers_model(arch, **overrides):
     return hf.eval()
 
 
+def saved_with_biases_and_norms_drawn(hf, directory):
+    """transformers' model `hf` with its biases and norm weights drawn (transformers starts them at 0 and 1),
+    saved by transformers into `directory` with the tests' tokenizer, and loaded by us."""
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        for name, w in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                w.uniform_(-0.5, 0.5 if name.endswith("bias") else 1.5)
+    hf.save_pretrained(str(directory))
+    write_tokenizer(directory)
+    return load_hf(str(directory))
+
+
 @pytest.mark.parametrize("arch, saved", [
     ("granite4", {"layer_types": ["full_attention"] * 2}),  # not the "attention" of IBM's checkpoints
     ("qwen3_moe", {"num_local_experts": 4}),  # not num_experts, as Qwen's checkpoints name it
@@ -496,15 +509,8 @@ def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
     output bias scaled by its residual multiplier, Cohere's and Llama 4's queries and keys reordered for
     RoPE), Q, K and V only in GLM's and Seed-OSS's (whose attention_out_bias biases the output), and
     nothing in Mistral's: a model saved by transformers itself, its biases drawn, gives its logits."""
-    torch = pytest.importorskip("torch")
     hf = transformers_model(arch, attention_bias=True, attention_out_bias=arch == "seed_oss")
-    with torch.no_grad():
-        for name, w in hf.named_parameters():
-            if name.endswith("bias") or "norm" in name:  # (transformers starts them at 0 and 1)
-                w.uniform_(-0.5, 0.5 if name.endswith("bias") else 1.5)
-    hf.save_pretrained(str(tmp_path))
-    write_tokenizer(tmp_path)
-    m = load_hf(str(tmp_path))
+    m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.attention_bias, m.config.output_bias) == (arch != "mistral", arch not in ("glm", "mistral"))
     assert_logits_match_transformers(m, hf)
 
@@ -514,15 +520,8 @@ def test_hyperclovax_residual_multiplier_scales_its_post_norms_or_its_projection
     """HyperCLOVA X's residual multiplier scales a branch after its norm where use_post_norm says (folded into
     that norm), else its output projection, bias included (folded into them): a model saved by transformers
     itself, its norms and biases drawn, gives its logits either way."""
-    torch = pytest.importorskip("torch")
     hf = transformers_model("hyperclovax", use_post_norm=post_norm, attention_bias=True)
-    with torch.no_grad():
-        for name, w in hf.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                w.uniform_(-0.5, 0.5 if name.endswith("bias") else 1.5)
-    hf.save_pretrained(str(tmp_path))
-    write_tokenizer(tmp_path)
-    m = load_hf(str(tmp_path))
+    m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.post_norms, m.config.output_bias) == (post_norm, True)
     assert_logits_match_transformers(m, hf)
 
