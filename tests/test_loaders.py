@@ -858,25 +858,28 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),
                                            ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
                                            ("glm4", {}), ("cohere2", {}), ("gpt_oss", {}), ("ministral3", {}),
-                                           ("llama4", {})])
+                                           ("llama4", {}), ("cwm", {"num_hidden_layers": 5}),
+                                           ("hyperclovax", {"num_hidden_layers": 3}), ("helium", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
     rotated layer that is not, Granite's multipliers, Gemma 2's soft caps (through the attention kernel's),
     Gemma 3's windowed layer with its own RoPE base beside a global one, its post-norms and GeGLU, OLMo 2's
     norms, OLMo 3's windowed layer without the YaRN scaling of its other, EXAONE 4's windowed layer with RoPE
-    beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a
-    dense layer (a decode step's few tokens take their experts' weights one by one, a forward's many the
-    experts' grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing
-    at position 8 (crossed by the prompt), GLM-4's on half of each head, Cohere 2's LayerNorms and
-    attention beside the MLP, GPT-OSS's sinks (through the attention kernel's), biases and experts, Ministral
-    3's queries scaled from position 8 on (crossed by the prompt), Llama 4's chunked layer (the prompt and the
-    tree crossing chunks) beside a NoPE layer with scaled queries and experts fed their sigmoid-weighted
-    inputs, in the decode loops (on the CPU,
-    the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
+    beside a global one without, Mixtral's experts (windowed) and Qwen2-MoE's beside a shared one and a dense
+    layer (a decode step's few tokens take their experts' weights one by one, a forward's many the experts'
+    grouped products), Phi-4-mini's RoPE on half of each head with LongRoPE's factors changing at position 8
+    (crossed by the prompt), GLM-4's on half of each head, Cohere 2's LayerNorms and attention beside the MLP,
+    GPT-OSS's sinks (through the attention kernel's), biases and experts, Ministral 3's queries scaled from
+    position 8 on (crossed by the prompt), Llama 4's chunked layer (the prompt and the tree crossing chunks)
+    beside a NoPE layer with scaled queries and experts fed their sigmoid-weighted inputs, CWM's run of three
+    windowed layers between global ones (one scanned stack on the CPU), HyperCLOVA X's norms after attention and
+    the MLP in a stack of three, Helium's biased queries rotating adjacent dims, in the decode loops (on the
+    CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
-    write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(2), head_dim=16), head_dim=16, **setting)
+    tensors = hf_tensors(arch, np.random.default_rng(2), layers=setting.get("num_hidden_layers", 2), head_dim=16)
+    write_checkpoint(tmp_path, arch, tensors, head_dim=16, **setting)
     m = load_hf(str(tmp_path))
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
             "smollm3": m.config.nope_layers == m.config.window_layers == (1,),
@@ -893,7 +896,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "cohere2": m.config.parallel_block and m.config.layer_norm and m.config.nope_layers == (1,),
             "gpt_oss": m.config.attention_sinks and m.config.expert_bias and m.config.window_layers == (0,),
             "ministral3": m.config.query_scaling == QueryScaling(0.5, 8),
-            "llama4": m.config.window_chunks and m.config.query_scaling.nope_only and m.config.moe_layers == (1,)}[arch]
+            "llama4": m.config.window_chunks and m.config.query_scaling.nope_only and m.config.moe_layers == (1,),
+            "cwm": m.config.window_layers == (1, 2, 3), "helium": m.config.attention_bias,
+            "hyperclovax": m.config.post_norms and m.config.logits_scaling == 8}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
