@@ -16,7 +16,7 @@ import jax
 
 from redrafter_jax.config import ModelConfig, SpecConfig
 from redrafter_jax.loaders import OpenedModel
-from redrafter_jax.rows_matmul import cpu_flags
+from redrafter_jax.rows_matmul import cpu_signature
 from redrafter_jax.wheels import writable_cache
 
 OOM_HINT = ("out of memory; try fewer or shorter beams (--beam-width, --lookup-beams, --beam-length, --tree-budget), "
@@ -229,7 +229,7 @@ def keep_compiled_programs() -> str | None:
     if not jax.config.jax_compilation_cache_dir:
         try:
             root = writable_cache()
-            cpu = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+            cpu = hashlib.sha256(cpu_signature().encode()).hexdigest()[:12]
         except OSError:  # left off (the model's download names the problem if it needs the folder)
             return None
         jax.config.update("jax_compilation_cache_dir", os.path.join(root, "xla", f"cpu-{cpu}"))

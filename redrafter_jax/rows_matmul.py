@@ -179,6 +179,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+def cpu_signature() -> str:
+    """The CPU's features as one string: what code compiled for this CPU is keyed by (the kernels; the
+    scripts' compiled programs, `cli.keep_compiled_programs`)."""
+    return " ".join(sorted(cpu_flags()))
+
+
 def find_compiler() -> str:
     """The C++ compiler that builds the kernels: $CXX, else c++ or g++."""
     found = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
@@ -194,7 +200,7 @@ def _compile() -> str:
     # -w: a user cannot act on a warning, and one could crowd the error out of the message below; the sources
     # are kept free of warnings by a test (test_rows_matmul: -Wall -Wextra -Werror, every build).
     flags = ["-O3", f"-march={march}", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-    cpu = " ".join(sorted(cpu_flags()))
+    cpu = cpu_signature()
     sources = [os.path.join(CSRC, f) for f in SOURCES]
     hashed = [sha256(os.path.join(CSRC, f)) for f in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*hashed, compiler, *flags, cpu, jax.__version__]).encode())

@@ -69,6 +69,7 @@ CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 o
 # says, norms after attention and the MLP (stored as post_norm1 and post_norm2; its norm before the MLP
 # under Llama's name), the residual multiplier after them
 HYPERCLOVAX = "HyperCLOVAXForCausalLM"
+_VAULTGEMMA_NORMS = {"model.layers.{i}.post_attention_layernorm.weight": PRE_MLP_NORM}  # its norm before the MLP
 _HYPERCLOVAX_NORMS = {f"model.layers.{{i}}.{ours}.weight": f"model.layers.{{i}}.{theirs}.weight"
                       for ours, theirs in (("post_attention_layernorm", "post_norm1"),
                                            ("pre_feedforward_layernorm", "post_attention_layernorm"),
@@ -729,13 +730,14 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
         source = Unfused(source, fused_parts(cfg))
+    # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
+    # and the MLP: without them its names are Llama's)
+    names = {GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
+             HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
+    if names:
+        source = Renamed(source, in_layers(names))
     if arch in (GLM, GLM4, GRANITE4):
-        names = {GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP}.get(arch, {})
-        source = Unfused(Renamed(source, in_layers(names)), fused_parts(cfg, qkv=False))
-    if arch == VAULTGEMMA:  # its norm before the MLP under Gemma 2's name
-        source = Renamed(source, in_layers({"model.layers.{i}.post_attention_layernorm.weight": PRE_MLP_NORM}))
-    if arch == HYPERCLOVAX and cfg.post_norms:
-        source = Renamed(source, in_layers(_HYPERCLOVAX_NORMS))
+        source = Unfused(source, fused_parts(cfg, qkv=False))
     if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
         source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
     if arch in (*GRANITES, HYPERCLOVAX):
