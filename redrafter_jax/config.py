@@ -96,9 +96,10 @@ class ModelConfig:
     layer (norm placement and kind, per-layer attention windows and RoPE, RoPE variants, soft caps,
     multipliers, dense or mixture-of-experts MLPs) are static fields of one layer loop."""
 
-    # the gated MLP's: SwiGLU, GeGLU with tanh-approximated GELU (Gemma's), or GPT-OSS's clamped SwiGLU:
+    # the MLP's activation: SiLU (gated: SwiGLU), tanh-approximated GELU (Gemma's GeGLU), squared ReLU
+    # (Nemotron's), xIELU (Apertus's: per-layer learned parameters `model.xielu`), or GPT-OSS's clamped SwiGLU:
     # min(gate, limit) sigmoid(alpha min(gate, limit)) (clip(up, -limit, limit) + 1), `swiglu_alpha` and `_limit`
-    ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")
+    ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "xielu", "clamped_swiglu")
 
     vocab_size: int
     hidden_size: int
@@ -130,11 +131,13 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
     hidden_act: str = "silu"  # one of ACTIVATIONS
+    gated_mlp: bool = True  # the MLP is act(gate) * up, then down; False: act(up), then down (Nemotron, Apertus)
     swiglu_alpha: float = 1.702  # clamped_swiglu's
     swiglu_limit: float = 7.0
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP
     post_norms: bool = False  # and what they add to it (Gemma: both; OLMo 2: only these)
     layer_norm: bool = False  # those norms take out the mean too (a LayerNorm without bias: Cohere's)
+    norm_bias: bool = False  # the norms before attention and the MLP and the final norm add a bias (Nemotron's)
     parallel_block: bool = False  # attention and the MLP read one norm and add to the stream together (Cohere's)
     local_rope_theta: float | None = None  # the windowed layers' own RoPE base, unscaled (Gemma 3, OLMo 3)
     # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
@@ -186,6 +189,14 @@ class ModelConfig:
         if self.hidden_act not in self.ACTIVATIONS:
             raise ValueError(f"model config: unsupported hidden_act {self.hidden_act!r} (supported: "
                              f"{', '.join(self.ACTIVATIONS)})")
+        if self.hidden_act == "clamped_swiglu" and not self.gated_mlp:
+            raise ValueError("model config: clamped_swiglu is a gated MLP's (gated_mlp)")
+        if self.hidden_act == "xielu" and self.gated_mlp:
+            raise ValueError("model config: xielu is an ungated MLP's (gated_mlp False: Apertus's)")
+        if not self.gated_mlp and self.num_experts:
+            raise ValueError("model config: ungated MLPs (gated_mlp False) are dense, not mixtures of experts")
+        if self.norm_bias and self.post_norms:  # (no checkpoint has such biases)
+            raise ValueError("model config: norm_bias (biased norms) goes without post_norms")
         if self.query_scaling is not None and not isinstance(self.query_scaling, QueryScaling):
             raise ValueError(f"model config: query_scaling must be a QueryScaling, got {self.query_scaling!r}")
         if not all(isinstance(v, numbers.Real) and v > 0 for v in (self.swiglu_alpha, self.swiglu_limit)):

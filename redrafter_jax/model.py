@@ -4,12 +4,14 @@ Params layout (matrices are [in, out] so activations multiply on the left; nkv K
 shared by G = nh / nkv query heads):
     embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
     layers: a list with one dict per layer (`pack_params`' packed ones: also `LayerStack`s of like layers):
-        attn_norm [H] (only with pre_norms); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads,
+        attn_norm [H] (only with pre_norms; attn_norm_bias [H] with norm_bias, as mlp_norm's and final_norm's);
+        wqkv [H, nkv, G + 2, D] (per KV head: its G query heads,
         then K, then V); bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm
         "head"; "all": [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
         wo [nh D, H] (query heads in order); bo [H] (only with output_bias);
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
-        w_gate_up [H, 2, I] (gate, up); w_down [I, H]; post_mlp_norm [H] (post_norms)
+        w_gate_up [H, 2, I] (gate, up), or w_up [H, I] where not gated_mlp; w_down [I, H]; xielu [4]
+        (hidden_act "xielu": its alpha_p, alpha_n, beta and eps as stored); post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H] (with expert_format "mxfp4" both `Mxfp4`s);
         with a shared expert of S units shared_gate_up [H, 2, S], shared_down [S, H] (and shared_gate
@@ -61,7 +63,9 @@ def param_shapes(cfg: ModelConfig) -> dict:
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
     layer = {"wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h)}
-    dense = {"w_gate_up": (h, 2, i), "w_down": (i, h)}
+    dense = {"w_gate_up" if cfg.gated_mlp else "w_up": (h, 2, i) if cfg.gated_mlp else (h, i), "w_down": (i, h)}
+    if cfg.hidden_act == "xielu":
+        dense["xielu"] = (4,)
     e, f, s = cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
     experts = {"router": (h, e), "experts_gate_up": (e, h, 2, f), "experts_down": (e, f, h)}
     if cfg.expert_format == "mxfp4":  # [E, 2, F, H] and [E, H, F] in blocks of 32 inputs
@@ -77,6 +81,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["attn_norm"] = (h,)
         if not cfg.parallel_block:
             layer["mlp_norm"] = (h,)
+    if cfg.norm_bias:
+        layer.update({f"{k}_bias": (h,) for k in ("attn_norm", "mlp_norm") if k in layer})
     if cfg.attention_bias:
         layer["bqkv"] = qkv
     if cfg.attention_sinks:
@@ -89,7 +95,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["q_norm"], layer["k_norm"] = (*qkv[:1], qkv[1] - 2, qkv[2]), (qkv[0], 1, qkv[2])
     if cfg.post_norms:
         layer["post_attn_norm"] = layer["post_mlp_norm"] = (h,)
-    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,),
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), **({"final_norm_bias": (h,)} if cfg.norm_bias else {}),
               "layers": [{**layer, **(experts if cfg.moe(j) else dense)} for j in range(cfg.num_layers)]}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
@@ -139,15 +145,17 @@ def half_octave(n: int) -> int:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
-    """Random parameters (norm weights 1; MXFP4 experts random codes scaled to about `scale`), for tests and
-    tiny models."""
+    """Random parameters (norm weights 1, their biases 0; xIELU's as transformers starts them; MXFP4 experts
+    random codes scaled to about `scale`), for tests and tiny models."""
     shapes = param_shapes(cfg)
     keys = random_keys(key, len(jax.tree_util.tree_leaves(shapes, is_leaf=is_shape)))
 
     def make(path, shape):
         name = jax.tree_util.keystr(path)
         if "norm" in name:
-            return jnp.ones(shape, cfg.dtype)
+            return (jnp.zeros if name.endswith("_bias']") else jnp.ones)(shape, cfg.dtype)
+        if name.endswith("['xielu']"):  # alpha_p 0.8 and alpha_n 0.8 through softplus, beta 0.5, eps -1e-6
+            return jnp.asarray([np.log(np.expm1(0.8)), np.log(np.expm1(0.3)), 0.5, -1e-6], cfg.dtype)
         if name.endswith(".blocks"):
             return random_values(lambda k, s: jax.random.randint(k, s, 0, 256).astype(jnp.uint8), next(keys), shape)
         if name.endswith(".scales"):  # codes up to 6 times 2^(log2(scale) - 2)
@@ -171,7 +179,7 @@ def linear(x: jax.Array, w: jax.Array | rows_matmul.Packed) -> jax.Array:
 
 # a layer's weights that go through `linear` (the CPU decode loops tile-pack them), and its experts' (packed
 # as groups, one per expert, for `ragged_experts`; MXFP4 ones as MXFP4 tiles)
-MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "shared_gate_up", "shared_down", "shared_gate", "router")
+MATRICES = ("wqkv", "wo", "w_gate_up", "w_up", "w_down", "shared_gate_up", "shared_down", "shared_gate", "router")
 EXPERTS = ("experts_gate_up", "experts_down")
 
 
@@ -259,20 +267,24 @@ def row_sum(x: jax.Array, op: Callable = jnp.add) -> jax.Array:
     return x
 
 
-def rms_norm(x: jax.Array, w: jax.Array | None, eps: float, center: bool = False) -> jax.Array:
-    """x [..., D] normed over D in float32, times w [D] (None: unweighted): an RMS norm, or with `center`
-    its mean taken out first (a LayerNorm without bias, Cohere's)."""
+def rms_norm(x: jax.Array, w: jax.Array | None, eps: float, center: bool = False,
+             bias: jax.Array | None = None) -> jax.Array:
+    """x [..., D] normed over D in float32, times w [D] (None: unweighted), plus any bias [D]: an RMS norm,
+    or with `center` its mean taken out first (a LayerNorm: Cohere's without bias, Nemotron's with)."""
     x32 = x.astype(jnp.float32)
     if center:
         x32 = x32 - row_sum(x32) / x.shape[-1]
     y = x32 * jax.lax.rsqrt(row_sum(x32 * x32) / x.shape[-1] + eps)
-    return (y if w is None else y * w.astype(jnp.float32)).astype(x.dtype)
+    if w is not None:
+        y = y * w.astype(jnp.float32)
+    return (y if bias is None else y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def optional_norm(x: jax.Array, w: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-    """x normed by w [H] as the model norms its residual stream, or x as it is where the model has no such
-    norm (`pre_norms`, `post_norms`)."""
-    return x if w is None else rms_norm(x, w, cfg.rms_norm_eps, cfg.layer_norm)
+def optional_norm(x: jax.Array, p: dict, name: str, cfg: ModelConfig) -> jax.Array:
+    """x normed by p[name] [H] (and its bias, p[name + "_bias"], where the model has one) as the model
+    norms its residual stream, or x as it is where the model has no such norm (`pre_norms`, `post_norms`)."""
+    w = p.get(name)
+    return x if w is None else rms_norm(x, w, cfg.rms_norm_eps, cfg.layer_norm, p.get(f"{name}_bias"))
 
 
 def qk_norm(qkv: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, eps: float) -> jax.Array:
@@ -289,7 +301,22 @@ def qk_norm(qkv: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, 
                             qkv[:, :, :, g + 1:]], axis=3)
 
 
-ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+def xielu(x: jax.Array, params: jax.Array) -> jax.Array:
+    """Apertus's xIELU of x with its learned params [4], as checkpoints store them: alpha_p and alpha_n
+    (softplus-ed: a_p and beta + a_n), beta, eps. For x > 0, a_p x^2 + beta x; else
+    a_n (expm1(min(x, eps)) - x) + beta x."""
+    alpha_p, alpha_n, beta, eps = (params[j].astype(x.dtype) for j in range(4))
+    a_p, a_n = jax.nn.softplus(alpha_p), beta + jax.nn.softplus(alpha_n)
+    return jnp.where(x > 0, a_p * x * x + beta * x, (jnp.expm1(jnp.minimum(x, eps)) - x) * a_n + beta * x)
+
+
+ACTIVATION = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+              "relu2": lambda x: jnp.square(jax.nn.relu(x))}
+
+
+def activation(x: jax.Array, cfg: ModelConfig, params: jax.Array | None = None) -> jax.Array:
+    """cfg.hidden_act of x, elementwise (xIELU's learned params [4] from its layer)."""
+    return xielu(x, params) if cfg.hidden_act == "xielu" else ACTIVATION[cfg.hidden_act](x)
 
 
 def gated(gu: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -300,7 +327,7 @@ def gated(gu: jax.Array, cfg: ModelConfig) -> jax.Array:
         limit = cfg.swiglu_limit
         gate = jnp.minimum(gate, limit)
         return gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha) * (jnp.clip(up, -limit, limit) + 1)
-    return ACTIVATION[cfg.hidden_act](gate) * up
+    return activation(gate, cfg) * up
 
 
 def gated_mlp(x: jax.Array, gate_up, down, cfg: ModelConfig) -> jax.Array:
@@ -423,8 +450,10 @@ def ragged_experts(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig)
 
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """A layer's MLP over x [B, T, H]: dense (w_gate_up, w_down), or a mixture of experts (router, experts_*,
-    and any shared expert)."""
+    """A layer's MLP over x [B, T, H]: dense (w_gate_up or, ungated, w_up; w_down; xIELU's params), or a
+    mixture of experts (router, experts_*, and any shared expert)."""
+    if "w_up" in p:
+        return linear(activation(linear(x, p["w_up"]), cfg, p.get("xielu")), p["w_down"])
     if "router" not in p:
         return gated_mlp(x, p["w_gate_up"], p["w_down"], cfg)
     rows = x.reshape(-1, x.shape[-1])
@@ -545,7 +574,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         layer_mask, cos, sin = (windowed, *local_rope) if windowed_layer else (mask, *rope)
         if nope:
             cos, sin = no_rope
-        h = optional_norm(x, p.get("attn_norm"), cfg)
+        h = optional_norm(x, p, "attn_norm", cfg)
         qkv = linear(h, p["wqkv"])  # [B, T, nkv, G + 2, D]
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
@@ -564,13 +593,13 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         attn = linear(attn.reshape(b, t, -1), p["wo"])
         if cfg.output_bias:
             attn = attn + p["bo"]
-        attn = optional_norm(attn, p.get("post_attn_norm"), cfg)
+        attn = optional_norm(attn, p, "post_attn_norm", cfg)
         if cfg.parallel_block:  # the MLP reads the norm attention read
             x = x + attn + mlp(p, h, cfg)
         else:
             x = x + attn
-            h = optional_norm(x, p.get("mlp_norm"), cfg)
-            x = x + optional_norm(mlp(p, h, cfg), p.get("post_mlp_norm"), cfg)
+            h = optional_norm(x, p, "mlp_norm", cfg)
+            x = x + optional_norm(mlp(p, h, cfg), p, "post_mlp_norm", cfg)
         return x, ck, cv, k, v
 
     ck, cv, ks, vs, kinds = cache.k, cache.v, [], [], cfg.layer_kinds
@@ -587,7 +616,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
             k, v = k[None], v[None]
         ks.append(k)
         vs.append(v)
-    hidden = rms_norm(x, params["final_norm"], cfg.rms_norm_eps, cfg.layer_norm)
+    hidden = optional_norm(x, params, "final_norm", cfg)
     return hidden, kv.written(cache, ck, cv), jnp.concatenate(ks), jnp.concatenate(vs)
 
 

@@ -3,9 +3,9 @@
 A mesh has two axes. "data" splits the batch: prompt rows, their KV cache and all decode state.
 "model" splits the target tensor-parallel (Megatron style), along axes the params layout keeps whole
 per shard (`model.py`): wqkv/bqkv/sinks by KV head (each shard holds its KV heads' query heads too),
-w_gate_up by the MLP hidden unit (every expert's too, so the router and each token's experts need no
-communication), the embedding and LM head by vocabulary entry; wo and w_down are split along their
-input, so each shard's partial products are summed by one all-reduce per layer.
+w_gate_up (or w_up) by the MLP hidden unit (every expert's too, so the router and each token's experts
+need no communication), the embedding and LM head by vocabulary entry; wo and w_down are split along
+their input, so each shard's partial products are summed by one all-reduce per layer.
 The KV cache is split by KV head like wqkv, so attention needs no communication at all. Norms, the
 drafter and the tree are small and replicated. XLA's SPMD partitioner inserts the collectives: the
 model code is the same on one device and on a mesh.
@@ -75,15 +75,15 @@ def param_specs(cfg: ModelConfig) -> Params:
     """The PartitionSpec of every parameter, in the layout of `model.param_shapes(cfg)`."""
     layer = {"attn_norm": P(), "wqkv": P(None, MODEL), "bqkv": P(MODEL), "q_norm": P(), "k_norm": P(),
              "wo": P(MODEL), "post_attn_norm": P(), "mlp_norm": P(), "post_mlp_norm": P(),
-             "w_gate_up": P(None, None, MODEL), "w_down": P(MODEL), "router": P(),
+             "w_gate_up": P(None, None, MODEL), "w_up": P(None, MODEL), "w_down": P(MODEL), "router": P(),
              "experts_gate_up": P(None, None, None, MODEL), "experts_down": P(None, MODEL),
              "shared_gate_up": P(None, None, MODEL), "shared_down": P(MODEL), "shared_gate": P(),
              "sinks": P(MODEL), "bo": P(), "router_bias": P(), "experts_gate_up_bias": P(None, None, MODEL),
-             "experts_down_bias": P()}
+             "experts_down_bias": P(), "xielu": P(), "attn_norm_bias": P(), "mlp_norm_bias": P()}
     # MXFP4 experts (`mxfp4.Mxfp4`), [E, 2, F, H / 32, 16] and [E, H, F / 32, 16]: both split by F too
     layer.update({k: Mxfp4(P(None, None, MODEL), P(None, None, MODEL), order) for k, order in EXPERTS_ORDER.items()}
                  if cfg.expert_format == "mxfp4" else {})
-    top = {"embed": P(MODEL), "final_norm": P(), "lm_head": P(None, MODEL)}
+    top = {"embed": P(MODEL), "final_norm": P(), "final_norm_bias": P(), "lm_head": P(None, MODEL)}
     shapes = param_shapes(cfg)
     return {**{k: top[k] for k in shapes if k != "layers"},
             "layers": [{k: layer[k] for k in s} for s in shapes["layers"]]}

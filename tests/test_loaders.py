@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
-from redrafter_jax.loaders.gguf import load_gguf, unpermute_rope
+from redrafter_jax.loaders.gguf import _xielu_values, load_gguf, unpermute_rope
 from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf
 from redrafter_jax.model import forward_causal
 from redrafter_jax.mxfp4 import Mxfp4
@@ -61,6 +61,12 @@ ARCHS = {
     # RoPE's pairs adjacent dimensions of each head; Helium's Q/K/V biased too
     "helium": dict(architectures=["HeliumForCausalLM"], model_type="helium", tie_word_embeddings=False,
                    attention_bias=True),
+    # Apertus: query and key norms, an ungated MLP of learned xIELU activations, its norms named otherwise,
+    # Llama 3's RoPE scaling by default
+    "apertus": dict(architectures=["ApertusForCausalLM"], model_type="apertus", tie_word_embeddings=False),
+    # Nemotron: LayerNorms with biases, their weights w scaling by 1 + w; an ungated MLP of squared ReLUs; RoPE
+    # on half of each head
+    "nemotron": dict(architectures=["NemotronForCausalLM"], model_type="nemotron", tie_word_embeddings=False),
     "ernie4_5": dict(architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5", tie_word_embeddings=True),
     # Q/K/V biases
     "seed_oss": dict(architectures=["SeedOssForCausalLM"], model_type="seed_oss", tie_word_embeddings=False),
@@ -188,6 +194,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
+        if arch in ("apertus", "nemotron"):  # ungated MLPs
+            del shapes["mlp.gate_proj.weight"]
         if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
@@ -196,7 +204,12 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
         if i in MOE_LAYERS.get(arch, ()):
             t.update({p + k: x for k, x in expert_tensors(arch, rng, hidden, inter).items()})
-        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4"):
+        if arch == "apertus":  # xIELU's learned parameters as transformers saves them ([1], [1], [], [])
+            t.update({p + f"mlp.act_fn.{n}": rng.uniform(-1, 1, s) for n, s in (
+                ("alpha_p", 1), ("alpha_n", 1), ("beta", ()), ("eps", ()))})
+        if arch == "nemotron":  # LayerNorms' biases
+            t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden) for n in ("input", "post_attention")})
+        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
@@ -226,7 +239,12 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         if arch not in ("cohere", "cohere2", "vaultgemma"):  # (Cohere's MLP reads the norm attention reads)
             t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
-    return {k: v.astype(np.float32) for k, v in t.items()}
+        if arch == "apertus":
+            t.update({p + f"{theirs}_layernorm.weight": t.pop(p + f"{ours}_layernorm.weight") for ours, theirs in (
+                ("input", "attention"), ("post_attention", "feedforward"))})
+    if arch == "nemotron":
+        t["model.norm.bias"] = rng.normal(0, 0.5, hidden)
+    return {k: np.asarray(v, np.float32) for k, v in t.items()}
 
 
 def write_checkpoint(directory, arch, tensors, sharded=False, stored="float32", **config_overrides):
@@ -296,11 +314,11 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE, GLM-4,
-# Cohere, nor the experts, nor reorders RoPE's pairs)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"cohere", "cohere2", "ernie4_5", "exaone4", "gemma", "gemma2",
-                                                       "gemma3", "glm", "glm4", "granite", "granite4", "helium",
-                                                       "hyperclovax", "olmo2", "olmo3", "phi3", "vaultgemma",
-                                                       *MOE_LAYERS}))
+# Cohere, nor the experts or ungated MLPs, nor reorders RoPE's pairs)
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "cohere", "cohere2", "ernie4_5", "exaone4", "gemma",
+                                                       "gemma2", "gemma3", "glm", "glm4", "granite", "granite4",
+                                                       "helium", "hyperclovax", "nemotron", "olmo2", "olmo3", "phi3",
+                                                       "vaultgemma", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -349,7 +367,10 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     each head's adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and
     the MLP; ERNIE 4.5's and Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V
     biases; Granite 4's attention-only model, its MLP stored fused; Cohere's LayerNorms, its attention and MLP
-    side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without)."""
+    side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without);
+    Apertus's ungated MLP of xIELU activations (their learned parameters drawn, beta and eps stored as
+    scalars) and query and key norms; Nemotron's biased LayerNorms scaling by 1 + w, its ungated MLP of
+    squared ReLUs and RoPE on half of each head."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -474,13 +495,14 @@ def transformers_model(arch, **overrides):
 
 
 def saved_with_biases_and_norms_drawn(hf, directory):
-    """transformers' model `hf` with its biases and norm weights drawn (transformers starts them at 0 and 1),
-    saved by transformers into `directory` with the tests' tokenizer, and loaded by us."""
+    """transformers' model `hf` with its biases, norm weights and activations' parameters drawn (transformers
+    starts them at constants), saved by transformers into `directory` with the tests' tokenizer, and loaded by
+    us."""
     torch = pytest.importorskip("torch")
     with torch.no_grad():
-        for name, w in hf.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                w.uniform_(-0.5, 0.5 if name.endswith("bias") else 1.5)
+        for name, w in [*hf.named_parameters(), *hf.named_buffers()]:
+            if name.endswith("bias") or "norm" in name or ".act_fn." in name:
+                w.uniform_(-0.5, 1.5 if "norm" in name and not name.endswith("bias") else 0.5)
     hf.save_pretrained(str(directory))
     write_tokenizer(directory)
     return load_hf(str(directory))
@@ -512,6 +534,18 @@ def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
     hf = transformers_model(arch, attention_bias=True, attention_out_bias=arch == "seed_oss")
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.attention_bias, m.config.output_bias) == (arch != "mistral", arch not in ("glm", "mistral"))
+    assert_logits_match_transformers(m, hf)
+
+
+@pytest.mark.parametrize("arch", ["apertus", "nemotron"])
+def test_ungated_mlps_saved_by_transformers_give_its_logits(tmp_path, arch):
+    """Apertus's xIELU, its learned parameters drawn (beta and eps saved as scalars), and Nemotron's squared
+    ReLU in ungated MLPs, Nemotron's LayerNorms with biases, their weights w scaling by 1 + w: a model saved
+    by transformers itself (its config.json as transformers writes it: Nemotron's partial RoPE in its RoPE
+    parameters), with attention biases, gives its logits."""
+    hf = transformers_model(arch, attention_bias=True)
+    m = saved_with_biases_and_norms_drawn(hf, tmp_path)
+    assert (m.config.gated_mlp, m.config.norm_bias, m.config.output_bias) == (False, arch == "nemotron", True)
     assert_logits_match_transformers(m, hf)
 
 
@@ -827,8 +861,10 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
             ours.tie_word_embeddings, ours.sliding_window, ours.bos_token_id, ours.eos_token_ids) == (
         theirs.vocab_size, theirs.hidden_size, theirs.intermediate_size_mlp if llama4 else theirs.intermediate_size,
         theirs.num_hidden_layers,
-        theirs.num_attention_heads, theirs.num_key_value_heads, head_dim, theirs.max_position_embeddings,
-        rope_theta, getattr(theirs, "rms_norm_eps", None) or theirs.layer_norm_eps, theirs.tie_word_embeddings,
+        theirs.num_attention_heads, theirs.num_key_value_heads or theirs.num_attention_heads,  # (Nemotron's: None)
+        head_dim, theirs.max_position_embeddings,
+        rope_theta, getattr(theirs, "rms_norm_eps", None) or getattr(theirs, "norm_eps", None) or theirs.layer_norm_eps,
+        theirs.tie_word_embeddings,
         window, theirs.bos_token_id,
         () if theirs.eos_token_id is None else tuple(np.atleast_1d(theirs.eos_token_id).tolist()))
     partial = rope.get("partial_rotary_factor", getattr(theirs, "partial_rotary_factor", 1.0))
@@ -859,7 +895,9 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("mixtral", {}), ("qwen2_moe", {}), ("phi3", phi_longrope(16)),
                                            ("glm4", {}), ("cohere2", {}), ("gpt_oss", {}), ("ministral3", {}),
                                            ("llama4", {}), ("cwm", {"num_hidden_layers": 5}),
-                                           ("hyperclovax", {"num_hidden_layers": 3}), ("helium", {})])
+                                           ("hyperclovax", {"num_hidden_layers": 3}), ("helium", {}),
+                                           ("apertus", {"num_hidden_layers": 3}),
+                                           ("nemotron", {"num_hidden_layers": 3})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -874,7 +912,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     position 8 on (crossed by the prompt), Llama 4's chunked layer (the prompt and the tree crossing chunks)
     beside a NoPE layer with scaled queries and experts fed their sigmoid-weighted inputs, CWM's run of three
     windowed layers between global ones (one scanned stack on the CPU), HyperCLOVA X's norms after attention and
-    the MLP in a stack of three, Helium's biased queries rotating adjacent dims, in the decode loops (on the
+    the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
+    Nemotron's norm biases and RoPE on half of each head in stacks of three, in the decode loops (on the
     CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -898,7 +937,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "ministral3": m.config.query_scaling == QueryScaling(0.5, 8),
             "llama4": m.config.window_chunks and m.config.query_scaling.nope_only and m.config.moe_layers == (1,),
             "cwm": m.config.window_layers == (1, 2, 3), "helium": m.config.attention_bias,
-            "hyperclovax": m.config.post_norms and m.config.logits_scaling == 8}[arch]
+            "hyperclovax": m.config.post_norms and m.config.logits_scaling == 8,
+            "apertus": m.config.hidden_act == "xielu" and not m.config.gated_mlp,
+            "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2"}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -981,7 +1022,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
     ("granite_scale", "embedding_multiplier and logits_scaling must be positive, got 1.0 and 0"),
-    ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh\\)"),
+    ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh, relu2, "
+                         "xielu\\)"),
     ("bidirectional", "unsupported use_bidirectional_attention: True"),  # EmbeddingGemma's
     ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
     ("phi3_longrope", "LongRoPE scaling needs lists short_factor and long_factor"),  # Phi-3's "su" or "yarn"
@@ -1123,6 +1165,11 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     `rename`: other texts for some of the byte-level vocabulary's tokens, by id; `quantized`: the GGUF names of
     tensors stored in MXFP4 (their values must be exact in it); `pre`: the byte-level BPE's pre-tokenizer."""
     w = gguf.GGUFWriter(str(path), arch)
+    tensors = dict(tensors)
+    if arch == "apertus":  # xIELU's parameters as metadata arrays, one value per layer, as its converter writes them
+        for part in ("alpha_p", "alpha_n", "beta", "eps"):
+            getattr(w, f"add_xielu_{part}")([float(tensors.pop(f"model.layers.{i}.mlp.act_fn.{part}").reshape(-1)[0])
+                                             for i in range(layers)])
     if eot is not None:
         w.add_eot_token_id(eot)
     if scaling:
@@ -1224,7 +1271,7 @@ def llama4_as_converted(t, layers):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
-                                  "ernie4_5", "glm4", "seed_oss", "llama4"])
+                                  "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
@@ -1238,7 +1285,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     over adjacent dims (GLM-4's on half of each head, its gate and up fused, its norms after attention and
     the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; Llama 4's RoPE over adjacent dims, chunks,
     every fourth layer without RoPE and with scaled queries, unweighted query and key norms,
-    sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them; each tensor
+    sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them; Nemotron's biased
+    LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head; Apertus's xIELU
+    parameters, kept in the metadata; each tensor
     under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
     model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
@@ -1254,7 +1303,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     ends = {"qwen2": {4: None}, **dict.fromkeys(("gemma", "gemma2", "gemma3"), {3: "<end_of_turn>"}),
             "gpt_oss": {3: "<|return|>", 4: "<|call|>"}}.get(arch, {})
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
-                          "qwen2": (YARN, ("yarn", 4.0, 16))}.get(arch, (None, None))
+                          "qwen2": (YARN, ("yarn", 4.0, 16)),
+                          "apertus": ({"rope_type": "default"}, None)}.get(arch, (None, None))  # (not its llama3)
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False), "granite": dict(attention_bias=True),
                  "gemma": dict(pad_token_id=2),
@@ -1263,7 +1313,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                                 pad_token_id=2),
                  "mixtral": dict(sliding_window=None),
                  "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
-                 "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2),
+                 "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2), "apertus": dict(pad_token_id=2),
                  "glm4": dict(bos_token_id=None),  # (llama.cpp adds no BOS with GLM-4's pre-tokenizer)
                  "llama4": dict(no_rope_layers=None, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1),
                  # llama.cpp's SwiGLU limit (no key gives it)
@@ -1284,9 +1334,10 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "cohere": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5},
                 "cohere2": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 5},
                 "glm4": {"rope.dimension_count": 4},
+                "nemotron": {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5},
                 "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
-    if arch in ("gemma", "gemma2", "gemma3"):  # their converter stores the norms' 1 + w
-        tensors = {k: v + 1 if "norm" in k else v for k, v in tensors.items()}
+    if arch in ("gemma", "gemma2", "gemma3", "nemotron"):  # their converters store the norms' 1 + w
+        tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
     if gpt_oss:
         tensors, gguf_rope = gpt_oss_as_converted(tensors), ("yarn", 32.0, 4096)  # (GPT-OSS's default YaRN)
     if arch == "llama4":
@@ -1465,6 +1516,27 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
                scaling=scaling, extras=extras, metadata=metadata)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
+
+
+def test_gguf_xielu_parameters_are_read_per_layer_or_one_for_all(tmp_path):
+    """Apertus's xIELU parameters in a GGUF file's metadata: an array of one value per layer, or one value for
+    every layer (which llama.cpp broadcasts); another count is refused."""
+    w = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "apertus")
+    w.add_xielu_alpha_p([0.5, 1.5])
+    w.add_float32(gguf.Keys.xIELU.ALPHA_N, 0.25)
+    w.add_xielu_beta([0.75])
+    w.add_xielu_eps([-1.0, -2.0])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(tmp_path / "x.gguf"))
+    values = _xielu_values(reader, 2)
+    assert {name: x.tolist() for name, x in values.items()} == {
+        f"blk.{i}.xielu.{part}": [v] for part, per_layer in (("alpha_p", [0.5, 1.5]), ("alpha_n", [0.25, 0.25]),
+                                                              ("beta", [0.75, 0.75]), ("eps", [-1.0, -2.0]))
+        for i, v in enumerate(per_layer)}
+    with pytest.raises(ValueError, match="GGUF metadata xielu.alpha_p has 2 values for 3 layers"):
+        _xielu_values(reader, 3)
 
 
 def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path):

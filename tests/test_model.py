@@ -130,6 +130,10 @@ def test_random_draws_are_jax_randoms_from_a_few_compiled_samplers():
     (dict(routing="sigmoid"), "routing must be 'softmax' or 'sigmoid_input'"),
     (dict(num_experts=4, experts_per_token=1, expert_size=8, routing="sigmoid_input", norm_topk=True),
      "norm_topk .* goes with softmax routing"),
+    (dict(hidden_act="clamped_swiglu", gated_mlp=False), "clamped_swiglu is a gated MLP's"),
+    (dict(hidden_act="xielu"), "xielu is an ungated MLP's"),
+    (dict(gated_mlp=False, num_experts=4, experts_per_token=2, expert_size=8), "ungated MLPs .* are dense"),
+    (dict(norm_bias=True, post_norms=True), "norm_bias .* goes without post_norms"),
 ])
 def test_model_config_refuses_settings_it_cannot_mean(change, match):
     with pytest.raises(ValueError, match=match):

@@ -158,7 +158,9 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
                                         "hidden_size": 64, "expert_format": "mxfp4"},
                                        {"num_experts": 4, "experts_per_token": 1, "expert_size": 16,  # Llama 4's
                                         "shared_expert_size": 16, "shared_expert_gate": False, "moe_layers": (1,),
-                                        "routing": "sigmoid_input", "qk_norm": "unweighted"}])
+                                        "routing": "sigmoid_input", "qk_norm": "unweighted"},
+                                       {"gated_mlp": False, "hidden_act": "xielu", "layer_norm": True,  # Apertus's
+                                        "norm_bias": True}])  # MLP, Nemotron's norms
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)

@@ -40,10 +40,12 @@ class LoadedModel(NamedTuple):
 GLOBAL_TENSORS = {
     "embed": [("model.embed_tokens.weight", "token_embd.weight")],
     "final_norm": [("model.norm.weight", "output_norm.weight")],
+    "final_norm_bias": [("model.norm.bias", "output_norm.bias")],
     "lm_head": [("lm_head.weight", "output.weight")],
 }
 LAYER_TENSORS = {
     "attn_norm": [("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight")],
+    "attn_norm_bias": [("model.layers.{i}.input_layernorm.bias", "blk.{i}.attn_norm.bias")],
     "wqkv": [("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
              ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
              ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight")],
@@ -57,9 +59,14 @@ LAYER_TENSORS = {
     "bo": [("model.layers.{i}.self_attn.o_proj.bias", "blk.{i}.attn_output.bias")],
     "post_attn_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight")],
     "mlp_norm": [("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight")],
+    "mlp_norm_bias": [("model.layers.{i}.post_attention_layernorm.bias", "blk.{i}.ffn_norm.bias")],
     "w_gate_up": [("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
                   ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
+    "w_up": [("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
     "w_down": [("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight")],
+    # xIELU's learned scalars (a GGUF file keeps them in its metadata: the GGUF loader reads them under these names)
+    "xielu": [(f"model.layers.{{i}}.mlp.act_fn.{n}", f"blk.{{i}}.xielu.{n}")
+              for n in ("alpha_p", "alpha_n", "beta", "eps")],
     "post_mlp_norm": [("model.layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight")],
     # mixtures of experts; Hugging Face checkpoints store each expert on its own (`Renamed` stacks them)
     "router": [("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight")],
@@ -83,7 +90,7 @@ PRE_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
 FUSED_QKV = "model.layers.{i}.self_attn.qkv_proj.weight"
 FUSED_GATE_UP = "model.layers.{i}.mlp.gate_up_proj.weight"
 # ours [in, out] = stored [out, in] transposed
-TRANSPOSED = ("lm_head", "wo", "w_down", "router", "shared_down", "shared_gate")
+TRANSPOSED = ("lm_head", "wo", "w_up", "w_down", "router", "shared_down", "shared_gate")
 GATE_UP = ("w_gate_up", "shared_gate_up")  # ours [H, 2, I] from gate and up, each stored [I, H]
 ROPE_FACTORS = "rope_freqs.weight"  # GGUF: per-frequency RoPE divisors, which the loader puts in the config
 # Stored but not parameters: the RoPE frequencies older transformers versions saved; GGUF's RoPE factors
@@ -276,6 +283,11 @@ def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> 
     return {**dict.fromkeys(branches, (0, residual)), "wq": (0, query), "bq": (0, query)}
 
 
+def norm_shifts(shift: float = 1) -> dict[str, tuple[float, float]]:
+    """`Scaled`'s adjustments for norm weights w that scale by `shift` + w (Gemma's, Nemotron's LayerNorm1P)."""
+    return {k: (shift, 1) for k in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "final_norm")}
+
+
 def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float,
                       norm_shift: float = 1) -> dict[str, tuple[float, float]]:
     """`Scaled`'s adjustments for Gemma: every RMS norm scales by 1 + w (`norm_shift`: 0 where the
@@ -285,7 +297,7 @@ def gemma_adjustments(cfg: ModelConfig, query_pre_attn_scalar: float,
     if not (isinstance(query_pre_attn_scalar, (int, float)) and query_pre_attn_scalar > 0):
         raise ValueError(f"Gemma's query_pre_attn_scalar must be a positive number, got {query_pre_attn_scalar}")
     query = (cfg.head_dim / query_pre_attn_scalar) ** 0.5
-    adjust = {k: (norm_shift, 1) for k in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "final_norm")}
+    adjust = norm_shifts(norm_shift)
     if cfg.qk_norm:
         adjust.update(q_norm=(norm_shift, query), k_norm=(norm_shift, 1))
     else:
@@ -298,6 +310,8 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
     d = cfg.head_dim
     if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all" or ours == "sinks":  # stored [heads (D)]
         return [(int(np.prod(shape)),)]
+    if ours == "xielu":  # (transformers saves beta and eps as scalars, which the check takes for [1])
+        return [(1,)] * 4
     lead = shape[:1] if ours == "wqkv" else ()  # the weight's input axis H; the bias has none
     if ours in ("wqkv", "bqkv"):
         return [(cfg.num_heads * d, *lead), (cfg.num_kv_heads * d, *lead), (cfg.num_kv_heads * d, *lead)]
@@ -331,6 +345,8 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
         return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
     if ours == "sinks":  # [heads] -> [nkv, G]
         return source.read(parts[0], (slice(None),)).reshape(cfg.num_kv_heads, -1)[index]
+    if ours == "xielu":  # four scalars, each stored [1] or [] -> [4]
+        return np.concatenate([np.reshape(source.read(name, ()), -1) for name in parts])[index]
     if ours in GATE_UP:  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]
@@ -386,7 +402,7 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
                 got = tuple(source.shape(name))
             except KeyError:
                 raise ValueError(f"checkpoint is missing tensor {name!r}") from None
-            if got != stored:
+            if got != stored and not (got == () and stored == (1,)):
                 raise ValueError(f"tensor {name!r} has shape {got}, expected {stored} for this config")
     used = {name for _, _, parts, _, _ in plan for name in parts}
     if cfg.tie_word_embeddings:

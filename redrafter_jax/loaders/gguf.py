@@ -26,9 +26,9 @@ from redrafter_jax.loaders import (
 from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3", "glm4", "gpt-oss",
-                           "granite", "llama4", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe",
-                           "seed_oss", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "apertus", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3", "glm4",
+                           "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen2vl",
+                           "qwen3", "qwen3moe", "seed_oss", "smollm3")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -38,6 +38,11 @@ _PERMUTED = ("llama", "granite", "smollm3")
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
 _COHERE = ("cohere2", "command-r")
+# Those with LayerNorms (Nemotron's biased, their weights stored by its converter as the 1 + w they scale by,
+# its MLP ungated with squared ReLUs)
+_LAYER_NORMS = (*_COHERE, "nemotron")
+# Those whose RoPE may cover part of each head (`rope.dimension_count`)
+_PARTIAL_ROPE = ("glm4", "nemotron")
 COHERE2_WINDOW_EVERY = 4  # llama.cpp's Command R7B: 3 of every 4 layers windowed, with RoPE only there
 # Those whose converter names the norm before the MLP post_attention_norm
 _MLP_NORM_AFTER_ATTENTION = ("gpt-oss", "seed_oss")
@@ -230,6 +235,10 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return settings
     if arch == "glm4":  # norms after attention and the MLP too
         return dict(post_norms=True)
+    if arch == "nemotron":
+        return dict(layer_norm=True, norm_bias=True, hidden_act="relu2", gated_mlp=False)
+    if arch == "apertus":  # (its xIELU's parameters: `_xielu_values`)
+        return dict(hidden_act="xielu", gated_mlp=False)
     if arch == "gpt-oss":  # llama.cpp's windows in every other layer, its SwiGLU's constants (our defaults)
         return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,
                     sliding_window=int(m("attention.sliding_window")), window_layers=tuple(range(0, layers, 2)))
@@ -244,6 +253,37 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
                     window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA[arch]["full_every"]),
                     attn_softcap=cap["attn_logit_softcapping"], final_softcap=cap["final_logit_softcapping"])
     return {}
+
+
+class _WithValues:
+    """A GGUF `Source` with numbers the file keeps in its metadata read as tensors: `values` maps their names
+    (the name table's) to arrays."""
+
+    def __init__(self, source, values: dict[str, np.ndarray]):
+        self.source, self.values = source, values
+
+    def names(self) -> list[str]:
+        return self.source.names() + list(self.values)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.values[name].shape if name in self.values else self.source.shape(name)
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self.values[name][index] if name in self.values else self.source.read(name, index)
+
+
+def _xielu_values(reader: gguf.GGUFReader, layers: int) -> dict[str, np.ndarray]:
+    """Apertus's xIELU parameters as llama.cpp's converter stores them (as the checkpoint has them, before
+    their softplus), from the metadata arrays xielu.alpha_p, .alpha_n, .beta and .eps (one value per
+    layer, or one for all), each layer's [1] by the name table's names."""
+    values = {}
+    for part in ("alpha_p", "alpha_n", "beta", "eps"):
+        key = getattr(gguf.Keys.xIELU, part.upper())
+        v = np.asarray(_field(reader, key), np.float32).reshape(-1)
+        if len(v) not in (1, layers):
+            raise ValueError(f"GGUF metadata {key} has {len(v)} values for {layers} layers")
+        values.update({f"blk.{i}.xielu.{part}": v[i % len(v)][None] for i in range(layers)})
+    return values
 
 
 def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
@@ -298,12 +338,12 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
     hidden, layers = int(m("embedding_length")), int(m("block_count"))
     head_dim = int(m("attention.key_length", hidden // n_heads))
-    rotary = int(m("rope.dimension_count", head_dim))  # (GLM-4's: half of each head)
+    rotary = int(m("rope.dimension_count", head_dim))  # (GLM-4's and Nemotron's: half of each head)
     if arch == "olmo2" and f"{arch}.attention.sliding_window" in reader.fields:
         raise ValueError(f"unsupported GGUF olmo2 attention.sliding_window {m('attention.sliding_window')} (OLMo 3's "
                          f"windowed layers)")
-    for key in ("rope.dimension_count", "attention.value_length"):  # (GLM-4's RoPE covers half of each head)
-        if int(m(key, head_dim)) != head_dim and (key, arch) != ("rope.dimension_count", "glm4"):
+    for key in ("rope.dimension_count", "attention.value_length"):
+        if int(m(key, head_dim)) != head_dim and not (key == "rope.dimension_count" and arch in _PARTIAL_ROPE):
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
                              f"(RoPE on every dimension of a head, values as wide as keys)")
     qk_norm = None  # of each head ([head_dim]), or of all heads at once (OLMo's [heads x head_dim])
@@ -329,13 +369,15 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         max_position_embeddings=int(m("context_length")), rope_theta=float(m("rope.freq_base", 10000.0)),
         rope_scaling=scaling,
         rotary_dim=None if rotary == head_dim else rotary,
-        rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _COHERE else '_rms'}_epsilon")),
+        rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _LAYER_NORMS else '_rms'}_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         **{"qk_norm": qk_norm, "output_bias": "blk.0.attn_output.bias" in tensors,
            **_own_settings(reader, arch, hidden, layers)}, **_experts(reader, arch, source, layers),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
+    if arch == "apertus":
+        source = _WithValues(source, _xielu_values(reader, layers))
     if arch in GEMMA:  # its converter wrote the norms' 1 + w
         query_scalar = hidden / n_heads if layers == GEMMA[arch]["layers_27b"] else head_dim
         source = Scaled(source, cfg, GGUF, gemma_adjustments(cfg, query_scalar, norm_shift=0))
@@ -346,8 +388,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         i = cfg.intermediate_size
         source = Unfused(source, {f"blk.{layer}.ffn_{part}.weight": (f"blk.{layer}.ffn_up.weight", first, i)
                                   for layer in range(layers) for part, first in (("gate", 0), ("up", i))})
-    if arch in _ADJACENT_ROPE:
-        source = RopeOrdered(source, cfg, GGUF, interleaved=True)
+    if arch in _ADJACENT_ROPE or cfg.rotary != head_dim:
+        source = RopeOrdered(source, cfg, GGUF, interleaved=arch in _ADJACENT_ROPE)
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))

@@ -26,29 +26,31 @@ from redrafter_jax.loaders import (
     fused_parts,
     gemma_adjustments,
     granite_adjustments,
+    norm_shifts,
 )
 from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM", "Ernie4_5ForCausalLM",
-                           "CwmForCausalLM", "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
-                           "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GptOssForCausalLM",
-                           "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "HeliumForCausalLM",
-                           "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
-                           "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "Olmo2ForCausalLM",
-                           "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM",
-                           "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
+                           "Ernie4_5ForCausalLM", "CwmForCausalLM", "Exaone4ForCausalLM", "GemmaForCausalLM",
+                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
+                           "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
+                           "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
+                           "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
+                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM",
-                "cwm": "CwmForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM",
-                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "gpt_oss": "GptOssForCausalLM",
-                "granite": "GraniteForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
-                "helium": "HeliumForCausalLM", "hyperclovax": "HyperCLOVAXForCausalLM",
-                "llama4_text": "Llama4ForCausalLM", "mistral": "MistralForCausalLM",
-                "ministral": "MinistralForCausalLM", "ministral3": "Ministral3ForCausalLM",
-                "mixtral": "MixtralForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "cohere": "CohereForCausalLM",
+                "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
+                "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
+                "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
+                "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
+                "hyperclovax": "HyperCLOVAXForCausalLM", "llama4_text": "Llama4ForCausalLM",
+                "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
+                "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                "nemotron": "NemotronForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
                 "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                 "seed_oss": "SeedOssForCausalLM",
@@ -64,6 +66,14 @@ GPT_OSS, MINISTRAL3, LLAMA4 = "GptOssForCausalLM", "Ministral3ForCausalLM", "Lla
 GEMMA, VAULTGEMMA = "GemmaForCausalLM", "VaultGemmaForCausalLM"
 GEMMAS, OLMOS = (GEMMA2, GEMMA3, VAULTGEMMA), ("Olmo2ForCausalLM", "Olmo3ForCausalLM")  # (GEMMAS: Gemma 2's kind)
 HELIUM = "HeliumForCausalLM"  # Kyutai's: Llama's layer, RoPE over adjacent dims
+# Swiss AI's Apertus: Qwen3's layer (query and key norms) with an ungated MLP of learned xIELU activations, its
+# norms named otherwise
+APERTUS = "ApertusForCausalLM"
+_APERTUS_NORMS = {"model.layers.{i}.input_layernorm.weight": "model.layers.{i}.attention_layernorm.weight",
+                  "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.feedforward_layernorm.weight"}
+# NVIDIA's Nemotron (Minitron): LayerNorms with biases whose weights w scale by 1 + w, an ungated MLP of squared
+# ReLUs, RoPE on half of each head
+NEMOTRON = "NemotronForCausalLM"
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
 # Naver's HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided) and, where use_post_norm
 # says, norms after attention and the MLP (stored as post_norm1 and post_norm2; its norm before the MLP
@@ -123,7 +133,7 @@ _LLAMA = dict(_COMMON, intermediate_size=11008, max_position_embeddings=2048, bo
 _QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
              max_position_embeddings=32768)
 # transformers' activation names -> ours (`ModelConfig.ACTIVATIONS`)
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "relu2", "xielu": "xielu"}
 # Keys that must hold a value: a null in config.json is no default (num_key_value_heads and head_dim are:
 # null means from num_attention_heads and hidden_size).
 _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -146,6 +156,9 @@ _GEMMA2 = dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9
                sliding_window_pattern=2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
+    APERTUS: dict(_COMMON, vocab_size=131072, intermediate_size=14336, max_position_embeddings=65536,
+                  rms_norm_eps=1e-5, rope_theta=12e6, pad_token_id=3, bos_token_id=1, eos_token_id=2,
+                  hidden_act="xielu"),
     COHERE: _COHERE,
     COHERE2: dict(_COHERE, rope_theta=10000.0, head_dim=128, sliding_window=4096, sliding_window_pattern=4),
     GEMMA: dict(_COMMON, vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
@@ -200,6 +213,9 @@ TRANSFORMERS_DEFAULTS = {
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
+    NEMOTRON: dict(_COMMON, vocab_size=256000, hidden_size=6144, intermediate_size=24576, num_attention_heads=48,
+                   max_position_embeddings=4096, norm_eps=1e-5, pad_token_id=None, bos_token_id=2, eos_token_id=3,
+                   hidden_act="relu2", partial_rotary_factor=0.5),
     "MinistralForCausalLM": _MISTRAL,
     MINISTRAL3: dict(_MISTRAL, vocab_size=131072, num_hidden_layers=34, head_dim=128, max_position_embeddings=262144,
                      rms_norm_eps=1e-5, pad_token_id=11, sliding_window=None),
@@ -223,6 +239,8 @@ TRANSFORMERS_DEFAULTS = {
 
 # The RoPE scaling transformers gives a model whose config.json sets none
 _DEFAULT_ROPE = {
+    APERTUS: dict(rope_parameters=dict(rope_type="llama3", rope_theta=12e6, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=8192)),
     CWM: dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e6, factor=16.0, low_freq_factor=1.0,
                                    high_freq_factor=4.0, original_max_position_embeddings=8192)),
     GPT_OSS: dict(rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
@@ -268,19 +286,20 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
-    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Cohere,
-    Gemma 1, Granite, Helium, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts (which refuse
-    use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral, CWM, Gemma 2 and
-    3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers
-    `layer_types` calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as
-    sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every fourth from the first, GPT-OSS's
-    every other from the first, Qwen's from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of
-    attention_chunk_size (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
+    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
+    Apertus, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2 and OLMoE have none, nor Qwen's mixtures of
+    experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer;
+    Ministral, CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with
+    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's, EXAONE
+    4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every fourth from
+    the first, GPT-OSS's every other from the first, Qwen's from max_window_layers on and SmolLM3's NoPE layers;
+    Llama 4's chunks of attention_chunk_size (`ModelConfig.window_chunks`) in those it calls chunked, by default
+    those with RoPE."""
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, "Olmo2ForCausalLM", OLMOE) or \
-            not window:
+    if arch in ("LlamaForCausalLM", APERTUS, COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, NEMOTRON,
+                "Olmo2ForCausalLM", OLMOE) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -383,7 +402,7 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
-    if rotary is not None and (arch not in (PHI3, GLM, GLM4) or rotary % 2):  # the others' models rotate all
+    if rotary is not None and (arch not in (PHI3, GLM, GLM4, NEMOTRON) or rotary % 2):  # the others' models rotate all
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -506,15 +525,16 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         max_position_embeddings=int(c["max_position_embeddings"]),
         rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
         query_scaling=_query_scaling(arch, c, nope),
-        rms_norm_eps=float(c["layer_norm_eps" if cohere else "rms_norm_eps"]),
+        rms_norm_eps=float(c["layer_norm_eps" if cohere else "norm_eps" if arch == NEMOTRON else "rms_norm_eps"]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
         sliding_window=window, window_layers=window_layers, window_chunks=arch == LLAMA4 and window is not None,
         nope_layers=nope,
-        qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4), "head"),
+        qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all"),
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
-        hidden_act=act, **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
+        hidden_act=act, gated_mlp=arch not in (APERTUS, NEMOTRON),
+        **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
         pre_norms=arch not in POST_NORMS_ONLY,
         post_norms=arch in (GEMMA2, GEMMA3, GLM4, *POST_NORMS_ONLY) or arch == HYPERCLOVAX and bool(c["use_post_norm"]),
@@ -525,7 +545,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0),
                         HYPERCLOVAX: 1 / c["logits_scaling"] if c.get("logits_scaling") else 0}.get(arch, 1.0),
-        layer_norm=cohere, parallel_block=cohere,
+        layer_norm=cohere or arch == NEMOTRON, norm_bias=arch == NEMOTRON, parallel_block=cohere,
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
@@ -732,7 +752,7 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = Unfused(source, fused_parts(cfg))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
     # and the MLP: without them its names are Llama's)
-    names = {GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
+    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
              HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
         source = Renamed(source, in_layers(names))
@@ -748,6 +768,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     if arch in (GEMMA, *GEMMAS):  # (Gemma 1 scales the scores by head_dim^-1/2)
         query_scalar = cfg.head_dim if arch == GEMMA else c["query_pre_attn_scalar"]
         return Scaled(source, cfg, HF, gemma_adjustments(cfg, query_scalar))
+    if arch == NEMOTRON:
+        return Scaled(source, cfg, HF, norm_shifts())
     return source
 
 
