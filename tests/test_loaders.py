@@ -64,6 +64,8 @@ ARCHS = {
     # Apertus: query and key norms, an ungated MLP of learned xIELU activations, its norms named otherwise,
     # Llama 3's RoPE scaling by default
     "apertus": dict(architectures=["ApertusForCausalLM"], model_type="apertus", tie_word_embeddings=False),
+    # Arcee's AFM: an ungated MLP of squared ReLUs
+    "arcee": dict(architectures=["ArceeForCausalLM"], model_type="arcee", tie_word_embeddings=False),
     # Nemotron: LayerNorms with biases, their weights w scaling by 1 + w; an ungated MLP of squared ReLUs; RoPE
     # on half of each head
     "nemotron": dict(architectures=["NemotronForCausalLM"], model_type="nemotron", tie_word_embeddings=False),
@@ -194,7 +196,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("apertus", "nemotron"):  # ungated MLPs
+        if arch in ("apertus", "arcee", "nemotron"):  # ungated MLPs
             del shapes["mlp.gate_proj.weight"]
         if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
@@ -315,10 +317,10 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 
 # (params_from_hf_arrays builds neither the tensors the loader adjusts nor the norms of Gemma, OLMo, EXAONE, GLM-4,
 # Cohere, nor the experts or ungated MLPs, nor reorders RoPE's pairs)
-@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "cohere", "cohere2", "ernie4_5", "exaone4", "gemma",
-                                                       "gemma2", "gemma3", "glm", "glm4", "granite", "granite4",
-                                                       "helium", "hyperclovax", "nemotron", "olmo2", "olmo3", "phi3",
-                                                       "vaultgemma", *MOE_LAYERS}))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4",
+                                                       "gemma", "gemma2", "gemma3", "glm", "glm4", "granite",
+                                                       "granite4", "helium", "hyperclovax", "nemotron", "olmo2",
+                                                       "olmo3", "phi3", "vaultgemma", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -537,12 +539,12 @@ def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
     assert_logits_match_transformers(m, hf)
 
 
-@pytest.mark.parametrize("arch", ["apertus", "nemotron"])
+@pytest.mark.parametrize("arch", ["apertus", "arcee", "nemotron"])
 def test_ungated_mlps_saved_by_transformers_give_its_logits(tmp_path, arch):
-    """Apertus's xIELU, its learned parameters drawn (beta and eps saved as scalars), and Nemotron's squared
-    ReLU in ungated MLPs, Nemotron's LayerNorms with biases, their weights w scaling by 1 + w: a model saved
-    by transformers itself (its config.json as transformers writes it: Nemotron's partial RoPE in its RoPE
-    parameters), with attention biases, gives its logits."""
+    """Apertus's xIELU, its learned parameters drawn (beta and eps saved as scalars), and Arcee's and
+    Nemotron's squared ReLU in ungated MLPs, Nemotron's LayerNorms with biases, their weights w scaling by 1 +
+    w: a model saved by transformers itself (its config.json as transformers writes it: Nemotron's partial
+    RoPE in its RoPE parameters), with attention biases, gives its logits."""
     hf = transformers_model(arch, attention_bias=True)
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.gated_mlp, m.config.norm_bias, m.config.output_bias) == (False, arch == "nemotron", True)
@@ -1158,7 +1160,7 @@ def stacked_experts(tensors):
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
                metadata=None, sentencepiece=None, rename=None, quantized=(), pre=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama`, `granite` and `smollm3`), with its config and a byte-level
+    (float32; Q/K rows permuted for `llama`, `arcee`, `granite` and `smollm3`), with its config and a byte-level
     BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
     scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
     an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's;
@@ -1217,9 +1219,9 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
         if gg := converter.get_name(name, try_suffixes=(".weight", ".bias")):
             names[name] = gg if gg.endswith((".weight", ".bias")) else gg + ".weight"
     for name, x in stacked.items():
-        if arch in ("llama", "granite", "smollm3") and ".q_proj." in name:
+        if arch in ("llama", "arcee", "granite", "smollm3") and ".q_proj." in name:
             x = permute_rope(x, heads)
-        elif arch in ("llama", "granite", "smollm3") and ".k_proj." in name:
+        elif arch in ("llama", "arcee", "granite", "smollm3") and ".k_proj." in name:
             x = permute_rope(x, kv)
         if names[name] in quantized:
             mx = gguf.GGMLQuantizationType.MXFP4
@@ -1271,7 +1273,7 @@ def llama4_as_converted(t, layers):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
-                                  "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus"])
+                                  "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
@@ -1287,7 +1289,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     every fourth layer without RoPE and with scaled queries, unweighted query and key norms,
     sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them; Nemotron's biased
     LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head; Apertus's xIELU
-    parameters, kept in the metadata; each tensor
+    parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; each tensor
     under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
     model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)

@@ -26,14 +26,14 @@ from redrafter_jax.loaders import (
 from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "apertus", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3", "glm4",
-                           "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe", "qwen2", "qwen2moe", "qwen2vl",
-                           "qwen3", "qwen3moe", "seed_oss", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3",
+                           "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe", "qwen2", "qwen2moe",
+                           "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
-_PERMUTED = ("llama", "granite", "smollm3")
+_PERMUTED = ("llama", "arcee", "granite", "smollm3")
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
@@ -235,8 +235,9 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return settings
     if arch == "glm4":  # norms after attention and the MLP too
         return dict(post_norms=True)
-    if arch == "nemotron":
-        return dict(layer_norm=True, norm_bias=True, hidden_act="relu2", gated_mlp=False)
+    if arch in ("arcee", "nemotron"):  # ungated MLPs of squared ReLUs; Nemotron's LayerNorms have biases
+        norms = dict(layer_norm=True, norm_bias=True) if arch == "nemotron" else {}
+        return dict(hidden_act="relu2", gated_mlp=False, **norms)
     if arch == "apertus":  # (its xIELU's parameters: `_xielu_values`)
         return dict(hidden_act="xielu", gated_mlp=False)
     if arch == "gpt-oss":  # llama.cpp's windows in every other layer, its SwiGLU's constants (our defaults)

@@ -31,17 +31,18 @@ from redrafter_jax.loaders import (
 from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "CohereForCausalLM", "Cohere2ForCausalLM",
-                           "Ernie4_5ForCausalLM", "CwmForCausalLM", "Exaone4ForCausalLM", "GemmaForCausalLM",
-                           "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM",
-                           "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM", "CohereForCausalLM",
+                           "Cohere2ForCausalLM", "Ernie4_5ForCausalLM", "CwmForCausalLM", "Exaone4ForCausalLM",
+                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
+                           "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
                            "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
                            "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
                            "SeedOssForCausalLM", "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "cohere": "CohereForCausalLM",
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
+                "cohere": "CohereForCausalLM",
                 "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
                 "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                 "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
@@ -71,6 +72,8 @@ HELIUM = "HeliumForCausalLM"  # Kyutai's: Llama's layer, RoPE over adjacent dims
 APERTUS = "ApertusForCausalLM"
 _APERTUS_NORMS = {"model.layers.{i}.input_layernorm.weight": "model.layers.{i}.attention_layernorm.weight",
                   "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.feedforward_layernorm.weight"}
+# Arcee's AFM: Llama's layer with an ungated MLP of squared ReLUs
+ARCEE = "ArceeForCausalLM"
 # NVIDIA's Nemotron (Minitron): LayerNorms with biases whose weights w scale by 1 + w, an ungated MLP of squared
 # ReLUs, RoPE on half of each head
 NEMOTRON = "NemotronForCausalLM"
@@ -156,6 +159,8 @@ _GEMMA2 = dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9
                sliding_window_pattern=2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
+    ARCEE: dict(_COMMON, hidden_size=2560, intermediate_size=18432, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                bos_token_id=128000, eos_token_id=128001, hidden_act="relu2"),
     APERTUS: dict(_COMMON, vocab_size=131072, intermediate_size=14336, max_position_embeddings=65536,
                   rms_norm_eps=1e-5, rope_theta=12e6, pad_token_id=3, bos_token_id=1, eos_token_id=2,
                   hidden_act="xielu"),
@@ -287,7 +292,7 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
-    Apertus, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2 and OLMoE have none, nor Qwen's mixtures of
+    Apertus, Arcee, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2 and OLMoE have none, nor Qwen's mixtures of
     experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer;
     Ministral, CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with
     use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's, EXAONE
@@ -298,7 +303,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", APERTUS, COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, NEMOTRON,
+    if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, NEMOTRON,
                 "Olmo2ForCausalLM", OLMOE) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
@@ -533,7 +538,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all"),
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
-        hidden_act=act, gated_mlp=arch not in (APERTUS, NEMOTRON),
+        hidden_act=act, gated_mlp=arch not in (APERTUS, ARCEE, NEMOTRON),
         **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
         pre_norms=arch not in POST_NORMS_ONLY,
