@@ -97,8 +97,9 @@ class ModelConfig:
     multipliers, dense or mixture-of-experts MLPs) are static fields of one layer loop."""
 
     # the MLP's activation: SiLU (gated: SwiGLU), tanh-approximated GELU (Gemma's GeGLU), squared ReLU
-    # (Nemotron's), xIELU (Apertus's: per-layer learned parameters `model.xielu`), or GPT-OSS's clamped SwiGLU:
-    # min(gate, limit) sigmoid(alpha min(gate, limit)) (clip(up, -limit, limit) + 1), `swiglu_alpha` and `_limit`
+    # (Nemotron's, Arcee's), xIELU (Apertus's, ungated: per-layer learned parameters, `model.xielu`), or
+    # GPT-OSS's clamped SwiGLU: min(gate, limit) sigmoid(alpha min(gate, limit)) (clip(up, -limit, limit) + 1),
+    # `swiglu_alpha` and `_limit`
     ACTIVATIONS = ("silu", "gelu_tanh", "relu2", "xielu", "clamped_swiglu")
 
     vocab_size: int
@@ -131,7 +132,7 @@ class ModelConfig:
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
     hidden_act: str = "silu"  # one of ACTIVATIONS
-    gated_mlp: bool = True  # the MLP is act(gate) * up, then down; False: act(up), then down (Nemotron, Apertus)
+    gated_mlp: bool = True  # the MLP is act(gate) * up, then down; False: act(up), then down (Nemotron, Arcee)
     swiglu_alpha: float = 1.702  # clamped_swiglu's
     swiglu_limit: float = 7.0
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP

@@ -4,10 +4,10 @@ Params layout (matrices are [in, out] so activations multiply on the left; nkv K
 shared by G = nh / nkv query heads):
     embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
     layers: a list with one dict per layer (`pack_params`' packed ones: also `LayerStack`s of like layers):
-        attn_norm [H] (only with pre_norms; attn_norm_bias [H] with norm_bias, as mlp_norm's and final_norm's);
-        wqkv [H, nkv, G + 2, D] (per KV head: its G query heads,
-        then K, then V); bqkv [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm
-        "head"; "all": [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
+        attn_norm [H] (only with pre_norms; and attn_norm_bias [H] with norm_bias, as mlp_norm and
+        final_norm); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V); bqkv
+        [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm "head"; "all":
+        [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
         wo [nh D, H] (query heads in order); bo [H] (only with output_bias);
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
         w_gate_up [H, 2, I] (gate, up), or w_up [H, I] where not gated_mlp; w_down [I, H]; xielu [4]
@@ -63,7 +63,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
     layer = {"wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h)}
-    dense = {"w_gate_up" if cfg.gated_mlp else "w_up": (h, 2, i) if cfg.gated_mlp else (h, i), "w_down": (i, h)}
+    dense = {**({"w_gate_up": (h, 2, i)} if cfg.gated_mlp else {"w_up": (h, i)}), "w_down": (i, h)}
     if cfg.hidden_act == "xielu":
         dense["xielu"] = (4,)
     e, f, s = cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
@@ -95,8 +95,10 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["q_norm"], layer["k_norm"] = (*qkv[:1], qkv[1] - 2, qkv[2]), (qkv[0], 1, qkv[2])
     if cfg.post_norms:
         layer["post_attn_norm"] = layer["post_mlp_norm"] = (h,)
-    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,), **({"final_norm_bias": (h,)} if cfg.norm_bias else {}),
+    shapes = {"embed": (cfg.vocab_size, h), "final_norm": (h,),
               "layers": [{**layer, **(experts if cfg.moe(j) else dense)} for j in range(cfg.num_layers)]}
+    if cfg.norm_bias:
+        shapes["final_norm_bias"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
     return shapes
@@ -154,7 +156,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
         name = jax.tree_util.keystr(path)
         if "norm" in name:
             return (jnp.zeros if name.endswith("_bias']") else jnp.ones)(shape, cfg.dtype)
-        if name.endswith("['xielu']"):  # alpha_p 0.8 and alpha_n 0.8 through softplus, beta 0.5, eps -1e-6
+        if name.endswith("['xielu']"):  # softplus(alpha_p) 0.8, beta + softplus(alpha_n) 0.5 + 0.3, eps -1e-6
             return jnp.asarray([np.log(np.expm1(0.8)), np.log(np.expm1(0.3)), 0.5, -1e-6], cfg.dtype)
         if name.endswith(".blocks"):
             return random_values(lambda k, s: jax.random.randint(k, s, 0, 256).astype(jnp.uint8), next(keys), shape)

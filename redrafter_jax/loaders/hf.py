@@ -42,11 +42,10 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCa
                            "SeedOssForCausalLM", "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
-                "cohere": "CohereForCausalLM",
-                "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM",
-                "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM",
-                "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
+                "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
+                "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
+                "glm4": "Glm4ForCausalLM", "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
                 "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
                 "hyperclovax": "HyperCLOVAXForCausalLM", "llama4_text": "Llama4ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
@@ -291,15 +290,15 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
-    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama,
-    Apertus, Arcee, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2 and OLMoE have none, nor Qwen's mixtures of
-    experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer;
-    Ministral, CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with
-    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's, EXAONE
-    4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every fourth from
-    the first, GPT-OSS's every other from the first, Qwen's from max_window_layers on and SmolLM3's NoPE layers;
-    Llama 4's chunks of attention_chunk_size (`ModelConfig.window_chunks`) in those it calls chunked, by default
-    those with RoPE."""
+    """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Apertus,
+    Arcee, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts
+    (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral,
+    CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with
+    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's,
+    EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every
+    fourth from the first, GPT-OSS's every other from the first, Qwen's from max_window_layers on and SmolLM3's
+    NoPE layers; Llama 4's chunks of attention_chunk_size (`ModelConfig.window_chunks`) in those it calls
+    chunked, by default those with RoPE."""
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
