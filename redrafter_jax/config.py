@@ -133,6 +133,7 @@ class ModelConfig:
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
     hidden_act: str = "silu"  # one of ACTIVATIONS
     gated_mlp: bool = True  # the MLP is act(gate) * up, then down; False: act(up), then down (Nemotron, Arcee)
+    mlp_bias: bool = False  # the dense MLP's projections (gate and up, or up, and down) with biases
     swiglu_alpha: float = 1.702  # clamped_swiglu's
     swiglu_limit: float = 7.0
     pre_norms: bool = True  # each layer norms the residual stream before attention and before the MLP

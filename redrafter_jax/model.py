@@ -10,8 +10,9 @@ shared by G = nh / nkv query heads):
         [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
         wo [nh D, H] (query heads in order); bo [H] (only with output_bias);
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
-        w_gate_up [H, 2, I] (gate, up), or w_up [H, I] where not gated_mlp; w_down [I, H]; xielu [4]
-        (hidden_act "xielu": its alpha_p, alpha_n, beta and eps as stored); post_mlp_norm [H] (post_norms)
+        w_gate_up [H, 2, I] (gate, up), or w_up [H, I] where not gated_mlp; w_down [I, H]; with mlp_bias
+        b_gate_up [2, I] or b_up [I], and b_down [H]; xielu [4] (hidden_act "xielu": its alpha_p, alpha_n,
+        beta and eps as stored); post_mlp_norm [H] (post_norms)
         a mixture-of-experts layer has, in place of w_gate_up and w_down: router [H, E];
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H] (with expert_format "mxfp4" both `Mxfp4`s);
         with a shared expert of S units shared_gate_up [H, 2, S], shared_down [S, H] (and shared_gate
@@ -64,6 +65,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
     qkv = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads + 2, cfg.head_dim)
     layer = {"wqkv": (h, *qkv), "wo": (cfg.num_heads * cfg.head_dim, h)}
     dense = {**({"w_gate_up": (h, 2, i)} if cfg.gated_mlp else {"w_up": (h, i)}), "w_down": (i, h)}
+    if cfg.mlp_bias:
+        dense.update({**({"b_gate_up": (2, i)} if cfg.gated_mlp else {"b_up": (i,)}), "b_down": (h,)})
     if cfg.hidden_act == "xielu":
         dense["xielu"] = (4,)
     e, f, s = cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
@@ -451,13 +454,21 @@ def ragged_experts(rows: jax.Array, sizes: jax.Array, p: dict, cfg: ModelConfig)
     return y + p["experts_down_bias"][pairs] if cfg.expert_bias else y
 
 
+def dense_mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x [..., H] through a layer's dense MLP: gate and up (w_gate_up) or, ungated, up (w_up; xIELU's
+    params), then down (w_down), each with its bias where cfg.mlp_bias says."""
+    u = linear(x, p["w_gate_up" if cfg.gated_mlp else "w_up"])
+    if cfg.mlp_bias:
+        u = u + p["b_gate_up" if cfg.gated_mlp else "b_up"]
+    y = linear(gated(u, cfg) if cfg.gated_mlp else activation(u, cfg, p.get("xielu")), p["w_down"])
+    return y + p["b_down"] if cfg.mlp_bias else y
+
+
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """A layer's MLP over x [B, T, H]: dense (w_gate_up or, ungated, w_up; w_down; xIELU's params), or a
-    mixture of experts (router, experts_*, and any shared expert)."""
-    if "w_up" in p:
-        return linear(activation(linear(x, p["w_up"]), cfg, p.get("xielu")), p["w_down"])
+    """A layer's MLP over x [B, T, H]: dense (`dense_mlp`), or a mixture of experts (router, experts_*, and
+    any shared expert)."""
     if "router" not in p:
-        return gated_mlp(x, p["w_gate_up"], p["w_down"], cfg)
+        return dense_mlp(p, x, cfg)
     rows = x.reshape(-1, x.shape[-1])
     weights, experts = route(rows, p["router"], cfg, p.get("router_bias"))
     out = experts_mlp(rows, experts, weights, p, cfg)

@@ -64,6 +64,10 @@ ARCHS = {
     # Apertus: query and key norms, an ungated MLP of learned xIELU activations, its norms named otherwise,
     # Llama 3's RoPE scaling by default
     "apertus": dict(architectures=["ApertusForCausalLM"], model_type="apertus", tie_word_embeddings=False),
+    # StarCoder2: LayerNorms with biases, an ungated MLP of GELUs stored as c_fc and c_proj, biases on attention's
+    # and the MLP's projections (use_bias), a window in every layer
+    "starcoder2": dict(architectures=["Starcoder2ForCausalLM"], model_type="starcoder2", tie_word_embeddings=True,
+                       sliding_window=5, norm_epsilon=1e-5),
     # Arcee's AFM: an ungated MLP of squared ReLUs
     "arcee": dict(architectures=["ArceeForCausalLM"], model_type="arcee", tie_word_embeddings=False),
     # Nemotron: LayerNorms with biases, their weights w scaling by 1 + w; an ungated MLP of squared ReLUs; RoPE
@@ -196,8 +200,10 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("apertus", "arcee", "nemotron"):  # ungated MLPs
+        if arch in ("apertus", "arcee", "nemotron", "starcoder2"):  # ungated MLPs
             del shapes["mlp.gate_proj.weight"]
+        if arch == "starcoder2":  # biases on every projection
+            shapes.update({n.replace(".weight", ".bias"): s[:1] for n, s in list(shapes.items())})
         if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
@@ -209,7 +215,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "apertus":  # xIELU's learned parameters as transformers saves them ([1], [1], [], [])
             t.update({p + f"mlp.act_fn.{n}": rng.uniform(-1, 1, s) for n, s in (
                 ("alpha_p", 1), ("alpha_n", 1), ("beta", ()), ("eps", ()))})
-        if arch == "nemotron":  # LayerNorms' biases
+        if arch in ("nemotron", "starcoder2"):  # LayerNorms' biases
             t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden) for n in ("input", "post_attention")})
         if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
@@ -244,7 +250,10 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "apertus":
             t.update({p + f"{theirs}_layernorm.weight": t.pop(p + f"{ours}_layernorm.weight") for ours, theirs in (
                 ("input", "attention"), ("post_attention", "feedforward"))})
-    if arch == "nemotron":
+        if arch == "starcoder2":
+            t.update({p + f"mlp.c_{theirs}.{kind}": t.pop(p + f"mlp.{ours}_proj.{kind}") for ours, theirs in (
+                ("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")})
+    if arch in ("nemotron", "starcoder2"):
         t["model.norm.bias"] = rng.normal(0, 0.5, hidden)
     return {k: np.asarray(v, np.float32) for k, v in t.items()}
 
@@ -320,7 +329,7 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4",
                                                        "gemma", "gemma2", "gemma3", "glm", "glm4", "granite",
                                                        "granite4", "helium", "hyperclovax", "nemotron", "olmo2",
-                                                       "olmo3", "phi3", "vaultgemma", *MOE_LAYERS}))
+                                                       "olmo3", "phi3", "starcoder2", "vaultgemma", *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -372,7 +381,8 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without);
     Apertus's ungated MLP of xIELU activations (their learned parameters drawn, beta and eps stored as
     scalars) and query and key norms; Nemotron's biased LayerNorms scaling by 1 + w, its ungated MLP of
-    squared ReLUs and RoPE on half of each head."""
+    squared ReLUs and RoPE on half of each head; Arcee's ungated MLP; StarCoder2's LayerNorms, its ungated
+    MLP of GELUs (stored as c_fc and c_proj), biases on every projection and window in every layer."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -548,6 +558,20 @@ def test_ungated_mlps_saved_by_transformers_give_its_logits(tmp_path, arch):
     hf = transformers_model(arch, attention_bias=True)
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.gated_mlp, m.config.norm_bias, m.config.output_bias) == (False, arch == "nemotron", True)
+    assert_logits_match_transformers(m, hf)
+
+
+@pytest.mark.parametrize("arch", ["llama", "granite", "smollm3", "nemotron", "arcee", "ernie4_5", "starcoder2",
+                                  "mistral"])
+def test_mlp_biases_are_read_as_transformers_reads_them(tmp_path, arch):
+    """mlp_bias biases the dense MLP's projections in Llama's, Granite's (its down projection's bias scaled by
+    the residual multiplier, as its weight), SmolLM3's, Nemotron's and Arcee's models (ungated: up and down),
+    use_bias ERNIE 4.5's and StarCoder2's with attention's (StarCoder2's MLP ungated, of GELUs, beside
+    LayerNorms with biases), and Mistral's ignores it: a model saved by transformers itself, its biases drawn,
+    gives its logits."""
+    hf = transformers_model(arch, **{"use_bias" if arch in ("ernie4_5", "starcoder2") else "mlp_bias": True})
+    m = saved_with_biases_and_norms_drawn(hf, tmp_path)
+    assert m.config.mlp_bias == (arch != "mistral")
     assert_logits_match_transformers(m, hf)
 
 
@@ -865,7 +889,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         theirs.num_hidden_layers,
         theirs.num_attention_heads, theirs.num_key_value_heads or theirs.num_attention_heads,  # (Nemotron's: None)
         head_dim, theirs.max_position_embeddings,
-        rope_theta, getattr(theirs, "rms_norm_eps", None) or getattr(theirs, "norm_eps", None) or theirs.layer_norm_eps,
+        rope_theta, next(getattr(theirs, key) for key in ("rms_norm_eps", "norm_eps", "norm_epsilon", "layer_norm_eps")
+                         if getattr(theirs, key, None) is not None),
         theirs.tie_word_embeddings,
         window, theirs.bos_token_id,
         () if theirs.eos_token_id is None else tuple(np.atleast_1d(theirs.eos_token_id).tolist()))
@@ -899,7 +924,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("llama4", {}), ("cwm", {"num_hidden_layers": 5}),
                                            ("hyperclovax", {"num_hidden_layers": 3}), ("helium", {}),
                                            ("apertus", {"num_hidden_layers": 3}),
-                                           ("nemotron", {"num_hidden_layers": 3})])
+                                           ("nemotron", {"num_hidden_layers": 3}),
+                                           ("starcoder2", {"num_hidden_layers": 3})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -915,7 +941,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     beside a NoPE layer with scaled queries and experts fed their sigmoid-weighted inputs, CWM's run of three
     windowed layers between global ones (one scanned stack on the CPU), HyperCLOVA X's norms after attention and
     the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
-    Nemotron's norm biases and RoPE on half of each head in stacks of three, in the decode loops (on the
+    Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
+    stack of three, in the decode loops (on the
     CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -941,7 +968,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "cwm": m.config.window_layers == (1, 2, 3), "helium": m.config.attention_bias,
             "hyperclovax": m.config.post_norms and m.config.logits_scaling == 8,
             "apertus": m.config.hidden_act == "xielu" and not m.config.gated_mlp,
-            "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2"}[arch]
+            "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2",
+            "starcoder2": m.config.mlp_bias and m.config.output_bias and m.config.sliding_window == 5}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1014,7 +1042,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     # what the model does not implement is refused, never ignored
     ("hidden_act", "unsupported hidden_act 'gelu'"),
     ("quantized", r"unsupported quantized checkpoint \(quantization_config: fp8\)"),
-    ("mlp_bias", "unsupported mlp_bias"),
+    ("mlp_bias", "checkpoint is missing tensor 'model.layers.0.mlp.gate_proj.bias'"),
     ("attention_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.q_proj.bias'"),
     ("rope_per_layer", "unsupported rope_parameters"),
     ("rope_dynamic", "unsupported rope scaling type 'dynamic'"),
@@ -1039,7 +1067,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("sparse_step", "decoder_sparse_step must be a positive integer, got 0"),
     ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] and 0 "),
     ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
-    ("use_bias", r"unsupported use_bias: true \(the MLP's projections biased\)"),
+    ("use_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.q_proj.bias'"),  # (ERNIE's: all biased)
     ("attention_out_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.o_proj.bias'"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
     ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
@@ -1186,7 +1214,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
     stacked = stacked_experts(tensors)
     # a dense layer's MLP size, or where all are experts theirs (Mixtral's in llama.cpp's reading)
-    sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items() if k.endswith(".up_proj.weight")}
+    sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items()
+             if k.endswith((".up_proj.weight", ".c_fc.weight"))}  # (StarCoder2's up: c_fc)
     sizes.update({"mlp": x.shape[0] // 2 for k, x in stacked.items() if k.endswith(".gate_up_proj.weight")})  # (GLM's)
     w.add_feed_forward_length(sizes.get("mlp", sizes.get("experts")))
     w.add_head_count(heads)
@@ -1273,7 +1302,8 @@ def llama4_as_converted(t, layers):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
-                                  "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee"])
+                                  "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
+                                  "starcoder2"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
@@ -1289,7 +1319,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     every fourth layer without RoPE and with scaled queries, unweighted query and key norms,
     sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them; Nemotron's biased
     LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head; Apertus's xIELU
-    parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; each tensor
+    parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; StarCoder2's
+    biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none for it);
+    each tensor
     under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
     model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
@@ -1316,6 +1348,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "mixtral": dict(sliding_window=None),
                  "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
                  "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2), "apertus": dict(pad_token_id=2),
+                 "starcoder2": dict(sliding_window=None, pad_token_id=2),
                  "glm4": dict(bos_token_id=None),  # (llama.cpp adds no BOS with GLM-4's pre-tokenizer)
                  "llama4": dict(no_rope_layers=None, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1),
                  # llama.cpp's SwiGLU limit (no key gives it)
@@ -1337,6 +1370,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "cohere2": {"logit_scale": 0.25, "attention.layer_norm_epsilon": 1e-5, "attention.sliding_window": 5},
                 "glm4": {"rope.dimension_count": 4},
                 "nemotron": {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5},
+                "starcoder2": {"attention.layer_norm_epsilon": 1e-5},
                 "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
     if arch in ("gemma", "gemma2", "gemma3", "nemotron"):  # their converters store the norms' 1 + w
         tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
@@ -1493,7 +1527,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("yarn_log_multiplier", "unsupported GGUF YaRN setting 'rope.scaling.yarn_log_multiplier' = 0.1"),
     ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
     ("value_length", "unsupported GGUF attention.value_length 16"),
-    ("extra", r"2 tensors this config does not use, e.g. \['blk.0.ffn_down.bias'"),  # (MLP biases)
+    ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_norm.bias'"),  # (a LayerNorm's)
     ("olmo3_window", r"unsupported GGUF olmo2 attention.sliding_window 4 \(OLMo 3's windowed layers\)"),
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
@@ -1504,7 +1538,7 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     arch = {"olmo3_window": "olmo2", "sigmoid_experts": "olmoe", "scaled_experts": "olmoe", "softmax_llama4": "llama4",
             "mobilellm": "llama4"}.get(case, "llama")
-    extras = {f"blk.{i}.ffn_down.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
+    extras = {f"blk.{i}.attn_norm.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
     metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},

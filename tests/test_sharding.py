@@ -149,7 +149,8 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
     assert b"output identical to autoregressive" in proc.stderr
 
 
-@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": True}, {"qk_norm": "head"},
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+                                       {"qk_norm": "head"},
                                        {"qk_norm": "all", "pre_norms": False, "post_norms": True},
                                        {"num_experts": 4, "experts_per_token": 2, "expert_size": 16,
                                         "shared_expert_size": 8, "moe_layers": (1,)},
@@ -159,8 +160,8 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
                                        {"num_experts": 4, "experts_per_token": 1, "expert_size": 16,  # Llama 4's
                                         "shared_expert_size": 16, "shared_expert_gate": False, "moe_layers": (1,),
                                         "routing": "sigmoid_input", "qk_norm": "unweighted"},
-                                       {"gated_mlp": False, "hidden_act": "xielu", "layer_norm": True,  # Apertus's
-                                        "norm_bias": True}])  # MLP, Nemotron's norms
+                                       {"gated_mlp": False, "hidden_act": "xielu", "mlp_bias": True,  # Apertus's MLP
+                                        "layer_norm": True, "norm_bias": True}])  # (biased), Nemotron's norms
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):
     cfg, _ = tiny_model(**overrides)
     specs = sharding.param_specs(cfg)

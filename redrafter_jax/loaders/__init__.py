@@ -64,6 +64,10 @@ LAYER_TENSORS = {
                   ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
     "w_up": [("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight")],
     "w_down": [("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight")],
+    "b_gate_up": [("model.layers.{i}.mlp.gate_proj.bias", "blk.{i}.ffn_gate.bias"),
+                  ("model.layers.{i}.mlp.up_proj.bias", "blk.{i}.ffn_up.bias")],
+    "b_up": [("model.layers.{i}.mlp.up_proj.bias", "blk.{i}.ffn_up.bias")],
+    "b_down": [("model.layers.{i}.mlp.down_proj.bias", "blk.{i}.ffn_down.bias")],
     # xIELU's learned scalars (a GGUF file keeps them in its metadata: the GGUF loader reads them under these names)
     "xielu": [(f"model.layers.{{i}}.mlp.act_fn.{n}", f"blk.{{i}}.xielu.{n}")
               for n in ("alpha_p", "alpha_n", "beta", "eps")],
@@ -279,7 +283,7 @@ def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> 
         raise ValueError(f"Granite's residual and attention multipliers must be positive numbers, got "
                          f"{residual} and {attention}")
     query = attention * cfg.head_dim ** 0.5
-    branches = ("post_attn_norm", "post_mlp_norm") if cfg.post_norms else ("wo", "bo", "w_down")
+    branches = ("post_attn_norm", "post_mlp_norm") if cfg.post_norms else ("wo", "bo", "w_down", "b_down")
     return {**dict.fromkeys(branches, (0, residual)), "wq": (0, query), "bq": (0, query)}
 
 
@@ -323,6 +327,8 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
         return [(shape[0], *shape[2:])] * 2
     if ours == "experts_gate_up_bias":  # [E, 2, F] from gate's and up's, each [E, F]
         return [(shape[0], shape[2])] * 2
+    if ours == "b_gate_up":  # [2, I] from gate's and up's, each [I]
+        return [shape[1:]] * 2
     if ours == "experts_down":  # [E, F, H], stored [E, H, F]
         return [(shape[0], shape[2], shape[1])]
     return [shape[::-1] if ours in TRANSPOSED else shape]
@@ -350,6 +356,9 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
     if ours in GATE_UP:  # gate, up [I, H] -> [H, 2, I]
         h, c, i = index
         return np.stack([source.read(name, (i, h)) for name in parts]).transpose(2, 0, 1)[:, c]
+    if ours == "b_gate_up":  # gate's and up's [I] -> [2, I]
+        c, i = index
+        return np.stack([source.read(name, (i,)) for name in parts])[c]
     if ours == "experts_gate_up":  # gate, up [E, F, H] -> [E, H, 2, F]
         e, h, c, f = index
         return np.stack([source.read(name, (e, f, h)) for name in parts]).transpose(1, 3, 0, 2)[:, :, c]

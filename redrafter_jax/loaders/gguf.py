@@ -28,7 +28,7 @@ from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3",
                            "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe", "qwen2", "qwen2moe",
-                           "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3")
+                           "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -38,9 +38,9 @@ _PERMUTED = ("llama", "arcee", "granite", "smollm3")
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
 _COHERE = ("cohere2", "command-r")
-# Those with LayerNorms (Nemotron's biased, their weights stored by its converter as the 1 + w they scale by,
-# its MLP ungated with squared ReLUs)
-_LAYER_NORMS = (*_COHERE, "nemotron")
+# Those with LayerNorms (Nemotron's and StarCoder2's biased, Nemotron's weights stored by its converter as the
+# 1 + w they scale by)
+_LAYER_NORMS = (*_COHERE, "nemotron", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
 _PARTIAL_ROPE = ("glm4", "nemotron")
 COHERE2_WINDOW_EVERY = 4  # llama.cpp's Command R7B: 3 of every 4 layers windowed, with RoPE only there
@@ -238,6 +238,8 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
     if arch in ("arcee", "nemotron"):  # ungated MLPs of squared ReLUs; Nemotron's LayerNorms have biases
         norms = dict(layer_norm=True, norm_bias=True) if arch == "nemotron" else {}
         return dict(hidden_act="relu2", gated_mlp=False, **norms)
+    if arch == "starcoder2":  # an ungated MLP of GELUs (its biases, as attention's, where the file has them)
+        return dict(layer_norm=True, norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False)
     if arch == "apertus":  # (its xIELU's parameters: `_xielu_values`)
         return dict(hidden_act="xielu", gated_mlp=False)
     if arch == "gpt-oss":  # llama.cpp's windows in every other layer, its SwiGLU's constants (our defaults)
@@ -372,6 +374,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         rotary_dim=None if rotary == head_dim else rotary,
         rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _LAYER_NORMS else '_rms'}_epsilon")),
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
+        mlp_bias=any(f"blk.{i}.ffn_down.bias" in tensors for i in range(layers)),
         **{"qk_norm": qk_norm, "output_bias": "blk.0.attn_output.bias" in tensors,
            **_own_settings(reader, arch, hidden, layers)}, **_experts(reader, arch, source, layers),
         bos_token_id=bos, eos_token_ids=eos,

@@ -39,7 +39,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCa
                            "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "VaultGemmaForCausalLM")
+                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "Starcoder2ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
                 "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
@@ -56,7 +56,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "a
                 "seed_oss": "SeedOssForCausalLM",
                 **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "Qwen2ForCausalLM"),
                 "qwen3_vl_text": "Qwen3ForCausalLM",
-                "smollm3": "SmolLM3ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM"}
+                "smollm3": "SmolLM3ForCausalLM", "starcoder2": "Starcoder2ForCausalLM",
+                "vaultgemma": "VaultGemmaForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
@@ -76,6 +77,11 @@ ARCEE = "ArceeForCausalLM"
 # NVIDIA's Nemotron (Minitron): LayerNorms with biases whose weights w scale by 1 + w, an ungated MLP of squared
 # ReLUs, RoPE on half of each head
 NEMOTRON = "NemotronForCausalLM"
+# BigCode's StarCoder2: LayerNorms with biases, an ungated MLP of GELUs (stored as c_fc and c_proj), biases on
+# attention's and the MLP's projections where use_bias says, a window in every layer
+STARCODER2 = "Starcoder2ForCausalLM"
+_STARCODER2_MLP = {f"model.layers.{{i}}.mlp.{ours}_proj.{kind}": f"model.layers.{{i}}.mlp.c_{theirs}.{kind}"
+                   for ours, theirs in (("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")}
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
 # Naver's HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided) and, where use_post_norm
 # says, norms after attention and the MLP (stored as post_norm1 and post_norm2; its norm before the MLP
@@ -94,7 +100,12 @@ GRANITE4 = "GraniteMoeHybridForCausalLM"
 GRANITES = ("GraniteForCausalLM", GRANITE4)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
-                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM)
+                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STARCODER2)
+# the models whose dense MLPs transformers biases where mlp_bias says (ERNIE 4.5's and StarCoder2's where
+# use_bias says, with their attention)
+_MLP_BIAS = ("LlamaForCausalLM", ARCEE, CWM, "GraniteForCausalLM", HELIUM, HYPERCLOVAX, NEMOTRON, SEED_OSS,
+             "SmolLM3ForCausalLM")
+_USE_BIAS = (ERNIE, STARCODER2)
 # where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
 _GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
                  "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
@@ -217,6 +228,10 @@ TRANSFORMERS_DEFAULTS = {
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
+    STARCODER2: dict(_COMMON, vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=30,
+                     num_attention_heads=24, num_key_value_heads=2, max_position_embeddings=4096, norm_epsilon=1e-5,
+                     bos_token_id=50256, eos_token_id=50256, hidden_act="gelu_pytorch_tanh", use_bias=True,
+                     tie_word_embeddings=True),
     NEMOTRON: dict(_COMMON, vocab_size=256000, hidden_size=6144, intermediate_size=24576, num_attention_heads=48,
                    max_position_embeddings=4096, norm_eps=1e-5, pad_token_id=None, bos_token_id=2, eos_token_id=3,
                    hidden_act="relu2", partial_rotary_factor=0.5),
@@ -307,7 +322,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
-    if arch in ("MistralForCausalLM", MINISTRAL3, MIXTRAL, PHI3):  # whose models ignore layer_types
+    if arch in ("MistralForCausalLM", MINISTRAL3, MIXTRAL, PHI3, STARCODER2):  # whose models ignore layer_types
         if kinds is not None and set(kinds) != {"sliding_attention"}:
             raise ValueError(f"unsupported layer_types {sorted(set(kinds))} for {arch}, which windows every layer "
                              f"(sliding_window {window}; MinistralForCausalLM reads them)")
@@ -489,9 +504,6 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         act = "clamped_swiglu"
     if c.get("use_bidirectional_attention"):  # EmbeddingGemma's
         raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
-    for key in ("mlp_bias", "use_bias"):  # Llama's, ERNIE 4.5's
-        if c.get(key):
-            raise ValueError(f"unsupported {key}: true (the MLP's projections biased)")
     if arch == GRANITE4:  # Granite 4: its attention-only dense models
         kinds = c.get("layer_types") or c.get("layers_block_type") or ["linear_attention"] * int(c["num_hidden_layers"])
         # ("attention" as IBM released it; transformers >= 5 saves it as "full_attention", Mamba as "linear_attention")
@@ -506,8 +518,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
     # transformers reads it, only Q, K and V in GLM's, Helium's and Seed-OSS's models (Seed-OSS's
-    # attention_out_bias biases O), nothing where they ignore it
-    attention_bias = bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
+    # attention_out_bias biases O), nothing where they ignore it; use_bias all of attention's and the MLP's
+    use_bias = arch in _USE_BIAS and bool(c.get("use_bias"))
+    attention_bias = use_bias or bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else attention_bias)
     output_bias = bool(c.get("attention_out_bias")) if arch == SEED_OSS else attention_bias and \
         arch not in (GLM, GLM4, HELIUM)
@@ -529,7 +542,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         max_position_embeddings=int(c["max_position_embeddings"]),
         rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
         query_scaling=_query_scaling(arch, c, nope),
-        rms_norm_eps=float(c["layer_norm_eps" if cohere else "norm_eps" if arch == NEMOTRON else "rms_norm_eps"]),
+        rms_norm_eps=float(c["layer_norm_eps" if cohere else {NEMOTRON: "norm_eps", STARCODER2: "norm_epsilon"}.get(
+            arch, "rms_norm_eps")]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
         sliding_window=window, window_layers=window_layers, window_chunks=arch == LLAMA4 and window is not None,
@@ -537,7 +551,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all"),
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
-        hidden_act=act, gated_mlp=arch not in (APERTUS, ARCEE, NEMOTRON),
+        hidden_act=act, gated_mlp=arch not in (APERTUS, ARCEE, NEMOTRON, STARCODER2),
+        mlp_bias=use_bias or arch in _MLP_BIAS and bool(c.get("mlp_bias")),
         **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
         pre_norms=arch not in POST_NORMS_ONLY,
@@ -549,7 +564,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0),
                         HYPERCLOVAX: 1 / c["logits_scaling"] if c.get("logits_scaling") else 0}.get(arch, 1.0),
-        layer_norm=cohere or arch == NEMOTRON, norm_bias=arch == NEMOTRON, parallel_block=cohere,
+        layer_norm=cohere or arch in (NEMOTRON, STARCODER2), norm_bias=arch in (NEMOTRON, STARCODER2),
+        parallel_block=cohere,
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
@@ -734,12 +750,13 @@ class _FusedExperts:
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
-    (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's norm
-    offsets and query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`; GPT-OSS's and Llama 4's split: `_FusedExperts`), GLM's and Granite 4's fused gate
-    and up split and their norms or MLP renamed, query and key heads' dims reordered where RoPE covers part
-    of them (Phi-4-mini's, GLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's, Llama 4's:
-    `loaders.RopeOrdered`); the others' as they are."""
+    (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and
+    Nemotron's norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts'
+    experts stacked (`loaders.Renamed`; GPT-OSS's and Llama 4's split: `_FusedExperts`), GLM's and Granite
+    4's fused gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's, Apertus's
+    and HyperCLOVA X's norms, Granite 4's and StarCoder2's MLPs), query and key heads' dims reordered where
+    RoPE covers part of them (Phi-4-mini's, GLM's, Nemotron's) or pairs adjacent ones (GLM's, ERNIE's,
+    Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
@@ -756,8 +773,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = Unfused(source, fused_parts(cfg))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
     # and the MLP: without them its names are Llama's)
-    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
-             HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
+    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, STARCODER2: _STARCODER2_MLP,
+             VAULTGEMMA: _VAULTGEMMA_NORMS, HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
         source = Renamed(source, in_layers(names))
     if arch in (GLM, GLM4, GRANITE4):
