@@ -64,6 +64,9 @@ ARCHS = {
     # Apertus: query and key norms, an ungated MLP of learned xIELU activations, its norms named otherwise,
     # Llama 3's RoPE scaling by default
     "apertus": dict(architectures=["ApertusForCausalLM"], model_type="apertus", tie_word_embeddings=False),
+    # StableLM: LayerNorms with biases, RoPE on a quarter of each head, Q/K/V biases
+    "stablelm": dict(architectures=["StableLmForCausalLM"], model_type="stablelm", tie_word_embeddings=False,
+                     use_qkv_bias=True),
     # StarCoder2: LayerNorms with biases, an ungated MLP of GELUs stored as c_fc and c_proj, biases on attention's
     # and the MLP's projections (use_bias), a window in every layer
     "starcoder2": dict(architectures=["Starcoder2ForCausalLM"], model_type="starcoder2", tie_word_embeddings=True,
@@ -204,7 +207,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             del shapes["mlp.gate_proj.weight"]
         if arch == "starcoder2":  # biases on every projection
             shapes.update({n.replace(".weight", ".bias"): s[:1] for n, s in list(shapes.items())})
-        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium"):
+        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium", "stablelm"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         if arch == "gpt_oss":
@@ -215,7 +218,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "apertus":  # xIELU's learned parameters as transformers saves them ([1], [1], [], [])
             t.update({p + f"mlp.act_fn.{n}": rng.uniform(-1, 1, s) for n, s in (
                 ("alpha_p", 1), ("alpha_n", 1), ("beta", ()), ("eps", ()))})
-        if arch in ("nemotron", "starcoder2"):  # LayerNorms' biases
+        if arch in ("nemotron", "stablelm", "starcoder2"):  # LayerNorms' biases
             t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden) for n in ("input", "post_attention")})
         if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
@@ -253,7 +256,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "starcoder2":
             t.update({p + f"mlp.c_{theirs}.{kind}": t.pop(p + f"mlp.{ours}_proj.{kind}") for ours, theirs in (
                 ("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")})
-    if arch in ("nemotron", "starcoder2"):
+    if arch in ("nemotron", "stablelm", "starcoder2"):
         t["model.norm.bias"] = rng.normal(0, 0.5, hidden)
     return {k: np.asarray(v, np.float32) for k, v in t.items()}
 
@@ -329,7 +332,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4",
                                                        "gemma", "gemma2", "gemma3", "glm", "glm4", "granite",
                                                        "granite4", "helium", "hyperclovax", "nemotron", "olmo2",
-                                                       "olmo3", "phi3", "starcoder2", "vaultgemma", *MOE_LAYERS}))
+                                                       "olmo3", "phi3", "stablelm", "starcoder2", "vaultgemma",
+                                                       *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
     tensors = hf_tensors(arch, np.random.default_rng(0))
@@ -572,6 +576,18 @@ def test_mlp_biases_are_read_as_transformers_reads_them(tmp_path, arch):
     hf = transformers_model(arch, **{"use_bias" if arch in ("ernie4_5", "starcoder2") else "mlp_bias": True})
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert m.config.mlp_bias == (arch != "mistral")
+    assert_logits_match_transformers(m, hf)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_stablelm_attention_and_mlp_in_turn_or_side_by_side_give_transformers_logits(tmp_path, parallel):
+    """StableLM's LayerNorms with biases, RoPE on a quarter of each head and Q/K/V biases, its attention and MLP
+    in turn or side by side (use_parallel_residual: one norm, as Cohere's): a model saved by transformers
+    itself, its biases and norms drawn, gives its logits either way."""
+    hf = transformers_model("stablelm", use_parallel_residual=parallel)
+    m = saved_with_biases_and_norms_drawn(hf, tmp_path)
+    assert (m.config.parallel_block, m.config.attention_bias, m.config.output_bias, m.config.rotary_dim) == (
+        parallel, True, False, 2)
     assert_logits_match_transformers(m, hf)
 
 
@@ -925,7 +941,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("hyperclovax", {"num_hidden_layers": 3}), ("helium", {}),
                                            ("apertus", {"num_hidden_layers": 3}),
                                            ("nemotron", {"num_hidden_layers": 3}),
-                                           ("starcoder2", {"num_hidden_layers": 3})])
+                                           ("starcoder2", {"num_hidden_layers": 3}),
+                                           ("stablelm", {"num_hidden_layers": 3, "hidden_size": 64})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -942,11 +959,12 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     windowed layers between global ones (one scanned stack on the CPU), HyperCLOVA X's norms after attention and
     the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
     Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
-    stack of three, in the decode loops (on the
+    stack of three, StableLM's RoPE on a quarter of each head, in the decode loops (on the
     CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
-    tensors = hf_tensors(arch, np.random.default_rng(2), layers=setting.get("num_hidden_layers", 2), head_dim=16)
+    tensors = hf_tensors(arch, np.random.default_rng(2), layers=setting.get("num_hidden_layers", 2), head_dim=16,
+                         hidden=setting.get("hidden_size", 32))
     write_checkpoint(tmp_path, arch, tensors, head_dim=16, **setting)
     m = load_hf(str(tmp_path))
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
@@ -969,7 +987,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "hyperclovax": m.config.post_norms and m.config.logits_scaling == 8,
             "apertus": m.config.hidden_act == "xielu" and not m.config.gated_mlp,
             "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2",
-            "starcoder2": m.config.mlp_bias and m.config.output_bias and m.config.sliding_window == 5}[arch]
+            "starcoder2": m.config.mlp_bias and m.config.output_bias and m.config.sliding_window == 5,
+            "stablelm": m.config.norm_bias and m.config.rotary_dim == 4 and m.config.attention_bias}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1068,6 +1087,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] and 0 "),
     ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
     ("use_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.q_proj.bias'"),  # (ERNIE's: all biased)
+    ("qk_layernorm", "unsupported qk_layernorm: true \\(StableLM's LayerNorms of each query and key head"),
     ("attention_out_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.o_proj.bias'"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
     ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
@@ -1076,7 +1096,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
             "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "granite4_mamba": "granite4",
-            "granite4_experts": "granite4", "attention_out_bias": "seed_oss"}.get(case, "llama")
+            "granite4_experts": "granite4", "attention_out_bias": "seed_oss",
+            "qk_layernorm": "stablelm"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
     if case.startswith("mxfp4"):
@@ -1140,7 +1161,7 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         overrides["layer_types"] = ["mamba", "attention"]
     elif case == "granite4_experts":
         overrides["num_local_experts"] = 4
-    elif case in ("use_bias", "attention_out_bias"):
+    elif case in ("use_bias", "attention_out_bias", "qk_layernorm"):
         overrides[case] = True
     elif case in ("moe_window", "clip_qkv", "sparse_step"):
         overrides.update({"moe_window": dict(use_sliding_window=True, sliding_window=4), "clip_qkv": dict(clip_qkv=8.0),
@@ -1303,7 +1324,7 @@ def llama4_as_converted(t, layers):
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
                                   "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
-                                  "starcoder2"])
+                                  "starcoder2", "stablelm"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
@@ -1321,7 +1342,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head; Apertus's xIELU
     parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; StarCoder2's
     biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none for it);
-    each tensor
+    StableLM's LayerNorms with biases and RoPE on a quarter of each head; each tensor
     under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
     model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
@@ -1371,6 +1392,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "glm4": {"rope.dimension_count": 4},
                 "nemotron": {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5},
                 "starcoder2": {"attention.layer_norm_epsilon": 1e-5},
+                "stablelm": {"rope.dimension_count": 2, "attention.layer_norm_epsilon": 1e-5},
                 "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
     if arch in ("gemma", "gemma2", "gemma3", "nemotron"):  # their converters store the norms' 1 + w
         tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
@@ -1391,6 +1413,20 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,),
                                        "cohere2": (0, 1, 2), "llama4": (0, 1, 2)}.get(arch)
+    ids = jnp.asarray([TOKENS])
+    np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
+                                  np.asarray(forward_causal(hf.params, hf.config, ids).logits))
+
+
+def test_gguf_stablelm_without_norms_before_its_mlps_runs_them_beside_attention(tmp_path):
+    """A StableLM GGUF file whose layers have no norm before the MLP (llama.cpp's reading of
+    use_parallel_residual) loads as its Hugging Face checkpoint: attention and the MLP side by side."""
+    t = {k: v for k, v in hf_tensors("stablelm", np.random.default_rng(6)).items() if "post_attention" not in k}
+    write_checkpoint(tmp_path / "hf", "stablelm", t, use_parallel_residual=True)
+    write_gguf(tmp_path / "model.gguf", "stablelm", t,
+               metadata={"rope.dimension_count": 2, "attention.layer_norm_epsilon": 1e-5})
+    hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
+    assert gg.config.parallel_block and hf.config.parallel_block
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))

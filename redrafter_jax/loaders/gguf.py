@@ -28,7 +28,7 @@ from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3",
                            "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe", "qwen2", "qwen2moe",
-                           "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "starcoder2")
+                           "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -38,11 +38,11 @@ _PERMUTED = ("llama", "arcee", "granite", "smollm3")
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
 _COHERE = ("cohere2", "command-r")
-# Those with LayerNorms (Nemotron's and StarCoder2's biased, Nemotron's weights stored by its converter as the
-# 1 + w they scale by)
-_LAYER_NORMS = (*_COHERE, "nemotron", "starcoder2")
+# Those with LayerNorms (Nemotron's, StableLM's and StarCoder2's biased, Nemotron's weights stored by its
+# converter as the 1 + w they scale by)
+_LAYER_NORMS = (*_COHERE, "nemotron", "stablelm", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
-_PARTIAL_ROPE = ("glm4", "nemotron")
+_PARTIAL_ROPE = ("glm4", "nemotron", "stablelm")
 COHERE2_WINDOW_EVERY = 4  # llama.cpp's Command R7B: 3 of every 4 layers windowed, with RoPE only there
 # Those whose converter names the norm before the MLP post_attention_norm
 _MLP_NORM_AFTER_ATTENTION = ("gpt-oss", "seed_oss")
@@ -238,6 +238,9 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
     if arch in ("arcee", "nemotron"):  # ungated MLPs of squared ReLUs; Nemotron's LayerNorms have biases
         norms = dict(layer_norm=True, norm_bias=True) if arch == "nemotron" else {}
         return dict(hidden_act="relu2", gated_mlp=False, **norms)
+    if arch == "stablelm":  # attention and the MLP side by side where a layer has no norm before the MLP
+        return dict(layer_norm=True, norm_bias=True,
+                    parallel_block=all(t.name != "blk.0.ffn_norm.weight" for t in reader.tensors))
     if arch == "starcoder2":  # an ungated MLP of GELUs (its biases, as attention's, where the file has them)
         return dict(layer_norm=True, norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False)
     if arch == "apertus":  # (its xIELU's parameters: `_xielu_values`)
@@ -350,8 +353,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
                              f"(RoPE on every dimension of a head, values as wide as keys)")
     qk_norm = None  # of each head ([head_dim]), or of all heads at once (OLMo's [heads x head_dim])
-    if arch in _COHERE and "blk.0.attn_q_norm.weight" in tensors:
-        raise ValueError(f"unsupported GGUF {arch} with query and key norms (Cohere's LayerNorms of each head)")
+    if arch in (*_COHERE, "stablelm") and "blk.0.attn_q_norm.weight" in tensors:
+        raise ValueError(f"unsupported GGUF {arch} with query and key norms (LayerNorms of each head)")
     if "blk.0.attn_q_norm.weight" in tensors:
         qk_norm = "head" if source.shape("blk.0.attn_q_norm.weight") == (head_dim,) else "all"
     tokens = _field(reader, "tokenizer.ggml.tokens")

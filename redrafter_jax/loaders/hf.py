@@ -39,7 +39,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCa
                            "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "Starcoder2ForCausalLM", "VaultGemmaForCausalLM")
+                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
+                           "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
                 "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
@@ -56,8 +57,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "a
                 "seed_oss": "SeedOssForCausalLM",
                 **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "Qwen2ForCausalLM"),
                 "qwen3_vl_text": "Qwen3ForCausalLM",
-                "smollm3": "SmolLM3ForCausalLM", "starcoder2": "Starcoder2ForCausalLM",
-                "vaultgemma": "VaultGemmaForCausalLM"}
+                "smollm3": "SmolLM3ForCausalLM", "stablelm": "StableLmForCausalLM",
+                "starcoder2": "Starcoder2ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM"}
 EXAONE4, GEMMA2, GEMMA3, PHI3 = "Exaone4ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM"
 MIXTRAL, OLMOE = "MixtralForCausalLM", "OlmoeForCausalLM"
 QWEN2_MOE, QWEN3_MOE = "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"
@@ -80,6 +81,9 @@ NEMOTRON = "NemotronForCausalLM"
 # BigCode's StarCoder2: LayerNorms with biases, an ungated MLP of GELUs (stored as c_fc and c_proj), biases on
 # attention's and the MLP's projections where use_bias says, a window in every layer
 STARCODER2 = "Starcoder2ForCausalLM"
+# Stability AI's StableLM (2): LayerNorms with biases, RoPE on a quarter of each head, Q/K/V biases where
+# use_qkv_bias says, attention and the MLP side by side where use_parallel_residual says (one norm, as Cohere's)
+STABLELM = "StableLmForCausalLM"
 _STARCODER2_MLP = {f"model.layers.{{i}}.mlp.{ours}_proj.{kind}": f"model.layers.{{i}}.mlp.c_{theirs}.{kind}"
                    for ours, theirs in (("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")}
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
@@ -100,7 +104,10 @@ GRANITE4 = "GraniteMoeHybridForCausalLM"
 GRANITES = ("GraniteForCausalLM", GRANITE4)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
-                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STARCODER2)
+                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
+# the config key of the norms' epsilon where it is not rms_norm_eps
+_NORM_EPS = {**dict.fromkeys((COHERE, COHERE2, STABLELM), "layer_norm_eps"), NEMOTRON: "norm_eps",
+             STARCODER2: "norm_epsilon"}
 # the models whose dense MLPs transformers biases where mlp_bias says (ERNIE 4.5's and StarCoder2's where
 # use_bias says, with their attention)
 _MLP_BIAS = ("LlamaForCausalLM", ARCEE, CWM, "GraniteForCausalLM", HELIUM, HYPERCLOVAX, NEMOTRON, SEED_OSS,
@@ -228,6 +235,9 @@ TRANSFORMERS_DEFAULTS = {
     "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
                                attention_multiplier=1.0),
     "MistralForCausalLM": _MISTRAL,
+    STABLELM: dict(_COMMON, vocab_size=50304, hidden_size=2560, intermediate_size=6912, max_position_embeddings=4096,
+                   layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.25,
+                   use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False),
     STARCODER2: dict(_COMMON, vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=30,
                      num_attention_heads=24, num_key_value_heads=2, max_position_embeddings=4096, norm_epsilon=1e-5,
                      bos_token_id=50256, eos_token_id=50256, hidden_act="gelu_pytorch_tanh", use_bias=True,
@@ -306,10 +316,10 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Apertus,
-    Arcee, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2 and OLMoE have none, nor Qwen's mixtures of experts
-    (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral and Phi-3 window every layer; Ministral,
-    CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with
-    use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's,
+    Arcee, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2, OLMoE and StableLM have none, nor Qwen's mixtures
+    of experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral, Phi-3 and StarCoder2 window
+    every layer; Ministral, CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3
+    with use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's,
     EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every
     fourth from the first, GPT-OSS's every other from the first, Qwen's from max_window_layers on and SmolLM3's
     NoPE layers; Llama 4's chunks of attention_chunk_size (`ModelConfig.window_chunks`) in those it calls
@@ -318,7 +328,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
     if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, NEMOTRON,
-                "Olmo2ForCausalLM", OLMOE) or not window:
+                "Olmo2ForCausalLM", OLMOE, STABLELM) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -421,7 +431,8 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
-    if rotary is not None and (arch not in (PHI3, GLM, GLM4, NEMOTRON) or rotary % 2):  # the others' models rotate all
+    # (the others' models rotate all of each head)
+    if rotary is not None and (arch not in (PHI3, GLM, GLM4, NEMOTRON, STABLELM) or rotary % 2):
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -477,6 +488,8 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
     if c.get("num_experts") is None and c.get("num_local_experts") is not None:
         c = {**c, "num_experts": c["num_local_experts"]}
     c = {**TRANSFORMERS_DEFAULTS[arch], **c}
+    if arch == STABLELM:  # its heads are hidden_size / num_attention_heads wide, whatever head_dim says
+        c.pop("head_dim", None)
     if not (c.get("rope_scaling") or c.get("rope_parameters")):  # (where config.json has none, or null)
         c.update(_DEFAULT_ROPE.get(arch, {}))
     return arch, c
@@ -514,6 +527,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
     if c.get("use_qk_norm") and arch != LLAMA4:  # Cohere's
         raise ValueError("unsupported use_qk_norm: true (Cohere's query and key LayerNorms)")
+    if arch == STABLELM and c.get("qk_layernorm"):  # (StableLM 2 12B's)
+        raise ValueError("unsupported qk_layernorm: true (StableLM's LayerNorms of each query and key head, each "
+                         "with its own weights)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
@@ -521,7 +537,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     # attention_out_bias biases O), nothing where they ignore it; use_bias all of attention's and the MLP's
     use_bias = arch in _USE_BIAS and bool(c.get("use_bias"))
     attention_bias = use_bias or bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
-    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c["qkv_bias"] if arch == QWEN2_MOE else attention_bias)
+    qkv_key = {QWEN2_MOE: "qkv_bias", STABLELM: "use_qkv_bias"}.get(arch)
+    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c[qkv_key] if qkv_key else attention_bias)
     output_bias = bool(c.get("attention_out_bias")) if arch == SEED_OSS else attention_bias and \
         arch not in (GLM, GLM4, HELIUM)
     theta, scaling, local_theta, rotary = _rope(arch, c)
@@ -531,6 +548,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     if arch == COHERE2 or (arch == EXAONE4 and window_layers is not None):
         nope = tuple(i for i in range(int(c["num_hidden_layers"])) if not window or i not in (window_layers or [i]))
     heads, cohere = int(c["num_attention_heads"]), arch in (COHERE, COHERE2)
+    layer_norms = (COHERE, COHERE2, NEMOTRON, STABLELM, STARCODER2)  # the others' norms are RMS norms
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
     return ModelConfig(
@@ -542,8 +560,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         max_position_embeddings=int(c["max_position_embeddings"]),
         rope_theta=theta, rope_scaling=scaling, rotary_dim=rotary,
         query_scaling=_query_scaling(arch, c, nope),
-        rms_norm_eps=float(c["layer_norm_eps" if cohere else {NEMOTRON: "norm_eps", STARCODER2: "norm_epsilon"}.get(
-            arch, "rms_norm_eps")]),
+        rms_norm_eps=float(c[_NORM_EPS.get(arch, "rms_norm_eps")]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
         attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
         sliding_window=window, window_layers=window_layers, window_chunks=arch == LLAMA4 and window is not None,
@@ -564,8 +581,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0),
                         HYPERCLOVAX: 1 / c["logits_scaling"] if c.get("logits_scaling") else 0}.get(arch, 1.0),
-        layer_norm=cohere or arch in (NEMOTRON, STARCODER2), norm_bias=arch in (NEMOTRON, STARCODER2),
-        parallel_block=cohere,
+        layer_norm=arch in layer_norms, norm_bias=arch in layer_norms and not cohere,
+        parallel_block=cohere or arch == STABLELM and bool(c["use_parallel_residual"]),
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
