@@ -81,11 +81,11 @@ NEMOTRON = "NemotronForCausalLM"
 # BigCode's StarCoder2: LayerNorms with biases, an ungated MLP of GELUs (stored as c_fc and c_proj), biases on
 # attention's and the MLP's projections where use_bias says, a window in every layer
 STARCODER2 = "Starcoder2ForCausalLM"
+_STARCODER2_MLP = {f"model.layers.{{i}}.mlp.{ours}_proj.{kind}": f"model.layers.{{i}}.mlp.c_{theirs}.{kind}"
+                   for ours, theirs in (("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")}
 # Stability AI's StableLM (2): LayerNorms with biases, RoPE on a quarter of each head, Q/K/V biases where
 # use_qkv_bias says, attention and the MLP side by side where use_parallel_residual says (one norm, as Cohere's)
 STABLELM = "StableLmForCausalLM"
-_STARCODER2_MLP = {f"model.layers.{{i}}.mlp.{ours}_proj.{kind}": f"model.layers.{{i}}.mlp.c_{theirs}.{kind}"
-                   for ours, theirs in (("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")}
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
 # Naver's HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided) and, where use_post_norm
 # says, norms after attention and the MLP (stored as post_norm1 and post_norm2; its norm before the MLP
@@ -105,6 +105,8 @@ GRANITES = ("GraniteForCausalLM", GRANITE4)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
                       "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
+# the models whose norms are LayerNorms (with biases but Cohere's), not RMS norms
+_LAYER_NORMS = (COHERE, COHERE2, NEMOTRON, STABLELM, STARCODER2)
 # the config key of the norms' epsilon where it is not rms_norm_eps
 _NORM_EPS = {**dict.fromkeys((COHERE, COHERE2, STABLELM), "layer_norm_eps"), NEMOTRON: "norm_eps",
              STARCODER2: "norm_epsilon"}
@@ -548,7 +550,6 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     if arch == COHERE2 or (arch == EXAONE4 and window_layers is not None):
         nope = tuple(i for i in range(int(c["num_hidden_layers"])) if not window or i not in (window_layers or [i]))
     heads, cohere = int(c["num_attention_heads"]), arch in (COHERE, COHERE2)
-    layer_norms = (COHERE, COHERE2, NEMOTRON, STABLELM, STARCODER2)  # the others' norms are RMS norms
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
     return ModelConfig(
@@ -581,7 +582,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         logits_scaling={**dict.fromkeys(GRANITES, c.get("logits_scaling")),
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0),
                         HYPERCLOVAX: 1 / c["logits_scaling"] if c.get("logits_scaling") else 0}.get(arch, 1.0),
-        layer_norm=arch in layer_norms, norm_bias=arch in layer_norms and not cohere,
+        layer_norm=arch in _LAYER_NORMS, norm_bias=arch in _LAYER_NORMS and not cohere,
         parallel_block=cohere or arch == STABLELM and bool(c["use_parallel_residual"]),
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
