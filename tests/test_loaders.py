@@ -386,7 +386,8 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     Apertus's ungated MLP of xIELU activations (their learned parameters drawn, beta and eps stored as
     scalars) and query and key norms; Nemotron's biased LayerNorms scaling by 1 + w, its ungated MLP of
     squared ReLUs and RoPE on half of each head; Arcee's ungated MLP; StarCoder2's LayerNorms, its ungated
-    MLP of GELUs (stored as c_fc and c_proj), biases on every projection and window in every layer."""
+    MLP of GELUs (stored as c_fc and c_proj), biases on every projection and window in every layer;
+    StableLM's LayerNorms with biases, RoPE on a quarter of each head and Q/K/V biases."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -556,9 +557,9 @@ def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["apertus", "arcee", "nemotron"])
 def test_ungated_mlps_saved_by_transformers_give_its_logits(tmp_path, arch):
     """Apertus's xIELU, its learned parameters drawn (beta and eps saved as scalars), and Arcee's and
-    Nemotron's squared ReLU in ungated MLPs, Nemotron's LayerNorms with biases, their weights w scaling by 1 +
-    w: a model saved by transformers itself (its config.json as transformers writes it: Nemotron's partial
-    RoPE in its RoPE parameters), with attention biases, gives its logits."""
+    Nemotron's squared ReLU in ungated MLPs, Nemotron's LayerNorms with biases, their weights w scaling by
+    1 + w: a model saved by transformers itself (its config.json as transformers writes it: Nemotron's
+    partial RoPE in its RoPE parameters), with attention biases, gives its logits."""
     hf = transformers_model(arch, attention_bias=True)
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.gated_mlp, m.config.norm_bias, m.config.output_bias) == (False, arch == "nemotron", True)
