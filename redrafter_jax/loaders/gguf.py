@@ -209,8 +209,9 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
                        beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)), truncate=arch != "gpt-oss")
 
 
-def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) -> dict:
-    """The `ModelConfig` settings an architecture has of its own, as llama.cpp reads them."""
+def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, tensors: dict) -> dict:
+    """The `ModelConfig` settings an architecture has of its own, as llama.cpp reads them (tensors: the file's,
+    by name)."""
     m = _arch_field(reader, arch)
     if arch == "granite":
         return dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
@@ -240,7 +241,7 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int) 
         return dict(hidden_act="relu2", gated_mlp=False, **norms)
     if arch == "stablelm":  # attention and the MLP side by side where a layer has no norm before the MLP
         return dict(layer_norm=True, norm_bias=True,
-                    parallel_block=all(t.name != "blk.0.ffn_norm.weight" for t in reader.tensors))
+                    parallel_block="blk.0.ffn_norm.weight" not in tensors)
     if arch == "starcoder2":  # an ungated MLP of GELUs (its biases, as attention's, where the file has them)
         return dict(layer_norm=True, norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False)
     if arch == "apertus":  # (its xIELU's parameters: `_xielu_values`)
@@ -379,7 +380,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
         mlp_bias=any(f"blk.{i}.ffn_down.bias" in tensors for i in range(layers)),
         **{"qk_norm": qk_norm, "output_bias": "blk.0.attn_output.bias" in tensors,
-           **_own_settings(reader, arch, hidden, layers)}, **_experts(reader, arch, source, layers),
+           **_own_settings(reader, arch, hidden, layers, tensors)}, **_experts(reader, arch, source, layers),
         bos_token_id=bos, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
