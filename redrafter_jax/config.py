@@ -125,9 +125,11 @@ class ModelConfig:
     # floor(p / w) w on: Llama 4's chunked attention), not to the last sliding_window
     window_chunks: bool = False
     nope_layers: tuple[int, ...] = ()  # layers whose queries and keys are not rotated (SmolLM3's NoPE layers)
-    # RMS norms of the queries and keys before RoPE: "head" of each head on its own (Qwen3, Gemma 3), "all"
-    # of all query heads together and all key heads together (OLMo 2), "unweighted" of each head without
-    # weights, in the layers with RoPE only (Llama 4's; it norms them after RoPE, which keeps their norms)
+    # Norms of the queries and keys before RoPE (RMS norms, LayerNorms where layer_norm): "head" of each head
+    # on its own, one weight for all (Qwen3, Gemma 3), "per_head" of each head on its own with weights of its
+    # own (Command R+, StableLM 2 12B), "all" of all query heads together and all key heads together (OLMo
+    # 2), "unweighted" of each head without weights, in the layers with RoPE only (Llama 4's; it norms them
+    # after RoPE, which keeps their norms)
     qk_norm: str | None = None
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
@@ -208,8 +210,8 @@ class ModelConfig:
         if not all(c is None or (isinstance(c, numbers.Real) and c > 0) for c in caps):
             raise ValueError(f"model config: soft caps must be positive or None, got {self.attn_softcap} and "
                              f"{self.final_softcap}")
-        if self.qk_norm not in (None, "head", "all", "unweighted"):
-            raise ValueError(f"model config: qk_norm must be None, 'head', 'all' or 'unweighted', got "
+        if self.qk_norm not in (None, "head", "per_head", "all", "unweighted"):
+            raise ValueError(f"model config: qk_norm must be None, 'head', 'per_head', 'all' or 'unweighted', got "
                              f"{self.qk_norm!r}")
         if not (self.pre_norms or self.post_norms):
             raise ValueError("model config: a layer needs pre_norms or post_norms (or both)")

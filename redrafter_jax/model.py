@@ -6,8 +6,8 @@ shared by G = nh / nkv query heads):
     layers: a list with one dict per layer (`pack_params`' packed ones: also `LayerStack`s of like layers):
         attn_norm [H] (only with pre_norms; and attn_norm_bias [H] with norm_bias, as mlp_norm and
         final_norm); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V); bqkv
-        [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm "head"; "all":
-        [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
+        [nkv, G + 2, D] (only with attention_bias); q_norm, k_norm [D] (qk_norm "head"; "per_head" and
+        "all": [nkv, G, D] and [nkv, 1, D]); sinks [nkv, G] (only with attention_sinks);
         wo [nh D, H] (query heads in order); bo [H] (only with output_bias);
         post_attn_norm [H] (only with post_norms); mlp_norm [H] (pre_norms, but parallel_block);
         w_gate_up [H, 2, I] (gate, up), or w_up [H, I] where not gated_mlp; w_down [I, H]; with mlp_bias
@@ -94,7 +94,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
         layer["bo"] = (h,)
     if cfg.qk_norm == "head":
         layer["q_norm"] = layer["k_norm"] = (cfg.head_dim,)
-    elif cfg.qk_norm == "all":
+    elif cfg.qk_norm in ("per_head", "all"):
         layer["q_norm"], layer["k_norm"] = (*qkv[:1], qkv[1] - 2, qkv[2]), (qkv[0], 1, qkv[2])
     if cfg.post_norms:
         layer["post_attn_norm"] = layer["post_mlp_norm"] = (h,)
@@ -274,8 +274,9 @@ def row_sum(x: jax.Array, op: Callable = jnp.add) -> jax.Array:
 
 def rms_norm(x: jax.Array, w: jax.Array | None, eps: float, center: bool = False,
              bias: jax.Array | None = None) -> jax.Array:
-    """x [..., D] normed over D in float32, times w [D] (None: unweighted), plus any bias [D]: an RMS norm,
-    or with `center` its mean taken out first (a LayerNorm: Cohere's without bias, Nemotron's with)."""
+    """x [..., D] normed over D in float32, times w [D] (or [..., D], broadcast: a weight per head; None:
+    unweighted), plus any bias [D]: an RMS norm, or with `center` its mean taken out first (a LayerNorm:
+    Cohere's without bias, Nemotron's with)."""
     x32 = x.astype(jnp.float32)
     if center:
         x32 = x32 - row_sum(x32) / x.shape[-1]
@@ -292,15 +293,17 @@ def optional_norm(x: jax.Array, p: dict, name: str, cfg: ModelConfig) -> jax.Arr
     return x if w is None else rms_norm(x, w, cfg.rms_norm_eps, cfg.layer_norm, p.get(f"{name}_bias"))
 
 
-def qk_norm(qkv: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, eps: float) -> jax.Array:
-    """qkv [B, T, nkv, G + 2, D] with the queries and keys normed: each head on its own (norms [D], or None:
-    unweighted), or all query heads together and all key heads together (norms [nkv, G, D] and [nkv, 1, D])."""
+def qk_norm(qkv: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, cfg: ModelConfig) -> jax.Array:
+    """qkv [B, T, nkv, G + 2, D] with the queries and keys normed as `cfg.qk_norm` says: each head on its own
+    (norms [D], None: unweighted; "per_head": [nkv, G, D] and [nkv, 1, D], a weight per head), or all query
+    heads together and all key heads together ("all": norms [nkv, G, D] and [nkv, 1, D])."""
     g = qkv.shape[3] - 2
 
-    def norm(x, w):  # x [B, T, nkv, G or 1, D]; w [D] or None: each head, or w [nkv, G or 1, D]: all at once
-        if w is None or w.ndim == 1:
-            return rms_norm(x, w, eps)
-        return rms_norm(x.reshape(*x.shape[:2], -1), w.reshape(-1), eps).reshape(x.shape)
+    def norm(x, w):  # x [B, T, nkv, G or 1, D]
+        if cfg.qk_norm != "all":
+            return rms_norm(x, w, cfg.rms_norm_eps, cfg.layer_norm)
+        return rms_norm(x.reshape(*x.shape[:2], -1), w.reshape(-1), cfg.rms_norm_eps,
+                        cfg.layer_norm).reshape(x.shape)
 
     return jnp.concatenate([norm(qkv[:, :, :, :g], q_norm), norm(qkv[:, :, :, g:g + 1], k_norm),
                             qkv[:, :, :, g + 1:]], axis=3)
@@ -592,7 +595,7 @@ def transformer(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: 
         if cfg.attention_bias:
             qkv = qkv + p["bqkv"]
         if cfg.qk_norm and not (cfg.qk_norm == "unweighted" and nope):  # before RoPE
-            qkv = qk_norm(qkv, p.get("q_norm"), p.get("k_norm"), cfg.rms_norm_eps)
+            qkv = qk_norm(qkv, p.get("q_norm"), p.get("k_norm"), cfg)
         if qs is not None and (nope or not qs.nope_only):  # (before RoPE too, which it commutes with)
             qkv = jnp.concatenate([qkv[:, :, :, :g] * query_scale.astype(qkv.dtype), qkv[:, :, :, g:]], axis=3)
         if isinstance(p["wqkv"], rows_matmul.Packed) and cpu_attention.supported(qkv):  # the CPU decode loops

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import datetime
 import inspect
+import itertools
 import json
 import math
 import os
@@ -592,6 +593,19 @@ def test_stablelm_attention_and_mlp_in_turn_or_side_by_side_give_transformers_lo
     assert_logits_match_transformers(m, hf)
 
 
+@pytest.mark.parametrize("arch, setting", [("cohere", dict(use_qk_norm=True)),
+                                           ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True))])
+def test_per_head_query_and_key_layernorms_give_transformers_logits(tmp_path, arch, setting):
+    """Command R+'s and StableLM 2 12B's LayerNorms of each query and key head, each head with weights of its
+    own (Cohere's stored [heads, head_dim], its dims reordered for its RoPE over adjacent ones; StableLM's
+    one tensor per head, on a quarter of each head's RoPE): a model saved by transformers itself, its norms
+    drawn, gives its logits."""
+    hf = transformers_model(arch, **setting)
+    m = saved_with_biases_and_norms_drawn(hf, tmp_path)
+    assert (m.config.qk_norm, m.config.layer_norm) == ("per_head", True)
+    assert_logits_match_transformers(m, hf)
+
+
 @pytest.mark.parametrize("post_norm", [True, False])
 def test_hyperclovax_residual_multiplier_scales_its_post_norms_or_its_projections(tmp_path, post_norm):
     """HyperCLOVA X's residual multiplier scales a branch after its norm where use_post_norm says (folded into
@@ -943,7 +957,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("apertus", {"num_hidden_layers": 3}),
                                            ("nemotron", {"num_hidden_layers": 3}),
                                            ("starcoder2", {"num_hidden_layers": 3}),
-                                           ("stablelm", {"num_hidden_layers": 3, "hidden_size": 64})])
+                                           ("stablelm", {"num_hidden_layers": 3, "hidden_size": 64,
+                                                         "qk_layernorm": True})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -960,12 +975,15 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     windowed layers between global ones (one scanned stack on the CPU), HyperCLOVA X's norms after attention and
     the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
     Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
-    stack of three, StableLM's RoPE on a quarter of each head, in the decode loops (on the
-    CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
+    stack of three, StableLM's RoPE on a quarter of each head and its query and key LayerNorms with weights per
+    head, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
     lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
-    tensors = hf_tensors(arch, np.random.default_rng(2), layers=setting.get("num_hidden_layers", 2), head_dim=16,
-                         hidden=setting.get("hidden_size", 32))
+    rng, layers = np.random.default_rng(2), setting.get("num_hidden_layers", 2)
+    tensors = hf_tensors(arch, rng, layers=layers, head_dim=16, hidden=setting.get("hidden_size", 32))
+    if setting.get("qk_layernorm"):  # StableLM's, one tensor per head
+        tensors.update({f"model.layers.{i}.self_attn.{n}_layernorm.norms.{h}.weight": rng.uniform(0.5, 1.5, 16)
+                        for i in range(layers) for n, heads in (("q", 4), ("k", 2)) for h in range(heads)})
     write_checkpoint(tmp_path, arch, tensors, head_dim=16, **setting)
     m = load_hf(str(tmp_path))
     assert {"qwen3": m.config.rope_cos_sin_scale() > 1, "mistral": m.config.sliding_window == 5,
@@ -989,7 +1007,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "apertus": m.config.hidden_act == "xielu" and not m.config.gated_mlp,
             "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2",
             "starcoder2": m.config.mlp_bias and m.config.output_bias and m.config.sliding_window == 5,
-            "stablelm": m.config.norm_bias and m.config.rotary_dim == 4 and m.config.attention_bias}[arch]
+            "stablelm": m.config.norm_bias and m.config.rotary_dim == 4 and m.config.attention_bias and
+            m.config.qk_norm == "per_head"}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1088,7 +1107,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] and 0 "),
     ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
     ("use_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.q_proj.bias'"),  # (ERNIE's: all biased)
-    ("qk_layernorm", "unsupported qk_layernorm: true \\(StableLM's LayerNorms of each query and key head"),
+    # (StableLM's query and key norms, stored one per head)
+    ("qk_layernorm", "checkpoint is missing tensor 'model.layers.0.self_attn.q_layernorm.norms.0.weight'"),
     ("attention_out_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.o_proj.bias'"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
     ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
@@ -1229,7 +1249,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
         w.add_rope_scaling_factor(scaling[1])
         if scaling[2:]:
             w.add_rope_scaling_orig_ctx_len(scaling[2])
-    for key, value in {"attention.value_length": head_dim, **(metadata or {})}.items():
+    for key, value in {"attention.value_length": head_dim, "rope.freq_base": 10000.0, **(metadata or {})}.items():
         (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
     w.add_block_count(layers)
     w.add_context_length(64)
@@ -1243,7 +1263,6 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_key_length(head_dim)
-    w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     if sentencepiece is None:
         w.add_tokenizer_model("gpt2")
@@ -1431,6 +1450,29 @@ def test_gguf_stablelm_without_norms_before_its_mlps_runs_them_beside_attention(
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
+
+
+@pytest.mark.parametrize("arch, setting", [("cohere", dict(use_qk_norm=True)),
+                                           ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True))])
+def test_gguf_per_head_query_and_key_layernorms_give_transformers_logits(tmp_path, arch, setting):
+    """Command R+'s and StableLM 2 12B's query and key LayerNorms as llama.cpp's converter stores them
+    ([heads, head_dim], StableLM's per-head tensors stacked; read as LayerNorms of each head, with weights
+    of its own, by their shape): a model saved by transformers itself, its norms drawn, written so, gives
+    transformers' logits."""
+    hf = transformers_model(arch, **setting)
+    saved_with_biases_and_norms_drawn(hf, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    for i, (part, heads) in itertools.product(range(2), (("q", 4), ("k", 2))):  # (StableLM's, one per head)
+        if stacked := [t.pop(k) for h in range(heads) if (k := f"model.layers.{i}.self_attn.{part}_layernorm."
+                                                               f"norms.{h}.weight") in t]:
+            t[f"model.layers.{i}.self_attn.{part}_layernorm.weight"] = np.stack(stacked)
+    write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), t, metadata={
+        "attention.layer_norm_epsilon": 1e-5, "rope.freq_base": hf.config.rope_parameters["rope_theta"],
+        **({"logit_scale": hf.config.logit_scale} if arch == "cohere" else {"rope.dimension_count": 2})})
+    gg = load_gguf(str(tmp_path / "model.gguf"))
+    assert gg.config.qk_norm == "per_head"
+    assert_logits_match_transformers(gg, hf)
 
 
 def test_gguf_qwen2vl_text_model_loads_as_qwen2(tmp_path):

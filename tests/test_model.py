@@ -115,7 +115,7 @@ def test_random_draws_are_jax_randoms_from_a_few_compiled_samplers():
     (dict(sliding_window=0), "sliding_window must be positive"),
     (dict(window_layers=(1,)), "window_layers and window_chunks need a sliding_window"),
     (dict(window_chunks=True), "window_layers and window_chunks need a sliding_window"),
-    (dict(qk_norm="l2"), "qk_norm must be None, 'head', 'all' or 'unweighted'"),
+    (dict(qk_norm="l2"), "qk_norm must be None, 'head', 'per_head', 'all' or 'unweighted'"),
     (dict(query_scaling=(0.1, 8)), "query_scaling must be a QueryScaling"),
     (dict(sliding_window=4, window_layers=(1, 0)), r"window_layers must be distinct layer indices in \[0, 2\)"),
     (dict(nope_layers=(2,)), r"nope_layers must be distinct layer indices in \[0, 2\) in order, got \(2,\)"),

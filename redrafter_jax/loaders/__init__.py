@@ -183,10 +183,14 @@ class RopeOrdered(_Rewritten):
             np.arange(d)  # the stored dim each dim of rotate_half's layout holds
         order = halves[rotary_order(d, r)]
 
-        def reorder(x):  # [heads D, ...]: each head's dims in `order`
-            return x.reshape(-1, d, *x.shape[1:])[:, order].reshape(x.shape)
+        def weights(x):  # [heads D, H]: each head's dims in `order`
+            return x.reshape(-1, d, x.shape[1])[:, order].reshape(x.shape)
 
-        super().__init__(source, [(pattern, reorder) for ours in ("wq", "wk", "bq", "bk", "q_norm", "k_norm")
+        def vectors(x):  # biases and norms, [(heads) D] or [heads, D]
+            return x.reshape(-1, d)[:, order].reshape(x.shape)
+
+        super().__init__(source, [(pattern, weights if ours in ("wq", "wk") else vectors)
+                                  for ours in ("wq", "wk", "bq", "bk", "q_norm", "k_norm")
                                   for pattern in _patterns(cfg, ours, fmt)])
 
 
@@ -314,6 +318,8 @@ def _stored_shapes(cfg: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[
     d = cfg.head_dim
     if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all" or ours == "sinks":  # stored [heads (D)]
         return [(int(np.prod(shape)),)]
+    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "per_head":  # stored [heads, D]
+        return [(int(np.prod(shape[:2])), d)]
     if ours == "xielu":  # (transformers saves beta and eps as scalars, which the check takes for [1])
         return [(1,)] * 4
     lead = shape[:1] if ours == "wqkv" else ()  # the weight's input axis H; the bias has none
@@ -346,8 +352,8 @@ def _block(cfg: ModelConfig, ours: str, parts: list[str], index: tuple[slice, ..
             groups.append(x.reshape(k1 - k0, per_kv, cfg.head_dim, *x.shape[1:]))
         x = np.moveaxis(np.concatenate(groups, axis=1), (0, 1, 2), (-3, -2, -1))
         return x[(slice(None),) * len(lead) + (slice(None), j, d)]
-    if ours in ("q_norm", "k_norm") and cfg.qk_norm == "all":  # [heads D] -> [nkv, G or 1, D], heads in order
-        x = source.read(parts[0], (slice(None),))
+    if ours in ("q_norm", "k_norm") and cfg.qk_norm in ("per_head", "all"):  # [heads (D)] -> [nkv, G or 1, D]
+        x = source.read(parts[0], (slice(None),) * (1 + (cfg.qk_norm == "per_head")))
         return x.reshape(cfg.num_kv_heads, -1, cfg.head_dim)[index]
     if ours == "sinks":  # [heads] -> [nkv, G]
         return source.read(parts[0], (slice(None),)).reshape(cfg.num_kv_heads, -1)[index]

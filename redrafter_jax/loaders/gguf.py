@@ -353,11 +353,12 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         if int(m(key, head_dim)) != head_dim and not (key == "rope.dimension_count" and arch in _PARTIAL_ROPE):
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
                              f"(RoPE on every dimension of a head, values as wide as keys)")
-    qk_norm = None  # of each head ([head_dim]), or of all heads at once (OLMo's [heads x head_dim])
-    if arch in (*_COHERE, "stablelm") and "blk.0.attn_q_norm.weight" in tensors:
-        raise ValueError(f"unsupported GGUF {arch} with query and key norms (LayerNorms of each head)")
+    # of each head ([head_dim]), each with its own weights (Command R+'s, StableLM's [heads, head_dim]), or of
+    # all heads at once (OLMo's [heads x head_dim])
+    qk_norm = None
     if "blk.0.attn_q_norm.weight" in tensors:
-        qk_norm = "head" if source.shape("blk.0.attn_q_norm.weight") == (head_dim,) else "all"
+        qk_norm = {(head_dim,): "head", (n_heads, head_dim): "per_head"}.get(
+            tuple(source.shape("blk.0.attn_q_norm.weight")), "all")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
     # llama.cpp also ends generation at the end of a turn or message (Gemma's and GPT-OSS's found by their text)

@@ -527,11 +527,6 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                              f"{c['num_experts']} experts (only Granite 4's attention-only dense models load, "
                              f"not its Mamba layers or experts)")
         c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
-    if c.get("use_qk_norm") and arch != LLAMA4:  # Cohere's
-        raise ValueError("unsupported use_qk_norm: true (Cohere's query and key LayerNorms)")
-    if arch == STABLELM and c.get("qk_layernorm"):  # (StableLM 2 12B's)
-        raise ValueError("unsupported qk_layernorm: true (StableLM's LayerNorms of each query and key head, each "
-                         "with its own weights)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
@@ -568,7 +563,10 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         nope_layers=nope,
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all"),
-                 LLAMA4: "unweighted" if c.get("use_qk_norm") else None}.get(arch),
+                 LLAMA4: "unweighted" if c.get("use_qk_norm") else None,
+                 # (Command R+'s, StableLM 2 12B's)
+                 COHERE: "per_head" if c.get("use_qk_norm") else None,
+                 STABLELM: "per_head" if c.get("qk_layernorm") else None}.get(arch),
         hidden_act=act, gated_mlp=arch not in (APERTUS, ARCEE, NEMOTRON, STARCODER2),
         mlp_bias=use_bias or arch in _MLP_BIAS and bool(c.get("mlp_bias")),
         **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
@@ -772,9 +770,10 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     Nemotron's norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts'
     experts stacked (`loaders.Renamed`; GPT-OSS's and Llama 4's split: `_FusedExperts`), GLM's and Granite
     4's fused gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's, Apertus's
-    and HyperCLOVA X's norms, Granite 4's and StarCoder2's MLPs), query and key heads' dims reordered where
-    RoPE covers part of them (Phi-4-mini's, GLM's, Nemotron's) or pairs adjacent ones (GLM's, ERNIE's,
-    Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
+    and HyperCLOVA X's norms, Granite 4's and StarCoder2's MLPs; StableLM's query and key norms, one per head,
+    stacked), query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's, GLM's,
+    Nemotron's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's, Llama 4's: `loaders.RopeOrdered`); the
+    others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
@@ -795,6 +794,11 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
              VAULTGEMMA: _VAULTGEMMA_NORMS, HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
         source = Renamed(source, in_layers(names))
+    if arch == STABLELM and cfg.qk_norm:  # its query and key LayerNorms, stored one per head
+        source = Renamed(source, {f"model.layers.{i}.self_attn.{ours}.weight": [
+            f"model.layers.{i}.self_attn.{theirs}.norms.{h}.weight" for h in range(heads)]
+            for i in range(cfg.num_layers) for ours, theirs, heads in (("q_norm", "q_layernorm", cfg.num_heads),
+                                                                       ("k_norm", "k_layernorm", cfg.num_kv_heads))})
     if arch in (GLM, GLM4, GRANITE4):
         source = Unfused(source, fused_parts(cfg, qkv=False))
     if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
