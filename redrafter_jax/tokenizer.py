@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+from typing import NamedTuple
 
 import jinja2
 import jinja2.ext
@@ -12,8 +13,9 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-# llama.cpp's `tokenizer.ggml.pre` names of byte-level BPE pre-tokenizers, as `tokenizers` pieces.
-_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# llama.cpp's byte-level BPE pre-tokenizers: regexes that split text in turn (a regex's matches and the text
+# between them are both pieces, which the next one splits further), as its unicode_regex_split applies them
+_GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
 _LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"""
                  r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
@@ -21,38 +23,51 @@ _QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
 # Seed-Coder's (Seed-OSS's): Qwen2's, but a run of punctuation stops at a line break
 _SEED_CODER_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}\r\n]+"""
                      r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
-# o200k's (GPT-4o's, GPT-OSS's): words split before capitals, contractions kept with their word
-_O200K_REGEX = "|".join([
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+"""])
+# words split before capitals (as the models' own tokenizers split them: llama.cpp approximates the cases)
+_CASED_WORDS = (r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+""",
+                r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*""")
+_CASED_REST = r""" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# o200k's (GPT-4o's, GPT-OSS's): contractions kept with their word, numbers in threes
+_O200K_REGEX = "|".join([w + r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?" for w in _CASED_WORDS] + [r"\p{N}{1,3}", _CASED_REST])
+# Tekken's (Mistral NeMo's, Ministral's, Pixtral's): no contractions, digits one by one
+_TEKKEN_REGEX = "|".join([*_CASED_WORDS, r"\p{N}", _CASED_REST])
 
 
-def _byte_level_split(regex: str) -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+class _Pre(NamedTuple):
+    splits: tuple[str, ...]
+    ignore_merges: bool = False  # a piece that is a token stays one, unmerged (llama.cpp's and the model's own)
+    add_bos: bool = False  # a BOS leads the text where the file does not say (tokenizer.ggml.add_bos_token)
 
 
-# llama.cpp's pre-tokenizer names that split as another's (Command R's as SmolLM's, GLM-4's as Llama 3's)
-_SAME_PRE = {"command-r": "smollm", "glm4": "llama3", "chatglm-bpe": "llama3", "llama-bpe": "llama3",
-             "llama4": "gpt-4o"}
-PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama3", "qwen2", "seed-coder", "gpt-4o", *_SAME_PRE)
+_LLAMA3 = _Pre((_LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+# by the names llama.cpp's converter writes (`tokenizer.ggml.pre`), as llama.cpp reads each
+GGUF_PRE_TOKENIZERS = {
+    # (what llama.cpp also does where the file names none)
+    "default": _Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]")),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4", "a.x-4.0",
+                     "mellum"), _Pre((_GPT2_REGEX,))),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                    _Pre((r"\p{N}", _GPT2_REGEX))),  # digits one by one first
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
+                    _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), _Pre(_LLAMA3.splits)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2", "hunyuan"), _Pre((_QWEN2_REGEX,))),
+    "seed-coder": _Pre((_SEED_CODER_REGEX,)),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _Pre((_O200K_REGEX,))),
+    "tekken": _Pre((_TEKKEN_REGEX,), ignore_merges=True, add_bos=True),
+}
+
+
+def _gguf_pre(name: str) -> _Pre:
+    if name not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} (supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
+    return GGUF_PRE_TOKENIZERS[name]
 
 
 def _gguf_pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
-    name = _SAME_PRE.get(name, name)
-    if name in ("default", "gpt2"):
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if name == "smollm":  # digits split one by one, then GPT-2's regex
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    regex = {"llama3": _LLAMA3_REGEX, "qwen2": _QWEN2_REGEX, "seed-coder": _SEED_CODER_REGEX,
-             "gpt-4o": _O200K_REGEX}.get(name)
-    if regex is None:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {name!r} (supported: {', '.join(PRE_TOKENIZERS)})")
-    return _byte_level_split(regex)
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated", invert=False) for r in _gguf_pre(name).splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 _NORMAL = 1  # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
@@ -135,19 +150,23 @@ class Tokenizer:
     @classmethod
     def from_gguf_vocab(cls, model: str, pre: str, tokens: list[str], token_types: list[int],
                         merges: list[str] | None, chat_template: str | None, bos_token_id: int | None,
-                        eos_token_ids: tuple[int, ...], add_bos: bool, scores: list[float] | None = None,
+                        eos_token_ids: tuple[int, ...], add_bos: bool | None, scores: list[float] | None = None,
                         unknown_token_id: int = 0, add_space_prefix: bool = True) -> "Tokenizer":
         """A tokenizer from GGUF `tokenizer.ggml.*` metadata: byte-level BPE ("gpt2": its merges and
         pre-tokenizer) or SentencePiece BPE ("llama": Llama 1/2's, Mistral 7B's, TinyLlama's; its pieces'
-        scores, as transformers converts a SentencePiece model)."""
+        scores, as transformers converts a SentencePiece model). add_bos None: llama.cpp's default for the
+        vocabulary (SentencePiece's and some pre-tokenizers' a BOS)."""
         vocab = {t: i for i, t in enumerate(tokens)}
         if model == "gpt2":
             pairs = [tuple(m.split(" ", 1)) for m in merges]
-            tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+            tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
+                                                  ignore_merges=_gguf_pre(pre).ignore_merges))
             tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
             tok.decoder = decoders.ByteLevel()
+            default_bos = _gguf_pre(pre).add_bos
         elif model == "llama":
             tok = _sentencepiece_bpe(vocab, tokens, scores, token_types, unknown_token_id, add_space_prefix)
+            default_bos = True
         else:
             raise ValueError(f"unsupported GGUF tokenizer model {model!r} (supported: gpt2 byte-level BPE, llama "
                              f"SentencePiece BPE)")
@@ -155,7 +174,7 @@ class Tokenizer:
         special = [tokenizers.AddedToken(t, special=True, normalized=False)
                    for t, ty in zip(tokens, token_types) if ty in (3, 4)]
         tok.add_special_tokens(special)
-        return cls(tok, chat_template, bos_token_id, eos_token_ids, add_bos)
+        return cls(tok, chat_template, bos_token_id, eos_token_ids, default_bos if add_bos is None else add_bos)
 
     @property
     def vocab_size(self) -> int:

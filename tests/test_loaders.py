@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jinja2
 import numpy as np
 import pytest
+import regex
 import tokenizers
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -976,8 +977,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
     Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
     stack of three, StableLM's RoPE on a quarter of each head and its query and key LayerNorms with weights per
-    head, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an uncached forward at every step, and
-    lookup-only speculative decoding equals it."""
+    head, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an
+    uncached forward at every step, and lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     rng, layers = np.random.default_rng(2), setting.get("num_hidden_layers", 2)
     tensors = hf_tensors(arch, rng, layers=layers, head_dim=16, hidden=setting.get("hidden_size", 32))
@@ -1692,12 +1693,85 @@ LLAMA3_PIECES = ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġx", "!ĊĊ",
     ("command-r", ["HelloWorld", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "ĊĊĠ", "Ġy", "/"]),
     # Seed-Coder's (Seed-OSS's): Qwen2's, but punctuation does not take the line breaks after it
     ("seed-coder", ["HelloWorld", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "ĊĊ", "Ġ", "Ġy", "/"]),
+    # Tekken's (Mistral NeMo's): o200k's words without their contractions, digits one by one
+    ("tekken", ["Hello", "World", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]),
+    # llama.cpp's default (a file that names none): punctuation first, then GPT-2's regex, numbers in threes
+    ("default", ["HelloWorld", "Ġdon", "'", "t", "Ġ", "123", "45", "Ġx", "!", "ĊĊĠ", "Ġy", "/"]),
 ])
 def test_gguf_pre_tokenizers_split_as_llama_cpp_does(pre, pieces):
     """Each GGUF pre-tokenizer name splits text as llama.cpp's regexes for it do."""
     from redrafter_jax.tokenizer import _gguf_pre_tokenizer
 
     assert [p for p, _ in _gguf_pre_tokenizer(pre).pre_tokenize_str("HelloWorld don't 12345 x!\n\n  y/")] == pieces
+
+
+# llama.cpp's regexes of each kind of pre-tokenizer, as llama-vocab.cpp writes them (o200k's and Tekken's as
+# the models' own tokenizer.json files write them: llama.cpp approximates their letter cases), by names of it
+LLAMA_CPP_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+LLAMA_CPP_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+CASED = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{c}|"
+         r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*{c}|{n}| ?[^\s\p{L}\p{N}]+"
+         r"[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA_CPP_TAIL = r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA_CPP_SPLITS = [
+    (("default",), [r"[\p{P}\$\+<=>\^~\|]+", LLAMA_CPP_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"]),
+    (("gpt-2", "olmo", "exaone4", "mpt"), [LLAMA_CPP_GPT2]),
+    (("smollm", "starcoder", "refact", "command-r", "exaone"), [r"\p{N}", LLAMA_CPP_GPT2]),
+    (("llama-bpe", "dbrx", "glm4", "pixtral", "falcon3"),
+     [LLAMA_CPP_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|" + LLAMA_CPP_TAIL]),
+    (("qwen2", "stablelm2", "deepseek-r1-qwen"),
+     [LLAMA_CPP_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|" + LLAMA_CPP_TAIL]),
+    (("seed-coder",), [LLAMA_CPP_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|"
+                       r"\s*[\r\n]+|\s+(?!\S)|\s+"]),
+    (("gpt-4o", "llama4"), [CASED.replace("{c}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?").replace("{n}", r"\p{N}{1,3}")]),
+    (("tekken",), [CASED.replace("{c}", "").replace("{n}", r"\p{N}")]),
+]
+
+
+def regex_split(text, regexes):
+    """text split by each regex in turn as llama.cpp's unicode_regex_split splits it: a regex's matches and
+    the text between them are both pieces, which the next regex splits further."""
+    pieces = [text]
+    for r in regexes:
+        split = []
+        for piece in pieces:
+            at = 0
+            for m in regex.finditer(r, piece):
+                split += [piece[at:m.start()]] * (m.start() > at) + [m.group()] * (m.end() > m.start())
+                at = m.end()
+            split += [piece[at:]] * (at < len(piece))
+        pieces = split
+    return pieces
+
+
+@pytest.mark.parametrize("pre, regexes", [(pre, r) for names, r in LLAMA_CPP_SPLITS for pre in names])
+def test_gguf_pre_tokenizers_split_random_text_as_llama_cpp_regexes_do(pre, regexes):
+    """Each GGUF pre-tokenizer name splits text (TEXTS and 300 random ones) as llama.cpp's regexes for its
+    kind do, applied in turn by a regex engine of their own."""
+    from redrafter_jax.tokenizer import _gguf_pre_tokenizer
+
+    byte_level = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    ours = _gguf_pre_tokenizer(pre)
+    for text in TEXTS + random_texts(300, seed=1):
+        want = [byte_level.pre_tokenize_str(p)[0][0] for p in regex_split(text, regexes)]
+        assert [p for p, _ in ours.pre_tokenize_str(text)] == want, text
+
+
+@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("tekken", True), ("dbrx", False), ("qwen2", False)])
+def test_gguf_pre_tokenizers_take_whole_tokens_and_a_bos_where_llama_cpp_does(pre, whole):
+    """llama.cpp's Llama 3 and Tekken pre-tokenizers take a piece that is a token whole, whatever the merges
+    (ignore_merges, as those models' own tokenizers do), and lead with a BOS where the file does not say
+    otherwise; the others merge, and add a BOS only where the file says so."""
+    from redrafter_jax.tokenizer import Tokenizer
+
+    def tokenizer(add_bos):
+        return Tokenizer.from_gguf_vocab(model="gpt2", pre=pre, tokens=["<s>", "a", "b", "c", "ab", "abc"],
+                                         token_types=[3, 1, 1, 1, 1, 1], merges=["a b"], chat_template=None,
+                                         bos_token_id=0, eos_token_ids=(0,), add_bos=add_bos)
+
+    assert tokenizer(None).encode("abc") == ([0, 5] if whole else [4, 3])
+    assert tokenizer(False).encode("abc") == ([5] if whole else [4, 3])
+    assert tokenizer(True).encode("abc")[0] == 0
 
 
 def random_texts(n, seed=0):

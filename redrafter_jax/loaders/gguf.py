@@ -404,13 +404,14 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
                                                                float(m("attention.scale")) or head_dim ** -0.5))
 
     model = _field(reader, "tokenizer.ggml.model")
-    spm = model == "llama"  # SentencePiece: llama.cpp's defaults are a BOS and a space before the text
+    spm = model == "llama"  # SentencePiece: llama.cpp's default is a space before the text
+    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")  # (None: llama.cpp's default for the vocabulary)
     tok = Tokenizer.from_gguf_vocab(
         model=model, pre=pre,
         tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
         merges=None if spm else _field(reader, "tokenizer.ggml.merges"),
         chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
-        eos_token_ids=eos, add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", spm)),
+        eos_token_ids=eos, add_bos=None if add_bos is None else bool(add_bos.contents()),
         scores=_field(reader, "tokenizer.ggml.scores") if spm else None,
         unknown_token_id=int(_field(reader, "tokenizer.ggml.unknown_token_id", 0)),
         add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)))
