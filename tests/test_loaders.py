@@ -24,8 +24,8 @@ from safetensors.numpy import save_file
 from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
-from redrafter_jax.loaders.gguf import _xielu_values, load_gguf, unpermute_rope
-from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf
+from redrafter_jax.loaders.gguf import _xielu_values, load_gguf, open_gguf, unpermute_rope
+from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf, open_hf
 from redrafter_jax.model import forward_causal
 from redrafter_jax.mxfp4 import Mxfp4
 from tests.tiny import TINY
@@ -1345,7 +1345,7 @@ def llama4_as_converted(t, layers):
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
                                   "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
-                                  "starcoder2", "stablelm"])
+                                  "starcoder2", "stablelm", "exaone4"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
@@ -1363,7 +1363,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head; Apertus's xIELU
     parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; StarCoder2's
     biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none for it);
-    StableLM's LayerNorms with biases and RoPE on a quarter of each head; each tensor
+    StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE 4's norms after attention and
+    the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); each tensor
     under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
     model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
@@ -1391,6 +1392,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
                  "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2), "apertus": dict(pad_token_id=2),
                  "starcoder2": dict(sliding_window=None, pad_token_id=2),
+                 "exaone4": dict(sliding_window=None),  # (llama.cpp windows its 64-layer model alone)
                  "glm4": dict(bos_token_id=None),  # (llama.cpp adds no BOS with GLM-4's pre-tokenizer)
                  "llama4": dict(no_rope_layers=None, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1),
                  # llama.cpp's SwiGLU limit (no key gives it)
@@ -1474,6 +1476,23 @@ def test_gguf_per_head_query_and_key_layernorms_give_transformers_logits(tmp_pat
     gg = load_gguf(str(tmp_path / "model.gguf"))
     assert gg.config.qk_norm == "per_head"
     assert_logits_match_transformers(gg, hf)
+
+
+@pytest.mark.parametrize("window", [None, 2048])
+def test_gguf_exaone4_of_64_layers_is_windowed_as_its_hugging_face_config_says(tmp_path, window):
+    """llama.cpp windows the 64-layer EXAONE 4 (4.0 32B; by 4096 positions where the file names no window) in
+    3 of every 4 layers, RoPE only there, as that model's Hugging Face config does."""
+    t = hf_tensors("exaone4", np.random.default_rng(8), layers=64, hidden=8, inter=8, heads=2, kv=1, head_dim=4)
+    write_gguf(tmp_path / "model.gguf", "exaone4", t, layers=64, heads=2, kv=1, head_dim=4,
+               metadata=window and {"attention.sliding_window": window})
+    write_checkpoint(tmp_path / "hf", "exaone4", t, num_hidden_layers=64, hidden_size=8, intermediate_size=8,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=window or 4096,
+                     sliding_window_pattern=4)
+    gg, hf = open_gguf(str(tmp_path / "model.gguf")).config, open_hf(str(tmp_path / "hf")).config
+    assert (gg.sliding_window, gg.window_layers, gg.nope_layers) == (
+        hf.sliding_window, hf.window_layers, hf.nope_layers)
+    assert gg.sliding_window == (window or 4096)
+    assert gg.window_layers[:4] == (0, 1, 2, 4) and gg.nope_layers[:2] == (3, 7)
 
 
 def test_gguf_qwen2vl_text_model_loads_as_qwen2(tmp_path):
@@ -1613,6 +1632,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
     ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
     ("mobilellm", r"unsupported GGUF llama4 attention.sliding_window 0 \(Llama 4's chunks are 8192 positions"),
+    ("pre_tokenizer", r"unsupported GGUF pre-tokenizer 'deepseek-llm' \(supported: default, gpt-2, "),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
@@ -1629,7 +1649,8 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
                 "mobilellm": {"expert_count": 4, "expert_used_count": 1, "attention.sliding_window": 0}}.get(case)
     tensors = hf_tensors(arch, np.random.default_rng(3))
     write_gguf(tmp_path / "model.gguf", arch, llama4_as_converted(tensors, 2) if arch == "llama4" else tensors,
-               scaling=scaling, extras=extras, metadata=metadata)
+               scaling=scaling, extras=extras, metadata=metadata,
+               pre="deepseek-llm" if case == "pre_tokenizer" else None)  # (a name of llama.cpp's we do not split)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
 

@@ -26,9 +26,10 @@ from redrafter_jax.loaders import (
 from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "gemma", "gemma2", "gemma3",
-                           "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe", "qwen2", "qwen2moe",
-                           "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
+SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "exaone4", "gemma",
+                           "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe",
+                           "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm",
+                           "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -43,7 +44,10 @@ _COHERE = ("cohere2", "command-r")
 _LAYER_NORMS = (*_COHERE, "nemotron", "stablelm", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
 _PARTIAL_ROPE = ("glm4", "nemotron", "stablelm")
-COHERE2_WINDOW_EVERY = 4  # llama.cpp's Command R7B: 3 of every 4 layers windowed, with RoPE only there
+# llama.cpp's Command R7B and EXAONE 4.0 32B (the 64-layer EXAONE 4, windowed by 4096 positions where the file
+# names no window): 3 of every 4 layers windowed, with RoPE only there
+WINDOW_EVERY = 4
+EXAONE4_WINDOWED = dict(layers=64, window=4096)
 # Those whose converter names the norm before the MLP post_attention_norm
 _MLP_NORM_AFTER_ATTENTION = ("gpt-oss", "seed_oss")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 and Llama 4 leave every 4th layer unrotated (no GGUF key says so)
@@ -213,10 +217,21 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
     """The `ModelConfig` settings an architecture has of its own, as llama.cpp reads them (tensors: the file's,
     by name)."""
     m = _arch_field(reader, arch)
+
+    def windows(size):  # in 3 of every 4 layers (`WINDOW_EVERY`), RoPE only there
+        window = tuple(i for i in range(layers) if (i + 1) % WINDOW_EVERY)
+        return dict(sliding_window=size, window_layers=window, nope_layers=tuple(i for i in range(layers)
+                                                                                 if i not in window))
+
     if arch == "granite":
         return dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
     if arch == "olmo2":
         return dict(pre_norms=False, post_norms=True)
+    if arch == "exaone4":  # OLMo 2's norms; windows in the 64-layer model only
+        settings = dict(pre_norms=False, post_norms=True)
+        if layers == EXAONE4_WINDOWED["layers"]:
+            settings.update(windows(int(m("attention.sliding_window", EXAONE4_WINDOWED["window"]))))
+        return settings
     if arch == "smollm3":
         return dict(nope_layers=tuple(range(NOPE_EVERY - 1, layers, NOPE_EVERY)))
     if arch == "llama4":  # (MobileLLM-R1's files, attention.sliding_window 0, llama.cpp reads otherwise)
@@ -229,11 +244,7 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
                     qk_norm=None if int(m("expert_count", 0)) == LLAMA4["no_qk_norm_experts"] else "unweighted")
     if arch in _COHERE:
         settings = dict(layer_norm=True, parallel_block=True, logits_scaling=1 / float(m("logit_scale")))
-        if arch == "cohere2":
-            window = tuple(i for i in range(layers) if (i + 1) % COHERE2_WINDOW_EVERY)
-            settings.update(sliding_window=int(m("attention.sliding_window")), window_layers=window,
-                            nope_layers=tuple(i for i in range(layers) if i not in window))
-        return settings
+        return {**settings, **windows(int(m("attention.sliding_window")))} if arch == "cohere2" else settings
     if arch == "glm4":  # norms after attention and the MLP too
         return dict(post_norms=True)
     if arch in ("arcee", "nemotron"):  # ungated MLPs of squared ReLUs; Nemotron's LayerNorms have biases
