@@ -158,12 +158,12 @@ class Tokenizer:
         vocabulary (SentencePiece's and some pre-tokenizers' a BOS)."""
         vocab = {t: i for i, t in enumerate(tokens)}
         if model == "gpt2":
-            pairs = [tuple(m.split(" ", 1)) for m in merges]
+            pairs, spec = [tuple(m.split(" ", 1)) for m in merges], _gguf_pre(pre)
             tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False,
-                                                  ignore_merges=_gguf_pre(pre).ignore_merges))
+                                                  ignore_merges=spec.ignore_merges))
             tok.pre_tokenizer = _gguf_pre_tokenizer(pre)
             tok.decoder = decoders.ByteLevel()
-            default_bos = _gguf_pre(pre).add_bos
+            default_bos = spec.add_bos
         elif model == "llama":
             tok = _sentencepiece_bpe(vocab, tokens, scores, token_types, unknown_token_id, add_space_prefix)
             default_bos = True

@@ -1676,6 +1676,33 @@ def test_gguf_xielu_parameters_are_read_per_layer_or_one_for_all(tmp_path):
         _xielu_values(reader, 3)
 
 
+@pytest.mark.parametrize("fim_pad_key", [None, 9])
+def test_gguf_generation_ends_where_llama_cpp_ends_it(tmp_path, fim_pad_key):
+    """Beside the EOS and the file's end-of-turn id, llama.cpp ends generation at tokens it knows by their
+    text in any model (an end of text, of a turn, ...) and at the fill-in-the-middle padding, repository and
+    file-separator tokens (by the file's ids, else by their texts); with harmony's <|return|> and <|call|>,
+    not at its <|end|>."""
+    from redrafter_jax.loaders.gguf import _ends
+
+    tokens = ["<s>", "</s>", "w0", "<|endoftext|>", "<fim-pad>", "<|fim_pad|>", "<reponame>", "<|im_start|>",
+              "<|eot_id|>", "w1", "<|end|>", "<|return|>", "<|call|>"]
+
+    def ends(vocabulary):
+        w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+        w.add_token_list(vocabulary)
+        w.add_eot_token_id(2)
+        if fim_pad_key is not None:
+            w.add_uint32("tokenizer.ggml.fim_pad_token_id", fim_pad_key)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        return sorted(set(_ends(gguf.GGUFReader(str(tmp_path / "t.gguf")), vocabulary)))
+
+    fim_pad = 5 if fim_pad_key is None else fim_pad_key  # (the first of its texts the vocabulary has)
+    assert ends(tokens[:11]) == sorted({2, 3, fim_pad, 6, 8, 10})
+    assert ends(tokens) == sorted({2, 3, fim_pad, 6, 8, 11, 12})  # (harmony's: no <|end|>)
+
+
 def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path):
     """Llama 1/2's, Mistral 7B's and TinyLlama's GGUF files hold a SentencePiece BPE vocabulary (pieces and
     scores, no merges): the loaded tokenizer encodes and decodes as SentencePiece itself, the dummy prefix,

@@ -61,9 +61,15 @@ LLAMA4 = dict(chunk=8192, temperature=QueryScaling(0.1, 8192, offset=1, nope_onl
 GEMMA = {"gemma": dict(full_every=None, local_theta=None, layers_27b=None),
          "gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
          "gemma3": dict(full_every=6, local_theta=10000.0, layers_27b=62)}
-# The texts of the tokens llama.cpp ends generation at beside the file's end-of-text, turn and message ids:
-# Gemma's end of a turn, GPT-OSS's (harmony's) of a reply and of a tool call
-_END_TEXTS = {**dict.fromkeys(GEMMA, ("<end_of_turn>",)), "gpt-oss": ("<|return|>", "<|call|>")}
+# The tokens llama.cpp ends generation at beside the file's end-of-text, turn and message ids, in every model:
+# those with these texts, and the fill-in-the-middle padding, repository and file-separator tokens (the file's
+# ids, else the first of these texts the vocabulary has); where harmony's reply and tool-call ends are among
+# them (GPT-OSS's), not its <|end|> of a message
+_END_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
+              "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
+_FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+             "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+             "fim_sep": ("<|file_sep|>",)}
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
 # the file's expert_weights_norm says otherwise
 NORM_TOPK = ("llama", "qwen3moe")
@@ -304,6 +310,20 @@ def _xielu_values(reader: gguf.GGUFReader, layers: int) -> dict[str, np.ndarray]
     return values
 
 
+def _ends(reader: gguf.GGUFReader, tokens: list[str]) -> list[int]:
+    """The ids llama.cpp ends generation at beside the EOS (`_END_TEXTS`)."""
+    ids = {text: i for i, text in enumerate(tokens)}  # (a text twice: its last id, as llama.cpp maps it)
+    keys = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+    ends = [int(f.contents()) for f in map(reader.fields.get, keys) if f is not None]
+    ends += [ids[text] for text in _END_TEXTS if text in ids]
+    for kind, texts in _FIM_ENDS.items():
+        f = reader.fields.get(f"tokenizer.ggml.{kind}_token_id")
+        ends += [int(f.contents())] if f is not None else [ids[t] for t in texts if t in ids][:1]
+    if "<|return|>" in ids and "<|call|>" in ids:
+        ends = [e for e in ends if tokens[e] != "<|end|>"]
+    return ends
+
+
 def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
     """A mixture of experts' `ModelConfig` settings (none for a dense model), as llama.cpp reads them: the
     layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it;
@@ -372,11 +392,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
             tuple(source.shape("blk.0.attn_q_norm.weight")), "all")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
-    # llama.cpp also ends generation at the end of a turn or message (Gemma's and GPT-OSS's found by their text)
-    ends = [int(f.contents()) for f in map(reader.fields.get, ("tokenizer.ggml.eot_token_id",
-                                                               "tokenizer.ggml.eom_token_id")) if f is not None]
-    ends += [tokens.index(text) for text in _END_TEXTS.get(arch, ()) if text in tokens]
-    eos += tuple(dict.fromkeys(e for e in ends if e not in eos))
+    eos += tuple(e for e in dict.fromkeys(_ends(reader, tokens)) if e not in eos)
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     bos = int(bos.contents()) if bos is not None and pre not in ("glm4", "chatglm-bpe") else None  # (llama.cpp's)
