@@ -1753,8 +1753,8 @@ def test_gguf_pre_tokenizers_split_as_llama_cpp_does(pre, pieces):
     assert [p for p, _ in _gguf_pre_tokenizer(pre).pre_tokenize_str("HelloWorld don't 12345 x!\n\n  y/")] == pieces
 
 
-# llama.cpp's regexes of each kind of pre-tokenizer, as llama-vocab.cpp writes them (o200k's and Tekken's as
-# the models' own tokenizer.json files write them: llama.cpp approximates their letter cases), by names of it
+# llama.cpp's regexes of each kind of pre-tokenizer as llama-vocab.cpp writes them (o200k's and Tekken's as the
+# models' own tokenizer.json files do: llama.cpp approximates their letter cases), with names it reads as that kind
 LLAMA_CPP_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 LLAMA_CPP_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 CASED = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+{c}|"
