@@ -133,6 +133,7 @@ class ModelConfig:
     qk_norm: str | None = None
     embedding_multiplier: float = 1.0  # token embeddings times this entering the first layer (Granite, Gemma)
     logits_scaling: float = 1.0  # logits divided by this (Granite; its other two multipliers: `loaders.Scaled`)
+    lm_head_bias: bool = False  # the LM head adds a bias to the logits (Phi-2's)
     hidden_act: str = "silu"  # one of ACTIVATIONS
     gated_mlp: bool = True  # the MLP is act(gate) * up, then down; False: act(up), then down (Nemotron, Arcee)
     mlp_bias: bool = False  # the dense MLP's projections (gate and up, or up, and down) with biases

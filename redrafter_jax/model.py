@@ -2,7 +2,8 @@
 
 Params layout (matrices are [in, out] so activations multiply on the left; nkv KV heads, each
 shared by G = nh / nkv query heads):
-    embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed)
+    embed [V, H]; final_norm [H]; lm_head [H, V] (absent when tied to embed); lm_head_bias [V] (only with
+    lm_head_bias)
     layers: a list with one dict per layer (`pack_params`' packed ones: also `LayerStack`s of like layers):
         attn_norm [H] (only with pre_norms; and attn_norm_bias [H] with norm_bias, as mlp_norm and
         final_norm); wqkv [H, nkv, G + 2, D] (per KV head: its G query heads, then K, then V); bqkv
@@ -104,6 +105,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
         shapes["final_norm_bias"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
+    if cfg.lm_head_bias:
+        shapes["lm_head_bias"] = (cfg.vocab_size,)
     return shapes
 
 
@@ -650,12 +653,17 @@ def finish_logits(logits: jax.Array, cfg: ModelConfig | None) -> jax.Array:
 
 
 def lm_head(params: Params, hidden: jax.Array, cfg: ModelConfig | None = None) -> jax.Array:
-    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head), finished
-    as the target `cfg`'s (`finish_logits`; a drafter sharing the head passes none)."""
+    """hidden [..., H] -> float32 logits [..., V] (tied to the embedding when there is no lm_head; plus
+    lm_head_bias where there is one), finished as the target `cfg`'s (`finish_logits`; a drafter sharing the
+    head passes none)."""
     w = lm_head_weight(params)
     if isinstance(w, rows_matmul.Packed):
-        return finish_logits(linear(hidden, w), cfg)
-    return finish_logits(jnp.matmul(hidden, w, preferred_element_type=jnp.float32), cfg)
+        logits = linear(hidden, w)
+    else:
+        logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+    if "lm_head_bias" in params:
+        logits = logits + params["lm_head_bias"].astype(jnp.float32)
+    return finish_logits(logits, cfg)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,

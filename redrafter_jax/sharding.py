@@ -84,7 +84,8 @@ def param_specs(cfg: ModelConfig) -> Params:
     # MXFP4 experts (`mxfp4.Mxfp4`), [E, 2, F, H / 32, 16] and [E, H, F / 32, 16]: both split by F too
     layer.update({k: Mxfp4(P(None, None, MODEL), P(None, None, MODEL), order) for k, order in EXPERTS_ORDER.items()}
                  if cfg.expert_format == "mxfp4" else {})
-    top = {"embed": P(MODEL), "final_norm": P(), "final_norm_bias": P(), "lm_head": P(None, MODEL)}
+    top = {"embed": P(MODEL), "final_norm": P(), "final_norm_bias": P(), "lm_head": P(None, MODEL),
+           "lm_head_bias": P(MODEL)}
     shapes = param_shapes(cfg)
     return {**{k: top[k] for k in shapes if k != "layers"},
             "layers": [{k: layer[k] for k in s} for s in shapes["layers"]]}

@@ -67,6 +67,8 @@ ARCHS = {
     # Llama 3's RoPE scaling by default
     "apertus": dict(architectures=["ApertusForCausalLM"], model_type="apertus", tie_word_embeddings=False),
     # StableLM: LayerNorms with biases, RoPE on a quarter of each head, Q/K/V biases
+    # Phi-2: StableLM's parallel layer with biases everywhere, the LM head's too, RoPE on half of each head
+    "phi": dict(architectures=["PhiForCausalLM"], model_type="phi", tie_word_embeddings=False),
     "stablelm": dict(architectures=["StableLmForCausalLM"], model_type="stablelm", tie_word_embeddings=False,
                      use_qkv_bias=True),
     # StarCoder2: LayerNorms with biases, an ungated MLP of GELUs stored as c_fc and c_proj, biases on attention's
@@ -205,9 +207,9 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                   "mlp.down_proj.weight": (hidden, inter)}
         if i in MOE_LAYERS.get(arch, ()):
             shapes = {k: v for k, v in shapes.items() if not k.startswith("mlp.")}
-        if arch in ("apertus", "arcee", "nemotron", "starcoder2"):  # ungated MLPs
+        if arch in ("apertus", "arcee", "nemotron", "phi", "starcoder2"):  # ungated MLPs
             del shapes["mlp.gate_proj.weight"]
-        if arch == "starcoder2":  # biases on every projection
+        if arch in ("phi", "starcoder2"):  # biases on every projection
             shapes.update({n.replace(".weight", ".bias"): s[:1] for n, s in list(shapes.items())})
         if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium", "stablelm"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
@@ -220,8 +222,9 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "apertus":  # xIELU's learned parameters as transformers saves them ([1], [1], [], [])
             t.update({p + f"mlp.act_fn.{n}": rng.uniform(-1, 1, s) for n, s in (
                 ("alpha_p", 1), ("alpha_n", 1), ("beta", ()), ("eps", ()))})
-        if arch in ("nemotron", "stablelm", "starcoder2"):  # LayerNorms' biases
-            t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden) for n in ("input", "post_attention")})
+        if arch in ("nemotron", "phi", "stablelm", "starcoder2"):  # LayerNorms' biases (Phi's one norm's)
+            t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden)
+                      for n in ("input",) + ("post_attention",) * (arch != "phi")})
         if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
@@ -250,7 +253,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             t.update({p + f"post_{n}_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("self_attn", "mlp")})
         if arch not in ("olmo2", "olmo3", "exaone4"):
             t[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
-        if arch not in ("cohere", "cohere2", "vaultgemma"):  # (Cohere's MLP reads the norm attention reads)
+        if arch not in ("cohere", "cohere2", "phi", "vaultgemma"):  # (Cohere's MLP reads the norm attention reads)
             t[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, hidden)
         if arch == "apertus":
             t.update({p + f"{theirs}_layernorm.weight": t.pop(p + f"{ours}_layernorm.weight") for ours, theirs in (
@@ -258,8 +261,15 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch == "starcoder2":
             t.update({p + f"mlp.c_{theirs}.{kind}": t.pop(p + f"mlp.{ours}_proj.{kind}") for ours, theirs in (
                 ("up", "fc"), ("down", "proj")) for kind in ("weight", "bias")})
-    if arch in ("nemotron", "stablelm", "starcoder2"):
+        if arch == "phi":
+            t.update({p + theirs + kind: t.pop(p + ours + kind) for ours, theirs in (
+                ("self_attn.o_proj", "self_attn.dense"), ("mlp.up_proj", "mlp.fc1"), ("mlp.down_proj", "mlp.fc2"))
+                for kind in (".weight", ".bias")})
+    if arch in ("nemotron", "phi", "stablelm", "starcoder2"):
         t["model.norm.bias"] = rng.normal(0, 0.5, hidden)
+    if arch == "phi":
+        t.update({f"model.final_layernorm.{kind}": t.pop(f"model.norm.{kind}") for kind in ("weight", "bias")})
+        t["lm_head.bias"] = rng.normal(0, 0.5, vocab)
     return {k: np.asarray(v, np.float32) for k, v in t.items()}
 
 
@@ -334,7 +344,8 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4",
                                                        "gemma", "gemma2", "gemma3", "glm", "glm4", "granite",
                                                        "granite4", "helium", "hyperclovax", "nemotron", "olmo2",
-                                                       "olmo3", "phi3", "stablelm", "starcoder2", "vaultgemma",
+                                                       "olmo3", "phi", "phi3", "stablelm", "starcoder2",
+                                                       "vaultgemma",
                                                        *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
@@ -565,6 +576,17 @@ def test_ungated_mlps_saved_by_transformers_give_its_logits(tmp_path, arch):
     hf = transformers_model(arch, attention_bias=True)
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
     assert (m.config.gated_mlp, m.config.norm_bias, m.config.output_bias) == (False, arch == "nemotron", True)
+    assert_logits_match_transformers(m, hf)
+
+
+def test_phi_saved_by_transformers_gives_its_logits(tmp_path):
+    """Phi-2's layer: one LayerNorm (with a bias) read by attention and the MLP side by side, biases on Q, K,
+    V, the output projection, the ungated MLP of GELUs and the LM head, RoPE on half of each head: a model
+    saved by transformers itself, its biases and norms drawn, gives its logits."""
+    m = saved_with_biases_and_norms_drawn(hf := transformers_model("phi"), tmp_path)
+    c = m.config
+    assert (c.parallel_block, c.lm_head_bias, c.mlp_bias, c.output_bias, c.gated_mlp, c.rotary_dim) == (
+        True, True, True, True, False, 4)
     assert_logits_match_transformers(m, hf)
 
 
@@ -959,7 +981,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("nemotron", {"num_hidden_layers": 3}),
                                            ("starcoder2", {"num_hidden_layers": 3}),
                                            ("stablelm", {"num_hidden_layers": 3, "hidden_size": 64,
-                                                         "qk_layernorm": True})])
+                                                         "qk_layernorm": True}), ("phi", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -977,8 +999,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
     Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
     stack of three, StableLM's RoPE on a quarter of each head and its query and key LayerNorms with weights per
-    head, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax of an
-    uncached forward at every step, and lookup-only speculative decoding equals it."""
+    head, Phi-2's biases, its LM head's too, in the decode loops (on the CPU, the attention kernel): greedy
+    decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
+    equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     rng, layers = np.random.default_rng(2), setting.get("num_hidden_layers", 2)
     tensors = hf_tensors(arch, rng, layers=layers, head_dim=16, hidden=setting.get("hidden_size", 32))
@@ -1009,7 +1032,7 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2",
             "starcoder2": m.config.mlp_bias and m.config.output_bias and m.config.sliding_window == 5,
             "stablelm": m.config.norm_bias and m.config.rotary_dim == 4 and m.config.attention_bias and
-            m.config.qk_norm == "per_head"}[arch]
+            m.config.qk_norm == "per_head", "phi": m.config.lm_head_bias and m.config.rotary_dim == 8}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1092,8 +1115,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("extra_layer", r"3 tensors this config does not use, e.g. \['model.layers.2.input_layernorm.weight'"),
     ("o_proj_bias", r"2 tensors this config does not use, e.g. \['model.layers.0.self_attn.o_proj.bias'"),
     ("granite_scale", "embedding_multiplier and logits_scaling must be positive, got 1.0 and 0"),
-    ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh, relu2, "
-                         "xielu\\)"),
+    ("gemma_activation", "unsupported hidden_activation 'gelu' \\(supported: silu, swish, gelu_pytorch_tanh, "
+                         "gelu_new, relu2, xielu\\)"),
     ("bidirectional", "unsupported use_bidirectional_attention: True"),  # EmbeddingGemma's
     ("local_rope_scaling", "unsupported RoPE scaling of the windowed layers"),
     ("phi3_longrope", "LongRoPE scaling needs lists short_factor and long_factor"),  # Phi-3's "su" or "yarn"
@@ -1258,7 +1281,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     stacked = stacked_experts(tensors)
     # a dense layer's MLP size, or where all are experts theirs (Mixtral's in llama.cpp's reading)
     sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items()
-             if k.endswith((".up_proj.weight", ".c_fc.weight"))}  # (StarCoder2's up: c_fc)
+             if k.endswith((".up_proj.weight", ".c_fc.weight", ".fc1.weight"))}  # (StarCoder2's up: c_fc, Phi's: fc1)
     sizes.update({"mlp": x.shape[0] // 2 for k, x in stacked.items() if k.endswith(".gate_up_proj.weight")})  # (GLM's)
     w.add_feed_forward_length(sizes.get("mlp", sizes.get("experts")))
     w.add_head_count(heads)
@@ -1307,7 +1330,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "mixtral": "llama", "phi": "phi2", "qwen2_moe": "qwen2moe",
              "qwen3_moe": "qwen3moe"}  # by Hugging Face's
 
 
@@ -1345,7 +1368,7 @@ def llama4_as_converted(t, layers):
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
                                   "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
-                                  "starcoder2", "stablelm", "exaone4"])
+                                  "starcoder2", "stablelm", "exaone4", "phi"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
@@ -1364,7 +1387,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; StarCoder2's
     biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none for it);
     StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE 4's norms after attention and
-    the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); each tensor
+    the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); Phi-2's biases, its LM
+    head's too, attention and the MLP side by side, RoPE on half of each head; each tensor
     under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
     model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
@@ -1416,6 +1440,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "nemotron": {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5},
                 "starcoder2": {"attention.layer_norm_epsilon": 1e-5},
                 "stablelm": {"rope.dimension_count": 2, "attention.layer_norm_epsilon": 1e-5},
+                "phi": {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5},
                 "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
     if arch in ("gemma", "gemma2", "gemma3", "nemotron"):  # their converters store the norms' 1 + w
         tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
@@ -1493,6 +1518,23 @@ def test_gguf_exaone4_of_64_layers_is_windowed_as_its_hugging_face_config_says(t
         hf.sliding_window, hf.window_layers, hf.nope_layers)
     assert gg.sliding_window == (window or 4096)
     assert gg.window_layers[:4] == (0, 1, 2, 4) and gg.nope_layers[:2] == (3, 7)
+
+
+def test_gguf_phi2_with_query_key_and_value_in_one_tensor_loads_as_with_three(tmp_path):
+    """Older Phi-2 GGUF files hold Q, K and V (weights and biases) in one attn_qkv tensor, which llama.cpp
+    reads as it reads the three: both files load alike."""
+    t = hf_tensors("phi", np.random.default_rng(9))
+    meta = {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5}
+    write_gguf(tmp_path / "three.gguf", "phi2", t, metadata=meta)
+    fused = {f"blk.{i}.attn_qkv.{kind}": np.concatenate([t.pop(f"model.layers.{i}.self_attn.{p}_proj.{kind}")
+                                                         for p in "qkv"])
+             for i in range(2) for kind in ("weight", "bias")}
+    write_gguf(tmp_path / "one.gguf", "phi2", t, metadata=meta, extras=fused)
+    three, one = (load_gguf(str(tmp_path / f"{n}.gguf")) for n in ("three", "one"))
+    assert one.config == three.config and one.config.attention_bias and one.config.lm_head_bias
+    ids = jnp.asarray([TOKENS])
+    np.testing.assert_array_equal(np.asarray(forward_causal(one.params, one.config, ids).logits),
+                                  np.asarray(forward_causal(three.params, three.config, ids).logits))
 
 
 def test_gguf_qwen2vl_text_model_loads_as_qwen2(tmp_path):

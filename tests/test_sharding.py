@@ -151,6 +151,7 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
 
 @pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
                                        {"qk_norm": "head"}, {"qk_norm": "per_head", "layer_norm": True},
+                                       {"lm_head_bias": True},
                                        {"qk_norm": "all", "pre_norms": False, "post_norms": True},
                                        {"num_experts": 4, "experts_per_token": 2, "expert_size": 16,
                                         "shared_expert_size": 8, "moe_layers": (1,)},

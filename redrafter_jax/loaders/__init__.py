@@ -42,6 +42,7 @@ GLOBAL_TENSORS = {
     "final_norm": [("model.norm.weight", "output_norm.weight")],
     "final_norm_bias": [("model.norm.bias", "output_norm.bias")],
     "lm_head": [("lm_head.weight", "output.weight")],
+    "lm_head_bias": [("lm_head.bias", "output.bias")],
 }
 LAYER_TENSORS = {
     "attn_norm": [("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight")],

@@ -28,8 +28,8 @@ from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "exaone4", "gemma",
                            "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe",
-                           "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm",
-                           "starcoder2")
+                           "phi2", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3",
+                           "stablelm", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -41,9 +41,9 @@ _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 _COHERE = ("cohere2", "command-r")
 # Those with LayerNorms (Nemotron's, StableLM's and StarCoder2's biased, Nemotron's weights stored by its
 # converter as the 1 + w they scale by)
-_LAYER_NORMS = (*_COHERE, "nemotron", "stablelm", "starcoder2")
+_LAYER_NORMS = (*_COHERE, "nemotron", "phi2", "stablelm", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
-_PARTIAL_ROPE = ("glm4", "nemotron", "stablelm")
+_PARTIAL_ROPE = ("glm4", "nemotron", "phi2", "stablelm")
 # llama.cpp's Command R7B and EXAONE 4.0 32B (the 64-layer EXAONE 4, windowed by 4096 positions where the file
 # names no window): 3 of every 4 layers windowed, with RoPE only there
 WINDOW_EVERY = 4
@@ -259,8 +259,9 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
     if arch == "stablelm":  # attention and the MLP side by side where a layer has no norm before the MLP
         return dict(layer_norm=True, norm_bias=True,
                     parallel_block="blk.0.ffn_norm.weight" not in tensors)
-    if arch == "starcoder2":  # an ungated MLP of GELUs (its biases, as attention's, where the file has them)
-        return dict(layer_norm=True, norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False)
+    if arch in ("phi2", "starcoder2"):  # ungated MLPs of GELUs (biases, as attention's, where the file has them)
+        return dict(layer_norm=True, norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False,
+                    parallel_block=arch == "phi2")  # (Phi-2's MLP beside attention)
     if arch == "apertus":  # (its xIELU's parameters: `_xielu_values`)
         return dict(hidden_act="xielu", gated_mlp=False)
     if arch == "gpt-oss":  # llama.cpp's windows in every other layer, its SwiGLU's constants (our defaults)
@@ -405,7 +406,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         rope_scaling=scaling,
         rotary_dim=None if rotary == head_dim else rotary,
         rms_norm_eps=float(m(f"attention.layer_norm{'' if arch in _LAYER_NORMS else '_rms'}_epsilon")),
-        tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
+        tie_word_embeddings="output.weight" not in tensors, lm_head_bias="output.bias" in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
         mlp_bias=any(f"blk.{i}.ffn_down.bias" in tensors for i in range(layers)),
         **{"qk_norm": qk_norm, "output_bias": "blk.0.attn_output.bias" in tensors,
            **_own_settings(reader, arch, hidden, layers, tensors)}, **_experts(reader, arch, source, layers),
@@ -424,6 +426,12 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         i = cfg.intermediate_size
         source = Unfused(source, {f"blk.{layer}.ffn_{part}.weight": (f"blk.{layer}.ffn_up.weight", first, i)
                                   for layer in range(layers) for part, first in (("gate", 0), ("up", i))})
+    if "blk.0.attn_qkv.weight" in tensors:  # Q, K and V in one tensor (Phi-2's older files)
+        q, kv = n_heads * head_dim, n_kv * head_dim
+        source = Unfused(source, {f"blk.{layer}.attn_{part}.{kind}": (f"blk.{layer}.attn_qkv.{kind}", first, rows)
+                                  for layer in range(layers) for part, first, rows in (
+                                      ("q", 0, q), ("k", q, kv), ("v", q + kv, kv))
+                                  for kind in ("weight", "bias") if f"blk.{layer}.attn_qkv.{kind}" in tensors})
     if arch in _ADJACENT_ROPE or cfg.rotary != head_dim:
         source = RopeOrdered(source, cfg, GGUF, interleaved=arch in _ADJACENT_ROPE)
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2

@@ -37,7 +37,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCa
                            "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
                            "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
                            "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
-                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Phi3ForCausalLM",
+                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "PhiForCausalLM",
+                           "Phi3ForCausalLM",
                            "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
                            "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
                            "VaultGemmaForCausalLM")
@@ -52,7 +53,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "a
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
                 "nemotron": "NemotronForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
-                "olmoe": "OlmoeForCausalLM", "phi3": "Phi3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "olmoe": "OlmoeForCausalLM", "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
+                "qwen2": "Qwen2ForCausalLM",
                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                 "seed_oss": "SeedOssForCausalLM",
                 **dict.fromkeys(("qwen2_vl_text", "qwen2_5_vl_text"), "Qwen2ForCausalLM"),
@@ -86,6 +88,12 @@ _STARCODER2_MLP = {f"model.layers.{{i}}.mlp.{ours}_proj.{kind}": f"model.layers.
 # Stability AI's StableLM (2): LayerNorms with biases, RoPE on a quarter of each head, Q/K/V biases where
 # use_qkv_bias says, attention and the MLP side by side where use_parallel_residual says (one norm, as Cohere's)
 STABLELM = "StableLmForCausalLM"
+# Microsoft's Phi-1, Phi-1.5, Phi-2: StableLM's parallel layer with biases everywhere (Q, K, V, the output
+# projection, an ungated MLP of GELUs, the LM head), its projections and final norm named otherwise
+PHI = "PhiForCausalLM"
+_PHI_NAMES = {f"model.{ours}.{kind}": f"model.{theirs}.{kind}" for kind in ("weight", "bias") for ours, theirs in (
+    ("layers.{i}.self_attn.o_proj", "layers.{i}.self_attn.dense"), ("layers.{i}.mlp.up_proj", "layers.{i}.mlp.fc1"),
+    ("layers.{i}.mlp.down_proj", "layers.{i}.mlp.fc2"), ("norm", "final_layernorm"))}
 CWM = "CwmForCausalLM"  # Meta's Code World Model: Llama's layer, windows in 3 of every 4 layers
 # Naver's HyperCLOVA X: Granite's multipliers (its logits multiplied, not divided) and, where use_post_norm
 # says, norms after attention and the MLP (stored as post_norm1 and post_norm2; its norm before the MLP
@@ -106,9 +114,9 @@ GRANITES = ("GraniteForCausalLM", GRANITE4)
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
                       "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
 # the models whose norms are LayerNorms (with biases but Cohere's), not RMS norms
-_LAYER_NORMS = (COHERE, COHERE2, NEMOTRON, STABLELM, STARCODER2)
+_LAYER_NORMS = (COHERE, COHERE2, NEMOTRON, PHI, STABLELM, STARCODER2)
 # the config key of the norms' epsilon where it is not rms_norm_eps
-_NORM_EPS = {**dict.fromkeys((COHERE, COHERE2, STABLELM), "layer_norm_eps"), NEMOTRON: "norm_eps",
+_NORM_EPS = {**dict.fromkeys((COHERE, COHERE2, PHI, STABLELM), "layer_norm_eps"), NEMOTRON: "norm_eps",
              STARCODER2: "norm_epsilon"}
 # the models whose dense MLPs transformers biases where mlp_bias says (ERNIE 4.5's and StarCoder2's where
 # use_bias says, with their attention)
@@ -155,7 +163,8 @@ _LLAMA = dict(_COMMON, intermediate_size=11008, max_position_embeddings=2048, bo
 _QWEN = dict(_COMMON, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
              max_position_embeddings=32768)
 # transformers' activation names -> ours (`ModelConfig.ACTIVATIONS`)
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "relu2": "relu2", "xielu": "xielu"}
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "relu2": "relu2", "xielu": "xielu"}
 # Keys that must hold a value: a null in config.json is no default (num_key_value_heads and head_dim are:
 # null means from num_attention_heads and hidden_size).
 _NOT_NULL = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -240,6 +249,9 @@ TRANSFORMERS_DEFAULTS = {
     STABLELM: dict(_COMMON, vocab_size=50304, hidden_size=2560, intermediate_size=6912, max_position_embeddings=4096,
                    layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.25,
                    use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False),
+    PHI: dict(_COMMON, vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+              max_position_embeddings=2048, layer_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+              hidden_act="gelu_new", partial_rotary_factor=0.5, qk_layernorm=False),
     STARCODER2: dict(_COMMON, vocab_size=49152, hidden_size=3072, intermediate_size=12288, num_hidden_layers=30,
                      num_attention_heads=24, num_key_value_heads=2, max_position_embeddings=4096, norm_epsilon=1e-5,
                      bos_token_id=50256, eos_token_id=50256, hidden_act="gelu_pytorch_tanh", use_bias=True,
@@ -434,7 +446,7 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
     # (the others' models rotate all of each head)
-    if rotary is not None and (arch not in (PHI3, GLM, GLM4, NEMOTRON, STABLELM) or rotary % 2):
+    if rotary is not None and (arch not in (PHI, PHI3, GLM, GLM4, NEMOTRON, STABLELM) or rotary % 2):
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -527,12 +539,16 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                              f"{c['num_experts']} experts (only Granite 4's attention-only dense models load, "
                              f"not its Mamba layers or experts)")
         c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
+    if arch == PHI and c.get("qk_layernorm"):  # (no released Phi sets it)
+        raise ValueError(f"unsupported qk_layernorm: true for {PHI} (LayerNorms of each query and key head, with "
+                         f"biases)")
     if c.get("clip_qkv") is not None:  # OLMoE's
         raise ValueError(f"unsupported clip_qkv: {c['clip_qkv']} (queries, keys and values clipped)")
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
     # transformers reads it, only Q, K and V in GLM's, Helium's and Seed-OSS's models (Seed-OSS's
     # attention_out_bias biases O), nothing where they ignore it; use_bias all of attention's and the MLP's
-    use_bias = arch in _USE_BIAS and bool(c.get("use_bias"))
+    # (Phi's always)
+    use_bias = arch in _USE_BIAS and bool(c.get("use_bias")) or arch == PHI
     attention_bias = use_bias or bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
     qkv_key = {QWEN2_MOE: "qkv_bias", STABLELM: "use_qkv_bias"}.get(arch)
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(c[qkv_key] if qkv_key else attention_bias)
@@ -567,7 +583,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                  # (Command R+'s, StableLM 2 12B's)
                  COHERE: "per_head" if c.get("use_qk_norm") else None,
                  STABLELM: "per_head" if c.get("qk_layernorm") else None}.get(arch),
-        hidden_act=act, gated_mlp=arch not in (APERTUS, ARCEE, NEMOTRON, STARCODER2),
+        hidden_act=act, gated_mlp=arch not in (APERTUS, ARCEE, NEMOTRON, PHI, STARCODER2),
+        lm_head_bias=arch == PHI,
         mlp_bias=use_bias or arch in _MLP_BIAS and bool(c.get("mlp_bias")),
         **{k: float(c[k]) for k in ("swiglu_alpha", "swiglu_limit") if arch == GPT_OSS},
         local_rope_theta=local_theta if window else None,
@@ -581,7 +598,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
                         **dict.fromkeys((COHERE, COHERE2), 1 / c["logit_scale"] if c.get("logit_scale") else 0),
                         HYPERCLOVAX: 1 / c["logits_scaling"] if c.get("logits_scaling") else 0}.get(arch, 1.0),
         layer_norm=arch in _LAYER_NORMS, norm_bias=arch in _LAYER_NORMS and not cohere,
-        parallel_block=cohere or arch == STABLELM and bool(c["use_parallel_residual"]),
+        parallel_block=cohere or arch == PHI or arch == STABLELM and bool(c["use_parallel_residual"]),
         **_experts(arch, c),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos,
         pad_token_id=int(c["pad_token_id"]) if c.get("pad_token_id") is not None else (eos[0] if eos else 0),
@@ -790,7 +807,8 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = Unfused(source, fused_parts(cfg))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
     # and the MLP: without them its names are Llama's)
-    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, STARCODER2: _STARCODER2_MLP,
+    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, PHI: _PHI_NAMES,
+             STARCODER2: _STARCODER2_MLP,
              VAULTGEMMA: _VAULTGEMMA_NORMS, HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
         source = Renamed(source, in_layers(names))
