@@ -547,7 +547,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     # Qwen2 biases Q, K and V (Qwen2-MoE where qkv_bias says); attention_bias biases Q, K, V and O as
     # transformers reads it, only Q, K and V in GLM's, Helium's and Seed-OSS's models (Seed-OSS's
     # attention_out_bias biases O), nothing where they ignore it; use_bias all of attention's and the MLP's
-    # (Phi's always)
+    # (ERNIE's, StarCoder2's), as Phi's always are
     use_bias = arch in _USE_BIAS and bool(c.get("use_bias")) or arch == PHI
     attention_bias = use_bias or bool(c.get("attention_bias")) and arch not in _NO_ATTENTION_BIAS
     qkv_key = {QWEN2_MOE: "qkv_bias", STABLELM: "use_qkv_bias"}.get(arch)
@@ -787,10 +787,10 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     Nemotron's norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts'
     experts stacked (`loaders.Renamed`; GPT-OSS's and Llama 4's split: `_FusedExperts`), GLM's and Granite
     4's fused gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's, Apertus's
-    and HyperCLOVA X's norms, Granite 4's and StarCoder2's MLPs; StableLM's query and key norms, one per head,
-    stacked), query and key heads' dims reordered where RoPE covers part of them (Phi-4-mini's, GLM's,
-    Nemotron's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's, Llama 4's: `loaders.RopeOrdered`); the
-    others' as they are."""
+    and HyperCLOVA X's norms, Granite 4's and StarCoder2's MLPs, Phi's projections and final norm; StableLM's
+    query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE covers part of
+    them (Phi's, Phi-4-mini's, GLM's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's,
+    Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
