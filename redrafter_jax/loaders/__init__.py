@@ -268,15 +268,15 @@ def expert_stacks(cfg: ModelConfig, router: str, gate: str, up: str, down: str) 
     return stacks
 
 
-def fused_parts(cfg: ModelConfig, qkv: bool = True) -> dict[str, tuple[str, int, int]]:
-    """`Unfused`'s parts for Hugging Face checkpoints that fuse [gate; up] rows in gate_up_proj and (with
-    `qkv`: Phi-3's, not GLM's) [q; k; v] rows in qkv_proj."""
+def fused_parts(cfg: ModelConfig, fmt: int, fused: dict[str, str]) -> dict[str, tuple[str, int, int]]:
+    """`Unfused`'s parts for checkpoints that fuse the parts of our parameters along their output rows:
+    `fused` maps wqkv or bqkv ([q; k; v]) or w_gate_up ([gate; up]) to its fused tensor's name ("{i}": the
+    layer), e.g. Hugging Face's `FUSED_QKV` and `FUSED_GATE_UP` (Phi-3's)."""
     q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    rows = {"wqkv": (FUSED_QKV, [(0, q), (q, kv), (q + kv, kv)]), "w_gate_up": (FUSED_GATE_UP, [(0, i), (i, i)])}
-    if not qkv:
-        del rows["wqkv"]
-    return {name.format(i=layer): (fused.format(i=layer), first, n)
-            for ours, (fused, spans) in rows.items() for name, (first, n) in zip(stored_names(cfg, ours, HF), spans)
+    qkv = [(0, q), (q, kv), (q + kv, kv)]
+    spans = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": [(0, i), (i, i)]}
+    return {name.format(i=layer): (whole.format(i=layer), first, n)
+            for ours, whole in fused.items() for name, (first, n) in zip(stored_names(cfg, ours, fmt), spans[ours])
             for layer in range(cfg.num_layers)}
 
 

@@ -20,6 +20,7 @@ from redrafter_jax.loaders import (
     RopeOrdered,
     Scaled,
     Unfused,
+    fused_parts,
     gemma_adjustments,
     granite_adjustments,
 )
@@ -423,15 +424,11 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         source = Renamed(source, {f"blk.{i}.ffn_norm.weight": f"blk.{i}.post_attention_norm.weight"
                                   for i in range(layers)})
     if arch == "glm4":  # gate and up in one tensor, as Hugging Face stores them
-        i = cfg.intermediate_size
-        source = Unfused(source, {f"blk.{layer}.ffn_{part}.weight": (f"blk.{layer}.ffn_up.weight", first, i)
-                                  for layer in range(layers) for part, first in (("gate", 0), ("up", i))})
-    if "blk.0.attn_qkv.weight" in tensors:  # Q, K and V in one tensor (Phi-2's older files)
-        q, kv = n_heads * head_dim, n_kv * head_dim
-        source = Unfused(source, {f"blk.{layer}.attn_{part}.{kind}": (f"blk.{layer}.attn_qkv.{kind}", first, rows)
-                                  for layer in range(layers) for part, first, rows in (
-                                      ("q", 0, q), ("k", q, kv), ("v", q + kv, kv))
-                                  for kind in ("weight", "bias") if f"blk.{layer}.attn_qkv.{kind}" in tensors})
+        source = Unfused(source, fused_parts(cfg, GGUF, {"w_gate_up": "blk.{i}.ffn_up.weight"}))
+    if "blk.0.attn_qkv.weight" in tensors:  # Q, K and V in one tensor (Phi-2's older files), biases too
+        source = Unfused(source, fused_parts(cfg, GGUF, {"wqkv": "blk.{i}.attn_qkv.weight",
+                                                         **({"bqkv": "blk.{i}.attn_qkv.bias"}
+                                                            if cfg.attention_bias else {})}))
     if arch in _ADJACENT_ROPE or cfg.rotary != head_dim:
         source = RopeOrdered(source, cfg, GGUF, interleaved=arch in _ADJACENT_ROPE)
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2

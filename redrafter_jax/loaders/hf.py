@@ -13,6 +13,8 @@ from safetensors import safe_open
 
 from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import (
+    FUSED_GATE_UP,
+    FUSED_QKV,
     HF,
     PRE_MLP_NORM,
     LoadedModel,
@@ -38,10 +40,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCa
                            "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
                            "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
                            "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "PhiForCausalLM",
-                           "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
-                           "VaultGemmaForCausalLM")
+                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
+                           "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM",
+                           "Starcoder2ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
                 "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
@@ -804,12 +805,12 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     elif cfg.num_experts:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
-        source = Unfused(source, fused_parts(cfg))
+        source = Unfused(source, fused_parts(cfg, HF, {"wqkv": FUSED_QKV, "w_gate_up": FUSED_GATE_UP}))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
     # and the MLP: without them its names are Llama's)
     names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, PHI: _PHI_NAMES,
-             STARCODER2: _STARCODER2_MLP,
-             VAULTGEMMA: _VAULTGEMMA_NORMS, HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
+             STARCODER2: _STARCODER2_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
+             HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
         source = Renamed(source, in_layers(names))
     if arch == STABLELM and cfg.qk_norm:  # its query and key LayerNorms, stored one per head
@@ -818,7 +819,7 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
             for i in range(cfg.num_layers) for ours, theirs, heads in (("q_norm", "q_layernorm", cfg.num_heads),
                                                                        ("k_norm", "k_layernorm", cfg.num_kv_heads))})
     if arch in (GLM, GLM4, GRANITE4):
-        source = Unfused(source, fused_parts(cfg, qkv=False))
+        source = Unfused(source, fused_parts(cfg, HF, {"w_gate_up": FUSED_GATE_UP}))
     if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
         source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
     if arch in (*GRANITES, HYPERCLOVAX):
