@@ -616,8 +616,12 @@ def test_stablelm_attention_and_mlp_in_turn_or_side_by_side_give_transformers_lo
     assert_logits_match_transformers(m, hf)
 
 
-@pytest.mark.parametrize("arch, setting", [("cohere", dict(use_qk_norm=True)),
-                                           ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True))])
+# Command R+'s and StableLM 2 12B's query and key LayerNorms with weights per head, by the settings that turn them on
+PER_HEAD_QK_NORMS = [("cohere", dict(use_qk_norm=True)),
+                     ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True))]
+
+
+@pytest.mark.parametrize("arch, setting", PER_HEAD_QK_NORMS)
 def test_per_head_query_and_key_layernorms_give_transformers_logits(tmp_path, arch, setting):
     """Command R+'s and StableLM 2 12B's LayerNorms of each query and key head, each head with weights of its
     own (Cohere's stored [heads, head_dim], its dims reordered for its RoPE over adjacent ones; StableLM's
@@ -1480,8 +1484,7 @@ def test_gguf_stablelm_without_norms_before_its_mlps_runs_them_beside_attention(
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
 
 
-@pytest.mark.parametrize("arch, setting", [("cohere", dict(use_qk_norm=True)),
-                                           ("stablelm", dict(qk_layernorm=True, use_parallel_residual=True))])
+@pytest.mark.parametrize("arch, setting", PER_HEAD_QK_NORMS)
 def test_gguf_per_head_query_and_key_layernorms_give_transformers_logits(tmp_path, arch, setting):
     """Command R+'s and StableLM 2 12B's query and key LayerNorms as llama.cpp's converter stores them
     ([heads, head_dim], StableLM's per-head tensors stacked; read as LayerNorms of each head, with weights
