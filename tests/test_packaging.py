@@ -1,10 +1,15 @@
-"""The package as pip installs it from a wheel, apart from the repository."""
+"""Packages: ours as pip installs it from a wheel, apart from the repository, and the pinned files we take
+out of others (`wheels`)."""
 
+import io
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +42,31 @@ def test_a_wheel_installed_apart_from_the_repository_has_the_default_drafter_and
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site"), "JAX_PLATFORMS": "cpu"}).stdout
     assert out.split() == [str(tmp_path / "site" / "drafters" / "smollm2-135m"), "4096"]
+
+
+def test_a_file_or_a_folders_files_unpack_alike_from_a_wheel_and_a_source_archive(tmp_path):
+    from redrafter_jax.wheels import _unpack, tree_sha256
+
+    files = {"pkg-1.0/data/a.txt": b"a", "pkg-1.0/data/sub/b.bin": b"\0b", "pkg-1.0/other.txt": b"c"}
+    with zipfile.ZipFile(tmp_path / "pkg.whl", "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    with tarfile.open(tmp_path / "pkg.tar.gz", "w:gz") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    folders = []
+    for archive in ("pkg.whl", "pkg.tar.gz"):
+        folders.append(tmp_path / f"{archive}-data")
+        _unpack(str(tmp_path / archive), "pkg-1.0/data/", str(folders[-1]))
+        got = {os.path.relpath(os.path.join(d, f), folders[-1]): open(os.path.join(d, f), "rb").read()
+               for d, _, fs in os.walk(folders[-1]) for f in fs}
+        assert got == {"a.txt": b"a", os.path.join("sub", "b.bin"): b"\0b"}
+        _unpack(str(tmp_path / archive), "pkg-1.0/other.txt", str(tmp_path / f"{archive}-other"))
+        assert (tmp_path / f"{archive}-other").read_bytes() == b"c"
+        with pytest.raises(RuntimeError, match=f"{archive} has no pkg-1.0/missing/"):
+            _unpack(str(tmp_path / archive), "pkg-1.0/missing/", str(tmp_path / "missing"))
+    assert tree_sha256(str(folders[0])) == tree_sha256(str(folders[1]))
+    (folders[1] / "sub" / "b.bin").write_bytes(b"changed")
+    assert tree_sha256(str(folders[0])) != tree_sha256(str(folders[1]))
