@@ -31,6 +31,24 @@ _CASED_REST = r""" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 _O200K_REGEX = "|".join([w + r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?" for w in _CASED_WORDS] + [r"\p{N}{1,3}", _CASED_REST])
 # Tekken's (Mistral NeMo's, Ministral's, Pixtral's): no contractions, digits one by one
 _TEKKEN_REGEX = "|".join([*_CASED_WORDS, r"\p{N}", _CASED_REST])
+# DeepSeek LLM's and Coder's: line breaks alone, then words (a space before each), punctuation, CJK and Hangul
+# runs, numbers. DeepSeek LLM's letters are the cased ones its tokenizer.json lists (written here as escapes:
+# some, like U+2126 OHM SIGN, would change under Unicode normalisation)
+_DEEPSEEK_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-"
+    "\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-"
+    "\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d"
+    "\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-"
+    "\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-"
+    "\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-"
+    "\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-"
+    "\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-"
+    "\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_DEEPSEEK_LLM = ("[\r\n]", rf"\s?[{_DEEPSEEK_LETTERS}]+",
+                 "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$", _DEEPSEEK_CJK, r"\p{N}+")
+_DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}")
 
 
 class _Pre(NamedTuple):
@@ -45,16 +63,23 @@ GGUF_PRE_TOKENIZERS = {
     # (what llama.cpp also does where the file names none)
     "default": _Pre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]")),
     **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo", "jais", "trillion", "granite-docling", "exaone4", "a.x-4.0",
-                     "mellum"), _Pre((_GPT2_REGEX,))),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                     "mellum", "gigachat"), _Pre((_GPT2_REGEX,))),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b", "mellum2"),
                     _Pre((r"\p{N}", _GPT2_REGEX))),  # digits one by one first
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
                     _LLAMA3),
-    **dict.fromkeys(("dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), _Pre(_LLAMA3.splits)),
+    **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe"), _Pre(_LLAMA3.splits)),
+    **dict.fromkeys(("glm4", "glm5"), _Pre(_LLAMA3.splits, ignore_merges=True)),  # (their tokenizer.json's)
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "megrez", "stablelm2", "hunyuan"), _Pre((_QWEN2_REGEX,))),
     "seed-coder": _Pre((_SEED_CODER_REGEX,)),
-    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), _Pre((_O200K_REGEX,))),
+    **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2", "kanana2", "talkie"), _Pre((_O200K_REGEX,))),
+    # Tiny Aya's: numbers in threes from their last digit, then o200k's
+    **dict.fromkeys(("tiny_aya", "cohere2moe"), _Pre((r"\d{1,3}(?=(?:\d{3})*\b)", _O200K_REGEX))),
     "tekken": _Pre((_TEKKEN_REGEX,), ignore_merges=True, add_bos=True),
+    "deepseek-llm": _Pre(_DEEPSEEK_LLM),
+    "deepseek-coder": _Pre(_DEEPSEEK_CODER),
+    # Viking's: runs of anything but spaces and sentence punctuation, then digits one by one
+    "viking": _Pre((" ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+", r"\p{N}")),
 }
 
 

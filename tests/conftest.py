@@ -21,7 +21,8 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-MODEL_FIXTURES = {"smollm_path", "smollm", "chat_prompts"}
+# fixtures that download (once): the embedded model, llama.cpp's tokenizer test vocabularies
+MODEL_FIXTURES = {"smollm_path", "smollm", "chat_prompts", "llama_cpp_vocabs"}
 # The files that take over a minute of the suite, longest first (2-core CI machine, README command). The
 # README's `--dist loadfile` hands whole files to the two workers as they free up: handed out by xdist's
 # default order (most tests first), test_sharding.py (few tests, the longest fixture) started late and one
@@ -38,8 +39,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that use the embedded model are `slow` (it is downloaded once): `-m "not slow"` is the
-    fast unit suite, which needs no download. The files run `LONGEST_FILES_FIRST`, then the others."""
+    """Tests that use a download (`MODEL_FIXTURES`) are `slow`: `-m "not slow"` is the fast unit suite,
+    which needs no download. The files run `LONGEST_FILES_FIRST`, then the others."""
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

@@ -24,10 +24,12 @@ from safetensors.numpy import save_file
 from redrafter_jax.config import QueryScaling, RopeScaling, SpecConfig
 from redrafter_jax.generate import generate
 from redrafter_jax.loaders import GLOBAL_TENSORS, LAYER_TENSORS
-from redrafter_jax.loaders.gguf import _xielu_values, load_gguf, open_gguf, unpermute_rope
+from redrafter_jax.loaders.gguf import _open, _xielu_values, gguf_tokenizer, load_gguf, open_gguf, unpermute_rope
 from redrafter_jax.loaders.hf import SUPPORTED_ARCHITECTURES, config_from_hf, load_hf, open_hf
 from redrafter_jax.model import forward_causal
 from redrafter_jax.mxfp4 import Mxfp4
+from redrafter_jax.tokenizer import _DEEPSEEK_LETTERS
+from redrafter_jax.wheels import WheelFile, fetch
 from tests.tiny import TINY
 
 VOCAB = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(59)]
@@ -1677,7 +1679,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
     ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
     ("mobilellm", r"unsupported GGUF llama4 attention.sliding_window 0 \(Llama 4's chunks are 8192 positions"),
-    ("pre_tokenizer", r"unsupported GGUF pre-tokenizer 'deepseek-llm' \(supported: default, gpt-2, "),
+    ("pre_tokenizer", r"unsupported GGUF pre-tokenizer 'falcon' \(supported: default, gpt-2, "),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
@@ -1695,7 +1697,7 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     tensors = hf_tensors(arch, np.random.default_rng(3))
     write_gguf(tmp_path / "model.gguf", arch, llama4_as_converted(tensors, 2) if arch == "llama4" else tensors,
                scaling=scaling, extras=extras, metadata=metadata,
-               pre="deepseek-llm" if case == "pre_tokenizer" else None)  # (a name of llama.cpp's we do not split)
+               pre="falcon" if case == "pre_tokenizer" else None)  # (a name of llama.cpp's we do not split)
     with pytest.raises(ValueError, match=match):
         load_gguf(str(tmp_path / "model.gguf"))
 
@@ -1725,14 +1727,15 @@ def test_gguf_xielu_parameters_are_read_per_layer_or_one_for_all(tmp_path):
 def test_gguf_generation_ends_where_llama_cpp_ends_it(tmp_path, fim_pad_key):
     """Beside the EOS and the file's end-of-turn id, llama.cpp ends generation at tokens it knows by their
     text in any model (an end of text, of a turn, ...) and at the fill-in-the-middle padding, repository and
-    file-separator tokens (by the file's ids, else by their texts); with harmony's <|return|> and <|call|>,
-    not at its <|end|>."""
+    file-separator tokens (by the file's ids, else by their texts); with harmony's <|return|> and <|call|>
+    (Solar Open's <|flush|> and <|calls|>), not at a message's <|end|>; with Gemma 4's <|tool_response>
+    (PLaMo's EOS), not at </s>."""
     from redrafter_jax.loaders.gguf import _ends
 
     tokens = ["<s>", "</s>", "w0", "<|endoftext|>", "<fim-pad>", "<|fim_pad|>", "<reponame>", "<|im_start|>",
-              "<|eot_id|>", "w1", "<|end|>", "<|return|>", "<|call|>"]
+              "<|eot_id|>", "w1", "<|end|>"]
 
-    def ends(vocabulary):
+    def ends(vocabulary, eos=0):
         w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
         w.add_token_list(vocabulary)
         w.add_eot_token_id(2)
@@ -1741,11 +1744,18 @@ def test_gguf_generation_ends_where_llama_cpp_ends_it(tmp_path, fim_pad_key):
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.close()
-        return sorted(set(_ends(gguf.GGUFReader(str(tmp_path / "t.gguf")), vocabulary)))
+        return sorted(set(_ends(gguf.GGUFReader(str(tmp_path / "t.gguf")), vocabulary, eos)))
 
     fim_pad = 5 if fim_pad_key is None else fim_pad_key  # (the first of its texts the vocabulary has)
-    assert ends(tokens[:11]) == sorted({2, 3, fim_pad, 6, 8, 10})
-    assert ends(tokens) == sorted({2, 3, fim_pad, 6, 8, 11, 12})  # (harmony's: no <|end|>)
+    every = {1, 2, 3, fim_pad, 6, 8}
+    assert ends(tokens) == sorted(every | {10})
+    assert ends(tokens + ["<|return|>", "<|call|>"]) == sorted(every | {11, 12})
+    assert ends(tokens + ["<|calls|>", "<|flush|>"]) == sorted(every | {11, 12})
+    assert ends(tokens + ["<|tool_response>"]) == sorted(every - {1} | {10, 11})
+    assert ends(tokens + ["<|plamo:eos|>"], eos=11) == sorted(every - {1} | {10})
+    deepseek = ["<s>", "<\uff5cend\u2581of\u2581sentence\uff5c>"] + [f"w{i}" for i in range(8)]
+    assert ends(deepseek) == [1, 2] + [9] * (fim_pad_key is not None)
+    assert ends(deepseek[:9]) == [1, 2]  # (the file's fill-in-the-middle id past the vocabulary: none)
 
 
 def test_gguf_sentencepiece_vocabulary_encodes_as_sentencepiece(tmp_path):
@@ -1790,6 +1800,13 @@ LLAMA3_PIECES = ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġx", "!ĊĊ",
     ("tekken", ["Hello", "World", "Ġdon", "'t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]),
     # llama.cpp's default (a file that names none): punctuation first, then GPT-2's regex, numbers in threes
     ("default", ["HelloWorld", "Ġdon", "'", "t", "Ġ", "123", "45", "Ġx", "!", "ĊĊĠ", "Ġy", "/"]),
+    # Tiny Aya's: numbers in threes from their end (its \b is Oniguruma's, whose word characters other engines'
+    # differ from, so it has no random texts below), then o200k's
+    ("tiny_aya", ["Hello", "World", "Ġdon't", "Ġ", "12", "345", "Ġx", "!ĊĊ", "Ġ", "Ġy", "/"]),
+    # DeepSeek's: every line break alone, a space taken by the word after it; LLM's numbers whole, Coder's digits
+    ("deepseek-llm", ["HelloWorld", "Ġdon", "'", "t", "Ġ", "12345", "Ġx", "!", "Ċ", "Ċ", "Ġ", "Ġy", "/"]),
+    ("deepseek-coder", ["HelloWorld", "Ġdon", "'", "t", "Ġ", "1", "2", "3", "4", "5", "Ġx", "!", "Ċ", "Ċ", "Ġ", "Ġy",
+                        "/"]),
 ])
 def test_gguf_pre_tokenizers_split_as_llama_cpp_does(pre, pieces):
     """Each GGUF pre-tokenizer name splits text as llama.cpp's regexes for it do."""
@@ -1818,6 +1835,10 @@ LLAMA_CPP_SPLITS = [
                        r"\s*[\r\n]+|\s+(?!\S)|\s+"]),
     (("gpt-4o", "llama4"), [CASED.replace("{c}", r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?").replace("{n}", r"\p{N}{1,3}")]),
     (("tekken",), [CASED.replace("{c}", "").replace("{n}", r"\p{N}")]),
+    (("deepseek-llm",), ["[\r\n]", rf"\s?[{_DEEPSEEK_LETTERS}]+", "\\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$",
+                         "[一-龥ࠀ-一가-퟿]+", r"\p{N}+"]),  # (its letters: the vocabulary test below reads them)
+    (("deepseek-coder",), ["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"]),
+    (("viking",), [" ?[^(\\s|.,!?…。，、।۔،)]+", r"\p{N}"]),
 ]
 
 
@@ -1850,11 +1871,12 @@ def test_gguf_pre_tokenizers_split_random_text_as_llama_cpp_regexes_do(pre, rege
         assert [p for p, _ in ours.pre_tokenize_str(text)] == want, text
 
 
-@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("tekken", True), ("dbrx", False), ("qwen2", False)])
-def test_gguf_pre_tokenizers_take_whole_tokens_and_a_bos_where_llama_cpp_does(pre, whole):
-    """llama.cpp's Llama 3 and Tekken pre-tokenizers take a piece that is a token whole, whatever the merges
-    (ignore_merges, as those models' own tokenizers do), and lead with a BOS where the file does not say
-    otherwise; the others merge, and add a BOS only where the file says so."""
+@pytest.mark.parametrize("pre, whole, bos", [("llama-bpe", True, True), ("tekken", True, True), ("glm4", True, False),
+                                             ("dbrx", False, False), ("qwen2", False, False)])
+def test_gguf_pre_tokenizers_take_whole_tokens_and_a_bos_where_llama_cpp_does(pre, whole, bos):
+    """llama.cpp's Llama 3, Tekken and GLM-4 pre-tokenizers take a piece that is a token whole, whatever the
+    merges (ignore_merges, as those models' own tokenizers do), and the first two lead with a BOS where the
+    file does not say otherwise; the others merge, and add a BOS only where the file says so."""
     from redrafter_jax.tokenizer import Tokenizer
 
     def tokenizer(add_bos):
@@ -1862,19 +1884,47 @@ def test_gguf_pre_tokenizers_take_whole_tokens_and_a_bos_where_llama_cpp_does(pr
                                          token_types=[3, 1, 1, 1, 1, 1], merges=["a b"], chat_template=None,
                                          bos_token_id=0, eos_token_ids=(0,), add_bos=add_bos)
 
-    assert tokenizer(None).encode("abc") == ([0, 5] if whole else [4, 3])
+    assert tokenizer(None).encode("abc") == [0] * bos + ([5] if whole else [4, 3])
     assert tokenizer(False).encode("abc") == ([5] if whole else [4, 3])
     assert tokenizer(True).encode("abc")[0] == 0
 
 
+# llama.cpp's tokenizer tests, its models/ folder as llama-cpp-python's source archive ships it: vocabularies
+# converted from models' own tokenizers (`tokenizer.ggml.pre` naming theirs), texts, and the ids those tokenizers
+# encode them to
+LLAMA_CPP_VOCABS = WheelFile("llama-cpp-python==0.3.36",
+                             "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
+                             "llama_cpp_python-0.3.36/vendor/llama.cpp/models/",
+                             "5941dda3404fbbf2a3429f0bc2668950e1efecc97da93c64297602b9fac4dab6")
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_vocabs():
+    return fetch(LLAMA_CPP_VOCABS)
+
+
+@pytest.mark.parametrize("name", ["llama-spm", "phi-3", "gpt-2", "mpt", "starcoder", "refact", "command-r",
+                                  "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder"])
+def test_gguf_tokenizers_encode_llama_cpps_test_texts_as_the_models_own_tokenizers(llama_cpp_vocabs, name):
+    path = os.path.join(llama_cpp_vocabs, f"ggml-vocab-{name}.gguf")
+    tok = gguf_tokenizer(_open(path))
+    with open(f"{path}.inp", encoding="utf-8") as f:
+        texts = f.read().split("\n__ggml_vocab_test__\n")
+    with open(f"{path}.out", encoding="utf-8") as f:
+        want = [[int(i) for i in line.split()] for line in f.read().split("\n")]
+    assert len(texts) == len(want) > 40
+    for text, ids in zip(texts, want):
+        assert tok.tok.encode(text, add_special_tokens=False).ids == ids, text
+
+
 def random_texts(n, seed=0):
     """n texts strung from pieces that pre-tokenizers split on (runs of spaces and line breaks before
-    digits and letters, contractions, numerals that are not digits, control tokens) and random characters
-    (ASCII, other scripts, CJK, emoji)."""
+    digits and letters, contractions, numerals that are not digits, control tokens, sentence punctuation
+    of other scripts) and random characters (ASCII, other scripts, CJK, emoji)."""
     pieces = ["Hello", " world", " ", "  ", "\n", "\n\n", "\t", "\r\n", " " * 7, "'s", "'t", "'re", "don't",
               "I'M", "123", "3.14", "$10,000", "½", "①", "Ⅻ", "ünïcödé", "—", "“", "”", "😀", "👍🏽", "中文", "한국어",
               "Ελληνικά", "\u00a0", "\u200b", "e\u0301", "ﬁ", "𝔘", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "**2",
-              "!!", "..."]
+              "!!", "...", "Why?", "。", "，", "、", "…", "।"]
     rng = np.random.default_rng(seed)
     ranges = [(32, 127), (160, 0x2FFF), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF)]
 

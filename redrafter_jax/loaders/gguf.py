@@ -62,13 +62,17 @@ LLAMA4 = dict(chunk=8192, temperature=QueryScaling(0.1, 8192, offset=1, nope_onl
 GEMMA = {"gemma": dict(full_every=None, local_theta=None, layers_27b=None),
          "gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
          "gemma3": dict(full_every=6, local_theta=10000.0, layers_27b=62)}
-# The tokens llama.cpp ends generation at beside the file's end-of-text, turn and message ids, in every model:
-# those with these texts, and the fill-in-the-middle padding, repository and file-separator tokens (the file's
-# ids, else the first of these texts the vocabulary has); where harmony's reply and tool-call ends are among
-# them (GPT-OSS's), not its <|end|> of a message
-_END_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
-              "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>")
-_FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>"),
+# The tokens llama.cpp ends generation at beside the file's end-of-text, turn and message ids, in every model
+# (llama-vocab.cpp as llama-cpp-python 0.3.36 ships it): those with these texts, and the fill-in-the-middle
+# padding, repository and file-separator tokens (the file's ids, else the first of these texts the vocabulary
+# has); but a message's <|end|> where the vocabulary ends replies and tool calls otherwise (harmony's
+# <|return|> and <|call|>, Solar Open's <|flush|> and <|calls|>), and </s> where it is a normal token (beside
+# Gemma 4's <|tool_response>, PLaMo's <|plamo:eos|>)
+_END_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+              "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+              "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+              "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[")
+_FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
              "fim_rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
              "fim_sep": ("<|file_sep|>",)}
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
@@ -312,7 +316,7 @@ def _xielu_values(reader: gguf.GGUFReader, layers: int) -> dict[str, np.ndarray]
     return values
 
 
-def _ends(reader: gguf.GGUFReader, tokens: list[str]) -> list[int]:
+def _ends(reader: gguf.GGUFReader, tokens: list[str], eos: int) -> list[int]:
     """The ids llama.cpp ends generation at beside the EOS (`_END_TEXTS`)."""
     ids = {text: i for i, text in enumerate(tokens)}  # (a text twice: its last id, as llama.cpp maps it)
     keys = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
@@ -321,8 +325,12 @@ def _ends(reader: gguf.GGUFReader, tokens: list[str]) -> list[int]:
     for kind, texts in _FIM_ENDS.items():
         f = reader.fields.get(f"tokenizer.ggml.{kind}_token_id")
         ends += [int(f.contents())] if f is not None else [ids[t] for t in texts if t in ids][:1]
-    if "<|return|>" in ids and "<|call|>" in ids:
+    ends = [e for e in ends if 0 <= e < len(tokens)]  # (an id past the vocabulary: ignored, as llama.cpp does)
+    texts = {tokens[e] for e in [eos, *ends] if 0 <= e < len(tokens)}
+    if texts & {"<|call|>", "<|calls|>"} and texts & {"<|return|>", "<|flush|>"}:
         ends = [e for e in ends if tokens[e] != "<|end|>"]
+    if texts & {"<|tool_response>", "<|plamo:eos|>"}:
+        ends = [e for e in ends if tokens[e] != "</s>"]
     return ends
 
 
@@ -351,6 +359,29 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
                 expert_bias=arch == "gpt-oss", expert_format="mxfp4" if source.kept else "dense",
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
                     source.shape(shared)[0] if shared else 0))
+
+
+def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
+    """The tokenizer a GGUF file's `tokenizer.*` metadata describes, with the BOS and the ids llama.cpp ends
+    generation at (the EOS first) as llama.cpp reads them."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
+    eos += tuple(e for e in dict.fromkeys(_ends(reader, tokens, eos[0])) if e not in eos)
+    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    bos = int(bos.contents()) if bos is not None and pre not in ("glm4", "chatglm-bpe") else None  # (llama.cpp's)
+    model = _field(reader, "tokenizer.ggml.model")
+    spm = model == "llama"  # SentencePiece: llama.cpp's default is a space before the text
+    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")  # (None: llama.cpp's default for the vocabulary)
+    return Tokenizer.from_gguf_vocab(
+        model=model, pre=pre,
+        tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
+        merges=None if spm else _field(reader, "tokenizer.ggml.merges"),
+        chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
+        eos_token_ids=eos, add_bos=None if add_bos is None else bool(add_bos.contents()),
+        scores=_field(reader, "tokenizer.ggml.scores") if spm else None,
+        unknown_token_id=int(_field(reader, "tokenizer.ggml.unknown_token_id", 0)),
+        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)))
 
 
 def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
@@ -392,14 +423,10 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
     if "blk.0.attn_q_norm.weight" in tensors:
         qk_norm = {(head_dim,): "head", (n_heads, head_dim): "per_head"}.get(
             tuple(source.shape("blk.0.attn_q_norm.weight")), "all")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    eos = (int(_field(reader, "tokenizer.ggml.eos_token_id")),)
-    eos += tuple(e for e in dict.fromkeys(_ends(reader, tokens)) if e not in eos)
-    bos = reader.fields.get("tokenizer.ggml.bos_token_id")
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    bos = int(bos.contents()) if bos is not None and pre not in ("glm4", "chatglm-bpe") else None  # (llama.cpp's)
+    tok = gguf_tokenizer(reader)
+    eos = tok.eos_token_ids
     cfg = ModelConfig(
-        vocab_size=int(m("vocab_size", len(tokens))), hidden_size=hidden,
+        vocab_size=int(m("vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data))), hidden_size=hidden,
         intermediate_size=int(m("feed_forward_length")), num_layers=layers,
         num_heads=n_heads, num_kv_heads=n_kv,
         head_dim=head_dim,
@@ -412,7 +439,7 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         mlp_bias=any(f"blk.{i}.ffn_down.bias" in tensors for i in range(layers)),
         **{"qk_norm": qk_norm, "output_bias": "blk.0.attn_output.bias" in tensors,
            **_own_settings(reader, arch, hidden, layers, tensors)}, **_experts(reader, arch, source, layers),
-        bos_token_id=bos, eos_token_ids=eos,
+        bos_token_id=tok.bos_token_id, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
     if arch == "apertus":
@@ -434,19 +461,6 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
     if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))
-
-    model = _field(reader, "tokenizer.ggml.model")
-    spm = model == "llama"  # SentencePiece: llama.cpp's default is a space before the text
-    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")  # (None: llama.cpp's default for the vocabulary)
-    tok = Tokenizer.from_gguf_vocab(
-        model=model, pre=pre,
-        tokens=tokens, token_types=_field(reader, "tokenizer.ggml.token_type"),
-        merges=None if spm else _field(reader, "tokenizer.ggml.merges"),
-        chat_template=_field(reader, "tokenizer.chat_template", ""), bos_token_id=bos,
-        eos_token_ids=eos, add_bos=None if add_bos is None else bool(add_bos.contents()),
-        scores=_field(reader, "tokenizer.ggml.scores") if spm else None,
-        unknown_token_id=int(_field(reader, "tokenizer.ggml.unknown_token_id", 0)),
-        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)))
     return OpenedModel(cfg, tok, GGUF, source, mesh)
 
 
