@@ -1653,6 +1653,14 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
         dst.write(src.read(5_000_000))
     with pytest.raises(ValueError, match="corrupt or truncated GGUF"):
         load_gguf(str(truncated))
+    # a vocabulary that claims 2^60 tokens: refused at once (gguf's own reader would loop over them)
+    data = bytearray(truncated.read_bytes())
+    at = data.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8  # (past its type and item type)
+    data[at:at + 8] = (1 << 60).to_bytes(8, "little")
+    truncated.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"corrupt or truncated GGUF file .*: ValueError: array at byte \d+ runs "
+                                         "past the end of the file"):
+        load_gguf(str(truncated))
     for arch, match in (("mamba", r"'mamba' \(supported: [a-z0-9_, -]+\)$"),
                         ("phi3", r"'phi3' .*; its Hugging Face checkpoint loads\)")):
         foreign = tmp_path / f"{arch}.gguf"
@@ -1915,6 +1923,36 @@ def test_gguf_tokenizers_encode_llama_cpps_test_texts_as_the_models_own_tokenize
     assert len(texts) == len(want) > 40
     for text, ids in zip(texts, want):
         assert tok.tok.encode(text, add_special_tokens=False).ids == ids, text
+
+
+def test_our_gguf_reader_reads_every_field_and_tensor_as_ggufs_own(tmp_path, llama_cpp_vocabs, smollm_path):
+    """`_Reader` reads arrays in one pass: every field (whole, an element, a slice), its types and offset,
+    and every tensor as gguf's own reader reads them, in a SentencePiece vocabulary (its strings, scores and
+    types), the embedded model (a byte-level one's merges, its tensors) and arrays of every other kind."""
+    from redrafter_jax.loaders.gguf import _Reader
+
+    w = gguf.GGUFWriter(str(tmp_path / "arrays.gguf"), "llama")
+    w.add_array("a.bools", [True, False, True])
+    w.add_array("a.floats", [1.5, -2.25])
+    w.add_array("a.nested", [[1, 2], [3]])  # (an array of arrays: gguf's own way)
+    w.add_array("a.texts", ["é", "", "中文"])
+    for kind, values in ((gguf.GGUFValueType.UINT64, [2 ** 63 + 5, 1]), (gguf.GGUFValueType.INT8, [-3, 4])):
+        w.add_key_value(f"a.{kind.name}", values, gguf.GGUFValueType.ARRAY, sub_type=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    for path in (os.path.join(llama_cpp_vocabs, "ggml-vocab-llama-spm.gguf"), smollm_path, tmp_path / "arrays.gguf"):
+        theirs, ours = gguf.GGUFReader(path), _Reader(path)
+        assert list(ours.fields) == list(theirs.fields)
+        for name, field in theirs.fields.items():
+            mine = ours.fields[name]
+            assert (mine.offset, mine.types, len(mine.data)) == (field.offset, field.types, len(field.data)), name
+            for part in (slice(None), -1, slice(1, 5)):
+                assert mine.contents(part) == field.contents(part), (name, part)
+        assert ours.data_offset == theirs.data_offset and len(ours.tensors) == len(theirs.tensors)
+        for mine, tensor in zip(ours.tensors, theirs.tensors):
+            assert (mine.name, mine.tensor_type) == (tensor.name, tensor.tensor_type)
+            np.testing.assert_array_equal(mine.data, tensor.data)
 
 
 def random_texts(n, seed=0):
