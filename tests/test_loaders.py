@@ -1263,7 +1263,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     (float32; Q/K rows permuted for `llama`, `arcee`, `granite` and `smollm3`), with its config and a byte-level
     BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
     scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
-    an end-of-turn id; `metadata`: more numbers (float32 or uint32), by key under the architecture's;
+    an end-of-turn id; `metadata`: more numbers (float32 or uint32) or lists, by key under the architecture's;
     `rename`: other texts for some of the byte-level vocabulary's tokens, by id; `quantized`: the GGUF names of
     tensors stored in MXFP4 (their values must be exact in it); `pre`: the byte-level BPE's pre-tokenizer."""
     w = gguf.GGUFWriter(str(path), arch)
@@ -1280,7 +1280,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
         if scaling[2:]:
             w.add_rope_scaling_orig_ctx_len(scaling[2])
     for key, value in {"attention.value_length": head_dim, "rope.freq_base": 10000.0, **(metadata or {})}.items():
-        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
+        add = w.add_array if isinstance(value, list) else w.add_float32 if isinstance(value, float) else w.add_uint32
+        add(f"{arch}.{key}", value)
     w.add_block_count(layers)
     w.add_context_length(64)
     w.add_embedding_length(tensors["model.embed_tokens.weight"].shape[1])
@@ -1336,8 +1337,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "mixtral": "llama", "phi": "phi2", "qwen2_moe": "qwen2moe",
-             "qwen3_moe": "qwen3moe"}  # by Hugging Face's
+GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "mixtral": "llama", "olmo3": "olmo2", "phi": "phi2",
+             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
 
 
 def gpt_oss_as_converted(t, layers=2):
@@ -1371,7 +1372,8 @@ def llama4_as_converted(t, layers):
     return t
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "qwen2", "qwen3", "smollm3",
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "qwen2", "qwen3",
+                                  "smollm3",
                                   "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere", "cohere2",
                                   "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
                                   "starcoder2", "stablelm", "exaone4", "phi"])
@@ -1379,7 +1381,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
     Gemma 3's window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its
-    attention biases, OLMo 2's norms, Qwen2's biases, YaRN and an end-of-turn token that ends generation
+    attention biases, OLMo 2's norms, OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN
+    scaling of its other layers (the file's attention factor YaRN's own), Qwen2's biases, YaRN and an
+    end-of-turn token that ends generation
     too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the
     mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by
     its tensors, Qwen3-MoE's, their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks,
@@ -1411,6 +1415,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
             "gpt_oss": {3: "<|return|>", 4: "<|call|>"}}.get(arch, {})
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16)),
+                          "olmo3": (ARCHS["olmo3"]["rope_scaling"], ("yarn", 4.0, 16)),
                           "apertus": ({"rope_type": "default"}, None)}.get(arch, (None, None))  # (not its llama3)
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False), "granite": dict(attention_bias=True),
@@ -1434,6 +1439,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "gemma2": {"attention.sliding_window": 5, "attn_logit_softcapping": 2.0,
                            "final_logit_softcapping": 3.0},
                 "gemma3": {"attention.sliding_window": 5},
+                "olmo3": {"attention.sliding_window": 5, "attention.sliding_window_pattern": [True, False],
+                          "rope.freq_base": 500000.0, "rope.scaling.yarn_attn_factor": 0.1 * math.log(4.0) + 1},
                 "mixtral": dict(expert_count=4, expert_used_count=2),
                 "olmoe": dict(expert_count=4, expert_used_count=2),
                 "qwen2_moe": dict(expert_count=4, expert_used_count=2, expert_feed_forward_length=16),
@@ -1465,11 +1472,26 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
     assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,)}.get(arch, ())
-    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,),
+    assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,), "olmo3": (0,),
                                        "cohere2": (0, 1, 2), "llama4": (0, 1, 2)}.get(arch)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
+
+
+def test_gguf_window_pattern_is_read_as_llama_cpp_reads_it():
+    """attention.sliding_window_pattern: a flag per layer, or a period n whose last layer of every n attends to
+    all (0: every layer windowed), or where the file names none the model's own period."""
+    from redrafter_jax.loaders.gguf import _window_layers
+
+    def layers(pattern, n=8, every=4):
+        return _window_layers(lambda key, default: default if pattern is None else pattern, n, every)
+
+    assert layers(None) == (0, 1, 2, 4, 5, 6) and layers(None, every=2) == (0, 2, 4, 6)
+    assert layers(3) == (0, 1, 3, 4, 6, 7) and layers(0) == tuple(range(8))
+    assert layers([True, False] * 4) == (0, 2, 4, 6)
+    with pytest.raises(ValueError, match="sliding_window_pattern has 2 flags for 8 layers"):
+        layers([True, False])
 
 
 def test_gguf_stablelm_without_norms_before_its_mlps_runs_them_beside_attention(tmp_path):
@@ -1682,7 +1704,11 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
     ("value_length", "unsupported GGUF attention.value_length 16"),
     ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_norm.bias'"),  # (a LayerNorm's)
-    ("olmo3_window", r"unsupported GGUF olmo2 attention.sliding_window 4 \(OLMo 3's windowed layers\)"),
+    ("olmo3_attn_factor", r"unsupported GGUF rope.scaling.attn_factor 1.20\d+ \(llama.cpp multiplies YaRN's own"),
+    ("yarn_attn_factor", r"unsupported GGUF YaRN setting 'rope.scaling.yarn_attn_factor' = 1.5 \(llama.cpp applies "
+                         r"YaRN's own 1.13863, 0.1 ln\(factor\) \+ 1, instead\)"),
+    ("window_pattern", "GGUF attention.sliding_window_pattern has 3 flags for 2 layers"),
+    ("swa_base", r"unsupported GGUF rope.freq_base_swa 1000.0 for llama \(a RoPE base of the windowed layers' own\)"),
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
     ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
@@ -1691,13 +1717,19 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
-    arch = {"olmo3_window": "olmo2", "sigmoid_experts": "olmoe", "scaled_experts": "olmoe", "softmax_llama4": "llama4",
-            "mobilellm": "llama4"}.get(case, "llama")
+    arch = {"olmo3_attn_factor": "olmo2", "window_pattern": "olmo2", "sigmoid_experts": "olmoe",
+            "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4"}.get(case, "llama")
     extras = {f"blk.{i}.attn_norm.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
-    scaling = {"longrope": ("longrope", 4.0), "yarn_log_multiplier": ("yarn", 4.0, 16)}.get(case)
+    yarn = ("yarn", 4.0, 16) if case in ("olmo3_attn_factor", "yarn_attn_factor", "yarn_log_multiplier") else None
+    scaling = ("longrope", 4.0) if case == "longrope" else yarn
     metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},
-                "olmo3_window": {"attention.sliding_window": 4},
+                "olmo3_attn_factor": {"attention.sliding_window": 4,  # (OLMo 3's, as converters once wrote it)
+                                      "rope.scaling.attn_factor": 0.1 * math.log(8) + 1},
+                "yarn_attn_factor": {"rope.scaling.yarn_attn_factor": 1.5},
+                "window_pattern": {"attention.sliding_window": 4,
+                                   "attention.sliding_window_pattern": [True, False, True]},
+                "swa_base": {"rope.freq_base_swa": 1000.0},
                 "sigmoid_experts": dict(expert_count=4, expert_used_count=2, expert_gating_func=2),
                 "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5),
                 "softmax_llama4": dict(expert_count=4, expert_used_count=1, expert_gating_func=1),

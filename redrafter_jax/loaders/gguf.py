@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import sys
@@ -46,8 +47,9 @@ _COHERE = ("cohere2", "command-r")
 _LAYER_NORMS = (*_COHERE, "nemotron", "phi2", "stablelm", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
 _PARTIAL_ROPE = ("glm4", "nemotron", "phi2", "stablelm")
-# llama.cpp's Command R7B and EXAONE 4.0 32B (the 64-layer EXAONE 4, windowed by 4096 positions where the file
-# names no window): 3 of every 4 layers windowed, with RoPE only there
+# llama.cpp's Command R7B, EXAONE 4.0 32B (the 64-layer EXAONE 4, windowed by 4096 positions where the file
+# names no window) and OLMo 3: 3 of every 4 layers windowed where the file names no pattern (the first two with
+# RoPE only there)
 WINDOW_EVERY = 4
 EXAONE4_WINDOWED = dict(layers=64, window=4096)
 # Those whose converter names the norm before the MLP post_attention_norm
@@ -58,7 +60,8 @@ NOPE_EVERY = 4  # llama.cpp's SmolLM3 and Llama 4 leave every 4th layer unrotate
 # the 128-expert model (Maverick)
 LLAMA4 = dict(chunk=8192, temperature=QueryScaling(0.1, 8192, offset=1, nope_only=True), no_qk_norm_experts=128)
 # llama.cpp's Gemma, with no GGUF key for these either: every full_every-th layer attends to all, the others
-# within the window (Gemma 3's at RoPE base local_theta; Gemma 1 has no window), and the 27B model, known by
+# within the window where the file names no pattern (Gemma 3's at RoPE base local_theta where it names none;
+# Gemma 1 has no window), and the 27B model, known by
 # its layer count, scales its scores by (hidden / heads)^-1/2, the others by head_dim^-1/2
 GEMMA = {"gemma": dict(full_every=None, local_theta=None, layers_27b=None),
          "gemma2": dict(full_every=2, local_theta=None, layers_27b=46),
@@ -229,14 +232,18 @@ class _GGUFTensors:
 
 # YaRN keys whose meaning llama.cpp's converters and models vary (an attention factor absolute or relative,
 # DeepSeek's log multiplier): refused rather than guessed
-_YARN_REFUSED = ("rope.scaling.attn_factor", "rope.scaling.yarn_attn_factor", "rope.scaling.yarn_log_multiplier",
-                 "rope.scaling.yarn_ext_factor")
+_YARN_REFUSED = ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor")
 
 
 def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
     """The file's RoPE scaling (RopeScaling refuses the kinds the model does not implement), as llama.cpp
     reads it: the context before scaling defaults to the file's context length."""
     m = _arch_field(reader, arch)
+    # llama.cpp scales every model's cos and sin by rope.scaling.attn_factor, which converters have written with
+    # another meaning (OLMo 3's once: the model's own YaRN factor, which llama.cpp multiplies by its own)
+    if f"{arch}.rope.scaling.attn_factor" in reader.fields and float(m("rope.scaling.attn_factor")) != 1:
+        raise ValueError(f"unsupported GGUF rope.scaling.attn_factor {m('rope.scaling.attn_factor')} (llama.cpp "
+                         f"multiplies YaRN's own factor by it; converters have meant it as the whole factor)")
     kind = m("rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -250,10 +257,27 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
     if refused := [k for k in _YARN_REFUSED if f"{arch}.{k}" in reader.fields]:
         raise ValueError(f"unsupported GGUF YaRN setting {refused[0]!r} = {m(refused[0])} (supported: the scaling "
                          f"factor, original context length and beta_fast/beta_slow)")
+    # llama.cpp scales cos and sin by YaRN's own 0.1 ln(factor) + 1 whatever yarn_attn_factor says (the model's
+    # attention_factor, as its converter writes it): a file where the two differ is refused
+    own, key = 0.1 * math.log(factor) + 1, "rope.scaling.yarn_attn_factor"
+    if f"{arch}.{key}" in reader.fields and not math.isclose(float(m(key)), own, rel_tol=1e-6):
+        raise ValueError(f"unsupported GGUF YaRN setting {key!r} = {m(key)} (llama.cpp applies YaRN's own "
+                         f"{own:.6g}, 0.1 ln(factor) + 1, instead)")
     # GPT-OSS's YaRN ramp, as its model computes it, has unrounded ends (llama.cpp rounds them out)
     return RopeScaling(kind="yarn", factor=factor, original_max_position=original,
                        beta_fast=float(m("rope.scaling.yarn_beta_fast", 32.0)),
                        beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)), truncate=arch != "gpt-oss")
+
+
+def _window_layers(m, layers: int, every: int) -> tuple[int, ...]:
+    """The windowed layers as llama.cpp reads attention.sliding_window_pattern: a flag per layer, or a period n
+    (the model's `every` where the file names none) whose last layer of every n is unwindowed."""
+    pattern = m("attention.sliding_window_pattern", every)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise ValueError(f"GGUF attention.sliding_window_pattern has {len(pattern)} flags for {layers} layers")
+        return tuple(i for i, windowed in enumerate(pattern) if windowed)
+    return tuple(i for i in range(layers) if pattern == 0 or i % pattern < pattern - 1)
 
 
 def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, tensors: dict) -> dict:
@@ -261,15 +285,20 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
     by name)."""
     m = _arch_field(reader, arch)
 
-    def windows(size):  # in 3 of every 4 layers (`WINDOW_EVERY`), RoPE only there
-        window = tuple(i for i in range(layers) if (i + 1) % WINDOW_EVERY)
+    def windows(size):  # in 3 of every 4 layers (`WINDOW_EVERY`) unless the file says, RoPE only there
+        window = _window_layers(m, layers, WINDOW_EVERY)
         return dict(sliding_window=size, window_layers=window, nope_layers=tuple(i for i in range(layers)
                                                                                  if i not in window))
 
     if arch == "granite":
         return dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
-    if arch == "olmo2":
-        return dict(pre_norms=False, post_norms=True)
+    if arch == "olmo2":  # OLMo 3's windows: their RoPE unscaled, at its own base where the file names one
+        settings = dict(pre_norms=False, post_norms=True)
+        if int(m("attention.sliding_window", 0)) > 0:
+            settings.update(sliding_window=int(m("attention.sliding_window")),
+                            window_layers=_window_layers(m, layers, WINDOW_EVERY),
+                            local_rope_theta=float(m("rope.freq_base_swa", m("rope.freq_base", 10000.0))))
+        return settings
     if arch == "exaone4":  # OLMo 2's norms; windows in the 64-layer model only
         settings = dict(pre_norms=False, post_norms=True)
         if layers == EXAONE4_WINDOWED["layers"]:
@@ -303,16 +332,16 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
         return dict(hidden_act="xielu", gated_mlp=False)
     if arch == "gpt-oss":  # llama.cpp's windows in every other layer, its SwiGLU's constants (our defaults)
         return dict(hidden_act="clamped_swiglu", attention_sinks=True, output_bias=True,
-                    sliding_window=int(m("attention.sliding_window")), window_layers=tuple(range(0, layers, 2)))
+                    sliding_window=int(m("attention.sliding_window")), window_layers=_window_layers(m, layers, 2))
     if arch in GEMMA:
         settings = dict(hidden_act="gelu_tanh", embedding_multiplier=hidden ** 0.5)
         if GEMMA[arch]["full_every"] is None:  # Gemma 1's layers are Llama's but for these
             return settings
         cap = {key: float(m(key)) if f"{arch}.{key}" in reader.fields else None
                for key in ("attn_logit_softcapping", "final_logit_softcapping")}
-        return dict(settings, post_norms=True,
-                    sliding_window=int(m("attention.sliding_window")), local_rope_theta=GEMMA[arch]["local_theta"],
-                    window_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA[arch]["full_every"]),
+        local = GEMMA[arch]["local_theta"] and float(m("rope.freq_base_swa", GEMMA[arch]["local_theta"]))
+        return dict(settings, post_norms=True, sliding_window=int(m("attention.sliding_window")),
+                    local_rope_theta=local, window_layers=_window_layers(m, layers, GEMMA[arch]["full_every"]),
                     attn_softcap=cap["attn_logit_softcapping"], final_softcap=cap["final_logit_softcapping"])
     return {}
 
@@ -442,9 +471,11 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
     hidden, layers = int(m("embedding_length")), int(m("block_count"))
     head_dim = int(m("attention.key_length", hidden // n_heads))
     rotary = int(m("rope.dimension_count", head_dim))  # (GLM-4's and Nemotron's: half of each head)
-    if arch == "olmo2" and f"{arch}.attention.sliding_window" in reader.fields:
-        raise ValueError(f"unsupported GGUF olmo2 attention.sliding_window {m('attention.sliding_window')} (OLMo 3's "
-                         f"windowed layers)")
+    swa_base = "rope.freq_base_swa"  # (read by OLMo 3's and Gemma 3's, whose windowed layers' RoPE is unscaled)
+    if f"{arch}.{swa_base}" in reader.fields and arch not in ("olmo2", "gemma3") \
+            and float(m(swa_base)) != float(m("rope.freq_base", 10000.0)):
+        raise ValueError(f"unsupported GGUF {swa_base} {m(swa_base)} for {arch} (a RoPE base of the windowed layers' "
+                         f"own)")
     for key in ("rope.dimension_count", "attention.value_length"):
         if int(m(key, head_dim)) != head_dim and not (key == "rope.dimension_count" and arch in _PARTIAL_ROPE):
             raise ValueError(f"unsupported GGUF {key} {m(key)}: the model needs it equal to the head size {head_dim} "
