@@ -1260,7 +1260,7 @@ def stacked_experts(tensors):
 def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling=None, extras=None, eot=None,
                metadata=None, sentencepiece=None, rename=None, quantized=(), pre=None):
     """The tensors of a checkpoint written by `write_checkpoint` as llama.cpp's converter writes them
-    (float32; Q/K rows permuted for `llama`, `arcee`, `granite` and `smollm3`), with its config and a byte-level
+    (float32; Q/K rows permuted for the architectures in `PERMUTED`), with its config and a byte-level
     BPE vocabulary (or the vocabulary of a `sentencepiece.SentencePieceProcessor`); `scaling`: (RoPE
     scaling type, factor[, original context length]); `extras`: more tensors, by their GGUF names; `eot`:
     an end-of-turn id; `metadata`: more numbers (float32 or uint32) or lists, by key under the architecture's;
@@ -1320,9 +1320,9 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
         if gg := converter.get_name(name, try_suffixes=(".weight", ".bias")):
             names[name] = gg if gg.endswith((".weight", ".bias")) else gg + ".weight"
     for name, x in stacked.items():
-        if arch in ("llama", "arcee", "granite", "smollm3") and ".q_proj." in name:
+        if arch in PERMUTED and ".q_proj." in name:
             x = permute_rope(x, heads)
-        elif arch in ("llama", "arcee", "granite", "smollm3") and ".k_proj." in name:
+        elif arch in PERMUTED and ".k_proj." in name:
             x = permute_rope(x, kv)
         if names[name] in quantized:
             mx = gguf.GGMLQuantizationType.MXFP4
@@ -1337,8 +1337,9 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "mixtral": "llama", "olmo3": "olmo2", "phi": "phi2",
-             "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
+GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama", "olmo3": "olmo2",
+             "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
+PERMUTED = ("llama", "arcee", "granite", "mistral3", "smollm3")  # whose Q/K rows llama.cpp's converter permutes
 
 
 def gpt_oss_as_converted(t, layers=2):
@@ -1372,15 +1373,16 @@ def llama4_as_converted(t, layers):
     return t
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "qwen2", "qwen3",
-                                  "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere",
+@pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "ministral3", "olmo2", "olmo3",
+                                  "qwen2", "qwen3", "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere",
                                   "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
                                   "starcoder2", "stablelm", "exaone4", "phi"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
     Gemma 3's window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its
-    attention biases, OLMo 2's norms, OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN
+    attention biases, Ministral 3's Q/K rows permuted as llama's, its YaRN's log multiplier and queries scaled
+    with their position, OLMo 2's norms, OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN
     scaling of its other layers (the file's attention factor YaRN's own), Qwen2's biases, YaRN and an
     end-of-turn token that ends generation
     too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the
@@ -1415,10 +1417,11 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     hf_rope, gguf_rope = {"llama": ({"rope_type": "linear", "factor": 2.0}, ("linear", 2.0)),
                           "qwen2": (YARN, ("yarn", 4.0, 16)),
                           "olmo3": (ARCHS["olmo3"]["rope_scaling"], ("yarn", 4.0, 16)),
+                          "ministral3": (None, ("yarn", 4.0, 8)),  # (its rope_parameters)
                           "apertus": ({"rope_type": "default"}, None)}.get(arch, (None, None))  # (not its llama3)
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False), "granite": dict(attention_bias=True),
-                 "gemma": dict(pad_token_id=2),
+                 "gemma": dict(pad_token_id=2), "ministral3": dict(pad_token_id=2),
                  "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2),
@@ -1438,6 +1441,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "gemma2": {"attention.sliding_window": 5, "attn_logit_softcapping": 2.0,
                            "final_logit_softcapping": 3.0},
                 "gemma3": {"attention.sliding_window": 5},
+                "ministral3": {"rope.freq_base": 1e4, "rope.scaling.yarn_log_multiplier": 1.0,
+                               "attention.temperature_scale": 0.5},
                 "olmo3": {"attention.sliding_window": 5, "attention.sliding_window_pattern": [True, False],
                           "rope.freq_base": 500000.0, "rope.scaling.yarn_attn_factor": 0.1 * math.log(4.0) + 1},
                 "mixtral": dict(expert_count=4, expert_used_count=2),
@@ -1699,13 +1704,13 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
 
 @pytest.mark.parametrize("case,match", [
     ("longrope", "unsupported GGUF rope scaling type 'longrope'"),
-    ("yarn_log_multiplier", "unsupported GGUF YaRN setting 'rope.scaling.yarn_log_multiplier' = 0.1"),
+    ("yarn_ext_factor", "unsupported GGUF YaRN setting 'rope.scaling.yarn_ext_factor' = 0.5"),
     ("partial_rope", "unsupported GGUF rope.dimension_count 4: the model needs it equal to the head size 8"),
     ("value_length", "unsupported GGUF attention.value_length 16"),
     ("extra", r"2 tensors this config does not use, e.g. \['blk.0.attn_norm.bias'"),  # (a LayerNorm's)
     ("olmo3_attn_factor", r"unsupported GGUF rope.scaling.attn_factor 1.20\d+ \(llama.cpp multiplies YaRN's own"),
     ("yarn_attn_factor", r"unsupported GGUF YaRN setting 'rope.scaling.yarn_attn_factor' = 1.5 \(llama.cpp applies "
-                         r"YaRN's own 1.13863, 0.1 ln\(factor\) \+ 1, instead\)"),
+                         r"YaRN's own 1.13863 instead\)"),
     ("window_pattern", "GGUF attention.sliding_window_pattern has 3 flags for 2 layers"),
     ("swa_base", r"unsupported GGUF rope.freq_base_swa 1000.0 for llama \(a RoPE base of the windowed layers' own\)"),
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
@@ -1719,9 +1724,9 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     arch = {"olmo3_attn_factor": "olmo2", "window_pattern": "olmo2", "sigmoid_experts": "olmoe",
             "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4"}.get(case, "llama")
     extras = {f"blk.{i}.attn_norm.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
-    yarn = ("yarn", 4.0, 16) if case in ("olmo3_attn_factor", "yarn_attn_factor", "yarn_log_multiplier") else None
+    yarn = ("yarn", 4.0, 16) if case in ("olmo3_attn_factor", "yarn_attn_factor", "yarn_ext_factor") else None
     scaling = ("longrope", 4.0) if case == "longrope" else yarn
-    metadata = {"yarn_log_multiplier": {"rope.scaling.yarn_log_multiplier": 0.1},
+    metadata = {"yarn_ext_factor": {"rope.scaling.yarn_ext_factor": 0.5},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},
                 "olmo3_attn_factor": {"attention.sliding_window": 4,  # (OLMo 3's, as converters once wrote it)
                                       "rope.scaling.attn_factor": 0.1 * math.log(8) + 1},

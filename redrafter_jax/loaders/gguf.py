@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 from jax.sharding import Mesh
 
-from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling
+from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling, yarn_mscale
 from redrafter_jax.loaders import (
     GGUF,
     ROPE_FACTORS,
@@ -30,14 +30,14 @@ from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "exaone4", "gemma",
-                           "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "llama4", "nemotron", "olmo2", "olmoe",
-                           "phi2", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3",
+                           "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "llama4", "mistral3", "nemotron", "olmo2",
+                           "olmoe", "phi2", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3",
                            "stablelm", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
-_PERMUTED = ("llama", "arcee", "granite", "smollm3")
+_PERMUTED = ("llama", "arcee", "granite", "mistral3", "smollm3")
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
@@ -229,9 +229,8 @@ class _GGUFTensors:
         return self._dequantized(name)[index]
 
 
-# YaRN keys whose meaning llama.cpp's converters and models vary (DeepSeek's log multiplier, an extrapolation
-# mix): refused rather than guessed
-_YARN_REFUSED = ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor")
+# YaRN keys whose meaning llama.cpp's converters and models vary (an extrapolation mix): refused rather than guessed
+_YARN_REFUSED = ("rope.scaling.yarn_ext_factor",)
 
 
 def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
@@ -256,16 +255,19 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str) -> RopeScaling | None:
     if refused := [k for k in _YARN_REFUSED if f"{arch}.{k}" in reader.fields]:
         raise ValueError(f"unsupported GGUF YaRN setting {refused[0]!r} = {m(refused[0])} (supported: the scaling "
                          f"factor, original context length and beta_fast/beta_slow)")
-    # llama.cpp scales cos and sin by YaRN's own 0.1 ln(factor) + 1 whatever yarn_attn_factor says (the model's
-    # attention_factor, as its converter writes it): a file where the two differ is refused
-    own, key = 0.1 * math.log(factor) + 1, "rope.scaling.yarn_attn_factor"
+    # llama.cpp scales cos and sin by YaRN's own 0.1 ln(factor) + 1 (over that with the log multiplier, Ministral
+    # 3's mscale_all_dim, in its place) whatever yarn_attn_factor says (the model's attention_factor, as its
+    # converter writes it): a file where the two differ is refused
+    log_mul = float(m("rope.scaling.yarn_log_multiplier", 0.0))
+    own, key = yarn_mscale(factor) / (yarn_mscale(factor, log_mul) if log_mul else 1), "rope.scaling.yarn_attn_factor"
     if f"{arch}.{key}" in reader.fields and not math.isclose(float(m(key)), own, rel_tol=1e-6):
         raise ValueError(f"unsupported GGUF YaRN setting {key!r} = {m(key)} (llama.cpp applies YaRN's own "
-                         f"{own:.6g}, 0.1 ln(factor) + 1, instead)")
+                         f"{own:.6g} instead)")
     # GPT-OSS's YaRN ramp, as its model computes it, has unrounded ends (llama.cpp rounds them out)
     return RopeScaling(kind="yarn", factor=factor, original_max_position=original,
                        beta_fast=float(m("rope.scaling.yarn_beta_fast", 32.0)),
-                       beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)), truncate=arch != "gpt-oss")
+                       beta_slow=float(m("rope.scaling.yarn_beta_slow", 1.0)), truncate=arch != "gpt-oss",
+                       attention_factor=own if log_mul else None)
 
 
 def _window_layers(m, layers: int, every: int) -> tuple[int, ...]:
@@ -291,6 +293,10 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
 
     if arch == "granite":
         return dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
+    if arch == "mistral3":  # Ministral 3's queries scaled up with their position, by YaRN's original context
+        beta = float(m("attention.temperature_scale", 0.0))
+        original = int(m("rope.scaling.original_context_length", m("context_length")))
+        return dict(query_scaling=QueryScaling(beta, original)) if beta else {}
     if arch == "olmo2":  # OLMo 3's windows: their RoPE unscaled, at its own base where the file names one
         settings = dict(pre_norms=False, post_norms=True)
         if int(m("attention.sliding_window", 0)) > 0:
