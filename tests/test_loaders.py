@@ -1337,8 +1337,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.close()
 
 
-GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama", "olmo3": "olmo2",
-             "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
+GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama",
+             "olmo3": "olmo2", "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
 PERMUTED = ("llama", "arcee", "granite", "mistral3", "smollm3")  # whose Q/K rows llama.cpp's converter permutes
 
 
@@ -1374,9 +1374,9 @@ def llama4_as_converted(t, layers):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "ministral3", "olmo2", "olmo3",
-                                  "qwen2", "qwen3", "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "cohere",
-                                  "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4", "nemotron", "apertus", "arcee",
-                                  "starcoder2", "stablelm", "exaone4", "phi"])
+                                  "qwen2", "qwen3", "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
+                                  "gpt_oss", "cohere", "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4",
+                                  "nemotron", "apertus", "arcee", "starcoder2", "stablelm", "exaone4", "phi"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
     1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,

@@ -435,7 +435,7 @@ def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     eos += tuple(e for e in dict.fromkeys(_ends(reader, tokens, eos[0])) if e not in eos)
     bos = reader.fields.get("tokenizer.ggml.bos_token_id")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
-    bos = int(bos.contents()) if bos is not None and pre not in ("glm4", "chatglm-bpe") else None  # (llama.cpp's)
+    bos = int(bos.contents()) if bos is not None and pre not in ("glm4", "glm5", "chatglm-bpe") else None  # llama.cpp's
     model = _field(reader, "tokenizer.ggml.model")
     spm = model == "llama"  # SentencePiece: llama.cpp's default is a space before the text
     add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")  # (None: llama.cpp's default for the vocabulary)
