@@ -104,6 +104,31 @@ ARCHS = {
                      attention_multiplier=1 / 128, logits_scaling=8.0, layer_types=["attention"] * 2,
                      num_local_experts=0, shared_intermediate_size=48, position_embedding_type="rope",
                      mamba_n_heads=8),  # (unused without Mamba layers, but transformers checks it)
+    # Granite's mixtures of experts (their MLPs stored fused, gate's rows first) and multipliers: Granite 3's,
+    # with a shared expert (GraniteMoeShared's; Granite 4's attention-only model's, its shared_mlp); Granite
+    # SWA's attention sinks, layer 0 windowed and rotated at its own base, layer 1 global at another (the MoE
+    # model's, its experts under transformers 5's names) or without RoPE (the dense model's)
+    "granitemoe": dict(architectures=["GraniteMoeForCausalLM"], model_type="granitemoe", tie_word_embeddings=True,
+                       embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
+                       logits_scaling=8.0, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoeshared": dict(architectures=["GraniteMoeSharedForCausalLM"], model_type="granitemoeshared",
+                             tie_word_embeddings=False, embedding_multiplier=12.0, residual_multiplier=0.25,
+                             attention_multiplier=1 / 128, logits_scaling=8.0, num_local_experts=4,
+                             num_experts_per_tok=2, shared_intermediate_size=24),
+    "granite4_moe": dict(architectures=["GraniteMoeHybridForCausalLM"], model_type="granitemoehybrid",
+                         tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.25,
+                         attention_multiplier=1 / 128, logits_scaling=8.0, layer_types=["attention"] * 2,
+                         num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=24,
+                         position_embedding_type="rope", mamba_n_heads=8),
+    "granite_swa": dict(architectures=["GraniteSWAForCausalLM"], model_type="granite_swa", tie_word_embeddings=True,
+                        embedding_multiplier=12.0, residual_multiplier=0.25, attention_multiplier=1 / 128,
+                        logits_scaling=8.0, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
+                        layer_rope_theta=[100.0, 0]),
+    "granitemoe_swa": dict(architectures=["GraniteMoeSWAForCausalLM"], model_type="granitemoe_swa",
+                           tie_word_embeddings=False, embedding_multiplier=12.0, residual_multiplier=0.25,
+                           attention_multiplier=1 / 128, logits_scaling=8.0, num_local_experts=4,
+                           num_experts_per_tok=2, shared_intermediate_size=24, sliding_window=5,
+                           layer_types=["sliding_attention", "full_attention"], layer_rope_theta=[100.0, 10000.0]),
     # layer 0 global, layer 1 windowed (CWM's default: all but every fourth from the first), Llama 3's RoPE
     # scaling by default
     "cwm": dict(architectures=["CwmForCausalLM"], model_type="cwm", sliding_window=5, tie_word_embeddings=False),
@@ -157,7 +182,8 @@ ARCHS = {
 
 
 MOE_LAYERS = {"gpt_oss": (0, 1), "llama4": (1, 3), "mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,),
-              "qwen3_moe": (1,)}
+              "qwen3_moe": (1,), **dict.fromkeys(("granitemoe", "granitemoeshared", "granite4_moe", "granitemoe_swa"),
+                                                 (0, 1))}
 
 
 def expert_tensors(arch, rng, hidden, inter):
@@ -172,6 +198,18 @@ def expert_tensors(arch, rng, hidden, inter):
                 "feed_forward.experts.down_proj": rng.normal(0, 0.3, (e, f, hidden)),
                 **{f"feed_forward.shared_expert.{n}_proj.weight": rng.normal(0, 0.3, s)
                    for n, s in (("gate", (f, hidden)), ("up", (f, hidden)), ("down", (hidden, f)))}}
+    if arch.startswith("granite"):  # stacked as stored, [out, in], gate's outputs first; as released, or under
+        # transformers 5's names (Granite SWA's); the shared expert: shared_mlp, gate and up fused
+        new = arch == "granitemoe_swa"
+        t = {"block_sparse_moe.router." + ("weight" if new else "layer.weight"): rng.normal(0, 1.0, (e, hidden)),
+             "block_sparse_moe." + ("experts.gate_up_proj" if new else "input_linear.weight"):
+                 rng.normal(0, 0.3, (e, 2 * f, hidden)),
+             "block_sparse_moe." + ("experts.down_proj" if new else "output_linear.weight"):
+                 rng.normal(0, 0.3, (e, hidden, f))}
+        if s := c.get("shared_intermediate_size"):
+            t.update({"shared_mlp.input_linear.weight": rng.normal(0, 0.3, (2 * s, hidden)),
+                      "shared_mlp.output_linear.weight": rng.normal(0, 0.3, (hidden, s))})
+        return t
     if arch == "gpt_oss":  # stacked as they multiply, [in, out], gate and up interleaved
         return {"mlp.router.weight": rng.normal(0, 1.0, (e, hidden)), "mlp.router.bias": rng.normal(0, 1.0, e),
                 "mlp.experts.gate_up_proj": rng.normal(0, 0.3, (e, hidden, 2 * f)),
@@ -218,6 +256,8 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         if arch == "gpt_oss":
             shapes.update({"self_attn.o_proj.bias": (hidden,), "self_attn.sinks": (heads,)})
+        if arch in ("granite_swa", "granitemoe_swa"):
+            shapes["self_attn.sinks"] = (heads,)
         t.update({p + k: rng.normal(0, 0.3, s) for k, s in shapes.items()})
         if i in MOE_LAYERS.get(arch, ()):
             t.update({p + k: x for k, x in expert_tensors(arch, rng, hidden, inter).items()})
@@ -345,7 +385,7 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 # Cohere, nor the experts or ungated MLPs, nor reorders RoPE's pairs)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4",
                                                        "gemma", "gemma2", "gemma3", "glm", "glm4", "granite",
-                                                       "granite4", "helium", "hyperclovax", "nemotron", "olmo2",
+                                                       "granite4", "granite_swa", "helium", "hyperclovax", "nemotron", "olmo2",
                                                        "olmo3", "phi", "phi3", "stablelm", "starcoder2",
                                                        "vaultgemma",
                                                        *MOE_LAYERS}))
@@ -922,7 +962,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
     `architectures`) loads with what transformers' config classes assume, not with guesses of ours."""
     transformers = pytest.importorskip("transformers")
     if arch == "GraniteMoeHybridForCausalLM":  # whose defaults are a Mamba hybrid, which is refused
-        with pytest.raises(ValueError, match="not its Mamba layers or experts"):
+        with pytest.raises(ValueError, match="not its Mamba layers"):
             config_from_hf({"architectures": [arch]})
         return
     llama4 = arch == "Llama4ForCausalLM"
@@ -987,7 +1027,8 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("nemotron", {"num_hidden_layers": 3}),
                                            ("starcoder2", {"num_hidden_layers": 3}),
                                            ("stablelm", {"num_hidden_layers": 3, "hidden_size": 64,
-                                                         "qk_layernorm": True}), ("phi", {})])
+                                                         "qk_layernorm": True}), ("phi", {}),
+                                           ("granitemoe_swa", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -1005,7 +1046,8 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     the MLP in a stack of three, Helium's biased queries rotating adjacent dims, Apertus's xIELU parameters and
     Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
     stack of three, StableLM's RoPE on a quarter of each head and its query and key LayerNorms with weights per
-    head, Phi-2's biases, its LM head's too, in the decode loops (on the CPU, the attention kernel): greedy
+    head, Phi-2's biases, its LM head's too, Granite SWA's sinks, its windowed layer's RoPE base beside the
+    global one's and its experts beside a shared one, in the decode loops (on the CPU, the attention kernel): greedy
     decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
     equals it."""
     # head_dim 16: the CPU attention kernel's smallest
@@ -1038,7 +1080,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "nemotron": m.config.norm_bias and m.config.rotary_dim == 8 and m.config.hidden_act == "relu2",
             "starcoder2": m.config.mlp_bias and m.config.output_bias and m.config.sliding_window == 5,
             "stablelm": m.config.norm_bias and m.config.rotary_dim == 4 and m.config.attention_bias and
-            m.config.qk_norm == "per_head", "phi": m.config.lm_head_bias and m.config.rotary_dim == 8}[arch]
+            m.config.qk_norm == "per_head", "phi": m.config.lm_head_bias and m.config.rotary_dim == 8,
+            "granitemoe_swa": m.config.attention_sinks and m.config.shared_expert_size == 24 and
+            m.config.window_layers == (0,) and (m.config.rope_theta, m.config.local_rope_theta) == (1e4, 100)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1134,8 +1178,12 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     ("moe_window", "unsupported use_sliding_window: true for Qwen3MoeForCausalLM"),
     ("clip_qkv", r"unsupported clip_qkv: 8.0 \(queries, keys and values clipped\)"),
     ("sparse_step", "decoder_sparse_step must be a positive integer, got 0"),
-    ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] and 0 "),
-    ("granite4_experts", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention'\] and 4 experts"),
+    ("granite4_mamba", r"unsupported GraniteMoeHybridForCausalLM with layers \['attention', 'mamba'\] \(only"),
+    ("granite_experts", "checkpoint is missing tensor 'model.layers.1.block_sparse_moe.output_linear.weight'"),
+    ("granite_bases", r"layer_rope_theta must list a RoPE base >= 0 \(0: none\) for each of the 2 layers, got "
+                      r"\[100.0, 10000.0, 10000.0\]"),
+    ("granite_scaled_bases", r"unsupported layer_rope_theta \[100.0, 10000.0\]: one RoPE base for every layer"),
+    ("granite_no_rope", r"no_rope_layers \[1, 0\] and layer_rope_theta \[100.0, 10000.0\] disagree"),
     ("use_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.q_proj.bias'"),  # (ERNIE's: all biased)
     # (StableLM's query and key norms, stored one per head)
     ("qk_layernorm", "checkpoint is missing tensor 'model.layers.0.self_attn.q_layernorm.norms.0.weight'"),
@@ -1147,7 +1195,8 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
 def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
     arch = {"expert_missing": "mixtral", "expert_shape": "mixtral", "moe_window": "qwen3_moe", "clip_qkv": "olmoe",
             "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "granite4_mamba": "granite4",
-            "granite4_experts": "granite4", "attention_out_bias": "seed_oss",
+            "granite_experts": "granitemoe", "attention_out_bias": "seed_oss",
+            **dict.fromkeys(("granite_bases", "granite_scaled_bases", "granite_no_rope"), "granitemoe_swa"),
             "qk_layernorm": "stablelm"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
@@ -1210,8 +1259,12 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
         tensors["model.layers.0.block_sparse_moe.experts.2.w1.weight"] = np.ones((40, 32), np.float32)
     elif case == "granite4_mamba":
         overrides["layer_types"] = ["mamba", "attention"]
-    elif case == "granite4_experts":
-        overrides["num_local_experts"] = 4
+    elif case == "granite_experts":
+        del tensors["model.layers.1.block_sparse_moe.output_linear.weight"]
+    elif case in ("granite_bases", "granite_scaled_bases", "granite_no_rope"):  # (its bases [100, 10000])
+        overrides.update({"granite_bases": dict(layer_rope_theta=[100.0, 10000.0, 10000.0]),
+                          "granite_scaled_bases": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+                          "granite_no_rope": dict(no_rope_layers=[1, 0])}[case])
     elif case in ("use_bias", "attention_out_bias", "qk_layernorm"):
         overrides[case] = True
     elif case in ("moe_window", "clip_qkv", "sparse_step"):
@@ -1290,7 +1343,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     sizes = {k.split(".")[-3]: x.shape[-2] for k, x in stacked.items()
              if k.endswith((".up_proj.weight", ".c_fc.weight", ".fc1.weight"))}  # (StarCoder2's up: c_fc, Phi's: fc1)
     sizes.update({"mlp": x.shape[0] // 2 for k, x in stacked.items() if k.endswith(".gate_up_proj.weight")})  # (GLM's)
-    w.add_feed_forward_length(sizes.get("mlp", sizes.get("experts")))
+    if "feed_forward_length" not in (metadata or {}):  # (else metadata's: where the experts' gate and up are fused)
+        w.add_feed_forward_length(sizes.get("mlp", sizes.get("experts")))
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     w.add_key_length(head_dim)
@@ -1313,11 +1367,12 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     w.add_eos_token_id(2)
     # the converter's names (gguf's own map of them; a tensor without a suffix gets ".weight", as GPT-OSS's
     # sinks do), or where it knows none the table's
-    converter = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], layers)
+    kind = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)  # (None: newer than this gguf)
+    converter = kind and gguf.get_tensor_name_map(kind, layers)
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
     for name in stacked:
-        if gg := converter.get_name(name, try_suffixes=(".weight", ".bias")):
+        if converter and (gg := converter.get_name(name, try_suffixes=(".weight", ".bias"))):
             names[name] = gg if gg.endswith((".weight", ".bias")) else gg + ".weight"
     for name, x in stacked.items():
         if arch in PERMUTED and ".q_proj." in name:
@@ -1338,8 +1393,10 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
 
 
 GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama",
-             "olmo3": "olmo2", "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}  # by Hugging Face's
-PERMUTED = ("llama", "arcee", "granite", "mistral3", "smollm3")  # whose Q/K rows llama.cpp's converter permutes
+             "olmo3": "olmo2", "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "granitemoeshared": "granitemoe", "granitemoe_swa": "granite_swa"}  # by Hugging Face's
+# whose Q/K rows llama.cpp's converter permutes
+PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3", "smollm3")
 
 
 def gpt_oss_as_converted(t, layers=2):
@@ -1361,6 +1418,28 @@ def gpt_oss_as_converted(t, layers=2):
     return t
 
 
+def granite_as_converted(t, layers, fused=False):
+    """A Granite mixture's tensors (`hf_tensors`) as llama.cpp's converter stores them, under the name table's
+    Hugging Face names: its experts' and shared expert's [gate; up] split, or (Granite SWA's) `fused`, kept so
+    under their GGUF names, returned apart."""
+    t, kept = dict(t), {}
+    for i in range(layers):
+        moe, mlp, shared = (f"model.layers.{i}.{part}." for part in ("block_sparse_moe", "mlp", "shared_mlp"))
+        new = moe + "router.weight" in t  # (transformers 5's names)
+        t[mlp + "gate.weight"] = t.pop(moe + ("router.weight" if new else "router.layer.weight"))
+        t[mlp + "experts.down_proj.weight"] = t.pop(moe + ("experts.down_proj" if new else "output_linear.weight"))
+        parts = {"experts": t.pop(moe + ("experts.gate_up_proj" if new else "input_linear.weight"))}
+        if shared + "input_linear.weight" in t:
+            parts["shared_expert"] = t.pop(shared + "input_linear.weight")
+            t[mlp + "shared_expert.down_proj.weight"] = t.pop(shared + "output_linear.weight")
+        for name, x in parts.items():
+            if fused:
+                kept[f"blk.{i}.ffn_{'gate_up_exps' if name == 'experts' else 'up_shexp'}.weight"] = x
+            else:
+                t[mlp + f"{name}.gate_proj.weight"], t[mlp + f"{name}.up_proj.weight"] = np.split(x, 2, axis=-2)
+    return t, kept
+
+
 def llama4_as_converted(t, layers):
     """A Llama 4 checkpoint's tensors (`hf_tensors`) as llama.cpp's converter stores them, under the name table's
     Hugging Face names: the experts' gate_up [E, H, 2F] split into gate and up, they and down [E, out, in]."""
@@ -1376,32 +1455,32 @@ def llama4_as_converted(t, layers):
 @pytest.mark.parametrize("arch", ["llama", "gemma", "gemma2", "gemma3", "granite", "ministral3", "olmo2", "olmo3",
                                   "qwen2", "qwen3", "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
                                   "gpt_oss", "cohere", "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4",
-                                  "nemotron", "apertus", "arcee", "starcoder2", "stablelm", "exaone4", "phi"])
+                                  "nemotron", "apertus", "arcee", "starcoder2", "stablelm", "exaone4", "phi",
+                                  "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
-    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as
-    1 + w and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer,
-    Gemma 3's window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its
-    attention biases, Ministral 3's Q/K rows permuted as llama's, its YaRN's log multiplier and queries scaled
-    with their position, OLMo 2's norms, OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN
-    scaling of its other layers (the file's attention factor YaRN's own), Qwen2's biases, YaRN and an
-    end-of-turn token that ends generation
-    too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the
-    mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by
-    its tensors, Qwen3-MoE's, their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks,
-    biases, YaRN and window in every other layer; Command R's LayerNorms, parallel attention and MLP and
-    logit scale, Command R7B's windows in 3 of 4 layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE
-    over adjacent dims (GLM-4's on half of each head, its gate and up fused, its norms after attention and
-    the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases; Llama 4's RoPE over adjacent dims, chunks,
-    every fourth layer without RoPE and with scaled queries, unweighted query and key norms,
-    sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them; Nemotron's biased
-    LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head; Apertus's xIELU
-    parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's; StarCoder2's
-    biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none for it);
-    StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE 4's norms after attention and
-    the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); Phi-2's biases, its LM
-    head's too, attention and the MLP side by side, RoPE on half of each head; each tensor
-    under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same
-    model."""
+    """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as 1 + w
+    and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer, Gemma 3's
+    window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its attention biases,
+    Granite 3's mixtures' experts split from their fused tensors, renormalised, the shared expert ungated, Granite
+    SWA's windows, sinks, layers without RoPE as its flags say, its mixture's experts' and shared expert's gate and
+    up kept fused, Ministral 3's Q/K rows permuted as llama's, its YaRN's log multiplier and queries scaled with
+    their position, OLMo 2's norms, OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN scaling
+    of its other layers (the file's attention factor YaRN's own), Qwen2's biases, YaRN and an end-of-turn token that
+    ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without
+    RoPE; the mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized
+    by its tensors, Qwen3-MoE's, their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks,
+    biases, YaRN and window in every other layer; Command R's LayerNorms, parallel attention and MLP and logit
+    scale, Command R7B's windows in 3 of 4 layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE over adjacent
+    dims (GLM-4's on half of each head, its gate and up fused, its norms after attention and the MLP; no BOS with
+    its pre-tokenizer), Seed-OSS's biases; Llama 4's RoPE over adjacent dims, chunks, every fourth layer without
+    RoPE and with scaled queries, unweighted query and key norms, sigmoid-weighted expert inputs and ungated shared
+    expert, all as llama.cpp assumes them; Nemotron's biased LayerNorms (their weights stored as 1 + w), ungated MLP
+    and RoPE on half of each head; Apertus's xIELU parameters, kept in the metadata; Arcee's ungated MLP, its Q/K
+    rows permuted as llama's; StarCoder2's biases on every projection and LayerNorm, ungated MLP of GELUs, and no
+    window (llama.cpp has none for it); StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE
+    4's norms after attention and the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's);
+    Phi-2's biases, its LM head's too, attention and the MLP side by side, RoPE on half of each head; each tensor
+    under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
@@ -1426,6 +1505,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
                                 pad_token_id=2),
                  "mixtral": dict(sliding_window=None),
+                 **dict.fromkeys(("granite_swa", "granitemoe_swa"), dict(layer_rope_theta=[10000.0, 0])),
                  "cohere": dict(pad_token_id=2), "cohere2": dict(sliding_window_pattern=4, pad_token_id=2),
                  "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2), "apertus": dict(pad_token_id=2),
                  "starcoder2": dict(sliding_window=None, pad_token_id=2),
@@ -1436,8 +1516,15 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "gpt_oss": dict(hidden_size=64, intermediate_size=64, quantization_config=MXFP4, swiglu_limit=7.0)}
     write_checkpoint(tmp_path / "hf", arch, tensors, rope_scaling=hf_rope, eos_token_id=[2, *ends],
                      num_hidden_layers=layers, **hf_config.get(arch, {}))
-    metadata = {"granite": dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0,
-                                **{"attention.scale": 1 / 128}),
+    granite = dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0, **{"attention.scale": 1 / 128})
+    swa = {"attention.sliding_window": 5, "attention.sliding_window_pattern": [True, False],
+           "attention.rope_pattern": [True, False]}
+    metadata = {"granite": granite, "granitemoe": dict(granite, expert_count=4, expert_used_count=2),
+                "granitemoeshared": dict(granite, expert_count=4, expert_used_count=2,
+                                         expert_shared_feed_forward_length=24),
+                "granite_swa": dict(granite, **swa),
+                "granitemoe_swa": dict(granite, **swa, expert_count=4, expert_used_count=2, feed_forward_length=48,
+                                       expert_shared_feed_forward_length=24),
                 "gemma2": {"attention.sliding_window": 5, "attn_logit_softcapping": 2.0,
                            "final_logit_softcapping": 3.0},
                 "gemma3": {"attention.sliding_window": 5},
@@ -1465,8 +1552,11 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
         tensors, gguf_rope = gpt_oss_as_converted(tensors), ("yarn", 32.0, 4096)  # (GPT-OSS's default YaRN)
     if arch == "llama4":
         tensors = llama4_as_converted(tensors, layers)
+    kept = {}
+    if arch in ("granitemoe", "granitemoeshared", "granitemoe_swa"):
+        tensors, kept = granite_as_converted(tensors, layers, fused=arch == "granitemoe_swa")
     write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
-               eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata,
+               eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata, extras=kept,
                rename={i: text for i, text in ends.items() if text},
                quantized={f"blk.{i}.ffn_{n}_exps.weight" for i in range(layers) for n in ("gate", "up", "down")
                           if gpt_oss},
@@ -1475,9 +1565,11 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
-    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,)}.get(arch, ())
+    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,), "granite_swa": (1,),
+                                     "granitemoe_swa": (1,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,), "olmo3": (0,),
-                                       "cohere2": (0, 1, 2), "llama4": (0, 1, 2)}.get(arch)
+                                       "cohere2": (0, 1, 2), "llama4": (0, 1, 2), "granite_swa": (0,),
+                                       "granitemoe_swa": (0,)}.get(arch)
     ids = jnp.asarray([TOKENS])
     np.testing.assert_array_equal(np.asarray(forward_causal(gg.params, gg.config, ids).logits),
                                   np.asarray(forward_causal(hf.params, hf.config, ids).logits))
@@ -1718,14 +1810,18 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
     ("mobilellm", r"unsupported GGUF llama4 attention.sliding_window 0 \(Llama 4's chunks are 8192 positions"),
     ("pre_tokenizer", r"unsupported GGUF pre-tokenizer 'falcon' \(supported: default, gpt-2, "),
+    ("rope_pattern", r"GGUF attention.rope_pattern must be a flag for each of the 2 layers, got \[True\]"),
+    ("no_window_pattern", "GGUF metadata is missing 'granite_swa.attention.sliding_window_pattern'"),
 ])
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     arch = {"olmo3_attn_factor": "olmo2", "window_pattern": "olmo2", "sigmoid_experts": "olmoe",
-            "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4"}.get(case, "llama")
+            "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4", "rope_pattern": "granite_swa",
+            "no_window_pattern": "granite_swa"}.get(case, "llama")
     extras = {f"blk.{i}.attn_norm.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     yarn = ("yarn", 4.0, 16) if case in ("olmo3_attn_factor", "yarn_attn_factor", "yarn_ext_factor") else None
     scaling = ("longrope", 4.0) if case == "longrope" else yarn
+    granite = {"embedding_scale": 12.0, "residual_scale": 0.25, "logit_scale": 8.0, "attention.sliding_window": 4}
     metadata = {"yarn_ext_factor": {"rope.scaling.yarn_ext_factor": 0.5},
                 "partial_rope": {"rope.dimension_count": 4}, "value_length": {"attention.value_length": 16},
                 "olmo3_attn_factor": {"attention.sliding_window": 4,  # (OLMo 3's, as converters once wrote it)
@@ -1737,7 +1833,10 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
                 "sigmoid_experts": dict(expert_count=4, expert_used_count=2, expert_gating_func=2),
                 "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5),
                 "softmax_llama4": dict(expert_count=4, expert_used_count=1, expert_gating_func=1),
-                "mobilellm": {"expert_count": 4, "expert_used_count": 1, "attention.sliding_window": 0}}.get(case)
+                "mobilellm": {"expert_count": 4, "expert_used_count": 1, "attention.sliding_window": 0},
+                "rope_pattern": {**granite, "attention.sliding_window_pattern": [True, False],
+                                 "attention.rope_pattern": [True]},
+                "no_window_pattern": granite}.get(case)
     tensors = hf_tensors(arch, np.random.default_rng(3))
     write_gguf(tmp_path / "model.gguf", arch, llama4_as_converted(tensors, 2) if arch == "llama4" else tensors,
                scaling=scaling, extras=extras, metadata=metadata,

@@ -197,7 +197,8 @@ class RopeOrdered(_Rewritten):
 
 class Unfused:
     """A `Source` whose fused tensors read as the parts the name table expects: `parts` maps a part's name
-    to (its fused tensor's name, its first row, its rows)."""
+    to (its fused tensor's name, its first row, its rows); rows along the outputs, the first axis, or of a
+    stack of experts' [E, out, in] the second."""
 
     def __init__(self, source: Source, parts: dict[str, tuple[str, int, int]]):
         self.source, self.parts = source, parts
@@ -207,18 +208,23 @@ class Unfused:
     def names(self) -> list[str]:
         return self._names
 
+    def _axis(self, fused: str) -> int:
+        return int(len(self.source.shape(fused)) == 3)
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.parts:
             return self.source.shape(name)
         fused, _, rows = self.parts[name]
-        return (rows, *self.source.shape(fused)[1:])
+        shape, axis = tuple(self.source.shape(fused)), self._axis(fused)
+        return (*shape[:axis], rows, *shape[axis + 1:])
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         if name not in self.parts:
             return self.source.read(name, index)
         fused, first, rows = self.parts[name]
-        start, stop, _ = index[0].indices(rows)
-        return self.source.read(fused, (slice(first + start, first + stop), *index[1:]))
+        axis = self._axis(fused)
+        start, stop, _ = index[axis].indices(rows)
+        return self.source.read(fused, (*index[:axis], slice(first + start, first + stop), *index[axis + 1:]))
 
 
 class Renamed:
@@ -270,11 +276,13 @@ def expert_stacks(cfg: ModelConfig, router: str, gate: str, up: str, down: str) 
 
 def fused_parts(cfg: ModelConfig, fmt: int, fused: dict[str, str]) -> dict[str, tuple[str, int, int]]:
     """`Unfused`'s parts for checkpoints that fuse the parts of our parameters along their output rows:
-    `fused` maps wqkv or bqkv ([q; k; v]) or w_gate_up ([gate; up]) to its fused tensor's name ("{i}": the
-    layer), e.g. Hugging Face's `FUSED_QKV` and `FUSED_GATE_UP` (Phi-3's)."""
-    q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    `fused` maps wqkv or bqkv ([q; k; v]) or w_gate_up, shared_gate_up or experts_gate_up ([gate; up]) to its
+    fused tensor's name ("{i}": the layer), e.g. Hugging Face's `FUSED_QKV` and `FUSED_GATE_UP` (Phi-3's)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     qkv = [(0, q), (q, kv), (q + kv, kv)]
-    spans = {"wqkv": qkv, "bqkv": qkv, "w_gate_up": [(0, i), (i, i)]}
+    spans = {"wqkv": qkv, "bqkv": qkv, **{ours: [(0, n), (n, n)] for ours, n in (
+        ("w_gate_up", cfg.intermediate_size), ("shared_gate_up", cfg.shared_expert_size),
+        ("experts_gate_up", cfg.expert_size))}}
     return {name.format(i=layer): (whole.format(i=layer), first, n)
             for ours, whole in fused.items() for name, (first, n) in zip(stored_names(cfg, ours, fmt), spans[ours])
             for layer in range(cfg.num_layers)}
@@ -282,13 +290,15 @@ def fused_parts(cfg: ModelConfig, fmt: int, fused: dict[str, str]) -> dict[str, 
 
 def granite_adjustments(cfg: ModelConfig, residual: float, attention: float) -> dict[str, tuple[float, float]]:
     """`Scaled`'s adjustments for Granite's residual multiplier (both branches: folded into the norms after
-    attention and the MLP where the model has them, HyperCLOVA X's, else into the output projections,
-    biases too) and attention multiplier (the scores' scale, which replaces head_dim^-1/2)."""
+    attention and the MLP where the model has them, HyperCLOVA X's, else into the output projections, biases,
+    experts' and shared experts' too) and attention multiplier (the scores' scale, which replaces
+    head_dim^-1/2)."""
     if not all(isinstance(v, (int, float)) and v > 0 for v in (residual, attention)):
         raise ValueError(f"Granite's residual and attention multipliers must be positive numbers, got "
                          f"{residual} and {attention}")
     query = attention * cfg.head_dim ** 0.5
-    branches = ("post_attn_norm", "post_mlp_norm") if cfg.post_norms else ("wo", "bo", "w_down", "b_down")
+    branches = ("post_attn_norm", "post_mlp_norm") if cfg.post_norms else (
+        "wo", "bo", "w_down", "b_down", "experts_down", "shared_down")
     return {**dict.fromkeys(branches, (0, residual)), "wq": (0, query), "bq": (0, query)}
 
 

@@ -25,19 +25,25 @@ from redrafter_jax.loaders import (
     fused_parts,
     gemma_adjustments,
     granite_adjustments,
+    stored_names,
 )
 from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "exaone4", "gemma",
-                           "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "llama4", "mistral3", "nemotron", "olmo2",
-                           "olmoe", "phi2", "qwen2", "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3",
-                           "stablelm", "starcoder2")
+                           "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "granitemoe", "granite_swa", "llama4",
+                           "mistral3", "nemotron", "olmo2", "olmoe", "phi2", "qwen2", "qwen2moe", "qwen2vl", "qwen3",
+                           "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
-_PERMUTED = ("llama", "arcee", "granite", "mistral3", "smollm3")
+_PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3", "smollm3")
+# Granite's multipliers; Granite 3's mixtures of experts (granitemoe: GraniteMoe's, and GraniteMoeShared's with an
+# ungated shared expert); Granite SWA's windows, sinks and layers without RoPE, dense or with such experts (their
+# gate and up fused, as its converter keeps them)
+_GRANITES = ("granite", "granitemoe", "granite_swa")
+_UNGATED_SHARED = ("llama4", *_GRANITES[1:])
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
@@ -80,7 +86,7 @@ _FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD
              "fim_sep": ("<|file_sep|>",)}
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
 # the file's expert_weights_norm says otherwise
-NORM_TOPK = ("llama", "qwen3moe")
+NORM_TOPK = ("llama", *_GRANITES[1:], "qwen3moe")
 # llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, sigmoids of the
 # chosen ones' (Llama 4's, which weigh the experts' inputs), or a softmax over the chosen ones' (GPT-OSS's, its
 # default there: the same weights renormalised)
@@ -291,8 +297,17 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
         return dict(sliding_window=size, window_layers=window, nope_layers=tuple(i for i in range(layers)
                                                                                  if i not in window))
 
-    if arch == "granite":
-        return dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
+    if arch in _GRANITES:  # Granite SWA's windows where its pattern's flags say, RoPE where its own flags do
+        settings = dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
+        if arch == "granite_swa":
+            rope = m("attention.rope_pattern", [True] * layers)
+            if not isinstance(rope, list) or len(rope) != layers:
+                raise ValueError(f"GGUF attention.rope_pattern must be a flag for each of the {layers} layers, got "
+                                 f"{rope}")
+            settings.update(sliding_window=int(m("attention.sliding_window")), attention_sinks=True,
+                            window_layers=_window_layers(m, layers, None),
+                            nope_layers=tuple(i for i, rotated in enumerate(rope) if not rotated))
+        return settings
     if arch == "mistral3":  # Ministral 3's queries scaled up with their position, by YaRN's original context
         beta = float(m("attention.temperature_scale", 0.0))
         original = int(m("rope.scaling.original_context_length", m("context_length")))
@@ -402,8 +417,8 @@ def _ends(reader: gguf.GGUFReader, tokens: list[str], eos: int) -> list[int]:
 
 def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
     """A mixture of experts' `ModelConfig` settings (none for a dense model), as llama.cpp reads them: the
-    layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it;
-    GPT-OSS's router and experts biased."""
+    layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it (Llama
+    4's and Granite's ungated); GPT-OSS's router and experts biased."""
     m = _arch_field(reader, arch)
     count = int(m("expert_count", 0))
     if not count:
@@ -421,7 +436,8 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
                 norm_topk=gating == SOFTMAX_CHOSEN or bool(m("expert_weights_norm", arch in NORM_TOPK)),
-                routing="sigmoid_input" if gating == SIGMOID else "softmax", shared_expert_gate=arch != "llama4",
+                routing="sigmoid_input" if gating == SIGMOID else "softmax",
+                shared_expert_gate=arch not in _UNGATED_SHARED,
                 expert_bias=arch == "gpt-oss", expert_format="mxfp4" if source.kept else "dense",
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
                     source.shape(shared)[0] if shared else 0))
@@ -520,13 +536,18 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
                                   for i in range(layers)})
     if arch == "glm4":  # gate and up in one tensor, as Hugging Face stores them
         source = Unfused(source, fused_parts(cfg, GGUF, {"w_gate_up": "blk.{i}.ffn_up.weight"}))
+    if arch == "granite_swa" and cfg.num_experts:  # (all its layers') gate and up in one tensor, where no gate's own
+        fused = {ours: name for ours, name in (("experts_gate_up", "blk.{i}.ffn_gate_up_exps.weight"),
+                                               ("shared_gate_up", "blk.{i}.ffn_up_shexp.weight"))
+                 if name.format(i=0) in tensors and stored_names(cfg, ours, GGUF)[0].format(i=0) not in tensors}
+        source = Unfused(source, fused_parts(cfg, GGUF, fused))
     if "blk.0.attn_qkv.weight" in tensors:  # Q, K and V in one tensor (Phi-2's older files), biases too
         source = Unfused(source, fused_parts(cfg, GGUF, {"wqkv": "blk.{i}.attn_qkv.weight",
                                                          **({"bqkv": "blk.{i}.attn_qkv.bias"}
                                                             if cfg.attention_bias else {})}))
     if arch in _ADJACENT_ROPE or cfg.rotary != head_dim:
         source = RopeOrdered(source, cfg, GGUF, interleaved=arch in _ADJACENT_ROPE)
-    if arch == "granite":  # an attention scale of 0 is llama.cpp's head_dim^-1/2
+    if arch in _GRANITES:  # an attention scale of 0 is llama.cpp's head_dim^-1/2
         source = Scaled(source, cfg, GGUF, granite_adjustments(cfg, float(m("residual_scale")),
                                                                float(m("attention.scale")) or head_dim ** -0.5))
     return OpenedModel(cfg, tok, GGUF, source, mesh)

@@ -29,6 +29,7 @@ from redrafter_jax.loaders import (
     gemma_adjustments,
     granite_adjustments,
     norm_shifts,
+    stored_names,
 )
 from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
@@ -36,20 +37,23 @@ from redrafter_jax.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM", "CohereForCausalLM",
                            "Cohere2ForCausalLM", "Ernie4_5ForCausalLM", "CwmForCausalLM", "Exaone4ForCausalLM",
                            "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM",
-                           "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
-                           "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
-                           "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "PhiForCausalLM",
-                           "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM",
-                           "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM",
-                           "Starcoder2ForCausalLM", "VaultGemmaForCausalLM")
+                           "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
+                           "GraniteMoeHybridForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteMoeSWAForCausalLM",
+                           "GraniteSWAForCausalLM", "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM",
+                           "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
+                           "NemotronForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
+                           "PhiForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
+                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
+                           "StableLmForCausalLM", "Starcoder2ForCausalLM", "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
                 "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
                 "glm4": "Glm4ForCausalLM", "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
-                "granitemoehybrid": "GraniteMoeHybridForCausalLM", "helium": "HeliumForCausalLM",
+                "granitemoe": "GraniteMoeForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                "granitemoeshared": "GraniteMoeSharedForCausalLM", "granitemoe_swa": "GraniteMoeSWAForCausalLM",
+                "granite_swa": "GraniteSWAForCausalLM", "helium": "HeliumForCausalLM",
                 "hyperclovax": "HyperCLOVAXForCausalLM", "llama4_text": "Llama4ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
                 "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
@@ -105,12 +109,20 @@ _HYPERCLOVAX_NORMS = {f"model.layers.{{i}}.{ours}.weight": f"model.layers.{{i}}.
                       for ours, theirs in (("post_attention_layernorm", "post_norm1"),
                                            ("pre_feedforward_layernorm", "post_attention_layernorm"),
                                            ("post_feedforward_layernorm", "post_norm2"))}
-MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE)
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
-# Granite 3's, and Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers or experts)
-GRANITE4 = "GraniteMoeHybridForCausalLM"
-GRANITES = ("GraniteForCausalLM", GRANITE4)
+# IBM's Granite: Granite 3's; Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers, its MLP
+# stored fused as shared_mlp, a shared expert beside any experts); Granite 3's mixtures of experts
+# (GraniteMoe), with an ungated shared expert (GraniteMoeShared); Granite SWA, dense or not (GraniteMoeSWA):
+# windows, attention sinks and a RoPE base per layer. Their experts are stored fused, [E, 2F, H] (gate's rows
+# first) and [E, H, F], their routers softmax the chosen experts' logits.
+GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED = ("GraniteMoeHybridForCausalLM", "GraniteMoeForCausalLM",
+                                             "GraniteMoeSharedForCausalLM")
+GRANITE_SWA, GRANITE_MOE_SWA = "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalLM"
+GRANITE_SWAS = (GRANITE_SWA, GRANITE_MOE_SWA)
+GRANITE_MOES = (GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_MOE_SWA)
+GRANITES = ("GraniteForCausalLM", GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED, *GRANITE_SWAS)
+MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, *GRANITE_MOES)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
                       "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
@@ -121,12 +133,12 @@ _NORM_EPS = {**dict.fromkeys((COHERE, COHERE2, PHI, STABLELM), "layer_norm_eps")
              STARCODER2: "norm_epsilon"}
 # the models whose dense MLPs transformers biases where mlp_bias says (ERNIE 4.5's and StarCoder2's where
 # use_bias says, with their attention)
-_MLP_BIAS = ("LlamaForCausalLM", ARCEE, CWM, "GraniteForCausalLM", HELIUM, HYPERCLOVAX, NEMOTRON, SEED_OSS,
-             "SmolLM3ForCausalLM")
+_MLP_BIAS = ("LlamaForCausalLM", ARCEE, CWM, "GraniteForCausalLM", GRANITE_SWA, HELIUM, HYPERCLOVAX, NEMOTRON,
+             SEED_OSS, "SmolLM3ForCausalLM")
 _USE_BIAS = (ERNIE, STARCODER2)
-# where Granite 4 stores its MLP (its shared_mlp, [gate; up] fused), by the table's names
-_GRANITE4_MLP = {"model.layers.{i}.mlp.gate_up_proj.weight": "model.layers.{i}.shared_mlp.input_linear.weight",
-                 "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.shared_mlp.output_linear.weight"}
+# Granite's shared_mlp, [gate; up] fused, and down: Granite 4's dense MLP, or a shared expert
+_GRANITE_SHARED_MLP = ("model.layers.{i}.shared_mlp.input_linear.weight",
+                       "model.layers.{i}.shared_mlp.output_linear.weight")
 # whose heads rotate adjacent dimensions (`loaders.RopeOrdered`)
 INTERLEAVED_ROPE = (COHERE, COHERE2, ERNIE, GLM, GLM4, HELIUM, LLAMA4)
 # GLM-4's norms after attention and the MLP, stored under other names than the table's (Gemma's)
@@ -186,6 +198,8 @@ _GEMMA2 = dict(_COMMON, vocab_size=256000, hidden_size=2304, intermediate_size=9
                tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
                sliding_window_pattern=2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+_GRANITE = dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0, attention_multiplier=1.0)
+_GRANITE_MOE = dict(_GRANITE, num_experts=8, num_experts_per_tok=2)
 TRANSFORMERS_DEFAULTS = {
     "LlamaForCausalLM": _LLAMA,
     ARCEE: dict(_COMMON, hidden_size=2560, intermediate_size=18432, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -233,9 +247,14 @@ TRANSFORMERS_DEFAULTS = {
                  eos_token_id=2, pad_token_id=None, num_experts=16, num_experts_per_tok=1,
                  interleave_moe_layer_step=1, use_qk_norm=True, no_rope_layer_interval=4, attention_chunk_size=8192,
                  attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1),
-    GRANITE4: dict(_LLAMA, num_key_value_heads=32, rms_norm_eps=1e-6, embedding_multiplier=1.0, logits_scaling=1.0,
-                   residual_multiplier=1.0, attention_multiplier=1.0, num_experts=8,
-                   shared_intermediate_size=1024, position_embedding_type=None),
+    GRANITE4: dict(_GRANITE_MOE, shared_intermediate_size=1024, position_embedding_type=None),
+    GRANITE_MOE: _GRANITE_MOE,
+    GRANITE_MOE_SHARED: dict(_GRANITE_MOE, shared_intermediate_size=0),
+    GRANITE_SWA: dict(_GRANITE, vocab_size=100352, hidden_size=2560, intermediate_size=8192, num_hidden_layers=24,
+                          num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=8192,
+                          rms_norm_eps=1e-5, bos_token_id=100257, eos_token_id=100257, tie_word_embeddings=True,
+                          sliding_window=128),
+    GRANITE_MOE_SWA: dict(_GRANITE_MOE, shared_intermediate_size=0, sliding_window=128),
     CWM: dict(_COMMON, vocab_size=128256, hidden_size=6144, intermediate_size=21504, num_hidden_layers=64,
               num_attention_heads=48, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
               rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=[128001, 128008, 128009], sliding_window=8192),
@@ -244,8 +263,7 @@ TRANSFORMERS_DEFAULTS = {
     HELIUM: dict(_COMMON, vocab_size=48000, hidden_size=2560, intermediate_size=7040, num_hidden_layers=24,
                  num_attention_heads=20, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-8,
                  rope_theta=100000.0, pad_token_id=3, eos_token_id=2, bos_token_id=1),
-    "GraniteForCausalLM": dict(_LLAMA, embedding_multiplier=1.0, logits_scaling=1.0, residual_multiplier=1.0,
-                               attention_multiplier=1.0),
+    "GraniteForCausalLM": _GRANITE,
     "MistralForCausalLM": _MISTRAL,
     STABLELM: dict(_COMMON, vocab_size=50304, hidden_size=2560, intermediate_size=6912, max_position_embeddings=4096,
                    layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, partial_rotary_factor=0.25,
@@ -315,7 +333,16 @@ def _as_tuple(x) -> tuple[int, ...]:
 def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
     """SmolLM3's and Llama 4's layers without RoPE: those whose `no_rope_layers` flag is 0, by default
     (Llama 4's also where the list is empty) every `no_rope_layer_interval`-th; Granite 4's, all but where
-    position_embedding_type is "rope"."""
+    position_embedding_type is "rope"; Granite SWA's, those whose base in layer_rope_theta is 0 (llama.cpp's
+    converter reads no_rope_layers instead, which transformers ignores: refused where they differ)."""
+    if arch in GRANITE_SWAS:
+        bases = c.get("layer_rope_theta") or ()
+        nope = tuple(i for i, base in enumerate(bases) if not base)
+        flags = c.get("no_rope_layers")
+        if flags is not None and tuple(i for i, flag in enumerate(flags) if not flag) != nope:
+            raise ValueError(f"config.json's no_rope_layers {flags} and layer_rope_theta {list(bases)} disagree on "
+                             f"the layers without RoPE (transformers reads layer_rope_theta, llama.cpp no_rope_layers)")
+        return nope
     if arch == GRANITE4 and c.get("position_embedding_type") != "rope":
         return tuple(range(int(c["num_hidden_layers"])))
     if arch not in ("SmolLM3ForCausalLM", LLAMA4):
@@ -331,19 +358,19 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Apertus,
-    Arcee, Cohere, Gemma 1, Granite, Helium, Nemotron, OLMo 2, OLMoE and StableLM have none, nor Qwen's mixtures
-    of experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral, Phi-3 and StarCoder2 window
-    every layer; Ministral, CWM, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2, GPT-OSS, and Qwen2, Qwen3 and SmolLM3
-    with use_sliding_window, the layers `layer_types` calls sliding, by default all of Ministral's, Gemma's,
-    EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but every fourth, CWM's all but every
-    fourth from the first, GPT-OSS's every other from the first, Qwen's from max_window_layers on and SmolLM3's
-    NoPE layers; Llama 4's chunks of attention_chunk_size (`ModelConfig.window_chunks`) in those it calls
-    chunked, by default those with RoPE."""
+    Arcee, Cohere, Gemma 1, Granite but Granite SWA, Helium, Nemotron, OLMo 2, OLMoE and StableLM have none, nor
+    Qwen's mixtures of experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral, Phi-3 and
+    StarCoder2 window every layer; Ministral, CWM, Granite SWA, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2,
+    GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by
+    default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but
+    every fourth, CWM's and Granite SWA's all but every fourth from the first, GPT-OSS's every other from the
+    first, Qwen's from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of attention_chunk_size
+    (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, *GRANITES, HELIUM, HYPERCLOVAX, NEMOTRON,
-                "Olmo2ForCausalLM", OLMOE, STABLELM) or not window:
+    if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, "GraniteForCausalLM", GRANITE4, GRANITE_MOE,
+                GRANITE_MOE_SHARED, HELIUM, HYPERCLOVAX, NEMOTRON, "Olmo2ForCausalLM", OLMOE, STABLELM) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -359,7 +386,7 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
         sliding = {"MinistralForCausalLM": lambda i: True, "SmolLM3ForCausalLM": lambda i: i in nope,
                    LLAMA4: lambda i: i not in nope,
                    "Olmo3ForCausalLM": lambda i: (i + 1) % 4 != 0, GPT_OSS: lambda i: i % 2 == 0,
-                   CWM: lambda i: i % 4 != 0,
+                   **dict.fromkeys((CWM, *GRANITE_SWAS), lambda i: i % 4 != 0),
                    # every pattern-th layer global:
                    **dict.fromkeys((COHERE2, EXAONE4, *GEMMAS),
                                    lambda i: (i + 1) % int(c["sliding_window_pattern"]) != 0)
@@ -378,9 +405,9 @@ def _experts(arch: str, c: dict) -> dict:
     """A mixture of experts' `ModelConfig` fields, as transformers reads them (none for a dense model): Qwen's
     MoE layers are every decoder_sparse_step-th but mlp_only_layers, Llama 4's those moe_layers lists, by
     default every interleave_moe_layer_step-th; Mixtral and GPT-OSS (a softmax over the chosen experts'
-    logits) renormalise the chosen experts' weights, the others where norm_topk_prob says; GPT-OSS's router
-    and experts have biases; Llama 4 weights its experts' inputs by sigmoids and has an ungated shared
-    expert of their size."""
+    logits) renormalise the chosen experts' weights, as Granite's do, the others where norm_topk_prob says;
+    GPT-OSS's router and experts have biases; Llama 4 weights its experts' inputs by sigmoids and has an
+    ungated shared expert of their size, Granite's (but GraniteMoe's) one of shared_intermediate_size."""
     experts = int(c.get("num_experts") or 0)
     if arch not in MOES or not experts:
         return {}
@@ -398,9 +425,10 @@ def _experts(arch: str, c: dict) -> dict:
     return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
                 expert_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
                 moe_layers=None if len(layers) == n else layers,
-                norm_topk=arch in (MIXTRAL, GPT_OSS) or bool(c["norm_topk_prob"]),
-                shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else 0,
-                expert_bias=arch == GPT_OSS,
+                norm_topk=arch in (MIXTRAL, GPT_OSS, *GRANITE_MOES) or bool(c["norm_topk_prob"]),
+                shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else
+                int(c["shared_intermediate_size"] or 0) if arch in GRANITE_MOES and arch != GRANITE_MOE else 0,
+                shared_expert_gate=arch not in GRANITE_MOES, expert_bias=arch == GPT_OSS,
                 expert_format="mxfp4" if c.get("quantization_config") else "dense")  # (the only one let through)
 
 
@@ -481,6 +509,25 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     return theta, scaling, local, rotary
 
 
+def _layer_bases(c: dict, theta: float, scaling: RopeScaling | None, windowed) -> tuple[float, float | None]:
+    """Granite SWA's RoPE base per layer (layer_rope_theta, by default `theta` in every layer; a 0, no RoPE:
+    `_nope_layers`) as ours: one base for all layers with RoPE, or one for the windowed layers (`windowed`)
+    and one for the others where RoPE is unscaled (transformers scales every base alike, we the global one)."""
+    bases, n = c.get("layer_rope_theta"), int(c["num_hidden_layers"])
+    if bases is None:
+        return theta, None
+    if len(bases) != n or not all(isinstance(b, (int, float)) and b >= 0 for b in bases):
+        raise ValueError(f"config.json's layer_rope_theta must list a RoPE base >= 0 (0: none) for each of the "
+                         f"{n} layers, got {bases}")
+    local, other = ({float(b) for i, b in enumerate(bases) if b and (i in windowed) == kind} for kind in (True, False))
+    if len(local | other) <= 1:
+        return (local | other or {theta}).pop(), None
+    if len(local) == len(other) == 1 and scaling is None:
+        return other.pop(), local.pop()
+    raise ValueError(f"unsupported layer_rope_theta {bases}: one RoPE base for every layer with RoPE, or one for "
+                     f"the windowed layers and one for the others, without RoPE scaling")
+
+
 def _with_defaults(c: dict) -> tuple[str, dict]:
     """The architecture config.json names, and the config with what it leaves out as transformers reads it
     (of a multimodal checkpoint, its text model's)."""
@@ -532,14 +579,14 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         act = "clamped_swiglu"
     if c.get("use_bidirectional_attention"):  # EmbeddingGemma's
         raise ValueError(f"unsupported use_bidirectional_attention: {c['use_bidirectional_attention']}")
-    if arch == GRANITE4:  # Granite 4: its attention-only dense models
+    if arch == GRANITE4:  # Granite 4: its attention-only models
         kinds = c.get("layer_types") or c.get("layers_block_type") or ["linear_attention"] * int(c["num_hidden_layers"])
         # ("attention" as IBM released it; transformers >= 5 saves it as "full_attention", Mamba as "linear_attention")
-        if not set(kinds) <= {"attention", "full_attention"} or c["num_experts"]:
-            raise ValueError(f"unsupported GraniteMoeHybridForCausalLM with layers {sorted(set(kinds))} and "
-                             f"{c['num_experts']} experts (only Granite 4's attention-only dense models load, "
-                             f"not its Mamba layers or experts)")
-        c = {**c, "intermediate_size": c["shared_intermediate_size"]}  # its MLP
+        if not set(kinds) <= {"attention", "full_attention"}:
+            raise ValueError(f"unsupported GraniteMoeHybridForCausalLM with layers {sorted(set(kinds))} (only Granite "
+                             f"4's attention-only models load, not its Mamba layers)")
+        if not c["num_experts"]:  # shared_mlp is its MLP
+            c = {**c, "intermediate_size": c["shared_intermediate_size"]}
     if arch == PHI and c.get("qk_layernorm"):  # (no released Phi sets it)
         raise ValueError(f"unsupported qk_layernorm: true for {PHI} (LayerNorms of each query and key head, with "
                          f"biases)")
@@ -561,6 +608,9 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     # RoPE only in the windowed layers: EXAONE 4's where there are global ones beside them, Cohere 2's always
     if arch == COHERE2 or (arch == EXAONE4 and window_layers is not None):
         nope = tuple(i for i in range(int(c["num_hidden_layers"])) if not window or i not in (window_layers or [i]))
+    if arch in GRANITE_SWAS:
+        windowed = () if not window else window_layers or range(int(c["num_hidden_layers"]))
+        theta, local_theta = _layer_bases(c, theta, scaling, windowed)
     heads, cohere = int(c["num_attention_heads"]), arch in (COHERE, COHERE2)
     eos = _as_tuple(c.get("eos_token_id"))
     eos += tuple(i for i in _as_tuple((generation or {}).get("eos_token_id")) if i not in eos)
@@ -575,7 +625,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         query_scaling=_query_scaling(arch, c, nope),
         rms_norm_eps=float(c[_NORM_EPS.get(arch, "rms_norm_eps")]),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
-        attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch == GPT_OSS,
+        attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch in (GPT_OSS, *GRANITE_SWAS),
         sliding_window=window, window_layers=window_layers, window_chunks=arch == LLAMA4 and window is not None,
         nope_layers=nope,
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
@@ -704,33 +754,43 @@ _GPT_OSS_MLP = (("gate.weight", "router.weight", None), ("gate.bias", "router.bi
 _FUSED_EXPERTS = (("experts.gate_proj.weight", "experts.gate_up_proj", 0),
                   ("experts.up_proj.weight", "experts.gate_up_proj", 1),
                   ("experts.down_proj.weight", "experts.down_proj", None))
+# Granite's experts by their router's name: as released, or as transformers 5 names them (as it multiplies them,
+# [E, out, in], unlike GPT-OSS's and Llama 4's)
+_GRANITE_EXPERTS = {"router.layer.weight": (("experts.gate_proj.weight", "input_linear.weight", 0),
+                                            ("experts.up_proj.weight", "input_linear.weight", 1),
+                                            ("experts.down_proj.weight", "output_linear.weight", None)),
+                    "router.weight": _FUSED_EXPERTS}
 _LLAMA4_MLP = (("gate.weight", "router.weight", None),
                *((f"{mlp}{w}_proj.weight", f"{mlp}{w}_proj.weight", None)
                  for mlp in ("", "shared_expert.") for w in ("gate", "up", "down")))
 
 
 class _FusedExperts:
-    """The `Source` of mixtures of experts that store a layer's experts in two tensors as they multiply,
-    gate_up_proj [E, H, 2F] (gate and up along the outputs: GPT-OSS interleaves them, gate_up[..., 0::2]
-    and [..., 1::2], Llama 4 puts gate's first) and down_proj [E, F, H], read as the name table expects
-    ([E, out, in], one per projection); its other MLP tensors renamed (`parts`). GPT-OSS also biases them
+    """The `Source` of mixtures of experts that store a layer's experts in two tensors, by default as they
+    multiply (`as_multiplied`), gate_up_proj [E, H, 2F] (gate and up along the outputs: GPT-OSS interleaves
+    them, gate_up[..., 0::2] and [..., 1::2], Llama 4 and Granite put gate's first) and down_proj [E, F, H],
+    or (Granite's) [E, 2F, H] and [E, H, F]; read as the name table expects ([E, out, in], one per
+    projection); its other MLP tensors renamed (`parts`), its experts' stored names `experts`' (the table's
+    name, the stored one's after the MLP's, its half). GPT-OSS also biases them
     (gate_up_proj_bias [E, 2F]), and OpenAI released its experts in MXFP4: [out, in] codes and scales
     (gate_up_proj_blocks [E, 2F, H / 32, 16] and _scales [E, 2F, H / 32], down_proj_blocks [E, H, F / 32,
     16] and _scales), read as they are into MXFP4 params (expert_format "mxfp4", `mxfp4.Mxfp4`) or, with
     expert_format "dense", dequantized (only the 32-input blocks a read covers)."""
 
-    def __init__(self, source: Source, cfg: ModelConfig, mlp: str, parts: tuple, interleaved: bool):
+    def __init__(self, source: Source, cfg: ModelConfig, mlp: str, parts: tuple, interleaved: bool,
+                 experts: tuple = _FUSED_EXPERTS, as_multiplied: bool = True):
         self.source, self.interleaved = source, interleaved
         names = source.names()
         quantized = any(n.endswith("gate_up_proj_blocks") for n in names)
-        weights = [(f"{ours}_{part}", f"{theirs}_{part}", half) for ours, theirs, half in _FUSED_EXPERTS
-                   for part in ("blocks", "scales")] if cfg.expert_format == "mxfp4" else list(_FUSED_EXPERTS)
+        weights = [(f"{ours}_{part}", f"{theirs}_{part}", half) for ours, theirs, half in experts
+                   for part in ("blocks", "scales")] if cfg.expert_format == "mxfp4" else list(experts)
         # the table's name -> (the stored tensor, its half)
         self.parts = {f"model.layers.{i}.mlp.{table}": (f"model.layers.{i}.{mlp}.{stored}", half)
                       for i in range(cfg.num_layers) for table, stored, half in (*parts, *weights)}
         floats = {name for name in self.parts if ".experts." in name and name.endswith("proj.weight")}
         # float weights stored [E, in, out], read as ours [E, out, in]; or in MXFP4, read as their values
-        self.transposed, self.dequantized = (set(), floats) if quantized else (floats, set())
+        self.transposed, self.dequantized = (set(), floats) if quantized else (
+            floats if as_multiplied else set(), set())
         stored = {name for name, _ in self.parts.values()}
         stored |= {f"{self.parts[name][0]}_{part}" for name in self.dequantized for part in ("blocks", "scales")}
         # the stored tensors there are (a weight dequantized as read: where its codes are); a dense layer has none
@@ -786,9 +846,10 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
     (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and
     Nemotron's norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts'
-    experts stacked (`loaders.Renamed`; GPT-OSS's and Llama 4's split: `_FusedExperts`), GLM's and Granite
-    4's fused gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's, Apertus's
-    and HyperCLOVA X's norms, Granite 4's and StarCoder2's MLPs, Phi's projections and final norm; StableLM's
+    experts stacked (`loaders.Renamed`; GPT-OSS's, Llama 4's and Granite's split: `_FusedExperts`), GLM's and
+    Granite's (its shared_mlp's) fused gate and up split, tensors stored under other names renamed (GLM-4's,
+    VaultGemma's, Apertus's and HyperCLOVA X's norms, Granite's and StarCoder2's MLPs, Phi's projections and
+    final norm; StableLM's
     query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE covers part of
     them (Phi's, Phi-4-mini's, GLM's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's,
     Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
@@ -802,13 +863,18 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = _FusedExperts(source, cfg, "mlp", _GPT_OSS_MLP, interleaved=True)
     elif arch == LLAMA4:
         source = _FusedExperts(source, cfg, "feed_forward", _LLAMA4_MLP, interleaved=False)
+    elif arch in GRANITE_MOES and cfg.num_experts:  # (its router's name says which names its experts have)
+        router = next((n for n in _GRANITE_EXPERTS if f"model.layers.0.block_sparse_moe.{n}" in source.names()),
+                      "router.weight")
+        source = _FusedExperts(source, cfg, "block_sparse_moe", (("gate.weight", router, None),), interleaved=False,
+                               experts=_GRANITE_EXPERTS[router], as_multiplied=False)
     elif cfg.num_experts:
         return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
     if arch == PHI3:
         source = Unfused(source, fused_parts(cfg, HF, {"wqkv": FUSED_QKV, "w_gate_up": FUSED_GATE_UP}))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
     # and the MLP: without them its names are Llama's)
-    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, GRANITE4: _GRANITE4_MLP, PHI: _PHI_NAMES,
+    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, PHI: _PHI_NAMES,
              STARCODER2: _STARCODER2_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
              HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
@@ -818,8 +884,12 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
             f"model.layers.{i}.self_attn.{theirs}.norms.{h}.weight" for h in range(heads)]
             for i in range(cfg.num_layers) for ours, theirs, heads in (("q_norm", "q_layernorm", cfg.num_heads),
                                                                        ("k_norm", "k_layernorm", cfg.num_kv_heads))})
-    if arch in (GLM, GLM4, GRANITE4):
+    if arch in (GLM, GLM4):
         source = Unfused(source, fused_parts(cfg, HF, {"w_gate_up": FUSED_GATE_UP}))
+    if arch == GRANITE4 and not cfg.num_experts or arch in GRANITE_MOES and cfg.shared_expert_size:  # shared_mlp
+        gate_up, down = ("shared_gate_up", "shared_down") if cfg.num_experts else ("w_gate_up", "w_down")
+        source = Renamed(source, in_layers({stored_names(cfg, down, HF)[0]: _GRANITE_SHARED_MLP[1]}))
+        source = Unfused(source, fused_parts(cfg, HF, {gate_up: _GRANITE_SHARED_MLP[0]}))
     if arch in INTERLEAVED_ROPE or cfg.rotary != cfg.head_dim:
         source = RopeOrdered(source, cfg, HF, interleaved=arch in INTERLEAVED_ROPE)
     if arch in (*GRANITES, HYPERCLOVAX):
