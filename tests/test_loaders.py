@@ -385,9 +385,9 @@ TOKENS = [1, 7, 9, 11, 30, 5, 6, 40, 41, 42, 63, 2, 17]
 # Cohere, nor the experts or ungated MLPs, nor reorders RoPE's pairs)
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"apertus", "arcee", "cohere", "cohere2", "ernie4_5", "exaone4",
                                                        "gemma", "gemma2", "gemma3", "glm", "glm4", "granite",
-                                                       "granite4", "granite_swa", "helium", "hyperclovax", "nemotron", "olmo2",
-                                                       "olmo3", "phi", "phi3", "stablelm", "starcoder2",
-                                                       "vaultgemma",
+                                                       "granite4", "granite_swa", "helium", "hyperclovax",
+                                                       "nemotron", "olmo2", "olmo3", "phi", "phi3", "stablelm",
+                                                       "starcoder2", "vaultgemma",
                                                        *MOE_LAYERS}))
 @pytest.mark.parametrize("sharded", [False, True])
 def test_hf_checkpoint_round_trip(tmp_path, arch, sharded):
@@ -1333,7 +1333,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
         if scaling[2:]:
             w.add_rope_scaling_orig_ctx_len(scaling[2])
     for key, value in {"attention.value_length": head_dim, "rope.freq_base": 10000.0, **(metadata or {})}.items():
-        add = w.add_array if isinstance(value, list) else w.add_float32 if isinstance(value, float) else w.add_uint32
+        add = w.add_array if isinstance(value, list) else w.add_bool if isinstance(value, bool) else \
+            w.add_float32 if isinstance(value, float) else w.add_uint32
         add(f"{arch}.{key}", value)
     w.add_block_count(layers)
     w.add_context_length(64)
@@ -1394,7 +1395,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
 
 GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama",
              "olmo3": "olmo2", "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "granitemoeshared": "granitemoe", "granitemoe_swa": "granite_swa"}  # by Hugging Face's
+             "granite4": "granite", "granitemoeshared": "granitemoe", "granitemoe_swa": "granite_swa"}  # by HF's
 # whose Q/K rows llama.cpp's converter permutes
 PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3", "smollm3")
 
@@ -1456,31 +1457,32 @@ def llama4_as_converted(t, layers):
                                   "qwen2", "qwen3", "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
                                   "gpt_oss", "cohere", "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4",
                                   "nemotron", "apertus", "arcee", "starcoder2", "stablelm", "exaone4", "phi",
-                                  "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa"])
+                                  "granite4", "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as 1 + w
     and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer, Gemma 3's
     window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its attention biases,
-    Granite 3's mixtures' experts split from their fused tensors, renormalised, the shared expert ungated, Granite
-    SWA's windows, sinks, layers without RoPE as its flags say, its mixture's experts' and shared expert's gate and
-    up kept fused, Ministral 3's Q/K rows permuted as llama's, its YaRN's log multiplier and queries scaled with
-    their position, OLMo 2's norms, OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN scaling
-    of its other layers (the file's attention factor YaRN's own), Qwen2's biases, YaRN and an end-of-turn token that
-    ends generation too, Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without
-    RoPE; the mixtures of experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized
-    by its tensors, Qwen3-MoE's, their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks,
-    biases, YaRN and window in every other layer; Command R's LayerNorms, parallel attention and MLP and logit
-    scale, Command R7B's windows in 3 of 4 layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE over adjacent
-    dims (GLM-4's on half of each head, its gate and up fused, its norms after attention and the MLP; no BOS with
-    its pre-tokenizer), Seed-OSS's biases; Llama 4's RoPE over adjacent dims, chunks, every fourth layer without
-    RoPE and with scaled queries, unweighted query and key norms, sigmoid-weighted expert inputs and ungated shared
-    expert, all as llama.cpp assumes them; Nemotron's biased LayerNorms (their weights stored as 1 + w), ungated MLP
-    and RoPE on half of each head; Apertus's xIELU parameters, kept in the metadata; Arcee's ungated MLP, its Q/K
-    rows permuted as llama's; StarCoder2's biases on every projection and LayerNorm, ungated MLP of GELUs, and no
-    window (llama.cpp has none for it); StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE
-    4's norms after attention and the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's);
-    Phi-2's biases, its LM head's too, attention and the MLP side by side, RoPE on half of each head; each tensor
-    under the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
+    Granite 4's layers without RoPE where the file's switch for it says, Granite 3's mixtures' experts split from
+    their fused tensors, renormalised, the shared expert ungated, Granite SWA's windows, sinks, layers without RoPE
+    as its flags say, its mixture's experts' and shared expert's gate and up kept fused, Ministral 3's Q/K rows
+    permuted as llama's, its YaRN's log multiplier and queries scaled with their position, OLMo 2's norms, OLMo 3's
+    windows as its per-layer flags say, their RoPE without the YaRN scaling of its other layers (the file's
+    attention factor YaRN's own), Qwen2's biases, YaRN and an end-of-turn token that ends generation too, Qwen3's
+    query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the mixtures of experts'
+    stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's,
+    their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every
+    other layer; Command R's LayerNorms, parallel attention and MLP and logit scale, Command R7B's windows in 3 of 4
+    layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's on half of each head, its
+    gate and up fused, its norms after attention and the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases;
+    Llama 4's RoPE over adjacent dims, chunks, every fourth layer without RoPE and with scaled queries, unweighted
+    query and key norms, sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them;
+    Nemotron's biased LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head;
+    Apertus's xIELU parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's;
+    StarCoder2's biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none
+    for it); StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE 4's norms after attention
+    and the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); Phi-2's biases, its LM head's
+    too, attention and the MLP side by side, RoPE on half of each head; each tensor under the name the converter
+    gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
@@ -1500,6 +1502,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                           "apertus": ({"rope_type": "default"}, None)}.get(arch, (None, None))  # (not its llama3)
     # transformers' settings for what llama.cpp assumes (and the GGUF loader's padding id: the EOS)
     hf_config = {"smollm3": dict(no_rope_layers=None, use_sliding_window=False), "granite": dict(attention_bias=True),
+                 "granite4": dict(position_embedding_type=None),  # (no RoPE)
                  "gemma": dict(pad_token_id=2), "ministral3": dict(pad_token_id=2),
                  "gemma2": dict(query_pre_attn_scalar=8, pad_token_id=2),
                  "gemma3": dict(sliding_window_pattern=6, rope_local_base_freq=10000.0, query_pre_attn_scalar=8,
@@ -1519,7 +1522,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     granite = dict(embedding_scale=12.0, residual_scale=0.25, logit_scale=8.0, **{"attention.scale": 1 / 128})
     swa = {"attention.sliding_window": 5, "attention.sliding_window_pattern": [True, False],
            "attention.rope_pattern": [True, False]}
-    metadata = {"granite": granite, "granitemoe": dict(granite, expert_count=4, expert_used_count=2),
+    metadata = {"granite": granite, "granite4": dict(granite, **{"rope.scaling.finetuned": False}),
+                "granitemoe": dict(granite, expert_count=4, expert_used_count=2),
                 "granitemoeshared": dict(granite, expert_count=4, expert_used_count=2,
                                          expert_shared_feed_forward_length=24),
                 "granite_swa": dict(granite, **swa),
@@ -1553,6 +1557,12 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     if arch == "llama4":
         tensors = llama4_as_converted(tensors, layers)
     kept = {}
+    if arch == "granite4":  # its MLP, shared_mlp, split as the converter splits it
+        tensors = dict(tensors)
+        for p in (f"model.layers.{i}." for i in range(layers)):
+            gate_up = tensors.pop(p + "shared_mlp.input_linear.weight")
+            tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"] = np.split(gate_up, 2)
+            tensors[p + "mlp.down_proj.weight"] = tensors.pop(p + "shared_mlp.output_linear.weight")
     if arch in ("granitemoe", "granitemoeshared", "granitemoe_swa"):
         tensors, kept = granite_as_converted(tensors, layers, fused=arch == "granitemoe_swa")
     write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
@@ -1565,7 +1575,8 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     hf, gg = load_hf(str(tmp_path / "hf")), load_gguf(str(tmp_path / "model.gguf"))
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
-    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,), "granite_swa": (1,),
+    assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,), "granite4": (0, 1),
+                                     "granite_swa": (1,),
                                      "granitemoe_swa": (1,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,), "olmo3": (0,),
                                        "cohere2": (0, 1, 2), "llama4": (0, 1, 2), "granite_swa": (0,),

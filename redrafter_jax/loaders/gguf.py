@@ -299,6 +299,8 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
 
     if arch in _GRANITES:  # Granite SWA's windows where its pattern's flags say, RoPE where its own flags do
         settings = dict(embedding_multiplier=float(m("embedding_scale")), logits_scaling=float(m("logit_scale")))
+        if arch == "granite" and not m("rope.scaling.finetuned", True):  # llama.cpp's switch for its RoPE
+            settings.update(nope_layers=tuple(range(layers)))
         if arch == "granite_swa":
             rope = m("attention.rope_pattern", [True] * layers)
             if not isinstance(rope, list) or len(rope) != layers:
