@@ -39,11 +39,11 @@ SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", 
 HF_ONLY = ("phi3",)
 # Architectures whose Q/K rows llama.cpp's converter permutes for its interleaved RoPE (`unpermute_rope`)
 _PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3", "smollm3")
-# Granite's multipliers; Granite 3's mixtures of experts (granitemoe: GraniteMoe's, and GraniteMoeShared's with an
-# ungated shared expert); Granite SWA's windows, sinks and layers without RoPE, dense or with such experts (their
-# gate and up fused, as its converter keeps them)
+# Granite's multipliers, and where a file has experts (granitemoe: Granite 3's mixtures) their weights renormalised
+# beside an ungated shared expert (GraniteMoeShared's); Granite SWA's windows, sinks and layers without RoPE, dense
+# or with such experts (their gate and up fused, as its converter keeps them)
 _GRANITES = ("granite", "granitemoe", "granite_swa")
-_UNGATED_SHARED = ("llama4", *_GRANITES[1:])
+_UNGATED_SHARED = ("llama4", *_GRANITES)  # (shared experts without a sigmoid gate)
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
@@ -86,7 +86,7 @@ _FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD
              "fim_sep": ("<|file_sep|>",)}
 # Mixtures of experts (llama's are Mixtral's) whose chosen experts' weights llama.cpp renormalises unless
 # the file's expert_weights_norm says otherwise
-NORM_TOPK = ("llama", *_GRANITES[1:], "qwen3moe")
+NORM_TOPK = ("llama", *_GRANITES, "qwen3moe")
 # llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, sigmoids of the
 # chosen ones' (Llama 4's, which weigh the experts' inputs), or a softmax over the chosen ones' (GPT-OSS's, its
 # default there: the same weights renormalised)
