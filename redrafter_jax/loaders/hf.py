@@ -251,9 +251,8 @@ TRANSFORMERS_DEFAULTS = {
     GRANITE_MOE: _GRANITE_MOE,
     GRANITE_MOE_SHARED: dict(_GRANITE_MOE, shared_intermediate_size=0),
     GRANITE_SWA: dict(_GRANITE, vocab_size=100352, hidden_size=2560, intermediate_size=8192, num_hidden_layers=24,
-                          num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=8192,
-                          rms_norm_eps=1e-5, bos_token_id=100257, eos_token_id=100257, tie_word_embeddings=True,
-                          sliding_window=128),
+                      num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                      bos_token_id=100257, eos_token_id=100257, tie_word_embeddings=True, sliding_window=128),
     GRANITE_MOE_SWA: dict(_GRANITE_MOE, shared_intermediate_size=0, sliding_window=128),
     CWM: dict(_COMMON, vocab_size=128256, hidden_size=6144, intermediate_size=21504, num_hidden_layers=64,
               num_attention_heads=48, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
@@ -509,7 +508,8 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     return theta, scaling, local, rotary
 
 
-def _layer_bases(c: dict, theta: float, scaling: RopeScaling | None, windowed) -> tuple[float, float | None]:
+def _layer_bases(c: dict, theta: float, scaling: RopeScaling | None,
+                 windowed: tuple[int, ...] | range) -> tuple[float, float | None]:
     """Granite SWA's RoPE base per layer (layer_rope_theta, by default `theta` in every layer; a 0, no RoPE:
     `_nope_layers`) as ours: one base for all layers with RoPE, or one for the windowed layers (`windowed`)
     and one for the others where RoPE is unscaled (transformers scales every base alike, we the global one)."""
@@ -844,14 +844,13 @@ class _FusedExperts:
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
-    (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and
-    Nemotron's norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts'
-    experts stacked (`loaders.Renamed`; GPT-OSS's, Llama 4's and Granite's split: `_FusedExperts`), GLM's and
-    Granite's (its shared_mlp's) fused gate and up split, tensors stored under other names renamed (GLM-4's,
-    VaultGemma's, Apertus's and HyperCLOVA X's norms, Granite's and StarCoder2's MLPs, Phi's projections and
-    final norm; StableLM's
-    query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE covers part of
-    them (Phi's, Phi-4-mini's, GLM's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's,
+    (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's
+    norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
+    (`loaders.Renamed`; GPT-OSS's, Llama 4's and Granite's split: `_FusedExperts`), GLM's and Granite's (its
+    shared_mlp's) fused gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's,
+    Apertus's and HyperCLOVA X's norms, Granite's and StarCoder2's MLPs, Phi's projections and final norm;
+    StableLM's query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE covers
+    part of them (Phi's, Phi-4-mini's, GLM's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's,
     Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
