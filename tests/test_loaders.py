@@ -426,23 +426,25 @@ def assert_logits_match_transformers(m, hf=None, directory=None):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     """Reference: transformers' own module for each architecture (`ARCHS`) on the same directory: RoPE layout,
-    llama3 rope scaling, EXAONE 4's windowed layer with RoPE beside a global one without, Gemma's norms, GeGLU
-    and scaled embeddings (Gemma 1's GELU under its legacy name; Gemma 2's query scale without a query norm,
-    with soft caps, VaultGemma's without the norms after attention and the MLP; Gemma 3's windowed layer with
-    its own RoPE base), CWM's windowed layer and default Llama 3 RoPE scaling, Granite's multipliers, Qwen2
-    biases, Mistral's sliding window, Ministral's in one layer of two, OLMo 2's norms after attention and the
-    MLP only and over all query and key heads (OLMo 3's too, its windowed layer without the YaRN scaling of the
-    other), Phi-3's fused tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of
-    its own; the mixtures of experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of
-    each head's adjacent dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and
-    the MLP; ERNIE 4.5's and Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V
-    biases; Granite 4's attention-only model, its MLP stored fused; Cohere's LayerNorms, its attention and MLP
-    side by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without);
-    Apertus's ungated MLP of xIELU activations (their learned parameters drawn, beta and eps stored as
-    scalars) and query and key norms; Nemotron's biased LayerNorms scaling by 1 + w, its ungated MLP of
-    squared ReLUs and RoPE on half of each head; Arcee's ungated MLP; StarCoder2's LayerNorms, its ungated
-    MLP of GELUs (stored as c_fc and c_proj), biases on every projection and window in every layer;
-    StableLM's LayerNorms with biases, RoPE on a quarter of each head and Q/K/V biases."""
+    llama3 rope scaling, EXAONE 4's windowed layer with RoPE beside a global one without, Gemma's norms, GeGLU and
+    scaled embeddings (Gemma 1's GELU under its legacy name; Gemma 2's query scale without a query norm, with soft
+    caps, VaultGemma's without the norms after attention and the MLP; Gemma 3's windowed layer with its own RoPE
+    base), CWM's windowed layer and default Llama 3 RoPE scaling, Granite's multipliers, Qwen2 biases, Mistral's
+    sliding window, Ministral's in one layer of two, OLMo 2's norms after attention and the MLP only and over all
+    query and key heads (OLMo 3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused
+    tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of
+    experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's adjacent
+    dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP; ERNIE 4.5's and
+    Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases; Granite 4's
+    attention-only model, its MLP stored fused; Granite's mixtures of experts, stored fused (as released, and under
+    transformers 5's names), beside a shared expert (GraniteMoeShared's, Granite 4's), Granite SWA's sinks, windows
+    and RoPE bases per layer (none in one); Cohere's LayerNorms, its attention and MLP side by side and its logit
+    scale (Cohere 2's windowed layer with RoPE beside a global one without); Apertus's ungated MLP of xIELU
+    activations (their learned parameters drawn, beta and eps stored as scalars) and query and key norms; Nemotron's
+    biased LayerNorms scaling by 1 + w, its ungated MLP of squared ReLUs and RoPE on half of each head; Arcee's
+    ungated MLP; StarCoder2's LayerNorms, its ungated MLP of GELUs (stored as c_fc and c_proj), biases on every
+    projection and window in every layer; StableLM's LayerNorms with biases, RoPE on a quarter of each head and
+    Q/K/V biases."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
