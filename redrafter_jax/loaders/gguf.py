@@ -306,9 +306,10 @@ def _own_settings(reader: gguf.GGUFReader, arch: str, hidden: int, layers: int, 
             if not isinstance(rope, list) or len(rope) != layers:
                 raise ValueError(f"GGUF attention.rope_pattern must be a flag for each of the {layers} layers, got "
                                  f"{rope}")
-            settings.update(sliding_window=int(m("attention.sliding_window")), attention_sinks=True,
-                            window_layers=_window_layers(m, layers, None),
-                            nope_layers=tuple(i for i, rotated in enumerate(rope) if not rotated))
+            window = _window_layers(m, layers, None)  # (as a Hugging Face config reads: none, some or all)
+            settings.update(attention_sinks=True, nope_layers=tuple(i for i, rotated in enumerate(rope) if not rotated),
+                            **(dict(sliding_window=int(m("attention.sliding_window")),
+                                    window_layers=None if len(window) == layers else window) if window else {}))
         return settings
     if arch == "mistral3":  # Ministral 3's queries scaled up with their position, by YaRN's original context
         beta = float(m("attention.temperature_scale", 0.0))
