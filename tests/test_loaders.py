@@ -1422,24 +1422,27 @@ def gpt_oss_as_converted(t, layers=2):
 
 
 def granite_as_converted(t, layers, fused=False):
-    """A Granite mixture's tensors (`hf_tensors`) as llama.cpp's converter stores them, under the name table's
-    Hugging Face names: its experts' and shared expert's [gate; up] split, or (Granite SWA's) `fused`, kept so
-    under their GGUF names, returned apart."""
+    """A Granite model's tensors (`hf_tensors`) as llama.cpp's converter stores them, under the name table's
+    Hugging Face names: its experts' and shared_mlp's (a shared expert beside experts, else Granite 4's MLP)
+    [gate; up] split, or (Granite SWA's) `fused`, kept so under their GGUF names, returned apart."""
     t, kept = dict(t), {}
     for i in range(layers):
         moe, mlp, shared = (f"model.layers.{i}.{part}." for part in ("block_sparse_moe", "mlp", "shared_mlp"))
-        new = moe + "router.weight" in t  # (transformers 5's names)
-        t[mlp + "gate.weight"] = t.pop(moe + ("router.weight" if new else "router.layer.weight"))
-        t[mlp + "experts.down_proj.weight"] = t.pop(moe + ("experts.down_proj" if new else "output_linear.weight"))
-        parts = {"experts": t.pop(moe + ("experts.gate_up_proj" if new else "input_linear.weight"))}
+        parts = {}  # the table's names' prefix -> [gate; up]
+        if moe + "router.weight" in t or moe + "router.layer.weight" in t:
+            new = moe + "router.weight" in t  # (transformers 5's names)
+            t[mlp + "gate.weight"] = t.pop(moe + ("router.weight" if new else "router.layer.weight"))
+            t[mlp + "experts.down_proj.weight"] = t.pop(moe + ("experts.down_proj" if new else "output_linear.weight"))
+            parts[mlp + "experts."] = t.pop(moe + ("experts.gate_up_proj" if new else "input_linear.weight"))
         if shared + "input_linear.weight" in t:
-            parts["shared_expert"] = t.pop(shared + "input_linear.weight")
-            t[mlp + "shared_expert.down_proj.weight"] = t.pop(shared + "output_linear.weight")
-        for name, x in parts.items():
+            own = mlp + ("shared_expert." if parts else "")
+            parts[own] = t.pop(shared + "input_linear.weight")
+            t[own + "down_proj.weight"] = t.pop(shared + "output_linear.weight")
+        for prefix, x in parts.items():
             if fused:
-                kept[f"blk.{i}.ffn_{'gate_up_exps' if name == 'experts' else 'up_shexp'}.weight"] = x
+                kept[f"blk.{i}.ffn_{'gate_up_exps' if prefix.endswith('experts.') else 'up_shexp'}.weight"] = x
             else:
-                t[mlp + f"{name}.gate_proj.weight"], t[mlp + f"{name}.up_proj.weight"] = np.split(x, 2, axis=-2)
+                t[prefix + "gate_proj.weight"], t[prefix + "up_proj.weight"] = np.split(x, 2, axis=-2)
     return t, kept
 
 
@@ -1559,13 +1562,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     if arch == "llama4":
         tensors = llama4_as_converted(tensors, layers)
     kept = {}
-    if arch == "granite4":  # its MLP, shared_mlp, split as the converter splits it
-        tensors = dict(tensors)
-        for p in (f"model.layers.{i}." for i in range(layers)):
-            gate_up = tensors.pop(p + "shared_mlp.input_linear.weight")
-            tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"] = np.split(gate_up, 2)
-            tensors[p + "mlp.down_proj.weight"] = tensors.pop(p + "shared_mlp.output_linear.weight")
-    if arch in ("granitemoe", "granitemoeshared", "granitemoe_swa"):
+    if arch in ("granite4", "granitemoe", "granitemoeshared", "granitemoe_swa"):
         tensors, kept = granite_as_converted(tensors, layers, fused=arch == "granitemoe_swa")
     write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
                eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata, extras=kept,
@@ -1578,8 +1575,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     # GGUF keeps the norm's epsilon as a float32, which the norm computes in anyway
     assert gg.config == dataclasses.replace(hf.config, rms_norm_eps=float(np.float32(hf.config.rms_norm_eps)))
     assert gg.config.nope_layers == {"smollm3": (3, 7), "cohere2": (3,), "llama4": (3,), "granite4": (0, 1),
-                                     "granite_swa": (1,),
-                                     "granitemoe_swa": (1,)}.get(arch, ())
+                                     "granite_swa": (1,), "granitemoe_swa": (1,)}.get(arch, ())
     assert gg.config.window_layers == {"gemma2": (0,), "gemma3": (0, 1, 2, 3, 4, 6), "gpt_oss": (0,), "olmo3": (0,),
                                        "cohere2": (0, 1, 2), "llama4": (0, 1, 2), "granite_swa": (0,),
                                        "granitemoe_swa": (0,)}.get(arch)
