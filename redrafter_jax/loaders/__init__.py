@@ -208,21 +208,23 @@ class Unfused:
     def names(self) -> list[str]:
         return self._names
 
-    def _axis(self, fused: str) -> int:
-        return int(len(self.source.shape(fused)) == 3)
+    @staticmethod
+    def _axis(shape: tuple[int, ...]) -> int:  # the rows' axis: a stack of experts' second, else the first
+        return int(len(shape) == 3)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self.parts:
             return self.source.shape(name)
         fused, _, rows = self.parts[name]
-        shape, axis = tuple(self.source.shape(fused)), self._axis(fused)
+        shape = tuple(self.source.shape(fused))
+        axis = self._axis(shape)
         return (*shape[:axis], rows, *shape[axis + 1:])
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         if name not in self.parts:
             return self.source.read(name, index)
         fused, first, rows = self.parts[name]
-        axis = self._axis(fused)
+        axis = self._axis(self.source.shape(fused))
         start, stop, _ = index[axis].indices(rows)
         return self.source.read(fused, (*index[:axis], slice(first + start, first + stop), *index[axis + 1:]))
 

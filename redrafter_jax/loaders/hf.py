@@ -410,6 +410,8 @@ def _experts(arch: str, c: dict) -> dict:
     experts = int(c.get("num_experts") or 0)
     if arch not in MOES or not experts:
         return {}
+    shared = {QWEN2_MOE: "shared_expert_intermediate_size", **dict.fromkeys(
+        (GRANITE4, GRANITE_MOE_SHARED, GRANITE_MOE_SWA), "shared_intermediate_size")}.get(arch)  # (its size's key)
     key = "interleave_moe_layer_step" if arch == LLAMA4 else "decoder_sparse_step"
     n, step = int(c["num_hidden_layers"]), c.get(key, 1)
     if not (isinstance(step, int) and step > 0):
@@ -425,8 +427,7 @@ def _experts(arch: str, c: dict) -> dict:
                 expert_size=int(c.get("moe_intermediate_size") or c["intermediate_size"]),
                 moe_layers=None if len(layers) == n else layers,
                 norm_topk=arch in (MIXTRAL, GPT_OSS, *GRANITE_MOES) or bool(c["norm_topk_prob"]),
-                shared_expert_size=int(c["shared_expert_intermediate_size"] or 0) if arch == QWEN2_MOE else
-                int(c["shared_intermediate_size"] or 0) if arch in GRANITE_MOES and arch != GRANITE_MOE else 0,
+                shared_expert_size=int(c[shared] or 0) if shared else 0,
                 shared_expert_gate=arch not in GRANITE_MOES, expert_bias=arch == GPT_OSS,
                 expert_format="mxfp4" if c.get("quantization_config") else "dense")  # (the only one let through)
 
