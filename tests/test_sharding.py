@@ -28,14 +28,27 @@ def _env(devices: int, *xla_flags: str) -> dict:
     return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
+def _xla_cpu_flag(name: str, value: bool) -> tuple[str, ...]:
+    """`--name=value` where this XLA has the option, else nothing (XLA aborts a process whose XLA_FLAGS
+    name an option it does not have)."""
+    try:
+        jax.jit(lambda: 0, compiler_options={name: value}).lower().compile()
+    except jax.errors.JaxRuntimeError:
+        return ()
+    return (f"--{name}={str(value).lower()}",)
+
+
 @pytest.fixture(scope="module")
 def eight():
     """The findings of every check in on_eight_devices.py (one subprocess: JAX fixes its device count).
-    Its programs are compiled without LLVM's optimizations: they run for milliseconds and took most of its
-    minutes to compile (a third less without). Its checks compare each mesh with one device in the same
-    process, and XLA's own passes, the partitioning among them, run as ever."""
+    Its programs are compiled without LLVM's optimizations and by XLA:CPU's older fusion emitters, which
+    compile the same ops faster: they run for milliseconds and took most of its minutes to compile (141 s
+    with LLVM's optimizations off alone, 75 s with both, on the 2-core AMD EPYC). Its checks compare each
+    mesh with one device in the same process, and XLA's own passes, the partitioning among them, run as
+    ever."""
     proc = subprocess.run([sys.executable, "-m", "tests.on_eight_devices"], cwd=ROOT,
-                          env=_env(8, "--xla_backend_optimization_level=0"),
+                          env=_env(8, "--xla_backend_optimization_level=0",
+                                   *_xla_cpu_flag("xla_cpu_use_fusion_emitters", False)),
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
