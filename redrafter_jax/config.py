@@ -148,20 +148,26 @@ class ModelConfig:
     # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP of
-    # expert_size hidden units) per token, by `routing` "softmax" their outputs weighted by their softmax
-    # probabilities (renormalised over the chosen ones with norm_topk: Mixtral, Qwen3-MoE), "sigmoid_input"
-    # their inputs by their logits' sigmoids (Llama 4's); in moe_layers (None: all), the others dense of
-    # intermediate_size. shared_expert_size: an always-on expert beside them, sigmoid-gated where
-    # shared_expert_gate (Qwen2-MoE's; Llama 4's is not); expert_bias: the router and the experts'
-    # projections with biases (GPT-OSS); expert_format "mxfp4": the experts' weights kept in MXFP4 as
-    # GPT-OSS is released (`mxfp4.py`), "dense": as `dtype`.
+    # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP
+    # of expert_size hidden units) per token, by `routing` "softmax" their outputs weighted by their
+    # softmax probabilities (renormalised over the chosen ones with norm_topk: Mixtral, Qwen3-MoE),
+    # "sigmoid_input" their inputs by their logits' sigmoids (Llama 4's), "sigmoid" (DeepSeek-V3's,
+    # GLM-4.5's) chosen by their logits' sigmoids plus a bias per expert (router_correction [E]) among the
+    # experts of the expert_groups_kept best of expert_groups groups (a group's score: its two best),
+    # their outputs weighted by the sigmoids (renormalised with norm_topk) times routed_scaling; in
+    # moe_layers (None: all), the others dense of intermediate_size. shared_expert_size: an always-on
+    # expert beside them, sigmoid-gated where shared_expert_gate (Qwen2-MoE's; Llama 4's is not);
+    # expert_bias: the router and the experts' projections with biases (GPT-OSS); expert_format "mxfp4":
+    # the experts' weights kept in MXFP4 as GPT-OSS is released (`mxfp4.py`), "dense": as `dtype`.
     num_experts: int = 0
     experts_per_token: int = 0
     expert_size: int = 0
     moe_layers: tuple[int, ...] | None = None
     routing: str = "softmax"
     norm_topk: bool = False
+    expert_groups: int = 1
+    expert_groups_kept: int = 1
+    routed_scaling: float = 1.0
     shared_expert_size: int = 0
     shared_expert_gate: bool = True
     expert_bias: bool = False
@@ -233,10 +239,21 @@ class ModelConfig:
               or self.expert_bias):
             raise ValueError("model config: experts_per_token, expert_size, moe_layers, shared_expert_size and "
                              "expert_bias need num_experts > 0")
-        if self.routing not in ("softmax", "sigmoid_input"):
-            raise ValueError(f"model config: routing must be 'softmax' or 'sigmoid_input', got {self.routing!r}")
+        if self.routing not in ("softmax", "sigmoid_input", "sigmoid"):
+            raise ValueError(f"model config: routing must be 'softmax', 'sigmoid_input' or 'sigmoid', got "
+                             f"{self.routing!r}")
         if self.routing == "sigmoid_input" and self.norm_topk:
-            raise ValueError("model config: norm_topk (renormalised softmax weights) goes with softmax routing")
+            raise ValueError("model config: norm_topk (renormalised weights) goes with softmax or sigmoid routing")
+        groups, kept = self.expert_groups, self.expert_groups_kept
+        if self.routing != "sigmoid" and (groups, kept, self.routed_scaling) != (1, 1, 1.0):
+            raise ValueError("model config: expert_groups, expert_groups_kept and routed_scaling go with sigmoid "
+                             "routing")
+        if self.num_experts and not (groups >= 1 and self.num_experts % groups == 0 and 1 <= kept <= groups
+                                     and (groups == 1 or self.num_experts // groups >= 2)
+                                     and self.experts_per_token <= kept * self.num_experts // groups):
+            raise ValueError(f"model config: {self.num_experts} experts in expert_groups {groups} (each of at least "
+                             f"2 experts, scored by its best two) of which expert_groups_kept {kept} are kept must "
+                             f"hold experts_per_token {self.experts_per_token}")
         if self.expert_format not in ("dense", "mxfp4"):
             raise ValueError(f"model config: expert_format must be 'dense' or 'mxfp4', got {self.expert_format!r}")
         if self.expert_format == "mxfp4" and not (self.num_experts and self.hidden_size % 32 == 0

@@ -18,7 +18,8 @@ shared by G = nh / nkv query heads):
         experts_gate_up [E, H, 2, F]; experts_down [E, F, H] (with expert_format "mxfp4" both `Mxfp4`s);
         with a shared expert of S units shared_gate_up [H, 2, S], shared_down [S, H] (and shared_gate
         [H, 1] with shared_expert_gate);
-        with expert_bias router_bias [E], experts_gate_up_bias [E, 2, F], experts_down_bias [E, H]
+        with expert_bias router_bias [E], experts_gate_up_bias [E, 2, F], experts_down_bias [E, H];
+        with routing "sigmoid" router_correction [E]
 Q/K use the Hugging Face rotary layout (rotate_half: the two halves of each head are the pairs); with
 RoPE on part of a head, each Q/K head's dims are reordered so that it does too (`rotary_order`).
 Layers are separate arrays in a Python loop, and Q/K/V and gate/up are fused, because at decode
@@ -81,6 +82,8 @@ def param_shapes(cfg: ModelConfig) -> dict:
             experts["shared_gate"] = (h, 1)
     if cfg.expert_bias:
         experts.update(router_bias=(e,), experts_gate_up_bias=(e, 2, f), experts_down_bias=(e, h))
+    if cfg.routing == "sigmoid":
+        experts["router_correction"] = (e,)
     if cfg.pre_norms:
         layer["attn_norm"] = (h,)
         if not cfg.parallel_block:
@@ -346,12 +349,13 @@ def gated_mlp(x: jax.Array, gate_up, down, cfg: ModelConfig) -> jax.Array:
     return linear(gated(linear(x, gate_up), cfg), down)
 
 
-def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | None = None
-          ) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | None = None,
+          correction: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x [N, H], router [H, E] (and any bias [E]) -> each token's experts_per_token likeliest experts [N, k]
     int32 and their float32 weights [N, k] (`ModelConfig.routing`): softmax probabilities over all E
     experts, renormalised over the k with norm_topk (GPT-OSS's softmax over the k chosen logits is the
-    same), or the chosen logits' sigmoids."""
+    same), the chosen logits' sigmoids, or ("sigmoid") the sigmoids of those chosen by their sigmoids plus
+    `correction` [E] in the best groups, renormalised with norm_topk, times routed_scaling."""
     logits = linear(x, router) if isinstance(router, rows_matmul.Packed) else \
         jnp.matmul(x, router, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -359,6 +363,20 @@ def route(x: jax.Array, router: jax.Array, cfg: ModelConfig, bias: jax.Array | N
     if cfg.routing == "sigmoid_input":
         chosen, experts = jax.lax.top_k(logits, cfg.experts_per_token)
         return jax.nn.sigmoid(chosen), experts
+    if cfg.routing == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+        choice = scores + correction
+        if cfg.expert_groups > 1:  # only the experts of the groups whose two best score best
+            n, groups = choice.shape[0], cfg.expert_groups
+            best_two = jax.lax.top_k(choice.reshape(n, groups, -1), 2)[0]
+            _, kept = jax.lax.top_k(best_two[..., 0] + best_two[..., 1], cfg.expert_groups_kept)
+            in_kept = (kept[:, :, None] == jnp.arange(groups)).any(1)  # [N, groups]
+            choice = jnp.where(jnp.repeat(in_kept, cfg.num_experts // groups, axis=1), choice, -jnp.inf)
+        experts = jax.lax.top_k(choice, cfg.experts_per_token)[1]
+        weights = jnp.take_along_axis(scores, experts, axis=1)
+        if cfg.norm_topk:  # (transformers' 1e-20: weights whose sigmoids all underflow stay 0)
+            weights = weights / (row_sum(weights) + 1e-20)
+        return weights * cfg.routed_scaling, experts
     # by `row_sum`: a token routes alike whatever tokens share its forward (XLA:CPU's reductions do not)
     probs = jnp.exp(logits - row_sum(logits, jnp.maximum))
     weights, experts = jax.lax.top_k(probs / row_sum(probs), cfg.experts_per_token)
@@ -476,7 +494,7 @@ def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     if "router" not in p:
         return dense_mlp(p, x, cfg)
     rows = x.reshape(-1, x.shape[-1])
-    weights, experts = route(rows, p["router"], cfg, p.get("router_bias"))
+    weights, experts = route(rows, p["router"], cfg, p.get("router_bias"), p.get("router_correction"))
     out = experts_mlp(rows, experts, weights, p, cfg)
     if "shared_down" in p:
         shared = gated_mlp(rows, p["shared_gate_up"], p["shared_down"], cfg)

@@ -78,8 +78,9 @@ def param_specs(cfg: ModelConfig) -> Params:
              "w_gate_up": P(None, None, MODEL), "w_up": P(None, MODEL), "w_down": P(MODEL), "router": P(),
              "experts_gate_up": P(None, None, None, MODEL), "experts_down": P(None, MODEL),
              "shared_gate_up": P(None, None, MODEL), "shared_down": P(MODEL), "shared_gate": P(),
-             "sinks": P(MODEL), "bo": P(), "router_bias": P(), "experts_gate_up_bias": P(None, None, MODEL),
-             "experts_down_bias": P(), "xielu": P(), "attn_norm_bias": P(), "mlp_norm_bias": P(),
+             "sinks": P(MODEL), "bo": P(), "router_bias": P(), "router_correction": P(),
+             "experts_gate_up_bias": P(None, None, MODEL), "experts_down_bias": P(), "xielu": P(),
+             "attn_norm_bias": P(), "mlp_norm_bias": P(),
              "b_gate_up": P(None, MODEL), "b_up": P(MODEL), "b_down": P()}
     # MXFP4 experts (`mxfp4.Mxfp4`), [E, 2, F, H / 32, 16] and [E, H, F / 32, 16]: both split by F too
     layer.update({k: Mxfp4(P(None, None, MODEL), P(None, None, MODEL), order) for k, order in EXPERTS_ORDER.items()}

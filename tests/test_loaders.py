@@ -175,22 +175,30 @@ ARCHS = {
                    intermediate_size=16, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1,
                    interleave_moe_layer_step=2, no_rope_layers=[1, 0], attention_chunk_size=5, floor_scale=4,
                    attn_scale=0.5),
+    # GLM-4.5: Q/K/V biases, query and key norms, RoPE on half of each head; layer 0 dense, layer 1 a mixture
+    # of 8 experts in 4 groups (the best 2 kept), 3 a token, their weights renormalised and scaled, beside an
+    # ungated shared expert; a multi-token prediction layer after the others (unused)
+    "glm4_moe": dict(architectures=["Glm4MoeForCausalLM"], model_type="glm4_moe", tie_word_embeddings=False,
+                     n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                     use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, num_nextn_predict_layers=1),
     # layer 1 without RoPE and, being a NoPE layer, windowed
     "smollm3": dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", tie_word_embeddings=True,
                     no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=5, pad_token_id=2),
 }
 
 
-MOE_LAYERS = {"gpt_oss": (0, 1), "llama4": (1, 3), "mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,),
-              "qwen3_moe": (1,), **dict.fromkeys(("granitemoe", "granitemoeshared", "granite4_moe", "granitemoe_swa"),
-                                                 (0, 1))}
+MOE_LAYERS = {"glm4_moe": (1,), "gpt_oss": (0, 1), "llama4": (1, 3), "mixtral": (0, 1), "olmoe": (0, 1),
+              "qwen2_moe": (0,), "qwen3_moe": (1,),
+              **dict.fromkeys(("granitemoe", "granitemoeshared", "granite4_moe", "granitemoe_swa"), (0, 1))}
 
 
 def expert_tensors(arch, rng, hidden, inter):
     """A mixture of experts' tensors, by their names after "model.layers.{i}.": the router's spread wide
     enough that no two experts tie for a token."""
     c = ARCHS[arch]
-    e, f = c.get("num_experts") or c["num_local_experts"], c.get("moe_intermediate_size", inter)
+    e = c.get("num_experts") or c.get("n_routed_experts") or c["num_local_experts"]
+    f = c.get("moe_intermediate_size", inter)
     if arch == "llama4":  # stacked as they multiply, [in, out], gate's outputs first; the shared expert's [out, in]
         f = c["intermediate_size"]
         return {"feed_forward.router.weight": rng.normal(0, 1.0, (e, hidden)),
@@ -222,6 +230,10 @@ def expert_tensors(arch, rng, hidden, inter):
     for x in range(e):
         t.update({f"{prefix}experts.{x}.{n}.weight": rng.normal(0, 0.3, s)
                   for n, s in ((gate, (f, hidden)), (up, (f, hidden)), (down, (hidden, f)))})
+    if arch == "glm4_moe":  # the router's correction bias (wide enough to change choices); ungated shared experts
+        t["mlp.gate.e_score_correction_bias"] = rng.normal(0, 0.5, e)
+        t.update({f"mlp.shared_experts.{n}_proj.weight": rng.normal(0, 0.3, s)
+                  for n, s in (("gate", (f, hidden)), ("up", (f, hidden)), ("down", (hidden, f)))})
     if "shared_expert_intermediate_size" in c:
         s = c["shared_expert_intermediate_size"]
         t.update({"mlp.shared_expert.gate_proj.weight": rng.normal(0, 0.3, (s, hidden)),
@@ -251,7 +263,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
             del shapes["mlp.gate_proj.weight"]
         if arch in ("phi", "starcoder2"):  # biases on every projection
             shapes.update({n.replace(".weight", ".bias"): s[:1] for n, s in list(shapes.items())})
-        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss", "gpt_oss", "helium", "stablelm"):
+        if arch in ("qwen2", "qwen2_moe", "glm", "glm4", "glm4_moe", "seed_oss", "gpt_oss", "helium", "stablelm"):
             shapes.update({"self_attn.q_proj.bias": (heads * head_dim,), "self_attn.k_proj.bias": (kv * head_dim,),
                            "self_attn.v_proj.bias": (kv * head_dim,)})
         if arch == "gpt_oss":
@@ -267,7 +279,7 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch in ("nemotron", "phi", "stablelm", "starcoder2"):  # LayerNorms' biases (Phi's one norm's)
             t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden)
                       for n in ("input",) + ("post_attention",) * (arch != "phi")})
-        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus"):
+        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus", "glm4_moe"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
@@ -309,6 +321,10 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
                 for kind in (".weight", ".bias")})
     if arch in ("nemotron", "phi", "stablelm", "starcoder2"):
         t["model.norm.bias"] = rng.normal(0, 0.5, hidden)
+    if arch == "glm4_moe":  # its multi-token prediction layer's own tensors (and a decoder layer's, one here)
+        t.update({f"model.layers.{layers}.{n}": rng.normal(0, 0.3, s) for n, s in (
+            ("eh_proj.weight", (hidden, 2 * hidden)), ("enorm.weight", (hidden,)), ("hnorm.weight", (hidden,)),
+            ("self_attn.q_proj.weight", (heads * head_dim, hidden)))})
     if arch == "phi":
         t.update({f"model.final_layernorm.{kind}": t.pop(f"model.norm.{kind}") for kind in ("weight", "bias")})
         t["lm_head.bias"] = rng.normal(0, 0.5, vocab)
@@ -434,7 +450,9 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     query and key heads (OLMo 3's too, its windowed layer without the YaRN scaling of the other), Phi-3's fused
     tensors and window, Qwen3 query and key norms, SmolLM3's NoPE layer with a window of its own; the mixtures of
     experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's adjacent
-    dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP; ERNIE 4.5's and
+    dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP; GLM-4.5's
+    experts routed as DeepSeek-V3's (corrected sigmoids in groups, scaled) after a dense layer, beside a shared
+    expert, its RoPE on half of each head and a multi-token prediction layer left unread; ERNIE 4.5's and
     Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases; Granite 4's
     attention-only model, its MLP stored fused; Granite's mixtures of experts, stored fused (as released, and under
     transformers 5's names), beside a shared expert (GraniteMoeShared's, Granite 4's), Granite SWA's sinks, windows
@@ -967,11 +985,15 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         with pytest.raises(ValueError, match="not its Mamba layers"):
             config_from_hf({"architectures": [arch]})
         return
-    llama4 = arch == "Llama4ForCausalLM"
+    llama4, glm4_moe, given = arch == "Llama4ForCausalLM", arch == "Glm4MoeForCausalLM", {}
+    if glm4_moe:  # its default heads, 4096 / 96 = 42 wide, would rotate an odd 21 dimensions: GLM-4.5's 128 here
+        with pytest.raises(ValueError, match="RoPE on 21 of a head's 42 dimensions"):
+            config_from_hf({"architectures": [arch]})
+        given = {"head_dim": 128}
     text_configs = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Llama4ForCausalLM": "Llama4TextConfig"}
-    theirs = getattr(transformers, text_configs.get(arch, arch.replace("ForCausalLM", "Config")))()
-    ours = config_from_hf({"architectures": [arch]})
-    assert config_from_hf({"model_type": theirs.model_type}) == ours
+    theirs = getattr(transformers, text_configs.get(arch, arch.replace("ForCausalLM", "Config")))(**given)
+    ours = config_from_hf({"architectures": [arch], **given})
+    assert config_from_hf({"model_type": theirs.model_type, **given}) == ours
     rope = getattr(theirs, "rope_parameters", None) or {}
     local = rope.get("sliding_attention", {}).get("rope_theta")  # Gemma 3: a set for each layer kind
     rope_theta = rope.get("full_attention", rope).get("rope_theta", getattr(theirs, "rope_theta", None))
@@ -1013,9 +1035,15 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         experts, getattr(theirs, "num_experts_per_tok", 0) if experts else 0,
         getattr(theirs, "moe_intermediate_size", theirs.intermediate_size) if experts else 0,
         getattr(theirs, "norm_topk_prob", bool(experts) and not llama4),  # (Llama 4: sigmoids, not renormalised)
-        theirs.intermediate_size if llama4 else getattr(theirs, "shared_expert_intermediate_size", 0))
+        theirs.intermediate_size if llama4 else theirs.moe_intermediate_size * theirs.n_shared_experts if glm4_moe
+        else getattr(theirs, "shared_expert_intermediate_size", 0))
     assert (ours.qk_norm, ours.window_chunks, ours.moe_layers) == (
         ("unweighted", True, None) if llama4 else (ours.qk_norm, False, ours.moe_layers))
+    if glm4_moe:  # DeepSeek-V3's router, after dense layers
+        assert (ours.routing, ours.expert_groups, ours.expert_groups_kept, ours.routed_scaling, ours.moe_layers,
+                ours.shared_expert_gate, ours.qk_norm) == (
+            "sigmoid", theirs.n_group, theirs.topk_group, theirs.routed_scaling_factor,
+            tuple(range(theirs.first_k_dense_replace, theirs.num_hidden_layers)), False, None)
 
 
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
@@ -1030,7 +1058,7 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
                                            ("starcoder2", {"num_hidden_layers": 3}),
                                            ("stablelm", {"num_hidden_layers": 3, "hidden_size": 64,
                                                          "qk_layernorm": True}), ("phi", {}),
-                                           ("granitemoe_swa", {})])
+                                           ("granitemoe_swa", {}), ("glm4_moe", {})])
 def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arch, setting):
     """Qwen3's query and key norms and YaRN's scaled cos and sin (its long-context setting), Mistral's sliding
     window (crossed by the prompt and by the tree's deeper nodes), SmolLM3's NoPE layer windowed beside a
@@ -1049,9 +1077,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
     Nemotron's norm biases and RoPE on half of each head in stacks of three, StarCoder2's biases and window in a
     stack of three, StableLM's RoPE on a quarter of each head and its query and key LayerNorms with weights per
     head, Phi-2's biases, its LM head's too, Granite SWA's sinks, its windowed layer's RoPE base beside the
-    global one's and its experts beside a shared one, in the decode loops (on the CPU, the attention kernel): greedy
-    decoding equals the argmax of an uncached forward at every step, and lookup-only speculative decoding
-    equals it."""
+    global one's and its experts beside a shared one, GLM-4.5's experts routed by corrected sigmoids in groups
+    beside a shared one, in the decode loops (on the CPU, the attention kernel): greedy decoding equals the argmax
+    of an uncached forward at every step, and lookup-only speculative decoding equals it."""
     # head_dim 16: the CPU attention kernel's smallest
     rng, layers = np.random.default_rng(2), setting.get("num_hidden_layers", 2)
     tensors = hf_tensors(arch, rng, layers=layers, head_dim=16, hidden=setting.get("hidden_size", 32))
@@ -1084,7 +1112,9 @@ def test_checkpoint_decodes_exactly_speculative_and_autoregressive(tmp_path, arc
             "stablelm": m.config.norm_bias and m.config.rotary_dim == 4 and m.config.attention_bias and
             m.config.qk_norm == "per_head", "phi": m.config.lm_head_bias and m.config.rotary_dim == 8,
             "granitemoe_swa": m.config.attention_sinks and m.config.shared_expert_size == 24 and
-            m.config.window_layers == (0,) and (m.config.rope_theta, m.config.local_rope_theta) == (1e4, 100)}[arch]
+            m.config.window_layers == (0,) and (m.config.rope_theta, m.config.local_rope_theta) == (1e4, 100),
+            "glm4_moe": m.config.routing == "sigmoid" and m.config.expert_groups == 4 and m.config.rotary_dim == 8
+            and m.config.moe_layers == (1,)}[arch]
     prompt = TOKENS[:6] * 2
     ar = generate(m.params, m.config, [prompt], max_new_tokens=10)
     tokens = np.asarray(ar.tokens[0, :ar.lengths[0]]).tolist()
@@ -1190,6 +1220,9 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     # (StableLM's query and key norms, stored one per head)
     ("qk_layernorm", "checkpoint is missing tensor 'model.layers.0.self_attn.q_layernorm.norms.0.weight'"),
     ("attention_out_bias", "checkpoint is missing tensor 'model.layers.0.self_attn.o_proj.bias'"),
+    # GLM-4.5's multi-token prediction layer where its config counts none; its experts in groups of unequal size
+    ("glm4_moe_nextn", r"4 tensors this config does not use, e.g. \['model.layers.2.eh_proj.weight'"),
+    ("glm4_moe_groups", "8 experts in expert_groups 3"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
     ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
                     r"expected \(4, 64, 2\)"),
@@ -1199,7 +1232,7 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
             "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "granite4_mamba": "granite4",
             "granite_experts": "granitemoe", "attention_out_bias": "seed_oss",
             **dict.fromkeys(("granite_bases", "granite_scaled_bases", "granite_no_rope"), "granitemoe_swa"),
-            "qk_layernorm": "stablelm"}.get(case, "llama")
+            "qk_layernorm": "stablelm", "glm4_moe_nextn": "glm4_moe", "glm4_moe_groups": "glm4_moe"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
     if case.startswith("mxfp4"):
@@ -1269,6 +1302,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                           "granite_no_rope": dict(no_rope_layers=[1, 0])}[case])
     elif case in ("use_bias", "attention_out_bias", "qk_layernorm"):
         overrides[case] = True
+    elif case in ("glm4_moe_nextn", "glm4_moe_groups"):
+        overrides.update({"glm4_moe_nextn": dict(num_nextn_predict_layers=0), "glm4_moe_groups": dict(n_group=3)}[case])
     elif case in ("moe_window", "clip_qkv", "sparse_step"):
         overrides.update({"moe_window": dict(use_sliding_window=True, sliding_window=4), "clip_qkv": dict(clip_qkv=8.0),
                           "sparse_step": dict(decoder_sparse_step=0)}[case])
@@ -1397,7 +1432,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
 
 GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama",
              "olmo3": "olmo2", "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "granite4": "granite", "granitemoeshared": "granitemoe", "granitemoe_swa": "granite_swa"}  # by HF's
+             "granite4": "granite", "granitemoeshared": "granitemoe", "granitemoe_swa": "granite_swa",
+             "glm4_moe": "glm4moe"}  # by HF's
 # whose Q/K rows llama.cpp's converter permutes
 PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3", "smollm3")
 
@@ -1462,7 +1498,8 @@ def llama4_as_converted(t, layers):
                                   "qwen2", "qwen3", "smollm3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
                                   "gpt_oss", "cohere", "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4",
                                   "nemotron", "apertus", "arcee", "starcoder2", "stablelm", "exaone4", "phi",
-                                  "granite4", "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa"])
+                                  "granite4", "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa",
+                                  "glm4_moe"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as 1 + w
     and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer, Gemma 3's
@@ -1486,8 +1523,10 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     StarCoder2's biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none
     for it); StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE 4's norms after attention
     and the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); Phi-2's biases, its LM head's
-    too, attention and the MLP side by side, RoPE on half of each head; each tensor under the name the converter
-    gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
+    too, attention and the MLP side by side, RoPE on half of each head; GLM-4.5's experts routed by corrected
+    sigmoids in groups, scaled, its norm before the MLP named as after attention, its multi-token prediction layer
+    counted in the blocks and left out; each tensor under the name the converter gives it, by gguf's own map) and
+    as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)
@@ -1554,7 +1593,13 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "starcoder2": {"attention.layer_norm_epsilon": 1e-5},
                 "stablelm": {"rope.dimension_count": 2, "attention.layer_norm_epsilon": 1e-5},
                 "phi": {"rope.dimension_count": 4, "attention.layer_norm_epsilon": 1e-5},
-                "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16)}.get(arch)
+                "llama4": dict(expert_count=4, expert_used_count=1, expert_feed_forward_length=16),
+                # (its converter writes no groups; llama.cpp reads them where a file has them, here the checkpoint's)
+                "glm4_moe": dict(expert_count=8, expert_used_count=3, expert_feed_forward_length=16,
+                                 expert_shared_count=1, leading_dense_block_count=1, expert_gating_func=2,
+                                 expert_weights_scale=2.5, expert_weights_norm=True, nextn_predict_layers=1,
+                                 expert_group_count=4, expert_group_used_count=2, **{"rope.dimension_count": 4})
+                }.get(arch)
     if arch in ("gemma", "gemma2", "gemma3", "nemotron"):  # their converters store the norms' 1 + w
         tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
     if gpt_oss:
@@ -1564,8 +1609,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     kept = {}
     if arch in ("granite4", "granitemoe", "granitemoeshared", "granitemoe_swa"):
         tensors, kept = granite_as_converted(tensors, layers, fused=arch == "granitemoe_swa")
-    write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers, scaling=gguf_rope,
-               eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata, extras=kept,
+    write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers + (arch == "glm4_moe"),
+               scaling=gguf_rope, eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata,
+               extras=kept,
                rename={i: text for i, text in ends.items() if text},
                quantized={f"blk.{i}.ffn_{n}_exps.weight" for i in range(layers) for n in ("gate", "up", "down")
                           if gpt_oss},
@@ -1817,6 +1863,7 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
     ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
+    ("grouped_experts", r"unsupported GGUF expert_group_count 2 for olmoe \(experts chosen in groups: GLM-4.5's"),
     ("mobilellm", r"unsupported GGUF llama4 attention.sliding_window 0 \(Llama 4's chunks are 8192 positions"),
     ("pre_tokenizer", r"unsupported GGUF pre-tokenizer 'falcon' \(supported: default, gpt-2, "),
     ("rope_pattern", r"GGUF attention.rope_pattern must be a flag for each of the 2 layers, got \[True\]"),
@@ -1825,8 +1872,8 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
 def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     arch = {"olmo3_attn_factor": "olmo2", "window_pattern": "olmo2", "sigmoid_experts": "olmoe",
-            "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4", "rope_pattern": "granite_swa",
-            "no_window_pattern": "granite_swa"}.get(case, "llama")
+            "grouped_experts": "olmoe", "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4",
+            "rope_pattern": "granite_swa", "no_window_pattern": "granite_swa"}.get(case, "llama")
     extras = {f"blk.{i}.attn_norm.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     yarn = ("yarn", 4.0, 16) if case in ("olmo3_attn_factor", "yarn_attn_factor", "yarn_ext_factor") else None
     scaling = ("longrope", 4.0) if case == "longrope" else yarn
@@ -1841,6 +1888,7 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
                 "swa_base": {"rope.freq_base_swa": 1000.0},
                 "sigmoid_experts": dict(expert_count=4, expert_used_count=2, expert_gating_func=2),
                 "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5),
+                "grouped_experts": dict(expert_count=4, expert_used_count=2, expert_group_count=2),
                 "softmax_llama4": dict(expert_count=4, expert_used_count=1, expert_gating_func=1),
                 "mobilellm": {"expert_count": 4, "expert_used_count": 1, "attention.sliding_window": 0},
                 "rope_pattern": {**granite, "attention.sliding_window_pattern": [True, False],

@@ -127,9 +127,18 @@ def test_random_draws_are_jax_randoms_from_a_few_compiled_samplers():
     (dict(num_experts=4, experts_per_token=2), "and a positive expert_size"),
     (dict(expert_size=8), "need num_experts > 0"),
     (dict(num_experts=4, experts_per_token=2, expert_size=8, moe_layers=(0, 0)), "moe_layers must be distinct"),
-    (dict(routing="sigmoid"), "routing must be 'softmax' or 'sigmoid_input'"),
+    (dict(routing="sigmoid_bias"), "routing must be 'softmax', 'sigmoid_input' or 'sigmoid'"),
+    (dict(num_experts=4, experts_per_token=1, expert_size=8, expert_groups=2), "expert_groups, .* go with sigmoid"),
+    (dict(num_experts=6, experts_per_token=1, expert_size=8, routing="sigmoid", expert_groups=4),
+     "6 experts in expert_groups 4"),
+    (dict(num_experts=4, experts_per_token=1, expert_size=8, routing="sigmoid", expert_groups=4),
+     r"each of at least 2 experts"),
+    (dict(num_experts=8, experts_per_token=1, expert_size=8, routing="sigmoid", expert_groups=4,
+          expert_groups_kept=5), "of which expert_groups_kept 5 are kept"),
+    (dict(num_experts=8, experts_per_token=5, expert_size=8, routing="sigmoid", expert_groups=4,
+          expert_groups_kept=2), "must hold experts_per_token 5"),
     (dict(num_experts=4, experts_per_token=1, expert_size=8, routing="sigmoid_input", norm_topk=True),
-     "norm_topk .* goes with softmax routing"),
+     "norm_topk .* goes with softmax or sigmoid routing"),
     (dict(hidden_act="clamped_swiglu", gated_mlp=False), "clamped_swiglu is a gated MLP's"),
     (dict(hidden_act="xielu"), "xielu is an ungated MLP's"),
     (dict(gated_mlp=False, num_experts=4, experts_per_token=2, expert_size=8), "ungated MLPs .* are dense"),
@@ -265,11 +274,13 @@ def test_a_long_forward_attends_in_query_blocks_as_in_one(monkeypatch):
     assert gen == np.asarray(jnp.argmax(want, axis=-1)).tolist()
 
 
-def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=False):
+def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=False, groups=None):
     """NumPy float64, token by token: softmax over every expert (router logits plus any bias), the k
     likeliest (renormalised or not), their MLPs' outputs (SwiGLU, or with a `limit` GPT-OSS's clamped
     one; any biases added) summed by those weights; `on_input` (Llama 4's): the k largest logits'
-    sigmoids weigh each expert's input instead, the outputs summed as they are."""
+    sigmoids weigh each expert's input instead, the outputs summed as they are; `groups` (DeepSeek-V3's
+    (groups, kept, scale)): the k largest sigmoids plus router_correction among the experts of the `kept`
+    groups whose two largest sum most, weighted by their sigmoids (renormalised or not) times `scale`."""
     x = np.asarray(x, np.float64)
     p = {name: np.asarray(a, np.float64) for name, a in p.items()}
     e, _, _, f = p["experts_gate_up"].shape
@@ -284,6 +295,14 @@ def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=Fa
         w = q[top] / q[top].sum() if renormalise else q[top]
         if on_input:
             w = 1 / (1 + np.exp(-logits[top]))
+        if groups is not None:
+            n_groups, kept, scale = groups
+            sig = 1 / (1 + np.exp(-logits))
+            choice = sig + p["router_correction"]
+            best = np.sort(choice.reshape(n_groups, -1), axis=1)[:, -2:].sum(1)
+            allowed = np.repeat(np.isin(np.arange(n_groups), np.argsort(-best)[:kept]), len(choice) // n_groups)
+            top = np.argsort(-np.where(allowed, choice, -np.inf))[:k]
+            w = (sig[top] / sig[top].sum() if renormalise else sig[top]) * scale
         for e, we in zip(top, w):
             g, u = np.einsum("h,hcf->cf", we * row if on_input else row, p["experts_gate_up"][e]) \
                 + bias["experts_gate_up_bias"][e]
@@ -297,15 +316,17 @@ def experts_reference(x, p, k, renormalise, limit=None, alpha=1.702, on_input=Fa
 
 
 @pytest.mark.parametrize("way", ["tiles", "XLA", "kernel"])
-@pytest.mark.parametrize("renormalise,gpt_oss,llama4", [(False, False, False), (True, False, False),
-                                                       (True, True, False), (False, False, True)])
-def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4, way):
+@pytest.mark.parametrize("renormalise,gpt_oss,llama4,deepseek", [
+    (False, False, False, False), (True, False, False, False), (True, True, False, False),
+    (False, False, True, False), (True, False, False, True)])
+def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss, llama4, deepseek, way):
     """The CPU's expert tiles (of 1, 2 and 16 rows here, most experts' last tile padded, and with most rows on
     one expert and some experts without any), elsewhere's gathered experts for a few tokens and grouped
     products (`lax.ragged_dot`) for many, or the CPU decode loops' rows kernel on packed experts (and
     router), give each token the reference's mixture, whichever other tokens share the call; with
     GPT-OSS's router and expert biases and clamped SwiGLU too (a limit of 1 clamps many gates and ups),
-    and with Llama 4's sigmoid weights on the experts' inputs."""
+    with Llama 4's sigmoid weights on the experts' inputs, and with DeepSeek-V3's routing (sigmoids, the
+    choice corrected by a bias per expert, in the best 2 of 4 groups, scaled)."""
     e, h, f, k = 8, 16, 12, 3
     rng = np.random.default_rng(0)
     p = {"router": rng.normal(0, 1, (h, e)), "experts_gate_up": rng.normal(0, 0.3, (e, h, 2, f)),
@@ -313,16 +334,25 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
     if gpt_oss:
         p.update(router_bias=rng.normal(0, 1, e), experts_gate_up_bias=rng.normal(0, 1, (e, 2, f)),
                  experts_down_bias=rng.normal(0, 1, (e, h)))
+    groups = (4, 2, 2.5) if deepseek else None
+    if deepseek:
+        p["router_correction"] = rng.normal(0, 0.5, e)
     p = {name: jnp.asarray(a, jnp.float32) for name, a in p.items()}
+    routing = "sigmoid_input" if llama4 else "sigmoid" if deepseek else "softmax"
     cfg = dataclasses.replace(TINY_CFG, num_experts=e, experts_per_token=k, expert_size=f, norm_topk=renormalise,
-                              expert_bias=gpt_oss, swiglu_limit=1.0, routing="sigmoid_input" if llama4 else "softmax",
-                              hidden_act="clamped_swiglu" if gpt_oss else "silu")
+                              expert_bias=gpt_oss, swiglu_limit=1.0, routing=routing,
+                              hidden_act="clamped_swiglu" if gpt_oss else "silu",
+                              **dict(zip(("expert_groups", "expert_groups_kept", "routed_scaling"), groups or ())))
     x = jnp.asarray(rng.normal(0, 1, (7, h)), jnp.float32)
-    want = experts_reference(x, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4)
+    want = experts_reference(x, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4, groups=groups)
     skewed = jnp.asarray(rng.normal(0, 1, (60, h)) + 3 * p["router"][:, 0], jnp.float32)  # most to expert 0
     assert np.bincount(np.argmax(skewed @ p["router"], axis=1), minlength=e)[0] > 40
     if llama4:  # weighing the inputs is not weighing the outputs
         assert not np.allclose(want, experts_reference(x, p, k, renormalise), atol=1e-3)
+    if deepseek:  # the groups and the correction matter
+        assert not np.allclose(want, experts_reference(x, p, k, renormalise, groups=(1, 1, 2.5)))
+        assert not np.allclose(want, experts_reference(x, {**p, "router_correction": 0 * p["router_correction"]},
+                                                       k, renormalise, groups=groups))
     if gpt_oss:  # the biases and the clamps matter
         assert not np.allclose(want, experts_reference(x, {n: p[n] for n in ("router", "experts_gate_up",
                                                                                 "experts_down")}, k, renormalise))
@@ -335,14 +365,15 @@ def test_experts_each_way_match_a_token_by_token_reference(renormalise, gpt_oss,
         used = model.pack_layer(p)  # as the decode loops pack them: the router too
 
     def mixture(rows):
-        weights, experts = model.route(rows, used["router"], cfg, p.get("router_bias"))
+        weights, experts = model.route(rows, used["router"], cfg, p.get("router_bias"), p.get("router_correction"))
         return model.experts_mlp(rows, experts, weights, used, cfg,
                                  model.expert_tiles if tiles else model.ragged_experts)
 
     for rows in (x[:2], x[:3], x):  # 2 x 3 < 8 pairs (else gathered) and 3 x 3: tiles of 1; 7 x 3: tiles of 2
         np.testing.assert_allclose(np.asarray(mixture(rows)), want[:len(rows)], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(mixture(skewed)),  # 60 x 3 pairs over 8 experts: tiles of 16
-                               experts_reference(skewed, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4),
+                               experts_reference(skewed, p, k, renormalise, 1.0 if gpt_oss else None, on_input=llama4,
+                                                 groups=groups),
                                rtol=1e-5, atol=1e-5)
     jaxprs = [str(jax.make_jaxpr(mixture)(rows)) for rows in (x[:2], x)]
     assert all(("scan" in j) == tiles for j in jaxprs)

@@ -311,11 +311,15 @@ def test_decoding_uses_the_kernels_exactly_where_they_apply():
 
 # mixtures of experts: softmax routing renormalised over the chosen with biases and a gated shared expert
 # beside a dense layer (Qwen2-MoE-like), Llama 4's sigmoid-weighted inputs (two a token) with an ungated
-# one, and experts kept in MXFP4 (GPT-OSS's)
+# one, DeepSeek-V3's routing (corrected sigmoids in the best 2 of 4 groups), and experts kept in MXFP4
+# (GPT-OSS's)
 MIXTURES = {"dense": {}, "experts": dict(num_experts=64, experts_per_token=8, expert_size=40, norm_topk=True,
                                          expert_bias=True, shared_expert_size=24, moe_layers=(1,)),
             "sigmoid experts": dict(num_experts=4, experts_per_token=2, expert_size=40, shared_expert_size=40,
                                     shared_expert_gate=False, routing="sigmoid_input"),
+            "grouped experts": dict(num_experts=16, experts_per_token=4, expert_size=40, routing="sigmoid",
+                                    norm_topk=True, expert_groups=4, expert_groups_kept=2, routed_scaling=2.5,
+                                    shared_expert_size=40, shared_expert_gate=False, moe_layers=(1,)),
             "MXFP4 experts": dict(num_experts=8, experts_per_token=4, expert_size=64, expert_format="mxfp4")}
 
 

@@ -174,6 +174,9 @@ def test_a_command_joins_its_multi_host_job_before_anything_touches_a_device(tmp
                                        {"num_experts": 4, "experts_per_token": 1, "expert_size": 16,  # Llama 4's
                                         "shared_expert_size": 16, "shared_expert_gate": False, "moe_layers": (1,),
                                         "routing": "sigmoid_input", "qk_norm": "unweighted"},
+                                       {"num_experts": 8, "experts_per_token": 2, "expert_size": 16,  # GLM-4.5's
+                                        "shared_expert_size": 16, "shared_expert_gate": False, "moe_layers": (1,),
+                                        "routing": "sigmoid", "expert_groups": 4, "expert_groups_kept": 2},
                                        {"gated_mlp": False, "hidden_act": "xielu", "mlp_bias": True,  # Apertus's MLP
                                         "layer_norm": True, "norm_bias": True}])  # (biased), Nemotron's norms
 def test_every_parameter_has_a_spec_that_fits_its_shape(overrides):

@@ -76,6 +76,7 @@ LAYER_TENSORS = {
     # mixtures of experts; Hugging Face checkpoints store each expert on its own (`Renamed` stacks them)
     "router": [("model.layers.{i}.mlp.gate.weight", "blk.{i}.ffn_gate_inp.weight")],
     "router_bias": [("model.layers.{i}.mlp.gate.bias", "blk.{i}.ffn_gate_inp.bias")],
+    "router_correction": [("model.layers.{i}.mlp.gate.e_score_correction_bias", "blk.{i}.exp_probs_b.bias")],
     "experts_gate_up": [("model.layers.{i}.mlp.experts.gate_proj.weight", "blk.{i}.ffn_gate_exps.weight"),
                         ("model.layers.{i}.mlp.experts.up_proj.weight", "blk.{i}.ffn_up_exps.weight")],
     "experts_gate_up_bias": [("model.layers.{i}.mlp.experts.gate_proj.bias", "blk.{i}.ffn_gate_exps.bias"),
@@ -227,6 +228,18 @@ class Unfused:
         axis = self._axis(self.source.shape(fused))
         start, stop, _ = index[axis].indices(rows)
         return self.source.read(fused, (*index[:axis], slice(first + start, first + stop), *index[axis + 1:]))
+
+
+class Hidden:
+    """A `Source` without the tensors whose names start with `prefixes` (GLM-4.5's multi-token prediction
+    layers, which transformers and llama.cpp's generation leave unread too)."""
+
+    def __init__(self, source: Source, prefixes: tuple[str, ...]):
+        self.source, self._names = source, [n for n in source.names() if not n.startswith(prefixes)]
+        self.shape, self.read = source.shape, source.read
+
+    def names(self) -> list[str]:
+        return self._names
 
 
 class Renamed:

@@ -16,6 +16,7 @@ from redrafter_jax.config import ModelConfig, QueryScaling, RopeScaling, yarn_ms
 from redrafter_jax.loaders import (
     GGUF,
     ROPE_FACTORS,
+    Hidden,
     LoadedModel,
     OpenedModel,
     Renamed,
@@ -31,9 +32,9 @@ from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "exaone4", "gemma",
-                           "gemma2", "gemma3", "glm4", "gpt-oss", "granite", "granitemoe", "granite_swa", "llama4",
-                           "mistral3", "nemotron", "olmo2", "olmoe", "phi2", "qwen2", "qwen2moe", "qwen2vl", "qwen3",
-                           "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
+                           "gemma2", "gemma3", "glm4", "glm4moe", "gpt-oss", "granite", "granitemoe", "granite_swa",
+                           "llama4", "mistral3", "nemotron", "olmo2", "olmoe", "phi2", "qwen2", "qwen2moe", "qwen2vl",
+                           "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -43,7 +44,7 @@ _PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3
 # beside an ungated shared expert (GraniteMoeShared's); Granite SWA's windows, sinks and layers without RoPE, dense
 # or with such experts (their gate and up fused, as its converter keeps them)
 _GRANITES = ("granite", "granitemoe", "granite_swa")
-_UNGATED_SHARED = ("llama4", *_GRANITES)  # (shared experts without a sigmoid gate)
+_UNGATED_SHARED = ("glm4moe", "llama4", *_GRANITES)  # (shared experts without a sigmoid gate)
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
@@ -52,14 +53,14 @@ _COHERE = ("cohere2", "command-r")
 # converter as the 1 + w they scale by)
 _LAYER_NORMS = (*_COHERE, "nemotron", "phi2", "stablelm", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
-_PARTIAL_ROPE = ("glm4", "nemotron", "phi2", "stablelm")
+_PARTIAL_ROPE = ("glm4", "glm4moe", "nemotron", "phi2", "stablelm")
 # llama.cpp's Command R7B, EXAONE 4.0 32B (the 64-layer EXAONE 4, windowed by 4096 positions where the file
 # names no window) and OLMo 3: 3 of every 4 layers windowed where the file names no pattern (the first two with
 # RoPE only there)
 WINDOW_EVERY = 4
 EXAONE4_WINDOWED = dict(layers=64, window=4096)
 # Those whose converter names the norm before the MLP post_attention_norm
-_MLP_NORM_AFTER_ATTENTION = ("gpt-oss", "seed_oss")
+_MLP_NORM_AFTER_ATTENTION = ("glm4moe", "gpt-oss", "seed_oss")
 NOPE_EVERY = 4  # llama.cpp's SmolLM3 and Llama 4 leave every 4th layer unrotated (no GGUF key says so)
 # llama.cpp's Llama 4, with no GGUF keys for these: chunks of 8192 positions in its RoPE layers, queries scaled
 # by 1 + 0.1 ln(1 + floor((position + 1) / 8192)) in its NoPE layers, unweighted query and key norms but in
@@ -88,8 +89,9 @@ _FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD
 # the file's expert_weights_norm says otherwise
 NORM_TOPK = ("llama", *_GRANITES, "qwen3moe")
 # llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, sigmoids of the
-# chosen ones' (Llama 4's, which weigh the experts' inputs), or a softmax over the chosen ones' (GPT-OSS's, its
-# default there: the same weights renormalised)
+# chosen ones' (Llama 4's, which weigh the experts' inputs; GLM-4.5's, chosen by them plus exp_probs_b, in groups
+# where expert_group_count says), or a softmax over the chosen ones' (GPT-OSS's, its default there: the same
+# weights renormalised)
 SOFTMAX, SIGMOID, SOFTMAX_CHOSEN = 1, 2, 3
 
 
@@ -421,25 +423,35 @@ def _ends(reader: gguf.GGUFReader, tokens: list[str], eos: int) -> list[int]:
 def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
     """A mixture of experts' `ModelConfig` settings (none for a dense model), as llama.cpp reads them: the
     layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it (Llama
-    4's and Granite's ungated); GPT-OSS's router and experts biased."""
+    4's, Granite's and GLM-4.5's ungated); GPT-OSS's router and experts biased; GLM-4.5's routed as
+    DeepSeek-V3's (`ModelConfig.routing` "sigmoid"), scaled by expert_weights_scale."""
     m = _arch_field(reader, arch)
     count = int(m("expert_count", 0))
     if not count:
         return {}
-    gating = int(m("expert_gating_func", {"gpt-oss": SOFTMAX_CHOSEN, "llama4": SIGMOID}.get(arch, SOFTMAX)))
-    scale = float(m("expert_weights_scale", 1.0))
-    if gating not in (SOFTMAX, SOFTMAX_CHOSEN, SIGMOID) or (gating == SIGMOID) != (arch == "llama4") or \
-            scale not in (0.0, 1.0):  # a scale of 0 is llama.cpp's none
+    sigmoids = ("llama4", "glm4moe")
+    gating = int(m("expert_gating_func", {"gpt-oss": SOFTMAX_CHOSEN, **dict.fromkeys(sigmoids, SIGMOID)}.get(
+        arch, SOFTMAX)))
+    scale = float(m("expert_weights_scale", 1.0)) or 1.0  # (0: llama.cpp's none)
+    if gating not in (SOFTMAX, SOFTMAX_CHOSEN, SIGMOID) or (gating == SIGMOID) != (arch in sigmoids) or \
+            scale != 1.0 and arch != "glm4moe":
         raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} for {arch} "
                          f"(supported: softmax ({SOFTMAX}) or softmax over the chosen experts ({SOFTMAX_CHOSEN}), "
-                         f"unscaled; Llama 4's sigmoids ({SIGMOID}))")
+                         f"unscaled; Llama 4's and GLM-4.5's sigmoids ({SIGMOID}))")
+    corrected = arch == "glm4moe"
+    # experts chosen in groups, as llama.cpp reads them for every model
+    groups, kept = int(m("expert_group_count", 0)) or 1, int(m("expert_group_used_count", 0)) or 1
+    if groups > 1 and not corrected:
+        raise ValueError(f"unsupported GGUF expert_group_count {groups} for {arch} (experts chosen in groups: "
+                         f"GLM-4.5's routing only)")
+    routed = dict(expert_groups=groups, expert_groups_kept=kept, routed_scaling=scale) if corrected else {}
     moe = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in source.tensors)
     shared = next((n for n in (f"blk.{i}.ffn_gate_shexp.weight" for i in moe) if n in source.tensors), None)
     return dict(num_experts=count, experts_per_token=int(m("expert_used_count")),
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
                 norm_topk=gating == SOFTMAX_CHOSEN or bool(m("expert_weights_norm", arch in NORM_TOPK)),
-                routing="sigmoid_input" if gating == SIGMOID else "softmax",
+                routing="sigmoid" if corrected else "sigmoid_input" if gating == SIGMOID else "softmax", **routed,
                 shared_expert_gate=arch not in _UNGATED_SHARED,
                 expert_bias=arch == "gpt-oss", expert_format="mxfp4" if source.kept else "dense",
                 shared_expert_size=int(m("expert_shared_feed_forward_length", 0)) or (
@@ -492,7 +504,9 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
                              f"({ROPE_FACTORS})")
         factors = source.read(ROPE_FACTORS, (slice(None),))
         scaling = RopeScaling(kind="factors", factors=tuple(float(f) for f in factors))
-    hidden, layers = int(m("embedding_length")), int(m("block_count"))
+    # (GLM-4.5's multi-token prediction layers follow the others, unused: llama.cpp generates without them)
+    nextn = int(m("nextn_predict_layers", 0))
+    hidden, layers = int(m("embedding_length")), int(m("block_count")) - nextn
     head_dim = int(m("attention.key_length", hidden // n_heads))
     rotary = int(m("rope.dimension_count", head_dim))  # (GLM-4's and Nemotron's: half of each head)
     swa_base = "rope.freq_base_swa"  # (read by OLMo 3's and Gemma 3's, whose windowed layers' RoPE is unscaled)
@@ -529,6 +543,8 @@ def open_gguf(path: str, dtype: str = "float32", mesh: Mesh | None = None,
         bos_token_id=tok.bos_token_id, eos_token_ids=eos,
         pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos[0])), dtype=dtype)
 
+    if nextn:
+        source = Hidden(source, tuple(f"blk.{i}." for i in range(layers, layers + nextn)))
     if arch == "apertus":
         source = _WithValues(source, _xielu_values(reader, layers))
     if arch in GEMMA:  # its converter wrote the norms' 1 + w

@@ -17,6 +17,7 @@ from redrafter_jax.loaders import (
     FUSED_QKV,
     HF,
     PRE_MLP_NORM,
+    Hidden,
     LoadedModel,
     OpenedModel,
     Renamed,
@@ -37,20 +38,22 @@ from redrafter_jax.tokenizer import Tokenizer
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM", "CohereForCausalLM",
                            "Cohere2ForCausalLM", "Ernie4_5ForCausalLM", "CwmForCausalLM", "Exaone4ForCausalLM",
                            "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
-                           "GraniteMoeHybridForCausalLM", "GraniteMoeSharedForCausalLM", "GraniteMoeSWAForCausalLM",
-                           "GraniteSWAForCausalLM", "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM",
-                           "MistralForCausalLM", "MinistralForCausalLM", "Ministral3ForCausalLM", "MixtralForCausalLM",
-                           "NemotronForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM",
-                           "PhiForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM",
-                           "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
-                           "StableLmForCausalLM", "Starcoder2ForCausalLM", "VaultGemmaForCausalLM")
+                           "Glm4ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
+                           "GraniteMoeForCausalLM", "GraniteMoeHybridForCausalLM", "GraniteMoeSharedForCausalLM",
+                           "GraniteMoeSWAForCausalLM", "GraniteSWAForCausalLM", "HeliumForCausalLM",
+                           "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
+                           "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM", "Olmo2ForCausalLM",
+                           "Olmo3ForCausalLM", "OlmoeForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
+                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
+                           "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
                 "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
-                "glm4": "Glm4ForCausalLM", "gpt_oss": "GptOssForCausalLM", "granite": "GraniteForCausalLM",
+                "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                "granite": "GraniteForCausalLM",
                 "granitemoe": "GraniteMoeForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
                 "granitemoeshared": "GraniteMoeSharedForCausalLM", "granitemoe_swa": "GraniteMoeSWAForCausalLM",
                 "granite_swa": "GraniteSWAForCausalLM", "helium": "HeliumForCausalLM",
@@ -110,6 +113,11 @@ _HYPERCLOVAX_NORMS = {f"model.layers.{{i}}.{ours}.weight": f"model.layers.{{i}}.
                                            ("pre_feedforward_layernorm", "post_attention_layernorm"),
                                            ("post_feedforward_layernorm", "post_norm2"))}
 GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM"
+# Zhipu's GLM-4.5 and 4.6 (GLM4_MOE): Qwen's biased Q, K and V (query and key norms where use_qk_norm says), RoPE
+# on half of each head (Llama's pairs), dense layers first, then DeepSeek-V3's router (`ModelConfig.routing`
+# "sigmoid") over experts beside ungated shared ones; its multi-token prediction layers, stored after the
+# others, unused (as transformers leaves them)
+GLM4_MOE = "Glm4MoeForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 # IBM's Granite: Granite 3's; Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers, its MLP
 # stored fused as shared_mlp, a shared expert beside any experts); Granite 3's mixtures of experts
@@ -122,7 +130,7 @@ GRANITE_SWA, GRANITE_MOE_SWA = "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalL
 GRANITE_SWAS = (GRANITE_SWA, GRANITE_MOE_SWA)
 GRANITE_MOES = (GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_MOE_SWA)
 GRANITES = ("GraniteForCausalLM", GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED, *GRANITE_SWAS)
-MOES = (GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, *GRANITE_MOES)
+MOES = (GLM4_MOE, GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, *GRANITE_MOES)
 # the models whose projections transformers builds without biases, whatever attention_bias says
 _NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
                       "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
@@ -234,6 +242,11 @@ TRANSFORMERS_DEFAULTS = {
                 tie_word_embeddings=True),
     GLM: _GLM,
     GLM4: _GLM,
+    GLM4_MOE: dict(_COMMON, vocab_size=151552, intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96,
+                   num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, partial_rotary_factor=0.5,
+                   moe_intermediate_size=1408, num_experts_per_tok=8, n_shared_experts=1, num_experts=128,
+                   routed_scaling_factor=1.0, n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                   num_nextn_predict_layers=1, bos_token_id=None, eos_token_id=None),
     GPT_OSS: dict(_COMMON, vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
                   num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                   rms_norm_eps=1e-5, rope_theta=150000.0, sliding_window=128, num_experts=128,
@@ -368,8 +381,9 @@ def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | No
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
-    if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, "GraniteForCausalLM", GRANITE4, GRANITE_MOE,
-                GRANITE_MOE_SHARED, HELIUM, HYPERCLOVAX, NEMOTRON, "Olmo2ForCausalLM", OLMOE, STABLELM) or not window:
+    if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, GLM4_MOE, "GraniteForCausalLM", GRANITE4,
+                GRANITE_MOE, GRANITE_MOE_SHARED, HELIUM, HYPERCLOVAX, NEMOTRON, "Olmo2ForCausalLM", OLMOE,
+                STABLELM) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -410,6 +424,13 @@ def _experts(arch: str, c: dict) -> dict:
     experts = int(c.get("num_experts") or 0)
     if arch not in MOES or not experts:
         return {}
+    if arch == GLM4_MOE:  # its first first_k_dense_replace layers dense
+        size, first, n = int(c["moe_intermediate_size"]), int(c["first_k_dense_replace"]), int(c["num_hidden_layers"])
+        return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]), expert_size=size,
+                    moe_layers=tuple(range(first, n)) if first else None, routing="sigmoid",
+                    norm_topk=bool(c["norm_topk_prob"]), expert_groups=int(c["n_group"]),
+                    expert_groups_kept=int(c["topk_group"]), routed_scaling=float(c["routed_scaling_factor"]),
+                    shared_expert_size=size * int(c["n_shared_experts"] or 0), shared_expert_gate=False)
     shared = {QWEN2_MOE: "shared_expert_intermediate_size", **dict.fromkeys(
         (GRANITE4, GRANITE_MOE_SHARED, GRANITE_MOE_SWA), "shared_intermediate_size")}.get(arch)  # (its size's key)
     key = "interleave_moe_layer_step" if arch == LLAMA4 else "decoder_sparse_step"
@@ -475,7 +496,7 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
     # (the others' models rotate all of each head)
-    if rotary is not None and (arch not in (PHI, PHI3, GLM, GLM4, NEMOTRON, STABLELM) or rotary % 2):
+    if rotary is not None and (arch not in (PHI, PHI3, GLM, GLM4, GLM4_MOE, NEMOTRON, STABLELM) or rotary % 2):
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -547,9 +568,10 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
         raise ValueError(f"unsupported architecture {found} (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODELS))})")
     # the experts' count: num_local_experts in some of transformers' configs (Mixtral's, GPT-OSS's, and Qwen3-MoE's
-    # as transformers >= 5 saves it), num_experts in others; num_experts here
-    if c.get("num_experts") is None and c.get("num_local_experts") is not None:
-        c = {**c, "num_experts": c["num_local_experts"]}
+    # as transformers >= 5 saves it), n_routed_experts in GLM-4.5's, num_experts in others; num_experts here
+    for key in ("num_local_experts", "n_routed_experts"):
+        if c.get("num_experts") is None and c.get(key) is not None:
+            c = {**c, "num_experts": c[key]}
     c = {**TRANSFORMERS_DEFAULTS[arch], **c}
     if arch == STABLELM:  # its heads are hidden_size / num_attention_heads wide, whatever head_dim says
         c.pop("head_dim", None)
@@ -602,7 +624,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
     qkv_key = {QWEN2_MOE: "qkv_bias", STABLELM: "use_qkv_bias"}.get(arch)
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(c[qkv_key] if qkv_key else attention_bias)
     output_bias = bool(c.get("attention_out_bias")) if arch == SEED_OSS else attention_bias and \
-        arch not in (GLM, GLM4, HELIUM)
+        arch not in (GLM, GLM4, GLM4_MOE, HELIUM)
     theta, scaling, local_theta, rotary = _rope(arch, c)
     nope = _nope_layers(arch, c)
     window, window_layers = _sliding_window(arch, c, nope)
@@ -632,6 +654,7 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
                  **dict.fromkeys((*OLMOS, OLMOE), "all"),
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None,
+                 GLM4_MOE: "head" if c.get("use_qk_norm") else None,
                  # (Command R+'s, StableLM 2 12B's)
                  COHERE: "per_head" if c.get("use_qk_norm") else None,
                  STABLELM: "per_head" if c.get("qk_layernorm") else None}.get(arch),
@@ -845,20 +868,24 @@ class _FusedExperts:
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
-    (`_TextModel`), Phi-3's fused tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's
-    norm offsets and Gemma's query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked
-    (`loaders.Renamed`; GPT-OSS's, Llama 4's and Granite's split: `_FusedExperts`), GLM's and Granite's (its
-    shared_mlp's) fused gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's,
-    Apertus's and HyperCLOVA X's norms, Granite's and StarCoder2's MLPs, Phi's projections and final norm;
-    StableLM's query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE covers
-    part of them (Phi's, Phi-4-mini's, GLM's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's,
-    Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
+    (`_TextModel`), GLM-4.5's without its multi-token prediction layers (`loaders.Hidden`), Phi-3's fused tensors split
+    (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's norm offsets and Gemma's query scale
+    folded in (`loaders.Scaled`), a mixture of experts' experts stacked (`loaders.Renamed`; GPT-OSS's, Llama 4's
+    and Granite's split: `_FusedExperts`), GLM's and Granite's (its shared_mlp's) fused gate and up split, tensors
+    stored under other names renamed (GLM-4's, VaultGemma's, Apertus's and HyperCLOVA X's norms, Granite's and
+    StarCoder2's MLPs, GLM-4.5's shared experts, Phi's projections and final norm; StableLM's query and key
+    norms, one per head, stacked), query and key heads' dims reordered where RoPE covers part of them (Phi's,
+    Phi-4-mini's, GLM's, GLM-4.5's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's,
+    Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
     if (c.get("architectures") or [None])[0] in TEXT_MODELS:
         source = _TextModel(source)
     arch, c = _with_defaults(c)
+    if arch == GLM4_MOE:
+        extra = range(cfg.num_layers, cfg.num_layers + int(c["num_nextn_predict_layers"] or 0))
+        source = Hidden(source, tuple(f"model.layers.{i}." for i in extra))
     if arch == GPT_OSS:
         source = _FusedExperts(source, cfg, "mlp", _GPT_OSS_MLP, interleaved=True)
     elif arch == LLAMA4:
@@ -869,7 +896,11 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = _FusedExperts(source, cfg, "block_sparse_moe", (("gate.weight", router, None),), interleaved=False,
                                experts=_GRANITE_EXPERTS[router], as_multiplied=False)
     elif cfg.num_experts:
-        return Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
+        source = Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
+    if arch == GLM4_MOE and cfg.shared_expert_size:  # its shared experts', in the MoE layers
+        source = Renamed(source, {ours.format(i=i): ours.format(i=i).replace(".shared_expert.", ".shared_experts.")
+                                  for name in ("shared_gate_up", "shared_down") for ours in stored_names(cfg, name, HF)
+                                  for i in range(cfg.num_layers) if cfg.moe(i)})
     if arch == PHI3:
         source = Unfused(source, fused_parts(cfg, HF, {"wqkv": FUSED_QKV, "w_gate_up": FUSED_GATE_UP}))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
