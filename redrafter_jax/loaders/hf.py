@@ -53,8 +53,8 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "a
                 "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
                 "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
                 "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
-                "granite": "GraniteForCausalLM",
-                "granitemoe": "GraniteMoeForCausalLM", "granitemoehybrid": "GraniteMoeHybridForCausalLM",
+                "granite": "GraniteForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+                "granitemoehybrid": "GraniteMoeHybridForCausalLM",
                 "granitemoeshared": "GraniteMoeSharedForCausalLM", "granitemoe_swa": "GraniteMoeSWAForCausalLM",
                 "granite_swa": "GraniteSWAForCausalLM", "helium": "HeliumForCausalLM",
                 "hyperclovax": "HyperCLOVAXForCausalLM", "llama4_text": "Llama4ForCausalLM",
@@ -420,7 +420,10 @@ def _experts(arch: str, c: dict) -> dict:
     default every interleave_moe_layer_step-th; Mixtral and GPT-OSS (a softmax over the chosen experts'
     logits) renormalise the chosen experts' weights, as Granite's do, the others where norm_topk_prob says;
     GPT-OSS's router and experts have biases; Llama 4 weights its experts' inputs by sigmoids and has an
-    ungated shared expert of their size, Granite's (but GraniteMoe's) one of shared_intermediate_size."""
+    ungated shared expert of their size, Granite's (but GraniteMoe's) one of shared_intermediate_size;
+    GLM-4.5's are all layers but its first first_k_dense_replace, routed as DeepSeek-V3's (n_group,
+    topk_group, routed_scaling_factor), beside n_shared_experts ungated shared experts (one of their sizes'
+    sum)."""
     experts = int(c.get("num_experts") or 0)
     if arch not in MOES or not experts:
         return {}
@@ -868,15 +871,15 @@ class _FusedExperts:
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
-    (`_TextModel`), GLM-4.5's without its multi-token prediction layers (`loaders.Hidden`), Phi-3's fused tensors split
-    (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's norm offsets and Gemma's query scale
-    folded in (`loaders.Scaled`), a mixture of experts' experts stacked (`loaders.Renamed`; GPT-OSS's, Llama 4's
-    and Granite's split: `_FusedExperts`), GLM's and Granite's (its shared_mlp's) fused gate and up split, tensors
-    stored under other names renamed (GLM-4's, VaultGemma's, Apertus's and HyperCLOVA X's norms, Granite's and
-    StarCoder2's MLPs, GLM-4.5's shared experts, Phi's projections and final norm; StableLM's query and key
-    norms, one per head, stacked), query and key heads' dims reordered where RoPE covers part of them (Phi's,
-    Phi-4-mini's, GLM's, GLM-4.5's, Nemotron's, StableLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's,
-    Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
+    (`_TextModel`), GLM-4.5's without its multi-token prediction layers (`loaders.Hidden`), Phi-3's fused
+    tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's norm offsets and Gemma's
+    query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked (`loaders.Renamed`;
+    GPT-OSS's, Llama 4's and Granite's split: `_FusedExperts`), GLM's and Granite's (its shared_mlp's) fused
+    gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's, Apertus's and HyperCLOVA
+    X's norms, Granite's and StarCoder2's MLPs, GLM-4.5's shared experts, Phi's projections and final norm;
+    StableLM's query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE
+    covers part of them (Phi's, Phi-4-mini's, GLM's, GLM-4.5's, Nemotron's, StableLM's) or pairs adjacent ones
+    (GLM's, ERNIE's, Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
