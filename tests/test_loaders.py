@@ -1611,8 +1611,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
         tensors, kept = granite_as_converted(tensors, layers, fused=arch == "granitemoe_swa")
     write_gguf(tmp_path / "model.gguf", GGUF_ARCH.get(arch, arch), tensors, layers=layers + (arch == "glm4_moe"),
                scaling=gguf_rope, eot=next((i for i, text in ends.items() if text is None), None), metadata=metadata,
-               extras=kept,
-               rename={i: text for i, text in ends.items() if text},
+               extras=kept, rename={i: text for i, text in ends.items() if text},
                quantized={f"blk.{i}.ffn_{n}_exps.weight" for i in range(layers) for n in ("gate", "up", "down")
                           if gpt_oss},
                pre={"cohere": "command-r", "cohere2": "command-r", "glm4": "glm4", "gpt_oss": "gpt-4o",
