@@ -155,6 +155,11 @@ def half_octave(n: int) -> int:
     return -(-n // step) * step
 
 
+# Parameters kept in float32 whatever cfg.dtype, as transformers keeps them: a router's correction bias, whose
+# small differences between experts choose them (rounded to bfloat16, near-ties would choose otherwise)
+FLOAT32_PARAMS = ("router_correction",)
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
     """Random parameters (norm weights 1, their biases 0; xIELU's as transformers starts them; MXFP4 experts
     random codes scaled to about `scale`), for tests and tiny models."""
@@ -171,7 +176,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
             return random_values(lambda k, s: jax.random.randint(k, s, 0, 256).astype(jnp.uint8), next(keys), shape)
         if name.endswith(".scales"):  # codes up to 6 times 2^(log2(scale) - 2)
             return jnp.full(shape, 127 + int(np.floor(np.log2(scale))) - 2, jnp.uint8)
-        return random_values(lambda k, s: (scale * jax.random.normal(k, s)).astype(cfg.dtype), next(keys), shape)
+        dtype = jnp.float32 if path[-1].key in FLOAT32_PARAMS else cfg.dtype
+        return random_values(lambda k, s: (scale * jax.random.normal(k, s)).astype(dtype), next(keys), shape)
 
     return jax.tree_util.tree_map_with_path(make, shapes, is_leaf=is_shape)
 

@@ -1046,6 +1046,17 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
             tuple(range(theirs.first_k_dense_replace, theirs.num_hidden_layers)), False, None)
 
 
+def test_a_routers_correction_bias_stays_float32_in_a_bfloat16_model(tmp_path):
+    """GLM-4.5's e_score_correction_bias chooses experts by its small differences: it loads as float32 whatever
+    the model's dtype, as transformers keeps it (`model.FLOAT32_PARAMS`)."""
+    tensors = hf_tensors("glm4_moe", np.random.default_rng(0))
+    write_checkpoint(tmp_path, "glm4_moe", tensors)
+    layer = load_hf(str(tmp_path), "bfloat16").params["layers"][1]
+    assert layer["router_correction"].dtype == jnp.float32 and layer["router"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(layer["router_correction"]),
+                                  tensors["model.layers.1.mlp.gate.e_score_correction_bias"])
+
+
 @pytest.mark.parametrize("arch, setting", [("qwen3", {"rope_scaling": YARN}), ("mistral", {"sliding_window": 5}),
                                            ("smollm3", {}), ("granite", {}), ("gemma2", {}), ("gemma3", {}),
                                            ("olmo2", {}), ("olmo3", {}), ("exaone4", {}),

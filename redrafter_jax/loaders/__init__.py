@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from redrafter_jax.config import ModelConfig
-from redrafter_jax.model import Params, is_shape, param_shapes, rotary_order
+from redrafter_jax.model import FLOAT32_PARAMS, Params, is_shape, param_shapes, rotary_order
 from redrafter_jax.mxfp4 import Mxfp4
 from redrafter_jax.sharding import param_shardings
 from redrafter_jax.tokenizer import Tokenizer
@@ -416,7 +416,8 @@ def _place(shape: tuple[int, ...], sharding: jax.sharding.Sharding, block) -> ja
 
 
 def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) -> Params:
-    """Builds params (dtype cfg.dtype) from a checkpoint, each placed directly on its devices.
+    """Builds params (dtype cfg.dtype, but `model.FLOAT32_PARAMS`) from a checkpoint, each placed directly on
+    its devices.
 
     shardings: a pytree like `param_shapes(cfg)` of `jax.sharding.Sharding` (e.g.
     `sharding.param_shardings`), or None for this process's first device. Every stored part's shape is
@@ -457,7 +458,9 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     params = {"layers": [{} for _ in shapes["layers"]]}
     with tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
         for ours, layer, parts, shape, sharding in plan:
-            dtype = np.uint8 if ours.endswith((".blocks", ".scales")) else cfg.dtype  # (MXFP4's bytes as stored)
+            # (MXFP4's bytes as stored)
+            dtype = np.uint8 if ours.endswith((".blocks", ".scales")) else np.float32 if ours in FLOAT32_PARAMS \
+                else cfg.dtype
             x = _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), dtype))
             (params if layer is None else params["layers"][layer])[ours] = x
             bar.update()
