@@ -458,7 +458,7 @@ def assemble_params(cfg: ModelConfig, fmt: int, source: Source, shardings=None) 
     params = {"layers": [{} for _ in shapes["layers"]]}
     with tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=None, leave=False) as bar:
         for ours, layer, parts, shape, sharding in plan:
-            # (MXFP4's bytes as stored)
+            # MXFP4's bytes as stored; `model.FLOAT32_PARAMS` in float32; the others in the model's dtype
             dtype = np.uint8 if ours.endswith((".blocks", ".scales")) else np.float32 if ours in FLOAT32_PARAMS \
                 else cfg.dtype
             x = _place(shape, sharding, lambda index: np.asarray(_block(cfg, ours, parts, index, source), dtype))

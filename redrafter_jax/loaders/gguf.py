@@ -429,16 +429,15 @@ def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: i
     count = int(m("expert_count", 0))
     if not count:
         return {}
-    sigmoids = ("llama4", "glm4moe")
+    sigmoids, corrected = ("llama4", "glm4moe"), arch == "glm4moe"  # (corrected: DeepSeek-V3's routing)
     gating = int(m("expert_gating_func", {"gpt-oss": SOFTMAX_CHOSEN, **dict.fromkeys(sigmoids, SIGMOID)}.get(
         arch, SOFTMAX)))
     scale = float(m("expert_weights_scale", 1.0)) or 1.0  # (0: llama.cpp's none)
     if gating not in (SOFTMAX, SOFTMAX_CHOSEN, SIGMOID) or (gating == SIGMOID) != (arch in sigmoids) or \
-            scale != 1.0 and arch != "glm4moe":
+            scale != 1.0 and not corrected:
         raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} for {arch} "
                          f"(supported: softmax ({SOFTMAX}) or softmax over the chosen experts ({SOFTMAX_CHOSEN}), "
                          f"unscaled; Llama 4's and GLM-4.5's sigmoids ({SIGMOID}))")
-    corrected = arch == "glm4moe"
     # experts chosen in groups, as llama.cpp reads them for every model
     groups, kept = int(m("expert_group_count", 0)) or 1, int(m("expert_group_used_count", 0)) or 1
     if groups > 1 and not corrected:
