@@ -148,12 +148,12 @@ class ModelConfig:
     # Gemma 2's soft caps: attention scores and logits x become cap tanh(x / cap)
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP
-    # of expert_size hidden units) per token, by `routing` "softmax" their outputs weighted by their
-    # softmax probabilities (renormalised over the chosen ones with norm_topk: Mixtral, Qwen3-MoE),
-    # "sigmoid_input" their inputs by their logits' sigmoids (Llama 4's), "sigmoid" (DeepSeek-V3's,
-    # GLM-4.5's) chosen by their logits' sigmoids plus a bias per expert (router_correction [E]) among the
-    # experts of the expert_groups_kept best of expert_groups groups (a group's score: its two best),
+    # Mixture-of-experts MLPs: a router picks experts_per_token of num_experts experts (each a gated MLP of
+    # expert_size hidden units) per token, by `routing` "softmax" their outputs weighted by their softmax
+    # probabilities (renormalised over the chosen ones with norm_topk: Mixtral, Qwen3-MoE), "sigmoid_input"
+    # their inputs by their logits' sigmoids (Llama 4's), "sigmoid" (DeepSeek-V3's: GLM-4.5's, dots.llm1's,
+    # MiniMax-M2's) chosen by their logits' sigmoids plus a bias per expert (router_correction [E]) among
+    # the experts of the expert_groups_kept best of expert_groups groups (a group's score: its two best),
     # their outputs weighted by the sigmoids (renormalised with norm_topk) times routed_scaling; in
     # moe_layers (None: all), the others dense of intermediate_size. shared_expert_size: an always-on
     # expert beside them, sigmoid-gated where shared_expert_gate (Qwen2-MoE's; Llama 4's is not);

@@ -182,14 +182,25 @@ ARCHS = {
                      n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_shared_experts=1,
                      first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                      use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5, num_nextn_predict_layers=1),
+    # dots.llm1: Qwen3's query and key norms; layer 0 dense, layer 1 a mixture of 8 experts in 2 groups (the
+    # better kept), 2 a token, their weights scaled, not renormalised (its default), beside 2 ungated shared
+    # experts, and windowed (from max_window_layers on)
+    "dots1": dict(architectures=["Dots1ForCausalLM"], model_type="dots1", tie_word_embeddings=False,
+                  n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                  first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.0, sliding_window=5,
+                  max_window_layers=1),
+    # MiniMax-M2: Mixtral's mixtures of experts (4, 2 a token), routed as DeepSeek-V3's without groups; query and
+    # key norms over all heads, RoPE on half of each head (rotary_dim, as its released configs give it)
+    "minimax_m2": dict(architectures=["MiniMaxM2ForCausalLM"], model_type="minimax_m2", tie_word_embeddings=False,
+                       num_local_experts=4, num_experts_per_tok=2, rotary_dim=4),
     # layer 1 without RoPE and, being a NoPE layer, windowed
     "smollm3": dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3", tie_word_embeddings=True,
                     no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=5, pad_token_id=2),
 }
 
 
-MOE_LAYERS = {"glm4_moe": (1,), "gpt_oss": (0, 1), "llama4": (1, 3), "mixtral": (0, 1), "olmoe": (0, 1),
-              "qwen2_moe": (0,), "qwen3_moe": (1,),
+MOE_LAYERS = {"dots1": (1,), "glm4_moe": (1,), "gpt_oss": (0, 1), "llama4": (1, 3), "minimax_m2": (0, 1),
+              "mixtral": (0, 1), "olmoe": (0, 1), "qwen2_moe": (0,), "qwen3_moe": (1,),
               **dict.fromkeys(("granitemoe", "granitemoeshared", "granite4_moe", "granitemoe_swa"), (0, 1))}
 
 
@@ -224,16 +235,19 @@ def expert_tensors(arch, rng, hidden, inter):
                 "mlp.experts.gate_up_proj_bias": rng.normal(0, 0.5, (e, 2 * f)),
                 "mlp.experts.down_proj": rng.normal(0, 0.3, (e, f, hidden)),
                 "mlp.experts.down_proj_bias": rng.normal(0, 0.5, (e, hidden))}
-    prefix, gate, up, down = ("block_sparse_moe.", "w1", "w3", "w2") if arch == "mixtral" else (
+    prefix, gate, up, down = ("block_sparse_moe.", "w1", "w3", "w2") if arch in ("mixtral", "minimax_m2") else (
         "mlp.", "gate_proj", "up_proj", "down_proj")
     t = {prefix + "gate.weight": rng.normal(0, 1.0, (e, hidden))}
     for x in range(e):
         t.update({f"{prefix}experts.{x}.{n}.weight": rng.normal(0, 0.3, s)
                   for n, s in ((gate, (f, hidden)), (up, (f, hidden)), (down, (hidden, f)))})
-    if arch == "glm4_moe":  # the router's correction bias (wide enough to change choices); ungated shared experts
-        t["mlp.gate.e_score_correction_bias"] = rng.normal(0, 0.5, e)
-        t.update({f"mlp.shared_experts.{n}_proj.weight": rng.normal(0, 0.3, s)
-                  for n, s in (("gate", (f, hidden)), ("up", (f, hidden)), ("down", (hidden, f)))})
+    if arch == "minimax_m2":  # the router's correction bias (wide enough to change choices)
+        t["block_sparse_moe.e_score_correction_bias"] = rng.normal(0, 0.5, e)
+    if arch in ("dots1", "glm4_moe"):  # the router's correction bias (wide enough to change choices); ungated
+        t["mlp.gate.e_score_correction_bias"] = rng.normal(0, 0.5, e)  # shared experts, stored as one MLP
+        s = f * c["n_shared_experts"]
+        t.update({f"mlp.shared_experts.{n}_proj.weight": rng.normal(0, 0.3, shape)
+                  for n, shape in (("gate", (s, hidden)), ("up", (s, hidden)), ("down", (hidden, s)))})
     if "shared_expert_intermediate_size" in c:
         s = c["shared_expert_intermediate_size"]
         t.update({"mlp.shared_expert.gate_proj.weight": rng.normal(0, 0.3, (s, hidden)),
@@ -279,11 +293,11 @@ def hf_tensors(arch, rng, layers=2, hidden=32, inter=48, heads=4, kv=2, head_dim
         if arch in ("nemotron", "phi", "stablelm", "starcoder2"):  # LayerNorms' biases (Phi's one norm's)
             t.update({p + f"{n}_layernorm.bias": rng.normal(0, 0.5, hidden)
                       for n in ("input",) + ("post_attention",) * (arch != "phi")})
-        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus", "glm4_moe"):
+        if arch in ("qwen3", "qwen3_moe", "gemma3", "exaone4", "apertus", "glm4_moe", "dots1"):
             t.update({p + f"self_attn.{n}_norm.weight": rng.uniform(0.5, 1.5, head_dim) for n in "qk"})
         if arch in ("gemma2", "gemma3"):  # (their post_attention_layernorm follows attention)
             t.update({p + f"{n}_feedforward_layernorm.weight": rng.uniform(0.5, 1.5, hidden) for n in ("pre", "post")})
-        if arch in ("olmo2", "olmo3", "olmoe"):  # query and key norms over all heads
+        if arch in ("olmo2", "olmo3", "olmoe", "minimax_m2"):  # query and key norms over all heads
             t.update({p + "self_attn.q_norm.weight": rng.uniform(0.5, 1.5, heads * head_dim),
                       p + "self_attn.k_norm.weight": rng.uniform(0.5, 1.5, kv * head_dim)})
         if arch in ("olmo2", "olmo3", "exaone4"):  # norms after attention and the MLP only
@@ -452,7 +466,10 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     experts (Mixtral's, OLMoE's, Qwen2-MoE's and Qwen3-MoE's); GLM's RoPE on half of each head's adjacent
     dimensions, its fused gate and up and Q/K/V biases, GLM-4's norms after attention and the MLP; GLM-4.5's
     experts routed as DeepSeek-V3's (corrected sigmoids in groups, scaled) after a dense layer, beside a shared
-    expert, its RoPE on half of each head and a multi-token prediction layer left unread; ERNIE 4.5's and
+    expert, its RoPE on half of each head and a multi-token prediction layer left unread; dots.llm1's likewise
+    routed beside two shared experts, with Qwen3's query and key norms and a window from max_window_layers on;
+    MiniMax-M2's likewise routed without groups, its query and key norms over all heads, RoPE on half of each;
+    ERNIE 4.5's and
     Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases; Granite 4's
     attention-only model, its MLP stored fused; Granite's mixtures of experts, stored fused (as released, and under
     transformers 5's names), beside a shared expert (GraniteMoeShared's, Granite 4's), Granite SWA's sinks, windows
@@ -617,15 +634,17 @@ def test_checkpoint_saved_by_transformers_5_loads_under_its_new_names(tmp_path, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "granite", "gemma2", "cohere", "olmo2", "llama4", "glm", "seed_oss",
-                                  "mistral"])
+                                  "mistral", "dots1", "minimax_m2"])
 def test_attention_biases_are_read_as_transformers_reads_them(tmp_path, arch):
     """attention_bias biases Q, K, V and the output projection in most of transformers' models (Granite's
     output bias scaled by its residual multiplier, Cohere's and Llama 4's queries and keys reordered for
     RoPE), Q, K and V only in GLM's and Seed-OSS's (whose attention_out_bias biases the output), and
-    nothing in Mistral's: a model saved by transformers itself, its biases drawn, gives its logits."""
+    nothing in Mistral's and MiniMax-M2's: a model saved by transformers itself, its biases drawn (dots.llm1's
+    and MiniMax-M2's routers' correction biases too), gives its logits."""
     hf = transformers_model(arch, attention_bias=True, attention_out_bias=arch == "seed_oss")
     m = saved_with_biases_and_norms_drawn(hf, tmp_path)
-    assert (m.config.attention_bias, m.config.output_bias) == (arch != "mistral", arch not in ("glm", "mistral"))
+    unbiased = arch in ("mistral", "minimax_m2")
+    assert (m.config.attention_bias, m.config.output_bias) == (not unbiased, not unbiased and arch != "glm")
     assert_logits_match_transformers(m, hf)
 
 
@@ -985,11 +1004,13 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         with pytest.raises(ValueError, match="not its Mamba layers"):
             config_from_hf({"architectures": [arch]})
         return
-    llama4, glm4_moe, given = arch == "Llama4ForCausalLM", arch == "Glm4MoeForCausalLM", {}
-    if glm4_moe:  # its default heads, 4096 / 96 = 42 wide, would rotate an odd 21 dimensions: GLM-4.5's 128 here
+    llama4, deepseek, given = arch == "Llama4ForCausalLM", arch in ("Glm4MoeForCausalLM", "Dots1ForCausalLM"), {}
+    if arch == "Glm4MoeForCausalLM":  # its default heads, 4096 / 96 = 42 wide, would rotate an odd 21 dimensions
         with pytest.raises(ValueError, match="RoPE on 21 of a head's 42 dimensions"):
             config_from_hf({"architectures": [arch]})
-        given = {"head_dim": 128}
+        given = {"head_dim": 128}  # (GLM-4.5's)
+    if arch == "Dots1ForCausalLM":  # whose experts have no defaults (transformers' model needs them): dots.llm1's
+        given = {"n_routed_experts": 128, "num_experts_per_tok": 6, "n_shared_experts": 2}
     text_configs = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Llama4ForCausalLM": "Llama4TextConfig"}
     theirs = getattr(transformers, text_configs.get(arch, arch.replace("ForCausalLM", "Config")))(**given)
     ours = config_from_hf({"architectures": [arch], **given})
@@ -1035,15 +1056,19 @@ def test_missing_config_keys_read_as_transformers_reads_them(arch):
         experts, getattr(theirs, "num_experts_per_tok", 0) if experts else 0,
         getattr(theirs, "moe_intermediate_size", theirs.intermediate_size) if experts else 0,
         getattr(theirs, "norm_topk_prob", bool(experts) and not llama4),  # (Llama 4: sigmoids, not renormalised)
-        theirs.intermediate_size if llama4 else theirs.moe_intermediate_size * theirs.n_shared_experts if glm4_moe
+        theirs.intermediate_size if llama4 else theirs.moe_intermediate_size * theirs.n_shared_experts if deepseek
         else getattr(theirs, "shared_expert_intermediate_size", 0))
     assert (ours.qk_norm, ours.window_chunks, ours.moe_layers) == (
         ("unweighted", True, None) if llama4 else (ours.qk_norm, False, ours.moe_layers))
-    if glm4_moe:  # DeepSeek-V3's router, after dense layers
+    if arch == "MiniMaxM2ForCausalLM":  # DeepSeek-V3's router without groups, in every layer
+        assert (ours.routing, ours.expert_groups, ours.routed_scaling, ours.qk_norm) == ("sigmoid", 1, 1.0, "all")
+    if deepseek:  # DeepSeek-V3's router, after any dense layers (GLM-4.5's query and key norms off by default)
+        first = theirs.first_k_dense_replace
         assert (ours.routing, ours.expert_groups, ours.expert_groups_kept, ours.routed_scaling, ours.moe_layers,
                 ours.shared_expert_gate, ours.qk_norm) == (
             "sigmoid", theirs.n_group, theirs.topk_group, theirs.routed_scaling_factor,
-            tuple(range(theirs.first_k_dense_replace, theirs.num_hidden_layers)), False, None)
+            tuple(range(first, theirs.num_hidden_layers)) if first else None, False,
+            "head" if arch == "Dots1ForCausalLM" else None)
 
 
 def test_a_routers_correction_bias_stays_float32_in_a_bfloat16_model(tmp_path):
@@ -1234,6 +1259,7 @@ def test_chat_template_renders_as_transformers_renders_it(tmp_path):
     # GLM-4.5's multi-token prediction layer where its config counts none; its experts in groups of unequal size
     ("glm4_moe_nextn", r"4 tensors this config does not use, e.g. \['model.layers.2.eh_proj.weight'"),
     ("glm4_moe_groups", "8 experts in expert_groups 3"),
+    ("dots1_top_k", "config.json's num_experts_per_tok must be a number for Dots1ForCausalLM, got null"),
     ("mxfp4_scales", "checkpoint is missing tensor 'model.layers.1.mlp.experts.down_proj_scales'"),
     ("mxfp4_shape", r"tensor 'model.layers.0.mlp.experts.gate_proj.weight_scales' has shape \(4, 64, 4\), "
                     r"expected \(4, 64, 2\)"),
@@ -1243,7 +1269,8 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
             "sparse_step": "qwen2_moe", "use_bias": "ernie4_5", "granite4_mamba": "granite4",
             "granite_experts": "granitemoe", "attention_out_bias": "seed_oss",
             **dict.fromkeys(("granite_bases", "granite_scaled_bases", "granite_no_rope"), "granitemoe_swa"),
-            "qk_layernorm": "stablelm", "glm4_moe_nextn": "glm4_moe", "glm4_moe_groups": "glm4_moe"}.get(case, "llama")
+            "qk_layernorm": "stablelm", "glm4_moe_nextn": "glm4_moe", "glm4_moe_groups": "glm4_moe",
+            "dots1_top_k": "dots1"}.get(case, "llama")
     tensors = hf_tensors(arch, np.random.default_rng(0))
     overrides = {}
     if case.startswith("mxfp4"):
@@ -1313,8 +1340,9 @@ def test_bad_hf_checkpoints_raise_clear_errors(tmp_path, case, match):
                           "granite_no_rope": dict(no_rope_layers=[1, 0])}[case])
     elif case in ("use_bias", "attention_out_bias", "qk_layernorm"):
         overrides[case] = True
-    elif case in ("glm4_moe_nextn", "glm4_moe_groups"):
-        overrides.update({"glm4_moe_nextn": dict(num_nextn_predict_layers=0), "glm4_moe_groups": dict(n_group=3)}[case])
+    elif case in ("glm4_moe_nextn", "glm4_moe_groups", "dots1_top_k"):
+        overrides.update({"glm4_moe_nextn": dict(num_nextn_predict_layers=0), "glm4_moe_groups": dict(n_group=3),
+                          "dots1_top_k": dict(num_experts_per_tok=None)}[case])
     elif case in ("moe_window", "clip_qkv", "sparse_step"):
         overrides.update({"moe_window": dict(use_sliding_window=True, sliding_window=4), "clip_qkv": dict(clip_qkv=8.0),
                           "sparse_step": dict(decoder_sparse_step=0)}[case])
@@ -1421,7 +1449,8 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
     names = {hf.format(i=i): gg.format(i=i) for table in (GLOBAL_TENSORS, LAYER_TENSORS)
              for parts in table.values() for hf, gg in parts for i in range(layers)}
     for name in stacked:
-        if converter and (gg := converter.get_name(name, try_suffixes=(".weight", ".bias"))):
+        as_mapped = name.replace("e_score_correction_bias", "e_score_correction.bias")  # (the converter's first step)
+        if converter and (gg := converter.get_name(as_mapped, try_suffixes=(".weight", ".bias"))):
             names[name] = gg if gg.endswith((".weight", ".bias")) else gg + ".weight"
     for name, x in stacked.items():
         if arch in PERMUTED and ".q_proj." in name:
@@ -1444,7 +1473,7 @@ def write_gguf(path, arch, tensors, layers=2, heads=4, kv=2, head_dim=8, scaling
 GGUF_ARCH = {"cohere": "command-r", "gpt_oss": "gpt-oss", "ministral3": "mistral3", "mixtral": "llama",
              "olmo3": "olmo2", "phi": "phi2", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
              "granite4": "granite", "granitemoeshared": "granitemoe", "granitemoe_swa": "granite_swa",
-             "glm4_moe": "glm4moe"}  # by HF's
+             "glm4_moe": "glm4moe", "minimax_m2": "minimax-m2"}  # by HF's
 # whose Q/K rows llama.cpp's converter permutes
 PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3", "smollm3")
 
@@ -1510,7 +1539,7 @@ def llama4_as_converted(t, layers):
                                   "gpt_oss", "cohere", "cohere2", "ernie4_5", "glm4", "seed_oss", "llama4",
                                   "nemotron", "apertus", "arcee", "starcoder2", "stablelm", "exaone4", "phi",
                                   "granite4", "granitemoe", "granitemoeshared", "granite_swa", "granitemoe_swa",
-                                  "glm4_moe"])
+                                  "glm4_moe", "dots1", "minimax_m2"])
 def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     """The same tensors as GGUF (llama's Q/K rows permuted and linear RoPE scaling, Gemma's norms stored as 1 + w
     and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer, Gemma 3's
@@ -1536,7 +1565,9 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     and the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); Phi-2's biases, its LM head's
     too, attention and the MLP side by side, RoPE on half of each head; GLM-4.5's experts routed by corrected
     sigmoids in groups, scaled, its norm before the MLP named as after attention, its multi-token prediction layer
-    counted in the blocks and left out; each tensor under the name the converter gives it, by gguf's own map) and
+    counted in the blocks and left out; dots.llm1's likewise routed, unwindowed (llama.cpp has no window for
+    it); MiniMax-M2's routed so too, renormalised (llama.cpp reads no key for it), its query and key norms over
+    all heads and RoPE on half of each head; each tensor under the name the converter gives it, by gguf's own map) and
     as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
@@ -1568,6 +1599,7 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                  "ernie4_5": dict(pad_token_id=2), "seed_oss": dict(pad_token_id=2), "apertus": dict(pad_token_id=2),
                  "starcoder2": dict(sliding_window=None, pad_token_id=2),
                  "exaone4": dict(sliding_window=None),  # (llama.cpp windows its 64-layer model alone)
+                 "dots1": dict(sliding_window=None),
                  "glm4": dict(bos_token_id=None),  # (llama.cpp adds no BOS with GLM-4's pre-tokenizer)
                  "llama4": dict(no_rope_layers=None, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1),
                  # llama.cpp's SwiGLU limit (no key gives it)
@@ -1609,7 +1641,13 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
                 "glm4_moe": dict(expert_count=8, expert_used_count=3, expert_feed_forward_length=16,
                                  expert_shared_count=1, leading_dense_block_count=1, expert_gating_func=2,
                                  expert_weights_scale=2.5, expert_weights_norm=True, nextn_predict_layers=1,
-                                 expert_group_count=4, expert_group_used_count=2, **{"rope.dimension_count": 4})
+                                 expert_group_count=4, expert_group_used_count=2, **{"rope.dimension_count": 4}),
+                "dots1": dict(expert_count=8, expert_used_count=2, expert_feed_forward_length=16, expert_shared_count=2,
+                              leading_dense_block_count=1, expert_gating_func=2, expert_weights_scale=2.0,
+                              expert_weights_norm=False, expert_group_count=2, expert_group_used_count=1),
+                # (renormalised whatever expert_weights_norm says: llama.cpp does not read it)
+                "minimax_m2": dict(expert_count=4, expert_used_count=2, expert_feed_forward_length=48,
+                                   expert_gating_func=2, expert_weights_norm=False, **{"rope.dimension_count": 4}),
                 }.get(arch)
     if arch in ("gemma", "gemma2", "gemma3", "nemotron"):  # their converters store the norms' 1 + w
         tensors = {k: v + 1 if k.endswith("norm.weight") else v for k, v in tensors.items()}
@@ -1873,7 +1911,8 @@ def test_truncated_and_foreign_gguf_files_raise(tmp_path, smollm_path):
     ("sigmoid_experts", r"unsupported GGUF expert gating function 2 with weights scale 1.0"),
     ("scaled_experts", r"unsupported GGUF expert gating function 1 with weights scale 2.5"),
     ("softmax_llama4", r"unsupported GGUF expert gating function 1 with weights scale 1.0 for llama4"),
-    ("grouped_experts", r"unsupported GGUF expert_group_count 2 for olmoe \(experts chosen in groups: GLM-4.5's"),
+    ("grouped_experts", r"unsupported GGUF expert_group_count 2 for olmoe \(experts chosen in groups: DeepSeek-V3's"),
+    ("dots1_no_gating", r"unsupported GGUF expert gating function 0 with weights scale 1.0 for dots1"),
     ("mobilellm", r"unsupported GGUF llama4 attention.sliding_window 0 \(Llama 4's chunks are 8192 positions"),
     ("pre_tokenizer", r"unsupported GGUF pre-tokenizer 'falcon' \(supported: default, gpt-2, "),
     ("rope_pattern", r"GGUF attention.rope_pattern must be a flag for each of the 2 layers, got \[True\]"),
@@ -1883,7 +1922,8 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
     """What the model does not implement is refused, never ignored."""
     arch = {"olmo3_attn_factor": "olmo2", "window_pattern": "olmo2", "sigmoid_experts": "olmoe",
             "grouped_experts": "olmoe", "scaled_experts": "olmoe", "softmax_llama4": "llama4", "mobilellm": "llama4",
-            "rope_pattern": "granite_swa", "no_window_pattern": "granite_swa"}.get(case, "llama")
+            "rope_pattern": "granite_swa", "no_window_pattern": "granite_swa",
+            "dots1_no_gating": "dots1"}.get(case, "llama")
     extras = {f"blk.{i}.attn_norm.bias": np.zeros(32, np.float32) for i in range(2)} if case == "extra" else None
     yarn = ("yarn", 4.0, 16) if case in ("olmo3_attn_factor", "yarn_attn_factor", "yarn_ext_factor") else None
     scaling = ("longrope", 4.0) if case == "longrope" else yarn
@@ -1900,6 +1940,7 @@ def test_gguf_settings_the_model_lacks_are_refused(tmp_path, case, match):
                 "scaled_experts": dict(expert_count=4, expert_used_count=2, expert_weights_scale=2.5),
                 "grouped_experts": dict(expert_count=4, expert_used_count=2, expert_group_count=2),
                 "softmax_llama4": dict(expert_count=4, expert_used_count=1, expert_gating_func=1),
+                "dots1_no_gating": dict(expert_count=8, expert_used_count=2, expert_feed_forward_length=16),
                 "mobilellm": {"expert_count": 4, "expert_used_count": 1, "attention.sliding_window": 0},
                 "rope_pattern": {**granite, "attention.sliding_window_pattern": [True, False],
                                  "attention.rope_pattern": [True]},

@@ -31,10 +31,10 @@ from redrafter_jax.loaders import (
 from redrafter_jax.mxfp4 import GROUP
 from redrafter_jax.tokenizer import Tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "ernie4_5", "exaone4", "gemma",
+SUPPORTED_ARCHITECTURES = ("llama", "apertus", "arcee", "cohere2", "command-r", "dots1", "ernie4_5", "exaone4", "gemma",
                            "gemma2", "gemma3", "glm4", "glm4moe", "gpt-oss", "granite", "granitemoe", "granite_swa",
-                           "llama4", "mistral3", "nemotron", "olmo2", "olmoe", "phi2", "qwen2", "qwen2moe", "qwen2vl",
-                           "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
+                           "llama4", "minimax-m2", "mistral3", "nemotron", "olmo2", "olmoe", "phi2", "qwen2",
+                           "qwen2moe", "qwen2vl", "qwen3", "qwen3moe", "seed_oss", "smollm3", "stablelm", "starcoder2")
 # (qwen2vl: Qwen2-VL's and Qwen2.5-VL's text model, Qwen2's; its multimodal RoPE sections, on text, Qwen2's RoPE)
 # llama.cpp's reading of these differs between its versions (Phi-3's window): from Hugging Face only
 HF_ONLY = ("phi3",)
@@ -44,7 +44,10 @@ _PERMUTED = ("llama", "arcee", "granite", "granitemoe", "granite_swa", "mistral3
 # beside an ungated shared expert (GraniteMoeShared's); Granite SWA's windows, sinks and layers without RoPE, dense
 # or with such experts (their gate and up fused, as its converter keeps them)
 _GRANITES = ("granite", "granitemoe", "granite_swa")
-_UNGATED_SHARED = ("glm4moe", "llama4", *_GRANITES)  # (shared experts without a sigmoid gate)
+# routed as DeepSeek-V3's (`ModelConfig.routing` "sigmoid"): GLM-4.5's and dots.llm1's mixtures of experts (with
+# ungated shared experts), MiniMax-M2's (without)
+_CORRECTED = ("dots1", "glm4moe", "minimax-m2")
+_UNGATED_SHARED = ("dots1", "glm4moe", "llama4", *_GRANITES)  # (shared experts without a sigmoid gate)
 # Those that rotate adjacent dims (llama.cpp's "normal" RoPE) as their Hugging Face checkpoints store them
 _ADJACENT_ROPE = ("cohere2", "command-r", "ernie4_5", "glm4", "llama4")
 # Cohere's: LayerNorms, attention and the MLP side by side, logits scaled
@@ -53,7 +56,7 @@ _COHERE = ("cohere2", "command-r")
 # converter as the 1 + w they scale by)
 _LAYER_NORMS = (*_COHERE, "nemotron", "phi2", "stablelm", "starcoder2")
 # Those whose RoPE may cover part of each head (`rope.dimension_count`)
-_PARTIAL_ROPE = ("glm4", "glm4moe", "nemotron", "phi2", "stablelm")
+_PARTIAL_ROPE = ("glm4", "glm4moe", "minimax-m2", "nemotron", "phi2", "stablelm")
 # llama.cpp's Command R7B, EXAONE 4.0 32B (the 64-layer EXAONE 4, windowed by 4096 positions where the file
 # names no window) and OLMo 3: 3 of every 4 layers windowed where the file names no pattern (the first two with
 # RoPE only there)
@@ -89,10 +92,10 @@ _FIM_ENDS = {"fim_pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD
 # the file's expert_weights_norm says otherwise
 NORM_TOPK = ("llama", *_GRANITES, "qwen3moe")
 # llama.cpp's expert gating functions (`expert_gating_func`): a softmax over all experts' logits, sigmoids of the
-# chosen ones' (Llama 4's, which weigh the experts' inputs; GLM-4.5's, chosen by them plus exp_probs_b, in groups
-# where expert_group_count says), or a softmax over the chosen ones' (GPT-OSS's, its default there: the same
-# weights renormalised)
-SOFTMAX, SIGMOID, SOFTMAX_CHOSEN = 1, 2, 3
+# chosen ones' (Llama 4's, which weigh the experts' inputs; DeepSeek-V3's, chosen by them plus exp_probs_b, in
+# groups where expert_group_count says), or a softmax over the chosen ones' (GPT-OSS's, its default there: the same
+# weights renormalised); none where a file names none and llama.cpp has no default (its graph aborts then)
+NO_GATING, SOFTMAX, SIGMOID, SOFTMAX_CHOSEN = 0, 1, 2, 3
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -423,33 +426,37 @@ def _ends(reader: gguf.GGUFReader, tokens: list[str], eos: int) -> list[int]:
 def _experts(reader: gguf.GGUFReader, arch: str, source: _GGUFTensors, layers: int) -> dict:
     """A mixture of experts' `ModelConfig` settings (none for a dense model), as llama.cpp reads them: the
     layers with a router, softmax gating, the shared expert's size from its tensors where no key gives it (Llama
-    4's, Granite's and GLM-4.5's ungated); GPT-OSS's router and experts biased; GLM-4.5's routed as
-    DeepSeek-V3's (`ModelConfig.routing` "sigmoid"), scaled by expert_weights_scale."""
+    4's, Granite's, GLM-4.5's and dots.llm1's ungated); GPT-OSS's router and experts biased; GLM-4.5's, dots.llm1's
+    and MiniMax-M2's routed as DeepSeek-V3's (`ModelConfig.routing` "sigmoid"), scaled by expert_weights_scale
+    (llama.cpp has no default gating function for dots.llm1 and MiniMax-M2: a file must name it)."""
     m = _arch_field(reader, arch)
     count = int(m("expert_count", 0))
     if not count:
         return {}
-    sigmoids, corrected = ("llama4", "glm4moe"), arch == "glm4moe"  # (corrected: DeepSeek-V3's routing)
-    gating = int(m("expert_gating_func", {"gpt-oss": SOFTMAX_CHOSEN, **dict.fromkeys(sigmoids, SIGMOID)}.get(
-        arch, SOFTMAX)))
-    scale = float(m("expert_weights_scale", 1.0)) or 1.0  # (0: llama.cpp's none)
+    sigmoids, corrected = ("llama4", *_CORRECTED), arch in _CORRECTED  # (corrected: DeepSeek-V3's routing)
+    defaults = {"gpt-oss": SOFTMAX_CHOSEN, **dict.fromkeys(("llama4", "glm4moe"), SIGMOID),
+                **dict.fromkeys(("dots1", "minimax-m2"), NO_GATING)}  # (llama.cpp's, by architecture)
+    gating = int(m("expert_gating_func", defaults.get(arch, SOFTMAX)))
+    # (llama.cpp reads neither expert_weights_scale nor expert_weights_norm of MiniMax-M2, and renormalises it)
+    minimax = arch == "minimax-m2"
+    scale = 1.0 if minimax else float(m("expert_weights_scale", 1.0)) or 1.0  # (0: llama.cpp's none)
     if gating not in (SOFTMAX, SOFTMAX_CHOSEN, SIGMOID) or (gating == SIGMOID) != (arch in sigmoids) or \
             scale != 1.0 and not corrected:
         raise ValueError(f"unsupported GGUF expert gating function {gating} with weights scale {scale} for {arch} "
                          f"(supported: softmax ({SOFTMAX}) or softmax over the chosen experts ({SOFTMAX_CHOSEN}), "
-                         f"unscaled; Llama 4's and GLM-4.5's sigmoids ({SIGMOID}))")
+                         f"unscaled; Llama 4's, GLM-4.5's, dots.llm1's and MiniMax-M2's sigmoids ({SIGMOID}))")
     # experts chosen in groups, as llama.cpp reads them for every model
     groups, kept = int(m("expert_group_count", 0)) or 1, int(m("expert_group_used_count", 0)) or 1
     if groups > 1 and not corrected:
         raise ValueError(f"unsupported GGUF expert_group_count {groups} for {arch} (experts chosen in groups: "
-                         f"GLM-4.5's routing only)")
+                         f"DeepSeek-V3's routing only: GLM-4.5's, dots.llm1's, MiniMax-M2's)")
     routed = dict(expert_groups=groups, expert_groups_kept=kept, routed_scaling=scale) if corrected else {}
     moe = tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in source.tensors)
     shared = next((n for n in (f"blk.{i}.ffn_gate_shexp.weight" for i in moe) if n in source.tensors), None)
     return dict(num_experts=count, experts_per_token=int(m("expert_used_count")),
                 expert_size=int(m("expert_feed_forward_length", m("feed_forward_length"))),
                 moe_layers=None if len(moe) == layers else moe,
-                norm_topk=gating == SOFTMAX_CHOSEN or bool(m("expert_weights_norm", arch in NORM_TOPK)),
+                norm_topk=gating == SOFTMAX_CHOSEN or minimax or bool(m("expert_weights_norm", arch in NORM_TOPK)),
                 routing="sigmoid" if corrected else "sigmoid_input" if gating == SIGMOID else "softmax", **routed,
                 shared_expert_gate=arch not in _UNGATED_SHARED,
                 expert_bias=arch == "gpt-oss", expert_format="mxfp4" if source.kept else "dense",

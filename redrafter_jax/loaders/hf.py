@@ -36,30 +36,33 @@ from redrafter_jax.mxfp4 import GROUP, Mxfp4
 from redrafter_jax.tokenizer import Tokenizer
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "ApertusForCausalLM", "ArceeForCausalLM", "CohereForCausalLM",
-                           "Cohere2ForCausalLM", "Ernie4_5ForCausalLM", "CwmForCausalLM", "Exaone4ForCausalLM",
-                           "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
-                           "Glm4ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM", "GraniteForCausalLM",
-                           "GraniteMoeForCausalLM", "GraniteMoeHybridForCausalLM", "GraniteMoeSharedForCausalLM",
-                           "GraniteMoeSWAForCausalLM", "GraniteSWAForCausalLM", "HeliumForCausalLM",
-                           "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM", "MinistralForCausalLM",
-                           "Ministral3ForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM", "Olmo2ForCausalLM",
-                           "Olmo3ForCausalLM", "OlmoeForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM",
-                           "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
-                           "SeedOssForCausalLM", "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
+                           "Cohere2ForCausalLM", "Dots1ForCausalLM", "Ernie4_5ForCausalLM", "CwmForCausalLM",
+                           "Exaone4ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "GlmForCausalLM", "Glm4ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM",
+                           "GraniteForCausalLM", "GraniteMoeForCausalLM", "GraniteMoeHybridForCausalLM",
+                           "GraniteMoeSharedForCausalLM", "GraniteMoeSWAForCausalLM", "GraniteSWAForCausalLM",
+                           "HeliumForCausalLM", "HyperCLOVAXForCausalLM", "Llama4ForCausalLM", "MistralForCausalLM",
+                           "MinistralForCausalLM", "Ministral3ForCausalLM", "MiniMaxM2ForCausalLM",
+                           "MixtralForCausalLM", "NemotronForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM",
+                           "OlmoeForCausalLM", "PhiForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "SeedOssForCausalLM",
+                           "SmolLM3ForCausalLM", "StableLmForCausalLM", "Starcoder2ForCausalLM",
                            "VaultGemmaForCausalLM")
 # how transformers picks the model when `architectures` is absent
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "apertus": "ApertusForCausalLM", "arcee": "ArceeForCausalLM",
                 "cohere": "CohereForCausalLM", "cohere2": "Cohere2ForCausalLM", "cwm": "CwmForCausalLM",
-                "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM", "gemma": "GemmaForCausalLM",
-                "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "glm": "GlmForCausalLM",
-                "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM", "gpt_oss": "GptOssForCausalLM",
+                "dots1": "Dots1ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM", "exaone4": "Exaone4ForCausalLM",
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                "gpt_oss": "GptOssForCausalLM",
                 "granite": "GraniteForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
                 "granitemoehybrid": "GraniteMoeHybridForCausalLM",
                 "granitemoeshared": "GraniteMoeSharedForCausalLM", "granitemoe_swa": "GraniteMoeSWAForCausalLM",
                 "granite_swa": "GraniteSWAForCausalLM", "helium": "HeliumForCausalLM",
                 "hyperclovax": "HyperCLOVAXForCausalLM", "llama4_text": "Llama4ForCausalLM",
                 "mistral": "MistralForCausalLM", "ministral": "MinistralForCausalLM",
-                "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                "ministral3": "Ministral3ForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
+                "mixtral": "MixtralForCausalLM",
                 "nemotron": "NemotronForCausalLM", "olmo2": "Olmo2ForCausalLM", "olmo3": "Olmo3ForCausalLM",
                 "olmoe": "OlmoeForCausalLM", "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
                 "qwen2": "Qwen2ForCausalLM",
@@ -118,6 +121,12 @@ GLM, GLM4, ERNIE, SEED_OSS = "GlmForCausalLM", "Glm4ForCausalLM", "Ernie4_5ForCa
 # "sigmoid") over experts beside ungated shared ones; its multi-token prediction layers, stored after the
 # others, unused (as transformers leaves them)
 GLM4_MOE = "Glm4MoeForCausalLM"
+# rednote's dots.llm1: Qwen3's attention, GLM-4.5's layers (dense first, DeepSeek-V3's routing, ungated shared experts)
+DOTS1 = "Dots1ForCausalLM"
+DEEPSEEK_MOES = (DOTS1, GLM4_MOE)  # (DeepSeek-V3's mixture of experts)
+# MiniMax-M2: Mixtral's layers, its experts routed as DeepSeek-V3's without groups, query and key norms over all
+# heads, RoPE on part of each head (rotary_dim in its released configs)
+MINIMAX_M2 = "MiniMaxM2ForCausalLM"
 COHERE, COHERE2 = "CohereForCausalLM", "Cohere2ForCausalLM"
 # IBM's Granite: Granite 3's; Granite 4's attention-only models (GraniteMoeHybrid without Mamba layers, its MLP
 # stored fused as shared_mlp, a shared expert beside any experts); Granite 3's mixtures of experts
@@ -130,10 +139,10 @@ GRANITE_SWA, GRANITE_MOE_SWA = "GraniteSWAForCausalLM", "GraniteMoeSWAForCausalL
 GRANITE_SWAS = (GRANITE_SWA, GRANITE_MOE_SWA)
 GRANITE_MOES = (GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED, GRANITE_MOE_SWA)
 GRANITES = ("GraniteForCausalLM", GRANITE4, GRANITE_MOE, GRANITE_MOE_SHARED, *GRANITE_SWAS)
-MOES = (GLM4_MOE, GPT_OSS, LLAMA4, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, *GRANITE_MOES)
+MOES = (*DEEPSEEK_MOES, GPT_OSS, LLAMA4, MINIMAX_M2, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, *GRANITE_MOES)
 # the models whose projections transformers builds without biases, whatever attention_bias says
-_NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MIXTRAL, EXAONE4, PHI3,
-                      "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
+_NO_ATTENTION_BIAS = ("MistralForCausalLM", "MinistralForCausalLM", MINISTRAL3, MINIMAX_M2, MIXTRAL, EXAONE4,
+                      PHI3, "Qwen2ForCausalLM", QWEN2_MOE, ERNIE, CWM, STABLELM, STARCODER2)
 # the models whose norms are LayerNorms (with biases but Cohere's), not RMS norms
 _LAYER_NORMS = (COHERE, COHERE2, NEMOTRON, PHI, STABLELM, STARCODER2)
 # the config key of the norms' epsilon where it is not rms_norm_eps
@@ -154,8 +163,11 @@ _GLM4_NORMS = {f"model.layers.{{i}}.{ours}_layernorm.weight": f"model.layers.{{i
                for ours, theirs in (("post_attention", "post_self_attn"), ("pre_feedforward", "post_attention"),
                                     ("post_feedforward", "post_mlp"))}
 # where a mixture of experts stores its router and each expert's gate, up and down projections
-_EXPERT_NAMES = {MIXTRAL: [f"model.layers.{{i}}.block_sparse_moe.{n}.weight"
-                           for n in ("gate", "experts.{e}.w1", "experts.{e}.w3", "experts.{e}.w2")]}
+_EXPERT_NAMES = dict.fromkeys((MIXTRAL, MINIMAX_M2), [f"model.layers.{{i}}.block_sparse_moe.{n}.weight" for n in (
+    "gate", "experts.{e}.w1", "experts.{e}.w3", "experts.{e}.w2")])
+# MiniMax-M2's router's correction bias, stored beside the router
+_MINIMAX_M2_NAMES = {"model.layers.{i}.mlp.gate.e_score_correction_bias":
+                     "model.layers.{i}.block_sparse_moe.e_score_correction_bias"}
 _EXPERT_NAMES_DEFAULT = [f"model.layers.{{i}}.mlp.{n}.weight"
                          for n in ("gate", "experts.{e}.gate_proj", "experts.{e}.up_proj", "experts.{e}.down_proj")]
 POST_NORMS_ONLY = (EXAONE4, *OLMOS)  # norms after attention and the MLP, none before
@@ -247,6 +259,14 @@ TRANSFORMERS_DEFAULTS = {
                    moe_intermediate_size=1408, num_experts_per_tok=8, n_shared_experts=1, num_experts=128,
                    routed_scaling_factor=1.0, n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
                    num_nextn_predict_layers=1, bos_token_id=None, eos_token_id=None),
+    MINIMAX_M2: dict(_COMMON, vocab_size=200064, hidden_size=3072, intermediate_size=1536, num_hidden_layers=62,
+                     num_attention_heads=48, num_key_value_heads=8, head_dim=128, max_position_embeddings=196608,
+                     rope_theta=5e6, bos_token_id=200034, eos_token_id=200020, num_experts=256, num_experts_per_tok=8),
+    DOTS1: dict(_COMMON, vocab_size=152064, hidden_size=4608, intermediate_size=10944, num_hidden_layers=62,
+                max_position_embeddings=2048, moe_intermediate_size=1408, n_shared_experts=None, num_experts=None,
+                num_experts_per_tok=None, n_group=1, topk_group=1, first_k_dense_replace=0, norm_topk_prob=False,
+                routed_scaling_factor=1.0, sliding_window=4096, max_window_layers=62, bos_token_id=None,
+                eos_token_id=None),
     GPT_OSS: dict(_COMMON, vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=36,
                   num_attention_heads=64, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
                   rms_norm_eps=1e-5, rope_theta=150000.0, sliding_window=128, num_experts=128,
@@ -370,20 +390,20 @@ def _nope_layers(arch: str, c: dict) -> tuple[int, ...]:
 
 def _sliding_window(arch: str, c: dict, nope: tuple[int, ...]) -> tuple[int | None, tuple[int, ...] | None]:
     """The attention window and the layers it applies to (None: all), as transformers reads them: Llama, Apertus,
-    Arcee, Cohere, Gemma 1, Granite but Granite SWA, Helium, Nemotron, OLMo 2, OLMoE and StableLM have none, nor
-    Qwen's mixtures of experts (which refuse use_sliding_window); Mistral, Ministral 3, Mixtral, Phi-3 and
-    StarCoder2 window every layer; Ministral, CWM, Granite SWA, Gemma 2 and 3, OLMo 3, EXAONE 4, Cohere 2,
-    GPT-OSS, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types` calls sliding, by
-    default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says, OLMo 3's but
-    every fourth, CWM's and Granite SWA's all but every fourth from the first, GPT-OSS's every other from the
-    first, Qwen's from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of attention_chunk_size
-    (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
+    Arcee, Cohere, Gemma 1, GLM-4.5, Granite but Granite SWA, Helium, MiniMax-M2, Nemotron, OLMo 2, OLMoE and
+    StableLM have none, nor Qwen's mixtures of experts (which refuse use_sliding_window); Mistral, Ministral 3,
+    Mixtral, Phi-3 and StarCoder2 window every layer; Ministral, CWM, Granite SWA, Gemma 2 and 3, OLMo 3, EXAONE 4,
+    Cohere 2, GPT-OSS, dots.llm1, and Qwen2, Qwen3 and SmolLM3 with use_sliding_window, the layers `layer_types`
+    calls sliding, by default all of Ministral's, Gemma's, EXAONE 4's and Cohere 2's as sliding_window_pattern says,
+    OLMo 3's but every fourth, CWM's and Granite SWA's all but every fourth from the first, GPT-OSS's every other
+    from the first, Qwen's and dots.llm1's from max_window_layers on and SmolLM3's NoPE layers; Llama 4's chunks of
+    attention_chunk_size (`ModelConfig.window_chunks`) in those it calls chunked, by default those with RoPE."""
     window, n, kinds = c.get("attention_chunk_size" if arch == LLAMA4 else "sliding_window"), \
         int(c["num_hidden_layers"]), c.get("layer_types")
     windowed = "chunked_attention" if arch == LLAMA4 else "sliding_attention"
     if arch in ("LlamaForCausalLM", APERTUS, ARCEE, COHERE, GEMMA, GLM4_MOE, "GraniteForCausalLM", GRANITE4,
-                GRANITE_MOE, GRANITE_MOE_SHARED, HELIUM, HYPERCLOVAX, NEMOTRON, "Olmo2ForCausalLM", OLMOE,
-                STABLELM) or not window:
+                GRANITE_MOE, GRANITE_MOE_SHARED, HELIUM, HYPERCLOVAX, MINIMAX_M2, NEMOTRON, "Olmo2ForCausalLM",
+                OLMOE, STABLELM) or not window:
         return None, None
     if arch in (QWEN2_MOE, QWEN3_MOE) and c.get("use_sliding_window"):  # transformers' versions disagree on where
         raise ValueError(f"unsupported use_sliding_window: true for {arch}")
@@ -421,19 +441,22 @@ def _experts(arch: str, c: dict) -> dict:
     logits) renormalise the chosen experts' weights, as Granite's do, the others where norm_topk_prob says;
     GPT-OSS's router and experts have biases; Llama 4 weights its experts' inputs by sigmoids and has an
     ungated shared expert of their size, Granite's (but GraniteMoe's) one of shared_intermediate_size;
-    GLM-4.5's are all layers but its first first_k_dense_replace, routed as DeepSeek-V3's (n_group,
-    topk_group, routed_scaling_factor), beside n_shared_experts ungated shared experts (one of their sizes'
-    sum)."""
+    GLM-4.5's and dots.llm1's are all layers but their first first_k_dense_replace, routed as DeepSeek-V3's
+    (n_group, topk_group, routed_scaling_factor), beside n_shared_experts ungated shared experts (one of their
+    sizes' sum); MiniMax-M2's routed so too without groups, renormalised, in every layer."""
     experts = int(c.get("num_experts") or 0)
     if arch not in MOES or not experts:
         return {}
-    if arch == GLM4_MOE:  # its first first_k_dense_replace layers dense
+    if arch in DEEPSEEK_MOES:  # their first first_k_dense_replace layers dense
+        # (no defaults in dots.llm1's config class)
+        if missing := [k for k in ("num_experts_per_tok", "n_shared_experts") if c[k] is None]:
+            raise ValueError(f"config.json's {' and '.join(missing)} must be a number for {arch}, got null")
         size, first, n = int(c["moe_intermediate_size"]), int(c["first_k_dense_replace"]), int(c["num_hidden_layers"])
         return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]), expert_size=size,
                     moe_layers=tuple(range(first, n)) if first else None, routing="sigmoid",
                     norm_topk=bool(c["norm_topk_prob"]), expert_groups=int(c["n_group"]),
                     expert_groups_kept=int(c["topk_group"]), routed_scaling=float(c["routed_scaling_factor"]),
-                    shared_expert_size=size * int(c["n_shared_experts"] or 0), shared_expert_gate=False)
+                    shared_expert_size=size * int(c["n_shared_experts"]), shared_expert_gate=False)
     shared = {QWEN2_MOE: "shared_expert_intermediate_size", **dict.fromkeys(
         (GRANITE4, GRANITE_MOE_SHARED, GRANITE_MOE_SWA), "shared_intermediate_size")}.get(arch)  # (its size's key)
     key = "interleave_moe_layer_step" if arch == LLAMA4 else "decoder_sparse_step"
@@ -442,6 +465,9 @@ def _experts(arch: str, c: dict) -> dict:
         raise ValueError(f"config.json's {key} must be a positive integer, got {step!r}")
     dense = set(c.get("mlp_only_layers") or ())
     layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
+    if arch == MINIMAX_M2:  # in every layer
+        return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
+                    expert_size=int(c["intermediate_size"]), routing="sigmoid", norm_topk=True)
     if arch == LLAMA4:
         layers = layers if c.get("moe_layers") is None else tuple(int(i) for i in c["moe_layers"])
         return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
@@ -478,10 +504,10 @@ def _query_scaling(arch: str, c: dict, nope: tuple[int, ...]) -> QueryScaling | 
 
 
 def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, int | None]:
-    """RoPE base and scaling, the windowed layers' own base (`_LOCAL_ROPE`), and the dimensions of a head
-    it rotates (None: all; Phi-3's and GLM's partial_rotary_factor): transformers >= 5 writes them in
-    `rope_parameters` (those models: a set for each layer kind), earlier versions as `rope_theta`,
-    `rope_scaling` and the key `_LOCAL_ROPE` names."""
+    """RoPE base and scaling, the windowed layers' own base (`_LOCAL_ROPE`), and the dimensions of a head it rotates
+    (None: all; Phi-3's and GLM's partial_rotary_factor, MiniMax-M2's rotary_dim): transformers >= 5 writes them in
+    `rope_parameters` (those models: a set for each layer kind), earlier versions as `rope_theta`, `rope_scaling`
+    and the key `_LOCAL_ROPE` names."""
     params = c.get("rope_parameters") or {}
     local = float(c[_LOCAL_ROPE[arch]]) if arch in _LOCAL_ROPE else None
     if arch in _LOCAL_ROPE and set(params) == {"full_attention", "sliding_attention"}:
@@ -495,11 +521,14 @@ def _rope(arch: str, c: dict) -> tuple[float, RopeScaling | None, float | None, 
         raise ValueError("config.json sets rope_theta to null: the RoPE base must be a number")
     theta = float(theta)
     rs = params or c.get("rope_scaling") or {}
-    partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    # (MiniMax-M2's released configs give the rotated dims as rotary_dim)
+    default = c["rotary_dim"] / head_dim if arch == MINIMAX_M2 and c.get("rotary_dim") else 1.0
+    partial = float(rs.get("partial_rotary_factor", c.get("partial_rotary_factor", default)))
     rotary = None if partial == 1.0 else int(head_dim * partial)  # (transformers rounds it down so)
     # (the others' models rotate all of each head)
-    if rotary is not None and (arch not in (PHI, PHI3, GLM, GLM4, GLM4_MOE, NEMOTRON, STABLELM) or rotary % 2):
+    if rotary is not None and (arch not in (PHI, PHI3, GLM, GLM4, GLM4_MOE, MINIMAX_M2, NEMOTRON, STABLELM)
+                               or rotary % 2):
         raise ValueError(f"unsupported partial_rotary_factor {partial} for {arch} (RoPE on {rotary} of a head's "
                          f"{head_dim} dimensions)")
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -571,7 +600,8 @@ def _with_defaults(c: dict) -> tuple[str, dict]:
         raise ValueError(f"unsupported architecture {found} (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES + tuple(TEXT_MODELS))})")
     # the experts' count: num_local_experts in some of transformers' configs (Mixtral's, GPT-OSS's, and Qwen3-MoE's
-    # as transformers >= 5 saves it), n_routed_experts in GLM-4.5's, num_experts in others; num_experts here
+    # as transformers >= 5 saves it), n_routed_experts in DeepSeek-V3's (GLM-4.5's, dots.llm1's), num_experts in
+    # others; num_experts here
     for key in ("num_local_experts", "n_routed_experts"):
         if c.get("num_experts") is None and c.get(key) is not None:
             c = {**c, "num_experts": c[key]}
@@ -654,8 +684,8 @@ def config_from_hf(c: dict, generation: dict | None = None, dtype: str = "float3
         attention_bias=qkv_bias, output_bias=output_bias, attention_sinks=arch in (GPT_OSS, *GRANITE_SWAS),
         sliding_window=window, window_layers=window_layers, window_chunks=arch == LLAMA4 and window is not None,
         nope_layers=nope,
-        qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS), "head"),
-                 **dict.fromkeys((*OLMOS, OLMOE), "all"),
+        qk_norm={**dict.fromkeys(("Qwen3ForCausalLM", QWEN3_MOE, GEMMA3, EXAONE4, APERTUS, DOTS1), "head"),
+                 **dict.fromkeys((*OLMOS, OLMOE, MINIMAX_M2), "all"),
                  LLAMA4: "unweighted" if c.get("use_qk_norm") else None,
                  GLM4_MOE: "head" if c.get("use_qk_norm") else None,
                  # (Command R+'s, StableLM 2 12B's)
@@ -871,15 +901,16 @@ class _FusedExperts:
 
 def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
     """The checkpoint's tensors as the name table expects them: a multimodal checkpoint's text model alone
-    (`_TextModel`), GLM-4.5's without its multi-token prediction layers (`loaders.Hidden`), Phi-3's fused
-    tensors split (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's norm offsets and Gemma's
-    query scale folded in (`loaders.Scaled`), a mixture of experts' experts stacked (`loaders.Renamed`;
-    GPT-OSS's, Llama 4's and Granite's split: `_FusedExperts`), GLM's and Granite's (its shared_mlp's) fused
-    gate and up split, tensors stored under other names renamed (GLM-4's, VaultGemma's, Apertus's and HyperCLOVA
-    X's norms, Granite's and StarCoder2's MLPs, GLM-4.5's shared experts, Phi's projections and final norm;
-    StableLM's query and key norms, one per head, stacked), query and key heads' dims reordered where RoPE
-    covers part of them (Phi's, Phi-4-mini's, GLM's, GLM-4.5's, Nemotron's, StableLM's) or pairs adjacent ones
-    (GLM's, ERNIE's, Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as they are."""
+    (`_TextModel`), GLM-4.5's without its multi-token prediction layers (`loaders.Hidden`), Phi-3's fused tensors
+    split (`loaders.Unfused`), Granite's multipliers or Gemma's and Nemotron's norm offsets and Gemma's query scale
+    folded in (`loaders.Scaled`), a mixture of experts' experts stacked (`loaders.Renamed`; GPT-OSS's, Llama 4's and
+    Granite's split: `_FusedExperts`), GLM's and Granite's (its shared_mlp's) fused gate and up split, tensors
+    stored under other names renamed (GLM-4's, VaultGemma's, Apertus's and HyperCLOVA X's norms, Granite's and
+    StarCoder2's MLPs, GLM-4.5's and dots.llm1's shared experts, MiniMax-M2's router's correction bias, Phi's
+    projections and final norm; StableLM's query and key norms, one per head, stacked), query and key heads' dims
+    reordered where RoPE covers part of them (Phi's, Phi-4-mini's, GLM's, GLM-4.5's, MiniMax-M2's, Nemotron's,
+    StableLM's) or pairs adjacent ones (GLM's, ERNIE's, Cohere's, Llama 4's: `loaders.RopeOrdered`); the others' as
+    they are."""
     def in_layers(names):  # {"...{i}...": "...{i}..."} for every layer
         return {ours.format(i=i): theirs.format(i=i) for ours, theirs in names.items() for i in range(cfg.num_layers)}
 
@@ -900,7 +931,7 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
                                experts=_GRANITE_EXPERTS[router], as_multiplied=False)
     elif cfg.num_experts:
         source = Renamed(source, expert_stacks(cfg, *_EXPERT_NAMES.get(arch, _EXPERT_NAMES_DEFAULT)))
-    if arch == GLM4_MOE and cfg.shared_expert_size:  # its shared experts', in the MoE layers
+    if arch in DEEPSEEK_MOES and cfg.shared_expert_size:  # their shared experts', in the MoE layers
         source = Renamed(source, {ours.format(i=i): ours.format(i=i).replace(".shared_expert.", ".shared_experts.")
                                   for name in ("shared_gate_up", "shared_down") for ours in stored_names(cfg, name, HF)
                                   for i in range(cfg.num_layers) if cfg.moe(i)})
@@ -908,7 +939,7 @@ def _model_source(c: dict, cfg: ModelConfig, source: Source) -> Source:
         source = Unfused(source, fused_parts(cfg, HF, {"wqkv": FUSED_QKV, "w_gate_up": FUSED_GATE_UP}))
     # tensors stored under other names than the table's (HyperCLOVA X's only with its norms after attention
     # and the MLP: without them its names are Llama's)
-    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, PHI: _PHI_NAMES,
+    names = {APERTUS: _APERTUS_NORMS, GLM4: _GLM4_NORMS, MINIMAX_M2: _MINIMAX_M2_NAMES, PHI: _PHI_NAMES,
              STARCODER2: _STARCODER2_MLP, VAULTGEMMA: _VAULTGEMMA_NORMS,
              HYPERCLOVAX: _HYPERCLOVAX_NORMS if cfg.post_norms else None}.get(arch)
     if names:
