@@ -469,17 +469,16 @@ def test_hf_checkpoint_matches_transformers(tmp_path, arch):
     expert, its RoPE on half of each head and a multi-token prediction layer left unread; dots.llm1's likewise
     routed beside two shared experts, with Qwen3's query and key norms and a window from max_window_layers on;
     MiniMax-M2's likewise routed without groups, its query and key norms over all heads, RoPE on half of each;
-    ERNIE 4.5's and
-    Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases; Granite 4's
-    attention-only model, its MLP stored fused; Granite's mixtures of experts, stored fused (as released, and under
-    transformers 5's names), beside a shared expert (GraniteMoeShared's, Granite 4's), Granite SWA's sinks, windows
-    and RoPE bases per layer (none in one); Cohere's LayerNorms, its attention and MLP side by side and its logit
-    scale (Cohere 2's windowed layer with RoPE beside a global one without); Apertus's ungated MLP of xIELU
-    activations (their learned parameters drawn, beta and eps stored as scalars) and query and key norms; Nemotron's
-    biased LayerNorms scaling by 1 + w, its ungated MLP of squared ReLUs and RoPE on half of each head; Arcee's
-    ungated MLP; StarCoder2's LayerNorms, its ungated MLP of GELUs (stored as c_fc and c_proj), biases on every
-    projection and window in every layer; StableLM's LayerNorms with biases, RoPE on a quarter of each head and
-    Q/K/V biases."""
+    ERNIE 4.5's and Helium's RoPE over adjacent dimensions (Helium's Q/K/V biased); Seed-OSS's Q/K/V biases;
+    Granite 4's attention-only model, its MLP stored fused; Granite's mixtures of experts, stored fused (as
+    released, and under transformers 5's names), beside a shared expert (GraniteMoeShared's, Granite 4's), Granite
+    SWA's sinks, windows and RoPE bases per layer (none in one); Cohere's LayerNorms, its attention and MLP side
+    by side and its logit scale (Cohere 2's windowed layer with RoPE beside a global one without); Apertus's
+    ungated MLP of xIELU activations (their learned parameters drawn, beta and eps stored as scalars) and query
+    and key norms; Nemotron's biased LayerNorms scaling by 1 + w, its ungated MLP of squared ReLUs and RoPE on
+    half of each head; Arcee's ungated MLP; StarCoder2's LayerNorms, its ungated MLP of GELUs (stored as c_fc and
+    c_proj), biases on every projection and window in every layer; StableLM's LayerNorms with biases, RoPE on a
+    quarter of each head and Q/K/V biases."""
     write_checkpoint(tmp_path, arch, hf_tensors(arch, np.random.default_rng(1)))
     assert_logits_match_transformers(load_hf(str(tmp_path)), directory=tmp_path)
 
@@ -1545,30 +1544,30 @@ def test_gguf_file_loads_as_its_hugging_face_checkpoint(tmp_path, arch):
     and its end-of-turn token found by its text, Gemma 2's soft caps and window in every other layer, Gemma 3's
     window in all but every sixth layer, Granite's multipliers under llama.cpp's names and its attention biases,
     Granite 4's layers without RoPE where the file's switch for it says, Granite 3's mixtures' experts split from
-    their fused tensors, renormalised, the shared expert ungated, Granite SWA's windows, sinks, layers without RoPE
-    as its flags say, its mixture's experts' and shared expert's gate and up kept fused, Ministral 3's Q/K rows
-    permuted as llama's, its YaRN's log multiplier and queries scaled with their position, OLMo 2's norms, OLMo 3's
-    windows as its per-layer flags say, their RoPE without the YaRN scaling of its other layers (the file's
-    attention factor YaRN's own), Qwen2's biases, YaRN and an end-of-turn token that ends generation too, Qwen3's
-    query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the mixtures of experts'
-    stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by its tensors, Qwen3-MoE's,
-    their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and window in every
-    other layer; Command R's LayerNorms, parallel attention and MLP and logit scale, Command R7B's windows in 3 of 4
-    layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's on half of each head, its
-    gate and up fused, its norms after attention and the MLP; no BOS with its pre-tokenizer), Seed-OSS's biases;
-    Llama 4's RoPE over adjacent dims, chunks, every fourth layer without RoPE and with scaled queries, unweighted
-    query and key norms, sigmoid-weighted expert inputs and ungated shared expert, all as llama.cpp assumes them;
-    Nemotron's biased LayerNorms (their weights stored as 1 + w), ungated MLP and RoPE on half of each head;
-    Apertus's xIELU parameters, kept in the metadata; Arcee's ungated MLP, its Q/K rows permuted as llama's;
-    StarCoder2's biases on every projection and LayerNorm, ungated MLP of GELUs, and no window (llama.cpp has none
-    for it); StableLM's LayerNorms with biases and RoPE on a quarter of each head; EXAONE 4's norms after attention
-    and the MLP only, query and key norms and RoPE in every layer (no window: 1.2B's); Phi-2's biases, its LM head's
-    too, attention and the MLP side by side, RoPE on half of each head; GLM-4.5's experts routed by corrected
-    sigmoids in groups, scaled, its norm before the MLP named as after attention, its multi-token prediction layer
-    counted in the blocks and left out; dots.llm1's likewise routed, unwindowed (llama.cpp has no window for
-    it); MiniMax-M2's routed so too, renormalised (llama.cpp reads no key for it), its query and key norms over
-    all heads and RoPE on half of each head; each tensor under the name the converter gives it, by gguf's own map) and
-    as a Hugging Face directory give the same model."""
+    their fused tensors, renormalised, the shared expert ungated, Granite SWA's windows, sinks, layers without
+    RoPE as its flags say, its mixture's experts' and shared expert's gate and up kept fused, Ministral 3's Q/K
+    rows permuted as llama's, its YaRN's log multiplier and queries scaled with their position, OLMo 2's norms,
+    OLMo 3's windows as its per-layer flags say, their RoPE without the YaRN scaling of its other layers (the
+    file's attention factor YaRN's own), Qwen2's biases, YaRN and an end-of-turn token that ends generation too,
+    Qwen3's query and key norms, SmolLM3's permuted rows and its every fourth layer without RoPE; the mixtures of
+    experts' stacked experts: Mixtral's as llama's, OLMoE's, Qwen2-MoE's shared expert sized by its tensors,
+    Qwen3-MoE's, their MoE layers those with a router; GPT-OSS's in MXFP4 both ways, its sinks, biases, YaRN and
+    window in every other layer; Command R's LayerNorms, parallel attention and MLP and logit scale, Command
+    R7B's windows in 3 of 4 layers with RoPE only there, ERNIE 4.5's and GLM-4's RoPE over adjacent dims (GLM-4's
+    on half of each head, its gate and up fused, its norms after attention and the MLP; no BOS with its
+    pre-tokenizer), Seed-OSS's biases; Llama 4's RoPE over adjacent dims, chunks, every fourth layer without RoPE
+    and with scaled queries, unweighted query and key norms, sigmoid-weighted expert inputs and ungated shared
+    expert, all as llama.cpp assumes them; Nemotron's biased LayerNorms (their weights stored as 1 + w), ungated
+    MLP and RoPE on half of each head; Apertus's xIELU parameters, kept in the metadata; Arcee's ungated MLP, its
+    Q/K rows permuted as llama's; StarCoder2's biases on every projection and LayerNorm, ungated MLP of GELUs,
+    and no window (llama.cpp has none for it); StableLM's LayerNorms with biases and RoPE on a quarter of each
+    head; EXAONE 4's norms after attention and the MLP only, query and key norms and RoPE in every layer (no
+    window: 1.2B's); Phi-2's biases, its LM head's too, attention and the MLP side by side, RoPE on half of each
+    head; GLM-4.5's experts routed by corrected sigmoids in groups, scaled, its norm before the MLP named as
+    after attention, its multi-token prediction layer counted in the blocks and left out; dots.llm1's likewise
+    routed, unwindowed (llama.cpp has no window for it); MiniMax-M2's routed so too, renormalised (llama.cpp
+    reads no key for it), its query and key norms over all heads and RoPE on half of each head; each tensor under
+    the name the converter gives it, by gguf's own map) and as a Hugging Face directory give the same model."""
     layers = {"smollm3": 8, "gemma3": 7, "cohere2": 4, "llama4": 4}.get(arch, 2)
     gpt_oss = arch == "gpt_oss"
     rng = np.random.default_rng(3)

@@ -457,6 +457,9 @@ def _experts(arch: str, c: dict) -> dict:
                     norm_topk=bool(c["norm_topk_prob"]), expert_groups=int(c["n_group"]),
                     expert_groups_kept=int(c["topk_group"]), routed_scaling=float(c["routed_scaling_factor"]),
                     shared_expert_size=size * int(c["n_shared_experts"]), shared_expert_gate=False)
+    if arch == MINIMAX_M2:  # in every layer
+        return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
+                    expert_size=int(c["intermediate_size"]), routing="sigmoid", norm_topk=True)
     shared = {QWEN2_MOE: "shared_expert_intermediate_size", **dict.fromkeys(
         (GRANITE4, GRANITE_MOE_SHARED, GRANITE_MOE_SWA), "shared_intermediate_size")}.get(arch)  # (its size's key)
     key = "interleave_moe_layer_step" if arch == LLAMA4 else "decoder_sparse_step"
@@ -465,9 +468,6 @@ def _experts(arch: str, c: dict) -> dict:
         raise ValueError(f"config.json's {key} must be a positive integer, got {step!r}")
     dense = set(c.get("mlp_only_layers") or ())
     layers = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
-    if arch == MINIMAX_M2:  # in every layer
-        return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
-                    expert_size=int(c["intermediate_size"]), routing="sigmoid", norm_topk=True)
     if arch == LLAMA4:
         layers = layers if c.get("moe_layers") is None else tuple(int(i) for i in c["moe_layers"])
         return dict(num_experts=experts, experts_per_token=int(c["num_experts_per_tok"]),
